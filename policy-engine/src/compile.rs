@@ -1,0 +1,547 @@
+//! Policies + endpoints → an immutable, indexed decision structure.
+//!
+//! For each endpoint and direction that some policy selects there is one table:
+//! L4 entries indexed by (protocol, port), each naming the peer identities it
+//! allows, and one `HttpMatcher` holding every HTTP rule of that table. Lookups
+//! cost a hash probe plus the entries on that port, whatever the policy size.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use serde::Serialize;
+use weir_parsers::http::RequestFacts;
+
+use crate::endpoints::Endpoint;
+use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
+use crate::identity::{IDENTITY_WORLD, IdentityAllocator};
+use crate::model::{Policy, PortSpec, Protocol, Selector};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+/// The rule that decided: policy name and the rule's place inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RuleRef {
+    pub policy: Arc<str>,
+    /// e.g. `specs[0].ingress[1].toPorts[0].rules.http[2]`
+    pub rule: String,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.policy, self.rule)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledEndpoint {
+    pub endpoint: Endpoint,
+    pub identity: u32,
+}
+
+#[derive(Debug)]
+enum PeerSet {
+    Any,
+    Identities(HashSet<u32>),
+}
+
+impl PeerSet {
+    fn contains(&self, id: u32) -> bool {
+        match self {
+            PeerSet::Any => true,
+            PeerSet::Identities(s) => s.contains(&id),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct L4Entry {
+    origin: RuleRef,
+    peers: PeerSet,
+    /// Index of this entry's first HTTP rule's ref, when it has HTTP rules.
+    http_refs: Option<Vec<RuleRef>>,
+}
+
+#[derive(Debug)]
+struct DirTable {
+    entries: Vec<L4Entry>,
+    exact: HashMap<(Protocol, u16), Vec<u32>>,
+    ranges: Vec<(Protocol, u16, u16, u32)>,
+    http: HttpMatcher,
+    /// HTTP rule index → (owner entry, position in the owner's refs).
+    http_owner: Vec<(u32, u32)>,
+}
+
+impl DirTable {
+    fn matching_entries(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        if let Some(ids) = self.exact.get(&(proto, port)) {
+            out.extend(ids.iter().copied().filter(|i| self.entries[*i as usize].peers.contains(peer)));
+        }
+        for (p, lo, hi, id) in &self.ranges {
+            if *p == proto && (*lo..=*hi).contains(&port) && self.entries[*id as usize].peers.contains(peer) {
+                out.push(*id);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn decide(&self, peer: u32, proto: Protocol, port: u16) -> DirDecision {
+        let ids = self.matching_entries(peer, proto, port);
+        if let Some(id) = ids.iter().find(|i| self.entries[**i as usize].http_refs.is_none()) {
+            // An L3/L4 allow without L7 rules wins over L7 rules for the same peer and port.
+            return DirDecision::AllowAll(self.entries[*id as usize].origin.clone());
+        }
+        if ids.is_empty() {
+            DirDecision::Denied
+        } else {
+            DirDecision::Http(ids)
+        }
+    }
+}
+
+/// What one direction's policy says about a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirDecision {
+    /// No policy selects the endpoint in this direction: default allow.
+    NotSelected,
+    Denied,
+    AllowAll(RuleRef),
+    /// Allowed at L4; each request must match an HTTP rule of these entries.
+    Http(Vec<u32>),
+}
+
+/// Who a peer is, for flow records and explanations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub ip: IpAddr,
+    pub identity: u32,
+    /// Index into the policy's endpoints; `None` for `world`.
+    pub endpoint: Option<usize>,
+}
+
+/// The decision for one connection, from both ends' policies.
+#[derive(Debug, Clone)]
+pub struct ConnectionVerdict {
+    pub src: PeerInfo,
+    pub dst: PeerInfo,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub egress: DirDecision,
+    pub ingress: DirDecision,
+}
+
+/// A decision with the rules that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// The allowing rules (egress side first), or empty.
+    pub rules: Vec<RuleRef>,
+    /// When denied: the direction whose policy had no matching rule.
+    pub denied_in: Option<Direction>,
+}
+
+impl Verdict {
+    /// One line: the deciding rules, `no rule matched`, or `no policy selects ...`.
+    pub fn reason(&self) -> String {
+        if self.allowed {
+            if self.rules.is_empty() {
+                "no policy selects these endpoints (default allow)".to_string()
+            } else {
+                self.rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        } else {
+            match self.denied_in {
+                Some(d) => format!("no rule matched ({d})"),
+                None => "no rule matched".to_string(),
+            }
+        }
+    }
+}
+
+impl ConnectionVerdict {
+    /// Whether the connection passes L3/L4 at all.
+    pub fn l4_allowed(&self) -> bool {
+        !matches!(self.egress, DirDecision::Denied) && !matches!(self.ingress, DirDecision::Denied)
+    }
+
+    /// Whether requests must be inspected (some side has L7 rules).
+    pub fn needs_l7(&self) -> bool {
+        matches!(self.egress, DirDecision::Http(_)) || matches!(self.ingress, DirDecision::Http(_))
+    }
+
+    /// The connection-level verdict (for L4-only flows, and for L4 denials).
+    pub fn l4_verdict(&self) -> Verdict {
+        let mut rules = Vec::new();
+        for (dir, d) in [(Direction::Egress, &self.egress), (Direction::Ingress, &self.ingress)] {
+            match d {
+                DirDecision::Denied => {
+                    return Verdict {
+                        allowed: false,
+                        rules: vec![],
+                        denied_in: Some(dir),
+                    };
+                }
+                DirDecision::AllowAll(r) => rules.push(r.clone()),
+                DirDecision::NotSelected | DirDecision::Http(_) => {}
+            }
+        }
+        Verdict {
+            allowed: true,
+            rules,
+            denied_in: None,
+        }
+    }
+
+    /// The verdict for one HTTP request on this connection.
+    pub fn http_verdict(
+        &self,
+        policy: &CompiledPolicy,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+    ) -> Verdict {
+        let mut rules = Vec::new();
+        let sides = [
+            (Direction::Egress, &self.egress, self.src.endpoint, &policy.egress),
+            (Direction::Ingress, &self.ingress, self.dst.endpoint, &policy.ingress),
+        ];
+        for (dir, decision, ep, tables) in sides {
+            match decision {
+                DirDecision::Denied => {
+                    return Verdict {
+                        allowed: false,
+                        rules: vec![],
+                        denied_in: Some(dir),
+                    };
+                }
+                DirDecision::AllowAll(r) => rules.push(r.clone()),
+                DirDecision::NotSelected => {}
+                DirDecision::Http(owners) => {
+                    let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
+                    let hit = table.and_then(|t| {
+                        let idx = t.http.first_match(facts, headers, owners)?;
+                        let (owner, pos) = t.http_owner[idx as usize];
+                        t.entries[owner as usize]
+                            .http_refs
+                            .as_ref()
+                            .and_then(|refs| refs.get(pos as usize))
+                            .cloned()
+                    });
+                    match hit {
+                        Some(r) => rules.push(r),
+                        None => {
+                            return Verdict {
+                                allowed: false,
+                                rules: vec![],
+                                denied_in: Some(dir),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        Verdict {
+            allowed: true,
+            rules,
+            denied_in: None,
+        }
+    }
+}
+
+/// The compiled, immutable policy. Swapped whole (arc-swap) when anything changes.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    endpoints: Vec<CompiledEndpoint>,
+    by_ip: HashMap<IpAddr, usize>,
+    ingress: Vec<Option<DirTable>>,
+    egress: Vec<Option<DirTable>>,
+    policy_count: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Http(#[from] HttpCompileError),
+}
+
+impl CompiledPolicy {
+    pub fn compile(
+        policies: &[Policy],
+        endpoints: &[Endpoint],
+        identities: &mut IdentityAllocator,
+    ) -> Result<Self, CompileError> {
+        let compiled_eps: Vec<CompiledEndpoint> = endpoints
+            .iter()
+            .map(|e| CompiledEndpoint {
+                endpoint: e.clone(),
+                identity: identities.identity(&e.labels),
+            })
+            .collect();
+        let mut by_ip = HashMap::new();
+        for (i, e) in compiled_eps.iter().enumerate() {
+            for ip in &e.endpoint.ips {
+                by_ip.insert(*ip, i);
+            }
+        }
+        let mut ingress = Vec::with_capacity(endpoints.len());
+        let mut egress = Vec::with_capacity(endpoints.len());
+        for subject in &compiled_eps {
+            ingress.push(build_table(policies, &compiled_eps, subject, Direction::Ingress)?);
+            egress.push(build_table(policies, &compiled_eps, subject, Direction::Egress)?);
+        }
+        Ok(CompiledPolicy {
+            endpoints: compiled_eps,
+            by_ip,
+            ingress,
+            egress,
+            policy_count: policies.len(),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[CompiledEndpoint] {
+        &self.endpoints
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+
+    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<&CompiledEndpoint> {
+        self.by_ip.get(&canonical_ip(ip)).map(|i| &self.endpoints[*i])
+    }
+
+    pub fn endpoint_by_name(&self, name: &str) -> Option<&CompiledEndpoint> {
+        self.endpoints.iter().find(|e| e.endpoint.name == name)
+    }
+
+    /// Whether any policy selects this endpoint in this direction.
+    pub fn is_selected(&self, endpoint: usize, dir: Direction) -> bool {
+        let tables = match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        };
+        tables.get(endpoint).is_some_and(Option::is_some)
+    }
+
+    fn peer(&self, ip: IpAddr) -> PeerInfo {
+        let ip = canonical_ip(ip);
+        match self.by_ip.get(&ip) {
+            Some(i) => PeerInfo {
+                ip,
+                identity: self.endpoints[*i].identity,
+                endpoint: Some(*i),
+            },
+            None => PeerInfo {
+                ip,
+                identity: IDENTITY_WORLD,
+                endpoint: None,
+            },
+        }
+    }
+
+    /// Decides a connection from `src` to `dst:port`.
+    pub fn connection(&self, src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> ConnectionVerdict {
+        let src = self.peer(src);
+        let dst = self.peer(dst);
+        let side = |tables: &[Option<DirTable>], ep: Option<usize>, peer: u32| match ep
+            .and_then(|i| tables.get(i))
+            .and_then(Option::as_ref)
+        {
+            None => DirDecision::NotSelected,
+            Some(t) => t.decide(peer, protocol, port),
+        };
+        let egress = side(&self.egress, src.endpoint, dst.identity);
+        let ingress = side(&self.ingress, dst.endpoint, src.identity);
+        ConnectionVerdict {
+            src,
+            dst,
+            protocol,
+            port,
+            egress,
+            ingress,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack socket) are the IPv4 address.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn peer_set(selectors: &Option<Vec<Selector>>, endpoints: &[CompiledEndpoint]) -> PeerSet {
+    match selectors {
+        None => PeerSet::Any,
+        Some(sels) => PeerSet::Identities(
+            endpoints
+                .iter()
+                .filter(|e| sels.iter().any(|s| s.matches(&e.endpoint.labels)))
+                .map(|e| e.identity)
+                .collect(),
+        ),
+    }
+}
+
+fn build_table(
+    policies: &[Policy],
+    endpoints: &[CompiledEndpoint],
+    subject: &CompiledEndpoint,
+    dir: Direction,
+) -> Result<Option<DirTable>, CompileError> {
+    let mut selected = false;
+    let mut entries: Vec<L4Entry> = Vec::new();
+    let mut exact: HashMap<(Protocol, u16), Vec<u32>> = HashMap::new();
+    let mut ranges = Vec::new();
+    let mut http_specs = Vec::new();
+    let mut http_owner = Vec::new();
+    for policy in policies {
+        let pname: Arc<str> = Arc::from(policy.qualified_name());
+        for rule in &policy.rules {
+            let peer_rules = match dir {
+                Direction::Ingress => &rule.ingress,
+                Direction::Egress => &rule.egress,
+            };
+            let Some(peer_rules) = peer_rules else { continue };
+            if !rule.subject.matches(&subject.endpoint.labels) {
+                continue;
+            }
+            selected = true;
+            for (pi, pr) in peer_rules.iter().enumerate() {
+                let peers = pr.peers.clone();
+                let base = format!("{}.{dir}[{pi}]", rule.label);
+                if pr.to_ports.is_empty() {
+                    if pr.peers.is_none() {
+                        // `{}`: selects the endpoint (default deny) but allows nothing.
+                        continue;
+                    }
+                    let id = entries.len() as u32;
+                    entries.push(L4Entry {
+                        origin: RuleRef { policy: pname.clone(), rule: base },
+                        peers: peer_set(&peers, endpoints),
+                        http_refs: None,
+                    });
+                    for proto in [Protocol::Tcp, Protocol::Udp] {
+                        ranges.push((proto, 0, u16::MAX, id));
+                    }
+                    continue;
+                }
+                for (ti, tp) in pr.to_ports.iter().enumerate() {
+                    let origin = RuleRef {
+                        policy: pname.clone(),
+                        rule: format!("{base}.toPorts[{ti}]"),
+                    };
+                    let http_rules = tp.http.as_ref().filter(|h| !h.is_empty());
+                    let id = entries.len() as u32;
+                    let http_refs = http_rules.map(|rules| {
+                        rules
+                            .iter()
+                            .enumerate()
+                            .map(|(hi, _)| RuleRef {
+                                policy: pname.clone(),
+                                rule: format!("{}.rules.http[{hi}]", origin.rule),
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    if let Some(rules) = http_rules {
+                        for (hi, h) in rules.iter().enumerate() {
+                            http_owner.push((id, hi as u32));
+                            http_specs.push(HttpRuleSpec {
+                                owner: id,
+                                method: h.method.as_ref().map(|m| m.value.clone()),
+                                path: h.path.as_ref().map(|m| m.value.clone()),
+                                host: h.host.as_ref().map(|m| m.value.clone()),
+                                headers: h.headers.iter().map(|l| l.value.clone()).collect(),
+                            });
+                        }
+                    }
+                    entries.push(L4Entry {
+                        origin,
+                        peers: peer_set(&peers, endpoints),
+                        http_refs,
+                    });
+                    for pp in &tp.ports {
+                        let protos: &[Protocol] = match pp.protocol {
+                            Protocol::Any => &[Protocol::Tcp, Protocol::Udp],
+                            Protocol::Tcp => &[Protocol::Tcp],
+                            Protocol::Udp => &[Protocol::Udp],
+                        };
+                        for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
+                            for proto in protos {
+                                match (port, pp.end_port) {
+                                    (0, _) => ranges.push((*proto, 0, u16::MAX, id)),
+                                    (p, Some(end)) if end > p => ranges.push((*proto, p, end, id)),
+                                    (p, _) => exact.entry((*proto, p)).or_default().push(id),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !selected {
+        return Ok(None);
+    }
+    Ok(Some(DirTable {
+        entries,
+        exact,
+        ranges,
+        http: HttpMatcher::new(http_specs)?,
+        http_owner,
+    }))
+}
+
+/// Named ports resolve against the endpoint that owns the port: the subject for
+/// ingress, the selected peers for egress.
+fn resolve_port(
+    spec: &PortSpec,
+    subject: &CompiledEndpoint,
+    endpoints: &[CompiledEndpoint],
+    peers: &Option<Vec<Selector>>,
+    dir: Direction,
+) -> Vec<u16> {
+    match spec {
+        PortSpec::Number(n) => vec![*n],
+        PortSpec::Named(name) => match dir {
+            Direction::Ingress => subject.endpoint.ports.get(name).copied().into_iter().collect(),
+            Direction::Egress => {
+                let mut ports: Vec<u16> = endpoints
+                    .iter()
+                    .filter(|e| {
+                        peers
+                            .as_ref()
+                            .is_none_or(|s| s.iter().any(|s| s.matches(&e.endpoint.labels)))
+                    })
+                    .filter_map(|e| e.endpoint.ports.get(name).copied())
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                ports
+            }
+        },
+    }
+}

@@ -1,0 +1,594 @@
+//! Positioned YAML tree → policy model. Every field is either understood, or an
+//! error that names it and its position: nothing is silently ignored.
+
+use std::collections::BTreeMap;
+
+use crate::error::Diagnostics;
+use crate::model::*;
+use crate::yaml::{Node, Pos, Value};
+
+/// Cilium fields that weir knows of but does not enforce yet. Naming them apart
+/// from typos tells the operator the policy is valid Cilium, just not for weir.
+const NOT_YET: &[&str] = &[
+    "ingressDeny",
+    "egressDeny",
+    "fromCIDR",
+    "fromCIDRSet",
+    "toCIDR",
+    "toCIDRSet",
+    "fromEntities",
+    "toEntities",
+    "toFQDNs",
+    "toServices",
+    "toGroups",
+    "fromGroups",
+    "fromRequires",
+    "toRequires",
+    "fromNodes",
+    "toNodes",
+    "icmps",
+    "authentication",
+    "enableDefaultDeny",
+    "terminatingTLS",
+    "originatingTLS",
+    "serverNames",
+    "listener",
+    "kafka",
+    "dns",
+    "l7proto",
+    "l7",
+    "headerMatches",
+];
+
+/// A mapping whose keys are looked up by name; whatever is left over when the
+/// decoder is done is reported.
+pub(crate) struct Fields<'n> {
+    pos: Pos,
+    entries: Vec<(&'n str, &'n Node, Pos, bool)>,
+}
+
+impl<'n> Fields<'n> {
+    pub fn of(node: &'n Node, what: &str, d: &mut Diagnostics) -> Option<Self> {
+        match &node.value {
+            Value::Map(entries) => {
+                let mut out = Vec::with_capacity(entries.len());
+                for (k, v) in entries {
+                    match &k.value {
+                        Value::Scalar { text, .. } => {
+                            if out.iter().any(|(n, _, _, _)| *n == text.as_str()) {
+                                d.error(k.pos, format!("duplicate field `{text}` in {what}"));
+                            }
+                            out.push((text.as_str(), v, k.pos, false));
+                        }
+                        _ => d.error(k.pos, format!("{what} keys must be plain strings")),
+                    }
+                }
+                Some(Fields {
+                    pos: node.pos,
+                    entries: out,
+                })
+            }
+            Value::Null => Some(Fields {
+                pos: node.pos,
+                entries: Vec::new(),
+            }),
+            _ => {
+                d.error(
+                    node.pos,
+                    format!("{what} must be a mapping, found a {}", node.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn take(&mut self, name: &str) -> Option<&'n Node> {
+        for e in &mut self.entries {
+            if e.0 == name && !e.3 {
+                e.3 = true;
+                return Some(e.1);
+            }
+        }
+        None
+    }
+
+    pub fn pos(&self) -> Pos {
+        self.pos
+    }
+
+    /// Reports every field nobody took.
+    pub fn finish(self, what: &str, d: &mut Diagnostics) {
+        for (name, _, pos, taken) in self.entries {
+            if taken {
+                continue;
+            }
+            if NOT_YET.contains(&name) {
+                d.error(
+                    pos,
+                    format!("field `{name}` in {what} is not supported by weir yet"),
+                );
+            } else {
+                d.error(pos, format!("unknown field `{name}` in {what}"));
+            }
+        }
+    }
+
+    /// Marks everything as understood (for free-form maps such as metadata).
+    pub fn ignore_rest(mut self) {
+        for e in &mut self.entries {
+            e.3 = true;
+        }
+    }
+}
+
+pub(crate) fn scalar<'n>(node: &'n Node, what: &str, d: &mut Diagnostics) -> Option<&'n str> {
+    match &node.value {
+        Value::Scalar { text, .. } => Some(text.as_str()),
+        _ => {
+            d.error(
+                node.pos,
+                format!("{what} must be a string, found a {}", node.kind()),
+            );
+            None
+        }
+    }
+}
+
+pub(crate) fn seq<'n>(node: &'n Node, what: &str, d: &mut Diagnostics) -> Option<&'n [Node]> {
+    match &node.value {
+        Value::Seq(items) => Some(items),
+        Value::Null => Some(&[]),
+        _ => {
+            d.error(
+                node.pos,
+                format!("{what} must be a list, found a {}", node.kind()),
+            );
+            None
+        }
+    }
+}
+
+pub(crate) fn string_map(
+    node: &Node,
+    what: &str,
+    d: &mut Diagnostics,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    match &node.value {
+        Value::Map(entries) => {
+            for (k, v) in entries {
+                let (Some(k), Some(v)) = (scalar(k, "label key", d), scalar(v, "label value", d))
+                else {
+                    continue;
+                };
+                out.insert(strip_label_source(k).to_string(), v.to_string());
+            }
+        }
+        Value::Null => {}
+        _ => d.error(
+            node.pos,
+            format!("{what} must be a mapping, found a {}", node.kind()),
+        ),
+    }
+    out
+}
+
+/// Decodes one YAML document into a policy. Returns `None` when the document is
+/// empty (a stray `---`).
+pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Policy> {
+    if doc.value == Value::Null {
+        return None;
+    }
+    let mut f = Fields::of(doc, "policy", d)?;
+    let api = f.take("apiVersion").and_then(|n| scalar(n, "apiVersion", d).map(|s| (s, n.pos)));
+    match api {
+        Some(("cilium.io/v2", _)) => {}
+        Some((other, pos)) => d.error(
+            pos,
+            format!("unsupported apiVersion `{other}` (expected `cilium.io/v2`)"),
+        ),
+        None => d.error(f.pos(), "missing field `apiVersion`"),
+    }
+    let kind = match f.take("kind").map(|n| (scalar(n, "kind", d), n.pos)) {
+        Some((Some("CiliumNetworkPolicy"), _)) => PolicyKind::Namespaced,
+        Some((Some("CiliumClusterwideNetworkPolicy"), _)) => PolicyKind::Clusterwide,
+        Some((Some(other), pos)) => {
+            d.error(
+                pos,
+                format!(
+                    "unsupported kind `{other}` (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
+                ),
+            );
+            PolicyKind::Namespaced
+        }
+        Some((None, _)) => PolicyKind::Namespaced,
+        None => {
+            d.error(f.pos(), "missing field `kind`");
+            PolicyKind::Namespaced
+        }
+    };
+    let (mut name, mut namespace) = (String::new(), None);
+    match f.take("metadata") {
+        Some(meta) => {
+            if let Some(mut m) = Fields::of(meta, "metadata", d) {
+                match m.take("name").and_then(|n| scalar(n, "metadata.name", d)) {
+                    Some(n) if !n.is_empty() => name = n.to_string(),
+                    _ => d.error(m.pos(), "missing field `metadata.name`"),
+                }
+                namespace = m
+                    .take("namespace")
+                    .and_then(|n| scalar(n, "metadata.namespace", d))
+                    .map(str::to_string);
+                // Other metadata (labels, annotations, uid, ...) does not change enforcement.
+                m.ignore_rest();
+            }
+        }
+        None => d.error(f.pos(), "missing field `metadata`"),
+    }
+    if kind == PolicyKind::Clusterwide && namespace.is_some() {
+        namespace = None;
+    }
+    let mut rules = Vec::new();
+    let spec = f.take("spec");
+    let specs = f.take("specs");
+    if spec.is_none() && specs.is_none() {
+        d.error(f.pos(), "policy has neither `spec` nor `specs`");
+    }
+    if let Some(s) = spec {
+        rules.extend(rule(s, "spec".to_string(), kind, d));
+    }
+    if let Some(list) = specs {
+        for (i, s) in seq(list, "specs", d).unwrap_or(&[]).iter().enumerate() {
+            rules.extend(rule(s, format!("specs[{i}]"), kind, d));
+        }
+    }
+    // `status` is written by Kubernetes, never by the policy author.
+    let _ = f.take("status");
+    f.finish("policy", d);
+    Some(Policy {
+        kind,
+        name,
+        namespace,
+        file: file.to_string(),
+        rules,
+    })
+}
+
+fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Option<Rule> {
+    let mut f = Fields::of(node, "spec", d)?;
+    let es = f.take("endpointSelector");
+    let ns = f.take("nodeSelector");
+    let subject = match (es, ns) {
+        (Some(s), None) => selector(s, "endpointSelector", d),
+        (None, Some(s)) => {
+            if kind == PolicyKind::Namespaced {
+                d.error(
+                    s.pos,
+                    "`nodeSelector` is only valid in a CiliumClusterwideNetworkPolicy",
+                );
+            }
+            selector(s, "nodeSelector", d)
+        }
+        (Some(_), Some(s)) => {
+            d.error(
+                s.pos,
+                "a rule takes either `endpointSelector` or `nodeSelector`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            d.error(f.pos(), "rule needs `endpointSelector` or `nodeSelector`");
+            None
+        }
+    };
+    let ingress = f
+        .take("ingress")
+        .map(|n| peer_rules(n, "ingress", "fromEndpoints", d));
+    let egress = f
+        .take("egress")
+        .map(|n| peer_rules(n, "egress", "toEndpoints", d));
+    let _ = f.take("description");
+    let _ = f.take("labels");
+    let pos = f.pos();
+    f.finish("spec", d);
+    Some(Rule {
+        label,
+        subject: subject?,
+        ingress,
+        egress,
+        pos,
+    })
+}
+
+fn peer_rules(node: &Node, dir: &str, peer_field: &str, d: &mut Diagnostics) -> Vec<PeerRule> {
+    let mut out = Vec::new();
+    for item in seq(node, dir, d).unwrap_or(&[]) {
+        let Some(mut f) = Fields::of(item, dir, d) else {
+            continue;
+        };
+        let peers = f.take(peer_field).map(|n| {
+            seq(n, peer_field, d)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|s| selector(s, peer_field, d))
+                .collect::<Vec<_>>()
+        });
+        let to_ports = f
+            .take("toPorts")
+            .map(|n| {
+                seq(n, "toPorts", d)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|p| port_rule(p, d))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pos = f.pos();
+        f.finish(&format!("{dir} rule"), d);
+        out.push(PeerRule {
+            peers,
+            to_ports,
+            pos,
+        });
+    }
+    out
+}
+
+pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Selector> {
+    let mut f = Fields::of(node, what, d)?;
+    let mut sel = Selector::default();
+    if let Some(ml) = f.take("matchLabels") {
+        sel.match_labels = string_map(ml, "matchLabels", d);
+    }
+    if let Some(me) = f.take("matchExpressions") {
+        for e in seq(me, "matchExpressions", d).unwrap_or(&[]) {
+            let Some(mut ef) = Fields::of(e, "matchExpressions entry", d) else {
+                continue;
+            };
+            let key = ef.take("key").and_then(|n| scalar(n, "key", d));
+            let op_node = ef.take("operator");
+            let op = op_node.and_then(|n| match scalar(n, "operator", d)? {
+                "In" => Some(SelectorOp::In),
+                "NotIn" => Some(SelectorOp::NotIn),
+                "Exists" => Some(SelectorOp::Exists),
+                "DoesNotExist" => Some(SelectorOp::DoesNotExist),
+                other => {
+                    d.error(
+                        n.pos,
+                        format!(
+                            "unknown operator `{other}` (expected In, NotIn, Exists or DoesNotExist)"
+                        ),
+                    );
+                    None
+                }
+            });
+            let values_node = ef.take("values");
+            let values: Vec<String> = values_node
+                .map(|n| {
+                    seq(n, "values", d)
+                        .unwrap_or(&[])
+                        .iter()
+                        .filter_map(|v| scalar(v, "value", d).map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let epos = ef.pos();
+            ef.finish("matchExpressions entry", d);
+            if key.is_none() {
+                d.error(epos, "matchExpressions entry needs `key`");
+            }
+            if op_node.is_none() {
+                d.error(epos, "matchExpressions entry needs `operator`");
+            }
+            let (Some(key), Some(op)) = (key, op) else {
+                continue;
+            };
+            match op {
+                SelectorOp::In | SelectorOp::NotIn if values.is_empty() => d.error(
+                    epos,
+                    format!("operator {op:?} needs a non-empty `values` list"),
+                ),
+                SelectorOp::Exists | SelectorOp::DoesNotExist if values_node.is_some() => d
+                    .error(
+                        epos,
+                        format!("operator {op:?} takes no `values`"),
+                    ),
+                _ => {}
+            }
+            sel.match_expressions.push(SelectorExpr {
+                key: strip_label_source(key).to_string(),
+                op,
+                values,
+            });
+        }
+    }
+    f.finish(what, d);
+    Some(sel)
+}
+
+fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
+    let mut f = Fields::of(node, "toPorts entry", d)?;
+    let pos = f.pos();
+    let mut ports = Vec::new();
+    match f.take("ports") {
+        Some(list) => {
+            for p in seq(list, "ports", d).unwrap_or(&[]) {
+                ports.extend(port_protocol(p, d));
+            }
+        }
+        None => d.error(pos, "toPorts entry needs `ports`"),
+    }
+    let mut http = None;
+    if let Some(rules) = f.take("rules") {
+        if let Some(mut rf) = Fields::of(rules, "rules", d) {
+            if let Some(h) = rf.take("http") {
+                http = Some(
+                    seq(h, "http", d)
+                        .unwrap_or(&[])
+                        .iter()
+                        .filter_map(|r| http_rule(r, d))
+                        .collect(),
+                );
+            }
+            rf.finish("rules", d);
+        }
+    }
+    f.finish("toPorts entry", d);
+    Some(PortRule { ports, http, pos })
+}
+
+fn port_number(node: &Node, what: &str, d: &mut Diagnostics) -> Option<u32> {
+    let text = scalar(node, what, d)?;
+    match text.parse::<u32>() {
+        Ok(n) if n <= 65535 => Some(n),
+        Ok(n) => {
+            d.error(node.pos, format!("{what} {n} is out of range (0-65535)"));
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn port_protocol(node: &Node, d: &mut Diagnostics) -> Option<PortProtocol> {
+    let mut f = Fields::of(node, "ports entry", d)?;
+    let pos = f.pos();
+    let port = match f.take("port") {
+        Some(n) => {
+            let text = scalar(n, "port", d);
+            match text {
+                Some(t) if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() => {
+                    port_number(n, "port", d).map(|p| PortSpec::Number(p as u16))
+                }
+                Some(t) if valid_port_name(t) => Some(PortSpec::Named(t.to_string())),
+                Some(t) => {
+                    d.error(
+                        n.pos,
+                        format!("port `{t}` is neither a number (0-65535) nor a port name"),
+                    );
+                    None
+                }
+                None => None,
+            }
+        }
+        None => Some(PortSpec::Number(0)),
+    };
+    let end_port = match f.take("endPort") {
+        Some(n) => match port_number(n, "endPort", d) {
+            Some(e) => {
+                match &port {
+                    Some(PortSpec::Number(p)) if u32::from(*p) > e => d.error(
+                        n.pos,
+                        format!("endPort {e} is lower than port {p}"),
+                    ),
+                    Some(PortSpec::Named(_)) => {
+                        d.error(n.pos, "endPort cannot be used with a named port")
+                    }
+                    _ => {}
+                }
+                Some(e as u16)
+            }
+            None => {
+                if let Value::Scalar { text, .. } = &n.value
+                    && text.parse::<u32>().is_err()
+                {
+                    d.error(n.pos, format!("endPort `{text}` is not a number"));
+                }
+                None
+            }
+        },
+        None => None,
+    };
+    let protocol = match f.take("protocol") {
+        Some(n) => match scalar(n, "protocol", d) {
+            Some("TCP") => Protocol::Tcp,
+            Some("UDP") => Protocol::Udp,
+            Some("ANY") => Protocol::Any,
+            Some(other @ "SCTP") => {
+                d.error(n.pos, format!("protocol {other} is not supported by weir yet"));
+                Protocol::Any
+            }
+            Some(other) => {
+                d.error(
+                    n.pos,
+                    format!("unknown protocol `{other}` (expected TCP, UDP or ANY)"),
+                );
+                Protocol::Any
+            }
+            None => Protocol::Any,
+        },
+        None => Protocol::Any,
+    };
+    f.finish("ports entry", d);
+    Some(PortProtocol {
+        port: port?,
+        end_port,
+        protocol,
+        pos,
+    })
+}
+
+/// IANA service names: 1-15 chars, lower-case letters, digits and inner hyphens,
+/// at least one letter.
+fn valid_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+fn regex_field(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Located<String>> {
+    let text = scalar(node, what, d)?;
+    if let Err(e) = regex::Regex::new(&crate::http_match::anchored(text)) {
+        let msg = e.to_string();
+        let short = msg.lines().last().unwrap_or(&msg).trim();
+        d.error(node.pos, format!("invalid {what} regex `{text}`: {short}"));
+        return None;
+    }
+    Some(Located {
+        value: text.to_string(),
+        pos: node.pos,
+    })
+}
+
+fn http_rule(node: &Node, d: &mut Diagnostics) -> Option<HttpRule> {
+    let mut f = Fields::of(node, "http rule", d)?;
+    let pos = f.pos();
+    let method = f.take("method").and_then(|n| regex_field(n, "method", d));
+    let path = f.take("path").and_then(|n| regex_field(n, "path", d));
+    let host = f.take("host").and_then(|n| regex_field(n, "host", d));
+    let mut headers = Vec::new();
+    if let Some(h) = f.take("headers") {
+        for item in seq(h, "headers", d).unwrap_or(&[]) {
+            let Some(text) = scalar(item, "header", d) else {
+                continue;
+            };
+            let (name, value) = match text.split_once(':') {
+                Some((n, v)) => (n.trim(), Some(v.trim().to_string())),
+                None => (text.trim(), None),
+            };
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                d.error(item.pos, format!("`{name}` is not a valid header name"));
+                continue;
+            }
+            headers.push(Located {
+                value: HeaderRule {
+                    name: name.to_ascii_lowercase(),
+                    value,
+                },
+                pos: item.pos,
+            });
+        }
+    }
+    f.finish("http rule", d);
+    Some(HttpRule {
+        method,
+        path,
+        host,
+        headers,
+        pos,
+    })
+}

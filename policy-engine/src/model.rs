@@ -1,0 +1,165 @@
+//! The policy model: what weir understands of CiliumNetworkPolicy, with the source
+//! position of every value that can later turn out to be wrong.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::yaml::Pos;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    Namespaced,
+    Clusterwide,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub kind: PolicyKind,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub file: String,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// `namespace/name` for namespaced policies, `name` for clusterwide ones.
+    pub fn qualified_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// One entry of `spec`/`specs`.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Where the rule sits in its policy: `spec` or `specs[N]`.
+    pub label: String,
+    pub subject: Selector,
+    pub ingress: Option<Vec<PeerRule>>,
+    pub egress: Option<Vec<PeerRule>>,
+    pub pos: Pos,
+}
+
+/// An ingress or egress rule: which peers, on which ports, with which L7 rules.
+#[derive(Debug, Clone)]
+pub struct PeerRule {
+    /// `None`: no L3 constraint was given, so every peer (also `world`) matches.
+    pub peers: Option<Vec<Selector>>,
+    /// Empty: all ports.
+    pub to_ports: Vec<PortRule>,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Any => "ANY",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSpec {
+    /// 0 means every port.
+    Number(u16),
+    Named(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PortProtocol {
+    pub port: PortSpec,
+    pub end_port: Option<u16>,
+    pub protocol: Protocol,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub struct PortRule {
+    pub ports: Vec<PortProtocol>,
+    /// `None` or an empty list: all HTTP (and all L7) traffic on these ports passes.
+    pub http: Option<Vec<HttpRule>>,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderRule {
+    pub name: String,
+    /// `None`: the header must be present, any value.
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRule {
+    pub method: Option<Located<String>>,
+    pub path: Option<Located<String>>,
+    pub host: Option<Located<String>>,
+    pub headers: Vec<Located<HeaderRule>>,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectorOp {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorExpr {
+    pub key: String,
+    pub op: SelectorOp,
+    pub values: Vec<String>,
+}
+
+/// A Kubernetes label selector. Empty selects everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<SelectorExpr>,
+}
+
+impl Selector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let have = labels.get(&e.key);
+                match e.op {
+                    SelectorOp::In => have.is_some_and(|v| e.values.contains(v)),
+                    SelectorOp::NotIn => have.is_none_or(|v| !e.values.contains(v)),
+                    SelectorOp::Exists => have.is_some(),
+                    SelectorOp::DoesNotExist => have.is_none(),
+                }
+            })
+    }
+}
+
+/// Cilium label keys may carry a source prefix (`k8s:app`, `any:app`); endpoints
+/// here have one label source, so the prefix is dropped.
+pub fn strip_label_source(key: &str) -> &str {
+    for prefix in ["k8s:", "any:", "container:"] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            return rest;
+        }
+    }
+    key
+}
