@@ -1,0 +1,22 @@
+//! The compiled redirect eBPF object, embedded. `build.rs` compiles `bpf/*.bpf.c`.
+
+/// The ELF object of `bpf/redirect.bpf.c`, with BTF.
+pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/redirect.bpf.o"));
+
+#[cfg(test)]
+mod tests {
+    const PROGRAMS: &[&str] = &["weir_tc_count"];
+    const MAPS: &[&str] = &["weir_counters"];
+
+    #[test]
+    fn object_has_programs_maps_and_btf() {
+        let obj = aya_obj::Object::parse(super::OBJECT).expect("object parses");
+        let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        programs.sort();
+        assert_eq!(programs, PROGRAMS);
+        for m in MAPS {
+            assert!(obj.maps.contains_key(*m), "map {m} missing");
+        }
+        assert!(obj.btf.is_some(), "object lost its BTF (built without -g?)");
+    }
+}

@@ -1,0 +1,22 @@
+//! The compiled sockmap eBPF object, embedded. `build.rs` compiles `bpf/*.bpf.c`.
+
+/// The ELF object of `bpf/sockmap.bpf.c`, with BTF.
+pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
+
+#[cfg(test)]
+mod tests {
+    const PROGRAMS: &[&str] = &["weir_sk_msg", "weir_sockops"];
+    const MAPS: &[&str] = &["weir_socks"];
+
+    #[test]
+    fn object_has_programs_maps_and_btf() {
+        let obj = aya_obj::Object::parse(super::OBJECT).expect("object parses");
+        let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        programs.sort();
+        assert_eq!(programs, PROGRAMS);
+        for m in MAPS {
+            assert!(obj.maps.contains_key(*m), "map {m} missing");
+        }
+        assert!(obj.btf.is_some(), "object lost its BTF (built without -g?)");
+    }
+}

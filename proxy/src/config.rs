@@ -1,0 +1,38 @@
+use std::time::Duration;
+
+/// Data-plane limits and timeouts. The defaults are named in `weir run --help`
+/// and the README; change them there too.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The transparent listener's port.
+    pub proxy_port: u16,
+    /// Largest request head accepted; larger heads get 431.
+    pub max_header_bytes: usize,
+    /// A client connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Connecting to the upstream; exceeding it answers 504.
+    pub upstream_connect_timeout: Duration,
+    /// From sending a request upstream to its response head; exceeding it answers 504.
+    pub upstream_timeout: Duration,
+    /// Idle upstream connections kept per upstream.
+    pub pool_max_idle_per_upstream: usize,
+    /// How long an idle upstream connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Written into flow records.
+    pub node_name: String,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            proxy_port: 15001,
+            max_header_bytes: 16 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(30),
+            pool_max_idle_per_upstream: 64,
+            pool_idle_timeout: Duration::from_secs(90),
+            node_name: "weir".to_string(),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Where flow records go: JSON lines to stdout or a file.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use weir_policy::flow::Flow;
+
+pub struct FlowSink {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl FlowSink {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        FlowSink {
+            out: Mutex::new(out),
+        }
+    }
+
+    pub fn stdout() -> Self {
+        Self::new(Box::new(std::io::stdout()))
+    }
+
+    pub fn emit(&self, flow: &Flow) {
+        let line = flow.to_json_line();
+        // A poisoned lock only means another writer panicked mid-line; keep logging.
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "could not write flow record");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Accept loop: original destination, source endpoint, L3/L4 verdict, dispatch.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+use weir_policy::flow::Flow;
+use weir_policy::{CompiledPolicy, ConnectionVerdict, Protocol, canonical_ip};
+
+use crate::{Shared, http, socket, tcp};
+
+/// Binds the transparent listeners: IPv4 always, IPv6 when the host has it.
+pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+    let v4 = socket::transparent_tcp_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), 1024)?;
+    let mut out = vec![v4];
+    match socket::transparent_tcp_listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), 1024) {
+        Ok(v6) => out.push(v6),
+        Err(e) => warn!(error = %e, "no IPv6 transparent listener; IPv6 flows cannot be proxied"),
+    }
+    Ok(out)
+}
+
+/// Serves connections from all listeners until the task is dropped.
+pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>) {
+    let mut tasks = JoinSet::new();
+    for l in listeners {
+        tasks.spawn(accept_loop(shared.clone(), l));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                let orig_dst = match stream.local_addr() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, %peer, "no original destination; closing");
+                        continue;
+                    }
+                };
+                let span = info_span!("conn", client = %peer, dst = %orig_dst);
+                tokio::spawn(handle(shared, stream, peer, orig_dst).instrument(span));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A connection and the policy decision it was admitted under.
+pub struct ConnContext {
+    pub shared: Arc<Shared>,
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddr,
+}
+
+impl ConnContext {
+    pub fn decide(&self) -> (Arc<CompiledPolicy>, ConnectionVerdict) {
+        let policy = self.shared.policy.load_full();
+        let v = policy.connection(self.client.ip(), self.orig_dst.ip(), Protocol::Tcp, self.orig_dst.port());
+        (policy, v)
+    }
+
+    pub fn flow(&self, policy: &CompiledPolicy, cv: &ConnectionVerdict, verdict: &weir_policy::Verdict) -> Flow {
+        Flow::new(
+            policy,
+            (&cv.src, self.client.port()),
+            (&cv.dst, self.orig_dst.port()),
+            verdict,
+            &self.shared.config.node_name,
+        )
+    }
+}
+
+async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig_dst: SocketAddr) {
+    let client = SocketAddr::new(canonical_ip(client.ip()), client.port());
+    let orig_dst = SocketAddr::new(canonical_ip(orig_dst.ip()), orig_dst.port());
+    if orig_dst.port() == shared.config.proxy_port && is_unspecified_or_local(orig_dst.ip()) {
+        // Addressed to the proxy itself, not steered: forwarding would loop.
+        info!("connection addressed to the proxy port itself; closing");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let ctx = Arc::new(ConnContext { shared, client, orig_dst });
+    let (policy, cv) = ctx.decide();
+    if !cv.l4_allowed() {
+        let verdict = cv.l4_verdict();
+        info!(reason = %verdict.reason(), "denied at L3/L4");
+        if looks_like_http(&stream).await {
+            // HTTP clients get a 403 per request, which says more than a reset.
+            http::serve(ctx, stream).await;
+        } else {
+            ctx.shared.flows.emit(&ctx.flow(&policy, &cv, &verdict));
+            debug!("closing denied non-HTTP connection");
+        }
+        return;
+    }
+    if cv.needs_l7() {
+        http::serve(ctx, stream).await;
+    } else {
+        let verdict = cv.l4_verdict();
+        ctx.shared.flows.emit(&ctx.flow(&policy, &cv, &verdict));
+        tcp::splice(&ctx, stream).await;
+    }
+}
+
+fn is_unspecified_or_local(ip: IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_loopback()
+}
+
+/// Peeks at the first bytes (waiting briefly) for an HTTP request line or the
+/// HTTP/2 preface. Nothing is consumed.
+async fn looks_like_http(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 8];
+    let peek = tokio::time::timeout(Duration::from_secs(2), stream.peek(&mut buf)).await;
+    let n = match peek {
+        Ok(Ok(n)) => n,
+        _ => return false,
+    };
+    let head = &buf[..n];
+    let method_len = head.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    method_len > 0 && (method_len < n && head[method_len] == b' ' || method_len == n)
+}
