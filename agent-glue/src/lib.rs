@@ -1,0 +1,11 @@
+//! weir's control side: loads policy and endpoints, compiles them, runs the proxy,
+//! installs steering, and drives the demo. The `weir` binary is a thin CLI on top.
+
+pub mod cli;
+pub mod demo;
+pub mod ebpf;
+pub mod explain;
+pub mod lab;
+pub mod run;
+pub mod state;
+pub mod steering;

@@ -157,6 +157,8 @@ pub struct Verdict {
     pub rules: Vec<RuleRef>,
     /// When denied: the direction whose policy had no matching rule.
     pub denied_in: Option<Direction>,
+    /// Whether the decision was taken on an L7 request (rather than at L3/L4).
+    pub l7: bool,
 }
 
 impl Verdict {
@@ -173,9 +175,10 @@ impl Verdict {
                     .join("; ")
             }
         } else {
+            let layer = if self.l7 { "HTTP" } else { "L3/L4" };
             match self.denied_in {
-                Some(d) => format!("no rule matched ({d})"),
-                None => "no rule matched".to_string(),
+                Some(d) => format!("no rule matched ({d}, {layer})"),
+                None => format!("no rule matched ({layer})"),
             }
         }
     }
@@ -202,6 +205,7 @@ impl ConnectionVerdict {
                         allowed: false,
                         rules: vec![],
                         denied_in: Some(dir),
+                        l7: false,
                     };
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
@@ -212,6 +216,7 @@ impl ConnectionVerdict {
             allowed: true,
             rules,
             denied_in: None,
+            l7: false,
         }
     }
 
@@ -234,6 +239,7 @@ impl ConnectionVerdict {
                         allowed: false,
                         rules: vec![],
                         denied_in: Some(dir),
+                        l7: false,
                     };
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
@@ -256,6 +262,7 @@ impl ConnectionVerdict {
                                 allowed: false,
                                 rules: vec![],
                                 denied_in: Some(dir),
+                                l7: true,
                             };
                         }
                     }
@@ -266,6 +273,7 @@ impl ConnectionVerdict {
             allowed: true,
             rules,
             denied_in: None,
+            l7: true,
         }
     }
 }

@@ -58,7 +58,7 @@ fn star_wars() {
     assert_eq!(req(&cp, "10.200.0.20", "fd00:200::10", 80, "POST", "/v1/request-landing").0, true);
     assert_eq!(
         req(&cp, "10.200.0.20", "10.200.0.10", 80, "PUT", "/v1/exhaust-port"),
-        (false, "no rule matched (ingress)".to_string())
+        (false, "no rule matched (ingress, HTTP)".to_string())
     );
     // The xwing is not allowed at L3/L4 at all.
     let c = cp.connection(ip("10.200.0.30"), ip("10.200.0.10"), Protocol::Tcp, 80);
@@ -113,7 +113,7 @@ spec:
     assert!(ok);
     assert_eq!(why, "tie-egress spec.egress[0].toPorts[0].rules.http[0]; rule1 spec.ingress[0].toPorts[0].rules.http[0]");
     // Egress allows /v1/* but ingress only request-landing.
-    assert_eq!(req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/other").1, "no rule matched (ingress)");
+    assert_eq!(req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/other").1, "no rule matched (ingress, HTTP)");
     // The tiefighter may no longer talk to the xwing (egress default deny).
     assert!(!cp.connection(ip("10.200.0.20"), ip("10.200.0.30"), Protocol::Tcp, 80).l4_allowed());
 }

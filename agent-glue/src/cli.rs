@@ -1,0 +1,215 @@
+//! The `weir` command line. The forms here are a contract other tests rely on.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{demo, explain, run, steering};
+
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about = "Node-local L7-aware network policy proxy")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy and steering for a node.
+    Run(Box<RunArgs>),
+    /// Check or explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Build a small star-wars node in network namespaces, enforce a policy on it
+    /// with real curl requests, print the verdicts, tear it all down.
+    Demo,
+    /// Remove everything weir installed (nft table `inet weir`, ip rules and routes
+    /// with protocol 119) in the current network namespace.
+    Cleanup(SteeringArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Exit 0 when every policy is valid; otherwise exit 1 with one
+    /// `FILE:LINE:COL: message` line per error on stderr.
+    Validate {
+        /// Policy files or directories (every *.yaml / *.yml in them).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Decide one connection or request and say which rule decided it.
+    Explain(explain::ExplainArgs),
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in `{s}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    v.map_err(|_| format!("`{s}` is not a mark (decimal or 0x-hex)"))
+        .and_then(|m| if m == 0 { Err("the mark must not be 0".into()) } else { Ok(m) })
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SteeringArgs {
+    /// Packet mark for steered packets (matched by weir's `ip rule`).
+    #[arg(long, default_value = "0x7700", value_parser = parse_mark)]
+    pub fwmark: u32,
+    /// Routing table that delivers marked packets locally.
+    #[arg(long, default_value_t = 119)]
+    pub route_table: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SteeringMode {
+    /// nftables TPROXY rules + ip rule/route (first version).
+    Nft,
+    /// Install nothing: traffic must reach the proxy port some other way.
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy files or directories (every *.yaml / *.yml in them).
+    #[arg(long, required = true)]
+    pub policy: Vec<PathBuf>,
+    /// Endpoints file (`endpoints: [{name, ips, labels, ...}]`).
+    #[arg(long)]
+    pub endpoints: PathBuf,
+    /// Port of the transparent listener.
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// How steered traffic reaches the proxy.
+    #[arg(long, value_enum, default_value = "nft")]
+    pub steering: SteeringMode,
+    #[command(flatten)]
+    pub steering_args: SteeringArgs,
+    /// Where weir keeps state (identities, readiness marker).
+    #[arg(long, default_value = "/var/lib/weir")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for weir's pins (used by the eBPF datapath).
+    #[arg(long, default_value = "/sys/fs/bpf/weir")]
+    pub bpf_root: PathBuf,
+    /// cgroup v2 directory for sock_ops programs (never the root cgroup).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Local API socket (used by later API work).
+    #[arg(long, default_value = "/run/weir/weir.sock")]
+    pub api_socket: PathBuf,
+    /// Write flow records (JSON lines) here instead of stdout.
+    #[arg(long)]
+    pub flow_log: Option<PathBuf>,
+    /// Node name written into flow records.
+    #[arg(long, default_value = "weir")]
+    pub node_name: String,
+    /// Largest request head accepted; larger ones get 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Close client connections idle this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Give up connecting upstream after this long (answers 504).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// Give up waiting for an upstream response head after this long (answers 504).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream.
+    #[arg(long, default_value_t = 64)]
+    pub pool_max_idle: usize,
+    /// Idle upstream connections are closed after this long.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Policy(PolicyCommand::Validate { paths }) => {
+            match weir_policy::load_policies(&paths) {
+                Ok(p) => {
+                    println!("{} policies valid", p.len());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
+        Command::Run(args) => exit_from(run::main(*args)),
+        Command::Demo => exit_from(demo::main()),
+        Command::Cleanup(args) => {
+            init_tracing();
+            let cfg = steering::SteeringConfig {
+                proxy_port: 0,
+                fwmark: args.fwmark,
+                route_table: args.route_table,
+            };
+            exit_from(steering::remove(&cfg).map_err(Into::into).map(|()| {
+                println!("removed weir's nft table, ip rules and routes (if any)");
+            }))
+        }
+    }
+}
+
+fn exit_from(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! `weir run`: load, compile, listen, steer; reload on SIGHUP; undo on exit.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use weir_policy::CompiledPolicy;
+use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
+
+use crate::cli::{RunArgs, SteeringMode, init_tracing};
+use crate::state;
+use crate::steering::{self, SteeringConfig, SteeringSets};
+
+pub fn main(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.workers {
+        if n == 0 {
+            bail!("--workers must be at least 1");
+        }
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(run(args))
+}
+
+/// Loads policies and endpoints and compiles them; errors keep `file:line:col`.
+pub fn load_and_compile(args: &RunArgs) -> anyhow::Result<CompiledPolicy> {
+    let policies = weir_policy::load_policies(&args.policy)
+        .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+    let endpoints = weir_policy::load_endpoints(&args.endpoints)
+        .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?;
+    let mut ids = state::load_identities(&args.state_dir);
+    let compiled = CompiledPolicy::compile(&policies, &endpoints, &mut ids)?;
+    if let Err(e) = state::save_identities(&args.state_dir, &ids) {
+        warn!(error = %e, dir = %args.state_dir.display(), "could not save identities");
+    }
+    info!(
+        policies = policies.len(),
+        endpoints = endpoints.len(),
+        "policy compiled"
+    );
+    Ok(compiled)
+}
+
+fn flow_sink(path: Option<&Path>) -> anyhow::Result<FlowSink> {
+    Ok(match path {
+        None => FlowSink::stdout(),
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening flow log {}", p.display()))?;
+            FlowSink::new(Box::new(std::io::BufWriter::new(f)))
+        }
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
+    let ready = state::ready_file(&args.state_dir);
+    let _ = std::fs::remove_file(&ready);
+    let policy = Arc::new(load_and_compile(&args)?);
+    let config = ProxyConfig {
+        proxy_port: args.proxy_port,
+        max_header_bytes: args.max_header_bytes,
+        idle_timeout: args.idle_timeout,
+        upstream_connect_timeout: args.upstream_connect_timeout,
+        upstream_timeout: args.upstream_timeout,
+        pool_max_idle_per_upstream: args.pool_max_idle,
+        pool_idle_timeout: args.pool_idle_timeout,
+        node_name: args.node_name.clone(),
+    };
+    let shared = Shared::new(policy.clone(), flow_sink(args.flow_log.as_deref())?, config);
+    let listeners = listener::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
+            args.proxy_port
+        )
+    })?;
+    let steer_cfg = SteeringConfig {
+        proxy_port: args.proxy_port,
+        fwmark: args.steering_args.fwmark,
+        route_table: args.steering_args.route_table,
+    };
+    let steer = |p: &CompiledPolicy| -> anyhow::Result<()> {
+        if args.steering == SteeringMode::Nft {
+            steering::install(&SteeringSets::from_policy(p), &steer_cfg)
+                .context("installing nftables steering")?;
+        }
+        Ok(())
+    };
+    if let Err(e) = steer(&policy) {
+        let _ = steering::remove(&steer_cfg);
+        return Err(e);
+    }
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut serve = tokio::spawn(listener::serve(shared.clone(), listeners));
+    std::fs::write(&ready, std::process::id().to_string())
+        .with_context(|| format!("writing {}", ready.display()))?;
+    info!(port = args.proxy_port, steering = ?args.steering, "weir ready");
+    let result = loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match load_and_compile(&args) {
+                    Ok(p) => {
+                        let p = Arc::new(p);
+                        match steer(&p) {
+                            Ok(()) => {
+                                shared.policy.store(p);
+                                info!("policy reloaded");
+                            }
+                            Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
+                        }
+                    }
+                    Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
+                }
+            }
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
+            r = &mut serve => {
+                break Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
+            }
+        }
+    };
+    info!("shutting down; removing steering");
+    if args.steering == SteeringMode::Nft
+        && let Err(e) = steering::remove(&steer_cfg)
+    {
+        error!(error = %e, "could not remove steering; run `weir cleanup`");
+    }
+    let _ = std::fs::remove_file(&ready);
+    result
+}

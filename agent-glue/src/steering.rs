@@ -1,0 +1,249 @@
+//! First-version steering: nftables TPROXY rules (through `nft`'s JSON interface)
+//! plus a policy-routing rule and table that deliver marked packets locally.
+//!
+//! Everything installed carries weir's name: the nft table is `inet weir`, and the
+//! `ip rule` and routes carry routing protocol 119 (`proto 119`), so a restart or
+//! `weir cleanup` removes exactly these and nothing else.
+//!
+//! What is steered: every TCP packet addressed to an endpoint that some policy
+//! selects for ingress, and every TCP packet from an endpoint selected for egress.
+//! The proxy then enforces L3/L4 (refusing peers no rule allows) and L7.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use thiserror::Error;
+use weir_policy::{CompiledPolicy, Direction};
+
+pub const TABLE: &str = "weir";
+/// Routing protocol number that tags weir's ip rules and routes.
+pub const RT_PROTO: &str = "119";
+
+#[derive(Debug, Error)]
+pub enum SteeringError {
+    #[error("cannot run `{0}`: {1} (is it installed? `make deps` installs nftables and iproute2)")]
+    Spawn(String, std::io::Error),
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct SteeringConfig {
+    pub proxy_port: u16,
+    pub fwmark: u32,
+    pub route_table: u32,
+}
+
+/// The addresses to steer, from the compiled policy.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SteeringSets {
+    pub ingress: Vec<IpAddr>,
+    pub egress: Vec<IpAddr>,
+}
+
+impl SteeringSets {
+    pub fn from_policy(policy: &CompiledPolicy) -> Self {
+        let mut s = SteeringSets::default();
+        for (i, ep) in policy.endpoints().iter().enumerate() {
+            if policy.is_selected(i, Direction::Ingress) {
+                s.ingress.extend(&ep.endpoint.ips);
+            }
+            if policy.is_selected(i, Direction::Egress) {
+                s.egress.extend(&ep.endpoint.ips);
+            }
+        }
+        s
+    }
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, SteeringError> {
+    let text = format!("{cmd} {}", args.join(" "));
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| SteeringError::Spawn(cmd.to_string(), e))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| SteeringError::Spawn(cmd.to_string(), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| SteeringError::Spawn(cmd.to_string(), e))?;
+    if !out.status.success() {
+        return Err(SteeringError::Failed {
+            cmd: text,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn table() -> Value {
+    json!({"family": "inet", "name": TABLE})
+}
+
+fn set_decl(name: &str, ty: &str) -> Value {
+    json!({"add": {"set": {"family": "inet", "table": TABLE, "name": name, "type": ty}}})
+}
+
+fn set_elements(name: &str, ips: impl Iterator<Item = String>) -> Option<Value> {
+    let elems: Vec<String> = ips.collect();
+    (!elems.is_empty()).then(|| {
+        json!({"add": {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}})
+    })
+}
+
+fn rule(expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": "prerouting", "expr": expr}}})
+}
+
+fn matches(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn set_mark(mark: u32) -> Value {
+    json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}})
+}
+
+/// The whole nft ruleset for the sets, as one JSON batch (applied atomically).
+pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
+    let mut cmds = vec![
+        // add+delete+add: replaces an old table of ours in the same transaction.
+        json!({"add": {"table": table()}}),
+        json!({"delete": {"table": table()}}),
+        json!({"add": {"table": table()}}),
+        set_decl("ingress4", "ipv4_addr"),
+        set_decl("ingress6", "ipv6_addr"),
+        set_decl("egress4", "ipv4_addr"),
+        set_decl("egress6", "ipv6_addr"),
+    ];
+    let v4 = |ips: &[IpAddr]| {
+        ips.iter()
+            .filter(|i| i.is_ipv4())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .into_iter()
+    };
+    let v6 = |ips: &[IpAddr]| {
+        ips.iter()
+            .filter(|i| i.is_ipv6())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .into_iter()
+    };
+    cmds.extend(set_elements("ingress4", v4(&sets.ingress)));
+    cmds.extend(set_elements("ingress6", v6(&sets.ingress)));
+    cmds.extend(set_elements("egress4", v4(&sets.egress)));
+    cmds.extend(set_elements("egress6", v6(&sets.egress)));
+    cmds.push(json!({"add": {"chain": {
+        "family": "inet", "table": TABLE, "name": "prerouting",
+        "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"
+    }}}));
+    // Traffic for the node itself (replies to the proxy's upstream sockets) is never steered.
+    cmds.push(rule(vec![
+        matches(json!({"fib": {"result": "type", "flags": ["daddr"]}}), json!("local")),
+        json!({"accept": null}),
+    ]));
+    // Packets of connections the proxy already accepted go to that socket.
+    cmds.push(rule(vec![
+        matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+        matches(json!({"socket": {"key": "transparent"}}), json!(1)),
+        set_mark(cfg.fwmark),
+        json!({"accept": null}),
+    ]));
+    for (family, field, set) in [
+        ("ip", "daddr", "@ingress4"),
+        ("ip6", "daddr", "@ingress6"),
+        ("ip", "saddr", "@egress4"),
+        ("ip6", "saddr", "@egress6"),
+    ] {
+        cmds.push(rule(vec![
+            matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+            matches(json!({"payload": {"protocol": family, "field": field}}), json!(set)),
+            json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
+            set_mark(cfg.fwmark),
+            json!({"accept": null}),
+        ]));
+    }
+    json!({"nftables": cmds})
+}
+
+/// Installs (or replaces) the nft table and the routing rule/table.
+pub fn install(sets: &SteeringSets, cfg: &SteeringConfig) -> Result<(), SteeringError> {
+    let batch = ruleset(sets, cfg).to_string();
+    run("nft", &["-j", "-f", "-"], Some(&batch))?;
+    let mark = format!("{:#x}/{:#x}", cfg.fwmark, cfg.fwmark);
+    let table = cfg.route_table.to_string();
+    for fam in ["-4", "-6"] {
+        // Replace rather than add, so a restart does not stack duplicates.
+        remove_rules(fam)?;
+        run(
+            "ip",
+            &[fam, "rule", "add", "fwmark", &mark, "lookup", &table, "protocol", RT_PROTO],
+            None,
+        )?;
+        let dst = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
+        run(
+            "ip",
+            &[fam, "route", "replace", "local", dst, "dev", "lo", "table", &table, "proto", RT_PROTO],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn remove_rules(fam: &str) -> Result<(), SteeringError> {
+    // `ip rule show` does not filter by protocol: find ours by their `proto 119`
+    // and delete each by its preference number.
+    let listed = run("ip", &[fam, "rule", "show"], None)?;
+    let tag = format!(" proto {RT_PROTO}");
+    for line in listed.lines().filter(|l| l.trim_end().ends_with(&tag)) {
+        if let Some((pref, _)) = line.split_once(':') {
+            run("ip", &[fam, "rule", "del", "pref", pref.trim(), "protocol", RT_PROTO], None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything `install` created, and nothing else. Missing pieces are fine.
+pub fn remove(cfg: &SteeringConfig) -> Result<(), SteeringError> {
+    let have_table = run("nft", &["list", "table", "inet", TABLE], None).is_ok();
+    if have_table {
+        run("nft", &["delete", "table", "inet", TABLE], None)?;
+    }
+    let table = cfg.route_table.to_string();
+    for fam in ["-4", "-6"] {
+        remove_rules(fam)?;
+        let routes = run("ip", &[fam, "route", "show", "table", &table, "proto", RT_PROTO], None)
+            .unwrap_or_default();
+        if !routes.trim().is_empty() {
+            run("ip", &[fam, "route", "flush", "table", &table, "proto", RT_PROTO], None)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_shape() {
+        let sets = SteeringSets {
+            ingress: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            egress: vec![],
+        };
+        let cfg = SteeringConfig { proxy_port: 15001, fwmark: 0x7700, route_table: 119 };
+        let v = ruleset(&sets, &cfg);
+        let text = v.to_string();
+        assert!(text.contains("\"elem\":[\"10.0.0.1\"]"));
+        assert!(text.contains("\"elem\":[\"fd00::1\"]"));
+        assert!(!text.contains("\"name\":\"egress4\",\"elem\""));
+        assert_eq!(text.matches("\"tproxy\"").count(), 4);
+    }
+}
