@@ -55,6 +55,7 @@ http {{
     listen [::]:80;
     location = /v1/request-landing {{ return 200 "Ship landed\n"; }}
     location = /v1/exhaust-port {{ return 200 "Panic: deathstar exploded\n"; }}
+    location /v1/static/ {{ alias {d}/static/; }}
     location / {{ return 200 "Deathstar API\n"; }}
   }}
 }}

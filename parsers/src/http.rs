@@ -1,8 +1,10 @@
 //! HTTP request facts: the values policy matches on, after the checks that stop
 //! path, host and framing confusion from becoming a policy bypass.
 
+mod h1_framing;
 mod path;
 
+pub use h1_framing::{HeadCheck, RequestTracker};
 pub use path::{PathError, normalize_path};
 
 use http::{HeaderMap, Method, Uri, header};
@@ -38,6 +40,12 @@ pub enum RequestReject {
     UnsupportedTransferEncoding(String),
     #[error("request target is not origin-form or absolute-form: {0:?}")]
     UnsupportedTarget(String),
+    #[error("invalid chunked body framing")]
+    BadChunk,
+    #[error("malformed request head")]
+    MalformedHead,
+    #[error("request framing could not be verified (after an upgrade or an over-long head)")]
+    Unverified,
     #[error("path: {0}")]
     Path(#[from] PathError),
 }

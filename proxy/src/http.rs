@@ -3,9 +3,10 @@
 //! answered by weir (403, 400, 5xx) or streamed to the original destination.
 
 mod responses;
+mod tracked_io;
 mod upstream;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode, Version, header};
@@ -15,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
-use weir_parsers::http::request_facts;
+use weir_parsers::http::{HeadCheck, RequestReject, RequestTracker, request_facts};
 use weir_policy::flow::{self, L7Type};
 
 use crate::listener::ConnContext;
@@ -31,18 +32,23 @@ pub async fn serve(ctx: Arc<ConnContext>, stream: TcpStream) {
         .timer(TokioTimer::new())
         .max_buf_size(config.max_header_bytes.max(8192))
         .header_read_timeout(config.idle_timeout)
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32)
         .keep_alive_interval(None);
+    let tracker = Arc::new(Mutex::new(RequestTracker::new(config.max_header_bytes.max(8192))));
     let svc_ctx = ctx.clone();
+    let svc_tracker = tracker.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
+        let tracker = svc_tracker.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(ctx, tracker, req).await) }
     });
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    let io = tracked_io::TrackedIo::new(stream, tracker);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
         debug!(error = %e, "HTTP connection ended with an error");
     }
 }
@@ -78,12 +84,31 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
     }
 }
 
-async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// The framing check for an HTTP/1 request, as the client sent it. Requests the
+/// tracker could not follow are refused: weir does not forward what it cannot frame.
+fn framing_check(tracker: &Mutex<RequestTracker>, http2: bool) -> Result<(), RequestReject> {
+    if http2 {
+        return Ok(());
+    }
+    match tracker.lock().unwrap_or_else(|p| p.into_inner()).next_check() {
+        Some(HeadCheck::Ok) => Ok(()),
+        Some(HeadCheck::Reject(r)) => Err(r),
+        None => Err(RequestReject::Unverified),
+    }
+}
+
+async fn handle(
+    ctx: Arc<ConnContext>,
+    tracker: Arc<Mutex<RequestTracker>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
     let (policy, cv) = ctx.decide();
-    let facts = match request_facts(&parts.method, &parts.uri, &parts.headers, http2) {
+    let checked = framing_check(&tracker, http2)
+        .and_then(|()| request_facts(&parts.method, &parts.uri, &parts.headers, http2));
+    let facts = match checked {
         Ok(f) => f,
         Err(reject) => {
             info!(%reject, "malformed or ambiguous request; answering 400 and closing");

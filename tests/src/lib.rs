@@ -1,0 +1,260 @@
+//! End-to-end harness: scenarios that read like the situation they test.
+//!
+//! ```ignore
+//! let Some(mut s) = Scenario::star_wars("keepalive") else { return };
+//! s.start_deathstar();
+//! s.start_weir(POLICY, &[]);
+//! let out = s.curl("tiefighter", &["-X", "POST", &s.url("/v1/request-landing")]);
+//! ```
+//!
+//! Everything a scenario creates (namespaces, veths, processes, files, nft rules in
+//! its node namespace) is removed when it drops, also when the test panics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub use weir_agent::lab::{self, Lab, Netns, Process};
+
+/// True when the test may run. Without root it prints a loud skip and returns
+/// false; with `CI=true` a skip is a failure.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = format!("{test}: needs root (network namespaces, nftables, transparent sockets)");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}, and CI=true forbids skipping");
+    }
+    eprintln!("\n*** SKIPPED *** {msg}\n");
+    false
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> ScratchDir {
+        let p = std::env::temp_dir().join(lab::unique_prefix(&format!("weir-test-{tag}")));
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        ScratchDir(p)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::env::var_os("WEIR_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The weir binary cargo built for this package's integration tests
+/// (`target/<profile>/weir-e2e`, beside the `deps/` directory the test runs from).
+pub fn weir_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("weir-e2e");
+    assert!(bin.exists(), "{} is missing; run the tests through cargo", bin.display());
+    bin
+}
+
+pub const ENDPOINTS: &str = "endpoints:
+  - name: deathstar
+    ips: [10.200.0.10, 'fd00:200::10']
+    labels: {org: empire, class: deathstar}
+  - name: tiefighter
+    ips: [10.200.0.20, 'fd00:200::20']
+    labels: {org: empire, class: tiefighter}
+  - name: xwing
+    ips: [10.200.0.30, 'fd00:200::30']
+    labels: {org: alliance, class: xwing}
+";
+
+pub const DEATHSTAR4: &str = "10.200.0.10";
+pub const DEATHSTAR6: &str = "fd00:200::10";
+
+/// The star-wars node: deathstar, tiefighter, xwing around a node namespace.
+pub struct Scenario {
+    // Drop order matters: processes and namespaces go before the directory.
+    pub lab: Lab,
+    pub dir: ScratchDir,
+    pub weir_log: PathBuf,
+    pub flow_log: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Scenario {
+    /// `None` (after a loud skip) when not root.
+    pub fn star_wars(test: &str) -> Option<Scenario> {
+        if !require_root(test) {
+            return None;
+        }
+        let dir = ScratchDir::new(test);
+        let mut lab = Lab::new(&lab::unique_prefix("wt")).expect("create node namespace");
+        for (name, v4, v6) in [
+            ("deathstar", DEATHSTAR4, DEATHSTAR6),
+            ("tiefighter", "10.200.0.20", "fd00:200::20"),
+            ("xwing", "10.200.0.30", "fd00:200::30"),
+        ] {
+            lab.add_workload(name, v4.parse().unwrap(), v6.parse().unwrap())
+                .expect("add workload");
+        }
+        std::fs::write(dir.0.join("endpoints.yaml"), ENDPOINTS).unwrap();
+        Some(Scenario {
+            weir_log: dir.0.join("weir.log"),
+            flow_log: dir.0.join("flows.jsonl"),
+            state_dir: dir.0.join("state"),
+            lab,
+            dir,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// nginx on the deathstar, ports 80 (and any `extra_ports`), with an access log.
+    pub fn start_deathstar(&mut self, extra_ports: &[u16]) {
+        let d = self.dir.0.join("nginx");
+        std::fs::create_dir_all(&d).unwrap();
+        let mut conf = weir_agent::demo::deathstar_nginx_conf(&d);
+        for p in extra_ports {
+            conf = conf.replace(
+                "    listen 80;\n",
+                &format!("    listen 80;\n    listen {p};\n    listen [::]:{p};\n"),
+            );
+        }
+        let conf_path = d.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut cmd = self.lab.workload("deathstar").ns.command("nginx");
+        cmd.args(["-c", conf_path.to_str().unwrap()]);
+        self.lab.spawn("nginx", cmd).expect("start nginx");
+        self.lab
+            .wait_for_tcp(DEATHSTAR4, 80, Duration::from_secs(10))
+            .expect("nginx listening");
+    }
+
+    /// Lines of nginx's access log (requests that reached the upstream).
+    pub fn access_log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.0.join("nginx/access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Starts `weir run` in the node namespace with `policy` and waits until ready.
+    pub fn start_weir(&mut self, policy: &str, extra_args: &[&str]) {
+        let pol = self.path("policy.yaml");
+        std::fs::write(&pol, policy).unwrap();
+        let mut cmd = self.lab.node.command(weir_bin().to_str().expect("utf-8 path"));
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(&pol)
+            .arg("--endpoints")
+            .arg(self.path("endpoints.yaml"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--flow-log")
+            .arg(&self.flow_log)
+            .args(["--bpf-root", self.path("bpf").to_str().unwrap()])
+            .args(["--api-socket", self.path("weir.sock").to_str().unwrap()])
+            .args(extra_args)
+            .env("WEIR_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.weir_log).unwrap());
+        self.lab.spawn("weir", cmd).expect("start weir");
+        let ready = self.state_dir.join("ready");
+        let lab = &mut self.lab;
+        let ok = lab::wait_until(Duration::from_secs(20), || {
+            ready.exists() || !lab.processes.last_mut().is_some_and(|p| p.alive())
+        });
+        if ok.is_err() || !ready.exists() {
+            panic!("weir did not become ready:\n{}", self.weir_log_text());
+        }
+    }
+
+    pub fn weir(&mut self) -> &mut Process {
+        self.lab
+            .processes
+            .iter_mut()
+            .find(|p| p.name == "weir")
+            .expect("weir was started")
+    }
+
+    pub fn weir_log_text(&self) -> String {
+        std::fs::read_to_string(&self.weir_log).unwrap_or_default()
+    }
+
+    /// Flow records written so far.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.flow_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Runs curl in a workload's namespace; `-s` and a 10 s limit are added.
+    pub fn curl(&self, from: &str, args: &[&str]) -> Output {
+        self.lab
+            .workload(from)
+            .ns
+            .command("curl")
+            .args(["-s", "--max-time", "10"])
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+
+    /// Sends raw bytes from a workload to `dst:port` and returns all that comes back
+    /// before the server closes (or `wait` passes).
+    pub fn raw(&self, from: &str, dst: &str, port: u16, bytes: &[u8], wait: Duration) -> Vec<u8> {
+        let input = self.path(&lab::unique_prefix("raw"));
+        std::fs::write(&input, bytes).unwrap();
+        let target = if dst.contains(':') {
+            format!("TCP:[{dst}]:{port}")
+        } else {
+            format!("TCP:{dst}:{port}")
+        };
+        let out = self
+            .lab
+            .workload(from)
+            .ns
+            .command("socat")
+            .args(["-t", &format!("{}", wait.as_secs_f64()), "-T", "10", "-"])
+            .arg(target)
+            .stdin(std::fs::File::open(&input).unwrap())
+            .output()
+            .expect("run socat");
+        out.stdout
+    }
+
+    pub fn run_in_node(&self, argv: &[&str]) -> String {
+        self.lab
+            .node
+            .run(argv)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// `stdout` of a command as text.
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the weir binary outside any namespace (for CLI tests that need no root).
+pub fn weir_cli(args: &[&str]) -> Output {
+    Command::new(weir_bin()).args(args).output().expect("run weir")
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}

@@ -1,0 +1,8 @@
+//! The `weir` CLI, built inside this package so its tests get a fresh binary.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    weir_agent::cli::main(weir_agent::cli::Cli::parse())
+}
