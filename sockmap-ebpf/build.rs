@@ -21,7 +21,11 @@ fn main() {
         .collect();
     sources.sort();
     for src in sources {
-        let stem = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().trim_end_matches(".c");
+        let stem = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .trim_end_matches(".c");
         let obj = out.join(format!("{stem}.o"));
         let status = Command::new(&clang)
             .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-Ibpf"])
@@ -34,6 +38,10 @@ fn main() {
             .unwrap_or_else(|e| {
                 panic!("cannot run `{clang}` to build {}: {e} (install clang and libbpf-dev: `make deps`)", src.display())
             });
-        assert!(status.success(), "`{clang}` failed to compile {}", src.display());
+        assert!(
+            status.success(),
+            "`{clang}` failed to compile {}",
+            src.display()
+        );
     }
 }

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::{demo, explain, run, steering};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir", version, about = "Node-local L7-aware network policy proxy")]
+#[command(
+    name = "weir",
+    version,
+    about = "Node-local L7-aware network policy proxy"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -50,7 +54,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -70,7 +76,13 @@ fn parse_mark(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     v.map_err(|_| format!("`{s}` is not a mark (decimal or 0x-hex)"))
-        .and_then(|m| if m == 0 { Err("the mark must not be 0".into()) } else { Ok(m) })
+        .and_then(|m| {
+            if m == 0 {
+                Err("the mark must not be 0".into())
+            } else {
+                Ok(m)
+            }
+        })
 }
 
 #[derive(Debug, Clone, Args)]

@@ -116,7 +116,11 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     let ds = lab
         .add_workload("deathstar", "10.200.0.10".parse()?, "fd00:200::10".parse()?)?
         .ip4;
-    lab.add_workload("tiefighter", "10.200.0.20".parse()?, "fd00:200::20".parse()?)?;
+    lab.add_workload(
+        "tiefighter",
+        "10.200.0.20".parse()?,
+        "fd00:200::20".parse()?,
+    )?;
     lab.add_workload("xwing", "10.200.0.30".parse()?, "fd00:200::30".parse()?)?;
 
     let policy = dir.join("policy.yaml");
@@ -186,17 +190,36 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
             .workload(from)
             .ns
             .command("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "-X", method])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                "-X",
+                method,
+            ])
             .arg(format!("http://{ds}{path}"))
             .output()
             .context("running curl")?;
         let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let (verdict, rule) = wait_flow(&flows, before).unwrap_or(("?".into(), "no flow record".into()));
+        let (verdict, rule) =
+            wait_flow(&flows, before).unwrap_or(("?".into(), "no flow record".into()));
         rows.push(Row {
-            from: if from == "tiefighter" { "tiefighter" } else { "xwing" },
+            from: if from == "tiefighter" {
+                "tiefighter"
+            } else {
+                "xwing"
+            },
             method,
             path,
-            status: if status == "000" { "no answer".into() } else { status },
+            status: if status == "000" {
+                "no answer".into()
+            } else {
+                status
+            },
             verdict,
             rule,
         });
@@ -207,7 +230,10 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     if let Some(p) = lab.processes.iter_mut().find(|p| p.name == "weir") {
         p.stop_with(libc::SIGTERM, Duration::from_secs(10));
     }
-    let leftover = lab.node.run(&["nft", "list", "tables"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+    let leftover = lab
+        .node
+        .run(&["nft", "list", "tables"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
     if leftover.contains("weir") {
         bail!("weir left its nft table behind after SIGTERM");
     }
@@ -222,7 +248,9 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn line_count(path: &Path) -> usize {
-    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 /// The verdict and deciding rule from the first flow record after line `after`.

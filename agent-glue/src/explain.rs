@@ -68,13 +68,14 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let compiled = match CompiledPolicy::compile(&policies, &endpoints, &mut IdentityAllocator::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(1);
-        }
-    };
+    let compiled =
+        match CompiledPolicy::compile(&policies, &endpoints, &mut IdentityAllocator::default()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        };
     let resolve = |who: &str| -> Option<IpAddr> {
         if let Ok(ip) = who.parse::<IpAddr>() {
             return Some(ip);
@@ -84,10 +85,16 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             .and_then(|e| e.endpoint.ips.first().copied())
     };
     let Some(src) = resolve(&args.from) else {
-        return bad_args(&format!("no endpoint named `{}` (and not an IP address)", args.from));
+        return bad_args(&format!(
+            "no endpoint named `{}` (and not an IP address)",
+            args.from
+        ));
     };
     let Some(dst) = resolve(&args.to) else {
-        return bad_args(&format!("no endpoint named `{}` (and not an IP address)", args.to));
+        return bad_args(&format!(
+            "no endpoint named `{}` (and not an IP address)",
+            args.to
+        ));
     };
     let proto = match args.proto {
         Proto::Tcp => Protocol::Tcp,

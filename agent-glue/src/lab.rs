@@ -80,7 +80,9 @@ impl Netns {
     /// unlike `ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -223,19 +225,69 @@ impl Lab {
         let host_if = format!("weirv{}", self.workloads.len());
         let (ip4s, ip6s) = (ip4.to_string(), ip6.to_string());
         self.node.run(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name(),
+            "ip",
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
         ])?;
         ns.run(&["ip", "addr", "add", &format!("{ip4s}/32"), "dev", "eth0"])?;
-        ns.run(&["ip", "-6", "addr", "add", &format!("{ip6s}/128"), "dev", "eth0", "nodad"])?;
+        ns.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6s}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.run(&["ip", "link", "set", "eth0", "up"])?;
-        ns.run(&["ip", "route", "add", GATEWAY4, "dev", "eth0", "scope", "link"])?;
-        ns.run(&["ip", "route", "add", "default", "via", GATEWAY4, "dev", "eth0"])?;
-        ns.run(&["ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0"])?;
-        self.node.run(&["ip", "addr", "add", &format!("{GATEWAY4}/32"), "dev", &host_if])?;
-        self.node.run(&["ip", "-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", &host_if, "nodad"])?;
+        ns.run(&[
+            "ip", "route", "add", GATEWAY4, "dev", "eth0", "scope", "link",
+        ])?;
+        ns.run(&[
+            "ip", "route", "add", "default", "via", GATEWAY4, "dev", "eth0",
+        ])?;
+        ns.run(&[
+            "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ])?;
+        self.node.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY4}/32"),
+            "dev",
+            &host_if,
+        ])?;
+        self.node.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
         self.node.run(&["ip", "link", "set", &host_if, "up"])?;
-        self.node.run(&["ip", "route", "add", &format!("{ip4s}/32"), "dev", &host_if])?;
-        self.node.run(&["ip", "-6", "route", "add", &format!("{ip6s}/128"), "dev", &host_if])?;
+        self.node
+            .run(&["ip", "route", "add", &format!("{ip4s}/32"), "dev", &host_if])?;
+        self.node.run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6s}/128"),
+            "dev",
+            &host_if,
+        ])?;
         self.workloads.push(Workload {
             name: name.to_string(),
             ns,

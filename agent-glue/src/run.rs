@@ -22,7 +22,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         }
         rt.worker_threads(n);
     }
-    let rt = rt.enable_all().build().context("starting the tokio runtime")?;
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(run(args))
 }
 

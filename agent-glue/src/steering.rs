@@ -62,7 +62,11 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Steering
     let text = format!("{cmd} {}", args.join(" "));
     let mut child = Command::new(cmd)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -146,7 +150,10 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
     }}}));
     // Traffic for the node itself (replies to the proxy's upstream sockets) is never steered.
     cmds.push(rule(vec![
-        matches(json!({"fib": {"result": "type", "flags": ["daddr"]}}), json!("local")),
+        matches(
+            json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+            json!("local"),
+        ),
         json!({"accept": null}),
     ]));
     // Packets of connections the proxy already accepted go to that socket.
@@ -164,7 +171,10 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
     ] {
         cmds.push(rule(vec![
             matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
-            matches(json!({"payload": {"protocol": family, "field": field}}), json!(set)),
+            matches(
+                json!({"payload": {"protocol": family, "field": field}}),
+                json!(set),
+            ),
             json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
             set_mark(cfg.fwmark),
             json!({"accept": null}),
@@ -184,13 +194,18 @@ pub fn install(sets: &SteeringSets, cfg: &SteeringConfig) -> Result<(), Steering
         remove_rules(fam)?;
         run(
             "ip",
-            &[fam, "rule", "add", "fwmark", &mark, "lookup", &table, "protocol", RT_PROTO],
+            &[
+                fam, "rule", "add", "fwmark", &mark, "lookup", &table, "protocol", RT_PROTO,
+            ],
             None,
         )?;
         let dst = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
         run(
             "ip",
-            &[fam, "route", "replace", "local", dst, "dev", "lo", "table", &table, "proto", RT_PROTO],
+            &[
+                fam, "route", "replace", "local", dst, "dev", "lo", "table", &table, "proto",
+                RT_PROTO,
+            ],
             None,
         )?;
     }
@@ -204,7 +219,19 @@ fn remove_rules(fam: &str) -> Result<(), SteeringError> {
     let tag = format!(" proto {RT_PROTO}");
     for line in listed.lines().filter(|l| l.trim_end().ends_with(&tag)) {
         if let Some((pref, _)) = line.split_once(':') {
-            run("ip", &[fam, "rule", "del", "pref", pref.trim(), "protocol", RT_PROTO], None)?;
+            run(
+                "ip",
+                &[
+                    fam,
+                    "rule",
+                    "del",
+                    "pref",
+                    pref.trim(),
+                    "protocol",
+                    RT_PROTO,
+                ],
+                None,
+            )?;
         }
     }
     Ok(())
@@ -219,10 +246,18 @@ pub fn remove(cfg: &SteeringConfig) -> Result<(), SteeringError> {
     let table = cfg.route_table.to_string();
     for fam in ["-4", "-6"] {
         remove_rules(fam)?;
-        let routes = run("ip", &[fam, "route", "show", "table", &table, "proto", RT_PROTO], None)
-            .unwrap_or_default();
+        let routes = run(
+            "ip",
+            &[fam, "route", "show", "table", &table, "proto", RT_PROTO],
+            None,
+        )
+        .unwrap_or_default();
         if !routes.trim().is_empty() {
-            run("ip", &[fam, "route", "flush", "table", &table, "proto", RT_PROTO], None)?;
+            run(
+                "ip",
+                &[fam, "route", "flush", "table", &table, "proto", RT_PROTO],
+                None,
+            )?;
         }
     }
     Ok(())
@@ -238,7 +273,11 @@ mod tests {
             ingress: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             egress: vec![],
         };
-        let cfg = SteeringConfig { proxy_port: 15001, fwmark: 0x7700, route_table: 119 };
+        let cfg = SteeringConfig {
+            proxy_port: 15001,
+            fwmark: 0x7700,
+            route_table: 119,
+        };
         let v = ruleset(&sets, &cfg);
         let text = v.to_string();
         assert!(text.contains("\"elem\":[\"10.0.0.1\"]"));

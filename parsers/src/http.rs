@@ -131,9 +131,9 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Reques
     }
     let host_header = match host_header {
         Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| RequestReject::InvalidHost(String::from_utf8_lossy(v.as_bytes()).into()))?;
+            let s = v.to_str().map_err(|_| {
+                RequestReject::InvalidHost(String::from_utf8_lossy(v.as_bytes()).into())
+            })?;
             let auth: http::uri::Authority = s
                 .parse()
                 .map_err(|_| RequestReject::InvalidHost(s.to_string()))?;
@@ -170,7 +170,11 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn facts(method: &str, target: &str, hdrs: &[(&str, &str)]) -> Result<RequestFacts, RequestReject> {
+    fn facts(
+        method: &str,
+        target: &str,
+        hdrs: &[(&str, &str)],
+    ) -> Result<RequestFacts, RequestReject> {
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
             h.append(
@@ -194,11 +198,27 @@ mod tests {
     #[test]
     fn smuggling_shapes_are_rejected() {
         assert_eq!(
-            facts("POST", "/", &[("host", "a"), ("content-length", "3"), ("transfer-encoding", "chunked")]),
+            facts(
+                "POST",
+                "/",
+                &[
+                    ("host", "a"),
+                    ("content-length", "3"),
+                    ("transfer-encoding", "chunked")
+                ]
+            ),
             Err(RequestReject::ContentLengthWithTransferEncoding)
         );
         assert_eq!(
-            facts("POST", "/", &[("host", "a"), ("content-length", "3"), ("content-length", "3")]),
+            facts(
+                "POST",
+                "/",
+                &[
+                    ("host", "a"),
+                    ("content-length", "3"),
+                    ("content-length", "3")
+                ]
+            ),
             Err(RequestReject::DuplicateContentLength)
         );
         assert_eq!(
@@ -206,7 +226,11 @@ mod tests {
             Err(RequestReject::InvalidContentLength)
         );
         assert!(matches!(
-            facts("POST", "/", &[("host", "a"), ("transfer-encoding", "gzip, chunked")]),
+            facts(
+                "POST",
+                "/",
+                &[("host", "a"), ("transfer-encoding", "gzip, chunked")]
+            ),
             Err(RequestReject::UnsupportedTransferEncoding(_))
         ));
     }
@@ -228,7 +252,13 @@ mod tests {
 
     #[test]
     fn non_normal_paths_are_rejected() {
-        for p in ["/a/../admin", "//admin", "/a/./b", "/%2e%2e/admin", "/a%2fb"] {
+        for p in [
+            "/a/../admin",
+            "//admin",
+            "/a/./b",
+            "/%2e%2e/admin",
+            "/a%2fb",
+        ] {
             assert!(facts("GET", p, &[("host", "a")]).is_err(), "{p} accepted");
         }
     }

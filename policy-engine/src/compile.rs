@@ -92,10 +92,17 @@ impl DirTable {
     fn matching_entries(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
         if let Some(ids) = self.exact.get(&(proto, port)) {
-            out.extend(ids.iter().copied().filter(|i| self.entries[*i as usize].peers.contains(peer)));
+            out.extend(
+                ids.iter()
+                    .copied()
+                    .filter(|i| self.entries[*i as usize].peers.contains(peer)),
+            );
         }
         for (p, lo, hi, id) in &self.ranges {
-            if *p == proto && (*lo..=*hi).contains(&port) && self.entries[*id as usize].peers.contains(peer) {
+            if *p == proto
+                && (*lo..=*hi).contains(&port)
+                && self.entries[*id as usize].peers.contains(peer)
+            {
                 out.push(*id);
             }
         }
@@ -106,7 +113,10 @@ impl DirTable {
 
     fn decide(&self, peer: u32, proto: Protocol, port: u16) -> DirDecision {
         let ids = self.matching_entries(peer, proto, port);
-        if let Some(id) = ids.iter().find(|i| self.entries[**i as usize].http_refs.is_none()) {
+        if let Some(id) = ids
+            .iter()
+            .find(|i| self.entries[**i as usize].http_refs.is_none())
+        {
             // An L3/L4 allow without L7 rules wins over L7 rules for the same peer and port.
             return DirDecision::AllowAll(self.entries[*id as usize].origin.clone());
         }
@@ -198,7 +208,10 @@ impl ConnectionVerdict {
     /// The connection-level verdict (for L4-only flows, and for L4 denials).
     pub fn l4_verdict(&self) -> Verdict {
         let mut rules = Vec::new();
-        for (dir, d) in [(Direction::Egress, &self.egress), (Direction::Ingress, &self.ingress)] {
+        for (dir, d) in [
+            (Direction::Egress, &self.egress),
+            (Direction::Ingress, &self.ingress),
+        ] {
             match d {
                 DirDecision::Denied => {
                     return Verdict {
@@ -229,8 +242,18 @@ impl ConnectionVerdict {
     ) -> Verdict {
         let mut rules = Vec::new();
         let sides = [
-            (Direction::Egress, &self.egress, self.src.endpoint, &policy.egress),
-            (Direction::Ingress, &self.ingress, self.dst.endpoint, &policy.ingress),
+            (
+                Direction::Egress,
+                &self.egress,
+                self.src.endpoint,
+                &policy.egress,
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                self.dst.endpoint,
+                &policy.ingress,
+            ),
         ];
         for (dir, decision, ep, tables) in sides {
             match decision {
@@ -316,8 +339,18 @@ impl CompiledPolicy {
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
         for subject in &compiled_eps {
-            ingress.push(build_table(policies, &compiled_eps, subject, Direction::Ingress)?);
-            egress.push(build_table(policies, &compiled_eps, subject, Direction::Egress)?);
+            ingress.push(build_table(
+                policies,
+                &compiled_eps,
+                subject,
+                Direction::Ingress,
+            )?);
+            egress.push(build_table(
+                policies,
+                &compiled_eps,
+                subject,
+                Direction::Egress,
+            )?);
         }
         Ok(CompiledPolicy {
             endpoints: compiled_eps,
@@ -337,7 +370,9 @@ impl CompiledPolicy {
     }
 
     pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<&CompiledEndpoint> {
-        self.by_ip.get(&canonical_ip(ip)).map(|i| &self.endpoints[*i])
+        self.by_ip
+            .get(&canonical_ip(ip))
+            .map(|i| &self.endpoints[*i])
     }
 
     pub fn endpoint_by_name(&self, name: &str) -> Option<&CompiledEndpoint> {
@@ -370,7 +405,13 @@ impl CompiledPolicy {
     }
 
     /// Decides a connection from `src` to `dst:port`.
-    pub fn connection(&self, src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> ConnectionVerdict {
+    pub fn connection(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> ConnectionVerdict {
         let src = self.peer(src);
         let dst = self.peer(dst);
         let side = |tables: &[Option<DirTable>], ep: Option<usize>, peer: u32| match ep
@@ -433,7 +474,9 @@ fn build_table(
                 Direction::Ingress => &rule.ingress,
                 Direction::Egress => &rule.egress,
             };
-            let Some(peer_rules) = peer_rules else { continue };
+            let Some(peer_rules) = peer_rules else {
+                continue;
+            };
             if !rule.subject.matches(&subject.endpoint.labels) {
                 continue;
             }
@@ -448,7 +491,10 @@ fn build_table(
                     }
                     let id = entries.len() as u32;
                     entries.push(L4Entry {
-                        origin: RuleRef { policy: pname.clone(), rule: base },
+                        origin: RuleRef {
+                            policy: pname.clone(),
+                            rule: base,
+                        },
                         peers: peer_set(&peers, endpoints),
                         http_refs: None,
                     });
@@ -535,7 +581,13 @@ fn resolve_port(
     match spec {
         PortSpec::Number(n) => vec![*n],
         PortSpec::Named(name) => match dir {
-            Direction::Ingress => subject.endpoint.ports.get(name).copied().into_iter().collect(),
+            Direction::Ingress => subject
+                .endpoint
+                .ports
+                .get(name)
+                .copied()
+                .into_iter()
+                .collect(),
             Direction::Egress => {
                 let mut ports: Vec<u16> = endpoints
                     .iter()

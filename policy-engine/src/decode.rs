@@ -148,11 +148,7 @@ pub(crate) fn seq<'n>(node: &'n Node, what: &str, d: &mut Diagnostics) -> Option
     }
 }
 
-pub(crate) fn string_map(
-    node: &Node,
-    what: &str,
-    d: &mut Diagnostics,
-) -> BTreeMap<String, String> {
+pub(crate) fn string_map(node: &Node, what: &str, d: &mut Diagnostics) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     match &node.value {
         Value::Map(entries) => {
@@ -180,7 +176,9 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
         return None;
     }
     let mut f = Fields::of(doc, "policy", d)?;
-    let api = f.take("apiVersion").and_then(|n| scalar(n, "apiVersion", d).map(|s| (s, n.pos)));
+    let api = f
+        .take("apiVersion")
+        .and_then(|n| scalar(n, "apiVersion", d).map(|s| (s, n.pos)));
     match api {
         Some(("cilium.io/v2", _)) => {}
         Some((other, pos)) => d.error(
@@ -388,11 +386,9 @@ pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<S
                     epos,
                     format!("operator {op:?} needs a non-empty `values` list"),
                 ),
-                SelectorOp::Exists | SelectorOp::DoesNotExist if values_node.is_some() => d
-                    .error(
-                        epos,
-                        format!("operator {op:?} takes no `values`"),
-                    ),
+                SelectorOp::Exists | SelectorOp::DoesNotExist if values_node.is_some() => {
+                    d.error(epos, format!("operator {op:?} takes no `values`"))
+                }
                 _ => {}
             }
             sel.match_expressions.push(SelectorExpr {
@@ -419,19 +415,19 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
         None => d.error(pos, "toPorts entry needs `ports`"),
     }
     let mut http = None;
-    if let Some(rules) = f.take("rules") {
-        if let Some(mut rf) = Fields::of(rules, "rules", d) {
-            if let Some(h) = rf.take("http") {
-                http = Some(
-                    seq(h, "http", d)
-                        .unwrap_or(&[])
-                        .iter()
-                        .filter_map(|r| http_rule(r, d))
-                        .collect(),
-                );
-            }
-            rf.finish("rules", d);
+    if let Some(rules) = f.take("rules")
+        && let Some(mut rf) = Fields::of(rules, "rules", d)
+    {
+        if let Some(h) = rf.take("http") {
+            http = Some(
+                seq(h, "http", d)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|r| http_rule(r, d))
+                    .collect(),
+            );
         }
+        rf.finish("rules", d);
     }
     f.finish("toPorts entry", d);
     Some(PortRule { ports, http, pos })
@@ -476,10 +472,9 @@ fn port_protocol(node: &Node, d: &mut Diagnostics) -> Option<PortProtocol> {
         Some(n) => match port_number(n, "endPort", d) {
             Some(e) => {
                 match &port {
-                    Some(PortSpec::Number(p)) if u32::from(*p) > e => d.error(
-                        n.pos,
-                        format!("endPort {e} is lower than port {p}"),
-                    ),
+                    Some(PortSpec::Number(p)) if u32::from(*p) > e => {
+                        d.error(n.pos, format!("endPort {e} is lower than port {p}"))
+                    }
                     Some(PortSpec::Named(_)) => {
                         d.error(n.pos, "endPort cannot be used with a named port")
                     }
@@ -504,7 +499,10 @@ fn port_protocol(node: &Node, d: &mut Diagnostics) -> Option<PortProtocol> {
             Some("UDP") => Protocol::Udp,
             Some("ANY") => Protocol::Any,
             Some(other @ "SCTP") => {
-                d.error(n.pos, format!("protocol {other} is not supported by weir yet"));
+                d.error(
+                    n.pos,
+                    format!("protocol {other} is not supported by weir yet"),
+                );
                 Protocol::Any
             }
             Some(other) => {

@@ -44,7 +44,10 @@ pub fn parse_endpoints(text: &str, file: &str) -> Result<Vec<Endpoint>, LoadErro
         };
         let list = f.take("endpoints");
         f.finish("endpoints file", &mut d);
-        for item in list.and_then(|l| seq(l, "endpoints", &mut d)).unwrap_or(&[]) {
+        for item in list
+            .and_then(|l| seq(l, "endpoints", &mut d))
+            .unwrap_or(&[])
+        {
             let Some(mut ef) = Fields::of(item, "endpoint", &mut d) else {
                 continue;
             };
@@ -157,7 +160,13 @@ mod tests {
         )
         .unwrap_err();
         let lines: Vec<String> = err.0.iter().map(ToString::to_string).collect();
-        assert!(lines.contains(&"e.yaml:3:11: `10.0.0.300` is not an IP address".to_string()), "{lines:?}");
-        assert!(lines.contains(&"e.yaml:4:5: unknown field `colour` in endpoint".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"e.yaml:3:11: `10.0.0.300` is not an IP address".to_string()),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"e.yaml:4:5: unknown field `colour` in endpoint".to_string()),
+            "{lines:?}"
+        );
     }
 }

@@ -170,11 +170,23 @@ mod tests {
         ])
         .unwrap();
         let h = HeaderMap::new();
-        assert_eq!(m.first_match(&facts("POST", "/v1/request-landing", None), &h, &[0]), Some(0));
-        assert_eq!(m.first_match(&facts("PUT", "/v1/request-landing", None), &h, &[0]), None);
-        assert_eq!(m.first_match(&facts("GET", "/anything", None), &h, &[0]), Some(1));
+        assert_eq!(
+            m.first_match(&facts("POST", "/v1/request-landing", None), &h, &[0]),
+            Some(0)
+        );
+        assert_eq!(
+            m.first_match(&facts("PUT", "/v1/request-landing", None), &h, &[0]),
+            None
+        );
+        assert_eq!(
+            m.first_match(&facts("GET", "/anything", None), &h, &[0]),
+            Some(1)
+        );
         // Rules of an owner that did not match the connection take no part.
-        assert_eq!(m.first_match(&facts("GET", "/anything", None), &h, &[1]), None);
+        assert_eq!(
+            m.first_match(&facts("GET", "/anything", None), &h, &[1]),
+            None
+        );
     }
 
     #[test]
@@ -185,8 +197,14 @@ mod tests {
             path: None,
             host: Some("api\\.example\\.com".into()),
             headers: vec![
-                HeaderRule { name: "x-token".into(), value: Some("s3cret".into()) },
-                HeaderRule { name: "x-present".into(), value: None },
+                HeaderRule {
+                    name: "x-token".into(),
+                    value: Some("s3cret".into()),
+                },
+                HeaderRule {
+                    name: "x-present".into(),
+                    value: None,
+                },
             ],
         }])
         .unwrap();
@@ -197,7 +215,10 @@ mod tests {
         assert_eq!(m.first_match(&f, &h, &[0]), None);
         h.insert("x-present", "".parse().unwrap());
         assert_eq!(m.first_match(&f, &h, &[0]), Some(0));
-        assert_eq!(m.first_match(&facts("GET", "/", Some("api.example.com.evil")), &h, &[0]), None);
+        assert_eq!(
+            m.first_match(&facts("GET", "/", Some("api.example.com.evil")), &h, &[0]),
+            None
+        );
         assert_eq!(m.first_match(&facts("GET", "/", None), &h, &[0]), None);
     }
 

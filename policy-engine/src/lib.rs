@@ -55,7 +55,10 @@ fn check_unique_names(policies: &[Policy], d: &mut Diagnostics) {
             .any(|q| q.qualified_name() == p.qualified_name() && q.kind == p.kind)
         {
             let pos = p.rules.first().map(|r| r.pos).unwrap_or_default();
-            d.error(pos, format!("duplicate policy name `{}`", p.qualified_name()));
+            d.error(
+                pos,
+                format!("duplicate policy name `{}`", p.qualified_name()),
+            );
         }
     }
 }

@@ -25,7 +25,10 @@ impl From<Marker> for Pos {
 pub enum Value {
     Null,
     /// A scalar and whether it was quoted (a quoted `80` is a string, not a number).
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -61,11 +64,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
     if let Err(e) = parser.load(&mut builder, true) {
         let info = e.to_string();
         // yaml-rust2 appends " at byte B line L column C"; the position is reported separately.
-        let message = info
-            .split(" at byte ")
-            .next()
-            .unwrap_or(&info)
-            .to_string();
+        let message = info.split(" at byte ").next().unwrap_or(&info).to_string();
         return Err(SyntaxError {
             pos: (*e.marker()).into(),
             message,
@@ -120,11 +119,12 @@ impl MarkedEventReceiver for Builder {
                     self.fail(pos, "YAML anchors are not supported in policies");
                 }
                 let quoted = style != TScalarStyle::Plain;
-                let value = if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
-                    Value::Null
-                } else {
-                    Value::Scalar { text, quoted }
-                };
+                let value =
+                    if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+                        Value::Null
+                    } else {
+                        Value::Scalar { text, quoted }
+                    };
                 self.push(Node { value, pos });
             }
             Event::SequenceStart(anchor, _) => {
@@ -185,7 +185,10 @@ mod tests {
             panic!()
         };
         assert_eq!(items[1].pos, Pos { line: 4, col: 5 });
-        assert!(matches!(&items[1].value, Value::Scalar { quoted: true, .. }));
+        assert!(matches!(
+            &items[1].value,
+            Value::Scalar { quoted: true, .. }
+        ));
     }
 
     #[test]

@@ -39,7 +39,14 @@ spec:
 "#;
     let p = parse_policies(sw, "sw.yaml").unwrap();
     assert_eq!(p[0].name, "rule1");
-    assert_eq!(p[0].rules[0].ingress.as_ref().unwrap()[0].to_ports[0].http.as_ref().unwrap().len(), 1);
+    assert_eq!(
+        p[0].rules[0].ingress.as_ref().unwrap()[0].to_ports[0]
+            .http
+            .as_ref()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Several documents, specs lists, clusterwide kind, expressions, headers, host, ranges.
     let multi = r#"
@@ -86,11 +93,17 @@ fn unsupported_fields_name_field_and_position() {
     let e = errors(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress:\n    - toFQDNs:\n        - matchName: example.com\n",
     );
-    assert_eq!(e, vec!["p.yaml:7:7: field `toFQDNs` in egress rule is not supported by weir yet"]);
+    assert_eq!(
+        e,
+        vec!["p.yaml:7:7: field `toFQDNs` in egress rule is not supported by weir yet"]
+    );
     let e = errors(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports: [{port: '9092'}]\n          rules:\n            kafka: [{topic: t}]\n",
     );
-    assert_eq!(e, vec!["p.yaml:10:13: field `kafka` in rules is not supported by weir yet"]);
+    assert_eq!(
+        e,
+        vec!["p.yaml:10:13: field `kafka` in rules is not supported by weir yet"]
+    );
 }
 
 #[test]
@@ -98,8 +111,14 @@ fn typos_are_unknown_fields() {
     let e = errors(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelecter: {}\n",
     );
-    assert!(e.contains(&"p.yaml:5:3: unknown field `endpointSelecter` in spec".to_string()), "{e:?}");
-    assert!(e.contains(&"p.yaml:5:3: rule needs `endpointSelector` or `nodeSelector`".to_string()), "{e:?}");
+    assert!(
+        e.contains(&"p.yaml:5:3: unknown field `endpointSelecter` in spec".to_string()),
+        "{e:?}"
+    );
+    assert!(
+        e.contains(&"p.yaml:5:3: rule needs `endpointSelector` or `nodeSelector`".to_string()),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -140,8 +159,13 @@ spec:
 
 #[test]
 fn header_level_errors() {
-    assert_eq!(errors("a: [1\n"), vec!["p.yaml:2:1: while parsing a flow sequence, expected ',' or ']'"]);
-    let e = errors("apiVersion: cilium.io/v1\nkind: NetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}\n");
+    assert_eq!(
+        errors("a: [1\n"),
+        vec!["p.yaml:2:1: while parsing a flow sequence, expected ',' or ']'"]
+    );
+    let e = errors(
+        "apiVersion: cilium.io/v1\nkind: NetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}\n",
+    );
     assert_eq!(
         e,
         vec![
@@ -150,7 +174,9 @@ fn header_level_errors() {
             "p.yaml:3:11: missing field `metadata.name`",
         ]
     );
-    let e = errors("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector:\n    matchExpressions:\n      - {key: a, operator: Like, values: [b]}\n      - {key: a, operator: In}\n");
+    let e = errors(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector:\n    matchExpressions:\n      - {key: a, operator: Like, values: [b]}\n      - {key: a, operator: In}\n",
+    );
     assert_eq!(
         e,
         vec![

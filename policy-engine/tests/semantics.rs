@@ -41,10 +41,25 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn req(cp: &CompiledPolicy, from: &str, to: &str, port: u16, method: &str, path: &str) -> (bool, String) {
+fn req(
+    cp: &CompiledPolicy,
+    from: &str,
+    to: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> (bool, String) {
     let c = cp.connection(ip(from), ip(to), Protocol::Tcp, port);
-    let facts = RequestFacts { method: method.into(), path: path.into(), host: None };
-    let v = if c.needs_l7() { c.http_verdict(cp, &facts, &HeaderMap::new()) } else { c.l4_verdict() };
+    let facts = RequestFacts {
+        method: method.into(),
+        path: path.into(),
+        host: None,
+    };
+    let v = if c.needs_l7() {
+        c.http_verdict(cp, &facts, &HeaderMap::new())
+    } else {
+        c.l4_verdict()
+    };
     (v.allowed, v.reason())
 }
 
@@ -52,25 +67,66 @@ fn req(cp: &CompiledPolicy, from: &str, to: &str, port: u16, method: &str, path:
 fn star_wars() {
     let cp = compile(SW);
     assert_eq!(
-        req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/request-landing"),
-        (true, "rule1 spec.ingress[0].toPorts[0].rules.http[0]".to_string())
+        req(
+            &cp,
+            "10.200.0.20",
+            "10.200.0.10",
+            80,
+            "POST",
+            "/v1/request-landing"
+        ),
+        (
+            true,
+            "rule1 spec.ingress[0].toPorts[0].rules.http[0]".to_string()
+        )
     );
-    assert_eq!(req(&cp, "10.200.0.20", "fd00:200::10", 80, "POST", "/v1/request-landing").0, true);
+    assert!(
+        req(
+            &cp,
+            "10.200.0.20",
+            "fd00:200::10",
+            80,
+            "POST",
+            "/v1/request-landing"
+        )
+        .0
+    );
     assert_eq!(
-        req(&cp, "10.200.0.20", "10.200.0.10", 80, "PUT", "/v1/exhaust-port"),
+        req(
+            &cp,
+            "10.200.0.20",
+            "10.200.0.10",
+            80,
+            "PUT",
+            "/v1/exhaust-port"
+        ),
         (false, "no rule matched (ingress, HTTP)".to_string())
     );
     // The xwing is not allowed at L3/L4 at all.
     let c = cp.connection(ip("10.200.0.30"), ip("10.200.0.10"), Protocol::Tcp, 80);
     assert!(!c.l4_allowed());
     // Other ports of the selected endpoint are default-deny; unselected endpoints are open.
-    assert!(!cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Tcp, 443).l4_allowed());
+    assert!(
+        !cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Tcp, 443)
+            .l4_allowed()
+    );
     let open = cp.connection(ip("10.200.0.10"), ip("10.200.0.30"), Protocol::Tcp, 22);
     assert!(open.l4_allowed() && !open.needs_l7());
     // IPv4-mapped IPv6 source (dual-stack socket) is the IPv4 endpoint.
-    assert!(cp.connection(ip("::ffff:10.200.0.20"), ip("10.200.0.10"), Protocol::Tcp, 80).l4_allowed());
+    assert!(
+        cp.connection(
+            ip("::ffff:10.200.0.20"),
+            ip("10.200.0.10"),
+            Protocol::Tcp,
+            80
+        )
+        .l4_allowed()
+    );
     // UDP is not TCP.
-    assert!(!cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Udp, 80).l4_allowed());
+    assert!(
+        !cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Udp, 80)
+            .l4_allowed()
+    );
 }
 
 #[test]
@@ -88,7 +144,14 @@ spec:
 "
     ));
     assert_eq!(
-        req(&cp, "10.200.0.20", "10.200.0.10", 80, "PUT", "/v1/exhaust-port"),
+        req(
+            &cp,
+            "10.200.0.20",
+            "10.200.0.10",
+            80,
+            "PUT",
+            "/v1/exhaust-port"
+        ),
         (true, "l4-only spec.ingress[0].toPorts[0]".to_string())
     );
 }
@@ -109,13 +172,29 @@ spec:
       rules: {{http: [{{path: '/v1/.*'}}]}}
 "
     ));
-    let (ok, why) = req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/request-landing");
+    let (ok, why) = req(
+        &cp,
+        "10.200.0.20",
+        "10.200.0.10",
+        80,
+        "POST",
+        "/v1/request-landing",
+    );
     assert!(ok);
-    assert_eq!(why, "tie-egress spec.egress[0].toPorts[0].rules.http[0]; rule1 spec.ingress[0].toPorts[0].rules.http[0]");
+    assert_eq!(
+        why,
+        "tie-egress spec.egress[0].toPorts[0].rules.http[0]; rule1 spec.ingress[0].toPorts[0].rules.http[0]"
+    );
     // Egress allows /v1/* but ingress only request-landing.
-    assert_eq!(req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/other").1, "no rule matched (ingress, HTTP)");
+    assert_eq!(
+        req(&cp, "10.200.0.20", "10.200.0.10", 80, "POST", "/v1/other").1,
+        "no rule matched (ingress, HTTP)"
+    );
     // The tiefighter may no longer talk to the xwing (egress default deny).
-    assert!(!cp.connection(ip("10.200.0.20"), ip("10.200.0.30"), Protocol::Tcp, 80).l4_allowed());
+    assert!(
+        !cp.connection(ip("10.200.0.20"), ip("10.200.0.30"), Protocol::Tcp, 80)
+            .l4_allowed()
+    );
 }
 
 #[test]
@@ -132,8 +211,17 @@ specs:
       - toPorts: [{ports: [{port: 8000, endPort: 8010, protocol: TCP}]}]
 ",
     );
-    assert!(!cp.connection(ip("10.200.0.10"), ip("10.200.0.30"), Protocol::Tcp, 80).l4_allowed());
-    for (port, ok) in [(7999, false), (8000, true), (8005, true), (8010, true), (8011, false)] {
+    assert!(
+        !cp.connection(ip("10.200.0.10"), ip("10.200.0.30"), Protocol::Tcp, 80)
+            .l4_allowed()
+    );
+    for (port, ok) in [
+        (7999, false),
+        (8000, true),
+        (8005, true),
+        (8010, true),
+        (8011, false),
+    ] {
         let c = cp.connection(ip("192.0.2.1"), ip("10.200.0.10"), Protocol::Tcp, port);
         assert_eq!(c.l4_allowed(), ok, "port {port}");
     }

@@ -39,7 +39,9 @@ pub async fn serve(ctx: Arc<ConnContext>, stream: TcpStream) {
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32)
         .keep_alive_interval(None);
-    let tracker = Arc::new(Mutex::new(RequestTracker::new(config.max_header_bytes.max(8192))));
+    let tracker = Arc::new(Mutex::new(RequestTracker::new(
+        config.max_header_bytes.max(8192),
+    )));
     let svc_ctx = ctx.clone();
     let svc_tracker = tracker.clone();
     let svc = service_fn(move |req| {
@@ -71,10 +73,7 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         .map(str::to_string)
         .or_else(|| req_parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| ctx.orig_dst.to_string());
-    let path = req_parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str());
+    let path = req_parts.uri.path_and_query().map_or("/", |p| p.as_str());
     flow::Http {
         code: code.as_u16(),
         method: req_parts.method.to_string(),
@@ -90,7 +89,11 @@ fn framing_check(tracker: &Mutex<RequestTracker>, http2: bool) -> Result<(), Req
     if http2 {
         return Ok(());
     }
-    match tracker.lock().unwrap_or_else(|p| p.into_inner()).next_check() {
+    match tracker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .next_check()
+    {
         Some(HeadCheck::Ok) => Ok(()),
         Some(HeadCheck::Reject(r)) => Err(r),
         None => Err(RequestReject::Unverified),
@@ -116,7 +119,11 @@ async fn handle(
             let f = ctx
                 .flow(&policy, &cv, &v)
                 .with_error(format!("MALFORMED_REQUEST: {reject}"))
-                .with_http(L7Type::Request, elapsed_ns(start), flow_http(&parts, &ctx, StatusCode::BAD_REQUEST));
+                .with_http(
+                    L7Type::Request,
+                    elapsed_ns(start),
+                    flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
+                );
             ctx.shared.flows.emit(&f);
             return error_response(StatusCode::BAD_REQUEST, &reject.to_string(), true);
         }
@@ -138,7 +145,11 @@ async fn handle(
         return deny_response(!cv.l4_allowed());
     }
     let flow_parts = parts.clone();
-    let result = ctx.shared.upstream.forward(&ctx, Request::from_parts(parts, body)).await;
+    let result = ctx
+        .shared
+        .upstream
+        .forward(&ctx, Request::from_parts(parts, body))
+        .await;
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
@@ -150,9 +161,11 @@ async fn handle(
             (error_response(code, &e.to_string(), false), code, Some(e))
         }
     };
-    let mut f = ctx
-        .flow(&policy, &cv, &verdict)
-        .with_http(L7Type::Response, elapsed_ns(start), flow_http(&flow_parts, &ctx, code));
+    let mut f = ctx.flow(&policy, &cv, &verdict).with_http(
+        L7Type::Response,
+        elapsed_ns(start),
+        flow_http(&flow_parts, &ctx, code),
+    );
     if let Some(e) = error {
         f = f.with_error(e.reason_code());
     }

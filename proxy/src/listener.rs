@@ -15,9 +15,15 @@ use crate::{Shared, http, socket, tcp};
 
 /// Binds the transparent listeners: IPv4 always, IPv6 when the host has it.
 pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
-    let v4 = socket::transparent_tcp_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), 1024)?;
+    let v4 = socket::transparent_tcp_listener(
+        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        1024,
+    )?;
     let mut out = vec![v4];
-    match socket::transparent_tcp_listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), 1024) {
+    match socket::transparent_tcp_listener(
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+        1024,
+    ) {
         Ok(v6) => out.push(v6),
         Err(e) => warn!(error = %e, "no IPv6 transparent listener; IPv6 flows cannot be proxied"),
     }
@@ -67,11 +73,21 @@ pub struct ConnContext {
 impl ConnContext {
     pub fn decide(&self) -> (Arc<CompiledPolicy>, ConnectionVerdict) {
         let policy = self.shared.policy.load_full();
-        let v = policy.connection(self.client.ip(), self.orig_dst.ip(), Protocol::Tcp, self.orig_dst.port());
+        let v = policy.connection(
+            self.client.ip(),
+            self.orig_dst.ip(),
+            Protocol::Tcp,
+            self.orig_dst.port(),
+        );
         (policy, v)
     }
 
-    pub fn flow(&self, policy: &CompiledPolicy, cv: &ConnectionVerdict, verdict: &weir_policy::Verdict) -> Flow {
+    pub fn flow(
+        &self,
+        policy: &CompiledPolicy,
+        cv: &ConnectionVerdict,
+        verdict: &weir_policy::Verdict,
+    ) -> Flow {
         Flow::new(
             policy,
             (&cv.src, self.client.port()),
@@ -91,7 +107,11 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
         return;
     }
     let _ = stream.set_nodelay(true);
-    let ctx = Arc::new(ConnContext { shared, client, orig_dst });
+    let ctx = Arc::new(ConnContext {
+        shared,
+        client,
+        orig_dst,
+    });
     let (policy, cv) = ctx.decide();
     if !cv.l4_allowed() {
         let verdict = cv.l4_verdict();

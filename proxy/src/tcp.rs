@@ -22,7 +22,11 @@ pub async fn splice(ctx: &ConnContext, mut client: TcpStream) {
     };
     let _ = upstream.set_nodelay(true);
     match copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => debug!(bytes_up = up, bytes_down = down, "spliced connection closed"),
+        Ok((up, down)) => debug!(
+            bytes_up = up,
+            bytes_down = down,
+            "spliced connection closed"
+        ),
         Err(e) => debug!(error = %e, "spliced connection ended with an error"),
     }
 }

@@ -60,7 +60,11 @@ pub fn weir_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
     let bin = profile_dir.join("weir-e2e");
-    assert!(bin.exists(), "{} is missing; run the tests through cargo", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing; run the tests through cargo",
+        bin.display()
+    );
     bin
 }
 
@@ -153,7 +157,10 @@ impl Scenario {
     pub fn start_weir(&mut self, policy: &str, extra_args: &[&str]) {
         let pol = self.path("policy.yaml");
         std::fs::write(&pol, policy).unwrap();
-        let mut cmd = self.lab.node.command(weir_bin().to_str().expect("utf-8 path"));
+        let mut cmd = self
+            .lab
+            .node
+            .command(weir_bin().to_str().expect("utf-8 path"));
         cmd.arg("run")
             .arg("--policy")
             .arg(&pol)
@@ -252,7 +259,10 @@ pub fn text(out: &Output) -> String {
 
 /// Runs the weir binary outside any namespace (for CLI tests that need no root).
 pub fn weir_cli(args: &[&str]) -> Output {
-    Command::new(weir_bin()).args(args).output().expect("run weir")
+    Command::new(weir_bin())
+        .args(args)
+        .output()
+        .expect("run weir")
 }
 
 pub fn repo_root() -> &'static Path {

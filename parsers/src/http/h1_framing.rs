@@ -238,7 +238,11 @@ impl RequestTracker {
             State::ChunkSize
         } else if let Some(cl) = content_lengths.first() {
             let valid = !cl.is_empty() && cl.len() <= 19 && cl.iter().all(u8::is_ascii_digit);
-            match std::str::from_utf8(cl).ok().filter(|_| valid).and_then(|s| s.parse::<u64>().ok()) {
+            match std::str::from_utf8(cl)
+                .ok()
+                .filter(|_| valid)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 Some(0) => State::Head,
                 Some(n) => State::Body(n),
                 None => {

@@ -160,8 +160,14 @@ mod tests {
             normalize_path("/a%2"),
             Err(PathError::BadPercentEncoding(_))
         ));
-        assert!(matches!(normalize_path("/a\\b"), Err(PathError::Backslash(_))));
-        assert!(matches!(normalize_path("a"), Err(PathError::NotAbsolute(_))));
+        assert!(matches!(
+            normalize_path("/a\\b"),
+            Err(PathError::Backslash(_))
+        ));
+        assert!(matches!(
+            normalize_path("a"),
+            Err(PathError::NotAbsolute(_))
+        ));
     }
 
     proptest! {

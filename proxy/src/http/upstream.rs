@@ -80,8 +80,11 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
-        if parts.version == Version::HTTP_2 && !parts.headers.contains_key(header::HOST) {
-            if let Some(auth) = parts.uri.authority() {
+        if parts.version == Version::HTTP_2
+            && !parts.headers.contains_key(header::HOST)
+            && let Some(auth) = parts.uri.authority()
+        {
+            {
                 let v = auth
                     .as_str()
                     .parse()
@@ -114,7 +117,11 @@ impl Upstream {
     }
 }
 
-fn classify(dst: String, e: &hyper_util::client::legacy::Error, connect_timeout: Duration) -> UpstreamError {
+fn classify(
+    dst: String,
+    e: &hyper_util::client::legacy::Error,
+    connect_timeout: Duration,
+) -> UpstreamError {
     let mut source = e.source();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<io::Error>()

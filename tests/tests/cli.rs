@@ -1,0 +1,208 @@
+//! The CLI contract other tests and users rely on: `weir policy validate` and
+//! `weir policy explain` (no root needed).
+
+use weir_tests::{ENDPOINTS, ScratchDir, weir_cli};
+
+const SW: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: '80', protocol: TCP}]
+      rules:
+        http:
+        - {method: POST, path: /v1/request-landing, headers: ['X-Has-Force']}
+";
+
+fn out(o: &std::process::Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_accepts_files_and_directories() {
+    let d = ScratchDir::new("validate-ok");
+    std::fs::write(d.0.join("a.yaml"), SW).unwrap();
+    std::fs::write(d.0.join("b.yml"), SW.replace("rule1", "rule2")).unwrap();
+    std::fs::write(d.0.join("notes.txt"), "not a policy").unwrap();
+    let (code, stdout, _) = out(&weir_cli(&["policy", "validate", d.0.to_str().unwrap()]));
+    assert_eq!(code, 0);
+    assert_eq!(stdout, "2 policies valid\n");
+}
+
+#[test]
+fn validate_prints_one_line_per_error_with_position() {
+    let d = ScratchDir::new("validate-bad");
+    let bad = d.0.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        SW.replace("/v1/request-landing", "/v1/(oops")
+            .replace("port: '80'", "port: '99999'")
+            + "  egress:\n  - toCIDR: [10.0.0.0/8]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = out(&weir_cli(&[
+        "policy",
+        "validate",
+        bad.to_str().unwrap(),
+        d.0.join("missing.yaml").to_str().unwrap(),
+    ]));
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    let f = bad.display();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{f}:9:22: port 99999 is out of range (0-65535)"),
+            format!("{f}:12:32: invalid path regex `/v1/(oops`: error: unclosed group"),
+            format!("{f}:14:5: field `toCIDR` in egress rule is not supported by weir yet"),
+            format!(
+                "{}:1:1: cannot read: No such file or directory (os error 2)",
+                d.0.join("missing.yaml").display()
+            ),
+        ]
+    );
+}
+
+fn explain(d: &ScratchDir, args: &[&str]) -> (i32, String, String) {
+    let p = d.0.join("p.yaml");
+    let e = d.0.join("e.yaml");
+    std::fs::write(&p, SW).unwrap();
+    std::fs::write(&e, ENDPOINTS).unwrap();
+    let mut all = vec![
+        "policy",
+        "explain",
+        "--policy",
+        p.to_str().unwrap(),
+        "--endpoints",
+        e.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    out(&weir_cli(&all))
+}
+
+#[test]
+fn explain_names_the_deciding_rule() {
+    let d = ScratchDir::new("explain");
+    let base = ["--from", "tiefighter", "--to", "deathstar", "--port", "80"];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        explain(&d, &a)
+    };
+    assert_eq!(
+        with(&[
+            "--http",
+            "POST /v1/request-landing",
+            "--header",
+            "X-Has-Force: yes"
+        ]),
+        (
+            0,
+            "ALLOWED\nrule1 spec.ingress[0].toPorts[0].rules.http[0]\n".into(),
+            String::new()
+        )
+    );
+    assert_eq!(
+        with(&["--http", "POST /v1/request-landing"]),
+        (
+            0,
+            "DENIED\nno rule matched (ingress, HTTP)\n".into(),
+            String::new()
+        )
+    );
+    assert_eq!(
+        with(&[
+            "--http",
+            "POST /v1/x/../request-landing",
+            "--header",
+            "X-Has-Force: 1"
+        ])
+        .1,
+        "DENIED\nthe proxy answers 400 before policy: path: path \"/v1/x/../request-landing\" is not in normal form (normalised: \"/v1/request-landing\")\n"
+    );
+    let (code, stdout, _) = explain(
+        &d,
+        &["--from", "xwing", "--to", "deathstar", "--port", "80"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        "DENIED\nno rule matched (ingress, L3/L4)\n(denied at L3/L4: the peer may not reach this port at all)\n"
+    );
+    // Nothing selects the xwing: default allow, and the explanation says so.
+    let (_, stdout, _) = explain(
+        &d,
+        &["--from", "deathstar", "--to", "xwing", "--port", "22"],
+    );
+    assert_eq!(
+        stdout,
+        "ALLOWED\nno policy selects these endpoints (default allow)\n"
+    );
+    // An unknown IP is `world`.
+    let (_, stdout, _) = explain(
+        &d,
+        &["--from", "192.0.2.1", "--to", "deathstar", "--port", "80"],
+    );
+    assert!(stdout.starts_with("DENIED\n"));
+}
+
+#[test]
+fn explain_bad_arguments_exit_2() {
+    let d = ScratchDir::new("explain-bad");
+    let (code, _, stderr) = explain(
+        &d,
+        &["--from", "nobody", "--to", "deathstar", "--port", "80"],
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no endpoint named `nobody`"), "{stderr}");
+    assert_eq!(
+        explain(
+            &d,
+            &["--from", "xwing", "--to", "deathstar", "--port", "http"]
+        )
+        .0,
+        2
+    );
+    assert_eq!(
+        explain(
+            &d,
+            &[
+                "--from",
+                "xwing",
+                "--to",
+                "deathstar",
+                "--port",
+                "80",
+                "--http",
+                "POST"
+            ]
+        )
+        .0,
+        2
+    );
+    assert_eq!(
+        explain(
+            &d,
+            &[
+                "--from",
+                "xwing",
+                "--to",
+                "deathstar",
+                "--port",
+                "80",
+                "--proto",
+                "SCTP"
+            ]
+        )
+        .0,
+        2
+    );
+}

@@ -1,0 +1,50 @@
+//! `weir demo` prints the star-wars table and works twice in a row.
+
+#[test]
+fn demo_runs_twice_and_cleans_up() {
+    if !weir_tests::require_root("demo_runs_twice_and_cleans_up") {
+        return;
+    }
+    for run in 0..2 {
+        let out = weir_tests::weir_cli(&["demo"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {run}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Vec<Vec<&str>> = stdout
+            .lines()
+            .filter(|l| l.starts_with("tiefighter") || l.starts_with("xwing"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 4, "{stdout}");
+        assert_eq!(
+            rows[0][..5],
+            [
+                "tiefighter",
+                "POST",
+                "/v1/request-landing",
+                "200",
+                "FORWARDED"
+            ]
+        );
+        assert_eq!(
+            rows[1][..5],
+            ["tiefighter", "PUT", "/v1/exhaust-port", "403", "DROPPED"]
+        );
+        assert_eq!(
+            rows[2][..5],
+            ["xwing", "POST", "/v1/request-landing", "403", "DROPPED"]
+        );
+        assert!(stdout.contains("rule1 spec.ingress[0].toPorts[0].rules.http[0]"));
+    }
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains("weirdemo"),
+        "demo left namespaces behind"
+    );
+}
