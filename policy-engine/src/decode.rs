@@ -205,11 +205,15 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
             PolicyKind::Namespaced
         }
     };
-    let (mut name, mut namespace) = (String::new(), None);
+    let (mut name, mut namespace, mut pos) = (String::new(), None, doc.pos);
     match f.take("metadata") {
         Some(meta) => {
             if let Some(mut m) = Fields::of(meta, "metadata", d) {
-                match m.take("name").and_then(|n| scalar(n, "metadata.name", d)) {
+                let name_node = m.take("name");
+                if let Some(n) = name_node {
+                    pos = n.pos;
+                }
+                match name_node.and_then(|n| scalar(n, "metadata.name", d)) {
                     Some(n) if !n.is_empty() => name = n.to_string(),
                     _ => d.error(m.pos(), "missing field `metadata.name`"),
                 }
@@ -249,6 +253,7 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
         namespace,
         file: file.to_string(),
         rules,
+        pos,
     })
 }
 

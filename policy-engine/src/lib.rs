@@ -50,13 +50,15 @@ pub fn parse_policies(text: &str, file: &str) -> Result<Vec<Policy>, LoadErrors>
 
 fn check_unique_names(policies: &[Policy], d: &mut Diagnostics) {
     for (i, p) in policies.iter().enumerate() {
+        if p.name.is_empty() {
+            continue; // already reported as missing
+        }
         if policies[..i]
             .iter()
             .any(|q| q.qualified_name() == p.qualified_name() && q.kind == p.kind)
         {
-            let pos = p.rules.first().map(|r| r.pos).unwrap_or_default();
             d.error(
-                pos,
+                p.pos,
                 format!("duplicate policy name `{}`", p.qualified_name()),
             );
         }

@@ -19,6 +19,8 @@ pub struct Policy {
     pub namespace: Option<String>,
     pub file: String,
     pub rules: Vec<Rule>,
+    /// Where `metadata.name` (or, without one, the document) starts.
+    pub pos: Pos,
 }
 
 impl Policy {

@@ -190,5 +190,5 @@ fn header_level_errors() {
 fn duplicate_names_are_errors() {
     let doc = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}\n";
     let e = errors(&format!("{doc}---\n{doc}"));
-    assert_eq!(e, vec!["p.yaml:9:7: duplicate policy name `x`"]);
+    assert_eq!(e, vec!["p.yaml:8:18: duplicate policy name `x`"]);
 }

@@ -1,0 +1,19 @@
+//! The HTTP/1 request stream tracker and path normalisation: arbitrary bytes never
+//! panic, and normalisation is idempotent.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use weir_parsers::http::{RequestTracker, normalize_path};
+
+fuzz_target!(|data: &[u8]| {
+    let mut t = RequestTracker::new(8192);
+    let split = data.first().map_or(0, |b| *b as usize).min(data.len());
+    t.feed(&data[..split]);
+    t.feed(&data[split..]);
+    while t.next_check().is_some() {}
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(n) = normalize_path(text)
+    {
+        assert_eq!(normalize_path(&n).as_deref(), Ok(n.as_str()));
+    }
+});
