@@ -1,9 +1,19 @@
-//! HTTP rule matching whose cost stays flat as rules grow: every rule's path regex
-//! goes into one `RegexSet`, so a request is scanned once, and only the rules whose
-//! path matched (plus the few without a path) are checked further.
+//! HTTP rule matching whose cost stays flat as rules grow.
+//!
+//! Every rule's path regex is one pattern of a single multi-pattern regex. Each
+//! pattern's literal prefix (what every match must start with, from regex-syntax's
+//! literal extractor) goes into a byte trie; a request walks the trie along its
+//! path and collects only the patterns whose prefix it has, then confirms each with
+//! an anchored search for that pattern alone. Cost grows with the path length and
+//! the few candidates, not with the number of rules. Patterns without a useful
+//! prefix sit at the trie's root; when a request has too many candidates, one
+//! overlapping scan of all patterns is cheaper and is used instead.
 
 use http::HeaderMap;
-use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder};
+use regex_automata::meta;
+use regex_automata::{Anchored, Input, PatternID, PatternSet};
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use thiserror::Error;
 use weir_parsers::http::RequestFacts;
 
@@ -15,8 +25,12 @@ pub fn anchored(re: &str) -> String {
 }
 
 #[derive(Debug, Error)]
-#[error("compiling HTTP rules: {0}")]
-pub struct HttpCompileError(#[from] regex::Error);
+pub enum HttpCompileError {
+    #[error("compiling HTTP rules: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("compiling HTTP path rules: {0}")]
+    Paths(#[from] Box<regex_automata::meta::BuildError>),
+}
 
 /// One HTTP rule, ready to match. `owner` says which L4 entry the rule belongs to;
 /// only rules whose owner matched the connection's peer and port take part.
@@ -40,14 +54,86 @@ struct CompiledRule {
 #[derive(Debug)]
 pub struct HttpMatcher {
     rules: Vec<CompiledRule>,
-    paths: RegexSet,
-    /// RegexSet pattern index → rule index.
+    /// One pattern per path rule, `None` when no rule has a path.
+    paths: Option<meta::Regex>,
+    /// Pattern index → rule index (ascending).
     path_rules: Vec<u32>,
+    prefixes: PrefixTrie,
     /// Rules without a path constraint, in rule order.
     pathless: Vec<u32>,
 }
 
 const REGEX_SIZE_LIMIT: usize = 512 << 20;
+/// Above this many trie candidates one overlapping scan is cheaper.
+const MAX_CANDIDATES: usize = 32;
+
+/// Byte trie from literal path prefixes to the patterns that have them.
+#[derive(Debug, Default)]
+struct PrefixTrie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    /// Sorted by byte.
+    edges: Vec<(u8, u32)>,
+    patterns: Vec<u32>,
+}
+
+impl PrefixTrie {
+    fn new() -> Self {
+        PrefixTrie {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+
+    fn insert(&mut self, prefix: &[u8], pattern: u32) {
+        let mut node = 0usize;
+        for b in prefix {
+            let next = match self.nodes[node].edges.binary_search_by_key(b, |e| e.0) {
+                Ok(i) => self.nodes[node].edges[i].1 as usize,
+                Err(i) => {
+                    let id = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[node].edges.insert(i, (*b, id as u32));
+                    id
+                }
+            };
+            node = next;
+        }
+        self.nodes[node].patterns.push(pattern);
+    }
+
+    /// Patterns whose prefix `path` starts with; `None` when there are more than `max`.
+    fn candidates(&self, path: &[u8], max: usize, out: &mut Vec<u32>) -> bool {
+        let mut node = 0usize;
+        let mut i = 0;
+        loop {
+            let n = &self.nodes[node];
+            out.extend_from_slice(&n.patterns);
+            if out.len() > max {
+                return false;
+            }
+            let Some(b) = path.get(i) else { return true };
+            match n.edges.binary_search_by_key(b, |e| e.0) {
+                Ok(e) => node = n.edges[e].1 as usize,
+                Err(_) => return true,
+            }
+            i += 1;
+        }
+    }
+}
+
+/// What every match of `pattern` starts with (possibly nothing).
+fn literal_prefix(pattern: &str) -> Vec<u8> {
+    let Ok(hir) = regex_syntax::Parser::new().parse(pattern) else {
+        return Vec::new();
+    };
+    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
+    seq.longest_common_prefix()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default()
+}
 
 impl HttpMatcher {
     pub fn new(specs: Vec<HttpRuleSpec>) -> Result<Self, HttpCompileError> {
@@ -83,14 +169,29 @@ impl HttpMatcher {
                 headers: spec.headers,
             });
         }
-        let paths = RegexSetBuilder::new(&path_patterns)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .dfa_size_limit(REGEX_SIZE_LIMIT)
-            .build()?;
+        let mut prefixes = PrefixTrie::new();
+        for (pid, p) in path_patterns.iter().enumerate() {
+            prefixes.insert(&literal_prefix(p), pid as u32);
+        }
+        let paths = if path_patterns.is_empty() {
+            None
+        } else {
+            Some(
+                meta::Builder::new()
+                    .configure(
+                        meta::Config::new()
+                            .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
+                            .hybrid_cache_capacity(8 << 20),
+                    )
+                    .build_many(&path_patterns)
+                    .map_err(Box::new)?,
+            )
+        };
         Ok(HttpMatcher {
             rules,
             paths,
             path_rules,
+            prefixes,
             pathless,
         })
     }
@@ -122,15 +223,26 @@ impl HttpMatcher {
                     }
                 })
         };
-        let from_paths = if self.paths.is_empty() {
-            None
-        } else {
-            self.paths
-                .matches(&facts.path)
-                .iter()
-                .map(|i| self.path_rules[i])
-                .find(|idx| rest_matches(*idx))
-        };
+        let from_paths = self.paths.as_ref().and_then(|re| {
+            let path = facts.path.as_bytes();
+            let mut cands = Vec::new();
+            if self.prefixes.candidates(path, MAX_CANDIDATES, &mut cands) {
+                // Pattern ids ascend with rule order, so the first hit is the lowest rule.
+                cands.sort_unstable();
+                cands.into_iter().find_map(|pid| {
+                    let input = Input::new(path)
+                        .anchored(Anchored::Pattern(PatternID::new_unchecked(pid as usize)));
+                    let idx = self.path_rules[pid as usize];
+                    (re.is_match(input) && rest_matches(idx)).then_some(idx)
+                })
+            } else {
+                let mut set = PatternSet::new(re.pattern_len());
+                re.which_overlapping_matches(&Input::new(path), &mut set);
+                set.iter()
+                    .map(|pid| self.path_rules[pid.as_usize()])
+                    .find(|idx| rest_matches(*idx))
+            }
+        });
         let from_pathless = self.pathless.iter().copied().find(|idx| rest_matches(*idx));
         match (from_paths, from_pathless) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -220,6 +332,60 @@ mod tests {
             None
         );
         assert_eq!(m.first_match(&facts("GET", "/", None), &h, &[0]), None);
+    }
+
+    #[test]
+    fn literal_prefixes_are_safe() {
+        assert_eq!(literal_prefix(&anchored("/api/v1/x/[0-9]+")), b"/api/v1/x/");
+        // Alternation and optional pieces shorten the prefix to what is certain.
+        assert_eq!(literal_prefix(&anchored("/a/b|/a/c")), b"/a/");
+        assert_eq!(literal_prefix(&anchored("/ab?c")), b"/a");
+        assert_eq!(literal_prefix(&anchored("(?i)/Admin")), b"/");
+        assert_eq!(literal_prefix(&anchored(".*")), b"");
+    }
+
+    /// The naive meaning: the lowest-numbered rule whose regexes all match.
+    fn naive(specs: &[(Option<String>, Option<String>)], method: &str, path: &str) -> Option<u32> {
+        specs
+            .iter()
+            .position(|(m, p)| {
+                m.as_ref()
+                    .is_none_or(|m| Regex::new(&anchored(m)).unwrap().is_match(method))
+                    && p.as_ref()
+                        .is_none_or(|p| Regex::new(&anchored(p)).unwrap().is_match(path))
+            })
+            .map(|i| i as u32)
+    }
+
+    fn path_regex() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[ab]{1,2}".prop_map(|s| s),
+            Just("[0-9]+".to_string()),
+            Just(".*".to_string()),
+            Just("(a|b/c)".to_string()),
+            Just("x?".to_string()),
+            Just("(?i)A".to_string()),
+        ];
+        proptest::collection::vec(piece, 1..4).prop_map(|v| format!("/{}", v.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// The prefix index never changes the answer, whether a request has few
+        /// candidates or enough to take the overlapping-scan fallback.
+        #[test]
+        fn index_agrees_with_naive_matching(
+            specs in proptest::collection::vec(
+                (proptest::option::of(prop_oneof![Just("GET".to_string()), Just("POST|PUT".to_string())]),
+                 proptest::option::of(path_regex())),
+                1..80),
+            method in prop_oneof![Just("GET"), Just("PUT")],
+            path in "/[ab0-9/]{0,8}",
+        ) {
+            let m = HttpMatcher::new(specs.iter().map(|(me, p)| spec(0, me.as_deref(), p.as_deref())).collect()).unwrap();
+            let got = m.first_match(&facts(method, &path, None), &HeaderMap::new(), &[0]);
+            prop_assert_eq!(got, naive(&specs, method, &path));
+        }
     }
 
     proptest! {

