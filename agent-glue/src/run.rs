@@ -15,13 +15,17 @@ use crate::steering::{self, SteeringConfig, SteeringSets};
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.workers {
-        if n == 0 {
-            bail!("--workers must be at least 1");
+    // One worker: a current-thread runtime, with no cross-thread wake-ups at all.
+    let mut rt = match args.workers {
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-        rt.worker_threads(n);
-    }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = rt
         .enable_all()
         .build()

@@ -3,6 +3,7 @@
 //! mostly carry over. Later protocols fill in their part of `l7`.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -92,11 +93,11 @@ pub struct Flow {
     #[serde(rename = "IP")]
     pub ip: Ip,
     pub l4: L4,
-    pub source: Endpoint,
-    pub destination: Endpoint,
+    pub source: Arc<Endpoint>,
+    pub destination: Arc<Endpoint>,
     #[serde(rename = "Type")]
     pub kind: &'static str,
-    pub node_name: String,
+    pub node_name: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7>,
     /// The deciding rules (`policy rule-path`), or why nothing allowed it.
@@ -105,18 +106,25 @@ pub struct Flow {
     pub summary: String,
 }
 
-impl Flow {
-    /// A flow for a verdict on a TCP connection or request between two peers.
+/// The parts of a flow that stay the same for every request on a connection,
+/// built once per connection.
+#[derive(Debug, Clone)]
+pub struct FlowPeers {
+    pub source: Arc<Endpoint>,
+    pub destination: Arc<Endpoint>,
+    pub node_name: Arc<str>,
+}
+
+impl FlowPeers {
     pub fn new(
         policy: &CompiledPolicy,
-        src: (&PeerInfo, u16),
-        dst: (&PeerInfo, u16),
-        verdict: &Verdict,
-        node_name: &str,
-    ) -> Flow {
+        src: &PeerInfo,
+        dst: &PeerInfo,
+        node_name: Arc<str>,
+    ) -> Self {
         let ep = |p: &PeerInfo| {
             let info = p.endpoint.and_then(|i| policy.endpoints().get(i));
-            Endpoint {
+            Arc::new(Endpoint {
                 id: info.map(|_| p.identity),
                 identity: p.identity,
                 labels: match info {
@@ -129,8 +137,36 @@ impl Flow {
                     None => vec!["reserved:world".to_string()],
                 },
                 pod_name: info.map(|e| e.endpoint.name.clone()),
-            }
+            })
         };
+        FlowPeers {
+            source: ep(src),
+            destination: ep(dst),
+            node_name,
+        }
+    }
+}
+
+impl Flow {
+    /// A flow for a verdict on a TCP connection or request between two peers.
+    pub fn new(
+        policy: &CompiledPolicy,
+        src: (&PeerInfo, u16),
+        dst: (&PeerInfo, u16),
+        verdict: &Verdict,
+        node_name: &str,
+    ) -> Flow {
+        let peers = FlowPeers::new(policy, src.0, dst.0, Arc::from(node_name));
+        Flow::with_peers(&peers, (src.0.ip, src.1), (dst.0.ip, dst.1), verdict)
+    }
+
+    /// A flow from a connection's cached peers.
+    pub fn with_peers(
+        peers: &FlowPeers,
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        verdict: &Verdict,
+    ) -> Flow {
         Flow {
             time: rfc3339_now(),
             verdict: if verdict.allowed {
@@ -140,18 +176,18 @@ impl Flow {
             },
             drop_reason_desc: (!verdict.allowed).then(|| "POLICY_DENIED".to_string()),
             ip: Ip {
-                source: src.0.ip,
-                destination: dst.0.ip,
-                ip_version: if src.0.ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                source: src.0,
+                destination: dst.0,
+                ip_version: if src.0.is_ipv4() { "IPv4" } else { "IPv6" },
             },
             l4: L4::Tcp(Ports {
                 source_port: src.1,
                 destination_port: dst.1,
             }),
-            source: ep(src.0),
-            destination: ep(dst.0),
+            source: peers.source.clone(),
+            destination: peers.destination.clone(),
             kind: "L3_L4",
-            node_name: node_name.to_string(),
+            node_name: peers.node_name.clone(),
             l7: None,
             policy: verdict.reason(),
             summary: String::new(),

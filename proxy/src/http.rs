@@ -108,7 +108,8 @@ async fn handle(
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
-    let (policy, cv) = ctx.decide();
+    let d = ctx.decide();
+    let (policy, cv) = (&d.policy, &d.verdict);
     let checked = framing_check(&tracker, http2)
         .and_then(|()| request_facts(&parts.method, &parts.uri, &parts.headers, http2));
     let facts = match checked {
@@ -117,7 +118,7 @@ async fn handle(
             info!(%reject, "malformed or ambiguous request; answering 400 and closing");
             let v = cv.l4_verdict();
             let f = ctx
-                .flow(&policy, &cv, &v)
+                .flow(&d, &v)
                 .with_error(format!("MALFORMED_REQUEST: {reject}"))
                 .with_http(
                     L7Type::Request,
@@ -131,11 +132,11 @@ async fn handle(
     let verdict = if !cv.l4_allowed() || !cv.needs_l7() {
         cv.l4_verdict()
     } else {
-        cv.http_verdict(&policy, &facts, &parts.headers)
+        cv.http_verdict(policy, &facts, &parts.headers)
     };
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
-        let f = ctx.flow(&policy, &cv, &verdict).with_http(
+        let f = ctx.flow(&d, &verdict).with_http(
             L7Type::Request,
             elapsed_ns(start),
             flow_http(&parts, &ctx, StatusCode::FORBIDDEN),
@@ -161,7 +162,7 @@ async fn handle(
             (error_response(code, &e.to_string(), false), code, Some(e))
         }
     };
-    let mut f = ctx.flow(&policy, &cv, &verdict).with_http(
+    let mut f = ctx.flow(&d, &verdict).with_http(
         L7Type::Response,
         elapsed_ns(start),
         flow_http(&flow_parts, &ctx, code),

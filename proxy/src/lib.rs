@@ -27,6 +27,7 @@ pub struct Shared {
     pub flows: FlowSink,
     pub config: ProxyConfig,
     pub upstream: http::Upstream,
+    pub node_name: Arc<str>,
 }
 
 impl Shared {
@@ -35,6 +36,7 @@ impl Shared {
         Arc::new(Shared {
             policy: ArcSwap::new(policy),
             flows,
+            node_name: Arc::from(config.node_name.as_str()),
             config,
             upstream,
         })

@@ -2,13 +2,13 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weir_policy::flow::Flow;
+use weir_policy::flow::{Flow, FlowPeers};
 use weir_policy::{CompiledPolicy, ConnectionVerdict, Protocol, canonical_ip};
 
 use crate::{Shared, http, socket, tcp};
@@ -63,37 +63,69 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// A connection and the policy decision it was admitted under.
+/// A connection, and the policy decision it is under. The decision is cached and
+/// recomputed only when a new policy has been swapped in.
 pub struct ConnContext {
     pub shared: Arc<Shared>,
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
+    cached: Mutex<Option<Decision>>,
+}
+
+#[derive(Clone)]
+pub struct Decision {
+    pub policy: Arc<CompiledPolicy>,
+    pub verdict: Arc<ConnectionVerdict>,
+    pub peers: Arc<FlowPeers>,
 }
 
 impl ConnContext {
-    pub fn decide(&self) -> (Arc<CompiledPolicy>, ConnectionVerdict) {
-        let policy = self.shared.policy.load_full();
-        let v = policy.connection(
+    pub fn new(shared: Arc<Shared>, client: SocketAddr, orig_dst: SocketAddr) -> Self {
+        ConnContext {
+            shared,
+            client,
+            orig_dst,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The decision under the current policy.
+    pub fn decide(&self) -> Decision {
+        let current = self.shared.policy.load();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = cached.as_ref()
+            && Arc::ptr_eq(&d.policy, &current)
+        {
+            return d.clone();
+        }
+        let policy = arc_swap::Guard::into_inner(current);
+        let verdict = policy.connection(
             self.client.ip(),
             self.orig_dst.ip(),
             Protocol::Tcp,
             self.orig_dst.port(),
         );
-        (policy, v)
+        let peers = FlowPeers::new(
+            &policy,
+            &verdict.src,
+            &verdict.dst,
+            self.shared.node_name.clone(),
+        );
+        let d = Decision {
+            policy,
+            verdict: Arc::new(verdict),
+            peers: Arc::new(peers),
+        };
+        *cached = Some(d.clone());
+        d
     }
 
-    pub fn flow(
-        &self,
-        policy: &CompiledPolicy,
-        cv: &ConnectionVerdict,
-        verdict: &weir_policy::Verdict,
-    ) -> Flow {
-        Flow::new(
-            policy,
-            (&cv.src, self.client.port()),
-            (&cv.dst, self.orig_dst.port()),
+    pub fn flow(&self, d: &Decision, verdict: &weir_policy::Verdict) -> Flow {
+        Flow::with_peers(
+            &d.peers,
+            (d.verdict.src.ip, self.client.port()),
+            (d.verdict.dst.ip, self.orig_dst.port()),
             verdict,
-            &self.shared.config.node_name,
         )
     }
 }
@@ -107,12 +139,9 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
         return;
     }
     let _ = stream.set_nodelay(true);
-    let ctx = Arc::new(ConnContext {
-        shared,
-        client,
-        orig_dst,
-    });
-    let (policy, cv) = ctx.decide();
+    let ctx = Arc::new(ConnContext::new(shared, client, orig_dst));
+    let d = ctx.decide();
+    let cv = &d.verdict;
     if !cv.l4_allowed() {
         let verdict = cv.l4_verdict();
         info!(reason = %verdict.reason(), "denied at L3/L4");
@@ -120,7 +149,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
             // HTTP clients get a 403 per request, which says more than a reset.
             http::serve(ctx, stream).await;
         } else {
-            ctx.shared.flows.emit(&ctx.flow(&policy, &cv, &verdict));
+            ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
             debug!("closing denied non-HTTP connection");
         }
         return;
@@ -129,7 +158,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
         http::serve(ctx, stream).await;
     } else {
         let verdict = cv.l4_verdict();
-        ctx.shared.flows.emit(&ctx.flow(&policy, &cv, &verdict));
+        ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
         tcp::splice(&ctx, stream).await;
     }
 }
