@@ -29,9 +29,19 @@ pub enum Command {
     /// Build a small star-wars node in network namespaces, enforce a policy on it
     /// with real curl requests, print the verdicts, tear it all down.
     Demo,
+    /// Inspect the eBPF datapath in this network namespace.
+    #[command(subcommand)]
+    Datapath(DatapathCommand),
     /// Remove everything weir installed (nft table `inet weir`, ip rules and routes
     /// with protocol 119) in the current network namespace.
     Cleanup(SteeringArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatapathCommand {
+    /// List the tc (TCX) programs attached to each interface:
+    /// `INTERFACE DIRECTION PROGRAM` per line.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +109,9 @@ pub struct SteeringArgs {
 pub enum SteeringMode {
     /// nftables TPROXY rules + ip rule/route (first version).
     Nft,
+    /// weir's eBPF datapath: tc programs on each endpoint's host interface
+    /// (L3/L4 in the kernel, bpf_sk_assign to the proxy for L7 flows).
+    Ebpf,
     /// Install nothing: traffic must reach the proxy port some other way.
     None,
 }
@@ -179,6 +192,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
         Command::Run(args) => exit_from(run::main(*args)),
         Command::Demo => exit_from(demo::main()),
+        Command::Datapath(DatapathCommand::Show) => {
+            for (iface, dir, prog) in crate::datapath::attached_programs() {
+                println!("{iface} {dir} {prog}");
+            }
+            ExitCode::SUCCESS
+        }
         Command::Cleanup(args) => {
             init_tracing();
             let cfg = steering::SteeringConfig {

@@ -2,6 +2,7 @@
 //! installs steering, and drives the demo. The `weir` binary is a thin CLI on top.
 
 pub mod cli;
+pub mod datapath;
 pub mod demo;
 pub mod ebpf;
 pub mod explain;

@@ -10,6 +10,7 @@ use weir_policy::CompiledPolicy;
 use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
 
 use crate::cli::{RunArgs, SteeringMode, init_tracing};
+use crate::datapath::{Datapath, DatapathConfig};
 use crate::state;
 use crate::steering::{self, SteeringConfig, SteeringSets};
 
@@ -94,10 +95,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         fwmark: args.steering_args.fwmark,
         route_table: args.steering_args.route_table,
     };
-    let steer = |p: &CompiledPolicy| -> anyhow::Result<()> {
-        if args.steering == SteeringMode::Nft {
-            steering::install(&SteeringSets::from_policy(p), &steer_cfg)
-                .context("installing nftables steering")?;
+    let mut datapath = match args.steering {
+        SteeringMode::Ebpf => {
+            let mut dp = Datapath::load(DatapathConfig {
+                proxy_port: args.proxy_port,
+                mark: args.steering_args.fwmark,
+            })?;
+            if let Some(ring) = dp.take_events() {
+                tokio::spawn(crate::datapath::events::drain(
+                    ring,
+                    shared.clone(),
+                    dp.rules_handle(),
+                ));
+            }
+            Some(dp)
+        }
+        _ => None,
+    };
+    let mut steer = |p: &CompiledPolicy| -> anyhow::Result<()> {
+        match (args.steering, datapath.as_mut()) {
+            (SteeringMode::Nft, _) => steering::install(&SteeringSets::from_policy(p), &steer_cfg)
+                .context("installing nftables steering")?,
+            (SteeringMode::Ebpf, Some(dp)) => {
+                dp.sync(p)?;
+                dp.attach_endpoints(p)?;
+                steering::install_local_delivery(&steer_cfg)
+                    .context("installing the local-delivery rule for redirected packets")?;
+            }
+            _ => {}
         }
         Ok(())
     };
@@ -137,7 +162,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     info!("shutting down; removing steering");
-    if args.steering == SteeringMode::Nft
+    // Dropping the datapath detaches its programs (nothing is pinned yet).
+    let _ = steer;
+    drop(datapath);
+    if args.steering != SteeringMode::None
         && let Err(e) = steering::remove(&steer_cfg)
     {
         error!(error = %e, "could not remove steering; run `weir cleanup`");

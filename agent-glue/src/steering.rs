@@ -187,6 +187,13 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
 pub fn install(sets: &SteeringSets, cfg: &SteeringConfig) -> Result<(), SteeringError> {
     let batch = ruleset(sets, cfg).to_string();
     run("nft", &["-j", "-f", "-"], Some(&batch))?;
+    install_local_delivery(cfg)
+}
+
+/// The `ip rule` (fwmark → table) and `local` default routes that deliver marked
+/// packets to the proxy's transparent sockets; both the nft and the eBPF steering
+/// need them.
+pub fn install_local_delivery(cfg: &SteeringConfig) -> Result<(), SteeringError> {
     let mark = format!("{:#x}/{:#x}", cfg.fwmark, cfg.fwmark);
     let table = cfg.route_table.to_string();
     for fam in ["-4", "-6"] {

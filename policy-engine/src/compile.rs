@@ -301,6 +301,22 @@ impl ConnectionVerdict {
     }
 }
 
+/// One L3/L4 rule as the kernel datapath needs it: for this endpoint and
+/// direction, these peers may use this protocol and port range; `l7` says the
+/// flow must go through the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L4Rule {
+    pub endpoint: usize,
+    pub direction: Direction,
+    /// `None`: every peer, `world` included.
+    pub peers: Option<Vec<u32>>,
+    pub protocol: Protocol,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub l7: bool,
+    pub rule: RuleRef,
+}
+
 /// The compiled, immutable policy. Swapped whole (arc-swap) when anything changes.
 #[derive(Debug)]
 pub struct CompiledPolicy {
@@ -365,6 +381,51 @@ impl CompiledPolicy {
         &self.endpoints
     }
 
+    /// Every L3/L4 rule, per endpoint and direction (for the kernel datapath).
+    pub fn l4_rules(&self) -> Vec<L4Rule> {
+        let mut out = Vec::new();
+        for (dir, tables) in [
+            (Direction::Ingress, &self.ingress),
+            (Direction::Egress, &self.egress),
+        ] {
+            for (ep, table) in tables.iter().enumerate() {
+                let Some(t) = table else { continue };
+                let mut push = |proto: Protocol, lo: u16, hi: u16, id: u32| {
+                    let e = &t.entries[id as usize];
+                    let peers = match &e.peers {
+                        PeerSet::Any => None,
+                        PeerSet::Identities(s) => {
+                            let mut v: Vec<u32> = s.iter().copied().collect();
+                            v.sort_unstable();
+                            Some(v)
+                        }
+                    };
+                    out.push(L4Rule {
+                        endpoint: ep,
+                        direction: dir,
+                        peers,
+                        protocol: proto,
+                        port_lo: lo,
+                        port_hi: hi,
+                        l7: e.http_refs.is_some(),
+                        rule: e.origin.clone(),
+                    });
+                };
+                let mut exact: Vec<_> = t.exact.iter().collect();
+                exact.sort_by_key(|(k, _)| **k);
+                for ((proto, port), ids) in exact {
+                    for id in ids {
+                        push(*proto, *port, *port, *id);
+                    }
+                }
+                for (proto, lo, hi, id) in &t.ranges {
+                    push(*proto, *lo, *hi, *id);
+                }
+            }
+        }
+        out
+    }
+
     pub fn policy_count(&self) -> usize {
         self.policy_count
     }
@@ -386,6 +447,11 @@ impl CompiledPolicy {
             Direction::Egress => &self.egress,
         };
         tables.get(endpoint).is_some_and(Option::is_some)
+    }
+
+    /// Who an address is: a local endpoint, or `world`.
+    pub fn peer_info(&self, ip: IpAddr) -> PeerInfo {
+        self.peer(ip)
     }
 
     fn peer(&self, ip: IpAddr) -> PeerInfo {

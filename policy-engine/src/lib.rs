@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use compile::{
     CompileError, CompiledEndpoint, CompiledPolicy, ConnectionVerdict, DirDecision, Direction,
-    PeerInfo, RuleRef, Verdict, canonical_ip,
+    L4Rule, PeerInfo, RuleRef, Verdict, canonical_ip,
 };
 pub use endpoints::{Endpoint, parse_endpoints};
 pub use error::{LoadErrors, PolicyError};

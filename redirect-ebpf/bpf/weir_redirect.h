@@ -1,19 +1,141 @@
 /* Every map key/value struct of the redirect program family. The Rust mirror of
- * each struct lives in agent-glue and is checked against this object's BTF. */
+ * each struct lives in agent-glue/src/datapath/maps.rs and is checked against this
+ * object's BTF in a test, so the two sides cannot drift.
+ *
+ * Addresses are stored as four 32-bit words in network byte order; an IPv4
+ * address sits in word 0 with the rest zero and family 4.
+ */
 #ifndef WEIR_REDIRECT_H
 #define WEIR_REDIRECT_H
 
 #include <linux/types.h>
 
-/* Per-CPU packet and byte counters, indexed by enum weir_counter_index. */
+/* Bumped whenever a struct below changes; pinned maps of another version are replaced. */
+#define WEIR_LAYOUT_VERSION 1
+
 enum weir_counter_index {
 	WEIR_COUNTER_SEEN = 0,
+	WEIR_COUNTER_ALLOWED = 1,
+	WEIR_COUNTER_DROPPED = 2,
+	WEIR_COUNTER_REDIRECTED = 3,
 	WEIR_COUNTER_MAX = 4,
 };
 
 struct weir_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* weir_endpoints: a local endpoint by address. */
+struct weir_endpoint_key {
+	__u32 ip[4];
+	__u32 family; /* 4 or 6 */
+};
+
+#define WEIR_EP_INGRESS_ENFORCED 1 /* some policy selects it for ingress */
+#define WEIR_EP_EGRESS_ENFORCED 2
+
+struct weir_endpoint_info {
+	__u32 identity;
+	__u32 endpoint_id;
+	__u32 flags;
+	__u32 ifindex; /* host-side interface */
+};
+
+/* weir_ipcache: LPM over addresses that are not local endpoints (CIDR, FQDN). */
+struct weir_ipcache_key {
+	__u32 prefixlen; /* counts bits after this field: 32 (family) + address bits */
+	__u32 family;
+	__u32 ip[4];
+};
+
+struct weir_ipcache_value {
+	__u32 identity;
+	__u32 pad;
+};
+
+/* weir_policy: LPM over (endpoint, direction, protocol, remote identity, port).
+ * User space turns every rule set into disjoint port intervals (deny beats
+ * redirect beats allow) and those into prefixes, so the longest match is exact.
+ * Identity 0 is "any peer"; user space folds it into every specific identity's
+ * intervals, so a hit for the specific identity never needs the wildcard. */
+struct weir_policy_key {
+	__u32 prefixlen; /* 32+8+8+16+32 = 96 fixed bits, then 0-16 port bits */
+	__u32 endpoint_id; /* network byte order */
+	__u8 direction;    /* 0 ingress, 1 egress */
+	__u8 protocol;     /* IPPROTO_TCP / IPPROTO_UDP */
+	__u16 pad;
+	__u32 identity; /* network byte order */
+	__u16 dport;    /* network byte order */
+	__u16 pad2;
+};
+
+enum weir_verdict {
+	WEIR_DROP = 0,
+	WEIR_ALLOW = 1,
+	WEIR_REDIRECT = 2,
+};
+
+struct weir_policy_value {
+	__u32 verdict;   /* enum weir_verdict */
+	__u32 rule_id;   /* index into the agent's rule table, for events */
+};
+
+/* weir_ct: connection tracking, keyed by the flow's forward 5-tuple. */
+struct weir_ct_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 family;
+	__u16 pad;
+};
+
+struct weir_ct_value {
+	__u32 verdict; /* WEIR_ALLOW or WEIR_REDIRECT */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 policy_generation;
+	__u64 last_seen_ns;
+};
+
+/* weir_config: one entry. */
+struct weir_config {
+	__u32 proxy_port; /* host byte order */
+	__u32 mark;       /* skb->mark for redirected packets (ip rule → local table) */
+	__u32 policy_generation;
+	__u32 pad;
+};
+
+/* weir_events ring buffer: one per new flow and one per drop. */
+enum weir_event_kind {
+	WEIR_EVENT_ALLOWED = 1,
+	WEIR_EVENT_DROPPED = 2,
+	WEIR_EVENT_REDIRECTED = 3,
+};
+
+enum weir_drop_reason {
+	WEIR_REASON_NONE = 0,
+	WEIR_REASON_POLICY_EGRESS = 1,
+	WEIR_REASON_POLICY_INGRESS = 2,
+	WEIR_REASON_NO_PROXY = 3,
+};
+
+struct weir_event {
+	__u64 timestamp_ns;
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport; /* network byte order */
+	__u16 dport;
+	__u8 protocol;
+	__u8 family;
+	__u8 kind;   /* enum weir_event_kind */
+	__u8 reason; /* enum weir_drop_reason */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 rule_id;
+	__u32 ifindex;
 };
 
 #endif

@@ -5,8 +5,16 @@ pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/redirect.bp
 
 #[cfg(test)]
 mod tests {
-    const PROGRAMS: &[&str] = &["weir_tc_count"];
-    const MAPS: &[&str] = &["weir_counters"];
+    const PROGRAMS: &[&str] = &["weir_from_endpoint", "weir_to_endpoint"];
+    const MAPS: &[&str] = &[
+        "weir_counters",
+        "weir_endpoints",
+        "weir_ipcache",
+        "weir_policy",
+        "weir_ct",
+        "weir_config",
+        "weir_events",
+    ];
 
     #[test]
     fn object_has_programs_maps_and_btf() {

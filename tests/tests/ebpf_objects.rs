@@ -22,7 +22,8 @@ fn embedded_objects_pass_the_verifier() {
     assert_eq!(
         loaded,
         [
-            "redirect:weir_tc_count",
+            "redirect:weir_from_endpoint",
+            "redirect:weir_to_endpoint",
             "sockmap:weir_sk_msg",
             "sockmap:weir_sockops"
         ]

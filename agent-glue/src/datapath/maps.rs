@@ -1,0 +1,324 @@
+//! Rust mirrors of the structs in `redirect-ebpf/bpf/weir_redirect.h`. The test
+//! at the bottom compares each one's size and field offsets with the BTF of the
+//! compiled object, so a change on one side without the other fails the build.
+
+use std::net::IpAddr;
+
+pub const LAYOUT_VERSION: u32 = 1;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeirCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ip: [u32; 4],
+    pub family: u32,
+}
+
+pub const EP_INGRESS_ENFORCED: u32 = 1;
+pub const EP_EGRESS_ENFORCED: u32 = 2;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub identity: u32,
+    pub endpoint_id: u32,
+    pub flags: u32,
+    pub ifindex: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    pub family: u32,
+    pub ip: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub pad: u16,
+    pub identity: u32,
+    pub dport: u16,
+    pub pad2: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u32,
+    pub rule_id: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub verdict: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub policy_generation: u32,
+    pub last_seen_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Config {
+    pub proxy_port: u32,
+    pub mark: u32,
+    pub policy_generation: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Event {
+    pub timestamp_ns: u64,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub kind: u8,
+    pub reason: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule_id: u32,
+    pub ifindex: u32,
+}
+
+// SAFETY: every type here is `repr(C)`, `Copy`, made only of integers, with
+// explicit padding fields, so any byte pattern is a valid value and none has
+// uninitialised padding — what aya::Pod requires for map keys and values.
+unsafe impl aya::Pod for WeirCounter {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EndpointInfo {}
+// SAFETY: as above.
+unsafe impl aya::Pod for IpcacheKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for IpcacheValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Config {}
+
+/// An address as the maps store it: four network-order words and a family.
+pub fn ip_words(ip: IpAddr) -> ([u32; 4], u32) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], 4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], 6)
+        }
+    }
+}
+
+/// The inverse of `ip_words`.
+pub fn ip_from_words(words: [u32; 4], family: u8) -> IpAddr {
+    if family == 4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::mem::{offset_of, size_of};
+
+    use object::{Object, ObjectSection};
+
+    /// Struct name → (size, member name → byte offset), read from `.BTF`.
+    fn btf_structs(elf: &[u8]) -> HashMap<String, (u32, HashMap<String, u32>)> {
+        // include_bytes! data has no alignment; the ELF reader wants it aligned, and a
+        // fresh heap copy is (malloc aligns to 16).
+        let view = elf.to_vec();
+        assert_eq!(view.as_ptr() as usize % 8, 0);
+        let file = object::File::parse(&*view).expect("ELF");
+        let btf = file
+            .section_by_name(".BTF")
+            .expect(".BTF section")
+            .data()
+            .expect("data");
+        let u32_at = |o: usize| u32::from_le_bytes(btf[o..o + 4].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([btf[0], btf[1]]), 0xeb9f, "BTF magic");
+        let hdr_len = u32_at(4) as usize;
+        let (type_off, type_len) = (u32_at(8) as usize, u32_at(12) as usize);
+        let str_off = u32_at(16) as usize;
+        let strings = &btf[hdr_len + str_off..];
+        let name = |off: u32| {
+            let s = &strings[off as usize..];
+            String::from_utf8_lossy(&s[..s.iter().position(|b| *b == 0).unwrap()]).into_owned()
+        };
+        let mut out = HashMap::new();
+        let (mut at, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
+        while at < end {
+            let (name_off, info, size) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            at += 12;
+            let extra = match kind {
+                1 | 14 | 17 => 4,
+                3 => 12,
+                4 | 5 | 15 | 19 => vlen * 12,
+                6 | 13 => vlen * 8,
+                _ => 0,
+            };
+            if kind == 4 {
+                let mut members = HashMap::new();
+                for m in 0..vlen {
+                    let base = at + m * 12;
+                    let off = u32_at(base + 8) & if info >> 31 == 1 { 0xff_ffff } else { u32::MAX };
+                    members.insert(name(u32_at(base)), off / 8);
+                }
+                out.insert(name(name_off), (size, members));
+            }
+            at += extra;
+        }
+        out
+    }
+
+    macro_rules! check {
+        ($btf:expr, $c:literal, $t:ty, [$($f:ident),*]) => {{
+            let (size, members) = $btf.get($c).unwrap_or_else(|| panic!("struct {} not in BTF", $c));
+            assert_eq!(*size as usize, size_of::<$t>(), "size of {}", $c);
+            let mut rust_fields = 0;
+            $(
+                rust_fields += 1;
+                assert_eq!(
+                    members.get(stringify!($f)).copied(),
+                    Some(offset_of!($t, $f) as u32),
+                    "offset of {}.{}", $c, stringify!($f)
+                );
+            )*
+            assert_eq!(rust_fields, members.len(), "field count of {}", $c);
+        }};
+    }
+
+    #[test]
+    fn rust_mirrors_match_the_btf() {
+        use super::*;
+        let btf = btf_structs(weir_redirect_ebpf::OBJECT);
+        check!(btf, "weir_counter", WeirCounter, [packets, bytes]);
+        check!(btf, "weir_endpoint_key", EndpointKey, [ip, family]);
+        check!(
+            btf,
+            "weir_endpoint_info",
+            EndpointInfo,
+            [identity, endpoint_id, flags, ifindex]
+        );
+        check!(btf, "weir_ipcache_key", IpcacheKey, [prefixlen, family, ip]);
+        check!(btf, "weir_ipcache_value", IpcacheValue, [identity, pad]);
+        check!(
+            btf,
+            "weir_policy_key",
+            PolicyKey,
+            [
+                prefixlen,
+                endpoint_id,
+                direction,
+                protocol,
+                pad,
+                identity,
+                dport,
+                pad2
+            ]
+        );
+        check!(btf, "weir_policy_value", PolicyValue, [verdict, rule_id]);
+        check!(
+            btf,
+            "weir_ct_key",
+            CtKey,
+            [saddr, daddr, sport, dport, protocol, family, pad]
+        );
+        check!(
+            btf,
+            "weir_ct_value",
+            CtValue,
+            [
+                verdict,
+                src_identity,
+                dst_identity,
+                policy_generation,
+                last_seen_ns
+            ]
+        );
+        check!(
+            btf,
+            "weir_config",
+            Config,
+            [proxy_port, mark, policy_generation, pad]
+        );
+        check!(
+            btf,
+            "weir_event",
+            Event,
+            [
+                timestamp_ns,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                protocol,
+                family,
+                kind,
+                reason,
+                src_identity,
+                dst_identity,
+                rule_id,
+                ifindex
+            ]
+        );
+    }
+
+    #[test]
+    fn address_words_round_trip() {
+        for ip in ["10.200.0.10", "fd00:200::10"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let (w, fam) = super::ip_words(ip);
+            assert_eq!(super::ip_from_words(w, fam as u8), ip);
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! weir's eBPF datapath: loads `redirect-ebpf`, keeps its maps in step with the
+//! compiled policy, attaches to each endpoint's host-side interface (TCX), and
+//! turns the kernel's verdict events into flow records.
+//!
+//! Policy changes are applied incrementally: new entries are written before stale
+//! ones are deleted, so traffic that both the old and the new policy allow never
+//! drops mid-update. Each change bumps a policy generation; a tracked connection
+//! whose entry carries an older generation is decided again on its next packet, so
+//! removing a rule also stops established flows it allowed.
+
+pub mod events;
+pub mod maps;
+pub mod policy_map;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::Arc;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use thiserror::Error;
+use tracing::info;
+use weir_policy::{CompiledPolicy, Direction, RuleRef};
+
+use maps::*;
+use policy_map::{PolicyEntry, endpoint_id, policy_entries};
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("loading the redirect eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program `{program}` was rejected: {detail}")]
+    Program {
+        program: &'static str,
+        detail: String,
+    },
+    #[error("eBPF map `{map}`: {detail}")]
+    Map { map: &'static str, detail: String },
+    #[error("attaching `{program}` to {iface}: {detail}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        detail: String,
+    },
+    #[error("finding the host interface of endpoint {endpoint} ({ip}): {detail}")]
+    Interface {
+        endpoint: String,
+        ip: IpAddr,
+        detail: String,
+    },
+}
+
+const FROM_ENDPOINT: &str = "weir_from_endpoint";
+const TO_ENDPOINT: &str = "weir_to_endpoint";
+
+#[derive(Debug, Clone, Copy)]
+pub struct DatapathConfig {
+    pub proxy_port: u16,
+    pub mark: u32,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: DatapathConfig,
+    generation: u32,
+    installed_policy: HashSet<PolicyKey>,
+    installed_endpoints: HashSet<EndpointKey>,
+    attached: HashSet<String>,
+    rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        detail: format!("{e:#}"),
+    }
+}
+
+impl Datapath {
+    /// Loads the embedded object and its programs (the verifier runs here).
+    pub fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(weir_redirect_ebpf::OBJECT)?;
+        for name in [FROM_ENDPOINT, TO_ENDPOINT] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Program {
+                    program: name,
+                    detail: "missing from the object".into(),
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Program {
+                    program: name,
+                    detail: e.to_string(),
+                })?;
+            prog.load().map_err(|e| DatapathError::Program {
+                program: name,
+                detail: format!("{e:#}"),
+            })?;
+        }
+        let mut dp = Datapath {
+            ebpf,
+            config,
+            generation: 0,
+            installed_policy: HashSet::new(),
+            installed_endpoints: HashSet::new(),
+            attached: HashSet::new(),
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
+        };
+        dp.write_config()?;
+        Ok(dp)
+    }
+
+    fn write_config(&mut self) -> Result<(), DatapathError> {
+        let mut cfg: Array<&mut MapData, Config> =
+            Array::try_from(self.ebpf.map_mut("weir_config").ok_or_else(|| {
+                map_err("weir_config")(aya::maps::MapError::InvalidName {
+                    name: "weir_config".into(),
+                })
+            })?)
+            .map_err(map_err("weir_config"))?;
+        cfg.set(
+            0,
+            Config {
+                proxy_port: u32::from(self.config.proxy_port),
+                mark: self.config.mark,
+                policy_generation: self.generation,
+                pad: 0,
+            },
+            0,
+        )
+        .map_err(map_err("weir_config"))
+    }
+
+    /// The rule table that event `rule_id`s index, updated by every `sync`.
+    pub fn rules_handle(&self) -> Arc<arc_swap::ArcSwap<Vec<RuleRef>>> {
+        self.rules.clone()
+    }
+
+    /// Brings the maps in line with `policy` (add first, then remove), then bumps
+    /// the policy generation.
+    pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+        let (entries, table) = policy_entries(policy);
+        // Endpoints.
+        let mut eps: HashMap<EndpointKey, EndpointInfo> = HashMap::new();
+        for (i, ep) in policy.endpoints().iter().enumerate() {
+            let mut flags = 0;
+            if policy.is_selected(i, Direction::Ingress) {
+                flags |= EP_INGRESS_ENFORCED;
+            }
+            if policy.is_selected(i, Direction::Egress) {
+                flags |= EP_EGRESS_ENFORCED;
+            }
+            for ip in &ep.endpoint.ips {
+                let (w, fam) = ip_words(*ip);
+                eps.insert(
+                    EndpointKey { ip: w, family: fam },
+                    EndpointInfo {
+                        identity: ep.identity,
+                        endpoint_id: endpoint_id(i),
+                        flags,
+                        ifindex: 0,
+                    },
+                );
+            }
+        }
+        {
+            let mut m: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> = BpfHashMap::try_from(
+                self.ebpf
+                    .map_mut("weir_endpoints")
+                    .expect("object has weir_endpoints"),
+            )
+            .map_err(map_err("weir_endpoints"))?;
+            for (k, v) in &eps {
+                m.insert(k, v, 0).map_err(map_err("weir_endpoints"))?;
+            }
+            for stale in self
+                .installed_endpoints
+                .iter()
+                .filter(|k| !eps.contains_key(k))
+            {
+                let _ = m.remove(stale);
+            }
+        }
+        self.installed_endpoints = eps.keys().copied().collect();
+        // Policy.
+        let keyed: Vec<(PolicyKey, PolicyValue)> = entries.iter().map(policy_kv).collect();
+        let new_keys: HashSet<PolicyKey> = keyed.iter().map(|(k, _)| *k).collect();
+        {
+            let mut m: LpmTrie<&mut MapData, [u8; 16], PolicyValue> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut("weir_policy")
+                    .expect("object has weir_policy"),
+            )
+            .map_err(map_err("weir_policy"))?;
+            for (k, v) in &keyed {
+                m.insert(&lpm_key(k), v, 0)
+                    .map_err(map_err("weir_policy"))?;
+            }
+            for stale in self
+                .installed_policy
+                .iter()
+                .filter(|k| !new_keys.contains(k))
+            {
+                let _ = m.remove(&lpm_key(stale));
+            }
+        }
+        self.installed_policy = new_keys;
+        self.rules.store(Arc::new(table));
+        self.generation = self.generation.wrapping_add(1);
+        self.write_config()?;
+        info!(
+            endpoints = self.installed_endpoints.len(),
+            policy_entries = self.installed_policy.len(),
+            generation = self.generation,
+            "eBPF maps updated"
+        );
+        Ok(())
+    }
+
+    /// Attaches to the host-side interface of every endpoint not yet attached.
+    pub fn attach_endpoints(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+        let mut ifaces = Vec::new();
+        for ep in policy.endpoints() {
+            for ip in &ep.endpoint.ips {
+                let iface = host_interface(*ip).map_err(|detail| DatapathError::Interface {
+                    endpoint: ep.endpoint.name.clone(),
+                    ip: *ip,
+                    detail,
+                })?;
+                if !ifaces.contains(&iface) {
+                    ifaces.push(iface);
+                }
+            }
+        }
+        for iface in ifaces {
+            if self.attached.contains(&iface) {
+                continue;
+            }
+            for (name, at) in [
+                (FROM_ENDPOINT, TcAttachType::Ingress),
+                (TO_ENDPOINT, TcAttachType::Egress),
+            ] {
+                let prog: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| p.try_into().ok())
+                    .expect("loaded in Datapath::load");
+                prog.attach(&iface, at).map_err(|e| DatapathError::Attach {
+                    program: name,
+                    iface: iface.clone(),
+                    detail: format!("{e:#}"),
+                })?;
+            }
+            info!(%iface, "attached tc programs");
+            self.attached.insert(iface);
+        }
+        Ok(())
+    }
+
+    /// The verdict-event ring buffer (taken once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.ebpf
+            .take_map("weir_events")
+            .and_then(|m| RingBuf::try_from(m).ok())
+    }
+}
+
+fn policy_kv(e: &PolicyEntry) -> (PolicyKey, PolicyValue) {
+    let port_mask = if e.port_bits == 0 {
+        0
+    } else {
+        u16::MAX << (16 - e.port_bits)
+    };
+    (
+        PolicyKey {
+            prefixlen: 96 + u32::from(e.port_bits),
+            endpoint_id: e.endpoint_id.to_be(),
+            direction: e.direction,
+            protocol: e.protocol,
+            pad: 0,
+            identity: e.identity.to_be(),
+            dport: (e.port & port_mask).to_be(),
+            pad2: 0,
+        },
+        PolicyValue {
+            verdict: e.verdict.kernel_value(),
+            rule_id: e.rule_id,
+        },
+    )
+}
+
+/// aya's LPM key is (prefix length, data); the data is the C key after `prefixlen`.
+fn lpm_key(k: &PolicyKey) -> Key<[u8; 16]> {
+    let mut data = [0u8; 16];
+    data[0..4].copy_from_slice(&k.endpoint_id.to_ne_bytes());
+    data[4] = k.direction;
+    data[5] = k.protocol;
+    data[6..8].copy_from_slice(&k.pad.to_ne_bytes());
+    data[8..12].copy_from_slice(&k.identity.to_ne_bytes());
+    data[12..14].copy_from_slice(&k.dport.to_ne_bytes());
+    data[14..16].copy_from_slice(&k.pad2.to_ne_bytes());
+    Key::new(k.prefixlen, data)
+}
+
+/// The interface the node routes `ip` through (the endpoint's host-side veth).
+pub fn host_interface(ip: IpAddr) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &ip.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("unexpected `ip -j` output: {e}"))?;
+    v.get(0)
+        .and_then(|r| r.get("dev"))
+        .and_then(|d| d.as_str())
+        .filter(|d| *d != "lo")
+        .map(str::to_string)
+        .ok_or_else(|| "no route through a network interface".into())
+}
+
+/// What is attached with TCX to each interface of this network namespace:
+/// `(interface, "ingress" | "egress", program name)`.
+pub fn attached_programs() -> Vec<(String, &'static str, String)> {
+    let mut out = Vec::new();
+    // Through netlink, not /sys/class/net: nsenter keeps the old namespace's /sys.
+    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
+    let mut ifaces: Vec<String> = listed
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect();
+    ifaces.sort();
+    for iface in ifaces {
+        for (at, name) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&iface, at) {
+                for p in progs {
+                    out.push((
+                        iface.clone(),
+                        name,
+                        p.name_as_str().unwrap_or("?").to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,333 @@
+//! Compiled policy → the kernel's policy entries.
+//!
+//! For every (endpoint, direction, protocol, remote identity) the rules become
+//! disjoint port intervals, each with the winning verdict (deny beats an L3/L4
+//! allow, which beats an L7 redirect — Cilium's "L3/L4 allow wins" rule), and each
+//! interval becomes a handful of port prefixes for the LPM trie. Rules for "any
+//! peer" are stored under identity 0 and also folded into every specific
+//! identity's intervals, so the kernel's first hit is always the whole answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weir_policy::{CompiledPolicy, Direction, Protocol, RuleRef};
+
+/// Precedence order: a later variant wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Redirect,
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    /// `enum weir_verdict` in weir_redirect.h.
+    pub fn kernel_value(self) -> u32 {
+        match self {
+            Verdict::Deny => 0,
+            Verdict::Allow => 1,
+            Verdict::Redirect => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    pub lo: u16,
+    pub hi: u16,
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+/// Disjoint, merged intervals from possibly overlapping `(lo, hi, verdict, rule)`.
+pub fn intervals(rules: &[(u16, u16, Verdict, u32)]) -> Vec<Interval> {
+    // Sweep over boundaries; per verdict the set of active rule ids (the lowest
+    // id is the one reported).
+    let mut events: Vec<(u32, bool, usize)> = Vec::with_capacity(rules.len() * 2);
+    for (i, (lo, hi, _, _)) in rules.iter().enumerate() {
+        events.push((u32::from(*lo), true, i));
+        events.push((u32::from(*hi) + 1, false, i));
+    }
+    events.sort_unstable_by_key(|e| (e.0, e.1));
+    let mut active: [BTreeSet<(u32, usize)>; 3] = Default::default();
+    let mut out: Vec<Interval> = Vec::new();
+    let mut idx = 0;
+    while idx < events.len() {
+        let at = events[idx].0;
+        while idx < events.len() && events[idx].0 == at {
+            let (_, start, r) = events[idx];
+            let (_, _, v, id) = rules[r];
+            if start {
+                active[v as usize].insert((id, r));
+            } else {
+                active[v as usize].remove(&(id, r));
+            }
+            idx += 1;
+        }
+        let next = events.get(idx).map(|e| e.0);
+        let Some(next) = next else { break };
+        if at > u32::from(u16::MAX) {
+            break;
+        }
+        let winner = [Verdict::Deny, Verdict::Allow, Verdict::Redirect]
+            .into_iter()
+            .find_map(|v| active[v as usize].first().map(|(id, _)| (v, *id)));
+        if let Some((verdict, rule_id)) = winner {
+            let (lo, hi) = (at as u16, (next - 1).min(u32::from(u16::MAX)) as u16);
+            match out.last_mut() {
+                Some(last)
+                    if last.verdict == verdict
+                        && last.rule_id == rule_id
+                        && u32::from(last.hi) + 1 == u32::from(lo) =>
+                {
+                    last.hi = hi
+                }
+                _ => out.push(Interval {
+                    lo,
+                    hi,
+                    verdict,
+                    rule_id,
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// The fewest `(value, prefix bits)` port prefixes that cover exactly `lo..=hi`.
+pub fn range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut k = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
+        while k > 0 && lo + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        out.push((lo as u16, (16 - k) as u8));
+        lo += 1 << k;
+    }
+    out
+}
+
+/// One entry of the kernel policy map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub identity: u32,
+    pub port: u16,
+    pub port_bits: u8,
+    pub verdict: Verdict,
+    pub rule_id: u32,
+}
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Kernel endpoint ids are the policy's endpoint index + 1 (0 means none).
+pub fn endpoint_id(index: usize) -> u32 {
+    index as u32 + 1
+}
+
+/// All kernel policy entries, and the rule table their `rule_id`s index.
+pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef>) {
+    /// (endpoint, direction, protocol) → (peers, port_lo, port_hi, verdict, rule id)
+    type Group = (usize, u8, u8);
+    type GroupRule = (Option<Vec<u32>>, u16, u16, Verdict, u32);
+    let mut groups: BTreeMap<Group, Vec<GroupRule>> = BTreeMap::new();
+    let mut table: Vec<RuleRef> = Vec::new();
+    for r in policy.l4_rules() {
+        let dir = match r.direction {
+            Direction::Ingress => DIR_INGRESS,
+            Direction::Egress => DIR_EGRESS,
+        };
+        let proto = match r.protocol {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Any => continue, // expanded to TCP and UDP by the compiler
+        };
+        let id = match table.iter().position(|t| *t == r.rule) {
+            Some(i) => i as u32,
+            None => {
+                table.push(r.rule.clone());
+                (table.len() - 1) as u32
+            }
+        };
+        let verdict = if r.l7 {
+            Verdict::Redirect
+        } else {
+            Verdict::Allow
+        };
+        groups
+            .entry((r.endpoint, dir, proto))
+            .or_default()
+            .push((r.peers, r.port_lo, r.port_hi, verdict, id));
+    }
+    let mut out = Vec::new();
+    for ((ep, dir, proto), rules) in groups {
+        let wildcard: Vec<_> = rules
+            .iter()
+            .filter(|r| r.0.is_none())
+            .map(|r| (r.1, r.2, r.3, r.4))
+            .collect();
+        let mut identities: BTreeSet<u32> = BTreeSet::new();
+        for r in &rules {
+            if let Some(ids) = &r.0 {
+                identities.extend(ids);
+            }
+        }
+        let mut emit = |identity: u32, set: &[(u16, u16, Verdict, u32)]| {
+            for iv in intervals(set) {
+                for (port, port_bits) in range_prefixes(iv.lo, iv.hi) {
+                    out.push(PolicyEntry {
+                        endpoint_id: endpoint_id(ep),
+                        direction: dir,
+                        protocol: proto,
+                        identity,
+                        port,
+                        port_bits,
+                        verdict: iv.verdict,
+                        rule_id: iv.rule_id,
+                    });
+                }
+            }
+        };
+        if !wildcard.is_empty() {
+            emit(0, &wildcard);
+        }
+        for id in identities {
+            let mut set = wildcard.clone();
+            set.extend(
+                rules
+                    .iter()
+                    .filter(|r| {
+                        r.0.as_ref()
+                            .is_some_and(|ids| ids.binary_search(&id).is_ok())
+                    })
+                    .map(|r| (r.1, r.2, r.3, r.4)),
+            );
+            emit(id, &set);
+        }
+    }
+    (out, table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn prefixes_of_ranges() {
+        assert_eq!(range_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(range_prefixes(0, u16::MAX), vec![(0, 0)]);
+        assert_eq!(range_prefixes(8000, 8003), vec![(8000, 14)]);
+        assert_eq!(range_prefixes(8000, 8004), vec![(8000, 14), (8004, 16)]);
+    }
+
+    #[test]
+    fn allow_beats_redirect_and_deny_beats_both() {
+        let iv = intervals(&[
+            (8000, 8010, Verdict::Redirect, 0),
+            (8005, 8020, Verdict::Allow, 1),
+            (8008, 8008, Verdict::Deny, 2),
+        ]);
+        assert_eq!(
+            iv,
+            vec![
+                Interval {
+                    lo: 8000,
+                    hi: 8004,
+                    verdict: Verdict::Redirect,
+                    rule_id: 0
+                },
+                Interval {
+                    lo: 8005,
+                    hi: 8007,
+                    verdict: Verdict::Allow,
+                    rule_id: 1
+                },
+                Interval {
+                    lo: 8008,
+                    hi: 8008,
+                    verdict: Verdict::Deny,
+                    rule_id: 2
+                },
+                Interval {
+                    lo: 8009,
+                    hi: 8020,
+                    verdict: Verdict::Allow,
+                    rule_id: 1
+                },
+            ]
+        );
+        assert_eq!(
+            intervals(&[(0, u16::MAX, Verdict::Allow, 3)]),
+            vec![Interval {
+                lo: 0,
+                hi: u16::MAX,
+                verdict: Verdict::Allow,
+                rule_id: 3
+            }]
+        );
+    }
+
+    fn lpm_lookup(entries: &[(u16, u8, Verdict)], port: u16) -> Option<Verdict> {
+        entries
+            .iter()
+            .filter(|(v, bits, _)| {
+                let mask = if *bits == 0 {
+                    0
+                } else {
+                    u16::MAX << (16 - bits)
+                };
+                port & mask == *v & mask
+            })
+            .max_by_key(|e| e.1)
+            .map(|e| e.2)
+    }
+
+    proptest! {
+        /// Longest-prefix lookups over the emitted prefixes give, for every port,
+        /// exactly the highest-precedence verdict among the rules covering it.
+        #[test]
+        fn lpm_over_prefixes_is_exact(
+            rules in proptest::collection::vec((0u16..200, 0u16..60, 0usize..3), 1..8),
+            probe in 0u16..300,
+        ) {
+            let verdicts = [Verdict::Redirect, Verdict::Allow, Verdict::Deny];
+            let rules: Vec<(u16, u16, Verdict, u32)> = rules
+                .iter()
+                .enumerate()
+                .map(|(i, (lo, len, v))| (*lo, lo.saturating_add(*len), verdicts[*v], i as u32))
+                .collect();
+            let mut entries = Vec::new();
+            for iv in intervals(&rules) {
+                for (p, bits) in range_prefixes(iv.lo, iv.hi) {
+                    entries.push((p, bits, iv.verdict));
+                }
+            }
+            let want = rules.iter().filter(|r| r.0 <= probe && probe <= r.1).map(|r| r.2).max();
+            prop_assert_eq!(lpm_lookup(&entries, probe), want);
+        }
+
+        #[test]
+        fn prefixes_cover_exactly(lo in 0u16..=u16::MAX, len in 0u16..2000) {
+            let hi = lo.saturating_add(len);
+            let ps = range_prefixes(lo, hi);
+            let covered: u64 = ps.iter().map(|(_, b)| 1u64 << (16 - b)).sum();
+            prop_assert_eq!(covered, u64::from(hi - lo) + 1);
+            for (p, b) in ps {
+                let size = 1u32 << (16 - b);
+                prop_assert!(u32::from(p) % size == 0);
+                prop_assert!(u32::from(p) >= u32::from(lo) && u32::from(p) + size - 1 <= u32::from(hi));
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! weir's eBPF datapath end to end: L3/L4 decided in the kernel (tc on each
+//! endpoint's host veth), L7 flows steered to the proxy with bpf_sk_assign.
+
+use std::time::Duration;
+
+use weir_tests::{DEATHSTAR4, DEATHSTAR6, Scenario, text};
+
+const L4_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l4}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "5300", endPort: 5399, protocol: UDP}]
+"#;
+
+const L7_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: POST, path: /v1/request-landing}
+"#;
+
+fn status(s: &Scenario, from: &str, method: &str, url: &str) -> String {
+    text(&s.curl(
+        from,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "3",
+            "-X",
+            method,
+            url,
+        ],
+    ))
+}
+
+#[test]
+fn l3_l4_policy_is_enforced_in_the_kernel() {
+    let Some(mut s) = Scenario::star_wars("ebpf-l4") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    // A UDP sink on the deathstar that records what arrives.
+    let sink = s.path("udp.txt");
+    let mut udp = s.lab.workload("deathstar").ns.command("socat");
+    udp.args([
+        "-u",
+        "UDP-RECV:5353",
+        &format!("OPEN:{},creat,append", sink.display()),
+    ]);
+    s.lab.spawn("udp-sink", udp).unwrap();
+    s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
+
+    assert_eq!(
+        status(
+            &s,
+            "tiefighter",
+            "PUT",
+            &format!("http://{DEATHSTAR4}/v1/exhaust-port")
+        ),
+        "200"
+    );
+    assert_eq!(
+        status(&s, "tiefighter", "GET", &format!("http://[{DEATHSTAR6}]/")),
+        "200"
+    );
+    // The xwing's SYNs are dropped: no answer at all.
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000"
+    );
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
+        "000"
+    );
+    // Port 443 is not allowed for anyone.
+    assert_eq!(
+        status(&s, "tiefighter", "GET", &format!("https://{DEATHSTAR4}/")),
+        "000"
+    );
+    let log = s.access_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log.iter()
+            .all(|l| l.starts_with("10.200.0.20") || l.starts_with("fd00:200::20")),
+        "{log:?}"
+    );
+
+    for (from, msg) in [("tiefighter", "from-tiefighter"), ("xwing", "from-xwing")] {
+        let out = s
+            .lab
+            .workload(from)
+            .ns
+            .command("socat")
+            .args([
+                "-u",
+                &format!("EXEC:echo {msg}"),
+                &format!("UDP-SENDTO:{DEATHSTAR4}:5353"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let got = weir_tests::lab::wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&sink)
+            .unwrap_or_default()
+            .contains("from-tiefighter")
+    });
+    assert!(got.is_ok(), "allowed UDP datagram did not arrive");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !std::fs::read_to_string(&sink)
+            .unwrap()
+            .contains("from-xwing")
+    );
+
+    // Verdict events became flow records with identities and the drop reason.
+    let flows = s.flows();
+    let dropped: Vec<_> = flows.iter().filter(|f| f["verdict"] == "DROPPED").collect();
+    assert!(
+        dropped.iter().any(|f| f["source"]["pod_name"] == "xwing"
+            && f["destination"]["pod_name"] == "deathstar"
+            && f["policy"] == "no rule matched (ingress, L3/L4)"
+            && f["drop_reason_desc"] == "POLICY_DENIED"),
+        "{dropped:#?}"
+    );
+    assert!(
+        dropped
+            .iter()
+            .any(|f| f["l4"]["UDP"]["destination_port"] == 5353)
+    );
+    let allowed: Vec<_> = flows
+        .iter()
+        .filter(|f| f["verdict"] == "FORWARDED")
+        .collect();
+    assert!(
+        allowed
+            .iter()
+            .any(|f| f["source"]["pod_name"] == "tiefighter"
+                && f["policy"] == "l4 spec.ingress[0].toPorts[0]"),
+        "{allowed:#?}"
+    );
+    // One event per new flow, not per packet: the 2 TCP flows + 1 UDP flow.
+    assert_eq!(allowed.len(), 3, "{allowed:#?}");
+}
+
+#[test]
+fn l7_flows_reach_the_proxy_through_sk_assign() {
+    let Some(mut s) = Scenario::star_wars("ebpf-l7") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(L7_POLICY, &["--steering", "ebpf"]);
+    let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
+    assert_eq!(
+        status(&s, "tiefighter", "POST", &landing),
+        "200",
+        "{}",
+        s.weir_log_text()
+    );
+    assert_eq!(
+        status(
+            &s,
+            "tiefighter",
+            "PUT",
+            &format!("http://{DEATHSTAR4}/v1/exhaust-port")
+        ),
+        "403"
+    );
+    assert_eq!(
+        status(
+            &s,
+            "tiefighter",
+            "POST",
+            &format!("http://[{DEATHSTAR6}]/v1/request-landing")
+        ),
+        "200"
+    );
+    // Denied at L3/L4 in the kernel: the proxy never sees the xwing.
+    assert_eq!(status(&s, "xwing", "POST", &landing), "000");
+    let log = s.access_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["Type"] == "L7" && f["l7"]["http"]["code"] == 403)
+    );
+    assert!(flows.iter().any(|f| f["Summary"] == "redirected to proxy"));
+    assert!(
+        !s.run_in_node(&["nft", "list", "tables"]).contains("weir"),
+        "no nft steering in eBPF mode"
+    );
+}
+
+#[test]
+fn programs_are_detached_and_rules_removed_on_exit() {
+    let Some(mut s) = Scenario::star_wars("ebpf-exit") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(L7_POLICY, &["--steering", "ebpf"]);
+    let show = |s: &Scenario| {
+        s.run_in_node(&[weir_tests::weir_bin().to_str().unwrap(), "datapath", "show"])
+    };
+    let attached = show(&s);
+    // One veth per workload, both directions (program names are cut to 15 bytes).
+    for iface in ["weirv0", "weirv1", "weirv2"] {
+        assert!(
+            attached.contains(&format!("{iface} ingress weir_from_endp")),
+            "{attached}"
+        );
+        assert!(
+            attached.contains(&format!("{iface} egress weir_to_endpoi")),
+            "{attached}"
+        );
+    }
+    let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
+    let after = show(&s);
+    assert!(after.trim().is_empty(), "{after}");
+    assert!(!s.run_in_node(&["ip", "rule", "show"]).contains("proto 119"));
+}
