@@ -93,8 +93,8 @@ pub struct Flow {
     #[serde(rename = "IP")]
     pub ip: Ip,
     pub l4: L4,
-    pub source: Arc<Endpoint>,
-    pub destination: Arc<Endpoint>,
+    pub source: Arc<RenderedEndpoint>,
+    pub destination: Arc<RenderedEndpoint>,
     #[serde(rename = "Type")]
     pub kind: &'static str,
     pub node_name: Arc<str>,
@@ -106,12 +106,35 @@ pub struct Flow {
     pub summary: String,
 }
 
+/// An endpoint with its JSON rendered once: every request on a connection
+/// repeats it, so it is serialised per connection, not per flow.
+#[derive(Debug, Clone)]
+pub struct RenderedEndpoint {
+    pub endpoint: Endpoint,
+    json: Box<serde_json::value::RawValue>,
+}
+
+impl RenderedEndpoint {
+    pub fn new(endpoint: Endpoint) -> Self {
+        let json = serde_json::value::to_raw_value(&endpoint).unwrap_or_else(|_| {
+            serde_json::value::RawValue::from_string("null".into()).expect("valid JSON")
+        });
+        RenderedEndpoint { endpoint, json }
+    }
+}
+
+impl Serialize for RenderedEndpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
 /// The parts of a flow that stay the same for every request on a connection,
 /// built once per connection.
 #[derive(Debug, Clone)]
 pub struct FlowPeers {
-    pub source: Arc<Endpoint>,
-    pub destination: Arc<Endpoint>,
+    pub source: Arc<RenderedEndpoint>,
+    pub destination: Arc<RenderedEndpoint>,
     pub node_name: Arc<str>,
 }
 
@@ -124,7 +147,7 @@ impl FlowPeers {
     ) -> Self {
         let ep = |p: &PeerInfo| {
             let info = p.endpoint.and_then(|i| policy.endpoints().get(i));
-            Arc::new(Endpoint {
+            Arc::new(RenderedEndpoint::new(Endpoint {
                 id: info.map(|_| p.identity),
                 identity: p.identity,
                 labels: match info {
@@ -137,7 +160,7 @@ impl FlowPeers {
                     None => vec!["reserved:world".to_string()],
                 },
                 pod_name: info.map(|e| e.endpoint.name.clone()),
-            })
+            }))
         };
         FlowPeers {
             source: ep(src),

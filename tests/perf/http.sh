@@ -215,7 +215,7 @@ peak_rss_kb() {
 }
 cpu0_busy() { awk '/^cpu0 / {print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 
-measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct
+measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fixed_rate_cpu_us_per_req
   local c=$1
   start_sut "$c"
   in_ns $CLI taskset -c 0 h2load --h1 -c "$CONNS" -t 1 -D 2 "$URL" >/dev/null 2>&1 || true
@@ -238,26 +238,30 @@ measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Latency at a fixed rate: 10 clients, RATE/10 requests per second each.
   rm -f "$WORK/lat.log"
+  local lt0; lt0=$(cpu_ticks)
   in_ns $CLI taskset -c 0 h2load --h1 -c 10 -t 1 --rps $((RATE/10)) -D "$DURATION" \
     --log-file "$WORK/lat.log" "$URL" >/dev/null 2>&1
+  local lt1; lt1=$(cpu_ticks)
+  local fixed_cpu=0
+  [ -n "$SUT_PID" ] && fixed_cpu=$(awk -v d=$((lt1-lt0)) -v n="$(wc -l < "$WORK/lat.log")" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
   local p50 p99
   read -r p50 p99 < <(awk -F'\t' '{print $3}' "$WORK/lat.log" | sort -n | awk '{a[NR]=$1} END{print a[int(NR*0.5)], a[int(NR*0.99)]}')
   local rss; rss=$(peak_rss_kb)
   stop_sut
-  echo "$reqs $rps $cpu_us $p50 $p99 $rss $cpu0"
+  echo "$reqs $rps $cpu_us $p50 $p99 $rss $cpu0 $fixed_cpu"
 }
 
 CANDIDATES=(direct weir envoy nginx)
 declare -A R
 echo "weir HTTP/1.1 benchmark: ${RUNS} x ${DURATION}s interleaved, ${CONNS} conns (throughput), ${RATE} req/s (latency)"
 echo "SUT on CPU 1 (1 worker); h2load + upstream nginx on CPU 0; 1 KB responses; 100 rules (weir, Envoy)"
-printf "%-7s %-4s %10s %12s %14s %9s %9s %9s %6s\n" cand run requests "req/s" "cpu_us/req" "p50_us" "p99_us" "rss_kB" "cpu0%"
+printf "%-7s %-4s %10s %12s %14s %9s %9s %9s %6s %14s\n" cand run requests "req/s" "cpu_us/req" "p50_us" "p99_us" "rss_kB" "cpu0%" "cpu_us/req@fix"
 for run in $(seq "$RUNS"); do
   for c in "${CANDIDATES[@]}"; do
     line=$(measure "$c")
     R[$c,$run]=$line
-    read -r reqs rps cpu p50 p99 rss cpu0 <<<"$line"
-    printf "%-7s %-4s %10s %12s %14s %9s %9s %9s %6s\n" "$c" "$run" "$reqs" "$rps" "$cpu" "$p50" "$p99" "$rss" "$cpu0"
+    read -r reqs rps cpu p50 p99 rss cpu0 fcpu <<<"$line"
+    printf "%-7s %-4s %10s %12s %14s %9s %9s %9s %6s %14s\n" "$c" "$run" "$reqs" "$rps" "$cpu" "$p50" "$p99" "$rss" "$cpu0" "$fcpu"
   done
 done
 
@@ -267,20 +271,24 @@ median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 spread() { sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s-%s", lo, hi}'; }
 echo
 echo "median (spread) over $RUNS runs"
-printf "%-7s %22s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req" "p50+_us" "p99+_us" "rss_kB"
+printf "%-7s %22s %20s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req@max" "cpu_us/req@fixed" "p50+_us" "p99+_us" "rss_kB"
 d50=$(col direct 4 | median); d99=$(col direct 5 | median)
 declare -A MED
 for c in "${CANDIDATES[@]}"; do
-  rps=$(col "$c" 2 | median); cpu=$(col "$c" 3 | median)
+  rps=$(col "$c" 2 | median); cpu=$(col "$c" 3 | median); fcpu=$(col "$c" 8 | median)
+  MED[$c,fcpu]=$fcpu
   p50=$(col "$c" 4 | median); p99=$(col "$c" 5 | median); rss=$(col "$c" 6 | median)
   MED[$c,rps]=$rps; MED[$c,cpu]=$cpu
-  printf "%-7s %12s (%s) %9s (%s) %14s %14s %9s\n" "$c" "$rps" "$(col "$c" 2 | spread)" "$cpu" "$(col "$c" 3 | spread)" \
+  printf "%-7s %12s (%s) %9s (%s) %9s (%s) %14s %14s %9s\n" "$c" "$rps" "$(col "$c" 2 | spread)" "$cpu" "$(col "$c" 3 | spread)" \
+    "$fcpu" "$(col "$c" 8 | spread)" \
     "$((p50 - d50))" "$((p99 - d99))" "$rss"
 done
 echo
 awk -v w="${MED[weir,cpu]}" -v e="${MED[envoy,cpu]}" -v n="${MED[nginx,cpu]}" \
+    -v wf="${MED[weir,fcpu]}" -v ef="${MED[envoy,fcpu]}" -v nf="${MED[nginx,fcpu]}" -v rate="$RATE" \
     -v wr="${MED[weir,rps]}" -v dr="${MED[direct,rps]}" -v er="${MED[envoy,rps]}" 'BEGIN{
-  printf "CPU per request: weir/Envoy = %.2f (target <= 0.5), weir/nginx = %.2f\n", w/e, w/n
+  printf "CPU per request at %d req/s (same load for all): weir/Envoy = %.2f (target <= 0.5), weir/nginx = %.2f\n", rate, wf/ef, wf/nf
+  printf "CPU per request at max throughput: weir/Envoy = %.2f, weir/nginx = %.2f\n", w/e, w/n
   printf "throughput: weir/direct = %.2f, weir/Envoy = %.2f\n", wr/dr, wr/er }'
 echo "latency added by weir at ${RATE} req/s: p50 +$(( $(col weir 4 | median) - d50 )) us (target <= 50), p99 +$(( $(col weir 5 | median) - d99 )) us (target <= 200)"
 for c in "${CANDIDATES[@]}"; do
