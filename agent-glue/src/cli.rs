@@ -107,7 +107,10 @@ pub struct SteeringArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SteeringMode {
-    /// nftables TPROXY rules + ip rule/route (first version).
+    /// The eBPF datapath when this kernel can load and attach it (bpf_sk_assign),
+    /// else nftables; the log says which one is in use.
+    Auto,
+    /// nftables TPROXY rules + ip rule/route (the fallback).
     Nft,
     /// weir's eBPF datapath: tc programs on each endpoint's host interface
     /// (L3/L4 in the kernel, bpf_sk_assign to the proxy for L7 flows).
@@ -128,7 +131,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
     /// How steered traffic reaches the proxy.
-    #[arg(long, value_enum, default_value = "nft")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub steering: SteeringMode,
     #[command(flatten)]
     pub steering_args: SteeringArgs,

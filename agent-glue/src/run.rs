@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
+
 use weir_policy::CompiledPolicy;
 use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
 
@@ -95,25 +96,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         fwmark: args.steering_args.fwmark,
         route_table: args.steering_args.route_table,
     };
-    let mut datapath = match args.steering {
-        SteeringMode::Ebpf => {
-            let mut dp = Datapath::load(DatapathConfig {
-                proxy_port: args.proxy_port,
-                mark: args.steering_args.fwmark,
-            })?;
-            if let Some(ring) = dp.take_events() {
-                tokio::spawn(crate::datapath::events::drain(
-                    ring,
-                    shared.clone(),
-                    dp.rules_handle(),
-                ));
-            }
-            Some(dp)
-        }
-        _ => None,
+    let dp_config = DatapathConfig {
+        proxy_port: args.proxy_port,
+        mark: args.steering_args.fwmark,
     };
+    let (mode, mut datapath) = match args.steering {
+        SteeringMode::Ebpf => (SteeringMode::Ebpf, Some(ebpf_datapath(dp_config, &policy)?)),
+        SteeringMode::Auto => match ebpf_datapath(dp_config, &policy) {
+            Ok(dp) => (SteeringMode::Ebpf, Some(dp)),
+            Err(e) => {
+                warn!(
+                    error = %format!("{e:#}"),
+                    "eBPF datapath unavailable; falling back to nftables TPROXY steering"
+                );
+                (SteeringMode::Nft, None)
+            }
+        },
+        other => (other, None),
+    };
+    match mode {
+        SteeringMode::Ebpf => {
+            info!("steering: eBPF datapath (tc on endpoint interfaces, bpf_sk_assign to the proxy)")
+        }
+        SteeringMode::Nft => info!("steering: nftables TPROXY (table inet weir)"),
+        _ => info!("steering: none (traffic must reach the proxy port by other means)"),
+    }
+    if let Some(dp) = datapath.as_mut()
+        && let Some(ring) = dp.take_events()
+    {
+        tokio::spawn(crate::datapath::events::drain(
+            ring,
+            shared.clone(),
+            dp.rules_handle(),
+        ));
+    }
     let mut steer = |p: &CompiledPolicy| -> anyhow::Result<()> {
-        match (args.steering, datapath.as_mut()) {
+        match (mode, datapath.as_mut()) {
             (SteeringMode::Nft, _) => steering::install(&SteeringSets::from_policy(p), &steer_cfg)
                 .context("installing nftables steering")?,
             (SteeringMode::Ebpf, Some(dp)) => {
@@ -136,7 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut serve = tokio::spawn(listener::serve(shared.clone(), listeners));
     std::fs::write(&ready, std::process::id().to_string())
         .with_context(|| format!("writing {}", ready.display()))?;
-    info!(port = args.proxy_port, steering = ?args.steering, "weir ready");
+    info!(port = args.proxy_port, steering = ?mode, "weir ready");
     let result = loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -165,11 +183,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Dropping the datapath detaches its programs (nothing is pinned yet).
     let _ = steer;
     drop(datapath);
-    if args.steering != SteeringMode::None
+    if mode != SteeringMode::None
         && let Err(e) = steering::remove(&steer_cfg)
     {
         error!(error = %e, "could not remove steering; run `weir cleanup`");
     }
     let _ = std::fs::remove_file(&ready);
     result
+}
+
+/// Loads the eBPF datapath and checks it can attach, without touching traffic yet
+/// (maps are filled and programs attached by the first `steer`).
+fn ebpf_datapath(cfg: DatapathConfig, policy: &CompiledPolicy) -> anyhow::Result<Datapath> {
+    let dp = Datapath::load(cfg).context("loading the eBPF datapath")?;
+    // Every endpoint needs a host interface to attach to; find out now, so that
+    // `auto` can still fall back cleanly.
+    for ep in policy.endpoints() {
+        for ip in &ep.endpoint.ips {
+            crate::datapath::host_interface(*ip).map_err(|e| {
+                anyhow::anyhow!(
+                    "no host interface for endpoint {} ({ip}): {e}",
+                    ep.endpoint.name
+                )
+            })?;
+        }
+    }
+    Ok(dp)
 }

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use weir_tests::{DEATHSTAR4, DEATHSTAR6, Scenario, text};
 
+/// These tests cover the proxy behind the nftables steering; the eBPF datapath
+/// has its own file (ebpf_datapath.rs).
+const NFT: &[&str] = &["--steering", "nft"];
+
 const POLICY: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -38,7 +42,7 @@ fn allowed_and_denied_requests_share_one_keepalive_connection() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     let out = s.curl(
         "tiefighter",
         &[
@@ -106,7 +110,7 @@ fn ipv6_requests_are_enforced_too() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     let ok = s.curl(
         "tiefighter",
         &["-w", " %{http_code}", "-X", "POST", &landing(DEATHSTAR6)],
@@ -138,7 +142,7 @@ fn peers_denied_at_l3_l4_get_403_and_never_reach_the_upstream() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     let out = s.curl(
         "xwing",
         &["-w", " %{http_code}", "-X", "POST", &landing(DEATHSTAR4)],
@@ -180,7 +184,7 @@ spec:
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(&policy, &[]);
+    s.start_weir(&policy, NFT);
     let out = s.curl(
         "tiefighter",
         &[
@@ -210,7 +214,7 @@ fn upstream_refused_is_503_and_silent_upstream_is_504() {
     s.lab
         .wait_for_tcp(DEATHSTAR4, 82, Duration::from_secs(5))
         .unwrap();
-    s.start_weir(POLICY, &["--upstream-timeout", "2s"]);
+    s.start_weir(POLICY, &["--steering", "nft", "--upstream-timeout", "2s"]);
     let refused = s.curl(
         "tiefighter",
         &[
@@ -253,7 +257,7 @@ fn smuggling_and_confusion_shapes_are_rejected() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     let h = format!("Host: {DEATHSTAR4}\r\n");
     let attempts: Vec<(&str, String)> = vec![
         (
@@ -334,7 +338,7 @@ fn oversized_headers_get_431() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &["--max-header-bytes", "8192"]);
+    s.start_weir(POLICY, &["--steering", "nft", "--max-header-bytes", "8192"]);
     let big = format!("X-Big: {}", "a".repeat(20_000));
     let out = s.curl(
         "tiefighter",
@@ -360,7 +364,7 @@ fn request_and_response_bodies_stream_through() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     // 8 MB chunked upload to an allowed path.
     let file = s.path("upload.bin");
     std::fs::write(&file, vec![b'x'; 8 << 20]).unwrap();
@@ -408,7 +412,7 @@ fn weir_removes_its_steering_on_sigterm_and_sigint() {
     };
     s.start_deathstar(&[]);
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        s.start_weir(POLICY, &[]);
+        s.start_weir(POLICY, NFT);
         assert!(
             s.run_in_node(&["nft", "list", "tables"])
                 .contains("inet weir")
@@ -453,7 +457,7 @@ fn policy_reload_on_sighup_applies_to_the_next_request() {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(POLICY, &[]);
+    s.start_weir(POLICY, NFT);
     let put = |s: &Scenario| {
         text(&s.curl(
             "tiefighter",
