@@ -33,10 +33,13 @@ fn demo_runs_twice_and_cleans_up() {
             rows[1][..5],
             ["tiefighter", "PUT", "/v1/exhaust-port", "403", "DROPPED"]
         );
+        // On the eBPF datapath the xwing's packets are dropped in the kernel.
         assert_eq!(
             rows[2][..5],
-            ["xwing", "POST", "/v1/request-landing", "403", "DROPPED"]
+            ["xwing", "POST", "/v1/request-landing", "dropped", "DROPPED"]
         );
+        assert!(stdout.contains("steering: eBPF datapath"), "{stdout}");
+        assert!(stdout.contains("no rule matched (ingress, L3/L4)"), "{stdout}");
         assert!(stdout.contains("rule1 spec.ingress[0].toPorts[0].rules.http[0]"));
     }
     let netns = std::process::Command::new("ip")
