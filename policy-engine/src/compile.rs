@@ -16,8 +16,8 @@ use weir_parsers::http::RequestFacts;
 
 use crate::endpoints::Endpoint;
 use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
-use crate::identity::{IDENTITY_WORLD, IdentityAllocator};
-use crate::model::{Policy, PortSpec, Protocol, Selector};
+use crate::identity::{IDENTITY_HOST, IDENTITY_WORLD, IdentityAllocator};
+use crate::model::{Cidr, Entity, PeerRule, Policy, PortSpec, Protocol, Selector};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -74,6 +74,8 @@ impl PeerSet {
 struct L4Entry {
     origin: RuleRef,
     peers: PeerSet,
+    /// From `ingressDeny`/`egressDeny`: a match denies, whatever else allows.
+    deny: bool,
     /// Index of this entry's first HTTP rule's ref, when it has HTTP rules.
     http_refs: Option<Vec<RuleRef>>,
 }
@@ -113,6 +115,13 @@ impl DirTable {
 
     fn decide(&self, peer: u32, proto: Protocol, port: u16) -> DirDecision {
         let ids = self.matching_entries(peer, proto, port);
+        if let Some(id) = ids.iter().find(|i| self.entries[**i as usize].deny) {
+            return DirDecision::DeniedBy(self.entries[*id as usize].origin.clone());
+        }
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .filter(|i| !self.entries[*i as usize].deny)
+            .collect();
         if let Some(id) = ids
             .iter()
             .find(|i| self.entries[**i as usize].http_refs.is_none())
@@ -133,7 +142,10 @@ impl DirTable {
 pub enum DirDecision {
     /// No policy selects the endpoint in this direction: default allow.
     NotSelected,
+    /// Nothing allows it.
     Denied,
+    /// A deny rule matches.
+    DeniedBy(RuleRef),
     AllowAll(RuleRef),
     /// Allowed at L4; each request must match an HTTP rule of these entries.
     Http(Vec<u32>),
@@ -186,6 +198,15 @@ impl Verdict {
             }
         } else {
             let layer = if self.l7 { "HTTP" } else { "L3/L4" };
+            if !self.rules.is_empty() {
+                let by = self
+                    .rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return format!("denied by {by}");
+            }
             match self.denied_in {
                 Some(d) => format!("no rule matched ({d}, {layer})"),
                 None => format!("no rule matched ({layer})"),
@@ -197,7 +218,8 @@ impl Verdict {
 impl ConnectionVerdict {
     /// Whether the connection passes L3/L4 at all.
     pub fn l4_allowed(&self) -> bool {
-        !matches!(self.egress, DirDecision::Denied) && !matches!(self.ingress, DirDecision::Denied)
+        let ok = |d: &DirDecision| !matches!(d, DirDecision::Denied | DirDecision::DeniedBy(_));
+        ok(&self.egress) && ok(&self.ingress)
     }
 
     /// Whether requests must be inspected (some side has L7 rules).
@@ -213,6 +235,14 @@ impl ConnectionVerdict {
             (Direction::Ingress, &self.ingress),
         ] {
             match d {
+                DirDecision::DeniedBy(r) => {
+                    return Verdict {
+                        allowed: false,
+                        rules: vec![r.clone()],
+                        denied_in: Some(dir),
+                        l7: false,
+                    };
+                }
                 DirDecision::Denied => {
                     return Verdict {
                         allowed: false,
@@ -257,6 +287,14 @@ impl ConnectionVerdict {
         ];
         for (dir, decision, ep, tables) in sides {
             match decision {
+                DirDecision::DeniedBy(r) => {
+                    return Verdict {
+                        allowed: false,
+                        rules: vec![r.clone()],
+                        denied_in: Some(dir),
+                        l7: false,
+                    };
+                }
                 DirDecision::Denied => {
                     return Verdict {
                         allowed: false,
@@ -314,6 +352,7 @@ pub struct L4Rule {
     pub port_lo: u16,
     pub port_hi: u16,
     pub l7: bool,
+    pub deny: bool,
     pub rule: RuleRef,
 }
 
@@ -322,9 +361,21 @@ pub struct L4Rule {
 pub struct CompiledPolicy {
     endpoints: Vec<CompiledEndpoint>,
     by_ip: HashMap<IpAddr, usize>,
+    /// Every prefix the policies mention, longest first, with its identity.
+    cidrs: Vec<CidrIdentity>,
     ingress: Vec<Option<DirTable>>,
     egress: Vec<Option<DirTable>>,
     policy_count: usize,
+}
+
+/// A prefix mentioned by some policy, and the identity of addresses whose longest
+/// mentioned prefix it is. Its labels carry every mentioned prefix containing it,
+/// so overlapping CIDRs and `except`s resolve by identity alone.
+#[derive(Debug, Clone)]
+pub struct CidrIdentity {
+    pub cidr: Cidr,
+    pub identity: u32,
+    pub containing: Vec<Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,18 +403,23 @@ impl CompiledPolicy {
                 by_ip.insert(*ip, i);
             }
         }
+        let cidrs = cidr_identities(policies, identities);
+        let universe = PeerUniverse {
+            endpoints: &compiled_eps,
+            cidrs: &cidrs,
+        };
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
         for subject in &compiled_eps {
             ingress.push(build_table(
                 policies,
-                &compiled_eps,
+                &universe,
                 subject,
                 Direction::Ingress,
             )?);
             egress.push(build_table(
                 policies,
-                &compiled_eps,
+                &universe,
                 subject,
                 Direction::Egress,
             )?);
@@ -371,6 +427,7 @@ impl CompiledPolicy {
         Ok(CompiledPolicy {
             endpoints: compiled_eps,
             by_ip,
+            cidrs,
             ingress,
             egress,
             policy_count: policies.len(),
@@ -408,6 +465,7 @@ impl CompiledPolicy {
                         port_lo: lo,
                         port_hi: hi,
                         l7: e.http_refs.is_some(),
+                        deny: e.deny,
                         rule: e.origin.clone(),
                     });
                 };
@@ -454,6 +512,11 @@ impl CompiledPolicy {
         self.peer(ip)
     }
 
+    /// The prefixes policies mention, with their identities (for the kernel's ipcache).
+    pub fn cidr_identities(&self) -> &[CidrIdentity] {
+        &self.cidrs
+    }
+
     fn peer(&self, ip: IpAddr) -> PeerInfo {
         let ip = canonical_ip(ip);
         match self.by_ip.get(&ip) {
@@ -464,7 +527,12 @@ impl CompiledPolicy {
             },
             None => PeerInfo {
                 ip,
-                identity: IDENTITY_WORLD,
+                // Longest mentioned prefix first (the list is sorted that way).
+                identity: self
+                    .cidrs
+                    .iter()
+                    .find(|c| c.cidr.contains(ip))
+                    .map_or(IDENTITY_WORLD, |c| c.identity),
                 endpoint: None,
             },
         }
@@ -508,25 +576,110 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn peer_set(selectors: &Option<Vec<Selector>>, endpoints: &[CompiledEndpoint]) -> PeerSet {
-    match selectors {
-        None => PeerSet::Any,
-        Some(sels) => PeerSet::Identities(
-            endpoints
+struct PeerUniverse<'a> {
+    endpoints: &'a [CompiledEndpoint],
+    cidrs: &'a [CidrIdentity],
+}
+
+fn all_peer_rules(
+    rule: &crate::model::Rule,
+    dir: Direction,
+) -> [(Option<&Vec<PeerRule>>, bool, &'static str); 2] {
+    match dir {
+        Direction::Ingress => [
+            (rule.ingress.as_ref(), false, "ingress"),
+            (rule.ingress_deny.as_ref(), true, "ingressDeny"),
+        ],
+        Direction::Egress => [
+            (rule.egress.as_ref(), false, "egress"),
+            (rule.egress_deny.as_ref(), true, "egressDeny"),
+        ],
+    }
+}
+
+fn cidr_identities(policies: &[Policy], ids: &mut IdentityAllocator) -> Vec<CidrIdentity> {
+    let mut prefixes: Vec<Cidr> = Vec::new();
+    for p in policies {
+        for rule in &p.rules {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                for (list, _, _) in all_peer_rules(rule, dir) {
+                    for pr in list.into_iter().flatten() {
+                        for c in pr.cidrs.iter().flatten() {
+                            prefixes.push(c.cidr);
+                            prefixes.extend(&c.except);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    prefixes.sort();
+    prefixes.dedup();
+    let mut out: Vec<CidrIdentity> = prefixes
+        .iter()
+        .map(|p| {
+            let containing: Vec<Cidr> = prefixes.iter().copied().filter(|q| q.covers(p)).collect();
+            let mut labels: crate::identity::Labels = containing
+                .iter()
+                .map(|q| (format!("cidr:{q}"), String::new()))
+                .collect();
+            labels.insert("reserved:world".into(), String::new());
+            CidrIdentity {
+                cidr: *p,
+                identity: ids.identity(&labels),
+                containing,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.cidr.len.cmp(&a.cidr.len).then(a.cidr.cmp(&b.cidr)));
+    out
+}
+
+fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
+    if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() {
+        return PeerSet::Any;
+    }
+    let entities = pr.entities.as_deref().unwrap_or(&[]);
+    if entities.contains(&Entity::All) {
+        return PeerSet::Any;
+    }
+    let mut ids = HashSet::new();
+    if let Some(sels) = &pr.peers {
+        ids.extend(
+            u.endpoints
                 .iter()
                 .filter(|e| sels.iter().any(|s| s.matches(&e.endpoint.labels)))
-                .map(|e| e.identity)
-                .collect(),
-        ),
+                .map(|e| e.identity),
+        );
     }
+    for c in pr.cidrs.iter().flatten() {
+        ids.extend(
+            u.cidrs
+                .iter()
+                .filter(|ci| {
+                    ci.containing.contains(&c.cidr)
+                        && !c.except.iter().any(|e| ci.containing.contains(e))
+                })
+                .map(|ci| ci.identity),
+        );
+    }
+    if entities.contains(&Entity::World) {
+        ids.insert(IDENTITY_WORLD);
+        ids.extend(u.cidrs.iter().map(|c| c.identity));
+    }
+    if entities.contains(&Entity::Host) {
+        ids.insert(IDENTITY_HOST);
+    }
+    PeerSet::Identities(ids)
 }
 
 fn build_table(
     policies: &[Policy],
-    endpoints: &[CompiledEndpoint],
+    universe: &PeerUniverse<'_>,
     subject: &CompiledEndpoint,
     dir: Direction,
 ) -> Result<Option<DirTable>, CompileError> {
+    let endpoints = universe.endpoints;
     let mut selected = false;
     let mut entries: Vec<L4Entry> = Vec::new();
     let mut exact: HashMap<(Protocol, u16), Vec<u32>> = HashMap::new();
@@ -536,85 +689,88 @@ fn build_table(
     for policy in policies {
         let pname: Arc<str> = Arc::from(policy.qualified_name());
         for rule in &policy.rules {
-            let peer_rules = match dir {
-                Direction::Ingress => &rule.ingress,
-                Direction::Egress => &rule.egress,
-            };
-            let Some(peer_rules) = peer_rules else {
-                continue;
-            };
-            if !rule.subject.matches(&subject.endpoint.labels) {
-                continue;
-            }
-            selected = true;
-            for (pi, pr) in peer_rules.iter().enumerate() {
-                let peers = pr.peers.clone();
-                let base = format!("{}.{dir}[{pi}]", rule.label);
-                if pr.to_ports.is_empty() {
-                    if pr.peers.is_none() {
-                        // `{}`: selects the endpoint (default deny) but allows nothing.
-                        continue;
-                    }
-                    let id = entries.len() as u32;
-                    entries.push(L4Entry {
-                        origin: RuleRef {
-                            policy: pname.clone(),
-                            rule: base,
-                        },
-                        peers: peer_set(&peers, endpoints),
-                        http_refs: None,
-                    });
-                    for proto in [Protocol::Tcp, Protocol::Udp] {
-                        ranges.push((proto, 0, u16::MAX, id));
-                    }
+            for (peer_rules, deny, field) in all_peer_rules(rule, dir) {
+                let Some(peer_rules) = peer_rules else {
+                    continue;
+                };
+                if !rule.subject.matches(&subject.endpoint.labels) {
                     continue;
                 }
-                for (ti, tp) in pr.to_ports.iter().enumerate() {
-                    let origin = RuleRef {
-                        policy: pname.clone(),
-                        rule: format!("{base}.toPorts[{ti}]"),
-                    };
-                    let http_rules = tp.http.as_ref().filter(|h| !h.is_empty());
-                    let id = entries.len() as u32;
-                    let http_refs = http_rules.map(|rules| {
-                        rules
-                            .iter()
-                            .enumerate()
-                            .map(|(hi, _)| RuleRef {
-                                policy: pname.clone(),
-                                rule: format!("{}.rules.http[{hi}]", origin.rule),
-                            })
-                            .collect::<Vec<_>>()
-                    });
-                    if let Some(rules) = http_rules {
-                        for (hi, h) in rules.iter().enumerate() {
-                            http_owner.push((id, hi as u32));
-                            http_specs.push(HttpRuleSpec {
-                                owner: id,
-                                method: h.method.as_ref().map(|m| m.value.clone()),
-                                path: h.path.as_ref().map(|m| m.value.clone()),
-                                host: h.host.as_ref().map(|m| m.value.clone()),
-                                headers: h.headers.iter().map(|l| l.value.clone()).collect(),
-                            });
+                selected = true;
+                for (pi, pr) in peer_rules.iter().enumerate() {
+                    let peers = pr.peers.clone();
+                    let base = format!("{}.{field}[{pi}]", rule.label);
+                    let no_l3 = pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none();
+                    if pr.to_ports.is_empty() {
+                        if no_l3 {
+                            // `{}`: selects the endpoint (default deny) but allows nothing.
+                            continue;
                         }
+                        let id = entries.len() as u32;
+                        entries.push(L4Entry {
+                            origin: RuleRef {
+                                policy: pname.clone(),
+                                rule: base,
+                            },
+                            peers: peer_set(pr, universe),
+                            deny,
+                            http_refs: None,
+                        });
+                        for proto in [Protocol::Tcp, Protocol::Udp] {
+                            ranges.push((proto, 0, u16::MAX, id));
+                        }
+                        continue;
                     }
-                    entries.push(L4Entry {
-                        origin,
-                        peers: peer_set(&peers, endpoints),
-                        http_refs,
-                    });
-                    for pp in &tp.ports {
-                        let protos: &[Protocol] = match pp.protocol {
-                            Protocol::Any => &[Protocol::Tcp, Protocol::Udp],
-                            Protocol::Tcp => &[Protocol::Tcp],
-                            Protocol::Udp => &[Protocol::Udp],
+                    for (ti, tp) in pr.to_ports.iter().enumerate() {
+                        let origin = RuleRef {
+                            policy: pname.clone(),
+                            rule: format!("{base}.toPorts[{ti}]"),
                         };
-                        for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
-                            for proto in protos {
-                                match (port, pp.end_port) {
-                                    (0, _) => ranges.push((*proto, 0, u16::MAX, id)),
-                                    (p, Some(end)) if end > p => ranges.push((*proto, p, end, id)),
-                                    (p, _) => exact.entry((*proto, p)).or_default().push(id),
+                        let http_rules = tp.http.as_ref().filter(|h| !h.is_empty());
+                        let id = entries.len() as u32;
+                        let http_refs = http_rules.map(|rules| {
+                            rules
+                                .iter()
+                                .enumerate()
+                                .map(|(hi, _)| RuleRef {
+                                    policy: pname.clone(),
+                                    rule: format!("{}.rules.http[{hi}]", origin.rule),
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                        if let Some(rules) = http_rules {
+                            for (hi, h) in rules.iter().enumerate() {
+                                http_owner.push((id, hi as u32));
+                                http_specs.push(HttpRuleSpec {
+                                    owner: id,
+                                    method: h.method.as_ref().map(|m| m.value.clone()),
+                                    path: h.path.as_ref().map(|m| m.value.clone()),
+                                    host: h.host.as_ref().map(|m| m.value.clone()),
+                                    headers: h.headers.iter().map(|l| l.value.clone()).collect(),
+                                });
+                            }
+                        }
+                        entries.push(L4Entry {
+                            origin,
+                            peers: peer_set(pr, universe),
+                            deny,
+                            http_refs,
+                        });
+                        for pp in &tp.ports {
+                            let protos: &[Protocol] = match pp.protocol {
+                                Protocol::Any => &[Protocol::Tcp, Protocol::Udp],
+                                Protocol::Tcp => &[Protocol::Tcp],
+                                Protocol::Udp => &[Protocol::Udp],
+                            };
+                            for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
+                                for proto in protos {
+                                    match (port, pp.end_port) {
+                                        (0, _) => ranges.push((*proto, 0, u16::MAX, id)),
+                                        (p, Some(end)) if end > p => {
+                                            ranges.push((*proto, p, end, id))
+                                        }
+                                        (p, _) => exact.entry((*proto, p)).or_default().push(id),
+                                    }
                                 }
                             }
                         }

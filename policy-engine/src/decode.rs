@@ -10,14 +10,6 @@ use crate::yaml::{Node, Pos, Value};
 /// Cilium fields that weir knows of but does not enforce yet. Naming them apart
 /// from typos tells the operator the policy is valid Cilium, just not for weir.
 const NOT_YET: &[&str] = &[
-    "ingressDeny",
-    "egressDeny",
-    "fromCIDR",
-    "fromCIDRSet",
-    "toCIDR",
-    "toCIDRSet",
-    "fromEntities",
-    "toEntities",
     "toFQDNs",
     "toServices",
     "toGroups",
@@ -286,10 +278,16 @@ fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Op
     };
     let ingress = f
         .take("ingress")
-        .map(|n| peer_rules(n, "ingress", "fromEndpoints", d));
+        .map(|n| peer_rules(n, "ingress", "from", false, d));
     let egress = f
         .take("egress")
-        .map(|n| peer_rules(n, "egress", "toEndpoints", d));
+        .map(|n| peer_rules(n, "egress", "to", false, d));
+    let ingress_deny = f
+        .take("ingressDeny")
+        .map(|n| peer_rules(n, "ingressDeny", "from", true, d));
+    let egress_deny = f
+        .take("egressDeny")
+        .map(|n| peer_rules(n, "egressDeny", "to", true, d));
     let _ = f.take("description");
     let _ = f.take("labels");
     let pos = f.pos();
@@ -299,24 +297,106 @@ fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Op
         subject: subject?,
         ingress,
         egress,
+        ingress_deny,
+        egress_deny,
         pos,
     })
 }
 
-fn peer_rules(node: &Node, dir: &str, peer_field: &str, d: &mut Diagnostics) -> Vec<PeerRule> {
+fn peer_rules(
+    node: &Node,
+    dir: &str,
+    prefix: &str,
+    deny: bool,
+    d: &mut Diagnostics,
+) -> Vec<PeerRule> {
     let mut out = Vec::new();
+    let endpoints_field = format!("{prefix}Endpoints");
+    let cidr_field = format!("{prefix}CIDR");
+    let cidr_set_field = format!("{prefix}CIDRSet");
+    let entities_field = format!("{prefix}Entities");
     for item in seq(node, dir, d).unwrap_or(&[]) {
         let Some(mut f) = Fields::of(item, dir, d) else {
             continue;
         };
-        let peers = f.take(peer_field).map(|n| {
-            seq(n, peer_field, d)
+        let peers = f.take(&endpoints_field).map(|n| {
+            seq(n, &endpoints_field, d)
                 .unwrap_or(&[])
                 .iter()
-                .filter_map(|s| selector(s, peer_field, d))
+                .filter_map(|s| selector(s, &endpoints_field, d))
                 .collect::<Vec<_>>()
         });
-        let to_ports = f
+        let mut cidrs: Option<Vec<CidrRule>> = None;
+        if let Some(n) = f.take(&cidr_field) {
+            let list = cidrs.get_or_insert_with(Vec::new);
+            for c in seq(n, &cidr_field, d).unwrap_or(&[]) {
+                if let Some(cidr) = cidr_value(c, d) {
+                    list.push(CidrRule {
+                        cidr,
+                        except: vec![],
+                    });
+                }
+            }
+        }
+        if let Some(n) = f.take(&cidr_set_field) {
+            let list = cidrs.get_or_insert_with(Vec::new);
+            for c in seq(n, &cidr_set_field, d).unwrap_or(&[]) {
+                let Some(mut cf) = Fields::of(c, &cidr_set_field, d) else {
+                    continue;
+                };
+                let cidr = match cf.take("cidr") {
+                    Some(v) => cidr_value(v, d),
+                    None => {
+                        d.error(cf.pos(), format!("{cidr_set_field} entry needs `cidr`"));
+                        None
+                    }
+                };
+                let mut except = Vec::new();
+                if let Some(ex) = cf.take("except") {
+                    for e in seq(ex, "except", d).unwrap_or(&[]) {
+                        if let Some(ec) = cidr_value(e, d) {
+                            if let Some(c) = &cidr
+                                && !c.covers(&ec)
+                            {
+                                d.error(e.pos, format!("except {ec} is not inside {c}"));
+                            }
+                            except.push(ec);
+                        }
+                    }
+                }
+                cf.finish(&format!("{cidr_set_field} entry"), d);
+                if let Some(cidr) = cidr {
+                    list.push(CidrRule { cidr, except });
+                }
+            }
+        }
+        let entities = f.take(&entities_field).map(|n| {
+            seq(n, &entities_field, d)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|e| {
+                    let text = scalar(e, "entity", d)?;
+                    match text {
+                        "world" => Some(Entity::World),
+                        "host" => Some(Entity::Host),
+                        "all" => Some(Entity::All),
+                        "cluster" | "remote-node" | "health" | "init" | "kube-apiserver"
+                        | "ingress" | "unmanaged" | "none" => {
+                            d.error(
+                                e.pos,
+                                format!("entity `{text}` is not supported by weir yet"),
+                            );
+                            None
+                        }
+                        other => {
+                            d.error(e.pos, format!("unknown entity `{other}`"));
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let to_ports: Vec<PortRule> = f
             .take("toPorts")
             .map(|n| {
                 seq(n, "toPorts", d)
@@ -326,15 +406,38 @@ fn peer_rules(node: &Node, dir: &str, peer_field: &str, d: &mut Diagnostics) -> 
                     .collect()
             })
             .unwrap_or_default();
+        if deny {
+            for tp in &to_ports {
+                if tp.http.is_some() {
+                    d.error(
+                        tp.pos,
+                        format!("{dir} rules cannot have L7 `rules`; deny is L3/L4 only"),
+                    );
+                }
+            }
+        }
         let pos = f.pos();
         f.finish(&format!("{dir} rule"), d);
         out.push(PeerRule {
             peers,
+            cidrs,
+            entities,
             to_ports,
             pos,
         });
     }
     out
+}
+
+fn cidr_value(node: &Node, d: &mut Diagnostics) -> Option<Cidr> {
+    let text = scalar(node, "CIDR", d)?;
+    match text.parse::<Cidr>() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            d.error(node.pos, e);
+            None
+        }
+    }
 }
 
 pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Selector> {

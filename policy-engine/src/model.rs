@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use crate::yaml::Pos;
 
@@ -41,14 +42,125 @@ pub struct Rule {
     pub subject: Selector,
     pub ingress: Option<Vec<PeerRule>>,
     pub egress: Option<Vec<PeerRule>>,
+    /// `ingressDeny` / `egressDeny`: L3/L4 only; a match denies whatever allows it.
+    pub ingress_deny: Option<Vec<PeerRule>>,
+    pub egress_deny: Option<Vec<PeerRule>>,
     pub pos: Pos,
 }
 
+/// An IP prefix in canonical form (host bits zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.len)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every address of `other` is in `self`.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    /// `10.0.0.0/8`, `fd00::/64`, or a bare address (a /32 or /128). Host bits must
+    /// be zero: `10.0.0.1/8` is ambiguous and refused.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not a CIDR prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        let c = Cidr { addr, len };
+        let canonical = match addr {
+            IpAddr::V4(a) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        if canonical != addr {
+            return Err(format!(
+                "`{s}` has host bits set (did you mean {canonical}/{len}?)"
+            ));
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrRule {
+    pub cidr: Cidr,
+    pub except: Vec<Cidr>,
+}
+
+/// Cilium's reserved entities that weir knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    /// Everything outside the node's endpoints (CIDR identities included).
+    World,
+    /// The node itself.
+    Host,
+    /// Every peer.
+    All,
+}
+
 /// An ingress or egress rule: which peers, on which ports, with which L7 rules.
+/// With no L3 field at all (`*Endpoints`, `*CIDR`, `*CIDRSet`, `*Entities`)
+/// every peer matches; with several, a peer matching any of them does.
 #[derive(Debug, Clone)]
 pub struct PeerRule {
-    /// `None`: no L3 constraint was given, so every peer (also `world`) matches.
     pub peers: Option<Vec<Selector>>,
+    pub cidrs: Option<Vec<CidrRule>>,
+    pub entities: Option<Vec<Entity>>,
     /// Empty: all ports.
     pub to_ports: Vec<PortRule>,
     pub pos: Pos,

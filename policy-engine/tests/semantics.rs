@@ -252,3 +252,125 @@ proptest! {
         prop_assert_eq!(sel.matches(&labels), want.iter().all(|(k, v)| labels.get(k) == Some(v)));
     }
 }
+
+#[test]
+fn cidr_sets_with_except_and_overlaps() {
+    let cp = compile(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: cidr}
+specs:
+  - endpointSelector: {matchLabels: {class: deathstar}}
+    ingress:
+      - fromCIDRSet: [{cidr: 192.0.2.0/24, except: [192.0.2.128/25]}]
+        toPorts: [{ports: [{port: '80', protocol: TCP}]}]
+      - fromCIDR: [192.0.2.200/32]
+        toPorts: [{ports: [{port: '81', protocol: TCP}]}]
+      - fromCIDR: ['2001:db8::/32']
+        toPorts: [{ports: [{port: '80', protocol: TCP}]}]
+  - endpointSelector: {matchLabels: {class: tiefighter}}
+    egress:
+      - toEntities: [world]
+        toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+      - toCIDR: [198.51.100.0/24]
+",
+    );
+    let allowed = |from: &str, to: &str, port| {
+        cp.connection(ip(from), ip(to), Protocol::Tcp, port)
+            .l4_allowed()
+    };
+    assert!(allowed("192.0.2.10", "10.200.0.10", 80));
+    assert!(
+        !allowed("192.0.2.130", "10.200.0.10", 80),
+        "inside the except"
+    );
+    // 192.0.2.200 is in the except for port 80, but its own /32 allows port 81:
+    // overlapping prefixes keep every rule that contains the address.
+    assert!(!allowed("192.0.2.200", "10.200.0.10", 80));
+    assert!(allowed("192.0.2.200", "10.200.0.10", 81));
+    assert!(!allowed("203.0.113.1", "10.200.0.10", 80));
+    assert!(allowed("2001:db8::1", "10.200.0.10", 80));
+    // toEntities world: any address outside the node's endpoints, CIDR ones too.
+    assert!(allowed("10.200.0.20", "203.0.113.9", 443));
+    assert!(allowed("10.200.0.20", "198.51.100.7", 443));
+    assert!(
+        allowed("10.200.0.20", "198.51.100.7", 22),
+        "toCIDR without ports allows all ports"
+    );
+    assert!(!allowed("10.200.0.20", "203.0.113.9", 22));
+    assert!(
+        !allowed("10.200.0.20", "10.200.0.30", 443),
+        "an endpoint is not world"
+    );
+}
+
+#[test]
+fn deny_wins_over_any_allow() {
+    let cp = compile(&format!(
+        "{SW}---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: no-tie}}
+spec:
+  endpointSelector: {{matchLabels: {{class: deathstar}}}}
+  ingressDeny:
+  - fromEndpoints: [{{matchLabels: {{class: tiefighter}}}}]
+    toPorts: [{{ports: [{{port: '80', protocol: TCP}}]}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: allow-all}}
+spec:
+  endpointSelector: {{matchLabels: {{class: deathstar}}}}
+  ingress:
+  - fromEntities: [all]
+"
+    ));
+    let c = cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Tcp, 80);
+    assert!(!c.l4_allowed());
+    assert_eq!(
+        c.l4_verdict().reason(),
+        "denied by no-tie spec.ingressDeny[0].toPorts[0]"
+    );
+    // Other peers and ports are still allowed by `fromEntities: [all]`.
+    assert!(
+        cp.connection(ip("10.200.0.30"), ip("10.200.0.10"), Protocol::Tcp, 80)
+            .l4_allowed()
+    );
+    assert!(
+        cp.connection(ip("10.200.0.20"), ip("10.200.0.10"), Protocol::Tcp, 81)
+            .l4_allowed()
+    );
+}
+
+#[test]
+fn cidr_and_deny_errors_are_positioned() {
+    let e = parse_policies(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: x}
+spec:
+  endpointSelector: {}
+  egress:
+  - toCIDR: [10.0.0.1/8, 300.0.0.0/8]
+    toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/16]}]
+    toEntities: [cluster, moon]
+  egressDeny:
+  - toPorts: [{ports: [{port: '80'}], rules: {http: [{path: /}]}}]
+",
+        "p.yaml",
+    )
+    .unwrap_err();
+    let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "p.yaml:7:14: `10.0.0.1/8` has host bits set (did you mean 10.0.0.0/8?)",
+            "p.yaml:7:26: `300.0.0.0/8` is not a CIDR prefix",
+            "p.yaml:8:45: except 11.0.0.0/16 is not inside 10.0.0.0/8",
+            "p.yaml:9:18: entity `cluster` is not supported by weir yet",
+            "p.yaml:9:27: unknown entity `moon`",
+            "p.yaml:11:15: egressDeny rules cannot have L7 `rules`; deny is L3/L4 only",
+        ]
+    );
+}

@@ -308,14 +308,14 @@ static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *
 		return TC_ACT_OK;
 	}
 	count(WEIR_COUNTER_DROPPED, skb);
-	event(f, WEIR_EVENT_DROPPED, WEIR_REASON_NO_PROXY, src_id, dst_id, 0, skb->ifindex);
+	event(f, WEIR_EVENT_DROPPED, WEIR_REASON_NO_PROXY, src_id, dst_id, WEIR_NO_RULE, skb->ifindex);
 	return TC_ACT_SHOT;
 }
 
 SEC("classifier")
 int weir_from_endpoint(struct __sk_buff *skb)
 {
-	__u32 zero = 0, rule_id = 0, verdict = WEIR_ALLOW, v, src_id, dst_id;
+	__u32 zero = 0, rule_id = WEIR_NO_RULE, verdict = WEIR_ALLOW, v, src_id, dst_id;
 	struct weir_endpoint_info *src_ep, *dst_ep;
 	struct weir_ct_value *ct, entry = {};
 	struct weir_config *cfg;
@@ -387,7 +387,7 @@ int weir_from_endpoint(struct __sk_buff *skb)
 SEC("classifier")
 int weir_to_endpoint(struct __sk_buff *skb)
 {
-	__u32 zero = 0, rule_id = 0, src_id, dst_id;
+	__u32 zero = 0, rule_id = WEIR_NO_RULE, src_id, dst_id;
 	struct weir_endpoint_info *dst_ep;
 	struct weir_ct_value *ct, entry = {};
 	struct weir_config *cfg;

@@ -81,6 +81,9 @@ struct weir_policy_value {
 	__u32 rule_id;   /* index into the agent's rule table, for events */
 };
 
+/* rule_id of an event that no policy entry decided (default deny). */
+#define WEIR_NO_RULE 0xffffffffu
+
 /* weir_ct: connection tracking, keyed by the flow's forward 5-tuple. */
 struct weir_ct_key {
 	__u32 saddr[4];

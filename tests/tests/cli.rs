@@ -44,7 +44,7 @@ fn validate_prints_one_line_per_error_with_position() {
         &bad,
         SW.replace("/v1/request-landing", "/v1/(oops")
             .replace("port: '80'", "port: '99999'")
-            + "  egress:\n  - toCIDR: [10.0.0.0/8]\n",
+            + "  egress:\n  - toFQDNs: [{matchName: example.com}]\n",
     )
     .unwrap();
     let (code, stdout, stderr) = out(&weir_cli(&[
@@ -62,7 +62,7 @@ fn validate_prints_one_line_per_error_with_position() {
         vec![
             format!("{f}:9:22: port 99999 is out of range (0-65535)"),
             format!("{f}:12:32: invalid path regex `/v1/(oops`: error: unclosed group"),
-            format!("{f}:14:5: field `toCIDR` in egress rule is not supported by weir yet"),
+            format!("{f}:14:5: field `toFQDNs` in egress rule is not supported by weir yet"),
             format!(
                 "{}:1:1: cannot read: No such file or directory (os error 2)",
                 d.0.join("missing.yaml").display()

@@ -39,7 +39,10 @@ fn demo_runs_twice_and_cleans_up() {
             ["xwing", "POST", "/v1/request-landing", "dropped", "DROPPED"]
         );
         assert!(stdout.contains("steering: eBPF datapath"), "{stdout}");
-        assert!(stdout.contains("no rule matched (ingress, L3/L4)"), "{stdout}");
+        assert!(
+            stdout.contains("no rule matched (ingress, L3/L4)"),
+            "{stdout}"
+        );
         assert!(stdout.contains("rule1 spec.ingress[0].toPorts[0].rules.http[0]"));
     }
     let netns = std::process::Command::new("ip")

@@ -239,3 +239,69 @@ fn programs_are_detached_and_rules_removed_on_exit() {
     assert!(after.trim().is_empty(), "{after}");
     assert!(!s.run_in_node(&["ip", "rule", "show"]).contains("proto 119"));
 }
+
+const CIDR_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mixed}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromCIDRSet: [{cidr: 10.201.0.0/16, except: [10.201.1.0/24]}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: "8000", endPort: 8010, protocol: TCP}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: "8005", protocol: TCP}]}]
+"#;
+
+#[test]
+fn cidr_except_deny_and_port_ranges_in_the_kernel() {
+    let Some(mut s) = Scenario::star_wars("ebpf-cidr") else {
+        return;
+    };
+    // Two hosts that are not endpoints, so they are known only by address.
+    s.lab
+        .add_workload(
+            "probein",
+            "10.201.0.5".parse().unwrap(),
+            "fd00:201::5".parse().unwrap(),
+        )
+        .unwrap();
+    s.lab
+        .add_workload(
+            "probeout",
+            "10.201.1.5".parse().unwrap(),
+            "fd00:201:1::5".parse().unwrap(),
+        )
+        .unwrap();
+    s.start_deathstar(&[8004, 8005, 8006, 8010, 8011]);
+    s.start_weir(CIDR_POLICY, &["--steering", "ebpf"]);
+    let get =
+        |from: &str, port: u16| status(&s, from, "GET", &format!("http://{DEATHSTAR4}:{port}/"));
+    assert_eq!(get("probein", 80), "200", "inside the CIDR");
+    assert_eq!(get("probeout", 80), "000", "inside the except");
+    assert_eq!(
+        get("probein", 8004),
+        "000",
+        "the CIDR rule is for port 80 only"
+    );
+    for (port, want) in [
+        (8004, "200"),
+        (8005, "000"),
+        (8006, "200"),
+        (8010, "200"),
+        (8011, "000"),
+        (80, "000"),
+    ] {
+        assert_eq!(get("tiefighter", port), want, "tiefighter to port {port}");
+    }
+    let flows = s.flows();
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "DROPPED"
+            && f["l4"]["TCP"]["destination_port"] == 8005
+            && f["policy"] == "denied by mixed spec.ingressDeny[0].toPorts[0]"),
+        "deny drops name their rule: {flows:#?}"
+    );
+}

@@ -66,9 +66,10 @@ pub fn event_flow(
     let peers = FlowPeers::new(policy, &src, &dst, node_name.clone());
     let rule = rules.get(e.rule_id as usize).cloned();
     let verdict = match e.kind {
+        // A drop names its rule only when a deny rule decided it.
         2 => Verdict {
             allowed: false,
-            rules: vec![],
+            rules: rule.into_iter().collect(),
             denied_in: match e.reason {
                 1 => Some(Direction::Egress),
                 2 => Some(Direction::Ingress),

@@ -67,6 +67,7 @@ pub struct Datapath {
     generation: u32,
     installed_policy: HashSet<PolicyKey>,
     installed_endpoints: HashSet<EndpointKey>,
+    installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
     attached: HashSet<String>,
     rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
 }
@@ -105,6 +106,7 @@ impl Datapath {
             generation: 0,
             installed_policy: HashSet::new(),
             installed_endpoints: HashSet::new(),
+            installed_ipcache: HashSet::new(),
             attached: HashSet::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
         };
@@ -184,6 +186,44 @@ impl Datapath {
             }
         }
         self.installed_endpoints = eps.keys().copied().collect();
+        // ipcache: every prefix a policy mentions, with its identity.
+        let mut cache: HashMap<(u32, [u32; 4], u32), u32> = HashMap::new();
+        for c in policy.cidr_identities() {
+            let (w, fam) = ip_words(c.cidr.addr);
+            cache.insert((32 + u32::from(c.cidr.len), w, fam), c.identity);
+        }
+        {
+            let mut m: LpmTrie<&mut MapData, [u32; 5], IpcacheValue> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut("weir_ipcache")
+                    .expect("object has weir_ipcache"),
+            )
+            .map_err(map_err("weir_ipcache"))?;
+            for ((len, w, fam), id) in &cache {
+                let key = Key::new(*len, [*fam, w[0], w[1], w[2], w[3]]);
+                m.insert(
+                    &key,
+                    IpcacheValue {
+                        identity: *id,
+                        pad: 0,
+                    },
+                    0,
+                )
+                .map_err(map_err("weir_ipcache"))?;
+            }
+            for stale in self
+                .installed_ipcache
+                .iter()
+                .filter(|k| !cache.contains_key(k))
+            {
+                let key = Key::new(
+                    stale.0,
+                    [stale.2, stale.1[0], stale.1[1], stale.1[2], stale.1[3]],
+                );
+                let _ = m.remove(&key);
+            }
+        }
+        self.installed_ipcache = cache.keys().copied().collect();
         // Policy.
         let keyed: Vec<(PolicyKey, PolicyValue)> = entries.iter().map(policy_kv).collect();
         let new_keys: HashSet<PolicyKey> = keyed.iter().map(|(k, _)| *k).collect();

@@ -159,7 +159,9 @@ pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef
                 (table.len() - 1) as u32
             }
         };
-        let verdict = if r.l7 {
+        let verdict = if r.deny {
+            Verdict::Deny
+        } else if r.l7 {
             Verdict::Redirect
         } else {
             Verdict::Allow
@@ -329,5 +331,45 @@ mod tests {
                 prop_assert!(u32::from(p) >= u32::from(lo) && u32::from(p) + size - 1 <= u32::from(hi));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use weir_policy::identity::IdentityAllocator;
+
+    #[test]
+    fn deny_inside_an_allowed_range() {
+        let p = weir_policy::parse_policies(
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mixed}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: '8000', endPort: 8010, protocol: TCP}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: '8005', protocol: TCP}]}]
+",
+            "p.yaml",
+        )
+        .unwrap();
+        let e = weir_policy::parse_endpoints(
+            "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n",
+            "e.yaml",
+        )
+        .unwrap();
+        let cp = CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).unwrap();
+        let (entries, _) = policy_entries(&cp);
+        let tcp: Vec<(u16, u8, Verdict)> = entries
+            .iter()
+            .filter(|e| e.protocol == IPPROTO_TCP)
+            .map(|e| (e.port, e.port_bits, e.verdict))
+            .collect();
+        assert!(tcp.contains(&(8005, 16, Verdict::Deny)), "{tcp:?}");
+        assert!(tcp.contains(&(8004, 16, Verdict::Allow)), "{tcp:?}");
     }
 }
