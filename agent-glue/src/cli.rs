@@ -32,9 +32,19 @@ pub enum Command {
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
-    /// Remove everything weir installed (nft table `inet weir`, ip rules and routes
-    /// with protocol 119) in the current network namespace.
-    Cleanup(SteeringArgs),
+    /// Remove everything weir installed: pinned eBPF links (detaching the programs)
+    /// and maps under --bpf-root, the nft table `inet weir`, and ip rules and routes
+    /// with protocol 119 in the current network namespace.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub steering: SteeringArgs,
+    /// bpffs directory with weir's pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/weir")]
+    pub bpf_root: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,11 +215,19 @@ pub fn main(cli: Cli) -> ExitCode {
             init_tracing();
             let cfg = steering::SteeringConfig {
                 proxy_port: 0,
-                fwmark: args.fwmark,
-                route_table: args.route_table,
+                fwmark: args.steering.fwmark,
+                route_table: args.steering.route_table,
             };
-            exit_from(steering::remove(&cfg).map_err(Into::into).map(|()| {
-                println!("removed weir's nft table, ip rules and routes (if any)");
+            let removed = crate::datapath::pins::remove_tree(&args.bpf_root)
+                .map_err(|e| {
+                    anyhow::anyhow!("removing pins under {}: {e}", args.bpf_root.display())
+                })
+                .and_then(|()| steering::remove(&cfg).map_err(Into::into));
+            exit_from(removed.map(|()| {
+                println!(
+                    "removed weir's pinned eBPF links and maps ({}), nft table, ip rules and routes (if any)",
+                    args.bpf_root.display()
+                );
             }))
         }
     }

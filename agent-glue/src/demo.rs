@@ -149,6 +149,7 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
         .context("nginx (deathstar) did not start")?;
 
     let state = dir.join("state");
+    let bpf_root = PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix("weir-demo")));
     let flows = dir.join("flows.jsonl");
     let weir_log = dir.join("weir.log");
     let exe = std::env::current_exe().context("locating the weir binary")?;
@@ -163,6 +164,8 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
         .arg(&flows)
         .arg("--node-name")
         .arg("demo-node")
+        .arg("--bpf-root")
+        .arg(&bpf_root)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&weir_log)?);
     lab.spawn("weir", weir)?;
@@ -233,16 +236,28 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     }
     print_table(&rows);
 
-    // Stop weir and show that it removed its steering.
+    // Stop weir, then remove what it leaves running on purpose (the pinned
+    // datapath), as an operator would with `weir cleanup`.
     if let Some(p) = lab.processes.iter_mut().find(|p| p.name == "weir") {
         p.stop_with(libc::SIGTERM, Duration::from_secs(10));
+    }
+    lab.node
+        .run(&[
+            &exe.display().to_string(),
+            "cleanup",
+            "--bpf-root",
+            &bpf_root.display().to_string(),
+        ])
+        .context("weir cleanup")?;
+    if bpf_root.exists() {
+        bail!("weir cleanup left {} behind", bpf_root.display());
     }
     let leftover = lab
         .node
         .run(&["nft", "list", "tables"])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
     if leftover.contains("weir") {
-        bail!("weir left its nft table behind after SIGTERM");
+        bail!("weir left its nft table behind");
     }
     println!(
         "\nweir stopped: its programs are detached, its ip rules and nft table removed; namespaces removed."

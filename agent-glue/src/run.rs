@@ -99,9 +99,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dp_config = DatapathConfig {
         proxy_port: args.proxy_port,
         mark: args.steering_args.fwmark,
+        bpf_root: Some(args.bpf_root.clone()),
     };
     let (mode, mut datapath) = match args.steering {
-        SteeringMode::Ebpf => (SteeringMode::Ebpf, Some(ebpf_datapath(dp_config, &policy)?)),
+        SteeringMode::Ebpf => (
+            SteeringMode::Ebpf,
+            Some(ebpf_datapath(dp_config.clone(), &policy)?),
+        ),
         SteeringMode::Auto => match ebpf_datapath(dp_config, &policy) {
             Ok(dp) => (SteeringMode::Ebpf, Some(dp)),
             Err(e) => {
@@ -179,14 +183,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    info!("shutting down; removing steering");
-    // Dropping the datapath detaches its programs (nothing is pinned yet).
     let _ = steer;
     drop(datapath);
-    if mode != SteeringMode::None
-        && let Err(e) = steering::remove(&steer_cfg)
-    {
-        error!(error = %e, "could not remove steering; run `weir cleanup`");
+    match mode {
+        SteeringMode::Ebpf => info!(
+            bpf_root = %args.bpf_root.display(),
+            "shutting down; the eBPF datapath stays attached and pinned, enforcing L3/L4 \
+             (flows to the proxy wait for the next weir); `weir cleanup` removes it"
+        ),
+        SteeringMode::None => info!("shutting down"),
+        _ => {
+            info!("shutting down; removing steering");
+            if let Err(e) = steering::remove(&steer_cfg) {
+                error!(error = %e, "could not remove steering; run `weir cleanup`");
+            }
+        }
     }
     let _ = std::fs::remove_file(&ready);
     result

@@ -91,6 +91,25 @@ pub struct Scenario {
     pub weir_log: PathBuf,
     pub flow_log: PathBuf,
     pub state_dir: PathBuf,
+    /// This scenario's own pins, on bpffs.
+    pub bpf_root: PathBuf,
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        // Stop weir, then remove everything it left pinned or installed.
+        self.lab.processes.retain(|p| p.name != "weir");
+        let _ = self
+            .lab
+            .node
+            .command(weir_bin().to_str().unwrap_or("weir"))
+            .args(["cleanup", "--bpf-root"])
+            .arg(&self.bpf_root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.bpf_root);
+    }
 }
 
 impl Scenario {
@@ -114,6 +133,7 @@ impl Scenario {
             weir_log: dir.0.join("weir.log"),
             flow_log: dir.0.join("flows.jsonl"),
             state_dir: dir.0.join("state"),
+            bpf_root: PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix("weir-test"))),
             lab,
             dir,
         })
@@ -170,7 +190,8 @@ impl Scenario {
             .arg(&self.state_dir)
             .arg("--flow-log")
             .arg(&self.flow_log)
-            .args(["--bpf-root", self.path("bpf").to_str().unwrap()])
+            .arg("--bpf-root")
+            .arg(&self.bpf_root)
             .args(["--api-socket", self.path("weir.sock").to_str().unwrap()])
             .args(extra_args)
             .env("WEIR_LOG", "debug")
@@ -225,10 +246,11 @@ impl Scenario {
     pub fn raw(&self, from: &str, dst: &str, port: u16, bytes: &[u8], wait: Duration) -> Vec<u8> {
         let input = self.path(&lab::unique_prefix("raw"));
         std::fs::write(&input, bytes).unwrap();
+        // A dropped SYN must not wait for the kernel's ~2 min of retries.
         let target = if dst.contains(':') {
-            format!("TCP:[{dst}]:{port}")
+            format!("TCP:[{dst}]:{port},connect-timeout=3")
         } else {
-            format!("TCP:{dst}:{port}")
+            format!("TCP:{dst}:{port},connect-timeout=3")
         };
         let out = self
             .lab

@@ -212,15 +212,14 @@ fn l7_flows_reach_the_proxy_through_sk_assign() {
 }
 
 #[test]
-fn programs_are_detached_and_rules_removed_on_exit() {
+fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     let Some(mut s) = Scenario::star_wars("ebpf-exit") else {
         return;
     };
     s.start_deathstar(&[]);
-    s.start_weir(L7_POLICY, &["--steering", "ebpf"]);
-    let show = |s: &Scenario| {
-        s.run_in_node(&[weir_tests::weir_bin().to_str().unwrap(), "datapath", "show"])
-    };
+    s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
+    let weir = weir_tests::weir_bin();
+    let show = |s: &Scenario| s.run_in_node(&[weir.to_str().unwrap(), "datapath", "show"]);
     let attached = show(&s);
     // One veth per workload, both directions (program names are cut to 15 bytes).
     for iface in ["weirv0", "weirv1", "weirv2"] {
@@ -235,9 +234,42 @@ fn programs_are_detached_and_rules_removed_on_exit() {
     }
     let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
     assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
-    let after = show(&s);
-    assert!(after.trim().is_empty(), "{after}");
-    assert!(!s.run_in_node(&["ip", "rule", "show"]).contains("proto 119"));
+    // Without weir the kernel still enforces L3/L4.
+    assert_eq!(show(&s), attached);
+    assert_eq!(
+        status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000"
+    );
+    // Something of someone else's on the same interface must survive cleanup.
+    s.run_in_node(&["nft", "add", "table", "inet", "someone_else"]);
+    s.run_in_node(&["ip", "rule", "add", "fwmark", "0x42", "lookup", "42"]);
+    s.run_in_node(&[
+        weir.to_str().unwrap(),
+        "cleanup",
+        "--bpf-root",
+        s.bpf_root.to_str().unwrap(),
+    ]);
+    assert!(show(&s).trim().is_empty(), "{}", show(&s));
+    assert!(!s.bpf_root.exists(), "pins left behind");
+    let rules = s.run_in_node(&["ip", "rule", "show"]);
+    assert!(
+        !rules.contains("proto 119") && rules.contains("lookup 42"),
+        "{rules}"
+    );
+    let nft = s.run_in_node(&["nft", "list", "tables"]);
+    assert!(
+        nft.contains("someone_else") && !nft.contains("weir"),
+        "{nft}"
+    );
+    // And with nothing of weir's left, the xwing gets through again.
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
 }
 
 const CIDR_POLICY: &str = r#"
@@ -304,4 +336,104 @@ fn cidr_except_deny_and_port_ranges_in_the_kernel() {
             && f["policy"] == "denied by mixed spec.ingressDeny[0].toPorts[0]"),
         "deny drops name their rule: {flows:#?}"
     );
+}
+
+#[test]
+fn established_flows_continue_byte_exact_across_a_weir_restart() {
+    let Some(mut s) = Scenario::star_wars("ebpf-restart") else {
+        return;
+    };
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bulk}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+"#;
+    // 240 MB at 20 MB/s: about 12 s on the wire.
+    let src = s.path("bulk.bin");
+    let dst = s.path("received.bin");
+    let made = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("head -c 251658240 /dev/urandom > {}", src.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut sink = s.lab.workload("deathstar").ns.command("socat");
+    sink.args([
+        "-u",
+        "TCP-LISTEN:9000,reuseaddr",
+        &format!("OPEN:{},creat,trunc", dst.display()),
+    ]);
+    s.lab.spawn("sink", sink).unwrap();
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 9000, Duration::from_secs(5))
+        .ok();
+    // wait_for_tcp's probe connection consumed the listener: start a fresh one.
+    s.lab.processes.retain(|p| p.name != "sink");
+    let mut sink = s.lab.workload("deathstar").ns.command("socat");
+    sink.args([
+        "-u",
+        "TCP-LISTEN:9000,reuseaddr",
+        &format!("OPEN:{},creat,trunc", dst.display()),
+    ]);
+    s.lab.spawn("sink", sink).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    s.start_weir(policy, &["--steering", "ebpf"]);
+    let mut sender = s.lab.workload("tiefighter").ns.command("sh");
+    sender.args([
+        "-c",
+        &format!(
+            "pv -q -L 20m {} | socat -u - TCP:{DEATHSTAR4}:9000",
+            src.display()
+        ),
+    ]);
+    s.lab.spawn("sender", sender).unwrap();
+
+    std::thread::sleep(Duration::from_secs(3));
+    let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
+    s.lab.processes.retain(|p| p.name != "weir");
+    // While weir is down the kernel still enforces: the xwing stays out.
+    let probe = s.raw(
+        "xwing",
+        DEATHSTAR4,
+        9000,
+        b"intruder",
+        Duration::from_secs(2),
+    );
+    assert!(probe.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    s.start_weir(policy, &["--steering", "ebpf"]);
+    assert!(
+        s.weir_log_text().contains("adopted pinned eBPF state"),
+        "{}",
+        s.weir_log_text()
+    );
+
+    let sender = s
+        .lab
+        .processes
+        .iter_mut()
+        .find(|p| p.name == "sender")
+        .unwrap();
+    let done = weir_tests::lab::wait_until(Duration::from_secs(40), || !sender.alive());
+    assert!(done.is_ok(), "the transfer did not finish");
+    let sink = s
+        .lab
+        .processes
+        .iter_mut()
+        .find(|p| p.name == "sink")
+        .unwrap();
+    assert!(weir_tests::lab::wait_until(Duration::from_secs(10), || !sink.alive()).is_ok());
+    let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    // Exactly the sender's bytes: the xwing's probe never reached the sink.
+    assert_eq!(a.len(), b.len(), "bytes received");
+    assert!(a == b, "received bytes differ from the sent ones");
 }

@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod maps;
+pub mod pins;
 pub mod policy_map;
 
 use std::collections::{HashMap, HashSet};
@@ -55,17 +56,31 @@ pub enum DatapathError {
 const FROM_ENDPOINT: &str = "weir_from_endpoint";
 const TO_ENDPOINT: &str = "weir_to_endpoint";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DatapathConfig {
     pub proxy_port: u16,
     pub mark: u32,
+    /// Where maps and links are pinned (`--bpf-root`); `None` pins nothing and the
+    /// datapath goes away with the process.
+    pub bpf_root: Option<std::path::PathBuf>,
 }
+
+const MAPS: [&str; 8] = [
+    "weir_counters",
+    "weir_endpoints",
+    "weir_ipcache",
+    "weir_policy",
+    "weir_ct",
+    "weir_config",
+    "weir_events",
+    "weir_event_layout",
+];
 
 pub struct Datapath {
     ebpf: Ebpf,
     config: DatapathConfig,
     generation: u32,
-    installed_policy: HashSet<PolicyKey>,
+    installed_policy: HashSet<(u32, [u8; 16])>,
     installed_endpoints: HashSet<EndpointKey>,
     installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
     attached: HashSet<String>,
@@ -82,7 +97,18 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
 impl Datapath {
     /// Loads the embedded object and its programs (the verifier runs here).
     pub fn load(config: DatapathConfig) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(weir_redirect_ebpf::OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        let map_dir = config.bpf_root.as_deref().map(pins::maps_dir);
+        if let (Some(root), Some(dir)) = (&config.bpf_root, &map_dir) {
+            pins::prepare(root).map_err(|e| DatapathError::Map {
+                map: "(pins)",
+                detail: format!("{}: {e}", root.display()),
+            })?;
+            for m in MAPS {
+                loader.map_pin_path(m, dir.join(m));
+            }
+        }
+        let mut ebpf = loader.load(weir_redirect_ebpf::OBJECT)?;
         for name in [FROM_ENDPOINT, TO_ENDPOINT] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -110,8 +136,68 @@ impl Datapath {
             attached: HashSet::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
         };
+        dp.adopt()?;
         dp.write_config()?;
         Ok(dp)
+    }
+
+    /// Learns what pinned maps from an earlier run already hold, so the first
+    /// `sync` removes what no longer applies, and continues its generation count.
+    fn adopt(&mut self) -> Result<(), DatapathError> {
+        {
+            let m: BpfHashMap<&MapData, EndpointKey, EndpointInfo> = BpfHashMap::try_from(
+                self.ebpf
+                    .map("weir_endpoints")
+                    .expect("object has weir_endpoints"),
+            )
+            .map_err(map_err("weir_endpoints"))?;
+            self.installed_endpoints = m.keys().filter_map(Result::ok).collect();
+        }
+        {
+            let m: LpmTrie<&MapData, [u8; 16], PolicyValue> = LpmTrie::try_from(
+                self.ebpf
+                    .map("weir_policy")
+                    .expect("object has weir_policy"),
+            )
+            .map_err(map_err("weir_policy"))?;
+            self.installed_policy = m
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| (k.prefix_len(), k.data()))
+                .collect();
+        }
+        {
+            let m: LpmTrie<&MapData, [u32; 5], IpcacheValue> = LpmTrie::try_from(
+                self.ebpf
+                    .map("weir_ipcache")
+                    .expect("object has weir_ipcache"),
+            )
+            .map_err(map_err("weir_ipcache"))?;
+            self.installed_ipcache = m
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| {
+                    let d = k.data();
+                    (k.prefix_len(), [d[1], d[2], d[3], d[4]], d[0])
+                })
+                .collect();
+        }
+        let cfg: Array<&MapData, Config> = Array::try_from(
+            self.ebpf
+                .map("weir_config")
+                .expect("object has weir_config"),
+        )
+        .map_err(map_err("weir_config"))?;
+        self.generation = cfg.get(&0, 0).map(|c| c.policy_generation).unwrap_or(0);
+        if !self.installed_policy.is_empty() {
+            info!(
+                endpoints = self.installed_endpoints.len(),
+                policy_entries = self.installed_policy.len(),
+                generation = self.generation,
+                "adopted pinned eBPF state from an earlier run"
+            );
+        }
+        Ok(())
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {
@@ -226,7 +312,13 @@ impl Datapath {
         self.installed_ipcache = cache.keys().copied().collect();
         // Policy.
         let keyed: Vec<(PolicyKey, PolicyValue)> = entries.iter().map(policy_kv).collect();
-        let new_keys: HashSet<PolicyKey> = keyed.iter().map(|(k, _)| *k).collect();
+        let new_keys: HashSet<(u32, [u8; 16])> = keyed
+            .iter()
+            .map(|(k, _)| {
+                let lk = lpm_key(k);
+                (lk.prefix_len(), lk.data())
+            })
+            .collect();
         {
             let mut m: LpmTrie<&mut MapData, [u8; 16], PolicyValue> = LpmTrie::try_from(
                 self.ebpf
@@ -243,7 +335,7 @@ impl Datapath {
                 .iter()
                 .filter(|k| !new_keys.contains(k))
             {
-                let _ = m.remove(&lpm_key(stale));
+                let _ = m.remove(&Key::new(stale.0, stale.1));
             }
         }
         self.installed_policy = new_keys;
@@ -278,20 +370,49 @@ impl Datapath {
             if self.attached.contains(&iface) {
                 continue;
             }
-            for (name, at) in [
-                (FROM_ENDPOINT, TcAttachType::Ingress),
-                (TO_ENDPOINT, TcAttachType::Egress),
+            for (name, at, dir) in [
+                (FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
+                (TO_ENDPOINT, TcAttachType::Egress, "egress"),
             ] {
+                let pin = self
+                    .config
+                    .bpf_root
+                    .as_deref()
+                    .map(|r| pins::links_dir(r).join(format!("{iface}-{dir}")));
                 let prog: &mut SchedClassifier = self
                     .ebpf
                     .program_mut(name)
                     .and_then(|p| p.try_into().ok())
                     .expect("loaded in Datapath::load");
-                prog.attach(&iface, at).map_err(|e| DatapathError::Attach {
+                let attach_err = |detail: String| DatapathError::Attach {
                     program: name,
                     iface: iface.clone(),
-                    detail: format!("{e:#}"),
-                })?;
+                    detail,
+                };
+                // A link pinned by an earlier run: swap our program into it, so
+                // enforcement never has a gap.
+                if let Some(old) = pin.as_deref().and_then(pins::pinned_link) {
+                    let link = old
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+                    prog.attach_to_link(link)
+                        .map_err(|e| attach_err(format!("{e:#}")))?;
+                    continue;
+                }
+                let id = prog
+                    .attach(&iface, at)
+                    .map_err(|e| attach_err(format!("{e:#}")))?;
+                if let Some(pin) = pin {
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|e| attach_err(format!("{e:#}")))?;
+                    let fd_link: aya::programs::links::FdLink = link
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+                    fd_link.pin(&pin).map_err(|e| {
+                        attach_err(format!("pinning the link at {}: {e}", pin.display()))
+                    })?;
+                }
             }
             info!(%iface, "attached tc programs");
             self.attached.insert(iface);

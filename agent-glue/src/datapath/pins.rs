@@ -1,0 +1,103 @@
+//! Pins under `--bpf-root`: maps and TCX links live in `<bpf-root>/v<layout>/`, so a
+//! stopped weir leaves enforcement running and a restarted one adopts it. A
+//! directory of another layout version is replaced, with a log line; `weir cleanup`
+//! removes everything under the root.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use tracing::{info, warn};
+
+use super::maps::LAYOUT_VERSION;
+
+/// `<bpf-root>/v<LAYOUT_VERSION>`.
+pub fn layout_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+pub fn maps_dir(root: &Path) -> PathBuf {
+    layout_dir(root).join("maps")
+}
+
+pub fn links_dir(root: &Path) -> PathBuf {
+    layout_dir(root).join("links")
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next(), f.next());
+        fstype == Some("bpf") && mnt.is_some_and(|m| path.starts_with(m))
+    })
+}
+
+/// Makes sure `root` is on a bpffs (mounting /sys/fs/bpf when that is where it
+/// lives) and prepares this layout's directories, replacing other layouts.
+pub fn prepare(root: &Path) -> io::Result<()> {
+    if !is_bpffs(root) {
+        if root.starts_with("/sys/fs/bpf") {
+            info!("mounting bpffs at /sys/fs/bpf");
+            let status = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status()?;
+            if !status.success() || !is_bpffs(root) {
+                return Err(io::Error::other("could not mount bpffs at /sys/fs/bpf"));
+            }
+        } else {
+            return Err(io::Error::other(format!(
+                "--bpf-root {} is not on a bpf filesystem",
+                root.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(root)?;
+    for entry in std::fs::read_dir(root)?.filter_map(Result::ok) {
+        let p = entry.path();
+        if p != layout_dir(root) {
+            warn!(
+                path = %p.display(),
+                "pinned eBPF state of another layout version; replacing it"
+            );
+            remove_tree(&p)?;
+        }
+    }
+    std::fs::create_dir_all(maps_dir(root))?;
+    std::fs::create_dir_all(links_dir(root))?;
+    Ok(())
+}
+
+/// A pinned link, if one is at `path`.
+pub fn pinned_link(path: &Path) -> Option<FdLink> {
+    PinnedLink::from_pin(path).ok().map(FdLink::from)
+}
+
+/// Detaches every pinned link under `dir` and removes all pins below it.
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut links = Vec::new();
+    collect_files(dir, &mut links)?;
+    for f in &links {
+        // A pinned link detaches once its pin is gone and no process holds it.
+        if let Ok(link) = PinnedLink::from_pin(f) {
+            let _ = link.unpin();
+        }
+    }
+    std::fs::remove_dir_all(dir)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    for e in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            collect_files(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
