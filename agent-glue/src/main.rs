@@ -2,11 +2,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// The data plane allocates small, short-lived buffers per request; mimalloc
-// handles that pattern with less CPU than glibc malloc (see README, Performance).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = weir_agent::cli::Cli::parse();
     weir_agent::cli::main(cli)

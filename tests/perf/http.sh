@@ -35,10 +35,14 @@ for t in "$WEIR" "$ENVOY" h2load nginx taskset nsenter; do
 done
 
 in_ns() { local ns=$1; shift; nsenter --net=/run/netns/"$ns" -- "$@"; }
+BPF_ROOT=/sys/fs/bpf/weir-perf-$$
 cleanup() {
+  # Everything this run started names its work directory on its command line.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  pkill -TERM -f "$WORK" 2>/dev/null || true
+  sleep 0.5
+  pkill -KILL -f "$WORK" 2>/dev/null || true
+  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
   for ns in $CLI $SRV $NODE; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
@@ -171,7 +175,8 @@ start_sut() {
     weir)
       rm -rf "$WORK/state"
       in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers 1 --state-dir "$WORK/state" --flow-log /dev/null 2>"$WORK/weir.log" & SUT_PID=$!
+        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --flow-log /dev/null \
+        2>"$WORK/weir.log" & SUT_PID=$!
       for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
       URL=http://10.200.0.10/1k ;;
     envoy)
@@ -189,6 +194,7 @@ start_sut() {
 }
 stop_sut() {
   [ -n "$SUT_PID" ] || return 0
+  if [ "${DEBUG:-0}" = 1 ]; then tail -5 "$WORK"/*.log >&2 2>/dev/null || true; fi
   pkill -TERM -P "$SUT_PID" 2>/dev/null || true; kill -TERM "$SUT_PID" 2>/dev/null || true
   wait "$SUT_PID" 2>/dev/null || true
   sleep 0.5
@@ -251,7 +257,7 @@ measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fi
   echo "$reqs $rps $cpu_us $p50 $p99 $rss $cpu0 $fixed_cpu"
 }
 
-CANDIDATES=(direct weir envoy nginx)
+read -r -a CANDIDATES <<< "${CANDIDATES:-direct weir envoy nginx}"
 declare -A R
 echo "weir HTTP/1.1 benchmark: ${RUNS} x ${DURATION}s interleaved, ${CONNS} conns (throughput), ${RATE} req/s (latency)"
 echo "SUT on CPU 1 (1 worker); h2load + upstream nginx on CPU 0; 1 KB responses; 100 rules (weir, Envoy)"

@@ -378,7 +378,7 @@ impl Datapath {
                     .config
                     .bpf_root
                     .as_deref()
-                    .map(|r| pins::links_dir(r).join(format!("{iface}-{dir}")));
+                    .map(|r| pins::link_pin(r, &iface, dir));
                 let prog: &mut SchedClassifier = self
                     .ebpf
                     .program_mut(name)

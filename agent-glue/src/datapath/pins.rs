@@ -69,6 +69,25 @@ pub fn prepare(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// This network namespace's identity (its inode), so link pins of different
+/// namespaces with equal interface names never meet.
+pub fn netns_id() -> String {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|p| {
+            let s = p.to_string_lossy().into_owned();
+            s.strip_prefix("net:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Where the link of `iface`/`dir` in this namespace is pinned.
+pub fn link_pin(root: &Path, iface: &str, dir: &str) -> PathBuf {
+    links_dir(root).join(format!("{}-{iface}-{dir}", netns_id()))
+}
+
 /// A pinned link, if one is at `path`.
 pub fn pinned_link(path: &Path) -> Option<FdLink> {
     PinnedLink::from_pin(path).ok().map(FdLink::from)

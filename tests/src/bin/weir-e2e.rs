@@ -3,11 +3,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// The data plane allocates small, short-lived buffers per request; mimalloc
-// handles that pattern with less CPU than glibc malloc (see README, Performance).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     weir_agent::cli::main(weir_agent::cli::Cli::parse())
 }
