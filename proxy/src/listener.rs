@@ -70,6 +70,8 @@ pub struct ConnContext {
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
     cached: Mutex<Option<Decision>>,
+    /// This client connection's own upstream connection (HTTP/1).
+    pub upstream: Mutex<Option<hyper::client::conn::http1::SendRequest<hyper::body::Incoming>>>,
 }
 
 #[derive(Clone)]
@@ -86,6 +88,7 @@ impl ConnContext {
             client,
             orig_dst,
             cached: Mutex::new(None),
+            upstream: Mutex::new(None),
         }
     }
 

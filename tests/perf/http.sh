@@ -190,13 +190,16 @@ start_sut() {
   for _ in $(seq 100); do
     in_ns $CLI curl -sf -o /dev/null --max-time 1 "$URL" && return 0; sleep 0.1
   done
-  echo "$1 did not come up"; cat "$WORK"/*.log 2>/dev/null | tail -20; exit 1
+  { echo "$1 did not come up"; tail -20 "$WORK"/*.log 2>/dev/null; } >&2; exit 1
 }
 stop_sut() {
   [ -n "$SUT_PID" ] || return 0
   if [ "${DEBUG:-0}" = 1 ]; then tail -5 "$WORK"/*.log >&2 2>/dev/null || true; fi
   pkill -TERM -P "$SUT_PID" 2>/dev/null || true; kill -TERM "$SUT_PID" 2>/dev/null || true
   wait "$SUT_PID" 2>/dev/null || true
+  # A stopped weir leaves its eBPF datapath enforcing; remove it before the next
+  # candidate runs.
+  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
   sleep 0.5
 }
 # CPU ticks of the SUT's whole process tree (nsenter → taskset → process → workers).

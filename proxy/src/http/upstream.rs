@@ -9,10 +9,12 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
+use tokio::net::TcpStream;
 
 use super::ProxyBody;
 use crate::ProxyConfig;
@@ -97,23 +99,117 @@ impl Upstream {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(dst.as_str())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| UpstreamError::Request(e.to_string()))?;
+        let downstream_http2 = parts.version == Version::HTTP_2;
+        // The pool wants an absolute URI (it picks the connection by authority);
+        // a connection of our own is sent the origin form, as HTTP/1.1 requires.
+        parts.uri = if downstream_http2 {
+            Uri::builder()
+                .scheme("http")
+                .authority(dst.as_str())
+                .path_and_query(pq)
+                .build()
+        } else {
+            Uri::builder().path_and_query(pq).build()
+        }
+        .map_err(|e| UpstreamError::Request(e.to_string()))?;
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        let fut = self.client.request(Request::from_parts(parts, body));
-        let resp = match tokio::time::timeout(self.response_timeout, fut).await {
-            Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
-            Ok(Err(e)) => return Err(classify(dst, &e, self.connect_timeout)),
-            Ok(Ok(r)) => r,
+        let req = Request::from_parts(parts, body);
+        let resp = if downstream_http2 {
+            // Multiplexed requests share the pool.
+            let fut = self.client.request(req);
+            match tokio::time::timeout(self.response_timeout, fut).await {
+                Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
+                Ok(Err(e)) => return Err(classify(dst, &e, self.connect_timeout)),
+                Ok(Ok(r)) => r,
+            }
+        } else {
+            let fut = self.sticky(ctx, req);
+            match tokio::time::timeout(self.response_timeout, fut).await {
+                Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
+                Ok(r) => r?,
+            }
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+}
+
+impl Upstream {
+    /// HTTP/1 requests on one client connection come one at a time, so each client
+    /// connection keeps its own upstream connection: it is always free when the
+    /// next request arrives (a shared pool can race and open a new one), and the
+    /// upstream is keyed by (client, original destination) by construction.
+    async fn sticky(
+        &self,
+        ctx: &ConnContext,
+        mut req: Request<Incoming>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let dst = ctx.orig_dst.to_string();
+        let kept = ctx
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|s| !s.is_closed());
+        let mut sender = match kept {
+            Some(s) => s,
+            None => self.connect(ctx).await?,
+        };
+        // One retry, only for a request the old connection never wrote (e.g. the
+        // server closed an idle keep-alive connection).
+        for attempt in 0..2 {
+            if sender.ready().await.is_err() {
+                sender = self.connect(ctx).await?;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    *ctx.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => {
+                        req = unsent;
+                        sender = self.connect(ctx).await?;
+                    }
+                    _ => {
+                        let err = e.into_error();
+                        return Err(UpstreamError::Failed(dst, err.to_string()));
+                    }
+                },
+            }
+        }
+        Err(UpstreamError::Failed(
+            dst,
+            "upstream connection closed twice".into(),
+        ))
+    }
+
+    async fn connect(
+        &self,
+        ctx: &ConnContext,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let dst = ctx.orig_dst.to_string();
+        let connecting = TcpStream::connect(ctx.orig_dst);
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(UpstreamError::Timeout(dst, self.connect_timeout));
+            }
+            Ok(Err(e)) => return Err(UpstreamError::Unavailable(dst, e.to_string())),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Failed(dst, e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 }
 
