@@ -113,6 +113,10 @@ pub struct SteeringArgs {
     /// Routing table that delivers marked packets locally.
     #[arg(long, default_value_t = 119)]
     pub route_table: u32,
+    /// SO_MARK on the proxy's upstream sockets (which connect from the client's
+    /// address); must not match --fwmark's bits.
+    #[arg(long, default_value = "0x7800", value_parser = parse_mark)]
+    pub upstream_mark: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -83,7 +83,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pool_max_idle_per_upstream: args.pool_max_idle,
         pool_idle_timeout: args.pool_idle_timeout,
         node_name: args.node_name.clone(),
+        // Replies to the client's address need steering to come back to the proxy.
+        upstream_mark: (args.steering != SteeringMode::None)
+            .then_some(args.steering_args.upstream_mark),
     };
+    let (fw, up) = (args.steering_args.fwmark, args.steering_args.upstream_mark);
+    if up & fw == fw {
+        bail!(
+            "--upstream-mark {up:#x} must not carry all of --fwmark's bits ({fw:#x}): the proxy's own packets would be delivered locally"
+        );
+    }
     let shared = Shared::new(policy.clone(), flow_sink(args.flow_log.as_deref())?, config);
     let listeners = listener::bind(args.proxy_port).with_context(|| {
         format!(
@@ -99,6 +108,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dp_config = DatapathConfig {
         proxy_port: args.proxy_port,
         mark: args.steering_args.fwmark,
+        upstream_mark: args.steering_args.upstream_mark,
         bpf_root: Some(args.bpf_root.clone()),
     };
     let (mode, mut datapath) = match args.steering {

@@ -20,6 +20,9 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// Written into flow records.
     pub node_name: String,
+    /// When set, HTTP/1 upstream connections leave from the client's own address
+    /// with this SO_MARK (the steering delivers the replies back to the proxy).
+    pub upstream_mark: Option<u32>,
 }
 
 impl Default for ProxyConfig {
@@ -33,6 +36,7 @@ impl Default for ProxyConfig {
             pool_max_idle_per_upstream: 64,
             pool_idle_timeout: Duration::from_secs(90),
             node_name: "weir".to_string(),
+            upstream_mark: None,
         }
     }
 }

@@ -33,3 +33,28 @@ pub fn transparent_sockets_available() -> bool {
         .and_then(|s| s.set_ip_transparent_v4(true))
         .is_ok()
 }
+
+/// An upstream socket that connects from `local` — the client's address — rather
+/// than the node's (IP_TRANSPARENT lets it bind an address that is not local), with
+/// SO_MARK set so the datapath recognises the proxy's own traffic and never steers
+/// it to the proxy a second time.
+pub fn transparent_upstream_socket(
+    local: std::net::IpAddr,
+    mark: u32,
+) -> io::Result<tokio::net::TcpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(SocketAddr::new(local, 0)),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if local.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(local, 0).into())?;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}

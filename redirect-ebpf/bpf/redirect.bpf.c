@@ -300,6 +300,46 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 	return 0;
 }
 
+/* Delivers a server's reply to the proxy's transparent upstream socket (its local
+ * address is the client's); 0 on success. */
+static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow *f,
+					      struct weir_config *cfg)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	__u32 len;
+	long err;
+
+	if (f->key.protocol != IPPROTO_TCP)
+		return -1;
+	if (f->key.family == 4) {
+		t.ipv4.saddr = f->key.saddr[0];
+		t.ipv4.daddr = f->key.daddr[0];
+		t.ipv4.sport = f->key.sport;
+		t.ipv4.dport = f->key.dport;
+		len = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, f->key.saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, f->key.daddr, 16);
+		t.ipv6.sport = f->key.sport;
+		t.ipv6.dport = f->key.dport;
+		len = sizeof(t.ipv6);
+	}
+	sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return -1;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return -1;
+	skb->mark = cfg->mark;
+	return 0;
+}
+
 static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *f,
 					    struct weir_config *cfg, __u32 src_id, __u32 dst_id)
 {
@@ -341,6 +381,14 @@ int weir_from_endpoint(struct __sk_buff *skb)
 	if (ct) {
 		/* A reply: the flow was decided when it started. */
 		ct->last_seen_ns = bpf_ktime_get_ns();
+		if (ct->verdict == WEIR_PROXY_LEG) {
+			if (to_upstream_socket(skb, &f, cfg) == 0) {
+				count(WEIR_COUNTER_REDIRECTED, skb);
+				return TC_ACT_OK;
+			}
+			count(WEIR_COUNTER_DROPPED, skb);
+			return TC_ACT_SHOT;
+		}
 		count(WEIR_COUNTER_ALLOWED, skb);
 		return TC_ACT_OK;
 	}
@@ -405,6 +453,18 @@ int weir_to_endpoint(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	dst_ep = endpoint(f.key.daddr, f.key.family);
 	dst_id = identity_of(dst_ep, f.key.daddr, f.key.family);
+	if (cfg->upstream_mark && skb->mark == cfg->upstream_mark) {
+		/* The proxy's upstream leg, from the client's own address: the proxy
+		 * already decided it; remember it so the replies come back to the proxy. */
+		entry.verdict = WEIR_PROXY_LEG;
+		entry.src_identity = identity_of(endpoint(f.key.saddr, f.key.family), f.key.saddr,
+						 f.key.family);
+		entry.dst_identity = dst_id;
+		entry.policy_generation = cfg->policy_generation;
+		entry.last_seen_ns = bpf_ktime_get_ns();
+		bpf_map_update_elem(&weir_ct, &f.key, &entry, BPF_ANY);
+		return TC_ACT_OK;
+	}
 	if (skb->ingress_ifindex == 0) {
 		/* Originated on the node: the proxy's upstream leg (already decided by the
 		 * proxy) or the host itself. Track it so the replies pass. */

@@ -11,7 +11,7 @@
 #include <linux/types.h>
 
 /* Bumped whenever a struct below changes; pinned maps of another version are replaced. */
-#define WEIR_LAYOUT_VERSION 1
+#define WEIR_LAYOUT_VERSION 2
 
 enum weir_counter_index {
 	WEIR_COUNTER_SEEN = 0,
@@ -74,6 +74,9 @@ enum weir_verdict {
 	WEIR_DROP = 0,
 	WEIR_ALLOW = 1,
 	WEIR_REDIRECT = 2,
+	/* conntrack only: the proxy's upstream leg, sent from the client's address;
+	 * the server's replies go to the proxy's socket, not to the client. */
+	WEIR_PROXY_LEG = 3,
 };
 
 struct weir_policy_value {
@@ -108,7 +111,7 @@ struct weir_config {
 	__u32 proxy_port; /* host byte order */
 	__u32 mark;       /* skb->mark for redirected packets (ip rule → local table) */
 	__u32 policy_generation;
-	__u32 pad;
+	__u32 upstream_mark; /* SO_MARK of the proxy's upstream sockets; 0: none */
 };
 
 /* weir_events ring buffer: one per new flow and one per drop. */

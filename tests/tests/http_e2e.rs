@@ -86,8 +86,9 @@ fn allowed_and_denied_requests_share_one_keepalive_connection() {
         "{log:?}"
     );
     assert!(!log.iter().any(|l| l.contains("exhaust-port")));
-    // nginx sees the proxy's address for now, not the client's (transparent
-    // upstream connections come with the eBPF datapath).
+    // The proxy connects upstream from the client's own address: nginx logs the
+    // tiefighter, not the node.
+    assert!(log.iter().all(|l| l.starts_with("10.200.0.20 ")), "{log:?}");
     let flows = s.flows();
     let denied: Vec<_> = flows.iter().filter(|f| f["verdict"] == "DROPPED").collect();
     assert_eq!(denied.len(), 1);

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub struct Config {
     pub proxy_port: u32,
     pub mark: u32,
     pub policy_generation: u32,
-    pub pad: u32,
+    pub upstream_mark: u32,
 }
 
 #[repr(C)]
@@ -289,7 +289,7 @@ mod tests {
             btf,
             "weir_config",
             Config,
-            [proxy_port, mark, policy_generation, pad]
+            [proxy_port, mark, policy_generation, upstream_mark]
         );
         check!(
             btf,

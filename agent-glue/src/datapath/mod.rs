@@ -60,6 +60,9 @@ const TO_ENDPOINT: &str = "weir_to_endpoint";
 pub struct DatapathConfig {
     pub proxy_port: u16,
     pub mark: u32,
+    /// SO_MARK of the proxy's upstream sockets (0: the proxy does not connect
+    /// from the client's address).
+    pub upstream_mark: u32,
     /// Where maps and links are pinned (`--bpf-root`); `None` pins nothing and the
     /// datapath goes away with the process.
     pub bpf_root: Option<std::path::PathBuf>,
@@ -214,7 +217,7 @@ impl Datapath {
                 proxy_port: u32::from(self.config.proxy_port),
                 mark: self.config.mark,
                 policy_generation: self.generation,
-                pad: 0,
+                upstream_mark: self.config.upstream_mark,
             },
             0,
         )

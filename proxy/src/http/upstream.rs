@@ -54,6 +54,7 @@ impl UpstreamError {
 
 pub struct Upstream {
     client: Client<HttpConnector, Incoming>,
+    upstream_mark: Option<u32>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -70,6 +71,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             client,
+            upstream_mark: config.upstream_mark,
             connect_timeout: config.upstream_connect_timeout,
             response_timeout: config.upstream_timeout,
         }
@@ -191,7 +193,16 @@ impl Upstream {
         ctx: &ConnContext,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
-        let connecting = TcpStream::connect(ctx.orig_dst);
+        let connecting = async {
+            match self.upstream_mark {
+                Some(mark) => {
+                    crate::socket::transparent_upstream_socket(ctx.client.ip(), mark)?
+                        .connect(ctx.orig_dst)
+                        .await
+                }
+                None => TcpStream::connect(ctx.orig_dst).await,
+            }
+        };
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
