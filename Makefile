@@ -18,7 +18,7 @@ APT_PEERS := curl nginx-light socat pv
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 
-.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf clean-tools
+.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -70,3 +70,8 @@ perf: deps-perf
 
 clean-tools:
 	rm -rf "$(TOOLS)" "$(VENV)"
+
+perf-l4: deps-perf
+	@./.ci/apt-ensure apache2-utils iperf3 iptables
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/l4.sh

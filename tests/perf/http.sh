@@ -24,7 +24,6 @@ WEIR=${WEIR:-$ROOT/target/release/weir}
 ENVOY=${ENVOY:-$ROOT/.venv/bin/envoy}
 RESULTS=${RESULTS:-$ROOT/tests/perf/results}
 P=wperf$$
-NODE=$P-node CLI=$P-client SRV=$P-server
 WORK=$(mktemp -d /tmp/weir-perf.XXXXXX)
 TICK=$(getconf CLK_TCK)
 PIDS=()
@@ -34,37 +33,20 @@ for t in "$WEIR" "$ENVOY" h2load nginx taskset nsenter; do
   command -v "$t" >/dev/null || [ -x "$t" ] || { echo "missing $t (run: make perf)"; exit 1; }
 done
 
-in_ns() { local ns=$1; shift; nsenter --net=/run/netns/"$ns" -- "$@"; }
+# shellcheck source=tests/perf/lib.sh
+. "$ROOT/tests/perf/lib.sh"
 BPF_ROOT=/sys/fs/bpf/weir-perf-$$
 cleanup() {
-  # Everything this run started names its work directory on its command line.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  pkill -TERM -f "$WORK" 2>/dev/null || true
-  sleep 0.5
-  pkill -KILL -f "$WORK" 2>/dev/null || true
+  kill_work_processes "$WORK"
   in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
-  for ns in $CLI $SRV $NODE; do ip netns del "$ns" 2>/dev/null || true; done
+  remove_topology
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # --- topology: client and server namespaces routed through a node namespace ----
-ip netns add $NODE; ip netns add $CLI; ip netns add $SRV
-in_ns $NODE ip link set lo up
-in_ns $NODE sysctl -qw net.ipv4.ip_forward=1
-i=0
-for pair in "$CLI:10.200.0.20" "$SRV:10.200.0.10"; do
-  ns=${pair%%:*} ip=${pair##*:} hif=pv$i; i=$((i+1))
-  in_ns $NODE ip link add $hif type veth peer name eth0 netns "$ns"
-  in_ns "$ns" ip link set lo up
-  in_ns "$ns" ip addr add "$ip/32" dev eth0
-  in_ns "$ns" ip link set eth0 up
-  in_ns "$ns" ip route add 169.254.1.1 dev eth0 scope link
-  in_ns "$ns" ip route add default via 169.254.1.1 dev eth0
-  in_ns $NODE ip addr add 169.254.1.1/32 dev $hif
-  in_ns $NODE ip link set $hif up
-  in_ns $NODE ip route add "$ip/32" dev $hif
-done
+make_topology
 
 # --- upstream: nginx with a 1 KB response, on CPU 0 -----------------------------
 mkdir -p "$WORK/up" "$WORK/px"
@@ -276,8 +258,6 @@ done
 
 # --- medians, spreads, ratios -------------------------------------------------------
 col() { local c=$1 i=$2; for run in $(seq "$RUNS"); do echo "${R[$c,$run]}" | awk -v i="$i" '{print $i}'; done; }
-median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-spread() { sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s-%s", lo, hi}'; }
 echo
 echo "median (spread) over $RUNS runs"
 printf "%-7s %22s %20s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req@max" "cpu_us/req@fixed" "p50+_us" "p99+_us" "rss_kB"
