@@ -62,7 +62,13 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         }
     };
     let endpoints = match weir_policy::load_endpoints(&args.endpoints) {
-        Ok(e) => e,
+        Ok(mut e) => {
+            if let Err(err) = crate::endpoints::resolve_netns_addresses(&mut e) {
+                eprintln!("{err:#}");
+                return ExitCode::from(1);
+            }
+            e
+        }
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(1);

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod datapath;
 pub mod demo;
 pub mod ebpf;
+pub mod endpoints;
 pub mod explain;
 pub mod lab;
 pub mod run;

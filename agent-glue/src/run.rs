@@ -39,8 +39,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
 pub fn load_and_compile(args: &RunArgs) -> anyhow::Result<CompiledPolicy> {
     let policies = weir_policy::load_policies(&args.policy)
         .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
-    let endpoints = weir_policy::load_endpoints(&args.endpoints)
+    let mut endpoints = weir_policy::load_endpoints(&args.endpoints)
         .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?;
+    crate::endpoints::resolve_netns_addresses(&mut endpoints)?;
     let mut ids = state::load_identities(&args.state_dir);
     let compiled = CompiledPolicy::compile(&policies, &endpoints, &mut ids)?;
     if let Err(e) = state::save_identities(&args.state_dir, &ids) {

@@ -437,3 +437,46 @@ spec:
     assert_eq!(a.len(), b.len(), "bytes received");
     assert!(a == b, "received bytes differ from the sent ones");
 }
+
+#[test]
+fn endpoints_given_by_network_namespace_get_their_addresses_found() {
+    let Some(mut s) = Scenario::star_wars("ebpf-netns") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    let ns = |w: &str| s.lab.workload(w).ns.name().to_string();
+    let endpoints = format!(
+        "endpoints:
+  - {{name: deathstar, netns: {}, labels: {{org: empire, class: deathstar}}}}
+  - {{name: tiefighter, netns: {}, labels: {{org: empire, class: tiefighter}}}}
+  - {{name: xwing, netns: {}, labels: {{org: alliance, class: xwing}}}}
+",
+        ns("deathstar"),
+        ns("tiefighter"),
+        ns("xwing")
+    );
+    std::fs::write(s.path("endpoints.yaml"), endpoints).unwrap();
+    s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
+    assert_eq!(
+        status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
+    assert_eq!(
+        status(&s, "tiefighter", "GET", &format!("http://[{DEATHSTAR6}]/")),
+        "200"
+    );
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000"
+    );
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
+        "000"
+    );
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "DROPPED" && f["source"]["pod_name"] == "xwing")
+    );
+}
