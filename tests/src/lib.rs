@@ -164,13 +164,27 @@ impl Scenario {
             .expect("nginx listening");
     }
 
-    /// Lines of nginx's access log (requests that reached the upstream).
+    /// Lines of nginx's access log (requests that reached the upstream). nginx
+    /// writes a line after it has sent the response, so this waits until the log
+    /// has stopped changing (100 ms apart, at most 3 s).
     pub fn access_log(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.0.join("nginx/access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        let read = || {
+            std::fs::read_to_string(self.dir.0.join("nginx/access.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     /// Starts `weir run` in the node namespace with `policy` and waits until ready.
