@@ -38,10 +38,7 @@ done
 BPF_ROOT=/sys/fs/bpf/weir-perf-$$
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  kill_work_processes "$WORK"
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
-  remove_topology
-  rm -rf "$WORK"
+  cleanup_run
 }
 trap cleanup EXIT
 

@@ -30,13 +30,7 @@ for t in "$WEIR" ab iperf3 iptables-restore nft nginx taskset nsenter; do
   command -v "$t" >/dev/null || [ -x "$t" ] || { echo "missing $t (run: make perf-l4)"; exit 1; }
 done
 
-cleanup() {
-  kill_work_processes "$WORK"
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
-  remove_topology
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap cleanup_run EXIT
 
 make_topology
 in_ns $CLI sysctl -qw net.ipv4.tcp_tw_reuse=1

@@ -37,5 +37,14 @@ kill_work_processes() {
   pkill -KILL -f "$1" 2>/dev/null || true
 }
 
+# cleanup_run: stop everything a run started, remove weir's pins, the namespaces and
+# the work directory. Needs WORK, WEIR and BPF_ROOT.
+cleanup_run() {
+  kill_work_processes "$WORK"
+  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
+  remove_topology
+  rm -rf "$WORK"
+}
+
 median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 spread() { sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s-%s", lo, hi}'; }
