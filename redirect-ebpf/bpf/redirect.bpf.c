@@ -106,7 +106,10 @@ static __always_inline void count(__u32 idx, struct __sk_buff *skb)
 	}
 }
 
-/* Returns 1 for a TCP/UDP packet whose ports could be read, 0 otherwise. */
+/* Returns 1 for a TCP/UDP packet whose ports could be read; 0 for what policy does
+ * not cover (not IP, ICMP/ICMPv6, non-first fragments, which cannot be reassembled
+ * without their policy-checked first fragment); -1 for any other IP packet (other
+ * protocols, IPv6 extension headers, truncated headers), addresses filled in. */
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
 	void *data = (void *)(long)skb->data;
@@ -119,15 +122,19 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
-			return 0;
-		/* Non-first fragments carry no ports. */
-		if (ip->frag_off & bpf_htons(0x1fff))
+		if ((void *)(ip + 1) > data_end)
 			return 0;
 		f->key.family = 4;
 		f->key.protocol = ip->protocol;
 		f->key.saddr[0] = ip->saddr;
 		f->key.daddr[0] = ip->daddr;
+		if (ip->ihl < 5)
+			return -1;
+		/* Non-first fragments carry no ports. */
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return 0;
+		if (ip->protocol == IPPROTO_ICMP)
+			return 0;
 		l4 = (void *)ip + ip->ihl * 4;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -138,6 +145,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->key.protocol = ip6->nexthdr;
 		__builtin_memcpy(f->key.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->key.daddr, &ip6->daddr, 16);
+		if (ip6->nexthdr == IPPROTO_ICMPV6)
+			return 0;
 		l4 = (void *)(ip6 + 1);
 	} else {
 		return 0;
@@ -146,7 +155,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		struct tcphdr *tcp = l4;
 
 		if ((void *)(tcp + 1) > data_end)
-			return 0;
+			return -1;
 		f->key.sport = tcp->source;
 		f->key.dport = tcp->dest;
 		f->tcp_flags = (tcp->syn ? 1 : 0) | (tcp->ack ? 2 : 0);
@@ -156,12 +165,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		struct udphdr *udp = l4;
 
 		if ((void *)(udp + 1) > data_end)
-			return 0;
+			return -1;
 		f->key.sport = udp->source;
 		f->key.dport = udp->dest;
 		return 1;
 	}
-	return 0;
+	return -1;
 }
 
 static __always_inline struct weir_endpoint_info *endpoint(__u32 *addr, __u8 family)
@@ -231,6 +240,23 @@ static __always_inline void event(struct flow *f, __u8 kind, __u8 reason, __u32 
 	e->rule_id = rule_id;
 	e->ifindex = ifindex;
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* An IP packet policy cannot decide: dropped when either end enforces policy. */
+static __always_inline int unsupported(struct __sk_buff *skb, struct flow *f, int check_egress)
+{
+	struct weir_endpoint_info *src = endpoint(f->key.saddr, f->key.family);
+	struct weir_endpoint_info *dst = endpoint(f->key.daddr, f->key.family);
+
+	if ((check_egress && src && (src->flags & WEIR_EP_EGRESS_ENFORCED)) ||
+	    (dst && (dst->flags & WEIR_EP_INGRESS_ENFORCED))) {
+		count(WEIR_COUNTER_DROPPED, skb);
+		event(f, WEIR_EVENT_DROPPED, WEIR_REASON_UNSUPPORTED_PROTOCOL,
+		      identity_of(src, f->key.saddr, f->key.family),
+		      identity_of(dst, f->key.daddr, f->key.family), WEIR_NO_RULE, skb->ifindex);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
 }
 
 static __always_inline void reverse(struct weir_ct_key *fwd, struct weir_ct_key *rev)
@@ -362,11 +388,17 @@ int weir_from_endpoint(struct __sk_buff *skb)
 	struct weir_ct_key rev = {};
 	struct flow f = {};
 	__u8 reason = WEIR_REASON_NONE;
+	int parsed;
 
 	count(WEIR_COUNTER_SEEN, skb);
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
-	if (!cfg || !parse(skb, &f))
+	if (!cfg)
 		return TC_ACT_OK;
+	parsed = parse(skb, &f);
+	if (parsed == 0)
+		return TC_ACT_OK;
+	if (parsed < 0)
+		return unsupported(skb, &f, 1);
 
 	ct = bpf_map_lookup_elem(&weir_ct, &f.key);
 	if (ct && ct->policy_generation == cfg->policy_generation) {
@@ -442,9 +474,21 @@ int weir_to_endpoint(struct __sk_buff *skb)
 	struct weir_ct_key rev = {};
 	struct flow f = {};
 
+	int parsed;
+
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
-	if (!cfg || !parse(skb, &f))
+	if (!cfg)
 		return TC_ACT_OK;
+	parsed = parse(skb, &f);
+	if (parsed == 0)
+		return TC_ACT_OK;
+	if (parsed < 0) {
+		/* Forwarded from outside the node's endpoints (those were checked on
+		 * their own veth); the node's own packets are not policed here. */
+		if (skb->ingress_ifindex == 0 || endpoint(f.key.saddr, f.key.family))
+			return TC_ACT_OK;
+		return unsupported(skb, &f, 0);
+	}
 	ct = bpf_map_lookup_elem(&weir_ct, &f.key);
 	if (ct)
 		return TC_ACT_OK;

@@ -126,6 +126,9 @@ enum weir_drop_reason {
 	WEIR_REASON_POLICY_EGRESS = 1,
 	WEIR_REASON_POLICY_INGRESS = 2,
 	WEIR_REASON_NO_PROXY = 3,
+	/* IP but not TCP/UDP/ICMP (or IPv6 extension headers): policy cannot see its
+	 * ports, so an enforced endpoint does not take it. */
+	WEIR_REASON_UNSUPPORTED_PROTOCOL = 4,
 };
 
 struct weir_event {

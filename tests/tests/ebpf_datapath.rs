@@ -480,3 +480,70 @@ fn endpoints_given_by_network_namespace_get_their_addresses_found() {
             .any(|f| f["verdict"] == "DROPPED" && f["source"]["pod_name"] == "xwing")
     );
 }
+
+#[test]
+fn protocols_policy_cannot_see_are_not_let_through_to_enforced_endpoints() {
+    let Some(mut s) = Scenario::star_wars("ebpf-proto") else {
+        return;
+    };
+    // Raw IP protocol 132 sinks on the deathstar (enforced) and the xwing (not).
+    for (who, family) in [
+        ("deathstar", "IP4-RECV:132"),
+        ("deathstar", "IP6-RECV:132"),
+        ("xwing", "IP4-RECV:132"),
+    ] {
+        let file = s.path(&format!("{who}-{}.bin", family.replace(':', "")));
+        let mut sink = s.lab.workload(who).ns.command("socat");
+        sink.args([
+            "-u",
+            family,
+            &format!("OPEN:{},creat,append", file.display()),
+        ]);
+        s.lab.spawn("raw-sink", sink).unwrap();
+    }
+    s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
+    let send = |to: &str| {
+        let out = s
+            .lab
+            .workload("tiefighter")
+            .ns
+            .command("socat")
+            .args(["-u", "EXEC:echo raw-payload", to])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    send(&format!("IP4-SENDTO:{DEATHSTAR4}:132"));
+    send(&format!("IP6-SENDTO:[{DEATHSTAR6}]:132"));
+    send("IP4-SENDTO:10.200.0.30:132");
+    let got = |name: &str| std::fs::read(s.path(name)).unwrap_or_default();
+    let arrived = weir_tests::lab::wait_until(Duration::from_secs(3), || {
+        got("xwing-IP4-RECV132.bin")
+            .windows(11)
+            .any(|w| w == b"raw-payload")
+    });
+    assert!(
+        arrived.is_ok(),
+        "unenforced endpoint must still get other protocols"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        got("deathstar-IP4-RECV132.bin").is_empty(),
+        "IPv4 protocol 132 reached an enforced endpoint"
+    );
+    assert!(
+        got("deathstar-IP6-RECV132.bin").is_empty(),
+        "IPv6 protocol 132 reached an enforced endpoint"
+    );
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["drop_reason_desc"] == "UNSUPPORTED_L4_PROTOCOL"),
+        "{flows:#?}"
+    );
+}

@@ -98,6 +98,7 @@ pub fn event_flow(
     }
     match (e.kind, e.reason) {
         (2, 3) => flow.drop_reason_desc = Some("PROXY_UNAVAILABLE".into()),
+        (2, 4) => flow.drop_reason_desc = Some("UNSUPPORTED_L4_PROTOCOL".into()),
         (3, _) => flow.summary = "redirected to proxy".into(),
         _ => {}
     }
