@@ -12,7 +12,7 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 
 # Debian packages: build (clang/libbpf for the eBPF objects), run (nft, ip,
 # nsenter), and the real peers the tests and demo use.
-APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config
+APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config protobuf-compiler
 APT_RUN   := iproute2 nftables util-linux procps bpftool
 APT_PEERS := curl nginx-light socat pv
 APT_PERF  := wrk nghttp2-client haproxy

@@ -29,6 +29,8 @@ pub enum Command {
     /// Build a small star-wars node in network namespaces, enforce a policy on it
     /// with real curl requests, print the verdicts, tear it all down.
     Demo,
+    /// Register, list and remove endpoints of a running weir (over --api-socket).
+    Endpoint(crate::api::client::EndpointArgs),
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -138,9 +140,10 @@ pub struct RunArgs {
     /// Policy files or directories (every *.yaml / *.yml in them).
     #[arg(long, required = true)]
     pub policy: Vec<PathBuf>,
-    /// Endpoints file (`endpoints: [{name, ips, labels, ...}]`).
+    /// Endpoints file (`endpoints: [{name, ips, labels, netns, ...}]`); more can be
+    /// registered at run time with `weir endpoint add`.
     #[arg(long)]
-    pub endpoints: PathBuf,
+    pub endpoints: Option<PathBuf>,
     /// Port of the transparent listener.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
@@ -158,7 +161,7 @@ pub struct RunArgs {
     /// cgroup v2 directory for sock_ops programs (never the root cgroup).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
-    /// Local API socket (used by later API work).
+    /// Local API socket (gRPC, mode 0600) for `weir endpoint add|list|remove`.
     #[arg(long, default_value = "/run/weir/weir.sock")]
     pub api_socket: PathBuf,
     /// Write flow records (JSON lines) here instead of stdout.
@@ -209,6 +212,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
         Command::Run(args) => exit_from(run::main(*args)),
         Command::Demo => exit_from(demo::main()),
+        Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");

@@ -1,6 +1,7 @@
 //! weir's control side: loads policy and endpoints, compiles them, runs the proxy,
 //! installs steering, and drives the demo. The `weir` binary is a thin CLI on top.
 
+pub mod api;
 pub mod cli;
 pub mod datapath;
 pub mod demo;
@@ -8,6 +9,7 @@ pub mod ebpf;
 pub mod endpoints;
 pub mod explain;
 pub mod lab;
+pub mod registry;
 pub mod run;
 pub mod state;
 pub mod steering;

@@ -19,10 +19,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 use weir_policy::{CompiledPolicy, Direction, RuleRef};
 
 use maps::*;
@@ -86,7 +87,9 @@ pub struct Datapath {
     installed_policy: HashSet<(u32, [u8; 16])>,
     installed_endpoints: HashSet<EndpointKey>,
     installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
-    attached: HashSet<String>,
+    /// Interfaces with our programs, and the links this process holds for them
+    /// (adopted pinned links, or every link when nothing is pinned).
+    attached: HashMap<String, Vec<(&'static str, SchedClassifierLinkId)>>,
     rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
 }
 
@@ -136,7 +139,7 @@ impl Datapath {
             installed_policy: HashSet::new(),
             installed_endpoints: HashSet::new(),
             installed_ipcache: HashSet::new(),
-            attached: HashSet::new(),
+            attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
         };
         dp.adopt()?;
@@ -370,9 +373,10 @@ impl Datapath {
             }
         }
         for iface in ifaces {
-            if self.attached.contains(&iface) {
+            if self.attached.contains_key(&iface) {
                 continue;
             }
+            let mut held = Vec::new();
             for (name, at, dir) in [
                 (FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
                 (TO_ENDPOINT, TcAttachType::Egress, "egress"),
@@ -398,8 +402,10 @@ impl Datapath {
                     let link = old
                         .try_into()
                         .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-                    prog.attach_to_link(link)
+                    let id = prog
+                        .attach_to_link(link)
                         .map_err(|e| attach_err(format!("{e:#}")))?;
+                    held.push((name, id));
                     continue;
                 }
                 let id = prog
@@ -415,12 +421,53 @@ impl Datapath {
                     fd_link.pin(&pin).map_err(|e| {
                         attach_err(format!("pinning the link at {}: {e}", pin.display()))
                     })?;
+                } else {
+                    held.push((name, id));
                 }
             }
             info!(%iface, "attached tc programs");
-            self.attached.insert(iface);
+            self.attached.insert(iface, held);
         }
         Ok(())
+    }
+
+    /// Detaches from interfaces that no endpoint of `policy` uses any more (an
+    /// endpoint was removed): its pinned links are unpinned and released.
+    pub fn detach_unused(&mut self, policy: &CompiledPolicy) {
+        let in_use: HashSet<String> = policy
+            .endpoints()
+            .iter()
+            .flat_map(|ep| ep.endpoint.ips.iter())
+            .filter_map(|ip| host_interface(*ip).ok())
+            .collect();
+        let stale: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|i| !in_use.contains(*i))
+            .cloned()
+            .collect();
+        for iface in stale {
+            let held = self.attached.remove(&iface).unwrap_or_default();
+            for (name, id) in held {
+                if let Some(prog) = self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                    && let Err(e) = prog.detach(id)
+                {
+                    warn!(%iface, program = name, error = %e, "detaching");
+                }
+            }
+            if let Some(root) = self.config.bpf_root.as_deref() {
+                for dir in ["ingress", "egress"] {
+                    let pin = pins::link_pin(root, &iface, dir);
+                    if let Ok(link) = aya::programs::links::PinnedLink::from_pin(&pin) {
+                        let _ = link.unpin();
+                    }
+                }
+            }
+            info!(%iface, "detached tc programs (no endpoint uses this interface now)");
+        }
     }
 
     /// The verdict-event ring buffer (taken once).

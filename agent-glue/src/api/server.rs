@@ -1,0 +1,233 @@
+//! Serves the API. Requests that change what weir enforces are handed to the run
+//! loop as [`Command`]s, so every change goes through the same compile-and-steer
+//! path as a SIGHUP reload, one at a time.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::pb;
+use crate::registry::ApiEndpoint;
+
+pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
+
+/// What the run loop is asked to do.
+pub enum Command {
+    AddEndpoint(ApiEndpoint, Reply<pb::Endpoint>),
+    ListEndpoints(Reply<Vec<pb::Endpoint>>),
+    RemoveEndpoint(String, Reply<pb::Endpoint>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another weir already serves the API at {0} (use a different --api-socket)")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("binding the API socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Binds the socket (creating its directory), replacing a stale socket left by a
+/// weir that died, and restricts it to its owner (root).
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let io_err = |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_path_buf()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(listener)
+}
+
+/// Serves until the run loop goes away.
+pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+    let svc = pb::endpoints_server::EndpointsServer::new(EndpointsApi { commands });
+    let incoming = UnixListenerStream::new(listener);
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming(incoming)
+        .await
+    {
+        tracing::error!(error = %e, "the local API stopped");
+    }
+}
+
+struct EndpointsApi {
+    commands: mpsc::Sender<Command>,
+}
+
+impl EndpointsApi {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("weir is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("weir is shutting down"))?
+    }
+}
+
+#[tonic::async_trait]
+impl pb::endpoints_server::Endpoints for EndpointsApi {
+    async fn add(
+        &self,
+        request: Request<pb::AddEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let ep = validate_add(request.into_inner())?;
+        info!(endpoint = %ep.name, netns = %ep.netns, "API: add endpoint");
+        self.ask(|r| Command::AddEndpoint(ep, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        let endpoints = self.ask(Command::ListEndpoints).await?;
+        Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        info!(endpoint = %name, "API: remove endpoint");
+        self.ask(|r| Command::RemoveEndpoint(name, r))
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Checks an add request field by field; the namespace itself is read later.
+fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
+    if req.netns.is_empty() {
+        return Err(Status::invalid_argument("netns is required"));
+    }
+    let name = if req.name.is_empty() {
+        Path::new(&req.netns)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        req.name
+    };
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "endpoint name `{name}` must be 1-253 characters of A-Z a-z 0-9 - _ ."
+        )));
+    }
+    for (k, v) in &req.labels {
+        if k.is_empty() || k.contains(['=', ',']) || v.contains(',') {
+            return Err(Status::invalid_argument(format!(
+                "label `{k}={v}`: keys must be non-empty, without `=` or `,`"
+            )));
+        }
+    }
+    let ips = req
+        .ips
+        .iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|_| Status::invalid_argument(format!("`{s}` is not an IP address")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ApiEndpoint {
+        name,
+        netns: req.netns,
+        labels: req.labels.into_iter().collect(),
+        ips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, netns: &str, labels: &[(&str, &str)]) -> pb::AddEndpointRequest {
+        pb::AddEndpointRequest {
+            name: name.into(),
+            netns: netns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips: vec![],
+        }
+    }
+
+    #[test]
+    fn add_requests_are_checked_before_anything_changes() {
+        let ok = validate_add(req("", "/run/netns/xwing", &[("class", "xwing")])).unwrap();
+        assert_eq!(ok.name, "xwing", "the name defaults to the namespace's");
+        assert_eq!(ok.labels["class"], "xwing");
+        for (bad, why) in [
+            (req("a", "", &[]), "netns is required"),
+            (req("a b", "ns", &[]), "must be"),
+            (req("a", "ns", &[("", "v")]), "label"),
+            (
+                pb::AddEndpointRequest {
+                    ips: vec!["10.0.0.300".into()],
+                    ..req("a", "ns", &[])
+                },
+                "not an IP",
+            ),
+        ] {
+            let e = validate_add(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(why), "{}", e.message());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+        let dir = std::env::temp_dir().join(format!("weir-api-{}", std::process::id()));
+        let path = dir.join("sub/weir.sock");
+        let first = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&path), Err(BindError::InUse(_))));
+        drop(first);
+        // The socket file is left behind, as after a crash: replaced.
+        assert!(path.exists());
+        let _second = bind(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("file"), b"x").unwrap();
+        assert!(matches!(
+            bind(&dir.join("file")),
+            Err(BindError::NotASocket(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
