@@ -188,6 +188,12 @@ pub struct RunArgs {
     /// Idle upstream connections are closed after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
+    /// A UDP flow through the proxy ends after this much silence.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
+    /// Most UDP flows through the proxy at once (each holds two sockets).
+    #[arg(long, default_value_t = 8192)]
+    pub udp_max_sessions: usize,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,

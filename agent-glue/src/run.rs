@@ -69,6 +69,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pool_idle_timeout: args.pool_idle_timeout,
         node_name: args.node_name.clone(),
         // Replies to the client's address need steering to come back to the proxy.
+        udp_idle_timeout: args.udp_idle_timeout,
+        udp_max_sessions: args.udp_max_sessions,
         upstream_mark: (args.steering != SteeringMode::None)
             .then_some(args.steering_args.upstream_mark),
     };
@@ -86,6 +88,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
     let api_listener = api::server::bind(&args.api_socket)?;
+    let udp_listeners = weir_proxy::udp::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent UDP listener on port {}",
+            args.proxy_port
+        )
+    })?;
     let steer_cfg = SteeringConfig {
         proxy_port: args.proxy_port,
         fwmark: args.steering_args.fwmark,
@@ -153,6 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut serve = tokio::spawn(listener::serve(shared.clone(), listeners));
+    let mut serve_udp = tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners));
     let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(16);
     let api = tokio::spawn(api::server::serve(api_listener, api_tx));
     std::fs::write(&ready, std::process::id().to_string())
@@ -181,6 +190,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => break Ok(()),
             r = &mut serve => {
                 break Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
+            }
+            r = &mut serve_udp => {
+                break Err(anyhow::anyhow!("UDP listener stopped unexpectedly: {r:?}"));
             }
         }
     };

@@ -5,9 +5,10 @@
 //! `ip rule` and routes carry routing protocol 119 (`proto 119`), so a restart or
 //! `weir cleanup` removes exactly these and nothing else.
 //!
-//! What is steered: every TCP packet addressed to an endpoint that some policy
-//! selects for ingress, and every TCP packet from an endpoint selected for egress.
-//! The proxy then enforces L3/L4 (refusing peers no rule allows) and L7.
+//! What is steered: every TCP and UDP packet addressed to an endpoint that some
+//! policy selects for ingress, and every one from an endpoint selected for egress.
+//! The proxy then enforces L3/L4 (refusing peers no rule allows) and L7. Other IP
+//! protocols to or from those endpoints are dropped: the proxy could not check them.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -156,28 +157,43 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
         ),
         json!({"accept": null}),
     ]));
-    // Packets of connections the proxy already accepted go to that socket.
-    cmds.push(rule(vec![
-        matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
-        matches(json!({"socket": {"key": "transparent"}}), json!(1)),
-        set_mark(cfg.fwmark),
-        json!({"accept": null}),
-    ]));
+    // Packets of connections (and UDP sessions) the proxy already has go to that
+    // socket; so do the servers' replies to its upstream sockets.
+    for proto in ["tcp", "udp"] {
+        cmds.push(rule(vec![
+            matches(json!({"meta": {"key": "l4proto"}}), json!(proto)),
+            matches(json!({"socket": {"key": "transparent"}}), json!(1)),
+            set_mark(cfg.fwmark),
+            json!({"accept": null}),
+        ]));
+    }
     for (family, field, set) in [
         ("ip", "daddr", "@ingress4"),
         ("ip6", "daddr", "@ingress6"),
         ("ip", "saddr", "@egress4"),
         ("ip6", "saddr", "@egress6"),
     ] {
+        for proto in ["tcp", "udp"] {
+            cmds.push(rule(vec![
+                matches(json!({"meta": {"key": "l4proto"}}), json!(proto)),
+                matches(
+                    json!({"payload": {"protocol": family, "field": field}}),
+                    json!(set),
+                ),
+                json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
+                set_mark(cfg.fwmark),
+                json!({"accept": null}),
+            ]));
+        }
+        // Anything else to or from an enforced endpoint (other than ICMP, which
+        // carries the errors of the flows above) is something policy cannot see.
         cmds.push(rule(vec![
-            matches(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
             matches(
                 json!({"payload": {"protocol": family, "field": field}}),
                 json!(set),
             ),
-            json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
-            set_mark(cfg.fwmark),
-            json!({"accept": null}),
+            json!({"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["icmp", "ipv6-icmp"]}}}),
+            json!({"drop": null}),
         ]));
     }
     json!({"nftables": cmds})
@@ -290,6 +306,8 @@ mod tests {
         assert!(text.contains("\"elem\":[\"10.0.0.1\"]"));
         assert!(text.contains("\"elem\":[\"fd00::1\"]"));
         assert!(!text.contains("\"name\":\"egress4\",\"elem\""));
-        assert_eq!(text.matches("\"tproxy\"").count(), 4);
+        // TCP and UDP for each of the four address sets; one drop per set.
+        assert_eq!(text.matches("\"tproxy\"").count(), 8);
+        assert_eq!(text.matches("\"drop\"").count(), 4);
     }
 }

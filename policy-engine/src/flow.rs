@@ -217,6 +217,15 @@ impl Flow {
         }
     }
 
+    /// The same record for a UDP flow.
+    pub fn over_udp(mut self) -> Flow {
+        self.l4 = match self.l4 {
+            L4::Tcp(ports) => L4::Udp(ports),
+            udp => udp,
+        };
+        self
+    }
+
     pub fn with_http(mut self, kind: L7Type, latency_ns: u64, http: Http) -> Flow {
         self.summary = format!("{} {} {}", http.protocol, http.method, http.url);
         if http.code != 0 {

@@ -23,6 +23,10 @@ pub struct ProxyConfig {
     /// When set, HTTP/1 upstream connections leave from the client's own address
     /// with this SO_MARK (the steering delivers the replies back to the proxy).
     pub upstream_mark: Option<u32>,
+    /// A UDP session (or a denied UDP flow's memory) ends after this much silence.
+    pub udp_idle_timeout: Duration,
+    /// Open UDP sessions at most (each holds two sockets); beyond, new flows' datagrams are dropped.
+    pub udp_max_sessions: usize,
 }
 
 impl Default for ProxyConfig {
@@ -37,6 +41,8 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             node_name: "weir".to_string(),
             upstream_mark: None,
+            udp_idle_timeout: Duration::from_secs(30),
+            udp_max_sessions: 8192,
         }
     }
 }

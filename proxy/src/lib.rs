@@ -3,7 +3,8 @@
 //! Layout follows the data path: `socket` (transparent sockets) → `listener`
 //! (accept, original destination, L3/L4 verdict, dispatch) → a protocol handler
 //! (`http` today; Kafka and DNS sit beside it) or `tcp` (plain splice for flows
-//! policy allows without L7 rules) → upstream.
+//! policy allows without L7 rules) → upstream. `udp` is the datagram side: its own
+//! transparent listener and per-flow sessions.
 
 pub mod config;
 pub mod flows;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod listener;
 pub mod socket;
 pub mod tcp;
+pub mod udp;
 
 use std::sync::Arc;
 

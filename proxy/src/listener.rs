@@ -69,6 +69,7 @@ pub struct ConnContext {
     pub shared: Arc<Shared>,
     pub client: SocketAddr,
     pub orig_dst: SocketAddr,
+    pub protocol: Protocol,
     cached: Mutex<Option<Decision>>,
     /// This client connection's own upstream connection (HTTP/1).
     pub upstream: Mutex<Option<hyper::client::conn::http1::SendRequest<hyper::body::Incoming>>>,
@@ -83,10 +84,20 @@ pub struct Decision {
 
 impl ConnContext {
     pub fn new(shared: Arc<Shared>, client: SocketAddr, orig_dst: SocketAddr) -> Self {
+        Self::with_protocol(shared, client, orig_dst, Protocol::Tcp)
+    }
+
+    pub fn with_protocol(
+        shared: Arc<Shared>,
+        client: SocketAddr,
+        orig_dst: SocketAddr,
+        protocol: Protocol,
+    ) -> Self {
         ConnContext {
             shared,
             client,
             orig_dst,
+            protocol,
             cached: Mutex::new(None),
             upstream: Mutex::new(None),
         }
@@ -105,7 +116,7 @@ impl ConnContext {
         let verdict = policy.connection(
             self.client.ip(),
             self.orig_dst.ip(),
-            Protocol::Tcp,
+            self.protocol,
             self.orig_dst.port(),
         );
         let peers = FlowPeers::new(
@@ -124,12 +135,16 @@ impl ConnContext {
     }
 
     pub fn flow(&self, d: &Decision, verdict: &weir_policy::Verdict) -> Flow {
-        Flow::with_peers(
+        let flow = Flow::with_peers(
             &d.peers,
             (d.verdict.src.ip, self.client.port()),
             (d.verdict.dst.ip, self.orig_dst.port()),
             verdict,
-        )
+        );
+        match self.protocol {
+            Protocol::Udp => flow.over_udp(),
+            _ => flow,
+        }
     }
 }
 
@@ -166,7 +181,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
     }
 }
 
-fn is_unspecified_or_local(ip: IpAddr) -> bool {
+pub(crate) fn is_unspecified_or_local(ip: IpAddr) -> bool {
     ip.is_unspecified() || ip.is_loopback()
 }
 

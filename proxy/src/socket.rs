@@ -58,3 +58,201 @@ pub fn transparent_upstream_socket(
     socket.bind(&SocketAddr::new(local, 0).into())?;
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
+
+/// Connects to `dst` for a client at `client`: from the client's own address
+/// (transparent, with `mark`) when a mark is given, else from the node's.
+pub async fn connect_upstream_tcp(
+    client: std::net::IpAddr,
+    dst: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::TcpStream> {
+    match mark {
+        Some(mark) => {
+            transparent_upstream_socket(client, mark)?
+                .connect(dst)
+                .await
+        }
+        None => tokio::net::TcpStream::connect(dst).await,
+    }
+}
+
+fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        socket.set_ip_transparent_v6(true)
+    } else {
+        socket.set_ip_transparent_v4(true)
+    }
+}
+
+/// A UDP socket on the proxy port that receives datagrams addressed to any IP
+/// (IP_TRANSPARENT) and reports each one's original destination in a control
+/// message (IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR): see [`recv_with_orig_dst`].
+pub fn transparent_udp_listener(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    set_transparent(&socket, addr.is_ipv6())?;
+    let (level, name) = if addr.is_ipv6() {
+        (libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is a valid socket owned by `socket`; the option value points at
+    // a live c_int and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            level,
+            name,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket bound to `local` and connected to `peer`, with IP_TRANSPARENT so
+/// `local` may be an address that is not the node's. The proxy uses one towards
+/// the client (bound to the original destination, so replies come from the
+/// address the client asked) and one towards the server (bound to the client's
+/// address, with `mark`, so the server sees the client). SO_REUSEADDR: several
+/// clients may talk to the same server address at once.
+pub fn udp_session_socket(
+    local: SocketAddr,
+    peer: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if peer.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    set_transparent(&socket, peer.is_ipv6())?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&local.into())?;
+    socket.connect(&peer.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// One received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub source: SocketAddr,
+    /// Where the client sent it (absent if the datagram was not steered here).
+    pub orig_dst: Option<SocketAddr>,
+    /// The datagram did not fit in the buffer and was cut.
+    pub truncated: bool,
+}
+
+/// Receives one datagram from a [`transparent_udp_listener`] socket without
+/// blocking (`WouldBlock` when none is queued), with its original destination.
+pub fn recv_with_orig_dst(
+    socket: &impl std::os::fd::AsRawFd,
+    buf: &mut [u8],
+) -> io::Result<Received> {
+    // sockaddr_storage fits both families; u64s keep the control buffer aligned
+    // for cmsghdr.
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut source: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut source).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `msg` refers to a live local buffer of the stated
+    // length (name, one iovec over `buf`, control), all outliving the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let source = sockaddr_to_std(&source)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "datagram without a source"))?;
+    let mut orig_dst = None;
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR stay within
+    // msg_control/msg_controllen and return null at the end.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: non-null cmsg pointers from CMSG_*HDR point at a complete header
+        // inside `control`.
+        let (level, kind, len) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        // SAFETY: CMSG_DATA of a valid header points inside `control`.
+        let data = unsafe { libc::CMSG_DATA(cmsg) };
+        let payload = len.saturating_sub((data as usize).saturating_sub(cmsg as usize));
+        if level == libc::SOL_IP
+            && kind == libc::IP_ORIGDSTADDR
+            && payload >= std::mem::size_of::<libc::sockaddr_in>()
+        {
+            // SAFETY: the kernel wrote a sockaddr_in here (checked length); the read
+            // is unaligned-safe.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(data.cast()) };
+            orig_dst = Some(SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
+                u16::from_be(sin.sin_port),
+            ));
+        } else if level == libc::SOL_IPV6
+            && kind == libc::IPV6_ORIGDSTADDR
+            && payload >= std::mem::size_of::<libc::sockaddr_in6>()
+        {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(data.cast()) };
+            orig_dst = Some(SocketAddr::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+                u16::from_be(sin6.sin6_port),
+            ));
+        }
+        // SAFETY: `cmsg` is a valid header of `msg`.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(Received {
+        len: n as usize,
+        source,
+        orig_dst,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which is
+            // smaller than sockaddr_storage.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read_unaligned((ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read_unaligned((ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}

@@ -310,11 +310,20 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 			}
 		}
 	} else {
-		if (f->key.family == 4)
-			t.ipv4.dport = bpf_htons(cfg->proxy_port);
-		else
-			t.ipv6.dport = bpf_htons(cfg->proxy_port);
+		/* The proxy's session for this flow (connected to the client); an
+		 * unconnected socket on the destination port is someone else's. */
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		if (sk && sk->dst_port == 0) {
+			bpf_sk_release(sk);
+			sk = 0;
+		}
+		if (!sk) {
+			if (f->key.family == 4)
+				t.ipv4.dport = bpf_htons(cfg->proxy_port);
+			else
+				t.ipv6.dport = bpf_htons(cfg->proxy_port);
+			sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		}
 	}
 	if (!sk)
 		return -1;
@@ -336,8 +345,6 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 	__u32 len;
 	long err;
 
-	if (f->key.protocol != IPPROTO_TCP)
-		return -1;
 	if (f->key.family == 4) {
 		t.ipv4.saddr = f->key.saddr[0];
 		t.ipv4.daddr = f->key.daddr[0];
@@ -351,12 +358,20 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 		t.ipv6.dport = f->key.dport;
 		len = sizeof(t.ipv6);
 	}
-	sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
-		return -1;
-	if (sk->state == BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
-		return -1;
+	if (f->key.protocol == IPPROTO_UDP) {
+		/* The proxy's UDP session socket: bound to the client's address and
+		 * port, connected to this server. */
+		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return -1;
+	} else {
+		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return -1;
+		if (sk->state == BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			return -1;
+		}
 	}
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);

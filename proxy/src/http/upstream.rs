@@ -14,7 +14,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
-use tokio::net::TcpStream;
 
 use super::ProxyBody;
 use crate::ProxyConfig;
@@ -193,16 +192,8 @@ impl Upstream {
         ctx: &ConnContext,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
-        let connecting = async {
-            match self.upstream_mark {
-                Some(mark) => {
-                    crate::socket::transparent_upstream_socket(ctx.client.ip(), mark)?
-                        .connect(ctx.orig_dst)
-                        .await
-                }
-                None => TcpStream::connect(ctx.orig_dst).await,
-            }
-        };
+        let connecting =
+            crate::socket::connect_upstream_tcp(ctx.client.ip(), ctx.orig_dst, self.upstream_mark);
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {

@@ -1,0 +1,291 @@
+//! UDP: the transparent listener and per-flow sessions.
+//!
+//! The first datagram of a flow (client address and port → original destination)
+//! arrives on the listener, which reports where it was going. If policy allows the
+//! flow, a session opens two sockets: one bound to the original destination and
+//! connected to the client (the steering finds it for the flow's later datagrams,
+//! and replies leave from the address the client asked), and one connected to the
+//! server from the client's own address (with the upstream mark) so the server
+//! sees the real client. The session ends after `udp_idle_timeout` of silence.
+//!
+//! A flow policy denies is remembered for the same time, so its datagrams are
+//! dropped (one flow record, not one per datagram). L7 protocols over UDP (DNS)
+//! plug in at [`Session::forward_to_server`]; until then a UDP flow that policy
+//! gives L7 rules is refused, never forwarded unchecked.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+use weir_policy::{Protocol, Verdict, canonical_ip};
+
+use crate::listener::{ConnContext, is_unspecified_or_local};
+use crate::{Shared, socket};
+
+/// The largest UDP payload (IPv4 and IPv6 without jumbograms).
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams queued for a session while it is busy; more are dropped, as UDP may.
+const SESSION_QUEUE: usize = 64;
+
+/// Binds the transparent UDP listeners: IPv4 always, IPv6 when the host has it.
+pub fn bind(port: u16) -> io::Result<Vec<UdpSocket>> {
+    let v4 = socket::transparent_udp_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
+    let mut out = vec![v4];
+    match socket::transparent_udp_listener(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)) {
+        Ok(v6) => out.push(v6),
+        Err(e) => warn!(error = %e, "no IPv6 UDP listener; IPv6 UDP flows cannot be proxied"),
+    }
+    Ok(out)
+}
+
+type FlowKey = (SocketAddr, SocketAddr);
+
+enum Entry {
+    /// An open session: datagrams for it go through its queue.
+    Open(mpsc::Sender<Vec<u8>>),
+    /// This policy denied the flow; drop its datagrams until then (or until the
+    /// policy changes).
+    Denied(Instant, Arc<weir_policy::CompiledPolicy>),
+}
+
+/// Open and recently denied flows of this listener set.
+#[derive(Default)]
+struct Flows {
+    entries: Mutex<HashMap<FlowKey, Entry>>,
+}
+
+impl Flows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_sessions(map: &HashMap<FlowKey, Entry>) -> usize {
+        map.values().filter(|e| matches!(e, Entry::Open(_))).count()
+    }
+}
+
+/// Serves every UDP listener until the task is dropped.
+pub async fn serve(shared: Arc<Shared>, sockets: Vec<UdpSocket>) {
+    let flows = Arc::new(Flows::default());
+    let mut tasks = JoinSet::new();
+    for s in sockets {
+        tasks.spawn(receive_loop(shared.clone(), flows.clone(), s));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn receive_loop(shared: Arc<Shared>, flows: Arc<Flows>, listener: UdpSocket) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let got = listener
+            .async_io(Interest::READABLE, || {
+                socket::recv_with_orig_dst(&listener, &mut buf)
+            })
+            .await;
+        let r = match got {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let client = SocketAddr::new(canonical_ip(r.source.ip()), r.source.port());
+        let Some(orig_dst) = r.orig_dst else {
+            debug!(%client, "datagram without an original destination; dropped");
+            continue;
+        };
+        let orig_dst = SocketAddr::new(canonical_ip(orig_dst.ip()), orig_dst.port());
+        if r.truncated {
+            info!(%client, dst = %orig_dst, "datagram larger than 64 KiB; dropped");
+            continue;
+        }
+        if orig_dst.port() == shared.config.proxy_port && is_unspecified_or_local(orig_dst.ip()) {
+            debug!(%client, "datagram addressed to the proxy port itself; dropped");
+            continue;
+        }
+        dispatch(&shared, &flows, client, orig_dst, buf[..r.len].to_vec());
+    }
+}
+
+/// Hands a datagram to its flow's session, opening one if policy allows.
+fn dispatch(
+    shared: &Arc<Shared>,
+    flows: &Arc<Flows>,
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    datagram: Vec<u8>,
+) {
+    let key = (client, orig_dst);
+    let mut map = flows.lock();
+    match map.get(&key) {
+        Some(Entry::Open(queue)) => {
+            if queue.try_send(datagram).is_err() {
+                debug!(%client, dst = %orig_dst, "session queue full; datagram dropped");
+            }
+            return;
+        }
+        Some(Entry::Denied(until, policy))
+            if *until > Instant::now() && Arc::ptr_eq(policy, &shared.policy.load()) =>
+        {
+            return;
+        }
+        _ => {}
+    }
+    let ctx = ConnContext::with_protocol(shared.clone(), client, orig_dst, Protocol::Udp);
+    let d = ctx.decide();
+    let refused = if !d.verdict.l4_allowed() {
+        Some(d.verdict.l4_verdict())
+    } else if d.verdict.needs_l7() {
+        // HTTP rules cannot apply to datagrams; forwarding unchecked would ignore them.
+        let mut v = d.verdict.l4_verdict();
+        v.allowed = false;
+        Some(v)
+    } else {
+        None
+    };
+    let idle = shared.config.udp_idle_timeout;
+    if let Some(verdict) = refused {
+        info!(%client, dst = %orig_dst, reason = %verdict.reason(), "UDP flow denied");
+        let mut flow = ctx.flow(&d, &verdict);
+        if d.verdict.l4_allowed() {
+            flow = flow.with_error("L7 rules for this port do not apply to UDP");
+        }
+        shared.flows.emit(&flow);
+        let now = Instant::now();
+        map.retain(|_, e| !matches!(e, Entry::Denied(t, _) if *t <= now));
+        if map.len() < 2 * shared.config.udp_max_sessions {
+            map.insert(key, Entry::Denied(now + idle, d.policy.clone()));
+        }
+        return;
+    }
+    if Flows::open_sessions(&map) >= shared.config.udp_max_sessions {
+        warn!(
+            %client, dst = %orig_dst, max = shared.config.udp_max_sessions,
+            "too many UDP sessions; datagram dropped"
+        );
+        return;
+    }
+    let session = match Session::open(&ctx) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%client, dst = %orig_dst, error = %e, "cannot open UDP session; datagram dropped");
+            return;
+        }
+    };
+    shared.flows.emit(&ctx.flow(&d, &d.verdict.l4_verdict()));
+    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    let _ = tx.try_send(datagram);
+    map.insert(key, Entry::Open(tx));
+    drop(map);
+    let flows = flows.clone();
+    let span = info_span!("udp", %client, dst = %orig_dst);
+    tokio::spawn(
+        async move {
+            session.run(ctx, rx, idle).await;
+            flows.lock().remove(&key);
+        }
+        .instrument(span),
+    );
+}
+
+struct Session {
+    /// Bound to the original destination, connected to the client.
+    downstream: UdpSocket,
+    /// Connected to the original destination (from the client's address when the
+    /// steering returns replies to the proxy).
+    upstream: UdpSocket,
+}
+
+impl Session {
+    fn open(ctx: &ConnContext) -> io::Result<Session> {
+        let downstream = socket::udp_session_socket(ctx.orig_dst, ctx.client, None)?;
+        let upstream = match ctx.shared.config.upstream_mark {
+            Some(mark) => socket::udp_session_socket(ctx.client, ctx.orig_dst, Some(mark))?,
+            None => {
+                let any = if ctx.orig_dst.is_ipv6() {
+                    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)
+                } else {
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)
+                };
+                let s = std::net::UdpSocket::bind(any)?;
+                s.connect(ctx.orig_dst)?;
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)?
+            }
+        };
+        Ok(Session {
+            downstream,
+            upstream,
+        })
+    }
+
+    async fn run(self, ctx: ConnContext, mut queued: mpsc::Receiver<Vec<u8>>, idle: Duration) {
+        let mut from_client = vec![0u8; MAX_DATAGRAM];
+        let mut from_server = vec![0u8; MAX_DATAGRAM];
+        let (mut up, mut down) = (0u64, 0u64);
+        loop {
+            let step = tokio::time::timeout(idle, async {
+                tokio::select! {
+                    Some(d) = queued.recv() => self.forward_to_server(&ctx, &d).await.map(|n| (n, 0)),
+                    r = self.downstream.recv(&mut from_client) => match r {
+                        Ok(n) => self.forward_to_server(&ctx, &from_client[..n]).await.map(|n| (n, 0)),
+                        Err(e) => Err(e),
+                    },
+                    r = self.upstream.recv(&mut from_server) => match r {
+                        Ok(n) => self.downstream.send(&from_server[..n]).await.map(|n| (0, n)),
+                        Err(e) => Err(e),
+                    },
+                }
+            })
+            .await;
+            match step {
+                Err(_) => {
+                    debug!(bytes_up = up, bytes_down = down, "UDP session idle; closed");
+                    return;
+                }
+                Ok(Ok((u, d))) => {
+                    up += u as u64;
+                    down += d as u64;
+                }
+                // ICMP errors (port unreachable) surface here as ECONNREFUSED and
+                // the like: the peer is not there, but a later datagram may be.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    debug!(error = %e, "UDP peer unreachable");
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    info!("UDP flow no longer allowed by policy; session closed");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "UDP session error; closed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends a client datagram on, if the policy in force still allows the flow.
+    async fn forward_to_server(&self, ctx: &ConnContext, datagram: &[u8]) -> io::Result<usize> {
+        let d = ctx.decide();
+        if !d.verdict.l4_allowed() || d.verdict.needs_l7() {
+            let verdict: Verdict = d.verdict.l4_verdict();
+            ctx.shared.flows.emit(&ctx.flow(
+                &d,
+                &Verdict {
+                    allowed: false,
+                    ..verdict
+                },
+            ));
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        self.upstream.send(datagram).await
+    }
+}
