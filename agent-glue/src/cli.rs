@@ -182,12 +182,11 @@ pub struct RunArgs {
     /// Give up waiting for an upstream response head after this long (answers 504).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
-    /// Idle keep-alive connections kept per upstream.
-    #[arg(long, default_value_t = 64)]
-    pub pool_max_idle: usize,
-    /// Idle upstream connections are closed after this long.
-    #[arg(long, default_value = "90s", value_parser = parse_duration)]
-    pub pool_idle_timeout: Duration,
+    /// Upstream connections each client connection keeps open for its next
+    /// requests (an HTTP/2 client with more requests in flight gets more, closed
+    /// after use). They close with the client connection.
+    #[arg(long, default_value_t = 16)]
+    pub upstream_conns_per_client: usize,
     /// A UDP flow through the proxy ends after this much silence.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub udp_idle_timeout: Duration,

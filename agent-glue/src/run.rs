@@ -65,8 +65,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         upstream_connect_timeout: args.upstream_connect_timeout,
         upstream_timeout: args.upstream_timeout,
-        pool_max_idle_per_upstream: args.pool_max_idle,
-        pool_idle_timeout: args.pool_idle_timeout,
+        upstream_conns_per_client: args.upstream_conns_per_client,
         node_name: args.node_name.clone(),
         // Replies to the client's address need steering to come back to the proxy.
         udp_idle_timeout: args.udp_idle_timeout,

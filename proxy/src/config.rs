@@ -14,10 +14,8 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout: Duration,
     /// From sending a request upstream to its response head; exceeding it answers 504.
     pub upstream_timeout: Duration,
-    /// Idle upstream connections kept per upstream.
-    pub pool_max_idle_per_upstream: usize,
-    /// How long an idle upstream connection is kept.
-    pub pool_idle_timeout: Duration,
+    /// Upstream connections kept per client connection for its next requests.
+    pub upstream_conns_per_client: usize,
     /// Written into flow records.
     pub node_name: String,
     /// When set, HTTP/1 upstream connections leave from the client's own address
@@ -37,8 +35,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(60),
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(30),
-            pool_max_idle_per_upstream: 64,
-            pool_idle_timeout: Duration::from_secs(90),
+            upstream_conns_per_client: 16,
             node_name: "weir".to_string(),
             upstream_mark: None,
             udp_idle_timeout: Duration::from_secs(30),

@@ -22,7 +22,7 @@ use weir_policy::flow::{self, L7Type};
 use crate::listener::ConnContext;
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
-pub use upstream::{Upstream, UpstreamError};
+pub use upstream::{Upstream, UpstreamConns, UpstreamError};
 
 pub async fn serve(ctx: Arc<ConnContext>, stream: TcpStream) {
     let config = &ctx.shared.config;

@@ -71,8 +71,8 @@ pub struct ConnContext {
     pub orig_dst: SocketAddr,
     pub protocol: Protocol,
     cached: Mutex<Option<Decision>>,
-    /// This client connection's own upstream connection (HTTP/1).
-    pub upstream: Mutex<Option<hyper::client::conn::http1::SendRequest<hyper::body::Incoming>>>,
+    /// This client connection's own upstream connections.
+    pub upstream: http::UpstreamConns,
 }
 
 #[derive(Clone)]
@@ -99,7 +99,7 @@ impl ConnContext {
             orig_dst,
             protocol,
             cached: Mutex::new(None),
-            upstream: Mutex::new(None),
+            upstream: Mutex::new(Vec::new()),
         }
     }
 

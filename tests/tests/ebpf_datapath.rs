@@ -212,6 +212,61 @@ fn l7_flows_reach_the_proxy_through_sk_assign() {
 }
 
 #[test]
+fn http2_streams_reach_the_server_from_the_client_through_sk_assign() {
+    let Some(mut s) = Scenario::star_wars("ebpf-h2") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(L7_POLICY, &["--steering", "ebpf"]);
+    // Six requests multiplexed on one HTTP/2 (h2c) connection, over IPv4 and IPv6.
+    for ip in [DEATHSTAR4.to_string(), format!("[{DEATHSTAR6}]")] {
+        let url = format!("http://{ip}/v1/request-landing");
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "6",
+            "-X",
+            "POST",
+            "-w",
+            "%{http_code} %{http_version}\\n",
+        ];
+        for _ in 0..6 {
+            args.extend(["-o", "/dev/null", url.as_str()]);
+        }
+        let out = text(&s.curl("tiefighter", &args));
+        assert_eq!(out, "200 2\n".repeat(6), "{}", s.weir_log_text());
+    }
+    let denied = text(&s.curl(
+        "tiefighter",
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{DEATHSTAR4}/v1/exhaust-port"),
+        ],
+    ));
+    assert_eq!(denied, "403");
+    let log = s.access_log();
+    assert_eq!(log.len(), 12, "only the allowed requests: {log:?}");
+    // Every request left the proxy from the tiefighter's own address.
+    assert!(
+        log.iter()
+            .all(|l| l.starts_with("10.200.0.20 ") || l.starts_with("fd00:200::20 ")),
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.starts_with("fd00:200::20 "))
+            .count(),
+        6
+    );
+}
+
+#[test]
 fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     let Some(mut s) = Scenario::star_wars("ebpf-exit") else {
         return;

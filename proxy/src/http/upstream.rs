@@ -1,8 +1,9 @@
-//! Forwarding to the original destination through a keep-alive pool, bodies
-//! streamed both ways. The upstream is always the connection's original
-//! destination, never anything taken from `Host` or the request target.
+//! Forwarding to the original destination, bodies streamed both ways. The
+//! upstream is always the connection's original destination, never anything taken
+//! from `Host` or the request target. Each client connection keeps its own
+//! upstream connections (from the client's address when steering allows), so the
+//! server sees the real client and no two clients ever share a connection.
 
-use std::error::Error as _;
 use std::io;
 use std::time::Duration;
 
@@ -10,9 +11,7 @@ use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, h
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use thiserror::Error;
 
 use super::ProxyBody;
@@ -52,27 +51,24 @@ impl UpstreamError {
 }
 
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
     upstream_mark: Option<u32>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// Upstream connections kept per client connection (HTTP/2 clients may have
+    /// this many requests in flight before extra connections are closed after use).
+    max_per_client: usize,
 }
+
+/// A client connection's upstream connections (HTTP/1.1 to the server).
+pub type UpstreamConns = std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>;
 
 impl Upstream {
     pub fn new(config: &ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_upstream)
-            .build(connector);
         Upstream {
-            client,
             upstream_mark: config.upstream_mark,
             connect_timeout: config.upstream_connect_timeout,
             response_timeout: config.upstream_timeout,
+            max_per_client: config.upstream_conns_per_client.max(1),
         }
     }
 
@@ -101,35 +97,20 @@ impl Upstream {
             .map_or("/", |p| p.as_str())
             .to_string();
         let downstream_http2 = parts.version == Version::HTTP_2;
-        // The pool wants an absolute URI (it picks the connection by authority);
-        // a connection of our own is sent the origin form, as HTTP/1.1 requires.
-        parts.uri = if downstream_http2 {
-            Uri::builder()
-                .scheme("http")
-                .authority(dst.as_str())
-                .path_and_query(pq)
-                .build()
-        } else {
-            Uri::builder().path_and_query(pq).build()
-        }
-        .map_err(|e| UpstreamError::Request(e.to_string()))?;
+        // Our own connection is sent the origin form, as HTTP/1.1 requires.
+        parts.uri = Uri::builder()
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| UpstreamError::Request(e.to_string()))?;
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         let req = Request::from_parts(parts, body);
-        let resp = if downstream_http2 {
-            // Multiplexed requests share the pool.
-            let fut = self.client.request(req);
-            match tokio::time::timeout(self.response_timeout, fut).await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
-                Ok(Err(e)) => return Err(classify(dst, &e, self.connect_timeout)),
-                Ok(Ok(r)) => r,
-            }
-        } else {
-            let fut = self.sticky(ctx, req);
-            match tokio::time::timeout(self.response_timeout, fut).await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
-                Ok(r) => r?,
-            }
+        // HTTP/1 requests come one at a time: wait for the connection the last one
+        // used. HTTP/2 requests run side by side: take a free one or open another.
+        let fut = self.send(ctx, req, !downstream_http2);
+        let resp = match tokio::time::timeout(self.response_timeout, fut).await {
+            Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
+            Ok(r) => r?,
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -138,26 +119,50 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// HTTP/1 requests on one client connection come one at a time, so each client
-    /// connection keeps its own upstream connection: it is always free when the
-    /// next request arrives (a shared pool can race and open a new one), and the
-    /// upstream is keyed by (client, original destination) by construction.
-    async fn sticky(
+    /// A connection of this client connection's that can take a request now; with
+    /// `wait_for_busy`, one still finishing a response is waited for rather than
+    /// opening another (HTTP/1 clients send the next request only after it).
+    async fn checkout(
+        &self,
+        ctx: &ConnContext,
+        wait_for_busy: bool,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        loop {
+            let candidate = {
+                let mut conns = ctx.upstream.lock().unwrap_or_else(|p| p.into_inner());
+                conns.retain(|c| !c.is_closed());
+                match conns.iter().position(|c| c.is_ready()) {
+                    Some(i) => Some(conns.swap_remove(i)),
+                    None if wait_for_busy => conns.pop(),
+                    None => None,
+                }
+            };
+            match candidate {
+                Some(mut c) => {
+                    if c.ready().await.is_ok() {
+                        return Ok(c);
+                    }
+                }
+                None => return self.connect(ctx).await,
+            }
+        }
+    }
+
+    fn checkin(&self, ctx: &ConnContext, conn: http1::SendRequest<Incoming>) {
+        let mut conns = ctx.upstream.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() < self.max_per_client {
+            conns.push(conn);
+        }
+    }
+
+    async fn send(
         &self,
         ctx: &ConnContext,
         mut req: Request<Incoming>,
+        wait_for_busy: bool,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
-        let kept = ctx
-            .upstream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .filter(|s| !s.is_closed());
-        let mut sender = match kept {
-            Some(s) => s,
-            None => self.connect(ctx).await?,
-        };
+        let mut sender = self.checkout(ctx, wait_for_busy).await?;
         // One retry, only for a request the old connection never wrote (e.g. the
         // server closed an idle keep-alive connection).
         for attempt in 0..2 {
@@ -166,7 +171,7 @@ impl Upstream {
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    *ctx.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+                    self.checkin(ctx, sender);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -212,31 +217,6 @@ impl Upstream {
             }
         });
         Ok(sender)
-    }
-}
-
-fn classify(
-    dst: String,
-    e: &hyper_util::client::legacy::Error,
-    connect_timeout: Duration,
-) -> UpstreamError {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>()
-            && io.kind() == io::ErrorKind::TimedOut
-        {
-            return UpstreamError::Timeout(dst, connect_timeout);
-        }
-        source = s.source();
-    }
-    let detail = match e.source() {
-        Some(s) => format!("{e}: {s}"),
-        None => e.to_string(),
-    };
-    if e.is_connect() {
-        UpstreamError::Unavailable(dst, detail)
-    } else {
-        UpstreamError::Failed(dst, detail)
     }
 }
 
