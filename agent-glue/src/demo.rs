@@ -91,8 +91,7 @@ fn need(tool: &str, hint: &str) -> anyhow::Result<()> {
 }
 
 pub fn main() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::lab::is_root() {
         bail!("the demo creates network namespaces and needs root (try `sudo make demo`)");
     }
     for (tool, hint) in [

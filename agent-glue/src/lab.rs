@@ -145,11 +145,7 @@ impl Process {
     /// Sends `signal` to the process group and waits up to `grace` for it to exit.
     pub fn stop_with(&mut self, signal: i32, grace: Duration) -> Option<std::process::ExitStatus> {
         let pgid = self.child.id() as i32;
-        // SAFETY: kill(2) with a negative pid signals a process group we created; it
-        // touches no memory.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
+        send_signal(-pgid, signal);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -157,10 +153,7 @@ impl Process {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+        send_signal(-pgid, libc::SIGKILL);
         self.child.wait().ok()
     }
 }
@@ -361,4 +354,22 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Sends `signal` to `pid` (a negative pid: that process group) with kill(1), so
+/// no unsafe code is needed for it.
+pub fn send_signal(pid: i32, signal: i32) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(pid.to_string())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether this process runs as root (the owner of /proc/self is the effective uid).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }

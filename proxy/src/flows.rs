@@ -20,6 +20,18 @@ impl FlowSink {
         Self::new(Box::new(std::io::stdout()))
     }
 
+    /// Writes many records with one flush (the kernel's events come in batches).
+    pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut result = Ok(());
+        for flow in flows {
+            result = result.and_then(|()| out.write_all(flow.to_json_line().as_bytes()));
+        }
+        if let Err(e) = result.and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "could not write flow records");
+        }
+    }
+
     pub fn emit(&self, flow: &Flow) {
         let line = flow.to_json_line();
         // A poisoned lock only means another writer panicked mid-line; keep logging.

@@ -239,7 +239,12 @@ static __always_inline void event(struct flow *f, __u8 kind, __u8 reason, __u32 
 	e->dst_identity = dst_id;
 	e->rule_id = rule_id;
 	e->ifindex = ifindex;
-	bpf_ringbuf_submit(e, 0);
+	/* Wake the reader only once a batch has piled up: it also drains on a short
+	 * timer, and one wake-up per new flow costs the node more than the flow. */
+	bpf_ringbuf_submit(e, bpf_ringbuf_query(&weir_events, BPF_RB_AVAIL_DATA) >=
+				      WEIR_EVENTS_WAKEUP_BYTES ?
+				      BPF_RB_FORCE_WAKEUP :
+				      BPF_RB_NO_WAKEUP);
 }
 
 /* An IP packet policy cannot decide: dropped when either end enforces policy. */

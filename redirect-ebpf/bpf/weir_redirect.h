@@ -114,7 +114,9 @@ struct weir_config {
 	__u32 upstream_mark; /* SO_MARK of the proxy's upstream sockets; 0: none */
 };
 
-/* weir_events ring buffer: one per new flow and one per drop. */
+/* weir_events ring buffer: one per new flow and one per drop. The reader is woken
+ * when this much is waiting, and drains every 20 ms otherwise (DRAIN_INTERVAL in events.rs). */
+#define WEIR_EVENTS_WAKEUP_BYTES (64 * sizeof(struct weir_event))
 enum weir_event_kind {
 	WEIR_EVENT_ALLOWED = 1,
 	WEIR_EVENT_DROPPED = 2,

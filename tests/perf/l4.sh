@@ -134,7 +134,7 @@ measure() {  # prints: connections/s bulk_Mbit/s
   echo "${conn:-0} ${bulk:-0}"
 }
 
-VARIANTS=(none weir iptables nftables)
+read -r -a VARIANTS <<<"${VARIANTS:-none weir iptables nftables}"
 declare -A R
 echo "weir L3/L4 benchmark: $RULES rules, $RUNS x ${DURATION}s interleaved; ab -c 32 (connect/request/close), iperf3"
 printf "%-9s %-4s %14s %12s\n" variant run "conn/s" "bulk Mbit/s"
@@ -157,8 +157,10 @@ for v in "${VARIANTS[@]}"; do
   printf "%-9s %12s (%s) conn/s %10s (%s) Mbit/s\n" "$v" "${M[$v,c]}" "$(col "$v" 1 | spread)" \
     "${M[$v,b]}" "$(col "$v" 2 | spread)"
 done
-awk -v w="${M[weir,c]}" -v n="${M[none,c]}" -v i="${M[iptables,c]}" -v f="${M[nftables,c]}" \
-    -v wb="${M[weir,b]}" -v nb="${M[none,b]}" 'BEGIN{
-  printf "connection rate: weir/none = %.2f (target >= 0.9), weir/iptables = %.2f (target >= 2), weir/nftables = %.2f\n", w/n, w/i, w/f
-  printf "bulk throughput: weir/none = %.2f\n", wb/nb }'
+awk -v w="${M[weir,c]:-0}" -v n="${M[none,c]:-0}" -v i="${M[iptables,c]:-0}" -v f="${M[nftables,c]:-0}" \
+    -v wb="${M[weir,b]:-0}" -v nb="${M[none,b]:-0}" '
+  function r(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "n/a" }
+  BEGIN{
+  printf "connection rate: weir/none = %s (target >= 0.9), weir/iptables = %s (target >= 2), weir/nftables = %s\n", r(w, n), r(w, i), r(w, f)
+  printf "bulk throughput: weir/none = %s\n", r(wb, nb) }'
 exit 0

@@ -19,8 +19,7 @@ pub use weir_agent::lab::{self, Lab, Netns, Process};
 /// True when the test may run. Without root it prints a loud skip and returns
 /// false; with `CI=true` a skip is a failure.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } == 0 {
+    if lab::is_root() {
         return true;
     }
     let msg = format!("{test}: needs root (network namespaces, nftables, transparent sockets)");

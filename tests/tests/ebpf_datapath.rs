@@ -266,6 +266,68 @@ fn http2_streams_reach_the_server_from_the_client_through_sk_assign() {
     );
 }
 
+/// HTTP rules on a port open to any protocol: TCP and UDP to it both go to the proxy.
+const ANY_PROTOCOL_L7: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: any-l7}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "5353", protocol: ANY}]
+      rules:
+        http:
+        - {method: GET, path: /}
+"#;
+
+#[test]
+fn udp_flows_with_l7_rules_reach_the_proxys_udp_listener_through_sk_assign() {
+    let Some(mut s) = Scenario::star_wars("ebpf-udp-l7") else {
+        return;
+    };
+    let sink = s.path("udp.txt");
+    let mut udp = s.lab.workload("deathstar").ns.command("socat");
+    udp.args([
+        "-u",
+        "UDP4-RECV:5353",
+        &format!("OPEN:{},creat,append", sink.display()),
+    ]);
+    s.lab.spawn("udp-sink", udp).unwrap();
+    s.start_weir(ANY_PROTOCOL_L7, &["--steering", "ebpf"]);
+    let out = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command("socat")
+        .args([
+            "-u",
+            "EXEC:echo datagram",
+            &format!("UDP-SENDTO:{DEATHSTAR4}:5353,sourceport=40999"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    // The kernel handed the datagram to the proxy (not the server), and the proxy,
+    // which has no way to apply HTTP rules to a datagram, refused it.
+    assert_eq!(std::fs::read_to_string(&sink).unwrap_or_default(), "");
+    let flows = s.flows();
+    let refused = flows.iter().find(|f| {
+        f["verdict"] == "DROPPED"
+            && f["l4"]["UDP"]["destination_port"] == 5353
+            && f["l4"]["UDP"]["source_port"] == 40999
+    });
+    let refused = refused.unwrap_or_else(|| panic!("{flows:#?}\n{}", s.weir_log_text()));
+    assert_eq!(refused["source"]["pod_name"], "tiefighter");
+    assert_eq!(refused["destination"]["pod_name"], "deathstar");
+    assert!(
+        s.weir_log_text().contains("UDP flow denied"),
+        "the proxy's UDP listener decided it"
+    );
+}
+
 #[test]
 fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     let Some(mut s) = Scenario::star_wars("ebpf-exit") else {

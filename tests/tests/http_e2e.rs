@@ -482,8 +482,7 @@ fn policy_reload_on_sighup_applies_to_the_next_request() {
     )
     .unwrap();
     let pid = s.weir().pid() as i32;
-    // SAFETY: kill(2) on a child we started; no memory is touched.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert!(weir_tests::lab::send_signal(pid, libc::SIGHUP));
     let ok = weir_tests::lab::wait_until(Duration::from_secs(5), || {
         s.weir_log_text().contains("policy reloaded")
     });
@@ -495,7 +494,7 @@ fn policy_reload_on_sighup_applies_to_the_next_request() {
         "apiVersion: cilium.io/v2\nkind: Bogus\n",
     )
     .unwrap();
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert!(weir_tests::lab::send_signal(pid, libc::SIGHUP));
     let ok = weir_tests::lab::wait_until(Duration::from_secs(5), || {
         s.weir_log_text().contains("reload failed")
     });

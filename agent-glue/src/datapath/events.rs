@@ -27,23 +27,43 @@ pub async fn drain(
             return;
         }
     };
+    // The kernel wakes us only when a batch is waiting; the tick picks up the rest.
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                error!(error = %e, "eBPF event ring buffer failed");
-                return;
-            }
-        };
-        let policy = shared.policy.load();
-        let rules = rules.load();
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if let Some(flow) = event_flow(&item, &policy, &rules, &shared.node_name) {
-                shared.flows.emit(&flow);
-            }
+        tokio::select! {
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    read_all(guard.get_inner_mut(), &shared, &rules, &mut batch);
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    error!(error = %e, "eBPF event ring buffer failed");
+                    return;
+                }
+            },
+            _ = tick.tick() => read_all(fd.get_mut(), &shared, &rules, &mut batch),
         }
-        guard.clear_ready();
+        if !batch.is_empty() {
+            shared.flows.emit_all(batch.drain(..));
+        }
+    }
+}
+
+/// How long a verdict event may wait in the ring buffer (see weir_redirect.h).
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn read_all(
+    ring: &mut RingBuf<MapData>,
+    shared: &Shared,
+    rules: &arc_swap::ArcSwap<Vec<RuleRef>>,
+    out: &mut Vec<Flow>,
+) {
+    let policy = shared.policy.load();
+    let rules = rules.load();
+    while let Some(item) = ring.next() {
+        out.extend(event_flow(&item, &policy, &rules, &shared.node_name));
     }
 }
 
@@ -54,13 +74,10 @@ pub fn event_flow(
     rules: &[RuleRef],
     node_name: &Arc<str>,
 ) -> Option<Flow> {
-    if raw.len() < std::mem::size_of::<Event>() {
+    let Some(e) = Event::from_bytes(raw) else {
         warn!(len = raw.len(), "short verdict event");
         return None;
-    }
-    // SAFETY: the length was checked above, `Event` is a repr(C) struct of integers
-    // (any byte pattern is valid), and read_unaligned copes with any alignment.
-    let e: Event = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast::<Event>()) };
+    };
     let src = policy.peer_info(ip_from_words(e.saddr, e.family));
     let dst = policy.peer_info(ip_from_words(e.daddr, e.family));
     let peers = FlowPeers::new(policy, &src, &dst, node_name.clone());

@@ -116,6 +116,37 @@ pub struct Event {
     pub ifindex: u32,
 }
 
+impl Event {
+    /// Reads an event as the kernel wrote it (native byte order, C layout); `None`
+    /// when `raw` is too short.
+    pub fn from_bytes(raw: &[u8]) -> Option<Event> {
+        use std::mem::offset_of;
+        if raw.len() < std::mem::size_of::<Event>() {
+            return None;
+        }
+        let u16_at = |o: usize| u16::from_ne_bytes([raw[o], raw[o + 1]]);
+        let u32_at = |o: usize| u32::from_ne_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+        let words = |o: usize| [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)];
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&raw[offset_of!(Event, timestamp_ns)..][..8]);
+        Some(Event {
+            timestamp_ns: u64::from_ne_bytes(ts),
+            saddr: words(offset_of!(Event, saddr)),
+            daddr: words(offset_of!(Event, daddr)),
+            sport: u16_at(offset_of!(Event, sport)),
+            dport: u16_at(offset_of!(Event, dport)),
+            protocol: raw[offset_of!(Event, protocol)],
+            family: raw[offset_of!(Event, family)],
+            kind: raw[offset_of!(Event, kind)],
+            reason: raw[offset_of!(Event, reason)],
+            src_identity: u32_at(offset_of!(Event, src_identity)),
+            dst_identity: u32_at(offset_of!(Event, dst_identity)),
+            rule_id: u32_at(offset_of!(Event, rule_id)),
+            ifindex: u32_at(offset_of!(Event, ifindex)),
+        })
+    }
+}
+
 // SAFETY: every type here is `repr(C)`, `Copy`, made only of integers, with
 // explicit padding fields, so any byte pattern is a valid value and none has
 // uninitialised padding — what aya::Pod requires for map keys and values.
@@ -170,6 +201,22 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     use object::{Object, ObjectSection};
+
+    #[test]
+    fn events_read_field_by_field_as_the_kernel_lays_them_out() {
+        let mut raw = vec![0u8; size_of::<super::Event>()];
+        raw[offset_of!(super::Event, timestamp_ns)..][..8].copy_from_slice(&7u64.to_ne_bytes());
+        raw[offset_of!(super::Event, daddr) + 4..][..4].copy_from_slice(&9u32.to_ne_bytes());
+        raw[offset_of!(super::Event, dport)..][..2].copy_from_slice(&80u16.to_be_bytes());
+        raw[offset_of!(super::Event, kind)] = 2;
+        raw[offset_of!(super::Event, ifindex)..][..4].copy_from_slice(&42u32.to_ne_bytes());
+        let e = super::Event::from_bytes(&raw).unwrap();
+        assert_eq!(e.timestamp_ns, 7);
+        assert_eq!(e.daddr, [0, 9, 0, 0]);
+        assert_eq!(u16::from_be(e.dport), 80);
+        assert_eq!((e.kind, e.ifindex), (2, 42));
+        assert!(super::Event::from_bytes(&raw[..raw.len() - 1]).is_none());
+    }
 
     /// Struct name → (size, member name → byte offset), read from `.BTF`.
     fn btf_structs(elf: &[u8]) -> HashMap<String, (u32, HashMap<String, u32>)> {
