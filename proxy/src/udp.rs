@@ -24,9 +24,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weir_policy::{Protocol, Verdict, canonical_ip};
+use weir_policy::flow::{Flow, FlowVerdict};
+use weir_policy::{Protocol, canonical_ip};
 
-use crate::listener::{ConnContext, is_unspecified_or_local};
+use crate::listener::{ConnContext, Decision, is_unspecified_or_local};
 use crate::{Shared, socket};
 
 /// The largest UDP payload (IPv4 and IPv6 without jumbograms).
@@ -141,23 +142,9 @@ fn dispatch(
     }
     let ctx = ConnContext::with_protocol(shared.clone(), client, orig_dst, Protocol::Udp);
     let d = ctx.decide();
-    let refused = if !d.verdict.l4_allowed() {
-        Some(d.verdict.l4_verdict())
-    } else if d.verdict.needs_l7() {
-        // HTTP rules cannot apply to datagrams; forwarding unchecked would ignore them.
-        let mut v = d.verdict.l4_verdict();
-        v.allowed = false;
-        Some(v)
-    } else {
-        None
-    };
     let idle = shared.config.udp_idle_timeout;
-    if let Some(verdict) = refused {
-        info!(%client, dst = %orig_dst, reason = %verdict.reason(), "UDP flow denied");
-        let mut flow = ctx.flow(&d, &verdict);
-        if d.verdict.l4_allowed() {
-            flow = flow.with_error("L7 rules for this port do not apply to UDP");
-        }
+    if let Some(flow) = refusal(&ctx, &d) {
+        info!(%client, dst = %orig_dst, reason = %flow.policy, "UDP flow denied");
         shared.flows.emit(&flow);
         let now = Instant::now();
         map.retain(|_, e| !matches!(e, Entry::Denied(t, _) if *t <= now));
@@ -274,18 +261,28 @@ impl Session {
 
     /// Sends a client datagram on, if the policy in force still allows the flow.
     async fn forward_to_server(&self, ctx: &ConnContext, datagram: &[u8]) -> io::Result<usize> {
-        let d = ctx.decide();
-        if !d.verdict.l4_allowed() || d.verdict.needs_l7() {
-            let verdict: Verdict = d.verdict.l4_verdict();
-            ctx.shared.flows.emit(&ctx.flow(
-                &d,
-                &Verdict {
-                    allowed: false,
-                    ..verdict
-                },
-            ));
+        if let Some(flow) = refusal(ctx, &ctx.decide()) {
+            ctx.shared.flows.emit(&flow);
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
         self.upstream.send(datagram).await
     }
+}
+
+/// The flow record refusing a UDP flow, or `None` when policy allows it as plain
+/// UDP. A port with HTTP rules is refused: they cannot apply to datagrams, and
+/// forwarding unchecked would ignore them.
+fn refusal(ctx: &ConnContext, d: &Decision) -> Option<Flow> {
+    let verdict = d.verdict.l4_verdict();
+    if !d.verdict.l4_allowed() {
+        return Some(ctx.flow(d, &verdict));
+    }
+    if !d.verdict.needs_l7() {
+        return None;
+    }
+    let mut flow = ctx.flow(d, &verdict);
+    flow.verdict = FlowVerdict::Dropped;
+    flow.drop_reason_desc = Some("POLICY_DENIED".into());
+    flow.policy = "the port has HTTP rules, which cannot apply to UDP".into();
+    Some(flow)
 }

@@ -321,6 +321,10 @@ fn udp_flows_with_l7_rules_reach_the_proxys_udp_listener_through_sk_assign() {
     });
     let refused = refused.unwrap_or_else(|| panic!("{flows:#?}\n{}", s.weir_log_text()));
     assert_eq!(refused["source"]["pod_name"], "tiefighter");
+    assert_eq!(
+        refused["policy"],
+        "the port has HTTP rules, which cannot apply to UDP"
+    );
     assert_eq!(refused["destination"]["pod_name"], "deathstar");
     assert!(
         s.weir_log_text().contains("UDP flow denied"),
