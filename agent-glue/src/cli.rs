@@ -155,6 +155,10 @@ pub struct RunArgs {
     /// Where weir keeps state (identities, readiness marker).
     #[arg(long, default_value = "/var/lib/weir")]
     pub state_dir: PathBuf,
+    /// How the eBPF datapath attaches: TCX links, or cls_bpf filters on a clsact
+    /// qdisc (netlink) where the kernel has no TCX.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tc_attach: crate::datapath::attach::TcAttach,
     /// bpffs directory for weir's pins (used by the eBPF datapath).
     #[arg(long, default_value = "/sys/fs/bpf/weir")]
     pub bpf_root: PathBuf,
@@ -231,6 +235,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 fwmark: args.steering.fwmark,
                 route_table: args.steering.route_table,
             };
+            crate::datapath::attach::remove_netlink_filters(&[
+                crate::datapath::FROM_ENDPOINT,
+                crate::datapath::TO_ENDPOINT,
+            ]);
             let removed = crate::datapath::pins::remove_tree(&args.bpf_root)
                 .map_err(|e| {
                     anyhow::anyhow!("removing pins under {}: {e}", args.bpf_root.display())

@@ -103,6 +103,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         mark: args.steering_args.fwmark,
         upstream_mark: args.steering_args.upstream_mark,
         bpf_root: Some(args.bpf_root.clone()),
+        tc_attach: args.tc_attach,
     };
     let (mode, mut datapath) = match args.steering {
         SteeringMode::Ebpf => (

@@ -460,6 +460,65 @@ fn cidr_except_deny_and_port_ranges_in_the_kernel() {
 }
 
 #[test]
+fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
+    let Some(mut s) = Scenario::star_wars("ebpf-clsact") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    let args = ["--steering", "ebpf", "--tc-attach", "netlink"];
+    s.start_weir(L4_POLICY, &args);
+    let filters =
+        |s: &Scenario, dir: &str| s.run_in_node(&["tc", "filter", "show", "dev", "weirv0", dir]);
+    // cls_bpf filters on clsact (what kernels without TCX get), not TCX links.
+    assert_eq!(
+        filters(&s, "ingress").matches("weir_from_endpoint").count(),
+        1
+    );
+    assert_eq!(filters(&s, "egress").matches("weir_to_endpoint").count(), 1);
+    let shown = s.run_in_node(&[weir_tests::weir_bin().to_str().unwrap(), "datapath", "show"]);
+    assert!(
+        shown.contains("weirv2 ingress weir_from_endpoint"),
+        "{shown}"
+    );
+    let enforced = |s: &Scenario| {
+        assert_eq!(
+            status(s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+            "200"
+        );
+        assert_eq!(
+            status(s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
+            "000"
+        );
+    };
+    enforced(&s);
+    // The filters outlive weir, and the next weir takes them over in place.
+    let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
+    s.lab.processes.retain(|p| p.name != "weir");
+    enforced(&s);
+    s.start_weir(L4_POLICY, &args);
+    assert_eq!(
+        filters(&s, "ingress").matches("weir_from_endpoint").count(),
+        1
+    );
+    enforced(&s);
+    s.lab.processes.retain(|p| p.name != "weir");
+    s.run_in_node(&[
+        weir_tests::weir_bin().to_str().unwrap(),
+        "cleanup",
+        "--bpf-root",
+        s.bpf_root.to_str().unwrap(),
+    ]);
+    for dir in ["ingress", "egress"] {
+        assert!(!filters(&s, dir).contains("weir"), "{}", filters(&s, dir));
+    }
+    assert_eq!(
+        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
+}
+
+#[test]
 fn established_flows_continue_byte_exact_across_a_weir_restart() {
     let Some(mut s) = Scenario::star_wars("ebpf-restart") else {
         return;

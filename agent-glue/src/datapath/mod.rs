@@ -8,6 +8,7 @@
 //! whose entry carries an older generation is decided again on its next packet, so
 //! removing a rule also stops established flows it allowed.
 
+pub mod attach;
 pub mod events;
 pub mod maps;
 pub mod pins;
@@ -19,11 +20,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, lpm_trie::Key, lpm_trie::LpmTrie};
-use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::info;
 use weir_policy::{CompiledPolicy, Direction, RuleRef};
 
 use maps::*;
@@ -54,8 +54,8 @@ pub enum DatapathError {
     },
 }
 
-const FROM_ENDPOINT: &str = "weir_from_endpoint";
-const TO_ENDPOINT: &str = "weir_to_endpoint";
+pub const FROM_ENDPOINT: &str = "weir_from_endpoint";
+pub const TO_ENDPOINT: &str = "weir_to_endpoint";
 
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
@@ -67,6 +67,8 @@ pub struct DatapathConfig {
     /// Where maps and links are pinned (`--bpf-root`); `None` pins nothing and the
     /// datapath goes away with the process.
     pub bpf_root: Option<std::path::PathBuf>,
+    /// TCX links, or clsact/netlink filters where TCX is missing.
+    pub tc_attach: attach::TcAttach,
 }
 
 const MAPS: [&str; 8] = [
@@ -89,7 +91,7 @@ pub struct Datapath {
     installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
     /// Interfaces with our programs, and the links this process holds for them
     /// (adopted pinned links, or every link when nothing is pinned).
-    attached: HashMap<String, Vec<(&'static str, SchedClassifierLinkId)>>,
+    attached: HashMap<String, Vec<(&'static str, TcAttachType, &'static str, attach::Attached)>>,
     rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
 }
 
@@ -386,49 +388,31 @@ impl Datapath {
                     .bpf_root
                     .as_deref()
                     .map(|r| pins::link_pin(r, &iface, dir));
-                let prog: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| p.try_into().ok())
-                    .expect("loaded in Datapath::load");
-                let attach_err = |detail: String| DatapathError::Attach {
-                    program: name,
-                    iface: iface.clone(),
-                    detail,
-                };
-                // A link pinned by an earlier run: swap our program into it, so
-                // enforcement never has a gap.
-                if let Some(old) = pin.as_deref().and_then(pins::pinned_link) {
-                    let link = old
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-                    let id = prog
-                        .attach_to_link(link)
-                        .map_err(|e| attach_err(format!("{e:#}")))?;
-                    held.push((name, id));
-                    continue;
-                }
-                let id = prog
-                    .attach(&iface, at)
-                    .map_err(|e| attach_err(format!("{e:#}")))?;
-                if let Some(pin) = pin {
-                    let link = prog
-                        .take_link(id)
-                        .map_err(|e| attach_err(format!("{e:#}")))?;
-                    let fd_link: aya::programs::links::FdLink = link
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-                    fd_link.pin(&pin).map_err(|e| {
-                        attach_err(format!("pinning the link at {}: {e}", pin.display()))
-                    })?;
-                } else {
-                    held.push((name, id));
-                }
+                let mode = self.config.tc_attach;
+                let prog = self.program(name)?;
+                let how = attach::attach(prog, name, &iface, at, pin.as_deref(), mode).map_err(
+                    |detail| DatapathError::Attach {
+                        program: name,
+                        iface: iface.clone(),
+                        detail,
+                    },
+                )?;
+                held.push((name, at, dir, how));
             }
             info!(%iface, "attached tc programs");
             self.attached.insert(iface, held);
         }
         Ok(())
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or(DatapathError::Program {
+                program: name,
+                detail: "missing from the object".into(),
+            })
     }
 
     /// Detaches from interfaces that no endpoint of `policy` uses any more (an
@@ -448,23 +432,14 @@ impl Datapath {
             .collect();
         for iface in stale {
             let held = self.attached.remove(&iface).unwrap_or_default();
-            for (name, id) in held {
-                if let Some(prog) = self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-                    && let Err(e) = prog.detach(id)
-                {
-                    warn!(%iface, program = name, error = %e, "detaching");
-                }
-            }
-            if let Some(root) = self.config.bpf_root.as_deref() {
-                for dir in ["ingress", "egress"] {
-                    let pin = pins::link_pin(root, &iface, dir);
-                    if let Ok(link) = aya::programs::links::PinnedLink::from_pin(&pin) {
-                        let _ = link.unpin();
-                    }
-                }
+            for (name, at, dir, how) in held {
+                let pin = self
+                    .config
+                    .bpf_root
+                    .as_deref()
+                    .map(|r| pins::link_pin(r, &iface, dir));
+                let prog = self.program(name).ok();
+                attach::detach(prog, name, &iface, at, how, pin.as_deref());
             }
             info!(%iface, "detached tc programs (no endpoint uses this interface now)");
         }
@@ -534,11 +509,9 @@ pub fn host_interface(ip: IpAddr) -> Result<String, String> {
         .ok_or_else(|| "no route through a network interface".into())
 }
 
-/// What is attached with TCX to each interface of this network namespace:
-/// `(interface, "ingress" | "egress", program name)`.
-pub fn attached_programs() -> Vec<(String, &'static str, String)> {
-    let mut out = Vec::new();
-    // Through netlink, not /sys/class/net: nsenter keeps the old namespace's /sys.
+/// Interfaces of this network namespace, sorted. Through netlink (`ip`), not
+/// /sys/class/net: nsenter keeps the old namespace's /sys.
+pub fn interfaces() -> Vec<String> {
     let listed = Command::new("ip").args(["-j", "link", "show"]).output();
     let mut ifaces: Vec<String> = listed
         .ok()
@@ -549,7 +522,15 @@ pub fn attached_programs() -> Vec<(String, &'static str, String)> {
         .filter_map(|l| l["ifname"].as_str().map(str::to_string))
         .collect();
     ifaces.sort();
-    for iface in ifaces {
+    ifaces
+}
+
+/// What is attached to each interface of this network namespace, TCX programs
+/// and cls_bpf filters on clsact alike: `(interface, "ingress" | "egress",
+/// program name)` (TCX names are the kernel's, cut to 15 bytes).
+pub fn attached_programs() -> Vec<(String, &'static str, String)> {
+    let mut out = Vec::new();
+    for iface in interfaces() {
         for (at, name) in [
             (TcAttachType::Ingress, "ingress"),
             (TcAttachType::Egress, "egress"),
@@ -563,6 +544,9 @@ pub fn attached_programs() -> Vec<(String, &'static str, String)> {
                     ));
                 }
             }
+        }
+        for (dir, name) in attach::netlink_filters(&iface) {
+            out.push((iface.clone(), dir, name));
         }
     }
     out
