@@ -275,27 +275,55 @@ static __always_inline void reverse(struct weir_ct_key *fwd, struct weir_ct_key 
 	rev->pad = 0;
 }
 
+/* The flow as a socket tuple for the kernel's socket lookups; returns its length. */
+static __always_inline __u32 sock_tuple(struct flow *f, struct bpf_sock_tuple *t)
+{
+	if (f->key.family == 4) {
+		t->ipv4.saddr = f->key.saddr[0];
+		t->ipv4.daddr = f->key.daddr[0];
+		t->ipv4.sport = f->key.sport;
+		t->ipv4.dport = f->key.dport;
+		return sizeof(t->ipv4);
+	}
+	__builtin_memcpy(t->ipv6.saddr, f->key.saddr, 16);
+	__builtin_memcpy(t->ipv6.daddr, f->key.daddr, 16);
+	t->ipv6.sport = f->key.sport;
+	t->ipv6.dport = f->key.dport;
+	return sizeof(t->ipv6);
+}
+
+/* Points a tuple's destination port at the proxy's listener. */
+static __always_inline void to_proxy_port(struct flow *f, struct bpf_sock_tuple *t,
+					  struct weir_config *cfg)
+{
+	if (f->key.family == 4)
+		t->ipv4.dport = bpf_htons(cfg->proxy_port);
+	else
+		t->ipv6.dport = bpf_htons(cfg->proxy_port);
+}
+
+/* Hands the packet to `sk` (releasing it) and marks it for local delivery; 0 on
+ * success. */
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
+				  struct weir_config *cfg)
+{
+	long err = bpf_sk_assign(skb, sk, 0);
+
+	bpf_sk_release(sk);
+	if (err)
+		return -1;
+	skb->mark = cfg->mark;
+	return 0;
+}
+
 /* Steers the packet to the proxy's socket; 0 on success. */
 static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk = 0;
 	__u32 len;
-	long err;
 
-	if (f->key.family == 4) {
-		t.ipv4.saddr = f->key.saddr[0];
-		t.ipv4.daddr = f->key.daddr[0];
-		t.ipv4.sport = f->key.sport;
-		t.ipv4.dport = f->key.dport;
-		len = sizeof(t.ipv4);
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, f->key.saddr, 16);
-		__builtin_memcpy(t.ipv6.daddr, f->key.daddr, 16);
-		t.ipv6.sport = f->key.sport;
-		t.ipv6.dport = f->key.dport;
-		len = sizeof(t.ipv6);
-	}
+	len = sock_tuple(f, &t);
 	if (f->key.protocol == IPPROTO_TCP) {
 		/* The packet's own connection, if the proxy already accepted it. */
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
@@ -304,10 +332,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 			sk = 0;
 		}
 		if (!sk) {
-			if (f->key.family == 4)
-				t.ipv4.dport = bpf_htons(cfg->proxy_port);
-			else
-				t.ipv6.dport = bpf_htons(cfg->proxy_port);
+			to_proxy_port(f, &t, cfg);
 			sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 			if (sk && sk->state != BPF_TCP_LISTEN) {
 				bpf_sk_release(sk);
@@ -323,21 +348,13 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 			sk = 0;
 		}
 		if (!sk) {
-			if (f->key.family == 4)
-				t.ipv4.dport = bpf_htons(cfg->proxy_port);
-			else
-				t.ipv6.dport = bpf_htons(cfg->proxy_port);
+			to_proxy_port(f, &t, cfg);
 			sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		}
 	}
 	if (!sk)
 		return -1;
-	err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return -1;
-	skb->mark = cfg->mark;
-	return 0;
+	return assign(skb, sk, cfg);
 }
 
 /* Delivers a server's reply to the proxy's transparent upstream socket (its local
@@ -348,21 +365,8 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;
 	__u32 len;
-	long err;
 
-	if (f->key.family == 4) {
-		t.ipv4.saddr = f->key.saddr[0];
-		t.ipv4.daddr = f->key.daddr[0];
-		t.ipv4.sport = f->key.sport;
-		t.ipv4.dport = f->key.dport;
-		len = sizeof(t.ipv4);
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, f->key.saddr, 16);
-		__builtin_memcpy(t.ipv6.daddr, f->key.daddr, 16);
-		t.ipv6.sport = f->key.sport;
-		t.ipv6.dport = f->key.dport;
-		len = sizeof(t.ipv6);
-	}
+	len = sock_tuple(f, &t);
 	if (f->key.protocol == IPPROTO_UDP) {
 		/* The proxy's UDP session socket: bound to the client's address and
 		 * port, connected to this server. */
@@ -378,12 +382,7 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 			return -1;
 		}
 	}
-	err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return -1;
-	skb->mark = cfg->mark;
-	return 0;
+	return assign(skb, sk, cfg);
 }
 
 static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *f,
