@@ -165,6 +165,8 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
         .arg("demo-node")
         .arg("--bpf-root")
         .arg(&bpf_root)
+        .arg("--api-socket")
+        .arg(dir.join("weir.sock"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&weir_log)?);
     lab.spawn("weir", weir)?;

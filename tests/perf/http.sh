@@ -154,7 +154,7 @@ start_sut() {
     weir)
       rm -rf "$WORK/state"
       in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --flow-log /dev/null \
+        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null \
         2>"$WORK/weir.log" & SUT_PID=$!
       for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
       URL=http://10.200.0.10/1k ;;

@@ -103,7 +103,7 @@ setup() {
     none) ;;
     weir)
       in_ns $NODE "$WEIR" run --steering ebpf --policy "$WORK/policy.yaml" \
-        --endpoints "$WORK/endpoints.yaml" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" \
+        --endpoints "$WORK/endpoints.yaml" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" \
         --flow-log /dev/null 2>"$WORK/weir.log" & WEIR_PID=$!
       for _ in $(seq 300); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
       [ -e "$WORK/state/ready" ] || { tail -5 "$WORK/weir.log" >&2; exit 1; } ;;
