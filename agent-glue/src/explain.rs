@@ -16,6 +16,9 @@ pub enum Proto {
     Tcp,
     #[value(name = "UDP", alias = "udp")]
     Udp,
+    /// ICMP echo (ping); `--port` is ignored.
+    #[value(name = "ICMP", alias = "icmp")]
+    Icmp,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +108,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
     let proto = match args.proto {
         Proto::Tcp => Protocol::Tcp,
         Proto::Udp => Protocol::Udp,
+        Proto::Icmp => Protocol::Icmp,
     };
     let cv = compiled.connection(src, dst, proto, args.port);
     let verdict = match &args.http {

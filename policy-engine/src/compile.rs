@@ -716,7 +716,8 @@ fn build_table(
                             deny,
                             http_refs: None,
                         });
-                        for proto in [Protocol::Tcp, Protocol::Udp] {
+                        // No toPorts: every protocol, ICMP echo included.
+                        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
                             ranges.push((proto, 0, u16::MAX, id));
                         }
                         continue;
@@ -761,6 +762,7 @@ fn build_table(
                                 Protocol::Any => &[Protocol::Tcp, Protocol::Udp],
                                 Protocol::Tcp => &[Protocol::Tcp],
                                 Protocol::Udp => &[Protocol::Udp],
+                                Protocol::Icmp => &[Protocol::Icmp],
                             };
                             for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
                                 for proto in protos {

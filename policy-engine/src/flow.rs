@@ -49,6 +49,17 @@ pub enum L4 {
     Tcp(Ports),
     #[serde(rename = "UDP")]
     Udp(Ports),
+    #[serde(rename = "ICMPv4")]
+    Icmpv4(Icmp),
+    #[serde(rename = "ICMPv6")]
+    Icmpv6(Icmp),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Icmp {
+    #[serde(rename = "type")]
+    pub kind: u8,
+    pub code: u8,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -171,6 +171,9 @@ pub enum Protocol {
     Tcp,
     Udp,
     Any,
+    /// ICMP echo (v4 and v6). Not a `toPorts` protocol: only rules without
+    /// `toPorts` (which allow every protocol) allow it.
+    Icmp,
 }
 
 impl fmt::Display for Protocol {
@@ -179,6 +182,7 @@ impl fmt::Display for Protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
             Protocol::Any => "ANY",
+            Protocol::Icmp => "ICMP",
         })
     }
 }

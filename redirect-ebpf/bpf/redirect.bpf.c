@@ -106,10 +106,49 @@ static __always_inline void count(__u32 idx, struct __sk_buff *skb)
 	}
 }
 
-/* Returns 1 for a TCP/UDP packet whose ports could be read; 0 for what policy does
- * not cover (not IP, ICMP/ICMPv6, non-first fragments, which cannot be reassembled
- * without their policy-checked first fragment); -1 for any other IP packet (other
- * protocols, IPv6 extension headers, truncated headers), addresses filled in. */
+/* ICMP echo as a flow: the identifier is the request's source "port" and the
+ * reply's destination "port" (the other one 0), so a reply is the reverse of its
+ * request in conntrack and a request's policy lookup is for port 0. */
+/* The start of an ICMP or ICMPv6 echo message (their uapi headers pull in libc). */
+struct echo_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+
+static __always_inline int parse_echo(struct flow *f, void *l4, void *data_end, __u8 request,
+				      __u8 reply)
+{
+	struct echo_hdr *icmp = l4;
+
+	if ((void *)(icmp + 1) > data_end)
+		return -1;
+	if (icmp->type == request) {
+		f->key.sport = icmp->id;
+		f->key.dport = 0;
+		return 1;
+	}
+	if (icmp->type == reply) {
+		f->key.sport = 0;
+		f->key.dport = icmp->id;
+		return 1;
+	}
+	/* Errors (carrying a tracked flow's headers), neighbour discovery and the
+	 * like: not policy's business. */
+	return 0;
+}
+
+/* Returns 1 for a TCP/UDP packet whose ports could be read, or an ICMP echo; 0 for
+ * what policy does not cover (not IP, other ICMP/ICMPv6, non-first fragments, which
+ * cannot be reassembled without their policy-checked first fragment); -1 for any
+ * other IP packet (other protocols, IPv6 extension headers, truncated headers),
+ * addresses filled in. */
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
 	void *data = (void *)(long)skb->data;
@@ -133,9 +172,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		/* Non-first fragments carry no ports. */
 		if (ip->frag_off & bpf_htons(0x1fff))
 			return 0;
-		if (ip->protocol == IPPROTO_ICMP)
-			return 0;
 		l4 = (void *)ip + ip->ihl * 4;
+		if (ip->protocol == IPPROTO_ICMP)
+			return parse_echo(f, l4, data_end, ICMP_ECHO, ICMP_ECHOREPLY);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
@@ -145,9 +184,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->key.protocol = ip6->nexthdr;
 		__builtin_memcpy(f->key.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->key.daddr, &ip6->daddr, 16);
-		if (ip6->nexthdr == IPPROTO_ICMPV6)
-			return 0;
 		l4 = (void *)(ip6 + 1);
+		if (ip6->nexthdr == IPPROTO_ICMPV6)
+			return parse_echo(f, l4, data_end, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
 	} else {
 		return 0;
 	}

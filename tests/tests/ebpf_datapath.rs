@@ -332,6 +332,64 @@ fn udp_flows_with_l7_rules_reach_the_proxys_udp_listener_through_sk_assign() {
     );
 }
 
+/// A rule without `toPorts` allows every protocol, ping included; one with only
+/// TCP/80 does not.
+const PING_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ping}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+  - fromEndpoints: [{matchLabels: {org: alliance}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
+
+#[test]
+fn icmp_echo_is_policed_like_any_other_flow() {
+    let Some(mut s) = Scenario::star_wars("ebpf-icmp") else {
+        return;
+    };
+    s.start_weir(PING_POLICY, &["--steering", "ebpf"]);
+    let ping = |from: &str, dst: &str| {
+        s.lab
+            .workload(from)
+            .ns
+            .command("ping")
+            .args(["-c", "1", "-W", "1", dst])
+            .output()
+            .expect("run ping")
+            .status
+            .success()
+    };
+    assert!(ping("tiefighter", DEATHSTAR4), "{}", s.weir_log_text());
+    assert!(ping("tiefighter", DEATHSTAR6));
+    assert!(!ping("xwing", DEATHSTAR4), "TCP/80 only: no ping");
+    assert!(!ping("xwing", DEATHSTAR6));
+    // The deathstar's own pings out are not restricted (no egress policy), and
+    // their replies come back as replies.
+    assert!(ping("deathstar", "10.200.0.30"));
+    assert!(ping("deathstar", "fd00:200::30"));
+    std::thread::sleep(Duration::from_millis(100));
+    let flows = s.flows();
+    for (l4, request) in [("ICMPv4", 8), ("ICMPv6", 128)] {
+        assert!(
+            flows.iter().any(|f| f["verdict"] == "DROPPED"
+                && f["source"]["pod_name"] == "xwing"
+                && f["l4"][l4]["type"] == request),
+            "{l4}: {flows:#?}"
+        );
+        assert!(
+            flows.iter().any(|f| f["verdict"] == "FORWARDED"
+                && f["source"]["pod_name"] == "tiefighter"
+                && f["l4"][l4]["type"] == request
+                && f["policy"] == "ping spec.ingress[0]"),
+            "{l4}: {flows:#?}"
+        );
+    }
+}
+
 #[test]
 fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     let Some(mut s) = Scenario::star_wars("ebpf-exit") else {

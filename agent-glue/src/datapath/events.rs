@@ -107,12 +107,25 @@ pub fn event_flow(
         (dst.ip, u16::from_be(e.dport)),
         &verdict,
     );
-    if e.protocol == 17 {
-        flow.l4 = weir_policy::flow::L4::Udp(weir_policy::flow::Ports {
+    use weir_policy::flow::{Icmp, L4, Ports};
+    // ICMP echo: the identifier sits in the source port of a request and the
+    // destination port of a reply (the other is 0).
+    let request = e.dport == 0;
+    flow.l4 = match e.protocol {
+        17 => L4::Udp(Ports {
             source_port: u16::from_be(e.sport),
             destination_port: u16::from_be(e.dport),
-        });
-    }
+        }),
+        1 => L4::Icmpv4(Icmp {
+            kind: if request { 8 } else { 0 },
+            code: 0,
+        }),
+        58 => L4::Icmpv6(Icmp {
+            kind: if request { 128 } else { 129 },
+            code: 0,
+        }),
+        _ => flow.l4,
+    };
     match (e.kind, e.reason) {
         (2, 3) => flow.drop_reason_desc = Some("PROXY_UNAVAILABLE".into()),
         (2, 4) => flow.drop_reason_desc = Some("UNSUPPORTED_L4_PROTOCOL".into()),

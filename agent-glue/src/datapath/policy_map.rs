@@ -129,6 +129,8 @@ pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// Kernel endpoint ids are the policy's endpoint index + 1 (0 means none).
 pub fn endpoint_id(index: usize) -> u32 {
@@ -147,9 +149,11 @@ pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef
             Direction::Ingress => DIR_INGRESS,
             Direction::Egress => DIR_EGRESS,
         };
-        let proto = match r.protocol {
-            Protocol::Tcp => IPPROTO_TCP,
-            Protocol::Udp => IPPROTO_UDP,
+        let protos: &[u8] = match r.protocol {
+            Protocol::Tcp => &[IPPROTO_TCP],
+            Protocol::Udp => &[IPPROTO_UDP],
+            // The echo identifier rides in the port fields; one rule, both families.
+            Protocol::Icmp => &[IPPROTO_ICMP, IPPROTO_ICMPV6],
             Protocol::Any => continue, // expanded to TCP and UDP by the compiler
         };
         let id = match table.iter().position(|t| *t == r.rule) {
@@ -166,10 +170,15 @@ pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef
         } else {
             Verdict::Allow
         };
-        groups
-            .entry((r.endpoint, dir, proto))
-            .or_default()
-            .push((r.peers, r.port_lo, r.port_hi, verdict, id));
+        for proto in protos {
+            groups.entry((r.endpoint, dir, *proto)).or_default().push((
+                r.peers.clone(),
+                r.port_lo,
+                r.port_hi,
+                verdict,
+                id,
+            ));
+        }
     }
     let mut out = Vec::new();
     for ((ep, dir, proto), rules) in groups {
@@ -371,5 +380,54 @@ spec:
             .collect();
         assert!(tcp.contains(&(8005, 16, Verdict::Deny)), "{tcp:?}");
         assert!(tcp.contains(&(8004, 16, Verdict::Allow)), "{tcp:?}");
+    }
+
+    #[test]
+    fn only_rules_without_ports_allow_icmp_echo() {
+        let p = weir_policy::parse_policies(
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ping}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+    toPorts: [{ports: [{port: '0', protocol: ANY}]}]
+  ingressDeny:
+  - fromEntities: [world]
+",
+            "p.yaml",
+        )
+        .unwrap();
+        let e = weir_policy::parse_endpoints(
+            "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n  - {name: x, ips: [10.0.0.3], labels: {class: xwing}}\n",
+            "e.yaml",
+        )
+        .unwrap();
+        let mut ids = IdentityAllocator::default();
+        let cp = CompiledPolicy::compile(&p, &e, &mut ids).unwrap();
+        let tie = cp.endpoints()[1].identity;
+        let xwing = cp.endpoints()[2].identity;
+        let (entries, _) = policy_entries(&cp);
+        let icmp = |proto: u8, id: u32| -> Vec<Verdict> {
+            entries
+                .iter()
+                .filter(|e| e.protocol == proto && e.identity == id)
+                .map(|e| e.verdict)
+                .collect()
+        };
+        for proto in [IPPROTO_ICMP, IPPROTO_ICMPV6] {
+            assert_eq!(icmp(proto, tie), [Verdict::Allow], "L3-only rule");
+            assert!(
+                icmp(proto, xwing).is_empty(),
+                "ports ANY is TCP/UDP, not ICMP"
+            );
+            assert_eq!(
+                icmp(proto, 2),
+                [Verdict::Deny],
+                "deny without ports denies ICMP"
+            );
+        }
     }
 }
