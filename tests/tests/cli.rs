@@ -152,6 +152,24 @@ fn explain_names_the_deciding_rule() {
         &["--from", "192.0.2.1", "--to", "deathstar", "--port", "80"],
     );
     assert!(stdout.starts_with("DENIED\n"));
+    // Ping: only a rule without toPorts could allow it.
+    let (_, stdout, _) = explain(
+        &d,
+        &[
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--proto",
+            "ICMP",
+            "--port",
+            "0",
+        ],
+    );
+    assert!(
+        stdout.starts_with("DENIED\nno rule matched (ingress, L3/L4)"),
+        "{stdout}"
+    );
 }
 
 #[test]
