@@ -5,16 +5,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tonic::Status;
 use tracing::{error, info, warn};
 
 use weir_policy::CompiledPolicy;
 use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
 
-use crate::api::{self, pb, server::Command};
+use crate::api;
 use crate::cli::{RunArgs, SteeringMode, init_tracing};
 use crate::datapath::{Datapath, DatapathConfig};
-use crate::registry::{Source, Sources};
+use crate::registry::Sources;
 use crate::state;
 use crate::steering::{self, SteeringConfig, SteeringSets};
 
@@ -173,7 +172,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut next = sources.clone();
                 let applied = next
                     .reload_files(&args.policy, args.endpoints.as_deref())
-                    .and_then(|()| apply(next, &mut steer));
+                    .and_then(|()| api::commands::apply(next, &mut steer));
                 match applied {
                     Ok((next, p)) => {
                         sources = next;
@@ -184,7 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             Some(cmd) = api_rx.recv() => {
-                handle_api(cmd, &mut sources, &shared, mode, &mut steer);
+                api::commands::handle(cmd, &mut sources, &shared, mode, &mut steer);
             }
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
@@ -235,151 +234,4 @@ fn ebpf_datapath(cfg: DatapathConfig, policy: &CompiledPolicy) -> anyhow::Result
         }
     }
     Ok(dp)
-}
-
-/// Compiles `next` and steers by it; the caller keeps `next` only on success.
-fn apply(
-    next: Sources,
-    steer: &mut impl FnMut(&CompiledPolicy) -> anyhow::Result<()>,
-) -> anyhow::Result<(Sources, Arc<CompiledPolicy>)> {
-    let p = Arc::new(next.compile()?);
-    steer(&p)?;
-    Ok((next, p))
-}
-
-/// One API request, applied like a reload: nothing changes unless it all works.
-fn handle_api(
-    cmd: Command,
-    sources: &mut Sources,
-    shared: &Shared,
-    mode: SteeringMode,
-    steer: &mut impl FnMut(&CompiledPolicy) -> anyhow::Result<()>,
-) {
-    let fail = |e: anyhow::Error| Status::failed_precondition(format!("{e:#}"));
-    match cmd {
-        Command::ListEndpoints(reply) => {
-            let policy = shared.policy.load();
-            let _ = reply.send(Ok(policy
-                .endpoints()
-                .iter()
-                .map(|ep| describe(ep, sources, mode))
-                .collect()));
-        }
-        Command::AddEndpoint(ep, reply) => {
-            let name = ep.name.clone();
-            let exists = shared
-                .policy
-                .load()
-                .endpoints()
-                .iter()
-                .any(|e| e.endpoint.name == name)
-                || sources.api_endpoints.iter().any(|e| e.name == name);
-            if exists {
-                let _ = reply.send(Err(Status::already_exists(format!(
-                    "an endpoint named `{name}` already exists"
-                ))));
-                return;
-            }
-            let result = sources
-                .with_added(ep)
-                .and_then(|(next, _)| commit(next, sources, shared, steer))
-                .map_err(fail)
-                .and_then(|()| find(shared, &name, sources, mode));
-            if result.is_ok() {
-                info!(endpoint = %name, "endpoint registered");
-            }
-            let _ = reply.send(result);
-        }
-        Command::RemoveEndpoint(name, reply) => {
-            let before = find(shared, &name, sources, mode);
-            let result = sources
-                .with_removed(&name)
-                .and_then(|(next, _)| commit(next, sources, shared, steer))
-                .map_err(|e| Status::not_found(format!("{e:#}")))
-                .and(before);
-            if result.is_ok() {
-                info!(endpoint = %name, "endpoint unregistered");
-            }
-            let _ = reply.send(result);
-        }
-    }
-}
-
-/// Persists `next`'s API endpoints, then compiles and steers by it; on failure the
-/// persisted state goes back to `current`'s.
-fn commit(
-    next: Sources,
-    current: &mut Sources,
-    shared: &Shared,
-    steer: &mut impl FnMut(&CompiledPolicy) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    next.persist()?;
-    match apply(next, steer) {
-        Ok((next, p)) => {
-            *current = next;
-            shared.policy.store(p);
-            Ok(())
-        }
-        Err(e) => {
-            if let Err(pe) = current.persist() {
-                error!(error = %format!("{pe:#}"), "could not restore the registered endpoints file");
-            }
-            // The maps may hold part of the failed change: put the old policy back.
-            if let Err(se) = steer(&shared.policy.load_full()) {
-                error!(error = %format!("{se:#}"), "could not restore the previous policy in the datapath");
-            }
-            Err(e)
-        }
-    }
-}
-
-fn find(
-    shared: &Shared,
-    name: &str,
-    sources: &Sources,
-    mode: SteeringMode,
-) -> Result<pb::Endpoint, Status> {
-    let policy = shared.policy.load();
-    policy
-        .endpoints()
-        .iter()
-        .find(|e| e.endpoint.name == name)
-        .map(|e| describe(e, sources, mode))
-        .ok_or_else(|| Status::not_found(format!("no endpoint named `{name}`")))
-}
-
-fn describe(
-    ep: &weir_policy::CompiledEndpoint,
-    sources: &Sources,
-    mode: SteeringMode,
-) -> pb::Endpoint {
-    let e = &ep.endpoint;
-    let source = if sources.api_endpoints.iter().any(|a| a.name == e.name) {
-        Source::Api
-    } else {
-        Source::File
-    };
-    let mut interfaces: Vec<String> = if mode == SteeringMode::Ebpf {
-        e.ips
-            .iter()
-            .filter_map(|ip| crate::datapath::host_interface(*ip).ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    interfaces.sort();
-    interfaces.dedup();
-    pb::Endpoint {
-        name: e.name.clone(),
-        ips: e.ips.iter().map(ToString::to_string).collect(),
-        labels: e.labels.clone().into_iter().collect(),
-        netns: e.netns.clone().unwrap_or_default(),
-        identity: ep.identity,
-        source: match source {
-            Source::Api => "api",
-            Source::File => "file",
-        }
-        .into(),
-        interfaces,
-    }
 }

@@ -3,6 +3,7 @@
 //! adds its services here.
 
 pub mod client;
+pub mod commands;
 pub mod server;
 
 /// Generated from proto/weir/v1/endpoints.proto.
