@@ -19,6 +19,7 @@ use crate::steering::{self, SteeringConfig, SteeringSets};
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
+    raise_open_files_limit(&args);
     // One worker: a current-thread runtime, with no cross-thread wake-ups at all.
     let mut rt = match args.workers {
         Some(0) => bail!("--workers must be at least 1"),
@@ -234,4 +235,20 @@ fn ebpf_datapath(cfg: DatapathConfig, policy: &CompiledPolicy) -> anyhow::Result
         }
     }
     Ok(dp)
+}
+
+/// Every proxied connection holds two sockets and every UDP session two more; the
+/// usual soft limit of 1024 open files would refuse them long before any other
+/// limit. Raise it to the hard limit, and say so if that is still short.
+fn raise_open_files_limit(args: &RunArgs) {
+    let wanted = 1024 + 2 * args.udp_max_sessions as u64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(got) if got < wanted => warn!(
+            limit = got,
+            wanted,
+            "the open-files limit is low: connections and UDP sessions beyond it are refused (raise LimitNOFILE / ulimit -Hn)"
+        ),
+        Ok(got) => info!(limit = got, "open-files limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-files limit"),
+    }
 }
