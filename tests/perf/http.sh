@@ -11,6 +11,7 @@
 # - max throughput is secondary (flagged when CPU 0 was saturated);
 # - RUNS interleaved runs of DURATION seconds; median and spread reported.
 # PROFILE=1 records weir's throughput run with perf into tests/perf/results/.
+# CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags.
 # weir gets 100 HTTP rules (the benchmark request matches the last one); Envoy gets
 # the same 100 rules as RBAC policies; nginx proxies with no rules.
 set -euo pipefail
@@ -154,7 +155,7 @@ start_sut() {
     weir)
       rm -rf "$WORK/state"
       in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null \
+        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
         2>"$WORK/weir.log" & SUT_PID=$!
       for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
       URL=http://10.200.0.10/1k ;;
