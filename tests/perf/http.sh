@@ -155,9 +155,12 @@ start_sut() {
     weir)
       rm -rf "$WORK/state"
       in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
+        --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
         2>"$WORK/weir.log" & SUT_PID=$!
       for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
+      # Without weir the URL still answers (directly): a weir that failed to start
+      # must stop the run, not be measured as "direct".
+      [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2
       URL=http://10.200.0.10/1k ;;
     envoy)
       in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \
