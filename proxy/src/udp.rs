@@ -56,19 +56,81 @@ enum Entry {
     Denied(Instant, Arc<weir_policy::CompiledPolicy>),
 }
 
-/// Open and recently denied flows of this listener set.
+/// Open and recently denied flows of this listener set, with counts kept as they
+/// change (a flood of new flows must not cost a scan of the table each).
 #[derive(Default)]
 struct Flows {
-    entries: Mutex<HashMap<FlowKey, Entry>>,
+    table: Mutex<FlowTable>,
+}
+
+#[derive(Default)]
+struct FlowTable {
+    entries: HashMap<FlowKey, Entry>,
+    open: usize,
+    denied: usize,
+    /// Expired denials are swept at most once a second (or when the table is full).
+    next_sweep: Option<Instant>,
+    /// "Too many sessions" is logged at most once a second.
+    next_full_warning: Option<Instant>,
 }
 
 impl Flows {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlowKey, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlowTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FlowTable {
+    fn insert(&mut self, key: FlowKey, entry: Entry) {
+        match &entry {
+            Entry::Open(_) => self.open += 1,
+            Entry::Denied(..) => self.denied += 1,
+        }
+        if let Some(old) = self.entries.insert(key, entry) {
+            self.forget(&old);
+        }
     }
 
-    fn open_sessions(map: &HashMap<FlowKey, Entry>) -> usize {
-        map.values().filter(|e| matches!(e, Entry::Open(_))).count()
+    fn remove(&mut self, key: &FlowKey) {
+        if let Some(old) = self.entries.remove(key) {
+            self.forget(&old);
+        }
+    }
+
+    fn forget(&mut self, old: &Entry) {
+        match old {
+            Entry::Open(_) => self.open -= 1,
+            Entry::Denied(..) => self.denied -= 1,
+        }
+    }
+
+    /// Remembers a denial, unless `cap` denials are remembered already.
+    fn deny(
+        &mut self,
+        key: FlowKey,
+        until: Instant,
+        policy: Arc<weir_policy::CompiledPolicy>,
+        cap: usize,
+    ) {
+        let now = Instant::now();
+        if self.next_sweep.is_none_or(|t| now >= t) || self.denied >= cap {
+            self.entries
+                .retain(|_, e| !matches!(e, Entry::Denied(t, _) if *t <= now));
+            self.denied = self.entries.len() - self.open;
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+        if self.denied < cap || matches!(self.entries.get(&key), Some(Entry::Denied(..))) {
+            self.insert(key, Entry::Denied(until, policy));
+        }
+    }
+
+    fn warn_full(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self.next_full_warning.is_none_or(|t| now >= t);
+        if due {
+            self.next_full_warning = Some(now + Duration::from_secs(1));
+        }
+        due
     }
 }
 
@@ -126,7 +188,7 @@ fn dispatch(
 ) {
     let key = (client, orig_dst);
     let mut map = flows.lock();
-    match map.get(&key) {
+    match map.entries.get(&key) {
         Some(Entry::Open(queue)) => {
             if queue.try_send(datagram).is_err() {
                 debug!(%client, dst = %orig_dst, "session queue full; datagram dropped");
@@ -146,18 +208,17 @@ fn dispatch(
     if let Some(flow) = refusal(&ctx, &d) {
         info!(%client, dst = %orig_dst, reason = %flow.policy, "UDP flow denied");
         shared.flows.emit(&flow);
-        let now = Instant::now();
-        map.retain(|_, e| !matches!(e, Entry::Denied(t, _) if *t <= now));
-        if map.len() < 2 * shared.config.udp_max_sessions {
-            map.insert(key, Entry::Denied(now + idle, d.policy.clone()));
-        }
+        let cap = 2 * shared.config.udp_max_sessions;
+        map.deny(key, Instant::now() + idle, d.policy.clone(), cap);
         return;
     }
-    if Flows::open_sessions(&map) >= shared.config.udp_max_sessions {
-        warn!(
-            %client, dst = %orig_dst, max = shared.config.udp_max_sessions,
-            "too many UDP sessions; datagram dropped"
-        );
+    if map.open >= shared.config.udp_max_sessions {
+        if map.warn_full() {
+            warn!(
+                %client, dst = %orig_dst, max = shared.config.udp_max_sessions,
+                "too many UDP sessions; new flows' datagrams are dropped"
+            );
+        }
         return;
     }
     let session = match Session::open(&ctx) {
@@ -285,4 +346,48 @@ fn refusal(ctx: &ConnContext, d: &Decision) -> Option<Flow> {
     flow.drop_reason_desc = Some("POLICY_DENIED".into());
     flow.policy = "the port has HTTP rules, which cannot apply to UDP".into();
     Some(flow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_policy::CompiledPolicy;
+    use weir_policy::identity::IdentityAllocator;
+
+    fn key(port: u16) -> FlowKey {
+        (
+            SocketAddr::from(([10, 0, 0, 2], port)),
+            SocketAddr::from(([10, 0, 0, 1], 53)),
+        )
+    }
+
+    #[test]
+    fn the_flow_table_counts_what_it_holds_and_caps_denials() {
+        let policy =
+            Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
+        let mut t = FlowTable::default();
+        let (tx, _rx) = mpsc::channel(1);
+        t.insert(key(1), Entry::Open(tx.clone()));
+        t.insert(key(2), Entry::Open(tx.clone()));
+        let later = Instant::now() + Duration::from_secs(60);
+        t.deny(key(3), later, policy.clone(), 2);
+        t.deny(key(4), later, policy.clone(), 2);
+        // At the cap: a new denial is not remembered, a known one is renewed.
+        t.deny(key(5), later, policy.clone(), 2);
+        t.deny(key(4), later, policy.clone(), 2);
+        assert_eq!((t.open, t.denied, t.entries.len()), (2, 2, 4));
+        // A denied flow that is allowed now replaces its denial.
+        t.insert(key(3), Entry::Open(tx));
+        assert_eq!((t.open, t.denied), (3, 1));
+        t.remove(&key(1));
+        t.remove(&key(1));
+        assert_eq!((t.open, t.denied), (2, 1));
+        // Expired denials are swept when the cap is reached.
+        let past = Instant::now();
+        t.deny(key(6), past, policy.clone(), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        t.deny(key(7), later, policy, 2);
+        assert!(!t.entries.contains_key(&key(6)));
+        assert_eq!(t.denied, t.entries.len() - t.open);
+    }
 }
