@@ -138,3 +138,53 @@ fn udp_flows_through_the_proxy_keep_both_addresses_and_obey_policy() {
         "{flows:#?}"
     );
 }
+
+#[test]
+fn new_udp_flows_beyond_the_session_cap_wait_for_a_free_session() {
+    let Some(mut s) = Scenario::star_wars("udp-cap") else {
+        return;
+    };
+    let mut echo = s.lab.workload("deathstar").ns.command("socat");
+    echo.args([
+        "UDP4-RECVFROM:5353,fork",
+        "SYSTEM:'read line; echo \"$line\"'",
+    ]);
+    s.lab.spawn("echo", echo).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.start_weir(
+        POLICY,
+        &[
+            "--steering",
+            "nft",
+            "--udp-max-sessions",
+            "2",
+            "--udp-idle-timeout",
+            "1s",
+        ],
+    );
+    // Two chatty flows hold both sessions.
+    for port in [41001, 41002] {
+        let mut chatty = s.lab.workload("tiefighter").ns.command("sh");
+        chatty.args([
+            "-c",
+            &format!(
+                "while true; do echo keep; sleep 0.2; done | socat - UDP4:{DEATHSTAR4}:5353,sourceport={port} >/dev/null"
+            ),
+        ]);
+        s.lab.spawn(&format!("chatty{port}"), chatty).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ask(&s, "tiefighter", DEATHSTAR4, 5353, "third"), "");
+    assert!(
+        s.weir_log_text().contains("too many UDP sessions"),
+        "{}",
+        s.weir_log_text()
+    );
+    // Once they stop and their sessions time out, a new flow gets through.
+    s.lab.processes.retain(|p| !p.name.starts_with("chatty"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        ask(&s, "tiefighter", DEATHSTAR4, 5353, "fourth").trim(),
+        "fourth"
+    );
+}
