@@ -434,6 +434,15 @@ fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     ]);
     assert!(show(&s).trim().is_empty(), "{}", show(&s));
     assert!(!s.bpf_root.exists(), "pins left behind");
+    // The operators' own tools agree (bpftool 7.1 lists cls_bpf filters, not TCX).
+    for iface in ["weirv0", "weirv1", "weirv2"] {
+        for dir in ["ingress", "egress"] {
+            let tc = s.run_in_node(&["tc", "filter", "show", "dev", iface, dir]);
+            assert!(!tc.contains("weir"), "{tc}");
+        }
+    }
+    let bpftool = s.run_in_node(&["bpftool", "net"]);
+    assert!(!bpftool.contains("weir"), "{bpftool}");
     let rules = s.run_in_node(&["ip", "rule", "show"]);
     assert!(
         !rules.contains("proto 119") && rules.contains("lookup 42"),
@@ -560,6 +569,8 @@ fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
         1
     );
     enforced(&s);
+    let bpftool = s.run_in_node(&["bpftool", "net"]);
+    assert!(bpftool.contains("weir_from_endpoint"), "{bpftool}");
     s.lab.processes.retain(|p| p.name != "weir");
     s.run_in_node(&[
         weir_tests::weir_bin().to_str().unwrap(),
@@ -570,6 +581,8 @@ fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
     for dir in ["ingress", "egress"] {
         assert!(!filters(&s, dir).contains("weir"), "{}", filters(&s, dir));
     }
+    let bpftool = s.run_in_node(&["bpftool", "net"]);
+    assert!(!bpftool.contains("weir"), "{bpftool}");
     assert_eq!(
         status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
