@@ -192,3 +192,34 @@ fn endpoints_registered_over_the_api_are_enforced_and_survive_a_restart() {
     let listed = text(&endpoint(&s, &["list"]));
     assert!(!listed.lines().any(|l| l.starts_with("xwing")), "{listed}");
 }
+
+#[test]
+fn endpoints_registered_over_the_api_are_enforced_by_the_nft_fallback_too() {
+    let Some(mut s) = Scenario::star_wars("endpoint-api-nft") else {
+        return;
+    };
+    std::fs::write(s.path("endpoints.yaml"), WITHOUT_XWING).unwrap();
+    s.start_deathstar(&[]);
+    s.start_weir(ALLIANCE_ONLY, &["--steering", "nft"]);
+    let v4 = format!("http://{DEATHSTAR4}/");
+    // The proxy enforces L3/L4 in this mode: an HTTP client it refuses gets 403.
+    assert_eq!(code(&s, &v4), "403");
+    let xwing_ns = s.lab.workload("xwing").ns.name().to_string();
+    let added = endpoint(
+        &s,
+        &["add", "--netns", &xwing_ns, "--labels", "org=alliance"],
+    );
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert_eq!(code(&s, &v4), "200");
+    assert_eq!(code(&s, &format!("http://[{DEATHSTAR6}]/")), "200");
+    let listed = text(&endpoint(&s, &["list"]));
+    let name = xwing_ns.as_str();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains(" api ")),
+        "the name defaults to the namespace's: {listed}"
+    );
+    assert!(endpoint(&s, &["remove", name]).status.success());
+    assert_eq!(code(&s, &v4), "403");
+}
