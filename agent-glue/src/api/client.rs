@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
@@ -75,9 +74,14 @@ async fn connect(path: &Path) -> anyhow::Result<EndpointsClient<Channel>> {
             }
         }))
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach weir's API at {} (is `weir run` running with this --api-socket?)",
+        .map_err(|e| {
+            // The transport error repeats its cause; the innermost one says it all.
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            anyhow::anyhow!(
+                "cannot reach weir's API at {}: {cause} (is `weir run` running with this --api-socket?)",
                 path.display()
             )
         })?;
