@@ -52,6 +52,19 @@ fn status(s: &Scenario, from: &str, method: &str, url: &str) -> String {
     ))
 }
 
+/// Under L4_POLICY: the tiefighter reaches the deathstar's port 80 over IPv4 and
+/// IPv6; the xwing's SYNs are dropped on both (no answer at all).
+fn assert_l4_policy_holds(s: &Scenario) {
+    for (from, want) in [("tiefighter", "200"), ("xwing", "000")] {
+        for url in [
+            format!("http://{DEATHSTAR4}/"),
+            format!("http://[{DEATHSTAR6}]/"),
+        ] {
+            assert_eq!(status(s, from, "GET", &url), want, "{from} -> {url}");
+        }
+    }
+}
+
 #[test]
 fn l3_l4_policy_is_enforced_in_the_kernel() {
     let Some(mut s) = Scenario::star_wars("ebpf-l4") else {
@@ -78,26 +91,14 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
         ),
         "200"
     );
-    assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("http://[{DEATHSTAR6}]/")),
-        "200"
-    );
-    // The xwing's SYNs are dropped: no answer at all.
-    assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
-        "000"
-    );
-    assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
-        "000"
-    );
+    assert_l4_policy_holds(&s);
     // Port 443 is not allowed for anyone.
     assert_eq!(
         status(&s, "tiefighter", "GET", &format!("https://{DEATHSTAR4}/")),
         "000"
     );
     let log = s.access_log();
-    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log.len(), 3, "the PUT and the two GETs: {log:?}");
     assert!(
         log.iter()
             .all(|l| l.starts_with("10.200.0.20") || l.starts_with("fd00:200::20")),
@@ -158,8 +159,8 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
                 && f["policy"] == "l4 spec.ingress[0].toPorts[0]"),
         "{allowed:#?}"
     );
-    // One event per new flow, not per packet: the 2 TCP flows + 1 UDP flow.
-    assert_eq!(allowed.len(), 3, "{allowed:#?}");
+    // One event per new flow, not per packet: the 3 TCP flows + 1 UDP flow.
+    assert_eq!(allowed.len(), 4, "{allowed:#?}");
 }
 
 #[test]
@@ -547,28 +548,18 @@ fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
         shown.contains("weirv2 ingress weir_from_endpoint"),
         "{shown}"
     );
-    let enforced = |s: &Scenario| {
-        assert_eq!(
-            status(s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
-            "200"
-        );
-        assert_eq!(
-            status(s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
-            "000"
-        );
-    };
-    enforced(&s);
+    assert_l4_policy_holds(&s);
     // The filters outlive weir, and the next weir takes them over in place.
     let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
     assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
     s.lab.processes.retain(|p| p.name != "weir");
-    enforced(&s);
+    assert_l4_policy_holds(&s);
     s.start_weir(L4_POLICY, &args);
     assert_eq!(
         filters(&s, "ingress").matches("weir_from_endpoint").count(),
         1
     );
-    enforced(&s);
+    assert_l4_policy_holds(&s);
     let bpftool = s.run_in_node(&["bpftool", "net"]);
     assert!(bpftool.contains("weir_from_endpoint"), "{bpftool}");
     s.lab.processes.retain(|p| p.name != "weir");
@@ -708,22 +699,7 @@ fn endpoints_given_by_network_namespace_get_their_addresses_found() {
     );
     std::fs::write(s.path("endpoints.yaml"), endpoints).unwrap();
     s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
-    assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
-        "200"
-    );
-    assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("http://[{DEATHSTAR6}]/")),
-        "200"
-    );
-    assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
-        "000"
-    );
-    assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://[{DEATHSTAR6}]/")),
-        "000"
-    );
+    assert_l4_policy_holds(&s);
     let flows = s.flows();
     assert!(
         flows

@@ -348,9 +348,15 @@ mod policy_tests {
     use super::*;
     use weir_policy::identity::IdentityAllocator;
 
+    fn compile(policy: &str, endpoints: &str) -> CompiledPolicy {
+        let p = weir_policy::parse_policies(policy, "p.yaml").unwrap();
+        let e = weir_policy::parse_endpoints(endpoints, "e.yaml").unwrap();
+        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).unwrap()
+    }
+
     #[test]
     fn deny_inside_an_allowed_range() {
-        let p = weir_policy::parse_policies(
+        let cp = compile(
             "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: mixed}
@@ -363,15 +369,8 @@ spec:
   - fromEndpoints: [{matchLabels: {class: tiefighter}}]
     toPorts: [{ports: [{port: '8005', protocol: TCP}]}]
 ",
-            "p.yaml",
-        )
-        .unwrap();
-        let e = weir_policy::parse_endpoints(
             "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n",
-            "e.yaml",
-        )
-        .unwrap();
-        let cp = CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).unwrap();
+        );
         let (entries, _) = policy_entries(&cp);
         let tcp: Vec<(u16, u8, Verdict)> = entries
             .iter()
@@ -384,7 +383,7 @@ spec:
 
     #[test]
     fn only_rules_without_ports_allow_icmp_echo() {
-        let p = weir_policy::parse_policies(
+        let cp = compile(
             "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: ping}
@@ -397,16 +396,8 @@ spec:
   ingressDeny:
   - fromEntities: [world]
 ",
-            "p.yaml",
-        )
-        .unwrap();
-        let e = weir_policy::parse_endpoints(
             "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n  - {name: x, ips: [10.0.0.3], labels: {class: xwing}}\n",
-            "e.yaml",
-        )
-        .unwrap();
-        let mut ids = IdentityAllocator::default();
-        let cp = CompiledPolicy::compile(&p, &e, &mut ids).unwrap();
+        );
         let tie = cp.endpoints()[1].identity;
         let xwing = cp.endpoints()[2].identity;
         let (entries, _) = policy_entries(&cp);
