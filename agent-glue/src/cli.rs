@@ -135,6 +135,14 @@ pub enum SteeringMode {
     None,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllowLocalhost {
+    /// The node reaches every local endpoint (L3/L4; its traffic is never proxied).
+    Always,
+    /// The node is the `host` identity, allowed only by policy.
+    Policy,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Policy files or directories (every *.yaml / *.yml in them).
@@ -159,6 +167,17 @@ pub struct RunArgs {
     /// qdisc (netlink) where the kernel has no TCX.
     #[arg(long, value_enum, default_value = "auto")]
     pub tc_attach: crate::datapath::attach::TcAttach,
+    /// Devices where peers that are not local endpoints come in (the world, CIDR
+    /// peers, other nodes), comma separated; weir's netdev programs go on them.
+    /// Default: every interface but `lo` and the endpoints' veths, found again at
+    /// each policy change.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Whether the node itself (the `host` identity) may reach every local
+    /// endpoint (`always`, Cilium's default, for health checks), or is decided by
+    /// policy like any peer (`policy`: `fromEntities: [host]` allows it).
+    #[arg(long, value_enum, default_value = "always")]
+    pub allow_localhost: AllowLocalhost,
     /// bpffs directory for weir's pins (used by the eBPF datapath).
     #[arg(long, default_value = "/sys/fs/bpf/weir")]
     pub bpf_root: PathBuf,
@@ -235,10 +254,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 fwmark: args.steering.fwmark,
                 route_table: args.steering.route_table,
             };
-            crate::datapath::attach::remove_netlink_filters(&[
-                crate::datapath::FROM_ENDPOINT,
-                crate::datapath::TO_ENDPOINT,
-            ]);
+            crate::datapath::attach::remove_netlink_filters(&crate::datapath::PROGRAMS);
             let removed = crate::datapath::pins::remove_tree(&args.bpf_root)
                 .map_err(|e| {
                     anyhow::anyhow!("removing pins under {}: {e}", args.bpf_root.display())

@@ -124,7 +124,8 @@ impl Sources {
     pub fn compile(&self) -> anyhow::Result<CompiledPolicy> {
         let endpoints: Vec<Endpoint> = self.endpoints()?.into_iter().map(|(e, _)| e).collect();
         let mut ids = state::load_identities(&self.state_dir);
-        let compiled = CompiledPolicy::compile(&self.policies, &endpoints, &mut ids)?;
+        let compiled = CompiledPolicy::compile(&self.policies, &endpoints, &mut ids)?
+            .with_host_addresses(crate::datapath::node_addresses());
         if let Err(e) = state::save_identities(&self.state_dir, &ids) {
             warn!(error = %e, dir = %self.state_dir.display(), "could not save identities");
         }

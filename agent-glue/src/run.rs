@@ -104,6 +104,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         upstream_mark: args.steering_args.upstream_mark,
         bpf_root: Some(args.bpf_root.clone()),
         tc_attach: args.tc_attach,
+        devices: match &args.devices {
+            Some(names) => crate::datapath::Devices::Named(names.clone()),
+            None => crate::datapath::Devices::Auto,
+        },
+        allow_localhost: args.allow_localhost == crate::cli::AllowLocalhost::Always,
     };
     let (mode, mut datapath) = match args.steering {
         SteeringMode::Ebpf => (
@@ -144,8 +149,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("installing nftables steering")?,
             (SteeringMode::Ebpf, Some(dp)) => {
                 dp.sync(p)?;
-                dp.attach_endpoints(p)?;
-                dp.detach_unused(p);
+                dp.attach_interfaces(p)?;
                 steering::install_local_delivery(&steer_cfg)
                     .context("installing the local-delivery rule for redirected packets")?;
             }

@@ -366,6 +366,8 @@ pub struct CompiledPolicy {
     ingress: Vec<Option<DirTable>>,
     egress: Vec<Option<DirTable>>,
     policy_count: usize,
+    /// The node's own addresses: the `host` identity.
+    host_ips: Vec<IpAddr>,
 }
 
 /// A prefix mentioned by some policy, and the identity of addresses whose longest
@@ -431,7 +433,23 @@ impl CompiledPolicy {
             ingress,
             egress,
             policy_count: policies.len(),
+            host_ips: Vec::new(),
         })
+    }
+
+    /// Names the node's own addresses, which are the `host` identity (as in
+    /// Cilium, whatever CIDR contains them) unless an endpoint has them.
+    pub fn with_host_addresses(mut self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
+        ips.sort();
+        ips.dedup();
+        self.host_ips = ips;
+        self
+    }
+
+    /// The node's own addresses, sorted.
+    pub fn host_addresses(&self) -> &[IpAddr] {
+        &self.host_ips
     }
 
     pub fn endpoints(&self) -> &[CompiledEndpoint] {
@@ -524,6 +542,11 @@ impl CompiledPolicy {
                 ip,
                 identity: self.endpoints[*i].identity,
                 endpoint: Some(*i),
+            },
+            None if self.host_ips.binary_search(&ip).is_ok() => PeerInfo {
+                ip,
+                identity: IDENTITY_HOST,
+                endpoint: None,
             },
             None => PeerInfo {
                 ip,

@@ -168,6 +168,9 @@ impl FlowPeers {
                         .iter()
                         .map(|(k, v)| format!("k8s:{k}={v}"))
                         .collect(),
+                    None if p.identity == crate::identity::IDENTITY_HOST => {
+                        vec!["reserved:host".to_string()]
+                    }
                     None => vec!["reserved:world".to_string()],
                 },
                 pod_name: info.map(|e| e.endpoint.name.clone()),

@@ -1,19 +1,29 @@
 // SPDX-License-Identifier: GPL-2.0
-/* weir's tc datapath, attached to the host side of each endpoint's veth.
+/* weir's tc datapath. Four programs, one decision procedure:
  *
- * weir_from_endpoint (tc ingress: packets leaving the workload, entering the node)
- *   - connection tracking first: packets of known flows pass (or go to the proxy);
- *   - a new flow is decided by the source's egress policy and, when the destination
- *     is a local endpoint, the destination's ingress policy (deny wins);
- *   - flows with L7 rules are steered to the proxy's transparent socket with
- *     bpf_sk_assign: the packet's own established socket first, the listener only
- *     for new flows; every socket reference is released.
- * weir_to_endpoint (tc egress: packets about to enter the workload)
- *   - locally originated packets (the proxy's upstream connections, the host) are
- *     allowed and tracked so that the replies match;
- *   - packets forwarded from elsewhere that no from-endpoint hook has seen are
- *     decided by the destination's ingress policy.
- * Verdict events go to a ring buffer: one per new flow and one per drop.
+ * weir_from_endpoint (tc ingress of an endpoint's host-side veth: packets leaving
+ *   the workload). The source must be that endpoint (else SPOOFED_SOURCE); a new
+ *   flow is decided by its egress policy and, for a local destination, the
+ *   destination's ingress policy (deny wins). L7 flows go to the proxy's socket
+ *   with bpf_sk_assign.
+ * weir_from_netdev (tc ingress of every other interface of the node: the world,
+ *   CIDR peers, other nodes). Packets to local endpoints are decided by the
+ *   destination's ingress policy with the peer's CIDR/world identity (never an
+ *   endpoint's: a packet from outside that claims an endpoint's address is
+ *   dropped), and L7 flows are handed to the proxy right here. Servers' replies
+ *   to the proxy's upstream connections are handed to those sockets.
+ * weir_to_endpoint (tc egress of an endpoint's veth: packets about to enter the
+ *   workload). Tracks the proxy's upstream leg (by its mark) so replies come back
+ *   to the proxy, decides the node's own traffic as the `host` identity, and
+ *   decides (fail closed) what no ingress hook saw.
+ * weir_to_netdev (tc egress of the other interfaces): tracks the proxy's
+ *   upstream leg to servers that are not local endpoints.
+ *
+ * Conntrack entries carry the policy generation they were decided under and are
+ * decided again when it changes, on every path (new packets, replies, the proxy
+ * leg). They end with their connections (RST, FIN both ways) or after an idle
+ * lifetime. Packets that are not weir's business return TC_ACT_UNSPEC (TCX
+ * "next"), so other programs on the interface still see them.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -32,6 +42,8 @@
 #define IDENTITY_WORLD 2
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
+#define NOT_OURS TC_ACT_UNSPEC /* TCX_NEXT */
+#define NSEC 1000000000ull
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -71,6 +83,13 @@ struct {
 } weir_ct SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct weir_frag_key);
+	__type(value, struct weir_frag_value);
+} weir_frags SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -83,7 +102,8 @@ struct {
 } weir_events SEC(".maps");
 
 /* Never used at run time: ring-buffer records have no type in BTF, and this
- * one-entry map gives struct weir_event one, so the Rust mirror can be checked. */
+ * one-entry map gives struct weir_event one, so the Rust mirror can be checked;
+ * likewise for the shared enums. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -91,9 +111,41 @@ struct {
 	__type(value, struct weir_event);
 } weir_event_layout SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct weir_enums);
+} weir_enum_layout SEC(".maps");
+
+/* What parse() found. */
+enum parsed {
+	PARSED_NOT_IP = 0,     /* not IP, or ICMP that is the network's own (ND, MLD) */
+	PARSED_FLOW = 1,       /* TCP/UDP with ports, or ICMP as a flow (echo id) */
+	PARSED_UNSUPPORTED = 2, /* IP policy cannot see: other protocols, ext headers */
+	PARSED_FRAGMENT = 3,   /* a non-first fragment: addresses, protocol, frag_id */
+	PARSED_ICMP_ERROR = 4, /* key = the flow the error is about, as it was sent */
+};
+
 struct flow {
-	struct weir_ct_key key; /* forward tuple */
-	__u8 tcp_flags;         /* bit 0: SYN, bit 1: ACK */
+	struct weir_ct_key key; /* forward tuple (leg 0) */
+	__u32 frag_id;
+	__u8 tcp_flags;  /* TCP_F_* */
+	__u8 first_frag; /* a first fragment: its allowed datagram's rest may follow */
+	__u8 icmp_outer_dst_ok; /* ICMP error: the inner source is the outer destination */
+};
+
+#define TCP_F_SYN 1
+#define TCP_F_ACK 2
+#define TCP_F_FIN 4
+#define TCP_F_RST 8
+
+struct decision {
+	__u32 verdict;
+	__u32 rule_id;
+	__u32 src_id;
+	__u32 dst_id;
+	__u8 reason;
 };
 
 static __always_inline void count(__u32 idx, struct __sk_buff *skb)
@@ -106,11 +158,8 @@ static __always_inline void count(__u32 idx, struct __sk_buff *skb)
 	}
 }
 
-/* ICMP echo as a flow: the identifier is the request's source "port" and the
- * reply's destination "port" (the other one 0), so a reply is the reverse of its
- * request in conntrack and a request's policy lookup is for port 0. */
-/* The start of an ICMP or ICMPv6 echo message (their uapi headers pull in libc). */
-struct echo_hdr {
+/* The start of an ICMP or ICMPv6 message (their uapi headers pull in libc). */
+struct icmp_hdr {
 	__u8 type;
 	__u8 code;
 	__sum16 checksum;
@@ -118,98 +167,219 @@ struct echo_hdr {
 	__be16 sequence;
 };
 #define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_SOURCE_QUENCH 4
+#define ICMP_REDIRECT 5
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
+#define ICMPV6_MLD_QUERY 130
+#define ICMPV6_MLD_DONE 132
+#define ICMPV6_ND_FIRST 133 /* router solicitation .. redirect (137) */
+#define ICMPV6_ND_LAST 137
+#define ICMPV6_MLD2_REPORT 143
+#define IPV6_FRAGMENT_HDR 44
 
-static __always_inline int parse_echo(struct flow *f, void *l4, void *data_end, __u8 request,
-				      __u8 reply)
+struct ipv6_frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off; /* offset << 3 | M */
+	__be32 id;
+};
+
+/* Reads the ports (or echo identifier) of the L4 header at `l4` into the key. */
+static __always_inline int l4_ports(struct flow *f, void *l4, void *data_end, __u8 proto, int inner)
 {
-	struct echo_hdr *icmp = l4;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		/* Both start with source and destination port; an ICMP error quotes
+		 * only 8 bytes, so the inner header is read no further. */
+		__be16 *ports = l4;
 
-	if ((void *)(icmp + 1) > data_end)
-		return -1;
-	if (icmp->type == request) {
-		f->key.sport = icmp->id;
-		f->key.dport = 0;
-		return 1;
+		if ((void *)(ports + 2) > data_end)
+			return -1;
+		f->key.sport = ports[0];
+		f->key.dport = ports[1];
+		if (proto == IPPROTO_TCP && !inner) {
+			struct tcphdr *tcp = l4;
+
+			if ((void *)(tcp + 1) > data_end)
+				return -1;
+			f->tcp_flags = (tcp->syn ? TCP_F_SYN : 0) | (tcp->ack ? TCP_F_ACK : 0) |
+				       (tcp->fin ? TCP_F_FIN : 0) | (tcp->rst ? TCP_F_RST : 0);
+		}
+		return 0;
 	}
-	if (icmp->type == reply) {
+	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		struct icmp_hdr *icmp = l4;
+		__u8 request = proto == IPPROTO_ICMP ? ICMP_ECHO : ICMPV6_ECHO_REQUEST;
+		__u8 reply = proto == IPPROTO_ICMP ? ICMP_ECHOREPLY : ICMPV6_ECHO_REPLY;
+
+		if ((void *)(icmp + 1) > data_end)
+			return -1;
+		/* ICMP echo as a flow: the identifier is the request's source "port"
+		 * and the reply's destination "port", so a reply is the reverse of its
+		 * request; other messages decided by policy are flows with port 0. */
 		f->key.sport = 0;
-		f->key.dport = icmp->id;
-		return 1;
+		f->key.dport = 0;
+		if (icmp->type == request)
+			f->key.sport = icmp->id;
+		else if (icmp->type == reply)
+			f->key.dport = icmp->id;
+		return 0;
 	}
-	/* Errors (carrying a tracked flow's headers), neighbour discovery and the
-	 * like: not policy's business. */
-	return 0;
+	return -1;
 }
 
-/* Returns 1 for a TCP/UDP packet whose ports could be read, or an ICMP echo; 0 for
- * what policy does not cover (not IP, other ICMP/ICMPv6, non-first fragments, which
- * cannot be reassembled without their policy-checked first fragment); -1 for any
- * other IP packet (other protocols, IPv6 extension headers, truncated headers),
- * addresses filled in. */
-static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+static __always_inline int icmp_is_error(__u8 proto, __u8 type)
+{
+	if (proto == IPPROTO_ICMP)
+		return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH ||
+		       type == ICMP_REDIRECT || type == ICMP_TIME_EXCEEDED ||
+		       type == ICMP_PARAMETERPROB;
+	return type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB;
+}
+
+/* ICMPv6 that the network itself needs (neighbour discovery, MLD). */
+static __always_inline int icmp6_is_link(__u8 type)
+{
+	return (type >= ICMPV6_MLD_QUERY && type <= ICMPV6_MLD_DONE) ||
+	       (type >= ICMPV6_ND_FIRST && type <= ICMPV6_ND_LAST) || type == ICMPV6_MLD2_REPORT;
+}
+
+/* An ICMP error: the key becomes the quoted packet's flow (as its sender sent it). */
+static __always_inline int parse_icmp_error(struct flow *f, void *inner, void *data_end)
+{
+	__u32 outer_dst[4];
+	__u8 proto;
+
+	__builtin_memcpy(outer_dst, f->key.daddr, 16);
+	if (f->key.family == 4) {
+		struct iphdr *ip = inner;
+
+		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+			return PARSED_UNSUPPORTED;
+		proto = ip->protocol;
+		f->key.saddr[0] = ip->saddr;
+		f->key.daddr[0] = ip->daddr;
+		inner = (void *)ip + ip->ihl * 4;
+	} else {
+		struct ipv6hdr *ip6 = inner;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return PARSED_UNSUPPORTED;
+		proto = ip6->nexthdr;
+		__builtin_memcpy(f->key.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(f->key.daddr, &ip6->daddr, 16);
+		inner = ip6 + 1;
+	}
+	f->key.protocol = proto;
+	if (l4_ports(f, inner, data_end, proto, 1) < 0)
+		return PARSED_UNSUPPORTED;
+	f->icmp_outer_dst_ok = outer_dst[0] == f->key.saddr[0] && outer_dst[1] == f->key.saddr[1] &&
+			       outer_dst[2] == f->key.saddr[2] && outer_dst[3] == f->key.saddr[3];
+	return PARSED_ICMP_ERROR;
+}
+
+/* Makes sure the headers policy reads are in the linear part of the packet
+ * (pulled only when they are not: pulling can copy a cloned packet). */
+static __always_inline void pull_headers(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	void *l4;
+	__u32 want = skb->len;
 
+	/* eth, IPv6, fragment or ICMP header, a quoted IPv6 header, its ports */
+	if (want > 14 + 40 + 8 + 40 + 8)
+		want = 14 + 40 + 8 + 40 + 8;
+	if (data + want <= data_end)
+		return;
+	bpf_skb_pull_data(skb, want);
+}
+
+/* Fills `f` from the packet; see enum parsed. Addresses are filled whenever the
+ * packet is IP. */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+	void *data, *data_end, *l4;
+	struct ethhdr *eth;
+	__u8 proto;
+
+	pull_headers(skb);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return 0;
+		return PARSED_NOT_IP;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
+		__u16 frag;
 
 		if ((void *)(ip + 1) > data_end)
-			return 0;
+			return PARSED_NOT_IP;
 		f->key.family = 4;
-		f->key.protocol = ip->protocol;
+		proto = ip->protocol;
+		f->key.protocol = proto;
 		f->key.saddr[0] = ip->saddr;
 		f->key.daddr[0] = ip->daddr;
 		if (ip->ihl < 5)
-			return -1;
-		/* Non-first fragments carry no ports. */
-		if (ip->frag_off & bpf_htons(0x1fff))
-			return 0;
+			return PARSED_UNSUPPORTED;
+		frag = bpf_ntohs(ip->frag_off);
+		f->frag_id = ip->id;
+		if (frag & 0x1fff)
+			return PARSED_FRAGMENT;
+		f->first_frag = (frag & 0x2000) != 0;
 		l4 = (void *)ip + ip->ihl * 4;
-		if (ip->protocol == IPPROTO_ICMP)
-			return parse_echo(f, l4, data_end, ICMP_ECHO, ICMP_ECHOREPLY);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
 		if ((void *)(ip6 + 1) > data_end)
-			return 0;
+			return PARSED_NOT_IP;
 		f->key.family = 6;
-		f->key.protocol = ip6->nexthdr;
+		proto = ip6->nexthdr;
 		__builtin_memcpy(f->key.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->key.daddr, &ip6->daddr, 16);
-		l4 = (void *)(ip6 + 1);
-		if (ip6->nexthdr == IPPROTO_ICMPV6)
-			return parse_echo(f, l4, data_end, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
+		l4 = ip6 + 1;
+		if (proto == IPV6_FRAGMENT_HDR) {
+			struct ipv6_frag_hdr *fh = l4;
+			__u16 off;
+
+			if ((void *)(fh + 1) > data_end)
+				return PARSED_UNSUPPORTED;
+			proto = fh->nexthdr;
+			off = bpf_ntohs(fh->frag_off);
+			f->frag_id = fh->id;
+			if (off & 0xfff8) {
+				f->key.protocol = proto;
+				return PARSED_FRAGMENT;
+			}
+			f->first_frag = (off & 1) != 0;
+			l4 = fh + 1;
+		}
+		f->key.protocol = proto;
 	} else {
-		return 0;
+		return PARSED_NOT_IP;
 	}
-	if (f->key.protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = l4;
+	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		struct icmp_hdr *icmp = l4;
 
-		if ((void *)(tcp + 1) > data_end)
-			return -1;
-		f->key.sport = tcp->source;
-		f->key.dport = tcp->dest;
-		f->tcp_flags = (tcp->syn ? 1 : 0) | (tcp->ack ? 2 : 0);
-		return 1;
+		if ((void *)(icmp + 1) > data_end)
+			return PARSED_UNSUPPORTED;
+		if ((proto == IPPROTO_ICMP) != (f->key.family == 4))
+			return PARSED_UNSUPPORTED;
+		if (proto == IPPROTO_ICMPV6 && icmp6_is_link(icmp->type))
+			return PARSED_NOT_IP;
+		if (icmp_is_error(proto, icmp->type))
+			return parse_icmp_error(f, icmp + 1, data_end);
 	}
-	if (f->key.protocol == IPPROTO_UDP) {
-		struct udphdr *udp = l4;
-
-		if ((void *)(udp + 1) > data_end)
-			return -1;
-		f->key.sport = udp->source;
-		f->key.dport = udp->dest;
-		return 1;
-	}
-	return -1;
+	if (l4_ports(f, l4, data_end, proto, 0) < 0)
+		return PARSED_UNSUPPORTED;
+	return PARSED_FLOW;
 }
 
 static __always_inline struct weir_endpoint_info *endpoint(__u32 *addr, __u8 family)
@@ -221,18 +391,23 @@ static __always_inline struct weir_endpoint_info *endpoint(__u32 *addr, __u8 fam
 	return bpf_map_lookup_elem(&weir_endpoints, &k);
 }
 
-static __always_inline __u32 identity_of(struct weir_endpoint_info *ep, __u32 *addr, __u8 family)
+/* The identity of a peer that is not a local endpoint: its longest ipcache
+ * prefix (CIDRs, the node's own addresses), else world. */
+static __always_inline __u32 outside_identity(__u32 *addr, __u8 family)
 {
 	struct weir_ipcache_key k = {};
 	struct weir_ipcache_value *v;
 
-	if (ep)
-		return ep->identity;
 	k.family = family;
 	k.prefixlen = 32 + (family == 4 ? 32 : 128);
 	__builtin_memcpy(k.ip, addr, 16);
 	v = bpf_map_lookup_elem(&weir_ipcache, &k);
 	return v ? v->identity : IDENTITY_WORLD;
+}
+
+static __always_inline __u32 identity_of(struct weir_endpoint_info *ep, __u32 *addr, __u8 family)
+{
+	return ep ? ep->identity : outside_identity(addr, family);
 }
 
 static __always_inline __u32 policy(__u32 endpoint_id, __u8 dir, __u8 proto, __u32 remote,
@@ -256,6 +431,46 @@ static __always_inline __u32 policy(__u32 endpoint_id, __u8 dir, __u8 proto, __u
 		return WEIR_DROP;
 	*rule_id = v->rule_id;
 	return v->verdict;
+}
+
+/* Decides a new flow (or an old one again): the source endpoint's egress policy
+ * (when the flow comes from one), then the destination endpoint's ingress policy.
+ * `src_ep` is the sending endpoint, already checked against its interface. */
+static __always_inline void decide(struct flow *f, struct weir_endpoint_info *src_ep, __u8 origin,
+				   struct weir_config *cfg, struct decision *d)
+{
+	struct weir_endpoint_info *dst_ep = endpoint(f->key.daddr, f->key.family);
+	__u32 v;
+
+	d->verdict = WEIR_ALLOW;
+	d->reason = WEIR_REASON_NONE;
+	d->rule_id = WEIR_NO_RULE;
+	d->src_id = origin == WEIR_ORIGIN_HOST ? IDENTITY_HOST :
+						identity_of(src_ep, f->key.saddr, f->key.family);
+	d->dst_id = identity_of(dst_ep, f->key.daddr, f->key.family);
+	if (src_ep && (src_ep->flags & WEIR_EP_EGRESS_ENFORCED)) {
+		v = policy(src_ep->endpoint_id, DIR_EGRESS, f->key.protocol, d->dst_id,
+			   f->key.dport, &d->rule_id);
+		if (v == WEIR_DROP) {
+			d->verdict = WEIR_DROP;
+			d->reason = WEIR_REASON_POLICY_EGRESS;
+			return;
+		}
+		if (v == WEIR_REDIRECT)
+			d->verdict = WEIR_REDIRECT;
+	}
+	if (!dst_ep || !(dst_ep->flags & WEIR_EP_INGRESS_ENFORCED))
+		return;
+	if (origin == WEIR_ORIGIN_HOST && (cfg->flags & WEIR_CFG_ALLOW_LOCALHOST))
+		return;
+	v = policy(dst_ep->endpoint_id, DIR_INGRESS, f->key.protocol, d->src_id, f->key.dport,
+		   &d->rule_id);
+	if (v == WEIR_DROP) {
+		d->verdict = WEIR_DROP;
+		d->reason = WEIR_REASON_POLICY_INGRESS;
+	} else if (v == WEIR_REDIRECT) {
+		d->verdict = WEIR_REDIRECT;
+	}
 }
 
 static __always_inline void event(struct flow *f, __u8 kind, __u8 reason, __u32 src_id,
@@ -286,33 +501,146 @@ static __always_inline void event(struct flow *f, __u8 kind, __u8 reason, __u32 
 				      BPF_RB_NO_WAKEUP);
 }
 
-/* An IP packet policy cannot decide: dropped when either end enforces policy. */
-static __always_inline int unsupported(struct __sk_buff *skb, struct flow *f, int check_egress)
+static __always_inline int drop(struct __sk_buff *skb, struct flow *f, __u8 reason, __u32 src_id,
+				__u32 dst_id, __u32 rule_id)
 {
-	struct weir_endpoint_info *src = endpoint(f->key.saddr, f->key.family);
-	struct weir_endpoint_info *dst = endpoint(f->key.daddr, f->key.family);
+	count(WEIR_COUNTER_DROPPED, skb);
+	event(f, WEIR_EVENT_DROPPED, reason, src_id, dst_id, rule_id, skb->ifindex);
+	return TC_ACT_SHOT;
+}
 
-	if ((check_egress && src && (src->flags & WEIR_EP_EGRESS_ENFORCED)) ||
-	    (dst && (dst->flags & WEIR_EP_INGRESS_ENFORCED))) {
-		count(WEIR_COUNTER_DROPPED, skb);
-		event(f, WEIR_EVENT_DROPPED, WEIR_REASON_UNSUPPORTED_PROTOCOL,
-		      identity_of(src, f->key.saddr, f->key.family),
-		      identity_of(dst, f->key.daddr, f->key.family), WEIR_NO_RULE, skb->ifindex);
-		return TC_ACT_SHOT;
+static __always_inline int pass(struct __sk_buff *skb)
+{
+	count(WEIR_COUNTER_ALLOWED, skb);
+	return NOT_OURS;
+}
+
+/* ---- conntrack ---------------------------------------------------------- */
+
+static __always_inline __u64 lifetime_ns(struct weir_ct_value *ct, __u8 proto)
+{
+	if (ct->verdict == WEIR_DROP)
+		return WEIR_CT_DROP_LIFETIME * NSEC;
+	if (ct->flags & WEIR_CT_CLOSING)
+		return WEIR_CT_CLOSING_LIFETIME * NSEC;
+	if (proto != IPPROTO_TCP)
+		return WEIR_CT_OTHER_LIFETIME * NSEC;
+	if (!(ct->flags & WEIR_CT_SEEN_REPLY))
+		return WEIR_CT_TCP_SYN_LIFETIME * NSEC;
+	return WEIR_CT_TCP_LIFETIME * NSEC;
+}
+
+/* The live entry for `key` on `leg`, or NULL (an expired one is removed). */
+static __always_inline struct weir_ct_value *ct_lookup(struct weir_ct_key *key, __u8 leg, __u64 now)
+{
+	struct weir_ct_value *ct;
+
+	key->leg = leg;
+	ct = bpf_map_lookup_elem(&weir_ct, key);
+	if (!ct)
+		return 0;
+	if (now - ct->last_seen_ns > lifetime_ns(ct, key->protocol)) {
+		bpf_map_delete_elem(&weir_ct, key);
+		return 0;
 	}
-	return TC_ACT_OK;
+	return ct;
 }
 
-static __always_inline void reverse(struct weir_ct_key *fwd, struct weir_ct_key *rev)
+/* Records a packet of a tracked flow: time, and for TCP how far the connection got. */
+static __always_inline void ct_touch(struct weir_ct_value *ct, struct flow *f, int reply, __u64 now)
 {
-	__builtin_memcpy(rev->saddr, fwd->daddr, 16);
-	__builtin_memcpy(rev->daddr, fwd->saddr, 16);
-	rev->sport = fwd->dport;
-	rev->dport = fwd->sport;
-	rev->protocol = fwd->protocol;
-	rev->family = fwd->family;
-	rev->pad = 0;
+	__u8 flags = ct->flags;
+
+	ct->last_seen_ns = now;
+	if (f->key.protocol != IPPROTO_TCP)
+		return;
+	if (reply)
+		flags |= WEIR_CT_SEEN_REPLY;
+	if (f->tcp_flags & TCP_F_RST)
+		flags |= WEIR_CT_CLOSING;
+	if (f->tcp_flags & TCP_F_FIN)
+		flags |= reply ? WEIR_CT_FIN_REV : WEIR_CT_FIN_FWD;
+	if ((flags & (WEIR_CT_FIN_FWD | WEIR_CT_FIN_REV)) == (WEIR_CT_FIN_FWD | WEIR_CT_FIN_REV))
+		flags |= WEIR_CT_CLOSING;
+	/* A new connection on the tuple of a closed one starts afresh. */
+	if ((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN && !reply)
+		flags = 0;
+	if (flags != ct->flags)
+		ct->flags = flags;
 }
+
+static __always_inline void ct_create(struct weir_ct_key *key, __u8 leg, struct decision *d,
+				      __u8 origin, struct weir_config *cfg, __u64 now)
+{
+	struct weir_ct_value v = {};
+
+	key->leg = leg;
+	v.verdict = d->verdict;
+	v.src_identity = d->src_id;
+	v.dst_identity = d->dst_id;
+	v.policy_generation = cfg->policy_generation;
+	v.last_seen_ns = now;
+	v.rule_id = d->rule_id;
+	v.origin = origin;
+	v.reason = d->reason;
+	bpf_map_update_elem(&weir_ct, key, &v, BPF_ANY);
+}
+
+/* The sending endpoint of a tracked flow's forward direction, for re-deciding it:
+ * only flows that came from an endpoint's own interface had one. */
+static __always_inline struct weir_endpoint_info *origin_endpoint(struct flow *fwd, __u8 origin)
+{
+	return origin == WEIR_ORIGIN_ENDPOINT ? endpoint(fwd->key.saddr, fwd->key.family) : 0;
+}
+
+/* Brings a tracked flow up to the current policy generation: decides its forward
+ * direction `fwd` again and keeps the entry if the verdict is unchanged. Returns
+ * 0 when the entry still stands, else the new decision is in `d` (and the entry
+ * is rewritten with it, or removed when it is a drop). */
+static __always_inline int ct_revalidate(struct weir_ct_value *ct, struct flow *fwd, __u8 leg,
+					 struct weir_config *cfg, struct decision *d, __u64 now)
+{
+	__u32 expect;
+
+	if (ct->policy_generation == cfg->policy_generation)
+		return 0;
+	decide(fwd, origin_endpoint(fwd, ct->origin), ct->origin, cfg, d);
+	/* The proxy leg stands while its client's flow is still allowed to the proxy. */
+	expect = ct->verdict == WEIR_PROXY_LEG ? WEIR_REDIRECT : ct->verdict;
+	if (d->verdict == expect || (leg == WEIR_LEG_PROXY && d->verdict == WEIR_ALLOW)) {
+		ct->policy_generation = cfg->policy_generation;
+		ct->rule_id = d->rule_id;
+		return 0;
+	}
+	fwd->key.leg = leg;
+	if (d->verdict == WEIR_DROP || leg == WEIR_LEG_PROXY) {
+		bpf_map_delete_elem(&weir_ct, &fwd->key);
+		if (d->verdict != WEIR_DROP) {
+			d->verdict = WEIR_DROP;
+			d->reason = WEIR_REASON_NO_PROXY;
+		}
+	} else {
+		ct->verdict = d->verdict;
+		ct->policy_generation = cfg->policy_generation;
+		ct->rule_id = d->rule_id;
+	}
+	return 1;
+}
+
+static __always_inline void reverse(struct flow *fwd, struct flow *rev)
+{
+	__builtin_memcpy(rev->key.saddr, fwd->key.daddr, 16);
+	__builtin_memcpy(rev->key.daddr, fwd->key.saddr, 16);
+	rev->key.sport = fwd->key.dport;
+	rev->key.dport = fwd->key.sport;
+	rev->key.protocol = fwd->key.protocol;
+	rev->key.family = fwd->key.family;
+	rev->key.leg = 0;
+	rev->key.pad = 0;
+	rev->tcp_flags = fwd->tcp_flags;
+}
+
+/* ---- sockets ------------------------------------------------------------ */
 
 /* The flow as a socket tuple for the kernel's socket lookups; returns its length. */
 static __always_inline __u32 sock_tuple(struct flow *f, struct bpf_sock_tuple *t)
@@ -378,7 +706,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 				return -1;
 			}
 		}
-	} else {
+	} else if (f->key.protocol == IPPROTO_UDP) {
 		/* The proxy's session for this flow (connected to the client); an
 		 * unconnected socket on the destination port is someone else's. */
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
@@ -402,7 +730,7 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 					      struct weir_config *cfg)
 {
 	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
+	struct bpf_sock *sk = 0;
 	__u32 len;
 
 	len = sock_tuple(f, &t);
@@ -410,17 +738,15 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 		/* The proxy's UDP session socket: bound to the client's address and
 		 * port, connected to this server. */
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-		if (!sk)
-			return -1;
-	} else {
+	} else if (f->key.protocol == IPPROTO_TCP) {
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-		if (!sk)
-			return -1;
-		if (sk->state == BPF_TCP_LISTEN) {
+		if (sk && sk->state == BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
 			return -1;
 		}
 	}
+	if (!sk)
+		return -1;
 	return assign(skb, sk, cfg);
 }
 
@@ -431,166 +757,354 @@ static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *
 		count(WEIR_COUNTER_REDIRECTED, skb);
 		return TC_ACT_OK;
 	}
-	count(WEIR_COUNTER_DROPPED, skb);
-	event(f, WEIR_EVENT_DROPPED, WEIR_REASON_NO_PROXY, src_id, dst_id, WEIR_NO_RULE, skb->ifindex);
-	return TC_ACT_SHOT;
+	return drop(skb, f, WEIR_REASON_NO_PROXY, src_id, dst_id, WEIR_NO_RULE);
 }
+
+/* ---- what every hook shares -------------------------------------------- */
+
+/* An IP packet policy cannot decide: dropped when either end enforces policy. */
+static __always_inline int unsupported(struct __sk_buff *skb, struct flow *f,
+				       struct weir_endpoint_info *src_ep, __u8 reason)
+{
+	struct weir_endpoint_info *dst = endpoint(f->key.daddr, f->key.family);
+
+	if ((src_ep && (src_ep->flags & WEIR_EP_EGRESS_ENFORCED)) ||
+	    (dst && (dst->flags & WEIR_EP_INGRESS_ENFORCED)))
+		return drop(skb, f, reason, identity_of(src_ep, f->key.saddr, f->key.family),
+			    identity_of(dst, f->key.daddr, f->key.family), WEIR_NO_RULE);
+	return pass(skb);
+}
+
+static __always_inline void frag_key(struct flow *f, struct weir_frag_key *k)
+{
+	__builtin_memcpy(k->saddr, f->key.saddr, 16);
+	__builtin_memcpy(k->daddr, f->key.daddr, 16);
+	k->id = f->frag_id;
+	k->protocol = f->key.protocol;
+	k->family = f->key.family;
+	k->pad = 0;
+}
+
+/* A non-first fragment passes only behind an allowed first fragment. */
+static __always_inline int fragment(struct __sk_buff *skb, struct flow *f,
+				    struct weir_endpoint_info *src_ep)
+{
+	struct weir_frag_key k = {};
+	struct weir_frag_value *v;
+	__u64 now = bpf_ktime_get_ns();
+
+	frag_key(f, &k);
+	v = bpf_map_lookup_elem(&weir_frags, &k);
+	if (v && now - v->last_seen_ns <= WEIR_FRAG_LIFETIME * NSEC) {
+		v->last_seen_ns = now;
+		return pass(skb);
+	}
+	return unsupported(skb, f, src_ep, WEIR_REASON_FRAGMENT_WITHOUT_HEAD);
+}
+
+/* Remembers (or forgets) a first fragment's datagram once its flow is decided. */
+static __always_inline void first_fragment(struct flow *f, int allowed)
+{
+	struct weir_frag_key k = {};
+	struct weir_frag_value v = {};
+
+	if (!f->first_frag)
+		return;
+	frag_key(f, &k);
+	if (allowed) {
+		v.last_seen_ns = bpf_ktime_get_ns();
+		bpf_map_update_elem(&weir_frags, &k, &v, BPF_ANY);
+	} else {
+		bpf_map_delete_elem(&weir_frags, &k);
+	}
+}
+
+/* An ICMP error passes only when it is about a tracked flow, in either direction,
+ * on either leg, and was sent to that flow's own end. */
+static __always_inline int icmp_error(struct __sk_buff *skb, struct flow *f,
+				      struct weir_endpoint_info *src_ep)
+{
+	struct flow rev = {};
+	__u64 now = bpf_ktime_get_ns();
+
+	if (f->icmp_outer_dst_ok) {
+		if (ct_lookup(&f->key, WEIR_LEG_CLIENT, now) || ct_lookup(&f->key, WEIR_LEG_PROXY, now))
+			return pass(skb);
+		reverse(f, &rev);
+		if (ct_lookup(&rev.key, WEIR_LEG_CLIENT, now) ||
+		    ct_lookup(&rev.key, WEIR_LEG_PROXY, now))
+			return pass(skb);
+	}
+	/* Report the error as the ICMP packet it is, not as the flow it quotes. */
+	f->key.protocol = f->key.family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
+	f->key.sport = 0;
+	f->key.dport = 0;
+	return unsupported(skb, f, src_ep, WEIR_REASON_ICMP_UNTRACKED);
+}
+
+/* A packet of a flow (PARSED_FLOW) at a hook where it enters the node: `src_ep`
+ * is the sending endpoint (already checked against the interface) or NULL, and
+ * `origin` says which. Conntrack first; a new flow is decided and tracked. */
+static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
+				    struct weir_endpoint_info *src_ep, __u8 origin,
+				    struct weir_config *cfg)
+{
+	struct weir_ct_value *ct;
+	struct decision d = {};
+	struct flow rev = {};
+	__u64 now = bpf_ktime_get_ns();
+
+	/* The flow's own entry. */
+	ct = ct_lookup(&f->key, WEIR_LEG_CLIENT, now);
+	if (ct) {
+		if (ct->verdict == WEIR_DROP) {
+			if (ct->policy_generation == cfg->policy_generation) {
+				/* Dropped already, and reported once. */
+				count(WEIR_COUNTER_DROPPED, skb);
+				return TC_ACT_SHOT;
+			}
+			/* Decided again below, as new. */
+		} else {
+			ct_touch(ct, f, 0, now);
+			if (ct_revalidate(ct, f, WEIR_LEG_CLIENT, cfg, &d, now)) {
+				if (d.verdict == WEIR_DROP)
+					return drop(skb, f, d.reason, d.src_id, d.dst_id, d.rule_id);
+			}
+			if (ct->verdict == WEIR_REDIRECT)
+				return redirect_or_drop(skb, f, cfg, ct->src_identity,
+							ct->dst_identity);
+			return pass(skb);
+		}
+	}
+	/* A server's reply to one of the proxy's upstream connections. */
+	reverse(f, &rev);
+	ct = ct_lookup(&rev.key, WEIR_LEG_PROXY, now);
+	if (ct) {
+		ct_touch(ct, f, 1, now);
+		if (ct_revalidate(ct, &rev, WEIR_LEG_PROXY, cfg, &d, now))
+			return drop(skb, f, d.reason, d.dst_id, d.src_id, d.rule_id);
+		if (to_upstream_socket(skb, f, cfg) == 0) {
+			count(WEIR_COUNTER_REDIRECTED, skb);
+			return TC_ACT_OK;
+		}
+		/* No such socket (any more): maybe a reply on the client's leg. */
+	}
+	/* A reply to a flow decided when it started. */
+	ct = ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
+	if (ct && ct->verdict != WEIR_DROP) {
+		ct_touch(ct, f, 1, now);
+		if (ct_revalidate(ct, &rev, WEIR_LEG_CLIENT, cfg, &d, now))
+			return drop(skb, f, d.verdict == WEIR_DROP ? d.reason : WEIR_REASON_NO_PROXY,
+				    d.dst_id, d.src_id, d.rule_id);
+		return pass(skb);
+	}
+	/* A new flow. */
+	decide(f, src_ep, origin, cfg, &d);
+	ct_create(&f->key, WEIR_LEG_CLIENT, &d, origin, cfg, now);
+	first_fragment(f, d.verdict != WEIR_DROP);
+	if (d.verdict == WEIR_DROP)
+		return drop(skb, f, d.reason, d.src_id, d.dst_id, d.rule_id);
+	event(f, d.verdict == WEIR_REDIRECT ? WEIR_EVENT_REDIRECTED : WEIR_EVENT_ALLOWED,
+	      WEIR_REASON_NONE, d.src_id, d.dst_id, d.rule_id, skb->ifindex);
+	if (d.verdict == WEIR_REDIRECT)
+		return redirect_or_drop(skb, f, cfg, d.src_id, d.dst_id);
+	return pass(skb);
+}
+
+/* The proxy's upstream leg leaving the node (marked, from the client's address):
+ * tracked so that the server's replies are handed to the proxy's socket. */
+static __always_inline int proxy_leg(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
+{
+	struct weir_endpoint_info *client = endpoint(f->key.saddr, f->key.family);
+	struct weir_ct_value *ct;
+	struct decision d = {};
+	__u64 now = bpf_ktime_get_ns();
+
+	ct = ct_lookup(&f->key, WEIR_LEG_PROXY, now);
+	if (ct && !((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN)) {
+		ct_touch(ct, f, 0, now);
+		return NOT_OURS;
+	}
+	d.verdict = WEIR_PROXY_LEG;
+	d.rule_id = WEIR_NO_RULE;
+	d.src_id = identity_of(client, f->key.saddr, f->key.family);
+	d.dst_id = identity_of(endpoint(f->key.daddr, f->key.family), f->key.daddr, f->key.family);
+	ct_create(&f->key, WEIR_LEG_PROXY, &d, client ? WEIR_ORIGIN_ENDPOINT : WEIR_ORIGIN_OUTSIDE,
+		  cfg, now);
+	return NOT_OURS;
+}
+
+static __always_inline int is_proxy_leg(struct __sk_buff *skb, struct weir_config *cfg)
+{
+	return cfg->upstream_mark && skb->mark == cfg->upstream_mark && skb->ingress_ifindex == 0;
+}
+
+/* ---- the programs ------------------------------------------------------- */
 
 SEC("classifier")
 int weir_from_endpoint(struct __sk_buff *skb)
 {
-	__u32 zero = 0, rule_id = WEIR_NO_RULE, verdict = WEIR_ALLOW, v, src_id, dst_id;
-	struct weir_endpoint_info *src_ep, *dst_ep;
-	struct weir_ct_value *ct, entry = {};
+	struct weir_endpoint_info *src_ep;
 	struct weir_config *cfg;
-	struct weir_ct_key rev = {};
 	struct flow f = {};
-	__u8 reason = WEIR_REASON_NONE;
+	__u32 zero = 0;
 	int parsed;
 
 	count(WEIR_COUNTER_SEEN, skb);
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
 	if (!cfg)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	parsed = parse(skb, &f);
-	if (parsed == 0)
-		return TC_ACT_OK;
-	if (parsed < 0)
-		return unsupported(skb, &f, 1);
-
-	ct = bpf_map_lookup_elem(&weir_ct, &f.key);
-	if (ct && ct->policy_generation == cfg->policy_generation) {
-		ct->last_seen_ns = bpf_ktime_get_ns();
-		if (ct->verdict == WEIR_REDIRECT)
-			return redirect_or_drop(skb, &f, cfg, ct->src_identity, ct->dst_identity);
-		count(WEIR_COUNTER_ALLOWED, skb);
-		return TC_ACT_OK;
-	}
-	reverse(&f.key, &rev);
-	ct = bpf_map_lookup_elem(&weir_ct, &rev);
-	if (ct) {
-		/* A reply: the flow was decided when it started. */
-		ct->last_seen_ns = bpf_ktime_get_ns();
-		if (ct->verdict == WEIR_PROXY_LEG) {
-			if (to_upstream_socket(skb, &f, cfg) == 0) {
-				count(WEIR_COUNTER_REDIRECTED, skb);
-				return TC_ACT_OK;
-			}
-			count(WEIR_COUNTER_DROPPED, skb);
-			return TC_ACT_SHOT;
-		}
-		count(WEIR_COUNTER_ALLOWED, skb);
-		return TC_ACT_OK;
-	}
-
+	if (parsed == PARSED_NOT_IP)
+		return NOT_OURS;
+	/* The identity comes from the interface: the source must be the endpoint
+	 * whose veth this is. */
 	src_ep = endpoint(f.key.saddr, f.key.family);
-	dst_ep = endpoint(f.key.daddr, f.key.family);
-	src_id = identity_of(src_ep, f.key.saddr, f.key.family);
-	dst_id = identity_of(dst_ep, f.key.daddr, f.key.family);
-	if (src_ep && (src_ep->flags & WEIR_EP_EGRESS_ENFORCED)) {
-		v = policy(src_ep->endpoint_id, DIR_EGRESS, f.key.protocol, dst_id, f.key.dport,
-			   &rule_id);
-		if (v == WEIR_DROP)
-			reason = WEIR_REASON_POLICY_EGRESS;
-		else if (v == WEIR_REDIRECT)
-			verdict = WEIR_REDIRECT;
+	if (!src_ep || src_ep->ifindex != skb->ifindex)
+		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
+			    outside_identity(f.key.saddr, f.key.family),
+			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
+					f.key.family),
+			    WEIR_NO_RULE);
+	if (parsed == PARSED_UNSUPPORTED)
+		return unsupported(skb, &f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
+	if (parsed == PARSED_FRAGMENT)
+		return fragment(skb, &f, src_ep);
+	if (parsed == PARSED_ICMP_ERROR)
+		return icmp_error(skb, &f, src_ep);
+	return entering(skb, &f, src_ep, WEIR_ORIGIN_ENDPOINT, cfg);
+}
+
+SEC("classifier")
+int weir_from_netdev(struct __sk_buff *skb)
+{
+	struct weir_endpoint_info *src_ep;
+	struct weir_config *cfg;
+	struct flow f = {};
+	__u32 zero = 0;
+	int parsed;
+
+	count(WEIR_COUNTER_SEEN, skb);
+	cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	if (!cfg)
+		return NOT_OURS;
+	parsed = parse(skb, &f);
+	if (parsed == PARSED_NOT_IP)
+		return NOT_OURS;
+	src_ep = endpoint(f.key.saddr, f.key.family);
+	if (src_ep) {
+		/* This interface is becoming an endpoint's (its own program decides). */
+		if (src_ep->ifindex == skb->ifindex)
+			return NOT_OURS;
+		/* Endpoint addresses live behind their own veths, never out here. */
+		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
+			    outside_identity(f.key.saddr, f.key.family),
+			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
+					f.key.family),
+			    WEIR_NO_RULE);
 	}
-	if (reason == WEIR_REASON_NONE && dst_ep && (dst_ep->flags & WEIR_EP_INGRESS_ENFORCED)) {
-		v = policy(dst_ep->endpoint_id, DIR_INGRESS, f.key.protocol, src_id, f.key.dport,
-			   &rule_id);
-		if (v == WEIR_DROP)
-			reason = WEIR_REASON_POLICY_INGRESS;
-		else if (v == WEIR_REDIRECT)
-			verdict = WEIR_REDIRECT;
-	}
-	if (reason != WEIR_REASON_NONE) {
-		count(WEIR_COUNTER_DROPPED, skb);
-		event(&f, WEIR_EVENT_DROPPED, reason, src_id, dst_id, rule_id, skb->ifindex);
-		return TC_ACT_SHOT;
-	}
-	entry.verdict = verdict;
-	entry.src_identity = src_id;
-	entry.dst_identity = dst_id;
-	entry.policy_generation = cfg->policy_generation;
-	entry.last_seen_ns = bpf_ktime_get_ns();
-	bpf_map_update_elem(&weir_ct, &f.key, &entry, BPF_ANY);
-	event(&f, verdict == WEIR_REDIRECT ? WEIR_EVENT_REDIRECTED : WEIR_EVENT_ALLOWED,
-	      WEIR_REASON_NONE, src_id, dst_id, rule_id, skb->ifindex);
-	if (verdict == WEIR_REDIRECT)
-		return redirect_or_drop(skb, &f, cfg, src_id, dst_id);
-	count(WEIR_COUNTER_ALLOWED, skb);
-	return TC_ACT_OK;
+	/* Only packets for local endpoints are weir's business here. */
+	if (!endpoint(f.key.daddr, f.key.family))
+		return NOT_OURS;
+	if (parsed == PARSED_UNSUPPORTED)
+		return unsupported(skb, &f, 0, WEIR_REASON_UNSUPPORTED_PROTOCOL);
+	if (parsed == PARSED_FRAGMENT)
+		return fragment(skb, &f, 0);
+	if (parsed == PARSED_ICMP_ERROR)
+		return icmp_error(skb, &f, 0);
+	return entering(skb, &f, 0, WEIR_ORIGIN_OUTSIDE, cfg);
 }
 
 SEC("classifier")
 int weir_to_endpoint(struct __sk_buff *skb)
 {
-	__u32 zero = 0, rule_id = WEIR_NO_RULE, src_id, dst_id;
-	struct weir_endpoint_info *dst_ep;
-	struct weir_ct_value *ct, entry = {};
+	struct weir_endpoint_info *src_ep = 0;
+	struct weir_ct_value *ct;
 	struct weir_config *cfg;
-	struct weir_ct_key rev = {};
-	struct flow f = {};
-
+	struct decision d = {};
+	struct flow f = {}, rev = {};
+	__u32 zero = 0;
+	__u64 now;
+	__u8 origin;
 	int parsed;
 
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
 	if (!cfg)
-		return TC_ACT_OK;
+		return NOT_OURS;
 	parsed = parse(skb, &f);
-	if (parsed == 0)
-		return TC_ACT_OK;
-	if (parsed < 0) {
-		/* Forwarded from outside the node's endpoints (those were checked on
-		 * their own veth); the node's own packets are not policed here. */
-		if (skb->ingress_ifindex == 0 || endpoint(f.key.saddr, f.key.family))
-			return TC_ACT_OK;
-		return unsupported(skb, &f, 0);
-	}
-	ct = bpf_map_lookup_elem(&weir_ct, &f.key);
-	if (ct)
-		return TC_ACT_OK;
-	reverse(&f.key, &rev);
-	if (bpf_map_lookup_elem(&weir_ct, &rev))
-		return TC_ACT_OK;
-	dst_ep = endpoint(f.key.daddr, f.key.family);
-	dst_id = identity_of(dst_ep, f.key.daddr, f.key.family);
-	if (cfg->upstream_mark && skb->mark == cfg->upstream_mark) {
-		/* The proxy's upstream leg, from the client's own address: the proxy
-		 * already decided it; remember it so the replies come back to the proxy. */
-		entry.verdict = WEIR_PROXY_LEG;
-		entry.src_identity = identity_of(endpoint(f.key.saddr, f.key.family), f.key.saddr,
-						 f.key.family);
-		entry.dst_identity = dst_id;
-		entry.policy_generation = cfg->policy_generation;
-		entry.last_seen_ns = bpf_ktime_get_ns();
-		bpf_map_update_elem(&weir_ct, &f.key, &entry, BPF_ANY);
-		return TC_ACT_OK;
-	}
+	if (parsed == PARSED_NOT_IP)
+		return NOT_OURS;
 	if (skb->ingress_ifindex == 0) {
-		/* Originated on the node: the proxy's upstream leg (already decided by the
-		 * proxy) or the host itself. Track it so the replies pass. */
-		src_id = IDENTITY_HOST;
+		origin = WEIR_ORIGIN_HOST;
 	} else {
-		if (endpoint(f.key.saddr, f.key.family))
-			return TC_ACT_OK; /* decided by the source's from-endpoint hook */
-		src_id = identity_of(0, f.key.saddr, f.key.family);
-		if (dst_ep && (dst_ep->flags & WEIR_EP_INGRESS_ENFORCED) &&
-		    policy(dst_ep->endpoint_id, DIR_INGRESS, f.key.protocol, src_id, f.key.dport,
-			   &rule_id) == WEIR_DROP) {
-			count(WEIR_COUNTER_DROPPED, skb);
-			event(&f, WEIR_EVENT_DROPPED, WEIR_REASON_POLICY_INGRESS, src_id, dst_id,
-			      rule_id, skb->ifindex);
-			return TC_ACT_SHOT;
-		}
+		/* Forwarded: an ingress hook decided it, unless it came in where weir
+		 * is not attached. */
+		src_ep = endpoint(f.key.saddr, f.key.family);
+		origin = WEIR_ORIGIN_OUTSIDE;
+		if (src_ep && src_ep->ifindex == skb->ingress_ifindex)
+			origin = WEIR_ORIGIN_ENDPOINT;
+		else
+			src_ep = 0;
 	}
-	entry.verdict = WEIR_ALLOW;
-	entry.src_identity = src_id;
-	entry.dst_identity = dst_id;
-	entry.policy_generation = cfg->policy_generation;
-	entry.last_seen_ns = bpf_ktime_get_ns();
-	bpf_map_update_elem(&weir_ct, &f.key, &entry, BPF_ANY);
-	return TC_ACT_OK;
+	if (parsed == PARSED_UNSUPPORTED)
+		return unsupported(skb, &f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
+	if (parsed == PARSED_FRAGMENT)
+		return fragment(skb, &f, src_ep);
+	if (parsed == PARSED_ICMP_ERROR)
+		return icmp_error(skb, &f, src_ep);
+	if (origin == WEIR_ORIGIN_HOST && is_proxy_leg(skb, cfg))
+		return proxy_leg(skb, &f, cfg);
+
+	now = bpf_ktime_get_ns();
+	ct = ct_lookup(&f.key, WEIR_LEG_CLIENT, now);
+	if (ct && ct->verdict == WEIR_DROP && ct->policy_generation == cfg->policy_generation) {
+		/* Dropped already, and reported once. */
+		count(WEIR_COUNTER_DROPPED, skb);
+		return TC_ACT_SHOT;
+	}
+	if (ct && ct->verdict != WEIR_DROP) {
+		if (ct_revalidate(ct, &f, WEIR_LEG_CLIENT, cfg, &d, now))
+			return drop(skb, &f, d.reason, d.src_id, d.dst_id, d.rule_id);
+		return NOT_OURS;
+	}
+	reverse(&f, &rev);
+	ct = ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
+	if (ct && ct->verdict != WEIR_DROP) {
+		/* A reply (e.g. from the proxy's accepted socket to its client). */
+		if (ct_revalidate(ct, &rev, WEIR_LEG_CLIENT, cfg, &d, now))
+			return drop(skb, &f, WEIR_REASON_NO_PROXY, d.dst_id, d.src_id, d.rule_id);
+		return NOT_OURS;
+	}
+	/* Nothing decided this flow on its way in: the node's own traffic, or a
+	 * packet from an interface weir is not attached to. */
+	decide(&f, src_ep, origin, cfg, &d);
+	if (d.verdict == WEIR_REDIRECT) {
+		/* No socket can be assigned on the way out: fail closed. */
+		d.verdict = WEIR_DROP;
+		d.reason = WEIR_REASON_NO_PROXY;
+	}
+	ct_create(&f.key, WEIR_LEG_CLIENT, &d, origin, cfg, now);
+	first_fragment(&f, d.verdict != WEIR_DROP);
+	if (d.verdict == WEIR_DROP)
+		return drop(skb, &f, d.reason, d.src_id, d.dst_id, d.rule_id);
+	event(&f, WEIR_EVENT_ALLOWED, WEIR_REASON_NONE, d.src_id, d.dst_id, d.rule_id,
+	      skb->ifindex);
+	return pass(skb);
+}
+
+SEC("classifier")
+int weir_to_netdev(struct __sk_buff *skb)
+{
+	struct weir_config *cfg;
+	struct flow f = {};
+	__u32 zero = 0;
+
+	cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	if (!cfg || !is_proxy_leg(skb, cfg))
+		return NOT_OURS;
+	if (parse(skb, &f) != PARSED_FLOW)
+		return NOT_OURS;
+	return proxy_leg(skb, &f, cfg);
 }
 
 char LICENSE[] SEC("license") = "GPL";

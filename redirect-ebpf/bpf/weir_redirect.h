@@ -1,6 +1,7 @@
-/* Every map key/value struct of the redirect program family. The Rust mirror of
- * each struct lives in agent-glue/src/datapath/maps.rs and is checked against this
- * object's BTF in a test, so the two sides cannot drift.
+/* Every map key/value struct and every enum the redirect program family shares
+ * with user space. The Rust mirror of each struct and enum lives in
+ * agent-glue/src/datapath/maps.rs and is checked against this object's BTF in a
+ * test, so the two sides cannot drift.
  *
  * Addresses are stored as four 32-bit words in network byte order; an IPv4
  * address sits in word 0 with the rest zero and family 4.
@@ -11,7 +12,7 @@
 #include <linux/types.h>
 
 /* Bumped whenever a struct below changes; pinned maps of another version are replaced. */
-#define WEIR_LAYOUT_VERSION 2
+#define WEIR_LAYOUT_VERSION 3
 
 enum weir_counter_index {
 	WEIR_COUNTER_SEEN = 0,
@@ -39,10 +40,13 @@ struct weir_endpoint_info {
 	__u32 identity;
 	__u32 endpoint_id;
 	__u32 flags;
-	__u32 ifindex; /* host-side interface */
+	/* The endpoint's host-side interface: its packets must arrive there, and a
+	 * packet claiming its address anywhere else is spoofed. */
+	__u32 ifindex;
 };
 
-/* weir_ipcache: LPM over addresses that are not local endpoints (CIDR, FQDN). */
+/* weir_ipcache: LPM over addresses that are not local endpoints (CIDR, FQDN, and
+ * the node's own addresses with the host identity). */
 struct weir_ipcache_key {
 	__u32 prefixlen; /* counts bits after this field: 32 (family) + address bits */
 	__u32 family;
@@ -87,7 +91,15 @@ struct weir_policy_value {
 /* rule_id of an event that no policy entry decided (default deny). */
 #define WEIR_NO_RULE 0xffffffffu
 
-/* weir_ct: connection tracking, keyed by the flow's forward 5-tuple. */
+/* Which conntrack leg a key is: the client's own flow, or the proxy's upstream
+ * connection made from the client's address. The two can have the same 4-tuple
+ * and must never share an entry. */
+enum weir_ct_leg {
+	WEIR_LEG_CLIENT = 0,
+	WEIR_LEG_PROXY = 1,
+};
+
+/* weir_ct: connection tracking, keyed by the flow's forward 5-tuple and leg. */
 struct weir_ct_key {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -95,16 +107,64 @@ struct weir_ct_key {
 	__u16 dport;
 	__u8 protocol;
 	__u8 family;
-	__u16 pad;
+	__u8 leg; /* enum weir_ct_leg */
+	__u8 pad;
 };
 
+/* Where a flow's first packet came from: decides how it is judged again after a
+ * policy change. */
+enum weir_origin {
+	WEIR_ORIGIN_ENDPOINT = 0, /* a local endpoint's own interface */
+	WEIR_ORIGIN_OUTSIDE = 1,  /* any other interface: world, CIDRs, other nodes */
+	WEIR_ORIGIN_HOST = 2,     /* this node's own stack */
+};
+
+/* weir_ct_value.flags */
+#define WEIR_CT_SEEN_REPLY 1 /* TCP: the other side answered (established) */
+#define WEIR_CT_FIN_FWD 2
+#define WEIR_CT_FIN_REV 4
+#define WEIR_CT_CLOSING 8 /* RST, or FIN both ways */
+
+/* Entry lifetimes since the last packet, in seconds. */
+#define WEIR_CT_TCP_SYN_LIFETIME 60
+#define WEIR_CT_TCP_LIFETIME 21600
+#define WEIR_CT_CLOSING_LIFETIME 10
+#define WEIR_CT_OTHER_LIFETIME 60
+/* A remembered drop (one event per dropped flow, not per retransmission). */
+#define WEIR_CT_DROP_LIFETIME 5
+
 struct weir_ct_value {
-	__u32 verdict; /* WEIR_ALLOW or WEIR_REDIRECT */
+	__u32 verdict; /* enum weir_verdict */
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u32 policy_generation;
 	__u64 last_seen_ns;
+	__u32 rule_id;
+	__u8 origin; /* enum weir_origin */
+	__u8 flags;  /* WEIR_CT_* */
+	__u8 reason; /* enum weir_drop_reason, for remembered drops */
+	__u8 pad;
 };
+
+/* weir_frags: first fragments that were allowed, so the rest of the datagram may
+ * follow (non-first fragments carry no ports). */
+struct weir_frag_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;
+	__u8 protocol;
+	__u8 family;
+	__u16 pad;
+};
+
+struct weir_frag_value {
+	__u64 last_seen_ns;
+};
+
+#define WEIR_FRAG_LIFETIME 30
+
+/* weir_config.flags */
+#define WEIR_CFG_ALLOW_LOCALHOST 1 /* the node may reach every local endpoint */
 
 /* weir_config: one entry. */
 struct weir_config {
@@ -112,10 +172,13 @@ struct weir_config {
 	__u32 mark;       /* skb->mark for redirected packets (ip rule → local table) */
 	__u32 policy_generation;
 	__u32 upstream_mark; /* SO_MARK of the proxy's upstream sockets; 0: none */
+	__u32 flags;         /* WEIR_CFG_* */
+	__u32 pad;
 };
 
-/* weir_events ring buffer: one per new flow and one per drop. The reader is woken
- * when this much is waiting, and drains every 20 ms otherwise (DRAIN_INTERVAL in events.rs). */
+/* weir_events ring buffer: one per new flow and one per dropped flow. The reader
+ * is woken when this much is waiting, and drains every 20 ms otherwise
+ * (DRAIN_INTERVAL in events.rs). */
 #define WEIR_EVENTS_WAKEUP_BYTES (64 * sizeof(struct weir_event))
 enum weir_event_kind {
 	WEIR_EVENT_ALLOWED = 1,
@@ -127,10 +190,18 @@ enum weir_drop_reason {
 	WEIR_REASON_NONE = 0,
 	WEIR_REASON_POLICY_EGRESS = 1,
 	WEIR_REASON_POLICY_INGRESS = 2,
+	/* An L7 flow that could not be handed to the proxy (no listener, or it
+	 * entered where no socket can be assigned, e.g. from the host). */
 	WEIR_REASON_NO_PROXY = 3,
 	/* IP but not TCP/UDP/ICMP (or IPv6 extension headers): policy cannot see its
 	 * ports, so an enforced endpoint does not take it. */
 	WEIR_REASON_UNSUPPORTED_PROTOCOL = 4,
+	/* A source address that is not the sending interface's endpoint's. */
+	WEIR_REASON_SPOOFED_SOURCE = 5,
+	/* A non-first fragment whose first fragment was not allowed. */
+	WEIR_REASON_FRAGMENT_WITHOUT_HEAD = 6,
+	/* An ICMP error about no tracked flow. */
+	WEIR_REASON_ICMP_UNTRACKED = 7,
 };
 
 struct weir_event {
@@ -147,6 +218,17 @@ struct weir_event {
 	__u32 dst_identity;
 	__u32 rule_id;
 	__u32 ifindex;
+};
+
+/* Never stored anywhere: gives the shared enums a place in BTF, so the Rust
+ * constants can be checked against them. */
+struct weir_enums {
+	enum weir_counter_index counter;
+	enum weir_verdict verdict;
+	enum weir_ct_leg leg;
+	enum weir_origin origin;
+	enum weir_event_kind kind;
+	enum weir_drop_reason reason;
 };
 
 #endif

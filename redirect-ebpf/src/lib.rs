@@ -5,7 +5,12 @@ pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/redirect.bp
 
 #[cfg(test)]
 mod tests {
-    const PROGRAMS: &[&str] = &["weir_from_endpoint", "weir_to_endpoint"];
+    const PROGRAMS: &[&str] = &[
+        "weir_from_endpoint",
+        "weir_from_netdev",
+        "weir_to_endpoint",
+        "weir_to_netdev",
+    ];
     const MAPS: &[&str] = &[
         "weir_counters",
         "weir_endpoints",

@@ -23,7 +23,9 @@ fn embedded_objects_pass_the_verifier() {
         loaded,
         [
             "redirect:weir_from_endpoint",
+            "redirect:weir_from_netdev",
             "redirect:weir_to_endpoint",
+            "redirect:weir_to_netdev",
             "sockmap:weir_sk_msg",
             "sockmap:weir_sockops"
         ]

@@ -29,7 +29,16 @@ pub enum TcAttach {
 /// weir's filters sit at this priority and handle (119, as in weir's `proto 119`
 /// routes), so a restarted weir finds and replaces exactly its own.
 const NL_PRIORITY: u16 = 119;
-const NL_HANDLE: TcHandle = TcHandle::new(0, 119);
+
+/// The endpoint programs' filters have handle 119, the netdev programs' 120, so
+/// an interface changing role briefly holds both.
+fn nl_handle(program: &str) -> TcHandle {
+    if program.ends_with("_netdev") {
+        TcHandle::new(0, 120)
+    } else {
+        TcHandle::new(0, 119)
+    }
+}
 
 /// How one program is attached to one interface direction.
 #[derive(Debug)]
@@ -94,7 +103,7 @@ fn attach_netlink(
     at: TcAttachType,
 ) -> Result<Attached, String> {
     // Our filter from an earlier run: replace its program (no gap).
-    let replaced = SchedClassifierLink::attached(iface, at, NL_PRIORITY, NL_HANDLE, None)
+    let replaced = SchedClassifierLink::attached(iface, at, NL_PRIORITY, nl_handle(name), None)
         .map_err(|e| e.to_string())
         .and_then(|old| prog.attach_to_link(old).map_err(|e| format!("{e:#}")));
     let id = match replaced {
@@ -106,7 +115,7 @@ fn attach_netlink(
             }
             let options = NlOptions {
                 priority: NL_PRIORITY,
-                handle: NL_HANDLE,
+                handle: nl_handle(name),
                 classid: None,
             };
             prog.attach_with_options(iface, at, TcAttachOptions::Netlink(options))

@@ -9,6 +9,7 @@ use weir_policy::flow::{Flow, FlowPeers};
 use weir_policy::{CompiledPolicy, Direction, RuleRef, Verdict};
 use weir_proxy::Shared;
 
+use super::maps::kernel_enum::*;
 use super::maps::{Event, ip_from_words};
 
 /// Drains the ring buffer into the flow log until the process ends.
@@ -78,18 +79,32 @@ pub fn event_flow(
         warn!(len = raw.len(), "short verdict event");
         return None;
     };
-    let src = policy.peer_info(ip_from_words(e.saddr, e.family));
-    let dst = policy.peer_info(ip_from_words(e.daddr, e.family));
+    // The identities the kernel decided with: an address that claims an endpoint
+    // from the wrong interface is not that endpoint, and the node is the host.
+    let peer = |words, identity| {
+        let p = policy.peer_info(ip_from_words(words, e.family));
+        if p.identity == identity {
+            p
+        } else {
+            weir_policy::PeerInfo {
+                ip: p.ip,
+                identity,
+                endpoint: None,
+            }
+        }
+    };
+    let src = peer(e.saddr, e.src_identity);
+    let dst = peer(e.daddr, e.dst_identity);
     let peers = FlowPeers::new(policy, &src, &dst, node_name.clone());
     let rule = rules.get(e.rule_id as usize).cloned();
     let verdict = match e.kind {
         // A drop names its rule only when a deny rule decided it.
-        2 => Verdict {
+        WEIR_EVENT_DROPPED => Verdict {
             allowed: false,
             rules: rule.into_iter().collect(),
             denied_in: match e.reason {
-                1 => Some(Direction::Egress),
-                2 => Some(Direction::Ingress),
+                WEIR_REASON_POLICY_EGRESS => Some(Direction::Egress),
+                WEIR_REASON_POLICY_INGRESS => Some(Direction::Ingress),
                 _ => None,
             },
             l7: false,
@@ -126,11 +141,27 @@ pub fn event_flow(
         }),
         _ => flow.l4,
     };
-    match (e.kind, e.reason) {
-        (2, 3) => flow.drop_reason_desc = Some("PROXY_UNAVAILABLE".into()),
-        (2, 4) => flow.drop_reason_desc = Some("UNSUPPORTED_L4_PROTOCOL".into()),
-        (3, _) => flow.summary = "redirected to proxy".into(),
-        _ => {}
+    if e.kind == WEIR_EVENT_DROPPED
+        && let Some(reason) = drop_reason(e.reason)
+    {
+        flow.drop_reason_desc = Some(reason.into());
+        flow.summary = format!("dropped: {reason}");
+    }
+    if e.kind == WEIR_EVENT_REDIRECTED {
+        flow.summary = "redirected to proxy".into();
     }
     Some(flow)
+}
+
+/// `drop_reason_desc` for the kernel's reasons other than policy (Hubble's names
+/// where Hubble has one).
+fn drop_reason(reason: u8) -> Option<&'static str> {
+    Some(match reason {
+        WEIR_REASON_NO_PROXY => "PROXY_UNAVAILABLE",
+        WEIR_REASON_UNSUPPORTED_PROTOCOL => "UNSUPPORTED_L4_PROTOCOL",
+        WEIR_REASON_SPOOFED_SOURCE => "SPOOFED_SOURCE",
+        WEIR_REASON_FRAGMENT_WITHOUT_HEAD => "FRAGMENT_WITHOUT_HEAD",
+        WEIR_REASON_ICMP_UNTRACKED => "ICMP_UNTRACKED",
+        _ => return None,
+    })
 }

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,7 +76,8 @@ pub struct CtKey {
     pub dport: u16,
     pub protocol: u8,
     pub family: u8,
-    pub pad: u16,
+    pub leg: u8,
+    pub pad: u8,
 }
 
 #[repr(C)]
@@ -87,6 +88,28 @@ pub struct CtValue {
     pub dst_identity: u32,
     pub policy_generation: u32,
     pub last_seen_ns: u64,
+    pub rule_id: u32,
+    pub origin: u8,
+    pub flags: u8,
+    pub reason: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub last_seen_ns: u64,
 }
 
 #[repr(C)]
@@ -96,6 +119,85 @@ pub struct Config {
     pub mark: u32,
     pub policy_generation: u32,
     pub upstream_mark: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `weir_config.flags`: the node may reach every local endpoint (`--allow-localhost always`).
+pub const CFG_ALLOW_LOCALHOST: u32 = 1;
+
+/// `weir_ct_value.flags`.
+pub const CT_CLOSING: u8 = 8;
+/// Conntrack lifetimes (seconds since the last packet), as in the header.
+pub const CT_TCP_SYN_LIFETIME: u64 = 60;
+pub const CT_TCP_LIFETIME: u64 = 21600;
+pub const CT_CLOSING_LIFETIME: u64 = 10;
+pub const CT_OTHER_LIFETIME: u64 = 60;
+pub const CT_DROP_LIFETIME: u64 = 5;
+pub const CT_SEEN_REPLY: u8 = 1;
+
+/// The enums of weir_redirect.h, checked against the object's BTF below.
+pub mod kernel_enum {
+    /// `enum weir_verdict`
+    pub const WEIR_DROP: u32 = 0;
+    pub const WEIR_ALLOW: u32 = 1;
+    pub const WEIR_REDIRECT: u32 = 2;
+    pub const WEIR_PROXY_LEG: u32 = 3;
+    /// `enum weir_ct_leg`
+    pub const WEIR_LEG_CLIENT: u8 = 0;
+    pub const WEIR_LEG_PROXY: u8 = 1;
+    /// `enum weir_event_kind`
+    pub const WEIR_EVENT_ALLOWED: u8 = 1;
+    pub const WEIR_EVENT_DROPPED: u8 = 2;
+    pub const WEIR_EVENT_REDIRECTED: u8 = 3;
+    /// `enum weir_drop_reason`
+    pub const WEIR_REASON_NONE: u8 = 0;
+    pub const WEIR_REASON_POLICY_EGRESS: u8 = 1;
+    pub const WEIR_REASON_POLICY_INGRESS: u8 = 2;
+    pub const WEIR_REASON_NO_PROXY: u8 = 3;
+    pub const WEIR_REASON_UNSUPPORTED_PROTOCOL: u8 = 4;
+    pub const WEIR_REASON_SPOOFED_SOURCE: u8 = 5;
+    pub const WEIR_REASON_FRAGMENT_WITHOUT_HEAD: u8 = 6;
+    pub const WEIR_REASON_ICMP_UNTRACKED: u8 = 7;
+
+    /// (C enumerator name, value) of every constant above.
+    pub const ALL: &[(&str, u32)] = &[
+        ("WEIR_DROP", WEIR_DROP),
+        ("WEIR_ALLOW", WEIR_ALLOW),
+        ("WEIR_REDIRECT", WEIR_REDIRECT),
+        ("WEIR_PROXY_LEG", WEIR_PROXY_LEG),
+        ("WEIR_LEG_CLIENT", WEIR_LEG_CLIENT as u32),
+        ("WEIR_LEG_PROXY", WEIR_LEG_PROXY as u32),
+        ("WEIR_EVENT_ALLOWED", WEIR_EVENT_ALLOWED as u32),
+        ("WEIR_EVENT_DROPPED", WEIR_EVENT_DROPPED as u32),
+        ("WEIR_EVENT_REDIRECTED", WEIR_EVENT_REDIRECTED as u32),
+        ("WEIR_REASON_NONE", WEIR_REASON_NONE as u32),
+        (
+            "WEIR_REASON_POLICY_EGRESS",
+            WEIR_REASON_POLICY_EGRESS as u32,
+        ),
+        (
+            "WEIR_REASON_POLICY_INGRESS",
+            WEIR_REASON_POLICY_INGRESS as u32,
+        ),
+        ("WEIR_REASON_NO_PROXY", WEIR_REASON_NO_PROXY as u32),
+        (
+            "WEIR_REASON_UNSUPPORTED_PROTOCOL",
+            WEIR_REASON_UNSUPPORTED_PROTOCOL as u32,
+        ),
+        (
+            "WEIR_REASON_SPOOFED_SOURCE",
+            WEIR_REASON_SPOOFED_SOURCE as u32,
+        ),
+        (
+            "WEIR_REASON_FRAGMENT_WITHOUT_HEAD",
+            WEIR_REASON_FRAGMENT_WITHOUT_HEAD as u32,
+        ),
+        (
+            "WEIR_REASON_ICMP_UNTRACKED",
+            WEIR_REASON_ICMP_UNTRACKED as u32,
+        ),
+    ];
 }
 
 #[repr(C)]
@@ -169,6 +271,10 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FragKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FragValue {}
 
 /// An address as the maps store it: four network-order words and a family.
 pub fn ip_words(ip: IpAddr) -> ([u32; 4], u32) {
@@ -218,8 +324,15 @@ mod tests {
         assert!(super::Event::from_bytes(&raw[..raw.len() - 1]).is_none());
     }
 
+    type Structs = HashMap<String, (u32, HashMap<String, u32>)>;
+
     /// Struct name → (size, member name → byte offset), read from `.BTF`.
-    fn btf_structs(elf: &[u8]) -> HashMap<String, (u32, HashMap<String, u32>)> {
+    fn btf_structs(elf: &[u8]) -> Structs {
+        btf_types(elf).0
+    }
+
+    /// The structs, and every enumerator (name → value), read from `.BTF`.
+    fn btf_types(elf: &[u8]) -> (Structs, HashMap<String, u32>) {
         // include_bytes! data has no alignment; the ELF reader wants it aligned, and a
         // fresh heap copy is (malloc aligns to 16).
         let view = elf.to_vec();
@@ -241,6 +354,7 @@ mod tests {
             String::from_utf8_lossy(&s[..s.iter().position(|b| *b == 0).unwrap()]).into_owned()
         };
         let mut out = HashMap::new();
+        let mut enums = HashMap::new();
         let (mut at, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
         while at < end {
             let (name_off, info, size) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
@@ -262,9 +376,23 @@ mod tests {
                 }
                 out.insert(name(name_off), (size, members));
             }
+            if kind == 6 {
+                for m in 0..vlen {
+                    let base = at + m * 8;
+                    enums.insert(name(u32_at(base)), u32_at(base + 4));
+                }
+            }
             at += extra;
         }
-        out
+        (out, enums)
+    }
+
+    #[test]
+    fn rust_enum_constants_match_the_btf() {
+        let (_, enums) = btf_types(weir_redirect_ebpf::OBJECT);
+        for (name, value) in super::kernel_enum::ALL {
+            assert_eq!(enums.get(*name), Some(value), "enumerator {name}");
+        }
     }
 
     macro_rules! check {
@@ -318,8 +446,15 @@ mod tests {
             btf,
             "weir_ct_key",
             CtKey,
-            [saddr, daddr, sport, dport, protocol, family, pad]
+            [saddr, daddr, sport, dport, protocol, family, leg, pad]
         );
+        check!(
+            btf,
+            "weir_frag_key",
+            FragKey,
+            [saddr, daddr, id, protocol, family, pad]
+        );
+        check!(btf, "weir_frag_value", FragValue, [last_seen_ns]);
         check!(
             btf,
             "weir_ct_value",
@@ -329,14 +464,26 @@ mod tests {
                 src_identity,
                 dst_identity,
                 policy_generation,
-                last_seen_ns
+                last_seen_ns,
+                rule_id,
+                origin,
+                flags,
+                reason,
+                pad
             ]
         );
         check!(
             btf,
             "weir_config",
             Config,
-            [proxy_port, mark, policy_generation, upstream_mark]
+            [
+                proxy_port,
+                mark,
+                policy_generation,
+                upstream_mark,
+                flags,
+                pad
+            ]
         );
         check!(
             btf,

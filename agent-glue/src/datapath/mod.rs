@@ -1,6 +1,7 @@
 //! weir's eBPF datapath: loads `redirect-ebpf`, keeps its maps in step with the
-//! compiled policy, attaches to each endpoint's host-side interface (TCX), and
-//! turns the kernel's verdict events into flow records.
+//! compiled policy, attaches to each endpoint's host-side interface and to every
+//! other interface of the node (the devices where the world, CIDR peers and other
+//! nodes come in), and turns the kernel's verdict events into flow records.
 //!
 //! Policy changes are applied incrementally: new entries are written before stale
 //! ones are deleted, so traffic that both the old and the new policy allow never
@@ -56,6 +57,46 @@ pub enum DatapathError {
 
 pub const FROM_ENDPOINT: &str = "weir_from_endpoint";
 pub const TO_ENDPOINT: &str = "weir_to_endpoint";
+pub const FROM_NETDEV: &str = "weir_from_netdev";
+pub const TO_NETDEV: &str = "weir_to_netdev";
+/// Every tc program weir attaches.
+pub const PROGRAMS: [&str; 4] = [FROM_ENDPOINT, TO_ENDPOINT, FROM_NETDEV, TO_NETDEV];
+
+/// What an interface is to weir, and so which programs it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// An endpoint's host-side veth: its packets carry that endpoint's identity.
+    Endpoint,
+    /// Any other device of the node: peers behind it are not local endpoints.
+    Netdev,
+}
+
+impl Role {
+    /// (program, tc direction, pin suffix) pairs.
+    fn programs(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+        match self {
+            Role::Endpoint => [
+                (FROM_ENDPOINT, TcAttachType::Ingress, "endpoint-ingress"),
+                (TO_ENDPOINT, TcAttachType::Egress, "endpoint-egress"),
+            ],
+            Role::Netdev => [
+                (FROM_NETDEV, TcAttachType::Ingress, "netdev-ingress"),
+                (TO_NETDEV, TcAttachType::Egress, "netdev-egress"),
+            ],
+        }
+    }
+}
+
+/// Which devices get the netdev programs (`--devices`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Devices {
+    /// Every interface of the node's namespace that is not `lo` and not an
+    /// endpoint's, found again at each policy change.
+    #[default]
+    Auto,
+    /// Exactly these.
+    Named(Vec<String>),
+}
 
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
@@ -69,9 +110,13 @@ pub struct DatapathConfig {
     pub bpf_root: Option<std::path::PathBuf>,
     /// TCX links, or clsact/netlink filters where TCX is missing.
     pub tc_attach: attach::TcAttach,
+    /// Where peers that are not local endpoints come in.
+    pub devices: Devices,
+    /// The node may reach every local endpoint whatever the policy (`--allow-localhost always`).
+    pub allow_localhost: bool,
 }
 
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 10] = [
     "weir_counters",
     "weir_endpoints",
     "weir_ipcache",
@@ -80,7 +125,12 @@ const MAPS: [&str; 8] = [
     "weir_config",
     "weir_events",
     "weir_event_layout",
+    "weir_frags",
+    "weir_enum_layout",
 ];
+
+/// One program attached to one interface direction.
+type Held = (&'static str, TcAttachType, &'static str, attach::Attached);
 
 pub struct Datapath {
     ebpf: Ebpf,
@@ -89,9 +139,9 @@ pub struct Datapath {
     installed_policy: HashSet<(u32, [u8; 16])>,
     installed_endpoints: HashSet<EndpointKey>,
     installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
-    /// Interfaces with our programs, and the links this process holds for them
-    /// (adopted pinned links, or every link when nothing is pinned).
-    attached: HashMap<String, Vec<(&'static str, TcAttachType, &'static str, attach::Attached)>>,
+    /// Interfaces with our programs (by role), and the links this process holds
+    /// for them (adopted pinned links, or every link when nothing is pinned).
+    attached: HashMap<(String, Role), Vec<Held>>,
     rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
 }
 
@@ -117,7 +167,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(weir_redirect_ebpf::OBJECT)?;
-        for name in [FROM_ENDPOINT, TO_ENDPOINT] {
+        for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Program {
@@ -223,6 +273,12 @@ impl Datapath {
                 mark: self.config.mark,
                 policy_generation: self.generation,
                 upstream_mark: self.config.upstream_mark,
+                flags: if self.config.allow_localhost {
+                    CFG_ALLOW_LOCALHOST
+                } else {
+                    0
+                },
+                pad: 0,
             },
             0,
         )
@@ -238,7 +294,8 @@ impl Datapath {
     /// the policy generation.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let (entries, table) = policy_entries(policy);
-        // Endpoints.
+        // Endpoints, each with the interface its packets must arrive on.
+        let index = interface_indexes();
         let mut eps: HashMap<EndpointKey, EndpointInfo> = HashMap::new();
         for (i, ep) in policy.endpoints().iter().enumerate() {
             let mut flags = 0;
@@ -250,13 +307,21 @@ impl Datapath {
             }
             for ip in &ep.endpoint.ips {
                 let (w, fam) = ip_words(*ip);
+                let ifindex = host_interface(*ip)
+                    .ok()
+                    .and_then(|name| index.get(&name).copied())
+                    .ok_or_else(|| DatapathError::Interface {
+                        endpoint: ep.endpoint.name.clone(),
+                        ip: *ip,
+                        detail: "no interface index for its host-side interface".into(),
+                    })?;
                 eps.insert(
                     EndpointKey { ip: w, family: fam },
                     EndpointInfo {
                         identity: ep.identity,
                         endpoint_id: endpoint_id(i),
                         flags,
-                        ifindex: 0,
+                        ifindex,
                     },
                 );
             }
@@ -285,6 +350,12 @@ impl Datapath {
         for c in policy.cidr_identities() {
             let (w, fam) = ip_words(c.cidr.addr);
             cache.insert((32 + u32::from(c.cidr.len), w, fam), c.identity);
+        }
+        // The node's own addresses are the host, whatever CIDR contains them.
+        for ip in policy.host_addresses() {
+            let (w, fam) = ip_words(*ip);
+            let bits = if fam == 4 { 32 } else { 128 };
+            cache.insert((32 + bits, w, fam), weir_policy::identity::IDENTITY_HOST);
         }
         {
             let mut m: LpmTrie<&mut MapData, [u32; 5], IpcacheValue> = LpmTrie::try_from(
@@ -359,9 +430,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches to the host-side interface of every endpoint not yet attached.
-    pub fn attach_endpoints(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
-        let mut ifaces = Vec::new();
+    /// The interfaces weir's programs belong on: every endpoint's host-side
+    /// interface, and the node's other devices.
+    pub fn wanted_interfaces(
+        &self,
+        policy: &CompiledPolicy,
+    ) -> Result<HashMap<String, Role>, DatapathError> {
+        let mut wanted = HashMap::new();
         for ep in policy.endpoints() {
             for ip in &ep.endpoint.ips {
                 let iface = host_interface(*ip).map_err(|detail| DatapathError::Interface {
@@ -369,40 +444,76 @@ impl Datapath {
                     ip: *ip,
                     detail,
                 })?;
-                if !ifaces.contains(&iface) {
-                    ifaces.push(iface);
-                }
+                wanted.insert(iface, Role::Endpoint);
             }
         }
-        for iface in ifaces {
-            if self.attached.contains_key(&iface) {
+        let devices = match &self.config.devices {
+            Devices::Named(names) => names.clone(),
+            Devices::Auto => interfaces().into_iter().filter(|i| i != "lo").collect(),
+        };
+        for dev in devices {
+            wanted.entry(dev).or_insert(Role::Netdev);
+        }
+        Ok(wanted)
+    }
+
+    /// Attaches the programs each interface's role calls for, then takes weir's
+    /// programs off interfaces that no longer need them (or now have the other
+    /// role): new attachments first, so an interface is never left unguarded.
+    pub fn attach_interfaces(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+        let wanted = self.wanted_interfaces(policy)?;
+        let mut order: Vec<(&String, &Role)> = wanted.iter().collect();
+        order.sort();
+        for (iface, role) in order {
+            let key = (iface.clone(), *role);
+            if self.attached.contains_key(&key) {
                 continue;
             }
             let mut held = Vec::new();
-            for (name, at, dir) in [
-                (FROM_ENDPOINT, TcAttachType::Ingress, "ingress"),
-                (TO_ENDPOINT, TcAttachType::Egress, "egress"),
-            ] {
+            for (name, at, pin_name) in role.programs() {
                 let pin = self
                     .config
                     .bpf_root
                     .as_deref()
-                    .map(|r| pins::link_pin(r, &iface, dir));
+                    .map(|r| pins::link_pin(r, iface, pin_name));
                 let mode = self.config.tc_attach;
                 let prog = self.program(name)?;
-                let how = attach::attach(prog, name, &iface, at, pin.as_deref(), mode).map_err(
+                let how = attach::attach(prog, name, iface, at, pin.as_deref(), mode).map_err(
                     |detail| DatapathError::Attach {
                         program: name,
                         iface: iface.clone(),
                         detail,
                     },
                 )?;
-                held.push((name, at, dir, how));
+                held.push((name, at, pin_name, how));
             }
-            info!(%iface, "attached tc programs");
-            self.attached.insert(iface, held);
+            info!(%iface, ?role, "attached tc programs");
+            self.attached.insert(key, held);
+        }
+        let stale: Vec<(String, Role)> = self
+            .attached
+            .keys()
+            .filter(|(iface, role)| wanted.get(iface) != Some(role))
+            .cloned()
+            .collect();
+        for key in stale {
+            let held = self.attached.remove(&key).unwrap_or_default();
+            self.detach(&key.0, held);
+            info!(iface = %key.0, role = ?key.1, "detached tc programs (this interface no longer has that role)");
         }
         Ok(())
+    }
+
+    fn detach(&mut self, iface: &str, held: Vec<Held>) {
+        for (name, at, pin_name, how) in held {
+            let pin = self
+                .config
+                .bpf_root
+                .as_deref()
+                .map(|r| pins::link_pin(r, iface, pin_name));
+            let prog = self.program(name).ok();
+            attach::detach(prog, name, iface, at, how, pin.as_deref());
+        }
     }
 
     fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -413,36 +524,6 @@ impl Datapath {
                 program: name,
                 detail: "missing from the object".into(),
             })
-    }
-
-    /// Detaches from interfaces that no endpoint of `policy` uses any more (an
-    /// endpoint was removed): its pinned links are unpinned and released.
-    pub fn detach_unused(&mut self, policy: &CompiledPolicy) {
-        let in_use: HashSet<String> = policy
-            .endpoints()
-            .iter()
-            .flat_map(|ep| ep.endpoint.ips.iter())
-            .filter_map(|ip| host_interface(*ip).ok())
-            .collect();
-        let stale: Vec<String> = self
-            .attached
-            .keys()
-            .filter(|i| !in_use.contains(*i))
-            .cloned()
-            .collect();
-        for iface in stale {
-            let held = self.attached.remove(&iface).unwrap_or_default();
-            for (name, at, dir, how) in held {
-                let pin = self
-                    .config
-                    .bpf_root
-                    .as_deref()
-                    .map(|r| pins::link_pin(r, &iface, dir));
-                let prog = self.program(name).ok();
-                attach::detach(prog, name, &iface, at, how, pin.as_deref());
-            }
-            info!(%iface, "detached tc programs (no endpoint uses this interface now)");
-        }
     }
 
     /// The verdict-event ring buffer (taken once).
@@ -523,6 +604,43 @@ pub fn interfaces() -> Vec<String> {
         .collect();
     ifaces.sort();
     ifaces
+}
+
+/// Interface name → index in this network namespace (through netlink, as above).
+pub fn interface_indexes() -> HashMap<String, u32> {
+    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
+    listed
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| {
+            let name = l["ifname"].as_str()?.to_string();
+            let index = u32::try_from(l["ifindex"].as_u64()?).ok()?;
+            Some((name, index))
+        })
+        .collect()
+}
+
+/// The addresses of this network namespace's own interfaces (the `host`
+/// identity), loopback excepted.
+pub fn node_addresses() -> Vec<IpAddr> {
+    let listed = Command::new("ip").args(["-j", "addr", "show"]).output();
+    let links = listed
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    let mut ips: Vec<IpAddr> = links
+        .iter()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().and_then(|s| s.parse::<IpAddr>().ok()))
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// What is attached to each interface of this network namespace, TCX programs

@@ -23,9 +23,9 @@ impl Verdict {
     /// `enum weir_verdict` in weir_redirect.h.
     pub fn kernel_value(self) -> u32 {
         match self {
-            Verdict::Deny => 0,
-            Verdict::Allow => 1,
-            Verdict::Redirect => 2,
+            Verdict::Deny => super::maps::kernel_enum::WEIR_DROP,
+            Verdict::Allow => super::maps::kernel_enum::WEIR_ALLOW,
+            Verdict::Redirect => super::maps::kernel_enum::WEIR_REDIRECT,
         }
     }
 }
