@@ -291,6 +291,69 @@ impl Lab {
         Ok(self.workloads.last().expect("just pushed"))
     }
 
+    /// Adds a peer that is not a local endpoint: namespace `<prefix>-<name>`
+    /// behind its own node device `weirx<subnet>` (not an endpoint veth), on
+    /// 10.201.<subnet>.1/24 and fd00:201:<subnet>::1/64, the node being .254 and
+    /// ::fe — the world, a CIDR peer, another node.
+    pub fn add_outside(&mut self, name: &str, subnet: u8) -> Result<&Workload> {
+        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        let host_if = format!("weirx{subnet}");
+        let ip4: Ipv4Addr = Ipv4Addr::new(10, 201, subnet, 1);
+        let ip6: Ipv6Addr = format!("fd00:201:{subnet}::1").parse().expect("valid");
+        let (node4, node6) = (
+            format!("10.201.{subnet}.254"),
+            format!("fd00:201:{subnet}::fe"),
+        );
+        self.node.run(&[
+            "ip",
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        ns.run(&["ip", "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        ns.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        ns.run(&["ip", "route", "add", "default", "via", &node4])?;
+        ns.run(&["ip", "-6", "route", "add", "default", "via", &node6])?;
+        self.node
+            .run(&["ip", "addr", "add", &format!("{node4}/24"), "dev", &host_if])?;
+        self.node.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{node6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        self.node.run(&["ip", "link", "set", &host_if, "up"])?;
+        self.workloads.push(Workload {
+            name: name.to_string(),
+            ns,
+            ip4,
+            ip6,
+            host_if,
+        });
+        Ok(self.workloads.last().expect("just pushed"))
+    }
+
     pub fn workload(&self, name: &str) -> &Workload {
         self.workloads
             .iter()

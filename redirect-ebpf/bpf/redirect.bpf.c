@@ -519,7 +519,7 @@ static __always_inline int pass(struct __sk_buff *skb)
 
 static __always_inline __u64 lifetime_ns(struct weir_ct_value *ct, __u8 proto)
 {
-	if (ct->verdict == WEIR_DROP)
+	if (ct->verdict == WEIR_DROP && !(ct->flags & WEIR_CT_REVOKED))
 		return WEIR_CT_DROP_LIFETIME * NSEC;
 	if (ct->flags & WEIR_CT_CLOSING)
 		return WEIR_CT_CLOSING_LIFETIME * NSEC;
@@ -563,8 +563,9 @@ static __always_inline void ct_touch(struct weir_ct_value *ct, struct flow *f, i
 	if ((flags & (WEIR_CT_FIN_FWD | WEIR_CT_FIN_REV)) == (WEIR_CT_FIN_FWD | WEIR_CT_FIN_REV))
 		flags |= WEIR_CT_CLOSING;
 	/* A new connection on the tuple of a closed one starts afresh. */
-	if ((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN && !reply)
-		flags = 0;
+	if ((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN && !reply &&
+	    (flags & WEIR_CT_CLOSING))
+		flags &= WEIR_CT_REVOKED;
 	if (flags != ct->flags)
 		ct->flags = flags;
 }
@@ -594,36 +595,31 @@ static __always_inline struct weir_endpoint_info *origin_endpoint(struct flow *f
 }
 
 /* Brings a tracked flow up to the current policy generation: decides its forward
- * direction `fwd` again and keeps the entry if the verdict is unchanged. Returns
- * 0 when the entry still stands, else the new decision is in `d` (and the entry
- * is rewritten with it, or removed when it is a drop). */
-static __always_inline int ct_revalidate(struct weir_ct_value *ct, struct flow *fwd, __u8 leg,
-					 struct weir_config *cfg, struct decision *d, __u64 now)
+ * direction `fwd` again. An unchanged verdict keeps the entry; a changed one is
+ * written into it (a flow allowed before and dropped now stays as a revoked
+ * entry, so that neither side can start it again as a new flow). Returns 1 when
+ * the verdict changed (the new decision is in `d`). */
+static __always_inline int ct_revalidate(struct weir_ct_value *ct, struct flow *fwd,
+					 struct weir_config *cfg, struct decision *d)
 {
-	__u32 expect;
+	__u32 verdict;
 
 	if (ct->policy_generation == cfg->policy_generation)
 		return 0;
 	decide(fwd, origin_endpoint(fwd, ct->origin), ct->origin, cfg, d);
-	/* The proxy leg stands while its client's flow is still allowed to the proxy. */
-	expect = ct->verdict == WEIR_PROXY_LEG ? WEIR_REDIRECT : ct->verdict;
-	if (d->verdict == expect || (leg == WEIR_LEG_PROXY && d->verdict == WEIR_ALLOW)) {
-		ct->policy_generation = cfg->policy_generation;
-		ct->rule_id = d->rule_id;
+	verdict = d->verdict;
+	/* The proxy leg stands while its client's flow still goes to the proxy (or
+	 * is allowed outright). */
+	if (ct->verdict == WEIR_PROXY_LEG && verdict != WEIR_DROP)
+		verdict = WEIR_PROXY_LEG;
+	ct->policy_generation = cfg->policy_generation;
+	ct->rule_id = d->rule_id;
+	if (verdict == ct->verdict)
 		return 0;
-	}
-	fwd->key.leg = leg;
-	if (d->verdict == WEIR_DROP || leg == WEIR_LEG_PROXY) {
-		bpf_map_delete_elem(&weir_ct, &fwd->key);
-		if (d->verdict != WEIR_DROP) {
-			d->verdict = WEIR_DROP;
-			d->reason = WEIR_REASON_NO_PROXY;
-		}
-	} else {
-		ct->verdict = d->verdict;
-		ct->policy_generation = cfg->policy_generation;
-		ct->rule_id = d->rule_id;
-	}
+	if (verdict == WEIR_DROP)
+		ct->flags |= WEIR_CT_REVOKED;
+	ct->verdict = verdict;
+	ct->reason = d->reason;
 	return 1;
 }
 
@@ -692,9 +688,12 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 
 	len = sock_tuple(f, &t);
 	if (f->key.protocol == IPPROTO_TCP) {
-		/* The packet's own connection, if the proxy already accepted it. */
+		/* The packet's own connection, if the proxy already accepted it (a
+		 * new SYN on the tuple of one in TIME_WAIT is a new connection). */
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-		if (sk && sk->state == BPF_TCP_LISTEN) {
+		if (sk && (sk->state == BPF_TCP_LISTEN ||
+			   (sk->state == BPF_TCP_TIME_WAIT &&
+			    (f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN))) {
 			bpf_sk_release(sk);
 			sk = 0;
 		}
@@ -842,6 +841,30 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct flow *f,
 	return unsupported(skb, f, src_ep, WEIR_REASON_ICMP_UNTRACKED);
 }
 
+/* The verdict of a tracked entry for this packet after revalidation; a drop is
+ * reported only when this packet's revalidation made it one. */
+static __always_inline __u32 tracked(struct __sk_buff *skb, struct weir_ct_value *ct,
+				     struct flow *fwd, struct flow *pkt, int reply,
+				     struct weir_config *cfg, __u64 now)
+{
+	struct decision d = {};
+
+	if (ct_revalidate(ct, fwd, cfg, &d) && ct->verdict == WEIR_DROP) {
+		/* Report it as this packet's flow. */
+		if (reply)
+			drop(skb, pkt, ct->reason, d.dst_id, d.src_id, d.rule_id);
+		else
+			drop(skb, pkt, ct->reason, d.src_id, d.dst_id, d.rule_id);
+		return WEIR_DROP;
+	}
+	if (ct->verdict == WEIR_DROP) {
+		count(WEIR_COUNTER_DROPPED, skb);
+		return WEIR_DROP;
+	}
+	ct_touch(ct, pkt, reply, now);
+	return ct->verdict;
+}
+
 /* A packet of a flow (PARSED_FLOW) at a hook where it enters the node: `src_ep`
  * is the sending endpoint (already checked against the interface) or NULL, and
  * `origin` says which. Conntrack first; a new flow is decided and tracked. */
@@ -853,49 +876,41 @@ static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
 	struct decision d = {};
 	struct flow rev = {};
 	__u64 now = bpf_ktime_get_ns();
+	__u32 v;
 
 	/* The flow's own entry. */
 	ct = ct_lookup(&f->key, WEIR_LEG_CLIENT, now);
 	if (ct) {
-		if (ct->verdict == WEIR_DROP) {
-			if (ct->policy_generation == cfg->policy_generation) {
-				/* Dropped already, and reported once. */
-				count(WEIR_COUNTER_DROPPED, skb);
-				return TC_ACT_SHOT;
-			}
-			/* Decided again below, as new. */
-		} else {
-			ct_touch(ct, f, 0, now);
-			if (ct_revalidate(ct, f, WEIR_LEG_CLIENT, cfg, &d, now)) {
-				if (d.verdict == WEIR_DROP)
-					return drop(skb, f, d.reason, d.src_id, d.dst_id, d.rule_id);
-			}
-			if (ct->verdict == WEIR_REDIRECT)
-				return redirect_or_drop(skb, f, cfg, ct->src_identity,
-							ct->dst_identity);
-			return pass(skb);
-		}
+		v = tracked(skb, ct, f, f, 0, cfg, now);
+		if (v == WEIR_DROP)
+			return TC_ACT_SHOT;
+		if (v == WEIR_REDIRECT)
+			return redirect_or_drop(skb, f, cfg, ct->src_identity, ct->dst_identity);
+		return pass(skb);
 	}
 	/* A server's reply to one of the proxy's upstream connections. */
 	reverse(f, &rev);
 	ct = ct_lookup(&rev.key, WEIR_LEG_PROXY, now);
 	if (ct) {
-		ct_touch(ct, f, 1, now);
-		if (ct_revalidate(ct, &rev, WEIR_LEG_PROXY, cfg, &d, now))
-			return drop(skb, f, d.reason, d.dst_id, d.src_id, d.rule_id);
+		if (tracked(skb, ct, &rev, f, 1, cfg, now) == WEIR_DROP)
+			return TC_ACT_SHOT;
 		if (to_upstream_socket(skb, f, cfg) == 0) {
 			count(WEIR_COUNTER_REDIRECTED, skb);
 			return TC_ACT_OK;
 		}
 		/* No such socket (any more): maybe a reply on the client's leg. */
 	}
-	/* A reply to a flow decided when it started. */
+	/* A reply to a flow decided when it started (a flow never allowed has no
+	 * replies: a packet the other way is a flow of its own). */
 	ct = ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
-	if (ct && ct->verdict != WEIR_DROP) {
-		ct_touch(ct, f, 1, now);
-		if (ct_revalidate(ct, &rev, WEIR_LEG_CLIENT, cfg, &d, now))
-			return drop(skb, f, d.verdict == WEIR_DROP ? d.reason : WEIR_REASON_NO_PROXY,
-				    d.dst_id, d.src_id, d.rule_id);
+	if (ct && !(ct->verdict == WEIR_DROP && !(ct->flags & WEIR_CT_REVOKED))) {
+		v = tracked(skb, ct, &rev, f, 1, cfg, now);
+		if (v == WEIR_DROP)
+			return TC_ACT_SHOT;
+		/* A direct reply on a flow that now goes to the proxy: not any more. */
+		if (v == WEIR_REDIRECT)
+			return drop(skb, f, WEIR_REASON_NO_PROXY, ct->dst_identity, ct->src_identity,
+				    WEIR_NO_RULE);
 		return pass(skb);
 	}
 	/* A new flow. */
@@ -1057,22 +1072,17 @@ int weir_to_endpoint(struct __sk_buff *skb)
 
 	now = bpf_ktime_get_ns();
 	ct = ct_lookup(&f.key, WEIR_LEG_CLIENT, now);
-	if (ct && ct->verdict == WEIR_DROP && ct->policy_generation == cfg->policy_generation) {
-		/* Dropped already, and reported once. */
-		count(WEIR_COUNTER_DROPPED, skb);
-		return TC_ACT_SHOT;
-	}
-	if (ct && ct->verdict != WEIR_DROP) {
-		if (ct_revalidate(ct, &f, WEIR_LEG_CLIENT, cfg, &d, now))
-			return drop(skb, &f, d.reason, d.src_id, d.dst_id, d.rule_id);
+	if (ct) {
+		if (tracked(skb, ct, &f, &f, 0, cfg, now) == WEIR_DROP)
+			return TC_ACT_SHOT;
 		return NOT_OURS;
 	}
 	reverse(&f, &rev);
 	ct = ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
-	if (ct && ct->verdict != WEIR_DROP) {
+	if (ct && !(ct->verdict == WEIR_DROP && !(ct->flags & WEIR_CT_REVOKED))) {
 		/* A reply (e.g. from the proxy's accepted socket to its client). */
-		if (ct_revalidate(ct, &rev, WEIR_LEG_CLIENT, cfg, &d, now))
-			return drop(skb, &f, WEIR_REASON_NO_PROXY, d.dst_id, d.src_id, d.rule_id);
+		if (tracked(skb, ct, &rev, &f, 1, cfg, now) == WEIR_DROP)
+			return TC_ACT_SHOT;
 		return NOT_OURS;
 	}
 	/* Nothing decided this flow on its way in: the node's own traffic, or a

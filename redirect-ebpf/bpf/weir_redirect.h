@@ -124,13 +124,16 @@ enum weir_origin {
 #define WEIR_CT_FIN_FWD 2
 #define WEIR_CT_FIN_REV 4
 #define WEIR_CT_CLOSING 8 /* RST, or FIN both ways */
+#define WEIR_CT_REVOKED 16 /* allowed once, dropped since a policy change */
 
 /* Entry lifetimes since the last packet, in seconds. */
 #define WEIR_CT_TCP_SYN_LIFETIME 60
 #define WEIR_CT_TCP_LIFETIME 21600
 #define WEIR_CT_CLOSING_LIFETIME 10
 #define WEIR_CT_OTHER_LIFETIME 60
-/* A remembered drop (one event per dropped flow, not per retransmission). */
+/* A remembered drop of a flow never allowed (one event per dropped flow, not per
+ * retransmission). A revoked flow's entry keeps the lifetime of its protocol, so
+ * neither side can restart it as a new flow. */
 #define WEIR_CT_DROP_LIFETIME 5
 
 struct weir_ct_value {

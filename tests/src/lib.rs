@@ -163,27 +163,72 @@ impl Scenario {
             .expect("nginx listening");
     }
 
+    /// nginx (the deathstar's config) in any namespace of the lab, its files in
+    /// `<scratch>/nginx-<name>`; see [`Scenario::access_log_of`].
+    pub fn start_nginx_in(&mut self, name: &str) {
+        let d = self.dir.0.join(format!("nginx-{name}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let conf_path = d.join("nginx.conf");
+        std::fs::write(&conf_path, weir_agent::demo::deathstar_nginx_conf(&d)).unwrap();
+        let w = self.lab.workload(name);
+        let ip4 = w.ip4.to_string();
+        let mut cmd = w.ns.command("nginx");
+        cmd.args(["-c", conf_path.to_str().unwrap()]);
+        self.lab
+            .spawn(&format!("nginx-{name}"), cmd)
+            .expect("start nginx");
+        let ok = lab::wait_until(Duration::from_secs(10), || {
+            self.lab
+                .workload(name)
+                .ns
+                .command("socat")
+                .args(["-u", "OPEN:/dev/null", &format!("TCP:{ip4}:80")])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(ok.is_ok(), "nginx in {name} did not start");
+    }
+
+    /// The access log of an nginx started with [`Scenario::start_nginx_in`]
+    /// (settled, as [`Scenario::access_log`]).
+    pub fn access_log_of(&self, name: &str) -> Vec<String> {
+        settled_lines(&self.dir.0.join(format!("nginx-{name}/access.log")))
+    }
+
+    /// Runs curl in the node's own namespace (the `host`); `-s` and a 10 s limit.
+    pub fn curl_from_node(&self, args: &[&str]) -> Output {
+        self.lab
+            .node
+            .command("curl")
+            .args(["-s", "--max-time", "10"])
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+
+    /// Replaces the policy file and sends weir SIGHUP; waits until the log says
+    /// it was applied (or refused).
+    pub fn reload(&mut self, policy: &str) {
+        std::fs::write(self.path("policy.yaml"), policy).unwrap();
+        let before = self.weir_log_text().matches("policy reloaded").count();
+        let pid = self.weir().pid() as i32;
+        lab::send_signal(pid, libc::SIGHUP);
+        let ok = lab::wait_until(Duration::from_secs(10), || {
+            self.weir_log_text().matches("policy reloaded").count() > before
+        });
+        assert!(
+            ok.is_ok(),
+            "reload did not apply:\n{}",
+            self.weir_log_text()
+        );
+    }
+
     /// Lines of nginx's access log (requests that reached the upstream). nginx
     /// writes a line after it has sent the response, so this waits until the log
     /// has stopped changing (100 ms apart, at most 3 s).
     pub fn access_log(&self) -> Vec<String> {
-        let read = || {
-            std::fs::read_to_string(self.dir.0.join("nginx/access.log"))
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        let mut last = read();
-        for _ in 0..30 {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = read();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
-        last
+        settled_lines(&self.dir.0.join("nginx/access.log"))
     }
 
     /// Starts `weir run` in the node namespace with `policy` and waits until ready.
@@ -285,6 +330,27 @@ impl Scenario {
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// The lines of a log file once it has stopped changing (100 ms apart, at most 3 s).
+pub fn settled_lines(path: &Path) -> Vec<String> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let mut last = read();
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 /// `stdout` of a command as text.
