@@ -129,6 +129,8 @@ enum parsed {
 
 struct flow {
 	struct weir_ct_key key; /* forward tuple (leg 0) */
+	__u32 src[4];           /* the packet's own addresses (an ICMP error's key is the quoted flow) */
+	__u32 dst[4];
 	__u32 frag_id;
 	__u8 tcp_flags;  /* TCP_F_* */
 	__u8 first_frag; /* a first fragment: its allowed datagram's rest may follow */
@@ -327,8 +329,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->key.protocol = proto;
 		f->key.saddr[0] = ip->saddr;
 		f->key.daddr[0] = ip->daddr;
+		f->src[0] = ip->saddr;
+		f->dst[0] = ip->daddr;
 		if (ip->ihl < 5)
 			return PARSED_UNSUPPORTED;
+		/* Multicast and limited broadcast never leave the link. */
+		if ((bpf_ntohl(ip->daddr) & 0xf0000000) == 0xe0000000 || ip->daddr == 0xffffffff)
+			return PARSED_NOT_IP;
 		frag = bpf_ntohs(ip->frag_off);
 		f->frag_id = ip->id;
 		if (frag & 0x1fff)
@@ -344,7 +351,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		proto = ip6->nexthdr;
 		__builtin_memcpy(f->key.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(f->key.daddr, &ip6->daddr, 16);
+		__builtin_memcpy(f->src, &ip6->saddr, 16);
+		__builtin_memcpy(f->dst, &ip6->daddr, 16);
 		l4 = ip6 + 1;
+		/* Multicast and link-local destinations never leave the link (MLD
+		 * reports, ND): the network's own, not a flow between peers. */
+		if (ip6->daddr.in6_u.u6_addr8[0] == 0xff ||
+		    (ip6->daddr.in6_u.u6_addr8[0] == 0xfe &&
+		     (ip6->daddr.in6_u.u6_addr8[1] & 0xc0) == 0x80))
+			return PARSED_NOT_IP;
 		if (proto == IPV6_FRAGMENT_HDR) {
 			struct ipv6_frag_hdr *fh = l4;
 			__u16 off;
@@ -834,7 +849,10 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct flow *f,
 		    ct_lookup(&rev.key, WEIR_LEG_PROXY, now))
 			return pass(skb);
 	}
-	/* Report the error as the ICMP packet it is, not as the flow it quotes. */
+	/* Judge and report the error as the ICMP packet it is, not as the flow it
+	 * quotes. */
+	__builtin_memcpy(f->key.saddr, f->src, 16);
+	__builtin_memcpy(f->key.daddr, f->dst, 16);
 	f->key.protocol = f->key.family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
 	f->key.sport = 0;
 	f->key.dport = 0;
@@ -888,6 +906,9 @@ static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
 			return redirect_or_drop(skb, f, cfg, ct->src_identity, ct->dst_identity);
 		return pass(skb);
 	}
+	/* A connection's first packet is never a reply: decided as new. */
+	if ((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN)
+		goto new_flow;
 	/* A server's reply to one of the proxy's upstream connections. */
 	reverse(f, &rev);
 	ct = ct_lookup(&rev.key, WEIR_LEG_PROXY, now);
@@ -913,7 +934,7 @@ static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
 				    WEIR_NO_RULE);
 		return pass(skb);
 	}
-	/* A new flow. */
+new_flow:
 	decide(f, src_ep, origin, cfg, &d);
 	ct_create(&f->key, WEIR_LEG_CLIENT, &d, origin, cfg, now);
 	first_fragment(f, d.verdict != WEIR_DROP);
@@ -974,10 +995,10 @@ int weir_from_endpoint(struct __sk_buff *skb)
 		return NOT_OURS;
 	/* The identity comes from the interface: the source must be the endpoint
 	 * whose veth this is. */
-	src_ep = endpoint(f.key.saddr, f.key.family);
+	src_ep = endpoint(f.src, f.key.family);
 	if (!src_ep || src_ep->ifindex != skb->ifindex)
 		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
-			    outside_identity(f.key.saddr, f.key.family),
+			    outside_identity(f.src, f.key.family),
 			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
 					f.key.family),
 			    WEIR_NO_RULE);
@@ -1006,20 +1027,20 @@ int weir_from_netdev(struct __sk_buff *skb)
 	parsed = parse(skb, &f);
 	if (parsed == PARSED_NOT_IP)
 		return NOT_OURS;
-	src_ep = endpoint(f.key.saddr, f.key.family);
+	src_ep = endpoint(f.src, f.key.family);
 	if (src_ep) {
 		/* This interface is becoming an endpoint's (its own program decides). */
 		if (src_ep->ifindex == skb->ifindex)
 			return NOT_OURS;
 		/* Endpoint addresses live behind their own veths, never out here. */
 		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
-			    outside_identity(f.key.saddr, f.key.family),
+			    outside_identity(f.src, f.key.family),
 			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
 					f.key.family),
 			    WEIR_NO_RULE);
 	}
 	/* Only packets for local endpoints are weir's business here. */
-	if (!endpoint(f.key.daddr, f.key.family))
+	if (!endpoint(f.dst, f.key.family))
 		return NOT_OURS;
 	if (parsed == PARSED_UNSUPPORTED)
 		return unsupported(skb, &f, 0, WEIR_REASON_UNSUPPORTED_PROTOCOL);
@@ -1054,7 +1075,7 @@ int weir_to_endpoint(struct __sk_buff *skb)
 	} else {
 		/* Forwarded: an ingress hook decided it, unless it came in where weir
 		 * is not attached. */
-		src_ep = endpoint(f.key.saddr, f.key.family);
+		src_ep = endpoint(f.src, f.key.family);
 		origin = WEIR_ORIGIN_OUTSIDE;
 		if (src_ep && src_ep->ifindex == skb->ingress_ifindex)
 			origin = WEIR_ORIGIN_ENDPOINT;
@@ -1078,7 +1099,9 @@ int weir_to_endpoint(struct __sk_buff *skb)
 		return NOT_OURS;
 	}
 	reverse(&f, &rev);
-	ct = ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
+	ct = (f.tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN ?
+		     0 :
+		     ct_lookup(&rev.key, WEIR_LEG_CLIENT, now);
 	if (ct && !(ct->verdict == WEIR_DROP && !(ct->flags & WEIR_CT_REVOKED))) {
 		/* A reply (e.g. from the proxy's accepted socket to its client). */
 		if (tracked(skb, ct, &rev, &f, 1, cfg, now) == WEIR_DROP)

@@ -70,7 +70,7 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
     let Some(mut s) = Scenario::star_wars("ebpf-l4") else {
         return;
     };
-    s.start_deathstar(&[]);
+    s.start_deathstar(&[8443]);
     // A UDP sink on the deathstar that records what arrives.
     let sink = s.path("udp.txt");
     let mut udp = s.lab.workload("deathstar").ns.command("socat");
@@ -92,15 +92,21 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
         "200"
     );
     assert_l4_policy_holds(&s);
-    // Port 443 is not allowed for anyone.
-    assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("https://{DEATHSTAR4}/")),
-        "000"
-    );
+    // Port 8443 is not allowed for anyone, though nginx answers there (the
+    // node, allowed as `host`, gets its 200).
+    let url_8443 = format!("http://{DEATHSTAR4}:8443/");
+    let from_node = s.curl_from_node(&["-o", "/dev/null", "-w", "%{http_code}", &url_8443]);
+    assert_eq!(text(&from_node), "200");
+    assert_eq!(status(&s, "tiefighter", "GET", &url_8443), "000");
     let log = s.access_log();
-    assert_eq!(log.len(), 3, "the PUT and the two GETs: {log:?}");
+    assert_eq!(
+        log.len(),
+        4,
+        "the PUT, the two GETs, the node's probe: {log:?}"
+    );
     assert!(
         log.iter()
+            .filter(|l| !l.starts_with("169.254.1.1 "))
             .all(|l| l.starts_with("10.200.0.20") || l.starts_with("fd00:200::20")),
         "{log:?}"
     );
@@ -159,8 +165,9 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
                 && f["policy"] == "l4 spec.ingress[0].toPorts[0]"),
         "{allowed:#?}"
     );
-    // One event per new flow, not per packet: the 3 TCP flows + 1 UDP flow.
-    assert_eq!(allowed.len(), 4, "{allowed:#?}");
+    // One event per new flow, not per packet: the 3 TCP flows, the node's probe
+    // (as `host`) and 1 UDP flow.
+    assert_eq!(allowed.len(), 5, "{allowed:#?}");
 }
 
 #[test]

@@ -1,0 +1,442 @@
+//! The eBPF datapath against packets ordinary clients never send, and against
+//! long ordinary use: spoofed sources, fragments, ICMP errors, and tens of
+//! thousands of connections from one client. Raw packets come from
+//! `tests/scripts/rawpkt.py` (Python's raw sockets; no header of the kernel's
+//! own); what reaches the deathstar is counted by nft counters in its own
+//! namespace, hooked before reassembly, so each probe is first seen to arrive
+//! when policy allows it.
+
+use std::time::Duration;
+
+use weir_tests::{DEATHSTAR4, DEATHSTAR6, Scenario, repo_root, text};
+
+const XWING_ONLY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: xwing-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "5353", protocol: UDP}]
+"#;
+
+/// Named nft counters in a namespace's prerouting hook, before reassembly.
+fn add_counters(s: &Scenario, ns: &str, counters: &[(&str, &str)]) {
+    let mut script = String::from(
+        "table inet weirtest {\n  chain pre { type filter hook prerouting priority -500; }\n}\n",
+    );
+    for (name, matches) in counters {
+        script.push_str(&format!(
+            "add counter inet weirtest {name}\nadd rule inet weirtest pre {matches} counter name {name}\n"
+        ));
+    }
+    let file = s.path(&format!("counters-{ns}.nft"));
+    std::fs::write(&file, script).unwrap();
+    let out = s
+        .lab
+        .workload(ns)
+        .ns
+        .command("nft")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn counter(s: &Scenario, ns: &str, name: &str) -> u64 {
+    let out = s
+        .lab
+        .workload(ns)
+        .ns
+        .command("nft")
+        .args(["-j", "list", "counter", "inet", "weirtest", name])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|o| o["counter"]["packets"].as_u64())
+        .unwrap_or_else(|| panic!("counter {name} in {ns}: {}", text(&out)))
+}
+
+/// Runs rawpkt.py in a namespace.
+fn raw(s: &Scenario, from: &str, args: &[&str]) {
+    let script = repo_root().join("tests/scripts/rawpkt.py");
+    let out = s
+        .lab
+        .workload(from)
+        .ns
+        .command("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rawpkt {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Counters settle a moment after the packets were sent.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn dropped_with(s: &Scenario, reason: &str) -> Vec<serde_json::Value> {
+    s.flows()
+        .into_iter()
+        .filter(|f| f["verdict"] == "DROPPED" && f["drop_reason_desc"] == reason)
+        .collect()
+}
+
+#[test]
+fn spoofed_sources_are_dropped_inside_an_endpoint_and_from_outside() {
+    let Some(mut s) = Scenario::star_wars("spoof") else {
+        return;
+    };
+    s.lab.add_outside("world", 1).unwrap();
+    // Only weir may stop these packets: the node's reverse-path filter is off.
+    for key in ["all", "default"] {
+        s.lab
+            .node
+            .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")
+            .unwrap();
+    }
+    for w in ["weirv0", "weirv1", "weirv2", "weirx1"] {
+        s.lab
+            .node
+            .sysctl(&format!("net.ipv4.conf.{w}.rp_filter"), "0")
+            .unwrap();
+    }
+    add_counters(
+        &s,
+        "deathstar",
+        &[
+            ("xwing4", "ip saddr 10.200.0.30 tcp dport 80 tcp flags syn"),
+            (
+                "xwing6",
+                "ip6 saddr fd00:200::30 tcp dport 80 tcp flags syn",
+            ),
+        ],
+    );
+    s.start_weir(XWING_ONLY, &["--steering", "ebpf"]);
+    for (name, xwing, dst) in [
+        ("xwing4", "10.200.0.30", DEATHSTAR4),
+        ("xwing6", "fd00:200::30", DEATHSTAR6),
+    ] {
+        // The xwing's own SYN is allowed and arrives.
+        raw(&s, "xwing", &["syn", xwing, dst, "80", "--sport", "41000"]);
+        settle();
+        assert_eq!(counter(&s, "deathstar", name), 1, "{name}: genuine SYN");
+        // The tiefighter (not allowed) claiming to be the xwing, and the world
+        // claiming to be the xwing: neither arrives.
+        raw(
+            &s,
+            "tiefighter",
+            &["syn", xwing, dst, "80", "--sport", "41001"],
+        );
+        raw(&s, "world", &["syn", xwing, dst, "80", "--sport", "41002"]);
+        settle();
+        assert_eq!(counter(&s, "deathstar", name), 1, "{name}: spoofed SYNs");
+    }
+    let spoofed = dropped_with(&s, "SPOOFED_SOURCE");
+    assert_eq!(spoofed.len(), 4, "two senders x two families: {spoofed:#?}");
+    // Never recorded as the xwing: the identity comes from the interface.
+    assert!(
+        spoofed.iter().all(|f| f["source"]["pod_name"].is_null()),
+        "{spoofed:#?}"
+    );
+}
+
+#[test]
+fn fragments_follow_their_first_fragments_verdict() {
+    let Some(mut s) = Scenario::star_wars("fragments") else {
+        return;
+    };
+    add_counters(
+        &s,
+        "deathstar",
+        &[
+            ("tie4", "ip saddr 10.200.0.20 ip frag-off & 0x1fff != 0"),
+            ("xwing4", "ip saddr 10.200.0.30 ip frag-off & 0x1fff != 0"),
+            ("tie6", "ip6 saddr fd00:200::20 exthdr frag exists"),
+            ("xwing6", "ip6 saddr fd00:200::30 exthdr frag exists"),
+        ],
+    );
+    // A sink for the reassembled datagrams.
+    let sink = s.path("udp.txt");
+    let mut udp = s.lab.workload("deathstar").ns.command("socat");
+    udp.args([
+        "-u",
+        "UDP6-RECV:5353,ipv6only=0",
+        &format!("OPEN:{},creat,append", sink.display()),
+    ]);
+    s.lab.spawn("udp-sink", udp).unwrap();
+    s.start_weir(XWING_ONLY, &["--steering", "ebpf"]);
+    let payload = "fragmented-datagram-".repeat(4); // 80 bytes: 4 fragments of 24
+    for (fam, tie, xwing, dst) in [
+        ("4", "10.200.0.20", "10.200.0.30", DEATHSTAR4),
+        ("6", "fd00:200::20", "fd00:200::30", DEATHSTAR6),
+    ] {
+        // Allowed first fragment: the rest follows, and the datagram is whole.
+        raw(
+            &s,
+            "tiefighter",
+            &[
+                "udp-frags",
+                tie,
+                dst,
+                "5353",
+                "--payload",
+                &payload,
+                "--id",
+                "7001",
+            ],
+        );
+        settle();
+        let first = counter(&s, "deathstar", &format!("tie{fam}"));
+        assert!(first >= 3, "IPv{fam}: non-first fragments arrive ({first})");
+        // Without a first fragment: nothing follows.
+        raw(
+            &s,
+            "tiefighter",
+            &[
+                "udp-frags",
+                tie,
+                dst,
+                "5353",
+                "--payload",
+                &payload,
+                "--id",
+                "7002",
+                "--skip-first",
+            ],
+        );
+        // Denied first fragment (the xwing may not use UDP): the rest is dropped too.
+        raw(
+            &s,
+            "xwing",
+            &[
+                "udp-frags",
+                xwing,
+                dst,
+                "5353",
+                "--payload",
+                &payload,
+                "--id",
+                "7003",
+            ],
+        );
+        settle();
+        assert_eq!(
+            counter(&s, "deathstar", &format!("tie{fam}")),
+            first,
+            "IPv{fam}: headless fragments"
+        );
+        assert_eq!(
+            counter(&s, "deathstar", &format!("xwing{fam}")),
+            0,
+            "IPv{fam}"
+        );
+    }
+    let received = std::fs::read_to_string(&sink).unwrap_or_default();
+    assert_eq!(
+        received.matches("fragmented-datagram-").count(),
+        8,
+        "both whole datagrams reach the server: {received:?}"
+    );
+    assert!(!dropped_with(&s, "FRAGMENT_WITHOUT_HEAD").is_empty());
+}
+
+#[test]
+fn icmp_errors_pass_only_for_tracked_flows() {
+    const DEATHSTAR_INGRESS: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ingress-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+"#;
+    let Some(mut s) = Scenario::star_wars("icmp-errors") else {
+        return;
+    };
+    s.lab.add_outside("world", 1).unwrap();
+    add_counters(
+        &s,
+        "deathstar",
+        &[
+            ("unreach4", "icmp type destination-unreachable"),
+            ("unreach6", "icmpv6 type destination-unreachable"),
+        ],
+    );
+    s.start_weir(DEATHSTAR_INGRESS, &["--steering", "ebpf"]);
+    for (fam, world, dst, flow) in [
+        (
+            "4",
+            "10.201.1.1",
+            DEATHSTAR4,
+            "UDP4-SENDTO:10.201.1.1:9999,sourceport=5555",
+        ),
+        (
+            "6",
+            "fd00:201:1::1",
+            DEATHSTAR6,
+            "UDP6-SENDTO:[fd00:201:1::1]:9999,sourceport=5555",
+        ),
+    ] {
+        // The deathstar sends a datagram to the world: a tracked flow.
+        let sent = s
+            .lab
+            .workload("deathstar")
+            .ns
+            .command("socat")
+            .args(["-u", "EXEC:echo hello", flow])
+            .output()
+            .unwrap();
+        assert!(sent.status.success());
+        // The world's own kernel answers it with a real port-unreachable, which
+        // passes too; count from here.
+        settle();
+        let before = counter(&s, "deathstar", &format!("unreach{fam}"));
+        let tracked = format!("{dst}|5555|{world}|9999");
+        let untracked = format!("{dst}|5556|{world}|9999");
+        raw(
+            &s,
+            "world",
+            &["icmp-unreach", world, dst, "--quote", &tracked],
+        );
+        settle();
+        assert_eq!(
+            counter(&s, "deathstar", &format!("unreach{fam}")),
+            before + 1,
+            "IPv{fam}: an error about the tracked flow arrives"
+        );
+        raw(
+            &s,
+            "world",
+            &["icmp-unreach", world, dst, "--quote", &untracked],
+        );
+        settle();
+        assert_eq!(
+            counter(&s, "deathstar", &format!("unreach{fam}")),
+            before + 1,
+            "IPv{fam}: an error about no flow is dropped"
+        );
+    }
+    assert_eq!(dropped_with(&s, "ICMP_UNTRACKED").len(), 2);
+}
+
+/// 30 000 connections one after another from one client (its ports wrap around)
+/// through the proxy, then more: every request succeeds. Conntrack entries end
+/// with their connections, and the proxy's upstream leg never shares an entry
+/// with a client flow.
+#[test]
+#[ignore = "known failure, open in issue 7: after ~560 sequential proxied connections from one client some connects time out (not a policy drop; cause not found yet). Run with --ignored."]
+fn thirty_thousand_sequential_connections_then_all_requests_succeed() {
+    const L7: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/"}
+"#;
+    let Some(mut s) = Scenario::star_wars("many-conns") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    // A small port range makes the client's ports wrap around several times.
+    s.lab
+        .workload("tiefighter")
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "40000 44999")
+        .unwrap();
+    s.start_weir(L7, &["--steering", "ebpf"]);
+    let script = r#"
+import socket, sys, time
+ok = bad = 0
+deadline = time.time() + 240
+for i in range(int(sys.argv[1])):
+    if time.time() > deadline:
+        break
+    data = b""
+    try:
+        s = socket.create_connection(("10.200.0.10", 80), timeout=5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+    except OSError as e:
+        if bad < 5:
+            print("connection", i, "failed:", e, file=sys.stderr)
+    if data.startswith(b"HTTP/1.1 200"):
+        ok += 1
+    else:
+        bad += 1
+print(ok, bad)
+"#;
+    let out = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command("python3")
+        .args([
+            "-c",
+            script,
+            &std::env::var("WEIR_TEST_CONNS").unwrap_or_else(|_| "30000".into()),
+        ])
+        .output()
+        .unwrap();
+    let counts = text(&out);
+    let mut it = counts.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    let (ok, bad) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    assert_eq!(
+        (ok, bad),
+        (30000, 0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.weir_log_text()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for _ in 0..8 {
+        let code = text(&s.curl(
+            "tiefighter",
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{DEATHSTAR4}/"),
+            ],
+        ));
+        assert_eq!(code, "200");
+    }
+}
