@@ -53,6 +53,7 @@ pub fn load_and_verify(obj: &EmbeddedObject) -> Result<Vec<String>, EbpfError> {
             aya::programs::Program::SchedClassifier(p) => p.load(),
             aya::programs::Program::SockOps(p) => p.load(),
             aya::programs::Program::SkMsg(p) => p.load(),
+            aya::programs::Program::SkLookup(p) => p.load(),
             other => {
                 return Err(EbpfError::Program {
                     object: obj.name,

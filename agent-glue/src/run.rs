@@ -134,6 +134,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         SteeringMode::Nft => info!("steering: nftables TPROXY (table inet weir)"),
         _ => info!("steering: none (traffic must reach the proxy port by other means)"),
     }
+    if let Some(dp) = datapath.as_mut() {
+        let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
+        dp.attach_sk_lookup(&refs)
+            .context("attaching the socket-lookup program")?;
+    }
     if let Some(dp) = datapath.as_mut()
         && let Some(ring) = dp.take_events()
     {

@@ -19,6 +19,11 @@
  * weir_to_netdev (tc egress of the other interfaces): tracks the proxy's
  *   upstream leg to servers that are not local endpoints.
  *
+ * weir_sk_lookup (the node namespace's socket lookup): a listener lookup for a
+ *   flow that goes to the proxy finds the proxy's listener. The kernel asks when
+ *   a new SYN meets the TIME_WAIT socket of an earlier connection on the same
+ *   tuple (the proxy closed first): without an answer that SYN is lost.
+ *
  * Conntrack entries carry the policy generation they were decided under and are
  * decided again when it changes, on every path (new packets, replies, the proxy
  * leg). They end with their connections (RST, FIN both ways) or after an idle
@@ -100,6 +105,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } weir_events SEC(".maps");
+
+/* The proxy's TCP listeners (index 0 IPv4, 1 IPv6), for weir_sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32); /* a socket fd, on update */
+} weir_listeners SEC(".maps");
 
 /* Never used at run time: ring-buffer records have no type in BTF, and this
  * one-entry map gives struct weir_event one, so the Rust mirror can be checked;
@@ -703,12 +716,12 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 
 	len = sock_tuple(f, &t);
 	if (f->key.protocol == IPPROTO_TCP) {
-		/* The packet's own connection, if the proxy already accepted it (a
-		 * new SYN on the tuple of one in TIME_WAIT is a new connection). */
+		/* The packet's own connection, if the proxy already accepted it. A new
+		 * SYN on the tuple of one in TIME_WAIT goes to that socket too: the
+		 * kernel ends it and asks for a listener, which weir_sk_lookup gives
+		 * (the listener itself would drop the SYN as a duplicate tuple). */
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-		if (sk && (sk->state == BPF_TCP_LISTEN ||
-			   (sk->state == BPF_TCP_TIME_WAIT &&
-			    (f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN))) {
+		if (sk && sk->state == BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
 			sk = 0;
 		}
@@ -1138,6 +1151,53 @@ int weir_to_netdev(struct __sk_buff *skb)
 	if (parse(skb, &f) != PARSED_FLOW)
 		return NOT_OURS;
 	return proxy_leg(skb, &f, cfg);
+}
+
+#define AF_INET 2
+#define AF_INET6 10
+
+SEC("sk_lookup")
+int weir_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct weir_ct_key key = {};
+	struct weir_ct_value *ct;
+	struct bpf_sock *sk;
+	__u32 idx;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == AF_INET) {
+		key.family = 4;
+		key.saddr[0] = ctx->remote_ip4;
+		key.daddr[0] = ctx->local_ip4;
+		idx = 0;
+	} else if (ctx->family == AF_INET6) {
+		key.family = 6;
+		key.saddr[0] = ctx->remote_ip6[0];
+		key.saddr[1] = ctx->remote_ip6[1];
+		key.saddr[2] = ctx->remote_ip6[2];
+		key.saddr[3] = ctx->remote_ip6[3];
+		key.daddr[0] = ctx->local_ip6[0];
+		key.daddr[1] = ctx->local_ip6[1];
+		key.daddr[2] = ctx->local_ip6[2];
+		key.daddr[3] = ctx->local_ip6[3];
+		idx = 1;
+	} else {
+		return SK_PASS;
+	}
+	key.sport = ctx->remote_port;
+	key.dport = bpf_htons(ctx->local_port);
+	key.protocol = IPPROTO_TCP;
+	key.leg = WEIR_LEG_CLIENT;
+	ct = bpf_map_lookup_elem(&weir_ct, &key);
+	if (!ct || ct->verdict != WEIR_REDIRECT)
+		return SK_PASS;
+	sk = bpf_map_lookup_elem(&weir_listeners, &idx);
+	if (!sk)
+		return SK_PASS;
+	bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return SK_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -8,6 +8,7 @@ mod tests {
     const PROGRAMS: &[&str] = &[
         "weir_from_endpoint",
         "weir_from_netdev",
+        "weir_sk_lookup",
         "weir_to_endpoint",
         "weir_to_netdev",
     ];

@@ -24,6 +24,7 @@ fn embedded_objects_pass_the_verifier() {
         [
             "redirect:weir_from_endpoint",
             "redirect:weir_from_netdev",
+            "redirect:weir_sk_lookup",
             "redirect:weir_to_endpoint",
             "redirect:weir_to_netdev",
             "sockmap:weir_sk_msg",

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, lpm_trie::Key, lpm_trie::LpmTrie};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 use tracing::info;
@@ -61,6 +61,8 @@ pub const FROM_NETDEV: &str = "weir_from_netdev";
 pub const TO_NETDEV: &str = "weir_to_netdev";
 /// Every tc program weir attaches.
 pub const PROGRAMS: [&str; 4] = [FROM_ENDPOINT, TO_ENDPOINT, FROM_NETDEV, TO_NETDEV];
+/// The namespace's socket-lookup program (listener lookups of proxied flows).
+pub const SK_LOOKUP: &str = "weir_sk_lookup";
 
 /// What an interface is to weir, and so which programs it gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -184,6 +186,21 @@ impl Datapath {
                 detail: format!("{e:#}"),
             })?;
         }
+        let lookup: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP)
+            .ok_or_else(|| DatapathError::Program {
+                program: SK_LOOKUP,
+                detail: "missing from the object".into(),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Program {
+                program: SK_LOOKUP,
+                detail: e.to_string(),
+            })?;
+        lookup.load().map_err(|e| DatapathError::Program {
+            program: SK_LOOKUP,
+            detail: format!("{e:#}"),
+        })?;
         let mut dp = Datapath {
             ebpf,
             config,
@@ -524,6 +541,52 @@ impl Datapath {
                 program: name,
                 detail: "missing from the object".into(),
             })
+    }
+
+    /// Gives the proxy's TCP listeners to the namespace's socket lookup: a new
+    /// SYN that meets the TIME_WAIT socket of an earlier proxied connection on
+    /// the same tuple is handed to the listener by the kernel (instead of being
+    /// lost). The program stays attached while this process runs.
+    pub fn attach_sk_lookup(
+        &mut self,
+        listeners: &[&tokio::net::TcpListener],
+    ) -> Result<(), DatapathError> {
+        let mut map: aya::maps::SockMap<&mut MapData> =
+            aya::maps::SockMap::try_from(self.ebpf.map_mut("weir_listeners").ok_or_else(|| {
+                DatapathError::Map {
+                    map: "weir_listeners",
+                    detail: "missing from the object".into(),
+                }
+            })?)
+            .map_err(map_err("weir_listeners"))?;
+        for l in listeners {
+            let index = match l.local_addr() {
+                Ok(a) if a.is_ipv4() => 0,
+                Ok(_) => 1,
+                Err(_) => continue,
+            };
+            map.set(index, *l, 0).map_err(map_err("weir_listeners"))?;
+        }
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").map_err(|e| DatapathError::Attach {
+                program: SK_LOOKUP,
+                iface: "(network namespace)".into(),
+                detail: e.to_string(),
+            })?;
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(SK_LOOKUP)
+            .and_then(|p| <&mut SkLookup>::try_from(p).ok())
+            .ok_or(DatapathError::Program {
+                program: SK_LOOKUP,
+                detail: "missing from the object".into(),
+            })?;
+        prog.attach(netns).map_err(|e| DatapathError::Attach {
+            program: SK_LOOKUP,
+            iface: "(network namespace)".into(),
+            detail: format!("{e:#}"),
+        })?;
+        Ok(())
     }
 
     /// The verdict-event ring buffer (taken once).
