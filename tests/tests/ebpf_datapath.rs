@@ -600,8 +600,12 @@ spec:
   endpointSelector: {matchLabels: {class: deathstar}}
   ingress:
   - fromEndpoints: [{matchLabels: {class: tiefighter}}]
-    toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+    toPorts: [{ports: [{port: "9000", endPort: 9001, protocol: TCP}]}]
 "#;
+    // A server that answers every connection, to probe with while weir is down.
+    let mut greeter = s.lab.workload("deathstar").ns.command("socat");
+    greeter.args(["TCP-LISTEN:9001,fork,reuseaddr", "SYSTEM:echo greetings"]);
+    s.lab.spawn("greeter", greeter).unwrap();
     // 240 MB at 20 MB/s: about 12 s on the wire.
     let src = s.path("bulk.bin");
     let dst = s.path("received.bin");
@@ -649,11 +653,20 @@ spec:
     let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
     assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
     s.lab.processes.retain(|p| p.name != "weir");
-    // While weir is down the kernel still enforces: the xwing stays out.
+    // While weir is down the kernel still enforces: the tiefighter gets its
+    // greeting, the xwing (same server, same probe) does not.
+    let greeted = s.raw(
+        "tiefighter",
+        DEATHSTAR4,
+        9001,
+        b"hi",
+        Duration::from_secs(2),
+    );
+    assert_eq!(greeted, b"greetings\n");
     let probe = s.raw(
         "xwing",
         DEATHSTAR4,
-        9000,
+        9001,
         b"intruder",
         Duration::from_secs(2),
     );
