@@ -455,3 +455,85 @@ print(ok, bad)
         assert_eq!(code, "200");
     }
 }
+
+/// A change that cannot be applied whole changes nothing: a SIGHUP reload and an
+/// API registration with an endpoint whose interface cannot be found are refused,
+/// and the running policy and maps stay as they were.
+#[test]
+fn a_refused_change_leaves_the_running_policy_in_force() {
+    const TIEFIGHTER_ONLY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tiefighter-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"#;
+    let Some(mut s) = Scenario::star_wars("refused-change") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(TIEFIGHTER_ONLY, &["--steering", "ebpf"]);
+    let code = |s: &Scenario, from: &str| {
+        text(&s.curl(
+            from,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                &format!("http://{DEATHSTAR4}/"),
+            ],
+        ))
+    };
+    assert_eq!(code(&s, "tiefighter"), "200");
+    assert_eq!(code(&s, "xwing"), "000");
+    // The new policy would admit the xwing, but an endpoint in the new file has
+    // an address no interface of the node leads to.
+    std::fs::write(
+        s.path("policy.yaml"),
+        TIEFIGHTER_ONLY.replace("class: tiefighter", "org: alliance"),
+    )
+    .unwrap();
+    let endpoints = std::fs::read_to_string(s.path("endpoints.yaml")).unwrap();
+    std::fs::write(
+        s.path("endpoints.yaml"),
+        format!("{endpoints}  - {{name: ghost, ips: [203.0.113.7], labels: {{class: ghost}}}}\n"),
+    )
+    .unwrap();
+    let pid = s.weir().pid() as i32;
+    weir_tests::lab::send_signal(pid, libc::SIGHUP);
+    let refused = weir_tests::lab::wait_until(Duration::from_secs(10), || {
+        s.weir_log_text().contains("reload failed")
+    });
+    assert!(refused.is_ok(), "{}", s.weir_log_text());
+    assert_eq!(code(&s, "tiefighter"), "200", "the old policy still admits");
+    assert_eq!(code(&s, "xwing"), "000", "the refused one does not");
+    // Through the API, the same.
+    let added = s
+        .lab
+        .node
+        .command(weir_tests::weir_bin().to_str().unwrap())
+        .args(["endpoint", "add", "--netns"])
+        .arg(s.lab.workload("xwing").ns.name())
+        .args([
+            "--name",
+            "ghost2",
+            "--ip",
+            "203.0.113.8",
+            "--labels",
+            "class=ghost",
+        ])
+        .arg("--api-socket")
+        .arg(s.path("weir.sock"))
+        .output()
+        .unwrap();
+    assert!(!added.status.success());
+    assert_eq!(code(&s, "tiefighter"), "200");
+    assert_eq!(code(&s, "xwing"), "000");
+}

@@ -14,7 +14,7 @@ pub struct WeirCounter {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EndpointKey {
     pub ip: [u32; 4],
     pub family: u32,

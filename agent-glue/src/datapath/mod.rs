@@ -14,21 +14,22 @@ pub mod events;
 pub mod maps;
 pub mod pins;
 pub mod policy_map;
+pub mod sync;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::process::Command;
 use std::sync::Arc;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{Array, MapData, RingBuf, lpm_trie::Key};
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 use tracing::info;
-use weir_policy::{CompiledPolicy, Direction, RuleRef};
+use weir_policy::{CompiledPolicy, RuleRef};
 
 use maps::*;
-use policy_map::{PolicyEntry, endpoint_id, policy_entries};
+use policy_map::{PolicyEntry, policy_entries};
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -138,9 +139,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     config: DatapathConfig,
     generation: u32,
-    installed_policy: HashSet<(u32, [u8; 16])>,
-    installed_endpoints: HashSet<EndpointKey>,
-    installed_ipcache: HashSet<(u32, [u32; 4], u32)>,
+    /// What the endpoint, ipcache and policy maps hold now.
+    installed: sync::Desired,
     /// Interfaces with our programs (by role), and the links this process holds
     /// for them (adopted pinned links, or every link when nothing is pinned).
     attached: HashMap<(String, Role), Vec<Held>>,
@@ -205,9 +205,7 @@ impl Datapath {
             ebpf,
             config,
             generation: 0,
-            installed_policy: HashSet::new(),
-            installed_endpoints: HashSet::new(),
-            installed_ipcache: HashSet::new(),
+            installed: sync::Desired::default(),
             attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
         };
@@ -219,44 +217,7 @@ impl Datapath {
     /// Learns what pinned maps from an earlier run already hold, so the first
     /// `sync` removes what no longer applies, and continues its generation count.
     fn adopt(&mut self) -> Result<(), DatapathError> {
-        {
-            let m: BpfHashMap<&MapData, EndpointKey, EndpointInfo> = BpfHashMap::try_from(
-                self.ebpf
-                    .map("weir_endpoints")
-                    .expect("object has weir_endpoints"),
-            )
-            .map_err(map_err("weir_endpoints"))?;
-            self.installed_endpoints = m.keys().filter_map(Result::ok).collect();
-        }
-        {
-            let m: LpmTrie<&MapData, [u8; 16], PolicyValue> = LpmTrie::try_from(
-                self.ebpf
-                    .map("weir_policy")
-                    .expect("object has weir_policy"),
-            )
-            .map_err(map_err("weir_policy"))?;
-            self.installed_policy = m
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| (k.prefix_len(), k.data()))
-                .collect();
-        }
-        {
-            let m: LpmTrie<&MapData, [u32; 5], IpcacheValue> = LpmTrie::try_from(
-                self.ebpf
-                    .map("weir_ipcache")
-                    .expect("object has weir_ipcache"),
-            )
-            .map_err(map_err("weir_ipcache"))?;
-            self.installed_ipcache = m
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| {
-                    let d = k.data();
-                    (k.prefix_len(), [d[1], d[2], d[3], d[4]], d[0])
-                })
-                .collect();
-        }
+        self.installed = sync::read_installed(&self.ebpf)?;
         let cfg: Array<&MapData, Config> = Array::try_from(
             self.ebpf
                 .map("weir_config")
@@ -264,10 +225,10 @@ impl Datapath {
         )
         .map_err(map_err("weir_config"))?;
         self.generation = cfg.get(&0, 0).map(|c| c.policy_generation).unwrap_or(0);
-        if !self.installed_policy.is_empty() {
+        if !self.installed.policy.is_empty() {
             info!(
-                endpoints = self.installed_endpoints.len(),
-                policy_entries = self.installed_policy.len(),
+                endpoints = self.installed.endpoints.len(),
+                policy_entries = self.installed.policy.len(),
                 generation = self.generation,
                 "adopted pinned eBPF state from an earlier run"
             );
@@ -307,140 +268,26 @@ impl Datapath {
         self.rules.clone()
     }
 
-    /// Brings the maps in line with `policy` (add first, then remove), then bumps
-    /// the policy generation.
+    /// Brings the maps in line with `policy` (see `sync.rs` for the order), then
+    /// bumps the policy generation. On any failure the maps are put back as they
+    /// were and the previous generation stays in force.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
-        let (entries, table) = policy_entries(policy);
-        // Endpoints, each with the interface its packets must arrive on.
-        let index = interface_indexes();
-        let mut eps: HashMap<EndpointKey, EndpointInfo> = HashMap::new();
-        for (i, ep) in policy.endpoints().iter().enumerate() {
-            let mut flags = 0;
-            if policy.is_selected(i, Direction::Ingress) {
-                flags |= EP_INGRESS_ENFORCED;
-            }
-            if policy.is_selected(i, Direction::Egress) {
-                flags |= EP_EGRESS_ENFORCED;
-            }
-            for ip in &ep.endpoint.ips {
-                let (w, fam) = ip_words(*ip);
-                let ifindex = host_interface(*ip)
-                    .ok()
-                    .and_then(|name| index.get(&name).copied())
-                    .ok_or_else(|| DatapathError::Interface {
-                        endpoint: ep.endpoint.name.clone(),
-                        ip: *ip,
-                        detail: "no interface index for its host-side interface".into(),
-                    })?;
-                eps.insert(
-                    EndpointKey { ip: w, family: fam },
-                    EndpointInfo {
-                        identity: ep.identity,
-                        endpoint_id: endpoint_id(i),
-                        flags,
-                        ifindex,
-                    },
-                );
-            }
-        }
-        {
-            let mut m: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> = BpfHashMap::try_from(
-                self.ebpf
-                    .map_mut("weir_endpoints")
-                    .expect("object has weir_endpoints"),
-            )
-            .map_err(map_err("weir_endpoints"))?;
-            for (k, v) in &eps {
-                m.insert(k, v, 0).map_err(map_err("weir_endpoints"))?;
-            }
-            for stale in self
-                .installed_endpoints
-                .iter()
-                .filter(|k| !eps.contains_key(k))
-            {
-                let _ = m.remove(stale);
-            }
-        }
-        self.installed_endpoints = eps.keys().copied().collect();
-        // ipcache: every prefix a policy mentions, with its identity.
-        let mut cache: HashMap<(u32, [u32; 4], u32), u32> = HashMap::new();
-        for c in policy.cidr_identities() {
-            let (w, fam) = ip_words(c.cidr.addr);
-            cache.insert((32 + u32::from(c.cidr.len), w, fam), c.identity);
-        }
-        // The node's own addresses are the host, whatever CIDR contains them.
-        for ip in policy.host_addresses() {
-            let (w, fam) = ip_words(*ip);
-            let bits = if fam == 4 { 32 } else { 128 };
-            cache.insert((32 + bits, w, fam), weir_policy::identity::IDENTITY_HOST);
-        }
-        {
-            let mut m: LpmTrie<&mut MapData, [u32; 5], IpcacheValue> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut("weir_ipcache")
-                    .expect("object has weir_ipcache"),
-            )
-            .map_err(map_err("weir_ipcache"))?;
-            for ((len, w, fam), id) in &cache {
-                let key = Key::new(*len, [*fam, w[0], w[1], w[2], w[3]]);
-                m.insert(
-                    &key,
-                    IpcacheValue {
-                        identity: *id,
-                        pad: 0,
-                    },
-                    0,
-                )
-                .map_err(map_err("weir_ipcache"))?;
-            }
-            for stale in self
-                .installed_ipcache
-                .iter()
-                .filter(|k| !cache.contains_key(k))
-            {
-                let key = Key::new(
-                    stale.0,
-                    [stale.2, stale.1[0], stale.1[1], stale.1[2], stale.1[3]],
-                );
-                let _ = m.remove(&key);
-            }
-        }
-        self.installed_ipcache = cache.keys().copied().collect();
-        // Policy.
-        let keyed: Vec<(PolicyKey, PolicyValue)> = entries.iter().map(policy_kv).collect();
-        let new_keys: HashSet<(u32, [u8; 16])> = keyed
-            .iter()
-            .map(|(k, _)| {
-                let lk = lpm_key(k);
-                (lk.prefix_len(), lk.data())
-            })
-            .collect();
-        {
-            let mut m: LpmTrie<&mut MapData, [u8; 16], PolicyValue> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut("weir_policy")
-                    .expect("object has weir_policy"),
-            )
-            .map_err(map_err("weir_policy"))?;
-            for (k, v) in &keyed {
-                m.insert(&lpm_key(k), v, 0)
-                    .map_err(map_err("weir_policy"))?;
-            }
-            for stale in self
-                .installed_policy
-                .iter()
-                .filter(|k| !new_keys.contains(k))
-            {
-                let _ = m.remove(&Key::new(stale.0, stale.1));
-            }
-        }
-        self.installed_policy = new_keys;
-        self.rules.store(Arc::new(table));
+        let ids = sync::endpoint_ids(policy);
+        let (entries, table) = policy_entries(policy, &ids);
+        let desired = sync::Desired::new(policy, &entries, &ids, &interface_indexes())?;
+        sync::write(&mut self.ebpf, &self.installed, &desired)?;
+        let previous = std::mem::replace(&mut self.installed, desired);
         self.generation = self.generation.wrapping_add(1);
-        self.write_config()?;
+        if let Err(e) = self.write_config() {
+            self.generation = self.generation.wrapping_sub(1);
+            let _ = sync::write(&mut self.ebpf, &self.installed, &previous);
+            self.installed = previous;
+            return Err(e);
+        }
+        self.rules.store(Arc::new(table));
         info!(
-            endpoints = self.installed_endpoints.len(),
-            policy_entries = self.installed_policy.len(),
+            endpoints = self.installed.endpoints.len(),
+            policy_entries = self.installed.policy.len(),
             generation = self.generation,
             "eBPF maps updated"
         );

@@ -132,13 +132,9 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
-/// Kernel endpoint ids are the policy's endpoint index + 1 (0 means none).
-pub fn endpoint_id(index: usize) -> u32 {
-    index as u32 + 1
-}
-
-/// All kernel policy entries, and the rule table their `rule_id`s index.
-pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef>) {
+/// All kernel policy entries, and the rule table their `rule_id`s index. `ids`
+/// are the endpoints' kernel ids, by position (see `sync::endpoint_ids`).
+pub fn policy_entries(policy: &CompiledPolicy, ids: &[u32]) -> (Vec<PolicyEntry>, Vec<RuleRef>) {
     /// (endpoint, direction, protocol) → (peers, port_lo, port_hi, verdict, rule id)
     type Group = (usize, u8, u8);
     type GroupRule = (Option<Vec<u32>>, u16, u16, Verdict, u32);
@@ -197,7 +193,7 @@ pub fn policy_entries(policy: &CompiledPolicy) -> (Vec<PolicyEntry>, Vec<RuleRef
             for iv in intervals(set) {
                 for (port, port_bits) in range_prefixes(iv.lo, iv.hi) {
                     out.push(PolicyEntry {
-                        endpoint_id: endpoint_id(ep),
+                        endpoint_id: ids[ep],
                         direction: dir,
                         protocol: proto,
                         identity,
@@ -371,7 +367,7 @@ spec:
 ",
             "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n",
         );
-        let (entries, _) = policy_entries(&cp);
+        let (entries, _) = policy_entries(&cp, &super::super::sync::endpoint_ids(&cp));
         let tcp: Vec<(u16, u8, Verdict)> = entries
             .iter()
             .filter(|e| e.protocol == IPPROTO_TCP)
@@ -400,7 +396,7 @@ spec:
         );
         let tie = cp.endpoints()[1].identity;
         let xwing = cp.endpoints()[2].identity;
-        let (entries, _) = policy_entries(&cp);
+        let (entries, _) = policy_entries(&cp, &super::super::sync::endpoint_ids(&cp));
         let icmp = |proto: u8, id: u32| -> Vec<Verdict> {
             entries
                 .iter()
