@@ -55,8 +55,38 @@ pub fn transparent_upstream_socket(
     socket.set_mark(mark)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
+    // Port 0 with the client's address: without IP_BIND_ADDRESS_NO_PORT the kernel
+    // would pick the port now, from the address alone, and could pick the
+    // client's own port (a 4-tuple the steering already sends to the proxy). With
+    // it the port is chosen at connect time, unique for the whole 4-tuple.
+    set_int_option(&socket, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(&SocketAddr::new(local, 0).into())?;
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
+/// setsockopt with an int value (options socket2 does not wrap).
+fn set_int_option(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the fd is a valid socket owned by `socket`; the option value points at
+    // a live c_int and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Connects to `dst` for a client at `client`: from the client's own address
@@ -99,21 +129,7 @@ pub fn transparent_udp_listener(addr: SocketAddr) -> io::Result<tokio::net::UdpS
     } else {
         (libc::SOL_IP, libc::IP_RECVORIGDSTADDR)
     };
-    let one: libc::c_int = 1;
-    // SAFETY: the fd is a valid socket owned by `socket`; the option value points at
-    // a live c_int and the length passed is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            level,
-            name,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_int_option(&socket, level, name, 1)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     tokio::net::UdpSocket::from_std(socket.into())
@@ -254,5 +270,42 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             ))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn root() -> bool {
+        if transparent_sockets_available() {
+            return true;
+        }
+        eprintln!("*** SKIPPED: transparent sockets need root or CAP_NET_ADMIN");
+        false
+    }
+
+    /// The port of a transparent upstream socket is left to connect time (port 0
+    /// after bind), so it can never be fixed to the client's own port by a bind
+    /// that sees only the address.
+    #[test]
+    fn transparent_upstream_sockets_pick_their_port_at_connect() {
+        if !root() {
+            return;
+        }
+        for client in ["192.0.2.7", "2001:db8::7"] {
+            let client: IpAddr = client.parse().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = transparent_upstream_socket(client, 0x7800).unwrap();
+                let local = s.local_addr().unwrap();
+                assert_eq!(local.ip(), client);
+                assert_eq!(local.port(), 0, "{client}: port chosen at bind");
+            });
+        }
     }
 }
