@@ -1,18 +1,57 @@
-//! Where flow records go: JSON lines to stdout or a file.
+//! Where flow records go: JSON lines to stdout or a file, written by a dedicated
+//! thread so that no connection ever waits for file I/O.
+//!
+//! `emit`/`emit_all` serialise the record and hand the line to a bounded queue;
+//! the writer thread drains whatever is queued, writes it and flushes once per
+//! batch. When the queue is full (the disk or the reader of stdout cannot keep
+//! up), records are dropped and counted ([`FlowSink::lost`]) with a warning at
+//! most once a second: the data path never blocks on the flow log.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use weir_policy::flow::Flow;
 
+/// Records queued for the writer at most.
+pub const QUEUE_CAPACITY: usize = 65_536;
+/// Lines written between two flushes at most.
+const BATCH: usize = 1024;
+
+enum Msg {
+    Line(String),
+    Lines(Vec<String>),
+    /// Answered once everything queued before it is written and flushed.
+    Flush(SyncSender<()>),
+}
+
 pub struct FlowSink {
-    out: Mutex<Box<dyn Write + Send>>,
+    /// `None` only while dropping.
+    tx: Option<SyncSender<Msg>>,
+    lost: AtomicU64,
+    /// Milliseconds since `epoch` before which no "records lost" warning is logged.
+    next_warning_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl FlowSink {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self::with_capacity(out, QUEUE_CAPACITY)
+    }
+
+    /// A sink whose queue holds `capacity` messages (a batch from `emit_all` is one).
+    pub fn with_capacity(out: Box<dyn Write + Send>, capacity: usize) -> Self {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        std::thread::Builder::new()
+            .name("weir-flows".into())
+            .spawn(move || write_loop(out, rx))
+            .expect("spawn the flow-record writer thread");
         FlowSink {
-            out: Mutex::new(out),
+            tx: Some(tx),
+            lost: AtomicU64::new(0),
+            next_warning_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
@@ -20,24 +59,218 @@ impl FlowSink {
         Self::new(Box::new(std::io::stdout()))
     }
 
-    /// Writes many records with one flush (the kernel's events come in batches).
+    /// Records dropped so far because the writer could not keep up.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Queues many records as one batch (the kernel's events come in batches).
     pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let mut result = Ok(());
-        for flow in flows {
-            result = result.and_then(|()| out.write_all(flow.to_json_line().as_bytes()));
-        }
-        if let Err(e) = result.and_then(|()| out.flush()) {
-            tracing::warn!(error = %e, "could not write flow records");
+        let lines: Vec<String> = flows.map(|f| f.to_json_line()).collect();
+        if !lines.is_empty() {
+            let n = lines.len() as u64;
+            self.send(Msg::Lines(lines), n);
         }
     }
 
     pub fn emit(&self, flow: &Flow) {
-        let line = flow.to_json_line();
-        // A poisoned lock only means another writer panicked mid-line; keep logging.
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
-            tracing::warn!(error = %e, "could not write flow record");
+        self.send(Msg::Line(flow.to_json_line()), 1);
+    }
+
+    /// Waits (at most `timeout`) until every record queued so far is written and
+    /// flushed. For shutdown and tests; the data path never calls it.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = sync_channel(1);
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut msg = Msg::Flush(done_tx);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
         }
+        done_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+
+    fn send(&self, msg: Msg, records: u64) {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
+        if !sent {
+            let total = self.lost.fetch_add(records, Ordering::Relaxed) + records;
+            self.warn_lost(total);
+        }
+    }
+
+    fn warn_lost(&self, total: u64) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_warning_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_warning_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                lost = total,
+                "flow-record writer cannot keep up; records are dropped"
+            );
+        }
+    }
+}
+
+impl Drop for FlowSink {
+    /// Writes what is still queued (waiting at most a second for a stuck output).
+    fn drop(&mut self) {
+        self.flush(Duration::from_secs(1));
+        // The writer thread ends when it sees the queue closed.
+        self.tx.take();
+    }
+}
+
+fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>) {
+    let mut failing = false;
+    let mut acks = Vec::new();
+    // Block for the first message, then take what else is already queued.
+    while let Ok(first) = rx.recv() {
+        let mut result = Ok(());
+        let mut written = 0;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Line(line) => {
+                    result = result.and_then(|()| out.write_all(line.as_bytes()));
+                    written += 1;
+                }
+                Msg::Lines(lines) => {
+                    for line in &lines {
+                        result = result.and_then(|()| out.write_all(line.as_bytes()));
+                    }
+                    written += lines.len();
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            if written < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        result = result.and_then(|()| out.flush());
+        match result {
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not write flow records");
+            }
+            Err(_) => {}
+            Ok(()) => failing = false,
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.try_send(());
+        }
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Condvar, Mutex};
+    use weir_policy::flow::{FlowPeers, RenderedEndpoint};
+
+    fn flow(i: u16) -> Flow {
+        let ep = Arc::new(RenderedEndpoint::new(weir_policy::flow::Endpoint {
+            id: None,
+            identity: 2,
+            labels: vec!["reserved:world".into()],
+            pod_name: None,
+        }));
+        let peers = FlowPeers {
+            source: ep.clone(),
+            destination: ep,
+            node_name: Arc::from("t"),
+        };
+        let verdict = weir_policy::Verdict {
+            allowed: true,
+            rules: vec![],
+            denied_in: None,
+            l7: false,
+        };
+        Flow::with_peers(
+            &peers,
+            ("10.0.0.1".parse().unwrap(), i),
+            ("10.0.0.2".parse().unwrap(), 80),
+            &verdict,
+        )
+    }
+
+    /// An output that blocks every write until released, and counts lines.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Mutex<(bool, usize)>, Condvar)>);
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (m, cv) = &*self.0;
+            let mut g = cv
+                .wait_while(m.lock().unwrap(), |(open, _)| !*open)
+                .unwrap();
+            g.1 += buf.iter().filter(|b| **b == b'\n').count();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Gate {
+        fn open(&self) {
+            let (m, cv) = &*self.0;
+            m.lock().unwrap().0 = true;
+            cv.notify_all();
+        }
+        fn lines(&self) -> usize {
+            self.0.0.lock().unwrap().1
+        }
+    }
+
+    /// With the output stuck, emitting never blocks: what does not fit in the
+    /// queue is dropped and counted, and the rest is written once it moves.
+    #[test]
+    fn a_stuck_output_never_blocks_emit_and_losses_are_counted() {
+        let gate = Gate::default();
+        let sink = FlowSink::with_capacity(Box::new(gate.clone()), 8);
+        let started = Instant::now();
+        for i in 0..100 {
+            sink.emit(&flow(i));
+        }
+        sink.emit_all((100..110).map(flow));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let lost = sink.lost();
+        // 8 queued, and at most one batch taken off the queue by the writer.
+        assert!(lost >= 110 - 8 - 9, "lost {lost}");
+        gate.open();
+        assert!(sink.flush(Duration::from_secs(5)));
+        assert_eq!(gate.lines() as u64 + lost, 110);
+    }
+
+    /// Records are written promptly, without an explicit flush.
+    #[test]
+    fn records_reach_the_output_promptly() {
+        let gate = Gate::default();
+        gate.open();
+        let sink = FlowSink::new(Box::new(gate.clone()));
+        sink.emit(&flow(1));
+        sink.emit_all((2..5).map(flow));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gate.lines() < 4 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(gate.lines(), 4);
+        assert_eq!(sink.lost(), 0);
     }
 }
