@@ -149,14 +149,6 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
         "family": "inet", "table": TABLE, "name": "prerouting",
         "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"
     }}}));
-    // Traffic for the node itself (replies to the proxy's upstream sockets) is never steered.
-    cmds.push(rule(vec![
-        matches(
-            json!({"fib": {"result": "type", "flags": ["daddr"]}}),
-            json!("local"),
-        ),
-        json!({"accept": null}),
-    ]));
     // Packets of connections (and UDP sessions) the proxy already has go to that
     // socket; so do the servers' replies to its upstream sockets.
     for proto in ["tcp", "udp"] {
@@ -167,26 +159,21 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
             json!({"accept": null}),
         ]));
     }
-    for (family, field, set) in [
-        ("ip", "daddr", "@ingress4"),
-        ("ip6", "daddr", "@ingress6"),
-        ("ip", "saddr", "@egress4"),
-        ("ip6", "saddr", "@egress6"),
-    ] {
-        for proto in ["tcp", "udp"] {
-            cmds.push(rule(vec![
-                matches(json!({"meta": {"key": "l4proto"}}), json!(proto)),
-                matches(
-                    json!({"payload": {"protocol": family, "field": field}}),
-                    json!(set),
-                ),
-                json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
-                set_mark(cfg.fwmark),
-                json!({"accept": null}),
-            ]));
-        }
-        // Anything else to or from an enforced endpoint (other than ICMP, which
-        // carries the errors of the flows above) is something policy cannot see.
+    let tproxy = |cmds: &mut Vec<Value>, proto: &str, family: &str, field: &str, set: &str| {
+        cmds.push(rule(vec![
+            matches(json!({"meta": {"key": "l4proto"}}), json!(proto)),
+            matches(
+                json!({"payload": {"protocol": family, "field": field}}),
+                json!(set),
+            ),
+            json!({"tproxy": {"family": family, "port": cfg.proxy_port}}),
+            set_mark(cfg.fwmark),
+            json!({"accept": null}),
+        ]));
+    };
+    // Anything else to or from an enforced endpoint (other than ICMP, which
+    // carries the errors of the flows above) is something policy cannot see.
+    let drop_others = |cmds: &mut Vec<Value>, family: &str, field: &str, set: &str| {
         cmds.push(rule(vec![
             matches(
                 json!({"payload": {"protocol": family, "field": field}}),
@@ -195,6 +182,35 @@ pub fn ruleset(sets: &SteeringSets, cfg: &SteeringConfig) -> Value {
             json!({"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["icmp", "ipv6-icmp"]}}}),
             json!({"drop": null}),
         ]));
+    };
+    let egress = [("ip", "@egress4"), ("ip6", "@egress6")];
+    // TCP from egress-enforced endpoints before the node's own addresses: their
+    // connections to node-local services are decided by policy too. (A reply of
+    // theirs to one of the node's own plain sockets finds that socket in
+    // `tproxy`'s lookup; it is not transparent, so the rule does not apply and
+    // the packet goes on to the accept below.) Not UDP: a proxied UDP session
+    // answers from a socket bound to the service's own address and port, which a
+    // node-local service usually holds exclusively.
+    for (family, set) in egress {
+        tproxy(&mut cmds, "tcp", family, "saddr", set);
+    }
+    // Other traffic for the node itself is never steered.
+    cmds.push(rule(vec![
+        matches(
+            json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+            json!("local"),
+        ),
+        json!({"accept": null}),
+    ]));
+    for (family, set) in egress {
+        tproxy(&mut cmds, "udp", family, "saddr", set);
+        drop_others(&mut cmds, family, "saddr", set);
+    }
+    for (family, set) in [("ip", "@ingress4"), ("ip6", "@ingress6")] {
+        for proto in ["tcp", "udp"] {
+            tproxy(&mut cmds, proto, family, "daddr", set);
+        }
+        drop_others(&mut cmds, family, "daddr", set);
     }
     json!({"nftables": cmds})
 }
@@ -309,5 +325,73 @@ mod tests {
         // TCP and UDP for each of the four address sets; one drop per set.
         assert_eq!(text.matches("\"tproxy\"").count(), 8);
         assert_eq!(text.matches("\"drop\"").count(), 4);
+    }
+
+    /// The order of the prerouting rules: the proxy's own sockets first, then TCP
+    /// from egress-enforced sources (so their connections to node addresses are
+    /// policed), then the node's own addresses, then the rest as before.
+    #[test]
+    fn egress_is_steered_before_local_traffic_is_accepted() {
+        let sets = SteeringSets {
+            ingress: vec!["10.0.0.1".parse().unwrap()],
+            egress: vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+        };
+        let cfg = SteeringConfig {
+            proxy_port: 15001,
+            fwmark: 0x7700,
+            route_table: 119,
+        };
+        let v = ruleset(&sets, &cfg);
+        let rules: Vec<String> = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .map(|r| {
+                let e = r["expr"].to_string();
+                let what = if e.contains("\"transparent\"") {
+                    "socket"
+                } else if e.contains("\"fib\"") {
+                    "local"
+                } else if e.contains("@egress4") {
+                    "egress4"
+                } else if e.contains("@egress6") {
+                    "egress6"
+                } else if e.contains("@ingress4") {
+                    "ingress4"
+                } else if e.contains("@ingress6") {
+                    "ingress6"
+                } else {
+                    "?"
+                };
+                let verdict = if e.contains("\"drop\"") { "drop" } else { "" };
+                let proto = if e.contains("\"tcp\"") {
+                    "/tcp"
+                } else if e.contains("\"udp\"") {
+                    "/udp"
+                } else {
+                    ""
+                };
+                format!("{what}{proto}{verdict}")
+            })
+            .collect();
+        let expected = [
+            "socket/tcp",
+            "socket/udp",
+            "egress4/tcp",
+            "egress6/tcp",
+            "local",
+            "egress4/udp",
+            "egress4drop",
+            "egress6/udp",
+            "egress6drop",
+            "ingress4/tcp",
+            "ingress4/udp",
+            "ingress4drop",
+            "ingress6/tcp",
+            "ingress6/udp",
+            "ingress6drop",
+        ];
+        assert_eq!(rules, expected);
     }
 }

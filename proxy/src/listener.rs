@@ -1,16 +1,17 @@
 //! Accept loop: original destination, source endpoint, L3/L4 verdict, dispatch.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weir_policy::flow::{Flow, FlowPeers};
+use weir_policy::flow::{Flow, FlowPeers, FlowVerdict};
 use weir_policy::{CompiledPolicy, ConnectionVerdict, Protocol, canonical_ip};
 
+use crate::socket::UpstreamSource;
 use crate::{Shared, http, socket, tcp};
 
 /// Binds the transparent listeners: IPv4 always, IPv6 when the host has it.
@@ -71,6 +72,8 @@ pub struct ConnContext {
     pub orig_dst: SocketAddr,
     pub protocol: Protocol,
     cached: Mutex<Option<Decision>>,
+    /// Where this connection's upstream connections leave from.
+    pub upstream_source: UpstreamSource,
     /// This client connection's own upstream connections.
     pub upstream: http::UpstreamConns,
 }
@@ -93,12 +96,17 @@ impl ConnContext {
         orig_dst: SocketAddr,
         protocol: Protocol,
     ) -> Self {
+        let upstream_source = match shared.config.upstream_mark {
+            Some(mark) => UpstreamSource::Client(client.ip(), mark),
+            None => UpstreamSource::Node,
+        };
         ConnContext {
             shared,
             client,
             orig_dst,
             protocol,
             cached: Mutex::new(None),
+            upstream_source,
             upstream: Mutex::new(Vec::new()),
         }
     }
@@ -148,17 +156,39 @@ impl ConnContext {
     }
 }
 
-async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig_dst: SocketAddr) {
-    let client = SocketAddr::new(canonical_ip(client.ip()), client.port());
-    let orig_dst = SocketAddr::new(canonical_ip(orig_dst.ip()), orig_dst.port());
-    if orig_dst.port() == shared.config.proxy_port && is_unspecified_or_local(orig_dst.ip()) {
-        // Addressed to the proxy itself, not steered: forwarding would loop.
-        info!("connection addressed to the proxy port itself; closing");
+async fn handle(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: SocketAddr,
+    accepted_on: SocketAddr,
+) {
+    let client = canonical(client);
+    let orig_dst = canonical(accepted_on);
+    let mut ctx = ConnContext::new(shared, client, orig_dst);
+    // IPv6 link-local addresses are only local with their interface.
+    let scoped_dst = match (orig_dst, accepted_on) {
+        (SocketAddr::V6(d), SocketAddr::V6(a)) => {
+            SocketAddr::V6(SocketAddrV6::new(*d.ip(), d.port(), 0, a.scope_id()))
+        }
+        _ => orig_dst,
+    };
+    if orig_dst.port() == ctx.shared.config.proxy_port
+        && (is_unspecified_or_local(orig_dst.ip()) || socket::is_local_address(scoped_dst))
+    {
+        refuse_loop(&ctx);
         return;
     }
-    let _ = stream.set_nodelay(true);
-    let ctx = Arc::new(ConnContext::new(shared, client, orig_dst));
     let d = ctx.decide();
+    // A destination on the node itself is reached from the node's address: its
+    // replies would not come back to a socket bound to the client's.
+    if matches!(ctx.upstream_source, UpstreamSource::Client(..))
+        && d.verdict.dst.endpoint.is_none()
+        && socket::is_local_address(scoped_dst)
+    {
+        ctx.upstream_source = UpstreamSource::Node;
+    }
+    let _ = stream.set_nodelay(true);
+    let ctx = Arc::new(ctx);
     let cv = &d.verdict;
     if !cv.l4_allowed() {
         let verdict = cv.l4_verdict();
@@ -179,6 +209,24 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr, orig
         ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
         tcp::splice(&ctx, stream).await;
     }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(a.ip()), a.port())
+}
+
+/// A connection to the proxy port on one of the node's own addresses was not
+/// steered here: it is addressed to the proxy itself, and forwarding it would
+/// connect to the proxy again, and again.
+fn refuse_loop(ctx: &ConnContext) {
+    const WHY: &str = "addressed to the proxy port on a node address; forwarding would loop";
+    info!("connection {WHY}: closing");
+    let d = ctx.decide();
+    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+    f.verdict = FlowVerdict::Dropped;
+    f.drop_reason_desc = Some("PROXY_LOOP".into());
+    f.policy = WHY.into();
+    ctx.shared.flows.emit(&f);
 }
 
 pub(crate) fn is_unspecified_or_local(ip: IpAddr) -> bool {

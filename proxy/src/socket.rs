@@ -89,21 +89,75 @@ fn set_int_option(
     }
 }
 
-/// Connects to `dst` for a client at `client`: from the client's own address
-/// (transparent, with `mark`) when a mark is given, else from the node's.
+/// Where an upstream connection leaves from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamSource {
+    /// The client's own address (transparent, with this SO_MARK): the server sees
+    /// the client, and the steering brings its replies back to the proxy.
+    Client(std::net::IpAddr, u32),
+    /// The node's own address. For a destination on the node itself (its replies
+    /// would never leave the node towards the client's address, and the steering
+    /// would take the proxy's own connection for a new client one), and where
+    /// nothing steers replies back.
+    Node,
+}
+
+/// Connects to `dst` from `source`.
 pub async fn connect_upstream_tcp(
-    client: std::net::IpAddr,
+    source: UpstreamSource,
     dst: SocketAddr,
-    mark: Option<u32>,
 ) -> io::Result<tokio::net::TcpStream> {
-    match mark {
-        Some(mark) => {
+    match source {
+        UpstreamSource::Client(client, mark) => {
             transparent_upstream_socket(client, mark)?
                 .connect(dst)
                 .await
         }
-        None => tokio::net::TcpStream::connect(dst).await,
+        UpstreamSource::Node => tokio::net::TcpStream::connect(dst).await,
     }
+}
+
+/// Whether `addr`'s IP is one of this node's (network namespace's) own
+/// addresses, i.e. routed locally (`127.0.0.53` and AnyIP prefixes included): a
+/// plain socket may bind only those. Where `ip_nonlocal_bind` lets any address
+/// bind, the routing decides instead: towards a local address the kernel picks
+/// the address itself as the source (a UDP connect sends nothing). IPv6
+/// link-local addresses need `addr`'s scope.
+pub fn is_local_address(addr: SocketAddr) -> bool {
+    let ip = addr.ip();
+    if ip.is_unspecified() || ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
+        return false;
+    }
+    let at = |port| match addr {
+        SocketAddr::V4(a) => SocketAddr::V4(std::net::SocketAddrV4::new(*a.ip(), port)),
+        SocketAddr::V6(a) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(*a.ip(), port, 0, a.scope_id()))
+        }
+    };
+    let udp = || Socket::new(Domain::for_address(addr), Type::DGRAM, None);
+    if !udp().is_ok_and(|s| s.bind(&at(0).into()).is_ok()) {
+        return false;
+    }
+    if !nonlocal_bind(addr.is_ipv6()) {
+        return true;
+    }
+    udp().is_ok_and(|s| {
+        s.connect(&at(9).into()).is_ok()
+            && s.local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a.ip() == ip)
+    })
+}
+
+/// `net.ipv{4,6}.ip_nonlocal_bind` of this network namespace, read once.
+fn nonlocal_bind(ipv6: bool) -> bool {
+    static FLAGS: std::sync::OnceLock<[bool; 2]> = std::sync::OnceLock::new();
+    let read = |family| {
+        std::fs::read_to_string(format!("/proc/sys/net/{family}/ip_nonlocal_bind"))
+            .is_ok_and(|v| v.trim() != "0")
+    };
+    FLAGS.get_or_init(|| [read("ipv4"), read("ipv6")])[usize::from(ipv6)]
 }
 
 fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
@@ -232,10 +286,13 @@ pub fn recv_with_orig_dst(
         {
             // SAFETY: as above, for a sockaddr_in6.
             let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(data.cast()) };
-            orig_dst = Some(SocketAddr::new(
-                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+            // With its scope: a link-local address means nothing without it.
+            orig_dst = Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
-            ));
+                0,
+                sin6.sin6_scope_id,
+            )));
         }
         // SAFETY: `cmsg` is a valid header of `msg`.
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
@@ -306,6 +363,21 @@ mod tests {
                 assert_eq!(local.ip(), client);
                 assert_eq!(local.port(), 0, "{client}: port chosen at bind");
             });
+        }
+    }
+
+    #[test]
+    fn local_addresses_are_told_from_others() {
+        let local = |s: &str| is_local_address(s.parse().unwrap());
+        assert!(local("127.0.0.1:15001"));
+        assert!(local("127.0.0.53:1"));
+        assert!(!local("0.0.0.0:15001"));
+        assert!(!local("192.0.2.1:15001"));
+        assert!(!local("[2001:db8::1]:15001"));
+        // Whatever the kernel picks as the source towards a remote address is local.
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        if s.connect("192.0.2.1:9").is_ok() {
+            assert!(is_local_address(s.local_addr().unwrap()));
         }
     }
 }

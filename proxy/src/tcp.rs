@@ -9,11 +9,7 @@ use crate::listener::ConnContext;
 pub async fn splice(ctx: &ConnContext, mut client: TcpStream) {
     let timeout = ctx.shared.config.upstream_connect_timeout;
     // From the client's own address when steering brings the replies back.
-    let connecting = crate::socket::connect_upstream_tcp(
-        ctx.client.ip(),
-        ctx.orig_dst,
-        ctx.shared.config.upstream_mark,
-    );
+    let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
     let upstream = tokio::time::timeout(timeout, connecting).await;
     let mut upstream = match upstream {
         Ok(Ok(s)) => s,

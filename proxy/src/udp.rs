@@ -165,16 +165,25 @@ async fn receive_loop(shared: Arc<Shared>, flows: Arc<Flows>, listener: UdpSocke
             debug!(%client, "datagram without an original destination; dropped");
             continue;
         };
+        let scoped_dst = orig_dst;
         let orig_dst = SocketAddr::new(canonical_ip(orig_dst.ip()), orig_dst.port());
         if r.truncated {
             info!(%client, dst = %orig_dst, "datagram larger than 64 KiB; dropped");
             continue;
         }
-        if orig_dst.port() == shared.config.proxy_port && is_unspecified_or_local(orig_dst.ip()) {
-            debug!(%client, "datagram addressed to the proxy port itself; dropped");
+        if orig_dst.port() == shared.config.proxy_port
+            && (is_unspecified_or_local(orig_dst.ip()) || socket::is_local_address(scoped_dst))
+        {
+            debug!(%client, dst = %orig_dst, "datagram addressed to the proxy port on a node address; dropped (forwarding would loop)");
             continue;
         }
-        dispatch(&shared, &flows, client, orig_dst, buf[..r.len].to_vec());
+        dispatch(
+            &shared,
+            &flows,
+            client,
+            (orig_dst, scoped_dst),
+            buf[..r.len].to_vec(),
+        );
     }
 }
 
@@ -183,7 +192,7 @@ fn dispatch(
     shared: &Arc<Shared>,
     flows: &Arc<Flows>,
     client: SocketAddr,
-    orig_dst: SocketAddr,
+    (orig_dst, scoped_dst): (SocketAddr, SocketAddr),
     datagram: Vec<u8>,
 ) {
     let key = (client, orig_dst);
@@ -202,7 +211,7 @@ fn dispatch(
         }
         _ => {}
     }
-    let ctx = ConnContext::with_protocol(shared.clone(), client, orig_dst, Protocol::Udp);
+    let mut ctx = ConnContext::with_protocol(shared.clone(), client, orig_dst, Protocol::Udp);
     let d = ctx.decide();
     let idle = shared.config.udp_idle_timeout;
     if let Some(flow) = refusal(&ctx, &d) {
@@ -220,6 +229,11 @@ fn dispatch(
             );
         }
         return;
+    }
+    // A destination on the node itself answers from the node: its replies would
+    // not come back to a socket bound to the client's address.
+    if d.verdict.dst.endpoint.is_none() && socket::is_local_address(scoped_dst) {
+        ctx.upstream_source = socket::UpstreamSource::Node;
     }
     let session = match Session::open(&ctx) {
         Ok(s) => s,
@@ -255,9 +269,11 @@ struct Session {
 impl Session {
     fn open(ctx: &ConnContext) -> io::Result<Session> {
         let downstream = socket::udp_session_socket(ctx.orig_dst, ctx.client, None)?;
-        let upstream = match ctx.shared.config.upstream_mark {
-            Some(mark) => socket::udp_session_socket(ctx.client, ctx.orig_dst, Some(mark))?,
-            None => {
+        let upstream = match ctx.upstream_source {
+            socket::UpstreamSource::Client(_, mark) => {
+                socket::udp_session_socket(ctx.client, ctx.orig_dst, Some(mark))?
+            }
+            socket::UpstreamSource::Node => {
                 let any = if ctx.orig_dst.is_ipv6() {
                     SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)
                 } else {

@@ -51,7 +51,6 @@ impl UpstreamError {
 }
 
 pub struct Upstream {
-    upstream_mark: Option<u32>,
     connect_timeout: Duration,
     response_timeout: Duration,
     /// Upstream connections kept per client connection (HTTP/2 clients may have
@@ -65,7 +64,6 @@ pub type UpstreamConns = std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>;
 impl Upstream {
     pub fn new(config: &ProxyConfig) -> Self {
         Upstream {
-            upstream_mark: config.upstream_mark,
             connect_timeout: config.upstream_connect_timeout,
             response_timeout: config.upstream_timeout,
             max_per_client: config.upstream_conns_per_client.max(1),
@@ -197,8 +195,7 @@ impl Upstream {
         ctx: &ConnContext,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
-        let connecting =
-            crate::socket::connect_upstream_tcp(ctx.client.ip(), ctx.orig_dst, self.upstream_mark);
+        let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
