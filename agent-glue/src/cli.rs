@@ -205,9 +205,9 @@ pub struct RunArgs {
     /// Give up waiting for an upstream response head after this long (answers 504).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
-    /// Upstream connections each client connection keeps open for its next
-    /// requests (an HTTP/2 client with more requests in flight gets more, closed
-    /// after use). They close with the client connection.
+    /// Upstream connections a client connection may have open at once, kept for
+    /// its next requests; a hard limit (an HTTP/2 client's requests beyond it
+    /// wait for one). They close with the client connection.
     #[arg(long, default_value_t = 16)]
     pub upstream_conns_per_client: usize,
     /// A UDP flow through the proxy ends after this much silence.
@@ -219,6 +219,19 @@ pub struct RunArgs {
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// From accepting a connection to its first decision (protocol detection and
+    /// the first request head included); a connection that has not decided by
+    /// then is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_head_timeout: Duration,
+    /// Streams an HTTP/2 client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 100)]
+    pub http2_max_streams: u32,
+    /// Client connections the proxy holds at once; beyond, a new connection is
+    /// accepted and closed at once (with a warning at most once a second).
+    #[arg(long, default_value_t = 16384)]
+    pub max_connections: usize,
 }
 
 pub fn main(cli: Cli) -> ExitCode {

@@ -66,6 +66,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         upstream_connect_timeout: args.upstream_connect_timeout,
         upstream_timeout: args.upstream_timeout,
         upstream_conns_per_client: args.upstream_conns_per_client,
+        request_head_timeout: args.request_head_timeout,
+        http2_max_streams: args.http2_max_streams,
+        max_connections: args.max_connections,
         node_name: args.node_name.clone(),
         // Replies to the client's address need steering to come back to the proxy.
         udp_idle_timeout: args.udp_idle_timeout,

@@ -14,8 +14,16 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout: Duration,
     /// From sending a request upstream to its response head; exceeding it answers 504.
     pub upstream_timeout: Duration,
-    /// Upstream connections kept per client connection for its next requests.
+    /// Upstream connections a client connection may have open at once (a hard
+    /// limit: beyond it requests wait for one of them), kept for its next requests.
     pub upstream_conns_per_client: usize,
+    /// From accept to the first decision (protocol detection and the first request
+    /// head included); a connection that has not decided by then is closed.
+    pub request_head_timeout: Duration,
+    /// Streams an HTTP/2 client may have open at once on one connection.
+    pub http2_max_streams: u32,
+    /// Client connections held at once; beyond, new ones are closed at once.
+    pub max_connections: usize,
     /// Written into flow records.
     pub node_name: String,
     /// When set, HTTP/1 upstream connections leave from the client's own address
@@ -36,6 +44,9 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(30),
             upstream_conns_per_client: 16,
+            request_head_timeout: Duration::from_secs(10),
+            http2_max_streams: 100,
+            max_connections: 16384,
             node_name: "weir".to_string(),
             upstream_mark: None,
             udp_idle_timeout: Duration::from_secs(30),

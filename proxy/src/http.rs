@@ -1,57 +1,246 @@
-//! HTTP/1.1 (and, through the same auto builder, HTTP/2) behind one request-policy
-//! layer: every request is checked (not just a connection's first), then either
-//! answered by weir (403, 400, 5xx) or streamed to the original destination.
+//! HTTP/1.1 and HTTP/2 behind one request-policy layer: every request is checked
+//! (not just a connection's first), then either answered by weir (403, 400, 5xx)
+//! or streamed to the original destination.
+//!
+//! The protocol is known before hyper sees the connection (`detect`), so each
+//! gets its own connection builder. Until the first request reaches the policy,
+//! the connection is under the request-head deadline. An HTTP/2 connection with
+//! no open stream and no bytes for the idle timeout gets GOAWAY (HTTP/1's idle
+//! timeout is hyper's wait for the next request head).
 
 mod responses;
 mod tracked_io;
 mod upstream;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version, header};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::{debug, info};
 use weir_parsers::http::{HeadCheck, RequestReject, RequestTracker, request_facts};
 use weir_policy::flow::{self, L7Type};
 
+use crate::detect::{Detected, Replay};
+use crate::idle::{ActiveIo, Activity};
 use crate::listener::ConnContext;
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
 pub use upstream::{Upstream, UpstreamConns, UpstreamError};
 
-pub async fn serve(ctx: Arc<ConnContext>, stream: TcpStream) {
+/// What a connection's driver needs to know about its requests.
+#[derive(Default)]
+struct ConnState {
+    /// A request has reached the policy (the request-head deadline is over).
+    decided: AtomicBool,
+    first_request: Notify,
+    /// HTTP/2 streams whose response has not been sent whole yet.
+    open_streams: AtomicUsize,
+}
+
+impl ConnState {
+    fn request_arrived(&self) {
+        if !self.decided.swap(true, Ordering::Relaxed) {
+            self.first_request.notify_one();
+        }
+    }
+}
+
+/// Serves HTTP on a client connection whose first bytes said `kind` (anything
+/// that is not HTTP/2 goes to the HTTP/1 server, which answers 400 to what it
+/// cannot parse). `deadline` bounds the wait for the first request.
+pub async fn serve(
+    ctx: Arc<ConnContext>,
+    io: Replay<TcpStream>,
+    kind: Detected,
+    deadline: tokio::time::Instant,
+) {
+    let state = Arc::new(ConnState::default());
+    match kind {
+        Detected::Http2 => serve_http2(ctx, io, state, deadline).await,
+        Detected::Http1 | Detected::Other => serve_http1(ctx, io, state, deadline).await,
+    }
+}
+
+/// Waits for the first request (or the end of the connection) until `deadline`.
+/// `false`: the connection is over, or timed out and is to be closed.
+async fn first_request<F>(
+    conn: &mut Pin<&mut F>,
+    state: &ConnState,
+    deadline: tokio::time::Instant,
+) -> bool
+where
+    F: Future<Output = hyper::Result<()>>,
+{
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+            false
+        }
+        () = state.first_request.notified() => true,
+        () = tokio::time::sleep_until(deadline) => {
+            debug!("no request head by the request-head deadline; closing");
+            false
+        }
+    }
+}
+
+async fn serve_http1(
+    ctx: Arc<ConnContext>,
+    io: Replay<TcpStream>,
+    state: Arc<ConnState>,
+    deadline: tokio::time::Instant,
+) {
     let config = &ctx.shared.config;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .max_buf_size(config.max_header_bytes.max(8192))
+        // Between requests: hyper's wait for the next head is the idle timeout.
         .header_read_timeout(config.idle_timeout)
         .half_close(true)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32)
-        .keep_alive_interval(None);
     let tracker = Arc::new(Mutex::new(RequestTracker::new(
         config.max_header_bytes.max(8192),
     )));
     let svc_ctx = ctx.clone();
     let svc_tracker = tracker.clone();
+    let svc_state = state.clone();
     let svc = service_fn(move |req| {
+        svc_state.request_arrived();
         let ctx = svc_ctx.clone();
         let tracker = svc_tracker.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(ctx, tracker, req).await) }
+        async move { Ok::<_, Infallible>(handle(ctx, Some(tracker), req).await) }
     });
-    let io = tracked_io::TrackedIo::new(stream, tracker);
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+    let io = tracked_io::TrackedIo::new(io, tracker);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    if !first_request(&mut conn, &state, deadline).await {
+        return;
+    }
+    if let Err(e) = conn.await {
         debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn serve_http2(
+    ctx: Arc<ConnContext>,
+    io: Replay<TcpStream>,
+    state: Arc<ConnState>,
+    deadline: tokio::time::Instant,
+) {
+    let config = &ctx.shared.config;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_bytes as u32)
+        .max_concurrent_streams(config.http2_max_streams)
+        .keep_alive_interval(None);
+    let svc_ctx = ctx.clone();
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| {
+        svc_state.request_arrived();
+        let stream = OpenStream::new(svc_state.clone());
+        let ctx = svc_ctx.clone();
+        async move {
+            let resp = handle(ctx, None, req).await;
+            Ok::<_, Infallible>(resp.map(|body| StreamBody {
+                inner: body,
+                _stream: stream,
+            }))
+        }
+    });
+    let activity = Activity::new();
+    let io = ActiveIo::new(io, activity.clone());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    if !first_request(&mut conn, &state, deadline).await {
+        return;
+    }
+    let idle = config.idle_timeout;
+    let mut check_at = activity.last() + idle;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(check_at) => {
+                let now = tokio::time::Instant::now();
+                let quiet_until = activity.last() + idle;
+                if state.open_streams.load(Ordering::Relaxed) > 0 {
+                    check_at = now + idle;
+                } else if quiet_until > now {
+                    check_at = quiet_until;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    debug!(?idle, "HTTP/2 connection idle; sending GOAWAY");
+    conn.as_mut().graceful_shutdown();
+    // GOAWAY waits for the client's answer to a PING; a silent client is dropped.
+    if tokio::time::timeout(idle, conn).await.is_err() {
+        debug!("no answer to GOAWAY; closing");
+    }
+}
+
+/// An HTTP/2 stream from its request until its response has been sent (or the
+/// stream was reset): the response body carries it.
+struct OpenStream(Arc<ConnState>);
+
+impl OpenStream {
+    fn new(state: Arc<ConnState>) -> Self {
+        state.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(state)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its stream counted as open until hyper drops it.
+struct StreamBody {
+    inner: ProxyBody,
+    _stream: OpenStream,
+}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -85,7 +274,18 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
 
 /// The framing check for an HTTP/1 request, as the client sent it. Requests the
 /// tracker could not follow are refused: weir does not forward what it cannot frame.
-fn framing_check(tracker: &Mutex<RequestTracker>, http2: bool) -> Result<(), RequestReject> {
+fn framing_check(
+    tracker: Option<&Mutex<RequestTracker>>,
+    http2: bool,
+) -> Result<(), RequestReject> {
+    let Some(tracker) = tracker else {
+        // HTTP/2 frames carry their own lengths; there is no framing to confuse.
+        return if http2 {
+            Ok(())
+        } else {
+            Err(RequestReject::Unverified)
+        };
+    };
     if http2 {
         return Ok(());
     }
@@ -102,7 +302,7 @@ fn framing_check(tracker: &Mutex<RequestTracker>, http2: bool) -> Result<(), Req
 
 async fn handle(
     ctx: Arc<ConnContext>,
-    tracker: Arc<Mutex<RequestTracker>>,
+    tracker: Option<Arc<Mutex<RequestTracker>>>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -110,7 +310,7 @@ async fn handle(
     let http2 = parts.version == Version::HTTP_2;
     let d = ctx.decide();
     let (policy, cv) = (&d.policy, &d.verdict);
-    let checked = framing_check(&tracker, http2)
+    let checked = framing_check(tracker.as_deref(), http2)
         .and_then(|()| request_facts(&parts.method, &parts.uri, &parts.headers, http2));
     let facts = match checked {
         Ok(f) => f,

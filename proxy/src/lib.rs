@@ -1,20 +1,25 @@
 //! weir's data plane: transparent listeners, protocol handlers, upstream pools.
 //!
 //! Layout follows the data path: `socket` (transparent sockets) → `listener`
-//! (accept, original destination, L3/L4 verdict, dispatch) → a protocol handler
+//! (accept, original destination, L3/L4 verdict, dispatch) → `detect` (protocol
+//! detection in one read, under the request-head deadline) → a protocol handler
 //! (`http` today; Kafka and DNS sit beside it) or `tcp` (plain splice for flows
 //! policy allows without L7 rules) → upstream. `udp` is the datagram side: its own
-//! transparent listener and per-flow sessions.
+//! transparent listener and per-flow sessions. `flows` writes flow records off the
+//! data path; `idle` keeps the time of a connection's last byte.
 
 pub mod config;
+pub mod detect;
 pub mod flows;
 pub mod http;
+pub mod idle;
 pub mod listener;
 pub mod socket;
 pub mod tcp;
 pub mod udp;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use arc_swap::ArcSwap;
 use weir_policy::CompiledPolicy;
@@ -30,6 +35,12 @@ pub struct Shared {
     pub config: ProxyConfig,
     pub upstream: http::Upstream,
     pub node_name: Arc<str>,
+    /// Client connections held now (for `max_connections`).
+    pub(crate) client_conns: AtomicUsize,
+    /// Milliseconds since `started` before which "too many connections" is not
+    /// logged again.
+    pub(crate) next_full_warning_ms: AtomicU64,
+    pub(crate) started: std::time::Instant,
 }
 
 impl Shared {
@@ -41,6 +52,14 @@ impl Shared {
             node_name: Arc::from(config.node_name.as_str()),
             config,
             upstream,
+            client_conns: AtomicUsize::new(0),
+            next_full_warning_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Client connections the proxy holds now.
+    pub fn client_connections(&self) -> usize {
+        self.client_conns.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -2,15 +2,18 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 use weir_policy::flow::{Flow, FlowPeers, FlowVerdict};
 use weir_policy::{CompiledPolicy, ConnectionVerdict, Protocol, canonical_ip};
 
+use crate::detect::{self, Detected, Replay, Undecided};
 use crate::socket::UpstreamSource;
 use crate::{Shared, http, socket, tcp};
 
@@ -44,7 +47,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let shared = shared.clone();
+                let accepted = tokio::time::Instant::now();
+                let Some(slot) = ConnSlot::take(&shared) else {
+                    // Closed at once: the proxy never holds more than it may.
+                    drop(stream);
+                    warn_full(&shared, peer);
+                    continue;
+                };
                 let orig_dst = match stream.local_addr() {
                     Ok(a) => a,
                     Err(e) => {
@@ -53,7 +62,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     }
                 };
                 let span = info_span!("conn", client = %peer, dst = %orig_dst);
-                tokio::spawn(handle(shared, stream, peer, orig_dst).instrument(span));
+                let shared = shared.clone();
+                tokio::spawn(
+                    async move {
+                        handle(shared, stream, peer, orig_dst, accepted).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -61,6 +77,44 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// One of `max_connections` client connections, given back on drop.
+struct ConnSlot(Arc<Shared>);
+
+impl ConnSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ConnSlot> {
+        let held = shared.client_conns.fetch_add(1, Ordering::Relaxed);
+        if held >= shared.config.max_connections {
+            shared.client_conns.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.client_conns.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// "Too many connections", at most once a second.
+fn warn_full(shared: &Shared, peer: SocketAddr) {
+    let now = u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let next = shared.next_full_warning_ms.load(Ordering::Relaxed);
+    if now >= next
+        && shared
+            .next_full_warning_ms
+            .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        warn!(
+            %peer,
+            max = shared.config.max_connections,
+            "too many client connections; new connections are closed at once"
+        );
     }
 }
 
@@ -100,6 +154,7 @@ impl ConnContext {
             Some(mark) => UpstreamSource::Client(client.ip(), mark),
             None => UpstreamSource::Node,
         };
+        let upstream = http::UpstreamConns::new(shared.config.upstream_conns_per_client);
         ConnContext {
             shared,
             client,
@@ -107,7 +162,7 @@ impl ConnContext {
             protocol,
             cached: Mutex::new(None),
             upstream_source,
-            upstream: Mutex::new(Vec::new()),
+            upstream,
         }
     }
 
@@ -158,9 +213,10 @@ impl ConnContext {
 
 async fn handle(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     accepted_on: SocketAddr,
+    accepted: Instant,
 ) {
     let client = canonical(client);
     let orig_dst = canonical(accepted_on);
@@ -187,23 +243,35 @@ async fn handle(
     {
         ctx.upstream_source = UpstreamSource::Node;
     }
+    let deadline = accepted + ctx.shared.config.request_head_timeout;
     let _ = stream.set_nodelay(true);
     let ctx = Arc::new(ctx);
     let cv = &d.verdict;
     if !cv.l4_allowed() {
         let verdict = cv.l4_verdict();
         info!(reason = %verdict.reason(), "denied at L3/L4");
-        if looks_like_http(&stream).await {
+        match detect::detect(&mut stream, deadline).await {
             // HTTP clients get a 403 per request, which says more than a reset.
-            http::serve(ctx, stream).await;
-        } else {
-            ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
-            debug!("closing denied non-HTTP connection");
+            Ok((kind @ (Detected::Http1 | Detected::Http2), head)) => {
+                http::serve(ctx, Replay::new(head, stream), kind, deadline).await;
+            }
+            other => {
+                ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
+                debug!(detected = ?other.map(|(k, _)| k), "closing denied non-HTTP connection");
+            }
         }
         return;
     }
     if cv.needs_l7() {
-        http::serve(ctx, stream).await;
+        match detect::detect(&mut stream, deadline).await {
+            // Not HTTP at all: hyper answers 400.
+            Ok((kind, head)) => http::serve(ctx, Replay::new(head, stream), kind, deadline).await,
+            Err(Undecided::Timeout) => {
+                debug!("no request head by the request-head deadline; closing");
+            }
+            Err(Undecided::Closed) => debug!("client closed before sending anything"),
+            Err(Undecided::Io(e)) => debug!(error = %e, "client connection failed"),
+        }
     } else {
         let verdict = cv.l4_verdict();
         ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
@@ -231,18 +299,4 @@ fn refuse_loop(ctx: &ConnContext) {
 
 pub(crate) fn is_unspecified_or_local(ip: IpAddr) -> bool {
     ip.is_unspecified() || ip.is_loopback()
-}
-
-/// Peeks at the first bytes (waiting briefly) for an HTTP request line or the
-/// HTTP/2 preface. Nothing is consumed.
-async fn looks_like_http(stream: &TcpStream) -> bool {
-    let mut buf = [0u8; 8];
-    let peek = tokio::time::timeout(Duration::from_secs(2), stream.peek(&mut buf)).await;
-    let n = match peek {
-        Ok(Ok(n)) => n,
-        _ => return false,
-    };
-    let head = &buf[..n];
-    let method_len = head.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    method_len > 0 && (method_len < n && head[method_len] == b' ' || method_len == n)
 }

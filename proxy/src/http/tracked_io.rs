@@ -10,13 +10,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use weir_parsers::http::RequestTracker;
 
+use crate::detect::Replay;
+
+/// The client stream (with the bytes protocol detection read replayed first).
+type Inner = Replay<TcpStream>;
+
 pub struct TrackedIo {
-    inner: TcpStream,
+    inner: Inner,
     tracker: Arc<Mutex<RequestTracker>>,
 }
 
 impl TrackedIo {
-    pub fn new(inner: TcpStream, tracker: Arc<Mutex<RequestTracker>>) -> Self {
+    pub fn new(inner: Inner, tracker: Arc<Mutex<RequestTracker>>) -> Self {
         TrackedIo { inner, tracker }
     }
 }

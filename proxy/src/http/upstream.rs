@@ -5,6 +5,7 @@
 //! server sees the real client and no two clients ever share a connection.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, header};
@@ -13,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::ProxyBody;
 use crate::ProxyConfig;
@@ -53,13 +55,47 @@ impl UpstreamError {
 pub struct Upstream {
     connect_timeout: Duration,
     response_timeout: Duration,
-    /// Upstream connections kept per client connection (HTTP/2 clients may have
-    /// this many requests in flight before extra connections are closed after use).
+    /// Upstream connections kept per client connection.
     max_per_client: usize,
 }
 
-/// A client connection's upstream connections (HTTP/1.1 to the server).
-pub type UpstreamConns = std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>;
+/// A client connection's upstream connections (HTTP/1.1 to the server): at most
+/// `--upstream-conns-per-client` open at once, a hard limit. A request that finds
+/// them all busy waits for one rather than opening another.
+pub struct UpstreamConns {
+    /// Connections not lent to a request (some may still be finishing a response).
+    pool: std::sync::Mutex<Vec<http1::SendRequest<Incoming>>>,
+    /// One permit per open connection, held by the task that drives it.
+    slots: Arc<Semaphore>,
+    /// Signalled when a connection comes back to the pool or closes.
+    changed: Arc<Notify>,
+}
+
+impl UpstreamConns {
+    pub fn new(max: usize) -> Self {
+        UpstreamConns {
+            pool: std::sync::Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<http1::SendRequest<Incoming>>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The right to one open upstream connection; frees it (and wakes waiters) on drop.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    changed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.changed.notify_waiters();
+    }
+}
 
 impl Upstream {
     pub fn new(config: &ProxyConfig) -> Self {
@@ -104,7 +140,8 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         let req = Request::from_parts(parts, body);
         // HTTP/1 requests come one at a time: wait for the connection the last one
-        // used. HTTP/2 requests run side by side: take a free one or open another.
+        // used. HTTP/2 requests run side by side: take a free one or open another,
+        // up to the cap (the wait for one counts towards the response timeout).
         let fut = self.send(ctx, req, !downstream_http2);
         let resp = match tokio::time::timeout(self.response_timeout, fut).await {
             Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
@@ -117,40 +154,65 @@ impl Upstream {
 }
 
 impl Upstream {
-    /// A connection of this client connection's that can take a request now; with
-    /// `wait_for_busy`, one still finishing a response is waited for rather than
-    /// opening another (HTTP/1 clients send the next request only after it).
+    /// A connection of this client connection's that can take a request now.
+    /// With `wait_for_busy` (or when the cap is reached), one still finishing a
+    /// response is waited for rather than opening another; with every connection
+    /// lent to other requests and the cap reached, this waits for one to come
+    /// back or close.
     async fn checkout(
         &self,
         ctx: &ConnContext,
         wait_for_busy: bool,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let conns = &ctx.upstream;
         loop {
-            let candidate = {
-                let mut conns = ctx.upstream.lock().unwrap_or_else(|p| p.into_inner());
-                conns.retain(|c| !c.is_closed());
-                match conns.iter().position(|c| c.is_ready()) {
-                    Some(i) => Some(conns.swap_remove(i)),
-                    None if wait_for_busy => conns.pop(),
-                    None => None,
+            let changed = conns.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before looking, so a change in between is not missed.
+            changed.as_mut().enable();
+            let (candidate, slot) = {
+                let mut pool = conns.lock();
+                pool.retain(|c| !c.is_closed());
+                if let Some(i) = pool.iter().position(|c| c.is_ready()) {
+                    (Some(pool.swap_remove(i)), None)
+                } else {
+                    let slot = if wait_for_busy && !pool.is_empty() {
+                        None
+                    } else {
+                        conns.slots.clone().try_acquire_owned().ok()
+                    };
+                    match slot {
+                        Some(s) => (None, Some(s)),
+                        None => (pool.pop(), None),
+                    }
                 }
             };
-            match candidate {
-                Some(mut c) => {
+            match (candidate, slot) {
+                (Some(mut c), _) => {
                     if c.ready().await.is_ok() {
                         return Ok(c);
                     }
                 }
-                None => return self.connect(ctx).await,
+                (None, Some(permit)) => {
+                    let slot = Slot {
+                        _permit: permit,
+                        changed: conns.changed.clone(),
+                    };
+                    return self.connect(ctx, slot).await;
+                }
+                (None, None) => changed.await,
             }
         }
     }
 
     fn checkin(&self, ctx: &ConnContext, conn: http1::SendRequest<Incoming>) {
-        let mut conns = ctx.upstream.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.len() < self.max_per_client {
-            conns.push(conn);
+        {
+            let mut pool = ctx.upstream.lock();
+            if pool.len() < self.max_per_client {
+                pool.push(conn);
+            }
         }
+        ctx.upstream.changed.notify_waiters();
     }
 
     async fn send(
@@ -165,7 +227,7 @@ impl Upstream {
         // server closed an idle keep-alive connection).
         for attempt in 0..2 {
             if sender.ready().await.is_err() {
-                sender = self.connect(ctx).await?;
+                sender = self.checkout(ctx, wait_for_busy).await?;
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -175,7 +237,8 @@ impl Upstream {
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if attempt == 0 => {
                         req = unsent;
-                        sender = self.connect(ctx).await?;
+                        drop(sender);
+                        sender = self.checkout(ctx, wait_for_busy).await?;
                     }
                     _ => {
                         let err = e.into_error();
@@ -193,6 +256,7 @@ impl Upstream {
     async fn connect(
         &self,
         ctx: &ConnContext,
+        slot: Slot,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
@@ -212,6 +276,8 @@ impl Upstream {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
+            // The connection is closed: its slot is free.
+            drop(slot);
         });
         Ok(sender)
     }
