@@ -232,6 +232,10 @@ pub struct RunArgs {
     /// accepted and closed at once (with a warning at most once a second).
     #[arg(long, default_value_t = 16384)]
     pub max_connections: usize,
+    /// A spliced (L3/L4-only) TCP connection with no bytes either way for this
+    /// long is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
 }
 
 pub fn main(cli: Cli) -> ExitCode {

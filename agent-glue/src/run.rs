@@ -69,6 +69,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         request_head_timeout: args.request_head_timeout,
         http2_max_streams: args.http2_max_streams,
         max_connections: args.max_connections,
+        tcp_idle_timeout: args.tcp_idle_timeout,
         node_name: args.node_name.clone(),
         // Replies to the client's address need steering to come back to the proxy.
         udp_idle_timeout: args.udp_idle_timeout,
@@ -189,7 +190,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 match applied {
                     Ok((next, p)) => {
                         sources = next;
-                        shared.policy.store(p);
+                        shared.set_policy(p);
                         info!("policy reloaded");
                     }
                     Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),

@@ -24,6 +24,9 @@ pub struct ProxyConfig {
     pub http2_max_streams: u32,
     /// Client connections held at once; beyond, new ones are closed at once.
     pub max_connections: usize,
+    /// A spliced (L3/L4-only) TCP connection with no bytes either way for this
+    /// long is closed.
+    pub tcp_idle_timeout: Duration,
     /// Written into flow records.
     pub node_name: String,
     /// When set, HTTP/1 upstream connections leave from the client's own address
@@ -47,6 +50,7 @@ impl Default for ProxyConfig {
             request_head_timeout: Duration::from_secs(10),
             http2_max_streams: 100,
             max_connections: 16384,
+            tcp_idle_timeout: Duration::from_secs(3600),
             node_name: "weir".to_string(),
             upstream_mark: None,
             udp_idle_timeout: Duration::from_secs(30),

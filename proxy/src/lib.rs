@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use weir_policy::CompiledPolicy;
 
 pub use config::ProxyConfig;
@@ -29,12 +30,16 @@ pub use flows::FlowSink;
 
 /// State every connection handler shares. The policy is swapped whole; a handler
 /// loads it once per connection and checks for a newer one before each request.
+/// Connections that make no requests of their own (spliced TCP) watch
+/// [`Shared::policy_changes`] instead.
 pub struct Shared {
+    /// Read it freely; change it only with [`Shared::set_policy`].
     pub policy: ArcSwap<CompiledPolicy>,
     pub flows: FlowSink,
     pub config: ProxyConfig,
     pub upstream: http::Upstream,
     pub node_name: Arc<str>,
+    generation: watch::Sender<u64>,
     /// Client connections held now (for `max_connections`).
     pub(crate) client_conns: AtomicUsize,
     /// Milliseconds since `started` before which "too many connections" is not
@@ -52,10 +57,24 @@ impl Shared {
             node_name: Arc::from(config.node_name.as_str()),
             config,
             upstream,
+            generation: watch::channel(0).0,
             client_conns: AtomicUsize::new(0),
             next_full_warning_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
         })
+    }
+
+    /// Installs a new policy: the next request on every connection is decided by
+    /// it, and open connections without requests of their own (spliced TCP) are
+    /// decided again now.
+    pub fn set_policy(&self, policy: Arc<CompiledPolicy>) {
+        self.policy.store(policy);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever [`Shared::set_policy`] installs a policy.
+    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Client connections the proxy holds now.

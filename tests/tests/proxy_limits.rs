@@ -2,8 +2,8 @@
 //! closed at the request-head deadline, connections beyond `--max-connections` are
 //! closed at once, connections addressed to the proxy port on a node address are
 //! refused, HTTP/2 clients get a stream limit, an idle timeout and a hard cap on
-//! upstream connections, and the nftables fallback polices egress to node-local
-//! services.
+//! upstream connections, spliced TCP has an idle timeout and follows policy
+//! reloads, and the nftables fallback polices egress to node-local services.
 //!
 //! Clients are small Python 3 scripts (written into the test's scratch directory
 //! and run inside the client's namespace) so that thousands of sockets, partial
@@ -35,6 +35,18 @@ spec:
         - method: GET
           path: /v1/.*
 "#;
+
+/// POLICY plus an L3/L4-only allow for the tiefighter on port 81 (spliced).
+const TIE_L4_81: &str = "---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tie-l4}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: '81', protocol: TCP}]}]
+";
 
 /// Opens `count` connections at `rate` per second, each of them sending one of
 /// the `modes` (cycled) and then nothing, and records when the server closes
@@ -604,6 +616,63 @@ fn idle_http2_connections_get_goaway_after_the_idle_timeout() {
     let closed = r["closed_after"].as_f64().expect("connection closed");
     assert!((1.5..4.0).contains(&goaway), "{r}");
     assert!((1.5..4.5).contains(&closed), "{r}");
+}
+
+/// A spliced (L3/L4-only) connection with no bytes either way for
+/// `--tcp-idle-timeout` is closed; one with traffic is not.
+#[test]
+fn silent_spliced_connections_are_closed_after_the_tcp_idle_timeout() {
+    let Some(mut s) = Scenario::star_wars("tcp-idle") else {
+        return;
+    };
+    s.start_deathstar(&[81]);
+    s.start_weir(
+        &format!("{POLICY}{TIE_L4_81}"),
+        &["--steering", NFT, "--tcp-idle-timeout", "2s"],
+    );
+    let mut h = Held::open(&s, "tiefighter", DEATHSTAR4, 81, "10");
+    // Requests a second apart keep it alive past the timeout.
+    for _ in 0..4 {
+        assert_eq!(h.ask("req"), "HTTP/1.1 200 OK", "{}", s.weir_log_text());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let t = closed_after(&h.ask("wait"), &s.weir_log_text());
+    // One second of the timeout had passed already.
+    assert!((0.5..3.5).contains(&t), "closed after {t} s");
+}
+
+/// (d) A spliced connection is closed when a reload removes the rule that allowed
+/// it (a reload that keeps it leaves it alone), with a DROPPED flow record.
+#[test]
+fn spliced_connections_close_when_a_reload_removes_their_rule() {
+    let Some(mut s) = Scenario::star_wars("splice-reload") else {
+        return;
+    };
+    s.start_deathstar(&[81]);
+    let with_rule = format!("{POLICY}{TIE_L4_81}");
+    s.start_weir(&with_rule, &["--steering", NFT]);
+    let mut h = Held::open(&s, "tiefighter", DEATHSTAR4, 81, "8");
+    assert_eq!(h.ask("req"), "HTTP/1.1 200 OK", "{}", s.weir_log_text());
+    reload(&mut s, &with_rule);
+    assert_eq!(h.ask("req"), "HTTP/1.1 200 OK", "{}", s.weir_log_text());
+    let signalled = Instant::now();
+    reload(&mut s, POLICY);
+    let t = closed_after(&h.ask("wait"), &s.weir_log_text());
+    assert!(
+        t < 3.0 && signalled.elapsed() < Duration::from_secs(5),
+        "{t}"
+    );
+    let flows = s.flows();
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "DROPPED"
+            && f["l4"]["TCP"]["destination_port"] == 81
+            && f["source"]["pod_name"] == "tiefighter"
+            && f["policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("no rule matched (ingress, L3/L4)"))),
+        "{flows:#?}"
+    );
+    assert!(s.weir_log_text().contains("policy no longer allows"));
 }
 
 /// The tiefighter may reach the deathstar; `extra` adds egress rules.

@@ -93,7 +93,7 @@ fn commit(
     match apply(next, steer) {
         Ok((next, p)) => {
             *current = next;
-            shared.policy.store(p);
+            shared.set_policy(p);
             Ok(())
         }
         Err(e) => {
