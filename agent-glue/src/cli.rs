@@ -47,6 +47,13 @@ pub struct CleanupArgs {
     /// bpffs directory with weir's pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/weir")]
     pub bpf_root: PathBuf,
+    /// The API socket of the weir whose state this is: while a weir answers
+    /// there, cleanup refuses (it would pull enforcement from under it).
+    #[arg(long, default_value = "/run/weir/weir.sock")]
+    pub api_socket: PathBuf,
+    /// Remove everything even though a weir is running.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,25 +273,57 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Cleanup(args) => {
             init_tracing();
-            let cfg = steering::SteeringConfig {
-                proxy_port: 0,
-                fwmark: args.steering.fwmark,
-                route_table: args.steering.route_table,
-            };
-            crate::datapath::attach::remove_netlink_filters(&crate::datapath::PROGRAMS);
-            let removed = crate::datapath::pins::remove_tree(&args.bpf_root)
-                .map_err(|e| {
-                    anyhow::anyhow!("removing pins under {}: {e}", args.bpf_root.display())
-                })
-                .and_then(|()| steering::remove(&cfg).map_err(Into::into));
-            exit_from(removed.map(|()| {
-                println!(
-                    "removed weir's pinned eBPF links and maps ({}), nft table, ip rules and routes (if any)",
-                    args.bpf_root.display()
-                );
-            }))
+            exit_from(cleanup(&args))
         }
     }
+}
+
+/// `weir cleanup`: refuses while a weir answers on the API socket (unless
+/// `--force`), then removes everything weir installed and says what that was.
+fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(&args.api_socket).is_ok() && !args.force {
+        anyhow::bail!(
+            "a weir is running (it answers on {}): stop it first, or pass --force to remove its enforcement from under it",
+            args.api_socket.display()
+        );
+    }
+    let cfg = steering::SteeringConfig {
+        proxy_port: 0,
+        fwmark: args.steering.fwmark,
+        route_table: args.steering.route_table,
+    };
+    let filters = crate::datapath::attach::remove_netlink_filters(&crate::datapath::PROGRAMS);
+    let pins = crate::datapath::pins::remove_tree(&args.bpf_root)
+        .map_err(|e| anyhow::anyhow!("removing pins under {}: {e}", args.bpf_root.display()))?;
+    let installed = steering::remove(&cfg)?;
+    let mut parts = Vec::new();
+    if pins > 0 {
+        parts.push(format!(
+            "{pins} pinned eBPF links and maps under {}",
+            args.bpf_root.display()
+        ));
+    }
+    if filters > 0 {
+        parts.push(format!("{filters} tc (clsact) filters"));
+    }
+    if installed.nft_table {
+        parts.push(format!("the nft table inet {}", steering::TABLE));
+    }
+    if installed.ip_rules > 0 {
+        parts.push(format!("{} ip rules (proto 119)", installed.ip_rules));
+    }
+    if installed.route_tables > 0 {
+        parts.push(format!(
+            "the local routes of table {} ({} families)",
+            args.steering.route_table, installed.route_tables
+        ));
+    }
+    if parts.is_empty() {
+        println!("nothing of weir's was installed here");
+    } else {
+        println!("removed {}", parts.join(", "));
+    }
+    Ok(())
 }
 
 fn exit_from(r: anyhow::Result<()>) -> ExitCode {

@@ -248,6 +248,8 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
             "cleanup",
             "--bpf-root",
             &bpf_root.display().to_string(),
+            "--api-socket",
+            &dir.join("weir.sock").display().to_string(),
         ])
         .context("weir cleanup")?;
     if bpf_root.exists() {

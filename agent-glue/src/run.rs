@@ -212,12 +212,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = steer;
     api.abort();
     let _ = std::fs::remove_file(&args.api_socket);
+    let outlives = datapath.as_ref().is_some_and(Datapath::outlives_process);
     drop(datapath);
     match mode {
-        SteeringMode::Ebpf => info!(
+        SteeringMode::Ebpf if outlives => info!(
             bpf_root = %args.bpf_root.display(),
             "shutting down; the eBPF datapath stays attached and pinned, enforcing L3/L4 \
              (flows to the proxy wait for the next weir); `weir cleanup` removes it"
+        ),
+        SteeringMode::Ebpf => warn!(
+            bpf_root = %args.bpf_root.display(),
+            "shutting down; the pins are visible only inside this mount namespace, so \
+             enforcement ends with this process"
         ),
         SteeringMode::None => info!("shutting down"),
         _ => {

@@ -251,11 +251,12 @@ pub fn install_local_delivery(cfg: &SteeringConfig) -> Result<(), SteeringError>
     Ok(())
 }
 
-fn remove_rules(fam: &str) -> Result<(), SteeringError> {
+fn remove_rules(fam: &str) -> Result<usize, SteeringError> {
     // `ip rule show` does not filter by protocol: find ours by their `proto 119`
     // and delete each by its preference number.
     let listed = run("ip", &[fam, "rule", "show"], None)?;
     let tag = format!(" proto {RT_PROTO}");
+    let mut removed = 0;
     for line in listed.lines().filter(|l| l.trim_end().ends_with(&tag)) {
         if let Some((pref, _)) = line.split_once(':') {
             run(
@@ -271,20 +272,31 @@ fn remove_rules(fam: &str) -> Result<(), SteeringError> {
                 ],
                 None,
             )?;
+            removed += 1;
         }
     }
-    Ok(())
+    Ok(removed)
+}
+
+/// What [`remove`] found and removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    pub nft_table: bool,
+    pub ip_rules: usize,
+    pub route_tables: usize,
 }
 
 /// Removes everything `install` created, and nothing else. Missing pieces are fine.
-pub fn remove(cfg: &SteeringConfig) -> Result<(), SteeringError> {
+pub fn remove(cfg: &SteeringConfig) -> Result<Removed, SteeringError> {
+    let mut removed = Removed::default();
     let have_table = run("nft", &["list", "table", "inet", TABLE], None).is_ok();
     if have_table {
         run("nft", &["delete", "table", "inet", TABLE], None)?;
+        removed.nft_table = true;
     }
     let table = cfg.route_table.to_string();
     for fam in ["-4", "-6"] {
-        remove_rules(fam)?;
+        removed.ip_rules += remove_rules(fam)?;
         let routes = run(
             "ip",
             &[fam, "route", "show", "table", &table, "proto", RT_PROTO],
@@ -297,9 +309,10 @@ pub fn remove(cfg: &SteeringConfig) -> Result<(), SteeringError> {
                 &[fam, "route", "flush", "table", &table, "proto", RT_PROTO],
                 None,
             )?;
+            removed.route_tables += 1;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -102,8 +102,10 @@ impl Drop for Scenario {
             .lab
             .node
             .command(weir_bin().to_str().unwrap_or("weir"))
-            .args(["cleanup", "--bpf-root"])
+            .args(["cleanup", "--force", "--bpf-root"])
             .arg(&self.bpf_root)
+            .arg("--api-socket")
+            .arg(self.path("weir.sock"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

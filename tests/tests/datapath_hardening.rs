@@ -537,3 +537,136 @@ spec:
     assert_eq!(code(&s, "tiefighter"), "200");
     assert_eq!(code(&s, "xwing"), "000");
 }
+
+const DEATHSTAR_FOR_TIEFIGHTER: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tiefighter-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"#;
+
+fn http_code(s: &Scenario, from: &str) -> String {
+    text(&s.curl(
+        from,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            &format!("http://{DEATHSTAR4}/"),
+        ],
+    ))
+}
+
+/// Under `ip netns exec` weir gets a mount namespace (and bpffs) of its own: it
+/// says at start and at stop that enforcement ends with it — and it does.
+#[test]
+fn a_weir_whose_pins_die_with_it_says_so() {
+    let Some(mut s) = Scenario::star_wars("private-pins") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    std::fs::write(s.path("policy.yaml"), DEATHSTAR_FOR_TIEFIGHTER).unwrap();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", s.lab.node.name()])
+        .arg(weir_tests::weir_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(s.path("policy.yaml"))
+        .arg("--endpoints")
+        .arg(s.path("endpoints.yaml"))
+        .arg("--state-dir")
+        .arg(&s.state_dir)
+        .arg("--bpf-root")
+        .arg(&s.bpf_root)
+        .arg("--api-socket")
+        .arg(s.path("weir.sock"))
+        .arg("--flow-log")
+        .arg(&s.flow_log)
+        .args(["--steering", "ebpf"])
+        .stderr(std::fs::File::create(&s.weir_log).unwrap());
+    s.lab.spawn("weir", cmd).unwrap();
+    let ready = s.state_dir.join("ready");
+    assert!(
+        weir_tests::lab::wait_until(Duration::from_secs(20), || ready.exists()).is_ok(),
+        "{}",
+        s.weir_log_text()
+    );
+    assert_eq!(http_code(&s, "tiefighter"), "200");
+    assert_eq!(http_code(&s, "xwing"), "000");
+    assert!(
+        s.weir_log_text()
+            .contains("enforcement ends when weir stops"),
+        "{}",
+        s.weir_log_text()
+    );
+    let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
+    assert!(
+        s.weir_log_text()
+            .contains("enforcement ends with this process"),
+        "{}",
+        s.weir_log_text()
+    );
+    // And so it is: nothing is attached any more, the xwing gets through.
+    let shown = s.run_in_node(&[weir_tests::weir_bin().to_str().unwrap(), "datapath", "show"]);
+    assert!(
+        weir_tests::lab::wait_until(Duration::from_secs(5), || http_code(&s, "xwing") == "200")
+            .is_ok(),
+        "{shown}"
+    );
+}
+
+/// Pins of another layout version (here: this version's, renamed to v2, as a
+/// stopped older weir would leave them) keep enforcing until the new weir's
+/// programs are attached; an xwing probing all along never gets in.
+#[test]
+fn a_layout_upgrade_never_leaves_an_interface_unguarded() {
+    let Some(mut s) = Scenario::star_wars("layout-upgrade") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(DEATHSTAR_FOR_TIEFIGHTER, &["--steering", "ebpf"]);
+    let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert!(st.is_some_and(|st| st.success()));
+    s.lab.processes.retain(|p| p.name != "weir");
+    let (current, older) = (s.bpf_root.join("v3"), s.bpf_root.join("v2"));
+    std::fs::rename(&current, &older).expect("rename the layout directory");
+    assert_eq!(http_code(&s, "xwing"), "000", "the older layout enforces");
+    // An xwing knocking every 20 ms for the whole restart.
+    let tries = s.path("tries.txt");
+    let mut prober = s.lab.workload("xwing").ns.command("sh");
+    prober.args([
+        "-c",
+        &format!(
+            "for i in $(seq 1 150); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 0.02 http://{DEATHSTAR4}/ >> {}; done",
+            tries.display()
+        ),
+    ]);
+    s.lab.spawn("prober", prober).unwrap();
+    s.start_weir(DEATHSTAR_FOR_TIEFIGHTER, &["--steering", "ebpf"]);
+    let prober = s
+        .lab
+        .processes
+        .iter_mut()
+        .find(|p| p.name == "prober")
+        .unwrap();
+    assert!(weir_tests::lab::wait_until(Duration::from_secs(30), || !prober.alive()).is_ok());
+    let codes = std::fs::read_to_string(&tries).unwrap();
+    assert_eq!(codes.lines().count(), 150, "every probe ran");
+    assert!(!codes.contains("200"), "an xwing probe got in: {codes}");
+    assert!(
+        !older.exists(),
+        "the older layout's pins are gone once attached"
+    );
+    assert!(current.exists());
+    assert_eq!(http_code(&s, "tiefighter"), "200");
+    assert_eq!(http_code(&s, "xwing"), "000");
+}

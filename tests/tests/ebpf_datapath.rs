@@ -419,8 +419,32 @@ fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
             "{attached}"
         );
     }
+    // Cleanup refuses while weir runs, and changes nothing.
+    let sock = s.path("weir.sock");
+    let refused = s
+        .lab
+        .node
+        .command(weir.to_str().unwrap())
+        .args(["cleanup", "--bpf-root", s.bpf_root.to_str().unwrap()])
+        .arg("--api-socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("a weir is running"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(show(&s), attached);
     let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
     assert!(st.is_some_and(|st| st.success()), "{}", s.weir_log_text());
+    assert!(
+        s.weir_log_text()
+            .contains("the eBPF datapath stays attached and pinned"),
+        "{}",
+        s.weir_log_text()
+    );
     // Without weir the kernel still enforces L3/L4.
     assert_eq!(show(&s), attached);
     assert_eq!(
@@ -434,12 +458,30 @@ fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     // Something of someone else's on the same interface must survive cleanup.
     s.run_in_node(&["nft", "add", "table", "inet", "someone_else"]);
     s.run_in_node(&["ip", "rule", "add", "fwmark", "0x42", "lookup", "42"]);
-    s.run_in_node(&[
+    let said = s.run_in_node(&[
         weir.to_str().unwrap(),
         "cleanup",
         "--bpf-root",
         s.bpf_root.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
     ]);
+    // It says what it removed: the pins, the two ip rules (v4, v6) and routes.
+    assert!(
+        said.starts_with("removed ")
+            && said.contains("pinned eBPF links and maps")
+            && said.contains("2 ip rules"),
+        "{said}"
+    );
+    let again = s.run_in_node(&[
+        weir.to_str().unwrap(),
+        "cleanup",
+        "--bpf-root",
+        s.bpf_root.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(again.trim(), "nothing of weir's was installed here");
     assert!(show(&s).trim().is_empty(), "{}", show(&s));
     assert!(!s.bpf_root.exists(), "pins left behind");
     // The operators' own tools agree (bpftool 7.1 lists cls_bpf filters, not TCX).
@@ -575,6 +617,8 @@ fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
         "cleanup",
         "--bpf-root",
         s.bpf_root.to_str().unwrap(),
+        "--api-socket",
+        s.path("weir.sock").to_str().unwrap(),
     ]);
     for dir in ["ingress", "egress"] {
         assert!(!filters(&s, dir).contains("weir"), "{}", filters(&s, dir));

@@ -25,7 +25,7 @@ use aya::maps::{Array, MapData, RingBuf, lpm_trie::Key};
 use aya::programs::{SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 use weir_policy::{CompiledPolicy, RuleRef};
 
 use maps::*;
@@ -141,6 +141,8 @@ pub struct Datapath {
     generation: u32,
     /// What the endpoint, ipcache and policy maps hold now.
     installed: sync::Desired,
+    /// Pins of other layout versions are removed once this one is attached.
+    other_layouts_removed: bool,
     /// Interfaces with our programs (by role), and the links this process holds
     /// for them (adopted pinned links, or every link when nothing is pinned).
     attached: HashMap<(String, Role), Vec<Held>>,
@@ -206,11 +208,21 @@ impl Datapath {
             config,
             generation: 0,
             installed: sync::Desired::default(),
+            other_layouts_removed: false,
             attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
         };
         dp.adopt()?;
         dp.write_config()?;
+        if let Some(root) = &dp.config.bpf_root
+            && !pins::visible_outside(root)
+            && dp.config.tc_attach != attach::TcAttach::Netlink
+        {
+            warn!(
+                bpf_root = %root.display(),
+                "the pins are in a bpffs that only this mount namespace sees (e.g. under `ip netns exec`): enforcement ends when weir stops; run weir with `nsenter --net=` to keep it"
+            );
+        }
         Ok(dp)
     }
 
@@ -365,7 +377,32 @@ impl Datapath {
             self.detach(&key.0, held);
             info!(iface = %key.0, role = ?key.1, "detached tc programs (this interface no longer has that role)");
         }
+        // Only now that this layout's programs guard every interface may an older
+        // layout's go.
+        if !self.other_layouts_removed {
+            if let Some(root) = &self.config.bpf_root
+                && let Err(e) = pins::remove_other_layouts(root)
+            {
+                warn!(error = %e, "could not remove the pins of another layout version");
+            }
+            self.other_layouts_removed = true;
+        }
         Ok(())
+    }
+
+    /// Whether enforcement outlives this process: cls_bpf filters always do;
+    /// pinned TCX links only where the pins are visible outside this mount
+    /// namespace.
+    pub fn outlives_process(&self) -> bool {
+        let all_netlink = self
+            .attached
+            .values()
+            .flatten()
+            .all(|(_, _, _, how)| matches!(how, attach::Attached::Netlink));
+        match &self.config.bpf_root {
+            None => all_netlink && !self.attached.is_empty(),
+            Some(root) => all_netlink || pins::visible_outside(root),
+        }
     }
 
     fn detach(&mut self, iface: &str, held: Vec<Held>) {

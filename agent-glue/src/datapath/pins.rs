@@ -1,7 +1,12 @@
 //! Pins under `--bpf-root`: maps and TCX links live in `<bpf-root>/v<layout>/`, so a
 //! stopped weir leaves enforcement running and a restarted one adopts it. A
-//! directory of another layout version is replaced, with a log line; `weir cleanup`
-//! removes everything under the root.
+//! directory of another layout version is removed only once this version's
+//! programs are attached everywhere (no interface is ever left unguarded), with a
+//! log line; `weir cleanup` removes everything under the root.
+//!
+//! Pins outlive weir only where the rest of the machine sees them: a weir in a
+//! private mount namespace (`ip netns exec` mounts its own `/sys`) pins into a
+//! bpffs that goes away with it. [`visible_outside`] tells which.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -35,7 +40,8 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Makes sure `root` is on a bpffs (mounting /sys/fs/bpf when that is where it
-/// lives) and prepares this layout's directories, replacing other layouts.
+/// lives) and prepares this layout's directories (other layouts stay until
+/// [`remove_other_layouts`]).
 pub fn prepare(root: &Path) -> io::Result<()> {
     if !is_bpffs(root) {
         if root.starts_with("/sys/fs/bpf") {
@@ -54,19 +60,59 @@ pub fn prepare(root: &Path) -> io::Result<()> {
         }
     }
     std::fs::create_dir_all(root)?;
+    std::fs::create_dir_all(maps_dir(root))?;
+    std::fs::create_dir_all(links_dir(root))?;
+    Ok(())
+}
+
+/// Removes the pins of other layout versions (after this version's programs are
+/// attached); returns the directories removed.
+pub fn remove_other_layouts(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
     for entry in std::fs::read_dir(root)?.filter_map(Result::ok) {
         let p = entry.path();
         if p != layout_dir(root) {
             warn!(
                 path = %p.display(),
-                "pinned eBPF state of another layout version; replacing it"
+                "pinned eBPF state of another layout version; removing it now that this version is attached"
             );
             remove_tree(&p)?;
+            removed.push(p);
         }
     }
-    std::fs::create_dir_all(maps_dir(root))?;
-    std::fs::create_dir_all(links_dir(root))?;
-    Ok(())
+    Ok(removed)
+}
+
+/// Whether pins under `root` are visible outside this process's mount namespace:
+/// the same bpffs directory as PID 1 sees at that path, or (where PID 1 cannot be
+/// inspected, as in some sandboxes) as the process that started weir sees. `ip
+/// netns exec` runs weir in a new mount namespace with its own bpffs, which goes
+/// away with weir; `nsenter --net=` does not.
+pub fn visible_outside(root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ours) = std::fs::metadata(root) else {
+        return false;
+    };
+    let relative = root.strip_prefix("/").unwrap_or(root);
+    let parent = std::os::unix::process::parent_id();
+    for other in [
+        PathBuf::from("/proc/1"),
+        PathBuf::from(format!("/proc/{parent}")),
+    ] {
+        if let Ok(theirs) = std::fs::metadata(other.join("root").join(relative)) {
+            return ours.dev() == theirs.dev() && ours.ino() == theirs.ino();
+        }
+        // Not there at all (while ours is): another bpffs, or none.
+        if other.join("root").read_dir().is_ok() {
+            return false;
+        }
+    }
+    // Nothing could be inspected: say so rather than claim either way.
+    warn!(
+        bpf_root = %root.display(),
+        "cannot tell whether the pins are visible outside this mount namespace"
+    );
+    true
 }
 
 /// This network namespace's identity (its inode), so link pins of different
@@ -93,10 +139,11 @@ pub fn pinned_link(path: &Path) -> Option<FdLink> {
     PinnedLink::from_pin(path).ok().map(FdLink::from)
 }
 
-/// Detaches every pinned link under `dir` and removes all pins below it.
-pub fn remove_tree(dir: &Path) -> io::Result<()> {
+/// Detaches every pinned link under `dir` and removes all pins below it; returns
+/// how many pins (links and maps) there were.
+pub fn remove_tree(dir: &Path) -> io::Result<usize> {
     if !dir.exists() {
-        return Ok(());
+        return Ok(0);
     }
     let mut links = Vec::new();
     collect_files(dir, &mut links)?;
@@ -106,7 +153,8 @@ pub fn remove_tree(dir: &Path) -> io::Result<()> {
             let _ = link.unpin();
         }
     }
-    std::fs::remove_dir_all(dir)
+    std::fs::remove_dir_all(dir)?;
+    Ok(links.len())
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
