@@ -146,8 +146,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(dp) = datapath.as_mut()
         && let Some(ring) = dp.take_events()
     {
+        let counters = dp.take_counters();
         tokio::spawn(crate::datapath::events::drain(
             ring,
+            counters,
             shared.clone(),
             dp.rules_handle(),
         ));

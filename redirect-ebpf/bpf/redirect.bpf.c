@@ -506,8 +506,14 @@ static __always_inline void event(struct flow *f, __u8 kind, __u8 reason, __u32 
 {
 	struct weir_event *e = bpf_ringbuf_reserve(&weir_events, sizeof(*e), 0);
 
-	if (!e)
+	if (!e) {
+		__u32 idx = WEIR_COUNTER_EVENTS_LOST;
+		struct weir_counter *c = bpf_map_lookup_elem(&weir_counters, &idx);
+
+		if (c)
+			c->packets += 1;
 		return;
+	}
 	e->timestamp_ns = bpf_ktime_get_ns();
 	__builtin_memcpy(e->saddr, f->key.saddr, 16);
 	__builtin_memcpy(e->daddr, f->key.daddr, 16);

@@ -12,14 +12,16 @@
 #include <linux/types.h>
 
 /* Bumped whenever a struct below changes; pinned maps of another version are replaced. */
-#define WEIR_LAYOUT_VERSION 3
+#define WEIR_LAYOUT_VERSION 4
 
 enum weir_counter_index {
 	WEIR_COUNTER_SEEN = 0,
 	WEIR_COUNTER_ALLOWED = 1,
 	WEIR_COUNTER_DROPPED = 2,
 	WEIR_COUNTER_REDIRECTED = 3,
-	WEIR_COUNTER_MAX = 4,
+	/* verdict events the ring buffer had no room for (packets: events) */
+	WEIR_COUNTER_EVENTS_LOST = 4,
+	WEIR_COUNTER_MAX = 5,
 };
 
 struct weir_counter {

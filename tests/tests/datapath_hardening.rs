@@ -637,7 +637,15 @@ fn a_layout_upgrade_never_leaves_an_interface_unguarded() {
     let st = s.weir().stop_with(libc::SIGTERM, Duration::from_secs(10));
     assert!(st.is_some_and(|st| st.success()));
     s.lab.processes.retain(|p| p.name != "weir");
-    let (current, older) = (s.bpf_root.join("v3"), s.bpf_root.join("v2"));
+    // The one layout directory there is (`v<LAYOUT_VERSION>`), renamed to an
+    // older version number.
+    let current = std::fs::read_dir(&s.bpf_root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a layout directory");
+    let older = s.bpf_root.join("v0");
     std::fs::rename(&current, &older).expect("rename the layout directory");
     assert_eq!(http_code(&s, "xwing"), "000", "the older layout enforces");
     // An xwing knocking every 20 ms for the whole restart.

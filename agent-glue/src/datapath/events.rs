@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, warn};
 use weir_policy::flow::{Flow, FlowPeers};
@@ -10,14 +10,17 @@ use weir_policy::{CompiledPolicy, Direction, RuleRef, Verdict};
 use weir_proxy::Shared;
 
 use super::maps::kernel_enum::*;
-use super::maps::{Event, ip_from_words};
+use super::maps::{Event, WeirCounter, ip_from_words};
 
-/// Drains the ring buffer into the flow log until the process ends.
+/// Drains the ring buffer into the flow log until the process ends, and says
+/// (at most every few seconds) how many events the kernel could not queue.
 pub async fn drain(
     ring: RingBuf<MapData>,
+    counters: Option<PerCpuArray<MapData, WeirCounter>>,
     shared: Arc<Shared>,
     rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
 ) {
+    let mut losses = LossReport::new(counters);
     // SAFETY: the RingBuf owns its map's file descriptor for as long as it lives,
     // and it lives inside this AsyncFd, so the fd stays open and unchanged.
     let registered = unsafe { AsyncFd::register(ring) };
@@ -48,6 +51,47 @@ pub async fn drain(
         }
         if !batch.is_empty() {
             shared.flows.emit_all(batch.drain(..));
+        }
+        losses.check();
+    }
+}
+
+/// Watches the kernel's count of verdict events the ring buffer had no room for.
+struct LossReport {
+    counters: Option<PerCpuArray<MapData, WeirCounter>>,
+    reported: u64,
+    last_check: std::time::Instant,
+}
+
+impl LossReport {
+    fn new(counters: Option<PerCpuArray<MapData, WeirCounter>>) -> Self {
+        LossReport {
+            counters,
+            reported: 0,
+            last_check: std::time::Instant::now(),
+        }
+    }
+
+    /// Every 5 s at most: warns when more events were lost since the last look.
+    fn check(&mut self) {
+        if self.last_check.elapsed() < std::time::Duration::from_secs(5) {
+            return;
+        }
+        self.last_check = std::time::Instant::now();
+        let Some(counters) = &self.counters else {
+            return;
+        };
+        let lost: u64 = counters
+            .get(&WEIR_COUNTER_EVENTS_LOST, 0)
+            .map(|per_cpu| per_cpu.iter().map(|c| c.packets).sum())
+            .unwrap_or(0);
+        if lost > self.reported {
+            warn!(
+                lost = lost - self.reported,
+                total = lost,
+                "verdict events lost: the ring buffer was full (their packets were still decided)"
+            );
+            self.reported = lost;
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,6 +138,9 @@ pub const CT_SEEN_REPLY: u8 = 1;
 
 /// The enums of weir_redirect.h, checked against the object's BTF below.
 pub mod kernel_enum {
+    /// `enum weir_counter_index`
+    pub const WEIR_COUNTER_EVENTS_LOST: u32 = 4;
+    pub const WEIR_COUNTER_MAX: u32 = 5;
     /// `enum weir_verdict`
     pub const WEIR_DROP: u32 = 0;
     pub const WEIR_ALLOW: u32 = 1;
@@ -162,6 +165,8 @@ pub mod kernel_enum {
 
     /// (C enumerator name, value) of every constant above.
     pub const ALL: &[(&str, u32)] = &[
+        ("WEIR_COUNTER_EVENTS_LOST", WEIR_COUNTER_EVENTS_LOST),
+        ("WEIR_COUNTER_MAX", WEIR_COUNTER_MAX),
         ("WEIR_DROP", WEIR_DROP),
         ("WEIR_ALLOW", WEIR_ALLOW),
         ("WEIR_REDIRECT", WEIR_REDIRECT),

@@ -473,6 +473,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// The per-CPU packet counters (taken once).
+    pub fn take_counters(&mut self) -> Option<aya::maps::PerCpuArray<MapData, WeirCounter>> {
+        self.ebpf
+            .take_map("weir_counters")
+            .and_then(|m| aya::maps::PerCpuArray::try_from(m).ok())
+    }
+
     /// The verdict-event ring buffer (taken once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.ebpf
