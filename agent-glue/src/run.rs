@@ -12,10 +12,11 @@ use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
 
 use crate::api;
 use crate::cli::{RunArgs, SteeringMode, init_tracing};
+use crate::control::{self, ControlMsg, Files, Steering};
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::registry::Sources;
 use crate::state;
-use crate::steering::{self, SteeringConfig, SteeringSets};
+use crate::steering::{self, SteeringConfig};
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
@@ -57,7 +58,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
     let _ = std::fs::remove_file(&ready);
-    let mut sources = Sources::load(&args.policy, args.endpoints.as_deref(), &args.state_dir)?;
+    let sources = Sources::load(&args.policy, args.endpoints.as_deref(), &args.state_dir)?;
     let policy = Arc::new(sources.compile()?);
     let config = ProxyConfig {
         proxy_port: args.proxy_port,
@@ -154,24 +155,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             dp.rules_handle(),
         ));
     }
-    let mut steer = |p: &CompiledPolicy| -> anyhow::Result<()> {
-        match (mode, datapath.as_mut()) {
-            (SteeringMode::Nft, _) => steering::install(&SteeringSets::from_policy(p), &steer_cfg)
-                .context("installing nftables steering")?,
-            (SteeringMode::Ebpf, Some(dp)) => {
-                dp.sync(p)?;
-                dp.attach_interfaces(p)?;
-                steering::install_local_delivery(&steer_cfg)
-                    .context("installing the local-delivery rule for redirected packets")?;
-            }
-            _ => {}
-        }
-        Ok(())
+    let mut steering = Steering {
+        mode,
+        datapath,
+        config: steer_cfg.clone(),
     };
-    if let Err(e) = steer(&policy) {
+    if let Err(e) = steering.apply(&policy) {
         let _ = steering::remove(&steer_cfg);
         return Err(e);
     }
+    let control = control::spawn(
+        sources,
+        steering,
+        Files {
+            policy: args.policy.clone(),
+            endpoints: args.endpoints.clone(),
+        },
+        shared.clone(),
+    )
+    .context("starting the control thread")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -185,21 +187,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let result = loop {
         tokio::select! {
             _ = hup.recv() => {
-                let mut next = sources.clone();
-                let applied = next
-                    .reload_files(&args.policy, args.endpoints.as_deref())
-                    .and_then(|()| api::commands::apply(next, &mut steer));
-                match applied {
-                    Ok((next, p)) => {
-                        sources = next;
-                        shared.set_policy(p);
-                        info!("policy reloaded");
-                    }
-                    Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
-                }
+                let _ = control.send(ControlMsg::Reload);
             }
             Some(cmd) = api_rx.recv() => {
-                api::commands::handle(cmd, &mut sources, &shared, mode, &mut steer);
+                let _ = control.send(ControlMsg::Api(cmd));
             }
             _ = term.recv() => break Ok(()),
             _ = int.recv() => break Ok(()),
@@ -211,11 +202,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let _ = steer;
     api.abort();
     let _ = std::fs::remove_file(&args.api_socket);
-    let outlives = datapath.as_ref().is_some_and(Datapath::outlives_process);
-    drop(datapath);
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    let outlives = if control.send(ControlMsg::Stop(stopped_tx)).is_ok() {
+        stopped_rx.await.unwrap_or(false)
+    } else {
+        false
+    };
     match mode {
         SteeringMode::Ebpf if outlives => info!(
             bpf_root = %args.bpf_root.display(),
