@@ -256,7 +256,9 @@ fn ebpf_datapath(cfg: DatapathConfig, policy: &CompiledPolicy) -> anyhow::Result
 /// usual soft limit of 1024 open files would refuse them long before any other
 /// limit. Raise it to the hard limit, and say so if that is still short.
 fn raise_open_files_limit(args: &RunArgs) {
-    let wanted = 1024 + 2 * args.udp_max_sessions as u64;
+    // Each proxied TCP connection holds two files (client and upstream sockets;
+    // more with --upstream-conns-per-client), each UDP session two.
+    let wanted = 1024 + 2 * args.max_connections as u64 + 2 * args.udp_max_sessions as u64;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(got) if got < wanted => warn!(
             limit = got,
