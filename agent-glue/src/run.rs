@@ -54,6 +54,14 @@ fn flow_sink(path: Option<&Path>) -> anyhow::Result<FlowSink> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if matches!(args.steering, SteeringMode::Nft | SteeringMode::None)
+        && args.allow_localhost == crate::cli::AllowLocalhost::Policy
+    {
+        // The node's own packets never pass prerouting: only the eBPF datapath sees them.
+        bail!(
+            "--allow-localhost policy needs the eBPF datapath (--steering ebpf or auto): the node's own traffic never passes nft's prerouting"
+        );
+    }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
@@ -132,6 +140,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         other => (other, None),
     };
+    if mode != SteeringMode::Ebpf && args.allow_localhost == crate::cli::AllowLocalhost::Policy {
+        warn!(
+            "--allow-localhost policy needs the eBPF datapath: with this fallback the node itself reaches endpoints unpoliced"
+        );
+    }
     match mode {
         SteeringMode::Ebpf => {
             info!("steering: eBPF datapath (tc on endpoint interfaces, bpf_sk_assign to the proxy)")

@@ -224,3 +224,22 @@ fn explain_bad_arguments_exit_2() {
         2
     );
 }
+
+#[test]
+fn allow_localhost_policy_is_refused_where_the_host_cannot_be_policed() {
+    let d = ScratchDir::new("localhost-nft");
+    std::fs::write(d.0.join("p.yaml"), "").unwrap();
+    let (code, _, stderr) = out(&weir_cli(&[
+        "run",
+        "--policy",
+        d.0.join("p.yaml").to_str().unwrap(),
+        "--steering",
+        "nft",
+        "--allow-localhost",
+        "policy",
+        "--state-dir",
+        d.0.join("state").to_str().unwrap(),
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("needs the eBPF datapath"), "{stderr}");
+}
