@@ -3,7 +3,7 @@
 header of its own), for tests that need what ordinary clients never send:
 spoofed source addresses, fragments, ICMP errors.
 
-  rawpkt.py syn SRC DST DPORT [--sport N] [--payload TEXT]
+  rawpkt.py syn SRC DST DPORT [--sport N] [--payload TEXT] [--tfo]
   rawpkt.py udp-frags SRC DST DPORT --payload TEXT [--frag-size N] [--id N] [--skip-first]
   rawpkt.py icmp-unreach SRC DST --quote 'QSRC|QSPORT|QDST|QDPORT' (a UDP packet DST sent)
 """
@@ -35,8 +35,12 @@ def l4_with_checksum(src, dst, proto, header: bytearray, payload: bytes, at: int
     return bytes(header) + payload
 
 
-def tcp_syn(src, dst, sport, dport, payload: bytes) -> bytes:
-    hdr = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0))
+def tcp_syn(src, dst, sport, dport, payload: bytes, tfo=False) -> bytes:
+    # With `tfo`: a TCP Fast Open option with no cookie (a server that needs none
+    # takes the payload at once).
+    options = struct.pack("!BBBB", 34, 2, 1, 1) if tfo else b""
+    doff = (20 + len(options)) // 4
+    hdr = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, doff << 4, 0x02, 64240, 0, 0) + options)
     return l4_with_checksum(src, dst, 6, hdr, payload, 16)
 
 
@@ -97,11 +101,12 @@ def main():
     p.add_argument("--id", type=int, default=0x4242)
     p.add_argument("--skip-first", action="store_true")
     p.add_argument("--quote")
+    p.add_argument("--tfo", action="store_true")
     a = p.parse_args()
     src, dst = ipaddress.ip_address(a.src), ipaddress.ip_address(a.dst)
     payload = a.payload.encode()
     if a.kind == "syn":
-        send(dst, ip_packet(src, dst, 6, tcp_syn(src, dst, a.sport, a.dport, payload)))
+        send(dst, ip_packet(src, dst, 6, tcp_syn(src, dst, a.sport, a.dport, payload, a.tfo)))
     elif a.kind == "udp-frags":
         frags = fragments(src, dst, 17, udp(src, dst, a.sport, a.dport, payload), a.frag_size, a.id)
         for f in frags[1:] if a.skip_first else frags:

@@ -146,9 +146,14 @@ impl Scenario {
 
     /// nginx on the deathstar, ports 80 (and any `extra_ports`), with an access log.
     pub fn start_deathstar(&mut self, extra_ports: &[u16]) {
+        self.start_deathstar_with(extra_ports, |c| c);
+    }
+
+    /// As [`Scenario::start_deathstar`], with the nginx config edited by `edit`.
+    pub fn start_deathstar_with(&mut self, extra_ports: &[u16], edit: impl Fn(String) -> String) {
         let d = self.dir.0.join("nginx");
         std::fs::create_dir_all(&d).unwrap();
-        let mut conf = weir_agent::demo::deathstar_nginx_conf(&d);
+        let mut conf = edit(weir_agent::demo::deathstar_nginx_conf(&d));
         for p in extra_ports {
             conf = conf.replace(
                 "    listen 80;\n",

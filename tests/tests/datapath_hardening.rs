@@ -678,3 +678,142 @@ fn a_layout_upgrade_never_leaves_an_interface_unguarded() {
     assert_eq!(http_code(&s, "tiefighter"), "200");
     assert_eq!(http_code(&s, "xwing"), "000");
 }
+
+/// A SYN carrying a request (TCP Fast Open) from the client, on the tuple the
+/// proxy used for its upstream connection, goes to the proxy like any client
+/// packet: the server never sees the request. The same SYN without weir reaches
+/// nginx (which takes Fast Open data without a cookie here) and is logged.
+#[test]
+fn a_fast_open_syn_on_the_proxy_legs_tuple_never_reaches_the_server() {
+    const PUBLIC_ONLY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: public-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public/.*"}
+"#;
+    let Some(mut s) = Scenario::star_wars("tfo") else {
+        return;
+    };
+    // Fast Open on the server, no cookie needed: data in a SYN is taken at once.
+    s.lab
+        .workload("deathstar")
+        .ns
+        .sysctl("net.ipv4.tcp_fastopen", "0x202")
+        .unwrap();
+    s.start_deathstar_with(&[], |c| {
+        c.replace("    listen 80;\n", "    listen 80 fastopen=256;\n")
+    });
+    // The tiefighter's own kernel would reset the server's SYN-ACKs to our raw
+    // SYNs (and so the request); it drops them instead.
+    let drop_synacks = |s: &Scenario, port: u16| {
+        let rules = format!(
+            "table inet weirtfo {{\n  chain in{port} {{\n    type filter hook input priority -10;\n    tcp sport 80 tcp dport {port} drop\n  }}\n}}\n"
+        );
+        let f = s.path(&format!("tfo-{port}.nft"));
+        std::fs::write(&f, rules).unwrap();
+        let out = s
+            .lab
+            .workload("tiefighter")
+            .ns
+            .command("nft")
+            .arg("-f")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Without weir the probe works: nginx logs the request carried in the SYN.
+    drop_synacks(&s, 41000);
+    let syn = |s: &Scenario, port: u16, path: &str| {
+        raw(
+            s,
+            "tiefighter",
+            &[
+                "syn",
+                "10.200.0.20",
+                DEATHSTAR4,
+                "80",
+                "--sport",
+                &port.to_string(),
+                "--tfo",
+                "--payload",
+                &format!("GET {path} HTTP/1.0\r\n\r\n"),
+            ],
+        )
+    };
+    syn(&s, 41000, "/tfo-baseline");
+    let baseline = weir_tests::lab::wait_until(Duration::from_secs(5), || {
+        s.access_log().iter().any(|l| l.contains("/tfo-baseline"))
+    });
+    assert!(
+        baseline.is_ok(),
+        "the probe never worked: {:?}",
+        s.access_log()
+    );
+
+    s.start_weir(PUBLIC_ONLY, &["--steering", "ebpf"]);
+    // An allowed request; the proxy's upstream connection comes from the
+    // tiefighter's address, and ends in TIME_WAIT on the node once it closes.
+    let ok = text(&s.curl(
+        "tiefighter",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{DEATHSTAR4}/public/a"),
+        ],
+    ));
+    assert_eq!(ok, "200");
+    let leg_port = weir_tests::lab::wait_until(Duration::from_secs(5), || {
+        s.run_in_node(&[
+            "ss",
+            "-Htn",
+            "state",
+            "time-wait",
+            "src",
+            "10.200.0.20",
+            "dst",
+            DEATHSTAR4,
+        ])
+        .lines()
+        .count()
+            > 0
+    })
+    .ok()
+    .and_then(|()| {
+        let listed = s.run_in_node(&[
+            "ss",
+            "-Htn",
+            "state",
+            "time-wait",
+            "src",
+            "10.200.0.20",
+            "dst",
+            DEATHSTAR4,
+        ]);
+        listed.split_whitespace().find_map(|f| {
+            f.strip_prefix("10.200.0.20:")
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+    })
+    .expect("the proxy's upstream socket from the tiefighter's address");
+    drop_synacks(&s, leg_port);
+    syn(&s, leg_port, "/admin-tfo");
+    std::thread::sleep(Duration::from_millis(500));
+    let log = s.access_log();
+    assert!(!log.iter().any(|l| l.contains("/admin-tfo")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("GET /public/a")), "{log:?}");
+}
