@@ -154,6 +154,23 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
             .iter()
             .any(|f| f["l4"]["UDP"]["destination_port"] == 5353)
     );
+    // One record per dropped flow, not per retransmitted SYN (curl waited 3 s
+    // for each, so the kernel sent the SYN two or three times).
+    let mut xwing_flows: Vec<(String, u64)> = dropped
+        .iter()
+        .filter(|f| f["source"]["pod_name"] == "xwing" && f["l4"]["TCP"].is_object())
+        .map(|f| {
+            (
+                f["IP"]["source"].as_str().unwrap_or("").to_string(),
+                f["l4"]["TCP"]["source_port"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let records = xwing_flows.len();
+    xwing_flows.sort();
+    xwing_flows.dedup();
+    assert_eq!(records, xwing_flows.len(), "{dropped:#?}");
+    assert_eq!(records, 2, "the xwing's v4 and v6 attempts: {dropped:#?}");
     let allowed: Vec<_> = flows
         .iter()
         .filter(|f| f["verdict"] == "FORWARDED")
