@@ -724,6 +724,35 @@ fn build_table(
                     let peers = pr.peers.clone();
                     let base = format!("{}.{field}[{pi}]", rule.label);
                     let no_l3 = pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none();
+                    if !pr.icmps.is_empty() {
+                        // `icmps`: these types (the "port") of ICMP or ICMPv6 only;
+                        // one entry per `icmps` item, for the deciding rule's name.
+                        let mut ids: Vec<(usize, u32)> = Vec::new();
+                        for t in &pr.icmps {
+                            let id = match ids.iter().find(|(e, _)| *e == t.entry) {
+                                Some((_, id)) => *id,
+                                None => {
+                                    let id = entries.len() as u32;
+                                    entries.push(L4Entry {
+                                        origin: RuleRef {
+                                            policy: pname.clone(),
+                                            rule: format!("{base}.icmps[{}]", t.entry),
+                                        },
+                                        peers: peer_set(pr, universe),
+                                        deny,
+                                        http_refs: None,
+                                    });
+                                    ids.push((t.entry, id));
+                                    id
+                                }
+                            };
+                            exact
+                                .entry((t.family, u16::from(t.icmp_type)))
+                                .or_default()
+                                .push(id);
+                        }
+                        continue;
+                    }
                     if pr.to_ports.is_empty() {
                         if no_l3 {
                             // `{}`: selects the endpoint (default deny) but allows nothing.
@@ -786,6 +815,8 @@ fn build_table(
                                 Protocol::Tcp => &[Protocol::Tcp],
                                 Protocol::Udp => &[Protocol::Udp],
                                 Protocol::Icmp => &[Protocol::Icmp],
+                                Protocol::Icmp4 => &[Protocol::Icmp4],
+                                Protocol::Icmp6 => &[Protocol::Icmp6],
                             };
                             for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
                                 for proto in protos {

@@ -18,7 +18,6 @@ const NOT_YET: &[&str] = &[
     "toRequires",
     "fromNodes",
     "toNodes",
-    "icmps",
     "authentication",
     "enableDefaultDeny",
     "terminatingTLS",
@@ -406,6 +405,16 @@ fn peer_rules(
                     .collect()
             })
             .unwrap_or_default();
+        let icmps = f
+            .take("icmps")
+            .map(|n| icmp_rules(n, d))
+            .unwrap_or_default();
+        if let (Some(first), false) = (icmps.first(), to_ports.is_empty()) {
+            d.error(
+                first.pos,
+                "`icmps` may only be present without `toPorts` (as in Cilium): define a separate rule for the ports",
+            );
+        }
         if deny {
             for tp in &to_ports {
                 if tp.http.is_some() {
@@ -423,6 +432,7 @@ fn peer_rules(
             cidrs,
             entities,
             to_ports,
+            icmps,
             pos,
         });
     }
@@ -508,6 +518,101 @@ pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<S
     }
     f.finish(what, d);
     Some(sel)
+}
+
+/// `icmps: [{fields: [{type: 8, family: IPv4}, ...]}, ...]`; `type` is a number
+/// or one of Cilium's names for the common messages, `family` IPv4 (default) or
+/// IPv6.
+fn icmp_rules(node: &Node, d: &mut Diagnostics) -> Vec<IcmpType> {
+    let mut out = Vec::new();
+    for (entry, e) in seq(node, "icmps", d).unwrap_or(&[]).iter().enumerate() {
+        let Some(mut ef) = Fields::of(e, "icmps entry", d) else {
+            continue;
+        };
+        match ef.take("fields") {
+            Some(list) => {
+                for fl in seq(list, "fields", d).unwrap_or(&[]) {
+                    let Some(mut ff) = Fields::of(fl, "icmps field", d) else {
+                        continue;
+                    };
+                    let family = match ff.take("family").map(|n| (n.pos, scalar(n, "family", d))) {
+                        None | Some((_, Some("IPv4"))) => Some(Protocol::Icmp4),
+                        Some((_, Some("IPv6"))) => Some(Protocol::Icmp6),
+                        Some((pos, Some(other))) => {
+                            d.error(pos, format!("unknown ICMP family `{other}` (IPv4 or IPv6)"));
+                            None
+                        }
+                        Some((_, None)) => None,
+                    };
+                    let icmp_type = match ff.take("type") {
+                        Some(t) => icmp_type(t, family.unwrap_or(Protocol::Icmp4), d),
+                        None => {
+                            d.error(ff.pos(), "icmps field needs `type`");
+                            None
+                        }
+                    };
+                    let pos = ff.pos();
+                    ff.finish("icmps field", d);
+                    if let (Some(family), Some(icmp_type)) = (family, icmp_type) {
+                        out.push(IcmpType {
+                            family,
+                            icmp_type,
+                            entry,
+                            pos,
+                        });
+                    }
+                }
+            }
+            None => d.error(ef.pos(), "icmps entry needs `fields`"),
+        }
+        ef.finish("icmps entry", d);
+    }
+    out
+}
+
+/// An ICMP type by number (0-255) or by Cilium's name for it in that family.
+fn icmp_type(node: &Node, family: Protocol, d: &mut Diagnostics) -> Option<u8> {
+    let text = scalar(node, "ICMP type", d)?;
+    if let Ok(n) = text.parse::<u8>() {
+        return Some(n);
+    }
+    let v4: &[(&str, u8)] = &[
+        ("EchoReply", 0),
+        ("DestinationUnreachable", 3),
+        ("Redirect", 5),
+        ("Echo", 8),
+        ("EchoRequest", 8),
+        ("RouterAdvertisement", 9),
+        ("RouterSelection", 10),
+        ("TimeExceeded", 11),
+        ("ParameterProblem", 12),
+        ("Timestamp", 13),
+        ("TimestampReply", 14),
+    ];
+    let v6: &[(&str, u8)] = &[
+        ("DestinationUnreachable", 1),
+        ("PacketTooBig", 2),
+        ("TimeExceeded", 3),
+        ("ParameterProblem", 4),
+        ("EchoRequest", 128),
+        ("EchoReply", 129),
+        ("RouterSolicitation", 133),
+        ("RouterAdvertisement", 134),
+        ("NeighborSolicitation", 135),
+        ("NeighborAdvertisement", 136),
+        ("RedirectMessage", 137),
+    ];
+    let names = if family == Protocol::Icmp6 { v6 } else { v4 };
+    match names.iter().find(|(n, _)| *n == text) {
+        Some((_, t)) => Some(*t),
+        None => {
+            d.error(
+                node.pos,
+                format!("`{text}` is not an ICMP type of this family (a number 0-255 or a name such as EchoRequest)"),
+            );
+            None
+        }
+    }
 }
 
 fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {

@@ -163,6 +163,20 @@ pub struct PeerRule {
     pub entities: Option<Vec<Entity>>,
     /// Empty: all ports.
     pub to_ports: Vec<PortRule>,
+    /// Cilium's `icmps`: the ICMP types (per family) this rule allows; only in a
+    /// rule without `toPorts`.
+    pub icmps: Vec<IcmpType>,
+    pub pos: Pos,
+}
+
+/// One `icmps[].fields[]` entry: an ICMP type of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpType {
+    /// [`Protocol::Icmp4`] or [`Protocol::Icmp6`].
+    pub family: Protocol,
+    pub icmp_type: u8,
+    /// Index of the `icmps` entry, for the rule's name.
+    pub entry: usize,
     pub pos: Pos,
 }
 
@@ -171,9 +185,13 @@ pub enum Protocol {
     Tcp,
     Udp,
     Any,
-    /// ICMP echo (v4 and v6). Not a `toPorts` protocol: only rules without
-    /// `toPorts` (which allow every protocol) allow it.
+    /// ICMP and ICMPv6, any type: what a rule without `toPorts` (which allows
+    /// every protocol) allows; never a `toPorts` protocol.
     Icmp,
+    /// ICMP (v4) by type, from `icmps` rules (the type is the "port").
+    Icmp4,
+    /// ICMPv6 by type, from `icmps` rules.
+    Icmp6,
 }
 
 impl fmt::Display for Protocol {
@@ -183,6 +201,8 @@ impl fmt::Display for Protocol {
             Protocol::Udp => "UDP",
             Protocol::Any => "ANY",
             Protocol::Icmp => "ICMP",
+            Protocol::Icmp4 => "ICMPv4",
+            Protocol::Icmp6 => "ICMPv6",
         })
     }
 }

@@ -192,3 +192,32 @@ fn duplicate_names_are_errors() {
     let e = errors(&format!("{doc}---\n{doc}"));
     assert_eq!(e, vec!["p.yaml:8:18: duplicate policy name `x`"]);
 }
+
+#[test]
+fn icmps_rules_load_and_their_mistakes_point_at_them() {
+    let head = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingress:\n";
+    let ok = format!(
+        "{head}    - icmps:\n        - fields: [{{type: 8, family: IPv4}}, {{type: EchoRequest, family: IPv6}}]\n"
+    );
+    assert!(errors(&ok).is_empty(), "{:?}", errors(&ok));
+    let with_ports = format!(
+        "{head}    - toPorts: [{{ports: [{{port: '80'}}]}}]\n      icmps:\n        - fields: [{{type: 8}}]\n"
+    );
+    assert_eq!(
+        errors(&with_ports),
+        [
+            "p.yaml:9:20: `icmps` may only be present without `toPorts` (as in Cilium): define a separate rule for the ports"
+        ]
+    );
+    let bad = format!(
+        "{head}    - icmps:\n        - fields: [{{type: Ping}}, {{type: 8, family: IPv5}}, {{family: IPv6}}]\n"
+    );
+    assert_eq!(
+        errors(&bad),
+        [
+            "p.yaml:8:27: `Ping` is not an ICMP type of this family (a number 0-255 or a name such as EchoRequest)",
+            "p.yaml:8:52: unknown ICMP family `IPv5` (IPv4 or IPv6)",
+            "p.yaml:8:59: icmps field needs `type`",
+        ]
+    );
+}

@@ -237,15 +237,18 @@ static __always_inline int l4_ports(struct flow *f, void *l4, void *data_end, __
 
 		if ((void *)(icmp + 1) > data_end)
 			return -1;
-		/* ICMP echo as a flow: the identifier is the request's source "port"
-		 * and the reply's destination "port", so a reply is the reverse of its
-		 * request; other messages decided by policy are flows with port 0. */
+		/* ICMP as a flow whose destination "port" is its type, so `icmps`
+		 * rules (type per family) are policy entries like ports. An echo
+		 * request also carries its identifier as the source "port", and an
+		 * echo reply is the reverse: (request type, identifier). */
 		f->key.sport = 0;
-		f->key.dport = 0;
-		if (icmp->type == request)
+		f->key.dport = bpf_htons(icmp->type);
+		if (icmp->type == request) {
 			f->key.sport = icmp->id;
-		else if (icmp->type == reply)
+		} else if (icmp->type == reply) {
+			f->key.sport = bpf_htons(request);
 			f->key.dport = icmp->id;
+		}
 		return 0;
 	}
 	return -1;

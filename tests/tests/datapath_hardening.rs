@@ -817,3 +817,59 @@ spec:
     assert!(!log.iter().any(|l| l.contains("/admin-tfo")), "{log:?}");
     assert!(log.iter().any(|l| l.contains("GET /public/a")), "{log:?}");
 }
+
+/// `icmps` rules allow ICMP by type and family: echo over IPv6 only for the
+/// tiefighter, echo over both for the xwing; a type that no rule names stays out.
+#[test]
+fn icmps_rules_allow_icmp_by_type_and_family() {
+    const ICMPS: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: icmps}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    icmps:
+    - fields: [{type: EchoRequest, family: IPv6}]
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+    icmps:
+    - fields: [{type: 8, family: IPv4}, {type: 128, family: IPv6}]
+"#;
+    let Some(mut s) = Scenario::star_wars("icmps") else {
+        return;
+    };
+    s.start_weir(ICMPS, &["--steering", "ebpf"]);
+    let ping = |from: &str, dst: &str| {
+        s.lab
+            .workload(from)
+            .ns
+            .command("ping")
+            .args(["-c", "1", "-W", "1", dst])
+            .output()
+            .expect("run ping")
+            .status
+            .success()
+    };
+    assert!(ping("xwing", DEATHSTAR4), "{}", s.weir_log_text());
+    assert!(ping("xwing", DEATHSTAR6));
+    assert!(ping("tiefighter", DEATHSTAR6));
+    assert!(
+        !ping("tiefighter", DEATHSTAR4),
+        "IPv4 echo is not in its rule"
+    );
+    let flows = s.flows();
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "FORWARDED"
+            && f["source"]["pod_name"] == "tiefighter"
+            && f["l4"]["ICMPv6"]["type"] == 128
+            && f["policy"] == "icmps spec.ingress[0].icmps[0]"),
+        "{flows:#?}"
+    );
+    assert!(
+        flows.iter().any(|f| f["verdict"] == "DROPPED"
+            && f["source"]["pod_name"] == "tiefighter"
+            && f["l4"]["ICMPv4"]["type"] == 8),
+        "{flows:#?}"
+    );
+}

@@ -167,20 +167,17 @@ pub fn event_flow(
         &verdict,
     );
     use weir_policy::flow::{Icmp, L4, Ports};
-    // ICMP echo: the identifier sits in the source port of a request and the
-    // destination port of a reply (the other is 0).
-    let request = e.dport == 0;
     flow.l4 = match e.protocol {
         17 => L4::Udp(Ports {
             source_port: u16::from_be(e.sport),
             destination_port: u16::from_be(e.dport),
         }),
         1 => L4::Icmpv4(Icmp {
-            kind: if request { 8 } else { 0 },
+            kind: icmp_type(e.sport, e.dport, 8, 0),
             code: 0,
         }),
         58 => L4::Icmpv6(Icmp {
-            kind: if request { 128 } else { 129 },
+            kind: icmp_type(e.sport, e.dport, 128, 129),
             code: 0,
         }),
         _ => flow.l4,
@@ -208,4 +205,17 @@ fn drop_reason(reason: u8) -> Option<&'static str> {
         WEIR_REASON_ICMP_UNTRACKED => "ICMP_UNTRACKED",
         _ => return None,
     })
+}
+
+/// The ICMP type of a kernel event's "ports" (see l4_ports in redirect.bpf.c): a
+/// request or other message carries its type in the destination port (an echo
+/// request its identifier in the source port), an echo reply carries the
+/// request's type in the source port.
+fn icmp_type(sport: u16, dport: u16, echo_request: u8, echo_reply: u8) -> u8 {
+    let (sport, dport) = (u16::from_be(sport), u16::from_be(dport));
+    if sport == u16::from(echo_request) && dport != u16::from(echo_request) {
+        echo_reply
+    } else {
+        u8::try_from(dport).unwrap_or(0)
+    }
 }

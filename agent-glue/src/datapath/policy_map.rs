@@ -150,6 +150,9 @@ pub fn policy_entries(policy: &CompiledPolicy, ids: &[u32]) -> (Vec<PolicyEntry>
             Protocol::Udp => &[IPPROTO_UDP],
             // The echo identifier rides in the port fields; one rule, both families.
             Protocol::Icmp => &[IPPROTO_ICMP, IPPROTO_ICMPV6],
+            // `icmps` rules: the ICMP type is the port.
+            Protocol::Icmp4 => &[IPPROTO_ICMP],
+            Protocol::Icmp6 => &[IPPROTO_ICMPV6],
             Protocol::Any => continue, // expanded to TCP and UDP by the compiler
         };
         let id = match table.iter().position(|t| *t == r.rule) {
