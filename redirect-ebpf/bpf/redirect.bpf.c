@@ -65,6 +65,13 @@ struct {
 } weir_endpoints SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* ifindex */
+	__type(value, __u32); /* WEIR_DEVICE_* */
+} weir_devices SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -588,7 +595,10 @@ static __always_inline void ct_touch(struct weir_ct_value *ct, struct flow *f, i
 {
 	__u8 flags = ct->flags;
 
-	ct->last_seen_ns = now;
+	/* Lifetimes are in seconds: refresh at most once a second, so the packets of
+	 * a busy flow on several CPUs do not all write the same cache line. */
+	if (now - ct->last_seen_ns >= NSEC)
+		ct->last_seen_ns = now;
 	if (f->key.protocol != IPPROTO_TCP)
 		return;
 	if (reply)
@@ -1077,6 +1087,7 @@ SEC("classifier")
 int weir_to_endpoint(struct __sk_buff *skb)
 {
 	struct weir_endpoint_info *src_ep = 0;
+	__u32 ifindex;
 	struct weir_ct_value *ct;
 	struct weir_config *cfg;
 	struct decision d = {};
@@ -1088,6 +1099,11 @@ int weir_to_endpoint(struct __sk_buff *skb)
 
 	cfg = bpf_map_lookup_elem(&weir_config, &zero);
 	if (!cfg)
+		return NOT_OURS;
+	/* Forwarded from an interface with weir's ingress program: decided there
+	 * (allowed and tracked, or it would not be here). */
+	ifindex = skb->ingress_ifindex;
+	if (ifindex && bpf_map_lookup_elem(&weir_devices, &ifindex))
 		return NOT_OURS;
 	parsed = parse(skb, &f);
 	if (parsed == PARSED_NOT_IP)

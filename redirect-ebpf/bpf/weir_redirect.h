@@ -12,7 +12,7 @@
 #include <linux/types.h>
 
 /* Bumped whenever a struct below changes; pinned maps of another version are replaced. */
-#define WEIR_LAYOUT_VERSION 4
+#define WEIR_LAYOUT_VERSION 5
 
 enum weir_counter_index {
 	WEIR_COUNTER_SEEN = 0,
@@ -46,6 +46,11 @@ struct weir_endpoint_info {
 	 * packet claiming its address anywhere else is spoofed. */
 	__u32 ifindex;
 };
+
+/* weir_devices: the interfaces weir's ingress programs are attached to (ifindex →
+ * WEIR_DEVICE_*). A packet forwarded from one of them was decided there. */
+#define WEIR_DEVICE_ENDPOINT 1
+#define WEIR_DEVICE_NETDEV 2
 
 /* weir_ipcache: LPM over addresses that are not local endpoints (CIDR, FQDN, and
  * the node's own addresses with the host identity). */

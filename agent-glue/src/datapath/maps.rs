@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -122,6 +122,10 @@ pub struct Config {
     pub flags: u32,
     pub pad: u32,
 }
+
+/// `weir_devices` values: what the interface is to weir.
+pub const DEVICE_ENDPOINT: u32 = 1;
+pub const DEVICE_NETDEV: u32 = 2;
 
 /// `weir_config.flags`: the node may reach every local endpoint (`--allow-localhost always`).
 pub const CFG_ALLOW_LOCALHOST: u32 = 1;

@@ -119,7 +119,7 @@ pub struct DatapathConfig {
     pub allow_localhost: bool,
 }
 
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     "weir_counters",
     "weir_endpoints",
     "weir_ipcache",
@@ -130,6 +130,7 @@ const MAPS: [&str; 10] = [
     "weir_event_layout",
     "weir_frags",
     "weir_enum_layout",
+    "weir_devices",
 ];
 
 /// One program attached to one interface direction.
@@ -372,6 +373,21 @@ impl Datapath {
             .filter(|(iface, role)| wanted.get(iface) != Some(role))
             .cloned()
             .collect();
+        // The device map names the interfaces whose ingress program decides: an
+        // interface leaves it before its programs go.
+        let index = interface_indexes();
+        let devices: HashMap<u32, u32> = wanted
+            .iter()
+            .filter(|(iface, role)| self.attached.contains_key(&((*iface).clone(), **role)))
+            .filter_map(|(iface, role)| {
+                let kind = match role {
+                    Role::Endpoint => maps::DEVICE_ENDPOINT,
+                    Role::Netdev => maps::DEVICE_NETDEV,
+                };
+                index.get(iface).map(|i| (*i, kind))
+            })
+            .collect();
+        self.write_devices(&devices)?;
         for key in stale {
             let held = self.attached.remove(&key).unwrap_or_default();
             self.detach(&key.0, held);
@@ -386,6 +402,26 @@ impl Datapath {
                 warn!(error = %e, "could not remove the pins of another layout version");
             }
             self.other_layouts_removed = true;
+        }
+        Ok(())
+    }
+
+    /// Makes `weir_devices` hold exactly `devices` (ifindex → kind).
+    fn write_devices(&mut self, devices: &HashMap<u32, u32>) -> Result<(), DatapathError> {
+        let mut m: aya::maps::HashMap<&mut MapData, u32, u32> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("weir_devices").ok_or_else(|| {
+                DatapathError::Map {
+                    map: "weir_devices",
+                    detail: "missing from the object".into(),
+                }
+            })?)
+            .map_err(map_err("weir_devices"))?;
+        let present: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for k in present.iter().filter(|k| !devices.contains_key(k)) {
+            m.remove(k).map_err(map_err("weir_devices"))?;
+        }
+        for (k, v) in devices {
+            m.insert(k, v, 0).map_err(map_err("weir_devices"))?;
         }
         Ok(())
     }
