@@ -11,7 +11,8 @@
 # - max throughput is secondary (flagged when CPU 0 was saturated);
 # - RUNS interleaved runs of DURATION seconds; median and spread reported.
 # PROFILE=1 records weir's throughput run with perf into tests/perf/results/.
-# CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags.
+# CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags;
+# CANDIDATES="direct weir weir-base" WEIR_BASE=/path/to/older/weir compares two builds in one run.
 # weir gets 100 HTTP rules (the benchmark request matches the last one); Envoy gets
 # the same 100 rules as RBAC policies; nginx proxies with no rules.
 set -euo pipefail
@@ -152,9 +153,11 @@ SUT_PID=
 start_sut() {
   case $1 in
     direct) SUT_PID=; URL=http://10.200.0.10/1k ;;
-    weir)
+    weir|weir-base)
       rm -rf "$WORK/state"
-      in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
+      local bin=$WEIR
+      [ "$1" = weir-base ] && bin=${WEIR_BASE:?WEIR_BASE=path/to/an/older/weir for the weir-base candidate}
+      in_ns $NODE taskset -c 1 "$bin" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
         --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
         2>"$WORK/weir.log" & SUT_PID=$!
       for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
@@ -182,7 +185,7 @@ stop_sut() {
   wait "$SUT_PID" 2>/dev/null || true
   # A stopped weir leaves its eBPF datapath enforcing; remove it before the next
   # candidate runs.
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
+  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true
   sleep 0.5
 }
 # CPU ticks of the SUT's whole process tree (nsenter → taskset → process → workers).
@@ -274,12 +277,18 @@ for c in "${CANDIDATES[@]}"; do
     "$((p50 - d50))" "$((p99 - d99))" "$rss"
 done
 echo
+[ -n "${MED[envoy,cpu]:-}" ] && [ -n "${MED[nginx,cpu]:-}" ] && \
 awk -v w="${MED[weir,cpu]}" -v e="${MED[envoy,cpu]}" -v n="${MED[nginx,cpu]}" \
     -v wf="${MED[weir,fcpu]}" -v ef="${MED[envoy,fcpu]}" -v nf="${MED[nginx,fcpu]}" -v rate="$RATE" \
     -v wr="${MED[weir,rps]}" -v dr="${MED[direct,rps]}" -v er="${MED[envoy,rps]}" 'BEGIN{
   printf "CPU per request at %d req/s (same load for all): weir/Envoy = %.2f (target <= 0.5), weir/nginx = %.2f\n", rate, wf/ef, wf/nf
   printf "CPU per request at max throughput: weir/Envoy = %.2f, weir/nginx = %.2f\n", w/e, w/n
   printf "throughput: weir/direct = %.2f, weir/Envoy = %.2f\n", wr/dr, wr/er }'
+if [ -n "${MED[weir-base,fcpu]:-}" ]; then
+  awk -v w="${MED[weir,fcpu]}" -v b="${MED[weir-base,fcpu]}" -v wm="${MED[weir,cpu]}" -v bm="${MED[weir-base,cpu]}" \
+      -v rate="$RATE" -v base="$WEIR_BASE" 'BEGIN{
+    printf "CPU per request, weir/weir-base (%s): %.2f at %d req/s, %.2f at max\n", base, w/b, rate, wm/bm }'
+fi
 echo "latency added by weir at ${RATE} req/s: p50 +$(( $(col weir 4 | median) - d50 )) us (target <= 50), p99 +$(( $(col weir 5 | median) - d99 )) us (target <= 200)"
 for c in "${CANDIDATES[@]}"; do
   for run in $(seq "$RUNS"); do

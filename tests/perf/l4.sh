@@ -116,7 +116,7 @@ teardown() {
     weir)
       kill -TERM "$WEIR_PID" 2>/dev/null || true; wait "$WEIR_PID" 2>/dev/null || true
       pkill -TERM -f "$WORK/policy.yaml" 2>/dev/null || true; sleep 0.5
-      in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true ;;
+      in_ns $NODE "$WEIR" cleanup --force --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true ;;
     iptables)
       in_ns $NODE iptables -P FORWARD ACCEPT
       in_ns $NODE iptables -F FORWARD

@@ -41,7 +41,7 @@ kill_work_processes() {
 # the work directory. Needs WORK, WEIR and BPF_ROOT.
 cleanup_run() {
   kill_work_processes "$WORK"
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" >/dev/null 2>&1 || true
+  in_ns $NODE "$WEIR" cleanup --force --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true
   remove_topology
   rm -rf "$WORK"
 }

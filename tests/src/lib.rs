@@ -285,11 +285,11 @@ impl Scenario {
         std::fs::read_to_string(&self.weir_log).unwrap_or_default()
     }
 
-    /// Flow records written so far.
+    /// Flow records written so far, once the log has settled (records reach it
+    /// in batches: the kernel's every 20 ms, the proxy's every few ms).
     pub fn flows(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.flow_log)
-            .unwrap_or_default()
-            .lines()
+        settled_lines(&self.flow_log)
+            .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
