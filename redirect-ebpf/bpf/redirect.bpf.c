@@ -1007,6 +1007,28 @@ static __always_inline int is_proxy_leg(struct __sk_buff *skb, struct weir_confi
 	return cfg->upstream_mark && skb->mark == cfg->upstream_mark && skb->ingress_ifindex == 0;
 }
 
+/* A packet whose source address is not its interface's to claim. */
+static __always_inline int spoofed(struct __sk_buff *skb, struct flow *f)
+{
+	return drop(skb, f, WEIR_REASON_SPOOFED_SOURCE, outside_identity(f->src, f->key.family),
+		    identity_of(endpoint(f->key.daddr, f->key.family), f->key.daddr, f->key.family),
+		    WEIR_NO_RULE);
+}
+
+/* What an ingress hook does with each kind of IP packet, once its sender is known. */
+static __always_inline int by_kind(struct __sk_buff *skb, struct flow *f, int parsed,
+				   struct weir_endpoint_info *src_ep, __u8 origin,
+				   struct weir_config *cfg)
+{
+	if (parsed == PARSED_UNSUPPORTED)
+		return unsupported(skb, f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
+	if (parsed == PARSED_FRAGMENT)
+		return fragment(skb, f, src_ep);
+	if (parsed == PARSED_ICMP_ERROR)
+		return icmp_error(skb, f, src_ep);
+	return entering(skb, f, src_ep, origin, cfg);
+}
+
 /* ---- the programs ------------------------------------------------------- */
 
 SEC("classifier")
@@ -1029,18 +1051,8 @@ int weir_from_endpoint(struct __sk_buff *skb)
 	 * whose veth this is. */
 	src_ep = endpoint(f.src, f.key.family);
 	if (!src_ep || src_ep->ifindex != skb->ifindex)
-		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
-			    outside_identity(f.src, f.key.family),
-			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
-					f.key.family),
-			    WEIR_NO_RULE);
-	if (parsed == PARSED_UNSUPPORTED)
-		return unsupported(skb, &f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
-	if (parsed == PARSED_FRAGMENT)
-		return fragment(skb, &f, src_ep);
-	if (parsed == PARSED_ICMP_ERROR)
-		return icmp_error(skb, &f, src_ep);
-	return entering(skb, &f, src_ep, WEIR_ORIGIN_ENDPOINT, cfg);
+		return spoofed(skb, &f);
+	return by_kind(skb, &f, parsed, src_ep, WEIR_ORIGIN_ENDPOINT, cfg);
 }
 
 SEC("classifier")
@@ -1065,22 +1077,12 @@ int weir_from_netdev(struct __sk_buff *skb)
 		if (src_ep->ifindex == skb->ifindex)
 			return NOT_OURS;
 		/* Endpoint addresses live behind their own veths, never out here. */
-		return drop(skb, &f, WEIR_REASON_SPOOFED_SOURCE,
-			    outside_identity(f.src, f.key.family),
-			    identity_of(endpoint(f.key.daddr, f.key.family), f.key.daddr,
-					f.key.family),
-			    WEIR_NO_RULE);
+		return spoofed(skb, &f);
 	}
 	/* Only packets for local endpoints are weir's business here. */
 	if (!endpoint(f.dst, f.key.family))
 		return NOT_OURS;
-	if (parsed == PARSED_UNSUPPORTED)
-		return unsupported(skb, &f, 0, WEIR_REASON_UNSUPPORTED_PROTOCOL);
-	if (parsed == PARSED_FRAGMENT)
-		return fragment(skb, &f, 0);
-	if (parsed == PARSED_ICMP_ERROR)
-		return icmp_error(skb, &f, 0);
-	return entering(skb, &f, 0, WEIR_ORIGIN_OUTSIDE, cfg);
+	return by_kind(skb, &f, parsed, 0, WEIR_ORIGIN_OUTSIDE, cfg);
 }
 
 SEC("classifier")

@@ -306,6 +306,38 @@ impl Scenario {
             .expect("run curl")
     }
 
+    /// `curl -X METHOD URL` from a namespace of the lab, 3 s at most: the status
+    /// code, or `000` when nothing answered.
+    pub fn status(&self, from: &str, method: &str, url: &str) -> String {
+        text(&self.curl(
+            from,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                "-X",
+                method,
+                url,
+            ],
+        ))
+    }
+
+    /// One ping (1 s) from a namespace of the lab: whether it was answered.
+    pub fn ping(&self, from: &str, dst: &str) -> bool {
+        self.lab
+            .workload(from)
+            .ns
+            .command("ping")
+            .args(["-c", "1", "-W", "1", dst])
+            .output()
+            .expect("run ping")
+            .status
+            .success()
+    }
+
     /// Sends raw bytes from a workload to `dst:port` and returns all that comes back
     /// before the server closes (or `wait` passes).
     pub fn raw(&self, from: &str, dst: &str, port: u16, bytes: &[u8], wait: Duration) -> Vec<u8> {

@@ -550,21 +550,6 @@ spec:
     - ports: [{port: "80", protocol: TCP}]
 "#;
 
-fn http_code(s: &Scenario, from: &str) -> String {
-    text(&s.curl(
-        from,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            &format!("http://{DEATHSTAR4}/"),
-        ],
-    ))
-}
-
 /// Under `ip netns exec` weir gets a mount namespace (and bpffs) of its own: it
 /// says at start and at stop that enforcement ends with it — and it does.
 #[test]
@@ -599,8 +584,14 @@ fn a_weir_whose_pins_die_with_it_says_so() {
         "{}",
         s.weir_log_text()
     );
-    assert_eq!(http_code(&s, "tiefighter"), "200");
-    assert_eq!(http_code(&s, "xwing"), "000");
+    assert_eq!(
+        s.status("tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
+    assert_eq!(
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000"
+    );
     assert!(
         s.weir_log_text()
             .contains("enforcement ends when weir stops"),
@@ -618,8 +609,12 @@ fn a_weir_whose_pins_die_with_it_says_so() {
     // And so it is: nothing is attached any more, the xwing gets through.
     let shown = s.run_in_node(&[weir_tests::weir_bin().to_str().unwrap(), "datapath", "show"]);
     assert!(
-        weir_tests::lab::wait_until(Duration::from_secs(5), || http_code(&s, "xwing") == "200")
-            .is_ok(),
+        weir_tests::lab::wait_until(Duration::from_secs(5), || s.status(
+            "xwing",
+            "GET",
+            &format!("http://{DEATHSTAR4}/")
+        ) == "200")
+        .is_ok(),
         "{shown}"
     );
 }
@@ -647,7 +642,11 @@ fn a_layout_upgrade_never_leaves_an_interface_unguarded() {
         .expect("a layout directory");
     let older = s.bpf_root.join("v0");
     std::fs::rename(&current, &older).expect("rename the layout directory");
-    assert_eq!(http_code(&s, "xwing"), "000", "the older layout enforces");
+    assert_eq!(
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000",
+        "the older layout enforces"
+    );
     // An xwing knocking every 20 ms for the whole restart.
     let tries = s.path("tries.txt");
     let mut prober = s.lab.workload("xwing").ns.command("sh");
@@ -675,8 +674,14 @@ fn a_layout_upgrade_never_leaves_an_interface_unguarded() {
         "the older layout's pins are gone once attached"
     );
     assert!(current.exists());
-    assert_eq!(http_code(&s, "tiefighter"), "200");
-    assert_eq!(http_code(&s, "xwing"), "000");
+    assert_eq!(
+        s.status("tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        "200"
+    );
+    assert_eq!(
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        "000"
+    );
 }
 
 /// A SYN carrying a request (TCP Fast Open) from the client, on the tuple the
@@ -840,17 +845,7 @@ spec:
         return;
     };
     s.start_weir(ICMPS, &["--steering", "ebpf"]);
-    let ping = |from: &str, dst: &str| {
-        s.lab
-            .workload(from)
-            .ns
-            .command("ping")
-            .args(["-c", "1", "-W", "1", dst])
-            .output()
-            .expect("run ping")
-            .status
-            .success()
-    };
+    let ping = |from: &str, dst: &str| s.ping(from, dst);
     assert!(ping("xwing", DEATHSTAR4), "{}", s.weir_log_text());
     assert!(ping("xwing", DEATHSTAR6));
     assert!(ping("tiefighter", DEATHSTAR6));

@@ -35,23 +35,6 @@ spec:
         - {method: POST, path: /v1/request-landing}
 "#;
 
-fn status(s: &Scenario, from: &str, method: &str, url: &str) -> String {
-    text(&s.curl(
-        from,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            "-X",
-            method,
-            url,
-        ],
-    ))
-}
-
 /// Under L4_POLICY: the tiefighter reaches the deathstar's port 80 over IPv4 and
 /// IPv6; the xwing's SYNs are dropped on both (no answer at all).
 fn assert_l4_policy_holds(s: &Scenario) {
@@ -60,7 +43,7 @@ fn assert_l4_policy_holds(s: &Scenario) {
             format!("http://{DEATHSTAR4}/"),
             format!("http://[{DEATHSTAR6}]/"),
         ] {
-            assert_eq!(status(s, from, "GET", &url), want, "{from} -> {url}");
+            assert_eq!(s.status(from, "GET", &url), want, "{from} -> {url}");
         }
     }
 }
@@ -83,8 +66,7 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
     s.start_weir(L4_POLICY, &["--steering", "ebpf"]);
 
     assert_eq!(
-        status(
-            &s,
+        s.status(
             "tiefighter",
             "PUT",
             &format!("http://{DEATHSTAR4}/v1/exhaust-port")
@@ -97,7 +79,7 @@ fn l3_l4_policy_is_enforced_in_the_kernel() {
     let url_8443 = format!("http://{DEATHSTAR4}:8443/");
     let from_node = s.curl_from_node(&["-o", "/dev/null", "-w", "%{http_code}", &url_8443]);
     assert_eq!(text(&from_node), "200");
-    assert_eq!(status(&s, "tiefighter", "GET", &url_8443), "000");
+    assert_eq!(s.status("tiefighter", "GET", &url_8443), "000");
     let log = s.access_log();
     assert_eq!(
         log.len(),
@@ -196,14 +178,13 @@ fn l7_flows_reach_the_proxy_through_sk_assign() {
     s.start_weir(L7_POLICY, &["--steering", "ebpf"]);
     let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
     assert_eq!(
-        status(&s, "tiefighter", "POST", &landing),
+        s.status("tiefighter", "POST", &landing),
         "200",
         "{}",
         s.weir_log_text()
     );
     assert_eq!(
-        status(
-            &s,
+        s.status(
             "tiefighter",
             "PUT",
             &format!("http://{DEATHSTAR4}/v1/exhaust-port")
@@ -211,8 +192,7 @@ fn l7_flows_reach_the_proxy_through_sk_assign() {
         "403"
     );
     assert_eq!(
-        status(
-            &s,
+        s.status(
             "tiefighter",
             "POST",
             &format!("http://[{DEATHSTAR6}]/v1/request-landing")
@@ -220,7 +200,7 @@ fn l7_flows_reach_the_proxy_through_sk_assign() {
         "200"
     );
     // Denied at L3/L4 in the kernel: the proxy never sees the xwing.
-    assert_eq!(status(&s, "xwing", "POST", &landing), "000");
+    assert_eq!(s.status("xwing", "POST", &landing), "000");
     let log = s.access_log();
     assert_eq!(log.len(), 2, "{log:?}");
     let flows = s.flows();
@@ -377,17 +357,7 @@ fn icmp_echo_is_policed_like_any_other_flow() {
         return;
     };
     s.start_weir(PING_POLICY, &["--steering", "ebpf"]);
-    let ping = |from: &str, dst: &str| {
-        s.lab
-            .workload(from)
-            .ns
-            .command("ping")
-            .args(["-c", "1", "-W", "1", dst])
-            .output()
-            .expect("run ping")
-            .status
-            .success()
-    };
+    let ping = |from: &str, dst: &str| s.ping(from, dst);
     assert!(ping("tiefighter", DEATHSTAR4), "{}", s.weir_log_text());
     assert!(ping("tiefighter", DEATHSTAR6));
     assert!(!ping("xwing", DEATHSTAR4), "TCP/80 only: no ping");
@@ -465,11 +435,11 @@ fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     // Without weir the kernel still enforces L3/L4.
     assert_eq!(show(&s), attached);
     assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
     );
     assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
         "000"
     );
     // Something of someone else's on the same interface must survive cleanup.
@@ -522,7 +492,7 @@ fn stopping_weir_leaves_enforcement_and_cleanup_removes_exactly_weirs() {
     );
     // And with nothing of weir's left, the xwing gets through again.
     assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
     );
 }
@@ -566,7 +536,7 @@ fn cidr_except_deny_and_port_ranges_in_the_kernel() {
     s.start_deathstar(&[8004, 8005, 8006, 8010, 8011]);
     s.start_weir(CIDR_POLICY, &["--steering", "ebpf"]);
     let get =
-        |from: &str, port: u16| status(&s, from, "GET", &format!("http://{DEATHSTAR4}:{port}/"));
+        |from: &str, port: u16| s.status(from, "GET", &format!("http://{DEATHSTAR4}:{port}/"));
     assert_eq!(get("probein", 80), "200", "inside the CIDR");
     assert_eq!(get("probeout", 80), "000", "inside the except");
     assert_eq!(
@@ -643,7 +613,7 @@ fn the_clsact_fallback_enforces_survives_a_restart_and_cleans_up() {
     let bpftool = s.run_in_node(&["bpftool", "net"]);
     assert!(!bpftool.contains("weir"), "{bpftool}");
     assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
     );
 }

@@ -55,24 +55,6 @@ fn star_wars_and_world(test: &str) -> Option<Scenario> {
     Some(s)
 }
 
-/// `curl -X METHOD URL` from `ns` (a workload or outside namespace): the status code.
-fn status(s: &Scenario, from: &str, method: &str, url: &str) -> String {
-    text(&s.curl(
-        from,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            "-X",
-            method,
-            url,
-        ],
-    ))
-}
-
 #[test]
 fn l7_rules_apply_to_a_world_client_of_an_endpoint() {
     world_client_of_an_endpoint("ebpf");
@@ -94,17 +76,17 @@ fn world_client_of_an_endpoint(steering: &str) {
         format!("http://[{DEATHSTAR6}]"),
     ] {
         assert_eq!(
-            status(&s, "world", "GET", &format!("{base}/public/x")),
+            s.status("world", "GET", &format!("{base}/public/x")),
             "200",
             "{base}: {}",
             s.weir_log_text()
         );
-        assert_eq!(status(&s, "world", "PUT", &format!("{base}/admin")), "403");
-        assert_eq!(status(&s, "world", "GET", &format!("{base}/admin")), "403");
+        assert_eq!(s.status("world", "PUT", &format!("{base}/admin")), "403");
+        assert_eq!(s.status("world", "GET", &format!("{base}/admin")), "403");
     }
     // The xwing (an endpoint, not in the CIDR) is not admitted at all.
     assert_eq!(
-        status(&s, "xwing", "GET", &format!("http://{DEATHSTAR4}/public/x")),
+        s.status("xwing", "GET", &format!("http://{DEATHSTAR4}/public/x")),
         l4_denied(steering)
     );
     let log = s.access_log();
@@ -145,18 +127,18 @@ fn endpoint_to_a_world_server(steering: &str) {
     s.start_weir(EGRESS_L7_TO_CIDR, &["--steering", steering]);
     for base in [format!("http://{WORLD4}"), format!("http://[{WORLD6}]")] {
         assert_eq!(
-            status(&s, "tiefighter", "GET", &format!("{base}/public/x")),
+            s.status("tiefighter", "GET", &format!("{base}/public/x")),
             "200",
             "{base}: {}",
             s.weir_log_text()
         );
         assert_eq!(
-            status(&s, "tiefighter", "POST", &format!("{base}/public/x")),
+            s.status("tiefighter", "POST", &format!("{base}/public/x")),
             "403"
         );
         // Egress-enforced: nothing else leaves the tiefighter.
         assert_eq!(
-            status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+            s.status("tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
             l4_denied(steering)
         );
     }
@@ -208,7 +190,7 @@ spec:
         s.start_weir(ONLY_EMPIRE, &["--steering", "ebpf"]);
         for url in &urls {
             assert_eq!(node_status(&s, url), "200", "{url}");
-            assert_eq!(status(&s, "xwing", "GET", url), "000", "{url}");
+            assert_eq!(s.status("xwing", "GET", url), "000", "{url}");
         }
     }
     let Some(mut s) = Scenario::star_wars("host-policy") else {
@@ -267,19 +249,19 @@ spec:
     s.start_weir(TO_WORLD_AND_DEATHSTAR, &["--steering", "ebpf"]);
     let world = [format!("http://{WORLD4}/"), format!("http://[{WORLD6}]/")];
     for url in &world {
-        assert_eq!(status(&s, "tiefighter", "GET", url), "200", "{url}");
+        assert_eq!(s.status("tiefighter", "GET", url), "200", "{url}");
     }
     s.reload(&only_deathstar);
     for url in &world {
-        assert_eq!(status(&s, "tiefighter", "GET", url), "000", "{url}");
+        assert_eq!(s.status("tiefighter", "GET", url), "000", "{url}");
     }
     assert_eq!(
-        status(&s, "tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("tiefighter", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
     );
     // The world is not policed for ingress: it still reaches the deathstar.
     assert_eq!(
-        status(&s, "world", "GET", &format!("http://{DEATHSTAR4}/")),
+        s.status("world", "GET", &format!("http://{DEATHSTAR4}/")),
         "200"
     );
     assert_eq!(s.access_log_of("world").len(), 2);
