@@ -912,6 +912,8 @@ static __always_inline __u32 tracked(struct __sk_buff *skb, struct weir_ct_value
 		return WEIR_DROP;
 	}
 	ct_touch(ct, pkt, reply, now);
+	/* Every datagram of a tracked flow may be fragmented, not only its first. */
+	first_fragment(pkt, 1);
 	return ct->verdict;
 }
 
