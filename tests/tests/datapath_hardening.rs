@@ -210,7 +210,16 @@ fn fragments_follow_their_first_fragments_verdict() {
         raw(
             &s,
             "tiefighter",
-            &["udp-frags", tie, dst, "5353", "--payload", &payload, "--id", "7004"],
+            &[
+                "udp-frags",
+                tie,
+                dst,
+                "5353",
+                "--payload",
+                &payload,
+                "--id",
+                "7004",
+            ],
         );
         settle();
         let first = counter(&s, "deathstar", &format!("tie{fam}"));
