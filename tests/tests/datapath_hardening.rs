@@ -299,6 +299,11 @@ spec:
             ("unreach6", "icmpv6 type destination-unreachable"),
         ],
     );
+    // A listener on the world's side, so its kernel sends no port-unreachable of
+    // its own (which, for IPv6, can come late, after neighbour discovery).
+    let mut sink = s.lab.workload("world").ns.command("socat");
+    sink.args(["-u", "UDP6-RECV:9999,ipv6only=0", "OPEN:/dev/null"]);
+    s.lab.spawn("world-udp-sink", sink).unwrap();
     s.start_weir(DEATHSTAR_INGRESS, &["--steering", "ebpf"]);
     for (fam, world, dst, flow) in [
         (
@@ -324,8 +329,6 @@ spec:
             .output()
             .unwrap();
         assert!(sent.status.success());
-        // The world's own kernel answers it with a real port-unreachable, which
-        // passes too; count from here.
         settle();
         let before = counter(&s, "deathstar", &format!("unreach{fam}"));
         let tracked = format!("{dst}|5555|{world}|9999");
