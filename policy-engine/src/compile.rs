@@ -14,10 +14,15 @@ use http::HeaderMap;
 use serde::Serialize;
 use weir_parsers::http::RequestFacts;
 
-use crate::endpoints::Endpoint;
+use crate::endpoints::{Endpoint, Service};
 use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
-use crate::identity::{IDENTITY_HOST, IDENTITY_WORLD, IdentityAllocator};
-use crate::model::{Cidr, Entity, PeerRule, Policy, PortSpec, Protocol, Selector};
+use crate::identity::{
+    IDENTITY_HEALTH, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE,
+    IDENTITY_WORLD, IdentityAllocator, Labels,
+};
+use crate::model::{
+    Cidr, ClusterConfig, Entity, PeerRule, Policy, PortSpec, Protocol, Selector, ServiceRef,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -52,7 +57,18 @@ impl fmt::Display for RuleRef {
 #[derive(Debug, Clone)]
 pub struct CompiledEndpoint {
     pub endpoint: Endpoint,
+    /// The labels its identity derives from (the user's plus the namespace).
+    pub labels: Labels,
     pub identity: u32,
+}
+
+/// What policy is compiled against besides the endpoints: the services of the
+/// endpoints file (for `toServices`) and the cluster around the node (for the
+/// `cluster`, `remote-node` and `kube-apiserver` entities).
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    pub services: Vec<Service>,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug)]
@@ -378,6 +394,22 @@ pub struct CidrIdentity {
     pub cidr: Cidr,
     pub identity: u32,
     pub containing: Vec<Cidr>,
+    /// Which reserved range (if any) the prefix lies in.
+    pub kind: CidrKind,
+}
+
+/// Where a non-endpoint prefix lies. Reserved ranges take precedence over the
+/// prefixes policies mention: an address inside `--cluster-cidr` is a pod of the
+/// cluster (not `world`, and — as in Cilium — not selected by CIDR rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CidrKind {
+    World,
+    /// Inside a `--cluster-cidr` range.
+    Cluster,
+    /// Inside a `--remote-node-cidr` range.
+    RemoteNode,
+    /// A `--kube-apiserver` address.
+    KubeApiserver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -392,11 +424,25 @@ impl CompiledPolicy {
         endpoints: &[Endpoint],
         identities: &mut IdentityAllocator,
     ) -> Result<Self, CompileError> {
+        Self::compile_in(policies, endpoints, &Environment::default(), identities)
+    }
+
+    /// Compiles with services and the cluster's ranges known.
+    pub fn compile_in(
+        policies: &[Policy],
+        endpoints: &[Endpoint],
+        env: &Environment,
+        identities: &mut IdentityAllocator,
+    ) -> Result<Self, CompileError> {
         let compiled_eps: Vec<CompiledEndpoint> = endpoints
             .iter()
-            .map(|e| CompiledEndpoint {
-                endpoint: e.clone(),
-                identity: identities.identity(&e.labels),
+            .map(|e| {
+                let labels = e.identity_labels();
+                CompiledEndpoint {
+                    endpoint: e.clone(),
+                    identity: identities.identity(&labels),
+                    labels,
+                }
             })
             .collect();
         let mut by_ip = HashMap::new();
@@ -405,10 +451,12 @@ impl CompiledPolicy {
                 by_ip.insert(*ip, i);
             }
         }
-        let cidrs = cidr_identities(policies, identities);
+        let cidrs = cidr_identities(policies, env, &by_ip, identities);
         let universe = PeerUniverse {
             endpoints: &compiled_eps,
+            by_ip: &by_ip,
             cidrs: &cidrs,
+            services: &env.services,
         };
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
@@ -601,7 +649,65 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 struct PeerUniverse<'a> {
     endpoints: &'a [CompiledEndpoint],
+    by_ip: &'a HashMap<IpAddr, usize>,
     cidrs: &'a [CidrIdentity],
+    services: &'a [Service],
+}
+
+impl PeerUniverse<'_> {
+    /// The services a `toServices` entry names.
+    fn services_of<'s>(&'s self, r: &'s ServiceRef) -> impl Iterator<Item = &'s Service> + 's {
+        self.services.iter().filter(move |s| match r {
+            ServiceRef::Named { name, namespace } => {
+                &s.name == name && namespace.as_ref().is_none_or(|ns| &s.namespace == ns)
+            }
+            ServiceRef::Selected {
+                selector,
+                namespace,
+            } => {
+                namespace.as_ref().is_none_or(|ns| &s.namespace == ns) && selector.matches(&s.labels)
+            }
+        })
+    }
+
+    /// A service's backends as identities: the endpoints its selector matches in
+    /// its namespace, or the identities of its listed addresses.
+    fn service_backends(&self, s: &Service, out: &mut HashSet<u32>) {
+        match &s.selector {
+            Some(sel) => out.extend(
+                self.endpoints
+                    .iter()
+                    .filter(|e| e.endpoint.namespace == s.namespace && sel.matches(&e.endpoint.labels))
+                    .map(|e| e.identity),
+            ),
+            None => {
+                for ip in &s.backends {
+                    let ip = canonical_ip(*ip);
+                    match self.by_ip.get(&ip) {
+                        Some(i) => {
+                            out.insert(self.endpoints[*i].identity);
+                        }
+                        None => {
+                            let host = host_prefix(ip);
+                            out.extend(
+                                self.cidrs
+                                    .iter()
+                                    .filter(|c| c.cidr == host)
+                                    .map(|c| c.identity),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> Cidr {
+    Cidr {
+        addr: ip,
+        len: if ip.is_ipv4() { 32 } else { 128 },
+    }
 }
 
 fn all_peer_rules(
@@ -620,37 +726,90 @@ fn all_peer_rules(
     }
 }
 
-fn cidr_identities(policies: &[Policy], ids: &mut IdentityAllocator) -> Vec<CidrIdentity> {
-    let mut prefixes: Vec<Cidr> = Vec::new();
+fn cidr_identities(
+    policies: &[Policy],
+    env: &Environment,
+    by_ip: &HashMap<IpAddr, usize>,
+    ids: &mut IdentityAllocator,
+) -> Vec<CidrIdentity> {
+    // Prefixes policies mention (with `except`s), and the addresses of
+    // selector-less services that `toServices` may name.
+    let mut mentioned: Vec<Cidr> = Vec::new();
     for p in policies {
         for rule in &p.rules {
             for dir in [Direction::Ingress, Direction::Egress] {
                 for (list, _, _) in all_peer_rules(rule, dir) {
                     for pr in list.into_iter().flatten() {
                         for c in pr.cidrs.iter().flatten() {
-                            prefixes.push(c.cidr);
-                            prefixes.extend(&c.except);
+                            mentioned.push(c.cidr);
+                            mentioned.extend(&c.except);
                         }
                     }
                 }
             }
         }
     }
+    for s in env.services.iter().filter(|s| s.selector.is_none()) {
+        mentioned.extend(
+            s.backends
+                .iter()
+                .map(|ip| canonical_ip(*ip))
+                .filter(|ip| !by_ip.contains_key(ip))
+                .map(host_prefix),
+        );
+    }
+    let c = &env.cluster;
+    let reserved: Vec<(Cidr, CidrKind)> = c
+        .cluster_cidrs
+        .iter()
+        .map(|p| (*p, CidrKind::Cluster))
+        .chain(c.remote_node_cidrs.iter().map(|p| (*p, CidrKind::RemoteNode)))
+        .chain(
+            c.kube_apiserver
+                .iter()
+                .map(|ip| (host_prefix(canonical_ip(*ip)), CidrKind::KubeApiserver)),
+        )
+        .collect();
+    let mut prefixes: Vec<Cidr> = mentioned
+        .iter()
+        .copied()
+        .chain(reserved.iter().map(|(p, _)| *p))
+        .collect();
     prefixes.sort();
     prefixes.dedup();
+    mentioned.sort();
+    mentioned.dedup();
     let mut out: Vec<CidrIdentity> = prefixes
         .iter()
         .map(|p| {
-            let containing: Vec<Cidr> = prefixes.iter().copied().filter(|q| q.covers(p)).collect();
-            let mut labels: crate::identity::Labels = containing
+            let containing: Vec<Cidr> = mentioned.iter().copied().filter(|q| q.covers(p)).collect();
+            let kind = reserved
+                .iter()
+                .filter(|(q, _)| q.covers(p))
+                .map(|(_, k)| *k)
+                .max()
+                .unwrap_or(CidrKind::World);
+            let mut labels: Labels = containing
                 .iter()
                 .map(|q| (format!("cidr:{q}"), String::new()))
                 .collect();
-            labels.insert("reserved:world".into(), String::new());
+            let reserved_label = match kind {
+                CidrKind::World => "reserved:world",
+                CidrKind::Cluster => "reserved:cluster",
+                CidrKind::RemoteNode => "reserved:remote-node",
+                CidrKind::KubeApiserver => "reserved:kube-apiserver",
+            };
+            labels.insert(reserved_label.into(), String::new());
+            let identity = match kind {
+                CidrKind::KubeApiserver => IDENTITY_KUBE_APISERVER,
+                CidrKind::RemoteNode if containing.is_empty() => IDENTITY_REMOTE_NODE,
+                _ => ids.identity(&labels),
+            };
             CidrIdentity {
                 cidr: *p,
-                identity: ids.identity(&labels),
+                identity,
                 containing,
+                kind,
             }
         })
         .collect();
@@ -659,7 +818,8 @@ fn cidr_identities(policies: &[Policy], ids: &mut IdentityAllocator) -> Vec<Cidr
 }
 
 fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
-    if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() {
+    if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() && pr.services.is_none()
+    {
         return PeerSet::Any;
     }
     let entities = pr.entities.as_deref().unwrap_or(&[]);
@@ -671,27 +831,68 @@ fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
         ids.extend(
             u.endpoints
                 .iter()
-                .filter(|e| sels.iter().any(|s| s.matches(&e.endpoint.labels)))
+                .filter(|e| sels.iter().any(|s| s.matches(&e.labels)))
                 .map(|e| e.identity),
         );
     }
+    // CIDR rules select addresses outside the cluster only (as in Cilium: not
+    // pods, not nodes, not the API server).
     for c in pr.cidrs.iter().flatten() {
         ids.extend(
             u.cidrs
                 .iter()
                 .filter(|ci| {
-                    ci.containing.contains(&c.cidr)
+                    ci.kind == CidrKind::World
+                        && ci.containing.contains(&c.cidr)
                         && !c.except.iter().any(|e| ci.containing.contains(e))
                 })
                 .map(|ci| ci.identity),
         );
     }
-    if entities.contains(&Entity::World) {
-        ids.insert(IDENTITY_WORLD);
-        ids.extend(u.cidrs.iter().map(|c| c.identity));
+    for r in pr.services.iter().flatten() {
+        for s in u.services_of(r) {
+            u.service_backends(s, &mut ids);
+        }
     }
-    if entities.contains(&Entity::Host) {
-        ids.insert(IDENTITY_HOST);
+    let of_kind = |k: CidrKind| {
+        u.cidrs
+            .iter()
+            .filter(move |c| c.kind == k)
+            .map(|c| c.identity)
+    };
+    for e in entities {
+        match e {
+            Entity::World => {
+                ids.insert(IDENTITY_WORLD);
+                ids.extend(of_kind(CidrKind::World));
+            }
+            Entity::Host => {
+                ids.insert(IDENTITY_HOST);
+            }
+            Entity::Cluster => {
+                // Cilium: host, remote-node, init, health, unmanaged and every
+                // pod of the cluster; for weir every local endpoint and the
+                // --cluster-cidr ranges (unmanaged is never assigned).
+                ids.extend(u.endpoints.iter().map(|e| e.identity));
+                ids.extend([IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_HEALTH, IDENTITY_INIT]);
+                ids.extend(of_kind(CidrKind::Cluster));
+                ids.extend(of_kind(CidrKind::RemoteNode));
+            }
+            Entity::RemoteNode => {
+                ids.insert(IDENTITY_REMOTE_NODE);
+                ids.extend(of_kind(CidrKind::RemoteNode));
+            }
+            Entity::Health => {
+                ids.insert(IDENTITY_HEALTH);
+            }
+            Entity::Init => {
+                ids.insert(IDENTITY_INIT);
+            }
+            Entity::KubeApiserver => {
+                ids.insert(IDENTITY_KUBE_APISERVER);
+            }
+            Entity::All | Entity::None => {}
+        }
     }
     PeerSet::Identities(ids)
 }
@@ -704,6 +905,11 @@ fn build_table(
 ) -> Result<Option<DirTable>, CompileError> {
     let endpoints = universe.endpoints;
     let mut selected = false;
+    // Cilium: the endpoint is default-deny in this direction when any rule
+    // selecting it there enables it (the default); otherwise everything is
+    // allowed but what deny rules deny, and the rules' allows still apply (L7).
+    let mut default_deny = false;
+    let mut default_allow_origin: Option<RuleRef> = None;
     let mut entries: Vec<L4Entry> = Vec::new();
     let mut exact: HashMap<(Protocol, u16), Vec<u32>> = HashMap::new();
     let mut ranges = Vec::new();
@@ -716,14 +922,29 @@ fn build_table(
                 let Some(peer_rules) = peer_rules else {
                     continue;
                 };
-                if !rule.subject.matches(&subject.endpoint.labels) {
+                if !rule.subject.matches(&subject.labels) {
                     continue;
                 }
                 selected = true;
+                let (dd, dd_field) = match dir {
+                    Direction::Ingress => (rule.default_deny.ingress, "ingress"),
+                    Direction::Egress => (rule.default_deny.egress, "egress"),
+                };
+                if dd.unwrap_or(true) {
+                    default_deny = true;
+                } else if default_allow_origin.is_none() {
+                    default_allow_origin = Some(RuleRef {
+                        policy: pname.clone(),
+                        rule: format!("{}.enableDefaultDeny.{dd_field}", rule.label),
+                    });
+                }
                 for (pi, pr) in peer_rules.iter().enumerate() {
                     let peers = pr.peers.clone();
                     let base = format!("{}.{field}[{pi}]", rule.label);
-                    let no_l3 = pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none();
+                    let no_l3 = pr.peers.is_none()
+                        && pr.cidrs.is_none()
+                        && pr.entities.is_none()
+                        && pr.services.is_none();
                     if !pr.icmps.is_empty() {
                         // `icmps`: these types (the "port") of ICMP or ICMPv6 only;
                         // one entry per `icmps` item, for the deciding rule's name.
@@ -838,6 +1059,20 @@ fn build_table(
     if !selected {
         return Ok(None);
     }
+    if !default_deny && let Some(origin) = default_allow_origin {
+        // What Cilium inserts for an endpoint that only default-allow rules
+        // select: `{from,to}Entities: [all]` on every port and protocol.
+        let id = entries.len() as u32;
+        entries.push(L4Entry {
+            origin,
+            peers: PeerSet::Any,
+            deny: false,
+            http_refs: None,
+        });
+        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
+            ranges.push((proto, 0, u16::MAX, id));
+        }
+    }
     Ok(Some(DirTable {
         entries,
         exact,
@@ -872,7 +1107,7 @@ fn resolve_port(
                     .filter(|e| {
                         peers
                             .as_ref()
-                            .is_none_or(|s| s.iter().any(|s| s.matches(&e.endpoint.labels)))
+                            .is_none_or(|s| s.iter().any(|s| s.matches(&e.labels)))
                     })
                     .filter_map(|e| e.endpoint.ports.get(name).copied())
                     .collect();

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::Diagnostics;
+use crate::labels::{CILIUM_RESERVED_KEY_PREFIX, DEFAULT_NAMESPACE, NAMESPACE_LABEL, check_namespace};
 use crate::model::*;
 use crate::yaml::{Node, Pos, Value};
 
@@ -11,15 +12,11 @@ use crate::yaml::{Node, Pos, Value};
 /// from typos tells the operator the policy is valid Cilium, just not for weir.
 const NOT_YET: &[&str] = &[
     "toFQDNs",
-    "toServices",
-    "toGroups",
-    "fromGroups",
     "fromRequires",
     "toRequires",
     "fromNodes",
     "toNodes",
     "authentication",
-    "enableDefaultDeny",
     "terminatingTLS",
     "originatingTLS",
     "serverNames",
@@ -208,19 +205,33 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
                     Some(n) if !n.is_empty() => name = n.to_string(),
                     _ => d.error(m.pos(), "missing field `metadata.name`"),
                 }
-                namespace = m
-                    .take("namespace")
-                    .and_then(|n| scalar(n, "metadata.namespace", d))
-                    .map(str::to_string);
+                namespace = m.take("namespace").and_then(|n| {
+                    let ns = scalar(n, "metadata.namespace", d)?;
+                    if let Err(e) = check_namespace(ns) {
+                        d.error(n.pos, e);
+                    }
+                    Some(ns.to_string())
+                });
                 // Other metadata (labels, annotations, uid, ...) does not change enforcement.
                 m.ignore_rest();
             }
         }
         None => d.error(f.pos(), "missing field `metadata`"),
     }
-    if kind == PolicyKind::Clusterwide && namespace.is_some() {
-        namespace = None;
-    }
+    // A clusterwide policy has no namespace (Kubernetes ignores one). A
+    // CiliumNetworkPolicy without one is confined to `default`, where `kubectl
+    // apply` would put it (its name stays unqualified, as written).
+    let confined_to: Option<String> = match kind {
+        PolicyKind::Clusterwide => {
+            namespace = None;
+            None
+        }
+        PolicyKind::Namespaced => Some(
+            namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+        ),
+    };
     let mut rules = Vec::new();
     let spec = f.take("spec");
     let specs = f.take("specs");
@@ -228,11 +239,17 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
         d.error(f.pos(), "policy has neither `spec` nor `specs`");
     }
     if let Some(s) = spec {
-        rules.extend(rule(s, "spec".to_string(), kind, d));
+        rules.extend(rule(s, "spec".to_string(), kind, confined_to.as_deref(), d));
     }
     if let Some(list) = specs {
         for (i, s) in seq(list, "specs", d).unwrap_or(&[]).iter().enumerate() {
-            rules.extend(rule(s, format!("specs[{i}]"), kind, d));
+            rules.extend(rule(
+                s,
+                format!("specs[{i}]"),
+                kind,
+                confined_to.as_deref(),
+                d,
+            ));
         }
     }
     // `status` is written by Kubernetes, never by the policy author.
@@ -248,12 +265,75 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
     })
 }
 
-fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Option<Rule> {
+/// Confines a namespaced policy's peer selector to its namespace, as Cilium does:
+/// unless the selector names `io.kubernetes.pod.namespace` itself, it only
+/// selects endpoints of the policy's namespace (`{}` = every endpoint there). A
+/// clusterwide policy's selectors are not confined.
+fn confine_peer_selector(sel: &mut Selector, namespace: Option<&str>) {
+    let Some(ns) = namespace else { return };
+    let names_namespace = sel.match_labels.contains_key(NAMESPACE_LABEL)
+        || sel.match_expressions.iter().any(|e| e.key == NAMESPACE_LABEL);
+    if !names_namespace {
+        sel.match_labels
+            .insert(NAMESPACE_LABEL.to_string(), ns.to_string());
+    }
+}
+
+/// `enableDefaultDeny: {ingress: bool, egress: bool}`.
+fn default_deny(node: &Node, d: &mut Diagnostics) -> DefaultDeny {
+    let mut out = DefaultDeny::default();
+    let Some(mut f) = Fields::of(node, "enableDefaultDeny", d) else {
+        return out;
+    };
+    for (field, slot) in [("ingress", &mut out.ingress), ("egress", &mut out.egress)] {
+        if let Some(n) = f.take(field) {
+            match scalar(n, field, d) {
+                Some("true") => *slot = Some(true),
+                Some("false") => *slot = Some(false),
+                Some(other) => d.error(
+                    n.pos,
+                    format!("enableDefaultDeny.{field} must be true or false, found `{other}`"),
+                ),
+                None => {}
+            }
+        }
+    }
+    f.finish("enableDefaultDeny", d);
+    out
+}
+
+fn rule(
+    node: &Node,
+    label: String,
+    kind: PolicyKind,
+    namespace: Option<&str>,
+    d: &mut Diagnostics,
+) -> Option<Rule> {
     let mut f = Fields::of(node, "spec", d)?;
     let es = f.take("endpointSelector");
     let ns = f.take("nodeSelector");
     let subject = match (es, ns) {
-        (Some(s), None) => selector(s, "endpointSelector", d),
+        (Some(s), None) => selector(s, "endpointSelector", d).map(|mut sel| {
+            // A namespaced policy's endpointSelector always applies in its own
+            // namespace (Cilium drops a match on another one with a warning;
+            // weir refuses it, so the policy never means something else than
+            // it says).
+            if let Some(ns) = namespace {
+                if let Some(other) = sel.match_labels.get(NAMESPACE_LABEL)
+                    && other != ns
+                {
+                    d.error(
+                        s.pos,
+                        format!(
+                            "endpointSelector names namespace `{other}`, but a CiliumNetworkPolicy in namespace `{ns}` only selects endpoints of `{ns}` (use a CiliumClusterwideNetworkPolicy)"
+                        ),
+                    );
+                }
+                sel.match_labels
+                    .insert(NAMESPACE_LABEL.to_string(), ns.to_string());
+            }
+            sel
+        }),
         (None, Some(s)) => {
             if kind == PolicyKind::Namespaced {
                 d.error(
@@ -277,16 +357,20 @@ fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Op
     };
     let ingress = f
         .take("ingress")
-        .map(|n| peer_rules(n, "ingress", "from", false, d));
+        .map(|n| peer_rules(n, "ingress", "from", false, namespace, d));
     let egress = f
         .take("egress")
-        .map(|n| peer_rules(n, "egress", "to", false, d));
+        .map(|n| peer_rules(n, "egress", "to", false, namespace, d));
     let ingress_deny = f
         .take("ingressDeny")
-        .map(|n| peer_rules(n, "ingressDeny", "from", true, d));
+        .map(|n| peer_rules(n, "ingressDeny", "from", true, namespace, d));
     let egress_deny = f
         .take("egressDeny")
-        .map(|n| peer_rules(n, "egressDeny", "to", true, d));
+        .map(|n| peer_rules(n, "egressDeny", "to", true, namespace, d));
+    let default_deny = f
+        .take("enableDefaultDeny")
+        .map(|n| default_deny(n, d))
+        .unwrap_or_default();
     let _ = f.take("description");
     let _ = f.take("labels");
     let pos = f.pos();
@@ -298,8 +382,113 @@ fn rule(node: &Node, label: String, kind: PolicyKind, d: &mut Diagnostics) -> Op
         egress,
         ingress_deny,
         egress_deny,
+        default_deny,
         pos,
     })
+}
+
+/// One `toServices` entry: `k8sService: {serviceName, namespace}` or
+/// `k8sServiceSelector: {selector, namespace}`.
+fn service_ref(node: &Node, d: &mut Diagnostics) -> Option<ServiceRef> {
+    let mut f = Fields::of(node, "toServices entry", d)?;
+    let pos = f.pos();
+    let named = f.take("k8sService");
+    let selected = f.take("k8sServiceSelector");
+    f.finish("toServices entry", d);
+    let ns_of = |f: &mut Fields<'_>, d: &mut Diagnostics| {
+        f.take("namespace").and_then(|n| {
+            let ns = scalar(n, "namespace", d)?;
+            if let Err(e) = check_namespace(ns) {
+                d.error(n.pos, e);
+            }
+            Some(ns.to_string())
+        })
+    };
+    match (named, selected) {
+        (Some(n), None) => {
+            let mut sf = Fields::of(n, "k8sService", d)?;
+            let name = sf
+                .take("serviceName")
+                .and_then(|v| scalar(v, "serviceName", d))
+                .map(str::to_string);
+            let namespace = ns_of(&mut sf, d);
+            let spos = sf.pos();
+            sf.finish("k8sService", d);
+            match name {
+                Some(name) if !name.is_empty() => Some(ServiceRef::Named { name, namespace }),
+                _ => {
+                    d.error(spos, "k8sService needs `serviceName`");
+                    None
+                }
+            }
+        }
+        (None, Some(n)) => {
+            let mut sf = Fields::of(n, "k8sServiceSelector", d)?;
+            let sel = sf.take("selector").and_then(|v| selector(v, "selector", d));
+            let namespace = ns_of(&mut sf, d);
+            let spos = sf.pos();
+            sf.finish("k8sServiceSelector", d);
+            match sel {
+                Some(selector) => Some(ServiceRef::Selected {
+                    selector,
+                    namespace,
+                }),
+                None => {
+                    d.error(spos, "k8sServiceSelector needs `selector`");
+                    None
+                }
+            }
+        }
+        (Some(_), Some(n)) => {
+            d.error(
+                n.pos,
+                "a toServices entry takes either `k8sService` or `k8sServiceSelector`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            d.error(
+                pos,
+                "toServices entry needs `k8sService` or `k8sServiceSelector`",
+            );
+            None
+        }
+    }
+}
+
+fn entity(e: &Node, d: &mut Diagnostics) -> Option<Entity> {
+    let text = scalar(e, "entity", d)?;
+    let refuse = |d: &mut Diagnostics, why: &str| {
+        d.error(e.pos, format!("entity `{text}` is not supported by weir: {why}"));
+        None
+    };
+    match text {
+        "world" => Some(Entity::World),
+        "host" => Some(Entity::Host),
+        "all" => Some(Entity::All),
+        "cluster" => Some(Entity::Cluster),
+        "remote-node" => Some(Entity::RemoteNode),
+        "health" => Some(Entity::Health),
+        "init" => Some(Entity::Init),
+        "kube-apiserver" => Some(Entity::KubeApiserver),
+        "none" => Some(Entity::None),
+        "unmanaged" => refuse(
+            d,
+            "weir cannot tell a pod it does not manage from any other address (such peers are `world`, or `cluster` inside --cluster-cidr)",
+        ),
+        "ingress" => refuse(
+            d,
+            "it stands for Cilium's own Ingress/Gateway proxy, which weir does not run",
+        ),
+        "world-ipv4" | "world-ipv6" => refuse(
+            d,
+            "weir has one `world` for both families; use `world` with `toCIDR`/`fromCIDR` 0.0.0.0/0 or ::/0",
+        ),
+        other => {
+            d.error(e.pos, format!("unknown entity `{other}`"));
+            None
+        }
+    }
 }
 
 fn peer_rules(
@@ -307,6 +496,7 @@ fn peer_rules(
     dir: &str,
     prefix: &str,
     deny: bool,
+    namespace: Option<&str>,
     d: &mut Diagnostics,
 ) -> Vec<PeerRule> {
     let mut out = Vec::new();
@@ -323,8 +513,32 @@ fn peer_rules(
                 .unwrap_or(&[])
                 .iter()
                 .filter_map(|s| selector(s, &endpoints_field, d))
+                .map(|mut s| {
+                    confine_peer_selector(&mut s, namespace);
+                    s
+                })
                 .collect::<Vec<_>>()
         });
+        let groups_field = format!("{prefix}Groups");
+        if let Some(n) = f.take(&groups_field) {
+            d.error(
+                n.pos,
+                format!(
+                    "field `{groups_field}` in {dir} rule is cloud-provider specific (AWS security groups) and not supported by weir: a node-local proxy has no cloud API to resolve it; list the addresses with `{prefix}CIDRSet`"
+                ),
+            );
+        }
+        let services = if prefix == "to" {
+            f.take("toServices").map(|n| {
+                seq(n, "toServices", d)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|s| service_ref(s, d))
+                    .collect::<Vec<_>>()
+            })
+        } else {
+            None
+        };
         let mut cidrs: Option<Vec<CidrRule>> = None;
         if let Some(n) = f.take(&cidr_field) {
             let list = cidrs.get_or_insert_with(Vec::new);
@@ -373,26 +587,7 @@ fn peer_rules(
             seq(n, &entities_field, d)
                 .unwrap_or(&[])
                 .iter()
-                .filter_map(|e| {
-                    let text = scalar(e, "entity", d)?;
-                    match text {
-                        "world" => Some(Entity::World),
-                        "host" => Some(Entity::Host),
-                        "all" => Some(Entity::All),
-                        "cluster" | "remote-node" | "health" | "init" | "kube-apiserver"
-                        | "ingress" | "unmanaged" | "none" => {
-                            d.error(
-                                e.pos,
-                                format!("entity `{text}` is not supported by weir yet"),
-                            );
-                            None
-                        }
-                        other => {
-                            d.error(e.pos, format!("unknown entity `{other}`"));
-                            None
-                        }
-                    }
-                })
+                .filter_map(|e| entity(e, d))
                 .collect::<Vec<_>>()
         });
         let to_ports: Vec<PortRule> = f
@@ -431,6 +626,7 @@ fn peer_rules(
             peers,
             cidrs,
             entities,
+            services,
             to_ports,
             icmps,
             pos,
@@ -450,10 +646,40 @@ fn cidr_value(node: &Node, d: &mut Diagnostics) -> Option<Cidr> {
     }
 }
 
+/// Selector keys no weir endpoint can carry are refused rather than left to
+/// match nothing (which would silently weaken a deny rule): labels of other
+/// sources (`reserved:host`: use the entities) and Cilium's own
+/// `io.cilium.k8s.*` labels (namespace labels, service accounts, cluster names).
+fn check_selector_key(key: &str, pos: Pos, d: &mut Diagnostics) {
+    let k = strip_label_source(key);
+    if let Some((source, _)) = k.split_once(':') {
+        d.error(
+            pos,
+            format!(
+                "selector key `{key}`: `{source}:` labels are not supported in selectors by weir; use `fromEntities`/`toEntities` for reserved peers"
+            ),
+        );
+    } else if k.starts_with(CILIUM_RESERVED_KEY_PREFIX) {
+        d.error(
+            pos,
+            format!(
+                "selector key `{key}`: weir endpoints carry no `{CILIUM_RESERVED_KEY_PREFIX}*` labels (namespace labels, service accounts, cluster names), so this would select nothing"
+            ),
+        );
+    }
+}
+
 pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Selector> {
     let mut f = Fields::of(node, what, d)?;
     let mut sel = Selector::default();
     if let Some(ml) = f.take("matchLabels") {
+        if let Value::Map(entries) = &ml.value {
+            for (k, _) in entries {
+                if let Value::Scalar { text, .. } = &k.value {
+                    check_selector_key(text, k.pos, d);
+                }
+            }
+        }
         sel.match_labels = string_map(ml, "matchLabels", d);
     }
     if let Some(me) = f.take("matchExpressions") {
@@ -461,7 +687,11 @@ pub(crate) fn selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<S
             let Some(mut ef) = Fields::of(e, "matchExpressions entry", d) else {
                 continue;
             };
-            let key = ef.take("key").and_then(|n| scalar(n, "key", d));
+            let key = ef.take("key").and_then(|n| {
+                let k = scalar(n, "key", d)?;
+                check_selector_key(k, n.pos, d);
+                Some(k)
+            });
             let op_node = ef.take("operator");
             let op = op_node.and_then(|n| match scalar(n, "operator", d)? {
                 "In" => Some(SelectorOp::In),

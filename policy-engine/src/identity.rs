@@ -11,6 +11,15 @@ use std::collections::{BTreeMap, HashMap};
 /// Reserved identities, as in Cilium.
 pub const IDENTITY_HOST: u32 = 1;
 pub const IDENTITY_WORLD: u32 = 2;
+/// Cilium's health endpoints; weir runs none, so no peer ever has it.
+pub const IDENTITY_HEALTH: u32 = 4;
+/// Endpoints whose labels are not known yet; a weir endpoint has its labels
+/// from the moment it exists, so no peer ever has it.
+pub const IDENTITY_INIT: u32 = 5;
+/// Addresses in `--remote-node-cidr`: the cluster's other nodes.
+pub const IDENTITY_REMOTE_NODE: u32 = 6;
+/// The `--kube-apiserver` addresses.
+pub const IDENTITY_KUBE_APISERVER: u32 = 7;
 
 /// Label-derived identities live in [FIRST, FIRST + SPAN).
 const FIRST: u32 = 256;
@@ -18,13 +27,31 @@ const SPAN: u32 = 1 << 24;
 
 pub type Labels = BTreeMap<String, String>;
 
-/// Canonical text of a label set: `k=v` pairs, sorted, comma separated.
+/// Canonical text of a label set: `k=v` pairs, sorted, comma separated, with
+/// `\`, `,` and `=` inside keys and values escaped by a backslash. The text is
+/// therefore unambiguous: two different label sets never share it (and so never
+/// share an identity), whatever characters their labels contain. Label sets
+/// without those characters keep the text (and identity) they always had.
 pub fn canonical(labels: &Labels) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    let mut out = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        escape_into(&mut out, k);
+        out.push('=');
+        escape_into(&mut out, v);
+    }
+    out
+}
+
+fn escape_into(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if matches!(c, '\\' | ',' | '=') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -93,6 +120,36 @@ mod tests {
         other.identity(&labels(&[("x", "y")]));
         assert_eq!(other.identity(&l), a);
         assert!(a >= FIRST);
+    }
+
+    #[test]
+    fn separators_inside_labels_cannot_alias() {
+        // Without escaping these two would both read `a=b,c=d`.
+        let one = labels(&[("a", "b,c=d")]);
+        let two = labels(&[("a", "b"), ("c", "d")]);
+        assert_ne!(canonical(&one), canonical(&two));
+        let mut ids = IdentityAllocator::default();
+        assert_ne!(ids.identity(&one), ids.identity(&two));
+        assert_eq!(canonical(&two), "a=b,c=d", "plain label sets keep their text");
+    }
+
+    proptest::proptest! {
+        /// Two different label sets never share canonical text or identity, even
+        /// built from the separators themselves.
+        #[test]
+        fn different_label_sets_never_share_an_identity(
+            a in proptest::collection::btree_map("[a=,\\\\:]{0,4}", "[b=,\\\\]{0,4}", 0..4),
+            b in proptest::collection::btree_map("[a=,\\\\:]{0,4}", "[b=,\\\\]{0,4}", 0..4),
+        ) {
+            let mut ids = IdentityAllocator::default();
+            let (ia, ib) = (ids.identity(&a), ids.identity(&b));
+            if a == b {
+                proptest::prop_assert_eq!(ia, ib);
+            } else {
+                proptest::prop_assert_ne!(canonical(&a), canonical(&b));
+                proptest::prop_assert_ne!(ia, ib);
+            }
+        }
     }
 
     #[test]

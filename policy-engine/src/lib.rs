@@ -9,16 +9,17 @@ mod error;
 pub mod flow;
 pub mod http_match;
 pub mod identity;
+pub mod labels;
 pub mod model;
 pub mod yaml;
 
 use std::path::{Path, PathBuf};
 
 pub use compile::{
-    CompileError, CompiledEndpoint, CompiledPolicy, ConnectionVerdict, DirDecision, Direction,
-    L4Rule, PeerInfo, RuleRef, Verdict, canonical_ip,
+    CidrIdentity, CidrKind, CompileError, CompiledEndpoint, CompiledPolicy, ConnectionVerdict,
+    DirDecision, Direction, Environment, L4Rule, PeerInfo, RuleRef, Verdict, canonical_ip,
 };
-pub use endpoints::{Endpoint, parse_endpoints};
+pub use endpoints::{Endpoint, EndpointsFile, Service, parse_endpoints, parse_endpoints_file};
 pub use error::{LoadErrors, PolicyError};
 pub use model::{Policy, Protocol};
 
@@ -131,11 +132,11 @@ pub fn load_policies(paths: &[PathBuf]) -> Result<Vec<Policy>, LoadErrors> {
     }
 }
 
-/// Loads an endpoints file.
-pub fn load_endpoints(path: &Path) -> Result<Vec<Endpoint>, LoadErrors> {
+/// Loads an endpoints file (endpoints and services).
+pub fn load_endpoints_file(path: &Path) -> Result<EndpointsFile, LoadErrors> {
     let name = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse_endpoints(&text, &name),
+        Ok(text) => parse_endpoints_file(&text, &name),
         Err(e) => Err(LoadErrors(vec![io_error(path, &e)])),
     }
 }

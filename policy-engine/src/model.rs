@@ -45,7 +45,17 @@ pub struct Rule {
     /// `ingressDeny` / `egressDeny`: L3/L4 only; a match denies whatever allows it.
     pub ingress_deny: Option<Vec<PeerRule>>,
     pub egress_deny: Option<Vec<PeerRule>>,
+    /// `enableDefaultDeny`: `None` for a direction means Cilium's default (true
+    /// when the rule has rules in that direction).
+    pub default_deny: DefaultDeny,
     pub pos: Pos,
+}
+
+/// `enableDefaultDeny: {ingress, egress}` of one rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefaultDeny {
+    pub ingress: Option<bool>,
+    pub egress: Option<bool>,
 }
 
 /// An IP prefix in canonical form (host bits zero).
@@ -145,12 +155,56 @@ pub struct CidrRule {
 /// Cilium's reserved entities that weir knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entity {
-    /// Everything outside the node's endpoints (CIDR identities included).
+    /// Everything outside the cluster (CIDR identities included; not the
+    /// `--cluster-cidr` and `--remote-node-cidr` ranges).
     World,
     /// The node itself.
     Host,
     /// Every peer.
     All,
+    /// Every local endpoint, the host, remote nodes, health and init endpoints,
+    /// and the `--cluster-cidr` ranges.
+    Cluster,
+    /// The `--remote-node-cidr` ranges.
+    RemoteNode,
+    /// Cilium's health endpoints: weir runs none, so this selects no peer.
+    Health,
+    /// Endpoints whose identity is not resolved yet: every weir endpoint has its
+    /// labels from the start, so this selects no peer.
+    Init,
+    /// The `--kube-apiserver` addresses.
+    KubeApiserver,
+    /// Nothing (Cilium's `none`).
+    None,
+}
+
+/// One `toServices` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceRef {
+    /// `k8sService: {serviceName, namespace}`; no namespace matches the name
+    /// in every namespace (as in Cilium).
+    Named {
+        name: String,
+        namespace: Option<String>,
+    },
+    /// `k8sServiceSelector: {selector, namespace}`: services whose labels match.
+    Selected {
+        selector: Selector,
+        namespace: Option<String>,
+    },
+}
+
+/// The cluster around the node, from `weir run` flags: what `cluster`,
+/// `remote-node` and `kube-apiserver` stand for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Pod ranges of the whole cluster (`--cluster-cidr`): their addresses that
+    /// are not local endpoints are pods of other nodes, in `cluster`, not `world`.
+    pub cluster_cidrs: Vec<Cidr>,
+    /// The other nodes' addresses (`--remote-node-cidr`): `remote-node`.
+    pub remote_node_cidrs: Vec<Cidr>,
+    /// The API server's addresses (`--kube-apiserver`): `kube-apiserver`.
+    pub kube_apiserver: Vec<IpAddr>,
 }
 
 /// An ingress or egress rule: which peers, on which ports, with which L7 rules.
@@ -161,6 +215,8 @@ pub struct PeerRule {
     pub peers: Option<Vec<Selector>>,
     pub cidrs: Option<Vec<CidrRule>>,
     pub entities: Option<Vec<Entity>>,
+    /// `toServices`: the backends of these services (egress only).
+    pub services: Option<Vec<ServiceRef>>,
     /// Empty: all ports.
     pub to_ports: Vec<PortRule>,
     /// Cilium's `icmps`: the ICMP types (per family) this rule allows; only in a
