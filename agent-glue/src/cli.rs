@@ -73,7 +73,7 @@ pub enum PolicyCommand {
         paths: Vec<PathBuf>,
     },
     /// Decide one connection or request and say which rule decided it.
-    Explain(explain::ExplainArgs),
+    Explain(Box<explain::ExplainArgs>),
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
@@ -162,6 +162,8 @@ pub struct RunArgs {
     /// Port of the transparent listener.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
+    #[command(flatten)]
+    pub cluster: crate::config::ClusterArgs,
     /// How steered traffic reaches the proxy.
     #[arg(long, value_enum, default_value = "auto")]
     pub steering: SteeringMode,

@@ -8,7 +8,7 @@ use clap::Args;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use weir_parsers::http::request_facts;
 use weir_policy::identity::IdentityAllocator;
-use weir_policy::{CompiledPolicy, Protocol};
+use weir_policy::{CompiledPolicy, Environment, Protocol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -49,6 +49,9 @@ pub struct ExplainArgs {
     /// A request header, 'Name: value' (repeatable).
     #[arg(long, requires = "http")]
     pub header: Vec<String>,
+    /// The cluster's ranges, as `weir run` takes them.
+    #[command(flatten)]
+    pub cluster: crate::config::ClusterArgs,
 }
 
 fn bad_args(msg: &str) -> ExitCode {
@@ -64,27 +67,36 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let endpoints = match weir_policy::load_endpoints(&args.endpoints) {
-        Ok(mut e) => {
+    let (endpoints, services) = match weir_policy::load_endpoints_file(&args.endpoints) {
+        Ok(f) => {
+            let mut e = f.endpoints;
             if let Err(err) = crate::endpoints::resolve_netns_addresses(&mut e) {
                 eprintln!("{err:#}");
                 return ExitCode::from(1);
             }
-            e
+            (e, f.services)
         }
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(1);
         }
     };
-    let compiled =
-        match CompiledPolicy::compile(&policies, &endpoints, &mut IdentityAllocator::default()) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(1);
-            }
-        };
+    let env = Environment {
+        services,
+        cluster: args.cluster.config(),
+    };
+    let compiled = match CompiledPolicy::compile_in(
+        &policies,
+        &endpoints,
+        &env,
+        &mut IdentityAllocator::default(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     let resolve = |who: &str| -> Option<IpAddr> {
         if let Ok(ip) = who.parse::<IpAddr>() {
             return Some(ip);

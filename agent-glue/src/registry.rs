@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use weir_policy::{CompiledPolicy, Endpoint, Policy};
+use weir_policy::model::ClusterConfig;
+use weir_policy::{CompiledPolicy, Endpoint, Environment, Policy, Service};
 
 use crate::state;
 
@@ -20,10 +21,18 @@ pub struct ApiEndpoint {
     pub name: String,
     pub netns: String,
     pub labels: BTreeMap<String, String>,
+    /// Its Kubernetes namespace (`--namespace`; registrations from before
+    /// namespaces existed are in `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     /// Addresses given explicitly; empty means "the namespace's global addresses",
     /// read again whenever policy is compiled.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+}
+
+fn default_namespace() -> String {
+    weir_policy::labels::DEFAULT_NAMESPACE.to_string()
 }
 
 impl ApiEndpoint {
@@ -33,6 +42,7 @@ impl ApiEndpoint {
             name: self.name.clone(),
             ips: self.ips.clone(),
             labels: self.labels.clone(),
+            namespace: self.namespace.clone(),
             netns: Some(self.netns.clone()),
             cgroup: None,
             ports: BTreeMap::new(),
@@ -53,7 +63,11 @@ pub enum Source {
 pub struct Sources {
     pub policies: Vec<Policy>,
     pub file_endpoints: Vec<Endpoint>,
+    /// The endpoints file's `services:` (for `toServices`).
+    pub services: Vec<Service>,
     pub api_endpoints: Vec<ApiEndpoint>,
+    /// The cluster's ranges (`--cluster-cidr`, ...), fixed for the run.
+    pub cluster: ClusterConfig,
     state_dir: PathBuf,
 }
 
@@ -68,11 +82,14 @@ impl Sources {
         policy: &[PathBuf],
         endpoints: Option<&Path>,
         state_dir: &Path,
+        cluster: ClusterConfig,
     ) -> anyhow::Result<Self> {
         let mut sources = Sources {
             policies: Vec::new(),
             file_endpoints: Vec::new(),
+            services: Vec::new(),
             api_endpoints: load_api_endpoints(state_dir)?,
+            cluster,
             state_dir: state_dir.to_path_buf(),
         };
         sources.reload_files(policy, endpoints)?;
@@ -87,14 +104,16 @@ impl Sources {
     ) -> anyhow::Result<()> {
         let policies = weir_policy::load_policies(policy)
             .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
-        let mut file_endpoints = match endpoints {
-            Some(path) => weir_policy::load_endpoints(path)
+        let file = match endpoints {
+            Some(path) => weir_policy::load_endpoints_file(path)
                 .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?,
-            None => Vec::new(),
+            None => Default::default(),
         };
+        let mut file_endpoints = file.endpoints;
         crate::endpoints::resolve_netns_addresses(&mut file_endpoints)?;
         self.policies = policies;
         self.file_endpoints = file_endpoints;
+        self.services = file.services;
         Ok(())
     }
 
@@ -124,7 +143,11 @@ impl Sources {
     pub fn compile(&self) -> anyhow::Result<CompiledPolicy> {
         let endpoints: Vec<Endpoint> = self.endpoints()?.into_iter().map(|(e, _)| e).collect();
         let mut ids = state::load_identities(&self.state_dir);
-        let compiled = CompiledPolicy::compile(&self.policies, &endpoints, &mut ids)?
+        let env = Environment {
+            services: self.services.clone(),
+            cluster: self.cluster.clone(),
+        };
+        let compiled = CompiledPolicy::compile_in(&self.policies, &endpoints, &env, &mut ids)?
             .with_host_addresses(crate::datapath::node_addresses());
         if let Err(e) = state::save_identities(&self.state_dir, &ids) {
             warn!(error = %e, dir = %self.state_dir.display(), "could not save identities");
@@ -215,6 +238,7 @@ mod tests {
             name: name.into(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             labels: BTreeMap::new(),
+            namespace: "default".into(),
             netns: None,
             cgroup: None,
             ports: BTreeMap::new(),
@@ -238,13 +262,16 @@ mod tests {
         let mut s = Sources {
             policies: Vec::new(),
             file_endpoints: Vec::new(),
+            services: Vec::new(),
             api_endpoints: Vec::new(),
+            cluster: ClusterConfig::default(),
             state_dir: dir.clone(),
         };
         s.api_endpoints.push(ApiEndpoint {
             name: "xwing".into(),
             netns: "weir-test-xwing".into(),
             labels: [("class".to_string(), "xwing".to_string())].into(),
+            namespace: "default".into(),
             ips: vec!["10.1.0.2".parse().unwrap()],
         });
         s.persist().unwrap();

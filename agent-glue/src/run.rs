@@ -66,7 +66,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
     let _ = std::fs::remove_file(&ready);
-    let sources = Sources::load(&args.policy, args.endpoints.as_deref(), &args.state_dir)?;
+    let sources = Sources::load(
+        &args.policy,
+        args.endpoints.as_deref(),
+        &args.state_dir,
+        args.cluster.config(),
+    )?;
     let policy = Arc::new(sources.compile()?);
     let config = ProxyConfig {
         proxy_port: args.proxy_port,

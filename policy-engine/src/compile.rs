@@ -665,7 +665,8 @@ impl PeerUniverse<'_> {
                 selector,
                 namespace,
             } => {
-                namespace.as_ref().is_none_or(|ns| &s.namespace == ns) && selector.matches(&s.labels)
+                namespace.as_ref().is_none_or(|ns| &s.namespace == ns)
+                    && selector.matches(&s.labels)
             }
         })
     }
@@ -677,7 +678,9 @@ impl PeerUniverse<'_> {
             Some(sel) => out.extend(
                 self.endpoints
                     .iter()
-                    .filter(|e| e.endpoint.namespace == s.namespace && sel.matches(&e.endpoint.labels))
+                    .filter(|e| {
+                        e.endpoint.namespace == s.namespace && sel.matches(&e.endpoint.labels)
+                    })
                     .map(|e| e.identity),
             ),
             None => {
@@ -763,7 +766,11 @@ fn cidr_identities(
         .cluster_cidrs
         .iter()
         .map(|p| (*p, CidrKind::Cluster))
-        .chain(c.remote_node_cidrs.iter().map(|p| (*p, CidrKind::RemoteNode)))
+        .chain(
+            c.remote_node_cidrs
+                .iter()
+                .map(|p| (*p, CidrKind::RemoteNode)),
+        )
         .chain(
             c.kube_apiserver
                 .iter()
@@ -818,8 +825,7 @@ fn cidr_identities(
 }
 
 fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
-    if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() && pr.services.is_none()
-    {
+    if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() && pr.services.is_none() {
         return PeerSet::Any;
     }
     let entities = pr.entities.as_deref().unwrap_or(&[]);
@@ -874,7 +880,12 @@ fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
                 // pod of the cluster; for weir every local endpoint and the
                 // --cluster-cidr ranges (unmanaged is never assigned).
                 ids.extend(u.endpoints.iter().map(|e| e.identity));
-                ids.extend([IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_HEALTH, IDENTITY_INIT]);
+                ids.extend([
+                    IDENTITY_HOST,
+                    IDENTITY_REMOTE_NODE,
+                    IDENTITY_HEALTH,
+                    IDENTITY_INIT,
+                ]);
                 ids.extend(of_kind(CidrKind::Cluster));
                 ids.extend(of_kind(CidrKind::RemoteNode));
             }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use crate::error::Diagnostics;
-use crate::labels::{CILIUM_RESERVED_KEY_PREFIX, DEFAULT_NAMESPACE, NAMESPACE_LABEL, check_namespace};
+use crate::labels::{
+    CILIUM_RESERVED_KEY_PREFIX, DEFAULT_NAMESPACE, NAMESPACE_LABEL, check_namespace,
+};
 use crate::model::*;
 use crate::yaml::{Node, Pos, Value};
 
@@ -272,7 +274,10 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
 fn confine_peer_selector(sel: &mut Selector, namespace: Option<&str>) {
     let Some(ns) = namespace else { return };
     let names_namespace = sel.match_labels.contains_key(NAMESPACE_LABEL)
-        || sel.match_expressions.iter().any(|e| e.key == NAMESPACE_LABEL);
+        || sel
+            .match_expressions
+            .iter()
+            .any(|e| e.key == NAMESPACE_LABEL);
     if !names_namespace {
         sel.match_labels
             .insert(NAMESPACE_LABEL.to_string(), ns.to_string());
@@ -459,7 +464,10 @@ fn service_ref(node: &Node, d: &mut Diagnostics) -> Option<ServiceRef> {
 fn entity(e: &Node, d: &mut Diagnostics) -> Option<Entity> {
     let text = scalar(e, "entity", d)?;
     let refuse = |d: &mut Diagnostics, why: &str| {
-        d.error(e.pos, format!("entity `{text}` is not supported by weir: {why}"));
+        d.error(
+            e.pos,
+            format!("entity `{text}` is not supported by weir: {why}"),
+        );
         None
     };
     match text {

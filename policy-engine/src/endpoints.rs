@@ -357,7 +357,10 @@ mod tests {
         assert_eq!(eps[0].labels["org"], "empire");
         assert_eq!(eps[0].ports["http"], 80);
         assert_eq!(eps[0].namespace, "default");
-        assert_eq!(eps[0].identity_labels()["io.kubernetes.pod.namespace"], "default");
+        assert_eq!(
+            eps[0].identity_labels()["io.kubernetes.pod.namespace"],
+            "default"
+        );
     }
 
     #[test]
@@ -368,12 +371,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.endpoints[0].namespace, "prod");
-        assert_eq!(f.services[0].selector.as_ref().unwrap().match_labels["app"], "api");
+        assert_eq!(
+            f.services[0].selector.as_ref().unwrap().match_labels["app"],
+            "api"
+        );
         assert_eq!(f.services[0].labels["tier"], "be");
         assert_eq!(f.services[1].namespace, "default");
-        assert_eq!(f.services[1].backends, ["192.0.2.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            f.services[1].backends,
+            ["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
         // Endpoints only: a reader that would drop the services refuses them.
-        assert!(parse_endpoints("services:\n  - {name: ext, backends: [192.0.2.7]}\n", "e.yaml").is_err());
+        assert!(
+            parse_endpoints(
+                "services:\n  - {name: ext, backends: [192.0.2.7]}\n",
+                "e.yaml"
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -384,11 +399,18 @@ mod tests {
             ("a: 'b,c'", "values without `,`"),
             ("'reserved:host': ''", "source prefix"),
             ("'cidr:10.0.0.0/8': ''", "source prefix"),
-            ("io.kubernetes.pod.namespace: prod", "set `namespace` instead"),
-            ("'k8s:io.kubernetes.pod.namespace': prod", "set `namespace` instead"),
+            (
+                "io.kubernetes.pod.namespace: prod",
+                "set `namespace` instead",
+            ),
+            (
+                "'k8s:io.kubernetes.pod.namespace': prod",
+                "set `namespace` instead",
+            ),
             ("io.cilium.k8s.policy.cluster: x", "Cilium's own"),
         ] {
-            let text = format!("endpoints:\n  - name: a\n    ips: [10.0.0.1]\n    labels: {{{label}}}\n");
+            let text =
+                format!("endpoints:\n  - name: a\n    ips: [10.0.0.1]\n    labels: {{{label}}}\n");
             let err = parse_endpoints(&text, "e.yaml").unwrap_err().to_string();
             assert!(err.starts_with("e.yaml:4:14: "), "{label}: {err}");
             assert!(err.contains(why), "{label}: {err}");

@@ -149,6 +149,22 @@ pub struct FlowPeers {
     pub node_name: Arc<str>,
 }
 
+/// The reserved label of a peer that is no local endpoint.
+fn reserved_label(policy: &CompiledPolicy, identity: u32) -> &'static str {
+    use crate::compile::CidrKind;
+    match policy
+        .cidr_identities()
+        .iter()
+        .find(|c| c.identity == identity)
+        .map(|c| c.kind)
+    {
+        Some(CidrKind::Cluster) => "reserved:cluster",
+        Some(CidrKind::RemoteNode) => "reserved:remote-node",
+        Some(CidrKind::KubeApiserver) => "reserved:kube-apiserver",
+        Some(CidrKind::World) | None => "reserved:world",
+    }
+}
+
 impl FlowPeers {
     pub fn new(
         policy: &CompiledPolicy,
@@ -163,7 +179,6 @@ impl FlowPeers {
                 identity: p.identity,
                 labels: match info {
                     Some(e) => e
-                        .endpoint
                         .labels
                         .iter()
                         .map(|(k, v)| format!("k8s:{k}={v}"))
@@ -171,7 +186,7 @@ impl FlowPeers {
                     None if p.identity == crate::identity::IDENTITY_HOST => {
                         vec!["reserved:host".to_string()]
                     }
-                    None => vec!["reserved:world".to_string()],
+                    None => vec![reserved_label(policy, p.identity).to_string()],
                 },
                 pod_name: info.map(|e| e.endpoint.name.clone()),
             }))

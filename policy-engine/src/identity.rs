@@ -130,7 +130,11 @@ mod tests {
         assert_ne!(canonical(&one), canonical(&two));
         let mut ids = IdentityAllocator::default();
         assert_ne!(ids.identity(&one), ids.identity(&two));
-        assert_eq!(canonical(&two), "a=b,c=d", "plain label sets keep their text");
+        assert_eq!(
+            canonical(&two),
+            "a=b,c=d",
+            "plain label sets keep their text"
+        );
     }
 
     proptest::proptest! {

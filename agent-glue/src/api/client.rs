@@ -37,6 +37,10 @@ pub enum EndpointCommand {
         /// Use these addresses instead of every global address in the namespace.
         #[arg(long = "ip")]
         ips: Vec<std::net::IpAddr>,
+        /// Its Kubernetes namespace (the label `k8s:io.kubernetes.pod.namespace`;
+        /// namespaced policies of other namespaces neither select nor admit it).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
     /// Every endpoint the running weir enforces: one line each, or JSON.
     List {
@@ -100,6 +104,7 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
             labels,
             name,
             ips,
+            namespace,
         } => {
             let ep = client
                 .add(pb::AddEndpointRequest {
@@ -107,6 +112,7 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
                     netns,
                     labels: labels.into_iter().collect(),
                     ips: ips.iter().map(ToString::to_string).collect(),
+                    namespace,
                 })
                 .await
                 .map_err(status_error)?
@@ -159,6 +165,7 @@ fn endpoint_json(ep: &pb::Endpoint) -> serde_json::Value {
     let labels: BTreeMap<_, _> = ep.labels.iter().collect();
     serde_json::json!({
         "name": ep.name,
+        "namespace": ep.namespace,
         "identity": ep.identity,
         "source": ep.source,
         "ips": ep.ips,
@@ -168,11 +175,12 @@ fn endpoint_json(ep: &pb::Endpoint) -> serde_json::Value {
     })
 }
 
-/// `NAME IDENTITY SOURCE IPS LABELS INTERFACES`, aligned.
+/// `NAME NAMESPACE IDENTITY SOURCE IPS LABELS INTERFACES`, aligned.
 fn table(eps: &[pb::Endpoint]) -> String {
     let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
     let mut rows = vec![[
         "NAME".to_string(),
+        "NAMESPACE".into(),
         "IDENTITY".into(),
         "SOURCE".into(),
         "IPS".into(),
@@ -182,6 +190,7 @@ fn table(eps: &[pb::Endpoint]) -> String {
     for ep in eps {
         rows.push([
             ep.name.clone(),
+            or_dash(ep.namespace.clone()),
             ep.identity.to_string(),
             ep.source.clone(),
             or_dash(ep.ips.join(",")),
@@ -189,7 +198,7 @@ fn table(eps: &[pb::Endpoint]) -> String {
             or_dash(ep.interfaces.join(",")),
         ]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
@@ -226,11 +235,13 @@ mod tests {
             identity: 4242,
             source: "api".into(),
             interfaces: vec![],
+            namespace: "prod".into(),
         };
         let t = table(&[ep]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[1].starts_with("xwing"));
+        assert_eq!(lines[0].find("NAMESPACE"), lines[1].find("prod"));
         assert!(lines[1].ends_with("class=xwing  -"), "{t}");
         assert_eq!(lines[0].find("IDENTITY"), lines[1].find("4242"));
     }

@@ -149,6 +149,7 @@ fn describe(
         name: e.name.clone(),
         ips: e.ips.iter().map(ToString::to_string).collect(),
         labels: e.labels.clone().into_iter().collect(),
+        namespace: e.namespace.clone(),
         netns: e.netns.clone().unwrap_or_default(),
         identity: ep.identity,
         source: match source {

@@ -147,13 +147,25 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
             "endpoint name `{name}` must be 1-253 characters of A-Z a-z 0-9 - _ ."
         )));
     }
+    // The same check as the endpoints file's: no label may forge one weir
+    // derives itself (the namespace, `reserved:`, `cidr:`), and none may carry
+    // the canonical text's separators.
+    let mut labels = std::collections::BTreeMap::new();
     for (k, v) in &req.labels {
-        if k.is_empty() || k.contains(['=', ',']) || v.contains(',') {
+        let key = weir_policy::model::strip_label_source(k);
+        weir_policy::labels::check_user_label(key, v).map_err(Status::invalid_argument)?;
+        if labels.insert(key.to_string(), v.clone()).is_some() {
             return Err(Status::invalid_argument(format!(
-                "label `{k}={v}`: keys must be non-empty, without `=` or `,`"
+                "label `{key}` is given twice (`{k}` names it again)"
             )));
         }
     }
+    let namespace = if req.namespace.is_empty() {
+        weir_policy::labels::DEFAULT_NAMESPACE.to_string()
+    } else {
+        weir_policy::labels::check_namespace(&req.namespace).map_err(Status::invalid_argument)?;
+        req.namespace
+    };
     let ips = req
         .ips
         .iter()
@@ -165,7 +177,8 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
     Ok(ApiEndpoint {
         name,
         netns: req.netns,
-        labels: req.labels.into_iter().collect(),
+        labels,
+        namespace,
         ips,
     })
 }
@@ -183,6 +196,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ips: vec![],
+            namespace: String::new(),
         }
     }
 
@@ -191,10 +205,26 @@ mod tests {
         let ok = validate_add(req("", "/run/netns/xwing", &[("class", "xwing")])).unwrap();
         assert_eq!(ok.name, "xwing", "the name defaults to the namespace's");
         assert_eq!(ok.labels["class"], "xwing");
+        assert_eq!(ok.namespace, "default");
         for (bad, why) in [
             (req("a", "", &[]), "netns is required"),
             (req("a b", "ns", &[]), "must be"),
             (req("a", "ns", &[("", "v")]), "label"),
+            (req("a", "ns", &[("a,b", "v")]), "without `=` or `,`"),
+            (req("a", "ns", &[("a", "v,w")]), "values without `,`"),
+            (req("a", "ns", &[("reserved:host", "")]), "source prefix"),
+            (req("a", "ns", &[("cidr:10.0.0.0/8", "")]), "source prefix"),
+            (
+                req("a", "ns", &[("k8s:io.kubernetes.pod.namespace", "prod")]),
+                "set `namespace` instead",
+            ),
+            (
+                pb::AddEndpointRequest {
+                    namespace: "Prod".into(),
+                    ..req("a", "ns", &[])
+                },
+                "not a valid namespace name",
+            ),
             (
                 pb::AddEndpointRequest {
                     ips: vec!["10.0.0.300".into()],
