@@ -369,7 +369,7 @@ spec:
             "p.yaml:7:26: `300.0.0.0/8` is not a CIDR prefix",
             "p.yaml:8:45: except 11.0.0.0/16 is not inside 10.0.0.0/8",
             "p.yaml:9:18: entity `unmanaged` is not supported by weir: weir cannot tell a pod it does not manage from any other address (such peers are `world`, or `cluster` inside --cluster-cidr)",
-            "p.yaml:9:27: unknown entity `moon`",
+            "p.yaml:9:29: unknown entity `moon`",
             "p.yaml:11:15: egressDeny rules cannot have L7 `rules`; deny is L3/L4 only",
         ]
     );
