@@ -243,3 +243,80 @@ fn allow_localhost_policy_is_refused_where_the_host_cannot_be_policed() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("needs the eBPF datapath"), "{stderr}");
 }
+
+#[path = "../../policy-engine/tests/cilium_table/mod.rs"]
+mod cilium_table;
+
+/// Every row of Cilium's semantics table (namespaces, entities,
+/// enableDefaultDeny, toServices), decided by `weir policy explain` with the
+/// cluster flags `weir run` takes: the CLI shows the decision the engine makes.
+#[test]
+fn explain_shows_every_row_of_the_cilium_table() {
+    let d = ScratchDir::new("explain-cilium");
+    let e = d.0.join("e.yaml");
+    std::fs::write(&e, cilium_table::ENDPOINTS).unwrap();
+    let mut failures = Vec::new();
+    for (i, row) in cilium_table::ROWS.iter().enumerate() {
+        let p = d.0.join(format!("p{i}.yaml"));
+        std::fs::write(&p, row.policy).unwrap();
+        let port = row.port.to_string();
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            row.from,
+            "--to",
+            row.to,
+            "--port",
+            &port,
+        ];
+        args.extend_from_slice(cilium_table::CLUSTER_ARGS);
+        let (code, stdout, stderr) = out(&weir_cli(&args));
+        let want = format!(
+            "{}\n{}\n",
+            if row.allowed { "ALLOWED" } else { "DENIED" },
+            row.reason
+        );
+        if code != 0 || !stdout.starts_with(&want) {
+            failures.push(format!(
+                "{} ({} -> {}:{}): exit {code}, got {stdout:?} {stderr:?}, want {want:?}",
+                row.what, row.from, row.to, row.port
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// What weir refuses of what Cilium accepts: explain (like validate and run)
+/// exits 1 with the field and its `file:line:col`.
+#[test]
+fn explain_refuses_what_the_cilium_table_refuses() {
+    let d = ScratchDir::new("explain-refusals");
+    let e = d.0.join("e.yaml");
+    std::fs::write(&e, cilium_table::ENDPOINTS).unwrap();
+    let p = d.0.join("p.yaml");
+    for r in cilium_table::REFUSALS {
+        std::fs::write(&p, r.policy).unwrap();
+        let (code, stdout, stderr) = out(&weir_cli(&[
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            "prod-frontend",
+            "--to",
+            "prod-api",
+            "--port",
+            "80",
+        ]));
+        assert_eq!(code, 1, "{}: {stdout}", r.what);
+        let want = r.error.replacen("p.yaml", p.to_str().unwrap(), 1);
+        assert_eq!(stderr.trim_end(), want, "{}", r.what);
+    }
+}
