@@ -85,6 +85,9 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         services,
         cluster: args.cluster.config(),
     };
+    for note in weir_policy::unresolved_references(&policies, &env) {
+        eprintln!("note: {note}");
+    }
     let compiled = match CompiledPolicy::compile_in(
         &policies,
         &endpoints,

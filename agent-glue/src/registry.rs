@@ -147,6 +147,9 @@ impl Sources {
             services: self.services.clone(),
             cluster: self.cluster.clone(),
         };
+        for note in weir_policy::unresolved_references(&self.policies, &env) {
+            warn!("{note}");
+        }
         let compiled = CompiledPolicy::compile_in(&self.policies, &endpoints, &env, &mut ids)?
             .with_host_addresses(crate::datapath::node_addresses());
         if let Err(e) = state::save_identities(&self.state_dir, &ids) {

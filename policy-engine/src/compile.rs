@@ -639,6 +639,57 @@ impl CompiledPolicy {
     }
 }
 
+/// What in `policies` selects nothing only because the environment lacks it: an
+/// entity whose flag is not set, a `toServices` entry naming no known service.
+/// Not errors (Cilium accepts both, and a service may be listed later), but an
+/// operator should hear of them: one line each.
+pub fn unresolved_references(policies: &[Policy], env: &Environment) -> Vec<String> {
+    let mut out = Vec::new();
+    let c = &env.cluster;
+    for p in policies {
+        let name = p.qualified_name();
+        for rule in &p.rules {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                for (list, _, field) in all_peer_rules(rule, dir) {
+                    for (i, pr) in list.into_iter().flatten().enumerate() {
+                        let at = format!("{name} {}.{field}[{i}]", rule.label);
+                        for e in pr.entities.iter().flatten() {
+                            let missing = match e {
+                                Entity::KubeApiserver if c.kube_apiserver.is_empty() => {
+                                    Some(("kube-apiserver", "--kube-apiserver"))
+                                }
+                                Entity::RemoteNode if c.remote_node_cidrs.is_empty() => {
+                                    Some(("remote-node", "--remote-node-cidr"))
+                                }
+                                _ => None,
+                            };
+                            if let Some((entity, flag)) = missing {
+                                out.push(format!(
+                                    "{at}: entity `{entity}` selects no address: {flag} is not set"
+                                ));
+                            }
+                        }
+                        for r in pr.services.iter().flatten() {
+                            let u = PeerUniverse {
+                                endpoints: &[],
+                                by_ip: &HashMap::new(),
+                                cidrs: &[],
+                                services: &env.services,
+                            };
+                            if u.services_of(r).next().is_none() {
+                                out.push(format!(
+                                    "{at}: toServices {r} names no service of the endpoints file; it selects nothing"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// IPv4-mapped IPv6 addresses (from a dual-stack socket) are the IPv4 address.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {

@@ -25,6 +25,9 @@ pub struct Endpoint {
     pub id: Option<u32>,
     pub identity: u32,
     pub labels: Vec<String>,
+    /// Hubble's `namespace`: a local endpoint's Kubernetes namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
 }
@@ -188,6 +191,7 @@ impl FlowPeers {
                     }
                     None => vec![reserved_label(policy, p.identity).to_string()],
                 },
+                namespace: info.map(|e| e.endpoint.namespace.clone()),
                 pod_name: info.map(|e| e.endpoint.name.clone()),
             }))
         };

@@ -194,6 +194,38 @@ pub enum ServiceRef {
     },
 }
 
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceRef::Named { name, namespace } => match namespace {
+                Some(ns) => write!(f, "k8sService {ns}/{name}"),
+                None => write!(f, "k8sService {name} (any namespace)"),
+            },
+            ServiceRef::Selected {
+                selector,
+                namespace,
+            } => {
+                let labels: Vec<String> = selector
+                    .match_labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .chain(
+                        selector
+                            .match_expressions
+                            .iter()
+                            .map(|e| format!("{} {:?} {:?}", e.key, e.op, e.values)),
+                    )
+                    .collect();
+                write!(f, "k8sServiceSelector {{{}}}", labels.join(","))?;
+                match namespace {
+                    Some(ns) => write!(f, " in {ns}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// The cluster around the node, from `weir run` flags: what `cluster`,
 /// `remote-node` and `kube-apiserver` stand for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

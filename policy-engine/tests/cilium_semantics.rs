@@ -132,3 +132,44 @@ spec:
   ingress:
   - fromEntities: [cluster]
 ";
+
+/// What selects nothing only for want of a flag or a listed service is named.
+#[test]
+fn unresolved_references_are_named() {
+    let p = parse_policies(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: x, namespace: prod}
+spec:
+  endpointSelector: {}
+  egress:
+  - toEntities: [kube-apiserver, remote-node]
+  - toServices: [{k8sService: {serviceName: nope, namespace: prod}}, {k8sService: {serviceName: api}}]
+",
+        "p.yaml",
+    )
+    .unwrap();
+    let f = parse_endpoints_file(ENDPOINTS, "e.yaml").unwrap();
+    let bare = Environment {
+        services: f.services.clone(),
+        cluster: ClusterConfig::default(),
+    };
+    assert_eq!(
+        weir_policy::unresolved_references(&p, &bare),
+        vec![
+            "prod/x spec.egress[0]: entity `kube-apiserver` selects no address: --kube-apiserver is not set",
+            "prod/x spec.egress[0]: entity `remote-node` selects no address: --remote-node-cidr is not set",
+            "prod/x spec.egress[1]: toServices k8sService prod/nope names no service of the endpoints file; it selects nothing",
+        ]
+    );
+    let full = Environment {
+        services: f.services,
+        cluster: cluster(),
+    };
+    assert_eq!(
+        weir_policy::unresolved_references(&p, &full),
+        vec![
+            "prod/x spec.egress[1]: toServices k8sService prod/nope names no service of the endpoints file; it selects nothing"
+        ]
+    );
+}

@@ -195,6 +195,7 @@ mod tests {
             id: None,
             identity: 2,
             labels: vec!["reserved:world".into()],
+            namespace: None,
             pod_name: None,
         }));
         let peers = FlowPeers {

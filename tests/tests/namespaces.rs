@@ -180,6 +180,8 @@ fn a_namespaced_policy_stays_in_its_namespace(test: &str, steering: &str, denied
     assert!(
         flows.iter().any(|f| f["verdict"] == "DROPPED"
             && f["source"]["pod_name"] == "xwing"
+            && f["source"]["namespace"] == "dev"
+            && f["destination"]["namespace"] == "prod"
             && f["source"]["labels"]
                 .as_array()
                 .is_some_and(|l| l.iter().any(|l| l == "k8s:io.kubernetes.pod.namespace=dev"))
