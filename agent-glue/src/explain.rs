@@ -84,6 +84,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
     let env = Environment {
         services,
         cluster: args.cluster.config(),
+        host_addresses: Vec::new(),
     };
     for note in weir_policy::unresolved_references(&policies, &env) {
         eprintln!("note: {note}");

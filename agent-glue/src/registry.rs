@@ -146,12 +146,12 @@ impl Sources {
         let env = Environment {
             services: self.services.clone(),
             cluster: self.cluster.clone(),
+            host_addresses: crate::datapath::node_addresses(),
         };
         for note in weir_policy::unresolved_references(&self.policies, &env) {
             warn!("{note}");
         }
-        let compiled = CompiledPolicy::compile_in(&self.policies, &endpoints, &env, &mut ids)?
-            .with_host_addresses(crate::datapath::node_addresses());
+        let compiled = CompiledPolicy::compile_in(&self.policies, &endpoints, &env, &mut ids)?;
         if let Err(e) = state::save_identities(&self.state_dir, &ids) {
             warn!(error = %e, dir = %self.state_dir.display(), "could not save identities");
         }

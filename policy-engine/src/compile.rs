@@ -69,6 +69,9 @@ pub struct CompiledEndpoint {
 pub struct Environment {
     pub services: Vec<Service>,
     pub cluster: ClusterConfig,
+    /// The node's own addresses (the `host` identity); an API server address
+    /// among them makes `kube-apiserver` select the host, as in Cilium.
+    pub host_addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -452,11 +455,18 @@ impl CompiledPolicy {
             }
         }
         let cidrs = cidr_identities(policies, env, &by_ip, identities);
+        let apiserver_on_host = env.cluster.kube_apiserver.iter().any(|a| {
+            env.host_addresses
+                .iter()
+                .any(|h| canonical_ip(*h) == canonical_ip(*a))
+                && !by_ip.contains_key(&canonical_ip(*a))
+        });
         let universe = PeerUniverse {
             endpoints: &compiled_eps,
             by_ip: &by_ip,
             cidrs: &cidrs,
             services: &env.services,
+            apiserver_on_host,
         };
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
@@ -482,7 +492,8 @@ impl CompiledPolicy {
             egress,
             policy_count: policies.len(),
             host_ips: Vec::new(),
-        })
+        }
+        .with_host_addresses(env.host_addresses.iter().copied()))
     }
 
     /// Names the node's own addresses, which are the `host` identity (as in
@@ -675,6 +686,7 @@ pub fn unresolved_references(policies: &[Policy], env: &Environment) -> Vec<Stri
                                 by_ip: &HashMap::new(),
                                 cidrs: &[],
                                 services: &env.services,
+                                apiserver_on_host: false,
                             };
                             if u.services_of(r).next().is_none() {
                                 out.push(format!(
@@ -703,6 +715,8 @@ struct PeerUniverse<'a> {
     by_ip: &'a HashMap<IpAddr, usize>,
     cidrs: &'a [CidrIdentity],
     services: &'a [Service],
+    /// Some `--kube-apiserver` address is the node's own (so `host`).
+    apiserver_on_host: bool,
 }
 
 impl PeerUniverse<'_> {
@@ -952,6 +966,9 @@ fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
             }
             Entity::KubeApiserver => {
                 ids.insert(IDENTITY_KUBE_APISERVER);
+                if u.apiserver_on_host {
+                    ids.insert(IDENTITY_HOST);
+                }
             }
             Entity::All | Entity::None => {}
         }

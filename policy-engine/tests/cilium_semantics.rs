@@ -29,6 +29,7 @@ fn compile(policy: &str) -> CompiledPolicy {
     let env = Environment {
         services: f.services,
         cluster: cluster(),
+        host_addresses: Vec::new(),
     };
     CompiledPolicy::compile_in(&p, &f.endpoints, &env, &mut IdentityAllocator::default()).unwrap()
 }
@@ -153,6 +154,7 @@ spec:
     let bare = Environment {
         services: f.services.clone(),
         cluster: ClusterConfig::default(),
+        host_addresses: Vec::new(),
     };
     assert_eq!(
         weir_policy::unresolved_references(&p, &bare),
@@ -165,6 +167,7 @@ spec:
     let full = Environment {
         services: f.services,
         cluster: cluster(),
+        host_addresses: Vec::new(),
     };
     assert_eq!(
         weir_policy::unresolved_references(&p, &full),
@@ -173,3 +176,54 @@ spec:
         ]
     );
 }
+
+/// An API server on the node itself is `host`, and `kube-apiserver` selects the
+/// host then (Cilium labels the host identity with `kube-apiserver`).
+#[test]
+fn an_apiserver_on_the_node_is_the_host() {
+    let p = parse_policies(TO_APISERVER_FOR_HOST, "p.yaml").unwrap();
+    let f = parse_endpoints_file(ENDPOINTS, "e.yaml").unwrap();
+    let node: IpAddr = "192.168.50.2".parse().unwrap();
+    let compile = |apiserver: &str| {
+        let mut cluster = cluster();
+        cluster.kube_apiserver = vec![apiserver.parse().unwrap()];
+        let env = Environment {
+            services: f.services.clone(),
+            cluster,
+            host_addresses: vec![node],
+        };
+        CompiledPolicy::compile_in(&p, &f.endpoints, &env, &mut IdentityAllocator::default())
+            .unwrap()
+    };
+    let api = "10.1.0.1".parse().unwrap();
+    let on_node = compile("192.168.50.2");
+    assert_eq!(
+        on_node.peer_info(node).identity,
+        weir_policy::identity::IDENTITY_HOST
+    );
+    assert!(
+        on_node
+            .connection(api, node, Protocol::Tcp, 6443)
+            .l4_allowed()
+    );
+    let elsewhere = compile("172.16.0.1");
+    assert!(
+        !elsewhere
+            .connection(api, node, Protocol::Tcp, 6443)
+            .l4_allowed()
+    );
+    assert!(
+        elsewhere
+            .connection(api, "172.16.0.1".parse().unwrap(), Protocol::Tcp, 6443)
+            .l4_allowed()
+    );
+}
+
+const TO_APISERVER_FOR_HOST: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: k, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  egress:
+  - toEntities: [kube-apiserver]
+";
