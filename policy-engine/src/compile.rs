@@ -399,6 +399,10 @@ pub struct CidrIdentity {
     pub containing: Vec<Cidr>,
     /// Which reserved range (if any) the prefix lies in.
     pub kind: CidrKind,
+    /// A `--kube-apiserver` address: selected by `kube-apiserver` besides what
+    /// its range says (an API server outside the cluster is also `world` and
+    /// matched by CIDR rules; one on a remote node is also `remote-node`).
+    pub kube_apiserver: bool,
 }
 
 /// Where a non-endpoint prefix lies. Reserved ranges take precedence over the
@@ -411,8 +415,6 @@ pub enum CidrKind {
     Cluster,
     /// Inside a `--remote-node-cidr` range.
     RemoteNode,
-    /// A `--kube-apiserver` address.
-    KubeApiserver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -836,16 +838,17 @@ fn cidr_identities(
                 .iter()
                 .map(|p| (*p, CidrKind::RemoteNode)),
         )
-        .chain(
-            c.kube_apiserver
-                .iter()
-                .map(|ip| (host_prefix(canonical_ip(*ip)), CidrKind::KubeApiserver)),
-        )
+        .collect();
+    let apiservers: Vec<Cidr> = c
+        .kube_apiserver
+        .iter()
+        .map(|ip| host_prefix(canonical_ip(*ip)))
         .collect();
     let mut prefixes: Vec<Cidr> = mentioned
         .iter()
         .copied()
         .chain(reserved.iter().map(|(p, _)| *p))
+        .chain(apiservers.iter().copied())
         .collect();
     prefixes.sort();
     prefixes.dedup();
@@ -865,15 +868,20 @@ fn cidr_identities(
                 .iter()
                 .map(|q| (format!("cidr:{q}"), String::new()))
                 .collect();
+            let kube_apiserver = apiservers.contains(p);
             let reserved_label = match kind {
                 CidrKind::World => "reserved:world",
                 CidrKind::Cluster => "reserved:cluster",
                 CidrKind::RemoteNode => "reserved:remote-node",
-                CidrKind::KubeApiserver => "reserved:kube-apiserver",
             };
             labels.insert(reserved_label.into(), String::new());
+            if kube_apiserver {
+                labels.insert("reserved:kube-apiserver".into(), String::new());
+            }
+            // Cilium's reserved identities where only the reserved labels apply;
+            // prefixes that policies also name get identities of their own.
             let identity = match kind {
-                CidrKind::KubeApiserver => IDENTITY_KUBE_APISERVER,
+                _ if kube_apiserver && containing.is_empty() => IDENTITY_KUBE_APISERVER,
                 CidrKind::RemoteNode if containing.is_empty() => IDENTITY_REMOTE_NODE,
                 _ => ids.identity(&labels),
             };
@@ -882,6 +890,7 @@ fn cidr_identities(
                 identity,
                 containing,
                 kind,
+                kube_apiserver,
             }
         })
         .collect();
@@ -966,6 +975,12 @@ fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
             }
             Entity::KubeApiserver => {
                 ids.insert(IDENTITY_KUBE_APISERVER);
+                ids.extend(
+                    u.cidrs
+                        .iter()
+                        .filter(|c| c.kube_apiserver)
+                        .map(|c| c.identity),
+                );
                 if u.apiserver_on_host {
                     ids.insert(IDENTITY_HOST);
                 }

@@ -159,12 +159,12 @@ fn reserved_label(policy: &CompiledPolicy, identity: u32) -> &'static str {
         .cidr_identities()
         .iter()
         .find(|c| c.identity == identity)
-        .map(|c| c.kind)
+        .map(|c| (c.kind, c.kube_apiserver))
     {
-        Some(CidrKind::Cluster) => "reserved:cluster",
-        Some(CidrKind::RemoteNode) => "reserved:remote-node",
-        Some(CidrKind::KubeApiserver) => "reserved:kube-apiserver",
-        Some(CidrKind::World) | None => "reserved:world",
+        Some((_, true)) => "reserved:kube-apiserver",
+        Some((CidrKind::Cluster, _)) => "reserved:cluster",
+        Some((CidrKind::RemoteNode, _)) => "reserved:remote-node",
+        Some((CidrKind::World, _)) | None => "reserved:world",
     }
 }
 

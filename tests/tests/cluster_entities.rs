@@ -119,7 +119,8 @@ fn cluster_entities_enable_default_deny_and_to_services_in_the_kernel() {
             ("world", ds, "200"),
             ("node2", ds, "000"),
             ("pod2", ds, "000"),
-            ("apiserver", ds, "000"),
+            // An API server outside the cluster ranges is world too (Cilium).
+            ("apiserver", ds, "200"),
         ],
     );
     s.reload(&ingress("fromEntities: [remote-node]"));
@@ -148,7 +149,11 @@ fn cluster_entities_enable_default_deny_and_to_services_in_the_kernel() {
     check(
         &s,
         "kube-apiserver",
-        &[("apiserver", ds, "200"), ("world", ds, "000")],
+        &[
+            ("apiserver", ds, "200"),
+            ("world", ds, "000"),
+            ("node2", ds, "000"),
+        ],
     );
     s.reload(&ingress("fromCIDR: [10.0.0.0/8, 'fd00::/8']"));
     check(

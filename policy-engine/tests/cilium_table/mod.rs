@@ -157,13 +157,25 @@ spec:
     toPorts: [{ports: [{port: '443', protocol: TCP}]}]
 ";
 
+const TO_APISERVER_AND_CIDR: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: apiserver-cidr, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  egress:
+  - toEntities: [kube-apiserver]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  - toCIDR: [172.16.0.0/16]
+    toPorts: [{ports: [{port: '80', protocol: TCP}]}]
+";
+
 const FROM_CIDRS: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: cidr-in, namespace: prod}
 spec:
   endpointSelector: {matchLabels: {app: api}}
   ingress:
-  - fromCIDR: [10.96.0.0/12, 198.51.100.0/24]
+  - fromCIDR: [10.96.0.0/12, 198.51.100.0/24, 172.16.0.0/16]
 ";
 
 const DEFAULT_ALLOW: &str = "apiVersion: cilium.io/v2
@@ -432,6 +444,15 @@ pub const ROWS: &[Row] = &[
         reason: "prod/world-in spec.ingress[0]",
     },
     Row {
+        what: "an API server outside the cluster ranges is also world (as in Cilium)",
+        policy: FROM_WORLD,
+        from: APISERVER,
+        to: "prod-api",
+        port: 80,
+        allowed: true,
+        reason: "prod/world-in spec.ingress[0]",
+    },
+    Row {
         what: "world is not a pod of the cluster range",
         policy: FROM_WORLD,
         from: REMOTE_POD,
@@ -502,6 +523,24 @@ pub const ROWS: &[Row] = &[
         port: 80,
         allowed: true,
         reason: "prod/cidr-in spec.ingress[0]",
+    },
+    Row {
+        what: "CIDR rules select an API server outside the cluster (Cilium gives it CIDR labels)",
+        policy: FROM_CIDRS,
+        from: APISERVER,
+        to: "prod-api",
+        port: 80,
+        allowed: true,
+        reason: "prod/cidr-in spec.ingress[0]",
+    },
+    Row {
+        what: "... and kube-apiserver still selects it when a policy names its prefix",
+        policy: TO_APISERVER_AND_CIDR,
+        from: "prod-api",
+        to: APISERVER,
+        port: 443,
+        allowed: true,
+        reason: "prod/apiserver-cidr spec.egress[0].toPorts[0]",
     },
     Row {
         what: "CIDR rules do not select pods of the cluster range (as in Cilium)",
