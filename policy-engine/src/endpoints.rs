@@ -391,6 +391,48 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any two endpoints the file accepts with different namespaces or labels
+        /// get different identities: no user label can stand in for the
+        /// namespace, nor for the labels of reserved and CIDR identities.
+        #[test]
+        fn accepted_endpoints_never_share_an_identity(
+            a in (proptest::sample::select(vec!["prod", "dev"]),
+                  proptest::collection::btree_map("[a-c:=,.]{0,3}", "[a-c:=,]{0,3}", 0..3)),
+            b in (proptest::sample::select(vec!["prod", "dev"]),
+                  proptest::collection::btree_map("[a-c:=,.]{0,3}", "[a-c:=,]{0,3}", 0..3)),
+        ) {
+            // Only what the file accepts (the others are refused with an error).
+            let accepted = |(ns, labels): &(&str, BTreeMap<String, String>)| {
+                let labels: BTreeMap<String, String> = labels
+                    .iter()
+                    .filter(|(k, v)| check_user_label(k, v).is_ok())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (ns.to_string(), labels)
+            };
+            let (a, b) = (accepted(&a), accepted(&b));
+            let ep = |(ns, labels): &(String, BTreeMap<String, String>)| Endpoint {
+                name: "x".into(),
+                ips: vec![],
+                labels: labels.clone(),
+                namespace: ns.clone(),
+                netns: None,
+                cgroup: None,
+                ports: BTreeMap::new(),
+            };
+            let mut ids = crate::identity::IdentityAllocator::default();
+            // A reserved-looking label set as the CIDR identities use.
+            let reserved: BTreeMap<String, String> =
+                [("reserved:world".to_string(), String::new())].into();
+            let r = ids.identity(&reserved);
+            let (ia, ib) = (ids.identity(&ep(&a).identity_labels()), ids.identity(&ep(&b).identity_labels()));
+            proptest::prop_assert_ne!(ia, r);
+            proptest::prop_assert_ne!(ib, r);
+            proptest::prop_assert_eq!(ia == ib, a == b);
+        }
+    }
+
     #[test]
     fn labels_are_refused_as_the_api_refuses_them() {
         for (label, why) in [
