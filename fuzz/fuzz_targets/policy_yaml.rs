@@ -22,5 +22,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let _ = weir_policy::parse_endpoints(text, "e.yaml");
+    // Endpoints and services; errors inside the input too.
+    if let Err(e) = weir_policy::parse_endpoints_file(text, "e.yaml") {
+        for err in &e.0 {
+            assert!(err.line >= 1 && err.line <= lines, "{err} outside {lines} lines");
+        }
+    }
 });

@@ -102,6 +102,15 @@ spec:
   - fromEndpoints: [{}]
 ";
 
+const CLUSTERWIDE_DEV_ONLY: &str = "apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: cw-dev}
+spec:
+  endpointSelector: {matchLabels: {'any:io.kubernetes.pod.namespace': dev}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {'k8s:io.kubernetes.pod.namespace': dev}}]
+";
+
 const PROD_FRONTEND_EGRESS_TO_API: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: fe-out, namespace: prod}
@@ -378,6 +387,33 @@ pub const ROWS: &[Row] = &[
         port: 80,
         allowed: false,
         reason: DENIED_L4,
+    },
+    Row {
+        what: "a clusterwide policy may select one namespace by its label",
+        policy: CLUSTERWIDE_DEV_ONLY,
+        from: "prod-frontend",
+        to: "dev-api",
+        port: 80,
+        allowed: false,
+        reason: DENIED_L4,
+    },
+    Row {
+        what: "... and admit that namespace's pods",
+        policy: CLUSTERWIDE_DEV_ONLY,
+        from: "dev-frontend",
+        to: "dev-api",
+        port: 80,
+        allowed: true,
+        reason: "cw-dev spec.ingress[0]",
+    },
+    Row {
+        what: "... leaving the other namespaces unselected",
+        policy: CLUSTERWIDE_DEV_ONLY,
+        from: "dev-frontend",
+        to: "prod-api",
+        port: 80,
+        allowed: true,
+        reason: NOT_SELECTED,
     },
     Row {
         what: "toEndpoints is confined like fromEndpoints",
