@@ -16,6 +16,9 @@ pub struct Endpoint {
     pub netns: Option<String>,
     /// The workload's cgroup v2 path.
     pub cgroup: Option<String>,
+    /// The node-side interface the workload's packets arrive on, when it is not
+    /// the host side of a veth pair (which weir finds and checks by itself).
+    pub interface: Option<String>,
     /// Named ports, usable in policies as `port: NAME`.
     pub ports: BTreeMap<String, u16>,
 }
@@ -79,6 +82,10 @@ pub fn parse_endpoints(text: &str, file: &str) -> Result<Vec<Endpoint>, LoadErro
                 .take("cgroup")
                 .and_then(|n| scalar(n, "cgroup", &mut d))
                 .map(str::to_string);
+            let interface = ef
+                .take("interface")
+                .and_then(|n| scalar(n, "interface", &mut d))
+                .map(str::to_string);
             let mut ports = BTreeMap::new();
             if let Some(pm) = ef.take("ports") {
                 if let Value::Map(entries) = &pm.value {
@@ -124,6 +131,7 @@ pub fn parse_endpoints(text: &str, file: &str) -> Result<Vec<Endpoint>, LoadErro
                 labels,
                 netns,
                 cgroup,
+                interface,
                 ports,
             });
         }

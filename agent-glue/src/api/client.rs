@@ -45,6 +45,9 @@ pub enum EndpointCommand {
     },
     /// Unregister an endpoint added with `weir endpoint add`.
     Remove { name: String },
+    /// Read an endpoint's addresses from its namespace again (weir reads them at
+    /// `add` and otherwise never, so a workload cannot change its own identity).
+    Refresh { name: String },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -140,6 +143,14 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             println!("removed endpoint {}", ep.name);
+        }
+        EndpointCommand::Refresh { name } => {
+            let ep = client
+                .refresh(pb::RefreshEndpointRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("endpoint {}: {}", ep.name, ep.ips.join(", "));
         }
     }
     Ok(())

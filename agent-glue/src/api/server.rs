@@ -22,6 +22,7 @@ pub enum Command {
     AddEndpoint(ApiEndpoint, Reply<pb::Endpoint>),
     ListEndpoints(Reply<Vec<pb::Endpoint>>),
     RemoveEndpoint(String, Reply<pb::Endpoint>),
+    RefreshEndpoint(String, Reply<pb::Endpoint>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +123,20 @@ impl pb::endpoints_server::Endpoints for EndpointsApi {
             .await
             .map(Response::new)
     }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        info!(endpoint = %name, "API: refresh endpoint addresses");
+        self.ask(|r| Command::RefreshEndpoint(name, r))
+            .await
+            .map(Response::new)
+    }
 }
 
 /// Checks an add request field by field; the namespace itself is read later.
@@ -167,6 +182,7 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
         netns: req.netns,
         labels: req.labels.into_iter().collect(),
         ips,
+        ips_from_netns: false,
     })
 }
 

@@ -11,6 +11,7 @@
 
 pub mod attach;
 pub mod events;
+pub mod links;
 pub mod maps;
 pub mod pins;
 pub mod policy_map;
@@ -31,6 +32,8 @@ use weir_policy::{CompiledPolicy, RuleRef};
 use maps::*;
 use policy_map::{PolicyEntry, policy_entries};
 
+pub use links::{interface_indexes, interfaces, route_interface};
+
 #[derive(Debug, Error)]
 pub enum DatapathError {
     #[error("loading the redirect eBPF object: {0}")]
@@ -48,7 +51,9 @@ pub enum DatapathError {
         iface: String,
         detail: String,
     },
-    #[error("finding the host interface of endpoint {endpoint} ({ip}): {detail}")]
+    #[error("listing the node's interfaces: {detail}")]
+    Links { detail: String },
+    #[error("endpoint {endpoint} ({ip}) is refused: {detail}")]
     Interface {
         endpoint: String,
         ip: IpAddr,
@@ -287,7 +292,8 @@ impl Datapath {
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let ids = sync::endpoint_ids(policy);
         let (entries, table) = policy_entries(policy, &ids);
-        let desired = sync::Desired::new(policy, &entries, &ids, &interface_indexes())?;
+        let ifaces = links::endpoint_interfaces(policy)?;
+        let desired = sync::Desired::new(policy, &entries, &ids, &ifaces)?;
         sync::write(&mut self.ebpf, &self.installed, &desired)?;
         let previous = std::mem::replace(&mut self.installed, desired);
         self.generation = self.generation.wrapping_add(1);
@@ -313,17 +319,10 @@ impl Datapath {
         &self,
         policy: &CompiledPolicy,
     ) -> Result<HashMap<String, Role>, DatapathError> {
-        let mut wanted = HashMap::new();
-        for ep in policy.endpoints() {
-            for ip in &ep.endpoint.ips {
-                let iface = host_interface(*ip).map_err(|detail| DatapathError::Interface {
-                    endpoint: ep.endpoint.name.clone(),
-                    ip: *ip,
-                    detail,
-                })?;
-                wanted.insert(iface, Role::Endpoint);
-            }
-        }
+        let mut wanted: HashMap<String, Role> = links::endpoint_interfaces(policy)?
+            .into_values()
+            .map(|l| (l.name, Role::Endpoint))
+            .collect();
         let devices = match &self.config.devices {
             Devices::Named(names) => names.clone(),
             Devices::Auto => interfaces().into_iter().filter(|i| i != "lo").collect(),
@@ -559,58 +558,6 @@ fn lpm_key(k: &PolicyKey) -> Key<[u8; 16]> {
     data[12..14].copy_from_slice(&k.dport.to_ne_bytes());
     data[14..16].copy_from_slice(&k.pad2.to_ne_bytes());
     Key::new(k.prefixlen, data)
-}
-
-/// The interface the node routes `ip` through (the endpoint's host-side veth).
-pub fn host_interface(ip: IpAddr) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["-j", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("unexpected `ip -j` output: {e}"))?;
-    v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(|d| d.as_str())
-        .filter(|d| *d != "lo")
-        .map(str::to_string)
-        .ok_or_else(|| "no route through a network interface".into())
-}
-
-/// Interfaces of this network namespace, sorted. Through netlink (`ip`), not
-/// /sys/class/net: nsenter keeps the old namespace's /sys.
-pub fn interfaces() -> Vec<String> {
-    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
-    let mut ifaces: Vec<String> = listed
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-        .collect();
-    ifaces.sort();
-    ifaces
-}
-
-/// Interface name → index in this network namespace (through netlink, as above).
-pub fn interface_indexes() -> HashMap<String, u32> {
-    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
-    listed
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|l| {
-            let name = l["ifname"].as_str()?.to_string();
-            let index = u32::try_from(l["ifindex"].as_u64()?).ok()?;
-            Some((name, index))
-        })
-        .collect()
 }
 
 /// The addresses of this network namespace's own interfaces (the `host`
