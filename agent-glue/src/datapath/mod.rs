@@ -15,6 +15,7 @@ pub mod links;
 pub mod maps;
 pub mod pins;
 pub mod policy_map;
+pub mod rule_ids;
 pub mod sync;
 
 use std::collections::HashMap;
@@ -152,7 +153,8 @@ pub struct Datapath {
     /// Interfaces with our programs (by role), and the links this process holds
     /// for them (adopted pinned links, or every link when nothing is pinned).
     attached: HashMap<(String, Role), Vec<Held>>,
-    rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
+    rules: Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>>,
+    rule_ids: rule_ids::RuleIds,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -217,6 +219,7 @@ impl Datapath {
             other_layouts_removed: false,
             attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
+            rule_ids: rule_ids::RuleIds::default(),
         };
         dp.adopt()?;
         dp.write_config()?;
@@ -281,8 +284,8 @@ impl Datapath {
         .map_err(map_err("weir_config"))
     }
 
-    /// The rule table that event `rule_id`s index, updated by every `sync`.
-    pub fn rules_handle(&self) -> Arc<arc_swap::ArcSwap<Vec<RuleRef>>> {
+    /// What each event `rule_id` names (see `rule_ids.rs`), updated by every `sync`.
+    pub fn rules_handle(&self) -> Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>> {
         self.rules.clone()
     }
 
@@ -291,7 +294,11 @@ impl Datapath {
     /// were and the previous generation stays in force.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let ids = sync::endpoint_ids(policy);
-        let (entries, table) = policy_entries(policy, &ids);
+        self.rule_ids.begin_sync();
+        let entries = policy_entries(policy, &ids, &mut self.rule_ids);
+        // Published before the maps change: an event may carry a new id as soon
+        // as the first entry is written.
+        self.rules.store(Arc::new(self.rule_ids.names()));
         let ifaces = links::endpoint_interfaces(policy)?;
         let desired = sync::Desired::new(policy, &entries, &ids, &ifaces)?;
         sync::write(&mut self.ebpf, &self.installed, &desired)?;
@@ -303,7 +310,8 @@ impl Datapath {
             self.installed = previous;
             return Err(e);
         }
-        self.rules.store(Arc::new(table));
+        self.rule_ids.collect();
+        self.rules.store(Arc::new(self.rule_ids.names()));
         info!(
             endpoints = self.installed.endpoints.len(),
             policy_entries = self.installed.policy.len(),
