@@ -20,6 +20,15 @@ pub fn resolve_netns_addresses(endpoints: &mut [Endpoint]) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Whether a named namespace (/run/netns/NAME) or a namespace path exists.
+pub fn netns_exists(ns: &str) -> bool {
+    if ns.starts_with('/') {
+        std::path::Path::new(ns).exists()
+    } else {
+        std::path::Path::new("/run/netns").join(ns).exists()
+    }
+}
+
 /// Global addresses in a named namespace (/run/netns/NAME) or a namespace path.
 pub fn netns_addresses(ns: &str) -> anyhow::Result<Vec<IpAddr>> {
     let out = if ns.starts_with('/') {

@@ -25,10 +25,15 @@ pub struct ApiEndpoint {
     /// namespaces existed are in `default`).
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// Addresses given explicitly; empty means "the namespace's global addresses",
-    /// read again whenever policy is compiled.
+    /// The endpoint's addresses: given explicitly, or the namespace's global
+    /// addresses as read at registration (and by `weir endpoint refresh`, never
+    /// otherwise: a workload adding an address inside its namespace must not
+    /// change what weir enforces for it, or where weir attaches).
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// Whether `ips` were read from the namespace (so a refresh may re-read them).
+    #[serde(default)]
+    pub ips_from_netns: bool,
 }
 
 fn default_namespace() -> String {
@@ -36,8 +41,32 @@ fn default_namespace() -> String {
 }
 
 impl ApiEndpoint {
-    /// The endpoint with its addresses (read from its namespace when not given).
+    /// Reads the namespace's addresses into `ips` when there are none yet.
+    pub fn read_addresses_if_missing(&mut self) -> anyhow::Result<()> {
+        if self.ips.is_empty() {
+            self.ips = crate::endpoints::netns_addresses(&self.netns).with_context(|| {
+                format!(
+                    "endpoint `{}`: reading addresses in netns {}",
+                    self.name, self.netns
+                )
+            })?;
+            if self.ips.is_empty() {
+                bail!(
+                    "endpoint `{}`: netns {} has no global addresses",
+                    self.name,
+                    self.netns
+                );
+            }
+            self.ips_from_netns = true;
+        }
+        Ok(())
+    }
+
+    /// The endpoint as policy sees it; an error when its namespace is gone.
     pub fn resolve(&self) -> anyhow::Result<Endpoint> {
+        if !crate::endpoints::netns_exists(&self.netns) {
+            bail!("netns {} no longer exists", self.netns);
+        }
         let mut ep = Endpoint {
             name: self.name.clone(),
             ips: self.ips.clone(),
@@ -45,6 +74,7 @@ impl ApiEndpoint {
             namespace: self.namespace.clone(),
             netns: Some(self.netns.clone()),
             cgroup: None,
+            interface: None,
             ports: BTreeMap::new(),
         };
         crate::endpoints::resolve_netns_addresses(std::slice::from_mut(&mut ep))?;
@@ -179,6 +209,8 @@ impl Sources {
         {
             bail!("an endpoint named `{}` already exists", ep.name);
         }
+        let mut ep = ep;
+        ep.read_addresses_if_missing()?;
         let resolved = ep
             .resolve()
             .with_context(|| format!("endpoint `{}`", ep.name))?;
@@ -186,6 +218,29 @@ impl Sources {
         next.api_endpoints.push(ep);
         next.endpoints()?;
         Ok((next, resolved))
+    }
+
+    /// A copy with the API endpoint `name`'s addresses read from its namespace again.
+    pub fn with_refreshed(&self, name: &str) -> anyhow::Result<Self> {
+        let Some(i) = self.api_endpoints.iter().position(|e| e.name == name) else {
+            if self.file_endpoints.iter().any(|e| e.name == name) {
+                bail!(
+                    "endpoint `{name}` comes from the endpoints file, which is re-read on reload (SIGHUP)"
+                );
+            }
+            bail!("no endpoint named `{name}`");
+        };
+        let mut next = self.clone();
+        let ep = &mut next.api_endpoints[i];
+        if !ep.ips_from_netns {
+            bail!(
+                "endpoint `{name}` was registered with explicit addresses; remove it and add it again to change them"
+            );
+        }
+        ep.ips.clear();
+        ep.read_addresses_if_missing()?;
+        next.endpoints()?;
+        Ok(next)
     }
 
     /// A copy without the API endpoint `name`.
@@ -207,8 +262,18 @@ impl Sources {
 fn load_api_endpoints(state_dir: &Path) -> anyhow::Result<Vec<ApiEndpoint>> {
     let path = api_endpoints_file(state_dir);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading registered endpoints from {}", path.display())),
+        Ok(bytes) => {
+            let mut eps: Vec<ApiEndpoint> = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading registered endpoints from {}", path.display()))?;
+            // Registered by an older weir, which read addresses at every compile:
+            // read them once now, and keep them.
+            for ep in eps.iter_mut() {
+                if let Err(e) = ep.read_addresses_if_missing() {
+                    warn!(endpoint = %ep.name, error = %format!("{e:#}"), "registered endpoint has no addresses yet");
+                }
+            }
+            Ok(eps)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -244,6 +309,7 @@ mod tests {
             namespace: "default".into(),
             netns: None,
             cgroup: None,
+            interface: None,
             ports: BTreeMap::new(),
         }
     }
@@ -276,6 +342,7 @@ mod tests {
             labels: [("class".to_string(), "xwing".to_string())].into(),
             namespace: "default".into(),
             ips: vec!["10.1.0.2".parse().unwrap()],
+            ips_from_netns: false,
         });
         s.persist().unwrap();
         assert_eq!(load_api_endpoints(&dir).unwrap(), s.api_endpoints);

@@ -255,18 +255,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// (maps are filled and programs attached by the first `steer`).
 fn ebpf_datapath(cfg: DatapathConfig, policy: &CompiledPolicy) -> anyhow::Result<Datapath> {
     let dp = Datapath::load(cfg).context("loading the eBPF datapath")?;
-    // Every endpoint needs a host interface to attach to; find out now, so that
-    // `auto` can still fall back cleanly.
-    for ep in policy.endpoints() {
-        for ip in &ep.endpoint.ips {
-            crate::datapath::host_interface(*ip).map_err(|e| {
-                anyhow::anyhow!(
-                    "no host interface for endpoint {} ({ip}): {e}",
-                    ep.endpoint.name
-                )
-            })?;
-        }
-    }
+    // Every endpoint needs its own checked interface to attach to; find out now,
+    // so that `auto` can still fall back cleanly.
+    crate::datapath::links::endpoint_interfaces(policy)?;
     Ok(dp)
 }
 

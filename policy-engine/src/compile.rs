@@ -246,6 +246,38 @@ impl ConnectionVerdict {
         matches!(self.egress, DirDecision::Http(_)) || matches!(self.ingress, DirDecision::Http(_))
     }
 
+    /// The HTTP rules each request on this connection must match (one per side
+    /// that has them), for explanations.
+    pub fn http_rules(&self, policy: &CompiledPolicy) -> Vec<(Direction, RuleRef)> {
+        let mut out = Vec::new();
+        for (dir, decision, ep, tables) in [
+            (
+                Direction::Egress,
+                &self.egress,
+                self.src.endpoint,
+                &policy.egress,
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                self.dst.endpoint,
+                &policy.ingress,
+            ),
+        ] {
+            let DirDecision::Http(owners) = decision else {
+                continue;
+            };
+            let Some(table) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
+                continue;
+            };
+            for owner in owners {
+                let refs = table.entries[*owner as usize].http_refs.iter().flatten();
+                out.extend(refs.map(|r| (dir, r.clone())));
+            }
+        }
+        out
+    }
+
     /// The connection-level verdict (for L4-only flows, and for L4 denials).
     pub fn l4_verdict(&self) -> Verdict {
         let mut rules = Vec::new();
@@ -745,9 +777,7 @@ impl PeerUniverse<'_> {
             Some(sel) => out.extend(
                 self.endpoints
                     .iter()
-                    .filter(|e| {
-                        e.endpoint.namespace == s.namespace && sel.matches(&e.endpoint.labels)
-                    })
+                    .filter(|e| e.endpoint.namespace == s.namespace && sel.matches(&e.labels))
                     .map(|e| e.identity),
             ),
             None => {

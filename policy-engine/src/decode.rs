@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::Diagnostics;
-use crate::labels::{
-    CILIUM_RESERVED_KEY_PREFIX, DEFAULT_NAMESPACE, NAMESPACE_LABEL, check_namespace,
-};
+use crate::labels::{DEFAULT_NAMESPACE, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, check_namespace};
 use crate::model::*;
 use crate::yaml::{Node, Pos, Value};
 
@@ -273,11 +271,13 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
 /// clusterwide policy's selectors are not confined.
 fn confine_peer_selector(sel: &mut Selector, namespace: Option<&str>) {
     let Some(ns) = namespace else { return };
-    let names_namespace = sel.match_labels.contains_key(NAMESPACE_LABEL)
-        || sel
-            .match_expressions
-            .iter()
-            .any(|e| e.key == NAMESPACE_LABEL);
+    // Cilium: a selector on the namespace or on namespace labels
+    // (`io.cilium.k8s.namespace.labels.*`) picks its namespaces itself.
+    let names_namespace = sel
+        .match_labels
+        .keys()
+        .chain(sel.match_expressions.iter().map(|e| &e.key))
+        .any(|k| k == NAMESPACE_LABEL || k.starts_with(NAMESPACE_LABELS_PREFIX));
     if !names_namespace {
         sel.match_labels
             .insert(NAMESPACE_LABEL.to_string(), ns.to_string());
@@ -656,22 +656,19 @@ fn cidr_value(node: &Node, d: &mut Diagnostics) -> Option<Cidr> {
 
 /// Selector keys no weir endpoint can carry are refused rather than left to
 /// match nothing (which would silently weaken a deny rule): labels of other
-/// sources (`reserved:host`: use the entities) and Cilium's own
-/// `io.cilium.k8s.*` labels (namespace labels, service accounts, cluster names).
+/// sources (`reserved:host`: use the entities). `reserved:init` and
+/// `reserved:health` are kept: they select Cilium's initializing and health
+/// endpoints, which weir never has, so selecting nothing is exactly right.
 fn check_selector_key(key: &str, pos: Pos, d: &mut Diagnostics) {
     let k = strip_label_source(key);
+    if matches!(k, "reserved:init" | "reserved:health") {
+        return;
+    }
     if let Some((source, _)) = k.split_once(':') {
         d.error(
             pos,
             format!(
                 "selector key `{key}`: `{source}:` labels are not supported in selectors by weir; use `fromEntities`/`toEntities` for reserved peers"
-            ),
-        );
-    } else if k.starts_with(CILIUM_RESERVED_KEY_PREFIX) {
-        d.error(
-            pos,
-            format!(
-                "selector key `{key}`: weir endpoints carry no `{CILIUM_RESERVED_KEY_PREFIX}*` labels (namespace labels, service accounts, cluster names), so this would select nothing"
             ),
         );
     }

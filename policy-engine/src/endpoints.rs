@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use crate::decode::{Fields, scalar, selector, seq};
 use crate::error::{Diagnostics, LoadErrors};
-use crate::labels::{DEFAULT_NAMESPACE, NAMESPACE_LABEL, check_namespace, check_user_label};
+use crate::labels::{NAMESPACE_LABEL, check_user_label, take_namespace};
 use crate::model::{Selector, strip_label_source};
 use crate::yaml::{self, Node, Pos, Value};
 
@@ -21,6 +21,9 @@ pub struct Endpoint {
     pub netns: Option<String>,
     /// The workload's cgroup v2 path.
     pub cgroup: Option<String>,
+    /// The node-side interface the workload's packets arrive on, when it is not
+    /// the host side of a veth pair (which weir finds and checks by itself).
+    pub interface: Option<String>,
     /// Named ports, usable in policies as `port: NAME`.
     pub ports: BTreeMap<String, u16>,
 }
@@ -108,18 +111,21 @@ fn user_labels(node: &Node, what: &str, d: &mut Diagnostics) -> BTreeMap<String,
     out
 }
 
-fn namespace_field(f: &mut Fields<'_>, d: &mut Diagnostics) -> String {
-    match f.take("namespace") {
-        Some(n) => match scalar(n, "namespace", d) {
-            Some(ns) => {
-                if let Err(e) = check_namespace(ns) {
-                    d.error(n.pos, e);
-                }
-                ns.to_string()
-            }
-            None => DEFAULT_NAMESPACE.to_string(),
-        },
-        None => DEFAULT_NAMESPACE.to_string(),
+/// The namespace from `namespace:` and/or the label `io.kubernetes.pod.namespace`
+/// (taken out of `labels`); they must agree; `default` without either.
+fn namespace_field(
+    f: &mut Fields<'_>,
+    labels: &mut BTreeMap<String, String>,
+    d: &mut Diagnostics,
+) -> String {
+    let node = f.take("namespace");
+    let given = node.and_then(|n| scalar(n, "namespace", d));
+    match take_namespace(labels, given) {
+        Ok(ns) => ns,
+        Err(e) => {
+            d.error(node.map_or(f.pos(), |n| n.pos), e);
+            given.unwrap_or_default().to_string()
+        }
     }
 }
 
@@ -130,11 +136,11 @@ fn service(item: &Node, d: &mut Diagnostics) -> Option<Service> {
         .take("name")
         .and_then(|n| scalar(n, "name", d))
         .map(str::to_string);
-    let namespace = namespace_field(&mut f, d);
     let labels = f
         .take("labels")
         .map(|n| user_labels(n, "labels", d))
         .unwrap_or_default();
+    let namespace = namespace_field(&mut f, &mut BTreeMap::new(), d);
     let selector_node = f.take("selector");
     let sel = selector_node.and_then(|n| {
         // Kubernetes service selectors are plain label maps; Cilium-style
@@ -268,11 +274,11 @@ pub fn parse_endpoints_file(text: &str, file: &str) -> Result<EndpointsFile, Loa
                     }
                 }
             }
-            let labels = ef
+            let mut labels = ef
                 .take("labels")
                 .map(|n| user_labels(n, "labels", &mut d))
                 .unwrap_or_default();
-            let namespace = namespace_field(&mut ef, &mut d);
+            let namespace = namespace_field(&mut ef, &mut labels, &mut d);
             let netns = ef
                 .take("netns")
                 .and_then(|n| scalar(n, "netns", &mut d))
@@ -280,6 +286,10 @@ pub fn parse_endpoints_file(text: &str, file: &str) -> Result<EndpointsFile, Loa
             let cgroup = ef
                 .take("cgroup")
                 .and_then(|n| scalar(n, "cgroup", &mut d))
+                .map(str::to_string);
+            let interface = ef
+                .take("interface")
+                .and_then(|n| scalar(n, "interface", &mut d))
                 .map(str::to_string);
             let mut ports = BTreeMap::new();
             if let Some(pm) = ef.take("ports") {
@@ -327,6 +337,7 @@ pub fn parse_endpoints_file(text: &str, file: &str) -> Result<EndpointsFile, Loa
                 namespace,
                 netns,
                 cgroup,
+                interface,
                 ports,
             });
         }
@@ -419,6 +430,7 @@ mod tests {
                 namespace: ns.clone(),
                 netns: None,
                 cgroup: None,
+                interface: None,
                 ports: BTreeMap::new(),
             };
             let mut ids = crate::identity::IdentityAllocator::default();
@@ -441,15 +453,6 @@ mod tests {
             ("a: 'b,c'", "values without `,`"),
             ("'reserved:host': ''", "source prefix"),
             ("'cidr:10.0.0.0/8': ''", "source prefix"),
-            (
-                "io.kubernetes.pod.namespace: prod",
-                "set `namespace` instead",
-            ),
-            (
-                "'k8s:io.kubernetes.pod.namespace': prod",
-                "set `namespace` instead",
-            ),
-            ("io.cilium.k8s.policy.cluster: x", "Cilium's own"),
         ] {
             let text =
                 format!("endpoints:\n  - name: a\n    ips: [10.0.0.1]\n    labels: {{{label}}}\n");
@@ -471,6 +474,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("not a valid namespace name"), "{err}");
+        // The namespace label gives the namespace, as `namespace:` does; both
+        // must agree.
+        let eps = parse_endpoints(
+            "endpoints:\n  - {name: a, ips: [10.0.0.1], labels: {'k8s:io.kubernetes.pod.namespace': prod, io.cilium.k8s.policy.serviceaccount: leia}}\n",
+            "e.yaml",
+        )
+        .unwrap();
+        assert_eq!(eps[0].namespace, "prod");
+        assert_eq!(
+            eps[0].labels.keys().collect::<Vec<_>>(),
+            ["io.cilium.k8s.policy.serviceaccount"]
+        );
+        let err = parse_endpoints(
+            "endpoints:\n  - {name: a, ips: [10.0.0.1], namespace: dev, labels: {io.kubernetes.pod.namespace: prod}}\n",
+            "e.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "e.yaml:2:43: namespace `dev` and label `io.kubernetes.pod.namespace: prod` disagree"
+        );
     }
 
     #[test]

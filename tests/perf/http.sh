@@ -265,7 +265,9 @@ col() { local c=$1 i=$2; for run in $(seq "$RUNS"); do echo "${R[$c,$run]}" | aw
 echo
 echo "median (spread) over $RUNS runs"
 printf "%-7s %22s %20s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req@max" "cpu_us/req@fixed" "p50+_us" "p99+_us" "rss_kB"
-d50=$(col direct 4 | median); d99=$(col direct 5 | median)
+# Latency is reported over direct's; without a direct run, as measured.
+d50=0; d99=0
+if [ -n "${R[direct,1]:-}" ]; then d50=$(col direct 4 | median); d99=$(col direct 5 | median); fi
 declare -A MED
 for c in "${CANDIDATES[@]}"; do
   rps=$(col "$c" 2 | median); cpu=$(col "$c" 3 | median); fcpu=$(col "$c" 8 | median)
@@ -289,6 +291,7 @@ if [ -n "${MED[weir-base,fcpu]:-}" ]; then
       -v rate="$RATE" -v base="$WEIR_BASE" 'BEGIN{
     printf "CPU per request, weir/weir-base (%s): %.2f at %d req/s, %.2f at max\n", base, w/b, rate, wm/bm }'
 fi
+[ -n "${R[direct,1]:-}" ] && \
 echo "latency added by weir at ${RATE} req/s: p50 +$(( $(col weir 4 | median) - d50 )) us (target <= 50), p99 +$(( $(col weir 5 | median) - d99 )) us (target <= 200)"
 for c in "${CANDIDATES[@]}"; do
   for run in $(seq "$RUNS"); do

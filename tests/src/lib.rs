@@ -218,6 +218,16 @@ impl Scenario {
     /// it was applied (or refused).
     pub fn reload(&mut self, policy: &str) {
         std::fs::write(self.path("policy.yaml"), policy).unwrap();
+        self.sighup_and_wait_for_reload();
+    }
+
+    /// Rewrites the endpoints file and reloads weir (SIGHUP), waiting until applied.
+    pub fn reload_endpoints(&mut self, endpoints: &str) {
+        std::fs::write(self.path("endpoints.yaml"), endpoints).unwrap();
+        self.sighup_and_wait_for_reload();
+    }
+
+    fn sighup_and_wait_for_reload(&mut self) {
         let before = self.weir_log_text().matches("policy reloaded").count();
         let pid = self.weir().pid() as i32;
         lab::send_signal(pid, libc::SIGHUP);

@@ -76,14 +76,10 @@ fn explain(d: &ScratchDir, args: &[&str]) -> (i32, String, String) {
     let e = d.0.join("e.yaml");
     std::fs::write(&p, SW).unwrap();
     std::fs::write(&e, ENDPOINTS).unwrap();
-    let mut all = vec![
-        "policy",
-        "explain",
-        "--policy",
-        p.to_str().unwrap(),
-        "--endpoints",
-        e.to_str().unwrap(),
-    ];
+    let mut all = vec!["policy", "explain", "--policy", p.to_str().unwrap()];
+    if !args.contains(&"--endpoints") {
+        all.extend_from_slice(&["--endpoints", e.to_str().unwrap()]);
+    }
     all.extend_from_slice(args);
     out(&weir_cli(&all))
 }
@@ -113,7 +109,7 @@ fn explain_names_the_deciding_rule() {
     assert_eq!(
         with(&["--http", "POST /v1/request-landing"]),
         (
-            0,
+            1,
             "DENIED\nno rule matched (ingress, HTTP)\n".into(),
             String::new()
         )
@@ -132,7 +128,7 @@ fn explain_names_the_deciding_rule() {
         &d,
         &["--from", "xwing", "--to", "deathstar", "--port", "80"],
     );
-    assert_eq!(code, 0);
+    assert_eq!(code, 1);
     assert_eq!(
         stdout,
         "DENIED\nno rule matched (ingress, L3/L4)\n(denied at L3/L4: the peer may not reach this port at all)\n"
@@ -170,6 +166,69 @@ fn explain_names_the_deciding_rule() {
         stdout.starts_with("DENIED\nno rule matched (ingress, L3/L4)"),
         "{stdout}"
     );
+}
+
+#[test]
+fn explain_on_an_l7_port_lists_the_http_rules_and_knows_named_ports() {
+    let d = ScratchDir::new("explain-l7");
+    let e = d.0.join("named.yaml");
+    std::fs::write(
+        &e,
+        ENDPOINTS.replace(
+            "labels: {org: empire, class: deathstar}",
+            "labels: {org: empire, class: deathstar}\n    ports: {http: 80}",
+        ),
+    )
+    .unwrap();
+    let e = e.to_str().unwrap();
+    let run = |port: &str, extra: &[&str]| {
+        let mut a = vec![
+            "--endpoints",
+            e,
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--port",
+            port,
+        ];
+        a.extend_from_slice(extra);
+        explain(&d, &a)
+    };
+    // A policy selects the deathstar: not "default allow", but L3/L4 allowed
+    // with the HTTP rules every request must match.
+    let expected = "ALLOWED\nL3/L4 allowed; HTTP rules apply (each request must match one of them; decide one with --http):\n  ingress: rule1 spec.ingress[0].toPorts[0].rules.http[0]: method POST, path /v1/request-landing, header x-has-force present\n";
+    assert_eq!(run("80", &[]), (0, expected.into(), String::new()));
+    // The named port is the deathstar's port 80.
+    assert_eq!(run("http", &[]), (0, expected.into(), String::new()));
+    let (code, _, stderr) = run("grpc", &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("endpoint `deathstar` has no port named `grpc` (its named ports: http)"),
+        "{stderr}"
+    );
+    // JSON: the same facts, and the exit status still says the verdict.
+    let (code, stdout, _) = run(
+        "http",
+        &["-o", "json", "--http", "POST /v1/request-landing"],
+    );
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verdict"], "DENIED");
+    assert_eq!(v["layer"], "HTTP");
+    assert_eq!(v["denied_in"], "ingress");
+    assert_eq!(v["port"], 80);
+    assert_eq!(v["source"]["endpoint"], "tiefighter");
+    assert_eq!(v["destination"]["endpoint"], "deathstar");
+    let (code, stdout, _) = run("80", &["-o", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verdict"], "ALLOWED");
+    assert_eq!(
+        v["http_rules"][0]["rule"],
+        "spec.ingress[0].toPorts[0].rules.http[0]"
+    );
+    assert_eq!(v["http_rules"][0]["matches"][0], "method POST");
 }
 
 #[test]
@@ -281,7 +340,8 @@ fn explain_shows_every_row_of_the_cilium_table() {
             if row.allowed { "ALLOWED" } else { "DENIED" },
             row.reason
         );
-        if code != 0 || !stdout.starts_with(&want) {
+        // Exit 0 ALLOWED, 1 DENIED.
+        if code != i32::from(!row.allowed) || !stdout.starts_with(&want) {
             failures.push(format!(
                 "{} ({} -> {}:{}): exit {code}, got {stdout:?} {stderr:?}, want {want:?}",
                 row.what, row.from, row.to, row.port
@@ -291,8 +351,8 @@ fn explain_shows_every_row_of_the_cilium_table() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// What weir refuses of what Cilium accepts: explain (like validate and run)
-/// exits 1 with the field and its `file:line:col`.
+/// What weir refuses of what Cilium accepts: explain exits 2 (could not decide;
+/// validate and run fail too) with the field and its `file:line:col`.
 #[test]
 fn explain_refuses_what_the_cilium_table_refuses() {
     let d = ScratchDir::new("explain-refusals");
@@ -315,7 +375,7 @@ fn explain_refuses_what_the_cilium_table_refuses() {
             "--port",
             "80",
         ]));
-        assert_eq!(code, 1, "{}: {stdout}", r.what);
+        assert_eq!(code, 2, "{}: {stdout}", r.what);
         let want = r.error.replacen("p.yaml", p.to_str().unwrap(), 1);
         assert_eq!(stderr.trim_end(), want, "{}", r.what);
     }

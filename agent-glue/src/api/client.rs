@@ -37,10 +37,11 @@ pub enum EndpointCommand {
         /// Use these addresses instead of every global address in the namespace.
         #[arg(long = "ip")]
         ips: Vec<std::net::IpAddr>,
-        /// Its Kubernetes namespace (the label `k8s:io.kubernetes.pod.namespace`;
-        /// namespaced policies of other namespaces neither select nor admit it).
-        #[arg(long, default_value = "default")]
-        namespace: String,
+        /// Its Kubernetes namespace (the label `k8s:io.kubernetes.pod.namespace`,
+        /// which `--labels` may give instead; namespaced policies of other
+        /// namespaces neither select nor admit it). Default: `default`.
+        #[arg(long)]
+        namespace: Option<String>,
     },
     /// Every endpoint the running weir enforces: one line each, or JSON.
     List {
@@ -49,6 +50,9 @@ pub enum EndpointCommand {
     },
     /// Unregister an endpoint added with `weir endpoint add`.
     Remove { name: String },
+    /// Read an endpoint's addresses from its namespace again (weir reads them at
+    /// `add` and otherwise never, so a workload cannot change its own identity).
+    Refresh { name: String },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -112,7 +116,7 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
                     netns,
                     labels: labels.into_iter().collect(),
                     ips: ips.iter().map(ToString::to_string).collect(),
-                    namespace,
+                    namespace: namespace.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_error)?
@@ -146,6 +150,14 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             println!("removed endpoint {}", ep.name);
+        }
+        EndpointCommand::Refresh { name } => {
+            let ep = client
+                .refresh(pb::RefreshEndpointRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("endpoint {}: {}", ep.name, ep.ips.join(", "));
         }
     }
     Ok(())

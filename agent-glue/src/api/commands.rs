@@ -66,6 +66,17 @@ pub fn handle(
             }
             let _ = reply.send(result);
         }
+        Command::RefreshEndpoint(name, reply) => {
+            let result = sources
+                .with_refreshed(&name)
+                .and_then(|next| commit(next, sources, shared, steer))
+                .map_err(fail)
+                .and_then(|()| find(shared, &name, sources, mode));
+            if let Ok(ep) = &result {
+                info!(endpoint = %name, ips = ?ep.ips, "endpoint addresses refreshed");
+            }
+            let _ = reply.send(result);
+        }
         Command::RemoveEndpoint(name, reply) => {
             let before = find(shared, &name, sources, mode);
             let result = sources
@@ -138,7 +149,7 @@ fn describe(
     let mut interfaces: Vec<String> = if mode == SteeringMode::Ebpf {
         e.ips
             .iter()
-            .filter_map(|ip| crate::datapath::host_interface(*ip).ok())
+            .filter_map(|ip| crate::datapath::route_interface(*ip).ok())
             .collect()
     } else {
         Vec::new()

@@ -22,6 +22,7 @@ pub enum Command {
     AddEndpoint(ApiEndpoint, Reply<pb::Endpoint>),
     ListEndpoints(Reply<Vec<pb::Endpoint>>),
     RemoveEndpoint(String, Reply<pb::Endpoint>),
+    RefreshEndpoint(String, Reply<pb::Endpoint>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +123,20 @@ impl pb::endpoints_server::Endpoints for EndpointsApi {
             .await
             .map(Response::new)
     }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        info!(endpoint = %name, "API: refresh endpoint addresses");
+        self.ask(|r| Command::RefreshEndpoint(name, r))
+            .await
+            .map(Response::new)
+    }
 }
 
 /// Checks an add request field by field; the namespace itself is read later.
@@ -148,8 +163,8 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
         )));
     }
     // The same check as the endpoints file's: no label may forge one weir
-    // derives itself (the namespace, `reserved:`, `cidr:`), and none may carry
-    // the canonical text's separators.
+    // derives itself (`reserved:`, `cidr:`), none may carry the canonical text's
+    // separators, and the namespace label must agree with `--namespace`.
     let mut labels = std::collections::BTreeMap::new();
     for (k, v) in &req.labels {
         let key = weir_policy::model::strip_label_source(k);
@@ -160,12 +175,9 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
             )));
         }
     }
-    let namespace = if req.namespace.is_empty() {
-        weir_policy::labels::DEFAULT_NAMESPACE.to_string()
-    } else {
-        weir_policy::labels::check_namespace(&req.namespace).map_err(Status::invalid_argument)?;
-        req.namespace
-    };
+    let given = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+    let namespace = weir_policy::labels::take_namespace(&mut labels, given)
+        .map_err(Status::invalid_argument)?;
     let ips = req
         .ips
         .iter()
@@ -180,6 +192,7 @@ fn validate_add(req: pb::AddEndpointRequest) -> Result<ApiEndpoint, Status> {
         labels,
         namespace,
         ips,
+        ips_from_netns: false,
     })
 }
 
@@ -206,6 +219,17 @@ mod tests {
         assert_eq!(ok.name, "xwing", "the name defaults to the namespace's");
         assert_eq!(ok.labels["class"], "xwing");
         assert_eq!(ok.namespace, "default");
+        let by_label = validate_add(req(
+            "",
+            "/run/netns/xwing",
+            &[("k8s:io.kubernetes.pod.namespace", "rebels")],
+        ))
+        .unwrap();
+        assert_eq!(by_label.namespace, "rebels");
+        assert!(
+            by_label.labels.is_empty(),
+            "the namespace is not a label twice"
+        );
         for (bad, why) in [
             (req("a", "", &[]), "netns is required"),
             (req("a b", "ns", &[]), "must be"),
@@ -215,8 +239,11 @@ mod tests {
             (req("a", "ns", &[("reserved:host", "")]), "source prefix"),
             (req("a", "ns", &[("cidr:10.0.0.0/8", "")]), "source prefix"),
             (
-                req("a", "ns", &[("k8s:io.kubernetes.pod.namespace", "prod")]),
-                "set `namespace` instead",
+                pb::AddEndpointRequest {
+                    namespace: "dev".into(),
+                    ..req("a", "ns", &[("k8s:io.kubernetes.pod.namespace", "prod")])
+                },
+                "disagree",
             ),
             (
                 pb::AddEndpointRequest {

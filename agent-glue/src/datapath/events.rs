@@ -18,7 +18,7 @@ pub async fn drain(
     ring: RingBuf<MapData>,
     counters: Option<PerCpuArray<MapData, WeirCounter>>,
     shared: Arc<Shared>,
-    rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
+    rules: Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>>,
 ) {
     let mut losses = LossReport::new(counters);
     // SAFETY: the RingBuf owns its map's file descriptor for as long as it lives,
@@ -35,11 +35,12 @@ pub async fn drain(
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
+    let mut recent = RecentPolicies::default();
     loop {
         tokio::select! {
             ready = fd.readable_mut() => match ready {
                 Ok(mut guard) => {
-                    read_all(guard.get_inner_mut(), &shared, &rules, &mut batch);
+                    read_all(guard.get_inner_mut(), &shared, &rules, &mut recent, &mut batch);
                     guard.clear_ready();
                 }
                 Err(e) => {
@@ -47,7 +48,7 @@ pub async fn drain(
                     return;
                 }
             },
-            _ = tick.tick() => read_all(fd.get_mut(), &shared, &rules, &mut batch),
+            _ = tick.tick() => read_all(fd.get_mut(), &shared, &rules, &mut recent, &mut batch),
         }
         if !batch.is_empty() {
             shared.flows.emit_all(batch.drain(..));
@@ -99,48 +100,100 @@ impl LossReport {
 /// How long a verdict event may wait in the ring buffer (see weir_redirect.h).
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
-fn read_all(
-    ring: &mut RingBuf<MapData>,
-    shared: &Shared,
-    rules: &arc_swap::ArcSwap<Vec<RuleRef>>,
-    out: &mut Vec<Flow>,
-) {
-    let policy = shared.policy.load();
-    let rules = rules.load();
-    while let Some(item) = ring.next() {
-        out.extend(event_flow(&item, &policy, &rules, &shared.node_name));
+/// The policy in force and the one before it: an event read just after a reload
+/// was decided under the previous policy, whose endpoints its identities name.
+#[derive(Default)]
+pub struct RecentPolicies {
+    current: Option<Arc<CompiledPolicy>>,
+    previous: Option<Arc<CompiledPolicy>>,
+}
+
+impl RecentPolicies {
+    pub fn observe(&mut self, policy: Arc<CompiledPolicy>) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &policy))
+        {
+            return;
+        }
+        self.previous = self.current.replace(policy);
+    }
+
+    /// Newest first.
+    fn all(&self) -> impl Iterator<Item = &CompiledPolicy> {
+        self.current
+            .iter()
+            .chain(self.previous.iter())
+            .map(|p| &**p)
     }
 }
 
-/// Turns one kernel event into a flow record.
+fn read_all(
+    ring: &mut RingBuf<MapData>,
+    shared: &Shared,
+    rules: &arc_swap::ArcSwap<Vec<Option<RuleRef>>>,
+    recent: &mut RecentPolicies,
+    out: &mut Vec<Flow>,
+) {
+    recent.observe(shared.policy.load_full());
+    let rules = rules.load();
+    while let Some(item) = ring.next() {
+        out.extend(event_flow(&item, recent, &rules, &shared.node_name));
+    }
+}
+
+/// Who an event's address was when the kernel decided, by the identity it
+/// decided with: an address that claims an endpoint from the wrong interface is
+/// not that endpoint, and the node is the host.
+fn peer_as_decided(
+    policy: &CompiledPolicy,
+    ip: std::net::IpAddr,
+    identity: u32,
+) -> (weir_policy::PeerInfo, bool) {
+    let p = policy.peer_info(ip);
+    if p.identity == identity {
+        (p, true)
+    } else {
+        let unknown = weir_policy::PeerInfo {
+            ip: p.ip,
+            identity,
+            endpoint: None,
+        };
+        (unknown, false)
+    }
+}
+
+/// Turns one kernel event into a flow record, naming its peers after the most
+/// recent policy whose identities agree with the kernel's decision.
 pub fn event_flow(
     raw: &[u8],
-    policy: &CompiledPolicy,
-    rules: &[RuleRef],
+    recent: &RecentPolicies,
+    rules: &[Option<RuleRef>],
     node_name: &Arc<str>,
 ) -> Option<Flow> {
     let Some(e) = Event::from_bytes(raw) else {
         warn!(len = raw.len(), "short verdict event");
         return None;
     };
-    // The identities the kernel decided with: an address that claims an endpoint
-    // from the wrong interface is not that endpoint, and the node is the host.
-    let peer = |words, identity| {
-        let p = policy.peer_info(ip_from_words(words, e.family));
-        if p.identity == identity {
-            p
-        } else {
-            weir_policy::PeerInfo {
-                ip: p.ip,
-                identity,
-                endpoint: None,
-            }
-        }
+    let (saddr, daddr) = (
+        ip_from_words(e.saddr, e.family),
+        ip_from_words(e.daddr, e.family),
+    );
+    let decided = |policy: &CompiledPolicy| {
+        let (src, src_ok) = peer_as_decided(policy, saddr, e.src_identity);
+        let (dst, dst_ok) = peer_as_decided(policy, daddr, e.dst_identity);
+        (src, dst, src_ok && dst_ok)
     };
-    let src = peer(e.saddr, e.src_identity);
-    let dst = peer(e.daddr, e.dst_identity);
+    let mut policies = recent.all();
+    let newest = policies.next()?;
+    let (policy, (src, dst, _)) = std::iter::once(newest)
+        .chain(policies)
+        .map(|p| (p, decided(p)))
+        .find(|(_, (_, _, agree))| *agree)
+        .unwrap_or_else(|| (newest, decided(newest)));
     let peers = FlowPeers::new(policy, &src, &dst, node_name.clone());
-    let rule = rules.get(e.rule_id as usize).cloned();
+    let rule = rules.get(e.rule_id as usize).cloned().flatten();
     let verdict = match e.kind {
         // A drop names its rule only when a deny rule decided it.
         WEIR_EVENT_DROPPED => Verdict {
@@ -217,5 +270,111 @@ fn icmp_type(sport: u16, dport: u16, echo_request: u8, echo_reply: u8) -> u8 {
         echo_reply
     } else {
         u8::try_from(dport).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+    use std::net::IpAddr;
+
+    use weir_policy::identity::IdentityAllocator;
+
+    use super::super::maps::ip_words;
+    use super::*;
+
+    const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: alliance-only}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: alliance}}]
+";
+
+    fn compile(endpoints: &str) -> Arc<CompiledPolicy> {
+        let policies = weir_policy::parse_policies(POLICY, "p.yaml").unwrap();
+        let eps = weir_policy::parse_endpoints(endpoints, "e.yaml").unwrap();
+        Arc::new(
+            CompiledPolicy::compile(&policies, &eps, &mut IdentityAllocator::default()).unwrap(),
+        )
+    }
+
+    fn event(src: IpAddr, src_id: u32, dst: IpAddr, dst_id: u32, rule_id: u32) -> Vec<u8> {
+        let mut raw = vec![0u8; size_of::<Event>()];
+        let (s, family) = ip_words(src);
+        let (d, _) = ip_words(dst);
+        for (i, w) in s.iter().enumerate() {
+            raw[offset_of!(Event, saddr) + 4 * i..][..4].copy_from_slice(&w.to_ne_bytes());
+        }
+        for (i, w) in d.iter().enumerate() {
+            raw[offset_of!(Event, daddr) + 4 * i..][..4].copy_from_slice(&w.to_ne_bytes());
+        }
+        raw[offset_of!(Event, family)] = family as u8;
+        raw[offset_of!(Event, protocol)] = 6;
+        raw[offset_of!(Event, kind)] = WEIR_EVENT_ALLOWED;
+        raw[offset_of!(Event, src_identity)..][..4].copy_from_slice(&src_id.to_ne_bytes());
+        raw[offset_of!(Event, dst_identity)..][..4].copy_from_slice(&dst_id.to_ne_bytes());
+        raw[offset_of!(Event, rule_id)..][..4].copy_from_slice(&rule_id.to_ne_bytes());
+        raw
+    }
+
+    #[test]
+    fn an_event_read_after_a_reload_names_the_peers_and_rule_that_decided_it() {
+        let before = compile(
+            "endpoints:
+  - {name: deathstar, ips: [10.0.0.1], labels: {class: deathstar}}
+  - {name: xwing, ips: [10.0.0.3], labels: {org: alliance, class: xwing}}
+",
+        );
+        // The reload gives the xwing's address to a rebel of another org.
+        let after = compile(
+            "endpoints:
+  - {name: deathstar, ips: [10.0.0.1], labels: {class: deathstar}}
+  - {name: ywing, ips: [10.0.0.3], labels: {org: rebels, class: ywing}}
+",
+        );
+        let xwing = before.endpoint_by_name("xwing").unwrap().identity;
+        let deathstar = before.endpoint_by_name("deathstar").unwrap().identity;
+        let (src, dst) = ("10.0.0.3".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let rules = vec![
+            None,
+            Some(RuleRef {
+                policy: "alliance-only".into(),
+                rule: "spec.ingress[0]".into(),
+            }),
+        ];
+        let node: Arc<str> = Arc::from("node");
+        let mut recent = RecentPolicies::default();
+        recent.observe(before.clone());
+        recent.observe(after.clone());
+        let flow = event_flow(
+            &event(src, xwing, dst, deathstar, 1),
+            &recent,
+            &rules,
+            &node,
+        )
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&flow.to_json_line()).unwrap();
+        assert_eq!(json["source"]["pod_name"], "xwing", "{json}");
+        assert_eq!(json["source"]["identity"], xwing);
+        assert_eq!(json["policy"], "alliance-only spec.ingress[0]", "{json}");
+        // A flow the new policy decided is named after the new one.
+        let ywing = after.endpoint_by_name("ywing").unwrap().identity;
+        let flow = event_flow(
+            &event(src, ywing, dst, deathstar, 0),
+            &recent,
+            &rules,
+            &node,
+        )
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&flow.to_json_line()).unwrap();
+        assert_eq!(json["source"]["pod_name"], "ywing", "{json}");
+        // Neither policy knows this identity at that address: no name is made up.
+        let flow =
+            event_flow(&event(src, 4242, dst, deathstar, 0), &recent, &rules, &node).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&flow.to_json_line()).unwrap();
+        assert!(json["source"]["pod_name"].is_null(), "{json}");
+        assert_eq!(json["source"]["identity"], 4242);
     }
 }

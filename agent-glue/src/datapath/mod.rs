@@ -11,9 +11,11 @@
 
 pub mod attach;
 pub mod events;
+pub mod links;
 pub mod maps;
 pub mod pins;
 pub mod policy_map;
+pub mod rule_ids;
 pub mod sync;
 
 use std::collections::HashMap;
@@ -30,6 +32,8 @@ use weir_policy::{CompiledPolicy, RuleRef};
 
 use maps::*;
 use policy_map::{PolicyEntry, policy_entries};
+
+pub use links::{interface_indexes, interfaces, route_interface};
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -48,7 +52,9 @@ pub enum DatapathError {
         iface: String,
         detail: String,
     },
-    #[error("finding the host interface of endpoint {endpoint} ({ip}): {detail}")]
+    #[error("listing the node's interfaces: {detail}")]
+    Links { detail: String },
+    #[error("endpoint {endpoint} ({ip}) is refused: {detail}")]
     Interface {
         endpoint: String,
         ip: IpAddr,
@@ -147,7 +153,8 @@ pub struct Datapath {
     /// Interfaces with our programs (by role), and the links this process holds
     /// for them (adopted pinned links, or every link when nothing is pinned).
     attached: HashMap<(String, Role), Vec<Held>>,
-    rules: Arc<arc_swap::ArcSwap<Vec<RuleRef>>>,
+    rules: Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>>,
+    rule_ids: rule_ids::RuleIds,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -212,6 +219,7 @@ impl Datapath {
             other_layouts_removed: false,
             attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
+            rule_ids: rule_ids::RuleIds::default(),
         };
         dp.adopt()?;
         dp.write_config()?;
@@ -276,8 +284,8 @@ impl Datapath {
         .map_err(map_err("weir_config"))
     }
 
-    /// The rule table that event `rule_id`s index, updated by every `sync`.
-    pub fn rules_handle(&self) -> Arc<arc_swap::ArcSwap<Vec<RuleRef>>> {
+    /// What each event `rule_id` names (see `rule_ids.rs`), updated by every `sync`.
+    pub fn rules_handle(&self) -> Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>> {
         self.rules.clone()
     }
 
@@ -286,8 +294,13 @@ impl Datapath {
     /// were and the previous generation stays in force.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let ids = sync::endpoint_ids(policy);
-        let (entries, table) = policy_entries(policy, &ids);
-        let desired = sync::Desired::new(policy, &entries, &ids, &interface_indexes())?;
+        self.rule_ids.begin_sync();
+        let entries = policy_entries(policy, &ids, &mut self.rule_ids);
+        // Published before the maps change: an event may carry a new id as soon
+        // as the first entry is written.
+        self.rules.store(Arc::new(self.rule_ids.names()));
+        let ifaces = links::endpoint_interfaces(policy)?;
+        let desired = sync::Desired::new(policy, &entries, &ids, &ifaces)?;
         sync::write(&mut self.ebpf, &self.installed, &desired)?;
         let previous = std::mem::replace(&mut self.installed, desired);
         self.generation = self.generation.wrapping_add(1);
@@ -297,7 +310,8 @@ impl Datapath {
             self.installed = previous;
             return Err(e);
         }
-        self.rules.store(Arc::new(table));
+        self.rule_ids.collect();
+        self.rules.store(Arc::new(self.rule_ids.names()));
         info!(
             endpoints = self.installed.endpoints.len(),
             policy_entries = self.installed.policy.len(),
@@ -313,17 +327,10 @@ impl Datapath {
         &self,
         policy: &CompiledPolicy,
     ) -> Result<HashMap<String, Role>, DatapathError> {
-        let mut wanted = HashMap::new();
-        for ep in policy.endpoints() {
-            for ip in &ep.endpoint.ips {
-                let iface = host_interface(*ip).map_err(|detail| DatapathError::Interface {
-                    endpoint: ep.endpoint.name.clone(),
-                    ip: *ip,
-                    detail,
-                })?;
-                wanted.insert(iface, Role::Endpoint);
-            }
-        }
+        let mut wanted: HashMap<String, Role> = links::endpoint_interfaces(policy)?
+            .into_values()
+            .map(|l| (l.name, Role::Endpoint))
+            .collect();
         let devices = match &self.config.devices {
             Devices::Named(names) => names.clone(),
             Devices::Auto => interfaces().into_iter().filter(|i| i != "lo").collect(),
@@ -559,58 +566,6 @@ fn lpm_key(k: &PolicyKey) -> Key<[u8; 16]> {
     data[12..14].copy_from_slice(&k.dport.to_ne_bytes());
     data[14..16].copy_from_slice(&k.pad2.to_ne_bytes());
     Key::new(k.prefixlen, data)
-}
-
-/// The interface the node routes `ip` through (the endpoint's host-side veth).
-pub fn host_interface(ip: IpAddr) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["-j", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("unexpected `ip -j` output: {e}"))?;
-    v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(|d| d.as_str())
-        .filter(|d| *d != "lo")
-        .map(str::to_string)
-        .ok_or_else(|| "no route through a network interface".into())
-}
-
-/// Interfaces of this network namespace, sorted. Through netlink (`ip`), not
-/// /sys/class/net: nsenter keeps the old namespace's /sys.
-pub fn interfaces() -> Vec<String> {
-    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
-    let mut ifaces: Vec<String> = listed
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-        .collect();
-    ifaces.sort();
-    ifaces
-}
-
-/// Interface name → index in this network namespace (through netlink, as above).
-pub fn interface_indexes() -> HashMap<String, u32> {
-    let listed = Command::new("ip").args(["-j", "link", "show"]).output();
-    listed
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|l| {
-            let name = l["ifname"].as_str()?.to_string();
-            let index = u32::try_from(l["ifindex"].as_u64()?).ok()?;
-            Some((name, index))
-        })
-        .collect()
 }
 
 /// The addresses of this network namespace's own interfaces (the `host`

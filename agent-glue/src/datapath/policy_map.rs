@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weir_policy::{CompiledPolicy, Direction, Protocol, RuleRef};
+use weir_policy::{CompiledPolicy, Direction, Protocol};
+
+use super::rule_ids::RuleIds;
 
 /// Precedence order: a later variant wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -132,14 +134,17 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
-/// All kernel policy entries, and the rule table their `rule_id`s index. `ids`
-/// are the endpoints' kernel ids, by position (see `sync::endpoint_ids`).
-pub fn policy_entries(policy: &CompiledPolicy, ids: &[u32]) -> (Vec<PolicyEntry>, Vec<RuleRef>) {
+/// All kernel policy entries; their `rule_id`s come from `rule_ids`. `ids` are
+/// the endpoints' kernel ids, by position (see `sync::endpoint_ids`).
+pub fn policy_entries(
+    policy: &CompiledPolicy,
+    ids: &[u32],
+    rule_ids: &mut RuleIds,
+) -> Vec<PolicyEntry> {
     /// (endpoint, direction, protocol) → (peers, port_lo, port_hi, verdict, rule id)
     type Group = (usize, u8, u8);
     type GroupRule = (Option<Vec<u32>>, u16, u16, Verdict, u32);
     let mut groups: BTreeMap<Group, Vec<GroupRule>> = BTreeMap::new();
-    let mut table: Vec<RuleRef> = Vec::new();
     for r in policy.l4_rules() {
         let dir = match r.direction {
             Direction::Ingress => DIR_INGRESS,
@@ -155,13 +160,7 @@ pub fn policy_entries(policy: &CompiledPolicy, ids: &[u32]) -> (Vec<PolicyEntry>
             Protocol::Icmp6 => &[IPPROTO_ICMPV6],
             Protocol::Any => continue, // expanded to TCP and UDP by the compiler
         };
-        let id = match table.iter().position(|t| *t == r.rule) {
-            Some(i) => i as u32,
-            None => {
-                table.push(r.rule.clone());
-                (table.len() - 1) as u32
-            }
-        };
+        let id = rule_ids.id(&r.rule);
         let verdict = if r.deny {
             Verdict::Deny
         } else if r.l7 {
@@ -225,7 +224,7 @@ pub fn policy_entries(policy: &CompiledPolicy, ids: &[u32]) -> (Vec<PolicyEntry>
             emit(id, &set);
         }
     }
-    (out, table)
+    out
 }
 
 #[cfg(test)]
@@ -370,7 +369,11 @@ spec:
 ",
             "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n",
         );
-        let (entries, _) = policy_entries(&cp, &super::super::sync::endpoint_ids(&cp));
+        let entries = policy_entries(
+            &cp,
+            &super::super::sync::endpoint_ids(&cp),
+            &mut RuleIds::default(),
+        );
         let tcp: Vec<(u16, u8, Verdict)> = entries
             .iter()
             .filter(|e| e.protocol == IPPROTO_TCP)
@@ -399,7 +402,11 @@ spec:
         );
         let tie = cp.endpoints()[1].identity;
         let xwing = cp.endpoints()[2].identity;
-        let (entries, _) = policy_entries(&cp, &super::super::sync::endpoint_ids(&cp));
+        let entries = policy_entries(
+            &cp,
+            &super::super::sync::endpoint_ids(&cp),
+            &mut RuleIds::default(),
+        );
         let icmp = |proto: u8, id: u32| -> Vec<Verdict> {
             entries
                 .iter()

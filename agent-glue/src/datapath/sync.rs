@@ -12,15 +12,17 @@
 //! policy entries go, in that order.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::{Ebpf, Pod};
 use weir_policy::{CompiledPolicy, Direction};
 
+use super::links::Link;
 use super::maps::*;
 use super::policy_map::PolicyEntry;
-use super::{DatapathError, host_interface, lpm_key, map_err, policy_kv};
+use super::{DatapathError, lpm_key, map_err, policy_kv};
 
 /// An ipcache entry's key: (prefix length incl. the 32 family bits, address words, family).
 pub type IpcacheKeyParts = (u32, [u32; 4], u32);
@@ -37,12 +39,12 @@ pub struct Desired {
 
 impl Desired {
     /// The maps' contents for `policy`. `ids` are the endpoints' kernel ids (by
-    /// position); `index` maps interface names to indexes.
+    /// position); `ifaces` holds each endpoint address's checked interface.
     pub fn new(
         policy: &CompiledPolicy,
         entries: &[PolicyEntry],
         ids: &[u32],
-        index: &HashMap<String, u32>,
+        ifaces: &HashMap<IpAddr, Link>,
     ) -> Result<Desired, DatapathError> {
         let mut d = Desired::default();
         for (i, ep) in policy.endpoints().iter().enumerate() {
@@ -56,14 +58,15 @@ impl Desired {
             for ip in &ep.endpoint.ips {
                 let (w, fam) = ip_words(*ip);
                 // Each address with the interface its packets must arrive on.
-                let ifindex = host_interface(*ip)
-                    .ok()
-                    .and_then(|name| index.get(&name).copied())
-                    .ok_or_else(|| DatapathError::Interface {
-                        endpoint: ep.endpoint.name.clone(),
-                        ip: *ip,
-                        detail: "no interface index for its host-side interface".into(),
-                    })?;
+                let ifindex =
+                    ifaces
+                        .get(ip)
+                        .map(|l| l.index)
+                        .ok_or_else(|| DatapathError::Interface {
+                            endpoint: ep.endpoint.name.clone(),
+                            ip: *ip,
+                            detail: "no checked host-side interface".into(),
+                        })?;
                 d.endpoints.insert(
                     EndpointKey { ip: w, family: fam },
                     EndpointInfo {

@@ -10,8 +10,8 @@ pub const ENDPOINTS: &str = "
 endpoints:
   - {name: prod-api, namespace: prod, ips: [10.1.0.1, 'fd00:1::1'], labels: {app: api}}
   - {name: prod-frontend, namespace: prod, ips: [10.1.0.2, 'fd00:1::2'], labels: {app: frontend}}
-  - {name: dev-api, namespace: dev, ips: [10.2.0.1], labels: {app: api}}
-  - {name: dev-frontend, namespace: dev, ips: [10.2.0.2], labels: {app: frontend}}
+  - {name: dev-api, namespace: dev, ips: [10.2.0.1], labels: {app: api, io.cilium.k8s.namespace.labels.team: blue}}
+  - {name: dev-frontend, ips: [10.2.0.2], labels: {app: frontend, 'k8s:io.kubernetes.pod.namespace': dev, io.cilium.k8s.namespace.labels.team: blue}}
   - {name: dns, namespace: kube-system, ips: [10.3.0.10], labels: {k8s-app: kube-dns}}
 services:
   - {name: api, namespace: prod, labels: {expose: public}, selector: {app: api}}
@@ -82,6 +82,15 @@ spec:
   endpointSelector: {matchLabels: {app: api}}
   ingress:
   - fromEndpoints: [{matchExpressions: [{key: io.kubernetes.pod.namespace, operator: In, values: [kube-system]}]}]
+";
+
+const PROD_API_FROM_TEAM_BLUE: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-blue, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {'k8s:io.cilium.k8s.namespace.labels.team': blue}}]
 ";
 
 const CLUSTERWIDE_API_FROM_FRONTEND: &str = "apiVersion: cilium.io/v2
@@ -346,6 +355,24 @@ pub const ROWS: &[Row] = &[
     Row {
         what: "... and replaces it",
         policy: PROD_API_FROM_NAMESPACES_EXPR,
+        from: "prod-frontend",
+        to: "prod-api",
+        port: 80,
+        allowed: false,
+        reason: DENIED_L4,
+    },
+    Row {
+        what: "a selector on namespace labels is not confined either",
+        policy: PROD_API_FROM_TEAM_BLUE,
+        from: "dev-frontend",
+        to: "prod-api",
+        port: 80,
+        allowed: true,
+        reason: "prod/from-blue spec.ingress[0]",
+    },
+    Row {
+        what: "... and selects only namespaces with those labels",
+        policy: PROD_API_FROM_TEAM_BLUE,
         from: "prod-frontend",
         to: "prod-api",
         port: 80,
@@ -761,18 +788,6 @@ spec:
   - {}
 ",
         error: "p.yaml:5:21: endpointSelector names namespace `dev`, but a CiliumNetworkPolicy in namespace `prod` only selects endpoints of `prod` (use a CiliumClusterwideNetworkPolicy)",
-    },
-    Refusal {
-        what: "namespace labels are not known to weir",
-        policy: "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: n, namespace: prod}
-spec:
-  endpointSelector: {}
-  ingress:
-  - fromEndpoints: [{matchLabels: {'io.cilium.k8s.namespace.labels.team': a}}]
-",
-        error: "p.yaml:7:36: selector key `io.cilium.k8s.namespace.labels.team`: weir endpoints carry no `io.cilium.k8s.*` labels (namespace labels, service accounts, cluster names), so this would select nothing",
     },
     Refusal {
         what: "reserved labels in selectors: use the entities",

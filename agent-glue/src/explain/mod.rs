@@ -1,4 +1,7 @@
 //! `weir policy explain`: one decision and the rule that made it, offline.
+//! Exit status: 0 allowed, 1 denied, 2 anything that kept it from deciding.
+
+mod report;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -10,6 +13,8 @@ use weir_parsers::http::request_facts;
 use weir_policy::identity::IdentityAllocator;
 use weir_policy::{CompiledPolicy, Environment, Protocol};
 
+use report::Report;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
     #[value(name = "TCP", alias = "tcp")]
@@ -19,6 +24,12 @@ pub enum Proto {
     /// ICMP echo (ping); `--port` is ignored.
     #[value(name = "ICMP", alias = "icmp")]
     Icmp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -35,9 +46,9 @@ pub struct ExplainArgs {
     /// Destination endpoint name (or an IP address).
     #[arg(long)]
     pub to: String,
-    /// Destination port.
+    /// Destination port: a number, or a named port of the destination endpoint.
     #[arg(long)]
-    pub port: u16,
+    pub port: String,
     #[arg(long, value_enum, default_value = "TCP")]
     pub proto: Proto,
     /// An HTTP request to decide, as 'METHOD PATH' (path may include a query).
@@ -49,6 +60,9 @@ pub struct ExplainArgs {
     /// A request header, 'Name: value' (repeatable).
     #[arg(long, requires = "http")]
     pub header: Vec<String>,
+    /// `text` (verdict, then the deciding rule) or `json`.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: Output,
     /// The cluster's ranges, as `weir run` takes them.
     #[command(flatten)]
     pub cluster: crate::config::ClusterArgs,
@@ -64,7 +78,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
     let (endpoints, services) = match weir_policy::load_endpoints_file(&args.endpoints) {
@@ -72,13 +86,13 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             let mut e = f.endpoints;
             if let Err(err) = crate::endpoints::resolve_netns_addresses(&mut e) {
                 eprintln!("{err:#}");
-                return ExitCode::from(1);
+                return ExitCode::from(2);
             }
             (e, f.services)
         }
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
     let env = Environment {
@@ -98,7 +112,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(1);
+            return ExitCode::from(2);
         }
     };
     let resolve = |who: &str| -> Option<IpAddr> {
@@ -126,7 +140,11 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         Proto::Udp => Protocol::Udp,
         Proto::Icmp => Protocol::Icmp,
     };
-    let cv = compiled.connection(src, dst, proto, args.port);
+    let port = match resolve_port(&args.port, &compiled, dst, proto) {
+        Ok(p) => p,
+        Err(msg) => return bad_args(&msg),
+    };
+    let cv = compiled.connection(src, dst, proto, port);
     let verdict = match &args.http {
         None => cv.l4_verdict(),
         Some(req) => {
@@ -162,9 +180,9 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             }
             match request_facts(&method, &uri, &headers, false) {
                 Err(reject) => {
-                    println!("DENIED");
-                    println!("the proxy answers 400 before policy: {reject}");
-                    return ExitCode::SUCCESS;
+                    let report = Report::new(&cv, &cv.l4_verdict(), &compiled, &policies, true)
+                        .rejected(reject.to_string());
+                    return print(&report, args.output);
                 }
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
                     cv.http_verdict(&compiled, &facts, &headers)
@@ -173,10 +191,57 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             }
         }
     };
-    println!("{}", if verdict.allowed { "ALLOWED" } else { "DENIED" });
-    println!("{}", verdict.reason());
-    if !cv.l4_allowed() {
-        println!("(denied at L3/L4: the peer may not reach this port at all)");
+    let report = Report::new(&cv, &verdict, &compiled, &policies, args.http.is_some());
+    print(&report, args.output)
+}
+
+fn print(report: &Report, output: Output) -> ExitCode {
+    match output {
+        Output::Text => print!("{}", report.text()),
+        Output::Json => match serde_json::to_string_pretty(report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return bad_args(&format!("cannot render JSON: {e}")),
+        },
     }
-    ExitCode::SUCCESS
+    if report.allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// A port number, or a named port of the destination endpoint (as a policy's
+/// `port: NAME` resolves for ingress). ICMP has no port: 0.
+fn resolve_port(
+    port: &str,
+    compiled: &CompiledPolicy,
+    dst: IpAddr,
+    proto: Protocol,
+) -> Result<u16, String> {
+    if let Ok(n) = port.parse::<u16>() {
+        return Ok(n);
+    }
+    if proto == Protocol::Icmp {
+        return Ok(0);
+    }
+    if port.is_empty() || port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{port}` is not a port (0-65535) or a port name"));
+    }
+    let Some(ep) = compiled.endpoint_by_ip(dst) else {
+        return Err(format!(
+            "`{port}` is a port name, but the destination is not an endpoint with named ports"
+        ));
+    };
+    ep.endpoint.ports.get(port).copied().ok_or_else(|| {
+        let names: Vec<&str> = ep.endpoint.ports.keys().map(String::as_str).collect();
+        format!(
+            "endpoint `{}` has no port named `{port}` (its named ports: {})",
+            ep.endpoint.name,
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )
+    })
 }

@@ -1,0 +1,253 @@
+//! What `weir policy explain` says about one decision, as text or JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use weir_policy::model::HttpRule;
+use weir_policy::{CompiledPolicy, ConnectionVerdict, PeerInfo, Policy, RuleRef, Verdict};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: &'static str,
+    /// `L3/L4` or `HTTP`: where the decision was taken.
+    pub layer: &'static str,
+    /// One line: the deciding rules, or why nothing matched.
+    pub reason: String,
+    /// The rules that decided (allowing rules, or the deny rule).
+    pub rules: Vec<RuleJson>,
+    /// When denied: the direction whose policy had no matching rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_in: Option<String>,
+    /// Allowed at L3/L4 with no request given: the HTTP rules each request must
+    /// match (one of each direction's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_rules: Vec<HttpRuleJson>,
+    /// The request was malformed: the proxy answers 400 before policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_before_policy: Option<String>,
+    pub source: PeerJson,
+    pub destination: PeerJson,
+    pub protocol: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RuleJson {
+    pub policy: String,
+    pub rule: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HttpRuleJson {
+    pub direction: String,
+    pub policy: String,
+    pub rule: String,
+    /// The rule's conditions as written (`method GET`, `path /v1/.*`, ...).
+    pub matches: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerJson {
+    pub ip: String,
+    pub identity: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn rule_json(r: &RuleRef) -> RuleJson {
+    RuleJson {
+        policy: r.policy.to_string(),
+        rule: r.rule.clone(),
+    }
+}
+
+fn peer_json(p: &PeerInfo, policy: &CompiledPolicy) -> PeerJson {
+    PeerJson {
+        ip: p.ip.to_string(),
+        identity: p.identity,
+        endpoint: p
+            .endpoint
+            .and_then(|i| policy.endpoints().get(i))
+            .map(|e| e.endpoint.name.clone()),
+    }
+}
+
+impl Report {
+    pub fn new(
+        cv: &ConnectionVerdict,
+        verdict: &Verdict,
+        compiled: &CompiledPolicy,
+        policies: &[Policy],
+        request_given: bool,
+    ) -> Report {
+        let http_rules = if cv.l4_allowed() && cv.needs_l7() && !request_given {
+            cv.http_rules(compiled)
+                .into_iter()
+                .map(|(dir, r)| HttpRuleJson {
+                    direction: dir.to_string(),
+                    matches: find_http_rule(policies, &r)
+                        .map(describe_http_rule)
+                        .unwrap_or_default(),
+                    policy: r.policy.to_string(),
+                    rule: r.rule,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Report {
+            verdict: if verdict.allowed { "ALLOWED" } else { "DENIED" },
+            layer: if verdict.l7 { "HTTP" } else { "L3/L4" },
+            reason: verdict.reason(),
+            rules: verdict.rules.iter().map(rule_json).collect(),
+            denied_in: verdict.denied_in.map(|d| d.to_string()),
+            http_rules,
+            rejected_before_policy: None,
+            source: peer_json(&cv.src, compiled),
+            destination: peer_json(&cv.dst, compiled),
+            protocol: cv.protocol.to_string(),
+            port: cv.port,
+        }
+    }
+
+    /// A request the proxy refuses (400) before policy sees it.
+    pub fn rejected(mut self, why: String) -> Report {
+        self.verdict = "DENIED";
+        self.layer = "HTTP";
+        self.reason = format!("the proxy answers 400 before policy: {why}");
+        self.rules.clear();
+        self.denied_in = None;
+        self.rejected_before_policy = Some(why);
+        self
+    }
+
+    pub fn allowed(&self) -> bool {
+        self.verdict == "ALLOWED"
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = format!("{}\n", self.verdict);
+        if self.http_rules.is_empty() {
+            let _ = writeln!(out, "{}", self.reason);
+        } else {
+            let mut first = "L3/L4 allowed".to_string();
+            if !self.rules.is_empty() {
+                let _ = write!(first, " by {}", self.reason);
+            }
+            let _ = writeln!(
+                out,
+                "{first}; HTTP rules apply (each request must match one of them; decide one with --http):"
+            );
+            for h in &self.http_rules {
+                let _ = write!(out, "  {}: {} {}", h.direction, h.policy, h.rule);
+                if !h.matches.is_empty() {
+                    let _ = write!(out, ": {}", h.matches.join(", "));
+                }
+                out.push('\n');
+            }
+        }
+        if self.verdict == "DENIED" && self.layer == "L3/L4" {
+            out.push_str("(denied at L3/L4: the peer may not reach this port at all)\n");
+        }
+        out
+    }
+}
+
+/// The rule a reference such as `specs[1].ingress[0].toPorts[2].rules.http[3]`
+/// names, in the loaded policies.
+pub fn find_http_rule<'p>(policies: &'p [Policy], r: &RuleRef) -> Option<&'p HttpRule> {
+    let policy = policies
+        .iter()
+        .find(|p| p.qualified_name() == r.policy.as_ref())?;
+    let (rule_label, rest) = r.rule.split_once('.')?;
+    let rule = policy.rules.iter().find(|x| x.label == rule_label)?;
+    let mut parts = rest.split('.');
+    let (field, pi) = indexed(parts.next()?)?;
+    let peers = match field {
+        "ingress" => rule.ingress.as_ref()?,
+        "egress" => rule.egress.as_ref()?,
+        _ => return None,
+    };
+    let (_, ti) = indexed(parts.next()?).filter(|(f, _)| *f == "toPorts")?;
+    (parts.next()? == "rules").then_some(())?;
+    let (_, hi) = indexed(parts.next()?).filter(|(f, _)| *f == "http")?;
+    peers.get(pi)?.to_ports.get(ti)?.http.as_ref()?.get(hi)
+}
+
+/// `name[3]` → (`name`, 3).
+fn indexed(part: &str) -> Option<(&str, usize)> {
+    let (name, idx) = part.strip_suffix(']')?.split_once('[')?;
+    Some((name, idx.parse().ok()?))
+}
+
+/// An HTTP rule's conditions, as the policy wrote them.
+pub fn describe_http_rule(h: &HttpRule) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(m) = &h.method {
+        out.push(format!("method {}", m.value));
+    }
+    if let Some(p) = &h.path {
+        out.push(format!("path {}", p.value));
+    }
+    if let Some(host) = &h.host {
+        out.push(format!("host {}", host.value));
+    }
+    for hd in &h.headers {
+        match &hd.value.value {
+            Some(v) => out.push(format!("header {}: {v}", hd.value.name)),
+            None => out.push(format!("header {} present", hd.value.name)),
+        }
+    }
+    if out.is_empty() {
+        out.push("any request".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SW: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1, namespace: empire}
+specs:
+- endpointSelector: {}
+  ingress:
+  - toPorts:
+    - ports: [{port: '80'}]
+    - ports: [{port: '8080'}]
+      rules:
+        http:
+        - {method: GET}
+        - {method: POST, path: /v1/.*, headers: ['X-Has-Force']}
+";
+
+    #[test]
+    fn finds_and_describes_the_rule_a_reference_names() {
+        let policies = weir_policy::parse_policies(SW, "p.yaml").unwrap();
+        let r = RuleRef {
+            policy: "empire/rule1".into(),
+            rule: "specs[0].ingress[0].toPorts[1].rules.http[1]".into(),
+        };
+        let h = find_http_rule(&policies, &r).unwrap();
+        assert_eq!(
+            describe_http_rule(h),
+            ["method POST", "path /v1/.*", "header x-has-force present"]
+        );
+        for wrong in [
+            "specs[0].ingress[0].toPorts[0].rules.http[0]",
+            "specs[1].ingress[0].toPorts[1].rules.http[0]",
+            "specs[0].egress[0].toPorts[1].rules.http[0]",
+            "specs[0].ingress[0].toPorts[1].rules.http[9]",
+            "specs[0].ingress[0]",
+        ] {
+            let r = RuleRef {
+                policy: "empire/rule1".into(),
+                rule: wrong.into(),
+            };
+            assert!(find_http_rule(&policies, &r).is_none(), "{wrong}");
+        }
+    }
+}
