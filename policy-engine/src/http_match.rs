@@ -17,7 +17,7 @@ use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use thiserror::Error;
 use weir_parsers::http::RequestFacts;
 
-use crate::model::HeaderRule;
+use crate::model::{HeaderRule, MismatchAction};
 
 /// Policy regexes match the whole value, as in Cilium.
 pub fn anchored(re: &str) -> String {
@@ -48,7 +48,56 @@ struct CompiledRule {
     owner: u32,
     method: Option<Regex>,
     host: Option<Regex>,
+    /// Conditions that deny on mismatch.
     headers: Vec<HeaderRule>,
+    /// `headerMatches` with a `mismatch` action: never deny, act instead.
+    actions: Vec<HeaderRule>,
+    /// The rule's pattern in the path regex, if it has a path.
+    path_pattern: Option<u32>,
+}
+
+/// A `headerMatches` entry with a `mismatch` action whose header did not have
+/// the required value, and what is done about it. Recorded in the flow.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeaderMismatch {
+    /// The header (lower-case).
+    pub key: String,
+    /// The value the rule requires; absent when it requires presence only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<String>,
+    /// What the request had (field lines joined with `,`); absent when missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found: Option<String>,
+    pub action: MismatchAction,
+}
+
+/// The outcome of matching a request: the lowest allowing rule, and the header
+/// actions of every allowing rule (in rule order) to apply before forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpMatch {
+    pub rule: u32,
+    pub mismatches: Vec<HeaderMismatch>,
+}
+
+/// A header's value as policy sees it: its field lines joined with `,` (as
+/// Envoy does), `None` when absent. Compared byte for byte.
+pub fn joined_value(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.push(b',');
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+fn header_matches(rule: &HeaderRule, headers: &HeaderMap) -> bool {
+    match (&rule.value, joined_value(headers, &rule.name)) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(want), Some(have)) => have == want.as_bytes(),
+    }
 }
 
 #[derive(Debug)]
@@ -61,6 +110,10 @@ pub struct HttpMatcher {
     prefixes: PrefixTrie,
     /// Rules without a path constraint, in rule order.
     pathless: Vec<u32>,
+    /// Some rule has `mismatch` actions: every matching rule must be found.
+    has_actions: bool,
+    /// Every header a rule names (lower-case, sorted, unique).
+    header_names: Vec<String>,
 }
 
 const REGEX_SIZE_LIMIT: usize = 512 << 20;
@@ -143,13 +196,19 @@ impl HttpMatcher {
         let mut pathless = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let idx = i as u32;
-            match &spec.path {
+            let path_pattern = match &spec.path {
                 Some(p) => {
                     path_patterns.push(anchored(p));
                     path_rules.push(idx);
+                    Some(path_rules.len() as u32 - 1)
                 }
-                None => pathless.push(idx),
-            }
+                None => {
+                    pathless.push(idx);
+                    None
+                }
+            };
+            let (actions, headers): (Vec<_>, Vec<_>) =
+                spec.headers.into_iter().partition(|h| h.mismatch.is_some());
             rules.push(CompiledRule {
                 owner: spec.owner,
                 method: spec
@@ -166,9 +225,19 @@ impl HttpMatcher {
                             .build()
                     })
                     .transpose()?,
-                headers: spec.headers,
+                headers,
+                actions,
+                path_pattern,
             });
         }
+        let has_actions = rules.iter().any(|r| !r.actions.is_empty());
+        let mut header_names: Vec<String> = rules
+            .iter()
+            .flat_map(|r| r.headers.iter().chain(&r.actions))
+            .map(|h| h.name.clone())
+            .collect();
+        header_names.sort_unstable();
+        header_names.dedup();
         let mut prefixes = PrefixTrie::new();
         for (pid, p) in path_patterns.iter().enumerate() {
             prefixes.insert(&literal_prefix(p), pid as u32);
@@ -193,11 +262,92 @@ impl HttpMatcher {
             path_rules,
             prefixes,
             pathless,
+            has_actions,
+            header_names,
         })
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Every header some rule names (lower-case, sorted, unique).
+    pub fn header_names(&self) -> &[String] {
+        &self.header_names
+    }
+
+    /// Whether rule `idx` (whose owner is in `owners`) allows the request,
+    /// ignoring its `mismatch` actions (which never deny).
+    fn rule_matches(
+        &self,
+        idx: u32,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+        owners: &[u32],
+    ) -> bool {
+        let r = &self.rules[idx as usize];
+        owners.binary_search(&r.owner).is_ok()
+            && r.method.as_ref().is_none_or(|m| m.is_match(&facts.method))
+            && r.host
+                .as_ref()
+                .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
+            && r.headers.iter().all(|hr| header_matches(hr, headers))
+            && match (r.path_pattern, &self.paths) {
+                (None, _) => true,
+                (Some(pid), Some(re)) => re.is_match(
+                    Input::new(facts.path.as_bytes())
+                        .anchored(Anchored::Pattern(PatternID::new_unchecked(pid as usize))),
+                ),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// The lowest rule that allows the request and, when rules have `mismatch`
+    /// actions, the mismatches of every allowing rule (Cilium runs the header
+    /// actions of all matching rules, not only the first). Headers are matched
+    /// as the request arrived; the actions apply afterwards, in rule order.
+    pub fn evaluate(
+        &self,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+        owners: &[u32],
+    ) -> Option<HttpMatch> {
+        if !self.has_actions {
+            return self
+                .first_match(facts, headers, owners)
+                .map(|rule| HttpMatch {
+                    rule,
+                    mismatches: Vec::new(),
+                });
+        }
+        let mut first = None;
+        let mut mismatches = Vec::new();
+        for idx in 0..self.rules.len() as u32 {
+            if !self.rule_matches(idx, facts, headers, owners) {
+                continue;
+            }
+            first.get_or_insert(idx);
+            for a in &self.rules[idx as usize].actions {
+                let Some(action) = a.mismatch else { continue };
+                if header_matches(a, headers) {
+                    continue;
+                }
+                let found = joined_value(headers, &a.name)
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                // Envoy's DELETE only removes a header that is there with
+                // another value; a presence rule has nothing to delete.
+                if action == MismatchAction::Delete && (found.is_none() || a.value.is_none()) {
+                    continue;
+                }
+                mismatches.push(HeaderMismatch {
+                    key: a.name.clone(),
+                    required: a.value.clone(),
+                    found,
+                    action,
+                });
+            }
+        }
+        first.map(|rule| HttpMatch { rule, mismatches })
     }
 
     /// The lowest-numbered rule that allows the request, among rules whose owner
@@ -215,13 +365,7 @@ impl HttpMatcher {
                 && r.host
                     .as_ref()
                     .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
-                && r.headers.iter().all(|hr| {
-                    let mut values = headers.get_all(hr.name.as_str()).iter();
-                    match &hr.value {
-                        None => values.next().is_some(),
-                        Some(want) => values.any(|v| v.as_bytes() == want.as_bytes()),
-                    }
-                })
+                && r.headers.iter().all(|hr| header_matches(hr, headers))
         };
         let from_paths = self.paths.as_ref().and_then(|re| {
             let path = facts.path.as_bytes();
@@ -312,10 +456,12 @@ mod tests {
                 HeaderRule {
                     name: "x-token".into(),
                     value: Some("s3cret".into()),
+                    mismatch: None,
                 },
                 HeaderRule {
                     name: "x-present".into(),
                     value: None,
+                    mismatch: None,
                 },
             ],
         }])
