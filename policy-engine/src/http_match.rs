@@ -80,13 +80,19 @@ pub struct HttpMatch {
 }
 
 /// A header's value as policy sees it: its field lines joined with `,` (as
-/// Envoy does), `None` when absent. Compared byte for byte.
+/// Envoy does), `None` when absent. Compared byte for byte. `Cookie` lines (the
+/// crumbs HTTP/2 splits a cookie into) join with `; ` (RFC 9113 §8.2.3).
 pub fn joined_value(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
+    let sep: &[u8] = if name.eq_ignore_ascii_case("cookie") {
+        b"; "
+    } else {
+        b","
+    };
     let mut out = first.as_bytes().to_vec();
     for v in values {
-        out.push(b',');
+        out.extend_from_slice(sep);
         out.extend_from_slice(v.as_bytes());
     }
     Some(out)
@@ -532,6 +538,78 @@ mod tests {
             let got = m.first_match(&facts(method, &path, None), &HeaderMap::new(), &[0]);
             prop_assert_eq!(got, naive(&specs, method, &path));
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// With `mismatch` actions in play every rule is checked one by one; the
+        /// deciding rule is still the one the indexed search finds, and actions
+        /// never deny.
+        #[test]
+        fn evaluate_with_actions_agrees_with_first_match(
+            specs in proptest::collection::vec(
+                (proptest::option::of(prop_oneof![Just("GET".to_string()), Just("POST|PUT".to_string())]),
+                 proptest::option::of(path_regex()),
+                 proptest::option::of(prop_oneof![Just("blue"), Just("red,blue")]),
+                 any::<bool>()),
+                1..40),
+            method in prop_oneof![Just("GET"), Just("PUT")],
+            path in "/[ab0-9/]{0,8}",
+            team in proptest::collection::vec(prop_oneof![Just("red"), Just("blue")], 0..3),
+        ) {
+            let build = |with_actions: bool| {
+                HttpMatcher::new(specs.iter().map(|(me, p, want, act)| {
+                    let mut s = spec(0, me.as_deref(), p.as_deref());
+                    if let Some(w) = want {
+                        s.headers.push(HeaderRule {
+                            name: "x-team".into(),
+                            value: Some((*w).to_string()),
+                            mismatch: None,
+                        });
+                    }
+                    if with_actions && *act {
+                        s.headers.push(HeaderRule {
+                            name: "x-added".into(),
+                            value: Some("1".into()),
+                            mismatch: Some(MismatchAction::Add),
+                        });
+                    }
+                    s
+                }).collect()).unwrap()
+            };
+            let mut h = HeaderMap::new();
+            for t in &team {
+                h.append("x-team", t.parse().unwrap());
+            }
+            let f = facts(method, &path, None);
+            let plain = build(false).first_match(&f, &h, &[0]);
+            let m = build(true);
+            let got = m.evaluate(&f, &h, &[0]);
+            prop_assert_eq!(got.as_ref().map(|g| g.rule), plain);
+            prop_assert_eq!(m.first_match(&f, &h, &[0]), plain);
+            // One ADD per allowing rule that has one, none when denied.
+            let want_actions = match plain {
+                None => 0,
+                Some(_) => specs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, (_, _, _, act))| *act && m.rule_matches(*i as u32, &f, &h, &[0]))
+                    .count(),
+            };
+            prop_assert_eq!(got.map_or(0, |g| g.mismatches.len()), want_actions);
+        }
+    }
+
+    #[test]
+    fn cookie_crumbs_join_as_one_cookie() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        h.append("x-team", "red".parse().unwrap());
+        h.append("x-team", "blue".parse().unwrap());
+        assert_eq!(joined_value(&h, "cookie").unwrap(), b"a=1; b=2");
+        assert_eq!(joined_value(&h, "x-team").unwrap(), b"red,blue");
+        assert_eq!(joined_value(&h, "x-none"), None);
     }
 
     proptest! {
