@@ -379,6 +379,21 @@ fn authority_userinfo_http10_and_dot_parameters() {
                 .is_some_and(|l| l.contains("\"GET /v1/plain HTTP/1.0\" host=\"-\"")),
             "{log:?}"
         );
+        // Two on one kept-alive HTTP/1.0 connection.
+        let r = raw(
+            &s,
+            ip,
+            "GET /v1/plain HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /v1/plain HTTP/1.0\r\n\r\n",
+        );
+        assert_eq!(r.matches("Deathstar API").count(), 2, "{r}");
+        let log = s.access_log();
+        assert!(
+            log.iter()
+                .rev()
+                .take(2)
+                .all(|l| l.contains("\"GET /v1/plain HTTP/1.0\" host=\"-\"")),
+            "{log:?}"
+        );
         let r = raw(
             &s,
             ip,
@@ -408,4 +423,15 @@ fn authority_userinfo_http10_and_dot_parameters() {
         }
         assert_eq!(s.access_log().len(), n + 1, "{:?}", s.access_log());
     }
+    // weir's own 400 (not a stream reset by the HTTP/2 layer), with the reason.
+    let flows = s.flows();
+    let userinfo = flows
+        .iter()
+        .filter(|f| {
+            f["drop_reason_desc"]
+                .as_str()
+                .is_some_and(|d| d.contains("has userinfo"))
+        })
+        .count();
+    assert_eq!(userinfo, 4, "two per address family (HTTP/2 and HTTP/1.1)");
 }
