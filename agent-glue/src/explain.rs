@@ -111,6 +111,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         Proto::Icmp => Protocol::Icmp,
     };
     let cv = compiled.connection(src, dst, proto, args.port);
+    let mut header_actions: Vec<String> = Vec::new();
     let verdict = match &args.http {
         None => cv.l4_verdict(),
         Some(req) => {
@@ -151,7 +152,30 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
-                    cv.http_verdict(&compiled, &facts, &headers)
+                    // As the proxy does: connection headers go before the check.
+                    let checked = cv.http_header_names(&compiled);
+                    weir_proxy::http::prepare_headers(&mut headers, &checked);
+                    let (v, mismatches) = cv.http_decision(&compiled, &facts, &headers);
+                    for m in &mismatches {
+                        header_actions.push(format!(
+                            "headerMatches {}: {} {} (required {}, found {})",
+                            m.action,
+                            m.key,
+                            match m.action {
+                                weir_policy::model::MismatchAction::Log => "logged",
+                                weir_policy::model::MismatchAction::Add => "added",
+                                weir_policy::model::MismatchAction::Delete => "removed",
+                                weir_policy::model::MismatchAction::Replace => "replaced",
+                            },
+                            m.required
+                                .as_deref()
+                                .map_or("presence".to_string(), |v| format!("{v:?}")),
+                            m.found
+                                .as_deref()
+                                .map_or("nothing".to_string(), |v| format!("{v:?}")),
+                        ));
+                    }
+                    v
                 }
                 Ok(_) => cv.l4_verdict(),
             }
@@ -159,6 +183,9 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
     };
     println!("{}", if verdict.allowed { "ALLOWED" } else { "DENIED" });
     println!("{}", verdict.reason());
+    for a in &header_actions {
+        println!("{a}");
+    }
     if !cv.l4_allowed() {
         println!("(denied at L3/L4: the peer may not reach this port at all)");
     }

@@ -344,8 +344,7 @@ async fn handle(
     } else {
         Vec::new()
     };
-    upstream::strip_hop_by_hop(&mut parts.headers, &checked_headers);
-    join_field_lines(&mut parts.headers, &checked_headers);
+    prepare_headers(&mut parts.headers, &checked_headers);
     if let Err(e) = use_checked_path(&mut parts.uri, &facts.path) {
         info!(error = %e, "cannot rewrite the request target; answering 400");
         let f = ctx
@@ -403,6 +402,15 @@ async fn handle(
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// The request headers as policy checks them and the server gets them:
+/// connection-specific headers removed (never `Host` or one of `checked`, the
+/// headers the rules name), and several field lines of a checked header joined
+/// into the one value policy matches. `weir policy explain` uses it too.
+pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) {
+    upstream::strip_hop_by_hop(headers, checked);
+    join_field_lines(headers, checked);
 }
 
 /// Several field lines of a header policy checks become one line with the value

@@ -435,3 +435,59 @@ fn authority_userinfo_http10_and_dot_parameters() {
         .count();
     assert_eq!(userinfo, 4, "two per address family (HTTP/2 and HTTP/1.1)");
 }
+
+/// `weir policy explain` decides as the proxy does (connection headers removed
+/// first, field lines joined) and says what a `mismatch` action would do. No root.
+#[test]
+fn explain_shows_joined_values_and_header_actions() {
+    let d = weir_tests::ScratchDir::new("explain-hdr");
+    let (p, e) = (d.0.join("p.yaml"), d.0.join("e.yaml"));
+    std::fs::write(&p, POLICY).unwrap();
+    std::fs::write(&e, weir_tests::ENDPOINTS).unwrap();
+    let run = |http: &str, hdrs: &[&str]| {
+        let mut a = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--port",
+            "80",
+            "--http",
+            http,
+        ];
+        for h in hdrs {
+            a.extend(["--header", h]);
+        }
+        text(&weir_tests::weir_cli(&a))
+    };
+    assert_eq!(
+        run("GET /v1/team", &["X-Team: blue"]),
+        "ALLOWED\nhdr spec.ingress[0].toPorts[0].rules.http[3]\n"
+    );
+    assert_eq!(
+        run("GET /v1/team", &["X-Team: red", "X-Team: blue"]),
+        "DENIED\nno rule matched (ingress, HTTP)\n"
+    );
+    assert_eq!(
+        run("GET /v1/teams", &["X-Team: red", "X-Team: blue"]),
+        "ALLOWED\nhdr spec.ingress[0].toPorts[0].rules.http[4]\n"
+    );
+    assert_eq!(
+        run("GET /v1/team", &["X-Team: blue", "Connection: X-Team"]),
+        "ALLOWED\nhdr spec.ingress[0].toPorts[0].rules.http[3]\n"
+    );
+    assert_eq!(
+        run("GET /v1/replace", &["X-Replaced: evil"]),
+        "ALLOWED\nhdr spec.ingress[0].toPorts[0].rules.http[9]\nheaderMatches REPLACE: x-replaced replaced (required \"good\", found \"evil\")\n"
+    );
+    assert_eq!(
+        run("GET /v1/add", &[]),
+        "ALLOWED\nhdr spec.ingress[0].toPorts[0].rules.http[8]\nheaderMatches ADD: x-added added (required \"yes\", found nothing)\n"
+    );
+}
