@@ -15,7 +15,7 @@ use serde::Serialize;
 use weir_parsers::http::RequestFacts;
 
 use crate::endpoints::Endpoint;
-use crate::http_match::{HeaderMismatch, HttpCompileError, HttpMatcher, HttpRuleSpec};
+use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
 use crate::identity::{IDENTITY_HOST, IDENTITY_WORLD, IdentityAllocator};
 use crate::model::{Cidr, Entity, PeerRule, Policy, PortSpec, Protocol, Selector};
 
@@ -300,7 +300,7 @@ impl ConnectionVerdict {
         policy: &CompiledPolicy,
         facts: &RequestFacts,
         headers: &HeaderMap,
-    ) -> (Verdict, Vec<HeaderMismatch>) {
+    ) -> (Verdict, Vec<crate::http_match::HeaderMismatch>) {
         let mut mismatches = Vec::new();
         let mut rules = Vec::new();
         let sides = [
