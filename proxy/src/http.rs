@@ -36,9 +36,9 @@ use weir_policy::flow::{self, L7Type};
 use weir_policy::http_match::{HeaderMismatch, joined_value};
 use weir_policy::model::MismatchAction;
 
+use crate::context::ConnContext;
 use crate::detect::{Detected, Replay};
 use crate::idle::{ActiveIo, Activity};
-use crate::listener::ConnContext;
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
 pub use upstream::{Upstream, UpstreamConns, UpstreamError};

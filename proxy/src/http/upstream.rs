@@ -18,7 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::ProxyBody;
 use crate::ProxyConfig;
-use crate::listener::ConnContext;
+use crate::context::ConnContext;
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
