@@ -66,6 +66,12 @@ pub fn request_facts(
     if !http2 {
         check_framing(headers)?;
     }
+    // Authority-form (`host:port`) is CONNECT's alone (RFC 9112 §3.2.3), which weir
+    // does not proxy: for any other method it has no path for policy to check, and
+    // a server would be sent one policy never saw.
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(RequestReject::UnsupportedTarget(uri.to_string()));
+    }
     let host = request_host(uri, headers)?;
     let raw_path = match uri.path_and_query() {
         Some(pq) => pq.as_str(),
@@ -194,6 +200,24 @@ mod tests {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let uri: Uri = target.parse().unwrap();
         request_facts(&m, &uri, &h, false)
+    }
+
+    #[test]
+    fn authority_form_is_refused_for_every_method() {
+        for (m, target) in [
+            ("OPTIONS", "deathstar:80"),
+            ("GET", "svc.example:80"),
+            ("CONNECT", "svc.example:443"),
+        ] {
+            assert!(
+                matches!(
+                    facts(m, target, &[]),
+                    Err(RequestReject::UnsupportedTarget(_))
+                ),
+                "{m} {target}"
+            );
+        }
+        assert_eq!(facts("OPTIONS", "*", &[("host", "d")]).unwrap().path, "*");
     }
 
     #[test]

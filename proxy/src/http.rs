@@ -344,9 +344,10 @@ async fn handle(
     } else {
         Vec::new()
     };
-    prepare_headers(&mut parts.headers, &checked_headers);
-    if let Err(e) = use_checked_path(&mut parts.uri, &facts.path) {
-        info!(error = %e, "cannot rewrite the request target; answering 400");
+    if let Err(e) = prepare_headers(&mut parts.headers, &checked_headers)
+        .and_then(|()| use_checked_path(&mut parts.uri, &facts.path))
+    {
+        info!(error = %e, "request refused before policy; answering 400");
         let f = ctx
             .flow(&d, &cv.l4_verdict())
             .with_error(format!("MALFORMED_REQUEST: {e}"))
@@ -408,9 +409,24 @@ async fn handle(
 /// connection-specific headers removed (never `Host` or one of `checked`, the
 /// headers the rules name), and several field lines of a checked header joined
 /// into the one value policy matches. `weir policy explain` uses it too.
-pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) {
+///
+/// Refuses (with the reason) a header whose name is a checked header's with `_`
+/// for `-`: some servers read `X_Team` as `X-Team` (nginx with
+/// `underscores_in_headers`, CGI-style variables), so which one they use is not
+/// for policy to guess.
+pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) -> Result<(), String> {
+    if let Some(alias) = headers.keys().find(|k| {
+        let name = k.as_str();
+        name.contains('_') && checked.contains(&name.replace('_', "-").as_str())
+    }) {
+        return Err(format!(
+            "header `{alias}` may be read as `{}`, which policy checks",
+            alias.as_str().replace('_', "-")
+        ));
+    }
     upstream::strip_hop_by_hop(headers, checked);
     join_field_lines(headers, checked);
+    Ok(())
 }
 
 /// Several field lines of a header policy checks become one line with the value

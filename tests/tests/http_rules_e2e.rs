@@ -438,6 +438,66 @@ fn authority_userinfo_http10_and_dot_parameters() {
 
 /// `weir policy explain` decides as the proxy does (connection headers removed
 /// first, field lines joined) and says what a `mismatch` action would do. No root.
+/// Sends `req` raw and returns (status line, the access-log line it added).
+fn raw_probe(s: &Scenario, ip: &str, req: &str) -> (String, Option<String>) {
+    let before = s.access_log().len();
+    let resp = raw(s, ip, req);
+    let log = s.access_log();
+    let status = resp.lines().next().unwrap_or("").to_string();
+    (status, log.get(before).cloned())
+}
+
+/// Three ways a request could have reached nginx in another shape than policy
+/// checked (found by reading the proxy as an attacker would): each is shown
+/// allowed in its honest form first.
+#[test]
+fn targets_and_header_aliases_cannot_change_what_nginx_gets() {
+    let Some(s) = start("hdr-targets") else {
+        return;
+    };
+    let ip = DEATHSTAR4;
+    // Absolute-form without Host: policy checks the target's host, and nginx
+    // must get that host (before, it got no Host and picked its default server).
+    let (st, line) = raw_probe(&s, ip, "GET http://svc.example/v1/hosted HTTP/1.0\r\n\r\n");
+    assert!(st.contains(" 200 "), "{st}");
+    let line = line.expect("allowed absolute-form request reached nginx");
+    assert!(
+        line.contains("\"GET /v1/hosted HTTP/1.0\"") && line.contains("host=\"svc.example\""),
+        "{line}"
+    );
+    let (st, line) = raw_probe(
+        &s,
+        ip,
+        "GET http://other.example/v1/hosted HTTP/1.0\r\n\r\n",
+    );
+    assert!(st.contains(" 403 "), "{st}");
+    assert_eq!(line, None);
+    // Authority-form is CONNECT's alone: 400, for OPTIONS (whose `*` policy would
+    // have checked while nginx got `/`) and GET alike.
+    for req in [
+        "OPTIONS deathstar:80 HTTP/1.1\r\nHost: deathstar:80\r\nConnection: close\r\n\r\n",
+        "GET svc.example:80 HTTP/1.0\r\n\r\n",
+    ] {
+        let (st, line) = raw_probe(&s, ip, req);
+        assert!(st.contains(" 400 "), "{req:?}: {st}");
+        assert_eq!(line, None, "{req:?}");
+    }
+    // `X_Team` may be read as `X-Team` by a server (nginx with
+    // underscores_in_headers): next to a checked X-Team it is refused.
+    let team = "GET /v1/team HTTP/1.1\r\nHost: d\r\nX-Team: blue\r\nConnection: close\r\n\r\n";
+    let (st, line) = raw_probe(&s, ip, team);
+    assert!(st.contains(" 200 "), "{st}");
+    assert!(line.is_some_and(|l| l.contains("team=\"blue\"")));
+    let aliased = team.replace("X-Team: blue\r\n", "X_Team: red\r\nX-Team: blue\r\n");
+    let (st, line) = raw_probe(&s, ip, &aliased);
+    assert!(st.contains(" 400 "), "{st}");
+    assert_eq!(line, None);
+    // An underscore in a header no rule names is nobody's business.
+    let free = team.replace("X-Team: blue\r\n", "X_Free: 1\r\nX-Team: blue\r\n");
+    let (st, _) = raw_probe(&s, ip, &free);
+    assert!(st.contains(" 200 "), "{st}");
+}
+
 #[test]
 fn explain_shows_joined_values_and_header_actions() {
     let d = weir_tests::ScratchDir::new("explain-hdr");

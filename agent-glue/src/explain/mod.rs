@@ -172,7 +172,11 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
                     // As the proxy does: connection headers go before the check.
                     let checked = cv.http_header_names(&compiled);
-                    weir_proxy::http::prepare_headers(&mut headers, &checked);
+                    if let Err(why) = weir_proxy::http::prepare_headers(&mut headers, &checked) {
+                        let report = Report::new(&cv, &cv.l4_verdict(), &compiled, &policies, true)
+                            .rejected(why);
+                        return print(&report, args.output);
+                    }
                     let (v, mismatches) = cv.http_decision(&compiled, &facts, &headers);
                     for m in &mismatches {
                         header_actions.push(format!(

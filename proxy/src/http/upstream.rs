@@ -113,8 +113,11 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
-        if parts.version == Version::HTTP_2
-            && !parts.headers.contains_key(header::HOST)
+        // The target's authority is the host policy checked (HTTP/2's
+        // `:authority`, HTTP/1's absolute form; a Host header beside it had to
+        // agree): the server gets it as Host, whatever the version, or it would
+        // route an origin-form request without Host to another virtual host.
+        if !parts.headers.contains_key(header::HOST)
             && let Some(auth) = parts.uri.authority()
         {
             {
