@@ -54,14 +54,7 @@ fn flow_sink(path: Option<&Path>) -> anyhow::Result<FlowSink> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if matches!(args.steering, SteeringMode::Nft | SteeringMode::None)
-        && args.allow_localhost == crate::cli::AllowLocalhost::Policy
-    {
-        // The node's own packets never pass prerouting: only the eBPF datapath sees them.
-        bail!(
-            "--allow-localhost policy needs the eBPF datapath (--steering ebpf or auto): the node's own traffic never passes nft's prerouting"
-        );
-    }
+    check_args(&args)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
@@ -73,31 +66,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.cluster.config(),
     )?;
     let policy = Arc::new(sources.compile()?);
-    let config = ProxyConfig {
-        proxy_port: args.proxy_port,
-        max_header_bytes: args.max_header_bytes,
-        idle_timeout: args.idle_timeout,
-        upstream_connect_timeout: args.upstream_connect_timeout,
-        upstream_timeout: args.upstream_timeout,
-        upstream_conns_per_client: args.upstream_conns_per_client,
-        request_head_timeout: args.request_head_timeout,
-        http2_max_streams: args.http2_max_streams,
-        max_connections: args.max_connections,
-        tcp_idle_timeout: args.tcp_idle_timeout,
-        node_name: args.node_name.clone(),
-        // Replies to the client's address need steering to come back to the proxy.
-        udp_idle_timeout: args.udp_idle_timeout,
-        udp_max_sessions: args.udp_max_sessions,
-        upstream_mark: (args.steering != SteeringMode::None)
-            .then_some(args.steering_args.upstream_mark),
-    };
-    let (fw, up) = (args.steering_args.fwmark, args.steering_args.upstream_mark);
-    if up & fw == fw {
-        bail!(
-            "--upstream-mark {up:#x} must not carry all of --fwmark's bits ({fw:#x}): the proxy's own packets would be delivered locally"
-        );
-    }
-    let shared = Shared::new(policy.clone(), flow_sink(args.flow_log.as_deref())?, config);
+    let shared = Shared::new(
+        policy.clone(),
+        flow_sink(args.flow_log.as_deref())?,
+        proxy_config(&args),
+    );
     let listeners = listener::bind(args.proxy_port).with_context(|| {
         format!(
             "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
@@ -116,7 +89,91 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         fwmark: args.steering_args.fwmark,
         route_table: args.steering_args.route_table,
     };
-    let dp_config = DatapathConfig {
+    let (mode, mut datapath) = choose_steering(&args, &policy)?;
+    if let Some(dp) = datapath.as_mut() {
+        let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
+        dp.attach_sk_lookup(&refs)
+            .context("attaching the socket-lookup program")?;
+        start_flow_events(dp, &shared);
+    }
+    let mut steering = Steering {
+        mode,
+        datapath,
+        config: steer_cfg.clone(),
+    };
+    if let Err(e) = steering.apply(&policy) {
+        let _ = steering::remove(&steer_cfg);
+        return Err(e);
+    }
+    let control = control::spawn(
+        sources,
+        steering,
+        Files {
+            policy: args.policy.clone(),
+            endpoints: args.endpoints.clone(),
+        },
+        shared.clone(),
+    )
+    .context("starting the control thread")?;
+    let serving = Serving {
+        tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
+        udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),
+    };
+    let (api_tx, api_rx) = tokio::sync::mpsc::channel(16);
+    let api = tokio::spawn(api::server::serve(api_listener, api_tx));
+    std::fs::write(&ready, std::process::id().to_string())
+        .with_context(|| format!("writing {}", ready.display()))?;
+    info!(port = args.proxy_port, steering = ?mode, "weir ready");
+    let result = serve_until_stopped(&control, api_rx, serving).await;
+    api.abort();
+    let _ = std::fs::remove_file(&args.api_socket);
+    shut_down(&control, mode, &args, &steer_cfg).await;
+    let _ = std::fs::remove_file(&ready);
+    result
+}
+
+/// Refuses flag combinations that cannot work, before anything is touched.
+fn check_args(args: &RunArgs) -> anyhow::Result<()> {
+    if matches!(args.steering, SteeringMode::Nft | SteeringMode::None)
+        && args.allow_localhost == crate::cli::AllowLocalhost::Policy
+    {
+        // The node's own packets never pass prerouting: only the eBPF datapath sees them.
+        bail!(
+            "--allow-localhost policy needs the eBPF datapath (--steering ebpf or auto): the node's own traffic never passes nft's prerouting"
+        );
+    }
+    let (fw, up) = (args.steering_args.fwmark, args.steering_args.upstream_mark);
+    if up & fw == fw {
+        bail!(
+            "--upstream-mark {up:#x} must not carry all of --fwmark's bits ({fw:#x}): the proxy's own packets would be delivered locally"
+        );
+    }
+    Ok(())
+}
+
+fn proxy_config(args: &RunArgs) -> ProxyConfig {
+    ProxyConfig {
+        proxy_port: args.proxy_port,
+        max_header_bytes: args.max_header_bytes,
+        idle_timeout: args.idle_timeout,
+        upstream_connect_timeout: args.upstream_connect_timeout,
+        upstream_timeout: args.upstream_timeout,
+        upstream_conns_per_client: args.upstream_conns_per_client,
+        request_head_timeout: args.request_head_timeout,
+        http2_max_streams: args.http2_max_streams,
+        max_connections: args.max_connections,
+        tcp_idle_timeout: args.tcp_idle_timeout,
+        node_name: args.node_name.clone(),
+        udp_idle_timeout: args.udp_idle_timeout,
+        udp_max_sessions: args.udp_max_sessions,
+        // Replies to the client's address need steering to come back to the proxy.
+        upstream_mark: (args.steering != SteeringMode::None)
+            .then_some(args.steering_args.upstream_mark),
+    }
+}
+
+fn datapath_config(args: &RunArgs) -> DatapathConfig {
+    DatapathConfig {
         proxy_port: args.proxy_port,
         mark: args.steering_args.fwmark,
         upstream_mark: args.steering_args.upstream_mark,
@@ -127,13 +184,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None => crate::datapath::Devices::Auto,
         },
         allow_localhost: args.allow_localhost == crate::cli::AllowLocalhost::Always,
-    };
-    let (mode, mut datapath) = match args.steering {
+    }
+}
+
+/// The steering mode in force (`auto` falls back to nft when the eBPF datapath
+/// cannot load), with the loaded datapath when it is eBPF.
+fn choose_steering(
+    args: &RunArgs,
+    policy: &CompiledPolicy,
+) -> anyhow::Result<(SteeringMode, Option<Datapath>)> {
+    let (mode, datapath) = match args.steering {
         SteeringMode::Ebpf => (
             SteeringMode::Ebpf,
-            Some(ebpf_datapath(dp_config.clone(), &policy)?),
+            Some(ebpf_datapath(datapath_config(args), policy)?),
         ),
-        SteeringMode::Auto => match ebpf_datapath(dp_config, &policy) {
+        SteeringMode::Auto => match ebpf_datapath(datapath_config(args), policy) {
             Ok(dp) => (SteeringMode::Ebpf, Some(dp)),
             Err(e) => {
                 warn!(
@@ -157,14 +222,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         SteeringMode::Nft => info!("steering: nftables TPROXY (table inet weir)"),
         _ => info!("steering: none (traffic must reach the proxy port by other means)"),
     }
-    if let Some(dp) = datapath.as_mut() {
-        let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
-        dp.attach_sk_lookup(&refs)
-            .context("attaching the socket-lookup program")?;
-    }
-    if let Some(dp) = datapath.as_mut()
-        && let Some(ring) = dp.take_events()
-    {
+    Ok((mode, datapath))
+}
+
+/// The kernel's verdict events become flow records on a task of their own.
+fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) {
+    if let Some(ring) = dp.take_events() {
         let counters = dp.take_counters();
         tokio::spawn(crate::datapath::events::drain(
             ring,
@@ -173,36 +236,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             dp.rules_handle(),
         ));
     }
-    let mut steering = Steering {
-        mode,
-        datapath,
-        config: steer_cfg.clone(),
-    };
-    if let Err(e) = steering.apply(&policy) {
-        let _ = steering::remove(&steer_cfg);
-        return Err(e);
-    }
-    let control = control::spawn(
-        sources,
-        steering,
-        Files {
-            policy: args.policy.clone(),
-            endpoints: args.endpoints.clone(),
-        },
-        shared.clone(),
-    )
-    .context("starting the control thread")?;
+}
+
+/// The proxy's listener tasks; either one ending is an error.
+struct Serving {
+    tcp: tokio::task::JoinHandle<()>,
+    udp: tokio::task::JoinHandle<()>,
+}
+
+/// Hands SIGHUP and API requests to the control thread until SIGTERM/SIGINT.
+async fn serve_until_stopped(
+    control: &std::sync::mpsc::Sender<ControlMsg>,
+    mut api_rx: tokio::sync::mpsc::Receiver<api::server::Command>,
+    mut serving: Serving,
+) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut serve = tokio::spawn(listener::serve(shared.clone(), listeners));
-    let mut serve_udp = tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners));
-    let (api_tx, mut api_rx) = tokio::sync::mpsc::channel(16);
-    let api = tokio::spawn(api::server::serve(api_listener, api_tx));
-    std::fs::write(&ready, std::process::id().to_string())
-        .with_context(|| format!("writing {}", ready.display()))?;
-    info!(port = args.proxy_port, steering = ?mode, "weir ready");
-    let result = loop {
+    loop {
         tokio::select! {
             _ = hup.recv() => {
                 let _ = control.send(ControlMsg::Reload);
@@ -210,18 +261,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(cmd) = api_rx.recv() => {
                 let _ = control.send(ControlMsg::Api(cmd));
             }
-            _ = term.recv() => break Ok(()),
-            _ = int.recv() => break Ok(()),
-            r = &mut serve => {
-                break Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            r = &mut serving.tcp => {
+                return Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
             }
-            r = &mut serve_udp => {
-                break Err(anyhow::anyhow!("UDP listener stopped unexpectedly: {r:?}"));
+            r = &mut serving.udp => {
+                return Err(anyhow::anyhow!("UDP listener stopped unexpectedly: {r:?}"));
             }
         }
-    };
-    api.abort();
-    let _ = std::fs::remove_file(&args.api_socket);
+    }
+}
+
+/// Stops the control thread and says what stays enforcing after weir is gone.
+async fn shut_down(
+    control: &std::sync::mpsc::Sender<ControlMsg>,
+    mode: SteeringMode,
+    args: &RunArgs,
+    steer_cfg: &SteeringConfig,
+) {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let outlives = if control.send(ControlMsg::Stop(stopped_tx)).is_ok() {
         stopped_rx.await.unwrap_or(false)
@@ -242,13 +300,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         SteeringMode::None => info!("shutting down"),
         _ => {
             info!("shutting down; removing steering");
-            if let Err(e) = steering::remove(&steer_cfg) {
+            if let Err(e) = steering::remove(steer_cfg) {
                 error!(error = %e, "could not remove steering; run `weir cleanup`");
             }
         }
     }
-    let _ = std::fs::remove_file(&ready);
-    result
 }
 
 /// Loads the eBPF datapath and checks it can attach, without touching traffic yet

@@ -1,9 +1,10 @@
 //! The HTTP/1 request stream tracker and path normalisation: arbitrary bytes never
-//! panic, and normalisation is idempotent.
+//! panic, normalisation is idempotent, leaves no dot segment (with or without
+//! `;` parameters), and ignores the case of escapes' hex digits.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir_parsers::http::{RequestTracker, normalize_path};
+use weir_parsers::http::{RequestTracker, normalize_path, uppercase_escapes};
 
 fuzz_target!(|data: &[u8]| {
     let mut t = RequestTracker::new(8192);
@@ -11,9 +12,17 @@ fuzz_target!(|data: &[u8]| {
     t.feed(&data[..split]);
     t.feed(&data[split..]);
     while t.next_check().is_some() {}
-    if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(n) = normalize_path(text)
-    {
-        assert_eq!(normalize_path(&n).as_deref(), Ok(n.as_str()));
+    if let Ok(text) = std::str::from_utf8(data) {
+        let up = uppercase_escapes(text);
+        assert_eq!(up.len(), text.len());
+        if let Ok(n) = normalize_path(text) {
+            assert_eq!(normalize_path(&n).as_deref(), Ok(n.as_str()));
+            assert_eq!(normalize_path(&up).as_deref(), Ok(n.as_str()));
+            let path = n.split('?').next().unwrap_or("");
+            assert!(!path.split('/').any(|s| {
+                let s = s.split(';').next().unwrap_or(s);
+                s == "." || s == ".."
+            }));
+        }
     }
 });

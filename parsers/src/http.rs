@@ -5,7 +5,7 @@ mod h1_framing;
 mod path;
 
 pub use h1_framing::{HeadCheck, RequestTracker};
-pub use path::{PathError, normalize_path};
+pub use path::{PathError, normalize_path, uppercase_escapes};
 
 use http::{HeaderMap, Method, Uri, header};
 use thiserror::Error;
@@ -28,6 +28,8 @@ pub enum RequestReject {
     DuplicateHost,
     #[error("Host header is not valid: {0:?}")]
     InvalidHost(String),
+    #[error("request authority {0:?} has userinfo")]
+    UserinfoInAuthority(String),
     #[error("request target authority {target:?} disagrees with Host {host:?}")]
     HostMismatch { target: String, host: String },
     #[error("both Content-Length and Transfer-Encoding are present")]
@@ -64,6 +66,12 @@ pub fn request_facts(
     if !http2 {
         check_framing(headers)?;
     }
+    // Authority-form (`host:port`) is CONNECT's alone (RFC 9112 §3.2.3), which weir
+    // does not proxy: for any other method it has no path for policy to check, and
+    // a server would be sent one policy never saw.
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(RequestReject::UnsupportedTarget(uri.to_string()));
+    }
     let host = request_host(uri, headers)?;
     let raw_path = match uri.path_and_query() {
         Some(pq) => pq.as_str(),
@@ -77,7 +85,9 @@ pub fn request_facts(
         "*".to_string()
     } else {
         let normalized = normalize_path(raw_path)?;
-        if normalized != raw_path {
+        // Lower-case hex in an escape is the same escape: accepted, and policy
+        // (and the server, see the proxy) get the upper-case spelling.
+        if normalized != raw_path && normalized != uppercase_escapes(raw_path) {
             return Err(PathError::NotNormal {
                 raw: raw_path.to_string(),
                 normalized,
@@ -145,6 +155,11 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Option<String>, Reques
         None => None,
     };
     if let Some(target) = uri.authority() {
+        // Userinfo in the target (HTTP/1 absolute-form, HTTP/2 `:authority`):
+        // policy would see the host after `@`, a server might use all of it.
+        if target.as_str().contains('@') {
+            return Err(RequestReject::UserinfoInAuthority(target.to_string()));
+        }
         // Absolute-form target: it must name the same authority as Host.
         match &host_header {
             Some(h) if eq_authority(h, target) => {}
@@ -185,6 +200,24 @@ mod tests {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let uri: Uri = target.parse().unwrap();
         request_facts(&m, &uri, &h, false)
+    }
+
+    #[test]
+    fn authority_form_is_refused_for_every_method() {
+        for (m, target) in [
+            ("OPTIONS", "deathstar:80"),
+            ("GET", "svc.example:80"),
+            ("CONNECT", "svc.example:443"),
+        ] {
+            assert!(
+                matches!(
+                    facts(m, target, &[]),
+                    Err(RequestReject::UnsupportedTarget(_))
+                ),
+                "{m} {target}"
+            );
+        }
+        assert_eq!(facts("OPTIONS", "*", &[("host", "d")]).unwrap().path, "*");
     }
 
     #[test]
@@ -251,6 +284,55 @@ mod tests {
     }
 
     #[test]
+    fn userinfo_in_the_authority_is_rejected() {
+        for target in [
+            "http://evil.example@svc.example/x",
+            "http://u:p@svc.example/x",
+        ] {
+            assert!(
+                matches!(
+                    facts("GET", target, &[]),
+                    Err(RequestReject::UserinfoInAuthority(_))
+                ),
+                "{target}"
+            );
+        }
+        // HTTP/2: `:authority` is the URI's authority, and no Host is needed.
+        let uri: Uri = "http://evil.example@svc.example/x".parse().unwrap();
+        assert!(matches!(
+            request_facts(&Method::GET, &uri, &HeaderMap::new(), true),
+            Err(RequestReject::UserinfoInAuthority(_))
+        ));
+        let uri: Uri = "http://svc.example:8080/x".parse().unwrap();
+        let f = request_facts(&Method::GET, &uri, &HeaderMap::new(), true).unwrap();
+        assert_eq!(f.host.as_deref(), Some("svc.example"));
+    }
+
+    #[test]
+    fn host_facts_drop_the_port() {
+        for (host, want) in [
+            ("svc.example:8080", "svc.example"),
+            ("SVC.example", "svc.example"),
+            ("[fd00::10]:80", "[fd00::10]"),
+            ("10.0.0.1:80", "10.0.0.1"),
+        ] {
+            let f = facts("GET", "/", &[("host", host)]).unwrap();
+            assert_eq!(f.host.as_deref(), Some(want), "{host}");
+        }
+    }
+
+    #[test]
+    fn lower_case_escapes_are_the_upper_case_ones() {
+        let f = facts("GET", "/caf%c3%a9?q=%2f", &[("host", "a")]).unwrap();
+        assert_eq!(f.path, "/caf%C3%A9?q=%2f");
+        let f = facts("GET", "/caf%C3%A9", &[("host", "a")]).unwrap();
+        assert_eq!(f.path, "/caf%C3%A9");
+        // Still refused: an escape of an unreserved character, and dot tricks.
+        assert!(facts("GET", "/%61dmin", &[("host", "a")]).is_err());
+        assert!(facts("GET", "/a/%2e%2e/b", &[("host", "a")]).is_err());
+    }
+
+    #[test]
     fn non_normal_paths_are_rejected() {
         for p in [
             "/a/../admin",
@@ -258,6 +340,9 @@ mod tests {
             "/a/./b",
             "/%2e%2e/admin",
             "/a%2fb",
+            "/a/..;/admin",
+            "/a/.;/b",
+            "/a/..;x=1/admin",
         ] {
             assert!(facts("GET", p, &[("host", "a")]).is_err(), "{p} accepted");
         }

@@ -321,6 +321,38 @@ impl ConnectionVerdict {
         facts: &RequestFacts,
         headers: &HeaderMap,
     ) -> Verdict {
+        self.http_decision(policy, facts, headers).0
+    }
+
+    /// Every header an HTTP rule of this connection's policies names (lower-case):
+    /// the headers whose value the policy checks.
+    pub fn http_header_names<'p>(&self, policy: &'p CompiledPolicy) -> Vec<&'p str> {
+        let mut out: Vec<&str> = Vec::new();
+        for (decision, ep, tables) in [
+            (&self.egress, self.src.endpoint, &policy.egress),
+            (&self.ingress, self.dst.endpoint, &policy.ingress),
+        ] {
+            if !matches!(decision, DirDecision::Http(_)) {
+                continue;
+            }
+            if let Some(t) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) {
+                out.extend(t.http.header_names().iter().map(String::as_str));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The verdict for one HTTP request, with the `headerMatches` mismatches
+    /// (and their actions) of every allowing rule when it is allowed.
+    pub fn http_decision(
+        &self,
+        policy: &CompiledPolicy,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+    ) -> (Verdict, Vec<crate::http_match::HeaderMismatch>) {
+        let mut mismatches = Vec::new();
         let mut rules = Vec::new();
         let sides = [
             (
@@ -339,54 +371,62 @@ impl ConnectionVerdict {
         for (dir, decision, ep, tables) in sides {
             match decision {
                 DirDecision::DeniedBy(r) => {
-                    return Verdict {
+                    let v = Verdict {
                         allowed: false,
                         rules: vec![r.clone()],
                         denied_in: Some(dir),
                         l7: false,
                     };
+                    return (v, Vec::new());
                 }
                 DirDecision::Denied => {
-                    return Verdict {
+                    let v = Verdict {
                         allowed: false,
                         rules: vec![],
                         denied_in: Some(dir),
                         l7: false,
                     };
+                    return (v, Vec::new());
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
                 DirDecision::NotSelected => {}
                 DirDecision::Http(owners) => {
                     let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
                     let hit = table.and_then(|t| {
-                        let idx = t.http.first_match(facts, headers, owners)?;
-                        let (owner, pos) = t.http_owner[idx as usize];
-                        t.entries[owner as usize]
+                        let m = t.http.evaluate(facts, headers, owners)?;
+                        let (owner, pos) = t.http_owner[m.rule as usize];
+                        let r = t.entries[owner as usize]
                             .http_refs
                             .as_ref()
                             .and_then(|refs| refs.get(pos as usize))
-                            .cloned()
+                            .cloned()?;
+                        Some((r, m.mismatches))
                     });
                     match hit {
-                        Some(r) => rules.push(r),
+                        Some((r, m)) => {
+                            rules.push(r);
+                            mismatches.extend(m);
+                        }
                         None => {
-                            return Verdict {
+                            let v = Verdict {
                                 allowed: false,
                                 rules: vec![],
                                 denied_in: Some(dir),
                                 l7: true,
                             };
+                            return (v, Vec::new());
                         }
                     }
                 }
             }
         }
-        Verdict {
+        let v = Verdict {
             allowed: true,
             rules,
             denied_in: None,
             l7: true,
-        }
+        };
+        (v, mismatches)
     }
 }
 

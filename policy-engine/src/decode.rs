@@ -25,7 +25,6 @@ const NOT_YET: &[&str] = &[
     "dns",
     "l7proto",
     "l7",
-    "headerMatches",
 ];
 
 /// A mapping whose keys are looked up by name; whatever is left over when the
@@ -1012,21 +1011,23 @@ fn http_rule(node: &Node, d: &mut Diagnostics) -> Option<HttpRule> {
             let Some(text) = scalar(item, "header", d) else {
                 continue;
             };
-            let (name, value) = match text.split_once(':') {
-                Some((n, v)) => (n.trim(), Some(v.trim().to_string())),
-                None => (text.trim(), None),
-            };
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                d.error(item.pos, format!("`{name}` is not a valid header name"));
-                continue;
+            match header_entry(text) {
+                Ok(rule) => headers.push(Located {
+                    value: rule,
+                    pos: item.pos,
+                }),
+                Err(e) => d.error(item.pos, e),
             }
-            headers.push(Located {
-                value: HeaderRule {
-                    name: name.to_ascii_lowercase(),
-                    value,
-                },
-                pos: item.pos,
-            });
+        }
+    }
+    if let Some(h) = f.take("headerMatches") {
+        for item in seq(h, "headerMatches", d).unwrap_or(&[]) {
+            if let Some(rule) = header_match(item, d) {
+                headers.push(Located {
+                    value: rule,
+                    pos: item.pos,
+                });
+            }
         }
     }
     f.finish("http rule", d);
@@ -1036,5 +1037,145 @@ fn http_rule(node: &Node, d: &mut Diagnostics) -> Option<HttpRule> {
         host,
         headers,
         pos,
+    })
+}
+
+/// A `headers` entry as Cilium reads it: split at the first space; the name loses
+/// trailing colons and the rest is the exact value (`X-A: v` and `X-A v` both
+/// require `v`); without a space the header need only be present.
+pub(crate) fn header_entry(text: &str) -> Result<HeaderRule, String> {
+    let (raw_name, value) = match text.split_once(' ') {
+        Some((n, v)) => (n.trim_end_matches(':'), Some(v)),
+        None => (text, None),
+    };
+    if raw_name.contains(':') && !raw_name.starts_with(':') {
+        return Err(format!(
+            "header entry `{text}`: `{raw_name}` is not a header name (Cilium splits an entry at the first space: write `Name: value`, `Name value` or `Name`)"
+        ));
+    }
+    let name = header_name(raw_name)?;
+    let value = value.map(|v| header_value(&name, v)).transpose()?;
+    Ok(HeaderRule {
+        name,
+        value,
+        mismatch: None,
+    })
+}
+
+fn header_name(name: &str) -> Result<String, String> {
+    if name.starts_with(':') {
+        return Err(format!(
+            "`{name}`: pseudo-headers cannot be matched as headers (use `method`, `path` or `host`)"
+        ));
+    }
+    if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err(format!("`{name}` is not a valid header name"));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn header_value(name: &str, value: &str) -> Result<String, String> {
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+        // Field values arrive without surrounding whitespace: such a rule could
+        // never match (Cilium would silently deny everything it guards).
+        return Err(format!(
+            "value {value:?} for header `{name}` has surrounding whitespace and could never match"
+        ));
+    }
+    if http::HeaderValue::from_str(value).is_err() {
+        return Err(format!(
+            "value {value:?} for header `{name}` is not a valid header value"
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// Headers whose change would alter the message's framing or routing after the
+/// policy check; a `mismatch` action may not touch them.
+const UNMODIFIABLE: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// One `headerMatches` entry: `name`, `value` (exact; absent: presence) and an
+/// optional `mismatch` action. `secret` needs a secret store weir does not have.
+fn header_match(node: &Node, d: &mut Diagnostics) -> Option<HeaderRule> {
+    let mut f = Fields::of(node, "headerMatches entry", d)?;
+    let epos = f.pos();
+    let name = match f.take("name") {
+        Some(n) => scalar(n, "name", d).and_then(|t| match header_name(t) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                d.error(n.pos, e);
+                None
+            }
+        }),
+        None => {
+            d.error(epos, "headerMatches entry needs `name`");
+            None
+        }
+    };
+    let value = match f.take("value") {
+        Some(n) => scalar(n, "value", d).and_then(|t| {
+            match header_value(name.as_deref().unwrap_or("?"), t) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    d.error(n.pos, e);
+                    None
+                }
+            }
+        }),
+        None => None,
+    };
+    if let Some(s) = f.take("secret") {
+        d.error(
+            s.pos,
+            "headerMatches `secret` is not supported: weir has no Kubernetes secret store (put the value in `value`)",
+        );
+    }
+    let mismatch = match f.take("mismatch") {
+        Some(n) => {
+            match scalar(n, "mismatch", d) {
+                None | Some("") => None,
+                Some("LOG") => Some(MismatchAction::Log),
+                Some("ADD") => Some(MismatchAction::Add),
+                Some("DELETE") => Some(MismatchAction::Delete),
+                Some("REPLACE") => Some(MismatchAction::Replace),
+                Some(other) => {
+                    d.error(
+                    n.pos,
+                    format!("unknown mismatch action `{other}` (expected LOG, ADD, DELETE or REPLACE)"),
+                );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    f.finish("headerMatches entry", d);
+    let name = name?;
+    if let Some(action) = mismatch
+        && action != MismatchAction::Log
+        && UNMODIFIABLE.contains(&name.as_str())
+    {
+        d.error(
+            epos,
+            format!(
+                "mismatch action {action} may not change `{name}` (it frames or routes the request)"
+            ),
+        );
+        return None;
+    }
+    Some(HeaderRule {
+        name,
+        value,
+        mismatch,
     })
 }

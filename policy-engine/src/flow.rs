@@ -80,6 +80,10 @@ pub struct Http {
     pub protocol: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HttpHeader>,
+    /// `headerMatches` entries whose header did not have the required value, and
+    /// the `mismatch` action weir took (LOG, ADD, DELETE, REPLACE).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub header_mismatches: Vec<crate::http_match::HeaderMismatch>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -17,7 +17,7 @@ use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use thiserror::Error;
 use weir_parsers::http::RequestFacts;
 
-use crate::model::HeaderRule;
+use crate::model::{HeaderRule, MismatchAction};
 
 /// Policy regexes match the whole value, as in Cilium.
 pub fn anchored(re: &str) -> String {
@@ -48,7 +48,62 @@ struct CompiledRule {
     owner: u32,
     method: Option<Regex>,
     host: Option<Regex>,
+    /// Conditions that deny on mismatch.
     headers: Vec<HeaderRule>,
+    /// `headerMatches` with a `mismatch` action: never deny, act instead.
+    actions: Vec<HeaderRule>,
+    /// The rule's pattern in the path regex, if it has a path.
+    path_pattern: Option<u32>,
+}
+
+/// A `headerMatches` entry with a `mismatch` action whose header did not have
+/// the required value, and what is done about it. Recorded in the flow.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeaderMismatch {
+    /// The header (lower-case).
+    pub key: String,
+    /// The value the rule requires; absent when it requires presence only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<String>,
+    /// What the request had (field lines joined with `,`); absent when missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found: Option<String>,
+    pub action: MismatchAction,
+}
+
+/// The outcome of matching a request: the lowest allowing rule, and the header
+/// actions of every allowing rule (in rule order) to apply before forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpMatch {
+    pub rule: u32,
+    pub mismatches: Vec<HeaderMismatch>,
+}
+
+/// A header's value as policy sees it: its field lines joined with `,` (as
+/// Envoy does), `None` when absent. Compared byte for byte. `Cookie` lines (the
+/// crumbs HTTP/2 splits a cookie into) join with `; ` (RFC 9113 §8.2.3).
+pub fn joined_value(headers: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let sep: &[u8] = if name.eq_ignore_ascii_case("cookie") {
+        b"; "
+    } else {
+        b","
+    };
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(sep);
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+fn header_matches(rule: &HeaderRule, headers: &HeaderMap) -> bool {
+    match (&rule.value, joined_value(headers, &rule.name)) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(want), Some(have)) => have == want.as_bytes(),
+    }
 }
 
 #[derive(Debug)]
@@ -61,6 +116,10 @@ pub struct HttpMatcher {
     prefixes: PrefixTrie,
     /// Rules without a path constraint, in rule order.
     pathless: Vec<u32>,
+    /// Some rule has `mismatch` actions: every matching rule must be found.
+    has_actions: bool,
+    /// Every header a rule names (lower-case, sorted, unique).
+    header_names: Vec<String>,
 }
 
 const REGEX_SIZE_LIMIT: usize = 512 << 20;
@@ -143,13 +202,19 @@ impl HttpMatcher {
         let mut pathless = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let idx = i as u32;
-            match &spec.path {
+            let path_pattern = match &spec.path {
                 Some(p) => {
                     path_patterns.push(anchored(p));
                     path_rules.push(idx);
+                    Some(path_rules.len() as u32 - 1)
                 }
-                None => pathless.push(idx),
-            }
+                None => {
+                    pathless.push(idx);
+                    None
+                }
+            };
+            let (actions, headers): (Vec<_>, Vec<_>) =
+                spec.headers.into_iter().partition(|h| h.mismatch.is_some());
             rules.push(CompiledRule {
                 owner: spec.owner,
                 method: spec
@@ -166,9 +231,19 @@ impl HttpMatcher {
                             .build()
                     })
                     .transpose()?,
-                headers: spec.headers,
+                headers,
+                actions,
+                path_pattern,
             });
         }
+        let has_actions = rules.iter().any(|r| !r.actions.is_empty());
+        let mut header_names: Vec<String> = rules
+            .iter()
+            .flat_map(|r| r.headers.iter().chain(&r.actions))
+            .map(|h| h.name.clone())
+            .collect();
+        header_names.sort_unstable();
+        header_names.dedup();
         let mut prefixes = PrefixTrie::new();
         for (pid, p) in path_patterns.iter().enumerate() {
             prefixes.insert(&literal_prefix(p), pid as u32);
@@ -193,11 +268,92 @@ impl HttpMatcher {
             path_rules,
             prefixes,
             pathless,
+            has_actions,
+            header_names,
         })
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Every header some rule names (lower-case, sorted, unique).
+    pub fn header_names(&self) -> &[String] {
+        &self.header_names
+    }
+
+    /// Whether rule `idx` (whose owner is in `owners`) allows the request,
+    /// ignoring its `mismatch` actions (which never deny).
+    fn rule_matches(
+        &self,
+        idx: u32,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+        owners: &[u32],
+    ) -> bool {
+        let r = &self.rules[idx as usize];
+        owners.binary_search(&r.owner).is_ok()
+            && r.method.as_ref().is_none_or(|m| m.is_match(&facts.method))
+            && r.host
+                .as_ref()
+                .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
+            && r.headers.iter().all(|hr| header_matches(hr, headers))
+            && match (r.path_pattern, &self.paths) {
+                (None, _) => true,
+                (Some(pid), Some(re)) => re.is_match(
+                    Input::new(facts.path.as_bytes())
+                        .anchored(Anchored::Pattern(PatternID::new_unchecked(pid as usize))),
+                ),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// The lowest rule that allows the request and, when rules have `mismatch`
+    /// actions, the mismatches of every allowing rule (Cilium runs the header
+    /// actions of all matching rules, not only the first). Headers are matched
+    /// as the request arrived; the actions apply afterwards, in rule order.
+    pub fn evaluate(
+        &self,
+        facts: &RequestFacts,
+        headers: &HeaderMap,
+        owners: &[u32],
+    ) -> Option<HttpMatch> {
+        if !self.has_actions {
+            return self
+                .first_match(facts, headers, owners)
+                .map(|rule| HttpMatch {
+                    rule,
+                    mismatches: Vec::new(),
+                });
+        }
+        let mut first = None;
+        let mut mismatches = Vec::new();
+        for idx in 0..self.rules.len() as u32 {
+            if !self.rule_matches(idx, facts, headers, owners) {
+                continue;
+            }
+            first.get_or_insert(idx);
+            for a in &self.rules[idx as usize].actions {
+                let Some(action) = a.mismatch else { continue };
+                if header_matches(a, headers) {
+                    continue;
+                }
+                let found = joined_value(headers, &a.name)
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                // Envoy's DELETE only removes a header that is there with
+                // another value; a presence rule has nothing to delete.
+                if action == MismatchAction::Delete && (found.is_none() || a.value.is_none()) {
+                    continue;
+                }
+                mismatches.push(HeaderMismatch {
+                    key: a.name.clone(),
+                    required: a.value.clone(),
+                    found,
+                    action,
+                });
+            }
+        }
+        first.map(|rule| HttpMatch { rule, mismatches })
     }
 
     /// The lowest-numbered rule that allows the request, among rules whose owner
@@ -215,13 +371,7 @@ impl HttpMatcher {
                 && r.host
                     .as_ref()
                     .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
-                && r.headers.iter().all(|hr| {
-                    let mut values = headers.get_all(hr.name.as_str()).iter();
-                    match &hr.value {
-                        None => values.next().is_some(),
-                        Some(want) => values.any(|v| v.as_bytes() == want.as_bytes()),
-                    }
-                })
+                && r.headers.iter().all(|hr| header_matches(hr, headers))
         };
         let from_paths = self.paths.as_ref().and_then(|re| {
             let path = facts.path.as_bytes();
@@ -312,10 +462,12 @@ mod tests {
                 HeaderRule {
                     name: "x-token".into(),
                     value: Some("s3cret".into()),
+                    mismatch: None,
                 },
                 HeaderRule {
                     name: "x-present".into(),
                     value: None,
+                    mismatch: None,
                 },
             ],
         }])
@@ -386,6 +538,78 @@ mod tests {
             let got = m.first_match(&facts(method, &path, None), &HeaderMap::new(), &[0]);
             prop_assert_eq!(got, naive(&specs, method, &path));
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// With `mismatch` actions in play every rule is checked one by one; the
+        /// deciding rule is still the one the indexed search finds, and actions
+        /// never deny.
+        #[test]
+        fn evaluate_with_actions_agrees_with_first_match(
+            specs in proptest::collection::vec(
+                (proptest::option::of(prop_oneof![Just("GET".to_string()), Just("POST|PUT".to_string())]),
+                 proptest::option::of(path_regex()),
+                 proptest::option::of(prop_oneof![Just("blue"), Just("red,blue")]),
+                 any::<bool>()),
+                1..40),
+            method in prop_oneof![Just("GET"), Just("PUT")],
+            path in "/[ab0-9/]{0,8}",
+            team in proptest::collection::vec(prop_oneof![Just("red"), Just("blue")], 0..3),
+        ) {
+            let build = |with_actions: bool| {
+                HttpMatcher::new(specs.iter().map(|(me, p, want, act)| {
+                    let mut s = spec(0, me.as_deref(), p.as_deref());
+                    if let Some(w) = want {
+                        s.headers.push(HeaderRule {
+                            name: "x-team".into(),
+                            value: Some((*w).to_string()),
+                            mismatch: None,
+                        });
+                    }
+                    if with_actions && *act {
+                        s.headers.push(HeaderRule {
+                            name: "x-added".into(),
+                            value: Some("1".into()),
+                            mismatch: Some(MismatchAction::Add),
+                        });
+                    }
+                    s
+                }).collect()).unwrap()
+            };
+            let mut h = HeaderMap::new();
+            for t in &team {
+                h.append("x-team", t.parse().unwrap());
+            }
+            let f = facts(method, &path, None);
+            let plain = build(false).first_match(&f, &h, &[0]);
+            let m = build(true);
+            let got = m.evaluate(&f, &h, &[0]);
+            prop_assert_eq!(got.as_ref().map(|g| g.rule), plain);
+            prop_assert_eq!(m.first_match(&f, &h, &[0]), plain);
+            // One ADD per allowing rule that has one, none when denied.
+            let want_actions = match plain {
+                None => 0,
+                Some(_) => specs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, (_, _, _, act))| *act && m.rule_matches(*i as u32, &f, &h, &[0]))
+                    .count(),
+            };
+            prop_assert_eq!(got.map_or(0, |g| g.mismatches.len()), want_actions);
+        }
+    }
+
+    #[test]
+    fn cookie_crumbs_join_as_one_cookie() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        h.append("x-team", "red".parse().unwrap());
+        h.append("x-team", "blue".parse().unwrap());
+        assert_eq!(joined_value(&h, "cookie").unwrap(), b"a=1; b=2");
+        assert_eq!(joined_value(&h, "x-team").unwrap(), b"red,blue");
+        assert_eq!(joined_value(&h, "x-none"), None);
     }
 
     proptest! {

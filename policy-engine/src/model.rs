@@ -324,11 +324,44 @@ pub struct Located<T> {
     pub pos: Pos,
 }
 
-#[derive(Debug, Clone)]
+/// Cilium's `headerMatches[].mismatch`: what a rule does when the header does
+/// not have the required value. The rule still allows the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MismatchAction {
+    /// Allow and record the mismatch.
+    Log,
+    /// Add the required value as one more field line (existing ones stay).
+    Add,
+    /// Remove the header when it is present with another value.
+    Delete,
+    /// Set the header to the required value (added when absent).
+    Replace,
+}
+
+impl fmt::Display for MismatchAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MismatchAction::Log => "LOG",
+            MismatchAction::Add => "ADD",
+            MismatchAction::Delete => "DELETE",
+            MismatchAction::Replace => "REPLACE",
+        })
+    }
+}
+
+/// One header condition of an HTTP rule, from `headers` or `headerMatches`.
+/// Several field lines of the header are matched as one value joined with `,`
+/// (as Envoy does for Cilium).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderRule {
+    /// Lower-case.
     pub name: String,
     /// `None`: the header must be present, any value.
     pub value: Option<String>,
+    /// `None`: a mismatch denies (every `headers` entry, and `headerMatches`
+    /// without `mismatch`).
+    pub mismatch: Option<MismatchAction>,
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +369,7 @@ pub struct HttpRule {
     pub method: Option<Located<String>>,
     pub path: Option<Located<String>>,
     pub host: Option<Located<String>>,
+    /// `headers` entries, then `headerMatches` entries, in policy order.
     pub headers: Vec<Located<HeaderRule>>,
     pub pos: Pos,
 }

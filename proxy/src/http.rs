@@ -21,7 +21,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -31,10 +33,12 @@ use tokio::sync::Notify;
 use tracing::{debug, info};
 use weir_parsers::http::{HeadCheck, RequestReject, RequestTracker, request_facts};
 use weir_policy::flow::{self, L7Type};
+use weir_policy::http_match::{HeaderMismatch, joined_value};
+use weir_policy::model::MismatchAction;
 
+use crate::context::ConnContext;
 use crate::detect::{Detected, Replay};
 use crate::idle::{ActiveIo, Activity};
-use crate::listener::ConnContext;
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
 pub use upstream::{Upstream, UpstreamConns, UpstreamError};
@@ -269,6 +273,7 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         url: format!("http://{host}{path}"),
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),
+        header_mismatches: Vec::new(),
     }
 }
 
@@ -329,10 +334,35 @@ async fn handle(
             return error_response(StatusCode::BAD_REQUEST, &reject.to_string(), true);
         }
     };
-    let verdict = if !cv.l4_allowed() || !cv.needs_l7() {
-        cv.l4_verdict()
+    let mut parts = parts;
+    // The request policy checks is the request the server gets: connection
+    // headers go first (never Host or a header a rule names), several field
+    // lines of a checked header become the one value policy matched, and the
+    // path is the normalised spelling policy saw.
+    let checked_headers = if cv.needs_l7() {
+        cv.http_header_names(policy)
     } else {
-        cv.http_verdict(policy, &facts, &parts.headers)
+        Vec::new()
+    };
+    if let Err(e) = prepare_headers(&mut parts.headers, &checked_headers)
+        .and_then(|()| use_checked_path(&mut parts.uri, &facts.path))
+    {
+        info!(error = %e, "request refused before policy; answering 400");
+        let f = ctx
+            .flow(&d, &cv.l4_verdict())
+            .with_error(format!("MALFORMED_REQUEST: {e}"))
+            .with_http(
+                L7Type::Request,
+                elapsed_ns(start),
+                flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
+            );
+        ctx.shared.flows.emit(&f);
+        return error_response(StatusCode::BAD_REQUEST, &e, true);
+    }
+    let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
+        (cv.l4_verdict(), Vec::new())
+    } else {
+        cv.http_decision(policy, &facts, &parts.headers)
     };
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
@@ -345,6 +375,7 @@ async fn handle(
         // Denied at L3/L4: nothing on this connection will ever pass, so close it.
         return deny_response(!cv.l4_allowed());
     }
+    apply_mismatch_actions(&mut parts.headers, &mismatches);
     let flow_parts = parts.clone();
     let result = ctx
         .shared
@@ -362,11 +393,11 @@ async fn handle(
             (error_response(code, &e.to_string(), false), code, Some(e))
         }
     };
-    let mut f = ctx.flow(&d, &verdict).with_http(
-        L7Type::Response,
-        elapsed_ns(start),
-        flow_http(&flow_parts, &ctx, code),
-    );
+    let mut http = flow_http(&flow_parts, &ctx, code);
+    http.header_mismatches = mismatches;
+    let mut f = ctx
+        .flow(&d, &verdict)
+        .with_http(L7Type::Response, elapsed_ns(start), http);
     if let Some(e) = error {
         f = f.with_error(e.reason_code());
     }
@@ -374,6 +405,166 @@ async fn handle(
     response
 }
 
+/// The request headers as policy checks them and the server gets them:
+/// connection-specific headers removed (never `Host` or one of `checked`, the
+/// headers the rules name), and several field lines of a checked header joined
+/// into the one value policy matches. `weir policy explain` uses it too.
+///
+/// Refuses (with the reason) a header whose name is a checked header's with `_`
+/// for `-`: some servers read `X_Team` as `X-Team` (nginx with
+/// `underscores_in_headers`, CGI-style variables), so which one they use is not
+/// for policy to guess.
+pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) -> Result<(), String> {
+    if let Some(alias) = headers.keys().find(|k| {
+        let name = k.as_str();
+        name.contains('_') && checked.contains(&name.replace('_', "-").as_str())
+    }) {
+        return Err(format!(
+            "header `{alias}` may be read as `{}`, which policy checks",
+            alias.as_str().replace('_', "-")
+        ));
+    }
+    upstream::strip_hop_by_hop(headers, checked);
+    join_field_lines(headers, checked);
+    Ok(())
+}
+
+/// Several field lines of a header policy checks become one line with the value
+/// policy matched (joined with `,`, as Envoy matches them), so the server cannot
+/// read another one of them than policy did.
+fn join_field_lines(headers: &mut HeaderMap, names: &[&str]) {
+    for name in names {
+        if headers.get_all(*name).iter().nth(1).is_none() {
+            continue;
+        }
+        let Some(joined) = joined_value(headers, name) else {
+            continue;
+        };
+        // Joined valid values with `,` make a valid value; a failure leaves the
+        // lines as they are (and policy matched their joined form, so nothing new
+        // passes).
+        if let (Ok(v), Ok(n)) = (
+            HeaderValue::from_bytes(&joined),
+            HeaderName::from_bytes(name.as_bytes()),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+}
+
+/// Forwards the path as policy saw it, when its spelling differs only in the
+/// case of escapes (`%c3` → `%C3`); any other difference was refused earlier.
+fn use_checked_path(uri: &mut Uri, checked: &str) -> Result<(), String> {
+    let Some(pq) = uri.path_and_query() else {
+        return Ok(());
+    };
+    if pq.as_str() == checked || checked == "*" {
+        return Ok(());
+    }
+    let mut p = uri.clone().into_parts();
+    p.path_and_query = Some(
+        checked
+            .parse()
+            .map_err(|e| format!("path {checked:?}: {e}"))?,
+    );
+    *uri = Uri::from_parts(p).map_err(|e| format!("path {checked:?}: {e}"))?;
+    Ok(())
+}
+
+/// Cilium's `mismatch` actions, on the request about to be forwarded: ADD
+/// appends the required value, REPLACE sets it, DELETE removes the header, LOG
+/// changes nothing. Rules were validated at load, so names and values are valid.
+fn apply_mismatch_actions(headers: &mut HeaderMap, mismatches: &[HeaderMismatch]) {
+    for m in mismatches {
+        let Ok(name) = HeaderName::from_bytes(m.key.as_bytes()) else {
+            continue;
+        };
+        let value = HeaderValue::from_str(m.required.as_deref().unwrap_or(""));
+        match (m.action, value) {
+            (MismatchAction::Log, _) => {}
+            (MismatchAction::Delete, _) => {
+                headers.remove(&name);
+            }
+            (MismatchAction::Add, Ok(v)) => {
+                headers.append(name, v);
+            }
+            (MismatchAction::Replace, Ok(v)) => {
+                headers.insert(name, v);
+            }
+            (MismatchAction::Add | MismatchAction::Replace, Err(_)) => {}
+        }
+    }
+}
+
 fn elapsed_ns(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mm(key: &str, required: Option<&str>, action: MismatchAction) -> HeaderMismatch {
+        HeaderMismatch {
+            key: key.into(),
+            required: required.map(Into::into),
+            found: None,
+            action,
+        }
+    }
+
+    #[test]
+    fn checked_headers_are_forwarded_as_one_line() {
+        let mut h = HeaderMap::new();
+        h.append("x-team", "red".parse().unwrap());
+        h.append("x-team", "blue".parse().unwrap());
+        h.append("x-free", "a".parse().unwrap());
+        h.append("x-free", "b".parse().unwrap());
+        join_field_lines(&mut h, &["x-team"]);
+        let team: Vec<_> = h.get_all("x-team").iter().collect();
+        assert_eq!(team, vec!["red,blue"]);
+        // Headers no rule names are left as they came.
+        assert_eq!(h.get_all("x-free").iter().count(), 2);
+    }
+
+    #[test]
+    fn mismatch_actions_edit_the_request() {
+        let mut h = HeaderMap::new();
+        h.append("x-add", "old".parse().unwrap());
+        h.append("x-rep", "old".parse().unwrap());
+        h.append("x-rep", "older".parse().unwrap());
+        h.append("x-del", "bad".parse().unwrap());
+        h.append("x-log", "odd".parse().unwrap());
+        apply_mismatch_actions(
+            &mut h,
+            &[
+                mm("x-add", Some("new"), MismatchAction::Add),
+                mm("x-rep", Some("new"), MismatchAction::Replace),
+                mm("x-rep-absent", Some("new"), MismatchAction::Replace),
+                mm("x-del", Some("good"), MismatchAction::Delete),
+                mm("x-log", Some("even"), MismatchAction::Log),
+            ],
+        );
+        let all = |n: &str| {
+            h.get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all("x-add"), vec!["old", "new"]);
+        assert_eq!(all("x-rep"), vec!["new"]);
+        assert_eq!(all("x-rep-absent"), vec!["new"]);
+        assert!(all("x-del").is_empty());
+        assert_eq!(all("x-log"), vec!["odd"]);
+    }
+
+    #[test]
+    fn the_checked_path_spelling_is_forwarded() {
+        let mut u: Uri = "/caf%c3%a9?q=%2f".parse().unwrap();
+        use_checked_path(&mut u, "/caf%C3%A9?q=%2f").unwrap();
+        assert_eq!(u.to_string(), "/caf%C3%A9?q=%2f");
+        let mut u: Uri = "http://svc.example/caf%c3%a9".parse().unwrap();
+        use_checked_path(&mut u, "/caf%C3%A9").unwrap();
+        assert_eq!(u.to_string(), "http://svc.example/caf%C3%A9");
+    }
 }

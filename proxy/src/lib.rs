@@ -9,6 +9,7 @@
 //! data path; `idle` keeps the time of a connection's last byte.
 
 pub mod config;
+pub mod context;
 pub mod detect;
 pub mod flows;
 pub mod http;

@@ -1,18 +1,19 @@
 //! Accept loop: original destination, source endpoint, L3/L4 verdict, dispatch.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weir_policy::flow::{Flow, FlowPeers, FlowVerdict};
-use weir_policy::{CompiledPolicy, ConnectionVerdict, Protocol, canonical_ip};
+use weir_policy::canonical_ip;
+use weir_policy::flow::FlowVerdict;
 
+use crate::context::{ConnContext, is_unspecified_or_local};
 use crate::detect::{self, Detected, Replay, Undecided};
 use crate::socket::UpstreamSource;
 use crate::{Shared, http, socket, tcp};
@@ -118,99 +119,6 @@ fn warn_full(shared: &Shared, peer: SocketAddr) {
     }
 }
 
-/// A connection, and the policy decision it is under. The decision is cached and
-/// recomputed only when a new policy has been swapped in.
-pub struct ConnContext {
-    pub shared: Arc<Shared>,
-    pub client: SocketAddr,
-    pub orig_dst: SocketAddr,
-    pub protocol: Protocol,
-    cached: Mutex<Option<Decision>>,
-    /// Where this connection's upstream connections leave from.
-    pub upstream_source: UpstreamSource,
-    /// This client connection's own upstream connections.
-    pub upstream: http::UpstreamConns,
-}
-
-#[derive(Clone)]
-pub struct Decision {
-    pub policy: Arc<CompiledPolicy>,
-    pub verdict: Arc<ConnectionVerdict>,
-    pub peers: Arc<FlowPeers>,
-}
-
-impl ConnContext {
-    pub fn new(shared: Arc<Shared>, client: SocketAddr, orig_dst: SocketAddr) -> Self {
-        Self::with_protocol(shared, client, orig_dst, Protocol::Tcp)
-    }
-
-    pub fn with_protocol(
-        shared: Arc<Shared>,
-        client: SocketAddr,
-        orig_dst: SocketAddr,
-        protocol: Protocol,
-    ) -> Self {
-        let upstream_source = match shared.config.upstream_mark {
-            Some(mark) => UpstreamSource::Client(client.ip(), mark),
-            None => UpstreamSource::Node,
-        };
-        let upstream = http::UpstreamConns::new(shared.config.upstream_conns_per_client);
-        ConnContext {
-            shared,
-            client,
-            orig_dst,
-            protocol,
-            cached: Mutex::new(None),
-            upstream_source,
-            upstream,
-        }
-    }
-
-    /// The decision under the current policy.
-    pub fn decide(&self) -> Decision {
-        let current = self.shared.policy.load();
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = cached.as_ref()
-            && Arc::ptr_eq(&d.policy, &current)
-        {
-            return d.clone();
-        }
-        let policy = arc_swap::Guard::into_inner(current);
-        let verdict = policy.connection(
-            self.client.ip(),
-            self.orig_dst.ip(),
-            self.protocol,
-            self.orig_dst.port(),
-        );
-        let peers = FlowPeers::new(
-            &policy,
-            &verdict.src,
-            &verdict.dst,
-            self.shared.node_name.clone(),
-        );
-        let d = Decision {
-            policy,
-            verdict: Arc::new(verdict),
-            peers: Arc::new(peers),
-        };
-        *cached = Some(d.clone());
-        d
-    }
-
-    pub fn flow(&self, d: &Decision, verdict: &weir_policy::Verdict) -> Flow {
-        let flow = Flow::with_peers(
-            &d.peers,
-            (d.verdict.src.ip, self.client.port()),
-            (d.verdict.dst.ip, self.orig_dst.port()),
-            verdict,
-        );
-        match self.protocol {
-            Protocol::Udp => flow.over_udp(),
-            _ => flow,
-        }
-    }
-}
-
 async fn handle(
     shared: Arc<Shared>,
     mut stream: TcpStream,
@@ -295,8 +203,4 @@ fn refuse_loop(ctx: &ConnContext) {
     f.drop_reason_desc = Some("PROXY_LOOP".into());
     f.policy = WHY.into();
     ctx.shared.flows.emit(&f);
-}
-
-pub(crate) fn is_unspecified_or_local(ip: IpAddr) -> bool {
-    ip.is_unspecified() || ip.is_loopback()
 }

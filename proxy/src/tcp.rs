@@ -9,8 +9,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 use weir_policy::flow::FlowVerdict;
 
+use crate::context::ConnContext;
 use crate::idle::{ActiveIo, Activity};
-use crate::listener::ConnContext;
 
 pub async fn splice(ctx: &ConnContext, client: TcpStream) {
     let timeout = ctx.shared.config.upstream_connect_timeout;

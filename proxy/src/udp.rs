@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weir_policy::flow::{Flow, FlowVerdict};
 use weir_policy::{Protocol, canonical_ip};
 
-use crate::listener::{ConnContext, Decision, is_unspecified_or_local};
+use crate::context::{ConnContext, Decision, is_unspecified_or_local};
 use crate::{Shared, socket};
 
 /// The largest UDP payload (IPv4 and IPv6 without jumbograms).

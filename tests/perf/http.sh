@@ -11,6 +11,7 @@
 # - max throughput is secondary (flagged when CPU 0 was saturated);
 # - RUNS interleaved runs of DURATION seconds; median and spread reported.
 # PROFILE=1 records weir's throughput run with perf into tests/perf/results/.
+# BPF_STATS=1 prints the kernel time of weir's eBPF programs per request (fixed rate).
 # CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags;
 # CANDIDATES="direct weir weir-base" WEIR_BASE=/path/to/older/weir compares two builds in one run.
 # weir gets 100 HTTP rules (the benchmark request matches the last one); Envoy gets
@@ -40,8 +41,12 @@ done
 BPF_ROOT=/sys/fs/bpf/weir-perf-$$
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -n "${BPF_STATS_WAS:-}" ] && sysctl -qw kernel.bpf_stats_enabled="$BPF_STATS_WAS"
   cleanup_run
 }
+if [ "${BPF_STATS:-0}" = 1 ]; then
+  BPF_STATS_WAS=$(sysctl -n kernel.bpf_stats_enabled); sysctl -qw kernel.bpf_stats_enabled=1
+fi
 trap cleanup EXIT
 
 # --- topology: client and server namespaces routed through a node namespace ----
@@ -208,6 +213,36 @@ peak_rss_kb() {
   done
   echo $m
 }
+# Total run time (ns) of weir's eBPF programs, when BPF_STATS=1 turned the
+# kernel's per-program accounting on (it costs a little on every program run).
+bpf_snapshot() {   # FILE: weir's programs' run counts and times, as bpftool sees them
+  [ "${BPF_STATS:-0}" = 1 ] || return 0
+  bpftool -j prog show > "$1" 2>/dev/null || echo '[]' > "$1"
+}
+bpf_report() {    # CANDIDATE BEFORE AFTER REQUESTS: per-program runs and ns per request
+  [ "${BPF_STATS:-0}" = 1 ] || return 0
+  python3 - "$@" <<'PY' >&2
+import json, sys
+cand, before, after, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or 1
+def load(f):
+    out = {}
+    for p in json.load(open(f)):
+        if p.get("name", "").startswith("weir_"):
+            c, t = out.get(p["name"], (0, 0))
+            out[p["name"]] = (c + p.get("run_cnt", 0), t + p.get("run_time_ns", 0))
+    return out
+b, a = load(before), load(after)
+total = 0
+parts = []
+for name in sorted(a):
+    c = a[name][0] - b.get(name, (0, 0))[0]
+    t = a[name][1] - b.get(name, (0, 0))[1]
+    total += t
+    if c:
+        parts.append(f"{name} {c / n:.1f} runs x {t / c:.0f} ns")
+print(f"{cand}: eBPF {total / n:.0f} ns per request: " + "; ".join(parts))
+PY
+}
 cpu0_busy() { awk '/^cpu0 / {print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 
 measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fixed_rate_cpu_us_per_req
@@ -233,10 +268,11 @@ measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fi
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Latency at a fixed rate: 10 clients, RATE/10 requests per second each.
   rm -f "$WORK/lat.log"
-  local lt0; lt0=$(cpu_ticks)
+  local lt0; lt0=$(cpu_ticks); bpf_snapshot "$WORK/bpf0.json"
   in_ns $CLI taskset -c 0 h2load --h1 -c 10 -t 1 --rps $((RATE/10)) -D "$DURATION" \
     --log-file "$WORK/lat.log" "$URL" >/dev/null 2>&1
-  local lt1; lt1=$(cpu_ticks)
+  local lt1; lt1=$(cpu_ticks); bpf_snapshot "$WORK/bpf1.json"
+  bpf_report "$c" "$WORK/bpf0.json" "$WORK/bpf1.json" "$(wc -l < "$WORK/lat.log")"
   local fixed_cpu=0
   [ -n "$SUT_PID" ] && fixed_cpu=$(awk -v d=$((lt1-lt0)) -v n="$(wc -l < "$WORK/lat.log")" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
   local p50 p99

@@ -269,21 +269,15 @@ const CORPUS: &[(&str, Expect)] = &[
         "43-named-port-any-protocol.yaml",
         pair("tiefighter", "deathstar", "http", ALLOWED),
     ),
-    // (issue 8: expected to load after merge) the `Name value` form of `headers`.
+    // All three forms of `headers`, `Name value` included.
     (
         "44-http-headers-forms.yaml",
-        Refused {
-            field: "X-Rank admiral",
-            also: &[],
-        },
+        pair("tiefighter", "deathstar", "80", ALLOWED),
     ),
-    // (issue 8: expected to load after merge) headerMatches.
+    // headerMatches with a REPLACE action: the request is never denied for it.
     (
         "45-http-header-matches.yaml",
-        Refused {
-            field: "headerMatches",
-            also: &[],
-        },
+        pair("tiefighter", "deathstar", "80", ALLOWED),
     ),
     // Selects every endpoint without making it default-deny: what no rule
     // allows still passes.

@@ -145,6 +145,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
         Err(msg) => return bad_args(&msg),
     };
     let cv = compiled.connection(src, dst, proto, port);
+    let mut header_actions: Vec<String> = Vec::new();
     let verdict = match &args.http {
         None => cv.l4_verdict(),
         Some(req) => {
@@ -185,13 +186,41 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
                     return print(&report, args.output);
                 }
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
-                    cv.http_verdict(&compiled, &facts, &headers)
+                    // As the proxy does: connection headers go before the check.
+                    let checked = cv.http_header_names(&compiled);
+                    if let Err(why) = weir_proxy::http::prepare_headers(&mut headers, &checked) {
+                        let report = Report::new(&cv, &cv.l4_verdict(), &compiled, &policies, true)
+                            .rejected(why);
+                        return print(&report, args.output);
+                    }
+                    let (v, mismatches) = cv.http_decision(&compiled, &facts, &headers);
+                    for m in &mismatches {
+                        header_actions.push(format!(
+                            "headerMatches {}: {} {} (required {}, found {})",
+                            m.action,
+                            m.key,
+                            match m.action {
+                                weir_policy::model::MismatchAction::Log => "logged",
+                                weir_policy::model::MismatchAction::Add => "added",
+                                weir_policy::model::MismatchAction::Delete => "removed",
+                                weir_policy::model::MismatchAction::Replace => "replaced",
+                            },
+                            m.required
+                                .as_deref()
+                                .map_or("presence".to_string(), |v| format!("{v:?}")),
+                            m.found
+                                .as_deref()
+                                .map_or("nothing".to_string(), |v| format!("{v:?}")),
+                        ));
+                    }
+                    v
                 }
                 Ok(_) => cv.l4_verdict(),
             }
         }
     };
-    let report = Report::new(&cv, &verdict, &compiled, &policies, args.http.is_some());
+    let mut report = Report::new(&cv, &verdict, &compiled, &policies, args.http.is_some());
+    report.header_actions = header_actions;
     print(&report, args.output)
 }
 

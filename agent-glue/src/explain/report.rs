@@ -23,6 +23,9 @@ pub struct Report {
     /// match (one of each direction's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_rules: Vec<HttpRuleJson>,
+    /// What `headerMatches` mismatch actions would do to the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub header_actions: Vec<String>,
     /// The request was malformed: the proxy answers 400 before policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected_before_policy: Option<String>,
@@ -103,6 +106,7 @@ impl Report {
             rules: verdict.rules.iter().map(rule_json).collect(),
             denied_in: verdict.denied_in.map(|d| d.to_string()),
             http_rules,
+            header_actions: Vec::new(),
             rejected_before_policy: None,
             source: peer_json(&cv.src, compiled),
             destination: peer_json(&cv.dst, compiled),
@@ -146,6 +150,9 @@ impl Report {
                 }
                 out.push('\n');
             }
+        }
+        for a in &self.header_actions {
+            let _ = writeln!(out, "{a}");
         }
         if self.verdict == "DENIED" && self.layer == "L3/L4" {
             out.push_str("(denied at L3/L4: the peer may not reach this port at all)\n");
@@ -194,9 +201,14 @@ pub fn describe_http_rule(h: &HttpRule) -> Vec<String> {
         out.push(format!("host {}", host.value));
     }
     for hd in &h.headers {
-        match &hd.value.value {
-            Some(v) => out.push(format!("header {}: {v}", hd.value.name)),
-            None => out.push(format!("header {} present", hd.value.name)),
+        let hd = &hd.value;
+        let cond = match &hd.value {
+            Some(v) => format!("header {}: {v}", hd.name),
+            None => format!("header {} present", hd.name),
+        };
+        match hd.mismatch {
+            None => out.push(cond),
+            Some(action) => out.push(format!("{cond} (else {action})")),
         }
     }
     if out.is_empty() {

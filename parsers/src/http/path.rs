@@ -14,6 +14,8 @@ pub enum PathError {
     Backslash(String),
     #[error("path {raw:?} is not in normal form (normalised: {normalized:?})")]
     NotNormal { raw: String, normalized: String },
+    #[error("path has a dot segment with `;` parameters (servers differ on it): {0:?}")]
+    DotSegmentParameter(String),
 }
 
 /// Normalises an origin-form target (path plus optional query): decodes
@@ -38,6 +40,14 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
         DecodeError::Bad => PathError::BadPercentEncoding(target.to_string()),
     })?;
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    // `..;x` and `.;x` are dot segments to servers that strip path parameters
+    // (Tomcat, Jetty, Spring) and plain names to the rest.
+    if segments
+        .iter()
+        .any(|s| matches!(s.split_once(';'), Some((".." | ".", _))))
+    {
+        return Err(PathError::DotSegmentParameter(target.to_string()));
+    }
     let last = segments.len().saturating_sub(1);
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     let mut trailing_slash = false;
@@ -67,6 +77,32 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
         normalized.push_str(q);
     }
     Ok(normalized)
+}
+
+/// `target` with the hex digits of every percent-escape of its path (not its
+/// query, which stays verbatim) upper-cased: the spelling RFC 3986 §6.2.2.1
+/// calls normal (`%c3%a9` and `%C3%A9` are the same).
+pub fn uppercase_escapes(target: &str) -> String {
+    let (path, query) = match target.find('?') {
+        Some(i) => (&target[..i], &target[i..]),
+        None => (target, ""),
+    };
+    let mut out = String::with_capacity(target.len());
+    let mut hex_left = 0u8;
+    for c in path.chars() {
+        if hex_left > 0 && c.is_ascii_hexdigit() {
+            out.push(c.to_ascii_uppercase());
+            hex_left -= 1;
+            continue;
+        }
+        hex_left = 0;
+        if c == '%' {
+            hex_left = 2;
+        }
+        out.push(c);
+    }
+    out.push_str(query);
+    out
 }
 
 enum DecodeError {
@@ -136,6 +172,8 @@ mod tests {
             ("/%2e%2e/admin", "/admin"),
             ("/a?x=/../y", "/a?x=/../y"),
             ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/a;b/c", "/a;b/c"),
+            ("/a/..b;x", "/a/..b;x"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
@@ -168,6 +206,26 @@ mod tests {
             normalize_path("a"),
             Err(PathError::NotAbsolute(_))
         ));
+        for p in [
+            "/a/..;/admin",
+            "/a/.;/b",
+            "/..;jsessionid=1/admin",
+            "/a/%2e%2e;x/admin",
+            "/a/.%2e;/admin",
+        ] {
+            assert!(
+                matches!(normalize_path(p), Err(PathError::DotSegmentParameter(_))),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_are_upper_cased() {
+        assert_eq!(uppercase_escapes("/caf%c3%a9?q=%2f"), "/caf%C3%A9?q=%2f");
+        assert_eq!(uppercase_escapes("/a%zz%4"), "/a%zz%4");
+        assert_eq!(uppercase_escapes("/%%61b"), "/%%61b");
+        assert_eq!(uppercase_escapes("/é%e9"), "/é%E9");
     }
 
     proptest! {

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::ProxyBody;
 use crate::ProxyConfig;
-use crate::listener::ConnContext;
+use crate::context::ConnContext;
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -113,8 +113,11 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
-        if parts.version == Version::HTTP_2
-            && !parts.headers.contains_key(header::HOST)
+        // The target's authority is the host policy checked (HTTP/2's
+        // `:authority`, HTTP/1's absolute form; a Host header beside it had to
+        // agree): the server gets it as Host, whatever the version, or it would
+        // route an origin-form request without Host to another virtual host.
+        if !parts.headers.contains_key(header::HOST)
             && let Some(auth) = parts.uri.authority()
         {
             {
@@ -136,8 +139,12 @@ impl Upstream {
             .path_and_query(pq)
             .build()
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        parts.version = Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
+        // HTTP/1.0 stays HTTP/1.0 (its requests may lack Host, which HTTP/1.1
+        // requires); HTTP/1.1 and HTTP/2 go out as HTTP/1.1.
+        if parts.version != Version::HTTP_10 {
+            parts.version = Version::HTTP_11;
+        }
+        strip_hop_by_hop(&mut parts.headers, &[]);
         let req = Request::from_parts(parts, body);
         // HTTP/1 requests come one at a time: wait for the connection the last one
         // used. HTTP/2 requests run side by side: take a free one or open another,
@@ -148,7 +155,7 @@ impl Upstream {
             Ok(r) => r?,
         };
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, &[]);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 }
@@ -283,8 +290,11 @@ impl Upstream {
     }
 }
 
-/// RFC 9110 §7.6.1: connection-specific headers are not forwarded.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// RFC 9110 §7.6.1: connection-specific headers are not forwarded. A name the
+/// `Connection` header lists is removed unless it is `Host` or in `protected`
+/// (the headers policy checks): a client cannot make weir drop what the policy
+/// looked at.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, protected: &[&str]) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -293,6 +303,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
     for name in listed {
+        if name == header::HOST || protected.contains(&name.as_str()) {
+            continue;
+        }
         headers.remove(name);
     }
     for name in [
@@ -307,4 +320,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_cannot_remove_host_or_checked_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "svc".parse().unwrap());
+        h.insert("x-team", "blue".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.append(header::CONNECTION, "Host, X-Team".parse().unwrap());
+        h.append(header::CONNECTION, "x-other".parse().unwrap());
+        strip_hop_by_hop(&mut h, &["x-team"]);
+        assert_eq!(h.get(header::HOST).unwrap(), "svc");
+        assert_eq!(h.get("x-team").unwrap(), "blue");
+        assert!(h.get("x-other").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+    }
 }
