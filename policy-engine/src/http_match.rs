@@ -12,7 +12,7 @@
 use http::HeaderMap;
 use regex::{Regex, RegexBuilder};
 use regex_automata::meta;
-use regex_automata::{Anchored, Input, PatternID, PatternSet};
+use regex_automata::{Anchored, Input, MatchKind, PatternID, PatternSet};
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use thiserror::Error;
 use weir_parsers::http::RequestFacts;
@@ -255,6 +255,10 @@ impl HttpMatcher {
                 meta::Builder::new()
                     .configure(
                         meta::Config::new()
+                            // `which_overlapping_matches` reports every matching
+                            // pattern only under `All` (the leftmost-first default
+                            // can stop at one that a later check rejects).
+                            .match_kind(MatchKind::All)
                             .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
                             .hybrid_cache_capacity(8 << 20),
                     )
