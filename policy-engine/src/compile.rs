@@ -111,6 +111,18 @@ struct DirTable {
 
 impl DirTable {
     fn matching_entries(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
+        let mut out = self.entries_for(peer, proto, port);
+        // An ICMP message of one type is also allowed by the rules that allow all
+        // ICMP (no `toPorts`), as in the kernel, where both share one protocol.
+        if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) {
+            out.extend(self.entries_for(peer, Protocol::Icmp, port));
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+
+    fn entries_for(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
         if let Some(ids) = self.exact.get(&(proto, port)) {
             out.extend(
@@ -1083,7 +1095,10 @@ fn build_table(
         let pname: Arc<str> = Arc::from(policy.qualified_name());
         for rule in &policy.rules {
             for (peer_rules, deny, field) in all_peer_rules(rule, dir) {
-                let Some(peer_rules) = peer_rules else {
+                // Cilium enables a direction for rules with at least one entry
+                // there (`len(r.Ingress) > 0`): `ingress:` left empty or `[]`
+                // selects nothing, while `[{}]` selects and allows nothing.
+                let Some(peer_rules) = peer_rules.filter(|p| !p.is_empty()) else {
                     continue;
                 };
                 if !rule.subject.matches(&subject.labels) {

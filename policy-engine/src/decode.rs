@@ -251,8 +251,12 @@ pub(crate) fn policy(doc: &Node, file: &str, d: &mut Diagnostics) -> Option<Poli
             ));
         }
     }
-    // `status` is written by Kubernetes, never by the policy author.
+    // `status` is written by Kubernetes, never by the policy author; a top-level
+    // `description` (beside `metadata`, as some of Cilium's own examples write
+    // it) is not in the CRD's schema, so the API server drops it: Cilium loads
+    // such a policy, and so does weir.
     let _ = f.take("status");
+    let _ = f.take("description");
     f.finish("policy", d);
     Some(Policy {
         kind,
@@ -344,8 +348,15 @@ fn rule(
                     s.pos,
                     "`nodeSelector` is only valid in a CiliumClusterwideNetworkPolicy",
                 );
+            } else {
+                // Matched against workloads, a host policy would lock down the
+                // endpoints instead of the node: refused, never reinterpreted.
+                d.error(
+                    s.pos,
+                    "field `nodeSelector` (a host policy) is not supported by weir yet: weir enforces policy for workload endpoints, not for the node's own traffic",
+                );
             }
-            selector(s, "nodeSelector", d)
+            None
         }
         (Some(_), Some(s)) => {
             d.error(
@@ -564,9 +575,16 @@ fn peer_rules(
                 let Some(mut cf) = Fields::of(c, &cidr_set_field, d) else {
                     continue;
                 };
-                let cidr = match cf.take("cidr") {
-                    Some(v) => cidr_value(v, d),
-                    None => {
+                let cidr = match (cf.take("cidr"), cf.take("cidrGroupRef")) {
+                    (_, Some(g)) => {
+                        d.error(
+                            g.pos,
+                            "field `cidrGroupRef` is not supported by weir yet: it names a CiliumCIDRGroup, which weir has no source for; list the prefixes with `cidr`",
+                        );
+                        None
+                    }
+                    (Some(v), None) => cidr_value(v, d),
+                    (None, None) => {
                         d.error(cf.pos(), format!("{cidr_set_field} entry needs `cidr`"));
                         None
                     }

@@ -71,7 +71,7 @@ specs:
                   path: "/public/.*"
                   host: "api\\.example\\.com"
                   headers: ["X-Token: abc", "X-Present"]
-  - nodeSelector: {}
+  - endpointSelector: {matchLabels: {app: db}}
     ingress: [{}]
 ---
 apiVersion: cilium.io/v2
@@ -86,6 +86,19 @@ spec:
     assert_eq!(p.len(), 2);
     assert_eq!(p[0].rules.len(), 2);
     assert_eq!(p[1].qualified_name(), "prod/other");
+}
+
+#[test]
+fn host_policies_are_refused_not_matched_against_endpoints() {
+    let e = errors(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: x}\nspec:\n  nodeSelector: {}\n  ingress: [{}]\n",
+    );
+    assert!(
+        e.iter()
+            .any(|l| l
+                .starts_with("p.yaml:5:17: field `nodeSelector` (a host policy) is not supported")),
+        "{e:?}"
+    );
 }
 
 #[test]

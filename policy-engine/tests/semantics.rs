@@ -374,3 +374,55 @@ spec:
         ]
     );
 }
+
+/// Cilium enables a direction only for rules with entries there
+/// (`len(r.Ingress) > 0`): `ingress:` left empty or `[]` selects nothing, while
+/// `[{}]` selects the endpoint (default deny) and allows nothing.
+#[test]
+fn empty_rule_lists_do_not_enable_default_deny() {
+    let policy = |ingress: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{class: deathstar}}}}\n  ingress:{ingress}\n"
+        )
+    };
+    for (ingress, allowed) in [("", true), (" []", true), (" [{}]", false)] {
+        let cp = compile(&policy(ingress));
+        let c = cp.connection(ip("10.200.0.30"), ip("10.200.0.10"), Protocol::Tcp, 80);
+        assert_eq!(c.l4_allowed(), allowed, "ingress:{ingress}");
+        let deathstar = cp
+            .endpoints()
+            .iter()
+            .position(|e| e.endpoint.name == "deathstar")
+            .unwrap();
+        assert_eq!(
+            cp.is_selected(deathstar, weir_policy::Direction::Ingress),
+            !allowed,
+            "ingress:{ingress}"
+        );
+    }
+}
+
+/// An ICMP type is allowed by `icmps` rules for it and by rules that allow all
+/// ICMP (no `toPorts`), as in the kernel.
+#[test]
+fn icmp_types_are_allowed_by_icmps_and_by_rules_without_ports() {
+    let policy = |rule: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{class: deathstar}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{class: xwing}}}}]\n{rule}\n"
+        )
+    };
+    let echo = |cp: &CompiledPolicy| {
+        cp.connection(ip("10.200.0.30"), ip("10.200.0.10"), Protocol::Icmp4, 8)
+            .l4_allowed()
+    };
+    assert!(echo(&compile(&policy(
+        "    icmps: [{fields: [{type: 8}]}]"
+    ))));
+    assert!(!echo(&compile(&policy(
+        "    icmps: [{fields: [{type: 0}]}]"
+    ))));
+    assert!(echo(&compile(&policy(""))));
+    assert!(!echo(&compile(&policy(
+        "    toPorts: [{ports: [{port: '80', protocol: TCP}]}]"
+    ))));
+}

@@ -240,25 +240,27 @@ const CORPUS: &[(&str, Expect)] = &[
             also: &[],
         },
     ),
-    // The policy allows ICMP echo (type 8) from my-service; Cilium: ALLOWED. `weir
-    // policy explain --proto ICMP` asks for protocol ICMP while `icmps` rules are
-    // kept per family (ICMPv4/ICMPv6), so explain never finds them: DENIED.
+    // The policy allows ICMP echo (type 8) from my-service, as Cilium does.
     (
         "39-icmp.yaml",
-        pair("my-service", "client", "8/ICMP", DENIED),
+        pair("my-service", "client", "8/ICMP", ALLOWED),
     ),
-    // A host policy for nodes labelled `node-access: ssh`; no endpoint carries
-    // that label (weir matches `nodeSelector` against endpoints, see 41).
+    // Host policies select nodes in Cilium, never pods: weir refuses them rather
+    // than match `nodeSelector` against its endpoints (which made every endpoint
+    // default-deny under 41's `nodeSelector: {}`).
     (
         "40-host-policy-entities.yaml",
-        pair("frontend", "backend", "22", ALLOWED),
+        Refused {
+            field: "nodeSelector",
+            also: &[],
+        },
     ),
-    // A host policy (`nodeSelector: {}`) selects nodes in Cilium, never pods; weir
-    // matches `nodeSelector` against the endpoints' labels, so every endpoint becomes
-    // default-deny (tiefighter may not reach the deathstar). Cilium: ALLOWED.
     (
         "41-host-policy-cidr.yaml",
-        pair("tiefighter", "deathstar", "80", DENIED),
+        Refused {
+            field: "nodeSelector",
+            also: &[],
+        },
     ),
     // 444 is the range's last port.
     (
@@ -343,12 +345,12 @@ const CORPUS: &[(&str, Expect)] = &[
         "55-ingress-allow-all.yaml",
         pair("xwing", "victim", "80", ALLOWED),
     ),
-    // Valid Cilium; weir says `cidr` is missing, then that `cidrGroupRef` is unknown.
+    // Valid Cilium; weir has no CiliumCIDRGroup to resolve it from.
     (
         "56-cidr-group-ref.yaml",
         Refused {
-            field: "cidr",
-            also: &["cidrGroupRef"],
+            field: "cidrGroupRef",
+            also: &[],
         },
     ),
     // No corpus endpoint carries a cluster label: nothing is selected.
@@ -367,13 +369,10 @@ const CORPUS: &[(&str, Expect)] = &[
             also: &[],
         },
     ),
-    // Cilium (the API server) prunes the unknown top-level field; weir refuses it.
+    // The API server prunes the unknown top-level field, so Cilium loads it: so does weir.
     (
         "60-toplevel-description.yaml",
-        Refused {
-            field: "description",
-            also: &[],
-        },
+        pair("xwing", "kube-dns", "53/UDP", ALLOWED),
     ),
 ];
 

@@ -21,7 +21,7 @@ pub enum Proto {
     Tcp,
     #[value(name = "UDP", alias = "udp")]
     Udp,
-    /// ICMP echo (ping); `--port` is ignored.
+    /// ICMP (ICMPv6 towards an IPv6 address); `--port` is the ICMP type.
     #[value(name = "ICMP", alias = "icmp")]
     Icmp,
 }
@@ -46,7 +46,8 @@ pub struct ExplainArgs {
     /// Destination endpoint name (or an IP address).
     #[arg(long)]
     pub to: String,
-    /// Destination port: a number, or a named port of the destination endpoint.
+    /// Destination port: a number, or a named port of the destination endpoint
+    /// (with `--proto ICMP`: the ICMP type, e.g. 8 for an IPv4 echo request).
     #[arg(long)]
     pub port: String,
     #[arg(long, value_enum, default_value = "TCP")]
@@ -138,7 +139,8 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
     let proto = match args.proto {
         Proto::Tcp => Protocol::Tcp,
         Proto::Udp => Protocol::Udp,
-        Proto::Icmp => Protocol::Icmp,
+        Proto::Icmp if dst.is_ipv4() => Protocol::Icmp4,
+        Proto::Icmp => Protocol::Icmp6,
     };
     let port = match resolve_port(&args.port, &compiled, dst, proto) {
         Ok(p) => p,
@@ -240,18 +242,27 @@ fn print(report: &Report, output: Output) -> ExitCode {
 }
 
 /// A port number, or a named port of the destination endpoint (as a policy's
-/// `port: NAME` resolves for ingress). ICMP has no port: 0.
+/// `port: NAME` resolves for ingress). For ICMP the "port" is the message type.
 fn resolve_port(
     port: &str,
     compiled: &CompiledPolicy,
     dst: IpAddr,
     proto: Protocol,
 ) -> Result<u16, String> {
-    if let Ok(n) = port.parse::<u16>() {
+    if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6)
+        && let Ok(t) = port.parse::<u8>()
+    {
+        return Ok(u16::from(t));
+    }
+    if let Ok(n) = port.parse::<u16>()
+        && !matches!(proto, Protocol::Icmp4 | Protocol::Icmp6)
+    {
         return Ok(n);
     }
-    if proto == Protocol::Icmp {
-        return Ok(0);
+    if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) {
+        return Err(format!(
+            "`{port}` is not an ICMP type (0-255; 8 is an IPv4 echo request, 128 an IPv6 one)"
+        ));
     }
     if port.is_empty() || port.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("`{port}` is not a port (0-65535) or a port name"));
