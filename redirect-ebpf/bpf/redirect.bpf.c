@@ -985,7 +985,7 @@ new_flow:
  * tracked so that the server's replies are handed to the proxy's socket. */
 static __always_inline int proxy_leg(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
 {
-	struct weir_endpoint_info *client = endpoint(f->key.saddr, f->key.family);
+	struct weir_endpoint_info *client;
 	struct weir_ct_value *ct;
 	struct decision d = {};
 	__u64 now = bpf_ktime_get_ns();
@@ -995,6 +995,9 @@ static __always_inline int proxy_leg(struct __sk_buff *skb, struct flow *f, stru
 		ct_touch(ct, f, 0, now);
 		return NOT_OURS;
 	}
+	/* Only a new leg needs to know who its client is (every packet of the
+	 * leg passes here: the lookup stays off that path). */
+	client = endpoint(f->key.saddr, f->key.family);
 	d.verdict = WEIR_PROXY_LEG;
 	d.rule_id = WEIR_NO_RULE;
 	d.src_id = identity_of(client, f->key.saddr, f->key.family);
