@@ -317,11 +317,34 @@ static __always_inline void pull_headers(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u32 want = skb->len;
+	struct ethhdr *eth = data;
+	/* The most parse() reads: eth, IPv6, fragment or ICMP header, a quoted
+	 * IPv6 header, its ports. */
+	__u32 want = 14 + 40 + 8 + 40 + 8;
 
-	/* eth, IPv6, fragment or ICMP header, a quoted IPv6 header, its ports */
-	if (want > 14 + 40 + 8 + 40 + 8)
-		want = 14 + 40 + 8 + 40 + 8;
+	/* A plain TCP or UDP packet needs only its own headers. Its payload is
+	 * usually not linear (a socket's data sits in page fragments), and pulling
+	 * payload bytes into the head on every packet costs more than the rest of
+	 * the program. */
+	if ((void *)(eth + 1) <= data_end) {
+		if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+			struct iphdr *ip = (void *)(eth + 1);
+
+			if ((void *)(ip + 1) <= data_end && ip->ihl >= 5 &&
+			    (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP))
+				want = 14 + ip->ihl * 4 +
+				       (ip->protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : 8);
+		} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+			struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+			if ((void *)(ip6 + 1) <= data_end &&
+			    (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP))
+				want = 14 + 40 +
+				       (ip6->nexthdr == IPPROTO_TCP ? sizeof(struct tcphdr) : 8);
+		}
+	}
+	if (want > skb->len)
+		want = skb->len;
 	if (data + want <= data_end)
 		return;
 	bpf_skb_pull_data(skb, want);
