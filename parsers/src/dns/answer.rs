@@ -115,8 +115,9 @@ impl AnswerReject {
 /// than NOERROR, as servers answer FORMERR/NOTIMP header-only) or a zone
 /// transfer (AXFR/IXFR continuation messages may omit it).
 pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, AnswerReject> {
-    let h = RawHeader::read(bytes)
-        .ok_or(AnswerReject::Malformed(MalformedReason::ShortHeader(bytes.len())))?;
+    let h = RawHeader::read(bytes).ok_or(AnswerReject::Malformed(MalformedReason::ShortHeader(
+        bytes.len(),
+    )))?;
     if h.id != query.id {
         return Err(AnswerReject::IdMismatch {
             expected: query.id,

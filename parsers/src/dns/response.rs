@@ -74,11 +74,13 @@ fn error_response(query: &[u8], rc: u16, with_question: bool) -> Option<Vec<u8>>
     // response must never carry bytes weir did not understand.
     let mut question: &[u8] = &[];
     let mut opt: Option<bool> = None; // Some(dnssec_ok) when the query had OPT
-    if with_question && h.qdcount == 1 && !h.qr {
-        if let (Ok(span), Ok(msg)) = (first_question_span(query), decode_message(query, &h)) {
-            question = query.get(span).unwrap_or(&[]);
-            opt = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
-        }
+    if with_question
+        && h.qdcount == 1
+        && !h.qr
+        && let (Ok(span), Ok(msg)) = (first_question_span(query), decode_message(query, &h))
+    {
+        question = query.get(span).unwrap_or(&[]);
+        opt = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
     }
     let mut out = Vec::with_capacity(HEADER_LEN + question.len() + 11);
     out.extend_from_slice(&h.id.to_be_bytes());

@@ -23,7 +23,7 @@ pub enum FrameError {
 /// Reassembles length-prefixed DNS messages from a TCP byte stream.
 #[derive(Debug, Clone)]
 pub struct TcpDnsFramer {
-    buf: Vec<u8>,
+    pub(super) buf: Vec<u8>,
     /// Start of the unconsumed bytes in `buf`.
     start: usize,
     max: usize,
@@ -58,8 +58,7 @@ impl TcpDnsFramer {
     /// more bytes are needed.
     pub fn next_message(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         let pending = self.buf.get(self.start..).unwrap_or(&[]);
-        let Some(&[hi, lo]) = pending.get(..2).map(|p| <&[u8; 2]>::try_from(p).ok()).flatten()
-        else {
+        let Some(&[hi, lo]) = pending.get(..2).and_then(|p| <&[u8; 2]>::try_from(p).ok()) else {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes([hi, lo]));
