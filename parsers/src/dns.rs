@@ -115,8 +115,9 @@ pub struct QueryFacts {
     /// Always [`OPCODE_QUERY`] for facts returned by [`inspect_query`].
     pub opcode: u8,
     /// Lower-cased, with a trailing dot, as policy compares (`www.example.com.`).
-    /// Bytes outside letters, digits, `-` and `_` are escaped as `\DDD` the way
-    /// zone files write them, so no name can pass itself off as another.
+    /// Special and non-printable bytes are escaped the way zone files write them
+    /// (`a\.b`, `\*`, `\000`), so no name can pass itself off as another and a
+    /// literal `*` never reads as a pattern's wildcard.
     pub name: String,
     pub qtype: u16,
     pub qclass: u16,

@@ -78,8 +78,13 @@ fn odd_bytes_in_names_are_escaped_not_confusable() {
         0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'a', b'.', b'b', 3, b'c', b'o', b'm', 0, 0, 1, 0, 1,
     ];
     let f = inspect_query(&raw).expect("valid");
-    assert_ne!(f.name, "a.b.com.");
-    assert!(f.name.ends_with(".com."), "{}", f.name);
+    assert_eq!(f.name, "a\\.b.com.");
+    let raw = [
+        0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, 0x00, b' ', 0xff, b'*', b'A', 0, 0, 1, 0, 1,
+    ];
+    let f = inspect_query(&raw).expect("valid");
+    // presentation escapes: a literal `*` is `\*`, never a wildcard to a pattern
+    assert_eq!(f.name, r"\000\040\377\*a.");
 }
 
 #[test]
