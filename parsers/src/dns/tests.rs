@@ -809,3 +809,69 @@ fn record_class_must_match() {
     assert!(ans.addresses.is_empty());
     assert_eq!(ans.ignored_records, 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Whatever the order of the records and whatever unrelated records sit among
+    /// them, the chain is found in order and only the last name's addresses are
+    /// learned, with TTLs capped by the chain.
+    #[test]
+    fn chain_found_in_any_order_and_only_its_end_learned(
+        chain_len in 0usize..6,
+        ttls in prop::collection::vec(1u32..100_000, 6),
+        end_ips in prop::collection::vec(any::<[u8; 4]>(), 1..4),
+        end_ttl in 1u32..100_000,
+        noise in prop::collection::vec((arb_name(), any::<[u8; 4]>()), 0..5),
+        order in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let qname = "start.example.";
+        let q = query_msg(42, qname, RecordType::A);
+        let f = facts(&q);
+        let names: Vec<String> = std::iter::once(qname.to_string())
+            .chain((0..chain_len).map(|i| format!("hop{i}.chain.example.")))
+            .collect();
+        let mut records = Vec::new();
+        for (i, pair) in names.windows(2).enumerate() {
+            records.push(cname(&pair[0], ttls[i], &pair[1]));
+        }
+        let end = names.last().cloned().unwrap_or_default();
+        for ip in &end_ips {
+            records.push(a(&end, end_ttl, *ip));
+        }
+        for (n, ip) in &noise {
+            // unrelated names only (never one of the chain's)
+            if names.iter().any(|c| c.eq_ignore_ascii_case(n)) { continue; }
+            records.push(a(n, 1, *ip));
+        }
+        // deterministic shuffle from the seed
+        let mut s = seed | 1;
+        for i in (1..records.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            let j = (s % (i as u64 + 1)) as usize;
+            records.swap(i, j);
+        }
+        if !records.is_empty() {
+            let k = order.index(records.len());
+            records.rotate_left(k);
+        }
+        let mut r = response_to(&q);
+        for rec in records { r.add_answer(rec); }
+        let ans = inspect_answer(&bytes(&r), &f).expect("valid answer");
+        prop_assert_eq!(&ans.cnames, &names[1..].to_vec());
+        let chain_min = ttls[..chain_len].iter().copied().min();
+        let want_ttl = chain_min.map_or(end_ttl, |c| c.min(end_ttl));
+        let mut want: Vec<IpAddr> = Vec::new();
+        for ip in &end_ips {
+            let ip = IpAddr::V4(Ipv4Addr::from(*ip));
+            if !want.contains(&ip) { want.push(ip); }
+        }
+        let mut got: Vec<IpAddr> = ans.addresses.iter().map(|x| x.ip).collect();
+        got.sort();
+        want.sort();
+        prop_assert_eq!(got, want);
+        prop_assert!(ans.addresses.iter().all(|x| x.ttl == want_ttl));
+        prop_assert_eq!(ans.min_ttl, Some(want_ttl));
+    }
+}
