@@ -875,3 +875,26 @@ proptest! {
         prop_assert_eq!(ans.min_ttl, Some(want_ttl));
     }
 }
+
+/// What hickory-proto 0.26 accepts on its own, and why weir checks first. If a
+/// hickory upgrade tightens one of these, the guard stays (it is cheap) but this
+/// test will say so.
+#[test]
+fn hickory_leniencies_we_guard_against() {
+    // a question name that is a pointer into the header (offset 5: qdcount's low
+    // byte reads as a 1-byte label holding ancount's high byte)
+    let raw = [0u8, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x05, 0, 1, 0, 1];
+    let m = Message::from_vec(&raw).expect("hickory follows it");
+    assert_eq!(m.queries[0].name().to_ascii(), r"\000.");
+    assert!(inspect_query(&raw).is_err());
+    // trailing garbage after the last record
+    let mut raw = bytes(&query_msg(1, "a.", RecordType::A));
+    raw.extend_from_slice(b"garbage");
+    assert!(Message::from_vec(&raw).is_ok());
+    assert!(inspect_query(&raw).is_err());
+    // a question for a wildcard label is the literal `*`, unescaped
+    let raw = [
+        0u8, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'*', 1, b'a', 0, 0, 1, 0, 1,
+    ];
+    assert_eq!(inspect_query(&raw).map(|f| f.name), Ok("*.a.".to_string()));
+}
