@@ -1,0 +1,326 @@
+//! Answer inspection: does this answer belong to the query, and which addresses
+//! does it give for the question name?
+//!
+//! Only addresses owned by the question name — or, when the name is an alias, by
+//! the end of its CNAME chain — are reported. An answer section may carry other
+//! records (a resolver's glue, or a forged `A` for `bank.example.` tucked into the
+//! answer for `ads.example.`): learning those would let whoever answers one allowed
+//! name open the allowlist for any other name. That is the classic cache-poisoning
+//! pattern (Kaminsky-style out-of-bailiwick data), and it is ignored here; the
+//! records are counted in [`AnswerFacts::ignored_records`].
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::{DNSClass, Name, RData};
+use thiserror::Error;
+
+use super::{
+    HEADER_LEN, MalformedReason, QueryFacts, RawHeader, decode_message, policy_name, rcode,
+    rr_type_name,
+};
+
+/// The longest CNAME chain followed (BIND's limit is 16 as well; unbound stops
+/// at 11 restarts).
+pub const MAX_CNAME_CHAIN: usize = 16;
+
+/// One address learned from an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerAddress {
+    pub ip: IpAddr,
+    /// The address record's TTL, capped by the TTLs of the CNAMEs that lead to it:
+    /// the name → address mapping is only as fresh as its weakest link.
+    pub ttl: u32,
+}
+
+/// What the proxy and the allowlist need from an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerFacts {
+    pub id: u16,
+    /// The full rcode, EDNS extended bits merged.
+    pub rcode: u16,
+    /// TC set. A truncated answer is inspected as far as it decodes but never
+    /// yields addresses: the client will retry over TCP and weir learns then.
+    pub truncated: bool,
+    /// The question name (lower-cased, trailing dot), as in [`QueryFacts::name`].
+    pub name: String,
+    /// CNAME targets in chain order, starting from the question name.
+    pub cnames: Vec<String>,
+    /// Address records (A and AAAA, class of the query) owned by the chain's last
+    /// name, in answer order, duplicates removed.
+    pub addresses: Vec<AnswerAddress>,
+    /// Smallest TTL of the chain's CNAMEs and the addresses (`None` if neither).
+    pub min_ttl: Option<u32>,
+    /// Types of all answer-section records, in first-seen order (Hubble `rrtypes`).
+    pub rrtypes: Vec<u16>,
+    /// Answer-section records that are neither part of the chain nor its
+    /// addresses (unrelated names, RRSIGs, ...).
+    pub ignored_records: usize,
+}
+
+impl AnswerFacts {
+    /// Every name a toFQDNs selector may match for this answer: the question name
+    /// and then each name of its CNAME chain.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.cnames.iter().map(String::as_str))
+    }
+
+    pub fn rrtype_names(&self) -> Vec<String> {
+        self.rrtypes.iter().map(|t| rr_type_name(*t)).collect()
+    }
+}
+
+/// Why an answer was not accepted for the query it claims to answer.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AnswerReject {
+    #[error("malformed answer: {0}")]
+    Malformed(MalformedReason),
+    #[error("QR not set: not a response")]
+    NotAResponse,
+    #[error("answer id {got} does not match query id {expected}")]
+    IdMismatch { expected: u16, got: u16 },
+    #[error("answer opcode {got} does not match query opcode {expected}")]
+    OpcodeMismatch { expected: u8, got: u8 },
+    #[error("answer question does not match the query ({0})")]
+    QuestionMismatch(String),
+    #[error("CNAME chain loops back to {0}")]
+    CnameLoop(String),
+    #[error("CNAME chain longer than {MAX_CNAME_CHAIN}")]
+    CnameChainTooLong,
+    #[error("{0} has more than one CNAME")]
+    AmbiguousCname(String),
+}
+
+impl AnswerReject {
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Self::Malformed(r) => r.code(),
+            Self::NotAResponse => "not_a_response",
+            Self::IdMismatch { .. } => "id_mismatch",
+            Self::OpcodeMismatch { .. } => "opcode_mismatch",
+            Self::QuestionMismatch(_) => "question_mismatch",
+            Self::CnameLoop(_) => "cname_loop",
+            Self::CnameChainTooLong => "cname_chain_too_long",
+            Self::AmbiguousCname(_) => "ambiguous_cname",
+        }
+    }
+}
+
+/// Inspect an upstream answer to `query`. The bytes are not changed (the proxy
+/// forwards them as they are); this only decides whether they answer this query
+/// and what they say about the question name.
+///
+/// A message with no question is accepted only when it is an error (rcode other
+/// than NOERROR, as servers answer FORMERR/NOTIMP header-only) or a zone
+/// transfer (AXFR/IXFR continuation messages may omit it).
+pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, AnswerReject> {
+    let h = RawHeader::read(bytes).ok_or(AnswerReject::Malformed(MalformedReason::ShortHeader(
+        bytes.len(),
+    )))?;
+    if h.id != query.id {
+        return Err(AnswerReject::IdMismatch {
+            expected: query.id,
+            got: h.id,
+        });
+    }
+    if !h.qr {
+        return Err(AnswerReject::NotAResponse);
+    }
+    if h.opcode != query.opcode {
+        return Err(AnswerReject::OpcodeMismatch {
+            expected: query.opcode,
+            got: h.opcode,
+        });
+    }
+    let msg = match decode_message(bytes, &h) {
+        Ok(msg) => msg,
+        // A truncated answer may be cut anywhere after the question; what the
+        // client gets is its business, weir checks the question and learns nothing.
+        Err(_) if h.tc => return truncated_answer(bytes, &h, query),
+        Err(e) => return Err(AnswerReject::Malformed(e)),
+    };
+    check_question(&msg, &h, query)?;
+    let rc = u16::from(msg.metadata.response_code);
+    let mut facts = AnswerFacts {
+        id: h.id,
+        rcode: rc,
+        truncated: h.tc,
+        name: query.name.clone(),
+        cnames: Vec::new(),
+        addresses: Vec::new(),
+        min_ttl: None,
+        rrtypes: Vec::new(),
+        ignored_records: 0,
+    };
+    for r in &msg.answers {
+        let t = u16::from(r.record_type());
+        if !facts.rrtypes.contains(&t) {
+            facts.rrtypes.push(t);
+        }
+    }
+    if h.tc {
+        facts.ignored_records = msg.answers.len();
+        return Ok(facts);
+    }
+    collect(&msg, query, &mut facts)?;
+    Ok(facts)
+}
+
+fn truncated_answer(
+    bytes: &[u8],
+    h: &RawHeader,
+    query: &QueryFacts,
+) -> Result<AnswerFacts, AnswerReject> {
+    if h.qdcount == 1 {
+        // Names compare case-insensitively (a resolver may not keep 0x20 case);
+        // the type and class bytes exactly. Label length bytes are <= 63, below
+        // any ASCII letter, so folding case cannot make two lengths equal.
+        let want = &query.question_wire;
+        let name_len = want.len().saturating_sub(4);
+        let got = bytes.get(HEADER_LEN..HEADER_LEN + want.len());
+        let same = got.is_some_and(|g| {
+            g.get(..name_len)
+                .zip(want.get(..name_len))
+                .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+                && g.get(name_len..) == want.get(name_len..)
+        });
+        if !same {
+            return Err(AnswerReject::QuestionMismatch(
+                "truncated answer's question differs".into(),
+            ));
+        }
+    } else if h.qdcount != 0 {
+        return Err(AnswerReject::QuestionMismatch(format!(
+            "{} questions",
+            h.qdcount
+        )));
+    }
+    Ok(AnswerFacts {
+        id: h.id,
+        rcode: u16::from(h.rcode),
+        truncated: true,
+        name: query.name.clone(),
+        cnames: Vec::new(),
+        addresses: Vec::new(),
+        min_ttl: None,
+        rrtypes: Vec::new(),
+        ignored_records: usize::from(h.ancount),
+    })
+}
+
+fn check_question(msg: &Message, h: &RawHeader, query: &QueryFacts) -> Result<(), AnswerReject> {
+    match msg.queries.as_slice() {
+        [] => {
+            let rc = u16::from(msg.metadata.response_code);
+            if rc != rcode::NOERROR || query.is_zone_transfer() {
+                Ok(())
+            } else {
+                Err(AnswerReject::QuestionMismatch(
+                    "NOERROR answer without a question".into(),
+                ))
+            }
+        }
+        [q] => {
+            let name = policy_name(q.name());
+            if name != query.name {
+                return Err(AnswerReject::QuestionMismatch(format!(
+                    "name {name} instead of {}",
+                    query.name
+                )));
+            }
+            if u16::from(q.query_type()) != query.qtype
+                || u16::from(q.query_class()) != query.qclass
+            {
+                return Err(AnswerReject::QuestionMismatch(format!(
+                    "type/class {}/{} instead of {}/{}",
+                    u16::from(q.query_type()),
+                    u16::from(q.query_class()),
+                    query.qtype,
+                    query.qclass
+                )));
+            }
+            Ok(())
+        }
+        _ => Err(AnswerReject::QuestionMismatch(format!(
+            "{} questions",
+            h.qdcount
+        ))),
+    }
+}
+
+/// Follow the CNAME chain from the question name and collect the addresses of its
+/// last name.
+fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result<(), AnswerReject> {
+    let class = DNSClass::from(query.qclass);
+    let mut current: Name = match msg.queries.first() {
+        Some(q) => q.name().to_lowercase(),
+        // No question (error or zone-transfer continuation): nothing to follow.
+        None => {
+            facts.ignored_records = msg.answers.len();
+            return Ok(());
+        }
+    };
+    let mut visited: HashSet<Name> = HashSet::new();
+    visited.insert(current.clone());
+    let mut used = vec![false; msg.answers.len()];
+    let mut min_ttl: Option<u32> = None;
+    let lower = |t: u32, m: Option<u32>| Some(m.map_or(t, |m| m.min(t)));
+    loop {
+        let mut next: Option<(Name, u32)> = None;
+        for (i, r) in msg.answers.iter().enumerate() {
+            let RData::CNAME(target) = &r.data else {
+                continue;
+            };
+            if r.dns_class != class || r.name != current {
+                continue;
+            }
+            let target = target.0.to_lowercase();
+            match &next {
+                Some((t, ttl)) if *t == target => {
+                    // The same CNAME twice: harmless, keep the smaller TTL.
+                    next = Some((target, (*ttl).min(r.ttl)));
+                }
+                Some(_) => return Err(AnswerReject::AmbiguousCname(policy_name(&current))),
+                None => next = Some((target, r.ttl)),
+            }
+            if let Some(u) = used.get_mut(i) {
+                *u = true;
+            }
+        }
+        let Some((target, ttl)) = next else { break };
+        if visited.contains(&target) {
+            return Err(AnswerReject::CnameLoop(policy_name(&target)));
+        }
+        if facts.cnames.len() >= MAX_CNAME_CHAIN {
+            return Err(AnswerReject::CnameChainTooLong);
+        }
+        facts.cnames.push(policy_name(&target));
+        min_ttl = lower(ttl, min_ttl);
+        visited.insert(target.clone());
+        current = target;
+    }
+    let chain_ttl = min_ttl;
+    for (i, r) in msg.answers.iter().enumerate() {
+        if r.dns_class != class || r.name != current {
+            continue;
+        }
+        let ip = match &r.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(a) => IpAddr::V6(a.0),
+            _ => continue,
+        };
+        if let Some(u) = used.get_mut(i) {
+            *u = true;
+        }
+        let ttl = chain_ttl.map_or(r.ttl, |c| c.min(r.ttl));
+        min_ttl = lower(r.ttl, min_ttl);
+        match facts.addresses.iter_mut().find(|a| a.ip == ip) {
+            Some(seen) => seen.ttl = seen.ttl.min(ttl),
+            None => facts.addresses.push(AnswerAddress { ip, ttl }),
+        }
+    }
+    facts.min_ttl = min_ttl;
+    facts.ignored_records = used.iter().filter(|u| !**u).count();
+    Ok(())
+}
