@@ -396,6 +396,14 @@ spec:
         .ns
         .sysctl("net.ipv4.ip_local_port_range", "40000 44999")
         .unwrap();
+    // The proxy's upstream connections leave from the client's address, so one
+    // client to one server port has the node's ephemeral range (28 232 ports by
+    // default) per TIME_WAIT period: more than that in 60 s is a documented limit
+    // (503, "Cannot assign requested address"), not what this test is about.
+    s.lab
+        .node
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        .unwrap();
     s.start_weir(L7, &["--steering", "ebpf"]);
     let conns: u64 = std::env::var("WEIR_TEST_CONNS")
         .ok()
