@@ -4,6 +4,7 @@
 
 mod compile;
 mod decode;
+pub mod dns_match;
 pub mod endpoints;
 mod error;
 pub mod flow;
