@@ -34,12 +34,12 @@ pub const MAX_FQDN_LEN: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DnsPatternError {
-    #[error("empty {0}")]
+    #[error("empty `{0}`")]
     Empty(&'static str),
-    #[error("{field} `{text}` is longer than {MAX_FQDN_LEN} characters")]
+    #[error("`{field}` value `{text}` is longer than {MAX_FQDN_LEN} characters")]
     TooLong { field: &'static str, text: String },
     #[error(
-        "invalid characters in {field} `{text}`: only 0-9, a-z, A-Z, `.`, `-`, `_`{star} are allowed"
+        "`{field}` value `{text}` has invalid characters: only 0-9, a-z, A-Z, `.`, `-`, `_`{star} are allowed"
     )]
     Characters {
         field: &'static str,
@@ -53,6 +53,25 @@ pub enum DnsPatternError {
 pub enum DnsSelector {
     MatchName(String),
     MatchPattern(String),
+}
+
+impl DnsSelector {
+    /// The form two selectors that mean the same compare equal in: names and
+    /// patterns lower-cased with a trailing dot (patterns made only of stars
+    /// stay as written, as Cilium's `Sanitize` leaves them).
+    pub fn canonical(&self) -> DnsSelector {
+        match self {
+            DnsSelector::MatchName(n) => DnsSelector::MatchName(normalize_name(n.trim())),
+            DnsSelector::MatchPattern(p) => {
+                let p = p.trim().to_ascii_lowercase();
+                if is_all_stars(&p) {
+                    DnsSelector::MatchPattern(p)
+                } else {
+                    DnsSelector::MatchPattern(normalize_name(&p))
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for DnsSelector {
