@@ -264,8 +264,16 @@ fn compile_one(sel: &DnsSelector) -> Result<Compiled, DnsPatternError> {
 #[derive(Debug, Default)]
 struct SuffixNode {
     children: HashMap<Box<[u8]>, u32>,
-    /// Patterns whose literal suffix ends here, ascending.
+    /// Patterns whose literal suffix ends here, ascending (those whose next
+    /// label has no literal head or tail, e.g. `*`, or a `**.` prefix).
     patterns: Vec<u32>,
+    /// Patterns whose next label (leftwards) ends in a literal tail after its
+    /// last star (`web*-1` → `-1`), by that tail: only a name label that ends
+    /// so can match them.
+    by_tail: HashMap<Box<[u8]>, Vec<u32>>,
+    /// Likewise by the literal head before the first star, when the label
+    /// ends in a star (`api-*` → `api-`).
+    by_head: HashMap<Box<[u8]>, Vec<u32>>,
 }
 
 /// Every DNS rule of one table (or every `toFQDNs` selector of a policy set),
@@ -306,8 +314,10 @@ impl DnsMatcher {
                     // (the final empty piece is the trailing dot, skipped).
                     let mut node = 0usize;
                     let body = &g.labels[..g.labels.len().saturating_sub(1)];
+                    let mut next: Option<&[u8]> = None;
                     for l in body.iter().rev() {
                         if l.contains(&b'*') {
+                            next = Some(l);
                             break;
                         }
                         let next = m.nodes.len() as u32;
@@ -320,7 +330,18 @@ impl DnsMatcher {
                         }
                         node = child as usize;
                     }
-                    m.nodes[node].patterns.push(i);
+                    let tail =
+                        next.map(|l| &l[l.iter().rposition(|b| *b == b'*').map_or(0, |p| p + 1)..]);
+                    let head = next.map(|l| &l[..l.iter().position(|b| *b == b'*').unwrap_or(0)]);
+                    match (tail, head) {
+                        (Some(t), _) if !t.is_empty() => {
+                            m.nodes[node].by_tail.entry(t.into()).or_default().push(i)
+                        }
+                        (_, Some(h)) if !h.is_empty() => {
+                            m.nodes[node].by_head.entry(h.into()).or_default().push(i)
+                        }
+                        _ => m.nodes[node].patterns.push(i),
+                    }
                     m.glob_of.insert(i, m.globs.len() as u32);
                     m.globs.push((i, g));
                 }
@@ -356,6 +377,23 @@ impl DnsMatcher {
             }
             if i == 0 {
                 break;
+            }
+            // The name's label just left of the literal suffix: only patterns
+            // whose label there has one of its tails or heads can match.
+            let next = body[i - 1];
+            if !n.by_tail.is_empty() {
+                for k in 1..=next.len() {
+                    if let Some(ids) = n.by_tail.get(&next[next.len() - k..]) {
+                        f(ids, true);
+                    }
+                }
+            }
+            if !n.by_head.is_empty() {
+                for k in 1..=next.len() {
+                    if let Some(ids) = n.by_head.get(&next[..k]) {
+                        f(ids, true);
+                    }
+                }
             }
             i -= 1;
             match n.children.get(body[i]) {
