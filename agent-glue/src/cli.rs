@@ -252,6 +252,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Policy(PolicyCommand::Validate { paths }) => {
             match weir_policy::load_policies(&paths) {
                 Ok(p) => {
+                    for w in weir_policy::fqdn_rules_without_dns(&p) {
+                        eprintln!("warning: {w}");
+                    }
                     println!("{} policies valid", p.len());
                     ExitCode::SUCCESS
                 }

@@ -8,12 +8,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use http::HeaderMap;
 use serde::Serialize;
 use weir_parsers::http::RequestFacts;
 
+use crate::dns_match::{DnsMatcher, DnsPatternError, DnsSelector};
 use crate::endpoints::{Endpoint, Service};
 use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
 use crate::identity::{
@@ -23,6 +24,37 @@ use crate::identity::{
 use crate::model::{
     Cidr, ClusterConfig, Entity, PeerRule, Policy, PortSpec, Protocol, Selector, ServiceRef,
 };
+
+/// One distinct `toFQDNs` selector of the compiled policies (an index into
+/// [`CompiledPolicy::fqdn_selectors`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FqdnSelectorId(pub u32);
+
+/// An address the DNS proxy learned from an allowed answer: the identity it
+/// has while learned (labels `fqdn:<selector>` for every selector that selected
+/// its name, plus the labels of the CIDR identity it would otherwise have).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedIdentity {
+    pub identity: u32,
+    /// Ascending, unique.
+    pub selectors: Vec<FqdnSelectorId>,
+    /// The identity the address has without the learning (world or a CIDR
+    /// identity): rules that select that identity still select the address.
+    pub base: u32,
+}
+
+#[derive(Debug, Default)]
+struct Learned {
+    by_ip: HashMap<IpAddr, u32>,
+    identities: HashMap<u32, LearnedIdentity>,
+}
+
+/// A peer as rules see it: its identity, and what DNS learning added to it.
+#[derive(Clone, Copy)]
+struct PeerKey<'a> {
+    identity: u32,
+    fqdn: Option<&'a LearnedIdentity>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -78,13 +110,21 @@ pub struct Environment {
 enum PeerSet {
     Any,
     Identities(HashSet<u32>),
+    /// `toFQDNs`: the identities of addresses learned for these selectors
+    /// (ascending). Nothing until the DNS proxy learns an address.
+    Fqdn(Vec<FqdnSelectorId>),
 }
 
 impl PeerSet {
-    fn contains(&self, id: u32) -> bool {
+    fn contains(&self, p: PeerKey<'_>) -> bool {
         match self {
             PeerSet::Any => true,
-            PeerSet::Identities(s) => s.contains(&id),
+            PeerSet::Identities(s) => {
+                s.contains(&p.identity) || p.fqdn.is_some_and(|f| s.contains(&f.base))
+            }
+            PeerSet::Fqdn(sels) => p
+                .fqdn
+                .is_some_and(|f| f.selectors.iter().any(|x| sels.binary_search(x).is_ok())),
         }
     }
 }
@@ -97,6 +137,14 @@ struct L4Entry {
     deny: bool,
     /// Index of this entry's first HTTP rule's ref, when it has HTTP rules.
     http_refs: Option<Vec<RuleRef>>,
+    /// The refs of its DNS rules, when it has DNS rules.
+    dns_refs: Option<Vec<RuleRef>>,
+}
+
+impl L4Entry {
+    fn has_l7(&self) -> bool {
+        self.http_refs.is_some() || self.dns_refs.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -107,10 +155,13 @@ struct DirTable {
     http: HttpMatcher,
     /// HTTP rule index → (owner entry, position in the owner's refs).
     http_owner: Vec<(u32, u32)>,
+    dns: DnsMatcher,
+    /// DNS rule index → (owner entry, position in the owner's refs).
+    dns_owner: Vec<(u32, u32)>,
 }
 
 impl DirTable {
-    fn matching_entries(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
+    fn matching_entries(&self, peer: PeerKey<'_>, proto: Protocol, port: u16) -> Vec<u32> {
         let mut out = self.entries_for(peer, proto, port);
         // An ICMP message of one type is also allowed by the rules that allow all
         // ICMP (no `toPorts`), as in the kernel, where both share one protocol.
@@ -122,7 +173,7 @@ impl DirTable {
         out
     }
 
-    fn entries_for(&self, peer: u32, proto: Protocol, port: u16) -> Vec<u32> {
+    fn entries_for(&self, peer: PeerKey<'_>, proto: Protocol, port: u16) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
         if let Some(ids) = self.exact.get(&(proto, port)) {
             out.extend(
@@ -144,7 +195,7 @@ impl DirTable {
         out
     }
 
-    fn decide(&self, peer: u32, proto: Protocol, port: u16) -> DirDecision {
+    fn decide(&self, peer: PeerKey<'_>, proto: Protocol, port: u16) -> DirDecision {
         let ids = self.matching_entries(peer, proto, port);
         if let Some(id) = ids.iter().find(|i| self.entries[**i as usize].deny) {
             return DirDecision::DeniedBy(self.entries[*id as usize].origin.clone());
@@ -153,15 +204,18 @@ impl DirTable {
             .into_iter()
             .filter(|i| !self.entries[*i as usize].deny)
             .collect();
-        if let Some(id) = ids
-            .iter()
-            .find(|i| self.entries[**i as usize].http_refs.is_none())
-        {
+        if let Some(id) = ids.iter().find(|i| !self.entries[**i as usize].has_l7()) {
             // An L3/L4 allow without L7 rules wins over L7 rules for the same peer and port.
             return DirDecision::AllowAll(self.entries[*id as usize].origin.clone());
         }
         if ids.is_empty() {
             DirDecision::Denied
+        } else if ids
+            .iter()
+            .any(|i| self.entries[*i as usize].dns_refs.is_some())
+        {
+            // HTTP and DNS rules never share a port (refused at compile time).
+            DirDecision::Dns(ids)
         } else {
             DirDecision::Http(ids)
         }
@@ -180,6 +234,8 @@ pub enum DirDecision {
     AllowAll(RuleRef),
     /// Allowed at L4; each request must match an HTTP rule of these entries.
     Http(Vec<u32>),
+    /// Allowed at L4; each DNS query must match a DNS rule of these entries.
+    Dns(Vec<u32>),
 }
 
 /// Who a peer is, for flow records and explanations.
@@ -217,6 +273,11 @@ pub struct Verdict {
 impl Verdict {
     /// One line: the deciding rules, `no rule matched`, or `no policy selects ...`.
     pub fn reason(&self) -> String {
+        self.reason_for("HTTP")
+    }
+
+    /// [`Verdict::reason`], naming the L7 protocol `layer` for L7 denials.
+    pub fn reason_for(&self, layer: &str) -> String {
         if self.allowed {
             if self.rules.is_empty() {
                 "no policy selects these endpoints (default allow)".to_string()
@@ -228,7 +289,7 @@ impl Verdict {
                     .join("; ")
             }
         } else {
-            let layer = if self.l7 { "HTTP" } else { "L3/L4" };
+            let layer = if self.l7 { layer } else { "L3/L4" };
             if !self.rules.is_empty() {
                 let by = self
                     .rules
@@ -255,7 +316,105 @@ impl ConnectionVerdict {
 
     /// Whether requests must be inspected (some side has L7 rules).
     pub fn needs_l7(&self) -> bool {
-        matches!(self.egress, DirDecision::Http(_)) || matches!(self.ingress, DirDecision::Http(_))
+        let l7 = |d: &DirDecision| matches!(d, DirDecision::Http(_) | DirDecision::Dns(_));
+        l7(&self.egress) || l7(&self.ingress)
+    }
+
+    /// Whether some side has DNS rules (queries must go through the DNS proxy).
+    pub fn needs_dns(&self) -> bool {
+        matches!(self.egress, DirDecision::Dns(_)) || matches!(self.ingress, DirDecision::Dns(_))
+    }
+
+    /// The DNS rules each query on this connection must match, for explanations.
+    pub fn dns_rules(&self, policy: &CompiledPolicy) -> Vec<(Direction, RuleRef)> {
+        let mut out = Vec::new();
+        for (dir, decision, ep, tables) in [
+            (
+                Direction::Egress,
+                &self.egress,
+                self.src.endpoint,
+                &policy.egress,
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                self.dst.endpoint,
+                &policy.ingress,
+            ),
+        ] {
+            let DirDecision::Dns(owners) = decision else {
+                continue;
+            };
+            let Some(table) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
+                continue;
+            };
+            for owner in owners {
+                let refs = table.entries[*owner as usize].dns_refs.iter().flatten();
+                out.extend(refs.map(|r| (dir, r.clone())));
+            }
+        }
+        out
+    }
+
+    /// The verdict for one DNS query for `name` on this connection: the lowest
+    /// matching DNS rule of each side that has DNS rules decides; a side with
+    /// HTTP rules denies (they never allow a DNS query).
+    pub fn dns_verdict(&self, policy: &CompiledPolicy, name: &str) -> Verdict {
+        let mut rules = Vec::new();
+        for (dir, decision, ep, tables) in [
+            (
+                Direction::Egress,
+                &self.egress,
+                self.src.endpoint,
+                &policy.egress,
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                self.dst.endpoint,
+                &policy.ingress,
+            ),
+        ] {
+            let deny = |rules: Vec<RuleRef>, l7: bool| Verdict {
+                allowed: false,
+                rules,
+                denied_in: Some(dir),
+                l7,
+            };
+            match decision {
+                DirDecision::DeniedBy(r) => return deny(vec![r.clone()], false),
+                DirDecision::Denied => return deny(vec![], false),
+                DirDecision::AllowAll(r) => rules.push(r.clone()),
+                DirDecision::NotSelected => {}
+                DirDecision::Http(_) => return deny(vec![], true),
+                DirDecision::Dns(owners) => {
+                    let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
+                    let hit = table.and_then(|t| {
+                        let rule = t.dns.first_match(name, |i| {
+                            t.dns_owner
+                                .get(i as usize)
+                                .is_some_and(|(o, _)| owners.binary_search(o).is_ok())
+                        })?;
+                        let (owner, pos) = *t.dns_owner.get(rule as usize)?;
+                        t.entries[owner as usize]
+                            .dns_refs
+                            .as_ref()
+                            .and_then(|refs| refs.get(pos as usize))
+                            .cloned()
+                    });
+                    match hit {
+                        Some(r) => rules.push(r),
+                        None => return deny(vec![], true),
+                    }
+                }
+            }
+        }
+        Verdict {
+            allowed: true,
+            rules,
+            denied_in: None,
+            l7: true,
+        }
     }
 
     /// The HTTP rules each request on this connection must match (one per side
@@ -315,7 +474,7 @@ impl ConnectionVerdict {
                     };
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
-                DirDecision::NotSelected | DirDecision::Http(_) => {}
+                DirDecision::NotSelected | DirDecision::Http(_) | DirDecision::Dns(_) => {}
             }
         }
         Verdict {
@@ -402,6 +561,16 @@ impl ConnectionVerdict {
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
                 DirDecision::NotSelected => {}
+                DirDecision::Dns(_) => {
+                    // DNS rules allow DNS queries, never HTTP requests.
+                    let v = Verdict {
+                        allowed: false,
+                        rules: vec![],
+                        denied_in: Some(dir),
+                        l7: true,
+                    };
+                    return (v, Vec::new());
+                }
                 DirDecision::Http(owners) => {
                     let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
                     let hit = table.and_then(|t| {
@@ -471,6 +640,12 @@ pub struct CompiledPolicy {
     policy_count: usize,
     /// The node's own addresses: the `host` identity.
     host_ips: Vec<IpAddr>,
+    /// Every distinct `toFQDNs` selector (canonical form), and their index.
+    fqdn_selectors: Vec<DnsSelector>,
+    fqdn_matcher: DnsMatcher,
+    /// Addresses learned from DNS answers. The only mutable part: learning an
+    /// address never recompiles the policy.
+    learned: RwLock<Learned>,
 }
 
 /// A prefix mentioned by some policy, and the identity of addresses whose longest
@@ -505,6 +680,17 @@ pub enum CidrKind {
 pub enum CompileError {
     #[error(transparent)]
     Http(#[from] HttpCompileError),
+    #[error("compiling DNS rules: {0}")]
+    Dns(#[from] DnsPatternError),
+    /// Cilium refuses to merge conflicting L7 parsers on one port.
+    #[error(
+        "{dns} and {http} put DNS and HTTP rules on the same port ({port}): one port has one L7 protocol (Cilium refuses to merge conflicting L7 parsers)"
+    )]
+    L7Conflict {
+        dns: RuleRef,
+        http: RuleRef,
+        port: String,
+    },
 }
 
 impl CompiledPolicy {
@@ -547,12 +733,19 @@ impl CompiledPolicy {
                 .any(|h| canonical_ip(*h) == canonical_ip(*a))
                 && !by_ip.contains_key(&canonical_ip(*a))
         });
+        let fqdn_selectors = fqdn_selectors(policies);
+        let fqdn_matcher = DnsMatcher::new(&fqdn_selectors)?;
         let universe = PeerUniverse {
             endpoints: &compiled_eps,
             by_ip: &by_ip,
             cidrs: &cidrs,
             services: &env.services,
             apiserver_on_host,
+            fqdn_index: &fqdn_selectors
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.clone(), i as u32))
+                .collect(),
         };
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
@@ -578,6 +771,9 @@ impl CompiledPolicy {
             egress,
             policy_count: policies.len(),
             host_ips: Vec::new(),
+            fqdn_selectors,
+            fqdn_matcher,
+            learned: RwLock::new(Learned::default()),
         }
         .with_host_addresses(env.host_addresses.iter().copied()))
     }
@@ -603,6 +799,7 @@ impl CompiledPolicy {
 
     /// Every L3/L4 rule, per endpoint and direction (for the kernel datapath).
     pub fn l4_rules(&self) -> Vec<L4Rule> {
+        let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         for (dir, tables) in [
             (Direction::Ingress, &self.ingress),
@@ -619,6 +816,18 @@ impl CompiledPolicy {
                             v.sort_unstable();
                             Some(v)
                         }
+                        PeerSet::Fqdn(sels) => {
+                            let mut v: Vec<u32> = learned
+                                .identities
+                                .values()
+                                .filter(|l| {
+                                    l.selectors.iter().any(|x| sels.binary_search(x).is_ok())
+                                })
+                                .map(|l| l.identity)
+                                .collect();
+                            v.sort_unstable();
+                            Some(v)
+                        }
                     };
                     out.push(L4Rule {
                         endpoint: ep,
@@ -627,7 +836,7 @@ impl CompiledPolicy {
                         protocol: proto,
                         port_lo: lo,
                         port_hi: hi,
-                        l7: e.http_refs.is_some(),
+                        l7: e.has_l7(),
                         deny: e.deny,
                         rule: e.origin.clone(),
                     });
@@ -695,15 +904,140 @@ impl CompiledPolicy {
             },
             None => PeerInfo {
                 ip,
-                // Longest mentioned prefix first (the list is sorted that way).
-                identity: self
-                    .cidrs
-                    .iter()
-                    .find(|c| c.cidr.contains(ip))
-                    .map_or(IDENTITY_WORLD, |c| c.identity),
+                identity: match self
+                    .learned
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .by_ip
+                    .get(&ip)
+                {
+                    Some(id) => *id,
+                    None => self.base_identity(ip),
+                },
                 endpoint: None,
             },
         }
+    }
+
+    /// The identity of a non-endpoint, non-host address from the prefixes
+    /// alone: its longest mentioned prefix's, or `world`.
+    fn base_identity(&self, ip: IpAddr) -> u32 {
+        // Longest mentioned prefix first (the list is sorted that way).
+        self.cidrs
+            .iter()
+            .find(|c| c.cidr.contains(ip))
+            .map_or(IDENTITY_WORLD, |c| c.identity)
+    }
+
+    /// Every distinct `toFQDNs` selector of the policies, indexed by
+    /// [`FqdnSelectorId`] (names lower-cased with a trailing dot).
+    pub fn fqdn_selectors(&self) -> &[DnsSelector] {
+        &self.fqdn_selectors
+    }
+
+    /// The `toFQDNs` selectors that select `name` (what the DNS proxy learns
+    /// an allowed answer's addresses for), ascending.
+    pub fn fqdn_selectors_matching(&self, name: &str) -> Vec<FqdnSelectorId> {
+        self.fqdn_matcher
+            .matching(name)
+            .into_iter()
+            .map(FqdnSelectorId)
+            .collect()
+    }
+
+    /// Records that `ip` answered a lookup of a name these selectors select:
+    /// from now on the `toFQDNs` rules of those selectors allow it (with the
+    /// selectors it was learned for before). Returns its identity (labels
+    /// `fqdn:<selector>` plus those of its CIDR identity), or `None` when the
+    /// address cannot be learned: a local endpoint, the node, an address
+    /// inside the cluster's ranges (toFQDNs, like CIDR rules, selects only
+    /// addresses outside the cluster), or no known selector. No recompilation.
+    pub fn learn_fqdn_ip(
+        &self,
+        ip: IpAddr,
+        selectors: &[FqdnSelectorId],
+        ids: &mut IdentityAllocator,
+    ) -> Option<u32> {
+        let ip = canonical_ip(ip);
+        if self.by_ip.contains_key(&ip) || self.host_ips.binary_search(&ip).is_ok() {
+            return None;
+        }
+        let prefix = self.cidrs.iter().find(|c| c.cidr.contains(ip));
+        if prefix.is_some_and(|c| c.kind != CidrKind::World) {
+            return None;
+        }
+        let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        let mut sels: Vec<FqdnSelectorId> = selectors
+            .iter()
+            .copied()
+            .filter(|s| (s.0 as usize) < self.fqdn_selectors.len())
+            .collect();
+        if let Some(prev) = learned
+            .by_ip
+            .get(&ip)
+            .and_then(|id| learned.identities.get(id))
+        {
+            sels.extend(&prev.selectors);
+        }
+        sels.sort_unstable();
+        sels.dedup();
+        if sels.is_empty() {
+            return None;
+        }
+        let mut labels: Labels = sels
+            .iter()
+            .map(|s| {
+                (
+                    format!("fqdn:{}", self.fqdn_selectors[s.0 as usize]),
+                    String::new(),
+                )
+            })
+            .collect();
+        labels.insert("reserved:world".into(), String::new());
+        for c in prefix.iter().flat_map(|c| c.containing.iter()) {
+            labels.insert(format!("cidr:{c}"), String::new());
+        }
+        if prefix.is_some_and(|c| c.kube_apiserver) {
+            labels.insert("reserved:kube-apiserver".into(), String::new());
+        }
+        let identity = ids.identity(&labels);
+        let base = self.base_identity(ip);
+        learned.by_ip.insert(ip, identity);
+        learned.identities.insert(
+            identity,
+            LearnedIdentity {
+                identity,
+                selectors: sels,
+                base,
+            },
+        );
+        Some(identity)
+    }
+
+    /// Forgets a learned address (its TTL ran out): it has its CIDR identity
+    /// again and `toFQDNs` rules no longer allow it. Whether it was learned.
+    pub fn forget_fqdn_ip(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = learned.by_ip.remove(&ip) else {
+            return false;
+        };
+        if !learned.by_ip.values().any(|v| *v == id) {
+            learned.identities.remove(&id);
+        }
+        true
+    }
+
+    /// Every learned address with its identity, ascending by address.
+    pub fn learned_fqdn_ips(&self) -> Vec<(IpAddr, LearnedIdentity)> {
+        let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(IpAddr, LearnedIdentity)> = learned
+            .by_ip
+            .iter()
+            .filter_map(|(ip, id)| learned.identities.get(id).map(|l| (*ip, l.clone())))
+            .collect();
+        out.sort_by_key(|(ip, _)| *ip);
+        out
     }
 
     /// Decides a connection from `src` to `dst:port`.
@@ -716,15 +1050,20 @@ impl CompiledPolicy {
     ) -> ConnectionVerdict {
         let src = self.peer(src);
         let dst = self.peer(dst);
-        let side = |tables: &[Option<DirTable>], ep: Option<usize>, peer: u32| match ep
+        let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());
+        let key = |p: &PeerInfo| PeerKey {
+            identity: p.identity,
+            fqdn: learned.identities.get(&p.identity),
+        };
+        let side = |tables: &[Option<DirTable>], ep: Option<usize>, peer: PeerKey<'_>| match ep
             .and_then(|i| tables.get(i))
             .and_then(Option::as_ref)
         {
             None => DirDecision::NotSelected,
             Some(t) => t.decide(peer, protocol, port),
         };
-        let egress = side(&self.egress, src.endpoint, dst.identity);
-        let ingress = side(&self.ingress, dst.endpoint, src.identity);
+        let egress = side(&self.egress, src.endpoint, key(&dst));
+        let ingress = side(&self.ingress, dst.endpoint, key(&src));
         ConnectionVerdict {
             src,
             dst,
@@ -773,6 +1112,7 @@ pub fn unresolved_references(policies: &[Policy], env: &Environment) -> Vec<Stri
                                 cidrs: &[],
                                 services: &env.services,
                                 apiserver_on_host: false,
+                                fqdn_index: &HashMap::new(),
                             };
                             if u.services_of(r).next().is_none() {
                                 out.push(format!(
@@ -780,6 +1120,77 @@ pub fn unresolved_references(policies: &[Policy], env: &Environment) -> Vec<Stri
                                 ));
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `toFQDNs` rules whose names no DNS rule would let the DNS proxy see: the
+/// proxy learns a name's addresses only from lookups it inspects, i.e. on an
+/// egress port 53 with `rules.dns` that allow the name, for the same
+/// endpoints. One line per such `toFQDNs` entry (a warning, not an error:
+/// Cilium accepts such policies, which then allow nothing).
+///
+/// "The same endpoints" without an endpoints file: a DNS rule counts when its
+/// `endpointSelector` asks for no more than the toFQDNs rule's (so it selects
+/// at least those endpoints). A pattern counts as allowed when the DNS rules
+/// match a name it selects (its stars replaced by a letter).
+pub fn fqdn_rules_without_dns(policies: &[Policy]) -> Vec<String> {
+    use crate::model::SelectorExpr;
+    let covers = |wide: &Selector, narrow: &Selector| {
+        wide.match_labels
+            .iter()
+            .all(|(k, v)| narrow.match_labels.get(k) == Some(v))
+            && wide
+                .match_expressions
+                .iter()
+                .all(|e: &SelectorExpr| narrow.match_expressions.contains(e))
+    };
+    // Every DNS rule on an egress port 53, with the subject it applies to.
+    let mut dns: Vec<(&Selector, Vec<DnsSelector>)> = Vec::new();
+    for p in policies {
+        for rule in &p.rules {
+            for pr in rule.egress.iter().flatten() {
+                for tp in &pr.to_ports {
+                    let on_53 = tp.ports.iter().any(|pp| pp.port == PortSpec::Number(53));
+                    if let (true, Some(rules)) = (on_53, tp.dns.as_ref()) {
+                        if rules.is_empty() {
+                            continue;
+                        }
+                        dns.push((
+                            &rule.subject,
+                            rules.iter().map(|r| r.value.clone()).collect(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in policies {
+        let name = p.qualified_name();
+        for rule in &p.rules {
+            for (i, pr) in rule.egress.iter().flatten().enumerate() {
+                for (j, sel) in pr.fqdns.iter().flatten().enumerate() {
+                    let example = match &sel.value {
+                        DnsSelector::MatchName(n) => n.clone(),
+                        DnsSelector::MatchPattern(pat) => {
+                            pat.replace("**.", "x.").replace('*', "x")
+                        }
+                    };
+                    let learned = dns.iter().any(|(subject, rules)| {
+                        covers(subject, &rule.subject)
+                            && DnsMatcher::new(rules.iter())
+                                .is_ok_and(|m| m.first_match(&example, |_| true).is_some())
+                    });
+                    if !learned {
+                        out.push(format!(
+                            "{}: {name} {}.egress[{i}].toFQDNs[{j}] ({}): no egress DNS rule on port 53 for the same endpoints allows this name, so its addresses are never learned and the rule allows nothing",
+                            p.file, rule.label, sel.value
+                        ));
                     }
                 }
             }
@@ -803,6 +1214,8 @@ struct PeerUniverse<'a> {
     services: &'a [Service],
     /// Some `--kube-apiserver` address is the node's own (so `host`).
     apiserver_on_host: bool,
+    /// The distinct `toFQDNs` selectors (canonical) → their id.
+    fqdn_index: &'a HashMap<DnsSelector, u32>,
 }
 
 impl PeerUniverse<'_> {
@@ -980,7 +1393,40 @@ fn cidr_identities(
     out
 }
 
+/// Every distinct `toFQDNs` selector of the policies, canonical, in order of
+/// first appearance.
+fn fqdn_selectors(policies: &[Policy]) -> Vec<DnsSelector> {
+    let mut out: Vec<DnsSelector> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in policies {
+        for rule in &p.rules {
+            for pr in rule.egress.iter().flatten() {
+                for s in pr.fqdns.iter().flatten() {
+                    let c = s.value.canonical();
+                    if seen.insert(c.clone()) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
+    if let Some(fqdns) = &pr.fqdns {
+        // Decoding refuses toFQDNs beside other L3 fields (as Cilium does).
+        let mut ids: Vec<FqdnSelectorId> = fqdns
+            .iter()
+            .filter_map(|s| {
+                let c = s.value.canonical();
+                u.fqdn_index.get(&c).map(|i| FqdnSelectorId(*i))
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        return PeerSet::Fqdn(ids);
+    }
     if pr.peers.is_none() && pr.cidrs.is_none() && pr.entities.is_none() && pr.services.is_none() {
         return PeerSet::Any;
     }
@@ -1091,6 +1537,8 @@ fn build_table(
     let mut ranges = Vec::new();
     let mut http_specs = Vec::new();
     let mut http_owner = Vec::new();
+    let mut dns_specs: Vec<DnsSelector> = Vec::new();
+    let mut dns_owner = Vec::new();
     for policy in policies {
         let pname: Arc<str> = Arc::from(policy.qualified_name());
         for rule in &policy.rules {
@@ -1123,7 +1571,8 @@ fn build_table(
                     let no_l3 = pr.peers.is_none()
                         && pr.cidrs.is_none()
                         && pr.entities.is_none()
-                        && pr.services.is_none();
+                        && pr.services.is_none()
+                        && pr.fqdns.is_none();
                     if !pr.icmps.is_empty() {
                         // `icmps`: these types (the "port") of ICMP or ICMPv6 only;
                         // one entry per `icmps` item, for the deciding rule's name.
@@ -1141,6 +1590,7 @@ fn build_table(
                                         peers: peer_set(pr, universe),
                                         deny,
                                         http_refs: None,
+                                        dns_refs: None,
                                     });
                                     ids.push((t.entry, id));
                                     id
@@ -1167,6 +1617,7 @@ fn build_table(
                             peers: peer_set(pr, universe),
                             deny,
                             http_refs: None,
+                            dns_refs: None,
                         });
                         // No toPorts: every protocol, ICMP echo included.
                         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
@@ -1203,11 +1654,27 @@ fn build_table(
                                 });
                             }
                         }
+                        let dns_rules = tp.dns.as_ref().filter(|h| !h.is_empty());
+                        let dns_refs = dns_rules.map(|rules| {
+                            rules
+                                .iter()
+                                .enumerate()
+                                .map(|(di, _)| RuleRef {
+                                    policy: pname.clone(),
+                                    rule: format!("{}.rules.dns[{di}]", origin.rule),
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                        for (di, r) in dns_rules.into_iter().flatten().enumerate() {
+                            dns_owner.push((id, di as u32));
+                            dns_specs.push(r.value.clone());
+                        }
                         entries.push(L4Entry {
                             origin,
                             peers: peer_set(pr, universe),
                             deny,
                             http_refs,
+                            dns_refs,
                         });
                         for pp in &tp.ports {
                             let protos: &[Protocol] = match pp.protocol {
@@ -1247,18 +1714,66 @@ fn build_table(
             peers: PeerSet::Any,
             deny: false,
             http_refs: None,
+            dns_refs: None,
         });
         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
             ranges.push((proto, 0, u16::MAX, id));
         }
     }
+    check_l7_conflicts(&entries, &exact, &ranges)?;
     Ok(Some(DirTable {
         entries,
         exact,
         ranges,
         http: HttpMatcher::new(http_specs)?,
         http_owner,
+        dns: DnsMatcher::new(&dns_specs)?,
+        dns_owner,
     }))
+}
+
+/// One port has one L7 protocol: DNS and HTTP rules on the same protocol and
+/// port (whatever peers they name) are refused, as Cilium refuses to merge
+/// conflicting L7 parsers.
+fn check_l7_conflicts(
+    entries: &[L4Entry],
+    exact: &HashMap<(Protocol, u16), Vec<u32>>,
+    ranges: &[(Protocol, u16, u16, u32)],
+) -> Result<(), CompileError> {
+    let has_dns = entries.iter().any(|e| e.dns_refs.is_some());
+    if !has_dns {
+        return Ok(());
+    }
+    // DNS rules sit on exact ports only (decoding refuses port 0 and endPort).
+    let mut keys: Vec<&(Protocol, u16)> = exact.keys().collect();
+    keys.sort();
+    for key in keys {
+        let ids = &exact[key];
+        let Some(dns) = ids
+            .iter()
+            .find(|i| entries[**i as usize].dns_refs.is_some())
+        else {
+            continue;
+        };
+        let http = ids
+            .iter()
+            .copied()
+            .chain(
+                ranges
+                    .iter()
+                    .filter(|(p, lo, hi, _)| *p == key.0 && (*lo..=*hi).contains(&key.1))
+                    .map(|r| r.3),
+            )
+            .find(|i| entries[*i as usize].http_refs.is_some());
+        if let Some(http) = http {
+            return Err(CompileError::L7Conflict {
+                dns: entries[*dns as usize].origin.clone(),
+                http: entries[http as usize].origin.clone(),
+                port: format!("{}/{}", key.1, key.0),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Named ports resolve against the endpoint that owns the port: the subject for

@@ -11,7 +11,6 @@ use crate::yaml::{Node, Pos, Value};
 /// Cilium fields that weir knows of but does not enforce yet. Naming them apart
 /// from typos tells the operator the policy is valid Cilium, just not for weir.
 const NOT_YET: &[&str] = &[
-    "toFQDNs",
     "fromRequires",
     "toRequires",
     "fromNodes",
@@ -22,7 +21,6 @@ const NOT_YET: &[&str] = &[
     "serverNames",
     "listener",
     "kafka",
-    "dns",
     "l7proto",
     "l7",
 ];
@@ -557,6 +555,29 @@ fn peer_rules(
         } else {
             None
         };
+        let fqdns = if prefix == "to" {
+            f.take("toFQDNs").and_then(|n| {
+                if deny {
+                    d.error(
+                        n.pos,
+                        format!(
+                            "field `toFQDNs` is not allowed in {dir}: Cilium's deny rules have no toFQDNs (a name's addresses are only known after a lookup, so a deny by name cannot be enforced); deny the addresses with `toCIDRSet`"
+                        ),
+                    );
+                    return None;
+                }
+                Some(
+                    seq(n, "toFQDNs", d)
+                        .unwrap_or(&[])
+                        .iter()
+                        .filter_map(|s| fqdn_selector(s, "toFQDNs entry", d))
+                        .collect::<Vec<_>>(),
+                )
+            })
+        } else {
+            None
+        };
+        let fqdn_pos = fqdns.as_ref().map(|_| f.pos());
         let mut cidrs: Option<Vec<CidrRule>> = None;
         if let Some(n) = f.take(&cidr_field) {
             let list = cidrs.get_or_insert_with(Vec::new);
@@ -635,9 +656,31 @@ fn peer_rules(
                 "`icmps` may only be present without `toPorts` (as in Cilium): define a separate rule for the ports",
             );
         }
+        if let Some(fpos) = fqdn_pos {
+            // Cilium: "combining ToFQDNs and ToEndpoints is not supported yet".
+            let others = [
+                (peers.is_some(), endpoints_field.as_str()),
+                (cidrs.is_some(), "toCIDR/toCIDRSet"),
+                (entities.is_some(), entities_field.as_str()),
+                (services.is_some(), "toServices"),
+            ];
+            for (present, other) in others {
+                if present {
+                    d.error(
+                        fpos,
+                        format!("combining `toFQDNs` and `{other}` in one rule is not supported (Cilium refuses it too): write two rules"),
+                    );
+                }
+            }
+        }
+        for tp in &to_ports {
+            if let (Some(first), "ingress") = (tp.dns.as_ref().and_then(|v| v.first()), dir) {
+                d.error(first.pos, "`dns` rules are not allowed on ingress (as in Cilium): DNS rules apply to a workload's own lookups");
+            }
+        }
         if deny {
             for tp in &to_ports {
-                if tp.http.is_some() {
+                if tp.http.is_some() || tp.dns.is_some() {
                     d.error(
                         tp.pos,
                         format!("{dir} rules cannot have L7 `rules`; deny is L3/L4 only"),
@@ -652,12 +695,56 @@ fn peer_rules(
             cidrs,
             entities,
             services,
+            fqdns,
             to_ports,
             icmps,
             pos,
         });
     }
     out
+}
+
+/// `{matchName: NAME}` or `{matchPattern: PATTERN}` (a `toFQDNs` entry or a
+/// `rules.dns` rule), checked as Cilium checks them.
+fn fqdn_selector(node: &Node, what: &str, d: &mut Diagnostics) -> Option<Located<DnsSelector>> {
+    let mut f = Fields::of(node, what, d)?;
+    let pos = f.pos();
+    let name = f.take("matchName");
+    let pattern = f.take("matchPattern");
+    f.finish(what, d);
+    let check = |n: &Node, d: &mut Diagnostics, field: &str| -> Option<String> {
+        let text = scalar(n, field, d)?;
+        let r = if field == "matchName" {
+            crate::dns_match::validate_name(text)
+        } else {
+            crate::dns_match::validate_pattern(text)
+        };
+        match r {
+            Ok(()) => Some(text.to_string()),
+            Err(e) => {
+                d.error(n.pos, e.to_string());
+                None
+            }
+        }
+    };
+    let value = match (name, pattern) {
+        (Some(n), None) => DnsSelector::MatchName(check(n, d, "matchName")?),
+        (None, Some(p)) => DnsSelector::MatchPattern(check(p, d, "matchPattern")?),
+        (Some(_), Some(p)) => {
+            d.error(
+                p.pos,
+                format!(
+                    "a {what} takes either `matchName` or `matchPattern`, not both (as in Cilium)"
+                ),
+            );
+            return None;
+        }
+        (None, None) => {
+            d.error(pos, format!("{what} needs `matchName` or `matchPattern`"));
+            return None;
+        }
+    };
+    Some(Located { value, pos })
 }
 
 fn cidr_value(node: &Node, d: &mut Diagnostics) -> Option<Cidr> {
@@ -880,6 +967,8 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
         None => d.error(pos, "toPorts entry needs `ports`"),
     }
     let mut http = None;
+    let mut dns = None;
+    let mut dns_pos = None;
     if let Some(rules) = f.take("rules")
         && let Some(mut rf) = Fields::of(rules, "rules", d)
     {
@@ -892,10 +981,52 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
                     .collect(),
             );
         }
+        if let Some(n) = rf.take("dns") {
+            if http.is_some() {
+                d.error(
+                    n.pos,
+                    "`dns` and `http` rules in one toPorts entry: multiple L7 protocol rule types specified in single rule (Cilium refuses it too)",
+                );
+            }
+            dns = Some(
+                seq(n, "dns", d)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|r| fqdn_selector(r, "dns rule", d))
+                    .collect::<Vec<_>>(),
+            );
+            dns_pos = Some(n.pos);
+        }
         rf.finish("rules", d);
     }
     f.finish("toPorts entry", d);
-    Some(PortRule { ports, http, pos })
+    if let Some(dpos) = dns_pos {
+        // Cilium: DNS rules need explicit ports, and L7 rules never apply to
+        // port 0 (every port); the DNS proxy takes no port ranges.
+        if ports.is_empty() {
+            d.error(dpos, "`dns` rules need a port (53) in `ports`");
+        }
+        for p in &ports {
+            if p.port == PortSpec::Number(0) {
+                d.error(
+                    p.pos,
+                    "L7 `dns` rules cannot be used with port 0 (every port); name port 53",
+                );
+            }
+            if p.end_port.is_some() {
+                d.error(
+                    p.pos,
+                    "`dns` rules do not apply to port ranges (`endPort`), as in Cilium",
+                );
+            }
+        }
+    }
+    Some(PortRule {
+        ports,
+        http,
+        dns,
+        pos,
+    })
 }
 
 fn port_number(node: &Node, what: &str, d: &mut Diagnostics) -> Option<u32> {

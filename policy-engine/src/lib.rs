@@ -4,6 +4,7 @@
 
 mod compile;
 mod decode;
+pub mod dns_match;
 pub mod endpoints;
 mod error;
 pub mod flow;
@@ -17,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 pub use compile::{
     CidrIdentity, CidrKind, CompileError, CompiledEndpoint, CompiledPolicy, ConnectionVerdict,
-    DirDecision, Direction, Environment, L4Rule, PeerInfo, RuleRef, Verdict, canonical_ip,
-    unresolved_references,
+    DirDecision, Direction, Environment, FqdnSelectorId, L4Rule, LearnedIdentity, PeerInfo,
+    RuleRef, Verdict, canonical_ip, fqdn_rules_without_dns, unresolved_references,
 };
 pub use endpoints::{Endpoint, EndpointsFile, Service, parse_endpoints, parse_endpoints_file};
 pub use error::{LoadErrors, PolicyError};

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+pub use crate::dns_match::DnsSelector;
 use crate::yaml::Pos;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +250,9 @@ pub struct PeerRule {
     pub entities: Option<Vec<Entity>>,
     /// `toServices`: the backends of these services (egress only).
     pub services: Option<Vec<ServiceRef>>,
+    /// `toFQDNs` (egress only, never with another L3 field): the addresses the
+    /// DNS proxy learns for names these selectors select.
+    pub fqdns: Option<Vec<Located<DnsSelector>>>,
     /// Empty: all ports.
     pub to_ports: Vec<PortRule>,
     /// Cilium's `icmps`: the ICMP types (per family) this rule allows; only in a
@@ -315,6 +319,8 @@ pub struct PortRule {
     pub ports: Vec<PortProtocol>,
     /// `None` or an empty list: all HTTP (and all L7) traffic on these ports passes.
     pub http: Option<Vec<HttpRule>>,
+    /// `rules.dns`: `None` or empty: every query passes.
+    pub dns: Option<Vec<Located<DnsSelector>>>,
     pub pos: Pos,
 }
 

@@ -104,11 +104,11 @@ fn host_policies_are_refused_not_matched_against_endpoints() {
 #[test]
 fn unsupported_fields_name_field_and_position() {
     let e = errors(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress:\n    - toFQDNs:\n        - matchName: example.com\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  egress:\n    - toRequires:\n        - matchLabels: {a: b}\n",
     );
     assert_eq!(
         e,
-        vec!["p.yaml:7:7: field `toFQDNs` in egress rule is not supported by weir yet"]
+        vec!["p.yaml:7:7: field `toRequires` in egress rule is not supported by weir yet"]
     );
     let e = errors(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports: [{port: '9092'}]\n          rules:\n            kafka: [{topic: t}]\n",

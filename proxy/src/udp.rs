@@ -360,7 +360,13 @@ fn refusal(ctx: &ConnContext, d: &Decision) -> Option<Flow> {
     let mut flow = ctx.flow(d, &verdict);
     flow.verdict = FlowVerdict::Dropped;
     flow.drop_reason_desc = Some("POLICY_DENIED".into());
-    flow.policy = "the port has HTTP rules, which cannot apply to UDP".into();
+    flow.policy = if d.verdict.needs_dns() {
+        // Until the DNS proxy exists, queries that DNS rules must check are
+        // refused rather than forwarded unchecked.
+        "the port has DNS rules, which weir cannot check yet (no DNS proxy): refused".into()
+    } else {
+        "the port has HTTP rules, which cannot apply to UDP".into()
+    };
     Some(flow)
 }
 

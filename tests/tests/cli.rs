@@ -44,7 +44,7 @@ fn validate_prints_one_line_per_error_with_position() {
         &bad,
         SW.replace("/v1/request-landing", "/v1/(oops")
             .replace("port: '80'", "port: '99999'")
-            + "  egress:\n  - toFQDNs: [{matchName: example.com}]\n",
+            + "  egress:\n  - toRequires: [{}]\n",
     )
     .unwrap();
     let (code, stdout, stderr) = out(&weir_cli(&[
@@ -62,7 +62,7 @@ fn validate_prints_one_line_per_error_with_position() {
         vec![
             format!("{f}:9:22: port 99999 is out of range (0-65535)"),
             format!("{f}:12:32: invalid path regex `/v1/(oops`: error: unclosed group"),
-            format!("{f}:14:5: field `toFQDNs` in egress rule is not supported by weir yet"),
+            format!("{f}:14:5: field `toRequires` in egress rule is not supported by weir yet"),
             format!(
                 "{}:1:1: cannot read: No such file or directory (os error 2)",
                 d.0.join("missing.yaml").display()
@@ -303,6 +303,54 @@ fn allow_localhost_policy_is_refused_where_the_host_cannot_be_policed() {
     assert!(stderr.contains("needs the eBPF datapath"), "{stderr}");
 }
 
+/// DNS policy loads (explain decides it) but `weir run` does not enforce it yet:
+/// it refuses to start rather than drop the endpoints' DNS queries.
+#[test]
+fn run_refuses_dns_policy_until_the_dns_proxy_exists() {
+    let d = ScratchDir::new("run-dns");
+    let p = d.0.join("p.yaml");
+    std::fs::write(
+        &p,
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {class: xwing}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts:
+    - ports: [{port: '53', protocol: ANY}]
+      rules:
+        dns: [{matchPattern: '*'}]
+",
+    )
+    .unwrap();
+    let (code, _, stderr) = out(&weir_cli(&[
+        "run",
+        "--policy",
+        p.to_str().unwrap(),
+        "--state-dir",
+        d.0.join("state").to_str().unwrap(),
+        "--api-socket",
+        d.0.join("s.sock").to_str().unwrap(),
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    let f = p.display();
+    assert!(stderr.contains(&format!("{f}:7:15: `toFQDNs`")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{f}:12:15: `rules.dns`")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("does not enforce DNS policy yet"),
+        "{stderr}"
+    );
+    // The same file is valid, and explain decides its DNS rule.
+    let (code, _, _) = out(&weir_cli(&["policy", "validate", p.to_str().unwrap()]));
+    assert_eq!(code, 0);
+}
+
 #[path = "../../policy-engine/tests/cilium_table/mod.rs"]
 mod cilium_table;
 
@@ -379,4 +427,163 @@ fn explain_refuses_what_the_cilium_table_refuses() {
         let want = r.error.replacen("p.yaml", p.to_str().unwrap(), 1);
         assert_eq!(stderr.trim_end(), want, "{}", r.what);
     }
+}
+
+const DNS_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {class: xwing}}
+  egress:
+  - toEndpoints: [{matchLabels: {k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: '53', protocol: ANY}]
+      rules:
+        dns:
+        - matchName: api.github.com
+        - matchPattern: '*.example.com'
+  - toFQDNs: [{matchPattern: '*.example.com'}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+";
+
+const DNS_ENDPOINTS: &str = "endpoints:
+  - {name: xwing, ips: [10.200.0.30], labels: {org: alliance, class: xwing}}
+  - {name: kube-dns, ips: [10.200.0.53], labels: {k8s-app: kube-dns}}
+";
+
+#[test]
+fn explain_dns_decides_a_query_and_names_the_rule() {
+    let d = ScratchDir::new("explain-dns");
+    let p = d.0.join("p.yaml");
+    let e = d.0.join("e.yaml");
+    std::fs::write(&p, DNS_POLICY).unwrap();
+    std::fs::write(&e, DNS_ENDPOINTS).unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            "xwing",
+            "--to",
+            "kube-dns",
+            "--port",
+            "53",
+        ];
+        a.extend_from_slice(extra);
+        out(&weir_cli(&a))
+    };
+    for proto in ["UDP", "TCP"] {
+        let (code, stdout, _) = run(&["--proto", proto, "--dns", "API.GitHub.com"]);
+        assert_eq!(
+            (code, stdout.as_str()),
+            (0, "ALLOWED\nfqdn spec.egress[0].toPorts[0].rules.dns[0]\n"),
+            "{proto}"
+        );
+        let (code, stdout, _) = run(&["--proto", proto, "--dns", "www.example.com."]);
+        assert_eq!(
+            (code, stdout.as_str()),
+            (0, "ALLOWED\nfqdn spec.egress[0].toPorts[0].rules.dns[1]\n")
+        );
+        let (code, stdout, _) = run(&["--proto", proto, "--dns", "a.b.example.com"]);
+        assert_eq!(
+            (code, stdout.as_str()),
+            (1, "DENIED\nno rule matched (egress, DNS)\n")
+        );
+    }
+    // Without a query: the DNS rules each query must match.
+    let (code, stdout, _) = run(&["--proto", "UDP"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        "ALLOWED\nL3/L4 allowed; DNS rules apply (each query must match one of them; decide one with --dns):
+  egress: fqdn spec.egress[0].toPorts[0].rules.dns[0]: matchName: api.github.com
+  egress: fqdn spec.egress[0].toPorts[0].rules.dns[1]: matchPattern: *.example.com
+"
+    );
+    // JSON.
+    let (code, stdout, _) = run(&["--proto", "UDP", "--dns", "nope.org", "-o", "json"]);
+    assert_eq!(code, 1);
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(j["verdict"], "DENIED");
+    assert_eq!(j["layer"], "DNS");
+    assert_eq!(j["dns_query"], "nope.org.");
+    assert_eq!(j["denied_in"], "egress");
+    // toFQDNs: nothing learned offline, so denied (fail closed), with a note.
+    let (code, stdout, stderr) = out(&weir_cli(&[
+        "policy",
+        "explain",
+        "--policy",
+        p.to_str().unwrap(),
+        "--endpoints",
+        e.to_str().unwrap(),
+        "--from",
+        "xwing",
+        "--to",
+        "93.184.216.34",
+        "--port",
+        "443",
+    ]));
+    assert_eq!(code, 1);
+    assert!(stdout.starts_with("DENIED\n"), "{stdout}");
+    assert!(stderr.contains("toFQDNs rules allow only addresses the DNS proxy has learned"));
+    // --dns with --http is a usage error.
+    let (code, _, _) = run(&["--dns", "a.com", "--http", "GET /"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn validate_warns_when_no_dns_rule_lets_fqdn_names_be_learned() {
+    let d = ScratchDir::new("validate-fqdn");
+    let ok = d.0.join("ok.yaml");
+    std::fs::write(&ok, DNS_POLICY).unwrap();
+    let (code, stdout, stderr) = out(&weir_cli(&["policy", "validate", ok.to_str().unwrap()]));
+    assert_eq!(
+        (code, stdout.as_str(), stderr.as_str()),
+        (0, "1 policies valid\n", "")
+    );
+
+    // The DNS rules do not allow the toFQDNs name: a warning, exit status 0.
+    let other_name = d.0.join("name.yaml");
+    std::fs::write(
+        &other_name,
+        DNS_POLICY.replace(
+            "matchPattern: '*.example.com'}]",
+            "matchName: api.other.io}]",
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = out(&weir_cli(&[
+        "policy",
+        "validate",
+        other_name.to_str().unwrap(),
+    ]));
+    assert_eq!((code, stdout.as_str()), (0, "1 policies valid\n"));
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: {}: fqdn spec.egress[1].toFQDNs[0] (matchName: api.other.io): no egress DNS rule on port 53 for the same endpoints allows this name, so its addresses are never learned and the rule allows nothing\n",
+            other_name.display()
+        )
+    );
+
+    // No DNS rule at all (a plain L4 allow on 53 is not inspected).
+    let no_dns = d.0.join("nodns.yaml");
+    std::fs::write(
+        &no_dns,
+        DNS_POLICY.replace(
+            "      rules:\n        dns:\n        - matchName: api.github.com\n        - matchPattern: '*.example.com'\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = out(&weir_cli(&["policy", "validate", no_dns.to_str().unwrap()]));
+    assert_eq!(code, 0);
+    assert!(
+        stderr.starts_with("warning: ") && stderr.contains("toFQDNs[0]"),
+        "{stderr}"
+    );
 }

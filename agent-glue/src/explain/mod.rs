@@ -61,6 +61,10 @@ pub struct ExplainArgs {
     /// A request header, 'Name: value' (repeatable).
     #[arg(long, requires = "http")]
     pub header: Vec<String>,
+    /// A DNS query to decide: the name looked up (compared lower-cased, with a
+    /// trailing dot), e.g. `--port 53 --proto UDP --dns api.github.com`.
+    #[arg(long, conflicts_with = "http")]
+    pub dns: Option<String>,
     /// `text` (verdict, then the deciding rule) or `json`.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: Output,
@@ -116,6 +120,11 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !compiled.fqdn_selectors().is_empty() {
+        eprintln!(
+            "note: toFQDNs rules allow only addresses the DNS proxy has learned from allowed answers; explain learns none, so here they allow nothing"
+        );
+    }
     let resolve = |who: &str| -> Option<IpAddr> {
         if let Ok(ip) = who.parse::<IpAddr>() {
             return Some(ip);
@@ -148,6 +157,23 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
     };
     let cv = compiled.connection(src, dst, proto, port);
     let mut header_actions: Vec<String> = Vec::new();
+    if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) && args.dns.is_some() {
+        return bad_args("--dns needs --proto UDP or TCP");
+    }
+    if args.http.is_none() {
+        let verdict = match &args.dns {
+            Some(name) if cv.l4_allowed() && cv.needs_l7() => cv.dns_verdict(&compiled, name),
+            _ => cv.l4_verdict(),
+        };
+        let report = Report::new(&cv, &verdict, &compiled, &policies, args.dns.is_some()).with_dns(
+            &cv,
+            &verdict,
+            &compiled,
+            &policies,
+            args.dns.as_deref(),
+        );
+        return print(&report, args.output);
+    }
     let verdict = match &args.http {
         None => cv.l4_verdict(),
         Some(req) => {

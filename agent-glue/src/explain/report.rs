@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use weir_policy::model::HttpRule;
+use weir_policy::model::{DnsSelector, HttpRule};
 use weir_policy::{CompiledPolicy, ConnectionVerdict, PeerInfo, Policy, RuleRef, Verdict};
 
 #[derive(Debug, Serialize)]
@@ -23,6 +23,13 @@ pub struct Report {
     /// match (one of each direction's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_rules: Vec<HttpRuleJson>,
+    /// Allowed at L3/L4 with no query given: the DNS rules each query must
+    /// match (one of each direction's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_rules: Vec<HttpRuleJson>,
+    /// The DNS query name decided (`--dns`), as policy compares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_query: Option<String>,
     /// What `headerMatches` mismatch actions would do to the request.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub header_actions: Vec<String>,
@@ -106,6 +113,8 @@ impl Report {
             rules: verdict.rules.iter().map(rule_json).collect(),
             denied_in: verdict.denied_in.map(|d| d.to_string()),
             http_rules,
+            dns_rules: Vec::new(),
+            dns_query: None,
             header_actions: Vec::new(),
             rejected_before_policy: None,
             source: peer_json(&cv.src, compiled),
@@ -113,6 +122,42 @@ impl Report {
             protocol: cv.protocol.to_string(),
             port: cv.port,
         }
+    }
+
+    /// The DNS side of the report: with `query`, the verdict was taken on that
+    /// query (`layer` DNS when the DNS rules decided); without one, the DNS
+    /// rules each query must match are listed.
+    pub fn with_dns(
+        mut self,
+        cv: &ConnectionVerdict,
+        verdict: &Verdict,
+        compiled: &CompiledPolicy,
+        policies: &[Policy],
+        query: Option<&str>,
+    ) -> Report {
+        if verdict.l7 {
+            self.layer = "DNS";
+            self.reason = verdict.reason_for("DNS");
+        }
+        match query {
+            Some(q) => self.dns_query = Some(weir_policy::dns_match::normalize_name(q)),
+            None if cv.l4_allowed() && cv.needs_dns() => {
+                self.dns_rules = cv
+                    .dns_rules(compiled)
+                    .into_iter()
+                    .map(|(dir, r)| HttpRuleJson {
+                        direction: dir.to_string(),
+                        matches: find_dns_rule(policies, &r)
+                            .map(|s| vec![s.to_string()])
+                            .unwrap_or_default(),
+                        policy: r.policy.to_string(),
+                        rule: r.rule,
+                    })
+                    .collect();
+            }
+            None => {}
+        }
+        self
     }
 
     /// A request the proxy refuses (400) before policy sees it.
@@ -132,7 +177,23 @@ impl Report {
 
     pub fn text(&self) -> String {
         let mut out = format!("{}\n", self.verdict);
-        if self.http_rules.is_empty() {
+        if !self.dns_rules.is_empty() {
+            let mut first = "L3/L4 allowed".to_string();
+            if !self.rules.is_empty() {
+                let _ = write!(first, " by {}", self.reason);
+            }
+            let _ = writeln!(
+                out,
+                "{first}; DNS rules apply (each query must match one of them; decide one with --dns):"
+            );
+            for h in &self.dns_rules {
+                let _ = write!(out, "  {}: {} {}", h.direction, h.policy, h.rule);
+                if !h.matches.is_empty() {
+                    let _ = write!(out, ": {}", h.matches.join(", "));
+                }
+                out.push('\n');
+            }
+        } else if self.http_rules.is_empty() {
             let _ = writeln!(out, "{}", self.reason);
         } else {
             let mut first = "L3/L4 allowed".to_string();
@@ -180,6 +241,27 @@ pub fn find_http_rule<'p>(policies: &'p [Policy], r: &RuleRef) -> Option<&'p Htt
     (parts.next()? == "rules").then_some(())?;
     let (_, hi) = indexed(parts.next()?).filter(|(f, _)| *f == "http")?;
     peers.get(pi)?.to_ports.get(ti)?.http.as_ref()?.get(hi)
+}
+
+/// The DNS rule a reference such as `spec.egress[0].toPorts[0].rules.dns[1]`
+/// names, in the loaded policies.
+pub fn find_dns_rule<'p>(policies: &'p [Policy], r: &RuleRef) -> Option<&'p DnsSelector> {
+    let policy = policies
+        .iter()
+        .find(|p| p.qualified_name() == r.policy.as_ref())?;
+    let (rule_label, rest) = r.rule.split_once('.')?;
+    let rule = policy.rules.iter().find(|x| x.label == rule_label)?;
+    let mut parts = rest.split('.');
+    let (field, pi) = indexed(parts.next()?)?;
+    let peers = match field {
+        "egress" => rule.egress.as_ref()?,
+        _ => return None,
+    };
+    let (_, ti) = indexed(parts.next()?).filter(|(f, _)| *f == "toPorts")?;
+    (parts.next()? == "rules").then_some(())?;
+    let (_, di) = indexed(parts.next()?).filter(|(f, _)| *f == "dns")?;
+    let d = peers.get(pi)?.to_ports.get(ti)?.dns.as_ref()?.get(di)?;
+    Some(&d.value)
 }
 
 /// `name[3]` → (`name`, 3).
