@@ -327,33 +327,14 @@ impl ConnectionVerdict {
 
     /// The DNS rules each query on this connection must match, for explanations.
     pub fn dns_rules(&self, policy: &CompiledPolicy) -> Vec<(Direction, RuleRef)> {
-        let mut out = Vec::new();
-        for (dir, decision, ep, tables) in [
-            (
-                Direction::Egress,
-                &self.egress,
-                self.src.endpoint,
-                &policy.egress,
-            ),
-            (
-                Direction::Ingress,
-                &self.ingress,
-                self.dst.endpoint,
-                &policy.ingress,
-            ),
-        ] {
-            let DirDecision::Dns(owners) = decision else {
-                continue;
-            };
-            let Some(table) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
-                continue;
-            };
-            for owner in owners {
-                let refs = table.entries[*owner as usize].dns_refs.iter().flatten();
-                out.extend(refs.map(|r| (dir, r.clone())));
-            }
-        }
-        out
+        self.l7_rules(
+            policy,
+            |d| match d {
+                DirDecision::Dns(owners) => Some(owners),
+                _ => None,
+            },
+            |e| e.dns_refs.as_ref(),
+        )
     }
 
     /// The verdict for one DNS query for `name` on this connection: the lowest
@@ -420,6 +401,24 @@ impl ConnectionVerdict {
     /// The HTTP rules each request on this connection must match (one per side
     /// that has them), for explanations.
     pub fn http_rules(&self, policy: &CompiledPolicy) -> Vec<(Direction, RuleRef)> {
+        self.l7_rules(
+            policy,
+            |d| match d {
+                DirDecision::Http(owners) => Some(owners),
+                _ => None,
+            },
+            |e| e.http_refs.as_ref(),
+        )
+    }
+
+    /// The L7 rules of one kind (`owners` picks the decision, `refs` the entry's
+    /// rules of that kind) each side's requests must match.
+    fn l7_rules(
+        &self,
+        policy: &CompiledPolicy,
+        owners: impl Fn(&DirDecision) -> Option<&Vec<u32>>,
+        refs: impl Fn(&L4Entry) -> Option<&Vec<RuleRef>>,
+    ) -> Vec<(Direction, RuleRef)> {
         let mut out = Vec::new();
         for (dir, decision, ep, tables) in [
             (
@@ -435,15 +434,15 @@ impl ConnectionVerdict {
                 &policy.ingress,
             ),
         ] {
-            let DirDecision::Http(owners) = decision else {
+            let Some(owners) = owners(decision) else {
                 continue;
             };
             let Some(table) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
                 continue;
             };
             for owner in owners {
-                let refs = table.entries[*owner as usize].http_refs.iter().flatten();
-                out.extend(refs.map(|r| (dir, r.clone())));
+                let rules = refs(&table.entries[*owner as usize]).into_iter().flatten();
+                out.extend(rules.map(|r| (dir, r.clone())));
             }
         }
         out

@@ -175,42 +175,40 @@ impl Report {
         self.verdict == "ALLOWED"
     }
 
+    /// "L3/L4 allowed; HTTP rules apply ...", then one line per rule.
+    fn l7_rules_text(
+        &self,
+        out: &mut String,
+        kind: &str,
+        unit: &str,
+        flag: &str,
+        rules: &[HttpRuleJson],
+    ) {
+        let mut first = "L3/L4 allowed".to_string();
+        if !self.rules.is_empty() {
+            let _ = write!(first, " by {}", self.reason);
+        }
+        let _ = writeln!(
+            out,
+            "{first}; {kind} rules apply (each {unit} must match one of them; decide one with {flag}):"
+        );
+        for h in rules {
+            let _ = write!(out, "  {}: {} {}", h.direction, h.policy, h.rule);
+            if !h.matches.is_empty() {
+                let _ = write!(out, ": {}", h.matches.join(", "));
+            }
+            out.push('\n');
+        }
+    }
+
     pub fn text(&self) -> String {
         let mut out = format!("{}\n", self.verdict);
         if !self.dns_rules.is_empty() {
-            let mut first = "L3/L4 allowed".to_string();
-            if !self.rules.is_empty() {
-                let _ = write!(first, " by {}", self.reason);
-            }
-            let _ = writeln!(
-                out,
-                "{first}; DNS rules apply (each query must match one of them; decide one with --dns):"
-            );
-            for h in &self.dns_rules {
-                let _ = write!(out, "  {}: {} {}", h.direction, h.policy, h.rule);
-                if !h.matches.is_empty() {
-                    let _ = write!(out, ": {}", h.matches.join(", "));
-                }
-                out.push('\n');
-            }
+            self.l7_rules_text(&mut out, "DNS", "query", "--dns", &self.dns_rules);
         } else if self.http_rules.is_empty() {
             let _ = writeln!(out, "{}", self.reason);
         } else {
-            let mut first = "L3/L4 allowed".to_string();
-            if !self.rules.is_empty() {
-                let _ = write!(first, " by {}", self.reason);
-            }
-            let _ = writeln!(
-                out,
-                "{first}; HTTP rules apply (each request must match one of them; decide one with --http):"
-            );
-            for h in &self.http_rules {
-                let _ = write!(out, "  {}: {} {}", h.direction, h.policy, h.rule);
-                if !h.matches.is_empty() {
-                    let _ = write!(out, ": {}", h.matches.join(", "));
-                }
-                out.push('\n');
-            }
+            self.l7_rules_text(&mut out, "HTTP", "request", "--http", &self.http_rules);
         }
         for a in &self.header_actions {
             let _ = writeln!(out, "{a}");
