@@ -290,6 +290,19 @@ pub(crate) fn policy_name(name: &Name) -> String {
     s
 }
 
+/// `NoError`, `Refused`, ... as Hubble prints rcodes, or the number.
+pub fn rcode_name(rcode: u16) -> String {
+    match rcode {
+        rcode::NOERROR => "NoError".into(),
+        rcode::FORMERR => "FormErr".into(),
+        rcode::SERVFAIL => "ServFail".into(),
+        rcode::NXDOMAIN => "NXDomain".into(),
+        rcode::NOTIMP => "NotImp".into(),
+        rcode::REFUSED => "Refused".into(),
+        other => other.to_string(),
+    }
+}
+
 /// `A`, `AAAA`, ... or RFC 3597's `TYPEnnn` for types hickory does not name.
 pub fn rr_type_name(t: u16) -> String {
     match RecordType::from(t) {

@@ -100,6 +100,8 @@ pub struct L7 {
     pub latency_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<Http>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<weir_parsers::dns::DnsFlow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -273,6 +275,41 @@ impl Flow {
             kind,
             latency_ns,
             http: Some(http),
+            dns: None,
+        });
+        self
+    }
+
+    /// A DNS query (REQUEST) or answer (RESPONSE) record; the summary reads like
+    /// Hubble's (`DNS Query api.example.com. A`, `DNS Answer "192.0.2.1" TTL: 30
+    /// (Proxy api.example.com. A)`).
+    pub fn with_dns(
+        mut self,
+        kind: L7Type,
+        latency_ns: u64,
+        dns: weir_parsers::dns::DnsFlow,
+    ) -> Flow {
+        let qtypes = dns.qtypes.join(",");
+        self.summary = match kind {
+            L7Type::Request => format!("DNS Query {} {qtypes}", dns.query),
+            L7Type::Response if dns.rcode != 0 => format!(
+                "DNS Answer RCode: {} (Proxy {} {qtypes})",
+                weir_parsers::dns::rcode_name(dns.rcode as u16),
+                dns.query
+            ),
+            L7Type::Response => format!(
+                "DNS Answer \"{}\" TTL: {} (Proxy {} {qtypes})",
+                dns.ips.join(","),
+                dns.ttl,
+                dns.query
+            ),
+        };
+        self.kind = "L7";
+        self.l7 = Some(L7 {
+            kind,
+            latency_ns,
+            http: None,
+            dns: Some(dns),
         });
         self
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod context;
 pub mod detect;
 pub mod flows;
+pub mod fqdn;
 pub mod http;
 pub mod idle;
 pub mod listener;
@@ -47,6 +48,8 @@ pub struct Shared {
     /// logged again.
     pub(crate) next_full_warning_ms: AtomicU64,
     pub(crate) started: std::time::Instant,
+    /// Set once by the agent (see [`Shared::set_fqdn_learner`]).
+    fqdn_learner: std::sync::OnceLock<Arc<dyn fqdn::FqdnLearner>>,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
             client_conns: AtomicUsize::new(0),
             next_full_warning_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            fqdn_learner: std::sync::OnceLock::new(),
         })
     }
 
@@ -76,6 +80,20 @@ impl Shared {
     /// Changes whenever [`Shared::set_policy`] installs a policy.
     pub fn policy_changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// Installs the learner DNS answers are handed to (once; later calls are
+    /// ignored and return false).
+    pub fn set_fqdn_learner(&self, learner: Arc<dyn fqdn::FqdnLearner>) -> bool {
+        self.fqdn_learner.set(learner).is_ok()
+    }
+
+    /// The learner DNS answers go to; [`fqdn::NoLearner`] until one is set.
+    pub fn fqdn_learner(&self) -> Arc<dyn fqdn::FqdnLearner> {
+        match self.fqdn_learner.get() {
+            Some(l) => l.clone(),
+            None => Arc::new(fqdn::NoLearner),
+        }
     }
 
     /// Client connections the proxy holds now.

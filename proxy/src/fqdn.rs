@@ -1,0 +1,74 @@
+//! Where the DNS proxy hands allowed answers to the FQDN allowlist.
+//!
+//! The proxy does not write kernel maps itself (nothing blocking on its runtime
+//! threads): it asks a [`FqdnLearner`] (the agent's control thread) to learn an
+//! answer's addresses, and — when a `toFQDNs` selector selects a name of the
+//! answer — waits for the learner's reply before it releases the answer to the
+//! client. The learner replies only after the datapath holds the addresses (or
+//! with an error, and the client gets SERVFAIL). Requests are handled in the
+//! order they are made, so a second answer for a name never overtakes the
+//! first one's update.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+use weir_policy::CompiledPolicy;
+
+/// An allowed answer's names and addresses.
+#[derive(Debug, Clone)]
+pub struct LearnRequest {
+    /// The question name and its CNAME chain, lower-cased with a trailing dot.
+    pub names: Vec<String>,
+    /// The chain's last name's A/AAAA addresses with their TTLs (seconds).
+    pub addresses: Vec<(IpAddr, u32)>,
+    /// The policy the proxy decided the query under (the learner computes the
+    /// selectors from the policy it has installed, which may be newer).
+    pub policy: Arc<CompiledPolicy>,
+}
+
+impl LearnRequest {
+    /// Whether the policy selects any of the names with a `toFQDNs` selector:
+    /// then the answer must wait for the learner.
+    pub fn selected(&self) -> bool {
+        self.names
+            .iter()
+            .any(|n| !self.policy.fqdn_selectors_matching(n).is_empty())
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LearnError {
+    /// Writing the datapath failed; the addresses are not allowed.
+    #[error("the datapath update failed: {0}")]
+    Datapath(String),
+    /// The learner is gone or its queue is full.
+    #[error("the FQDN learner is not available: {0}")]
+    Unavailable(&'static str),
+}
+
+/// Learns answers' addresses into the allowlist.
+pub trait FqdnLearner: Send + Sync {
+    /// Learns `req`. The receiver resolves once the datapath holds every
+    /// address (with the identities of every selector selecting their names),
+    /// or with the reason it does not. `wait` says the caller will wait for the
+    /// reply (a selected name); otherwise the request only feeds the cache of
+    /// names (so a later policy selects addresses seen before) and may be
+    /// dropped under load.
+    fn learn(&self, req: LearnRequest, wait: bool) -> oneshot::Receiver<Result<(), LearnError>>;
+}
+
+/// The learner of a proxy run without an agent (tests, `--steering none`): it
+/// learns nothing into a datapath, and says so to answers that need it.
+pub struct NoLearner;
+
+impl FqdnLearner for NoLearner {
+    fn learn(&self, _req: LearnRequest, _wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(LearnError::Unavailable(
+            "no FQDN learner in this process",
+        )));
+        rx
+    }
+}
