@@ -18,7 +18,7 @@ APT_PEERS := curl nginx-light socat pv iputils-ping python3 nghttp2-client bind9
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 
-.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 clean-tools
+.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -75,3 +75,8 @@ perf-l4: deps-perf
 	@./.ci/apt-ensure apache2-utils iperf3 iptables
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/l4.sh
+
+perf-dns: deps
+	@./.ci/apt-ensure dnsperf dnsdist dnsmasq-base
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/dns.sh
