@@ -11,6 +11,9 @@ use weir_policy::CompiledPolicy;
 
 use super::{FqdnDatapath, FqdnState};
 
+/// How often addresses kept for a live connection are checked again.
+const KEPT_RECHECK_MS: u64 = 5_000;
+
 impl FqdnState {
     /// One tick at `now_ms` against the installed `policy`.
     pub fn tick(
@@ -22,6 +25,22 @@ impl FqdnState {
         let expired = self.cache.expired(now_ms);
         if expired.is_empty() && !self.resync {
             return;
+        }
+        // Reading conntrack walks the whole map: entries already kept for a
+        // connection are checked again every few seconds, not every tick.
+        let only_kept = expired
+            .iter()
+            .all(|(n, ip)| self.cache.get(n, *ip).is_some_and(|e| e.kept));
+        if only_kept
+            && !self.resync
+            && self
+                .last_ct_check_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) < KEPT_RECHECK_MS)
+        {
+            return;
+        }
+        if !expired.is_empty() {
+            self.last_ct_check_ms = Some(now_ms);
         }
         let live: HashSet<IpAddr> = match dp.as_deref() {
             None => HashSet::new(),
@@ -146,6 +165,11 @@ mod tests {
         // The connection ends: it goes at the next tick.
         dp.live.clear();
         st.tick(&p, Some(&mut dp), 11_000);
+        assert!(
+            p.learned_fqdn_ip(ip("192.0.2.3")).is_some(),
+            "checked again only every 5 s"
+        );
+        st.tick(&p, Some(&mut dp), 15_000);
         assert!(p.learned_fqdn_ip(ip("192.0.2.3")).is_none());
         assert!(!dp.ipcache.contains_key(&ip("192.0.2.3")));
         // A failed sync is tried again at the next tick.

@@ -74,6 +74,8 @@ pub struct FqdnState {
     last_saved: Option<Instant>,
     /// A tick's sync failed: the next tick tries again.
     resync: bool,
+    /// When conntrack was last read for expired entries (unix ms).
+    last_ct_check_ms: Option<u64>,
 }
 
 impl FqdnState {
@@ -91,6 +93,7 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            last_ct_check_ms: None,
         }
     }
 
@@ -103,6 +106,7 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            last_ct_check_ms: None,
         }
     }
 
