@@ -228,3 +228,85 @@ fn scenario(root: &Path, state_dir: &Path) {
     assert_eq!(policy_entries_for(root, id4), 0);
     assert!(policy.learned_fqdn_ips().is_empty());
 }
+
+const STAR_WARS_FQDN: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tiefighter-fqdn}
+spec:
+  endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}, {matchPattern: '*.example.com'}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+"#;
+
+/// `weir fqdn list --json` of the scenario's weir.
+fn fqdn_list(s: &weir_tests::Scenario) -> Vec<serde_json::Value> {
+    let out = s
+        .lab
+        .node
+        .command(weir_tests::weir_bin().to_str().unwrap())
+        .args(["fqdn", "list", "--json", "--api-socket"])
+        .arg(s.path("weir.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", weir_tests::text(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+/// `weir run` reads the cache a crashed weir left: its first sync keeps the
+/// learned address in the pinned ipcache, `weir fqdn list` shows it, and so
+/// does the weir after a `kill -9`.
+#[test]
+fn weir_run_keeps_learned_addresses_across_kill_9() {
+    let Some(mut s) = weir_tests::Scenario::star_wars("fqdn-kill9") else {
+        return;
+    };
+    std::fs::create_dir_all(&s.state_dir).unwrap();
+    let now = now_ms();
+    std::fs::write(
+        s.state_dir.join("fqdn-cache.json"),
+        serde_json::json!({
+            "version": 1,
+            "names": {"api.example.com.": {"203.0.113.9": {
+                "expires_ms": now + 600_000, "learned_ms": now}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let ip: IpAddr = "203.0.113.9".parse().unwrap();
+    let check = |s: &weir_tests::Scenario| {
+        let names = fqdn_list(s);
+        assert_eq!(names.len(), 1, "{names:?}");
+        let a = &names[0]["addresses"][0];
+        assert_eq!(a["ip"], "203.0.113.9");
+        let id = a["identity"].as_u64().unwrap() as u32;
+        assert!(id != 0, "learned: {names:?}");
+        assert_eq!(
+            a["selectors"].as_array().unwrap().len(),
+            2,
+            "both selectors select the name: {names:?}"
+        );
+        assert!(a["expires_in_secs"].as_u64().unwrap() > 500);
+        assert_eq!(ipcache(&s.bpf_root, ip), Some(id), "in the pinned ipcache");
+        assert!(policy_entries_for(&s.bpf_root, id) > 0);
+        id
+    };
+    s.start_weir(STAR_WARS_FQDN, &["--steering", "ebpf"]);
+    let id = check(&s);
+    s.weir()
+        .stop_with(libc::SIGKILL, std::time::Duration::from_secs(1));
+    s.lab.processes.retain(|p| p.name != "weir");
+    assert_eq!(
+        ipcache(&s.bpf_root, ip),
+        Some(id),
+        "the pins outlive the process"
+    );
+    let _ = std::fs::remove_file(s.state_dir.join("ready"));
+    s.start_weir(STAR_WARS_FQDN, &["--steering", "ebpf"]);
+    assert_eq!(check(&s), id, "the same identity after the restart");
+}
