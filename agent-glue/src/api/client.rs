@@ -354,6 +354,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fqdn_list_shows_one_line_per_address() {
+        let n = pb::FqdnName {
+            name: "api.example.com.".into(),
+            selectors: vec!["matchName: api.example.com.".into()],
+            addresses: vec![
+                pb::FqdnAddress {
+                    ip: "203.0.113.7".into(),
+                    identity: 16842,
+                    expires_in_secs: 27,
+                    kept: false,
+                    selectors: vec!["matchName: api.example.com.".into()],
+                },
+                pb::FqdnAddress {
+                    ip: "2001:db8::7".into(),
+                    identity: 0,
+                    expires_in_secs: 0,
+                    kept: true,
+                    selectors: vec![],
+                },
+            ],
+        };
+        let t = fqdn_table(std::slice::from_ref(&n));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines[0].find("EXPIRES"), lines[1].find("27s"));
+        assert!(lines[1].ends_with("matchName: api.example.com."), "{t}");
+        assert!(lines[2].contains("kept: connection alive"), "{t}");
+        assert!(lines[2].ends_with('-'), "{t}");
+        assert_eq!(fqdn_json(&n)["addresses"][1]["kept"], true);
+    }
+
+    #[test]
     fn labels_parse_and_tables_align() {
         assert_eq!(parse_label("a=b").unwrap(), ("a".into(), "b".into()));
         assert_eq!(parse_label("a=").unwrap(), ("a".into(), "".into()));

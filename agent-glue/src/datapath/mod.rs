@@ -698,3 +698,43 @@ pub fn attached_programs() -> Vec<(String, &'static str, String)> {
     }
     out
 }
+
+#[cfg(test)]
+mod fqdn_tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_live_until_it_closes_or_its_lifetime_passes() {
+        let k = CtKey {
+            protocol: libc::IPPROTO_TCP as u8,
+            ..Default::default()
+        };
+        let sec = 1_000_000_000;
+        let v = CtValue {
+            verdict: kernel_enum::WEIR_ALLOW,
+            last_seen_ns: 100 * sec,
+            flags: CT_SEEN_REPLY,
+            ..Default::default()
+        };
+        assert!(ct_live(&k, &v, 100 * sec + CT_TCP_LIFETIME * sec));
+        assert!(!ct_live(&k, &v, 101 * sec + CT_TCP_LIFETIME * sec));
+        let syn = CtValue { flags: 0, ..v };
+        assert!(!ct_live(&k, &syn, 101 * sec + CT_TCP_SYN_LIFETIME * sec));
+        let closing = CtValue {
+            flags: CT_SEEN_REPLY | CT_CLOSING,
+            ..v
+        };
+        assert!(!ct_live(&k, &closing, 100 * sec));
+        let dropped = CtValue {
+            verdict: kernel_enum::WEIR_DROP,
+            ..v
+        };
+        assert!(!ct_live(&k, &dropped, 100 * sec));
+        let udp = CtKey {
+            protocol: libc::IPPROTO_UDP as u8,
+            ..k
+        };
+        assert!(!ct_live(&udp, &v, 101 * sec + CT_OTHER_LIFETIME * sec));
+        assert!(ct_live(&udp, &v, 100 * sec + CT_OTHER_LIFETIME * sec));
+    }
+}

@@ -42,9 +42,14 @@ impl FqdnState {
         if !expired.is_empty() {
             self.last_ct_check_ms = Some(now_ms);
         }
+        // Only learned addresses can carry connections that toFQDNs allows:
+        // the others leave without a look at conntrack.
+        let learned_expired = expired
+            .iter()
+            .any(|(_, ip)| policy.learned_fqdn_ip(*ip).is_some());
         let live: HashSet<IpAddr> = match dp.as_deref() {
             None => HashSet::new(),
-            Some(d) if !expired.is_empty() => d.live_destinations().unwrap_or_else(|e| {
+            Some(d) if learned_expired => d.live_destinations().unwrap_or_else(|e| {
                 // Fail closed: without conntrack, expiry goes by the TTL alone.
                 warn!(error = %e, "could not read conntrack; expiring FQDN addresses by TTL");
                 HashSet::new()
@@ -53,7 +58,7 @@ impl FqdnState {
         };
         let mut affected = BTreeSet::new();
         for (name, ip) in expired {
-            if live.contains(&ip) {
+            if live.contains(&ip) && policy.learned_fqdn_ip(ip).is_some() {
                 if let Some(e) = self.cache.get_mut(&name, ip)
                     && !e.kept
                 {
