@@ -183,3 +183,104 @@ fn reload(
         Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fqdn::{LearnerHandle, Limits};
+    use weir_proxy::fqdn::{FqdnLearner, LearnRequest};
+
+    const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: f}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toFQDNs: [{matchName: api.example.com}]\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n";
+
+    /// The loop the DNS proxy drives: a waited request is answered after the
+    /// learning, a reload's new policy starts with the learned address (and its
+    /// new selectors), `fqdn list` answers, and stopping writes the cache.
+    #[test]
+    fn the_control_thread_learns_relearns_on_reload_lists_and_persists() {
+        let dir = std::env::temp_dir().join(format!("weir-control-fqdn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy_file = dir.join("p.yaml");
+        std::fs::write(&policy_file, POLICY).unwrap();
+        let eps = dir.join("e.yaml");
+        std::fs::write(
+            &eps,
+            "endpoints:\n  - {name: client, ips: [10.0.0.1], labels: {app: client}}\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let sources = Sources::load(
+            std::slice::from_ref(&policy_file),
+            Some(&eps),
+            &dir,
+            Default::default(),
+        )
+        .unwrap();
+        let policy = Arc::new(sources.compile().unwrap());
+        let mut fqdn = FqdnState::load(&dir, Limits::default());
+        fqdn.learn_all_into(&policy);
+        let shared = Shared::new(
+            policy,
+            weir_proxy::FlowSink::new(Box::new(std::io::sink())),
+            Default::default(),
+        );
+        let steering = Steering {
+            mode: SteeringMode::None,
+            datapath: None,
+            config: SteeringConfig {
+                proxy_port: 15001,
+                fwmark: 0x7700,
+                route_table: 119,
+            },
+        };
+        let files = Files {
+            policy: vec![policy_file.clone()],
+            endpoints: Some(eps),
+        };
+        let tx = spawn(sources, steering, files, shared.clone(), fqdn).unwrap();
+        let learner = LearnerHandle::new(tx.clone());
+        let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
+        let req = LearnRequest {
+            names: vec!["api.example.com.".into()],
+            addresses: vec![(ip, 300)],
+            policy: shared.policy.load_full(),
+        };
+        assert!(req.selected());
+        assert_eq!(learner.learn(req, true).blocking_recv().unwrap(), Ok(()));
+        let learned = shared.policy.load().learned_fqdn_ip(ip).unwrap();
+        assert_eq!(learned.selectors.len(), 1);
+        // A reload adds a selector that selects the name: the new policy has the
+        // address with both before it is installed.
+        std::fs::write(
+            &policy_file,
+            POLICY.replace(
+                "[{matchName: api.example.com}]",
+                "[{matchName: api.example.com}, {matchPattern: '*.example.com'}]",
+            ),
+        )
+        .unwrap();
+        tx.send(ControlMsg::Reload).unwrap();
+        let (ltx, lrx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Api(api::server::Command::ListFqdn(ltx)))
+            .unwrap();
+        let names = lrx.blocking_recv().unwrap().unwrap();
+        let after = shared.policy.load().learned_fqdn_ip(ip).unwrap();
+        assert_eq!(after.selectors.len(), 2, "re-learned with the new selector");
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].addresses[0].identity, after.identity);
+        assert_eq!(names[0].addresses[0].selectors.len(), 2);
+        let (stx, srx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Stop(stx)).unwrap();
+        assert!(!srx.blocking_recv().unwrap());
+        let saved = crate::fqdn::persist::load(&dir, Limits::default()).unwrap();
+        assert!(
+            saved.get("api.example.com.", ip).is_some(),
+            "written at stop"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
