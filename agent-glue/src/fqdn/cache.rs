@@ -70,6 +70,8 @@ impl Cache {
     /// its limit drops its oldest address.
     pub fn insert(&mut self, name: &str, ip: IpAddr, ttl: u32, now_ms: u64, out: &mut Inserted) {
         let ip = canonical_ip(ip);
+        // RFC 2181 §8: a TTL with the top bit set is zero.
+        let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
         let ttl = ttl.max(self.limits.min_ttl_secs);
         let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
         let ips = self.names.entry(name.to_string()).or_default();
@@ -252,6 +254,12 @@ mod tests {
                 .contains(&("a.example.com.".into(), ip("192.0.2.1")))
         );
         assert_eq!(c.expired(60_999), vec![]);
+        c.insert("b.example.com.", ip("192.0.2.3"), u32::MAX, 1_000, &mut out);
+        assert_eq!(
+            c.get("b.example.com.", ip("192.0.2.3")).unwrap().expires_ms,
+            61_000,
+            "a TTL above 2^31-1 is 0 (then the minimum)"
+        );
     }
 
     #[test]
