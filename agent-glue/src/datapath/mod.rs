@@ -299,8 +299,8 @@ impl Datapath {
     /// were and the previous generation stays in force.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let ids = sync::endpoint_ids(policy);
-        // Read before the entries: an address learned meanwhile (not possible on
-        // the control thread, but cheap to get right) gets a full sync of its own.
+        // The learned identities the entries below are computed with (read
+        // first, so an identity in this set always has its entries).
         let fqdn_ids: std::collections::HashSet<u32> = policy
             .learned_fqdn_ips()
             .into_iter()
