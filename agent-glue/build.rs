@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/weir/v1/endpoints.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/weir/v1/endpoints.proto", "proto/weir/v1/fqdn.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

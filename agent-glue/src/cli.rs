@@ -31,6 +31,8 @@ pub enum Command {
     Demo,
     /// Register, list and remove endpoints of a running weir (over --api-socket).
     Endpoint(crate::api::client::EndpointArgs),
+    /// Show the names learned from allowed DNS answers (over --api-socket).
+    Fqdn(crate::api::client::FqdnArgs),
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -245,6 +247,13 @@ pub struct RunArgs {
     /// long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
+    /// Shortest time (seconds) an address from an allowed DNS answer stays in
+    /// the toFQDNs allowlist, whatever the answer's TTL.
+    #[arg(long, default_value_t = 0)]
+    pub fqdn_min_ttl: u32,
+    /// Most addresses kept per DNS name; beyond, the oldest learned goes.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fqdn_max_ips_per_name: u32,
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -270,6 +279,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => exit_from(run::main(*args)),
         Command::Demo => exit_from(demo::main()),
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
+        Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");

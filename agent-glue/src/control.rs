@@ -6,15 +6,18 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use weir_policy::CompiledPolicy;
 use weir_proxy::Shared;
 
 use crate::api;
 use crate::cli::SteeringMode;
 use crate::datapath::Datapath;
+use crate::fqdn::{self, FqdnDatapath, FqdnState};
 use crate::registry::Sources;
 use crate::steering::{self, SteeringConfig, SteeringSets};
 
@@ -26,7 +29,12 @@ pub enum ControlMsg {
     Api(api::server::Command),
     /// Shut down; the answer says whether enforcement outlives the process.
     Stop(tokio::sync::oneshot::Sender<bool>),
+    /// Learn a DNS answer's addresses (from the proxy, through `LearnerHandle`).
+    Learn(fqdn::learner::LearnJob),
 }
+
+/// How often expired FQDN entries are looked for (and the cache written).
+const FQDN_TICK: Duration = Duration::from_secs(1);
 
 /// The steering of one weir: the eBPF datapath, or nft, or nothing.
 pub struct Steering {
@@ -55,33 +63,79 @@ impl Steering {
     }
 }
 
+impl Steering {
+    /// The datapath the FQDN learner writes: only the eBPF one (with nft or no
+    /// steering the proxy decides every connection, from the policy alone).
+    pub fn fqdn_datapath(&mut self) -> Option<&mut dyn FqdnDatapath> {
+        match (self.mode, self.datapath.as_mut()) {
+            (SteeringMode::Ebpf, Some(dp)) => Some(dp),
+            _ => None,
+        }
+    }
+}
+
 /// Where policies and endpoints files are (for SIGHUP).
 pub struct Files {
     pub policy: Vec<PathBuf>,
     pub endpoints: Option<PathBuf>,
 }
 
-/// Starts the control thread; it owns the sources and the steering from now on.
+/// Starts the control thread; it owns the sources, the steering and the FQDN
+/// state from now on.
 pub fn spawn(
     mut sources: Sources,
     mut steering: Steering,
     files: Files,
     shared: Arc<Shared>,
+    mut fqdn: FqdnState,
 ) -> std::io::Result<std::sync::mpsc::Sender<ControlMsg>> {
     let (tx, rx) = std::sync::mpsc::channel::<ControlMsg>();
     std::thread::Builder::new()
         .name("weir-control".into())
         .spawn(move || {
-            for msg in rx {
+            let mut next_tick = Instant::now() + FQDN_TICK;
+            loop {
+                let msg = match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now()))
+                {
+                    Ok(msg) => Some(msg),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        fqdn.persist_if_due(true);
+                        return;
+                    }
+                };
                 match msg {
-                    ControlMsg::Reload => reload(&mut sources, &mut steering, &files, &shared),
-                    ControlMsg::Api(cmd) => {
+                    None => {}
+                    Some(ControlMsg::Reload) => {
+                        reload(&mut sources, &mut steering, &files, &shared, &mut fqdn)
+                    }
+                    Some(ControlMsg::Api(api::server::Command::ListFqdn(reply))) => {
+                        let policy = shared.policy.load();
+                        let _ = reply.send(Ok(fqdn.list(&policy, fqdn::now_ms())));
+                    }
+                    Some(ControlMsg::Api(cmd)) => {
                         let mode = steering.mode;
                         api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
+                            fqdn.learn_all_into(p);
                             steering.apply(p)
                         });
                     }
-                    ControlMsg::Stop(reply) => {
+                    Some(ControlMsg::Learn(job)) => {
+                        // The installed policy: the one the datapath holds.
+                        let policy = shared.policy.load_full();
+                        let r = fqdn.learn(
+                            &job.req,
+                            &policy,
+                            steering.fqdn_datapath(),
+                            fqdn::now_ms(),
+                        );
+                        if let Err(e) = &r {
+                            warn!(names = ?job.req.names, error = %e, "could not learn a DNS answer's addresses");
+                        }
+                        let _ = job.reply.send(r);
+                    }
+                    Some(ControlMsg::Stop(reply)) => {
+                        fqdn.persist_if_due(true);
                         let outlives = steering
                             .datapath
                             .as_ref()
@@ -91,16 +145,35 @@ pub fn spawn(
                         return;
                     }
                 }
+                if Instant::now() >= next_tick {
+                    let policy = shared.policy.load_full();
+                    fqdn.tick(&policy, steering.fqdn_datapath(), fqdn::now_ms());
+                    fqdn.persist_if_due(false);
+                    next_tick = Instant::now() + FQDN_TICK;
+                }
             }
         })?;
     Ok(tx)
 }
 
-fn reload(sources: &mut Sources, steering: &mut Steering, files: &Files, shared: &Shared) {
+fn reload(
+    sources: &mut Sources,
+    steering: &mut Steering,
+    files: &Files,
+    shared: &Shared,
+    fqdn: &mut FqdnState,
+) {
     let mut next = sources.clone();
     let applied = next
         .reload_files(&files.policy, files.endpoints.as_deref())
-        .and_then(|()| api::commands::apply(next, &mut |p| steering.apply(p)));
+        .and_then(|()| {
+            api::commands::apply(next, &mut |p| {
+                // Before the datapath sees it: the new policy starts with every
+                // address learned so far.
+                fqdn.learn_all_into(p);
+                steering.apply(p)
+            })
+        });
     match applied {
         Ok((next, p)) => {
             *sources = next;
@@ -108,5 +181,106 @@ fn reload(sources: &mut Sources, steering: &mut Steering, files: &Files, shared:
             info!("policy reloaded");
         }
         Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fqdn::{LearnerHandle, Limits};
+    use weir_proxy::fqdn::{FqdnLearner, LearnRequest};
+
+    const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: f}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toFQDNs: [{matchName: api.example.com}]\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n";
+
+    /// The loop the DNS proxy drives: a waited request is answered after the
+    /// learning, a reload's new policy starts with the learned address (and its
+    /// new selectors), `fqdn list` answers, and stopping writes the cache.
+    #[test]
+    fn the_control_thread_learns_relearns_on_reload_lists_and_persists() {
+        let dir = std::env::temp_dir().join(format!("weir-control-fqdn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy_file = dir.join("p.yaml");
+        std::fs::write(&policy_file, POLICY).unwrap();
+        let eps = dir.join("e.yaml");
+        std::fs::write(
+            &eps,
+            "endpoints:\n  - {name: client, ips: [10.0.0.1], labels: {app: client}}\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let sources = Sources::load(
+            std::slice::from_ref(&policy_file),
+            Some(&eps),
+            &dir,
+            Default::default(),
+        )
+        .unwrap();
+        let policy = Arc::new(sources.compile().unwrap());
+        let mut fqdn = FqdnState::load(&dir, Limits::default());
+        fqdn.learn_all_into(&policy);
+        let shared = Shared::new(
+            policy,
+            weir_proxy::FlowSink::new(Box::new(std::io::sink())),
+            Default::default(),
+        );
+        let steering = Steering {
+            mode: SteeringMode::None,
+            datapath: None,
+            config: SteeringConfig {
+                proxy_port: 15001,
+                fwmark: 0x7700,
+                route_table: 119,
+            },
+        };
+        let files = Files {
+            policy: vec![policy_file.clone()],
+            endpoints: Some(eps),
+        };
+        let tx = spawn(sources, steering, files, shared.clone(), fqdn).unwrap();
+        let learner = LearnerHandle::new(tx.clone());
+        let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
+        let req = LearnRequest {
+            names: vec!["api.example.com.".into()],
+            addresses: vec![(ip, 300)],
+            policy: shared.policy.load_full(),
+        };
+        assert!(req.selected());
+        assert_eq!(learner.learn(req, true).blocking_recv().unwrap(), Ok(()));
+        let learned = shared.policy.load().learned_fqdn_ip(ip).unwrap();
+        assert_eq!(learned.selectors.len(), 1);
+        // A reload adds a selector that selects the name: the new policy has the
+        // address with both before it is installed.
+        std::fs::write(
+            &policy_file,
+            POLICY.replace(
+                "[{matchName: api.example.com}]",
+                "[{matchName: api.example.com}, {matchPattern: '*.example.com'}]",
+            ),
+        )
+        .unwrap();
+        tx.send(ControlMsg::Reload).unwrap();
+        let (ltx, lrx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Api(api::server::Command::ListFqdn(ltx)))
+            .unwrap();
+        let names = lrx.blocking_recv().unwrap().unwrap();
+        let after = shared.policy.load().learned_fqdn_ip(ip).unwrap();
+        assert_eq!(after.selectors.len(), 2, "re-learned with the new selector");
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].addresses[0].identity, after.identity);
+        assert_eq!(names[0].addresses[0].selectors.len(), 2);
+        let (stx, srx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Stop(stx)).unwrap();
+        assert!(!srx.blocking_recv().unwrap());
+        let saved = crate::fqdn::persist::load(&dir, Limits::default()).unwrap();
+        assert!(
+            saved.get("api.example.com.", ip).is_some(),
+            "written at stop"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

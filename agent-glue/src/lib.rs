@@ -10,6 +10,7 @@ pub mod demo;
 pub mod ebpf;
 pub mod endpoints;
 pub mod explain;
+pub mod fqdn;
 pub mod lab;
 pub mod registry;
 pub mod run;

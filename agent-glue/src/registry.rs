@@ -290,12 +290,6 @@ fn refuse_unenforced_dns(policies: &[Policy]) -> anyhow::Result<()> {
         for r in &p.rules {
             let lists = [&r.ingress, &r.egress, &r.ingress_deny, &r.egress_deny];
             for pr in lists.into_iter().flatten().flatten() {
-                if let Some(f) = pr.fqdns.as_ref().and_then(|f| f.first()) {
-                    found.push(format!(
-                        "{}:{}:{}: `toFQDNs`",
-                        p.file, f.pos.line, f.pos.col
-                    ));
-                }
                 for tp in &pr.to_ports {
                     if let Some(d) = tp.dns.as_ref().and_then(|d| d.first()) {
                         found.push(format!(

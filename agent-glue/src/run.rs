@@ -14,6 +14,7 @@ use crate::api;
 use crate::cli::{RunArgs, SteeringMode, init_tracing};
 use crate::control::{self, ControlMsg, Files, Steering};
 use crate::datapath::{Datapath, DatapathConfig};
+use crate::fqdn::{FqdnState, LearnerHandle, Limits};
 use crate::registry::Sources;
 use crate::state;
 use crate::steering::{self, SteeringConfig};
@@ -66,6 +67,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.cluster.config(),
     )?;
     let policy = Arc::new(sources.compile()?);
+    // The cache of the previous run (a crash included) is learned into the first
+    // policy before anything is installed: the pinned maps still hold those
+    // addresses, and the first sync must keep them.
+    let mut fqdn = FqdnState::load(
+        &args.state_dir,
+        Limits {
+            min_ttl_secs: args.fqdn_min_ttl,
+            max_ips_per_name: args.fqdn_max_ips_per_name as usize,
+        },
+    );
+    fqdn.learn_all_into(&policy);
     let shared = Shared::new(
         policy.clone(),
         flow_sink(args.flow_log.as_deref())?,
@@ -113,8 +125,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             endpoints: args.endpoints.clone(),
         },
         shared.clone(),
+        fqdn,
     )
     .context("starting the control thread")?;
+    shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));
     let serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),

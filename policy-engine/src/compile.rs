@@ -1027,6 +1027,17 @@ impl CompiledPolicy {
         true
     }
 
+    /// The identity `ip` has while learned, if it is.
+    pub fn learned_fqdn_ip(&self, ip: IpAddr) -> Option<LearnedIdentity> {
+        let ip = canonical_ip(ip);
+        let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());
+        learned
+            .by_ip
+            .get(&ip)
+            .and_then(|id| learned.identities.get(id))
+            .cloned()
+    }
+
     /// Every learned address with its identity, ascending by address.
     pub fn learned_fqdn_ips(&self) -> Vec<(IpAddr, LearnedIdentity)> {
         let learned = self.learned.read().unwrap_or_else(|e| e.into_inner());

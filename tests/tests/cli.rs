@@ -337,7 +337,8 @@ spec:
     ]));
     assert_eq!(code, 1, "{stderr}");
     let f = p.display();
-    assert!(stderr.contains(&format!("{f}:7:15: `toFQDNs`")), "{stderr}");
+    // toFQDNs is enforced (the FQDN learner): only `rules.dns` is refused.
+    assert!(!stderr.contains("`toFQDNs`"), "{stderr}");
     assert!(
         stderr.contains(&format!("{f}:12:15: `rules.dns`")),
         "{stderr}"

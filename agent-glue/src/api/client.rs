@@ -70,6 +70,10 @@ pub fn main(args: EndpointArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(path: &Path) -> anyhow::Result<EndpointsClient<Channel>> {
+    Ok(EndpointsClient::new(connect_channel(path).await?))
+}
+
+async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
     let socket = path.to_path_buf();
     // The URI is required by tonic but unused: the connector dials the socket.
     let channel = tonic::transport::Endpoint::from_static("http://weir.local")
@@ -93,7 +97,7 @@ async fn connect(path: &Path) -> anyhow::Result<EndpointsClient<Channel>> {
                 path.display()
             )
         })?;
-    Ok(EndpointsClient::new(channel))
+    Ok(channel)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -161,6 +165,122 @@ async fn run(args: EndpointArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct FqdnArgs {
+    /// The running weir's API socket (its --api-socket).
+    #[arg(long, global = true, default_value = "/run/weir/weir.sock")]
+    pub api_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: FqdnCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FqdnCommand {
+    /// Every name learned from allowed DNS answers: its addresses, each with its
+    /// identity, the time left on its TTL (or that a live connection keeps it)
+    /// and the toFQDNs selectors using it.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn fqdn_main(args: FqdnArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let channel = connect_channel(&args.api_socket).await?;
+        let mut client = pb::fqdn_client::FqdnClient::new(channel);
+        match args.command {
+            FqdnCommand::List { json } => {
+                let names = client
+                    .list(pb::ListFqdnRequest {})
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .names;
+                if json {
+                    let v: Vec<_> = names.iter().map(fqdn_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", fqdn_table(&names));
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn fqdn_expiry(a: &pb::FqdnAddress) -> String {
+    if a.kept {
+        "kept: connection alive".into()
+    } else {
+        format!("{}s", a.expires_in_secs)
+    }
+}
+
+fn fqdn_json(n: &pb::FqdnName) -> serde_json::Value {
+    serde_json::json!({
+        "name": n.name,
+        "selectors": n.selectors,
+        "addresses": n.addresses.iter().map(|a| serde_json::json!({
+            "ip": a.ip,
+            "identity": a.identity,
+            "expires_in_secs": a.expires_in_secs,
+            "kept": a.kept,
+            "selectors": a.selectors,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `NAME IP IDENTITY EXPIRES SELECTORS`, one line per address.
+fn fqdn_table(names: &[pb::FqdnName]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "IP".into(),
+        "IDENTITY".into(),
+        "EXPIRES".into(),
+        "SELECTORS".into(),
+    ]];
+    for n in names {
+        for a in &n.addresses {
+            rows.push([
+                n.name.clone(),
+                a.ip.clone(),
+                if a.identity == 0 {
+                    "-".into()
+                } else {
+                    a.identity.to_string()
+                },
+                fqdn_expiry(a),
+                if a.selectors.is_empty() {
+                    "-".into()
+                } else {
+                    a.selectors.join("; ")
+                },
+            ]);
+        }
+    }
+    let mut widths = [0usize; 5];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
@@ -232,6 +352,38 @@ fn table(eps: &[pb::Endpoint]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fqdn_list_shows_one_line_per_address() {
+        let n = pb::FqdnName {
+            name: "api.example.com.".into(),
+            selectors: vec!["matchName: api.example.com.".into()],
+            addresses: vec![
+                pb::FqdnAddress {
+                    ip: "203.0.113.7".into(),
+                    identity: 16842,
+                    expires_in_secs: 27,
+                    kept: false,
+                    selectors: vec!["matchName: api.example.com.".into()],
+                },
+                pb::FqdnAddress {
+                    ip: "2001:db8::7".into(),
+                    identity: 0,
+                    expires_in_secs: 0,
+                    kept: true,
+                    selectors: vec![],
+                },
+            ],
+        };
+        let t = fqdn_table(std::slice::from_ref(&n));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines[0].find("EXPIRES"), lines[1].find("27s"));
+        assert!(lines[1].ends_with("matchName: api.example.com."), "{t}");
+        assert!(lines[2].contains("kept: connection alive"), "{t}");
+        assert!(lines[2].ends_with('-'), "{t}");
+        assert_eq!(fqdn_json(&n)["addresses"][1]["kept"], true);
+    }
 
     #[test]
     fn labels_parse_and_tables_align() {

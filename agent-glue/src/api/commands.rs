@@ -89,6 +89,10 @@ pub fn handle(
             }
             let _ = reply.send(result);
         }
+        // The control thread answers it before it gets here (it owns the cache).
+        Command::ListFqdn(reply) => {
+            let _ = reply.send(Err(Status::unavailable("the FQDN cache is not here")));
+        }
     }
 }
 

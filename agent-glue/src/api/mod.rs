@@ -6,7 +6,7 @@ pub mod client;
 pub mod commands;
 pub mod server;
 
-/// Generated from proto/weir/v1/endpoints.proto.
+/// Generated from proto/weir/v1/endpoints.proto and fqdn.proto.
 pub mod pb {
     tonic::include_proto!("weir.v1");
 }

@@ -23,6 +23,8 @@ pub enum Command {
     ListEndpoints(Reply<Vec<pb::Endpoint>>),
     RemoveEndpoint(String, Reply<pb::Endpoint>),
     RefreshEndpoint(String, Reply<pb::Endpoint>),
+    /// `weir fqdn list` (answered by the control thread, which owns the cache).
+    ListFqdn(Reply<Vec<pb::FqdnName>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +64,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 
 /// Serves until the run loop goes away.
 pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+    let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
+        commands: commands.clone(),
+    }));
     let svc = pb::endpoints_server::EndpointsServer::new(EndpointsApi { commands });
     let incoming = UnixListenerStream::new(listener);
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(svc)
+        .add_service(fqdn)
         .serve_with_incoming(incoming)
         .await
     {
@@ -136,6 +142,20 @@ impl pb::endpoints_server::Endpoints for EndpointsApi {
         self.ask(|r| Command::RefreshEndpoint(name, r))
             .await
             .map(Response::new)
+    }
+}
+
+/// The FQDN service; it asks the run loop the same way.
+struct FqdnApi(EndpointsApi);
+
+#[tonic::async_trait]
+impl pb::fqdn_server::Fqdn for FqdnApi {
+    async fn list(
+        &self,
+        _: Request<pb::ListFqdnRequest>,
+    ) -> Result<Response<pb::ListFqdnResponse>, Status> {
+        let names = self.0.ask(Command::ListFqdn).await?;
+        Ok(Response::new(pb::ListFqdnResponse { names }))
     }
 }
 

@@ -132,6 +132,8 @@ pub const CFG_ALLOW_LOCALHOST: u32 = 1;
 
 /// `weir_ct_value.flags`.
 pub const CT_CLOSING: u8 = 8;
+/// Allowed once, dropped since a policy change.
+pub const CT_REVOKED: u8 = 16;
 /// Conntrack lifetimes (seconds since the last packet), as in the header.
 pub const CT_TCP_SYN_LIFETIME: u64 = 60;
 pub const CT_TCP_LIFETIME: u64 = 21600;

@@ -155,6 +155,10 @@ pub struct Datapath {
     attached: HashMap<(String, Role), Vec<Held>>,
     rules: Arc<arc_swap::ArcSwap<Vec<Option<RuleRef>>>>,
     rule_ids: rule_ids::RuleIds,
+    /// The learned (toFQDNs) identities the installed policy entries were
+    /// computed with: an address learned with one of them needs only its
+    /// ipcache entry.
+    synced_fqdn_identities: std::collections::HashSet<u32>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -220,6 +224,7 @@ impl Datapath {
             attached: HashMap::new(),
             rules: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
             rule_ids: rule_ids::RuleIds::default(),
+            synced_fqdn_identities: Default::default(),
         };
         dp.adopt()?;
         dp.write_config()?;
@@ -294,6 +299,13 @@ impl Datapath {
     /// were and the previous generation stays in force.
     pub fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         let ids = sync::endpoint_ids(policy);
+        // The learned identities the entries below are computed with (read
+        // first, so an identity in this set always has its entries).
+        let fqdn_ids: std::collections::HashSet<u32> = policy
+            .learned_fqdn_ips()
+            .into_iter()
+            .map(|(_, l)| l.identity)
+            .collect();
         self.rule_ids.begin_sync();
         let entries = policy_entries(policy, &ids, &mut self.rule_ids);
         // Published before the maps change: an event may carry a new id as soon
@@ -310,6 +322,7 @@ impl Datapath {
             self.installed = previous;
             return Err(e);
         }
+        self.synced_fqdn_identities = fqdn_ids;
         self.rule_ids.collect();
         self.rules.store(Arc::new(self.rule_ids.names()));
         info!(
@@ -319,6 +332,48 @@ impl Datapath {
             "eBPF maps updated"
         );
         Ok(())
+    }
+
+    /// Whether the installed policy entries already know the learned identity
+    /// `id` (so learning an address with it needs only its ipcache entry).
+    pub fn has_fqdn_identity(&self, id: u32) -> bool {
+        self.synced_fqdn_identities.contains(&id)
+    }
+
+    /// Writes the ipcache entries of learned addresses (`None` removes one),
+    /// without touching the policy entries; all or nothing.
+    pub fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+        let changes: Vec<(sync::IpcacheKeyParts, Option<u32>)> = ips
+            .iter()
+            .map(|(ip, id)| (sync::host_key(*ip), *id))
+            .collect();
+        sync::write_ipcache(&mut self.ebpf, &mut self.installed, &changes)
+    }
+
+    /// The identity the ipcache holds for exactly `ip` (/32 or /128), if any.
+    pub fn ipcache_entry(&self, ip: IpAddr) -> Option<u32> {
+        self.installed.ipcache.get(&sync::host_key(ip)).copied()
+    }
+
+    /// Destination addresses of live connections in the kernel's conntrack
+    /// (either leg, not closing, seen within their lifetime): a learned address
+    /// whose TTL ran out stays while one of these uses it.
+    pub fn live_destinations(&self) -> Result<std::collections::HashSet<IpAddr>, DatapathError> {
+        let ct: aya::maps::HashMap<&MapData, CtKey, CtValue> =
+            aya::maps::HashMap::try_from(self.ebpf.map("weir_ct").ok_or_else(|| {
+                DatapathError::Map {
+                    map: "weir_ct",
+                    detail: "missing from the object".into(),
+                }
+            })?)
+            .map_err(map_err("weir_ct"))?;
+        let now = monotonic_ns();
+        Ok(ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| ct_live(k, v, now))
+            .map(|(k, _)| ip_from_words(k.daddr, k.family))
+            .collect())
     }
 
     /// The interfaces weir's programs belong on: every endpoint's host-side
@@ -531,6 +586,35 @@ impl Datapath {
     }
 }
 
+/// The clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Whether a conntrack entry is a connection still in use, as the programs'
+/// `ct_lookup` would judge it (see `lifetime_ns` in the C source).
+fn ct_live(k: &CtKey, v: &CtValue, now_ns: u64) -> bool {
+    if v.verdict == kernel_enum::WEIR_DROP || v.flags & (CT_CLOSING | CT_REVOKED) != 0 {
+        return false;
+    }
+    let lifetime = if k.protocol != libc::IPPROTO_TCP as u8 {
+        CT_OTHER_LIFETIME
+    } else if v.flags & CT_SEEN_REPLY == 0 {
+        CT_TCP_SYN_LIFETIME
+    } else {
+        CT_TCP_LIFETIME
+    };
+    now_ns.saturating_sub(v.last_seen_ns) <= lifetime * 1_000_000_000
+}
+
 fn policy_kv(e: &PolicyEntry) -> (PolicyKey, PolicyValue) {
     let port_mask = if e.port_bits == 0 {
         0
@@ -613,4 +697,44 @@ pub fn attached_programs() -> Vec<(String, &'static str, String)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod fqdn_tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_live_until_it_closes_or_its_lifetime_passes() {
+        let k = CtKey {
+            protocol: libc::IPPROTO_TCP as u8,
+            ..Default::default()
+        };
+        let sec = 1_000_000_000;
+        let v = CtValue {
+            verdict: kernel_enum::WEIR_ALLOW,
+            last_seen_ns: 100 * sec,
+            flags: CT_SEEN_REPLY,
+            ..Default::default()
+        };
+        assert!(ct_live(&k, &v, 100 * sec + CT_TCP_LIFETIME * sec));
+        assert!(!ct_live(&k, &v, 101 * sec + CT_TCP_LIFETIME * sec));
+        let syn = CtValue { flags: 0, ..v };
+        assert!(!ct_live(&k, &syn, 101 * sec + CT_TCP_SYN_LIFETIME * sec));
+        let closing = CtValue {
+            flags: CT_SEEN_REPLY | CT_CLOSING,
+            ..v
+        };
+        assert!(!ct_live(&k, &closing, 100 * sec));
+        let dropped = CtValue {
+            verdict: kernel_enum::WEIR_DROP,
+            ..v
+        };
+        assert!(!ct_live(&k, &dropped, 100 * sec));
+        let udp = CtKey {
+            protocol: libc::IPPROTO_UDP as u8,
+            ..k
+        };
+        assert!(!ct_live(&udp, &v, 101 * sec + CT_OTHER_LIFETIME * sec));
+        assert!(ct_live(&udp, &v, 100 * sec + CT_OTHER_LIFETIME * sec));
+    }
 }

@@ -91,6 +91,11 @@ impl Desired {
             d.ipcache
                 .insert((32 + bits, w, fam), weir_policy::identity::IDENTITY_HOST);
         }
+        // Addresses learned from DNS answers (toFQDNs), after the CIDR prefixes:
+        // a learned /32 or /128 carries its own identity whatever prefix holds it.
+        for (ip, learned) in policy.learned_fqdn_ips() {
+            d.ipcache.insert(host_key(ip), learned.identity);
+        }
         for e in entries {
             let (k, v) = policy_kv(e);
             let lk = lpm_key(&k);
@@ -98,6 +103,13 @@ impl Desired {
         }
         Ok(d)
     }
+}
+
+/// The ipcache key of one address (/32 or /128).
+pub fn host_key(ip: IpAddr) -> IpcacheKeyParts {
+    let (w, fam) = ip_words(ip);
+    let bits = if fam == 4 { 32 } else { 128 };
+    (32 + bits, w, fam)
 }
 
 fn ipcache_key(k: &IpcacheKeyParts) -> Key<[u32; 5]> {
@@ -263,6 +275,35 @@ fn write_ordered(
     for k in &pol_stale {
         maps.set_policy(k, None)?;
         journal.push(Undo::Policy(*k, installed.policy.get(k).copied()));
+    }
+    Ok(())
+}
+
+/// Writes (or with `None` removes) single ipcache entries, recording each in
+/// `installed`; on failure every write is undone and `installed` is unchanged.
+pub fn write_ipcache(
+    ebpf: &mut Ebpf,
+    installed: &mut Desired,
+    changes: &[(IpcacheKeyParts, Option<u32>)],
+) -> Result<(), DatapathError> {
+    let mut maps = open(ebpf)?;
+    let mut journal = Vec::new();
+    for (k, v) in changes {
+        let old = installed.ipcache.get(k).copied();
+        if old == *v {
+            continue;
+        }
+        if let Err(e) = maps.set_ipcache(k, *v) {
+            maps.undo(journal);
+            return Err(e);
+        }
+        journal.push(Undo::Ipcache(*k, old));
+    }
+    for (k, v) in changes {
+        match v {
+            Some(id) => installed.ipcache.insert(*k, *id),
+            None => installed.ipcache.remove(k),
+        };
     }
     Ok(())
 }

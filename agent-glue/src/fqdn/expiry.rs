@@ -1,0 +1,197 @@
+//! The once-a-second tick: entries whose TTL ran out leave the cache unless a
+//! live connection still uses the address; addresses no longer cached under any
+//! name are forgotten, and those still cached under others keep only those
+//! names' selectors. At most one datapath sync per tick.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use tracing::{debug, warn};
+use weir_policy::CompiledPolicy;
+
+use super::{FqdnDatapath, FqdnState};
+
+/// How often addresses kept for a live connection are checked again.
+const KEPT_RECHECK_MS: u64 = 5_000;
+
+impl FqdnState {
+    /// One tick at `now_ms` against the installed `policy`.
+    pub fn tick(
+        &mut self,
+        policy: &CompiledPolicy,
+        dp: Option<&mut dyn FqdnDatapath>,
+        now_ms: u64,
+    ) {
+        let expired = self.cache.expired(now_ms);
+        if expired.is_empty() && !self.resync {
+            return;
+        }
+        // Reading conntrack walks the whole map: entries already kept for a
+        // connection are checked again every few seconds, not every tick.
+        let only_kept = expired
+            .iter()
+            .all(|(n, ip)| self.cache.get(n, *ip).is_some_and(|e| e.kept));
+        if only_kept
+            && !self.resync
+            && self
+                .last_ct_check_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) < KEPT_RECHECK_MS)
+        {
+            return;
+        }
+        if !expired.is_empty() {
+            self.last_ct_check_ms = Some(now_ms);
+        }
+        // Only learned addresses can carry connections that toFQDNs allows:
+        // the others leave without a look at conntrack.
+        let learned_expired = expired
+            .iter()
+            .any(|(_, ip)| policy.learned_fqdn_ip(*ip).is_some());
+        let live: HashSet<IpAddr> = match dp.as_deref() {
+            None => HashSet::new(),
+            Some(d) if learned_expired => d.live_destinations().unwrap_or_else(|e| {
+                // Fail closed: without conntrack, expiry goes by the TTL alone.
+                warn!(error = %e, "could not read conntrack; expiring FQDN addresses by TTL");
+                HashSet::new()
+            }),
+            Some(_) => HashSet::new(),
+        };
+        let mut affected = BTreeSet::new();
+        for (name, ip) in expired {
+            if live.contains(&ip) && policy.learned_fqdn_ip(ip).is_some() {
+                if let Some(e) = self.cache.get_mut(&name, ip)
+                    && !e.kept
+                {
+                    e.kept = true;
+                    self.dirty = true;
+                }
+                continue;
+            }
+            debug!(%name, %ip, "FQDN entry expired");
+            self.cache.remove(&name, ip);
+            self.dirty = true;
+            affected.insert(ip);
+        }
+        let before = self.ids.assignments().count();
+        let mut changed = false;
+        for ip in affected {
+            let sels = self.cache.selectors_for(ip, policy);
+            let (old, new) = self.relearn(policy, ip, &sels);
+            changed |= old.map(|o| o.identity) != new;
+        }
+        self.save_ids_if_grown(before);
+        if !(changed || self.resync) {
+            return;
+        }
+        if let Some(d) = dp {
+            match d.sync(policy) {
+                Ok(()) => self.resync = false,
+                Err(e) => {
+                    warn!(error = %e, "could not remove expired FQDN addresses from the datapath; retrying");
+                    self.resync = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use weir_proxy::fqdn::LearnRequest;
+
+    use super::super::Limits;
+    use super::super::test_support::*;
+    use super::*;
+
+    fn learn(
+        st: &mut FqdnState,
+        p: &Arc<CompiledPolicy>,
+        dp: &mut FakeDatapath,
+        name: &str,
+        ip: &str,
+        ttl: u32,
+        now: u64,
+    ) {
+        let req = LearnRequest {
+            names: vec![name.into()],
+            addresses: vec![(ip.parse().unwrap(), ttl)],
+            policy: p.clone(),
+        };
+        st.learn(&req, p, Some(dp), now).unwrap();
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn expiry_forgets_narrows_and_keeps_live_connections() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.1", 10, 0);
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "api.example.com.",
+            "192.0.2.1",
+            100,
+            0,
+        );
+        learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.2", 10, 0);
+        learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.3", 10, 0);
+        dp.live.insert(ip("192.0.2.3"));
+        let syncs = dp.syncs;
+        st.tick(&p, Some(&mut dp), 9_999);
+        assert_eq!(dp.syncs, syncs, "nothing expired yet");
+        st.tick(&p, Some(&mut dp), 10_000);
+        assert_eq!(dp.syncs, syncs + 1, "one sync for the whole tick");
+        // .2: gone everywhere.
+        assert!(p.learned_fqdn_ip(ip("192.0.2.2")).is_none());
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.2")));
+        // .1: still api.example.com's, with that name's selectors only ...
+        let one = p.learned_fqdn_ip(ip("192.0.2.1")).unwrap();
+        let api_only = p.fqdn_selectors_matching("api.example.com.");
+        let www = p.fqdn_selectors_matching("www.example.com.");
+        assert_eq!(api_only.len(), 2, "*.example.com and api.example.com");
+        assert_eq!(one.selectors, api_only);
+        assert_eq!(www.len(), 1);
+        // .3: expired but its connection lives: kept.
+        assert!(p.learned_fqdn_ip(ip("192.0.2.3")).is_some());
+        assert!(
+            st.cache
+                .get("www.example.com.", ip("192.0.2.3"))
+                .unwrap()
+                .kept
+        );
+        // The connection ends: it goes at the next tick.
+        dp.live.clear();
+        st.tick(&p, Some(&mut dp), 11_000);
+        assert!(
+            p.learned_fqdn_ip(ip("192.0.2.3")).is_some(),
+            "checked again only every 5 s"
+        );
+        st.tick(&p, Some(&mut dp), 15_000);
+        assert!(p.learned_fqdn_ip(ip("192.0.2.3")).is_none());
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.3")));
+        // A failed sync is tried again at the next tick.
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "www.example.com.",
+            "192.0.2.4",
+            1,
+            20_000,
+        );
+        dp.fail = true;
+        st.tick(&p, Some(&mut dp), 30_000);
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.4")));
+        dp.fail = false;
+        st.tick(&p, Some(&mut dp), 31_000);
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.4")));
+    }
+}

@@ -1,0 +1,329 @@
+//! The proxy's side ([`LearnerHandle`], a message to the control thread that
+//! never blocks) and the control thread's side ([`FqdnState::learn`]: cache,
+//! policy, datapath, reply).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+
+use tokio::sync::oneshot;
+use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
+use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
+
+use super::cache::Inserted;
+use super::{FqdnDatapath, FqdnState};
+use crate::control::ControlMsg;
+
+/// Requests nobody waits for that may be queued; beyond, they are dropped (they
+/// only feed the cache).
+pub const MAX_UNWAITED: usize = 1024;
+/// Requests an answer waits for that may be queued; beyond, the answer gets
+/// SERVFAIL (`LearnError::Unavailable`) rather than an unbounded queue.
+pub const MAX_WAITED: usize = 16384;
+
+/// One learning request on its way to the control thread.
+pub struct LearnJob {
+    pub req: LearnRequest,
+    pub reply: oneshot::Sender<Result<(), LearnError>>,
+    _pending: Pending,
+}
+
+/// Counts a queued request; dropping it (handled, or lost with the channel)
+/// frees its place.
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The [`FqdnLearner`] the proxy calls: a channel send and two counters.
+pub struct LearnerHandle {
+    tx: Sender<ControlMsg>,
+    unwaited: Arc<AtomicUsize>,
+    waited: Arc<AtomicUsize>,
+}
+
+impl LearnerHandle {
+    pub fn new(tx: Sender<ControlMsg>) -> Self {
+        LearnerHandle {
+            tx,
+            unwaited: Arc::default(),
+            waited: Arc::default(),
+        }
+    }
+}
+
+impl FqdnLearner for LearnerHandle {
+    fn learn(&self, req: LearnRequest, wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
+        let (reply, rx) = oneshot::channel();
+        let (counter, max) = if wait {
+            (&self.waited, MAX_WAITED)
+        } else {
+            (&self.unwaited, MAX_UNWAITED)
+        };
+        if counter.fetch_add(1, Ordering::Relaxed) >= max {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            let _ = reply.send(Err(LearnError::Unavailable(
+                "too many DNS answers wait for the datapath",
+            )));
+            return rx;
+        }
+        let job = LearnJob {
+            req,
+            reply,
+            _pending: Pending(counter.clone()),
+        };
+        if let Err(std::sync::mpsc::SendError(ControlMsg::Learn(job))) =
+            self.tx.send(ControlMsg::Learn(job))
+        {
+            let _ = job.reply.send(Err(LearnError::Unavailable(
+                "the control thread has stopped",
+            )));
+        }
+        rx
+    }
+}
+
+impl FqdnState {
+    /// Learns an allowed answer: caches every (name, address), learns each
+    /// address into `policy` (the installed one) with the selectors of every
+    /// name it is cached under, then writes the datapath — only ipcache entries
+    /// when the policy entries already know the identities, a full sync
+    /// otherwise. Returns once the writes are done; on failure everything this
+    /// request learned is undone and the answer must not be released.
+    pub fn learn(
+        &mut self,
+        req: &LearnRequest,
+        policy: &CompiledPolicy,
+        dp: Option<&mut dyn FqdnDatapath>,
+        now_ms: u64,
+    ) -> Result<(), LearnError> {
+        let mut done = Inserted::default();
+        for (ip, ttl) in &req.addresses {
+            for name in &req.names {
+                self.cache.insert(name, *ip, *ttl, now_ms, &mut done);
+            }
+        }
+        if !done.changed.is_empty() || !done.evicted.is_empty() {
+            self.dirty = true;
+        }
+        // Addresses of this answer, and those a name's limit pushed out (which
+        // may have lost selectors).
+        let affected: BTreeSet<IpAddr> = req
+            .addresses
+            .iter()
+            .map(|(ip, _)| canonical_ip(*ip))
+            .chain(done.evicted.iter().map(|(_, ip, _)| *ip))
+            .collect();
+        let before = self.ids.assignments().count();
+        let mut undo: Vec<(IpAddr, Option<LearnedIdentity>)> = Vec::new();
+        let mut writes: Vec<(IpAddr, Option<u32>)> = Vec::new();
+        let mut full_sync = false;
+        for ip in affected {
+            let sels = self.cache.selectors_for(ip, policy);
+            let (old, new) = self.relearn(policy, ip, &sels);
+            let old_id = old.as_ref().map(|o| o.identity);
+            if old_id == new {
+                continue;
+            }
+            undo.push((ip, old));
+            match new {
+                Some(id) => {
+                    writes.push((ip, Some(id)));
+                    full_sync |= dp.as_ref().is_some_and(|d| !d.has_fqdn_identity(id));
+                }
+                // Removing a /32 alone could take a CIDR rule's own /32 with it:
+                // the sync computes what the entry must become.
+                None => full_sync = true,
+            }
+        }
+        self.save_ids_if_grown(before);
+        let Some(dp) = dp else {
+            return Ok(());
+        };
+        if writes.is_empty() && !full_sync {
+            return Ok(());
+        }
+        let written = if full_sync {
+            dp.sync(policy)
+        } else {
+            dp.write_learned(&writes)
+        };
+        if let Err(e) = written {
+            for (ip, old) in undo.into_iter().rev() {
+                self.restore(policy, ip, old.as_ref());
+            }
+            self.cache.undo(done);
+            return Err(LearnError::Datapath(e.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Limits;
+    use super::super::test_support::*;
+    use super::*;
+
+    fn req(policy: &Arc<CompiledPolicy>, names: &[&str], ips: &[(&str, u32)]) -> LearnRequest {
+        LearnRequest {
+            names: names.iter().map(ToString::to_string).collect(),
+            addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
+            policy: policy.clone(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_carries_the_selectors_of_every_name_it_answered() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        let one = p.learned_fqdn_ip(ip("192.0.2.1")).unwrap();
+        assert_eq!(one.selectors.len(), 1, "*.example.com only");
+        assert_eq!(dp.syncs, 1, "a new identity needs the policy entries");
+        assert_eq!(dp.ipcache[&ip("192.0.2.1")], one.identity);
+        // The same address for api.example.com: both selectors.
+        st.learn(
+            &req(&p, &["api.example.com."], &[("192.0.2.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        let both = p.learned_fqdn_ip(ip("192.0.2.1")).unwrap();
+        assert_eq!(both.selectors.len(), 2);
+        assert_eq!(dp.ipcache[&ip("192.0.2.1")], both.identity);
+        // Another address with an identity the entries know: only the ipcache.
+        let syncs = dp.syncs;
+        st.learn(
+            &req(&p, &["api.example.com."], &[("192.0.2.2", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        assert_eq!(dp.syncs, syncs, "no full sync for a known identity");
+        assert_eq!(dp.writes, 1);
+        assert_eq!(dp.ipcache[&ip("192.0.2.2")], both.identity);
+        // An answer nobody selects is cached, not learned.
+        st.learn(
+            &req(&p, &["other.org."], &[("198.51.100.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        assert!(st.cache.has_ip(ip("198.51.100.1")));
+        assert!(p.learned_fqdn_ip(ip("198.51.100.1")).is_none());
+    }
+
+    #[test]
+    fn a_failed_datapath_write_undoes_the_learning_and_the_cache() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        let before = p.learned_fqdn_ip(ip("192.0.2.1")).unwrap();
+        dp.fail = true;
+        let e = st
+            .learn(
+                &req(
+                    &p,
+                    &["api.example.com."],
+                    &[("192.0.2.1", 60), ("192.0.2.7", 60)],
+                ),
+                &p,
+                Some(&mut dp),
+                1_000,
+            )
+            .unwrap_err();
+        assert!(matches!(e, LearnError::Datapath(_)));
+        assert_eq!(
+            p.learned_fqdn_ip(ip("192.0.2.1")),
+            Some(before),
+            "back as it was"
+        );
+        assert!(
+            p.learned_fqdn_ip(ip("192.0.2.7")).is_none(),
+            "new: forgotten"
+        );
+        assert!(!st.cache.has_ip(ip("192.0.2.7")));
+        assert!(st.cache.get("api.example.com.", ip("192.0.2.1")).is_none());
+        assert!(st.cache.get("www.example.com.", ip("192.0.2.1")).is_some());
+    }
+
+    #[test]
+    fn a_new_policy_learns_the_cached_addresses_before_it_is_installed() {
+        // Seen while no policy selected it ...
+        let none = Arc::new(compile(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {matchLabels: {app: other}}\n  egress: [{toEndpoints: [{}]}]\n",
+        ));
+        let mut st = FqdnState::in_memory(Limits::default());
+        st.learn(
+            &req(&none, &["api.example.com."], &[("192.0.2.5", 60)]),
+            &none,
+            None,
+            0,
+        )
+        .unwrap();
+        assert!(none.learned_fqdn_ips().is_empty());
+        // ... selected by the next one as soon as it is compiled.
+        let next = compile(POLICY);
+        st.learn_all_into(&next);
+        let l = next.learned_fqdn_ip(ip("192.0.2.5")).unwrap();
+        assert_eq!(
+            l.selectors.len(),
+            2,
+            "both selectors select api.example.com"
+        );
+    }
+
+    #[test]
+    fn the_queue_bounds_refuse_rather_than_block() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = LearnerHandle::new(tx);
+        let p = Arc::new(compile(POLICY));
+        let mut receivers = Vec::new();
+        for _ in 0..MAX_UNWAITED {
+            receivers.push(h.learn(req(&p, &["a.example.com."], &[]), false));
+        }
+        let mut over = h.learn(req(&p, &["a.example.com."], &[]), false);
+        assert!(matches!(
+            over.try_recv(),
+            Ok(Err(LearnError::Unavailable(_)))
+        ));
+        // Handling one frees its place.
+        drop(rx.recv().unwrap());
+        let mut again = h.learn(req(&p, &["a.example.com."], &[]), false);
+        assert!(again.try_recv().is_err(), "queued, no reply yet");
+        // The control thread gone: waited requests are told at once.
+        drop(rx);
+        let mut gone = h.learn(req(&p, &["a.example.com."], &[]), true);
+        assert!(matches!(
+            gone.try_recv(),
+            Ok(Err(LearnError::Unavailable(_)))
+        ));
+    }
+}

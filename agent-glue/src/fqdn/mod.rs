@@ -1,0 +1,316 @@
+//! The FQDN allowlist feedback loop: addresses from allowed DNS answers become
+//! learned identities of the current policy and ipcache entries of the
+//! datapath, before the answer is released (issue 9).
+//!
+//! The proxy hands answers to a [`LearnerHandle`] (never blocking); the control
+//! thread, which owns the datapath and installs every policy, keeps a
+//! [`FqdnState`]: the name cache (kept across reloads and restarts), the identity
+//! allocator the learned identities come from, and the expiry tick.
+
+pub mod cache;
+pub mod expiry;
+pub mod learner;
+pub mod persist;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+use weir_policy::identity::IdentityAllocator;
+use weir_policy::{CompiledPolicy, FqdnSelectorId, LearnedIdentity};
+
+use crate::datapath::{Datapath, DatapathError};
+use crate::state;
+
+pub use cache::{Cache, Limits};
+pub use learner::LearnerHandle;
+
+/// What the FQDN loop needs of the datapath (a trait so the loop is testable
+/// without a kernel).
+pub trait FqdnDatapath {
+    /// Whether the installed policy entries already know learned identity `id`.
+    fn has_fqdn_identity(&self, id: u32) -> bool;
+    /// Writes single-address ipcache entries (`None` removes), all or nothing.
+    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError>;
+    /// Brings every map in line with `policy` (learned addresses included).
+    fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError>;
+    /// Destinations of live connections (conntrack).
+    fn live_destinations(&self) -> Result<HashSet<IpAddr>, DatapathError>;
+}
+
+impl FqdnDatapath for Datapath {
+    fn has_fqdn_identity(&self, id: u32) -> bool {
+        Datapath::has_fqdn_identity(self, id)
+    }
+    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+        Datapath::write_learned(self, ips)
+    }
+    fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+        Datapath::sync(self, policy)
+    }
+    fn live_destinations(&self) -> Result<HashSet<IpAddr>, DatapathError> {
+        Datapath::live_destinations(self)
+    }
+}
+
+/// Wall-clock now, unix milliseconds (the cache's clock: it survives restarts).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The control thread's FQDN state.
+pub struct FqdnState {
+    pub cache: Cache,
+    /// The same assignments `Sources::compile` uses (both go through the state
+    /// dir's `identities.json`, on this one thread), so ids never collide.
+    ids: IdentityAllocator,
+    /// `None`: nothing is written (tests).
+    state_dir: Option<PathBuf>,
+    dirty: bool,
+    last_saved: Option<Instant>,
+    /// A tick's sync failed: the next tick tries again.
+    resync: bool,
+    /// When conntrack was last read for expired entries (unix ms).
+    last_ct_check_ms: Option<u64>,
+}
+
+impl FqdnState {
+    /// The cache of the previous run (after a crash too) and the identity
+    /// assignments. An unreadable cache file is logged and starts empty.
+    pub fn load(state_dir: &Path, limits: Limits) -> Self {
+        let cache = persist::load(state_dir, limits).unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the FQDN cache; starting with an empty one");
+            Cache::new(limits)
+        });
+        FqdnState {
+            cache,
+            ids: state::load_identities(state_dir),
+            state_dir: Some(state_dir.to_path_buf()),
+            dirty: false,
+            last_saved: None,
+            resync: false,
+            last_ct_check_ms: None,
+        }
+    }
+
+    /// A state that keeps nothing on disk.
+    pub fn in_memory(limits: Limits) -> Self {
+        FqdnState {
+            cache: Cache::new(limits),
+            ids: IdentityAllocator::default(),
+            state_dir: None,
+            dirty: false,
+            last_saved: None,
+            resync: false,
+            last_ct_check_ms: None,
+        }
+    }
+
+    /// Learns every cached address into a newly compiled `policy`, before it is
+    /// installed, so its `toFQDNs` selectors (new ones included) select the
+    /// addresses already seen. Expired entries kept for a live connection are
+    /// cached still, so they stay learned too.
+    pub fn learn_all_into(&mut self, policy: &CompiledPolicy) {
+        // `compile` may have assigned identities since: start from its file.
+        if let Some(dir) = &self.state_dir {
+            self.ids = state::load_identities(dir);
+        }
+        let before = self.ids.assignments().count();
+        let ips: Vec<IpAddr> = self.cache.ips().collect();
+        for ip in ips {
+            let sels = self.cache.selectors_for(ip, policy);
+            if !sels.is_empty() {
+                policy.learn_fqdn_ip(ip, &sels, &mut self.ids);
+            }
+        }
+        self.save_ids_if_grown(before);
+    }
+
+    /// Makes `ip`'s learned identity carry exactly `sels` (forgetting it when
+    /// there are none). Its identity before and after.
+    fn relearn(
+        &mut self,
+        policy: &CompiledPolicy,
+        ip: IpAddr,
+        sels: &[FqdnSelectorId],
+    ) -> (Option<LearnedIdentity>, Option<u32>) {
+        let old = policy.learned_fqdn_ip(ip);
+        if let Some(o) = &old {
+            if o.selectors == sels {
+                return (old.clone(), Some(o.identity));
+            }
+            // `learn_fqdn_ip` adds to what was learned: narrowing needs a forget.
+            policy.forget_fqdn_ip(ip);
+        }
+        let new = if sels.is_empty() {
+            None
+        } else {
+            policy.learn_fqdn_ip(ip, sels, &mut self.ids)
+        };
+        (old, new)
+    }
+
+    /// Puts `ip`'s learning back to `old`.
+    fn restore(&mut self, policy: &CompiledPolicy, ip: IpAddr, old: Option<&LearnedIdentity>) {
+        policy.forget_fqdn_ip(ip);
+        if let Some(o) = old {
+            policy.learn_fqdn_ip(ip, &o.selectors, &mut self.ids);
+        }
+    }
+
+    fn save_ids_if_grown(&mut self, before: usize) {
+        if self.ids.assignments().count() == before {
+            return;
+        }
+        if let Some(dir) = &self.state_dir
+            && let Err(e) = state::save_identities(dir, &self.ids)
+        {
+            warn!(error = %e, dir = %dir.display(), "could not save identities");
+        }
+    }
+
+    /// Writes the cache when it changed and the last write is a second old (or
+    /// `force`, at shutdown).
+    pub fn persist_if_due(&mut self, force: bool) {
+        let Some(dir) = &self.state_dir else {
+            return;
+        };
+        let due = self
+            .last_saved
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if !self.dirty || !(due || force) {
+            return;
+        }
+        match persist::save(dir, &self.cache) {
+            Ok(()) => {
+                self.dirty = false;
+                self.last_saved = Some(Instant::now());
+            }
+            Err(e) => warn!(error = %e, "could not write the FQDN cache"),
+        }
+    }
+
+    /// `weir fqdn list`: every cached name with its addresses as `policy` (the
+    /// installed one) sees them.
+    pub fn list(&self, policy: &CompiledPolicy, now_ms: u64) -> Vec<crate::api::pb::FqdnName> {
+        use crate::api::pb;
+        let sel_text = |s: &FqdnSelectorId| {
+            policy
+                .fqdn_selectors()
+                .get(s.0 as usize)
+                .map_or_else(|| format!("#{}", s.0), ToString::to_string)
+        };
+        self.cache
+            .iter()
+            .map(|(name, ips)| pb::FqdnName {
+                name: name.to_string(),
+                selectors: policy
+                    .fqdn_selectors_matching(name)
+                    .iter()
+                    .map(sel_text)
+                    .collect(),
+                addresses: ips
+                    .iter()
+                    .map(|(ip, e)| {
+                        let learned = policy.learned_fqdn_ip(*ip);
+                        pb::FqdnAddress {
+                            ip: ip.to_string(),
+                            identity: learned.as_ref().map_or(0, |l| l.identity),
+                            expires_in_secs: e.expires_ms.saturating_sub(now_ms).div_ceil(1000),
+                            kept: e.kept,
+                            selectors: learned
+                                .iter()
+                                .flat_map(|l| l.selectors.iter().map(sel_text))
+                                .collect(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A datapath in memory: the ipcache, the identities its entries know, and
+    /// switches to make writes fail.
+    #[derive(Default)]
+    pub struct FakeDatapath {
+        pub ipcache: HashMap<IpAddr, u32>,
+        pub known: HashSet<u32>,
+        pub live: HashSet<IpAddr>,
+        pub fail: bool,
+        pub syncs: usize,
+        pub writes: usize,
+    }
+
+    impl FqdnDatapath for FakeDatapath {
+        fn has_fqdn_identity(&self, id: u32) -> bool {
+            self.known.contains(&id)
+        }
+        fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+            if self.fail {
+                return Err(DatapathError::Map {
+                    map: "weir_ipcache",
+                    detail: "injected".into(),
+                });
+            }
+            self.writes += 1;
+            for (ip, id) in ips {
+                match id {
+                    Some(id) => self.ipcache.insert(*ip, *id),
+                    None => self.ipcache.remove(ip),
+                };
+            }
+            Ok(())
+        }
+        fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+            if self.fail {
+                return Err(DatapathError::Map {
+                    map: "weir_policy",
+                    detail: "injected".into(),
+                });
+            }
+            self.syncs += 1;
+            let learned = policy.learned_fqdn_ips();
+            self.known = learned.iter().map(|(_, l)| l.identity).collect();
+            self.ipcache = learned
+                .into_iter()
+                .map(|(ip, l)| (ip, l.identity))
+                .collect();
+            Ok(())
+        }
+        fn live_destinations(&self) -> Result<HashSet<IpAddr>, DatapathError> {
+            Ok(self.live.clone())
+        }
+    }
+
+    pub const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchPattern: '*.example.com'}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: '80', protocol: TCP}]}]
+"#;
+
+    pub const ENDPOINTS: &str =
+        "endpoints:\n  - {name: client, ips: [10.0.0.1], labels: {app: client}}\n";
+
+    pub fn compile(policy: &str) -> CompiledPolicy {
+        let p = weir_policy::parse_policies(policy, "p.yaml").unwrap();
+        let e = weir_policy::parse_endpoints(ENDPOINTS, "e.yaml").unwrap();
+        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).unwrap()
+    }
+}
