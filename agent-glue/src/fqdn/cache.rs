@@ -24,6 +24,12 @@ pub struct Entry {
     pub kept: bool,
 }
 
+/// However short the TTL (0 included), an address stays this long after its
+/// answer: the client connects right after it reads the answer, and an expiry
+/// tick in between would drop that first SYN. Once the connection exists,
+/// conntrack keeps the address (see `expiry.rs`).
+pub const CONNECT_GRACE_MS: u64 = 2_000;
+
 /// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ips-per-name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -73,7 +79,9 @@ impl Cache {
         // RFC 2181 §8: a TTL with the top bit set is zero.
         let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
         let ttl = ttl.max(self.limits.min_ttl_secs);
-        let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
+        let expires_ms = now_ms
+            .saturating_add(u64::from(ttl) * 1000)
+            .max(now_ms.saturating_add(CONNECT_GRACE_MS));
         let ips = self.names.entry(name.to_string()).or_default();
         let before = ips.get(&ip).copied();
         let entry = match before {
