@@ -245,6 +245,16 @@ pub struct RunArgs {
     /// long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
+    /// Take over the listening sockets of the weir running with this
+    /// --api-socket (planned restart or upgrade; fails if none runs). Without
+    /// the flag a running weir is taken over when one answers, else weir starts
+    /// afresh.
+    #[arg(long)]
+    pub takeover: bool,
+    /// After handing its sockets to a new weir, this weir lets its open
+    /// connections and UDP sessions finish for at most this long, then exits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 pub fn main(cli: Cli) -> ExitCode {

@@ -26,6 +26,15 @@ pub enum ControlMsg {
     Api(api::server::Command),
     /// Shut down; the answer says whether enforcement outlives the process.
     Stop(tokio::sync::oneshot::Sender<bool>),
+    /// A new weir is taking over (see `takeover`): from now on change nothing
+    /// (reloads and API changes are dropped); answered once every earlier
+    /// message is done.
+    HandOver(tokio::sync::oneshot::Sender<()>),
+    /// The takeover did not complete: apply changes again.
+    Resume,
+    /// The weir this one took over has drained and stopped its control thread;
+    /// state it left in the state dir for its successor is complete now.
+    PeerDrained { pid: u32 },
 }
 
 /// The steering of one weir: the eBPF datapath, or nft, or nothing.
@@ -72,8 +81,22 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("weir-control".into())
         .spawn(move || {
+            let mut handed_over = false;
             for msg in rx {
                 match msg {
+                    ControlMsg::Reload | ControlMsg::Api(_) if handed_over => {
+                        // Another weir owns the maps and files now; an API
+                        // caller sees its request dropped ("shutting down").
+                        info!("handed over to a new weir; change ignored");
+                    }
+                    ControlMsg::HandOver(done) => {
+                        handed_over = true;
+                        let _ = done.send(());
+                    }
+                    ControlMsg::Resume => handed_over = false,
+                    ControlMsg::PeerDrained { pid } => {
+                        info!(pid, "the weir taken over has drained and stopped");
+                    }
                     ControlMsg::Reload => reload(&mut sources, &mut steering, &files, &shared),
                     ControlMsg::Api(cmd) => {
                         let mode = steering.mode;

@@ -1,5 +1,6 @@
 //! `weir run`: load, compile, listen, steer; reload on SIGHUP; undo on exit.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::datapath::{Datapath, DatapathConfig};
 use crate::registry::Sources;
 use crate::state;
 use crate::steering::{self, SteeringConfig};
+use crate::takeover;
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
@@ -58,43 +60,63 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
-    let _ = std::fs::remove_file(&ready);
-    let sources = Sources::load(
-        &args.policy,
-        args.endpoints.as_deref(),
-        &args.state_dir,
-        args.cluster.config(),
-    )?;
-    let policy = Arc::new(sources.compile()?);
+    let takeover_path = takeover::socket_path(&args.api_socket);
+    let taking_over = decide_takeover(&args, &takeover_path).await?;
+    if !taking_over {
+        let _ = std::fs::remove_file(&ready);
+    }
+    let load_sources = || {
+        Sources::load(
+            &args.policy,
+            args.endpoints.as_deref(),
+            &args.state_dir,
+            args.cluster.config(),
+        )
+    };
+    let mut sources = load_sources()?;
+    let mut policy = Arc::new(sources.compile()?);
     let shared = Shared::new(
         policy.clone(),
         flow_sink(args.flow_log.as_deref())?,
         proxy_config(&args),
     );
-    let listeners = listener::bind(args.proxy_port).with_context(|| {
-        format!(
-            "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
-            args.proxy_port
-        )
-    })?;
-    let api_listener = api::server::bind(&args.api_socket)?;
-    let udp_listeners = weir_proxy::udp::bind(args.proxy_port).with_context(|| {
-        format!(
-            "binding the transparent UDP listener on port {}",
-            args.proxy_port
-        )
-    })?;
+    // A takeover gets the listeners from the running weir, after everything
+    // else is ready; the API socket is bound once that weir has released it.
+    let bound = if taking_over {
+        None
+    } else {
+        Some(bind_listeners(&args)?)
+    };
     let steer_cfg = SteeringConfig {
         proxy_port: args.proxy_port,
         fwmark: args.steering_args.fwmark,
         route_table: args.steering_args.route_table,
     };
     let (mode, mut datapath) = choose_steering(&args, &policy)?;
+    let (listeners, udp_listeners, mut api_listener, peer) = match bound {
+        Some((tcp, api, udp)) => (tcp, udp, Some(api), None),
+        None => {
+            let taken = take_over(&takeover_path, args.proxy_port).await?;
+            // The running weir changed nothing since it answered; what it
+            // changed before (API endpoints) is in the state dir.
+            sources = load_sources()?;
+            policy = Arc::new(sources.compile()?);
+            shared.set_policy(policy.clone());
+            (
+                taken.tcp,
+                taken.udp,
+                None,
+                Some((taken.conn, taken.old_pid)),
+            )
+        }
+    };
+    let dups = duplicate_listeners(&listeners, &udp_listeners)?;
+    let mut events_task = None;
     if let Some(dp) = datapath.as_mut() {
         let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
         dp.attach_sk_lookup(&refs)
             .context("attaching the socket-lookup program")?;
-        start_flow_events(dp, &shared);
+        events_task = start_flow_events(dp, &shared);
     }
     let mut steering = Steering {
         mode,
@@ -102,7 +124,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config: steer_cfg.clone(),
     };
     if let Err(e) = steering.apply(&policy) {
-        let _ = steering::remove(&steer_cfg);
+        // A weir being taken over still serves with this steering.
+        if peer.is_none() {
+            let _ = steering::remove(&steer_cfg);
+        }
         return Err(e);
     }
     let control = control::spawn(
@@ -118,18 +143,286 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),
+        events: events_task,
     };
+    if let Some((conn, old_pid)) = peer {
+        api_listener = finish_takeover(&args, conn, old_pid, &control).await;
+    }
     let (api_tx, api_rx) = tokio::sync::mpsc::channel(16);
-    let api = tokio::spawn(api::server::serve(api_listener, api_tx));
+    let api = api_listener.map(|l| tokio::spawn(api::server::serve(l, api_tx.clone())));
+    let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
+    let takeover_thread = start_takeover_listener(&takeover_path, dups, &args, takeover_tx);
     std::fs::write(&ready, std::process::id().to_string())
         .with_context(|| format!("writing {}", ready.display()))?;
     info!(port = args.proxy_port, steering = ?mode, "weir ready");
-    let result = serve_until_stopped(&control, api_rx, serving).await;
-    api.abort();
-    let _ = std::fs::remove_file(&args.api_socket);
-    shut_down(&control, mode, &args, &steer_cfg).await;
-    let _ = std::fs::remove_file(&ready);
-    result
+    let mut running = Running {
+        serving,
+        api,
+        api_tx,
+        quiesced: false,
+        shared: shared.clone(),
+    };
+    let stopped = serve_until_stopped(&control, api_rx, takeover_rx, &mut running, &args).await;
+    if let Some(api) = &running.api {
+        api.abort();
+    }
+    match stopped {
+        Ok(Stopped::HandedOver(drained)) => {
+            let left = drain(&shared, args.drain_timeout).await;
+            shut_down(&control, mode, &args, &steer_cfg, true).await;
+            let _ = drained.send(left);
+            if let Some(t) = takeover_thread {
+                // The final message goes out before the process ends.
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            remove_if_ours(&ready);
+            info!("handed over and drained; exiting");
+            Ok(())
+        }
+        other => {
+            let _ = std::fs::remove_file(&args.api_socket);
+            shut_down(&control, mode, &args, &steer_cfg, false).await;
+            remove_if_ours(&ready);
+            other.map(|_| ())
+        }
+    }
+}
+
+/// Binds the transparent TCP and UDP listeners and the API socket (a fresh start).
+fn bind_listeners(
+    args: &RunArgs,
+) -> anyhow::Result<(
+    Vec<tokio::net::TcpListener>,
+    tokio::net::UnixListener,
+    Vec<tokio::net::UdpSocket>,
+)> {
+    let listeners = listener::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
+            args.proxy_port
+        )
+    })?;
+    let api_listener = api::server::bind(&args.api_socket)?;
+    let udp_listeners = weir_proxy::udp::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent UDP listener on port {}",
+            args.proxy_port
+        )
+    })?;
+    Ok((listeners, api_listener, udp_listeners))
+}
+
+/// Whether this start takes over a running weir: with `--takeover` one must
+/// answer; without, one is taken over when it answers.
+async fn decide_takeover(args: &RunArgs, path: &Path) -> anyhow::Result<bool> {
+    // Before this weir touches anything (the datapath's configuration is
+    // shared): can the running weir be taken over at all?
+    let (p, port) = (path.to_path_buf(), args.proxy_port);
+    let found = tokio::task::spawn_blocking(move || {
+        takeover::connect(&p)?
+            .map(|conn| takeover::query(&conn, port))
+            .transpose()
+    })
+    .await
+    .context("the takeover task failed")?;
+    let live = match found.with_context(|| {
+        format!(
+            "a weir runs with --api-socket {} and cannot be taken over (it keeps serving)",
+            args.api_socket.display()
+        )
+    })? {
+        Some(pid) => {
+            info!(pid, "found a running weir");
+            true
+        }
+        None => false,
+    };
+    match (args.takeover, live) {
+        (true, false) => bail!(
+            "--takeover: no running weir answers at {} (is one running with --api-socket {}?              start without --takeover for a fresh start)",
+            path.display(),
+            args.api_socket.display()
+        ),
+        (_, true) => {
+            info!(socket = %path.display(), "a running weir answers: taking over its listening sockets");
+            Ok(true)
+        }
+        (false, false) => {
+            info!("no running weir to take over: fresh start");
+            Ok(false)
+        }
+    }
+}
+
+/// Asks the running weir for its listeners (blocking, so off the runtime's threads).
+async fn take_over(path: &Path, proxy_port: u16) -> anyhow::Result<TakenListeners> {
+    let path = path.to_path_buf();
+    let taken = tokio::task::spawn_blocking(move || {
+        let conn = takeover::connect(&path)?
+            .ok_or_else(|| takeover::TakeoverError::NoPeer(path.clone()))?;
+        takeover::request(conn, proxy_port)
+    })
+    .await
+    .context("the takeover task failed")?
+    .context("taking over the running weir's sockets")?;
+    let mut out = TakenListeners {
+        conn: taken.conn,
+        old_pid: taken.old_pid,
+        tcp: Vec::new(),
+        udp: Vec::new(),
+    };
+    for l in taken.tcp {
+        l.set_nonblocking(true)?;
+        out.tcp.push(tokio::net::TcpListener::from_std(l)?);
+    }
+    for u in taken.udp {
+        u.set_nonblocking(true)?;
+        out.udp.push(tokio::net::UdpSocket::from_std(u)?);
+    }
+    info!(
+        old_pid = out.old_pid,
+        tcp = out.tcp.len(),
+        udp = out.udp.len(),
+        "received the running weir's listening sockets"
+    );
+    Ok(out)
+}
+
+struct TakenListeners {
+    conn: takeover::Conn,
+    old_pid: u32,
+    tcp: Vec<tokio::net::TcpListener>,
+    udp: Vec<tokio::net::UdpSocket>,
+}
+
+/// This weir serves the taken-over listeners: tells the old weir, waits until it
+/// has released the socket paths, binds the API, and hands the old weir's final
+/// "drained" to the control thread ([`ControlMsg::PeerDrained`]).
+async fn finish_takeover(
+    args: &RunArgs,
+    conn: takeover::Conn,
+    old_pid: u32,
+    control: &std::sync::mpsc::Sender<ControlMsg>,
+) -> Option<tokio::net::UnixListener> {
+    let released = tokio::task::spawn_blocking(move || {
+        conn.send(&takeover::Msg::Serving, &[])?;
+        match conn.recv(Some(std::time::Duration::from_secs(30)))?.0 {
+            takeover::Msg::Released => Ok(conn),
+            other => Err(takeover::TakeoverError::Protocol(format!(
+                "expected released, got {other:?}"
+            ))),
+        }
+    })
+    .await;
+    match released {
+        Ok(Ok(conn)) => {
+            info!(old_pid, "took over: serving; the old weir drains and exits");
+            let control = control.clone();
+            let waiter = std::thread::Builder::new()
+                .name("weir-takeover".into())
+                .spawn(move || match conn.recv(None) {
+                    Ok((takeover::Msg::Drained { connections_left, udp_sessions_left }, _)) => {
+                        info!(old_pid, connections_left, udp_sessions_left, "the old weir has drained");
+                        let _ = control.send(ControlMsg::PeerDrained { pid: old_pid });
+                    }
+                    other => warn!(old_pid, result = ?other.map(|(m, _)| m), "the old weir ended without saying it drained"),
+                });
+            if let Err(e) = waiter {
+                warn!(error = %e, "cannot wait for the old weir to drain");
+            }
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "the old weir did not confirm the handover; serving anyway")
+        }
+        Err(e) => warn!(error = %e, "the handover task failed; serving anyway"),
+    }
+    // Serving matters more than the API: without it, say so and go on.
+    match api::server::bind(&args.api_socket) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            error!(error = %e, "cannot serve the API after the takeover");
+            None
+        }
+    }
+}
+
+/// Copies of the listeners' descriptors (the same sockets) for a later takeover.
+fn duplicate_listeners(
+    tcp: &[tokio::net::TcpListener],
+    udp: &[tokio::net::UdpSocket],
+) -> anyhow::Result<Vec<(takeover::SocketDesc, OwnedFd)>> {
+    let mut out = Vec::new();
+    for l in tcp {
+        let d = takeover::describe(takeover::Proto::Tcp, l.local_addr()?);
+        out.push((d, l.as_fd().try_clone_to_owned()?));
+    }
+    for u in udp {
+        let d = takeover::describe(takeover::Proto::Udp, u.local_addr()?);
+        out.push((d, u.as_fd().try_clone_to_owned()?));
+    }
+    Ok(out)
+}
+
+/// Listens for a successor on the takeover socket, on a thread of its own.
+fn start_takeover_listener(
+    path: &Path,
+    dups: Vec<(takeover::SocketDesc, OwnedFd)>,
+    args: &RunArgs,
+    events: tokio::sync::mpsc::Sender<takeover::OldEvent>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let listener = match takeover::Listener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "no takeover socket: a new weir cannot take over without losing traffic");
+            return None;
+        }
+    };
+    let port = args.proxy_port;
+    match std::thread::Builder::new()
+        .name("weir-takeover".into())
+        .spawn(move || takeover::serve_old(listener, dups, port, events))
+    {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "cannot start the takeover thread");
+            None
+        }
+    }
+}
+
+/// Waits until the open connections and UDP sessions are done, or `timeout`;
+/// returns how many were left.
+async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usize, usize) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    info!(
+        connections = shared.client_connections(),
+        udp_sessions = shared.udp_sessions(),
+        ?timeout,
+        "handed over; draining"
+    );
+    loop {
+        let left = (shared.client_connections(), shared.udp_sessions());
+        if left == (0, 0) {
+            return left;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                connections = left.0,
+                udp_sessions = left.1,
+                "drain timeout; closing what is left"
+            );
+            return left;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Removes the ready file unless a successor has written its own pid there.
+fn remove_if_ours(ready: &Path) {
+    let mine = std::process::id().to_string();
+    if std::fs::read_to_string(ready).is_ok_and(|s| s.trim() == mine) {
+        let _ = std::fs::remove_file(ready);
+    }
 }
 
 /// Refuses flag combinations that cannot work, before anything is touched.
@@ -226,34 +519,59 @@ fn choose_steering(
 }
 
 /// The kernel's verdict events become flow records on a task of their own.
-fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) {
-    if let Some(ring) = dp.take_events() {
-        let counters = dp.take_counters();
-        tokio::spawn(crate::datapath::events::drain(
-            ring,
-            counters,
-            shared.clone(),
-            dp.rules_handle(),
-        ));
-    }
+fn start_flow_events(
+    dp: &mut Datapath,
+    shared: &Arc<Shared>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let ring = dp.take_events()?;
+    let counters = dp.take_counters();
+    Some(tokio::spawn(crate::datapath::events::drain(
+        ring,
+        counters,
+        shared.clone(),
+        dp.rules_handle(),
+    )))
 }
 
 /// The proxy's listener tasks; either one ending is an error.
 struct Serving {
     tcp: tokio::task::JoinHandle<()>,
     udp: tokio::task::JoinHandle<()>,
+    /// The kernel's verdict events (eBPF only).
+    events: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Hands SIGHUP and API requests to the control thread until SIGTERM/SIGINT.
+/// What the run loop holds that a takeover stops.
+struct Running {
+    serving: Serving,
+    api: Option<tokio::task::JoinHandle<()>>,
+    api_tx: tokio::sync::mpsc::Sender<api::server::Command>,
+    /// A takeover is under way: the API is stopped and the control thread quiet.
+    quiesced: bool,
+    shared: Arc<Shared>,
+}
+
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new weir serves the listeners; send the drain's result here.
+    HandedOver(std::sync::mpsc::Sender<(usize, usize)>),
+}
+
+/// Hands SIGHUP and API requests to the control thread until SIGTERM/SIGINT or
+/// until a new weir has taken over.
 async fn serve_until_stopped(
     control: &std::sync::mpsc::Sender<ControlMsg>,
     mut api_rx: tokio::sync::mpsc::Receiver<api::server::Command>,
-    mut serving: Serving,
-) -> anyhow::Result<()> {
+    mut takeover_rx: tokio::sync::mpsc::Receiver<takeover::OldEvent>,
+    running: &mut Running,
+    args: &RunArgs,
+) -> anyhow::Result<Stopped> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
+        let serving = &mut running.serving;
         tokio::select! {
             _ = hup.recv() => {
                 let _ = control.send(ControlMsg::Reload);
@@ -261,8 +579,13 @@ async fn serve_until_stopped(
             Some(cmd) = api_rx.recv() => {
                 let _ = control.send(ControlMsg::Api(cmd));
             }
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            Some(ev) = takeover_rx.recv() => {
+                if let Some(drained) = on_takeover_event(ev, control, running, args).await {
+                    return Ok(Stopped::HandedOver(drained));
+                }
+            }
+            _ = term.recv() => return Ok(Stopped::Signal),
+            _ = int.recv() => return Ok(Stopped::Signal),
             r = &mut serving.tcp => {
                 return Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
             }
@@ -273,12 +596,70 @@ async fn serve_until_stopped(
     }
 }
 
+/// One step of being taken over (see `takeover`); `Some` once handed over.
+async fn on_takeover_event(
+    ev: takeover::OldEvent,
+    control: &std::sync::mpsc::Sender<ControlMsg>,
+    running: &mut Running,
+    args: &RunArgs,
+) -> Option<std::sync::mpsc::Sender<(usize, usize)>> {
+    match ev {
+        takeover::OldEvent::Quiesce(done) => {
+            // No change may reach this weir that the new one would not see:
+            // the API goes (its path too, for the new weir to bind), and the
+            // control thread finishes what it has and then changes nothing.
+            if let Some(api) = running.api.take() {
+                api.abort();
+            }
+            let _ = std::fs::remove_file(&args.api_socket);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if control.send(ControlMsg::HandOver(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            running.quiesced = true;
+            let _ = done.send(());
+            None
+        }
+        takeover::OldEvent::Resume => {
+            if running.quiesced {
+                running.quiesced = false;
+                let _ = control.send(ControlMsg::Resume);
+                match api::server::bind(&args.api_socket) {
+                    Ok(l) => {
+                        running.api =
+                            Some(tokio::spawn(api::server::serve(l, running.api_tx.clone())))
+                    }
+                    Err(e) => error!(error = %e, "cannot serve the API again"),
+                }
+                info!("takeover abandoned; serving as before");
+            }
+            None
+        }
+        takeover::OldEvent::HandedOver { stopped, drained } => {
+            // The new weir reads the same sockets already: stop reading here.
+            // Accepting and receiving are cancel-safe, and connections and
+            // sessions already accepted are tasks of their own that go on.
+            let s = &running.serving;
+            s.tcp.abort();
+            s.udp.abort();
+            if let Some(e) = &s.events {
+                e.abort();
+            }
+            running.shared.start_draining();
+            let _ = stopped.send(());
+            info!("a new weir serves the listeners now");
+            Some(drained)
+        }
+    }
+}
+
 /// Stops the control thread and says what stays enforcing after weir is gone.
 async fn shut_down(
     control: &std::sync::mpsc::Sender<ControlMsg>,
     mode: SteeringMode,
     args: &RunArgs,
     steer_cfg: &SteeringConfig,
+    handed_over: bool,
 ) {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let outlives = if control.send(ControlMsg::Stop(stopped_tx)).is_ok() {
@@ -287,6 +668,8 @@ async fn shut_down(
         false
     };
     match mode {
+        // Everything installed is the new weir's now.
+        _ if handed_over => info!("stopped; the steering stays for the weir that took over"),
         SteeringMode::Ebpf if outlives => info!(
             bpf_root = %args.bpf_root.display(),
             "shutting down; the eBPF datapath stays attached and pinned, enforcing L3/L4 \
