@@ -140,14 +140,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shared.clone(),
     )
     .context("starting the control thread")?;
-    let serving = Serving {
+    let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),
-        events: events_task,
+        events: None,
     };
     if let Some((conn, old_pid)) = peer {
         api_listener = finish_takeover(&args, conn, old_pid, &control).await;
     }
+    serving.events = events_task.map(FlowEvents::spawn);
     let (api_tx, api_rx) = tokio::sync::mpsc::channel(16);
     let api = api_listener.map(|l| tokio::spawn(api::server::serve(l, api_tx.clone())));
     let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
@@ -181,6 +182,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         other => {
             let _ = std::fs::remove_file(&args.api_socket);
+            if takeover_thread.is_some() {
+                let _ = std::fs::remove_file(&takeover_path);
+            }
             shut_down(&control, mode, &args, &steer_cfg, false).await;
             remove_if_ours(&ready);
             other.map(|_| ())
@@ -394,6 +398,14 @@ fn start_takeover_listener(
 /// returns how many were left.
 async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usize, usize) {
     let deadline = tokio::time::Instant::now() + timeout;
+    // SIGTERM or SIGINT cut the drain short.
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => return (shared.client_connections(), shared.udp_sessions()),
+    };
     info!(
         connections = shared.client_connections(),
         udp_sessions = shared.udp_sessions(),
@@ -413,7 +425,11 @@ async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usize, usize) 
             );
             return left;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = term.recv() => return left,
+            _ = int.recv() => return left,
+        }
     }
 }
 
@@ -518,19 +534,27 @@ fn choose_steering(
     Ok((mode, datapath))
 }
 
-/// The kernel's verdict events become flow records on a task of their own.
-fn start_flow_events(
-    dp: &mut Datapath,
-    shared: &Arc<Shared>,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// The kernel's verdict events, to become flow records on a task of their own.
+fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) -> Option<FlowEvents> {
     let ring = dp.take_events()?;
     let counters = dp.take_counters();
-    Some(tokio::spawn(crate::datapath::events::drain(
+    Some(FlowEvents(Box::pin(crate::datapath::events::drain(
         ring,
         counters,
         shared.clone(),
         dp.rules_handle(),
-    )))
+    ))))
+}
+
+/// The events task, not yet spawned: the ring buffer is pinned and shared, and
+/// a weir taking over starts reading it only once the old one has stopped (two
+/// readers of one ring would race for its records).
+struct FlowEvents(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+
+impl FlowEvents {
+    fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.0)
+    }
 }
 
 /// The proxy's listener tasks; either one ending is an error.

@@ -193,7 +193,27 @@ fn takeover_loses_no_request(test: &str, steering: &str) {
         );
         assert_eq!(text(&out), "Access denied\n 403", "{ip}");
     }
-    assert!(s.weir_with_pid(new).is_some_and(|p| p.alive()));
+
+    // A weir that itself took over (and adopted the pins) is taken over in
+    // turn, back to the allowing policy.
+    std::fs::write(s.path("policy.yaml"), ALLOW_BOTH).unwrap();
+    let Some(newer) = s.start_next_weir(&args, "weir-newer.log") else {
+        panic!(
+            "the second takeover failed:\n{}",
+            std::fs::read_to_string(s.path("weir-newer.log")).unwrap_or_default()
+        );
+    };
+    let ok = lab::wait_until(Duration::from_secs(20), || {
+        !s.weir_with_pid(new).is_some_and(|p| p.alive())
+    });
+    assert!(ok.is_ok(), "the second weir is still running");
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        assert_eq!(
+            s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
+            "200"
+        );
+    }
+    assert!(s.weir_with_pid(newer).is_some_and(|p| p.alive()));
 }
 
 #[test]
