@@ -612,6 +612,82 @@ mod tests {
         assert!(b.recv(Some(Duration::from_secs(1))).is_err());
     }
 
+    /// The old weir's side, driven by hand: a new weir that goes away after
+    /// taking the sockets makes the old one resume; one that serves gets
+    /// `Released`, then `Drained` with the counts the run loop reports.
+    #[test]
+    fn the_old_side_resumes_after_an_abandoned_takeover_and_releases_after_one_that_serves() {
+        let dir = std::env::temp_dir().join(format!("weir-takeover-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weir.sock.takeover");
+        let listener = Listener::bind(&path).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let u = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+        let sockets = vec![
+            (
+                describe(Proto::Tcp, l.local_addr().unwrap()),
+                OwnedFd::from(l.try_clone().unwrap()),
+            ),
+            (
+                describe(Proto::Udp, u.local_addr().unwrap()),
+                OwnedFd::from(u.try_clone().unwrap()),
+            ),
+        ];
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let old = std::thread::spawn(move || serve_old(listener, sockets, port, tx));
+        // The run loop's part.
+        let run_loop = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    OldEvent::Quiesce(done) => {
+                        seen.push("quiesce");
+                        let _ = done.send(());
+                    }
+                    OldEvent::Resume => seen.push("resume"),
+                    OldEvent::HandedOver { stopped, drained } => {
+                        seen.push("handed over");
+                        let _ = stopped.send(());
+                        let _ = drained.send((1, 2));
+                    }
+                }
+            }
+            seen
+        });
+        // A query changes nothing.
+        let c = connect(&path).unwrap().unwrap();
+        assert_eq!(query(&c, port).unwrap(), std::process::id());
+        assert!(matches!(
+            query(&connect(&path).unwrap().unwrap(), port + 1),
+            Err(TakeoverError::Refused(_))
+        ));
+        // Takes the sockets, then goes away.
+        let c = connect(&path).unwrap().unwrap();
+        let taken = request(c, port).unwrap();
+        assert_eq!((taken.tcp.len(), taken.udp.len()), (1, 1));
+        drop(taken);
+        // Takes them and serves.
+        let taken = request(connect(&path).unwrap().unwrap(), port).unwrap();
+        taken.conn.send(&Msg::Serving, &[]).unwrap();
+        let t = Some(Duration::from_secs(5));
+        assert_eq!(taken.conn.recv(t).unwrap().0, Msg::Released);
+        assert_eq!(
+            taken.conn.recv(t).unwrap().0,
+            Msg::Drained {
+                connections_left: 1,
+                udp_sessions_left: 2
+            }
+        );
+        old.join().unwrap();
+        assert!(!path.exists(), "the takeover socket's path is released");
+        assert_eq!(
+            run_loop.join().unwrap(),
+            ["quiesce", "resume", "quiesce", "handed over"]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn hello_is_checked_for_version_and_port() {
         let hello = |version, proxy_port| Msg::Hello {
