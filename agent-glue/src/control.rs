@@ -93,7 +93,10 @@ pub fn spawn(
                         handed_over = true;
                         let _ = done.send(());
                     }
-                    ControlMsg::Resume => handed_over = false,
+                    ControlMsg::Resume => {
+                        handed_over = false;
+                        resume(&mut steering, &shared);
+                    }
                     ControlMsg::PeerDrained { pid } => {
                         info!(pid, "the weir taken over has drained and stopped");
                     }
@@ -117,6 +120,22 @@ pub fn spawn(
             }
         })?;
     Ok(tx)
+}
+
+/// A new weir that failed to take over may have changed the steering before it
+/// went: make it this weir's again.
+fn resume(steering: &mut Steering, shared: &Shared) {
+    if let Some(dp) = steering.datapath.as_mut()
+        && let Err(e) = dp.readopt()
+    {
+        error!(error = %e, "re-reading the eBPF maps after an abandoned takeover failed");
+    }
+    match steering.apply(&shared.policy.load()) {
+        Ok(()) => info!("steering re-applied after an abandoned takeover"),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "re-applying steering after an abandoned takeover failed")
+        }
+    }
 }
 
 fn reload(sources: &mut Sources, steering: &mut Steering, files: &Files, shared: &Shared) {

@@ -350,7 +350,7 @@ fn udp_flows_keep_answering_across_a_takeover() {
 }
 
 #[test]
-fn takeover_without_a_running_weir_or_on_another_port_is_refused() {
+fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
     let Some(mut s) = Scenario::star_wars("takeover-refused") else {
         return;
     };
@@ -397,6 +397,41 @@ fn takeover_without_a_running_weir_or_on_another_port_is_refused() {
             assert_eq!(
                 s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
                 "403"
+            );
+        }
+        // A new weir that takes the sockets and goes away before it serves (a
+        // client of the protocol here, holding them for a moment): the old one
+        // stops its API meanwhile, then resumes, and re-applies its steering
+        // (which that weir may have changed: here the nft table is gone).
+        let takeover_sock = s.path("weir.sock.takeover");
+        let conn = weir_agent::takeover::connect(&takeover_sock)
+            .expect("connect")
+            .expect("the old weir answers");
+        let taken = weir_agent::takeover::request(conn, 15001).expect("the sockets");
+        assert!(
+            !s.path("weir.sock").exists(),
+            "the API is stopped meanwhile"
+        );
+        if steering == "nft" {
+            s.run_in_node(&["nft", "delete", "table", "inet", "weir"]);
+        }
+        drop(taken);
+        let resumed = lab::wait_until(Duration::from_secs(10), || {
+            s.weir_log_text()
+                .contains("steering re-applied after an abandoned takeover")
+                && s.path("weir.sock").exists()
+        });
+        assert!(resumed.is_ok(), "{}", s.weir_log_text());
+        assert!(
+            s.weir_log_text()
+                .contains("takeover abandoned; serving as before")
+        );
+        for ip in [DEATHSTAR4, DEATHSTAR6] {
+            assert_eq!(
+                s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
+                "403",
+                "{}",
+                s.weir_log_text()
             );
         }
         let api = s.run_in_node(&[
