@@ -296,7 +296,11 @@ pub fn main(cli: Cli) -> ExitCode {
 /// `weir cleanup`: refuses while a weir answers on the API socket (unless
 /// `--force`), then removes everything weir installed and says what that was.
 fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {
-    if std::os::unix::net::UnixStream::connect(&args.api_socket).is_ok() && !args.force {
+    // Mid-takeover the API socket is briefly absent; the takeover socket answers.
+    let takeover = crate::takeover::socket_path(&args.api_socket);
+    let running = std::os::unix::net::UnixStream::connect(&args.api_socket).is_ok()
+        || crate::takeover::connect(&takeover).is_ok_and(|c| c.is_some());
+    if running && !args.force {
         anyhow::bail!(
             "a weir is running (it answers on {}): stop it first, or pass --force to remove its enforcement from under it",
             args.api_socket.display()
