@@ -43,7 +43,8 @@ pub(super) async fn decide_takeover(args: &RunArgs, path: &Path) -> anyhow::Resu
     };
     match (args.takeover, live) {
         (true, false) => bail!(
-            "--takeover: no running weir answers at {} (is one running with --api-socket {}?              start without --takeover for a fresh start)",
+            "--takeover: no running weir answers at {} (is one running with --api-socket {}? \
+             start without --takeover for a fresh start)",
             path.display(),
             args.api_socket.display()
         ),
