@@ -254,6 +254,16 @@ pub struct RunArgs {
     /// Most addresses kept per DNS name; beyond, the oldest learned goes.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub fqdn_max_ips_per_name: u32,
+    /// Take over the listening sockets of the weir running with this
+    /// --api-socket (planned restart or upgrade; fails if none runs). Without
+    /// the flag a running weir is taken over when one answers, else weir starts
+    /// afresh.
+    #[arg(long)]
+    pub takeover: bool,
+    /// After handing its sockets to a new weir, this weir lets its open
+    /// connections and UDP sessions finish for at most this long, then exits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -296,7 +306,11 @@ pub fn main(cli: Cli) -> ExitCode {
 /// `weir cleanup`: refuses while a weir answers on the API socket (unless
 /// `--force`), then removes everything weir installed and says what that was.
 fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {
-    if std::os::unix::net::UnixStream::connect(&args.api_socket).is_ok() && !args.force {
+    // Mid-takeover the API socket is briefly absent; the takeover socket answers.
+    let takeover = crate::takeover::socket_path(&args.api_socket);
+    let running = std::os::unix::net::UnixStream::connect(&args.api_socket).is_ok()
+        || crate::takeover::connect(&takeover).is_ok_and(|c| c.is_some());
+    if running && !args.force {
         anyhow::bail!(
             "a weir is running (it answers on {}): stop it first, or pass --force to remove its enforcement from under it",
             args.api_socket.display()

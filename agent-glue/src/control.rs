@@ -31,6 +31,15 @@ pub enum ControlMsg {
     Stop(tokio::sync::oneshot::Sender<bool>),
     /// Learn a DNS answer's addresses (from the proxy, through `LearnerHandle`).
     Learn(fqdn::learner::LearnJob),
+    /// A new weir is taking over (see `takeover`): from now on change nothing
+    /// (reloads and API changes are dropped); answered once every earlier
+    /// message is done.
+    HandOver(tokio::sync::oneshot::Sender<()>),
+    /// The takeover did not complete: apply changes again.
+    Resume,
+    /// The weir this one took over has drained and stopped its control thread;
+    /// state it left in the state dir for its successor is complete now.
+    PeerDrained { pid: u32 },
 }
 
 /// How often expired FQDN entries are looked for (and the cache written).
@@ -94,6 +103,7 @@ pub fn spawn(
         .name("weir-control".into())
         .spawn(move || {
             let mut next_tick = Instant::now() + FQDN_TICK;
+            let mut handed_over = false;
             loop {
                 let msg = match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now()))
                 {
@@ -106,6 +116,27 @@ pub fn spawn(
                 };
                 match msg {
                     None => {}
+                    Some(ControlMsg::Reload | ControlMsg::Api(_)) if handed_over => {
+                        // Another weir owns the maps and files now; an API
+                        // caller sees its request dropped ("shutting down").
+                        info!("handed over to a new weir; change ignored");
+                    }
+                    Some(ControlMsg::HandOver(done)) => {
+                        handed_over = true;
+                        fqdn.hand_over(true);
+                        let _ = done.send(());
+                    }
+                    Some(ControlMsg::Resume) => {
+                        handed_over = false;
+                        fqdn.hand_over(false);
+                        resume(&mut steering, &shared);
+                    }
+                    Some(ControlMsg::PeerDrained { pid }) => {
+                        info!(pid, "the weir taken over has drained and stopped");
+                        // What it learned while draining joins this cache.
+                        let policy = shared.policy.load_full();
+                        fqdn.merge_handed_over(&policy, steering.fqdn_datapath());
+                    }
                     Some(ControlMsg::Reload) => {
                         reload(&mut sources, &mut steering, &files, &shared, &mut fqdn)
                     }
@@ -123,12 +154,15 @@ pub fn spawn(
                     Some(ControlMsg::Learn(job)) => {
                         // The installed policy: the one the datapath holds.
                         let policy = shared.policy.load_full();
-                        let r = fqdn.learn(
-                            &job.req,
-                            &policy,
-                            steering.fqdn_datapath(),
-                            fqdn::now_ms(),
-                        );
+                        let r = match steering.fqdn_datapath() {
+                            Some(dp) if handed_over => fqdn.learn(
+                                &job.req,
+                                &policy,
+                                Some(&mut fqdn::handover::HandedOverDatapath(dp)),
+                                fqdn::now_ms(),
+                            ),
+                            dp => fqdn.learn(&job.req, &policy, dp, fqdn::now_ms()),
+                        };
                         if let Err(e) = &r {
                             warn!(names = ?job.req.names, error = %e, "could not learn a DNS answer's addresses");
                         }
@@ -145,7 +179,8 @@ pub fn spawn(
                         return;
                     }
                 }
-                if Instant::now() >= next_tick {
+                // After a handover the new weir expires what is learned.
+                if !handed_over && Instant::now() >= next_tick {
                     let policy = shared.policy.load_full();
                     fqdn.tick(&policy, steering.fqdn_datapath(), fqdn::now_ms());
                     fqdn.persist_if_due(false);
@@ -154,6 +189,22 @@ pub fn spawn(
             }
         })?;
     Ok(tx)
+}
+
+/// A new weir that failed to take over may have changed the steering before it
+/// went: make it this weir's again.
+fn resume(steering: &mut Steering, shared: &Shared) {
+    if let Some(dp) = steering.datapath.as_mut()
+        && let Err(e) = dp.readopt()
+    {
+        error!(error = %e, "re-reading the eBPF maps after an abandoned takeover failed");
+    }
+    match steering.apply(&shared.policy.load()) {
+        Ok(()) => info!("steering re-applied after an abandoned takeover"),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "re-applying steering after an abandoned takeover failed")
+        }
+    }
 }
 
 fn reload(

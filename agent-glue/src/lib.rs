@@ -16,3 +16,4 @@ pub mod registry;
 pub mod run;
 pub mod state;
 pub mod steering;
+pub mod takeover;

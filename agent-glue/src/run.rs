@@ -18,6 +18,13 @@ use crate::fqdn::{FqdnState, LearnerHandle, Limits};
 use crate::registry::Sources;
 use crate::state;
 use crate::steering::{self, SteeringConfig};
+use crate::takeover;
+
+mod handover;
+use handover::{
+    decide_takeover, drain, duplicate_listeners, finish_takeover, on_takeover_event,
+    remove_if_ours, start_takeover_listener, take_over,
+};
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
     init_tracing();
@@ -59,17 +66,60 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let ready = state::ready_file(&args.state_dir);
-    let _ = std::fs::remove_file(&ready);
-    let sources = Sources::load(
-        &args.policy,
-        args.endpoints.as_deref(),
-        &args.state_dir,
-        args.cluster.config(),
-    )?;
-    let policy = Arc::new(sources.compile()?);
-    // The cache of the previous run (a crash included) is learned into the first
-    // policy before anything is installed: the pinned maps still hold those
-    // addresses, and the first sync must keep them.
+    let takeover_path = takeover::socket_path(&args.api_socket);
+    let taking_over = decide_takeover(&args, &takeover_path).await?;
+    if !taking_over {
+        let _ = std::fs::remove_file(&ready);
+    }
+    let load_sources = || {
+        Sources::load(
+            &args.policy,
+            args.endpoints.as_deref(),
+            &args.state_dir,
+            args.cluster.config(),
+        )
+    };
+    let mut sources = load_sources()?;
+    let mut policy = Arc::new(sources.compile()?);
+    let shared = Shared::new(
+        policy.clone(),
+        flow_sink(args.flow_log.as_deref())?,
+        proxy_config(&args),
+    );
+    // A takeover gets the listeners from the running weir, after everything
+    // else is ready; the API socket is bound once that weir has released it.
+    let bound = if taking_over {
+        None
+    } else {
+        Some(bind_listeners(&args)?)
+    };
+    let steer_cfg = SteeringConfig {
+        proxy_port: args.proxy_port,
+        fwmark: args.steering_args.fwmark,
+        route_table: args.steering_args.route_table,
+    };
+    let (mode, mut datapath) = choose_steering(&args, &policy)?;
+    let (listeners, udp_listeners, mut api_listener, peer) = match bound {
+        Some((tcp, api, udp)) => (tcp, udp, Some(api), None),
+        None => {
+            let taken = take_over(&takeover_path, args.proxy_port).await?;
+            // The running weir changed nothing since it answered; what it
+            // changed before (API endpoints) is in the state dir.
+            sources = load_sources()?;
+            policy = Arc::new(sources.compile()?);
+            shared.set_policy(policy.clone());
+            (
+                taken.tcp,
+                taken.udp,
+                None,
+                Some((taken.conn, taken.old_pid)),
+            )
+        }
+    };
+    // The cache of the previous run (a crash included; on a takeover, what the
+    // running weir last wrote) is learned into the first policy before anything
+    // is installed: the pinned maps still hold those addresses, and the first
+    // sync must keep them.
     let mut fqdn = FqdnState::load(
         &args.state_dir,
         Limits {
@@ -78,35 +128,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     );
     fqdn.learn_all_into(&policy);
-    let shared = Shared::new(
-        policy.clone(),
-        flow_sink(args.flow_log.as_deref())?,
-        proxy_config(&args),
-    );
-    let listeners = listener::bind(args.proxy_port).with_context(|| {
-        format!(
-            "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
-            args.proxy_port
-        )
-    })?;
-    let api_listener = api::server::bind(&args.api_socket)?;
-    let udp_listeners = weir_proxy::udp::bind(args.proxy_port).with_context(|| {
-        format!(
-            "binding the transparent UDP listener on port {}",
-            args.proxy_port
-        )
-    })?;
-    let steer_cfg = SteeringConfig {
-        proxy_port: args.proxy_port,
-        fwmark: args.steering_args.fwmark,
-        route_table: args.steering_args.route_table,
-    };
-    let (mode, mut datapath) = choose_steering(&args, &policy)?;
+    let dups = duplicate_listeners(&listeners, &udp_listeners)?;
+    let mut events_task = None;
     if let Some(dp) = datapath.as_mut() {
         let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
         dp.attach_sk_lookup(&refs)
             .context("attaching the socket-lookup program")?;
-        start_flow_events(dp, &shared);
+        events_task = start_flow_events(dp, &shared);
     }
     let mut steering = Steering {
         mode,
@@ -114,7 +142,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config: steer_cfg.clone(),
     };
     if let Err(e) = steering.apply(&policy) {
-        let _ = steering::remove(&steer_cfg);
+        // A weir being taken over still serves with this steering.
+        if peer.is_none() {
+            let _ = steering::remove(&steer_cfg);
+        }
         return Err(e);
     }
     let control = control::spawn(
@@ -129,21 +160,80 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .context("starting the control thread")?;
     shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));
-    let serving = Serving {
+    let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),
+        events: None,
     };
+    if let Some((conn, old_pid)) = peer {
+        api_listener = finish_takeover(&args, conn, old_pid, &control).await;
+    }
+    serving.events = events_task.map(FlowEvents::spawn);
     let (api_tx, api_rx) = tokio::sync::mpsc::channel(16);
-    let api = tokio::spawn(api::server::serve(api_listener, api_tx));
+    let api = api_listener.map(|l| tokio::spawn(api::server::serve(l, api_tx.clone())));
+    let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
+    let takeover_thread = start_takeover_listener(&takeover_path, dups, &args, takeover_tx);
     std::fs::write(&ready, std::process::id().to_string())
         .with_context(|| format!("writing {}", ready.display()))?;
     info!(port = args.proxy_port, steering = ?mode, "weir ready");
-    let result = serve_until_stopped(&control, api_rx, serving).await;
-    api.abort();
-    let _ = std::fs::remove_file(&args.api_socket);
-    shut_down(&control, mode, &args, &steer_cfg).await;
-    let _ = std::fs::remove_file(&ready);
-    result
+    let mut running = Running {
+        serving,
+        api,
+        api_tx,
+        quiesced: false,
+        shared: shared.clone(),
+    };
+    let stopped = serve_until_stopped(&control, api_rx, takeover_rx, &mut running, &args).await;
+    if let Some(api) = &running.api {
+        api.abort();
+    }
+    match stopped {
+        Ok(Stopped::HandedOver(drained)) => {
+            let left = drain(&shared, args.drain_timeout).await;
+            shut_down(&control, mode, &args, &steer_cfg, true).await;
+            let _ = drained.send(left);
+            if let Some(t) = takeover_thread {
+                // The final message goes out before the process ends.
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            remove_if_ours(&ready);
+            info!("handed over and drained; exiting");
+            Ok(())
+        }
+        other => {
+            let _ = std::fs::remove_file(&args.api_socket);
+            if takeover_thread.is_some() {
+                let _ = std::fs::remove_file(&takeover_path);
+            }
+            shut_down(&control, mode, &args, &steer_cfg, false).await;
+            remove_if_ours(&ready);
+            other.map(|_| ())
+        }
+    }
+}
+
+/// Binds the transparent TCP and UDP listeners and the API socket (a fresh start).
+fn bind_listeners(
+    args: &RunArgs,
+) -> anyhow::Result<(
+    Vec<tokio::net::TcpListener>,
+    tokio::net::UnixListener,
+    Vec<tokio::net::UdpSocket>,
+)> {
+    let listeners = listener::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent listener on port {} (needs root or CAP_NET_ADMIN)",
+            args.proxy_port
+        )
+    })?;
+    let api_listener = api::server::bind(&args.api_socket)?;
+    let udp_listeners = weir_proxy::udp::bind(args.proxy_port).with_context(|| {
+        format!(
+            "binding the transparent UDP listener on port {}",
+            args.proxy_port
+        )
+    })?;
+    Ok((listeners, api_listener, udp_listeners))
 }
 
 /// Refuses flag combinations that cannot work, before anything is touched.
@@ -239,16 +329,26 @@ fn choose_steering(
     Ok((mode, datapath))
 }
 
-/// The kernel's verdict events become flow records on a task of their own.
-fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) {
-    if let Some(ring) = dp.take_events() {
-        let counters = dp.take_counters();
-        tokio::spawn(crate::datapath::events::drain(
-            ring,
-            counters,
-            shared.clone(),
-            dp.rules_handle(),
-        ));
+/// The kernel's verdict events, to become flow records on a task of their own.
+fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) -> Option<FlowEvents> {
+    let ring = dp.take_events()?;
+    let counters = dp.take_counters();
+    Some(FlowEvents(Box::pin(crate::datapath::events::drain(
+        ring,
+        counters,
+        shared.clone(),
+        dp.rules_handle(),
+    ))))
+}
+
+/// The events task, not yet spawned: the ring buffer is pinned and shared, and
+/// a weir taking over starts reading it only once the old one has stopped (two
+/// readers of one ring would race for its records).
+struct FlowEvents(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+
+impl FlowEvents {
+    fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.0)
     }
 }
 
@@ -256,18 +356,41 @@ fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) {
 struct Serving {
     tcp: tokio::task::JoinHandle<()>,
     udp: tokio::task::JoinHandle<()>,
+    /// The kernel's verdict events (eBPF only).
+    events: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Hands SIGHUP and API requests to the control thread until SIGTERM/SIGINT.
+/// What the run loop holds that a takeover stops.
+struct Running {
+    serving: Serving,
+    api: Option<tokio::task::JoinHandle<()>>,
+    api_tx: tokio::sync::mpsc::Sender<api::server::Command>,
+    /// A takeover is under way: the API is stopped and the control thread quiet.
+    quiesced: bool,
+    shared: Arc<Shared>,
+}
+
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new weir serves the listeners; send the drain's result here.
+    HandedOver(std::sync::mpsc::Sender<(usize, usize)>),
+}
+
+/// Hands SIGHUP and API requests to the control thread until SIGTERM/SIGINT or
+/// until a new weir has taken over.
 async fn serve_until_stopped(
     control: &std::sync::mpsc::Sender<ControlMsg>,
     mut api_rx: tokio::sync::mpsc::Receiver<api::server::Command>,
-    mut serving: Serving,
-) -> anyhow::Result<()> {
+    mut takeover_rx: tokio::sync::mpsc::Receiver<takeover::OldEvent>,
+    running: &mut Running,
+    args: &RunArgs,
+) -> anyhow::Result<Stopped> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
+        let serving = &mut running.serving;
         tokio::select! {
             _ = hup.recv() => {
                 let _ = control.send(ControlMsg::Reload);
@@ -275,8 +398,13 @@ async fn serve_until_stopped(
             Some(cmd) = api_rx.recv() => {
                 let _ = control.send(ControlMsg::Api(cmd));
             }
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            Some(ev) = takeover_rx.recv() => {
+                if let Some(drained) = on_takeover_event(ev, control, running, args).await {
+                    return Ok(Stopped::HandedOver(drained));
+                }
+            }
+            _ = term.recv() => return Ok(Stopped::Signal),
+            _ = int.recv() => return Ok(Stopped::Signal),
             r = &mut serving.tcp => {
                 return Err(anyhow::anyhow!("listener stopped unexpectedly: {r:?}"));
             }
@@ -293,6 +421,7 @@ async fn shut_down(
     mode: SteeringMode,
     args: &RunArgs,
     steer_cfg: &SteeringConfig,
+    handed_over: bool,
 ) {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let outlives = if control.send(ControlMsg::Stop(stopped_tx)).is_ok() {
@@ -301,6 +430,8 @@ async fn shut_down(
         false
     };
     match mode {
+        // Everything installed is the new weir's now.
+        _ if handed_over => info!("stopped; the steering stays for the weir that took over"),
         SteeringMode::Ebpf if outlives => info!(
             bpf_root = %args.bpf_root.display(),
             "shutting down; the eBPF datapath stays attached and pinned, enforcing L3/L4 \

@@ -229,15 +229,21 @@ pub fn install_local_delivery(cfg: &SteeringConfig) -> Result<(), SteeringError>
     let mark = format!("{:#x}/{:#x}", cfg.fwmark, cfg.fwmark);
     let table = cfg.route_table.to_string();
     for fam in ["-4", "-6"] {
-        // Replace rather than add, so a restart does not stack duplicates.
-        remove_rules(fam)?;
-        run(
-            "ip",
-            &[
-                fam, "rule", "add", "fwmark", &mark, "lookup", &table, "protocol", RT_PROTO,
-            ],
-            None,
-        )?;
+        // Keep a rule that is already right: removing it, even for a moment,
+        // loses the packets steered meanwhile (a reload, or a new weir taking
+        // over a running one). Otherwise replace rather than add, so a restart
+        // does not stack duplicates.
+        let listed = run("ip", &[fam, "rule", "show"], None)?;
+        if !has_only_rule(&listed, &mark, &table) {
+            remove_rules(fam)?;
+            run(
+                "ip",
+                &[
+                    fam, "rule", "add", "fwmark", &mark, "lookup", &table, "protocol", RT_PROTO,
+                ],
+                None,
+            )?;
+        }
         let dst = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
         run(
             "ip",
@@ -249,6 +255,17 @@ pub fn install_local_delivery(cfg: &SteeringConfig) -> Result<(), SteeringError>
         )?;
     }
     Ok(())
+}
+
+/// `ip rule show` lists exactly one rule of ours, and it is this one.
+fn has_only_rule(listed: &str, mark: &str, table: &str) -> bool {
+    let tag = format!(" proto {RT_PROTO}");
+    let ours: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.trim_end().ends_with(&tag))
+        .collect();
+    let want = format!("from all fwmark {mark} lookup {table}{tag}");
+    matches!(ours.as_slice(), [one] if one.split_once(':').is_some_and(|(_, r)| r.trim() == want))
 }
 
 fn remove_rules(fam: &str) -> Result<usize, SteeringError> {
@@ -318,6 +335,18 @@ pub fn remove(cfg: &SteeringConfig) -> Result<Removed, SteeringError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_already_right_is_kept() {
+        let mark = "0x7700/0x7700";
+        let one = "0:\tfrom all lookup local\n32765:\tfrom all fwmark 0x7700/0x7700 lookup 119 proto 119\n";
+        assert!(has_only_rule(one, mark, "119"));
+        assert!(!has_only_rule(one, mark, "120"));
+        assert!(!has_only_rule(one, "0x7800/0x7800", "119"));
+        let two = format!("{one}32764:\tfrom all fwmark 0x7700/0x7700 lookup 119 proto 119\n");
+        assert!(!has_only_rule(&two, mark, "119"));
+        assert!(!has_only_rule("0:\tfrom all lookup local\n", mark, "119"));
+    }
 
     #[test]
     fn ruleset_shape() {

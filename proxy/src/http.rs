@@ -135,6 +135,18 @@ async fn serve_http1(
     if !first_request(&mut conn, &state, deadline).await {
         return;
     }
+    let mut draining = ctx.shared.draining();
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        // Another weir took over: finish the request in progress with
+        // `Connection: close`, so the client's next one reaches the new weir.
+        _ = draining.wait_for(|d| *d) => conn.as_mut().graceful_shutdown(),
+    }
     if let Err(e) = conn.await {
         debug!(error = %e, "HTTP connection ended with an error");
     }
@@ -176,6 +188,7 @@ async fn serve_http2(
     }
     let idle = config.idle_timeout;
     let mut check_at = activity.last() + idle;
+    let mut draining = ctx.shared.draining();
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -184,6 +197,8 @@ async fn serve_http2(
                 }
                 return;
             }
+            // Another weir took over: GOAWAY now, open streams finish.
+            _ = draining.wait_for(|d| *d) => break,
             () = tokio::time::sleep_until(check_at) => {
                 let now = tokio::time::Instant::now();
                 let quiet_until = activity.last() + idle;

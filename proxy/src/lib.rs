@@ -50,6 +50,11 @@ pub struct Shared {
     pub(crate) started: std::time::Instant,
     /// Set once by the agent (see [`Shared::set_fqdn_learner`]).
     fqdn_learner: std::sync::OnceLock<Arc<dyn fqdn::FqdnLearner>>,
+    /// True once another weir has taken over the listeners (see
+    /// [`Shared::start_draining`]).
+    draining: watch::Sender<bool>,
+    /// UDP sessions open now.
+    pub(crate) udp_sessions: AtomicUsize,
 }
 
 impl Shared {
@@ -66,6 +71,8 @@ impl Shared {
             next_full_warning_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
             fqdn_learner: std::sync::OnceLock::new(),
+            draining: watch::channel(false).0,
+            udp_sessions: AtomicUsize::new(0),
         })
     }
 
@@ -99,5 +106,22 @@ impl Shared {
     /// Client connections the proxy holds now.
     pub fn client_connections(&self) -> usize {
         self.client_conns.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// UDP sessions the proxy holds now.
+    pub fn udp_sessions(&self) -> usize {
+        self.udp_sessions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Another weir serves the listeners now: HTTP connections finish the request
+    /// in progress and close instead of waiting for the next one (HTTP/1.1
+    /// `Connection: close`, HTTP/2 GOAWAY), so clients reconnect to the new weir.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Becomes true when [`Shared::start_draining`] is called.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 }

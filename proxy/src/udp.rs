@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -264,6 +265,24 @@ struct Session {
     /// Connected to the original destination (from the client's address when the
     /// steering returns replies to the proxy).
     upstream: UdpSocket,
+    /// Counted in [`Shared::udp_sessions`] while the session lives (a draining
+    /// weir waits for it).
+    _counted: SessionCount,
+}
+
+struct SessionCount(Arc<Shared>);
+
+impl SessionCount {
+    fn new(shared: &Arc<Shared>) -> SessionCount {
+        shared.udp_sessions.fetch_add(1, Ordering::Relaxed);
+        SessionCount(shared.clone())
+    }
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.udp_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Session {
@@ -288,6 +307,7 @@ impl Session {
         Ok(Session {
             downstream,
             upstream,
+            _counted: SessionCount::new(&ctx.shared),
         })
     }
 
@@ -295,9 +315,25 @@ impl Session {
         let mut from_client = vec![0u8; MAX_DATAGRAM];
         let mut from_server = vec![0u8; MAX_DATAGRAM];
         let (mut up, mut down) = (0u64, 0u64);
+        let mut draining = ctx.shared.draining();
+        // Datagrams sent to the server since its last reply.
+        let mut in_flight = 0u64;
         loop {
+            // Another weir took over: end between an answer and the client's
+            // next datagram, which then reaches the new weir's listener; nothing
+            // of this flow is lost.
+            if *draining.borrow() && in_flight == 0 && queued.is_empty() && !self.client_waiting() {
+                debug!(
+                    bytes_up = up,
+                    bytes_down = down,
+                    "handed over; UDP session closed between datagrams"
+                );
+                return;
+            }
             let step = tokio::time::timeout(idle, async {
                 tokio::select! {
+                    // Wakes the loop for the check above.
+                    Ok(()) = draining.changed() => Ok((0, 0)),
                     Some(d) = queued.recv() => self.forward_to_server(&ctx, &d).await.map(|n| (n, 0)),
                     r = self.downstream.recv(&mut from_client) => match r {
                         Ok(n) => self.forward_to_server(&ctx, &from_client[..n]).await.map(|n| (n, 0)),
@@ -318,6 +354,11 @@ impl Session {
                 Ok(Ok((u, d))) => {
                     up += u as u64;
                     down += d as u64;
+                    if d > 0 {
+                        in_flight = 0;
+                    } else if u > 0 {
+                        in_flight += 1;
+                    }
                 }
                 // ICMP errors (port unreachable) surface here as ECONNREFUSED and
                 // the like: the peer is not there, but a later datagram may be.
@@ -334,6 +375,15 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A datagram from the client waits in the session's socket.
+    fn client_waiting(&self) -> bool {
+        let mut one = [std::mem::MaybeUninit::uninit(); 1];
+        // The socket is non-blocking: an empty queue is `WouldBlock`.
+        socket2::SockRef::from(&self.downstream)
+            .peek(&mut one)
+            .is_ok()
     }
 
     /// Sends a client datagram on, if the policy in force still allows the flow.

@@ -252,6 +252,43 @@ impl Scenario {
     pub fn start_weir(&mut self, policy: &str, extra_args: &[&str]) {
         let pol = self.path("policy.yaml");
         std::fs::write(&pol, policy).unwrap();
+        let cmd = self.weir_run_command(extra_args, &self.weir_log);
+        self.lab.spawn("weir", cmd).expect("start weir");
+        let ready = self.state_dir.join("ready");
+        let lab = &mut self.lab;
+        let ok = lab::wait_until(Duration::from_secs(20), || {
+            ready.exists() || !lab.processes.last_mut().is_some_and(|p| p.alive())
+        });
+        if ok.is_err() || !ready.exists() {
+            panic!("weir did not become ready:\n{}", self.weir_log_text());
+        }
+    }
+
+    /// Starts another `weir run` beside a running one (same files and sockets,
+    /// logging to `<scratch>/<log>`), tracked like the first: `Some(pid)` once
+    /// its pid is in the ready file, `None` if it exited first.
+    pub fn start_next_weir(&mut self, extra_args: &[&str], log: &str) -> Option<u32> {
+        let cmd = self.weir_run_command(extra_args, &self.path(log));
+        let pid = self.lab.spawn("weir", cmd).expect("start weir").pid();
+        let ready = self.state_dir.join("ready");
+        let is_ready =
+            || std::fs::read_to_string(&ready).is_ok_and(|s| s.trim() == pid.to_string());
+        let _ = lab::wait_until(Duration::from_secs(60), || {
+            is_ready() || !self.weir_with_pid(pid).is_some_and(|p| p.alive())
+        });
+        is_ready().then_some(pid)
+    }
+
+    /// A weir process this scenario started, by pid.
+    pub fn weir_with_pid(&mut self, pid: u32) -> Option<&mut Process> {
+        self.lab
+            .processes
+            .iter_mut()
+            .find(|p| p.name == "weir" && p.pid() == pid)
+    }
+
+    fn weir_run_command(&self, extra_args: &[&str], log: &Path) -> Command {
+        let pol = self.path("policy.yaml");
         let mut cmd = self
             .lab
             .node
@@ -271,16 +308,8 @@ impl Scenario {
             .args(extra_args)
             .env("WEIR_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&self.weir_log).unwrap());
-        self.lab.spawn("weir", cmd).expect("start weir");
-        let ready = self.state_dir.join("ready");
-        let lab = &mut self.lab;
-        let ok = lab::wait_until(Duration::from_secs(20), || {
-            ready.exists() || !lab.processes.last_mut().is_some_and(|p| p.alive())
-        });
-        if ok.is_err() || !ready.exists() {
-            panic!("weir did not become ready:\n{}", self.weir_log_text());
-        }
+            .stderr(std::fs::File::create(log).unwrap());
+        cmd
     }
 
     pub fn weir(&mut self) -> &mut Process {

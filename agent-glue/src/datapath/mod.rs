@@ -242,6 +242,14 @@ impl Datapath {
 
     /// Learns what pinned maps from an earlier run already hold, so the first
     /// `sync` removes what no longer applies, and continues its generation count.
+    /// Reads the maps' contents and configuration from the kernel again, so the
+    /// next [`Datapath::sync`] undoes whatever another weir wrote meanwhile (a
+    /// takeover that did not complete).
+    pub fn readopt(&mut self) -> Result<(), DatapathError> {
+        self.adopt()?;
+        self.write_config()
+    }
+
     fn adopt(&mut self) -> Result<(), DatapathError> {
         self.installed = sync::read_installed(&self.ebpf)?;
         let cfg: Array<&MapData, Config> = Array::try_from(

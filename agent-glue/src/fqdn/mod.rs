@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod expiry;
+pub mod handover;
 pub mod learner;
 pub mod persist;
 
@@ -76,6 +77,8 @@ pub struct FqdnState {
     resync: bool,
     /// When conntrack was last read for expired entries (unix ms).
     last_ct_check_ms: Option<u64>,
+    /// A new weir has taken over (see `handover.rs`).
+    handed_over: bool,
 }
 
 impl FqdnState {
@@ -94,6 +97,7 @@ impl FqdnState {
             last_saved: None,
             resync: false,
             last_ct_check_ms: None,
+            handed_over: false,
         }
     }
 
@@ -107,6 +111,7 @@ impl FqdnState {
             last_saved: None,
             resync: false,
             last_ct_check_ms: None,
+            handed_over: false,
         }
     }
 
@@ -163,7 +168,8 @@ impl FqdnState {
     }
 
     fn save_ids_if_grown(&mut self, before: usize) {
-        if self.ids.assignments().count() == before {
+        // After a handover the identities file is the new weir's.
+        if self.handed_over || self.ids.assignments().count() == before {
             return;
         }
         if let Some(dir) = &self.state_dir
@@ -179,6 +185,13 @@ impl FqdnState {
         let Some(dir) = &self.state_dir else {
             return;
         };
+        if self.handed_over {
+            // The cache file is the new weir's now; ours goes beside it at the end.
+            if force {
+                self.persist_handed_over();
+            }
+            return;
+        }
         let due = self
             .last_saved
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
