@@ -1,0 +1,618 @@
+//! `toFQDNs` end to end on the eBPF datapath: the tiefighter resolves names
+//! through a real resolver outside the node (dnsmasq in the `dns` namespace, a
+//! peer that is not a local endpoint), weir's DNS proxy checks each query and
+//! learns the addresses of allowed answers into the kernel's allowlist before the
+//! answer is released, and the tiefighter then connects by name to servers in the
+//! `web` namespace (nginx, a real TCP echo peer), IPv4 and IPv6.
+//!
+//! Names served (see [`start_resolver`]): `api.example.com` (A + AAAA, TTL 60),
+//! `www.example.com` (CNAME to `edge.cdnprovider.net`), `short.example.com`
+//! (TTL 2), `other.example.com` (answered, but selected by no toFQDNs rule unless
+//! the test adds it) and `<a-b-c-d>.race.example.com` (dnsmasq's synth-domain:
+//! one distinct address per name in 10.201.4.0/22, TTL 0).
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_tests::{Scenario, lab, text, weir_bin};
+
+const RESOLVER4: &str = "10.201.1.1";
+const RESOLVER6: &str = "fd00:201:1::1";
+const API4: &str = "10.201.2.1";
+const API6: &str = "fd00:201:2::1";
+const EDGE4: &str = "10.201.2.2";
+const SHORT4: &str = "10.201.2.3";
+const OTHER4: &str = "10.201.2.4";
+const OTHER6: &str = "fd00:201:2::4";
+
+/// DNS to the resolver only, checked by name (every name allowed: the toFQDNs
+/// rules decide what may be connected to); HTTP and the echo port only to the
+/// addresses of the selected names. `{extra}` adds toFQDNs selectors.
+fn policy(extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: fqdn}}
+spec:
+  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
+  egress:
+  - toCIDR: [{RESOLVER4}/32, "{RESOLVER6}/128"]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*"}}]
+  - toFQDNs:
+    - matchName: api.example.com
+    - matchName: www.example.com
+    - matchName: short.example.com
+    - matchPattern: "*.race.example.com"
+{extra}
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}, {{port: "7000", protocol: TCP}}]
+"#
+    )
+}
+
+const WITH_OTHER: &str = "    - matchName: other.example.com";
+
+/// The lab: star wars, the resolver (`dns`, 10.201.1.0/24) and the web servers
+/// (`web`, 10.201.2.0/24 plus 10.201.4.0/22 answered on every address), weir on
+/// the eBPF datapath.
+fn fqdn_lab(test: &str, extra_policy: &str) -> Option<Scenario> {
+    let mut s = Scenario::star_wars(test)?;
+    s.lab.add_outside("dns", 1).expect("add the resolver");
+    s.lab.add_outside("web", 2).expect("add the web servers");
+    let web = &s.lab.workload("web").ns;
+    for i in 2..=4 {
+        web.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.201.2.{i}/24"),
+            "dev",
+            "eth0",
+        ])
+        .expect("web address");
+        web.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:201:2::{i}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .expect("web address");
+    }
+    // Every address of the race range is the web namespace's own.
+    web.run(&["ip", "route", "add", "local", "10.201.4.0/22", "dev", "lo"])
+        .expect("race range");
+    s.lab
+        .node
+        .run(&["ip", "route", "add", "10.201.4.0/22", "via", "10.201.2.1"])
+        .expect("route to the race range");
+    s.start_nginx_in("web");
+    let mut echo = s.lab.workload("web").ns.command("socat");
+    echo.args(["TCP6-LISTEN:7000,fork,reuseaddr,ipv6only=0", "EXEC:cat"]);
+    s.lab.spawn("echo", echo).expect("start the echo server");
+    start_resolver(&mut s);
+    s.start_weir(
+        &policy(extra_policy),
+        &["--steering", "ebpf", "--fqdn-min-ttl", "0"],
+    );
+    Some(s)
+}
+
+fn start_resolver(s: &mut Scenario) {
+    let log = s.path("dnsmasq.log");
+    let mut cmd = s.lab.workload("dns").ns.command("dnsmasq");
+    cmd.args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--user=root",
+        "--pid-file=",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=10.201.1.1",
+        "--listen-address=fd00:201:1::1",
+        "--port=53",
+        "--log-queries",
+        "--local=/example.com/",
+        "--local=/cdnprovider.net/",
+        "--host-record=api.example.com,10.201.2.1,fd00:201:2::1,60",
+        "--cname=www.example.com,edge.cdnprovider.net,60",
+        "--host-record=edge.cdnprovider.net,10.201.2.2,fd00:201:2::2,60",
+        "--host-record=short.example.com,10.201.2.3,fd00:201:2::3,2",
+        "--host-record=other.example.com,10.201.2.4,fd00:201:2::4,60",
+        "--synth-domain=race.example.com,10.201.4.0/22",
+    ])
+    .arg(format!("--log-facility={}", log.display()))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    s.lab.spawn("dnsmasq", cmd).expect("start dnsmasq");
+    let ok = lab::wait_until(Duration::from_secs(10), || {
+        dig_direct(s, "api.example.com", "A") == API4
+    });
+    assert!(ok.is_ok(), "dnsmasq did not start");
+}
+
+/// A lookup from the resolver's own namespace (no weir on the way).
+fn dig_direct(s: &Scenario, name: &str, qtype: &str) -> String {
+    let out = s
+        .lab
+        .workload("dns")
+        .ns
+        .command("dig")
+        .args(["@10.201.1.1", "+short", "+time=1", "+tries=1", name, qtype])
+        .output()
+        .expect("run dig");
+    text(&out).trim().to_string()
+}
+
+/// `dig +short` from a workload through weir: the answer's last line (the
+/// address after any CNAMEs), or the status line when there is no answer.
+fn dig(s: &Scenario, from: &str, server: &str, name: &str, qtype: &str) -> String {
+    let out = s
+        .lab
+        .workload(from)
+        .ns
+        .command("dig")
+        .args([
+            &format!("@{server}"),
+            "+time=2",
+            "+tries=1",
+            "+noall",
+            "+answer",
+            "+comments",
+            name,
+            qtype,
+        ])
+        .output()
+        .expect("run dig");
+    let t = text(&out);
+    let status = t
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|r| r.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| "NO ANSWER".into());
+    if status != "NOERROR" {
+        return status;
+    }
+    t.lines()
+        .rfind(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Runs `script` in a workload's namespace with its own mount namespace whose
+/// `/etc/resolv.conf` names only `nameserver`, so curl resolves through weir.
+fn with_resolver(s: &Scenario, from: &str, nameserver: &str, script: &str) -> Output {
+    let conf = s.path(&format!("resolv-{nameserver}.conf"));
+    std::fs::write(
+        &conf,
+        format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+    )
+    .unwrap();
+    s.lab
+        .workload(from)
+        .ns
+        .command("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            &format!(
+                "mount --bind {} /etc/resolv.conf && {script}",
+                conf.display()
+            ),
+        ])
+        .output()
+        .expect("run with a resolver")
+}
+
+/// curl by name through weir's DNS proxy: the HTTP status (`000`: no answer).
+fn curl_by_name(s: &Scenario, from: &str, family: &str, url: &str) -> String {
+    let ns = if family == "-6" { RESOLVER6 } else { RESOLVER4 };
+    let out = with_resolver(
+        s,
+        from,
+        ns,
+        &format!("curl -s {family} -o /dev/null -w '%{{http_code}}' --max-time 3 {url}"),
+    );
+    text(&out)
+}
+
+/// curl to an address, no lookup.
+fn curl_ip(s: &Scenario, from: &str, url: &str) -> String {
+    s.status(from, "GET", url)
+}
+
+fn fqdn_list(s: &Scenario) -> serde_json::Value {
+    let out = Command::new(weir_bin())
+        .args(["fqdn", "list", "--json", "--api-socket"])
+        .arg(s.path("weir.sock"))
+        .output()
+        .expect("run weir fqdn list");
+    assert!(
+        out.status.success(),
+        "weir fqdn list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "weir fqdn list --json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn listed_ips(list: &serde_json::Value, name: &str) -> Vec<String> {
+    let Some(names) = list.as_array() else {
+        panic!("weir fqdn list --json is not an array: {list}");
+    };
+    names
+        .iter()
+        .filter(|n| n["name"] == name)
+        .flat_map(|n| n["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["ip"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn fqdn_rules_allow_only_the_addresses_of_allowed_answers() {
+    let Some(mut s) = fqdn_lab("fqdn-matrix", WITH_OTHER) else {
+        return;
+    };
+    // Nothing learned yet: the web servers' addresses are dropped in the kernel.
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "000");
+
+    // A selected name, by name, over IPv4 and IPv6 (DNS over v4 and over v6).
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://api.example.com/"),
+        "200"
+    );
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-6", "http://api.example.com/"),
+        "200"
+    );
+    // The learned addresses are allowed by address too, for the toFQDNs ports only.
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://[{API6}]/")),
+        "200"
+    );
+
+    // A CNAME chain: the alias is selected, the target's addresses are learned.
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
+        EDGE4
+    );
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://www.example.com/"),
+        "200"
+    );
+
+    // `other.example.com` is allowed while a selector names it ...
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://other.example.com/"),
+        "200"
+    );
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-6", "http://other.example.com/"),
+        "200"
+    );
+    // ... and dropped in the kernel once the policy no longer selects it, although
+    // the lookup still succeeds.
+    s.reload(&policy(""));
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "other.example.com", "A"),
+        OTHER4
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{OTHER4}/")),
+        "000"
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://[{OTHER6}]/")),
+        "000"
+    );
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://other.example.com/"),
+        "000"
+    );
+    // A policy that selects it again allows the address already learned, at once,
+    // without a new lookup.
+    s.reload(&policy(WITH_OTHER));
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{OTHER4}/")),
+        "200"
+    );
+
+    // Other endpoints gain nothing from the tiefighter's lookups.
+    assert_eq!(curl_ip(&s, "xwing", &format!("http://{API4}/")), "200");
+    // (the xwing is not policed at all: the web server answers it, so the
+    // tiefighter's 000s above are the policy's doing, not an absent server.)
+
+    // What weir learned, through the API.
+    let list = fqdn_list(&s);
+    let api = listed_ips(&list, "api.example.com.");
+    assert!(
+        api.contains(&API4.to_string()) && api.contains(&API6.to_string()),
+        "api.example.com. not listed with both addresses: {list}"
+    );
+
+    // Flow records: the lookups, with their answers.
+    let flows = s.flows();
+    let answered = flows.iter().any(|f| {
+        f["l7"]["dns"]["query"] == "api.example.com."
+            && f["l7"]["dns"]["ips"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|i| i == API4))
+    });
+    assert!(answered, "no DNS flow record with api.example.com's answer");
+}
+
+#[test]
+fn an_expired_address_stays_while_its_connection_lives_and_goes_after() {
+    let Some(s) = fqdn_lab("fqdn-expiry", "") else {
+        return;
+    };
+    // TTL 2: learn it, and hold one connection open to the echo server well past
+    // the TTL.
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "short.example.com", "A"),
+        SHORT4
+    );
+    let script = format!(
+        "import socket, time, sys\n\
+         c = socket.create_connection(('{SHORT4}', 7000), timeout=3)\n\
+         for i in range(8):\n\
+         \x20   c.sendall(b'ping%d\\n' % i)\n\
+         \x20   got = c.recv(64)\n\
+         \x20   print(got.decode().strip(), flush=True)\n\
+         \x20   time.sleep(1)\n"
+    );
+    let held = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the long connection");
+    // Past the TTL, the live connection keeps the address (as Cilium's zombies).
+    std::thread::sleep(Duration::from_secs(5));
+    let list = fqdn_list(&s);
+    let kept = list.as_array().into_iter().flatten().any(|n| {
+        n["name"] == "short.example.com."
+            && n["addresses"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["ip"] == SHORT4 && a["kept"] == true))
+    });
+    assert!(
+        kept,
+        "short.example.com. is not kept for its live connection: {list}"
+    );
+    // The open connection worked through the whole time.
+    let out = held.wait_with_output().expect("long connection");
+    let echoed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        echoed.lines().count(),
+        8,
+        "the open connection broke when the TTL ran out: {echoed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once it is closed, the address is forgotten, and new connections are dropped.
+    let gone = lab::wait_until(Duration::from_secs(20), || {
+        listed_ips(&fqdn_list(&s), "short.example.com.").is_empty()
+    });
+    assert!(
+        gone.is_ok(),
+        "short.example.com still listed: {}",
+        fqdn_list(&s)
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{SHORT4}/")),
+        "000"
+    );
+    // A new lookup allows it again (the 000 was the expiry's doing).
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://short.example.com/"),
+        "200"
+    );
+}
+
+/// The issue's race: 1000 times, resolve a name never seen before and connect at
+/// once, in one shell line, while another client keeps the proxy busy with
+/// queries. An answer released before the kernel knows its address would lose
+/// the first SYN and show as a failure (curl's connect timeout is 2 s, shorter
+/// than the SYN retry).
+#[test]
+fn resolve_and_connect_at_once_succeeds_1000_times_out_of_1000() {
+    let Some(mut s) = fqdn_lab("fqdn-race", "") else {
+        return;
+    };
+    // Load: a second client process in the tiefighter keeps the DNS proxy busy
+    // with queries (its own sessions) for the whole run.
+    let mut load = s.lab.workload("tiefighter").ns.command("sh");
+    load.args([
+        "-c",
+        &format!(
+            "while true; do dig @{RESOLVER4} +time=1 +tries=1 +short api.example.com A >/dev/null; done"
+        ),
+    ]);
+    s.lab.spawn("dig-load", load).expect("start the load");
+    let script = "ok=0; for i in $(seq 0 999); do \
+         a=$((i / 250)); b=$((i % 250 + 1)); \
+         c=$(curl -s -o /dev/null -w '%{http_code}' --connect-timeout 2 --max-time 5 \
+             http://10-201-$((4 + a))-$b.race.example.com/); \
+         [ \"$c\" = 200 ] && ok=$((ok + 1)) || echo \"fail $i $c\"; \
+         done; echo ok=$ok";
+    let started = Instant::now();
+    let out = with_resolver(&s, "tiefighter", RESOLVER4, script);
+    let t = text(&out);
+    eprintln!("race took {:?}", started.elapsed());
+    assert!(
+        t.contains("ok=1000"),
+        "not every resolve-and-connect succeeded:\n{t}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kill -9`: the kernel keeps enforcing what weir had learned, queries are
+/// dropped while no weir runs (fail closed), and the next weir answers again
+/// right after it starts, with the learned names restored.
+#[test]
+fn learned_names_survive_a_crash() {
+    let Some(mut s) = fqdn_lab("fqdn-crash", "") else {
+        return;
+    };
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://api.example.com/"),
+        "200"
+    );
+    let pid = s.weir().pid() as i32;
+    lab::send_signal(pid, libc::SIGKILL);
+    let _ = s.weir().stop_with(libc::SIGKILL, Duration::from_secs(2));
+    // While down: the learned address still works, DNS is dropped.
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://[{API6}]/")),
+        "200"
+    );
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "api.example.com", "A"),
+        "NO ANSWER"
+    );
+    // Unlearned addresses stay dropped.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{OTHER4}/")),
+        "000"
+    );
+    // Restart; DNS answers within a second of the new process being ready.
+    s.lab.processes.retain(|p| p.name != "weir");
+    s.start_weir(&policy(""), &["--steering", "ebpf", "--fqdn-min-ttl", "0"]);
+    let ready = Instant::now();
+    let answered = lab::wait_until(Duration::from_secs(5), || {
+        dig(&s, "tiefighter", RESOLVER4, "api.example.com", "A") == API4
+    });
+    assert!(answered.is_ok(), "no DNS answer after the restart");
+    assert!(
+        ready.elapsed() < Duration::from_secs(1),
+        "the first answer came {:?} after ready",
+        ready.elapsed()
+    );
+    // The restored name still allows its address, and is listed.
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
+    assert!(listed_ips(&fqdn_list(&s), "api.example.com.").contains(&API4.to_string()));
+}
+
+/// Waits (at most `limit`) for the lab process `name` to exit.
+fn wait_for_exit(s: &mut Scenario, name: &str, limit: Duration) {
+    let ok = lab::wait_until(limit, || {
+        !s.lab
+            .processes
+            .iter_mut()
+            .any(|p| p.name == name && p.alive())
+    });
+    assert!(ok.is_ok(), "{name} did not finish within {limit:?}");
+}
+
+/// A number from dnsperf's summary (`Queries lost:  0 (0.00%)` → 0).
+fn dnsperf_field(out: &str, label: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The issue's planned restart: 1 000 queries a second from dnsperf through weir
+/// and a curl loop by name (each request a fresh lookup and a new connection to
+/// a toFQDNs-allowed address), while a new weir takes the sockets over: no
+/// query lost, every answer NOERROR, every request 200.
+#[test]
+fn a_planned_restart_loses_no_dns_query_and_no_request() {
+    let Some(mut s) = fqdn_lab("fqdn-takeover", "") else {
+        return;
+    };
+    let queries = s.path("queries.txt");
+    std::fs::write(
+        &queries,
+        "api.example.com A\napi.example.com AAAA\nwww.example.com A\nother.example.com A\n",
+    )
+    .unwrap();
+    let perf_out = s.path("dnsperf.txt");
+    let mut perf = s.lab.workload("tiefighter").ns.command("sh");
+    perf.args([
+        "-c",
+        &format!(
+            "exec dnsperf -s {RESOLVER4} -d {} -l 14 -Q 1000 -c 4 -t 3 > {} 2>&1",
+            queries.display(),
+            perf_out.display()
+        ),
+    ]);
+    s.lab.spawn("dnsperf", perf).expect("start dnsperf");
+    let conf = s.path("resolv-loop.conf");
+    std::fs::write(&conf, format!("nameserver {RESOLVER4}\noptions timeout:2 attempts:1\n")).unwrap();
+    let (stop, codes) = (s.path("stop"), s.path("curl-codes.txt"));
+    let mut curl = s.lab.workload("tiefighter").ns.command("unshare");
+    curl.args([
+        "--mount",
+        "sh",
+        "-c",
+        &format!(
+            "mount --bind {} /etc/resolv.conf && while [ ! -e {} ]; do \
+             curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 http://api.example.com/ >> {}; done",
+            conf.display(),
+            stop.display(),
+            codes.display()
+        ),
+    ]);
+    s.lab.spawn("curl-loop", curl).expect("start the curl loop");
+    std::thread::sleep(Duration::from_secs(4));
+
+    let args = ["--steering", "ebpf", "--fqdn-min-ttl", "0", "--drain-timeout", "10s"];
+    let Some(_new) = s.start_next_weir(&args, "weir-new.log") else {
+        panic!(
+            "the new weir did not take over:\n{}\n--- old:\n{}",
+            std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default(),
+            s.weir_log_text()
+        );
+    };
+    wait_for_exit(&mut s, "dnsperf", Duration::from_secs(30));
+    std::fs::write(&stop, "").unwrap();
+    wait_for_exit(&mut s, "curl-loop", Duration::from_secs(20));
+
+    let perf = std::fs::read_to_string(&perf_out).unwrap_or_default();
+    let completed = dnsperf_field(&perf, "Queries completed:").unwrap_or(0);
+    let lost = dnsperf_field(&perf, "Queries lost:");
+    let noerror = perf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Response codes:"))
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(lost, Some(0), "dnsperf lost queries across the takeover:\n{perf}");
+    assert!(completed >= 10_000, "too few queries were made:\n{perf}");
+    assert_eq!(noerror, completed, "not every answer was NOERROR:\n{perf}");
+    let codes = std::fs::read_to_string(&codes).unwrap_or_default();
+    let failed: Vec<&str> = codes.lines().filter(|l| *l != "200").collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests by name failed across the takeover: {:?}",
+        failed.len(),
+        codes.lines().count(),
+        &failed[..failed.len().min(20)]
+    );
+    assert!(codes.lines().count() >= 50, "only {} requests", codes.lines().count());
+    eprintln!(
+        "{completed} queries, 0 lost, all NOERROR; {} requests by name, all 200",
+        codes.lines().count()
+    );
+}
