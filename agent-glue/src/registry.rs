@@ -280,10 +280,10 @@ fn load_api_endpoints(state_dir: &Path) -> anyhow::Result<Vec<ApiEndpoint>> {
     }
 }
 
-/// `toFQDNs` and `rules.dns` load (`weir policy explain` and `validate` decide them),
-/// but until the DNS proxy exists `weir run` could only drop the queries and allow
-/// nothing: it refuses such policies, with their position, rather than break the
-/// endpoints' name resolution.
+/// `toFQDNs` loads (`weir policy explain` and `validate` decide it), but until
+/// the FQDN learner feeds the datapath `weir run` could only allow nothing by
+/// name: it refuses such policies, with their position, rather than break the
+/// endpoints' egress. (`rules.dns` is enforced by the DNS proxy.)
 fn refuse_unenforced_dns(policies: &[Policy]) -> anyhow::Result<()> {
     let mut found = Vec::new();
     for p in policies {
@@ -296,14 +296,6 @@ fn refuse_unenforced_dns(policies: &[Policy]) -> anyhow::Result<()> {
                         p.file, f.pos.line, f.pos.col
                     ));
                 }
-                for tp in &pr.to_ports {
-                    if let Some(d) = tp.dns.as_ref().and_then(|d| d.first()) {
-                        found.push(format!(
-                            "{}:{}:{}: `rules.dns`",
-                            p.file, d.pos.line, d.pos.col
-                        ));
-                    }
-                }
             }
         }
     }
@@ -311,9 +303,9 @@ fn refuse_unenforced_dns(policies: &[Policy]) -> anyhow::Result<()> {
         return Ok(());
     }
     bail!(
-        "{}\nweir run does not enforce DNS policy yet (the DNS proxy that checks queries and \
-         learns toFQDNs addresses is not built): such a policy would drop the endpoints' DNS \
-         queries and allow nothing by name. `weir policy explain --dns NAME` decides them.",
+        "{}\nweir run does not enforce toFQDNs yet (the FQDN learner that puts the addresses \
+         of allowed DNS answers into the datapath is not built): such a policy would allow \
+         nothing by name. `weir policy explain --dns NAME` decides them.",
         found.join("\n")
     )
 }

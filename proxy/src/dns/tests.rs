@@ -1,0 +1,262 @@
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weir_policy::identity::IdentityAllocator;
+use weir_policy::{CompiledPolicy, Protocol};
+
+use super::*;
+use crate::{FlowSink, ProxyConfig};
+
+/// A flow-record sink that keeps the lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ctx(config: ProxyConfig) -> (ConnContext, Lines) {
+    let policy =
+        Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
+    let lines = Lines::default();
+    let shared = Shared::new(policy, FlowSink::new(Box::new(lines.clone())), config);
+    let client: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+    let dst: SocketAddr = "10.0.0.1:53".parse().unwrap();
+    (
+        ConnContext::with_protocol(shared, client, dst, Protocol::Udp),
+        lines,
+    )
+}
+
+fn records(ctx: &ConnContext, lines: &Lines) -> Vec<serde_json::Value> {
+    ctx.shared.flows.flush(Duration::from_secs(5));
+    String::from_utf8(lines.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn qname(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A query for `name`, type A (1), class IN.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&qname(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    m
+}
+
+/// The answer to [`query`] with one A record per address.
+fn answer(id: u16, name: &str, ips: &[[u8; 4]]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x81, 0x80, 0, 1]);
+    m.extend_from_slice(&(ips.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&qname(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    for ip in ips {
+        m.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        m.extend_from_slice(ip);
+    }
+    m
+}
+
+fn forward(ctx: &ConnContext, msg: &[u8]) -> Pending {
+    match decide_query(ctx, msg, true) {
+        QueryAction::Forward(p) => p,
+        _ => panic!("not forwarded"),
+    }
+}
+
+#[test]
+fn answers_match_their_query_by_id_and_question() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(10);
+    assert_eq!(
+        o.add(forward(&ctx, &query(1, "a.example"))),
+        AddOutcome::Added
+    );
+    assert_eq!(
+        o.add(forward(&ctx, &query(2, "b.example"))),
+        AddOutcome::Added
+    );
+    // A retransmission is tracked once.
+    assert_eq!(
+        o.add(forward(&ctx, &query(1, "a.example"))),
+        AddOutcome::Retransmission
+    );
+    assert_eq!(o.len(), 2);
+    // Right ID, wrong question: not the answer (a forgery or a stray).
+    assert!(matches!(
+        o.take_answer(&answer(1, "b.example", &[[192, 0, 2, 1]])),
+        AnswerMatch::Unmatched
+    ));
+    // Unknown ID, garbage.
+    assert!(matches!(
+        o.take_answer(&answer(3, "a.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    assert!(matches!(o.take_answer(&[1, 2, 3]), AnswerMatch::Unmatched));
+    // Out of order: b first, then a.
+    match o.take_answer(&answer(2, "b.example", &[[192, 0, 2, 2]])) {
+        AnswerMatch::Matched(p, Ok(a)) => {
+            assert_eq!(p.facts.name, "b.example.");
+            let req = learn_request(&p, &a).unwrap();
+            assert_eq!(req.names, ["b.example."]);
+            assert_eq!(req.addresses, [("192.0.2.2".parse().unwrap(), 30)]);
+            assert!(!req.selected());
+            ctx.shared.flows.emit(&answer_flow(&ctx, &p, &a));
+        }
+        _ => panic!("b's answer not matched"),
+    }
+    assert!(matches!(
+        o.take_answer(&answer(1, "A.Example", &[])),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    assert!(o.is_empty());
+    // An answer that arrives twice is matched once.
+    assert!(matches!(
+        o.take_answer(&answer(1, "a.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    let flows = records(&ctx, &lines);
+    let requests: Vec<_> = flows
+        .iter()
+        .filter(|f| f["l7"]["type"] == "REQUEST")
+        .collect();
+    assert_eq!(requests.len(), 3);
+    assert!(
+        requests
+            .iter()
+            .all(|f| f["verdict"] == "FORWARDED" && f["l4"]["UDP"]["destination_port"] == 53)
+    );
+    let resp = flows
+        .iter()
+        .find(|f| f["l7"]["type"] == "RESPONSE")
+        .unwrap();
+    assert_eq!(resp["l7"]["dns"]["ips"][0], "192.0.2.2");
+    assert_eq!(resp["l7"]["dns"]["ttl"], 30);
+    assert_eq!(resp["l7"]["dns"]["query"], "b.example.");
+}
+
+#[test]
+fn a_malformed_answer_is_matched_and_answered_servfail() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(10);
+    let q = query(7, "a.example");
+    o.add(forward(&ctx, &q));
+    // Right ID and question, then junk after the last record.
+    let mut bad = answer(7, "a.example", &[[192, 0, 2, 1]]);
+    bad.extend_from_slice(&[0xde, 0xad]);
+    match o.take_answer(&bad) {
+        AnswerMatch::Matched(p, Err(_)) => {
+            let r = servfail(&ctx, &p, "unusable").unwrap();
+            assert_eq!(&r[..2], &7u16.to_be_bytes());
+            assert_eq!(r[3] & 0x0f, 2, "SERVFAIL");
+        }
+        _ => panic!("malformed answer not matched"),
+    }
+    let flows = records(&ctx, &lines);
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "ERROR" && f["l7"]["dns"]["rcode"] == 2),
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn outstanding_queries_are_capped_and_time_out() {
+    let cfg = ProxyConfig {
+        dns_upstream_timeout: Duration::from_millis(50),
+        dns_max_outstanding: 2,
+        ..ProxyConfig::default()
+    };
+    let (ctx, lines) = ctx(cfg);
+    let mut o = Outstanding::new(2);
+    o.add(forward(&ctx, &query(1, "a.example")));
+    o.add(forward(&ctx, &query(2, "b.example")));
+    assert!(!o.has_room());
+    // Beyond the cap: SERVFAIL at once, nothing forwarded.
+    match decide_query(&ctx, &query(3, "c.example"), o.has_room()) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 2),
+        _ => panic!("not answered SERVFAIL"),
+    }
+    let first = o.next_deadline().unwrap();
+    assert!(first <= Instant::now() + Duration::from_millis(50));
+    assert!(o.expire(Instant::now()).is_empty());
+    std::thread::sleep(Duration::from_millis(60));
+    let expired = o.expire(Instant::now());
+    assert_eq!(expired.len(), 2);
+    assert!(o.is_empty() && o.next_deadline().is_none());
+    let flows = records(&ctx, &lines);
+    assert!(flows.iter().any(|f| f["verdict"] == "ERROR"
+        && f["drop_reason_desc"] == "DNS_TOO_MANY_OUTSTANDING"
+        && f["l7"]["dns"]["query"] == "c.example."));
+}
+
+#[test]
+fn rejected_queries_are_answered_as_the_parser_says_with_a_record() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    // Two questions: FORMERR.
+    let mut two = query(9, "a.example");
+    two[5] = 2;
+    two.extend_from_slice(&qname("b.example"));
+    two.extend_from_slice(&[0, 1, 0, 1]);
+    match decide_query(&ctx, &two, true) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 1, "FORMERR"),
+        _ => panic!("not answered"),
+    }
+    // NOTIFY (opcode 4): REFUSED.
+    let mut notify = query(10, "a.example");
+    notify[2] = 4 << 3;
+    match decide_query(&ctx, &notify, true) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 5, "REFUSED"),
+        _ => panic!("not answered"),
+    }
+    // Shorter than a header: dropped.
+    assert!(matches!(
+        decide_query(&ctx, &[1, 2, 3], true),
+        QueryAction::Drop
+    ));
+    let flows = records(&ctx, &lines);
+    assert_eq!(flows.len(), 3);
+    assert!(flows.iter().all(|f| f["verdict"] == "DROPPED"));
+    assert!(
+        flows[0]["drop_reason_desc"]
+            .as_str()
+            .unwrap()
+            .contains("question_count")
+    );
+}
+
+/// An answer no toFQDNs selector selects is released without waiting for the
+/// learner (which here does not even exist).
+#[tokio::test]
+async fn unselected_answers_do_not_wait_for_the_learner() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let req = crate::fqdn::LearnRequest {
+        names: vec!["a.example.".into()],
+        addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
+        policy: ctx.shared.policy.load_full(),
+    };
+    // Not selected by any policy: released without waiting.
+    assert_eq!(learn_gate(&ctx.shared, req).await, Ok(()));
+}
