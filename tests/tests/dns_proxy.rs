@@ -338,6 +338,45 @@ fn queries_are_decided_by_name_over_udp_and_tcp() {
         "denied queries never reach the resolver"
     );
 
+    // Stub resolvers use a new source port per query, so each is a session of
+    // its own: 300 of them in a row all get answers, and their sessions (two
+    // sockets each) are gone soon after, not after --udp-idle-timeout.
+    let pid = s.weir().pid();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds();
+    let burst = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                r#"
+import socket, struct
+q = struct.pack('>HHHHHH', 7, 0x0100, 1, 0, 0, 0) + b'\x03api\x07allowed\x04test\x00\x00\x01\x00\x01'
+ok = 0
+for i in range(300):
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(3)
+    c.sendto(q, ('{WORLD4}', 53))
+    r = c.recv(512)
+    ok += r[:2] == b'\x00\x07' and r[3] & 15 == 0
+    c.close()
+print(ok)
+"#
+            ),
+        ])
+        .output()
+        .expect("run python3");
+    assert_eq!(text(&burst).trim(), "300", "{burst:?}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = fds();
+    assert!(
+        after <= before + 4,
+        "DNS sessions still open 2.5 s after the burst: {before} fds before, {after} after"
+    );
+
     let flows = dns_flows(&s);
     let dns = |f: &serde_json::Value, k: &str| f["l7"]["dns"][k].clone();
     assert!(

@@ -26,6 +26,31 @@ pub const LINGER: Duration = Duration::from_secs(1);
 
 const MAX_DATAGRAM: usize = 65_535;
 
+thread_local! {
+    /// One receive buffer per worker thread rather than two 64 KiB buffers per
+    /// session: a thousand short sessions would otherwise hold 128 MB.
+    static RECV_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// The next datagram on `sock`, copied out at its own size. Cancel-safe (the
+/// wait is `readable`; the read itself does not await).
+async fn recv_datagram(sock: &UdpSocket) -> std::io::Result<Vec<u8>> {
+    loop {
+        sock.readable().await?;
+        let got = RECV_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match sock.try_recv(&mut b[..]) {
+                Ok(n) => Ok(b.get(..n).map(<[u8]>::to_vec)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            }
+        })?;
+        if let Some(d) = got {
+            return Ok(d);
+        }
+    }
+}
+
 /// Runs one DNS session until it has been quiet for [`LINGER`].
 pub(crate) async fn run(
     downstream: UdpSocket,
@@ -38,21 +63,20 @@ pub(crate) async fn run(
     let downstream = Arc::new(downstream);
     let mut outstanding = Outstanding::new(ctx.shared.config.dns_max_outstanding);
     let mut releases: JoinSet<()> = JoinSet::new();
-    let mut from_client = vec![0u8; MAX_DATAGRAM];
-    let mut from_server = vec![0u8; MAX_DATAGRAM];
     let mut quiet_since = Instant::now();
     loop {
         let wake = outstanding.next_deadline().unwrap_or(quiet_since + LINGER);
+        let mut timer = false;
         tokio::select! {
             Some(d) = queued.recv() => {
                 on_query(&ctx, &downstream, &upstream, &mut outstanding, &d).await;
             }
-            r = downstream.recv(&mut from_client) => match r {
-                Ok(n) => on_query(&ctx, &downstream, &upstream, &mut outstanding, &from_client[..n]).await,
+            r = recv_datagram(&downstream) => match r {
+                Ok(d) => on_query(&ctx, &downstream, &upstream, &mut outstanding, &d).await,
                 Err(e) => debug!(error = %e, "DNS client socket error"),
             },
-            r = upstream.recv(&mut from_server) => match r {
-                Ok(n) => on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &from_server[..n]).await,
+            r = recv_datagram(&upstream) => match r {
+                Ok(d) => on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &d).await,
                 // ICMP port unreachable: nothing listens there; fail the queries
                 // now rather than at their timeout.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -66,6 +90,7 @@ pub(crate) async fn run(
             },
             Some(_) = releases.join_next(), if !releases.is_empty() => {}
             _ = tokio::time::sleep_until(wake.into()) => {
+                timer = true;
                 let now = Instant::now();
                 let why = super::upstream_timeout_reason(ctx.shared.config.dns_upstream_timeout);
                 for p in outstanding.expire(now) {
@@ -78,7 +103,8 @@ pub(crate) async fn run(
                 }
             }
         }
-        if !outstanding.is_empty() || !releases.is_empty() {
+        // Quiet means: nothing outstanding, and nothing but the timer happened.
+        if !timer || !outstanding.is_empty() || !releases.is_empty() {
             quiet_since = Instant::now();
         } else if quiet_since.elapsed() >= LINGER && slot.close_if_quiet(&mut queued, &downstream) {
             debug!("DNS session done");
