@@ -40,10 +40,12 @@ const EVERY_NAME: &str = "        - matchPattern: '*'\n";
 fn world(test: &str) -> Option<Scenario> {
     let mut s = Scenario::star_wars(test)?;
     s.lab.add_outside("world", 1).expect("add the world");
-    // Resolve the node's and the world's IPv6 neighbours first: the first
-    // packet towards a new neighbour waits for neighbour discovery, which here
-    // took a second (the RetransTimer) — as long as the short upstream timeout
-    // below.
+    // Resolve the neighbours first. The node's link-local address on the fresh
+    // `weirx1` is still tentative (DAD, about 1 s), and the kernel sends no
+    // neighbour solicitation without a usable source: a packet from an address
+    // that is not the node's (the proxy's upstream socket, bound to the client's)
+    // would wait for the retransmit, as long as the 1 s upstream timeout below.
+    // A ping from the node's own global address solicits at once.
     for ip in [WORLD4, WORLD6] {
         let _ = s.lab.node.run(&["ping", "-c", "1", "-W", "2", ip]);
     }
@@ -74,6 +76,13 @@ fn start_dnsmasq(s: &mut Scenario, port: u16) -> PathBuf {
         "--host-record=api.allowed.test,192.0.2.10,2001:db8::10",
         "--host-record=secret.denied.test,192.0.2.66",
         "--cname=www.allowed.test,api.allowed.test",
+        // A zone it serves with authority, which only the tiefighter (so only
+        // the proxy connecting from its address) may transfer.
+        "--auth-server=ns.axfr.allowed.test",
+        "--auth-zone=axfr.allowed.test",
+        "--auth-sec-servers=192.0.2.53",
+        "--auth-peer=10.200.0.20,fd00:200::20",
+        "--host-record=h.axfr.allowed.test,192.0.2.20",
     ])
     .arg(format!("--port={port}"))
     .arg(format!("--log-facility={}", log.display()))
@@ -454,6 +463,15 @@ fn denials_can_answer_nxdomain_any_port_works_and_silent_resolvers_get_servfail(
             assert_eq!(answers(&out), ["192.0.2.10"], "{what}: {out}");
             let out = dig(&s, server, 5353, "secret.denied.test", tcp);
             assert_eq!(status(&out), "NXDOMAIN", "{what}: {out}");
+            // An allowed zone transfer passes (TCP only; UDP gets what the
+            // resolver answers a UDP AXFR).
+            if !tcp.is_empty() {
+                let out = dig(&s, server, 5353, "axfr.allowed.test", &["AXFR"]);
+                assert!(
+                    out.contains("XFR size") && out.contains("192.0.2.20"),
+                    "{what}: {out}"
+                );
+            }
             // The resolver on port 53 never answers: SERVFAIL after 1 s.
             let started = Instant::now();
             let out = dig(&s, server, 53, "api.allowed.test", tcp);
