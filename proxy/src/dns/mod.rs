@@ -265,14 +265,19 @@ pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest
 }
 
 /// Hands `req` to the learner. When a `toFQDNs` selector selects one of its
-/// names, waits (at most `dns_learn_timeout`) until the datapath holds the
-/// addresses; `Err` says why the answer must not be released.
-pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(), String> {
+/// names, the answer must wait for the learner's reply (see [`wait_for`]);
+/// otherwise the request only feeds the learner and the answer goes at once.
+pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Option<LearnReply> {
     let wait = req.selected();
     let reply = shared.fqdn_learner().learn(req, wait);
-    if !wait {
-        return Ok(());
-    }
+    wait.then_some(reply)
+}
+
+pub(crate) type LearnReply = tokio::sync::oneshot::Receiver<Result<(), crate::fqdn::LearnError>>;
+
+/// Waits (at most `dns_learn_timeout`) until the datapath holds the addresses;
+/// `Err` says why the answer must not be released.
+pub(crate) async fn wait_for(shared: &Shared, reply: LearnReply) -> Result<(), String> {
     match tokio::time::timeout(shared.config.dns_learn_timeout, reply).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e.to_string()),
@@ -281,6 +286,15 @@ pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(),
             "the FQDN learner did not answer within {:?}",
             shared.config.dns_learn_timeout
         )),
+    }
+}
+
+/// [`learn`] and, when the answer must wait, [`wait_for`].
+#[cfg(test)]
+pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(), String> {
+    match learn(shared, req) {
+        Some(reply) => wait_for(shared, reply).await,
+        None => Ok(()),
     }
 }
 

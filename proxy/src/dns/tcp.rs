@@ -269,9 +269,10 @@ impl Conn {
             AnswerMatch::Matched(p, Ok(a)) => (p, a),
         };
         let id = p.facts.id;
-        let req = super::learn_request(&p, &facts);
+        let reply =
+            super::learn_request(&p, &facts).and_then(|req| super::learn(&self.ctx.shared, req));
         let prev = self.chains.remove(&id);
-        if req.is_none() && prev.is_none() {
+        if reply.is_none() && prev.is_none() {
             self.ctx
                 .shared
                 .flows
@@ -289,8 +290,8 @@ impl Conn {
                 if let Some(prev) = prev {
                     let _ = prev.await;
                 }
-                let gate = match req {
-                    Some(req) => super::learn_gate(&ctx.shared, req).await,
+                let gate = match reply {
+                    Some(reply) => super::wait_for(&ctx.shared, reply).await,
                     None => Ok(()),
                 };
                 let out = match gate {

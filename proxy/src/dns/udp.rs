@@ -157,7 +157,8 @@ async fn on_answer(
         }
         AnswerMatch::Matched(p, Ok(a)) => (p, a),
     };
-    let Some(req) = super::learn_request(&p, &facts) else {
+    let reply = super::learn_request(&p, &facts).and_then(|req| super::learn(&ctx.shared, req));
+    let Some(reply) = reply else {
         ctx.shared.flows.emit(&super::answer_flow(ctx, &p, &facts));
         let _ = downstream.send(msg).await;
         return;
@@ -166,7 +167,7 @@ async fn on_answer(
     // Waiting for the learner must not hold up the session's other queries.
     releases.spawn(
         async move {
-            match super::learn_gate(&ctx.shared, req).await {
+            match super::wait_for(&ctx.shared, reply).await {
                 Ok(()) => {
                     ctx.shared.flows.emit(&super::answer_flow(&ctx, &p, &facts));
                     let _ = downstream.send(&msg).await;
