@@ -494,3 +494,29 @@ fn denials_can_answer_nxdomain_any_port_works_and_silent_resolvers_get_servfail(
         "{flows:#?}"
     );
 }
+
+/// The same decisions with the nftables steering (TPROXY) instead of eBPF.
+#[test]
+fn queries_are_decided_by_name_through_nft() {
+    let Some(mut s) = world("dns-proxy-nft") else {
+        return;
+    };
+    let log = start_dnsmasq(&mut s, 53);
+    s.start_weir(&policy(ONLY_ALLOWED), &["--steering", "nft"]);
+    for server in [WORLD4, WORLD6] {
+        for tcp in [&[][..], &["+tcp"][..]] {
+            let what = format!("{server} {tcp:?}");
+            let out = dig(&s, server, 53, "www.allowed.test", tcp);
+            assert_eq!(
+                answers(&out),
+                ["api.allowed.test.", "192.0.2.10"],
+                "{what}: {out}\n{}",
+                s.weir_log_text()
+            );
+            let out = dig(&s, server, 53, "secret.denied.test", tcp);
+            assert_eq!(status(&out), "REFUSED", "{what}: {out}");
+        }
+    }
+    assert_eq!(resolver_saw(&log, "secret.denied.test"), 0);
+    assert_eq!(resolver_saw(&log, "www.allowed.test"), 4);
+}

@@ -209,6 +209,9 @@ impl Outstanding {
             if p.facts.is_zone_transfer() && r.is_ok() {
                 let p = &mut self.items[i];
                 p.answered = true;
+                // The timeout applies between a transfer's messages, not to the
+                // whole transfer.
+                p.deadline = Instant::now() + p.deadline.saturating_duration_since(p.sent);
                 let copy = Pending {
                     facts: p.facts.clone(),
                     query: Vec::new(),

@@ -524,3 +524,32 @@ spec:
         assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }
+
+/// A zone transfer stays outstanding for its next messages, its timeout
+/// counting from the last one; once answered it expires quietly.
+#[test]
+fn zone_transfers_stay_outstanding_between_messages() {
+    let cfg = ProxyConfig {
+        dns_upstream_timeout: Duration::from_millis(40),
+        ..ProxyConfig::default()
+    };
+    let (ctx, _lines) = ctx(cfg);
+    let mut o = Outstanding::new(4);
+    o.add(forward(&ctx, &typed_query(3, "example", 252)));
+    std::thread::sleep(Duration::from_millis(30));
+    let first = response(3, Some(("example", 252)), &[("example", [198, 51, 100, 1])]);
+    assert!(matches!(
+        o.take_answer(&first),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(o.expire(Instant::now()).is_empty(), "deadline moved on");
+    let next = response(3, None, &[("example", [198, 51, 100, 2])]);
+    assert!(matches!(
+        o.take_answer(&next),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    std::thread::sleep(Duration::from_millis(50));
+    let expired = o.expire(Instant::now());
+    assert!(expired.len() == 1 && expired[0].answered);
+}
