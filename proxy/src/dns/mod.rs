@@ -44,6 +44,8 @@ pub(crate) struct Pending {
     pub verdict: Verdict,
     pub sent: Instant,
     pub deadline: Instant,
+    /// How long the resolver may take (for a zone transfer: between messages).
+    pub timeout: Duration,
     /// A zone transfer that has had at least one answer message (it stays until
     /// its deadline: more messages may follow).
     pub answered: bool,
@@ -114,6 +116,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
         verdict,
         sent: now,
         deadline: now + cfg.dns_upstream_timeout,
+        timeout: cfg.dns_upstream_timeout,
         answered: false,
     })
 }
@@ -211,7 +214,7 @@ impl Outstanding {
                 p.answered = true;
                 // The timeout applies between a transfer's messages, not to the
                 // whole transfer.
-                p.deadline = Instant::now() + p.deadline.saturating_duration_since(p.sent);
+                p.deadline = Instant::now() + p.timeout;
                 let copy = Pending {
                     facts: p.facts.clone(),
                     query: Vec::new(),
@@ -219,6 +222,7 @@ impl Outstanding {
                     verdict: p.verdict.clone(),
                     sent: p.sent,
                     deadline: p.deadline,
+                    timeout: p.timeout,
                     answered: true,
                 };
                 return AnswerMatch::Matched(Box::new(copy), r);
