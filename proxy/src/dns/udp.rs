@@ -73,7 +73,14 @@ pub(crate) async fn run(
             }
             r = recv_datagram(&downstream) => match r {
                 Ok(d) => on_query(&ctx, &downstream, &upstream, &mut outstanding, &d).await,
-                Err(e) => debug!(error = %e, "DNS client socket error"),
+                // The client's port is closed (ICMP for an answer sent there).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    debug!("DNS client gone");
+                }
+                Err(e) => {
+                    debug!(error = %e, "DNS client socket failed; session closed");
+                    return;
+                }
             },
             r = recv_datagram(&upstream) => match r {
                 Ok(d) => on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &d).await,
