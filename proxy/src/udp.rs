@@ -468,11 +468,13 @@ mod tests {
         t.deny(key(4), later, policy.clone(), 2);
         assert_eq!((t.open, t.denied, t.entries.len()), (2, 2, 4));
         // A denied flow that is allowed now replaces its denial.
-        t.insert(key(3), Entry::Open(tx, 3));
+        t.insert(key(3), Entry::Open(tx.clone(), 3));
         // Only the session that holds the entry removes it.
         t.remove_session(&key(3), 99);
         assert_eq!((t.open, t.denied), (3, 1));
-        assert_eq!((t.open, t.denied), (3, 1));
+        t.remove_session(&key(3), 3);
+        assert_eq!((t.open, t.denied), (2, 1));
+        t.insert(key(3), Entry::Open(tx, 3));
         t.remove(&key(1));
         t.remove(&key(1));
         assert_eq!((t.open, t.denied), (2, 1));
