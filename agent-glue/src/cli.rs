@@ -227,6 +227,21 @@ pub struct RunArgs {
     /// Most UDP flows through the proxy at once (each holds two sockets).
     #[arg(long, default_value_t = 8192)]
     pub udp_max_sessions: usize,
+    /// The answer to a DNS query that policy denies: `refused` or `nxdomain`.
+    #[arg(long, default_value = "refused")]
+    pub dns_deny_rcode: weir_parsers::dns::DenyRcode,
+    /// From forwarding a DNS query to the resolver's answer; beyond, the client
+    /// gets SERVFAIL.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub dns_upstream_timeout: Duration,
+    /// How long an answer for a toFQDNs-selected name waits for its addresses to
+    /// reach the datapath; beyond, the client gets SERVFAIL.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub dns_learn_timeout: Duration,
+    /// DNS queries one client flow (UDP 4-tuple or TCP connection) may have
+    /// outstanding at once; beyond, the client gets SERVFAIL.
+    #[arg(long, default_value_t = 100)]
+    pub dns_max_outstanding: usize,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,

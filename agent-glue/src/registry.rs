@@ -134,7 +134,6 @@ impl Sources {
     ) -> anyhow::Result<()> {
         let policies = weir_policy::load_policies(policy)
             .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
-        refuse_unenforced_dns(&policies)?;
         let file = match endpoints {
             Some(path) => weir_policy::load_endpoints_file(path)
                 .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?,
@@ -278,38 +277,6 @@ fn load_api_endpoints(state_dir: &Path) -> anyhow::Result<Vec<ApiEndpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-/// `toFQDNs` and `rules.dns` load (`weir policy explain` and `validate` decide them),
-/// but until the DNS proxy exists `weir run` could only drop the queries and allow
-/// nothing: it refuses such policies, with their position, rather than break the
-/// endpoints' name resolution.
-fn refuse_unenforced_dns(policies: &[Policy]) -> anyhow::Result<()> {
-    let mut found = Vec::new();
-    for p in policies {
-        for r in &p.rules {
-            let lists = [&r.ingress, &r.egress, &r.ingress_deny, &r.egress_deny];
-            for pr in lists.into_iter().flatten().flatten() {
-                for tp in &pr.to_ports {
-                    if let Some(d) = tp.dns.as_ref().and_then(|d| d.first()) {
-                        found.push(format!(
-                            "{}:{}:{}: `rules.dns`",
-                            p.file, d.pos.line, d.pos.col
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if found.is_empty() {
-        return Ok(());
-    }
-    bail!(
-        "{}\nweir run does not enforce DNS policy yet (the DNS proxy that checks queries and \
-         learns toFQDNs addresses is not built): such a policy would drop the endpoints' DNS \
-         queries and allow nothing by name. `weir policy explain --dns NAME` decides them.",
-        found.join("\n")
-    )
 }
 
 /// Names and addresses must each belong to one endpoint only: an address in two

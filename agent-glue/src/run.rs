@@ -270,6 +270,10 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         node_name: args.node_name.clone(),
         udp_idle_timeout: args.udp_idle_timeout,
         udp_max_sessions: args.udp_max_sessions,
+        dns_deny_rcode: args.dns_deny_rcode,
+        dns_upstream_timeout: args.dns_upstream_timeout,
+        dns_learn_timeout: args.dns_learn_timeout,
+        dns_max_outstanding: args.dns_max_outstanding,
         // Replies to the client's address need steering to come back to the proxy.
         upstream_mark: (args.steering != SteeringMode::None)
             .then_some(args.steering_args.upstream_mark),

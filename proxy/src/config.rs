@@ -36,6 +36,16 @@ pub struct ProxyConfig {
     pub udp_idle_timeout: Duration,
     /// Open UDP sessions at most (each holds two sockets); beyond, new flows' datagrams are dropped.
     pub udp_max_sessions: usize,
+    /// The answer a DNS query that policy denies gets (REFUSED or NXDOMAIN).
+    pub dns_deny_rcode: weir_parsers::dns::DenyRcode,
+    /// From forwarding a DNS query to its answer; exceeding it answers SERVFAIL.
+    pub dns_upstream_timeout: Duration,
+    /// How long an answer waits for the FQDN learner (toFQDNs-selected names);
+    /// exceeding it answers SERVFAIL rather than an address the datapath drops.
+    pub dns_learn_timeout: Duration,
+    /// Queries one DNS client flow (a UDP 4-tuple or a TCP connection) may have
+    /// outstanding at once; beyond, queries are answered SERVFAIL.
+    pub dns_max_outstanding: usize,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +65,10 @@ impl Default for ProxyConfig {
             upstream_mark: None,
             udp_idle_timeout: Duration::from_secs(30),
             udp_max_sessions: 8192,
+            dns_deny_rcode: weir_parsers::dns::DenyRcode::Refused,
+            dns_upstream_timeout: Duration::from_secs(5),
+            dns_learn_timeout: Duration::from_secs(2),
+            dns_max_outstanding: 100,
         }
     }
 }

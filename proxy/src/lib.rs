@@ -3,7 +3,7 @@
 //! Layout follows the data path: `socket` (transparent sockets) → `listener`
 //! (accept, original destination, L3/L4 verdict, dispatch) → `detect` (protocol
 //! detection in one read, under the request-head deadline) → a protocol handler
-//! (`http` today; Kafka and DNS sit beside it) or `tcp` (plain splice for flows
+//! (`http`, `dns`; Kafka sits beside them) or `tcp` (plain splice for flows
 //! policy allows without L7 rules) → upstream. `udp` is the datagram side: its own
 //! transparent listener and per-flow sessions. `flows` writes flow records off the
 //! data path; `idle` keeps the time of a connection's last byte.
@@ -11,6 +11,7 @@
 pub mod config;
 pub mod context;
 pub mod detect;
+pub mod dns;
 pub mod flows;
 pub mod fqdn;
 pub mod http;

@@ -170,6 +170,10 @@ async fn handle(
         }
         return;
     }
+    if cv.needs_dns() {
+        crate::dns::tcp::serve(ctx, stream).await;
+        return;
+    }
     if cv.needs_l7() {
         match detect::detect(&mut stream, deadline).await {
             // Not HTTP at all: hyper answers 400.

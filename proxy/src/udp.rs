@@ -9,9 +9,10 @@
 //! sees the real client. The session ends after `udp_idle_timeout` of silence.
 //!
 //! A flow policy denies is remembered for the same time, so its datagrams are
-//! dropped (one flow record, not one per datagram). L7 protocols over UDP (DNS)
-//! plug in at [`Session::forward_to_server`]; until then a UDP flow that policy
-//! gives L7 rules is refused, never forwarded unchecked.
+//! dropped (one flow record, not one per datagram). A flow whose port has DNS
+//! rules gets a DNS session ([`crate::dns::udp`]) on the same two sockets, which
+//! decides every query; a UDP flow with HTTP rules is refused, never forwarded
+//! unchecked.
 
 use std::collections::HashMap;
 use std::io;
@@ -50,8 +51,9 @@ pub fn bind(port: u16) -> io::Result<Vec<UdpSocket>> {
 type FlowKey = (SocketAddr, SocketAddr);
 
 enum Entry {
-    /// An open session: datagrams for it go through its queue.
-    Open(mpsc::Sender<Vec<u8>>),
+    /// An open session (and its number, so that only it removes itself):
+    /// datagrams for it go through its queue.
+    Open(mpsc::Sender<Vec<u8>>, u64),
     /// This policy denied the flow; drop its datagrams until then (or until the
     /// policy changes).
     Denied(Instant, Arc<weir_policy::CompiledPolicy>),
@@ -73,6 +75,8 @@ struct FlowTable {
     next_sweep: Option<Instant>,
     /// "Too many sessions" is logged at most once a second.
     next_full_warning: Option<Instant>,
+    /// Numbers sessions.
+    next_id: u64,
 }
 
 impl Flows {
@@ -84,11 +88,18 @@ impl Flows {
 impl FlowTable {
     fn insert(&mut self, key: FlowKey, entry: Entry) {
         match &entry {
-            Entry::Open(_) => self.open += 1,
+            Entry::Open(..) => self.open += 1,
             Entry::Denied(..) => self.denied += 1,
         }
         if let Some(old) = self.entries.insert(key, entry) {
             self.forget(&old);
+        }
+    }
+
+    /// Removes session `id`'s entry (not a newer one for the same flow).
+    fn remove_session(&mut self, key: &FlowKey, id: u64) {
+        if matches!(self.entries.get(key), Some(Entry::Open(_, i)) if *i == id) {
+            self.remove(key);
         }
     }
 
@@ -100,7 +111,7 @@ impl FlowTable {
 
     fn forget(&mut self, old: &Entry) {
         match old {
-            Entry::Open(_) => self.open -= 1,
+            Entry::Open(..) => self.open -= 1,
             Entry::Denied(..) => self.denied -= 1,
         }
     }
@@ -199,7 +210,7 @@ fn dispatch(
     let key = (client, orig_dst);
     let mut map = flows.lock();
     match map.entries.get(&key) {
-        Some(Entry::Open(queue)) => {
+        Some(Entry::Open(queue, _)) => {
             if queue.try_send(datagram).is_err() {
                 debug!(%client, dst = %orig_dst, "session queue full; datagram dropped");
             }
@@ -243,20 +254,85 @@ fn dispatch(
             return;
         }
     };
-    shared.flows.emit(&ctx.flow(&d, &d.verdict.l4_verdict()));
+    let dns = d.verdict.needs_dns();
+    // A DNS flow's records are per query (the DNS session writes them).
+    if !dns {
+        shared.flows.emit(&ctx.flow(&d, &d.verdict.l4_verdict()));
+    }
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     let _ = tx.try_send(datagram);
-    map.insert(key, Entry::Open(tx));
+    map.next_id += 1;
+    let id = map.next_id;
+    map.insert(key, Entry::Open(tx, id));
     drop(map);
-    let flows = flows.clone();
+    let slot = SessionSlot {
+        flows: flows.clone(),
+        key,
+        id,
+    };
+    if dns {
+        let span = info_span!("dns-udp", %client, dst = %orig_dst);
+        let Session {
+            downstream,
+            upstream,
+            _counted: counted,
+        } = session;
+        tokio::spawn(
+            async move {
+                crate::dns::udp::run(downstream, upstream, ctx, rx, slot).await;
+                // A draining weir waits for its DNS sessions too.
+                drop(counted);
+            }
+            .instrument(span),
+        );
+        return;
+    }
     let span = info_span!("udp", %client, dst = %orig_dst);
     tokio::spawn(
         async move {
             session.run(ctx, rx, idle).await;
-            flows.lock().remove(&key);
+            drop(slot);
         }
         .instrument(span),
     );
+}
+
+/// A session's place in the flow table, given up on drop (or earlier, by
+/// [`SessionSlot::close_if_quiet`]).
+pub(crate) struct SessionSlot {
+    flows: Arc<Flows>,
+    key: FlowKey,
+    id: u64,
+}
+
+impl SessionSlot {
+    /// Gives up the session's place if no datagram waits for it (none queued,
+    /// none in its socket): a datagram arriving later opens a new session
+    /// rather than being lost to one that is closing. Returns whether it did.
+    pub(crate) fn close_if_quiet(
+        &self,
+        queued: &mut mpsc::Receiver<Vec<u8>>,
+        downstream: &UdpSocket,
+    ) -> bool {
+        // The table's lock is what `dispatch` holds while it queues.
+        let mut map = self.flows.lock();
+        if !queued.is_empty() {
+            return false;
+        }
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        if socket2::SockRef::from(downstream).peek(&mut probe).is_ok() {
+            return false;
+        }
+        queued.close();
+        map.remove_session(&self.key, self.id);
+        true
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.flows.lock().remove_session(&self.key, self.id);
+    }
 }
 
 struct Session {
@@ -388,8 +464,14 @@ impl Session {
 
     /// Sends a client datagram on, if the policy in force still allows the flow.
     async fn forward_to_server(&self, ctx: &ConnContext, datagram: &[u8]) -> io::Result<usize> {
-        if let Some(flow) = refusal(ctx, &ctx.decide()) {
+        let d = ctx.decide();
+        if let Some(flow) = refusal(ctx, &d) {
             ctx.shared.flows.emit(&flow);
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        // The port has DNS rules now: this plain session must not forward
+        // unchecked; closing it lets the next datagram open a DNS session.
+        if d.verdict.needs_dns() {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
         self.upstream.send(datagram).await
@@ -397,26 +479,21 @@ impl Session {
 }
 
 /// The flow record refusing a UDP flow, or `None` when policy allows it as plain
-/// UDP. A port with HTTP rules is refused: they cannot apply to datagrams, and
-/// forwarding unchecked would ignore them.
+/// UDP or with DNS rules (a DNS session checks every query). A port with HTTP
+/// rules is refused: they cannot apply to datagrams, and forwarding unchecked
+/// would ignore them.
 fn refusal(ctx: &ConnContext, d: &Decision) -> Option<Flow> {
     let verdict = d.verdict.l4_verdict();
     if !d.verdict.l4_allowed() {
         return Some(ctx.flow(d, &verdict));
     }
-    if !d.verdict.needs_l7() {
+    if !d.verdict.needs_l7() || d.verdict.needs_dns() {
         return None;
     }
     let mut flow = ctx.flow(d, &verdict);
     flow.verdict = FlowVerdict::Dropped;
     flow.drop_reason_desc = Some("POLICY_DENIED".into());
-    flow.policy = if d.verdict.needs_dns() {
-        // Until the DNS proxy exists, queries that DNS rules must check are
-        // refused rather than forwarded unchecked.
-        "the port has DNS rules, which weir cannot check yet (no DNS proxy): refused".into()
-    } else {
-        "the port has HTTP rules, which cannot apply to UDP".into()
-    };
+    flow.policy = "the port has HTTP rules, which cannot apply to UDP".into();
     Some(flow)
 }
 
@@ -439,8 +516,8 @@ mod tests {
             Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
         let mut t = FlowTable::default();
         let (tx, _rx) = mpsc::channel(1);
-        t.insert(key(1), Entry::Open(tx.clone()));
-        t.insert(key(2), Entry::Open(tx.clone()));
+        t.insert(key(1), Entry::Open(tx.clone(), 1));
+        t.insert(key(2), Entry::Open(tx.clone(), 2));
         let later = Instant::now() + Duration::from_secs(60);
         t.deny(key(3), later, policy.clone(), 2);
         t.deny(key(4), later, policy.clone(), 2);
@@ -449,8 +526,13 @@ mod tests {
         t.deny(key(4), later, policy.clone(), 2);
         assert_eq!((t.open, t.denied, t.entries.len()), (2, 2, 4));
         // A denied flow that is allowed now replaces its denial.
-        t.insert(key(3), Entry::Open(tx));
+        t.insert(key(3), Entry::Open(tx.clone(), 3));
+        // Only the session that holds the entry removes it.
+        t.remove_session(&key(3), 99);
         assert_eq!((t.open, t.denied), (3, 1));
+        t.remove_session(&key(3), 3);
+        assert_eq!((t.open, t.denied), (2, 1));
+        t.insert(key(3), Entry::Open(tx, 3));
         t.remove(&key(1));
         t.remove(&key(1));
         assert_eq!((t.open, t.denied), (2, 1));

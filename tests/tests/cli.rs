@@ -303,55 +303,6 @@ fn allow_localhost_policy_is_refused_where_the_host_cannot_be_policed() {
     assert!(stderr.contains("needs the eBPF datapath"), "{stderr}");
 }
 
-/// DNS policy loads (explain decides it) but `weir run` does not enforce it yet:
-/// it refuses to start rather than drop the endpoints' DNS queries.
-#[test]
-fn run_refuses_dns_policy_until_the_dns_proxy_exists() {
-    let d = ScratchDir::new("run-dns");
-    let p = d.0.join("p.yaml");
-    std::fs::write(
-        &p,
-        "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: fqdn}
-spec:
-  endpointSelector: {matchLabels: {class: xwing}}
-  egress:
-  - toFQDNs: [{matchName: api.example.com}]
-  - toEndpoints: [{matchLabels: {class: deathstar}}]
-    toPorts:
-    - ports: [{port: '53', protocol: ANY}]
-      rules:
-        dns: [{matchPattern: '*'}]
-",
-    )
-    .unwrap();
-    let (code, _, stderr) = out(&weir_cli(&[
-        "run",
-        "--policy",
-        p.to_str().unwrap(),
-        "--state-dir",
-        d.0.join("state").to_str().unwrap(),
-        "--api-socket",
-        d.0.join("s.sock").to_str().unwrap(),
-    ]));
-    assert_eq!(code, 1, "{stderr}");
-    let f = p.display();
-    // toFQDNs is enforced (the FQDN learner): only `rules.dns` is refused.
-    assert!(!stderr.contains("`toFQDNs`"), "{stderr}");
-    assert!(
-        stderr.contains(&format!("{f}:12:15: `rules.dns`")),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("does not enforce DNS policy yet"),
-        "{stderr}"
-    );
-    // The same file is valid, and explain decides its DNS rule.
-    let (code, _, _) = out(&weir_cli(&["policy", "validate", p.to_str().unwrap()]));
-    assert_eq!(code, 0);
-}
-
 #[path = "../../policy-engine/tests/cilium_table/mod.rs"]
 mod cilium_table;
 

@@ -559,7 +559,11 @@ fn a_planned_restart_loses_no_dns_query_and_no_request() {
     ]);
     s.lab.spawn("dnsperf", perf).expect("start dnsperf");
     let conf = s.path("resolv-loop.conf");
-    std::fs::write(&conf, format!("nameserver {RESOLVER4}\noptions timeout:2 attempts:1\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("nameserver {RESOLVER4}\noptions timeout:2 attempts:1\n"),
+    )
+    .unwrap();
     let (stop, codes) = (s.path("stop"), s.path("curl-codes.txt"));
     let mut curl = s.lab.workload("tiefighter").ns.command("unshare");
     curl.args([
@@ -577,7 +581,14 @@ fn a_planned_restart_loses_no_dns_query_and_no_request() {
     s.lab.spawn("curl-loop", curl).expect("start the curl loop");
     std::thread::sleep(Duration::from_secs(4));
 
-    let args = ["--steering", "ebpf", "--fqdn-min-ttl", "0", "--drain-timeout", "10s"];
+    let args = [
+        "--steering",
+        "ebpf",
+        "--fqdn-min-ttl",
+        "0",
+        "--drain-timeout",
+        "10s",
+    ];
     let Some(_new) = s.start_next_weir(&args, "weir-new.log") else {
         panic!(
             "the new weir did not take over:\n{}\n--- old:\n{}",
@@ -598,7 +609,11 @@ fn a_planned_restart_loses_no_dns_query_and_no_request() {
         .and_then(|r| r.split_whitespace().nth(1))
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or(0);
-    assert_eq!(lost, Some(0), "dnsperf lost queries across the takeover:\n{perf}");
+    assert_eq!(
+        lost,
+        Some(0),
+        "dnsperf lost queries across the takeover:\n{perf}"
+    );
     assert!(completed >= 10_000, "too few queries were made:\n{perf}");
     assert_eq!(noerror, completed, "not every answer was NOERROR:\n{perf}");
     let codes = std::fs::read_to_string(&codes).unwrap_or_default();
@@ -610,7 +625,11 @@ fn a_planned_restart_loses_no_dns_query_and_no_request() {
         codes.lines().count(),
         &failed[..failed.len().min(20)]
     );
-    assert!(codes.lines().count() >= 50, "only {} requests", codes.lines().count());
+    assert!(
+        codes.lines().count() >= 50,
+        "only {} requests",
+        codes.lines().count()
+    );
     eprintln!(
         "{completed} queries, 0 lost, all NOERROR; {} requests by name, all 200",
         codes.lines().count()

@@ -1,0 +1,373 @@
+//! The DNS proxy: every query on a flow whose port has DNS rules is inspected and
+//! decided by name, and only allowed queries reach the resolver. Answers are
+//! matched to their query by ID and question, their addresses handed to the FQDN
+//! learner (waiting for it when a `toFQDNs` selector selects a name), and then
+//! released unchanged.
+//!
+//! This module holds what UDP ([`udp`]) and TCP ([`tcp`]) share: deciding a query
+//! ([`decide_query`]), the table of outstanding queries ([`Outstanding`]),
+//! answering from it ([`Outstanding::take_answer`]), the learner gate
+//! ([`learn_gate`]) and the flow records.
+
+pub mod tcp;
+pub mod udp;
+
+use std::time::{Duration, Instant};
+
+use weir_parsers::dns::{
+    self, AnswerFacts, AnswerReject, DnsFlow, QueryFacts, QueryReject, RawHeader,
+};
+use weir_policy::Verdict;
+use weir_policy::flow::{Flow, FlowVerdict, L7Type};
+
+use crate::Shared;
+use crate::context::{ConnContext, Decision};
+use crate::fqdn::LearnRequest;
+
+/// What to do with one client message.
+pub(crate) enum QueryAction {
+    /// Send these bytes back to the client (a denial, FORMERR, REFUSED for an
+    /// opcode weir does not match); nothing goes upstream.
+    Reply(Vec<u8>),
+    /// Nothing to answer (unreadable header, a response sent as a query).
+    Drop,
+    /// Allowed: forward the message unchanged and remember it.
+    Forward(Pending),
+}
+
+/// A query forwarded to the resolver and not yet (fully) answered.
+pub(crate) struct Pending {
+    pub facts: QueryFacts,
+    /// The query's bytes (for the SERVFAIL weir answers if the resolver does not).
+    pub query: Vec<u8>,
+    pub decision: Decision,
+    pub verdict: Verdict,
+    pub sent: Instant,
+    pub deadline: Instant,
+    /// How long the resolver may take (for a zone transfer: between messages).
+    pub timeout: Duration,
+    /// A zone transfer that has had at least one answer message (it stays until
+    /// its deadline: more messages may follow).
+    pub answered: bool,
+}
+
+/// Inspects and decides one client message under the current policy, and
+/// records the decision. `room` says whether the flow may have another query
+/// outstanding; an allowed query beyond that is answered SERVFAIL.
+pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAction {
+    let d = ctx.decide();
+    let cfg = &ctx.shared.config;
+    let facts = match dns::inspect_query(msg) {
+        Ok(f) => f,
+        Err(reject) => {
+            let reply = reject.response(msg);
+            ctx.shared.flows.emit(&rejected_flow(ctx, &d, &reject));
+            tracing::debug!(reason = %reject, "DNS query rejected");
+            return match reply {
+                Some(r) => QueryAction::Reply(r),
+                None => QueryAction::Drop,
+            };
+        }
+    };
+    let verdict = d.verdict.dns_verdict(&d.policy, &facts.name);
+    if !verdict.allowed {
+        let rcode = cfg.dns_deny_rcode;
+        let mut flow = query_flow(
+            ctx,
+            &d,
+            &verdict,
+            DnsFlow::from_rcode(&facts, rcode.rcode()),
+        );
+        flow.verdict = FlowVerdict::Dropped;
+        ctx.shared.flows.emit(&flow);
+        tracing::debug!(name = %facts.name, "DNS query denied");
+        return match dns::refused(msg, rcode) {
+            Some(r) => QueryAction::Reply(r),
+            None => QueryAction::Drop,
+        };
+    }
+    if !room {
+        let flow = query_flow(
+            ctx,
+            &d,
+            &verdict,
+            DnsFlow::from_rcode(&facts, dns::rcode::SERVFAIL),
+        )
+        .with_error("DNS_TOO_MANY_OUTSTANDING");
+        ctx.shared.flows.emit(&flow);
+        tracing::debug!(
+            name = %facts.name,
+            max = cfg.dns_max_outstanding,
+            "too many DNS queries outstanding on this flow; answered SERVFAIL"
+        );
+        return match dns::servfail(msg) {
+            Some(r) => QueryAction::Reply(r),
+            None => QueryAction::Drop,
+        };
+    }
+    ctx.shared
+        .flows
+        .emit(&query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
+    let now = Instant::now();
+    QueryAction::Forward(Pending {
+        facts,
+        query: msg.to_vec(),
+        decision: d,
+        verdict,
+        sent: now,
+        deadline: now + cfg.dns_upstream_timeout,
+        timeout: cfg.dns_upstream_timeout,
+        answered: false,
+    })
+}
+
+/// What an upstream message turned out to be.
+pub(crate) enum AnswerMatch {
+    /// No outstanding query has this ID and question: dropped.
+    Unmatched,
+    /// The answer to `pending`'s query (inspected: `Err` means it is unusable and
+    /// the client gets SERVFAIL instead).
+    Matched(Box<Pending>, Result<AnswerFacts, AnswerReject>),
+}
+
+/// The queries of one client flow (a UDP 4-tuple or a TCP connection) that were
+/// forwarded and not yet answered.
+pub(crate) struct Outstanding {
+    items: Vec<Pending>,
+    max: usize,
+}
+
+/// What [`Outstanding::add`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AddOutcome {
+    Added,
+    /// The same query (ID and question) is outstanding already: a client's
+    /// retransmission, forwarded again but tracked once.
+    Retransmission,
+}
+
+impl Outstanding {
+    pub fn new(max: usize) -> Self {
+        Outstanding {
+            items: Vec::new(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether another query may be added.
+    pub fn has_room(&self) -> bool {
+        self.items.len() < self.max
+    }
+
+    /// Adds a forwarded query (callers check [`Outstanding::has_room`] first;
+    /// the cap holds regardless: beyond it the oldest query is given up).
+    pub fn add(&mut self, p: Pending) -> AddOutcome {
+        if self
+            .items
+            .iter()
+            .any(|o| o.facts.id == p.facts.id && o.facts.question_wire == p.facts.question_wire)
+        {
+            return AddOutcome::Retransmission;
+        }
+        if self.items.len() >= self.max
+            && let Some(oldest) = (0..self.items.len()).min_by_key(|&i| self.items[i].sent)
+        {
+            self.items.swap_remove(oldest);
+        }
+        self.items.push(p);
+        AddOutcome::Added
+    }
+
+    /// Finds the query `msg` answers: same ID, and a question that matches (an
+    /// answer with the right ID for another question is someone else's, or a
+    /// forgery, and is dropped). A zone transfer stays outstanding for the
+    /// messages that follow.
+    pub fn take_answer(&mut self, msg: &[u8]) -> AnswerMatch {
+        let Some(h) = RawHeader::read(msg) else {
+            return AnswerMatch::Unmatched;
+        };
+        for i in 0..self.items.len() {
+            let p = &self.items[i];
+            if p.facts.id != h.id {
+                continue;
+            }
+            let r = dns::inspect_answer(msg, &p.facts);
+            if matches!(
+                r,
+                Err(AnswerReject::IdMismatch { .. }
+                    | AnswerReject::QuestionMismatch(_)
+                    | AnswerReject::NotAResponse)
+            ) {
+                continue;
+            }
+            if p.facts.is_zone_transfer() && r.is_ok() {
+                let p = &mut self.items[i];
+                p.answered = true;
+                // The timeout applies between a transfer's messages, not to the
+                // whole transfer.
+                p.deadline = Instant::now() + p.timeout;
+                let copy = Pending {
+                    facts: p.facts.clone(),
+                    query: Vec::new(),
+                    decision: p.decision.clone(),
+                    verdict: p.verdict.clone(),
+                    sent: p.sent,
+                    deadline: p.deadline,
+                    timeout: p.timeout,
+                    answered: true,
+                };
+                return AnswerMatch::Matched(Box::new(copy), r);
+            }
+            let p = self.items.swap_remove(i);
+            return AnswerMatch::Matched(Box::new(p), r);
+        }
+        AnswerMatch::Unmatched
+    }
+
+    /// The earliest deadline of an outstanding query.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.items.iter().map(|p| p.deadline).min()
+    }
+
+    /// Removes and returns the queries whose deadline has passed (zone transfers
+    /// that were answered end here quietly: the caller skips `answered` ones).
+    pub fn expire(&mut self, now: Instant) -> Vec<Pending> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.items.len() {
+            if self.items[i].deadline <= now {
+                out.push(self.items.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Removes every outstanding query (the upstream is gone).
+    pub fn drain(&mut self) -> Vec<Pending> {
+        std::mem::take(&mut self.items)
+    }
+}
+
+/// The request to learn an answer's addresses, or `None` when it has none.
+pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest> {
+    if a.addresses.is_empty() {
+        return None;
+    }
+    Some(LearnRequest {
+        names: a.names().map(str::to_string).collect(),
+        addresses: a.addresses.iter().map(|x| (x.ip, x.ttl)).collect(),
+        policy: p.decision.policy.clone(),
+    })
+}
+
+/// Hands `req` to the learner. When a `toFQDNs` selector selects one of its
+/// names, the answer must wait for the learner's reply (see [`wait_for`]);
+/// otherwise the request only feeds the learner and the answer goes at once.
+pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Option<LearnReply> {
+    let wait = req.selected();
+    let reply = shared.fqdn_learner().learn(req, wait);
+    wait.then_some(reply)
+}
+
+pub(crate) type LearnReply = tokio::sync::oneshot::Receiver<Result<(), crate::fqdn::LearnError>>;
+
+/// Waits (at most `dns_learn_timeout`) until the datapath holds the addresses;
+/// `Err` says why the answer must not be released.
+pub(crate) async fn wait_for(shared: &Shared, reply: LearnReply) -> Result<(), String> {
+    match tokio::time::timeout(shared.config.dns_learn_timeout, reply).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(_)) => Err("the FQDN learner dropped the request".into()),
+        Err(_) => Err(format!(
+            "the FQDN learner did not answer within {:?}",
+            shared.config.dns_learn_timeout
+        )),
+    }
+}
+
+/// [`learn`] and, when the answer must wait, [`wait_for`].
+#[cfg(test)]
+pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(), String> {
+    match learn(shared, req) {
+        Some(reply) => wait_for(shared, reply).await,
+        None => Ok(()),
+    }
+}
+
+/// A REQUEST record for a decided query (the deciding rules in `policy`).
+fn query_flow(ctx: &ConnContext, d: &Decision, verdict: &Verdict, dns: DnsFlow) -> Flow {
+    let mut f = ctx.flow(d, verdict).with_dns(L7Type::Request, 0, dns);
+    f.policy = verdict.reason_for("DNS");
+    f
+}
+
+/// The record for a message that was not matched against policy.
+fn rejected_flow(ctx: &ConnContext, d: &Decision, reject: &QueryReject) -> Flow {
+    let dns = DnsFlow {
+        rcode: reject.response_rcode().map_or(0, u32::from),
+        observation_source: dns::OBSERVATION_SOURCE_PROXY.into(),
+        ..DnsFlow::default()
+    };
+    let mut f = ctx
+        .flow(d, &d.verdict.l4_verdict())
+        .with_dns(L7Type::Request, 0, dns);
+    f.verdict = FlowVerdict::Dropped;
+    f.drop_reason_desc = Some(format!("DNS_QUERY_REJECTED:{}", reject.reason_code()));
+    f.policy = format!("query not matched against policy: {reject}");
+    f
+}
+
+fn latency_ns(p: &Pending) -> u64 {
+    u64::try_from(p.sent.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A RESPONSE record for an answer released to the client.
+pub(crate) fn answer_flow(ctx: &ConnContext, p: &Pending, a: &AnswerFacts) -> Flow {
+    let mut f = ctx.flow(&p.decision, &p.verdict).with_dns(
+        L7Type::Response,
+        latency_ns(p),
+        DnsFlow::from_answer(&p.facts, a),
+    );
+    f.policy = p.verdict.reason_for("DNS");
+    f
+}
+
+/// A RESPONSE record for a SERVFAIL weir answered in the resolver's place.
+pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
+    let mut f = ctx
+        .flow(&p.decision, &p.verdict)
+        .with_dns(
+            L7Type::Response,
+            latency_ns(p),
+            DnsFlow::from_rcode(&p.facts, dns::rcode::SERVFAIL),
+        )
+        .with_error("DNS_SERVFAIL");
+    f.policy = format!("{} ({why})", p.verdict.reason_for("DNS"));
+    f
+}
+
+/// SERVFAIL for `p`, with its flow record; `None` when nothing can be answered.
+pub(crate) fn servfail(ctx: &ConnContext, p: &Pending, why: &str) -> Option<Vec<u8>> {
+    tracing::debug!(name = %p.facts.name, why, "DNS query answered SERVFAIL");
+    ctx.shared.flows.emit(&servfail_flow(ctx, p, why));
+    dns::servfail(&p.query)
+}
+
+/// How long a query may wait for its answer, for log messages.
+pub(crate) fn upstream_timeout_reason(t: Duration) -> String {
+    format!("the resolver did not answer within {t:?}")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,321 @@
+//! DNS over TCP (RFC 7766): both directions framed with [`TcpDnsFramer`]; each
+//! query decided as over UDP. Denied and rejected queries are answered at once
+//! (out of order, which RFC 7766 §6.2.1.1 allows), allowed ones forwarded on one
+//! upstream connection from the client's address, and answers matched back by ID
+//! and question, so a resolver answering pipelined queries out of order works. A
+//! zone transfer's several answer messages stream through in order.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info};
+use weir_parsers::dns::{FrameError, TcpDnsFramer, tcp_frame};
+use weir_policy::flow::FlowVerdict;
+
+use super::{AnswerMatch, Outstanding, Pending, QueryAction};
+use crate::context::ConnContext;
+use crate::socket;
+
+/// Frames queued for the client's writer; beyond, reading stops (backpressure).
+const WRITE_QUEUE: usize = 64;
+
+/// Serves one client connection to a port with DNS rules.
+pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
+    let (client_rd, client_wr) = client.into_split();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_loop(client_wr, rx).in_current_span());
+    Conn {
+        ctx,
+        tx,
+        outstanding: Outstanding::new(0),
+        upstream: Upstream::NotConnected,
+        releases: JoinSet::new(),
+        chains: HashMap::new(),
+    }
+    .run(client_rd)
+    .await;
+    // Everything queued for the client is written before the connection closes.
+    let _ = writer.await;
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = rx.recv().await {
+        if let Err(e) = wr.write_all(&frame).await {
+            debug!(error = %e, "writing to the DNS client failed");
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+enum Upstream {
+    NotConnected,
+    Connected(OwnedReadHalf, OwnedWriteHalf, TcpDnsFramer),
+    /// Connecting failed; later queries get SERVFAIL at once rather than wait
+    /// for another connect timeout each.
+    Failed(String),
+}
+
+struct Conn {
+    ctx: Arc<ConnContext>,
+    /// Frames for the client.
+    tx: mpsc::Sender<Vec<u8>>,
+    outstanding: Outstanding,
+    upstream: Upstream,
+    /// Answers waiting for the FQDN learner.
+    releases: JoinSet<()>,
+    /// Per query ID, when the last release of that ID is out: the messages of a
+    /// zone transfer reach the client in the order the resolver sent them.
+    chains: HashMap<u16, oneshot::Receiver<()>>,
+}
+
+/// Reads from the upstream if there is one (never resolves otherwise).
+async fn read_upstream(up: &mut Upstream, buf: &mut [u8]) -> io::Result<usize> {
+    match up {
+        Upstream::Connected(rd, _, _) => rd.read(buf).await,
+        _ => std::future::pending().await,
+    }
+}
+
+impl Conn {
+    async fn run(mut self, mut client_rd: OwnedReadHalf) {
+        self.outstanding = Outstanding::new(self.ctx.shared.config.dns_max_outstanding);
+        let idle = self.ctx.shared.config.idle_timeout;
+        let mut framer = TcpDnsFramer::default();
+        let mut from_client = vec![0u8; 16 * 1024];
+        let mut from_server = vec![0u8; 16 * 1024];
+        let mut client_open = true;
+        let mut last_activity = Instant::now();
+        let mut draining = self.ctx.shared.draining();
+        loop {
+            let busy = !self.outstanding.is_empty() || !self.releases.is_empty();
+            if !client_open && !busy {
+                return;
+            }
+            // Another weir took over: close between answers with nothing half
+            // read (RFC 7766 §6.2.3 lets a server close an idle connection); the
+            // client reconnects to the new weir.
+            if *draining.borrow() && !busy && framer.buffered() == 0 {
+                debug!("handed over; DNS connection closed between queries");
+                return;
+            }
+            let wake = self
+                .outstanding
+                .next_deadline()
+                .unwrap_or(last_activity + idle);
+            tokio::select! {
+                r = client_rd.read(&mut from_client), if client_open => match r {
+                    Ok(0) => {
+                        if framer.buffered() > 0 {
+                            debug!("DNS client closed mid-message");
+                        }
+                        client_open = false;
+                    }
+                    Ok(n) => {
+                        last_activity = Instant::now();
+                        framer.push(&from_client[..n]);
+                        if let Err(e) = self.client_messages(&mut framer).await {
+                            self.framing_failed(&e, "client");
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "DNS client connection failed");
+                        client_open = false;
+                    }
+                },
+                r = read_upstream(&mut self.upstream, &mut from_server) => match r {
+                    Ok(0) | Err(_) => self.upstream_gone("the resolver closed the connection").await,
+                    Ok(n) => {
+                        last_activity = Instant::now();
+                        if let Err(e) = self.server_messages(&from_server[..n]).await {
+                            self.framing_failed(&e, "resolver");
+                            self.upstream_gone("the resolver sent an unframeable message").await;
+                        }
+                    }
+                },
+                Ok(()) = draining.changed(), if !*draining.borrow() => {}
+                Some(_) = self.releases.join_next(), if !self.releases.is_empty() => {
+                    if self.releases.is_empty() {
+                        self.chains.clear();
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    let why = super::upstream_timeout_reason(self.ctx.shared.config.dns_upstream_timeout);
+                    for p in self.outstanding.expire(now) {
+                        if !p.answered {
+                            self.answer_servfail(&p, &why).await;
+                        }
+                    }
+                    if !busy && last_activity + idle <= now {
+                        debug!("DNS connection idle; closed");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn framing_failed(&self, e: &FrameError, from: &str) {
+        info!(error = %e, from, "DNS over TCP: bad frame; closing");
+        let d = self.ctx.decide();
+        let mut f = self.ctx.flow(&d, &d.verdict.l4_verdict());
+        f.verdict = FlowVerdict::Dropped;
+        f.drop_reason_desc = Some("DNS_BAD_FRAME".into());
+        f.policy = format!("DNS over TCP from the {from}: {e}");
+        self.ctx.shared.flows.emit(&f);
+    }
+
+    async fn send_client(&self, msg: &[u8]) {
+        if let Ok(frame) = tcp_frame(msg) {
+            let _ = self.tx.send(frame).await;
+        }
+    }
+
+    async fn answer_servfail(&self, p: &Pending, why: &str) {
+        if let Some(r) = super::servfail(&self.ctx, p, why) {
+            self.send_client(&r).await;
+        }
+    }
+
+    async fn client_messages(&mut self, framer: &mut TcpDnsFramer) -> Result<(), FrameError> {
+        while let Some(msg) = framer.next_message()? {
+            match super::decide_query(&self.ctx, &msg, self.outstanding.has_room()) {
+                QueryAction::Reply(r) => self.send_client(&r).await,
+                QueryAction::Drop => {}
+                QueryAction::Forward(p) => self.forward(p, &msg).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn forward(&mut self, p: Pending, msg: &[u8]) {
+        if matches!(self.upstream, Upstream::NotConnected) {
+            let cfg = &self.ctx.shared.config;
+            let connecting =
+                socket::connect_upstream_tcp(self.ctx.upstream_source, self.ctx.orig_dst);
+            self.upstream = match tokio::time::timeout(cfg.upstream_connect_timeout, connecting)
+                .await
+            {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    let (rd, wr) = s.into_split();
+                    Upstream::Connected(rd, wr, TcpDnsFramer::default())
+                }
+                Ok(Err(e)) => Upstream::Failed(format!("connecting to the resolver failed: {e}")),
+                Err(_) => Upstream::Failed(format!(
+                    "connecting to the resolver took longer than {:?}",
+                    cfg.upstream_connect_timeout
+                )),
+            };
+        }
+        let sent = match &mut self.upstream {
+            Upstream::Connected(_, wr, _) => match tcp_frame(msg) {
+                Ok(frame) => wr
+                    .write_all(&frame)
+                    .await
+                    .map_err(|e| format!("sending to the resolver failed: {e}")),
+                Err(e) => Err(e.to_string()),
+            },
+            Upstream::Failed(why) => Err(why.clone()),
+            Upstream::NotConnected => Err("not connected".into()),
+        };
+        match sent {
+            Ok(()) => {
+                self.outstanding.add(p);
+            }
+            Err(why) => self.answer_servfail(&p, &why).await,
+        }
+    }
+
+    /// The resolver's connection ended: its outstanding queries get SERVFAIL,
+    /// and the next query connects again.
+    async fn upstream_gone(&mut self, why: &str) {
+        self.upstream = Upstream::NotConnected;
+        for p in self.outstanding.drain() {
+            if !p.answered {
+                self.answer_servfail(&p, why).await;
+            }
+        }
+    }
+
+    async fn server_messages(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        let mut messages = Vec::new();
+        if let Upstream::Connected(_, _, framer) = &mut self.upstream {
+            framer.push(bytes);
+            while let Some(m) = framer.next_message()? {
+                messages.push(m);
+            }
+        }
+        for m in messages {
+            self.on_answer(m).await;
+        }
+        Ok(())
+    }
+
+    async fn on_answer(&mut self, msg: Vec<u8>) {
+        let (p, facts) = match self.outstanding.take_answer(&msg) {
+            AnswerMatch::Unmatched => {
+                debug!(
+                    len = msg.len(),
+                    "DNS answer matches no outstanding query; dropped"
+                );
+                return;
+            }
+            AnswerMatch::Matched(p, Err(e)) => {
+                self.answer_servfail(&p, &format!("unusable answer: {e}"))
+                    .await;
+                return;
+            }
+            AnswerMatch::Matched(p, Ok(a)) => (p, a),
+        };
+        let id = p.facts.id;
+        let reply =
+            super::learn_request(&p, &facts).and_then(|req| super::learn(&self.ctx.shared, req));
+        let prev = self.chains.remove(&id);
+        if reply.is_none() && prev.is_none() {
+            self.ctx
+                .shared
+                .flows
+                .emit(&super::answer_flow(&self.ctx, &p, &facts));
+            self.send_client(&msg).await;
+            return;
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        self.chains.insert(id, done_rx);
+        let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
+        // Waiting for the learner must not hold up the connection's other
+        // queries; the chain keeps one ID's messages in order.
+        self.releases.spawn(
+            async move {
+                if let Some(prev) = prev {
+                    let _ = prev.await;
+                }
+                let gate = match reply {
+                    Some(reply) => super::wait_for(&ctx.shared, reply).await,
+                    None => Ok(()),
+                };
+                let out = match gate {
+                    Ok(()) => {
+                        ctx.shared.flows.emit(&super::answer_flow(&ctx, &p, &facts));
+                        Some(msg)
+                    }
+                    Err(why) => super::servfail(&ctx, &p, &why),
+                };
+                if let Some(frame) = out.and_then(|m| tcp_frame(&m).ok()) {
+                    let _ = tx.send(frame).await;
+                }
+                let _ = done_tx.send(());
+            }
+            .in_current_span(),
+        );
+    }
+}

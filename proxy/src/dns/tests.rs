@@ -1,0 +1,555 @@
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use weir_policy::identity::IdentityAllocator;
+use weir_policy::{CompiledPolicy, Protocol};
+
+use super::*;
+use crate::{FlowSink, ProxyConfig};
+
+/// A flow-record sink that keeps the lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ctx(config: ProxyConfig) -> (ConnContext, Lines) {
+    let policy =
+        Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
+    let lines = Lines::default();
+    let shared = Shared::new(policy, FlowSink::new(Box::new(lines.clone())), config);
+    let client: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+    let dst: SocketAddr = "10.0.0.1:53".parse().unwrap();
+    (
+        ConnContext::with_protocol(shared, client, dst, Protocol::Udp),
+        lines,
+    )
+}
+
+fn records(ctx: &ConnContext, lines: &Lines) -> Vec<serde_json::Value> {
+    ctx.shared.flows.flush(Duration::from_secs(5));
+    String::from_utf8(lines.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn qname(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A query for `name`, type A (1), class IN.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&qname(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    m
+}
+
+/// The answer to [`query`] with one A record per address.
+fn answer(id: u16, name: &str, ips: &[[u8; 4]]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x81, 0x80, 0, 1]);
+    m.extend_from_slice(&(ips.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&qname(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    for ip in ips {
+        m.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        m.extend_from_slice(ip);
+    }
+    m
+}
+
+fn forward(ctx: &ConnContext, msg: &[u8]) -> Pending {
+    match decide_query(ctx, msg, true) {
+        QueryAction::Forward(p) => p,
+        _ => panic!("not forwarded"),
+    }
+}
+
+#[test]
+fn answers_match_their_query_by_id_and_question() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(10);
+    assert_eq!(
+        o.add(forward(&ctx, &query(1, "a.example"))),
+        AddOutcome::Added
+    );
+    assert_eq!(
+        o.add(forward(&ctx, &query(2, "b.example"))),
+        AddOutcome::Added
+    );
+    // A retransmission is tracked once.
+    assert_eq!(
+        o.add(forward(&ctx, &query(1, "a.example"))),
+        AddOutcome::Retransmission
+    );
+    assert_eq!(o.len(), 2);
+    // Right ID, wrong question: not the answer (a forgery or a stray).
+    assert!(matches!(
+        o.take_answer(&answer(1, "b.example", &[[192, 0, 2, 1]])),
+        AnswerMatch::Unmatched
+    ));
+    // Unknown ID, garbage.
+    assert!(matches!(
+        o.take_answer(&answer(3, "a.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    assert!(matches!(o.take_answer(&[1, 2, 3]), AnswerMatch::Unmatched));
+    // Out of order: b first, then a.
+    match o.take_answer(&answer(2, "b.example", &[[192, 0, 2, 2]])) {
+        AnswerMatch::Matched(p, Ok(a)) => {
+            assert_eq!(p.facts.name, "b.example.");
+            let req = learn_request(&p, &a).unwrap();
+            assert_eq!(req.names, ["b.example."]);
+            assert_eq!(req.addresses, [("192.0.2.2".parse().unwrap(), 30)]);
+            assert!(!req.selected());
+            ctx.shared.flows.emit(&answer_flow(&ctx, &p, &a));
+        }
+        _ => panic!("b's answer not matched"),
+    }
+    assert!(matches!(
+        o.take_answer(&answer(1, "A.Example", &[])),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    assert!(o.is_empty());
+    // An answer that arrives twice is matched once.
+    assert!(matches!(
+        o.take_answer(&answer(1, "a.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    let flows = records(&ctx, &lines);
+    let requests: Vec<_> = flows
+        .iter()
+        .filter(|f| f["l7"]["type"] == "REQUEST")
+        .collect();
+    assert_eq!(requests.len(), 3);
+    assert!(
+        requests
+            .iter()
+            .all(|f| f["verdict"] == "FORWARDED" && f["l4"]["UDP"]["destination_port"] == 53)
+    );
+    let resp = flows
+        .iter()
+        .find(|f| f["l7"]["type"] == "RESPONSE")
+        .unwrap();
+    assert_eq!(resp["l7"]["dns"]["ips"][0], "192.0.2.2");
+    assert_eq!(resp["l7"]["dns"]["ttl"], 30);
+    assert_eq!(resp["l7"]["dns"]["query"], "b.example.");
+}
+
+#[test]
+fn a_malformed_answer_is_matched_and_answered_servfail() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(10);
+    let q = query(7, "a.example");
+    o.add(forward(&ctx, &q));
+    // Right ID and question, then junk after the last record.
+    let mut bad = answer(7, "a.example", &[[192, 0, 2, 1]]);
+    bad.extend_from_slice(&[0xde, 0xad]);
+    match o.take_answer(&bad) {
+        AnswerMatch::Matched(p, Err(_)) => {
+            let r = servfail(&ctx, &p, "unusable").unwrap();
+            assert_eq!(&r[..2], &7u16.to_be_bytes());
+            assert_eq!(r[3] & 0x0f, 2, "SERVFAIL");
+        }
+        _ => panic!("malformed answer not matched"),
+    }
+    let flows = records(&ctx, &lines);
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["verdict"] == "ERROR" && f["l7"]["dns"]["rcode"] == 2),
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn outstanding_queries_are_capped_and_time_out() {
+    let cfg = ProxyConfig {
+        dns_upstream_timeout: Duration::from_millis(50),
+        dns_max_outstanding: 2,
+        ..ProxyConfig::default()
+    };
+    let (ctx, lines) = ctx(cfg);
+    let mut o = Outstanding::new(2);
+    o.add(forward(&ctx, &query(1, "a.example")));
+    o.add(forward(&ctx, &query(2, "b.example")));
+    assert!(!o.has_room());
+    // Beyond the cap: SERVFAIL at once, nothing forwarded.
+    match decide_query(&ctx, &query(3, "c.example"), o.has_room()) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 2),
+        _ => panic!("not answered SERVFAIL"),
+    }
+    let first = o.next_deadline().unwrap();
+    assert!(first <= Instant::now() + Duration::from_millis(50));
+    assert!(o.expire(Instant::now()).is_empty());
+    std::thread::sleep(Duration::from_millis(60));
+    let expired = o.expire(Instant::now());
+    assert_eq!(expired.len(), 2);
+    assert!(o.is_empty() && o.next_deadline().is_none());
+    let flows = records(&ctx, &lines);
+    assert!(flows.iter().any(|f| f["verdict"] == "ERROR"
+        && f["drop_reason_desc"] == "DNS_TOO_MANY_OUTSTANDING"
+        && f["l7"]["dns"]["query"] == "c.example."));
+}
+
+#[test]
+fn rejected_queries_are_answered_as_the_parser_says_with_a_record() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    // Two questions: FORMERR.
+    let mut two = query(9, "a.example");
+    two[5] = 2;
+    two.extend_from_slice(&qname("b.example"));
+    two.extend_from_slice(&[0, 1, 0, 1]);
+    match decide_query(&ctx, &two, true) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 1, "FORMERR"),
+        _ => panic!("not answered"),
+    }
+    // NOTIFY (opcode 4): REFUSED.
+    let mut notify = query(10, "a.example");
+    notify[2] = 4 << 3;
+    match decide_query(&ctx, &notify, true) {
+        QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 5, "REFUSED"),
+        _ => panic!("not answered"),
+    }
+    // Shorter than a header: dropped.
+    assert!(matches!(
+        decide_query(&ctx, &[1, 2, 3], true),
+        QueryAction::Drop
+    ));
+    let flows = records(&ctx, &lines);
+    assert_eq!(flows.len(), 3);
+    assert!(flows.iter().all(|f| f["verdict"] == "DROPPED"));
+    assert!(
+        flows[0]["drop_reason_desc"]
+            .as_str()
+            .unwrap()
+            .contains("question_count")
+    );
+}
+
+/// An answer no toFQDNs selector selects is released without waiting for the
+/// learner (which here does not even exist).
+#[tokio::test]
+async fn unselected_answers_do_not_wait_for_the_learner() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let req = crate::fqdn::LearnRequest {
+        names: vec!["a.example.".into()],
+        addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
+        policy: ctx.shared.policy.load_full(),
+    };
+    // Not selected by any policy: released without waiting.
+    assert_eq!(learn_gate(&ctx.shared, req).await, Ok(()));
+}
+
+/// A message with QR set, an optional question (name, qtype) and A records
+/// written with uncompressed owner names.
+fn response(id: u16, question: Option<(&str, u16)>, records: &[(&str, [u8; 4])]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x84, 0x00]);
+    m.extend_from_slice(&u16::from(question.is_some()).to_be_bytes());
+    m.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    if let Some((name, qtype)) = question {
+        m.extend_from_slice(&qname(name));
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1]);
+    }
+    for (owner, ip) in records {
+        m.extend_from_slice(&qname(owner));
+        m.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        m.extend_from_slice(ip);
+    }
+    m
+}
+
+fn typed_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = query(id, name);
+    let n = q.len();
+    q[n - 4..n - 2].copy_from_slice(&qtype.to_be_bytes());
+    q
+}
+
+mod over_tcp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+
+    use super::*;
+
+    async fn read_message(s: &mut TcpStream, framer: &mut TcpDnsFramer) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = framer.next_message().unwrap() {
+                return Some(m);
+            }
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(n)) => framer.push(&buf[..n]),
+                Err(_) => panic!("nothing read within 5 s"),
+            }
+        }
+    }
+
+    /// A proxy connection (as `dns::tcp::serve` gets it) towards `resolver`;
+    /// returns the client's end.
+    async fn proxied(config: ProxyConfig, resolver: SocketAddr) -> TcpStream {
+        let (ctx, _lines) = ctx(config);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = front.accept().await.unwrap();
+        let ctx = Arc::new(ConnContext::new(ctx.shared.clone(), peer, resolver));
+        tokio::spawn(tcp::serve(ctx, accepted));
+        client
+    }
+
+    /// Pipelined queries answered out of order by the resolver come back matched
+    /// by ID; a zone transfer's messages come through in order; a stray answer
+    /// is dropped.
+    #[tokio::test]
+    async fn pipelined_queries_out_of_order_answers_and_a_zone_transfer() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = resolver.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = resolver.accept().await.unwrap();
+            let mut f = TcpDnsFramer::default();
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                let q = read_message(&mut s, &mut f).await.unwrap();
+                ids.push(u16::from_be_bytes([q[0], q[1]]));
+            }
+            assert_eq!(ids, [1, 2, 3], "forwarded in order");
+            let mut out = Vec::new();
+            // A stray answer with an unknown ID, then b before a, then the
+            // transfer in three messages.
+            for m in [
+                response(
+                    77,
+                    Some(("b.example", 1)),
+                    &[("b.example", [192, 0, 2, 77])],
+                ),
+                response(2, Some(("b.example", 1)), &[("b.example", [192, 0, 2, 2])]),
+                response(1, Some(("a.example", 1)), &[("a.example", [192, 0, 2, 1])]),
+                response(3, Some(("example", 252)), &[("example", [198, 51, 100, 1])]),
+                response(3, None, &[("example", [198, 51, 100, 2])]),
+                response(3, None, &[("example", [198, 51, 100, 3])]),
+            ] {
+                out.extend_from_slice(&tcp_frame(&m).unwrap());
+            }
+            s.write_all(&out).await.unwrap();
+            // Keep the connection open until the client is done.
+            let _ = s.read(&mut [0u8; 16]).await;
+        });
+        let mut client = proxied(ProxyConfig::default(), addr).await;
+        let mut out = Vec::new();
+        for q in [
+            query(1, "a.example"),
+            query(2, "b.example"),
+            typed_query(3, "example", 252),
+        ] {
+            out.extend_from_slice(&tcp_frame(&q).unwrap());
+        }
+        client.write_all(&out).await.unwrap();
+        let mut f = TcpDnsFramer::default();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let m = read_message(&mut client, &mut f).await.unwrap();
+            got.push((u16::from_be_bytes([m[0], m[1]]), m[m.len() - 1]));
+        }
+        assert_eq!(got, [(2, 2), (1, 1), (3, 1), (3, 2), (3, 3)]);
+    }
+
+    /// A resolver that never answers: SERVFAIL after the upstream timeout. A
+    /// bad length prefix from the client closes the connection.
+    #[tokio::test]
+    async fn silent_resolver_servfail_and_bad_frames_close() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = resolver.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = resolver.accept().await.unwrap();
+            let mut sink = [0u8; 4096];
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let cfg = ProxyConfig {
+            dns_upstream_timeout: Duration::from_millis(100),
+            ..ProxyConfig::default()
+        };
+        let mut client = proxied(cfg, addr).await;
+        let started = Instant::now();
+        client
+            .write_all(&tcp_frame(&query(5, "a.example")).unwrap())
+            .await
+            .unwrap();
+        let mut f = TcpDnsFramer::default();
+        let m = read_message(&mut client, &mut f).await.unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (5, 2), "SERVFAIL for id 5");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        client.write_all(&[0, 5, 1, 2, 3, 4, 5]).await.unwrap();
+        assert!(read_message(&mut client, &mut f).await.is_none(), "closed");
+    }
+
+    /// Nothing listens upstream: the query gets SERVFAIL at once.
+    #[tokio::test]
+    async fn failed_upstream_connect_answers_servfail() {
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let mut client = proxied(ProxyConfig::default(), addr).await;
+        client
+            .write_all(&tcp_frame(&query(6, "a.example")).unwrap())
+            .await
+            .unwrap();
+        let mut f = TcpDnsFramer::default();
+        let m = read_message(&mut client, &mut f).await.unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (6, 2));
+    }
+}
+
+mod learning {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::fqdn::{FqdnLearner, LearnError};
+
+    /// Answers each request as `reply` says (`None`: holds it and never answers).
+    struct Learner {
+        reply: Option<Result<(), LearnError>>,
+        held: Mutex<Vec<oneshot::Sender<Result<(), LearnError>>>>,
+        waits: Mutex<Vec<bool>>,
+    }
+
+    impl FqdnLearner for Learner {
+        fn learn(
+            &self,
+            _req: LearnRequest,
+            wait: bool,
+        ) -> oneshot::Receiver<Result<(), LearnError>> {
+            self.waits.lock().unwrap().push(wait);
+            let (tx, rx) = oneshot::channel();
+            match &self.reply {
+                Some(r) => {
+                    let _ = tx.send(r.clone());
+                }
+                None => self.held.lock().unwrap().push(tx),
+            }
+            rx
+        }
+    }
+
+    const FQDN_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: x}}
+  egress:
+  - toFQDNs: [{matchName: selected.example}]
+";
+
+    fn shared_with(reply: Option<Result<(), LearnError>>) -> (Arc<Shared>, Arc<Learner>) {
+        let policies = weir_policy::parse_policies(FQDN_POLICY, "p.yaml").unwrap();
+        let policy = Arc::new(
+            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
+        );
+        let config = ProxyConfig {
+            dns_learn_timeout: Duration::from_millis(50),
+            ..ProxyConfig::default()
+        };
+        let shared = Shared::new(policy, FlowSink::new(Box::new(std::io::sink())), config);
+        let learner = Arc::new(Learner {
+            reply,
+            held: Mutex::default(),
+            waits: Mutex::default(),
+        });
+        assert!(shared.set_fqdn_learner(learner.clone()));
+        (shared, learner)
+    }
+
+    fn req(shared: &Shared, name: &str) -> LearnRequest {
+        LearnRequest {
+            names: vec![name.into(), "cname.example.".into()],
+            addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
+            policy: shared.policy.load_full(),
+        }
+    }
+
+    /// A selected name's answer waits for the learner and is released only on
+    /// its success; an error or no reply within `dns_learn_timeout` keeps it
+    /// back. Other names only feed the learner.
+    #[tokio::test]
+    async fn selected_names_wait_for_the_learner_and_fail_closed() {
+        let (shared, learner) = shared_with(Some(Ok(())));
+        assert_eq!(
+            learn_gate(&shared, req(&shared, "selected.example.")).await,
+            Ok(())
+        );
+        assert_eq!(
+            learn_gate(&shared, req(&shared, "other.example.")).await,
+            Ok(())
+        );
+        assert_eq!(*learner.waits.lock().unwrap(), [true, false]);
+
+        let (shared, _) = shared_with(Some(Err(LearnError::Datapath("map full".into()))));
+        let r = learn_gate(&shared, req(&shared, "selected.example.")).await;
+        assert!(r.unwrap_err().contains("map full"));
+        assert_eq!(
+            learn_gate(&shared, req(&shared, "other.example.")).await,
+            Ok(())
+        );
+
+        let (shared, _) = shared_with(None);
+        let started = Instant::now();
+        let r = learn_gate(&shared, req(&shared, "selected.example.")).await;
+        assert!(r.unwrap_err().contains("did not answer"));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+}
+
+/// A zone transfer stays outstanding for its next messages, its timeout
+/// counting from the last one; once answered it expires quietly.
+#[test]
+fn zone_transfers_stay_outstanding_between_messages() {
+    let cfg = ProxyConfig {
+        dns_upstream_timeout: Duration::from_millis(40),
+        ..ProxyConfig::default()
+    };
+    let (ctx, _lines) = ctx(cfg);
+    let mut o = Outstanding::new(4);
+    o.add(forward(&ctx, &typed_query(3, "example", 252)));
+    std::thread::sleep(Duration::from_millis(30));
+    let first = response(3, Some(("example", 252)), &[("example", [198, 51, 100, 1])]);
+    assert!(matches!(
+        o.take_answer(&first),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(o.expire(Instant::now()).is_empty(), "deadline moved on");
+    let next = response(3, None, &[("example", [198, 51, 100, 2])]);
+    assert!(matches!(
+        o.take_answer(&next),
+        AnswerMatch::Matched(_, Ok(_))
+    ));
+    std::thread::sleep(Duration::from_millis(50));
+    let expired = o.expire(Instant::now());
+    assert!(expired.len() == 1 && expired[0].answered);
+}
