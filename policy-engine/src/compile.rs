@@ -811,8 +811,24 @@ impl CompiledPolicy {
                     let peers = match &e.peers {
                         PeerSet::Any => None,
                         PeerSet::Identities(s) => {
-                            let mut v: Vec<u32> = s.iter().copied().collect();
+                            // A learned address's ipcache entry carries its
+                            // learned identity, not its base: list every learned
+                            // identity whose base the rule selects, as
+                            // `PeerSet::contains` does in userspace (deny rules
+                            // too, or a CIDR deny would stop denying it).
+                            let mut v: Vec<u32> = s
+                                .iter()
+                                .copied()
+                                .chain(
+                                    learned
+                                        .identities
+                                        .values()
+                                        .filter(|l| s.contains(&l.base))
+                                        .map(|l| l.identity),
+                                )
+                                .collect();
                             v.sort_unstable();
+                            v.dedup();
                             Some(v)
                         }
                         PeerSet::Fqdn(sels) => {

@@ -336,6 +336,9 @@ impl Datapath {
 
     /// Whether the installed policy entries already know the learned identity
     /// `id` (so learning an address with it needs only its ipcache entry).
+    /// An identity's entries depend on its selectors and on its base (CIDR
+    /// rules list it under its base); both are in its labels, so one identity
+    /// of one policy always has the same entries.
     pub fn has_fqdn_identity(&self, id: u32) -> bool {
         self.synced_fqdn_identities.contains(&id)
     }
