@@ -348,3 +348,47 @@ fn kernel_rules_list_learned_identities_under_their_base() {
             .all(|r| !r.peers.as_ref().is_some_and(|p| p.contains(&id)))
     );
 }
+
+/// Loopback, unspecified, link-local (the metadata service included),
+/// multicast and broadcast addresses are never learned, v4-mapped or not.
+#[test]
+fn special_addresses_are_never_learned() {
+    let cp = compile(POLICY).unwrap();
+    let mut ids = IdentityAllocator::default();
+    for a in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "0.0.0.0",
+        "0.1.2.3",
+        "169.254.169.254",
+        "169.254.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "fe80::1",
+        "febf::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:0.0.0.0",
+        "::ffff:224.0.0.1",
+        "::ffff:255.255.255.255",
+    ] {
+        assert_eq!(
+            cp.learn_fqdn_ip(ip(a), &[FqdnSelectorId(0)], &mut ids),
+            None,
+            "{a}"
+        );
+    }
+    assert!(cp.learned_fqdn_ips().is_empty());
+    // Neighbours of those ranges are ordinary addresses.
+    for a in ["169.255.0.1", "223.255.255.255", "fec0::1", "2001:db8::1"] {
+        assert!(
+            cp.learn_fqdn_ip(ip(a), &[FqdnSelectorId(0)], &mut ids)
+                .is_some(),
+            "{a}"
+        );
+    }
+}
