@@ -129,7 +129,9 @@ pub fn spawn(
                             steering.fqdn_datapath(),
                             fqdn::now_ms(),
                         );
-                        if let Err(e) = &r {
+                        if let Err(e) = &r
+                            && !matches!(e, weir_proxy::fqdn::LearnError::Unavailable(m) if *m == fqdn::learner::CACHE_FULL)
+                        {
                             warn!(names = ?job.req.names, error = %e, "could not learn a DNS answer's addresses");
                         }
                         let _ = job.reply.send(r);

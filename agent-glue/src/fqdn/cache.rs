@@ -30,20 +30,48 @@ pub struct Entry {
 /// conntrack keeps the address (see `expiry.rs`).
 pub const CONNECT_GRACE_MS: u64 = 2_000;
 
-/// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ips-per-name`).
+/// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ttl`, `--fqdn-max-ips-per-name`,
+/// `--fqdn-max-ips`, `--fqdn-max-names`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub min_ttl_secs: u32,
+    /// Longer TTLs are cut to this (an answer cannot pin an address for years).
+    pub max_ttl_secs: u32,
     pub max_ips_per_name: usize,
+    /// Distinct addresses in the cache (so at most this many learned ipcache
+    /// entries; the kernel's ipcache holds 65 536 with the CIDR and host ones).
+    pub max_ips: usize,
+    pub max_names: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             min_ttl_secs: 0,
+            max_ttl_secs: 86_400,
             max_ips_per_name: 1000,
+            max_ips: 32_768,
+            max_names: 65_536,
         }
     }
+}
+
+/// Why an insert was refused: the cache is at a limit and only names some
+/// selector selects are left to evict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("the FQDN cache holds --fqdn-max-names names, all selected")]
+    Names,
+    #[error("the FQDN cache holds --fqdn-max-ips addresses, all of selected names")]
+    Ips,
+}
+
+/// Per name: when it entered the cache and whether a selector of the installed
+/// policy selects it (names nobody selects are the first to go when full).
+#[derive(Debug, Clone, Copy)]
+struct NameMeta {
+    created_ms: u64,
+    selected: bool,
 }
 
 /// What one insert did to the cache (to put it back when the datapath refuses).
@@ -60,6 +88,9 @@ pub struct Cache {
     names: BTreeMap<String, BTreeMap<IpAddr, Entry>>,
     /// address → the names it is cached under.
     by_ip: HashMap<IpAddr, BTreeSet<String>>,
+    meta: HashMap<String, NameMeta>,
+    /// Names no selector selects, oldest first: what a full cache evicts.
+    evictable: BTreeSet<(u64, String)>,
     pub limits: Limits,
 }
 
@@ -71,14 +102,43 @@ impl Cache {
         }
     }
 
-    /// Caches `ip` for `name` for `ttl` seconds (at least the minimum TTL). A
-    /// later expiry replaces an earlier one, never the other way round; a name at
-    /// its limit drops its oldest address.
-    pub fn insert(&mut self, name: &str, ip: IpAddr, ttl: u32, now_ms: u64, out: &mut Inserted) {
+    /// Caches `ip` for `name` for `ttl` seconds (at most the maximum TTL, at
+    /// least the minimum). A later expiry replaces an earlier one, never the
+    /// other way round; a name at its limit drops its oldest address.
+    /// `selected`: some selector of the installed policy selects `name`. A new
+    /// name or address beyond the cache's limits first evicts names nobody
+    /// selects (oldest first); when none are left it is refused (what was
+    /// evicted is in `out`, for the caller's undo).
+    pub fn insert(
+        &mut self,
+        name: &str,
+        ip: IpAddr,
+        ttl: u32,
+        selected: bool,
+        now_ms: u64,
+        out: &mut Inserted,
+    ) -> Result<(), Full> {
         let ip = canonical_ip(ip);
         // RFC 2181 §8: a TTL with the top bit set is zero.
         let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
-        let ttl = ttl.max(self.limits.min_ttl_secs);
+        let ttl = ttl
+            .min(self.limits.max_ttl_secs)
+            .max(self.limits.min_ttl_secs);
+        if !self.names.contains_key(name) {
+            while self.names.len() >= self.limits.max_names.max(1) {
+                if !self.evict_one(name, out) {
+                    return Err(Full::Names);
+                }
+            }
+        }
+        if !self.by_ip.contains_key(&ip) {
+            while self.by_ip.len() >= self.limits.max_ips.max(1) {
+                if !self.evict_one(name, out) {
+                    return Err(Full::Ips);
+                }
+            }
+        }
+        self.set_meta(name, now_ms, Some(selected));
         let expires_ms = now_ms
             .saturating_add(u64::from(ttl) * 1000)
             .max(now_ms.saturating_add(CONNECT_GRACE_MS));
@@ -97,7 +157,7 @@ impl Cache {
             },
         };
         if before == Some(entry) {
-            return;
+            return Ok(());
         }
         ips.insert(ip, entry);
         out.changed.push((name.to_string(), ip, before));
@@ -121,6 +181,49 @@ impl Cache {
             self.unindex(n, *i);
         }
         out.evicted.extend(evicted);
+        Ok(())
+    }
+
+    /// Evicts the oldest name nobody selects (never `keep`). Whether there was one.
+    fn evict_one(&mut self, keep: &str, out: &mut Inserted) -> bool {
+        let Some((_, victim)) = self.evictable.iter().find(|(_, n)| n != keep).cloned() else {
+            return false;
+        };
+        let ips = self.names.get(&victim).cloned().unwrap_or_default();
+        for (ip, e) in ips {
+            self.remove(&victim, ip);
+            out.evicted.push((victim.clone(), ip, e));
+        }
+        true
+    }
+
+    /// Records `name`'s metadata: created at `now_ms` when new; `selected`
+    /// when known (an entry restored without a policy counts as selected, so
+    /// it is never evicted on a guess; `mark_selected` corrects it).
+    fn set_meta(&mut self, name: &str, now_ms: u64, selected: Option<bool>) {
+        let m = self.meta.entry(name.to_string()).or_insert(NameMeta {
+            created_ms: now_ms,
+            selected: true,
+        });
+        if let Some(sel) = selected {
+            m.selected = sel;
+        }
+        let m = *m;
+        let key = (m.created_ms, name.to_string());
+        if m.selected {
+            self.evictable.remove(&key);
+        } else {
+            self.evictable.insert(key);
+        }
+    }
+
+    /// Re-reads which names the installed policy selects (after a policy change).
+    pub fn mark_selected(&mut self, mut selected: impl FnMut(&str) -> bool) {
+        let names: Vec<String> = self.names.keys().cloned().collect();
+        for n in names {
+            let sel = selected(&n);
+            self.set_meta(&n, 0, Some(sel));
+        }
     }
 
     /// Puts back what `insert`s did (in reverse).
@@ -142,6 +245,7 @@ impl Cache {
                     .or_default()
                     .insert(ip, e);
                 self.by_ip.entry(ip).or_default().insert(name.to_string());
+                self.set_meta(name, e.learned_ms, None);
             }
             None => self.remove(name, ip),
         }
@@ -153,6 +257,9 @@ impl Cache {
             ips.remove(&ip);
             if ips.is_empty() {
                 self.names.remove(name);
+                if let Some(m) = self.meta.remove(name) {
+                    self.evictable.remove(&(m.created_ms, name.to_string()));
+                }
             }
         }
         self.unindex(name, ip);
@@ -241,20 +348,31 @@ mod tests {
         let mut c = Cache::new(Limits {
             min_ttl_secs: 60,
             max_ips_per_name: 10,
+            ..Limits::default()
         });
         let mut out = Inserted::default();
-        c.insert("a.example.com.", ip("192.0.2.1"), 5, 1_000, &mut out);
+        c.insert("a.example.com.", ip("192.0.2.1"), 5, true, 1_000, &mut out)
+            .unwrap();
         assert_eq!(
             c.get("a.example.com.", ip("192.0.2.1")).unwrap().expires_ms,
             61_000
         );
-        c.insert("a.example.com.", ip("192.0.2.2"), 300, 1_000, &mut out);
+        c.insert(
+            "a.example.com.",
+            ip("192.0.2.2"),
+            300,
+            true,
+            1_000,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             c.get("a.example.com.", ip("192.0.2.2")).unwrap().expires_ms,
             301_000
         );
         // A shorter TTL later does not cut the entry short.
-        c.insert("a.example.com.", ip("192.0.2.2"), 0, 2_000, &mut out);
+        c.insert("a.example.com.", ip("192.0.2.2"), 0, true, 2_000, &mut out)
+            .unwrap();
         let e = c.get("a.example.com.", ip("192.0.2.2")).unwrap();
         assert_eq!((e.expires_ms, e.learned_ms), (301_000, 1_000));
         assert!(
@@ -262,7 +380,15 @@ mod tests {
                 .contains(&("a.example.com.".into(), ip("192.0.2.1")))
         );
         assert_eq!(c.expired(60_999), vec![]);
-        c.insert("b.example.com.", ip("192.0.2.3"), u32::MAX, 1_000, &mut out);
+        c.insert(
+            "b.example.com.",
+            ip("192.0.2.3"),
+            u32::MAX,
+            true,
+            1_000,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             c.get("b.example.com.", ip("192.0.2.3")).unwrap().expires_ms,
             61_000,
@@ -275,10 +401,12 @@ mod tests {
         let mut c = Cache::new(Limits {
             min_ttl_secs: 0,
             max_ips_per_name: 2,
+            ..Limits::default()
         });
         let mut out = Inserted::default();
         for (i, a) in ["192.0.2.1", "192.0.2.2", "192.0.2.3"].iter().enumerate() {
-            c.insert("n.", ip(a), 60, 1_000 * i as u64, &mut out);
+            c.insert("n.", ip(a), 60, true, 1_000 * i as u64, &mut out)
+                .unwrap();
         }
         assert!(c.get("n.", ip("192.0.2.1")).is_none());
         assert!(!c.has_ip(ip("192.0.2.1")));
@@ -294,13 +422,79 @@ mod tests {
     fn an_address_is_indexed_under_every_name_and_v4_mapped_is_v4() {
         let mut c = Cache::new(Limits::default());
         let mut out = Inserted::default();
-        c.insert("a.", ip("::ffff:192.0.2.9"), 60, 0, &mut out);
-        c.insert("b.", ip("192.0.2.9"), 60, 0, &mut out);
+        c.insert("a.", ip("::ffff:192.0.2.9"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert("b.", ip("192.0.2.9"), 60, true, 0, &mut out)
+            .unwrap();
         let names: Vec<&str> = c.names_of(ip("192.0.2.9")).collect();
         assert_eq!(names, ["a.", "b."]);
         c.remove("a.", ip("192.0.2.9"));
         assert!(c.has_ip(ip("192.0.2.9")));
         c.remove("b.", ip("192.0.2.9"));
         assert!(!c.has_ip(ip("192.0.2.9")));
+    }
+
+    #[test]
+    fn a_ttl_above_the_maximum_is_cut() {
+        let mut c = Cache::new(Limits {
+            max_ttl_secs: 3_600,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("a.", ip("192.0.2.1"), i32::MAX as u32, true, 0, &mut out)
+            .unwrap();
+        assert_eq!(c.get("a.", ip("192.0.2.1")).unwrap().expires_ms, 3_600_000);
+        assert_eq!(Limits::default().max_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn a_full_cache_evicts_unselected_names_oldest_first_then_refuses() {
+        let mut c = Cache::new(Limits {
+            max_names: 3,
+            max_ips: 3,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("sel.", ip("192.0.2.1"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert("old.", ip("192.0.2.2"), 60, false, 1, &mut out)
+            .unwrap();
+        c.insert("new.", ip("192.0.2.3"), 60, false, 2, &mut out)
+            .unwrap();
+        // A fourth name: the oldest unselected one goes.
+        c.insert("sel2.", ip("192.0.2.4"), 60, true, 3, &mut out)
+            .unwrap();
+        assert!(c.get("old.", ip("192.0.2.2")).is_none());
+        assert!(!c.has_ip(ip("192.0.2.2")));
+        assert!(c.get("new.", ip("192.0.2.3")).is_some());
+        // Known names and addresses are never refused.
+        c.insert("sel.", ip("192.0.2.4"), 60, true, 4, &mut out)
+            .unwrap();
+        // A fifth address: the last unselected name goes.
+        c.insert("sel.", ip("192.0.2.5"), 60, true, 5, &mut out)
+            .unwrap();
+        assert!(c.get("new.", ip("192.0.2.3")).is_none());
+        // Only selected names left: refused, for names and addresses alike.
+        let before = c.clone();
+        let mut out = Inserted::default();
+        c.insert("sel3.", ip("192.0.2.1"), 60, true, 6, &mut out)
+            .unwrap();
+        assert_eq!(
+            c.insert("sel4.", ip("192.0.2.1"), 60, true, 6, &mut out),
+            Err(Full::Names)
+        );
+        assert_eq!(
+            c.insert("sel.", ip("192.0.2.7"), 60, true, 6, &mut out),
+            Err(Full::Ips)
+        );
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        // A policy that no longer selects a name makes it evictable.
+        c.mark_selected(|n| n != "sel.");
+        let mut out = Inserted::default();
+        c.insert("sel3.", ip("192.0.2.6"), 60, true, 7, &mut out)
+            .unwrap();
+        assert!(c.get("sel.", ip("192.0.2.1")).is_none());
+        assert!(c.get("sel2.", ip("192.0.2.4")).is_some());
     }
 }

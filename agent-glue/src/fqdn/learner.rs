@@ -9,12 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 
 use tokio::sync::oneshot;
+use tracing::warn;
 use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
 use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
 
 use super::cache::Inserted;
 use super::{FqdnDatapath, FqdnState};
 use crate::control::ControlMsg;
+
+/// The error of an answer refused because the cache is full (logged here, at
+/// most once a second, rather than by the caller for every answer).
+pub const CACHE_FULL: &str = "the FQDN cache is full";
 
 /// Requests nobody waits for that may be queued; beyond, they are dropped (they
 /// only feed the cache).
@@ -103,9 +108,26 @@ impl FqdnState {
         now_ms: u64,
     ) -> Result<(), LearnError> {
         let mut done = Inserted::default();
+        let selected: Vec<bool> = req
+            .names
+            .iter()
+            .map(|n| !policy.fqdn_selectors_matching(n).is_empty())
+            .collect();
         for (ip, ttl) in &req.addresses {
-            for name in &req.names {
-                self.cache.insert(name, *ip, *ttl, now_ms, &mut done);
+            for (name, sel) in req.names.iter().zip(&selected) {
+                if let Err(full) = self.cache.insert(name, *ip, *ttl, *sel, now_ms, &mut done) {
+                    // The whole answer or nothing: a waited answer gets
+                    // SERVFAIL, one nobody waits for is dropped.
+                    self.cache.undo(done);
+                    if self
+                        .last_full_log
+                        .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+                    {
+                        self.last_full_log = Some(std::time::Instant::now());
+                        warn!(names = ?req.names, error = %full, "refusing a DNS answer's new addresses");
+                    }
+                    return Err(LearnError::Unavailable(CACHE_FULL));
+                }
             }
         }
         if !done.changed.is_empty() || !done.evicted.is_empty() {
@@ -325,5 +347,50 @@ mod tests {
             gone.try_recv(),
             Ok(Err(LearnError::Unavailable(_)))
         ));
+    }
+
+    #[test]
+    fn a_full_cache_refuses_new_addresses_and_undoes_the_answer() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        let e = st
+            .learn(
+                &req(
+                    &p,
+                    &["api.example.com."],
+                    &[("192.0.2.1", 60), ("192.0.2.2", 60)],
+                ),
+                &p,
+                Some(&mut dp),
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, LearnError::Unavailable(m) if m == CACHE_FULL));
+        assert!(st.cache.get("api.example.com.", ip("192.0.2.1")).is_none());
+        assert!(!st.cache.has_ip(ip("192.0.2.2")));
+        assert!(p.learned_fqdn_ip(ip("192.0.2.2")).is_none());
+        assert_eq!(
+            p.learned_fqdn_ip(ip("192.0.2.1")).unwrap().selectors.len(),
+            1
+        );
+        // Known addresses still refresh.
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 600)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
     }
 }

@@ -76,6 +76,8 @@ pub struct FqdnState {
     resync: bool,
     /// When conntrack was last read for expired entries (unix ms).
     last_ct_check_ms: Option<u64>,
+    /// When a refusal of a full cache was last logged.
+    last_full_log: Option<Instant>,
 }
 
 impl FqdnState {
@@ -94,6 +96,7 @@ impl FqdnState {
             last_saved: None,
             resync: false,
             last_ct_check_ms: None,
+            last_full_log: None,
         }
     }
 
@@ -107,6 +110,7 @@ impl FqdnState {
             last_saved: None,
             resync: false,
             last_ct_check_ms: None,
+            last_full_log: None,
         }
     }
 
@@ -120,6 +124,9 @@ impl FqdnState {
             self.ids = state::load_identities(dir);
         }
         let before = self.ids.assignments().count();
+        // What a full cache may evict depends on the policy.
+        self.cache
+            .mark_selected(|n| !policy.fqdn_selectors_matching(n).is_empty());
         let ips: Vec<IpAddr> = self.cache.ips().collect();
         for ip in ips {
             let sels = self.cache.selectors_for(ip, policy);

@@ -101,23 +101,29 @@ mod tests {
             "api.example.com.",
             "192.0.2.1".parse().unwrap(),
             30,
+            true,
             5_000,
             &mut out,
-        );
+        )
+        .unwrap();
         c.insert(
             "api.example.com.",
             "2001:db8::1".parse().unwrap(),
             60,
+            true,
             6_000,
             &mut out,
-        );
+        )
+        .unwrap();
         c.insert(
             "cdn.example.net.",
             "192.0.2.1".parse().unwrap(),
             90,
+            true,
             7_000,
             &mut out,
-        );
+        )
+        .unwrap();
         if let Some(e) = c.get_mut("cdn.example.net.", "192.0.2.1".parse().unwrap()) {
             e.kept = true;
         }
