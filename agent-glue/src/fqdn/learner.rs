@@ -158,9 +158,9 @@ impl FqdnState {
                     writes.push((ip, Some(id)));
                     full_sync |= dp.as_ref().is_some_and(|d| !d.has_fqdn_identity(id));
                 }
-                // Removing a /32 alone could take a CIDR rule's own /32 with it:
-                // the sync computes what the entry must become.
-                None => full_sync = true,
+                // The datapath puts back what the policy gives the address
+                // (a CIDR rule's own /32, say).
+                None => writes.push((ip, None)),
             }
         }
         self.save_ids_if_grown(before);
@@ -173,7 +173,7 @@ impl FqdnState {
         let written = if full_sync {
             dp.sync(policy)
         } else {
-            dp.write_learned(&writes)
+            dp.write_learned(policy, &writes)
         };
         if let Err(e) = written {
             for (ip, old) in undo.into_iter().rev() {

@@ -32,8 +32,13 @@ pub use learner::LearnerHandle;
 pub trait FqdnDatapath {
     /// Whether the installed policy entries already know learned identity `id`.
     fn has_fqdn_identity(&self, id: u32) -> bool;
-    /// Writes single-address ipcache entries (`None` removes), all or nothing.
-    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError>;
+    /// Writes single-address ipcache entries (`None`: no longer learned, the
+    /// entry `policy` gives the address without learning), all or nothing.
+    fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError>;
     /// Brings every map in line with `policy` (learned addresses included).
     fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError>;
     /// Destinations of live connections (conntrack).
@@ -44,8 +49,12 @@ impl FqdnDatapath for Datapath {
     fn has_fqdn_identity(&self, id: u32) -> bool {
         Datapath::has_fqdn_identity(self, id)
     }
-    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
-        Datapath::write_learned(self, ips)
+    fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError> {
+        Datapath::write_learned(self, policy, ips)
     }
     fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         Datapath::sync(self, policy)
@@ -74,6 +83,9 @@ pub struct FqdnState {
     last_saved: Option<Instant>,
     /// A tick's sync failed: the next tick tries again.
     resync: bool,
+    /// Addresses whose ipcache entry a failed tick could not bring in line
+    /// with the policy: the next tick writes them again.
+    pending: std::collections::BTreeSet<IpAddr>,
     /// When conntrack was last read for expired entries (unix ms).
     last_ct_check_ms: Option<u64>,
     /// When a refusal of a full cache was last logged.
@@ -95,6 +107,7 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            pending: Default::default(),
             last_ct_check_ms: None,
             last_full_log: None,
         }
@@ -109,6 +122,7 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            pending: Default::default(),
             last_ct_check_ms: None,
             last_full_log: None,
         }
@@ -262,7 +276,11 @@ pub(crate) mod test_support {
         fn has_fqdn_identity(&self, id: u32) -> bool {
             self.known.contains(&id)
         }
-        fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+        fn write_learned(
+            &mut self,
+            _policy: &CompiledPolicy,
+            ips: &[(IpAddr, Option<u32>)],
+        ) -> Result<(), DatapathError> {
             if self.fail {
                 return Err(DatapathError::Map {
                     map: "weir_ipcache",
