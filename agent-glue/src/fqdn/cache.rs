@@ -79,7 +79,8 @@ struct NameMeta {
 pub struct Inserted {
     /// (name, address, the entry before, if any).
     pub changed: Vec<(String, IpAddr, Option<Entry>)>,
-    /// Entries pushed out by the per-name limit.
+    /// Entries pushed out (with the entry before): expired now by the
+    /// per-name limit, or removed with a name a full cache evicted.
     pub evicted: Vec<(String, IpAddr, Entry)>,
 }
 
@@ -162,24 +163,35 @@ impl Cache {
         ips.insert(ip, entry);
         out.changed.push((name.to_string(), ip, before));
         let max = self.limits.max_ips_per_name.max(1);
+        // A name over its limit pushes out its oldest learned addresses (the new
+        // one last of all, as it is the newest) by expiring them now rather than
+        // removing them: the expiry tick then keeps one a live connection still
+        // uses (a removal here would cut it). Expired entries do not count
+        // against the limit; the tick removes them within a second.
         let mut evicted = Vec::new();
-        while ips.len() > max {
-            // The oldest learned (the new one last of all, as it is the newest).
-            let Some((old_ip, old)) = ips
-                .iter()
+        loop {
+            let current = ips.iter().filter(|(_, e)| e.expires_ms > now_ms);
+            if current.clone().count() <= max {
+                break;
+            }
+            let Some((old_ip, old)) = current
                 .filter(|(i, _)| **i != ip)
                 .min_by_key(|(i, e)| (e.learned_ms, **i))
                 .map(|(i, e)| (*i, *e))
             else {
                 break;
             };
-            ips.remove(&old_ip);
+            ips.insert(
+                old_ip,
+                Entry {
+                    expires_ms: now_ms,
+                    kept: false,
+                    ..old
+                },
+            );
             evicted.push((name.to_string(), old_ip, old));
         }
         self.by_ip.entry(ip).or_default().insert(name.to_string());
-        for (n, i, _) in &evicted {
-            self.unindex(n, *i);
-        }
         out.evicted.extend(evicted);
         Ok(())
     }
@@ -408,10 +420,20 @@ mod tests {
             c.insert("n.", ip(a), 60, true, 1_000 * i as u64, &mut out)
                 .unwrap();
         }
-        assert!(c.get("n.", ip("192.0.2.1")).is_none());
-        assert!(!c.has_ip(ip("192.0.2.1")));
+        // The oldest is expired now, not removed: the expiry tick removes it
+        // unless a live connection still uses it.
+        let old = c.get("n.", ip("192.0.2.1")).unwrap();
+        assert_eq!((old.expires_ms, old.kept), (2_000, false));
+        assert!(c.has_ip(ip("192.0.2.1")));
+        assert_eq!(c.expired(2_000), vec![("n.".to_string(), ip("192.0.2.1"))]);
         assert!(c.get("n.", ip("192.0.2.3")).is_some());
         assert_eq!(out.evicted.len(), 1);
+        // Expired entries do not count: the next address expires .2 only.
+        c.insert("n.", ip("192.0.2.4"), 60, true, 3_000, &mut out)
+            .unwrap();
+        assert_eq!(c.get("n.", ip("192.0.2.2")).unwrap().expires_ms, 3_000);
+        assert_eq!(c.get("n.", ip("192.0.2.1")).unwrap().expires_ms, 2_000);
+        assert_eq!(out.evicted.len(), 2);
         // Undo puts the oldest back and takes the newest out.
         c.undo(out);
         assert!(c.is_empty());

@@ -226,4 +226,57 @@ mod tests {
         st.tick(&p, Some(&mut dp), 31_000);
         assert!(!dp.ipcache.contains_key(&ip("192.0.2.4")));
     }
+
+    /// A name's limit pushes an address out, but its live connection keeps it
+    /// allowed until the connection ends.
+    #[test]
+    fn an_address_a_names_limit_pushes_out_stays_while_its_connection_lives() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips_per_name: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.1", 60, 0);
+        dp.live.insert(ip("192.0.2.1"));
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "www.example.com.",
+            "192.0.2.2",
+            60,
+            1_000,
+        );
+        // Still allowed right after the answer that pushed it out ...
+        assert!(p.learned_fqdn_ip(ip("192.0.2.1")).is_some());
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.2")));
+        // ... and at the tick, while the connection lives.
+        st.tick(&p, Some(&mut dp), 2_000);
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(
+            st.cache
+                .get("www.example.com.", ip("192.0.2.1"))
+                .unwrap()
+                .kept
+        );
+        // It does not count against the limit: a refresh of .2 keeps .1 kept.
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "www.example.com.",
+            "192.0.2.2",
+            60,
+            3_000,
+        );
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        // The connection ends: it goes.
+        dp.live.clear();
+        st.tick(&p, Some(&mut dp), 8_000);
+        assert!(p.learned_fqdn_ip(ip("192.0.2.1")).is_none());
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.2")));
+    }
 }
