@@ -77,11 +77,29 @@ struct NameMeta {
 /// What one insert did to the cache (to put it back when the datapath refuses).
 #[derive(Debug, Default)]
 pub struct Inserted {
-    /// (name, address, the entry before, if any).
-    pub changed: Vec<(String, IpAddr, Option<Entry>)>,
-    /// Entries pushed out (with the entry before): expired now by the
+    /// Every change, in the order made: (name, address, the entry before, if
+    /// any). One journal, undone in reverse: with separate lists an entry
+    /// changed, evicted and changed again in one answer came back wrong.
+    pub journal: Vec<(String, IpAddr, Option<Entry>)>,
+    /// How many of the changes pushed an entry out: expired now by the
     /// per-name limit, or removed with a name a full cache evicted.
-    pub evicted: Vec<(String, IpAddr, Entry)>,
+    pub evictions: usize,
+}
+
+impl Inserted {
+    /// Every address changed or pushed out.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.journal.iter().map(|(_, ip, _)| *ip)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.journal.is_empty()
+    }
+
+    fn evicted(&mut self, name: &str, ip: IpAddr, before: Entry) {
+        self.journal.push((name.to_string(), ip, Some(before)));
+        self.evictions += 1;
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -161,14 +179,13 @@ impl Cache {
             return Ok(());
         }
         ips.insert(ip, entry);
-        out.changed.push((name.to_string(), ip, before));
+        out.journal.push((name.to_string(), ip, before));
         let max = self.limits.max_ips_per_name.max(1);
         // A name over its limit pushes out its oldest learned addresses (the new
         // one last of all, as it is the newest) by expiring them now rather than
         // removing them: the expiry tick then keeps one a live connection still
         // uses (a removal here would cut it). Expired entries do not count
         // against the limit; the tick removes them within a second.
-        let mut evicted = Vec::new();
         loop {
             let current = ips.iter().filter(|(_, e)| e.expires_ms > now_ms);
             if current.clone().count() <= max {
@@ -189,10 +206,9 @@ impl Cache {
                     ..old
                 },
             );
-            evicted.push((name.to_string(), old_ip, old));
+            out.evicted(name, old_ip, old);
         }
         self.by_ip.entry(ip).or_default().insert(name.to_string());
-        out.evicted.extend(evicted);
         Ok(())
     }
 
@@ -204,7 +220,7 @@ impl Cache {
         let ips = self.names.get(&victim).cloned().unwrap_or_default();
         for (ip, e) in ips {
             self.remove(&victim, ip);
-            out.evicted.push((victim.clone(), ip, e));
+            out.evicted(&victim, ip, e);
         }
         true
     }
@@ -240,10 +256,7 @@ impl Cache {
 
     /// Puts back what `insert`s did (in reverse).
     pub fn undo(&mut self, done: Inserted) {
-        for (name, ip, entry) in done.evicted.into_iter().rev() {
-            self.set(&name, ip, Some(entry));
-        }
-        for (name, ip, before) in done.changed.into_iter().rev() {
+        for (name, ip, before) in done.journal.into_iter().rev() {
             self.set(&name, ip, before);
         }
     }
@@ -427,13 +440,13 @@ mod tests {
         assert!(c.has_ip(ip("192.0.2.1")));
         assert_eq!(c.expired(2_000), vec![("n.".to_string(), ip("192.0.2.1"))]);
         assert!(c.get("n.", ip("192.0.2.3")).is_some());
-        assert_eq!(out.evicted.len(), 1);
+        assert_eq!(out.evictions, 1);
         // Expired entries do not count: the next address expires .2 only.
         c.insert("n.", ip("192.0.2.4"), 60, true, 3_000, &mut out)
             .unwrap();
         assert_eq!(c.get("n.", ip("192.0.2.2")).unwrap().expires_ms, 3_000);
         assert_eq!(c.get("n.", ip("192.0.2.1")).unwrap().expires_ms, 2_000);
-        assert_eq!(out.evicted.len(), 2);
+        assert_eq!(out.evictions, 2);
         // Undo puts the oldest back and takes the newest out.
         c.undo(out);
         assert!(c.is_empty());
@@ -518,5 +531,34 @@ mod tests {
             .unwrap();
         assert!(c.get("sel.", ip("192.0.2.1")).is_none());
         assert!(c.get("sel2.", ip("192.0.2.4")).is_some());
+    }
+
+    /// An address changed, pushed out and changed again in one answer comes
+    /// back exactly as it was.
+    #[test]
+    fn undo_replays_one_journal_in_reverse() {
+        let mut c = Cache::new(Limits {
+            max_ips_per_name: 2,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("n.", ip("192.0.2.10"), 60, true, 0, &mut out) // X, oldest
+            .unwrap();
+        c.insert("n.", ip("192.0.2.11"), 60, true, 1_000, &mut out) // W
+            .unwrap();
+        let before = c.clone();
+        let mut out = Inserted::default();
+        // [Y, X]: Y pushes X out, X comes back and pushes W out.
+        c.insert("n.", ip("192.0.2.12"), 600, true, 2_000, &mut out)
+            .unwrap();
+        c.insert("n.", ip("192.0.2.10"), 600, true, 2_000, &mut out)
+            .unwrap();
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(
+            format!("{:?}", c.by_ip.get(&ip("192.0.2.10"))),
+            format!("{:?}", before.by_ip.get(&ip("192.0.2.10")))
+        );
+        assert!(!c.has_ip(ip("192.0.2.12")));
     }
 }

@@ -130,7 +130,7 @@ impl FqdnState {
                 }
             }
         }
-        if !done.changed.is_empty() || !done.evicted.is_empty() {
+        if !done.is_empty() {
             self.dirty = true;
         }
         // Addresses of this answer, and those a name's limit pushed out (which
@@ -139,7 +139,7 @@ impl FqdnState {
             .addresses
             .iter()
             .map(|(ip, _)| canonical_ip(*ip))
-            .chain(done.evicted.iter().map(|(_, ip, _)| *ip))
+            .chain(done.addresses())
             .collect();
         let before = self.ids.assignments().count();
         let mut undo: Vec<(IpAddr, Option<LearnedIdentity>)> = Vec::new();
@@ -392,5 +392,50 @@ mod tests {
             0,
         )
         .unwrap();
+    }
+
+    /// Per-name limit 2, the name holds {X (oldest), W}, the answer is [Y, X]
+    /// and the datapath write fails: the cache and the learning come back as
+    /// they were (X neither lost from the cache nor left learned).
+    #[test]
+    fn a_failed_answer_that_pushed_out_and_brought_back_an_address_is_undone() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips_per_name: 2,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        let (x, w, y) = ("192.0.2.10", "192.0.2.11", "192.0.2.12");
+        st.learn(
+            &req(&p, &["www.example.com."], &[(x, 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        st.learn(
+            &req(&p, &["www.example.com."], &[(w, 60)]),
+            &p,
+            Some(&mut dp),
+            1_000,
+        )
+        .unwrap();
+        let cache = format!("{:?}", st.cache.iter().collect::<Vec<_>>());
+        let learned = p.learned_fqdn_ips();
+        let ipcache = dp.ipcache.clone();
+        dp.fail = true;
+        st.learn(
+            &req(&p, &["www.example.com."], &[(y, 600), (x, 600)]),
+            &p,
+            Some(&mut dp),
+            2_000,
+        )
+        .unwrap_err();
+        assert_eq!(format!("{:?}", st.cache.iter().collect::<Vec<_>>()), cache);
+        assert_eq!(p.learned_fqdn_ips(), learned);
+        assert_eq!(dp.ipcache, ipcache);
+        // X's own TTL (60 s from 0) still holds: it expires, no earlier, no later.
+        assert!(st.cache.expired(59_999).is_empty());
+        assert_eq!(st.cache.expired(60_000).len(), 1);
     }
 }
