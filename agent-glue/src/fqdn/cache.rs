@@ -358,6 +358,15 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
+
+    pub fn name_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Distinct addresses.
+    pub fn ip_count(&self) -> usize {
+        self.by_ip.len()
+    }
 }
 
 #[cfg(test)]
