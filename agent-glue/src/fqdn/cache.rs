@@ -84,6 +84,9 @@ pub struct Inserted {
     /// How many of the changes pushed an entry out: expired now by the
     /// per-name limit, or removed with a name a full cache evicted.
     pub evictions: usize,
+    /// Names a full cache evicted, with their metadata (an undo restores it:
+    /// a restored name would otherwise count as selected, so never evictable).
+    names: Vec<(String, NameMeta)>,
 }
 
 impl Inserted {
@@ -217,6 +220,9 @@ impl Cache {
         let Some((_, victim)) = self.evictable.iter().find(|(_, n)| n != keep).cloned() else {
             return false;
         };
+        if let Some(m) = self.meta.get(&victim) {
+            out.names.push((victim.clone(), *m));
+        }
         let ips = self.names.get(&victim).cloned().unwrap_or_default();
         for (ip, e) in ips {
             self.remove(&victim, ip);
@@ -258,6 +264,17 @@ impl Cache {
     pub fn undo(&mut self, done: Inserted) {
         for (name, ip, before) in done.journal.into_iter().rev() {
             self.set(&name, ip, before);
+        }
+        for (name, m) in done.names {
+            if !self.names.contains_key(&name) {
+                continue;
+            }
+            if let Some(cur) = self.meta.insert(name.clone(), m) {
+                self.evictable.remove(&(cur.created_ms, name.clone()));
+            }
+            if !m.selected {
+                self.evictable.insert((m.created_ms, name));
+            }
         }
     }
 
@@ -533,6 +550,7 @@ mod tests {
         );
         c.undo(out);
         assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(c.evictable, before.evictable);
         // A policy that no longer selects a name makes it evictable.
         c.mark_selected(|n| n != "sel.");
         let mut out = Inserted::default();
@@ -569,5 +587,25 @@ mod tests {
             format!("{:?}", before.by_ip.get(&ip("192.0.2.10")))
         );
         assert!(!c.has_ip(ip("192.0.2.12")));
+    }
+
+    /// An unselected name a refused answer evicted comes back evictable.
+    #[test]
+    fn undoing_a_name_eviction_keeps_the_name_evictable() {
+        let mut c = Cache::new(Limits {
+            max_names: 1,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("free.", ip("192.0.2.1"), 60, false, 0, &mut out)
+            .unwrap();
+        let before = c.clone();
+        let mut out = Inserted::default();
+        c.insert("sel.", ip("192.0.2.2"), 60, true, 1, &mut out)
+            .unwrap();
+        assert!(!c.has_ip(ip("192.0.2.1")));
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(c.evictable, before.evictable);
     }
 }
