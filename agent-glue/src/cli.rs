@@ -279,6 +279,19 @@ pub struct RunArgs {
     /// connections and UDP sessions finish for at most this long, then exits.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Longest time (seconds) an address stays after its answer: longer TTLs
+    /// are cut to this.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fqdn_max_ttl: u32,
+    /// Most distinct addresses in the FQDN cache (learned ipcache entries
+    /// included; the kernel's ipcache holds 65 536 entries in all). Beyond,
+    /// names no selector selects go; if none, an answer with new addresses
+    /// gets SERVFAIL.
+    #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub fqdn_max_ips: u32,
+    /// Most names in the FQDN cache; beyond, as for `--fqdn-max-ips`.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fqdn_max_names: u32,
 }
 
 pub fn main(cli: Cli) -> ExitCode {

@@ -163,7 +163,9 @@ pub fn spawn(
                             ),
                             dp => fqdn.learn(&job.req, &policy, dp, fqdn::now_ms()),
                         };
-                        if let Err(e) = &r {
+                        if let Err(e) = &r
+                            && !matches!(e, weir_proxy::fqdn::LearnError::Unavailable(m) if *m == fqdn::learner::CACHE_FULL)
+                        {
                             warn!(names = ?job.req.names, error = %e, "could not learn a DNS answer's addresses");
                         }
                         let _ = job.reply.send(r);
@@ -215,10 +217,12 @@ fn reload(
     fqdn: &mut FqdnState,
 ) {
     let mut next = sources.clone();
+    let mut steered = false;
     let applied = next
         .reload_files(&files.policy, files.endpoints.as_deref())
         .and_then(|()| {
             api::commands::apply(next, &mut |p| {
+                steered = true;
                 // Before the datapath sees it: the new policy starts with every
                 // address learned so far.
                 fqdn.learn_all_into(p);
@@ -231,7 +235,19 @@ fn reload(
             shared.set_policy(p);
             info!("policy reloaded");
         }
-        Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the old policy"),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "reload failed; keeping the old policy");
+            if steered {
+                // The maps may already hold the new policy (a step after the
+                // sync failed): put the installed one back, as
+                // `commands::commit` does.
+                let old = shared.policy.load_full();
+                fqdn.learn_all_into(&old);
+                if let Err(se) = steering.apply(&old) {
+                    error!(error = %format!("{se:#}"), "could not restore the previous policy in the datapath");
+                }
+            }
+        }
     }
 }
 

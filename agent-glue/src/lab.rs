@@ -317,6 +317,14 @@ impl Lab {
             "netns",
             ns.name(),
         ])?;
+        // No duplicate address detection on either end: while the node's
+        // link-local address is tentative (about 1 s) the kernel solicits no
+        // neighbour for a packet from an address that is not the node's (the
+        // proxy's transparent upstream sockets), and the first such packet waits
+        // for a retransmit.
+        self.node
+            .sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+        ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
         ns.run(&["ip", "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         ns.run(&[
             "ip",

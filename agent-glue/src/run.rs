@@ -124,7 +124,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.state_dir,
         Limits {
             min_ttl_secs: args.fqdn_min_ttl,
+            max_ttl_secs: args.fqdn_max_ttl,
             max_ips_per_name: args.fqdn_max_ips_per_name as usize,
+            max_ips: args.fqdn_max_ips as usize,
+            max_names: args.fqdn_max_names as usize,
         },
     );
     fqdn.learn_all_into(&policy);

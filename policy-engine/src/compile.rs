@@ -811,8 +811,24 @@ impl CompiledPolicy {
                     let peers = match &e.peers {
                         PeerSet::Any => None,
                         PeerSet::Identities(s) => {
-                            let mut v: Vec<u32> = s.iter().copied().collect();
+                            // A learned address's ipcache entry carries its
+                            // learned identity, not its base: list every learned
+                            // identity whose base the rule selects, as
+                            // `PeerSet::contains` does in userspace (deny rules
+                            // too, or a CIDR deny would stop denying it).
+                            let mut v: Vec<u32> = s
+                                .iter()
+                                .copied()
+                                .chain(
+                                    learned
+                                        .identities
+                                        .values()
+                                        .filter(|l| s.contains(&l.base))
+                                        .map(|l| l.identity),
+                                )
+                                .collect();
                             v.sort_unstable();
+                            v.dedup();
                             Some(v)
                         }
                         PeerSet::Fqdn(sels) => {
@@ -948,7 +964,8 @@ impl CompiledPolicy {
     /// from now on the `toFQDNs` rules of those selectors allow it (with the
     /// selectors it was learned for before). Returns its identity (labels
     /// `fqdn:<selector>` plus those of its CIDR identity), or `None` when the
-    /// address cannot be learned: a local endpoint, the node, an address
+    /// address cannot be learned: a special address (loopback, link-local,
+    /// multicast, ...), a local endpoint, the node, an address
     /// inside the cluster's ranges (toFQDNs, like CIDR rules, selects only
     /// addresses outside the cluster), or no known selector. No recompilation.
     pub fn learn_fqdn_ip(
@@ -958,7 +975,10 @@ impl CompiledPolicy {
         ids: &mut IdentityAllocator,
     ) -> Option<u32> {
         let ip = canonical_ip(ip);
-        if self.by_ip.contains_key(&ip) || self.host_ips.binary_search(&ip).is_ok() {
+        if special_address(ip)
+            || self.by_ip.contains_key(&ip)
+            || self.host_ips.binary_search(&ip).is_ok()
+        {
             return None;
         }
         let prefix = self.cidrs.iter().find(|c| c.cidr.contains(ip));
@@ -1210,6 +1230,29 @@ pub fn fqdn_rules_without_dns(policies: &[Policy]) -> Vec<String> {
 }
 
 /// IPv4-mapped IPv6 addresses (from a dual-stack socket) are the IPv4 address.
+/// Addresses a DNS answer must never open through `toFQDNs`: they are not a
+/// remote service's (loopback, unspecified, link-local such as the
+/// 169.254.169.254 metadata service, multicast, broadcast), so an answer naming
+/// one is either a mistake or an attempt to reach the node's own neighbourhood.
+/// `ip` is canonical (a v4-mapped address is already v4).
+fn special_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.octets()[0] == 0 // 0.0.0.0/8, "this network"
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || v6.is_multicast()
+        }
+    }
+}
+
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),

@@ -302,3 +302,93 @@ fn refusals_name_the_field_and_position() {
         assert!(errs.contains(want), "want {want:?}\ngot {errs}");
     }
 }
+
+/// The kernel sees a learned address only by its learned identity: every rule
+/// that selects its base (CIDR allow and deny alike) must list that identity.
+#[test]
+fn kernel_rules_list_learned_identities_under_their_base() {
+    let p = format!(
+        "{POLICY}  - toCIDR: [140.82.112.0/20]
+    toPorts: [{{ports: [{{port: '22', protocol: TCP}}]}}]
+  egressDeny:
+  - toCIDR: [140.82.112.0/24]
+    toPorts: [{{ports: [{{port: '443', protocol: TCP}}]}}]
+"
+    );
+    let cp = compile(&p).unwrap();
+    let gh = ip("140.82.112.3");
+    let id = cp
+        .learn_fqdn_ip(gh, &[FqdnSelectorId(0)], &mut IdentityAllocator::default())
+        .unwrap();
+    // Userspace: the deny wins over the toFQDNs allow on 443.
+    assert!(!cp.connection(ip(APP), gh, Protocol::Tcp, 443).l4_allowed());
+    let rules = cp.l4_rules();
+    let peers = |name: &str, deny: bool| {
+        rules
+            .iter()
+            .find(|r| r.rule.rule == name && r.deny == deny)
+            .unwrap_or_else(|| panic!("{name}: {rules:#?}"))
+            .peers
+            .clone()
+            .unwrap()
+    };
+    let deny = peers("spec.egressDeny[0].toPorts[0]", true);
+    assert!(
+        deny.contains(&id),
+        "the deny lists the learned identity: {deny:?}"
+    );
+    let allow = peers("spec.egress[3].toPorts[0]", false);
+    assert!(allow.contains(&id), "the CIDR allow lists it: {allow:?}");
+    // Forgotten: only the CIDR identities again.
+    cp.forget_fqdn_ip(gh);
+    let rules = cp.l4_rules();
+    assert!(
+        rules
+            .iter()
+            .all(|r| !r.peers.as_ref().is_some_and(|p| p.contains(&id)))
+    );
+}
+
+/// Loopback, unspecified, link-local (the metadata service included),
+/// multicast and broadcast addresses are never learned, v4-mapped or not.
+#[test]
+fn special_addresses_are_never_learned() {
+    let cp = compile(POLICY).unwrap();
+    let mut ids = IdentityAllocator::default();
+    for a in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "0.0.0.0",
+        "0.1.2.3",
+        "169.254.169.254",
+        "169.254.0.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "::1",
+        "::",
+        "fe80::1",
+        "febf::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:0.0.0.0",
+        "::ffff:224.0.0.1",
+        "::ffff:255.255.255.255",
+    ] {
+        assert_eq!(
+            cp.learn_fqdn_ip(ip(a), &[FqdnSelectorId(0)], &mut ids),
+            None,
+            "{a}"
+        );
+    }
+    assert!(cp.learned_fqdn_ips().is_empty());
+    // Neighbours of those ranges are ordinary addresses.
+    for a in ["169.255.0.1", "223.255.255.255", "fec0::1", "2001:db8::1"] {
+        assert!(
+            cp.learn_fqdn_ip(ip(a), &[FqdnSelectorId(0)], &mut ids)
+                .is_some(),
+            "{a}"
+        );
+    }
+}

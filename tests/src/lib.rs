@@ -252,9 +252,12 @@ impl Scenario {
     pub fn start_weir(&mut self, policy: &str, extra_args: &[&str]) {
         let pol = self.path("policy.yaml");
         std::fs::write(&pol, policy).unwrap();
+        let ready = self.state_dir.join("ready");
+        // A weir killed with SIGKILL leaves its ready file: it says nothing of
+        // this one.
+        let _ = std::fs::remove_file(&ready);
         let cmd = self.weir_run_command(extra_args, &self.weir_log);
         self.lab.spawn("weir", cmd).expect("start weir");
-        let ready = self.state_dir.join("ready");
         let lab = &mut self.lab;
         let ok = lab::wait_until(Duration::from_secs(20), || {
             ready.exists() || !lab.processes.last_mut().is_some_and(|p| p.alive())

@@ -47,9 +47,13 @@ impl Drop for Pins {
 }
 
 fn compile(state_dir: &Path) -> Arc<CompiledPolicy> {
+    compile_policy(state_dir, POLICY)
+}
+
+fn compile_policy(state_dir: &Path, policy: &str) -> Arc<CompiledPolicy> {
     // As `Sources::compile`: the identities go through the state dir.
     let mut ids = state::load_identities(state_dir);
-    let p = weir_policy::parse_policies(POLICY, "p.yaml").unwrap();
+    let p = weir_policy::parse_policies(policy, "p.yaml").unwrap();
     let e = weir_policy::parse_endpoints(ENDPOINTS, "e.yaml").unwrap();
     let c = CompiledPolicy::compile(&p, &e, &mut ids).unwrap();
     state::save_identities(state_dir, &ids).unwrap();
@@ -221,12 +225,94 @@ fn scenario(root: &Path, state_dir: &Path) {
     assert_eq!(ipcache(root, v4), Some(id4), "kept: connection alive");
     assert_eq!(ipcache(root, v6), None, "expired");
     assert!(policy.learned_fqdn_ip(v6).is_none());
-    // The connection ends: the address goes, and with it the identity's entries.
+    // The connection ends: the address goes (its ipcache entry at once; the
+    // identity's policy entries, which nothing names now, at the next sync).
     set_ct(root, v4, false);
     fqdn.tick(&policy, Some(&mut dp), now_ms() + 66_000);
     assert_eq!(ipcache(root, v4), None);
-    assert_eq!(policy_entries_for(root, id4), 0);
     assert!(policy.learned_fqdn_ips().is_empty());
+    dp.sync(&policy).expect("sync");
+    assert_eq!(policy_entries_for(root, id4), 0);
+}
+
+const CIDR_AND_FQDN: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  - toCIDR: [203.0.113.8/32]
+    toPorts: [{ports: [{port: '22', protocol: TCP}]}]
+"#;
+
+/// A learned address that is also a policy's /32 CIDR: while learned its
+/// ipcache entry is the learned identity; after expiry the CIDR identity is
+/// back, written without a full sync (which fails here: the endpoint's
+/// interface is gone).
+#[test]
+fn expiry_restores_a_cidr_entry_without_a_full_sync() {
+    if !require_root("expiry_restores_a_cidr_entry_without_a_full_sync") {
+        return;
+    }
+    let dir = ScratchDir::new("fqdn-cidr");
+    let mut lab = Lab::new(&lab::unique_prefix("wc")).expect("node namespace");
+    lab.add_workload(
+        "client",
+        "10.210.0.20".parse().unwrap(),
+        "fd00:210::20".parse().unwrap(),
+    )
+    .expect("workload");
+    let root = PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        lab::unique_prefix("weir-test-fqdnc")
+    ));
+    let _pins = Pins(root.clone());
+    let node = lab.node.path();
+    let state_dir = dir.0.join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let body = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&node).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace file we hold open; this thread only.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let ip: IpAddr = "203.0.113.8".parse().unwrap();
+        let policy = compile_policy(&state_dir, CIDR_AND_FQDN);
+        let mut fqdn = FqdnState::load(&state_dir, Limits::default());
+        fqdn.learn_all_into(&policy);
+        let mut dp = Datapath::load(config(&root)).expect("load the datapath");
+        dp.sync(&policy).expect("first sync");
+        let cidr = ipcache(&root, ip).expect("the /32 CIDR's entry");
+        let req = LearnRequest {
+            names: vec!["api.example.com.".into()],
+            addresses: vec![(ip, 30)],
+            policy: policy.clone(),
+        };
+        fqdn.learn(&req, &policy, Some(&mut dp), now_ms())
+            .expect("learn");
+        let learned = policy.learned_fqdn_ip(ip).unwrap();
+        assert_eq!(learned.base, cidr);
+        assert_eq!(ipcache(&root, ip), Some(learned.identity));
+        // The endpoint's interface goes: a full sync fails from now on.
+        let del = std::process::Command::new("ip")
+            .args(["link", "del", "weirv0"])
+            .status()
+            .unwrap();
+        assert!(del.success());
+        assert!(dp.sync(&policy).is_err(), "a full sync needs the interface");
+        fqdn.tick(&policy, Some(&mut dp), now_ms() + 60_000);
+        assert!(policy.learned_fqdn_ip(ip).is_none());
+        assert_eq!(ipcache(&root, ip), Some(cidr), "the CIDR identity is back");
+    });
+    if let Err(p) = body.join() {
+        std::panic::resume_unwind(p);
+    }
 }
 
 const STAR_WARS_FQDN: &str = r#"

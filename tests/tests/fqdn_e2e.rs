@@ -473,10 +473,12 @@ fn learned_names_survive_a_crash() {
     let Some(mut s) = fqdn_lab("fqdn-crash", "") else {
         return;
     };
-    assert_eq!(
-        curl_by_name(&s, "tiefighter", "-4", "http://api.example.com/"),
-        "200"
-    );
+    for family in ["-4", "-6"] {
+        assert_eq!(
+            curl_by_name(&s, "tiefighter", family, "http://api.example.com/"),
+            "200"
+        );
+    }
     let pid = s.weir().pid() as i32;
     lab::send_signal(pid, libc::SIGKILL);
     let _ = s.weir().stop_with(libc::SIGKILL, Duration::from_secs(2));

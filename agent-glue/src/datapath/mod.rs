@@ -344,16 +344,33 @@ impl Datapath {
 
     /// Whether the installed policy entries already know the learned identity
     /// `id` (so learning an address with it needs only its ipcache entry).
+    /// An identity's entries depend on its selectors and on its base (CIDR
+    /// rules list it under its base); both are in its labels, so one identity
+    /// of one policy always has the same entries.
     pub fn has_fqdn_identity(&self, id: u32) -> bool {
         self.synced_fqdn_identities.contains(&id)
     }
 
-    /// Writes the ipcache entries of learned addresses (`None` removes one),
-    /// without touching the policy entries; all or nothing.
-    pub fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+    /// Writes the ipcache entries of learned addresses, without touching the
+    /// policy entries or the generation; all or nothing. `None`: no longer
+    /// learned, so the entry becomes what `policy` gives the address (removed,
+    /// or the host's or an exact CIDR's identity back). This never reads the
+    /// interfaces, so expiry works while an endpoint's interface is gone.
+    /// Policy entries of identities no address uses any more stay until the
+    /// next full sync: no ipcache entry names them, so they match nothing.
+    pub fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError> {
         let changes: Vec<(sync::IpcacheKeyParts, Option<u32>)> = ips
             .iter()
-            .map(|(ip, id)| (sync::host_key(*ip), *id))
+            .map(|(ip, id)| {
+                (
+                    sync::host_key(*ip),
+                    id.or_else(|| sync::unlearned_ipcache(policy, *ip)),
+                )
+            })
             .collect();
         sync::write_ipcache(&mut self.ebpf, &mut self.installed, &changes)
     }

@@ -427,4 +427,56 @@ spec:
             );
         }
     }
+
+    /// A learned address is its learned identity in the ipcache: a CIDR deny
+    /// that contains it must have a deny entry for that identity, or the
+    /// toFQDNs allow would win in the kernel.
+    #[test]
+    fn a_cidr_deny_covers_a_learned_address_inside_it() {
+        let cp = compile(
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  egressDeny:
+  - toCIDR: [192.0.2.0/24]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+",
+            "endpoints:\n  - {name: client, ips: [10.0.0.1], labels: {app: client}}\n",
+        );
+        let addr: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let learned = cp
+            .learn_fqdn_ip(
+                addr,
+                &cp.fqdn_selectors_matching("api.example.com."),
+                &mut IdentityAllocator::default(),
+            )
+            .unwrap();
+        let ids = super::super::sync::endpoint_ids(&cp);
+        let entries = policy_entries(&cp, &ids, &mut RuleIds::default());
+        let of_learned: Vec<(u16, Verdict)> = entries
+            .iter()
+            .filter(|e| e.identity == learned && e.protocol == IPPROTO_TCP)
+            .map(|e| (e.port, e.verdict))
+            .collect();
+        assert_eq!(of_learned, [(443, Verdict::Deny)]);
+        // And the ipcache maps the address to exactly that identity.
+        let ifaces: std::collections::HashMap<std::net::IpAddr, super::super::links::Link> = [(
+            "10.0.0.1".parse().unwrap(),
+            super::super::links::Link {
+                name: "veth-client".into(),
+                index: 7,
+                kind: Some("veth".into()),
+                peer_index: None,
+                peer_in_other_netns: true,
+            },
+        )]
+        .into();
+        let d = super::super::sync::Desired::new(&cp, &entries, &ids, &ifaces).unwrap();
+        assert_eq!(d.ipcache[&super::super::sync::host_key(addr)], learned);
+    }
 }

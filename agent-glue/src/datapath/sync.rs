@@ -105,6 +105,22 @@ impl Desired {
     }
 }
 
+/// What the ipcache holds for exactly `ip` (/32 or /128) when it is not
+/// learned, as [`Desired::new`] computes it: the host identity for a node
+/// address, the identity of a policy's CIDR that is exactly this address, or
+/// nothing (a learned /32 may shadow either).
+pub fn unlearned_ipcache(policy: &CompiledPolicy, ip: IpAddr) -> Option<u32> {
+    let ip = weir_policy::canonical_ip(ip);
+    let key = host_key(ip);
+    if policy.host_addresses().contains(&ip) {
+        return Some(weir_policy::identity::IDENTITY_HOST);
+    }
+    policy.cidr_identities().iter().find_map(|c| {
+        let (w, fam) = ip_words(c.cidr.addr);
+        ((32 + u32::from(c.cidr.len), w, fam) == key).then_some(c.identity)
+    })
+}
+
 /// The ipcache key of one address (/32 or /128).
 pub fn host_key(ip: IpAddr) -> IpcacheKeyParts {
     let (w, fam) = ip_words(ip);

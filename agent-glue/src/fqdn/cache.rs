@@ -30,29 +30,79 @@ pub struct Entry {
 /// conntrack keeps the address (see `expiry.rs`).
 pub const CONNECT_GRACE_MS: u64 = 2_000;
 
-/// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ips-per-name`).
+/// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ttl`, `--fqdn-max-ips-per-name`,
+/// `--fqdn-max-ips`, `--fqdn-max-names`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub min_ttl_secs: u32,
+    /// Longer TTLs are cut to this (an answer cannot pin an address for years).
+    pub max_ttl_secs: u32,
     pub max_ips_per_name: usize,
+    /// Distinct addresses in the cache (so at most this many learned ipcache
+    /// entries; the kernel's ipcache holds 65 536 with the CIDR and host ones).
+    pub max_ips: usize,
+    pub max_names: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             min_ttl_secs: 0,
+            max_ttl_secs: 86_400,
             max_ips_per_name: 1000,
+            max_ips: 32_768,
+            max_names: 65_536,
         }
     }
+}
+
+/// Why an insert was refused: the cache is at a limit and only names some
+/// selector selects are left to evict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("the FQDN cache holds --fqdn-max-names names, all selected")]
+    Names,
+    #[error("the FQDN cache holds --fqdn-max-ips addresses, all of selected names")]
+    Ips,
+}
+
+/// Per name: when it entered the cache and whether a selector of the installed
+/// policy selects it (names nobody selects are the first to go when full).
+#[derive(Debug, Clone, Copy)]
+struct NameMeta {
+    created_ms: u64,
+    selected: bool,
 }
 
 /// What one insert did to the cache (to put it back when the datapath refuses).
 #[derive(Debug, Default)]
 pub struct Inserted {
-    /// (name, address, the entry before, if any).
-    pub changed: Vec<(String, IpAddr, Option<Entry>)>,
-    /// Entries pushed out by the per-name limit.
-    pub evicted: Vec<(String, IpAddr, Entry)>,
+    /// Every change, in the order made: (name, address, the entry before, if
+    /// any). One journal, undone in reverse: with separate lists an entry
+    /// changed, evicted and changed again in one answer came back wrong.
+    pub journal: Vec<(String, IpAddr, Option<Entry>)>,
+    /// How many of the changes pushed an entry out: expired now by the
+    /// per-name limit, or removed with a name a full cache evicted.
+    pub evictions: usize,
+    /// Names a full cache evicted, with their metadata (an undo restores it:
+    /// a restored name would otherwise count as selected, so never evictable).
+    names: Vec<(String, NameMeta)>,
+}
+
+impl Inserted {
+    /// Every address changed or pushed out.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.journal.iter().map(|(_, ip, _)| *ip)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.journal.is_empty()
+    }
+
+    fn evicted(&mut self, name: &str, ip: IpAddr, before: Entry) {
+        self.journal.push((name.to_string(), ip, Some(before)));
+        self.evictions += 1;
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -60,6 +110,9 @@ pub struct Cache {
     names: BTreeMap<String, BTreeMap<IpAddr, Entry>>,
     /// address → the names it is cached under.
     by_ip: HashMap<IpAddr, BTreeSet<String>>,
+    meta: HashMap<String, NameMeta>,
+    /// Names no selector selects, oldest first: what a full cache evicts.
+    evictable: BTreeSet<(u64, String)>,
     pub limits: Limits,
 }
 
@@ -71,14 +124,43 @@ impl Cache {
         }
     }
 
-    /// Caches `ip` for `name` for `ttl` seconds (at least the minimum TTL). A
-    /// later expiry replaces an earlier one, never the other way round; a name at
-    /// its limit drops its oldest address.
-    pub fn insert(&mut self, name: &str, ip: IpAddr, ttl: u32, now_ms: u64, out: &mut Inserted) {
+    /// Caches `ip` for `name` for `ttl` seconds (at most the maximum TTL, at
+    /// least the minimum). A later expiry replaces an earlier one, never the
+    /// other way round; a name at its limit drops its oldest address.
+    /// `selected`: some selector of the installed policy selects `name`. A new
+    /// name or address beyond the cache's limits first evicts names nobody
+    /// selects (oldest first); when none are left it is refused (what was
+    /// evicted is in `out`, for the caller's undo).
+    pub fn insert(
+        &mut self,
+        name: &str,
+        ip: IpAddr,
+        ttl: u32,
+        selected: bool,
+        now_ms: u64,
+        out: &mut Inserted,
+    ) -> Result<(), Full> {
         let ip = canonical_ip(ip);
         // RFC 2181 §8: a TTL with the top bit set is zero.
         let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
-        let ttl = ttl.max(self.limits.min_ttl_secs);
+        let ttl = ttl
+            .min(self.limits.max_ttl_secs)
+            .max(self.limits.min_ttl_secs);
+        if !self.names.contains_key(name) {
+            while self.names.len() >= self.limits.max_names.max(1) {
+                if !self.evict_one(name, out) {
+                    return Err(Full::Names);
+                }
+            }
+        }
+        if !self.by_ip.contains_key(&ip) {
+            while self.by_ip.len() >= self.limits.max_ips.max(1) {
+                if !self.evict_one(name, out) {
+                    return Err(Full::Ips);
+                }
+            }
+        }
+        self.set_meta(name, now_ms, Some(selected));
         let expires_ms = now_ms
             .saturating_add(u64::from(ttl) * 1000)
             .max(now_ms.saturating_add(CONNECT_GRACE_MS));
@@ -97,39 +179,102 @@ impl Cache {
             },
         };
         if before == Some(entry) {
-            return;
+            return Ok(());
         }
         ips.insert(ip, entry);
-        out.changed.push((name.to_string(), ip, before));
+        out.journal.push((name.to_string(), ip, before));
         let max = self.limits.max_ips_per_name.max(1);
-        let mut evicted = Vec::new();
-        while ips.len() > max {
-            // The oldest learned (the new one last of all, as it is the newest).
-            let Some((old_ip, old)) = ips
-                .iter()
+        // A name over its limit pushes out its oldest learned addresses (the new
+        // one last of all, as it is the newest) by expiring them now rather than
+        // removing them: the expiry tick then keeps one a live connection still
+        // uses (a removal here would cut it). Expired entries do not count
+        // against the limit; the tick removes them within a second.
+        loop {
+            let current = ips.iter().filter(|(_, e)| e.expires_ms > now_ms);
+            if current.clone().count() <= max {
+                break;
+            }
+            let Some((old_ip, old)) = current
                 .filter(|(i, _)| **i != ip)
                 .min_by_key(|(i, e)| (e.learned_ms, **i))
                 .map(|(i, e)| (*i, *e))
             else {
                 break;
             };
-            ips.remove(&old_ip);
-            evicted.push((name.to_string(), old_ip, old));
+            ips.insert(
+                old_ip,
+                Entry {
+                    expires_ms: now_ms,
+                    kept: false,
+                    ..old
+                },
+            );
+            out.evicted(name, old_ip, old);
         }
         self.by_ip.entry(ip).or_default().insert(name.to_string());
-        for (n, i, _) in &evicted {
-            self.unindex(n, *i);
+        Ok(())
+    }
+
+    /// Evicts the oldest name nobody selects (never `keep`). Whether there was one.
+    fn evict_one(&mut self, keep: &str, out: &mut Inserted) -> bool {
+        let Some((_, victim)) = self.evictable.iter().find(|(_, n)| n != keep).cloned() else {
+            return false;
+        };
+        if let Some(m) = self.meta.get(&victim) {
+            out.names.push((victim.clone(), *m));
         }
-        out.evicted.extend(evicted);
+        let ips = self.names.get(&victim).cloned().unwrap_or_default();
+        for (ip, e) in ips {
+            self.remove(&victim, ip);
+            out.evicted(&victim, ip, e);
+        }
+        true
+    }
+
+    /// Records `name`'s metadata: created at `now_ms` when new; `selected`
+    /// when known (an entry restored without a policy counts as selected, so
+    /// it is never evicted on a guess; `mark_selected` corrects it).
+    fn set_meta(&mut self, name: &str, now_ms: u64, selected: Option<bool>) {
+        let m = self.meta.entry(name.to_string()).or_insert(NameMeta {
+            created_ms: now_ms,
+            selected: true,
+        });
+        if let Some(sel) = selected {
+            m.selected = sel;
+        }
+        let m = *m;
+        let key = (m.created_ms, name.to_string());
+        if m.selected {
+            self.evictable.remove(&key);
+        } else {
+            self.evictable.insert(key);
+        }
+    }
+
+    /// Re-reads which names the installed policy selects (after a policy change).
+    pub fn mark_selected(&mut self, mut selected: impl FnMut(&str) -> bool) {
+        let names: Vec<String> = self.names.keys().cloned().collect();
+        for n in names {
+            let sel = selected(&n);
+            self.set_meta(&n, 0, Some(sel));
+        }
     }
 
     /// Puts back what `insert`s did (in reverse).
     pub fn undo(&mut self, done: Inserted) {
-        for (name, ip, entry) in done.evicted.into_iter().rev() {
-            self.set(&name, ip, Some(entry));
-        }
-        for (name, ip, before) in done.changed.into_iter().rev() {
+        for (name, ip, before) in done.journal.into_iter().rev() {
             self.set(&name, ip, before);
+        }
+        for (name, m) in done.names {
+            if !self.names.contains_key(&name) {
+                continue;
+            }
+            if let Some(cur) = self.meta.insert(name.clone(), m) {
+                self.evictable.remove(&(cur.created_ms, name.clone()));
+            }
+            if !m.selected {
+                self.evictable.insert((m.created_ms, name));
+            }
         }
     }
 
@@ -142,6 +287,7 @@ impl Cache {
                     .or_default()
                     .insert(ip, e);
                 self.by_ip.entry(ip).or_default().insert(name.to_string());
+                self.set_meta(name, e.learned_ms, None);
             }
             None => self.remove(name, ip),
         }
@@ -153,6 +299,9 @@ impl Cache {
             ips.remove(&ip);
             if ips.is_empty() {
                 self.names.remove(name);
+                if let Some(m) = self.meta.remove(name) {
+                    self.evictable.remove(&(m.created_ms, name.to_string()));
+                }
             }
         }
         self.unindex(name, ip);
@@ -226,6 +375,15 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
+
+    pub fn name_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Distinct addresses.
+    pub fn ip_count(&self) -> usize {
+        self.by_ip.len()
+    }
 }
 
 #[cfg(test)]
@@ -241,20 +399,31 @@ mod tests {
         let mut c = Cache::new(Limits {
             min_ttl_secs: 60,
             max_ips_per_name: 10,
+            ..Limits::default()
         });
         let mut out = Inserted::default();
-        c.insert("a.example.com.", ip("192.0.2.1"), 5, 1_000, &mut out);
+        c.insert("a.example.com.", ip("192.0.2.1"), 5, true, 1_000, &mut out)
+            .unwrap();
         assert_eq!(
             c.get("a.example.com.", ip("192.0.2.1")).unwrap().expires_ms,
             61_000
         );
-        c.insert("a.example.com.", ip("192.0.2.2"), 300, 1_000, &mut out);
+        c.insert(
+            "a.example.com.",
+            ip("192.0.2.2"),
+            300,
+            true,
+            1_000,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             c.get("a.example.com.", ip("192.0.2.2")).unwrap().expires_ms,
             301_000
         );
         // A shorter TTL later does not cut the entry short.
-        c.insert("a.example.com.", ip("192.0.2.2"), 0, 2_000, &mut out);
+        c.insert("a.example.com.", ip("192.0.2.2"), 0, true, 2_000, &mut out)
+            .unwrap();
         let e = c.get("a.example.com.", ip("192.0.2.2")).unwrap();
         assert_eq!((e.expires_ms, e.learned_ms), (301_000, 1_000));
         assert!(
@@ -262,7 +431,15 @@ mod tests {
                 .contains(&("a.example.com.".into(), ip("192.0.2.1")))
         );
         assert_eq!(c.expired(60_999), vec![]);
-        c.insert("b.example.com.", ip("192.0.2.3"), u32::MAX, 1_000, &mut out);
+        c.insert(
+            "b.example.com.",
+            ip("192.0.2.3"),
+            u32::MAX,
+            true,
+            1_000,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             c.get("b.example.com.", ip("192.0.2.3")).unwrap().expires_ms,
             61_000,
@@ -275,15 +452,27 @@ mod tests {
         let mut c = Cache::new(Limits {
             min_ttl_secs: 0,
             max_ips_per_name: 2,
+            ..Limits::default()
         });
         let mut out = Inserted::default();
         for (i, a) in ["192.0.2.1", "192.0.2.2", "192.0.2.3"].iter().enumerate() {
-            c.insert("n.", ip(a), 60, 1_000 * i as u64, &mut out);
+            c.insert("n.", ip(a), 60, true, 1_000 * i as u64, &mut out)
+                .unwrap();
         }
-        assert!(c.get("n.", ip("192.0.2.1")).is_none());
-        assert!(!c.has_ip(ip("192.0.2.1")));
+        // The oldest is expired now, not removed: the expiry tick removes it
+        // unless a live connection still uses it.
+        let old = c.get("n.", ip("192.0.2.1")).unwrap();
+        assert_eq!((old.expires_ms, old.kept), (2_000, false));
+        assert!(c.has_ip(ip("192.0.2.1")));
+        assert_eq!(c.expired(2_000), vec![("n.".to_string(), ip("192.0.2.1"))]);
         assert!(c.get("n.", ip("192.0.2.3")).is_some());
-        assert_eq!(out.evicted.len(), 1);
+        assert_eq!(out.evictions, 1);
+        // Expired entries do not count: the next address expires .2 only.
+        c.insert("n.", ip("192.0.2.4"), 60, true, 3_000, &mut out)
+            .unwrap();
+        assert_eq!(c.get("n.", ip("192.0.2.2")).unwrap().expires_ms, 3_000);
+        assert_eq!(c.get("n.", ip("192.0.2.1")).unwrap().expires_ms, 2_000);
+        assert_eq!(out.evictions, 2);
         // Undo puts the oldest back and takes the newest out.
         c.undo(out);
         assert!(c.is_empty());
@@ -294,13 +483,129 @@ mod tests {
     fn an_address_is_indexed_under_every_name_and_v4_mapped_is_v4() {
         let mut c = Cache::new(Limits::default());
         let mut out = Inserted::default();
-        c.insert("a.", ip("::ffff:192.0.2.9"), 60, 0, &mut out);
-        c.insert("b.", ip("192.0.2.9"), 60, 0, &mut out);
+        c.insert("a.", ip("::ffff:192.0.2.9"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert("b.", ip("192.0.2.9"), 60, true, 0, &mut out)
+            .unwrap();
         let names: Vec<&str> = c.names_of(ip("192.0.2.9")).collect();
         assert_eq!(names, ["a.", "b."]);
         c.remove("a.", ip("192.0.2.9"));
         assert!(c.has_ip(ip("192.0.2.9")));
         c.remove("b.", ip("192.0.2.9"));
         assert!(!c.has_ip(ip("192.0.2.9")));
+    }
+
+    #[test]
+    fn a_ttl_above_the_maximum_is_cut() {
+        let mut c = Cache::new(Limits {
+            max_ttl_secs: 3_600,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("a.", ip("192.0.2.1"), i32::MAX as u32, true, 0, &mut out)
+            .unwrap();
+        assert_eq!(c.get("a.", ip("192.0.2.1")).unwrap().expires_ms, 3_600_000);
+        assert_eq!(Limits::default().max_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn a_full_cache_evicts_unselected_names_oldest_first_then_refuses() {
+        let mut c = Cache::new(Limits {
+            max_names: 3,
+            max_ips: 3,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("sel.", ip("192.0.2.1"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert("old.", ip("192.0.2.2"), 60, false, 1, &mut out)
+            .unwrap();
+        c.insert("new.", ip("192.0.2.3"), 60, false, 2, &mut out)
+            .unwrap();
+        // A fourth name: the oldest unselected one goes.
+        c.insert("sel2.", ip("192.0.2.4"), 60, true, 3, &mut out)
+            .unwrap();
+        assert!(c.get("old.", ip("192.0.2.2")).is_none());
+        assert!(!c.has_ip(ip("192.0.2.2")));
+        assert!(c.get("new.", ip("192.0.2.3")).is_some());
+        // Known names and addresses are never refused.
+        c.insert("sel.", ip("192.0.2.4"), 60, true, 4, &mut out)
+            .unwrap();
+        // A fifth address: the last unselected name goes.
+        c.insert("sel.", ip("192.0.2.5"), 60, true, 5, &mut out)
+            .unwrap();
+        assert!(c.get("new.", ip("192.0.2.3")).is_none());
+        // Only selected names left: refused, for names and addresses alike.
+        let before = c.clone();
+        let mut out = Inserted::default();
+        c.insert("sel3.", ip("192.0.2.1"), 60, true, 6, &mut out)
+            .unwrap();
+        assert_eq!(
+            c.insert("sel4.", ip("192.0.2.1"), 60, true, 6, &mut out),
+            Err(Full::Names)
+        );
+        assert_eq!(
+            c.insert("sel.", ip("192.0.2.7"), 60, true, 6, &mut out),
+            Err(Full::Ips)
+        );
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(c.evictable, before.evictable);
+        // A policy that no longer selects a name makes it evictable.
+        c.mark_selected(|n| n != "sel.");
+        let mut out = Inserted::default();
+        c.insert("sel3.", ip("192.0.2.6"), 60, true, 7, &mut out)
+            .unwrap();
+        assert!(c.get("sel.", ip("192.0.2.1")).is_none());
+        assert!(c.get("sel2.", ip("192.0.2.4")).is_some());
+    }
+
+    /// An address changed, pushed out and changed again in one answer comes
+    /// back exactly as it was.
+    #[test]
+    fn undo_replays_one_journal_in_reverse() {
+        let mut c = Cache::new(Limits {
+            max_ips_per_name: 2,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("n.", ip("192.0.2.10"), 60, true, 0, &mut out) // X, oldest
+            .unwrap();
+        c.insert("n.", ip("192.0.2.11"), 60, true, 1_000, &mut out) // W
+            .unwrap();
+        let before = c.clone();
+        let mut out = Inserted::default();
+        // [Y, X]: Y pushes X out, X comes back and pushes W out.
+        c.insert("n.", ip("192.0.2.12"), 600, true, 2_000, &mut out)
+            .unwrap();
+        c.insert("n.", ip("192.0.2.10"), 600, true, 2_000, &mut out)
+            .unwrap();
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(
+            format!("{:?}", c.by_ip.get(&ip("192.0.2.10"))),
+            format!("{:?}", before.by_ip.get(&ip("192.0.2.10")))
+        );
+        assert!(!c.has_ip(ip("192.0.2.12")));
+    }
+
+    /// An unselected name a refused answer evicted comes back evictable.
+    #[test]
+    fn undoing_a_name_eviction_keeps_the_name_evictable() {
+        let mut c = Cache::new(Limits {
+            max_names: 1,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        c.insert("free.", ip("192.0.2.1"), 60, false, 0, &mut out)
+            .unwrap();
+        let before = c.clone();
+        let mut out = Inserted::default();
+        c.insert("sel.", ip("192.0.2.2"), 60, true, 1, &mut out)
+            .unwrap();
+        assert!(!c.has_ip(ip("192.0.2.1")));
+        c.undo(out);
+        assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
+        assert_eq!(c.evictable, before.evictable);
     }
 }

@@ -1,7 +1,8 @@
 //! The once-a-second tick: entries whose TTL ran out leave the cache unless a
 //! live connection still uses the address; addresses no longer cached under any
 //! name are forgotten, and those still cached under others keep only those
-//! names' selectors. At most one datapath sync per tick.
+//! names' selectors. Removals are single ipcache writes (no full sync); at most
+//! one datapath sync per tick, only for an identity the entries do not know.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -23,7 +24,7 @@ impl FqdnState {
         now_ms: u64,
     ) {
         let expired = self.cache.expired(now_ms);
-        if expired.is_empty() && !self.resync {
+        if expired.is_empty() && !self.resync && self.pending.is_empty() {
             return;
         }
         // Reading conntrack walks the whole map: entries already kept for a
@@ -33,6 +34,7 @@ impl FqdnState {
             .all(|(n, ip)| self.cache.get(n, *ip).is_some_and(|e| e.kept));
         if only_kept
             && !self.resync
+            && self.pending.is_empty()
             && self
                 .last_ct_check_ms
                 .is_some_and(|t| now_ms.saturating_sub(t) < KEPT_RECHECK_MS)
@@ -73,22 +75,51 @@ impl FqdnState {
             affected.insert(ip);
         }
         let before = self.ids.assignments().count();
-        let mut changed = false;
         for ip in affected {
             let sels = self.cache.selectors_for(ip, policy);
             let (old, new) = self.relearn(policy, ip, &sels);
-            changed |= old.map(|o| o.identity) != new;
+            if old.map(|o| o.identity) != new {
+                self.pending.insert(ip);
+            }
         }
         self.save_ids_if_grown(before);
-        if !(changed || self.resync) {
+        let Some(d) = dp else {
+            self.pending.clear();
             return;
+        };
+        // Removals (and narrowings to an identity the entries know) are single
+        // ipcache writes: they must not depend on a full sync, which reads
+        // every endpoint's interface and fails while one is gone. These
+        // addresses have no live connection, so no generation bump is needed.
+        // Only a narrowing to an identity the entries do not know needs a sync.
+        let mut writes = Vec::new();
+        for ip in &self.pending {
+            let want = policy.learned_fqdn_ip(*ip).map(|l| l.identity);
+            match want {
+                Some(id) if !d.has_fqdn_identity(id) => self.resync = true,
+                _ => writes.push((*ip, want)),
+            }
         }
-        if let Some(d) = dp {
-            match d.sync(policy) {
-                Ok(()) => self.resync = false,
+        if !writes.is_empty() {
+            match d.write_learned(policy, &writes) {
+                Ok(()) => {
+                    for (ip, _) in &writes {
+                        self.pending.remove(ip);
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "could not remove expired FQDN addresses from the datapath; retrying");
-                    self.resync = true;
+                }
+            }
+        }
+        if self.resync {
+            match d.sync(policy) {
+                Ok(()) => {
+                    self.resync = false;
+                    self.pending.clear();
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not sync the datapath for narrowed FQDN addresses; retrying");
                 }
             }
         }
@@ -144,11 +175,12 @@ mod tests {
         learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.2", 10, 0);
         learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.3", 10, 0);
         dp.live.insert(ip("192.0.2.3"));
-        let syncs = dp.syncs;
+        let (syncs, writes) = (dp.syncs, dp.writes);
         st.tick(&p, Some(&mut dp), 9_999);
-        assert_eq!(dp.syncs, syncs, "nothing expired yet");
+        assert_eq!(dp.writes, writes, "nothing expired yet");
         st.tick(&p, Some(&mut dp), 10_000);
-        assert_eq!(dp.syncs, syncs + 1, "one sync for the whole tick");
+        assert_eq!(dp.syncs, syncs, "removals need no full sync");
+        assert_eq!(dp.writes, writes + 1, "one write for the whole tick");
         // .2: gone everywhere.
         assert!(p.learned_fqdn_ip(ip("192.0.2.2")).is_none());
         assert!(!dp.ipcache.contains_key(&ip("192.0.2.2")));
@@ -193,5 +225,58 @@ mod tests {
         dp.fail = false;
         st.tick(&p, Some(&mut dp), 31_000);
         assert!(!dp.ipcache.contains_key(&ip("192.0.2.4")));
+    }
+
+    /// A name's limit pushes an address out, but its live connection keeps it
+    /// allowed until the connection ends.
+    #[test]
+    fn an_address_a_names_limit_pushes_out_stays_while_its_connection_lives() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips_per_name: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        learn(&mut st, &p, &mut dp, "www.example.com.", "192.0.2.1", 60, 0);
+        dp.live.insert(ip("192.0.2.1"));
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "www.example.com.",
+            "192.0.2.2",
+            60,
+            1_000,
+        );
+        // Still allowed right after the answer that pushed it out ...
+        assert!(p.learned_fqdn_ip(ip("192.0.2.1")).is_some());
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.2")));
+        // ... and at the tick, while the connection lives.
+        st.tick(&p, Some(&mut dp), 2_000);
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(
+            st.cache
+                .get("www.example.com.", ip("192.0.2.1"))
+                .unwrap()
+                .kept
+        );
+        // It does not count against the limit: a refresh of .2 keeps .1 kept.
+        learn(
+            &mut st,
+            &p,
+            &mut dp,
+            "www.example.com.",
+            "192.0.2.2",
+            60,
+            3_000,
+        );
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        // The connection ends: it goes.
+        dp.live.clear();
+        st.tick(&p, Some(&mut dp), 8_000);
+        assert!(p.learned_fqdn_ip(ip("192.0.2.1")).is_none());
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.1")));
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.2")));
     }
 }

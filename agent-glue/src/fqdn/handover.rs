@@ -115,11 +115,15 @@ impl FqdnDatapath for HandedOverDatapath<'_> {
     fn has_fqdn_identity(&self, id: u32) -> bool {
         self.0.has_fqdn_identity(id)
     }
-    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+    fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError> {
         if ips.iter().any(|(_, id)| id.is_none()) {
             return Err(refused("removing a learned address"));
         }
-        self.0.write_learned(ips)
+        self.0.write_learned(policy, ips)
     }
     fn sync(&mut self, _policy: &CompiledPolicy) -> Result<(), DatapathError> {
         Err(refused("a full map sync"))

@@ -9,12 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 
 use tokio::sync::oneshot;
+use tracing::warn;
 use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
 use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
 
 use super::cache::Inserted;
 use super::{FqdnDatapath, FqdnState};
 use crate::control::ControlMsg;
+
+/// The error of an answer refused because the cache is full (logged here, at
+/// most once a second, rather than by the caller for every answer).
+pub const CACHE_FULL: &str = "the FQDN cache is full";
 
 /// Requests nobody waits for that may be queued; beyond, they are dropped (they
 /// only feed the cache).
@@ -103,12 +108,29 @@ impl FqdnState {
         now_ms: u64,
     ) -> Result<(), LearnError> {
         let mut done = Inserted::default();
+        let selected: Vec<bool> = req
+            .names
+            .iter()
+            .map(|n| !policy.fqdn_selectors_matching(n).is_empty())
+            .collect();
         for (ip, ttl) in &req.addresses {
-            for name in &req.names {
-                self.cache.insert(name, *ip, *ttl, now_ms, &mut done);
+            for (name, sel) in req.names.iter().zip(&selected) {
+                if let Err(full) = self.cache.insert(name, *ip, *ttl, *sel, now_ms, &mut done) {
+                    // The whole answer or nothing: a waited answer gets
+                    // SERVFAIL, one nobody waits for is dropped.
+                    self.cache.undo(done);
+                    if self
+                        .last_full_log
+                        .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+                    {
+                        self.last_full_log = Some(std::time::Instant::now());
+                        warn!(names = ?req.names, error = %full, "refusing a DNS answer's new addresses");
+                    }
+                    return Err(LearnError::Unavailable(CACHE_FULL));
+                }
             }
         }
-        if !done.changed.is_empty() || !done.evicted.is_empty() {
+        if !done.is_empty() {
             self.dirty = true;
         }
         // Addresses of this answer, and those a name's limit pushed out (which
@@ -117,7 +139,7 @@ impl FqdnState {
             .addresses
             .iter()
             .map(|(ip, _)| canonical_ip(*ip))
-            .chain(done.evicted.iter().map(|(_, ip, _)| *ip))
+            .chain(done.addresses())
             .collect();
         let before = self.ids.assignments().count();
         let mut undo: Vec<(IpAddr, Option<LearnedIdentity>)> = Vec::new();
@@ -136,9 +158,9 @@ impl FqdnState {
                     writes.push((ip, Some(id)));
                     full_sync |= dp.as_ref().is_some_and(|d| !d.has_fqdn_identity(id));
                 }
-                // Removing a /32 alone could take a CIDR rule's own /32 with it:
-                // the sync computes what the entry must become.
-                None => full_sync = true,
+                // The datapath puts back what the policy gives the address
+                // (a CIDR rule's own /32, say).
+                None => writes.push((ip, None)),
             }
         }
         self.save_ids_if_grown(before);
@@ -151,7 +173,7 @@ impl FqdnState {
         let written = if full_sync {
             dp.sync(policy)
         } else {
-            dp.write_learned(&writes)
+            dp.write_learned(policy, &writes)
         };
         if let Err(e) = written {
             for (ip, old) in undo.into_iter().rev() {
@@ -325,5 +347,95 @@ mod tests {
             gone.try_recv(),
             Ok(Err(LearnError::Unavailable(_)))
         ));
+    }
+
+    #[test]
+    fn a_full_cache_refuses_new_addresses_and_undoes_the_answer() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        let e = st
+            .learn(
+                &req(
+                    &p,
+                    &["api.example.com."],
+                    &[("192.0.2.1", 60), ("192.0.2.2", 60)],
+                ),
+                &p,
+                Some(&mut dp),
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, LearnError::Unavailable(m) if m == CACHE_FULL));
+        assert!(st.cache.get("api.example.com.", ip("192.0.2.1")).is_none());
+        assert!(!st.cache.has_ip(ip("192.0.2.2")));
+        assert!(p.learned_fqdn_ip(ip("192.0.2.2")).is_none());
+        assert_eq!(
+            p.learned_fqdn_ip(ip("192.0.2.1")).unwrap().selectors.len(),
+            1
+        );
+        // Known addresses still refresh.
+        st.learn(
+            &req(&p, &["www.example.com."], &[("192.0.2.1", 600)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// Per-name limit 2, the name holds {X (oldest), W}, the answer is [Y, X]
+    /// and the datapath write fails: the cache and the learning come back as
+    /// they were (X neither lost from the cache nor left learned).
+    #[test]
+    fn a_failed_answer_that_pushed_out_and_brought_back_an_address_is_undone() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips_per_name: 2,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        let (x, w, y) = ("192.0.2.10", "192.0.2.11", "192.0.2.12");
+        st.learn(
+            &req(&p, &["www.example.com."], &[(x, 60)]),
+            &p,
+            Some(&mut dp),
+            0,
+        )
+        .unwrap();
+        st.learn(
+            &req(&p, &["www.example.com."], &[(w, 60)]),
+            &p,
+            Some(&mut dp),
+            1_000,
+        )
+        .unwrap();
+        let cache = format!("{:?}", st.cache.iter().collect::<Vec<_>>());
+        let learned = p.learned_fqdn_ips();
+        let ipcache = dp.ipcache.clone();
+        dp.fail = true;
+        st.learn(
+            &req(&p, &["www.example.com."], &[(y, 600), (x, 600)]),
+            &p,
+            Some(&mut dp),
+            2_000,
+        )
+        .unwrap_err();
+        assert_eq!(format!("{:?}", st.cache.iter().collect::<Vec<_>>()), cache);
+        assert_eq!(p.learned_fqdn_ips(), learned);
+        assert_eq!(dp.ipcache, ipcache);
+        // X's own TTL (60 s from 0) still holds: it expires, no earlier, no later.
+        assert!(st.cache.expired(59_999).is_empty());
+        assert_eq!(st.cache.expired(60_000).len(), 1);
     }
 }

@@ -33,8 +33,13 @@ pub use learner::LearnerHandle;
 pub trait FqdnDatapath {
     /// Whether the installed policy entries already know learned identity `id`.
     fn has_fqdn_identity(&self, id: u32) -> bool;
-    /// Writes single-address ipcache entries (`None` removes), all or nothing.
-    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError>;
+    /// Writes single-address ipcache entries (`None`: no longer learned, the
+    /// entry `policy` gives the address without learning), all or nothing.
+    fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError>;
     /// Brings every map in line with `policy` (learned addresses included).
     fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError>;
     /// Destinations of live connections (conntrack).
@@ -45,8 +50,12 @@ impl FqdnDatapath for Datapath {
     fn has_fqdn_identity(&self, id: u32) -> bool {
         Datapath::has_fqdn_identity(self, id)
     }
-    fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
-        Datapath::write_learned(self, ips)
+    fn write_learned(
+        &mut self,
+        policy: &CompiledPolicy,
+        ips: &[(IpAddr, Option<u32>)],
+    ) -> Result<(), DatapathError> {
+        Datapath::write_learned(self, policy, ips)
     }
     fn sync(&mut self, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         Datapath::sync(self, policy)
@@ -75,10 +84,15 @@ pub struct FqdnState {
     last_saved: Option<Instant>,
     /// A tick's sync failed: the next tick tries again.
     resync: bool,
+    /// Addresses whose ipcache entry a failed tick could not bring in line
+    /// with the policy: the next tick writes them again.
+    pending: std::collections::BTreeSet<IpAddr>,
     /// When conntrack was last read for expired entries (unix ms).
     last_ct_check_ms: Option<u64>,
     /// A new weir has taken over (see `handover.rs`).
     handed_over: bool,
+    /// When a refusal of a full cache was last logged.
+    last_full_log: Option<Instant>,
 }
 
 impl FqdnState {
@@ -96,8 +110,10 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            pending: Default::default(),
             last_ct_check_ms: None,
             handed_over: false,
+            last_full_log: None,
         }
     }
 
@@ -110,8 +126,10 @@ impl FqdnState {
             dirty: false,
             last_saved: None,
             resync: false,
+            pending: Default::default(),
             last_ct_check_ms: None,
             handed_over: false,
+            last_full_log: None,
         }
     }
 
@@ -125,6 +143,9 @@ impl FqdnState {
             self.ids = state::load_identities(dir);
         }
         let before = self.ids.assignments().count();
+        // What a full cache may evict depends on the policy.
+        self.cache
+            .mark_selected(|n| !policy.fqdn_selectors_matching(n).is_empty());
         let ips: Vec<IpAddr> = self.cache.ips().collect();
         for ip in ips {
             let sels = self.cache.selectors_for(ip, policy);
@@ -268,7 +289,11 @@ pub(crate) mod test_support {
         fn has_fqdn_identity(&self, id: u32) -> bool {
             self.known.contains(&id)
         }
-        fn write_learned(&mut self, ips: &[(IpAddr, Option<u32>)]) -> Result<(), DatapathError> {
+        fn write_learned(
+            &mut self,
+            _policy: &CompiledPolicy,
+            ips: &[(IpAddr, Option<u32>)],
+        ) -> Result<(), DatapathError> {
             if self.fail {
                 return Err(DatapathError::Map {
                     map: "weir_ipcache",

@@ -33,7 +33,8 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("fqdn-cache.json")
 }
 
-/// Writes the cache atomically (a temporary file renamed over the old one).
+/// Writes the cache atomically (a temporary file renamed over the old one),
+/// readable by its owner only (it tells which names the workloads resolve).
 pub fn save(state_dir: &Path, cache: &Cache) -> Result<(), PersistError> {
     let path = path(state_dir);
     let tmp = state_dir.join("fqdn-cache.json.tmp");
@@ -49,13 +50,49 @@ pub fn save(state_dir: &Path, cache: &Cache) -> Result<(), PersistError> {
         source,
     };
     let bytes = serde_json::to_vec(&file).map_err(|e| io(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)
+    write_new(&tmp, &bytes).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    // The rename itself reaches the disk with the directory (best effort:
+    // the file is whole either way).
+    if let Ok(d) = std::fs::File::open(state_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Creates `tmp` afresh (mode 0600; never through a symlink or into a file
+/// someone else prepared: O_EXCL|O_NOFOLLOW) with `bytes`, on disk before it
+/// is renamed. A temporary file a crash left behind is removed first.
+fn write_new(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Reads the cache written by an earlier run; none is an empty cache. The
-/// per-name limit applies again (the flag may have changed).
+/// limits apply again (the flags may have changed); the file is not trusted
+/// further than the proxy would be: names are canonical (lower-case, trailing
+/// dot), no expiry lies beyond now + `--fqdn-max-ttl` and no first-learned
+/// time in the future, and entries already expired are dropped — except those
+/// kept for a live connection when they were written, which the first tick
+/// checks against conntrack again.
 pub fn load(state_dir: &Path, limits: Limits) -> Result<Cache, PersistError> {
+    load_at(state_dir, limits, super::now_ms())
+}
+
+fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, PersistError> {
     let path = path(state_dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -72,13 +109,45 @@ pub fn load(state_dir: &Path, limits: Limits) -> Result<Cache, PersistError> {
             detail: format!("version {} (this weir writes {VERSION})", file.version),
         });
     }
-    let mut cache = Cache::new(limits);
+    let max_expiry = now_ms.saturating_add(u64::from(limits.max_ttl_secs) * 1000);
+    // Canonical names first: two spellings of one name become one.
+    let mut names: BTreeMap<String, BTreeMap<IpAddr, Entry>> = BTreeMap::new();
     for (name, ips) in file.names {
+        let merged = names
+            .entry(weir_policy::dns_match::normalize_name(&name))
+            .or_default();
+        for (ip, e) in ips {
+            let e = Entry {
+                expires_ms: e.expires_ms.min(max_expiry),
+                learned_ms: e.learned_ms.min(now_ms),
+                kept: e.kept,
+            };
+            if e.expires_ms <= now_ms && !e.kept {
+                continue;
+            }
+            let ip = weir_policy::canonical_ip(ip);
+            let slot = merged.entry(ip).or_insert(e);
+            if e.expires_ms > slot.expires_ms {
+                *slot = e;
+            }
+        }
+    }
+    let mut cache = Cache::new(limits);
+    for (name, ips) in names {
+        if ips.is_empty() {
+            continue;
+        }
+        if cache.name_count() >= limits.max_names.max(1) {
+            break;
+        }
         // Newest first, so the per-name limit keeps the newest.
         let mut ips: Vec<(IpAddr, Entry)> = ips.into_iter().collect();
         ips.sort_by_key(|(ip, e)| (std::cmp::Reverse(e.learned_ms), *ip));
         for (ip, e) in ips.into_iter().take(limits.max_ips_per_name.max(1)) {
-            cache.set(&name, weir_policy::canonical_ip(ip), Some(e));
+            if !cache.has_ip(ip) && cache.ip_count() >= limits.max_ips.max(1) {
+                continue;
+            }
+            cache.set(&name, ip, Some(e));
         }
     }
     Ok(cache)
@@ -101,29 +170,36 @@ mod tests {
             "api.example.com.",
             "192.0.2.1".parse().unwrap(),
             30,
+            true,
             5_000,
             &mut out,
-        );
+        )
+        .unwrap();
         c.insert(
             "api.example.com.",
             "2001:db8::1".parse().unwrap(),
             60,
+            true,
             6_000,
             &mut out,
-        );
+        )
+        .unwrap();
         c.insert(
             "cdn.example.net.",
             "192.0.2.1".parse().unwrap(),
             90,
+            true,
             7_000,
             &mut out,
-        );
+        )
+        .unwrap();
         if let Some(e) = c.get_mut("cdn.example.net.", "192.0.2.1".parse().unwrap()) {
             e.kept = true;
         }
         save(&dir, &c).unwrap();
         assert!(!dir.join("fqdn-cache.json.tmp").exists());
-        let back = load(&dir, limits).unwrap();
+        // Loaded as at 7 s (the entries' times are small).
+        let back = load_at(&dir, limits, 7_000).unwrap();
         let flat = |c: &Cache| -> Vec<(String, IpAddr, Entry)> {
             c.iter()
                 .flat_map(|(n, ips)| ips.iter().map(move |(i, e)| (n.to_string(), *i, *e)))
@@ -132,12 +208,13 @@ mod tests {
         assert_eq!(flat(&back), flat(&c));
         assert_eq!(back.names_of("192.0.2.1".parse().unwrap()).count(), 2);
         // A smaller limit on the next start keeps the newest.
-        let one = load(
+        let one = load_at(
             &dir,
             Limits {
                 max_ips_per_name: 1,
                 ..limits
             },
+            7_000,
         )
         .unwrap();
         assert!(
@@ -153,6 +230,104 @@ mod tests {
             load(&dir, limits),
             Err(PersistError::Format { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-fqdn-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_file_is_private_and_never_written_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let mut c = Cache::new(Limits::default());
+        c.insert(
+            "a.",
+            "192.0.2.1".parse().unwrap(),
+            60,
+            true,
+            super::super::now_ms(),
+            &mut Inserted::default(),
+        )
+        .unwrap();
+        // A symlink planted where the temporary file goes is replaced, not followed.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("fqdn-cache.json.tmp")).unwrap();
+        save(&dir, &c).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        let mode = std::fs::metadata(path(&dir)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            load(&dir, Limits::default())
+                .unwrap()
+                .get("a.", "192.0.2.1".parse().unwrap())
+                .is_some()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn loading_canonicalises_names_clamps_expiries_and_drops_expired_entries() {
+        let dir = scratch("load");
+        let now = 1_000_000_000u64;
+        let day = 86_400_000u64;
+        std::fs::write(
+            path(&dir),
+            serde_json::json!({"version": 1, "names": {
+                "API.Example.com": {
+                    "192.0.2.1": {"expires_ms": now + 1000 * day, "learned_ms": now + day},
+                    "192.0.2.2": {"expires_ms": now - 1, "learned_ms": now - 10},
+                    "192.0.2.3": {"expires_ms": now - 1, "learned_ms": now - 10, "kept": true}
+                },
+                "api.example.com.": {
+                    "192.0.2.4": {"expires_ms": now + 60_000, "learned_ms": now}
+                },
+                "gone.example.com.": {
+                    "192.0.2.5": {"expires_ms": now, "learned_ms": now - 10}
+                }
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let c = load_at(&dir, Limits::default(), now).unwrap();
+        let names: Vec<&str> = c.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["api.example.com."]);
+        let e = c
+            .get("api.example.com.", "192.0.2.1".parse().unwrap())
+            .unwrap();
+        assert_eq!(e.expires_ms, now + day, "at most now + --fqdn-max-ttl");
+        assert_eq!(e.learned_ms, now, "never learned in the future");
+        assert!(
+            c.get("api.example.com.", "192.0.2.2".parse().unwrap())
+                .is_none(),
+            "expired"
+        );
+        assert!(
+            c.get("api.example.com.", "192.0.2.3".parse().unwrap())
+                .is_some(),
+            "kept for a connection: the tick checks it"
+        );
+        assert!(
+            c.get("api.example.com.", "192.0.2.4".parse().unwrap())
+                .is_some()
+        );
+        assert!(!c.has_ip("192.0.2.5".parse().unwrap()));
+        // The total limits apply too.
+        let one = load_at(
+            &dir,
+            Limits {
+                max_ips: 1,
+                ..Limits::default()
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(one.ips().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
