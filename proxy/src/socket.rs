@@ -330,6 +330,29 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Dissolves a UDP socket's association with its peer (`connect` with
+/// `AF_UNSPEC`), keeping its bound address and port. The datapath passes over
+/// unconnected sockets when it looks for a flow's session, so from now on the
+/// flow's datagrams go to the listener.
+pub fn udp_disconnect(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC is the documented way to
+    // disconnect a datagram socket; the length covers the struct passed.
+    let rc = unsafe {
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

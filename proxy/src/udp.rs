@@ -290,7 +290,7 @@ fn dispatch(
     let span = info_span!("udp", %client, dst = %orig_dst);
     tokio::spawn(
         async move {
-            session.run(ctx, rx, idle).await;
+            session.run(ctx, rx, idle, &slot).await;
             drop(slot);
         }
         .instrument(span),
@@ -307,8 +307,16 @@ pub(crate) struct SessionSlot {
 
 impl SessionSlot {
     /// Gives up the session's place if no datagram waits for it (none queued,
-    /// none in its socket): a datagram arriving later opens a new session
-    /// rather than being lost to one that is closing. Returns whether it did.
+    /// none in its socket): a datagram arriving later opens a new session (or,
+    /// after a takeover, reaches the new weir) rather than being lost to one that
+    /// is closing. Returns whether it did.
+    ///
+    /// The socket is disconnected first: the datapath looks only for connected
+    /// sockets, so from that instant the flow's datagrams go to the listener
+    /// (and, while our table entry still stands, back into `queued`). Anything
+    /// that arrived before is then in the socket, and the session connects
+    /// again and carries on — so no datagram is ever left in a socket that is
+    /// about to close.
     pub(crate) fn close_if_quiet(
         &self,
         queued: &mut mpsc::Receiver<Vec<u8>>,
@@ -316,17 +324,34 @@ impl SessionSlot {
     ) -> bool {
         // The table's lock is what `dispatch` holds while it queues.
         let mut map = self.flows.lock();
-        if !queued.is_empty() {
+        if !queued.is_empty() || socket_has_datagram(downstream) {
             return false;
         }
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        if socket2::SockRef::from(downstream).peek(&mut probe).is_ok() {
+        if socket::udp_disconnect(downstream).is_err() {
+            // Cannot tell where the next datagram goes: keep the session.
+            return false;
+        }
+        if socket_has_datagram(downstream) || !queued.is_empty() {
+            if let Err(e) = socket2::SockRef::from(downstream).connect(&self.key.0.into()) {
+                // Unconnected, it would answer no one: end it; what it held
+                // is the client's to retry.
+                warn!(error = %e, "could not reconnect a UDP session socket; session closed");
+                queued.close();
+                map.remove_session(&self.key, self.id);
+                return true;
+            }
             return false;
         }
         queued.close();
         map.remove_session(&self.key, self.id);
         true
     }
+}
+
+/// A datagram waits in `socket` (it is non-blocking: an empty queue is `WouldBlock`).
+fn socket_has_datagram(socket: &UdpSocket) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    socket2::SockRef::from(socket).peek(&mut probe).is_ok()
 }
 
 impl Drop for SessionSlot {
@@ -387,7 +412,13 @@ impl Session {
         })
     }
 
-    async fn run(self, ctx: ConnContext, mut queued: mpsc::Receiver<Vec<u8>>, idle: Duration) {
+    async fn run(
+        self,
+        ctx: ConnContext,
+        mut queued: mpsc::Receiver<Vec<u8>>,
+        idle: Duration,
+        slot: &SessionSlot,
+    ) {
         let mut from_client = vec![0u8; MAX_DATAGRAM];
         let mut from_server = vec![0u8; MAX_DATAGRAM];
         let (mut up, mut down) = (0u64, 0u64);
@@ -398,7 +429,10 @@ impl Session {
             // Another weir took over: end between an answer and the client's
             // next datagram, which then reaches the new weir's listener; nothing
             // of this flow is lost.
-            if *draining.borrow() && in_flight == 0 && queued.is_empty() && !self.client_waiting() {
+            if *draining.borrow()
+                && in_flight == 0
+                && slot.close_if_quiet(&mut queued, &self.downstream)
+            {
                 debug!(
                     bytes_up = up,
                     bytes_down = down,
@@ -451,15 +485,6 @@ impl Session {
                 }
             }
         }
-    }
-
-    /// A datagram from the client waits in the session's socket.
-    fn client_waiting(&self) -> bool {
-        let mut one = [std::mem::MaybeUninit::uninit(); 1];
-        // The socket is non-blocking: an empty queue is `WouldBlock`.
-        socket2::SockRef::from(&self.downstream)
-            .peek(&mut one)
-            .is_ok()
     }
 
     /// Sends a client datagram on, if the policy in force still allows the flow.
