@@ -330,18 +330,26 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Dissolves a UDP socket's association with its peer (`connect` with
-/// `AF_UNSPEC`), keeping its bound address and port. The datapath passes over
-/// unconnected sockets when it looks for a flow's session, so from now on the
-/// flow's datagrams go to the listener.
-pub fn udp_disconnect(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+/// Takes a UDP session socket out of the flow's way before it closes: clears
+/// IP_TRANSPARENT (nft's `socket transparent` match then passes over it, and
+/// TPROXY never picks an unconnected socket) and dissolves its association with
+/// the client (`connect` with `AF_UNSPEC`; the eBPF datapath only hands a flow's
+/// datagrams to connected sockets). Its bound address and port stay. From now
+/// on the flow's datagrams go to the listener; see [`udp_reclaim`] to undo.
+pub fn udp_release(socket: &tokio::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    if ipv6 {
+        s.set_ip_transparent_v6(false)?;
+    } else {
+        s.set_ip_transparent_v4(false)?;
+    }
     // SAFETY: a zeroed sockaddr with family AF_UNSPEC is the documented way to
     // disconnect a datagram socket; the length covers the struct passed.
     let rc = unsafe {
         let mut unspec: libc::sockaddr = std::mem::zeroed();
         unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
         libc::connect(
-            socket.as_raw_fd(),
+            std::os::fd::AsRawFd::as_raw_fd(socket),
             &unspec,
             std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
         )
@@ -351,6 +359,17 @@ pub fn udp_disconnect(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Undoes [`udp_release`]: the socket is the flow's session again.
+pub fn udp_reclaim(socket: &tokio::net::UdpSocket, peer: SocketAddr) -> io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    if peer.is_ipv6() {
+        s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
+    }
+    s.connect(&peer.into())
 }
 
 #[cfg(test)]

@@ -311,8 +311,8 @@ impl SessionSlot {
     /// after a takeover, reaches the new weir) rather than being lost to one that
     /// is closing. Returns whether it did.
     ///
-    /// The socket is disconnected first: the datapath looks only for connected
-    /// sockets, so from that instant the flow's datagrams go to the listener
+    /// The socket is released first ([`socket::udp_release`]): neither steering
+    /// hands datagrams to it any more, so from that instant the flow's go to the listener
     /// (and, while our table entry still stands, back into `queued`). Anything
     /// that arrived before is then in the socket, and the session connects
     /// again and carries on — so no datagram is ever left in a socket that is
@@ -327,12 +327,13 @@ impl SessionSlot {
         if !queued.is_empty() || socket_has_datagram(downstream) {
             return false;
         }
-        if socket::udp_disconnect(downstream).is_err() {
+        if socket::udp_release(downstream, self.key.0.is_ipv6()).is_err() {
             // Cannot tell where the next datagram goes: keep the session.
+            let _ = socket::udp_reclaim(downstream, self.key.0);
             return false;
         }
         if socket_has_datagram(downstream) || !queued.is_empty() {
-            if let Err(e) = socket2::SockRef::from(downstream).connect(&self.key.0.into()) {
+            if let Err(e) = socket::udp_reclaim(downstream, self.key.0) {
                 // Unconnected, it would answer no one: end it; what it held
                 // is the client's to retry.
                 warn!(error = %e, "could not reconnect a UDP session socket; session closed");
