@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,9 +30,12 @@ const WRITE_QUEUE: usize = 64;
 pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
     let (client_rd, client_wr) = client.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_loop(client_wr, rx).in_current_span());
+    // A client that stops reading must not hold the connection (and its
+    // upstream and queued answers) forever: each frame gets `idle_timeout`.
+    let write_timeout = ctx.shared.config.idle_timeout;
+    let writer = tokio::spawn(write_loop(client_wr, rx, write_timeout).in_current_span());
     Conn {
-        ctx,
+        ctx: ctx.clone(),
         tx,
         outstanding: Outstanding::new(0),
         upstream: Upstream::NotConnected,
@@ -41,18 +44,47 @@ pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
     }
     .run(client_rd)
     .await;
-    // Everything queued for the client is written before the connection closes.
-    let _ = writer.await;
+    // Everything queued for the client is written before the connection closes
+    // (each frame within its deadline, so this ends too).
+    if let Ok(Err(WriteStalled)) = writer.await {
+        info!(timeout = ?write_timeout, "DNS client did not read an answer in time; closed");
+        let d = ctx.decide();
+        let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+        f.verdict = FlowVerdict::Dropped;
+        f.drop_reason_desc = Some("DNS_CLIENT_WRITE_TIMEOUT".into());
+        f.policy = format!("the DNS client did not take an answer within {write_timeout:?}");
+        ctx.shared.flows.emit(&f);
+    }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// The client did not take a frame within the write timeout.
+struct WriteStalled;
+
+/// Writes queued frames to the client. On a stalled write it resets the
+/// connection and returns, dropping `rx`: the conn sees its sender closed and
+/// ends (its upstream and pending releases with it).
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(), WriteStalled> {
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = wr.write_all(&frame).await {
-            debug!(error = %e, "writing to the DNS client failed");
-            return;
+        match tokio::time::timeout(timeout, wr.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "writing to the DNS client failed");
+                return Ok(());
+            }
+            Err(_) => {
+                // Linger 0: the close is a reset, so the kernel does not keep
+                // retrying the unread data to a zero window either.
+                let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(Duration::ZERO));
+                return Err(WriteStalled);
+            }
         }
     }
     let _ = wr.shutdown().await;
+    Ok(())
 }
 
 enum Upstream {
@@ -94,6 +126,8 @@ impl Conn {
         let mut client_open = true;
         let mut last_activity = Instant::now();
         let mut draining = self.ctx.shared.draining();
+        // Closed when the writer gave up on the client (see `write_loop`).
+        let writer_gone = self.tx.clone();
         loop {
             let busy = !self.outstanding.is_empty() || !self.releases.is_empty();
             if !client_open && !busy {
@@ -142,6 +176,10 @@ impl Conn {
                     }
                 },
                 Ok(()) = draining.changed(), if !*draining.borrow() => {}
+                () = writer_gone.closed() => {
+                    debug!("DNS client writer gone; connection aborted");
+                    return;
+                }
                 Some(_) = self.releases.join_next(), if !self.releases.is_empty() => {
                     if self.releases.is_empty() {
                         self.chains.clear();
@@ -174,6 +212,9 @@ impl Conn {
         self.ctx.shared.flows.emit(&f);
     }
 
+    /// Queues a frame for the client; waits while the queue is full (at most
+    /// until the writer's deadline: a stalled writer drops the queue and this
+    /// fails at once).
     async fn send_client(&self, msg: &[u8]) {
         if let Ok(frame) = tcp_frame(msg) {
             let _ = self.tx.send(frame).await;

@@ -314,14 +314,84 @@ mod over_tcp {
     /// returns the client's end.
     async fn proxied(config: ProxyConfig, resolver: SocketAddr) -> TcpStream {
         let (ctx, _lines) = ctx(config);
+        proxied_shared(ctx.shared.clone(), resolver, None).await
+    }
+
+    /// [`proxied`] with the given `Shared`; `rcvbuf` sets the client's receive
+    /// buffer (small: a client that does not read stalls the proxy soon).
+    pub(super) async fn proxied_shared(
+        shared: Arc<Shared>,
+        resolver: SocketAddr,
+        rcvbuf: Option<u32>,
+    ) -> TcpStream {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(n) = rcvbuf {
+            sock.set_recv_buffer_size(n).unwrap();
+        }
+        let client = sock.connect(front.local_addr().unwrap()).await.unwrap();
         let (accepted, peer) = front.accept().await.unwrap();
-        let ctx = Arc::new(ConnContext::new(ctx.shared.clone(), peer, resolver));
+        let ctx = Arc::new(ConnContext::new(shared, peer, resolver));
         tokio::spawn(tcp::serve(ctx, accepted));
         client
+    }
+
+    /// A client that sends a zone-transfer query and never reads: once the
+    /// proxy cannot write an answer within `idle_timeout` it closes the client
+    /// and the resolver connection (before, the connection was held forever),
+    /// with a flow record naming the reason.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = resolver.local_addr().unwrap();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = resolver.accept().await.unwrap();
+            let mut f = TcpDnsFramer::default();
+            read_message(&mut s, &mut f).await.unwrap();
+            // Endless ~46 KB transfer messages until the proxy goes away.
+            let records: Vec<(&str, [u8; 4])> = vec![("example", [198, 51, 100, 1]); 2000];
+            let first = tcp_frame(&response(3, Some(("example", 252)), &records)).unwrap();
+            let next = tcp_frame(&response(3, None, &records)).unwrap();
+            let mut sent = 0usize;
+            let mut r = s.write_all(&first).await;
+            while r.is_ok() {
+                sent += next.len();
+                r = s.write_all(&next).await;
+            }
+            let _ = gone_tx.send(sent);
+        });
+        let cfg = ProxyConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let (ctx, lines) = ctx(cfg);
+        let mut client = proxied_shared(ctx.shared.clone(), addr, Some(4096)).await;
+        client
+            .write_all(&tcp_frame(&typed_query(3, "example", 252)).unwrap())
+            .await
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(20), gone_rx)
+            .await
+            .expect("the resolver connection was held open")
+            .unwrap();
+        assert!(sent > 0);
+        // The client's connection is reset (or ends) too.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("client connection still open"),
+            }
+        }
+        let flows = records(&ctx, &lines);
+        assert!(
+            flows
+                .iter()
+                .any(|f| f["drop_reason_desc"] == "DNS_CLIENT_WRITE_TIMEOUT"),
+            "{flows:?}"
+        );
     }
 
     /// Pipelined queries answered out of order by the resolver come back matched
