@@ -108,6 +108,21 @@ struct Conn {
     chains: HashMap<u16, oneshot::Receiver<()>>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Loop turns of the conns run on this thread (a test counts them: a conn
+    /// must not spin).
+    pub(crate) static LOOP_TURNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads from the upstream if there is one (never resolves otherwise).
 async fn read_upstream(up: &mut Upstream, buf: &mut [u8]) -> io::Result<usize> {
     match up {
@@ -140,10 +155,16 @@ impl Conn {
                 debug!("handed over; DNS connection closed between queries");
                 return;
             }
-            let wake = self
-                .outstanding
-                .next_deadline()
-                .unwrap_or(last_activity + idle);
+            #[cfg(test)]
+            LOOP_TURNS.with(|c| c.set(c.get() + 1));
+            let wake = match self.outstanding.next_deadline() {
+                Some(deadline) => Some(deadline),
+                // Only releases pending: they end by themselves (learn timeout,
+                // writer deadline) and `join_next` wakes the loop; the idle
+                // deadline may be past by then and would fire at once, a spin.
+                None if busy => None,
+                None => Some(last_activity + idle),
+            };
             tokio::select! {
                 r = client_rd.read(&mut from_client), if client_open => match r {
                     Ok(0) => {
@@ -185,7 +206,7 @@ impl Conn {
                         self.chains.clear();
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
+                () = sleep_until(wake) => {
                     let now = Instant::now();
                     let why = super::upstream_timeout_reason(self.ctx.shared.config.dns_upstream_timeout);
                     for p in self.outstanding.expire(now) {

@@ -296,7 +296,10 @@ mod over_tcp {
 
     use super::*;
 
-    async fn read_message(s: &mut TcpStream, framer: &mut TcpDnsFramer) -> Option<Vec<u8>> {
+    pub(super) async fn read_message(
+        s: &mut TcpStream,
+        framer: &mut TcpDnsFramer,
+    ) -> Option<Vec<u8>> {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(m) = framer.next_message().unwrap() {
@@ -537,14 +540,21 @@ spec:
 ";
 
     fn shared_with(reply: Option<Result<(), LearnError>>) -> (Arc<Shared>, Arc<Learner>) {
-        let policies = weir_policy::parse_policies(FQDN_POLICY, "p.yaml").unwrap();
-        let policy = Arc::new(
-            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
-        );
         let config = ProxyConfig {
             dns_learn_timeout: Duration::from_millis(50),
             ..ProxyConfig::default()
         };
+        shared_with_config(reply, config)
+    }
+
+    fn shared_with_config(
+        reply: Option<Result<(), LearnError>>,
+        config: ProxyConfig,
+    ) -> (Arc<Shared>, Arc<Learner>) {
+        let policies = weir_policy::parse_policies(FQDN_POLICY, "p.yaml").unwrap();
+        let policy = Arc::new(
+            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
+        );
         let shared = Shared::new(policy, FlowSink::new(Box::new(std::io::sink())), config);
         let learner = Arc::new(Learner {
             reply,
@@ -561,6 +571,70 @@ spec:
             addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
             policy: shared.policy.load_full(),
         }
+    }
+
+    /// A resolver on loopback that answers every query at once with one A
+    /// record for its question's name (`selected.example` or another).
+    async fn answering_resolver() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut f = TcpDnsFramer::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                while let Some(q) = f.next_message().unwrap() {
+                    let mut a = q.clone();
+                    a[2] |= 0x80; // QR
+                    a[7] = 1; // ANCOUNT
+                    a.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 192, 0, 2, 1]);
+                    if s.write_all(&tcp_frame(&a).unwrap()).await.is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => f.push(&buf[..n]),
+                }
+            }
+        });
+        addr
+    }
+
+    /// A conn whose only pending work is a release waiting for the learner does
+    /// not spin (its idle deadline is past: before, `sleep_until` fired at once
+    /// on every turn of the loop).
+    #[tokio::test]
+    async fn a_waiting_release_does_not_spin_the_conn() {
+        use tokio::io::AsyncWriteExt;
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let config = ProxyConfig {
+            idle_timeout: Duration::from_millis(20),
+            dns_learn_timeout: Duration::from_millis(600),
+            ..ProxyConfig::default()
+        };
+        let (shared, learner) = shared_with_config(None, config);
+        let resolver = answering_resolver().await;
+        let mut client = super::over_tcp::proxied_shared(shared, resolver, None).await;
+        client
+            .write_all(&tcp_frame(&query(1, "selected.example")).unwrap())
+            .await
+            .unwrap();
+        // The answer is parked on the learner; the idle deadline passes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(learner.held.lock().unwrap().len(), 1, "answer not parked");
+        let before = tcp::LOOP_TURNS.with(|c| c.get());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let turns = tcp::LOOP_TURNS.with(|c| c.get()) - before;
+        assert!(turns < 20, "{turns} loop turns while waiting");
+        // The release then fails closed: SERVFAIL.
+        let mut f = TcpDnsFramer::default();
+        let m = super::over_tcp::read_message(&mut client, &mut f)
+            .await
+            .unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (1, 2));
     }
 
     /// A selected name's answer waits for the learner and is released only on
