@@ -163,9 +163,16 @@ impl Outstanding {
         self.items.len()
     }
 
-    /// Whether another query may be added.
-    pub fn has_room(&self) -> bool {
-        self.items.len() < self.max
+    /// Whether another query may be added, `parked` answers (taken from here,
+    /// waiting for the learner or the client's queue) counting too: they hold
+    /// memory until released.
+    pub fn has_room(&self, parked: usize) -> bool {
+        self.items.len().saturating_add(parked) < self.max
+    }
+
+    /// The cap on outstanding queries (and parked answers).
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// Adds a forwarded query (callers check [`Outstanding::has_room`] first;

@@ -141,8 +141,9 @@ impl Conn {
         let mut client_open = true;
         let mut last_activity = Instant::now();
         let mut draining = self.ctx.shared.draining();
-        // Closed when the writer gave up on the client (see `write_loop`).
-        let writer_gone = self.tx.clone();
+        // Closed when the writer gave up on the client (see `write_loop`); its
+        // free slots say when reading the client may go on.
+        let queue = self.tx.clone();
         loop {
             let busy = !self.outstanding.is_empty() || !self.releases.is_empty();
             if !client_open && !busy {
@@ -165,8 +166,14 @@ impl Conn {
                 None if busy => None,
                 None => Some(last_activity + idle),
             };
+            // Backpressure: no reading from the client while its answers queue
+            // is full, nor from the resolver while `dns_max_outstanding`
+            // answers are parked (both resume as those drain, which wakes the
+            // loop through `reserve` / `join_next`).
+            let queue_full = queue.capacity() == 0;
+            let releases_full = self.releases.len() >= self.outstanding.max();
             tokio::select! {
-                r = client_rd.read(&mut from_client), if client_open => match r {
+                r = client_rd.read(&mut from_client), if client_open && !queue_full => match r {
                     Ok(0) => {
                         if framer.buffered() > 0 {
                             debug!("DNS client closed mid-message");
@@ -186,7 +193,7 @@ impl Conn {
                         client_open = false;
                     }
                 },
-                r = read_upstream(&mut self.upstream, &mut from_server) => match r {
+                r = read_upstream(&mut self.upstream, &mut from_server), if !releases_full => match r {
                     Ok(0) | Err(_) => self.upstream_gone("the resolver closed the connection").await,
                     Ok(n) => {
                         last_activity = Instant::now();
@@ -197,7 +204,8 @@ impl Conn {
                     }
                 },
                 Ok(()) = draining.changed(), if !*draining.borrow() => {}
-                () = writer_gone.closed() => {
+                Ok(_slot) = queue.reserve(), if queue_full => {}
+                () = queue.closed() => {
                     debug!("DNS client writer gone; connection aborted");
                     return;
                 }
@@ -250,7 +258,11 @@ impl Conn {
 
     async fn client_messages(&mut self, framer: &mut TcpDnsFramer) -> Result<(), FrameError> {
         while let Some(msg) = framer.next_message()? {
-            match super::decide_query(&self.ctx, &msg, self.outstanding.has_room()) {
+            match super::decide_query(
+                &self.ctx,
+                &msg,
+                self.outstanding.has_room(self.releases.len()),
+            ) {
                 QueryAction::Reply(r) => self.send_client(&r).await,
                 QueryAction::Drop => {}
                 QueryAction::Forward(p) => self.forward(p, &msg).await,

@@ -193,9 +193,9 @@ fn outstanding_queries_are_capped_and_time_out() {
     let mut o = Outstanding::new(2);
     o.add(forward(&ctx, &query(1, "a.example")));
     o.add(forward(&ctx, &query(2, "b.example")));
-    assert!(!o.has_room());
+    assert!(!o.has_room(0));
     // Beyond the cap: SERVFAIL at once, nothing forwarded.
-    match decide_query(&ctx, &query(3, "c.example"), o.has_room()) {
+    match decide_query(&ctx, &query(3, "c.example"), o.has_room(0)) {
         QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 2),
         _ => panic!("not answered SERVFAIL"),
     }
@@ -635,6 +635,44 @@ spec:
             .await
             .unwrap();
         assert_eq!((m[1], m[3] & 0x0f), (1, 2));
+    }
+
+    /// Answers parked on the learner count toward `dns_max_outstanding`: with
+    /// two parked, a third query is answered SERVFAIL at once (before, the
+    /// query was forwarded — it had left the outstanding table — and parked
+    /// answers grew without limit).
+    #[tokio::test]
+    async fn parked_answers_count_toward_the_outstanding_cap() {
+        use tokio::io::AsyncWriteExt;
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let config = ProxyConfig {
+            dns_learn_timeout: Duration::from_secs(3),
+            dns_max_outstanding: 2,
+            ..ProxyConfig::default()
+        };
+        let (shared, learner) = shared_with_config(None, config);
+        let resolver = answering_resolver().await;
+        let mut client = super::over_tcp::proxied_shared(shared, resolver, None).await;
+        for id in 1..=2 {
+            client
+                .write_all(&tcp_frame(&query(id, "selected.example")).unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(learner.held.lock().unwrap().len(), 2, "answers not parked");
+        let started = Instant::now();
+        client
+            .write_all(&tcp_frame(&query(3, "selected.example")).unwrap())
+            .await
+            .unwrap();
+        let mut f = TcpDnsFramer::default();
+        let m = super::over_tcp::read_message(&mut client, &mut f)
+            .await
+            .unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (3, 2), "SERVFAIL for the third");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(learner.held.lock().unwrap().len(), 2, "third not forwarded");
     }
 
     /// A selected name's answer waits for the learner and is released only on
