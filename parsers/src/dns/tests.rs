@@ -300,6 +300,29 @@ fn servfail_and_no_edns() {
     assert_eq!(m.queries[0].query_type(), RecordType::MX);
 }
 
+/// SERVFAIL built from a query's facts is the SERVFAIL built from its bytes
+/// (the proxy keeps only the facts of an outstanding query); a padded query's
+/// padding is not needed for it.
+#[test]
+fn servfail_from_facts_equals_servfail_from_bytes() {
+    let mut padded = query_msg(0xbeef, "MiXeD.example.", RecordType::AAAA);
+    let mut e = Edns::new();
+    e.set_dnssec_ok(true);
+    e.options_mut()
+        .insert(EdnsOption::Unknown(12, vec![0; 8000]));
+    padded.set_edns(e);
+    let mut plain = query_msg(77, "example.com.", RecordType::MX);
+    plain.metadata.recursion_desired = false;
+    plain.metadata.checking_disabled = true;
+    for q in [padded, plain] {
+        let raw = bytes(&q);
+        let f = inspect_query(&raw).expect("valid");
+        let resp = servfail_for(&f);
+        assert_eq!(Some(resp.clone()), servfail(&raw));
+        assert!(resp.len() < 100, "{} bytes", resp.len());
+    }
+}
+
 #[test]
 fn deny_rcode_parses() {
     assert_eq!(DenyRcode::from_str("NXDOMAIN"), Ok(DenyRcode::NxDomain));
@@ -729,6 +752,7 @@ proptest! {
         let _ = formerr(&data);
         if let Ok(f) = &q {
             let _ = inspect_answer(&data, f);
+            prop_assert_eq!(Some(servfail_for(f)), servfail(&data));
         }
         let f = inspect_query(&bytes(&query_msg(
             u16::from_be_bytes([data.first().copied().unwrap_or(0), data.get(1).copied().unwrap_or(0)]),

@@ -36,10 +36,13 @@ pub(crate) enum QueryAction {
 }
 
 /// A query forwarded to the resolver and not yet (fully) answered.
+///
+/// It keeps the query's facts, not its bytes: a query over TCP may be up to
+/// 64 KiB (EDNS padding, additional records), and the SERVFAIL weir answers in
+/// the resolver's place needs only the ID, flags, question and OPT's DO bit
+/// ([`dns::servfail_for`]). About 1 KiB per query at most (an escaped name).
 pub(crate) struct Pending {
     pub facts: QueryFacts,
-    /// The query's bytes (for the SERVFAIL weir answers if the resolver does not).
-    pub query: Vec<u8>,
     pub decision: Decision,
     pub verdict: Verdict,
     pub sent: Instant,
@@ -49,6 +52,14 @@ pub(crate) struct Pending {
     /// A zone transfer that has had at least one answer message (it stays until
     /// its deadline: more messages may follow).
     pub answered: bool,
+}
+
+impl Pending {
+    /// The heap bytes this query keeps (a test bounds them).
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.facts.name.capacity() + self.facts.question_wire.capacity()
+    }
 }
 
 /// Inspects and decides one client message under the current policy, and
@@ -111,7 +122,6 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     let now = Instant::now();
     QueryAction::Forward(Pending {
         facts,
-        query: msg.to_vec(),
         decision: d,
         verdict,
         sent: now,
@@ -224,7 +234,6 @@ impl Outstanding {
                 p.deadline = Instant::now() + p.timeout;
                 let copy = Pending {
                     facts: p.facts.clone(),
-                    query: Vec::new(),
                     decision: p.decision.clone(),
                     verdict: p.verdict.clone(),
                     sent: p.sent,
@@ -364,11 +373,11 @@ pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
     f
 }
 
-/// SERVFAIL for `p`, with its flow record; `None` when nothing can be answered.
+/// SERVFAIL for `p`, with its flow record.
 pub(crate) fn servfail(ctx: &ConnContext, p: &Pending, why: &str) -> Option<Vec<u8>> {
     tracing::debug!(name = %p.facts.name, why, "DNS query answered SERVFAIL");
     ctx.shared.flows.emit(&servfail_flow(ctx, p, why));
-    dns::servfail(&p.query)
+    Some(dns::servfail_for(&p.facts))
 }
 
 /// How long a query may wait for its answer, for log messages.

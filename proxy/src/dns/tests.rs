@@ -212,6 +212,28 @@ fn outstanding_queries_are_capped_and_time_out() {
         && f["l7"]["dns"]["query"] == "c.example."));
 }
 
+/// An outstanding query keeps its facts, not its bytes: a query padded to
+/// 16 KiB (EDNS padding) costs well under 1 KiB while it waits, and its
+/// SERVFAIL still carries the ID, question and OPT.
+#[test]
+fn outstanding_queries_do_not_keep_the_query_bytes() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let mut q = query(21, "a.example");
+    q[11] = 1; // ARCOUNT: OPT
+    let pad = 16 * 1024;
+    q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0]); // OPT, 4096, DO
+    q.extend_from_slice(&(pad as u16 + 4).to_be_bytes());
+    q.extend_from_slice(&[0, 12]); // padding (RFC 7830)
+    q.extend_from_slice(&(pad as u16).to_be_bytes());
+    q.resize(q.len() + pad, 0);
+    let p = forward(&ctx, &q);
+    assert!(p.heap_bytes() < 1024, "{} bytes kept", p.heap_bytes());
+    let r = servfail(&ctx, &p, "test").unwrap();
+    assert_eq!(&r[..2], &21u16.to_be_bytes());
+    assert_eq!((r[3] & 0x0f, r[11]), (2, 1), "SERVFAIL with OPT");
+    assert_eq!(r.len(), 12 + qname("a.example").len() + 4 + 11);
+}
+
 #[test]
 fn rejected_queries_are_answered_as_the_parser_says_with_a_record() {
     let (ctx, lines) = ctx(ProxyConfig::default());
