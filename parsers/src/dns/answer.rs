@@ -167,25 +167,33 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
     Ok(facts)
 }
 
+/// Whether the message's first question is `question_wire` (a query's
+/// question as sent): the name compared case-insensitively (a resolver may not
+/// keep 0x20 case), the type and class bytes exactly. Reads only those bytes:
+/// the proxy picks the query an answer belongs to with it before decoding the
+/// answer once. Label length bytes are <= 63, below any ASCII letter, so
+/// folding case cannot make two lengths equal; the name's terminating zero is
+/// compared, so a longer name never matches.
+pub fn question_matches(bytes: &[u8], question_wire: &[u8]) -> bool {
+    let name_len = question_wire.len().saturating_sub(4);
+    let got = HEADER_LEN
+        .checked_add(question_wire.len())
+        .and_then(|end| bytes.get(HEADER_LEN..end));
+    got.is_some_and(|g| {
+        g.get(..name_len)
+            .zip(question_wire.get(..name_len))
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+            && g.get(name_len..) == question_wire.get(name_len..)
+    })
+}
+
 fn truncated_answer(
     bytes: &[u8],
     h: &RawHeader,
     query: &QueryFacts,
 ) -> Result<AnswerFacts, AnswerReject> {
     if h.qdcount == 1 {
-        // Names compare case-insensitively (a resolver may not keep 0x20 case);
-        // the type and class bytes exactly. Label length bytes are <= 63, below
-        // any ASCII letter, so folding case cannot make two lengths equal.
-        let want = &query.question_wire;
-        let name_len = want.len().saturating_sub(4);
-        let got = bytes.get(HEADER_LEN..HEADER_LEN + want.len());
-        let same = got.is_some_and(|g| {
-            g.get(..name_len)
-                .zip(want.get(..name_len))
-                .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
-                && g.get(name_len..) == want.get(name_len..)
-        });
-        if !same {
+        if !question_matches(bytes, &query.question_wire) {
             return Err(AnswerReject::QuestionMismatch(
                 "truncated answer's question differs".into(),
             ));

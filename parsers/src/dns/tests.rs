@@ -517,6 +517,25 @@ fn answer_question_case_may_differ() {
 }
 
 #[test]
+fn question_bytes_match_case_insensitively_type_and_class_exactly() {
+    let f = facts(&query_msg(12, "WwW.Example.", RecordType::A));
+    let same = bytes(&response_to(&query_msg(12, "www.EXAMPLE.", RecordType::A)));
+    assert!(question_matches(&same, &f.question_wire));
+    for other in [
+        query_msg(12, "www.example.com.", RecordType::A),
+        query_msg(12, "www.exampla.", RecordType::A),
+        query_msg(12, "www.example.", RecordType::AAAA),
+    ] {
+        assert!(!question_matches(
+            &bytes(&response_to(&other)),
+            &f.question_wire
+        ));
+    }
+    assert!(!question_matches(&same[..same.len() - 1], &f.question_wire));
+    assert!(!question_matches(&[], &f.question_wire));
+}
+
+#[test]
 fn truncated_answer_reports_tc_and_learns_nothing() {
     let q = query_msg(13, "big.example.", RecordType::TXT);
     let f = facts(&q);

@@ -208,45 +208,63 @@ impl Outstanding {
     /// answer with the right ID for another question is someone else's, or a
     /// forgery, and is dropped). A zone transfer stays outstanding for the
     /// messages that follow.
+    ///
+    /// The query is picked by the answer's header and question bytes alone,
+    /// then the answer is decoded once (many queries may share an ID: decoding
+    /// per candidate would cost up to `dns_max_outstanding` decodes).
     pub fn take_answer(&mut self, msg: &[u8]) -> AnswerMatch {
         let Some(h) = RawHeader::read(msg) else {
             return AnswerMatch::Unmatched;
         };
-        for i in 0..self.items.len() {
-            let p = &self.items[i];
-            if p.facts.id != h.id {
-                continue;
-            }
-            let r = dns::inspect_answer(msg, &p.facts);
-            if matches!(
-                r,
-                Err(AnswerReject::IdMismatch { .. }
-                    | AnswerReject::QuestionMismatch(_)
-                    | AnswerReject::NotAResponse)
-            ) {
-                continue;
-            }
-            if p.facts.is_zone_transfer() && r.is_ok() {
-                let p = &mut self.items[i];
-                p.answered = true;
-                // The timeout applies between a transfer's messages, not to the
-                // whole transfer.
-                p.deadline = Instant::now() + p.timeout;
-                let copy = Pending {
-                    facts: p.facts.clone(),
-                    decision: p.decision.clone(),
-                    verdict: p.verdict.clone(),
-                    sent: p.sent,
-                    deadline: p.deadline,
-                    timeout: p.timeout,
-                    answered: true,
-                };
-                return AnswerMatch::Matched(Box::new(copy), r);
-            }
-            let p = self.items.swap_remove(i);
-            return AnswerMatch::Matched(Box::new(p), r);
+        if !h.qr {
+            return AnswerMatch::Unmatched;
         }
-        AnswerMatch::Unmatched
+        let same_id = |p: &&Pending| p.facts.id == h.id;
+        let pick = match h.qdcount {
+            1 => self
+                .items
+                .iter()
+                .position(|p| same_id(&p) && dns::question_matches(msg, &p.facts.question_wire)),
+            // No question: a zone transfer's continuation, or an error answer
+            // (header only) to any query with this ID; `inspect_answer` decides.
+            0 => self
+                .items
+                .iter()
+                .position(|p| same_id(&p) && p.facts.is_zone_transfer())
+                .or_else(|| self.items.iter().position(|p| same_id(&p))),
+            _ => None,
+        };
+        let Some(i) = pick else {
+            return AnswerMatch::Unmatched;
+        };
+        let r = inspect_answer(msg, &self.items[i].facts);
+        if matches!(
+            r,
+            Err(AnswerReject::IdMismatch { .. }
+                | AnswerReject::QuestionMismatch(_)
+                | AnswerReject::NotAResponse)
+        ) {
+            return AnswerMatch::Unmatched;
+        }
+        let p = &mut self.items[i];
+        if p.facts.is_zone_transfer() && r.is_ok() {
+            p.answered = true;
+            // The timeout applies between a transfer's messages, not to the
+            // whole transfer.
+            p.deadline = Instant::now() + p.timeout;
+            let copy = Pending {
+                facts: p.facts.clone(),
+                decision: p.decision.clone(),
+                verdict: p.verdict.clone(),
+                sent: p.sent,
+                deadline: p.deadline,
+                timeout: p.timeout,
+                answered: true,
+            };
+            return AnswerMatch::Matched(Box::new(copy), r);
+        }
+        let p = self.items.swap_remove(i);
+        AnswerMatch::Matched(Box::new(p), r)
     }
 
     /// The earliest deadline of an outstanding query.
@@ -273,6 +291,18 @@ impl Outstanding {
     pub fn drain(&mut self) -> Vec<Pending> {
         std::mem::take(&mut self.items)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Answers decoded on this thread (a test counts them).
+    pub(crate) static ANSWER_DECODES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn inspect_answer(msg: &[u8], facts: &QueryFacts) -> Result<AnswerFacts, AnswerReject> {
+    #[cfg(test)]
+    ANSWER_DECODES.with(|c| c.set(c.get() + 1));
+    dns::inspect_answer(msg, facts)
 }
 
 /// The request to learn an answer's addresses, or `None` when it has none.

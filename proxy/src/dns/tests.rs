@@ -156,6 +156,34 @@ fn answers_match_their_query_by_id_and_question() {
     assert_eq!(resp["l7"]["dns"]["query"], "b.example.");
 }
 
+/// With many outstanding queries sharing an ID, an answer is decoded once:
+/// the query is picked by its question bytes first (before, the answer was
+/// decoded once per query with that ID, up to `dns_max_outstanding` times).
+#[test]
+fn an_answer_is_decoded_once_whatever_shares_its_id() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(100);
+    for n in 0..100 {
+        o.add(forward(&ctx, &query(9, &format!("n{n}.example"))));
+    }
+    let before = ANSWER_DECODES.with(|c| c.get());
+    match o.take_answer(&answer(9, "N99.Example", &[[192, 0, 2, 99]])) {
+        AnswerMatch::Matched(p, Ok(a)) => {
+            assert_eq!(p.facts.name, "n99.example.");
+            assert_eq!(a.addresses.len(), 1);
+        }
+        _ => panic!("not matched"),
+    }
+    assert_eq!(ANSWER_DECODES.with(|c| c.get()) - before, 1);
+    // Another question with that ID: nothing decoded, dropped.
+    assert!(matches!(
+        o.take_answer(&answer(9, "other.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    assert_eq!(ANSWER_DECODES.with(|c| c.get()) - before, 1);
+    assert_eq!(o.len(), 99);
+}
+
 #[test]
 fn a_malformed_answer_is_matched_and_answered_servfail() {
     let (ctx, lines) = ctx(ProxyConfig::default());
