@@ -320,8 +320,11 @@ pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest
 /// Hands `req` to the learner. When a `toFQDNs` selector selects one of its
 /// names, the answer must wait for the learner's reply (see [`wait_for`]);
 /// otherwise the request only feeds the learner and the answer goes at once.
+/// Selected means under the policy the query was decided by or the one in
+/// force now: a policy installed while the query was out may add the selector,
+/// and the answer must not reach the client before the datapath allows it.
 pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Option<LearnReply> {
-    let wait = req.selected();
+    let wait = req.selected() || req.selected_by(&shared.policy.load());
     let reply = shared.fqdn_learner().learn(req, wait);
     wait.then_some(reply)
 }

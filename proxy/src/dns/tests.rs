@@ -725,6 +725,20 @@ spec:
         assert_eq!(learner.held.lock().unwrap().len(), 2, "third not forwarded");
     }
 
+    /// A name that only the policy in force now selects (the query was decided
+    /// under one without the selector) still waits for the learner.
+    #[tokio::test]
+    async fn a_name_selected_by_the_current_policy_waits() {
+        let (shared, learner) = shared_with(Some(Ok(())));
+        let old =
+            Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
+        let mut r = req(&shared, "selected.example.");
+        r.policy = old;
+        assert!(!r.selected());
+        assert_eq!(learn_gate(&shared, r).await, Ok(()));
+        assert_eq!(*learner.waits.lock().unwrap(), [true]);
+    }
+
     /// A selected name's answer waits for the learner and is released only on
     /// its success; an error or no reply within `dns_learn_timeout` keeps it
     /// back. Other names only feed the learner.
