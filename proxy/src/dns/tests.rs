@@ -799,3 +799,34 @@ fn zone_transfers_stay_outstanding_between_messages() {
     let expired = o.expire(Instant::now());
     assert!(expired.len() == 1 && expired[0].answered);
 }
+
+/// Every message of a zone transfer can be failed with SERVFAIL (a learn that
+/// fails, an unusable message): the copy handed out per message keeps the
+/// query's facts. Before, it kept no query bytes, SERVFAIL came out `None`
+/// and the client got nothing. A non-NOERROR message ends the transfer as
+/// failed on the client's side (RFC 5936 §2.2).
+#[test]
+fn every_zone_transfer_message_can_be_answered_servfail() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(4);
+    o.add(forward(&ctx, &typed_query(3, "example", 252)));
+    for m in [
+        response(3, Some(("example", 252)), &[("example", [198, 51, 100, 1])]),
+        response(3, None, &[("example", [198, 51, 100, 2])]),
+    ] {
+        let AnswerMatch::Matched(p, Ok(_)) = o.take_answer(&m) else {
+            panic!("transfer message not matched");
+        };
+        let r = servfail(&ctx, &p, "the learner failed").expect("a SERVFAIL");
+        assert_eq!(&r[..2], &3u16.to_be_bytes());
+        assert_eq!((r[3] & 0x0f, r[5]), (2, 1), "SERVFAIL with the question");
+    }
+    let flows = records(&ctx, &lines);
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|f| f["l7"]["dns"]["rcode"] == 2 && f["l7"]["type"] == "RESPONSE")
+            .count(),
+        2
+    );
+}
