@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use hickory_proto::op::Message;
-use hickory_proto::rr::{DNSClass, Name, RData};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use thiserror::Error;
 
 use super::{
@@ -159,7 +159,15 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
             facts.rrtypes.push(t);
         }
     }
-    if h.tc {
+    // Learn nothing from: a truncated answer (the client retries over TCP); an
+    // error answer (an NXDOMAIN's or SERVFAIL's records are not the name's
+    // addresses); an answer whose question differs from the query's in case
+    // (the resolver did not keep the 0x20 case the client sent, which is what
+    // a spoofed answer looks like; the client decides whether to accept it).
+    let exact_question = bytes
+        .get(HEADER_LEN..)
+        .is_some_and(|b| b.starts_with(&query.question_wire));
+    if h.tc || rc != rcode::NOERROR || (!msg.queries.is_empty() && !exact_question) {
         facts.ignored_records = msg.answers.len();
         return Ok(facts);
     }
@@ -309,13 +317,18 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
         current = target;
     }
     let chain_ttl = min_ttl;
+    // Only the address type asked for (both for ANY): an A record in a AAAA
+    // answer is not what the client will use, and need not be allowed.
+    let qtype = RecordType::from(query.qtype);
+    let want_a = matches!(qtype, RecordType::A | RecordType::ANY);
+    let want_aaaa = matches!(qtype, RecordType::AAAA | RecordType::ANY);
     for (i, r) in msg.answers.iter().enumerate() {
         if r.dns_class != class || r.name != current {
             continue;
         }
         let ip = match &r.data {
-            RData::A(a) => IpAddr::V4(a.0),
-            RData::AAAA(a) => IpAddr::V6(a.0),
+            RData::A(a) if want_a => IpAddr::V4(a.0),
+            RData::AAAA(a) if want_aaaa => IpAddr::V6(a.0),
             _ => continue,
         };
         if let Some(u) = used.get_mut(i) {

@@ -507,13 +507,74 @@ fn id_question_and_qr_mismatches() {
     );
 }
 
+/// An answer whose question differs from the query's only in case is the
+/// query's answer (forwarded: the client judges its 0x20 check), but weir
+/// learns nothing from it: a resolver that drops the case the client sent is
+/// what a spoofed answer looks like.
 #[test]
-fn answer_question_case_may_differ() {
+fn answer_question_case_may_differ_but_then_nothing_is_learned() {
     let q = query_msg(12, "WwW.Example.", RecordType::A);
     let mut r = response_to(&query_msg(12, "www.example.", RecordType::A));
     r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
     let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("case-insensitive");
+    assert!(ans.addresses.is_empty());
+    assert_eq!(ans.ignored_records, 1);
+    // The same case as sent: learned.
+    let mut r = response_to(&q);
+    r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
+    let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("exact");
     assert_eq!(ans.addresses.len(), 1);
+}
+
+/// Only a NOERROR answer's addresses are learned.
+#[test]
+fn error_answers_learn_nothing() {
+    let q = query_msg(16, "a.example.", RecordType::A);
+    for rc in [
+        ResponseCode::NXDomain,
+        ResponseCode::ServFail,
+        ResponseCode::Refused,
+    ] {
+        let mut r = response_to(&q);
+        r.metadata.response_code = rc;
+        r.add_answer(a("a.example.", 60, [192, 0, 2, 1]));
+        let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("valid");
+        assert_eq!(ans.rcode, u16::from(rc));
+        assert!(ans.addresses.is_empty(), "{rc:?}");
+    }
+}
+
+/// A records are learned for qtype A, AAAA for AAAA, both for ANY; nothing
+/// for other types.
+#[test]
+fn only_the_address_type_asked_for_is_learned() {
+    let v6 = Record::from_rdata(
+        name("a.example."),
+        60,
+        RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
+    );
+    for (qtype, want) in [
+        (RecordType::A, vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]),
+        (RecordType::AAAA, vec![IpAddr::V6(Ipv6Addr::LOCALHOST)]),
+        (
+            RecordType::ANY,
+            vec![
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ],
+        ),
+        (RecordType::MX, vec![]),
+        (RecordType::AXFR, vec![]),
+    ] {
+        let q = query_msg(17, "a.example.", qtype);
+        let mut r = response_to(&q);
+        r.add_answer(a("a.example.", 60, [192, 0, 2, 1]));
+        r.add_answer(v6.clone());
+        let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("valid");
+        let got: Vec<IpAddr> = ans.addresses.iter().map(|x| x.ip).collect();
+        assert_eq!(got, want, "{qtype:?}");
+        assert_eq!(ans.ignored_records, 2 - want.len(), "{qtype:?}");
+    }
 }
 
 #[test]
@@ -832,6 +893,8 @@ proptest! {
         }
         let ans = inspect_answer(&bytes(&r), &f).expect("answer inspects");
         let mut want: Vec<IpAddr> = Vec::new();
+        // A records are learned for qtype A only
+        let ips = if qtype == RecordType::A { ips } else { Vec::new() };
         for ip in &ips {
             let ip = IpAddr::V4(Ipv4Addr::from(*ip));
             if !want.contains(&ip) { want.push(ip); }

@@ -170,7 +170,8 @@ fn an_answer_is_decoded_once_whatever_shares_its_id() {
     match o.take_answer(&answer(9, "N99.Example", &[[192, 0, 2, 99]])) {
         AnswerMatch::Matched(p, Ok(a)) => {
             assert_eq!(p.facts.name, "n99.example.");
-            assert_eq!(a.addresses.len(), 1);
+            // Matched case-insensitively; nothing learned from a case mismatch.
+            assert!(a.addresses.is_empty());
         }
         _ => panic!("not matched"),
     }
