@@ -140,6 +140,10 @@ impl Conn {
         let mut from_server = vec![0u8; 16 * 1024];
         let mut client_open = true;
         let mut last_activity = Instant::now();
+        // When the first byte of the message being framed arrived: a message
+        // must be complete within `idle` of it, however slowly its bytes trickle
+        // in (each byte would otherwise renew `last_activity`: slowloris).
+        let mut frame_started: Option<Instant> = None;
         let mut draining = self.ctx.shared.draining();
         // Closed when the writer gave up on the client (see `write_loop`); its
         // free slots say when reading the client may go on.
@@ -166,6 +170,11 @@ impl Conn {
                 None if busy => None,
                 None => Some(last_activity + idle),
             };
+            let frame_deadline = frame_started.filter(|_| client_open).map(|t| t + idle);
+            let wake = match (wake, frame_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             // Backpressure: no reading from the client while its answers queue
             // is full, nor from the resolver while `dns_max_outstanding`
             // answers are parked (both resume as those drain, which wakes the
@@ -182,10 +191,19 @@ impl Conn {
                     }
                     Ok(n) => {
                         last_activity = Instant::now();
+                        let before = framer.buffered();
                         framer.push(&from_client[..n]);
                         if let Err(e) = self.client_messages(&mut framer).await {
                             self.framing_failed(&e, "client");
                             return;
+                        }
+                        let left = framer.buffered();
+                        if left == 0 {
+                            frame_started = None;
+                        } else if frame_started.is_none() || left < before + n {
+                            // A message completed: the bytes left began one
+                            // in this read.
+                            frame_started = Some(last_activity);
                         }
                     }
                     Err(e) => {
@@ -222,6 +240,10 @@ impl Conn {
                             self.answer_servfail(&p, &why).await;
                         }
                     }
+                    if frame_deadline.is_some_and(|d| d <= now) {
+                        self.frame_timed_out(idle);
+                        return;
+                    }
                     if !busy && last_activity + idle <= now {
                         debug!("DNS connection idle; closed");
                         return;
@@ -229,6 +251,19 @@ impl Conn {
                 }
             }
         }
+    }
+
+    fn frame_timed_out(&self, limit: Duration) {
+        info!(
+            ?limit,
+            "DNS over TCP: client message not complete in time; closing"
+        );
+        let d = self.ctx.decide();
+        let mut f = self.ctx.flow(&d, &d.verdict.l4_verdict());
+        f.verdict = FlowVerdict::Dropped;
+        f.drop_reason_desc = Some("DNS_FRAME_TIMEOUT".into());
+        f.policy = format!("a DNS message from the client took longer than {limit:?} to arrive");
+        self.ctx.shared.flows.emit(&f);
     }
 
     fn framing_failed(&self, e: &FrameError, from: &str) {

@@ -533,6 +533,47 @@ mod over_tcp {
         assert!(read_message(&mut client, &mut f).await.is_none(), "closed");
     }
 
+    /// A client that sends a message a byte at a time, each byte within
+    /// `idle_timeout` of the last, is closed once the message has not
+    /// completed within `idle_timeout` of its first byte (before, each byte
+    /// renewed the idle timer and the connection was held for as long as the
+    /// client liked).
+    #[tokio::test]
+    async fn a_message_trickled_in_is_cut_off() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = ProxyConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let (ctx, lines) = ctx(cfg);
+        let client = proxied_shared(ctx.shared.clone(), resolver.local_addr().unwrap(), None).await;
+        let (mut rd, mut wr) = client.into_split();
+        let frame = tcp_frame(&query(8, "a.example")).unwrap();
+        tokio::spawn(async move {
+            for b in frame {
+                if wr.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(2), rd.read(&mut [0u8; 64])).await;
+        assert!(
+            matches!(r, Ok(Ok(0) | Err(_))),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        let flows = records(&ctx, &lines);
+        assert!(
+            flows
+                .iter()
+                .any(|f| f["drop_reason_desc"] == "DNS_FRAME_TIMEOUT"),
+            "{flows:?}"
+        );
+    }
+
     /// Nothing listens upstream: the query gets SERVFAIL at once.
     #[tokio::test]
     async fn failed_upstream_connect_answers_servfail() {
