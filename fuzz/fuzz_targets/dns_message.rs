@@ -7,8 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use weir_parsers::dns::{
-    DenyRcode, MAX_CNAME_CHAIN, TcpDnsFramer, formerr, inspect_answer, inspect_query, rcode,
-    refused, servfail,
+    DenyRcode, MAX_CNAME_CHAIN, TcpDnsFramer, formerr, inspect_answer, inspect_query,
+    question_matches, rcode, refused, servfail, servfail_for,
 };
 
 fn fixed_query(id: u16) -> Vec<u8> {
@@ -39,6 +39,9 @@ fuzz_target!(|data: &[u8]| {
             let sf = servfail(query).expect("query has a header");
             let back = inspect_answer(&sf, &facts).expect("own SERVFAIL answers the query");
             assert_eq!(back.rcode, rcode::SERVFAIL);
+            // The proxy answers from the facts alone: the same bytes.
+            assert_eq!(servfail_for(&facts), sf);
+            assert!(question_matches(&sf, &facts.question_wire));
             check_answer(answer, &facts);
         }
         Err(rej) => {
@@ -74,6 +77,9 @@ fn check_answer(answer: &[u8], facts: &weir_parsers::dns::QueryFacts) {
         assert_eq!(a.id, facts.id);
         assert!(a.cnames.len() <= MAX_CNAME_CHAIN);
         assert!(!a.truncated || a.addresses.is_empty());
+        // Addresses only from a NOERROR answer to the exact question sent.
+        assert!(a.addresses.is_empty() || a.rcode == rcode::NOERROR);
+        assert!(a.addresses.is_empty() || question_matches(answer, &facts.question_wire));
         if let Some(min) = a.min_ttl {
             assert!(a.addresses.iter().all(|x| x.ttl >= min));
         }

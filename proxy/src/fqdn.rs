@@ -32,9 +32,14 @@ impl LearnRequest {
     /// Whether the policy selects any of the names with a `toFQDNs` selector:
     /// then the answer must wait for the learner.
     pub fn selected(&self) -> bool {
+        self.selected_by(&self.policy)
+    }
+
+    /// Whether `policy` selects any of the names with a `toFQDNs` selector.
+    pub fn selected_by(&self, policy: &CompiledPolicy) -> bool {
         self.names
             .iter()
-            .any(|n| !self.policy.fqdn_selectors_matching(n).is_empty())
+            .any(|n| !policy.fqdn_selectors_matching(n).is_empty())
     }
 }
 

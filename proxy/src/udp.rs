@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +70,8 @@ struct Flows {
 struct FlowTable {
     entries: HashMap<FlowKey, Entry>,
     open: usize,
+    /// Open sessions per client address (see [`client_share`]).
+    open_per_client: HashMap<IpAddr, usize>,
     denied: usize,
     /// Expired denials are swept at most once a second (or when the table is full).
     next_sweep: Option<Instant>,
@@ -88,11 +90,14 @@ impl Flows {
 impl FlowTable {
     fn insert(&mut self, key: FlowKey, entry: Entry) {
         match &entry {
-            Entry::Open(..) => self.open += 1,
+            Entry::Open(..) => {
+                self.open += 1;
+                *self.open_per_client.entry(key.0.ip()).or_default() += 1;
+            }
             Entry::Denied(..) => self.denied += 1,
         }
         if let Some(old) = self.entries.insert(key, entry) {
-            self.forget(&old);
+            self.forget(&key, &old);
         }
     }
 
@@ -105,15 +110,38 @@ impl FlowTable {
 
     fn remove(&mut self, key: &FlowKey) {
         if let Some(old) = self.entries.remove(key) {
-            self.forget(&old);
+            self.forget(key, &old);
         }
     }
 
-    fn forget(&mut self, old: &Entry) {
+    fn forget(&mut self, key: &FlowKey, old: &Entry) {
         match old {
-            Entry::Open(..) => self.open -= 1,
+            Entry::Open(..) => {
+                self.open -= 1;
+                let ip = key.0.ip();
+                if let Some(n) = self.open_per_client.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.open_per_client.remove(&ip);
+                    }
+                }
+            }
             Entry::Denied(..) => self.denied -= 1,
         }
+    }
+
+    /// Whether a new session from `client` fits: at most `max` in all, and at
+    /// most [`client_share`] of them from one client address.
+    fn room_for(&self, client: IpAddr, max: usize) -> Result<(), &'static str> {
+        if self.open >= max {
+            return Err("too many UDP sessions; new flows' datagrams are dropped");
+        }
+        if self.open_per_client.get(&client).copied().unwrap_or(0) >= client_share(max) {
+            return Err(
+                "too many UDP sessions from this client address; its new flows' datagrams are dropped",
+            );
+        }
+        Ok(())
     }
 
     /// Remembers a denial, unless `cap` denials are remembered already.
@@ -144,6 +172,15 @@ impl FlowTable {
         }
         due
     }
+}
+
+/// The sessions one client address may hold: a quarter of `--udp-max-sessions`
+/// (at least one), so one pod opening flows as fast as it can leaves room for
+/// at least three others. A DNS client using a new port per query at 1 000
+/// queries/s holds about 250 sessions (see `dns::udp`), well within a quarter
+/// of the default 8 192.
+fn client_share(max: usize) -> usize {
+    (max / 4).max(1)
 }
 
 /// Serves every UDP listener until the task is dropped.
@@ -233,11 +270,12 @@ fn dispatch(
         map.deny(key, Instant::now() + idle, d.policy.clone(), cap);
         return;
     }
-    if map.open >= shared.config.udp_max_sessions {
+    if let Err(why) = map.room_for(client.ip(), shared.config.udp_max_sessions) {
         if map.warn_full() {
             warn!(
                 %client, dst = %orig_dst, max = shared.config.udp_max_sessions,
-                "too many UDP sessions; new flows' datagrams are dropped"
+                per_client = client_share(shared.config.udp_max_sessions),
+                "{why}"
             );
         }
         return;
@@ -569,5 +607,37 @@ mod tests {
         t.deny(key(7), later, policy, 2);
         assert!(!t.entries.contains_key(&key(6)));
         assert_eq!(t.denied, t.entries.len() - t.open);
+    }
+
+    /// One client address gets at most a quarter of the sessions; others still
+    /// find room (before, one pod could take them all).
+    #[test]
+    fn one_client_address_gets_at_most_a_share_of_the_sessions() {
+        let mut t = FlowTable::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let max = 8;
+        let a: IpAddr = [10, 0, 0, 2].into();
+        let b: IpAddr = [10, 0, 0, 3].into();
+        for port in 1..=2 {
+            assert_eq!(t.room_for(a, max), Ok(()));
+            t.insert(key(port), Entry::Open(tx.clone(), u64::from(port)));
+        }
+        assert!(t.room_for(a, max).unwrap_err().contains("this client"));
+        assert_eq!(t.room_for(b, max), Ok(()));
+        // A session ending gives its client room again.
+        t.remove_session(&key(1), 1);
+        assert_eq!(t.room_for(a, max), Ok(()));
+        // The node-wide cap still holds.
+        for port in 0..7 {
+            let k = (SocketAddr::from(([10, 0, 1, port], 1)), key(0).1);
+            t.insert(k, Entry::Open(tx.clone(), 100 + u64::from(port)));
+        }
+        assert!(
+            t.room_for(b, max)
+                .unwrap_err()
+                .starts_with("too many UDP sessions;")
+        );
+        assert_eq!(client_share(2), 1);
+        assert_eq!(client_share(8192), 2048);
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use hickory_proto::op::Message;
-use hickory_proto::rr::{DNSClass, Name, RData};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use thiserror::Error;
 
 use super::{
@@ -159,12 +159,40 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
             facts.rrtypes.push(t);
         }
     }
-    if h.tc {
+    // Learn nothing from: a truncated answer (the client retries over TCP); an
+    // error answer (an NXDOMAIN's or SERVFAIL's records are not the name's
+    // addresses); an answer whose question differs from the query's in case
+    // (the resolver did not keep the 0x20 case the client sent, which is what
+    // a spoofed answer looks like; the client decides whether to accept it).
+    let exact_question = bytes
+        .get(HEADER_LEN..)
+        .is_some_and(|b| b.starts_with(&query.question_wire));
+    if h.tc || rc != rcode::NOERROR || (!msg.queries.is_empty() && !exact_question) {
         facts.ignored_records = msg.answers.len();
         return Ok(facts);
     }
     collect(&msg, query, &mut facts)?;
     Ok(facts)
+}
+
+/// Whether the message's first question is `question_wire` (a query's
+/// question as sent): the name compared case-insensitively (a resolver may not
+/// keep 0x20 case), the type and class bytes exactly. Reads only those bytes:
+/// the proxy picks the query an answer belongs to with it before decoding the
+/// answer once. Label length bytes are <= 63, below any ASCII letter, so
+/// folding case cannot make two lengths equal; the name's terminating zero is
+/// compared, so a longer name never matches.
+pub fn question_matches(bytes: &[u8], question_wire: &[u8]) -> bool {
+    let name_len = question_wire.len().saturating_sub(4);
+    let got = HEADER_LEN
+        .checked_add(question_wire.len())
+        .and_then(|end| bytes.get(HEADER_LEN..end));
+    got.is_some_and(|g| {
+        g.get(..name_len)
+            .zip(question_wire.get(..name_len))
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+            && g.get(name_len..) == question_wire.get(name_len..)
+    })
 }
 
 fn truncated_answer(
@@ -173,19 +201,7 @@ fn truncated_answer(
     query: &QueryFacts,
 ) -> Result<AnswerFacts, AnswerReject> {
     if h.qdcount == 1 {
-        // Names compare case-insensitively (a resolver may not keep 0x20 case);
-        // the type and class bytes exactly. Label length bytes are <= 63, below
-        // any ASCII letter, so folding case cannot make two lengths equal.
-        let want = &query.question_wire;
-        let name_len = want.len().saturating_sub(4);
-        let got = bytes.get(HEADER_LEN..HEADER_LEN + want.len());
-        let same = got.is_some_and(|g| {
-            g.get(..name_len)
-                .zip(want.get(..name_len))
-                .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
-                && g.get(name_len..) == want.get(name_len..)
-        });
-        if !same {
+        if !question_matches(bytes, &query.question_wire) {
             return Err(AnswerReject::QuestionMismatch(
                 "truncated answer's question differs".into(),
             ));
@@ -301,13 +317,18 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
         current = target;
     }
     let chain_ttl = min_ttl;
+    // Only the address type asked for (both for ANY): an A record in a AAAA
+    // answer is not what the client will use, and need not be allowed.
+    let qtype = RecordType::from(query.qtype);
+    let want_a = matches!(qtype, RecordType::A | RecordType::ANY);
+    let want_aaaa = matches!(qtype, RecordType::AAAA | RecordType::ANY);
     for (i, r) in msg.answers.iter().enumerate() {
         if r.dns_class != class || r.name != current {
             continue;
         }
         let ip = match &r.data {
-            RData::A(a) => IpAddr::V4(a.0),
-            RData::AAAA(a) => IpAddr::V6(a.0),
+            RData::A(a) if want_a => IpAddr::V4(a.0),
+            RData::AAAA(a) if want_aaaa => IpAddr::V6(a.0),
             _ => continue,
         };
         if let Some(u) = used.get_mut(i) {

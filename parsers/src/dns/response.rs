@@ -12,7 +12,9 @@
 
 use std::str::FromStr;
 
-use super::{HEADER_LEN, OPCODE_QUERY, RawHeader, decode_message, first_question_span, rcode};
+use super::{
+    HEADER_LEN, OPCODE_QUERY, QueryFacts, RawHeader, decode_message, first_question_span, rcode,
+};
 
 /// The UDP payload size weir advertises in its own OPT records (the DNS flag
 /// day 2020 value).
@@ -61,6 +63,24 @@ pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     error_response(query, rcode::SERVFAIL, true)
 }
 
+/// SERVFAIL for a query that [`super::inspect_query`] accepted, built from its
+/// facts alone (the same bytes as [`servfail`] on the query): the proxy keeps
+/// only the facts of an outstanding query, not the query (up to 64 KiB over
+/// TCP with EDNS padding or additional records).
+pub fn servfail_for(query: &QueryFacts) -> Vec<u8> {
+    write_response(
+        Head {
+            id: query.id,
+            opcode: query.opcode,
+            rd: query.recursion_desired,
+            cd: query.checking_disabled,
+        },
+        rcode::SERVFAIL,
+        &query.question_wire,
+        query.edns.map(|e| e.dnssec_ok),
+    )
+}
+
 /// FORMERR for a query weir could not decode: the header alone (ID, opcode, RD,
 /// CD copied), no question and no OPT, as unbound does. `None` when fewer than
 /// 12 bytes arrived (nothing to answer to: drop).
@@ -82,11 +102,31 @@ fn error_response(query: &[u8], rc: u16, with_question: bool) -> Option<Vec<u8>>
         question = query.get(span).unwrap_or(&[]);
         opt = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
     }
+    let head = Head {
+        id: h.id,
+        opcode: h.opcode,
+        rd: h.rd,
+        cd: h.cd,
+    };
+    Some(write_response(head, rc, question, opt))
+}
+
+/// The query header bits a response copies.
+struct Head {
+    id: u16,
+    opcode: u8,
+    rd: bool,
+    cd: bool,
+}
+
+/// A response: `question` (empty for none) and an OPT record when `opt` is
+/// `Some(dnssec_ok)`.
+fn write_response(h: Head, rc: u16, question: &[u8], opt: Option<bool>) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + question.len() + 11);
     out.extend_from_slice(&h.id.to_be_bytes());
-    let rd = h.rd && h.opcode == OPCODE_QUERY;
+    let ra = h.rd && h.opcode == OPCODE_QUERY;
     let b2 = 0x80 | ((h.opcode & 0x0f) << 3) | u8::from(h.rd);
-    let b3 = (if rd { 0x80 } else { 0 }) | (if h.cd { 0x10 } else { 0 }) | (rc & 0x0f) as u8;
+    let b3 = (if ra { 0x80 } else { 0 }) | (if h.cd { 0x10 } else { 0 }) | (rc & 0x0f) as u8;
     out.push(b2);
     out.push(b3);
     let qd: u16 = if question.is_empty() { 0 } else { 1 };
@@ -106,5 +146,5 @@ fn error_response(query: &[u8], rc: u16, with_question: bool) -> Option<Vec<u8>>
         out.push(0);
         out.extend_from_slice(&0u16.to_be_bytes()); // RDLEN
     }
-    Some(out)
+    out
 }

@@ -300,6 +300,29 @@ fn servfail_and_no_edns() {
     assert_eq!(m.queries[0].query_type(), RecordType::MX);
 }
 
+/// SERVFAIL built from a query's facts is the SERVFAIL built from its bytes
+/// (the proxy keeps only the facts of an outstanding query); a padded query's
+/// padding is not needed for it.
+#[test]
+fn servfail_from_facts_equals_servfail_from_bytes() {
+    let mut padded = query_msg(0xbeef, "MiXeD.example.", RecordType::AAAA);
+    let mut e = Edns::new();
+    e.set_dnssec_ok(true);
+    e.options_mut()
+        .insert(EdnsOption::Unknown(12, vec![0; 8000]));
+    padded.set_edns(e);
+    let mut plain = query_msg(77, "example.com.", RecordType::MX);
+    plain.metadata.recursion_desired = false;
+    plain.metadata.checking_disabled = true;
+    for q in [padded, plain] {
+        let raw = bytes(&q);
+        let f = inspect_query(&raw).expect("valid");
+        let resp = servfail_for(&f);
+        assert_eq!(Some(resp.clone()), servfail(&raw));
+        assert!(resp.len() < 100, "{} bytes", resp.len());
+    }
+}
+
 #[test]
 fn deny_rcode_parses() {
     assert_eq!(DenyRcode::from_str("NXDOMAIN"), Ok(DenyRcode::NxDomain));
@@ -484,13 +507,93 @@ fn id_question_and_qr_mismatches() {
     );
 }
 
+/// An answer whose question differs from the query's only in case is the
+/// query's answer (forwarded: the client judges its 0x20 check), but weir
+/// learns nothing from it: a resolver that drops the case the client sent is
+/// what a spoofed answer looks like.
 #[test]
-fn answer_question_case_may_differ() {
+fn answer_question_case_may_differ_but_then_nothing_is_learned() {
     let q = query_msg(12, "WwW.Example.", RecordType::A);
     let mut r = response_to(&query_msg(12, "www.example.", RecordType::A));
     r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
     let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("case-insensitive");
+    assert!(ans.addresses.is_empty());
+    assert_eq!(ans.ignored_records, 1);
+    // The same case as sent: learned.
+    let mut r = response_to(&q);
+    r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
+    let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("exact");
     assert_eq!(ans.addresses.len(), 1);
+}
+
+/// Only a NOERROR answer's addresses are learned.
+#[test]
+fn error_answers_learn_nothing() {
+    let q = query_msg(16, "a.example.", RecordType::A);
+    for rc in [
+        ResponseCode::NXDomain,
+        ResponseCode::ServFail,
+        ResponseCode::Refused,
+    ] {
+        let mut r = response_to(&q);
+        r.metadata.response_code = rc;
+        r.add_answer(a("a.example.", 60, [192, 0, 2, 1]));
+        let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("valid");
+        assert_eq!(ans.rcode, u16::from(rc));
+        assert!(ans.addresses.is_empty(), "{rc:?}");
+    }
+}
+
+/// A records are learned for qtype A, AAAA for AAAA, both for ANY; nothing
+/// for other types.
+#[test]
+fn only_the_address_type_asked_for_is_learned() {
+    let v6 = Record::from_rdata(
+        name("a.example."),
+        60,
+        RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
+    );
+    for (qtype, want) in [
+        (RecordType::A, vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]),
+        (RecordType::AAAA, vec![IpAddr::V6(Ipv6Addr::LOCALHOST)]),
+        (
+            RecordType::ANY,
+            vec![
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ],
+        ),
+        (RecordType::MX, vec![]),
+        (RecordType::AXFR, vec![]),
+    ] {
+        let q = query_msg(17, "a.example.", qtype);
+        let mut r = response_to(&q);
+        r.add_answer(a("a.example.", 60, [192, 0, 2, 1]));
+        r.add_answer(v6.clone());
+        let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("valid");
+        let got: Vec<IpAddr> = ans.addresses.iter().map(|x| x.ip).collect();
+        assert_eq!(got, want, "{qtype:?}");
+        assert_eq!(ans.ignored_records, 2 - want.len(), "{qtype:?}");
+    }
+}
+
+#[test]
+fn question_bytes_match_case_insensitively_type_and_class_exactly() {
+    let f = facts(&query_msg(12, "WwW.Example.", RecordType::A));
+    let same = bytes(&response_to(&query_msg(12, "www.EXAMPLE.", RecordType::A)));
+    assert!(question_matches(&same, &f.question_wire));
+    for other in [
+        query_msg(12, "www.example.com.", RecordType::A),
+        query_msg(12, "www.exampla.", RecordType::A),
+        query_msg(12, "www.example.", RecordType::AAAA),
+    ] {
+        assert!(!question_matches(
+            &bytes(&response_to(&other)),
+            &f.question_wire
+        ));
+    }
+    assert!(!question_matches(&same[..same.len() - 1], &f.question_wire));
+    assert!(!question_matches(&[], &f.question_wire));
 }
 
 #[test]
@@ -729,6 +832,7 @@ proptest! {
         let _ = formerr(&data);
         if let Ok(f) = &q {
             let _ = inspect_answer(&data, f);
+            prop_assert_eq!(Some(servfail_for(f)), servfail(&data));
         }
         let f = inspect_query(&bytes(&query_msg(
             u16::from_be_bytes([data.first().copied().unwrap_or(0), data.get(1).copied().unwrap_or(0)]),
@@ -789,6 +893,8 @@ proptest! {
         }
         let ans = inspect_answer(&bytes(&r), &f).expect("answer inspects");
         let mut want: Vec<IpAddr> = Vec::new();
+        // A records are learned for qtype A only
+        let ips = if qtype == RecordType::A { ips } else { Vec::new() };
         for ip in &ips {
             let ip = IpAddr::V4(Ipv4Addr::from(*ip));
             if !want.contains(&ip) { want.push(ip); }

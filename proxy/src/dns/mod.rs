@@ -36,10 +36,13 @@ pub(crate) enum QueryAction {
 }
 
 /// A query forwarded to the resolver and not yet (fully) answered.
+///
+/// It keeps the query's facts, not its bytes: a query over TCP may be up to
+/// 64 KiB (EDNS padding, additional records), and the SERVFAIL weir answers in
+/// the resolver's place needs only the ID, flags, question and OPT's DO bit
+/// ([`dns::servfail_for`]). About 1 KiB per query at most (an escaped name).
 pub(crate) struct Pending {
     pub facts: QueryFacts,
-    /// The query's bytes (for the SERVFAIL weir answers if the resolver does not).
-    pub query: Vec<u8>,
     pub decision: Decision,
     pub verdict: Verdict,
     pub sent: Instant,
@@ -49,6 +52,14 @@ pub(crate) struct Pending {
     /// A zone transfer that has had at least one answer message (it stays until
     /// its deadline: more messages may follow).
     pub answered: bool,
+}
+
+impl Pending {
+    /// The heap bytes this query keeps (a test bounds them).
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.facts.name.capacity() + self.facts.question_wire.capacity()
+    }
 }
 
 /// Inspects and decides one client message under the current policy, and
@@ -111,7 +122,6 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     let now = Instant::now();
     QueryAction::Forward(Pending {
         facts,
-        query: msg.to_vec(),
         decision: d,
         verdict,
         sent: now,
@@ -163,9 +173,16 @@ impl Outstanding {
         self.items.len()
     }
 
-    /// Whether another query may be added.
-    pub fn has_room(&self) -> bool {
-        self.items.len() < self.max
+    /// Whether another query may be added, `parked` answers (taken from here,
+    /// waiting for the learner or the client's queue) counting too: they hold
+    /// memory until released.
+    pub fn has_room(&self, parked: usize) -> bool {
+        self.items.len().saturating_add(parked) < self.max
+    }
+
+    /// The cap on outstanding queries (and parked answers).
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// Adds a forwarded query (callers check [`Outstanding::has_room`] first;
@@ -191,46 +208,63 @@ impl Outstanding {
     /// answer with the right ID for another question is someone else's, or a
     /// forgery, and is dropped). A zone transfer stays outstanding for the
     /// messages that follow.
+    ///
+    /// The query is picked by the answer's header and question bytes alone,
+    /// then the answer is decoded once (many queries may share an ID: decoding
+    /// per candidate would cost up to `dns_max_outstanding` decodes).
     pub fn take_answer(&mut self, msg: &[u8]) -> AnswerMatch {
         let Some(h) = RawHeader::read(msg) else {
             return AnswerMatch::Unmatched;
         };
-        for i in 0..self.items.len() {
-            let p = &self.items[i];
-            if p.facts.id != h.id {
-                continue;
-            }
-            let r = dns::inspect_answer(msg, &p.facts);
-            if matches!(
-                r,
-                Err(AnswerReject::IdMismatch { .. }
-                    | AnswerReject::QuestionMismatch(_)
-                    | AnswerReject::NotAResponse)
-            ) {
-                continue;
-            }
-            if p.facts.is_zone_transfer() && r.is_ok() {
-                let p = &mut self.items[i];
-                p.answered = true;
-                // The timeout applies between a transfer's messages, not to the
-                // whole transfer.
-                p.deadline = Instant::now() + p.timeout;
-                let copy = Pending {
-                    facts: p.facts.clone(),
-                    query: Vec::new(),
-                    decision: p.decision.clone(),
-                    verdict: p.verdict.clone(),
-                    sent: p.sent,
-                    deadline: p.deadline,
-                    timeout: p.timeout,
-                    answered: true,
-                };
-                return AnswerMatch::Matched(Box::new(copy), r);
-            }
-            let p = self.items.swap_remove(i);
-            return AnswerMatch::Matched(Box::new(p), r);
+        if !h.qr {
+            return AnswerMatch::Unmatched;
         }
-        AnswerMatch::Unmatched
+        let same_id = |p: &&Pending| p.facts.id == h.id;
+        let pick = match h.qdcount {
+            1 => self
+                .items
+                .iter()
+                .position(|p| same_id(&p) && dns::question_matches(msg, &p.facts.question_wire)),
+            // No question: a zone transfer's continuation, or an error answer
+            // (header only) to any query with this ID; `inspect_answer` decides.
+            0 => self
+                .items
+                .iter()
+                .position(|p| same_id(&p) && p.facts.is_zone_transfer())
+                .or_else(|| self.items.iter().position(|p| same_id(&p))),
+            _ => None,
+        };
+        let Some(i) = pick else {
+            return AnswerMatch::Unmatched;
+        };
+        let r = inspect_answer(msg, &self.items[i].facts);
+        if matches!(
+            r,
+            Err(AnswerReject::IdMismatch { .. }
+                | AnswerReject::QuestionMismatch(_)
+                | AnswerReject::NotAResponse)
+        ) {
+            return AnswerMatch::Unmatched;
+        }
+        let p = &mut self.items[i];
+        if p.facts.is_zone_transfer() && r.is_ok() {
+            p.answered = true;
+            // The timeout applies between a transfer's messages, not to the
+            // whole transfer.
+            p.deadline = Instant::now() + p.timeout;
+            let copy = Pending {
+                facts: p.facts.clone(),
+                decision: p.decision.clone(),
+                verdict: p.verdict.clone(),
+                sent: p.sent,
+                deadline: p.deadline,
+                timeout: p.timeout,
+                answered: true,
+            };
+            return AnswerMatch::Matched(Box::new(copy), r);
+        }
+        let p = self.items.swap_remove(i);
+        AnswerMatch::Matched(Box::new(p), r)
     }
 
     /// The earliest deadline of an outstanding query.
@@ -259,6 +293,18 @@ impl Outstanding {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Answers decoded on this thread (a test counts them).
+    pub(crate) static ANSWER_DECODES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn inspect_answer(msg: &[u8], facts: &QueryFacts) -> Result<AnswerFacts, AnswerReject> {
+    #[cfg(test)]
+    ANSWER_DECODES.with(|c| c.set(c.get() + 1));
+    dns::inspect_answer(msg, facts)
+}
+
 /// The request to learn an answer's addresses, or `None` when it has none.
 pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest> {
     if a.addresses.is_empty() {
@@ -274,8 +320,11 @@ pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest
 /// Hands `req` to the learner. When a `toFQDNs` selector selects one of its
 /// names, the answer must wait for the learner's reply (see [`wait_for`]);
 /// otherwise the request only feeds the learner and the answer goes at once.
+/// Selected means under the policy the query was decided by or the one in
+/// force now: a policy installed while the query was out may add the selector,
+/// and the answer must not reach the client before the datapath allows it.
 pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Option<LearnReply> {
-    let wait = req.selected();
+    let wait = req.selected() || req.selected_by(&shared.policy.load());
     let reply = shared.fqdn_learner().learn(req, wait);
     wait.then_some(reply)
 }
@@ -357,11 +406,11 @@ pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
     f
 }
 
-/// SERVFAIL for `p`, with its flow record; `None` when nothing can be answered.
+/// SERVFAIL for `p`, with its flow record.
 pub(crate) fn servfail(ctx: &ConnContext, p: &Pending, why: &str) -> Option<Vec<u8>> {
     tracing::debug!(name = %p.facts.name, why, "DNS query answered SERVFAIL");
     ctx.shared.flows.emit(&servfail_flow(ctx, p, why));
-    dns::servfail(&p.query)
+    Some(dns::servfail_for(&p.facts))
 }
 
 /// How long a query may wait for its answer, for log messages.

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,9 +30,12 @@ const WRITE_QUEUE: usize = 64;
 pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
     let (client_rd, client_wr) = client.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_loop(client_wr, rx).in_current_span());
+    // A client that stops reading must not hold the connection (and its
+    // upstream and queued answers) forever: each frame gets `idle_timeout`.
+    let write_timeout = ctx.shared.config.idle_timeout;
+    let writer = tokio::spawn(write_loop(client_wr, rx, write_timeout).in_current_span());
     Conn {
-        ctx,
+        ctx: ctx.clone(),
         tx,
         outstanding: Outstanding::new(0),
         upstream: Upstream::NotConnected,
@@ -41,18 +44,47 @@ pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
     }
     .run(client_rd)
     .await;
-    // Everything queued for the client is written before the connection closes.
-    let _ = writer.await;
+    // Everything queued for the client is written before the connection closes
+    // (each frame within its deadline, so this ends too).
+    if let Ok(Err(WriteStalled)) = writer.await {
+        info!(timeout = ?write_timeout, "DNS client did not read an answer in time; closed");
+        let d = ctx.decide();
+        let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+        f.verdict = FlowVerdict::Dropped;
+        f.drop_reason_desc = Some("DNS_CLIENT_WRITE_TIMEOUT".into());
+        f.policy = format!("the DNS client did not take an answer within {write_timeout:?}");
+        ctx.shared.flows.emit(&f);
+    }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// The client did not take a frame within the write timeout.
+struct WriteStalled;
+
+/// Writes queued frames to the client. On a stalled write it resets the
+/// connection and returns, dropping `rx`: the conn sees its sender closed and
+/// ends (its upstream and pending releases with it).
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(), WriteStalled> {
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = wr.write_all(&frame).await {
-            debug!(error = %e, "writing to the DNS client failed");
-            return;
+        match tokio::time::timeout(timeout, wr.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "writing to the DNS client failed");
+                return Ok(());
+            }
+            Err(_) => {
+                // Linger 0: the close is a reset, so the kernel does not keep
+                // retrying the unread data to a zero window either.
+                let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(Duration::ZERO));
+                return Err(WriteStalled);
+            }
         }
     }
     let _ = wr.shutdown().await;
+    Ok(())
 }
 
 enum Upstream {
@@ -76,6 +108,21 @@ struct Conn {
     chains: HashMap<u16, oneshot::Receiver<()>>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Loop turns of the conns run on this thread (a test counts them: a conn
+    /// must not spin).
+    pub(crate) static LOOP_TURNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads from the upstream if there is one (never resolves otherwise).
 async fn read_upstream(up: &mut Upstream, buf: &mut [u8]) -> io::Result<usize> {
     match up {
@@ -93,7 +140,14 @@ impl Conn {
         let mut from_server = vec![0u8; 16 * 1024];
         let mut client_open = true;
         let mut last_activity = Instant::now();
+        // When the first byte of the message being framed arrived: a message
+        // must be complete within `idle` of it, however slowly its bytes trickle
+        // in (each byte would otherwise renew `last_activity`: slowloris).
+        let mut frame_started: Option<Instant> = None;
         let mut draining = self.ctx.shared.draining();
+        // Closed when the writer gave up on the client (see `write_loop`); its
+        // free slots say when reading the client may go on.
+        let queue = self.tx.clone();
         loop {
             let busy = !self.outstanding.is_empty() || !self.releases.is_empty();
             if !client_open && !busy {
@@ -106,12 +160,29 @@ impl Conn {
                 debug!("handed over; DNS connection closed between queries");
                 return;
             }
-            let wake = self
-                .outstanding
-                .next_deadline()
-                .unwrap_or(last_activity + idle);
+            #[cfg(test)]
+            LOOP_TURNS.with(|c| c.set(c.get() + 1));
+            let wake = match self.outstanding.next_deadline() {
+                Some(deadline) => Some(deadline),
+                // Only releases pending: they end by themselves (learn timeout,
+                // writer deadline) and `join_next` wakes the loop; the idle
+                // deadline may be past by then and would fire at once, a spin.
+                None if busy => None,
+                None => Some(last_activity + idle),
+            };
+            let frame_deadline = frame_started.filter(|_| client_open).map(|t| t + idle);
+            let wake = match (wake, frame_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            // Backpressure: no reading from the client while its answers queue
+            // is full, nor from the resolver while `dns_max_outstanding`
+            // answers are parked (both resume as those drain, which wakes the
+            // loop through `reserve` / `join_next`).
+            let queue_full = queue.capacity() == 0;
+            let releases_full = self.releases.len() >= self.outstanding.max();
             tokio::select! {
-                r = client_rd.read(&mut from_client), if client_open => match r {
+                r = client_rd.read(&mut from_client), if client_open && !queue_full => match r {
                     Ok(0) => {
                         if framer.buffered() > 0 {
                             debug!("DNS client closed mid-message");
@@ -120,10 +191,19 @@ impl Conn {
                     }
                     Ok(n) => {
                         last_activity = Instant::now();
+                        let before = framer.buffered();
                         framer.push(&from_client[..n]);
                         if let Err(e) = self.client_messages(&mut framer).await {
                             self.framing_failed(&e, "client");
                             return;
+                        }
+                        let left = framer.buffered();
+                        if left == 0 {
+                            frame_started = None;
+                        } else if frame_started.is_none() || left < before + n {
+                            // A message completed: the bytes left began one
+                            // in this read.
+                            frame_started = Some(last_activity);
                         }
                     }
                     Err(e) => {
@@ -131,7 +211,7 @@ impl Conn {
                         client_open = false;
                     }
                 },
-                r = read_upstream(&mut self.upstream, &mut from_server) => match r {
+                r = read_upstream(&mut self.upstream, &mut from_server), if !releases_full => match r {
                     Ok(0) | Err(_) => self.upstream_gone("the resolver closed the connection").await,
                     Ok(n) => {
                         last_activity = Instant::now();
@@ -142,18 +222,27 @@ impl Conn {
                     }
                 },
                 Ok(()) = draining.changed(), if !*draining.borrow() => {}
+                Ok(_slot) = queue.reserve(), if queue_full => {}
+                () = queue.closed() => {
+                    debug!("DNS client writer gone; connection aborted");
+                    return;
+                }
                 Some(_) = self.releases.join_next(), if !self.releases.is_empty() => {
                     if self.releases.is_empty() {
                         self.chains.clear();
                     }
                 }
-                _ = tokio::time::sleep_until(wake.into()) => {
+                () = sleep_until(wake) => {
                     let now = Instant::now();
                     let why = super::upstream_timeout_reason(self.ctx.shared.config.dns_upstream_timeout);
                     for p in self.outstanding.expire(now) {
                         if !p.answered {
                             self.answer_servfail(&p, &why).await;
                         }
+                    }
+                    if frame_deadline.is_some_and(|d| d <= now) {
+                        self.frame_timed_out(idle);
+                        return;
                     }
                     if !busy && last_activity + idle <= now {
                         debug!("DNS connection idle; closed");
@@ -162,6 +251,19 @@ impl Conn {
                 }
             }
         }
+    }
+
+    fn frame_timed_out(&self, limit: Duration) {
+        info!(
+            ?limit,
+            "DNS over TCP: client message not complete in time; closing"
+        );
+        let d = self.ctx.decide();
+        let mut f = self.ctx.flow(&d, &d.verdict.l4_verdict());
+        f.verdict = FlowVerdict::Dropped;
+        f.drop_reason_desc = Some("DNS_FRAME_TIMEOUT".into());
+        f.policy = format!("a DNS message from the client took longer than {limit:?} to arrive");
+        self.ctx.shared.flows.emit(&f);
     }
 
     fn framing_failed(&self, e: &FrameError, from: &str) {
@@ -174,6 +276,9 @@ impl Conn {
         self.ctx.shared.flows.emit(&f);
     }
 
+    /// Queues a frame for the client; waits while the queue is full (at most
+    /// until the writer's deadline: a stalled writer drops the queue and this
+    /// fails at once).
     async fn send_client(&self, msg: &[u8]) {
         if let Ok(frame) = tcp_frame(msg) {
             let _ = self.tx.send(frame).await;
@@ -188,7 +293,11 @@ impl Conn {
 
     async fn client_messages(&mut self, framer: &mut TcpDnsFramer) -> Result<(), FrameError> {
         while let Some(msg) = framer.next_message()? {
-            match super::decide_query(&self.ctx, &msg, self.outstanding.has_room()) {
+            match super::decide_query(
+                &self.ctx,
+                &msg,
+                self.outstanding.has_room(self.releases.len()),
+            ) {
                 QueryAction::Reply(r) => self.send_client(&r).await,
                 QueryAction::Drop => {}
                 QueryAction::Forward(p) => self.forward(p, &msg).await,

@@ -156,6 +156,35 @@ fn answers_match_their_query_by_id_and_question() {
     assert_eq!(resp["l7"]["dns"]["query"], "b.example.");
 }
 
+/// With many outstanding queries sharing an ID, an answer is decoded once:
+/// the query is picked by its question bytes first (before, the answer was
+/// decoded once per query with that ID, up to `dns_max_outstanding` times).
+#[test]
+fn an_answer_is_decoded_once_whatever_shares_its_id() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(100);
+    for n in 0..100 {
+        o.add(forward(&ctx, &query(9, &format!("n{n}.example"))));
+    }
+    let before = ANSWER_DECODES.with(|c| c.get());
+    match o.take_answer(&answer(9, "N99.Example", &[[192, 0, 2, 99]])) {
+        AnswerMatch::Matched(p, Ok(a)) => {
+            assert_eq!(p.facts.name, "n99.example.");
+            // Matched case-insensitively; nothing learned from a case mismatch.
+            assert!(a.addresses.is_empty());
+        }
+        _ => panic!("not matched"),
+    }
+    assert_eq!(ANSWER_DECODES.with(|c| c.get()) - before, 1);
+    // Another question with that ID: nothing decoded, dropped.
+    assert!(matches!(
+        o.take_answer(&answer(9, "other.example", &[])),
+        AnswerMatch::Unmatched
+    ));
+    assert_eq!(ANSWER_DECODES.with(|c| c.get()) - before, 1);
+    assert_eq!(o.len(), 99);
+}
+
 #[test]
 fn a_malformed_answer_is_matched_and_answered_servfail() {
     let (ctx, lines) = ctx(ProxyConfig::default());
@@ -193,9 +222,9 @@ fn outstanding_queries_are_capped_and_time_out() {
     let mut o = Outstanding::new(2);
     o.add(forward(&ctx, &query(1, "a.example")));
     o.add(forward(&ctx, &query(2, "b.example")));
-    assert!(!o.has_room());
+    assert!(!o.has_room(0));
     // Beyond the cap: SERVFAIL at once, nothing forwarded.
-    match decide_query(&ctx, &query(3, "c.example"), o.has_room()) {
+    match decide_query(&ctx, &query(3, "c.example"), o.has_room(0)) {
         QueryAction::Reply(r) => assert_eq!(r[3] & 0x0f, 2),
         _ => panic!("not answered SERVFAIL"),
     }
@@ -210,6 +239,28 @@ fn outstanding_queries_are_capped_and_time_out() {
     assert!(flows.iter().any(|f| f["verdict"] == "ERROR"
         && f["drop_reason_desc"] == "DNS_TOO_MANY_OUTSTANDING"
         && f["l7"]["dns"]["query"] == "c.example."));
+}
+
+/// An outstanding query keeps its facts, not its bytes: a query padded to
+/// 16 KiB (EDNS padding) costs well under 1 KiB while it waits, and its
+/// SERVFAIL still carries the ID, question and OPT.
+#[test]
+fn outstanding_queries_do_not_keep_the_query_bytes() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    let mut q = query(21, "a.example");
+    q[11] = 1; // ARCOUNT: OPT
+    let pad = 16 * 1024;
+    q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0]); // OPT, 4096, DO
+    q.extend_from_slice(&(pad as u16 + 4).to_be_bytes());
+    q.extend_from_slice(&[0, 12]); // padding (RFC 7830)
+    q.extend_from_slice(&(pad as u16).to_be_bytes());
+    q.resize(q.len() + pad, 0);
+    let p = forward(&ctx, &q);
+    assert!(p.heap_bytes() < 1024, "{} bytes kept", p.heap_bytes());
+    let r = servfail(&ctx, &p, "test").unwrap();
+    assert_eq!(&r[..2], &21u16.to_be_bytes());
+    assert_eq!((r[3] & 0x0f, r[11]), (2, 1), "SERVFAIL with OPT");
+    assert_eq!(r.len(), 12 + qname("a.example").len() + 4 + 11);
 }
 
 #[test]
@@ -296,7 +347,10 @@ mod over_tcp {
 
     use super::*;
 
-    async fn read_message(s: &mut TcpStream, framer: &mut TcpDnsFramer) -> Option<Vec<u8>> {
+    pub(super) async fn read_message(
+        s: &mut TcpStream,
+        framer: &mut TcpDnsFramer,
+    ) -> Option<Vec<u8>> {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(m) = framer.next_message().unwrap() {
@@ -314,14 +368,84 @@ mod over_tcp {
     /// returns the client's end.
     async fn proxied(config: ProxyConfig, resolver: SocketAddr) -> TcpStream {
         let (ctx, _lines) = ctx(config);
+        proxied_shared(ctx.shared.clone(), resolver, None).await
+    }
+
+    /// [`proxied`] with the given `Shared`; `rcvbuf` sets the client's receive
+    /// buffer (small: a client that does not read stalls the proxy soon).
+    pub(super) async fn proxied_shared(
+        shared: Arc<Shared>,
+        resolver: SocketAddr,
+        rcvbuf: Option<u32>,
+    ) -> TcpStream {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(n) = rcvbuf {
+            sock.set_recv_buffer_size(n).unwrap();
+        }
+        let client = sock.connect(front.local_addr().unwrap()).await.unwrap();
         let (accepted, peer) = front.accept().await.unwrap();
-        let ctx = Arc::new(ConnContext::new(ctx.shared.clone(), peer, resolver));
+        let ctx = Arc::new(ConnContext::new(shared, peer, resolver));
         tokio::spawn(tcp::serve(ctx, accepted));
         client
+    }
+
+    /// A client that sends a zone-transfer query and never reads: once the
+    /// proxy cannot write an answer within `idle_timeout` it closes the client
+    /// and the resolver connection (before, the connection was held forever),
+    /// with a flow record naming the reason.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = resolver.local_addr().unwrap();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = resolver.accept().await.unwrap();
+            let mut f = TcpDnsFramer::default();
+            read_message(&mut s, &mut f).await.unwrap();
+            // Endless ~46 KB transfer messages until the proxy goes away.
+            let records: Vec<(&str, [u8; 4])> = vec![("example", [198, 51, 100, 1]); 2000];
+            let first = tcp_frame(&response(3, Some(("example", 252)), &records)).unwrap();
+            let next = tcp_frame(&response(3, None, &records)).unwrap();
+            let mut sent = 0usize;
+            let mut r = s.write_all(&first).await;
+            while r.is_ok() {
+                sent += next.len();
+                r = s.write_all(&next).await;
+            }
+            let _ = gone_tx.send(sent);
+        });
+        let cfg = ProxyConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let (ctx, lines) = ctx(cfg);
+        let mut client = proxied_shared(ctx.shared.clone(), addr, Some(4096)).await;
+        client
+            .write_all(&tcp_frame(&typed_query(3, "example", 252)).unwrap())
+            .await
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(20), gone_rx)
+            .await
+            .expect("the resolver connection was held open")
+            .unwrap();
+        assert!(sent > 0);
+        // The client's connection is reset (or ends) too.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("client connection still open"),
+            }
+        }
+        let flows = records(&ctx, &lines);
+        assert!(
+            flows
+                .iter()
+                .any(|f| f["drop_reason_desc"] == "DNS_CLIENT_WRITE_TIMEOUT"),
+            "{flows:?}"
+        );
     }
 
     /// Pipelined queries answered out of order by the resolver come back matched
@@ -409,6 +533,47 @@ mod over_tcp {
         assert!(read_message(&mut client, &mut f).await.is_none(), "closed");
     }
 
+    /// A client that sends a message a byte at a time, each byte within
+    /// `idle_timeout` of the last, is closed once the message has not
+    /// completed within `idle_timeout` of its first byte (before, each byte
+    /// renewed the idle timer and the connection was held for as long as the
+    /// client liked).
+    #[tokio::test]
+    async fn a_message_trickled_in_is_cut_off() {
+        let resolver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = ProxyConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let (ctx, lines) = ctx(cfg);
+        let client = proxied_shared(ctx.shared.clone(), resolver.local_addr().unwrap(), None).await;
+        let (mut rd, mut wr) = client.into_split();
+        let frame = tcp_frame(&query(8, "a.example")).unwrap();
+        tokio::spawn(async move {
+            for b in frame {
+                if wr.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(2), rd.read(&mut [0u8; 64])).await;
+        assert!(
+            matches!(r, Ok(Ok(0) | Err(_))),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        let flows = records(&ctx, &lines);
+        assert!(
+            flows
+                .iter()
+                .any(|f| f["drop_reason_desc"] == "DNS_FRAME_TIMEOUT"),
+            "{flows:?}"
+        );
+    }
+
     /// Nothing listens upstream: the query gets SERVFAIL at once.
     #[tokio::test]
     async fn failed_upstream_connect_answers_servfail() {
@@ -467,14 +632,21 @@ spec:
 ";
 
     fn shared_with(reply: Option<Result<(), LearnError>>) -> (Arc<Shared>, Arc<Learner>) {
-        let policies = weir_policy::parse_policies(FQDN_POLICY, "p.yaml").unwrap();
-        let policy = Arc::new(
-            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
-        );
         let config = ProxyConfig {
             dns_learn_timeout: Duration::from_millis(50),
             ..ProxyConfig::default()
         };
+        shared_with_config(reply, config)
+    }
+
+    fn shared_with_config(
+        reply: Option<Result<(), LearnError>>,
+        config: ProxyConfig,
+    ) -> (Arc<Shared>, Arc<Learner>) {
+        let policies = weir_policy::parse_policies(FQDN_POLICY, "p.yaml").unwrap();
+        let policy = Arc::new(
+            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
+        );
         let shared = Shared::new(policy, FlowSink::new(Box::new(std::io::sink())), config);
         let learner = Arc::new(Learner {
             reply,
@@ -491,6 +663,122 @@ spec:
             addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
             policy: shared.policy.load_full(),
         }
+    }
+
+    /// A resolver on loopback that answers every query at once with one A
+    /// record for its question's name (`selected.example` or another).
+    async fn answering_resolver() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut f = TcpDnsFramer::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                while let Some(q) = f.next_message().unwrap() {
+                    let mut a = q.clone();
+                    a[2] |= 0x80; // QR
+                    a[7] = 1; // ANCOUNT
+                    a.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 192, 0, 2, 1]);
+                    if s.write_all(&tcp_frame(&a).unwrap()).await.is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => f.push(&buf[..n]),
+                }
+            }
+        });
+        addr
+    }
+
+    /// A conn whose only pending work is a release waiting for the learner does
+    /// not spin (its idle deadline is past: before, `sleep_until` fired at once
+    /// on every turn of the loop).
+    #[tokio::test]
+    async fn a_waiting_release_does_not_spin_the_conn() {
+        use tokio::io::AsyncWriteExt;
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let config = ProxyConfig {
+            idle_timeout: Duration::from_millis(20),
+            dns_learn_timeout: Duration::from_millis(600),
+            ..ProxyConfig::default()
+        };
+        let (shared, learner) = shared_with_config(None, config);
+        let resolver = answering_resolver().await;
+        let mut client = super::over_tcp::proxied_shared(shared, resolver, None).await;
+        client
+            .write_all(&tcp_frame(&query(1, "selected.example")).unwrap())
+            .await
+            .unwrap();
+        // The answer is parked on the learner; the idle deadline passes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(learner.held.lock().unwrap().len(), 1, "answer not parked");
+        let before = tcp::LOOP_TURNS.with(|c| c.get());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let turns = tcp::LOOP_TURNS.with(|c| c.get()) - before;
+        assert!(turns < 20, "{turns} loop turns while waiting");
+        // The release then fails closed: SERVFAIL.
+        let mut f = TcpDnsFramer::default();
+        let m = super::over_tcp::read_message(&mut client, &mut f)
+            .await
+            .unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (1, 2));
+    }
+
+    /// Answers parked on the learner count toward `dns_max_outstanding`: with
+    /// two parked, a third query is answered SERVFAIL at once (before, the
+    /// query was forwarded — it had left the outstanding table — and parked
+    /// answers grew without limit).
+    #[tokio::test]
+    async fn parked_answers_count_toward_the_outstanding_cap() {
+        use tokio::io::AsyncWriteExt;
+        use weir_parsers::dns::{TcpDnsFramer, tcp_frame};
+        let config = ProxyConfig {
+            dns_learn_timeout: Duration::from_secs(3),
+            dns_max_outstanding: 2,
+            ..ProxyConfig::default()
+        };
+        let (shared, learner) = shared_with_config(None, config);
+        let resolver = answering_resolver().await;
+        let mut client = super::over_tcp::proxied_shared(shared, resolver, None).await;
+        for id in 1..=2 {
+            client
+                .write_all(&tcp_frame(&query(id, "selected.example")).unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(learner.held.lock().unwrap().len(), 2, "answers not parked");
+        let started = Instant::now();
+        client
+            .write_all(&tcp_frame(&query(3, "selected.example")).unwrap())
+            .await
+            .unwrap();
+        let mut f = TcpDnsFramer::default();
+        let m = super::over_tcp::read_message(&mut client, &mut f)
+            .await
+            .unwrap();
+        assert_eq!((m[1], m[3] & 0x0f), (3, 2), "SERVFAIL for the third");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(learner.held.lock().unwrap().len(), 2, "third not forwarded");
+    }
+
+    /// A name that only the policy in force now selects (the query was decided
+    /// under one without the selector) still waits for the learner.
+    #[tokio::test]
+    async fn a_name_selected_by_the_current_policy_waits() {
+        let (shared, learner) = shared_with(Some(Ok(())));
+        let old =
+            Arc::new(CompiledPolicy::compile(&[], &[], &mut IdentityAllocator::default()).unwrap());
+        let mut r = req(&shared, "selected.example.");
+        r.policy = old;
+        assert!(!r.selected());
+        assert_eq!(learn_gate(&shared, r).await, Ok(()));
+        assert_eq!(*learner.waits.lock().unwrap(), [true]);
     }
 
     /// A selected name's answer waits for the learner and is released only on
@@ -552,4 +840,35 @@ fn zone_transfers_stay_outstanding_between_messages() {
     std::thread::sleep(Duration::from_millis(50));
     let expired = o.expire(Instant::now());
     assert!(expired.len() == 1 && expired[0].answered);
+}
+
+/// Every message of a zone transfer can be failed with SERVFAIL (a learn that
+/// fails, an unusable message): the copy handed out per message keeps the
+/// query's facts. Before, it kept no query bytes, SERVFAIL came out `None`
+/// and the client got nothing. A non-NOERROR message ends the transfer as
+/// failed on the client's side (RFC 5936 §2.2).
+#[test]
+fn every_zone_transfer_message_can_be_answered_servfail() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let mut o = Outstanding::new(4);
+    o.add(forward(&ctx, &typed_query(3, "example", 252)));
+    for m in [
+        response(3, Some(("example", 252)), &[("example", [198, 51, 100, 1])]),
+        response(3, None, &[("example", [198, 51, 100, 2])]),
+    ] {
+        let AnswerMatch::Matched(p, Ok(_)) = o.take_answer(&m) else {
+            panic!("transfer message not matched");
+        };
+        let r = servfail(&ctx, &p, "the learner failed").expect("a SERVFAIL");
+        assert_eq!(&r[..2], &3u16.to_be_bytes());
+        assert_eq!((r[3] & 0x0f, r[5]), (2, 1), "SERVFAIL with the question");
+    }
+    let flows = records(&ctx, &lines);
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|f| f["l7"]["dns"]["rcode"] == 2 && f["l7"]["type"] == "RESPONSE")
+            .count(),
+        2
+    );
 }

@@ -74,10 +74,10 @@ pub(crate) async fn run(
         let mut timer = false;
         tokio::select! {
             Some(d) = queued.recv() => {
-                on_query(&ctx, &downstream, &upstream, &mut outstanding, &d).await;
+                on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
             }
             r = recv_datagram(&downstream) => match r {
-                Ok(d) => on_query(&ctx, &downstream, &upstream, &mut outstanding, &d).await,
+                Ok(d) => on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await,
                 // The client's port is closed (ICMP for an answer sent there).
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!("DNS client gone");
@@ -141,9 +141,10 @@ async fn on_query(
     downstream: &UdpSocket,
     upstream: &UdpSocket,
     outstanding: &mut Outstanding,
+    parked: usize,
     msg: &[u8],
 ) {
-    match super::decide_query(ctx, msg, outstanding.has_room()) {
+    match super::decide_query(ctx, msg, outstanding.has_room(parked)) {
         QueryAction::Reply(r) => {
             let _ = downstream.send(&r).await;
         }
