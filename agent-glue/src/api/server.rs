@@ -5,6 +5,8 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -63,7 +65,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 }
 
 /// Serves until the run loop goes away.
-pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+pub async fn serve(
+    listener: UnixListener,
+    commands: mpsc::Sender<Command>,
+    flows: Arc<weir_proxy::FlowBus>,
+) {
+    let observer = pb::observer_server::ObserverServer::new(ObserverApi { bus: flows });
     let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
         commands: commands.clone(),
     }));
@@ -72,6 +79,7 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(fqdn)
+        .add_service(observer)
         .serve_with_incoming(incoming)
         .await
     {
@@ -157,6 +165,114 @@ impl pb::fqdn_server::Fqdn for FqdnApi {
         let names = self.0.ask(Command::ListFqdn).await?;
         Ok(Response::new(pb::ListFqdnResponse { names }))
     }
+}
+
+/// `Observer.GetFlows`, answered from the flow bus directly: reading flows
+/// never involves the run loop or the data path.
+struct ObserverApi {
+    bus: Arc<weir_proxy::FlowBus>,
+}
+
+/// Records a streaming reply may have in flight before the reader's bus queue
+/// takes over (and counts what it loses).
+const STREAM_BUFFER: usize = 256;
+
+type FlowStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GetFlowsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::observer_server::Observer for ObserverApi {
+    type GetFlowsStream = FlowStream;
+
+    async fn get_flows(
+        &self,
+        request: Request<pb::GetFlowsRequest>,
+    ) -> Result<Response<FlowStream>, Status> {
+        let req = request.into_inner();
+        let filter = flow_filter(&req)?;
+        let last = usize::try_from(req.last).unwrap_or(usize::MAX);
+        let (history, sub) = self.bus.query(
+            filter,
+            last,
+            req.follow,
+            weir_proxy::flows::bus::SUBSCRIBER_QUEUE,
+        );
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let flow = |r: &weir_proxy::flows::Record| pb::GetFlowsResponse {
+                event: Some(pb::get_flows_response::Event::FlowJson(r.json.to_string())),
+            };
+            for r in &history {
+                if tx.send(Ok(flow(r))).await.is_err() {
+                    return;
+                }
+            }
+            drop(history);
+            let Some(mut sub) = sub else { return };
+            loop {
+                let msg = tokio::select! {
+                    e = sub.next() => match e {
+                        weir_proxy::flows::Event::Flow(r) => flow(&r),
+                        weir_proxy::flows::Event::Lost(count) => pb::GetFlowsResponse {
+                            event: Some(pb::get_flows_response::Event::Lost(pb::LostFlows {
+                                count,
+                            })),
+                        },
+                    },
+                    // The reader went away while nothing was happening.
+                    () = tx.closed() => return,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Turns a request's filters into the bus's, rejecting what does not parse.
+fn flow_filter(req: &pb::GetFlowsRequest) -> Result<weir_proxy::FlowFilter, Status> {
+    use weir_proxy::flows::bus::parse_verdict;
+    let bad = |e: String| Status::invalid_argument(e);
+    let peers = |v: &[String]| {
+        v.iter()
+            .map(|s| s.parse::<weir_proxy::PeerFilter>().map_err(bad))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(weir_proxy::FlowFilter {
+        verdicts: req
+            .verdict
+            .iter()
+            .map(|v| parse_verdict(v).map_err(bad))
+            .collect::<Result<_, _>>()?,
+        types: req
+            .r#type
+            .iter()
+            .map(|t| t.parse().map_err(bad))
+            .collect::<Result<_, _>>()?,
+        from: peers(&req.from)?,
+        to: peers(&req.to)?,
+        ports: req
+            .port
+            .iter()
+            .map(|p| u16::try_from(*p).map_err(|_| bad(format!("port {p} is out of range"))))
+            .collect::<Result<_, _>>()?,
+        since: if req.since.is_empty() {
+            None
+        } else {
+            Some(
+                weir_policy::flow::normalize_rfc3339(&req.since).ok_or_else(|| {
+                    bad(format!(
+                        "since `{}` is not an RFC 3339 UTC time (2026-11-22T20:01:02Z)",
+                        req.since
+                    ))
+                })?,
+            )
+        },
+    })
 }
 
 /// Checks an add request field by field; the namespace itself is read later.
