@@ -190,6 +190,7 @@ impl pb::observer_server::Observer for ObserverApi {
     ) -> Result<Response<FlowStream>, Status> {
         let req = request.into_inner();
         let filter = flow_filter(&req)?;
+        info!(last = req.last, follow = req.follow, "API: observe flows");
         let last = usize::try_from(req.last).unwrap_or(usize::MAX);
         let (history, sub) = self.bus.query(
             filter,

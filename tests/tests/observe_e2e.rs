@@ -1,0 +1,206 @@
+//! `weir observe` end to end: real curl requests through weir (one allowed, one
+//! denied by an HTTP rule) show up in the ring (`--last`), live for a follower
+//! started before them, and the filters select exactly the records they name.
+
+use std::collections::HashSet;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weir_tests::{DEATHSTAR4, Scenario, lab, text};
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - method: POST
+          path: /v1/request-landing
+"#;
+
+fn observe(s: &Scenario, args: &[&str]) -> Output {
+    s.lab
+        .node
+        .command(weir_tests::weir_bin().to_str().unwrap())
+        .arg("observe")
+        .arg("--api-socket")
+        .arg(s.path("weir.sock"))
+        .args(args)
+        .output()
+        .expect("run weir observe")
+}
+
+/// `-o json` output: every line must parse.
+fn json_lines(out: &Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "weir observe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("`{l}`: {e}")))
+        .collect()
+}
+
+fn is_http(f: &Value, method: &str) -> bool {
+    f["l7"]["http"]["method"] == method
+}
+
+#[test]
+fn observe_shows_recent_and_live_flows_and_filters_them() {
+    let Some(mut s) = Scenario::star_wars("observe") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(POLICY, &["--steering", "nft"]);
+
+    // A follower, subscribed (weir logs the call) before any request.
+    let follow_out = s.path("follow.jsonl");
+    let mut cmd = s.lab.node.command(weir_tests::weir_bin().to_str().unwrap());
+    cmd.arg("observe")
+        .arg("--api-socket")
+        .arg(s.path("weir.sock"))
+        .args(["--follow", "-o", "json", "--type", "http"])
+        .stdout(std::fs::File::create(&follow_out).unwrap())
+        // It ends with an error when weir stops at the end of the test.
+        .stderr(std::fs::File::create(s.path("follow.err")).unwrap());
+    s.lab
+        .spawn("observe-follow", cmd)
+        .expect("start weir observe");
+    lab::wait_until(Duration::from_secs(10), || {
+        s.weir_log_text().contains("API: observe flows")
+    })
+    .unwrap_or_else(|_| panic!("the follower never asked:\n{}", s.weir_log_text()));
+
+    let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
+    let allowed = s.status("tiefighter", "POST", &landing);
+    assert_eq!(allowed, "200", "{}", s.weir_log_text());
+    let denied = s.status(
+        "tiefighter",
+        "PUT",
+        &format!("http://{DEATHSTAR4}/v1/exhaust-port"),
+    );
+    assert_eq!(denied, "403");
+    let answered = Instant::now();
+
+    // The follower sees both, live, and the denied one soon after its answer.
+    let followed = || -> Vec<Value> {
+        std::fs::read_to_string(&follow_out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let seen = lab::wait_until(Duration::from_secs(5), || {
+        followed().iter().any(|f| is_http(f, "PUT"))
+    });
+    let delay = answered.elapsed();
+    assert!(seen.is_ok(), "the follower saw: {:?}", followed());
+    eprintln!("the follower saw the denied request {delay:?} after curl returned");
+    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    let live = followed();
+    assert!(live.iter().any(|f| is_http(f, "POST")), "{live:?}");
+    assert!(live.iter().all(|f| f["l7"]["http"].is_object()), "{live:?}");
+
+    // The ring: the last 10, as JSON with Hubble's field names, each exactly as
+    // the flow log has it.
+    let recent = observe(&s, &["--last", "10", "-o", "json"]);
+    let recent_lines: Vec<String> = text(&recent).lines().map(str::to_string).collect();
+    let recent = json_lines(&recent);
+    assert!(!recent.is_empty() && recent.len() <= 10, "{recent:?}");
+    let put = recent
+        .iter()
+        .find(|f| is_http(f, "PUT"))
+        .expect("the denied request");
+    assert_eq!(put["verdict"], "DROPPED");
+    assert_eq!(put["l7"]["http"]["code"], 403);
+    assert_eq!(put["l7"]["type"], "REQUEST");
+    assert_eq!(put["source"]["pod_name"], "tiefighter");
+    assert_eq!(put["destination"]["pod_name"], "deathstar");
+    assert_eq!(put["IP"]["destination"], DEATHSTAR4);
+    assert_eq!(put["l4"]["TCP"]["destination_port"], 80);
+    assert_eq!(put["Type"], "L7");
+    assert_eq!(put["policy"], "no rule matched (ingress, HTTP)");
+    assert!(put["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let post = recent
+        .iter()
+        .find(|f| is_http(f, "POST"))
+        .expect("the allowed request");
+    assert_eq!(post["verdict"], "FORWARDED");
+    assert_eq!(
+        post["policy"],
+        "rule1 spec.ingress[0].toPorts[0].rules.http[0]"
+    );
+    let logged: HashSet<String> = s.flows().iter().map(|f| f.to_string()).collect();
+    for l in &recent_lines {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert!(logged.contains(&v.to_string()), "not in the flow log: {l}");
+    }
+
+    // Filters select exactly what they say, against everything in the ring.
+    let all = json_lines(&observe(&s, &["--last", "100000", "-o", "json"]));
+    assert!(all.len() >= 2);
+    let keep = |pred: &dyn Fn(&Value) -> bool| -> Vec<Value> {
+        all.iter().filter(|f| pred(f)).cloned().collect()
+    };
+    let dropped = json_lines(&observe(
+        &s,
+        &["--last", "100000", "-o", "json", "--verdict", "DROPPED"],
+    ));
+    assert_eq!(dropped, keep(&|f| f["verdict"] == "DROPPED"));
+    assert!(dropped.iter().any(|f| is_http(f, "PUT")));
+    assert!(!dropped.iter().any(|f| is_http(f, "POST")));
+    let http = json_lines(&observe(
+        &s,
+        &["--last", "100000", "-o", "json", "--type", "http"],
+    ));
+    assert_eq!(http, keep(&|f| f["l7"]["http"].is_object()));
+    assert_eq!(http.len(), 2, "{http:?}");
+    let to_80_from_tie = json_lines(&observe(
+        &s,
+        &[
+            "--last",
+            "100000",
+            "-o",
+            "json",
+            "--from",
+            "class=tiefighter",
+            "--port",
+            "80",
+            "--verdict",
+            "FORWARDED",
+        ],
+    ));
+    assert_eq!(
+        to_80_from_tie,
+        keep(&|f| f["source"]["pod_name"] == "tiefighter"
+            && f["verdict"] == "FORWARDED"
+            && (f["l4"]["TCP"]["destination_port"] == 80 || f["l4"]["TCP"]["source_port"] == 80))
+    );
+    assert!(to_80_from_tie.iter().any(|f| is_http(f, "POST")));
+
+    // The compact form, as `hubble observe` reads.
+    let compact = observe(
+        &s,
+        &["--last", "1", "--type", "http", "--verdict", "DROPPED"],
+    );
+    let line = text(&compact);
+    assert!(
+        line.contains("default/tiefighter:")
+            && line.contains("-> default/deathstar:80 (ID:")
+            && line.contains("http-request DROPPED (HTTP/1.1 PUT ")
+            && line.contains("[no rule matched (ingress, HTTP)]"),
+        "{line}"
+    );
+    // A bad filter is refused, not ignored.
+    let bad = observe(&s, &["--since", "yesterday"]);
+    assert!(!bad.status.success());
+}
