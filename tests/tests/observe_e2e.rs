@@ -200,6 +200,7 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
             && line.contains("[no rule matched (ingress, HTTP)]"),
         "{line}"
     );
+    eprintln!("weir observe:\n{}", text(&observe(&s, &[])));
     // A bad filter is refused, not ignored.
     let bad = observe(&s, &["--since", "yesterday"]);
     assert!(!bad.status.success());
