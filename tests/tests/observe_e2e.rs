@@ -205,3 +205,68 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
     let bad = observe(&s, &["--since", "yesterday"]);
     assert!(!bad.status.success());
 }
+
+/// `--flow-log-max-size`/`--flow-log-max-files`: the flow log rotates at record
+/// boundaries, keeps the files it is told to, and loses no record while they fit.
+#[test]
+fn the_flow_log_rotates_by_size() {
+    let Some(mut s) = Scenario::star_wars("flowlog-rotate") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(
+        POLICY,
+        &[
+            "--steering",
+            "nft",
+            "--flow-log-max-size",
+            "2K",
+            "--flow-log-max-files",
+            "5",
+        ],
+    );
+    let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
+    for _ in 0..4 {
+        assert_eq!(s.status("tiefighter", "POST", &landing), "200");
+        assert_eq!(
+            s.status("tiefighter", "PUT", &format!("http://{DEATHSTAR4}/x")),
+            "403"
+        );
+    }
+    // Every record is written once it is in the ring.
+    let ok = lab::wait_until(Duration::from_secs(5), || {
+        json_lines(&observe(
+            &s,
+            &["--last", "100", "-o", "json", "--type", "http"],
+        ))
+        .len()
+            == 8
+    });
+    assert!(ok.is_ok());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut files = vec![s.flow_log.clone()];
+    files.extend((1..=6).map(|n| s.path(&format!("flows.jsonl.{n}"))));
+    let mut http = 0;
+    let mut rotated = 0;
+    for (i, f) in files.iter().enumerate() {
+        let Ok(body) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        assert!(i <= 5, "{} is beyond --flow-log-max-files", f.display());
+        rotated += usize::from(i > 0);
+        let lines: Vec<&str> = body.lines().collect();
+        assert!(
+            body.len() <= 2048 || lines.len() == 1,
+            "{} has {} bytes",
+            f.display(),
+            body.len()
+        );
+        assert!(body.is_empty() || body.ends_with('\n'), "a split record");
+        for l in lines {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("`{l}`: {e}"));
+            http += usize::from(v["l7"]["http"].is_object());
+        }
+    }
+    assert!(rotated >= 2, "8 records of ~1 KiB rotate a 2 KiB log");
+    assert_eq!(http, 8, "no record lost across rotations");
+}
