@@ -82,6 +82,21 @@ pub enum PolicyCommand {
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+#[derive(Debug, Clone, Copy)]
+pub enum AdminAddr {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
+    if s == "off" {
+        return Ok(AdminAddr::Off);
+    }
+    s.parse()
+        .map(AdminAddr::At)
+        .map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9965) or `off`"))
+}
+
 /// `1048576`, `512K`, `100M`, `1G` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -226,6 +241,10 @@ pub struct RunArgs {
     /// Rotated flow log files kept (`FILE.1` newest .. `FILE.N`); 0 keeps none.
     #[arg(long, default_value_t = weir_proxy::flows::rotate::DEFAULT_MAX_FILES)]
     pub flow_log_max_files: u32,
+    /// The admin HTTP listener: `/metrics` (Prometheus) and `/healthz`.
+    /// `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9965", value_parser = parse_admin_addr)]
+    pub admin_addr: AdminAddr,
     /// Recent flow records kept in memory for `weir observe` (0: none; each
     /// costs about its JSON's size, ~1 KiB).
     #[arg(long, default_value_t = weir_proxy::flows::bus::DEFAULT_CAPACITY)]

@@ -86,6 +86,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sources = load_sources()?;
     let mut policy = Arc::new(sources.compile()?);
     let shared = Shared::new(policy.clone(), flow_sink(&args)?, proxy_config(&args));
+    if let crate::cli::AdminAddr::At(addr) = args.admin_addr {
+        crate::admin::spawn(addr, shared.flows.bus().clone(), taking_over)?;
+    }
     // A takeover gets the listeners from the running weir, after everything
     // else is ready; the API socket is bound once that weir has released it.
     let bound = if taking_over {

@@ -201,6 +201,47 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
         "{line}"
     );
     eprintln!("weir observe:\n{}", text(&observe(&s, &[])));
+
+    // /metrics counts what the bus carried, exactly; /healthz answers.
+    let metrics = text(&s.curl_from_node(&["http://127.0.0.1:9965/metrics"]));
+    let value = |series: &str| -> Option<u64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let count = |verdict: &str, kind: &str, proto: &str| {
+        keep(&|f| {
+            f["verdict"] == verdict
+                && f["Type"] == kind
+                && match proto {
+                    "HTTP" => f["l7"]["http"].is_object(),
+                    "DNS" => f["l7"]["dns"].is_object(),
+                    l4 => f["l7"].is_null() && f["l4"][l4].is_object(),
+                }
+        })
+        .len() as u64
+    };
+    for (verdict, kind, proto) in [
+        ("FORWARDED", "L7", "HTTP"),
+        ("DROPPED", "L7", "HTTP"),
+        ("FORWARDED", "L3_L4", "TCP"),
+        ("DROPPED", "L3_L4", "TCP"),
+    ] {
+        let want = count(verdict, kind, proto);
+        let series = format!(
+            "weir_flows_processed_total{{verdict=\"{verdict}\",type=\"{kind}\",protocol=\"{proto}\"}}"
+        );
+        assert_eq!(value(&series).unwrap_or(0), want, "{series}\n{metrics}");
+    }
+    assert_eq!(
+        value("weir_drop_total{reason=\"POLICY_DENIED\"}"),
+        Some(keep(&|f| f["drop_reason_desc"] == "POLICY_DENIED").len() as u64),
+        "{metrics}"
+    );
+    assert_eq!(
+        text(&s.curl_from_node(&["http://127.0.0.1:9965/healthz"])),
+        "ok\n"
+    );
     // A bad filter is refused, not ignored.
     let bad = observe(&s, &["--since", "yesterday"]);
     assert!(!bad.status.success());

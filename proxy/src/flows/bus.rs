@@ -38,6 +38,8 @@ pub enum Event {
 pub struct FlowBus {
     inner: Mutex<Inner>,
     capacity: usize,
+    /// Counted as records are published (on the writer thread).
+    metrics: super::metrics::FlowMetrics,
 }
 
 struct Inner {
@@ -73,7 +75,13 @@ impl FlowBus {
                 subscribers: Vec::new(),
             }),
             capacity,
+            metrics: super::metrics::FlowMetrics::default(),
         })
+    }
+
+    /// The counters derived from published records, and their registry.
+    pub fn metrics(&self) -> &super::metrics::FlowMetrics {
+        &self.metrics
     }
 
     pub fn capacity(&self) -> usize {
@@ -94,6 +102,9 @@ impl FlowBus {
     pub fn publish(&self, records: &[Arc<Record>]) {
         if records.is_empty() {
             return;
+        }
+        for r in records {
+            self.metrics.observe(&r.flow);
         }
         let mut inner = lock(&self.inner);
         if self.capacity > 0 {
@@ -649,5 +660,40 @@ mod tests {
             Event::Flow(r) => assert_eq!(ports(&r.flow).1, Some(3)),
             Event::Lost(n) => panic!("lost {n}"),
         }
+    }
+
+    #[test]
+    fn metrics_count_every_published_record_by_verdict_type_and_reason() {
+        let bus = FlowBus::new(1);
+        let recs: Vec<_> = [
+            flow(1, true),
+            flow(2, false),
+            http(flow(3, true)),
+            http(flow(4, false)),
+            http(flow(5, false)),
+            dns(flow(6, true)),
+            http(flow(7, true)).with_error("MALFORMED_REQUEST: bad"),
+        ]
+        .into_iter()
+        .map(rec)
+        .collect();
+        bus.publish(&recs);
+        let text = bus.metrics().encode();
+        let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                r#"weir_drop_total{reason="MALFORMED_REQUEST"} 1"#,
+                r#"weir_drop_total{reason="POLICY_DENIED"} 3"#,
+                r#"weir_flows_processed_total{verdict="DROPPED",type="L3_L4",protocol="TCP"} 1"#,
+                r#"weir_flows_processed_total{verdict="DROPPED",type="L7",protocol="HTTP"} 2"#,
+                r#"weir_flows_processed_total{verdict="ERROR",type="L7",protocol="HTTP"} 1"#,
+                r#"weir_flows_processed_total{verdict="FORWARDED",type="L3_L4",protocol="TCP"} 1"#,
+                r#"weir_flows_processed_total{verdict="FORWARDED",type="L7",protocol="DNS"} 1"#,
+                r#"weir_flows_processed_total{verdict="FORWARDED",type="L7",protocol="HTTP"} 1"#,
+            ],
+            "{text}"
+        );
     }
 }

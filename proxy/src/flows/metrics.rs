@@ -1,0 +1,139 @@
+//! Prometheus counters derived from the flow bus: every published record is
+//! counted on the writer thread, so the data path pays nothing for them. Label
+//! values come from fixed sets (verdicts, types, protocols, weir's own reason
+//! codes): no per-peer, per-IP or per-path label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use weir_policy::flow::{Flow, FlowVerdict, L4};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    /// FORWARDED, DROPPED, ERROR.
+    pub verdict: &'static str,
+    /// L3_L4 or L7 (Hubble's `Type`).
+    pub r#type: &'static str,
+    /// TCP, UDP, ICMPv4, ICMPv6 for L3/L4; HTTP, DNS for L7.
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: String,
+}
+
+/// The flow counters and the registry they are in (the one `/metrics` serves;
+/// later metrics register here too).
+pub struct FlowMetrics {
+    pub registry: Registry,
+    flows: Family<FlowLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+}
+
+impl Default for FlowMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let flows = Family::<FlowLabels, Counter>::default();
+        let drops = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "weir_flows_processed",
+            "Flow records by verdict, type (L3_L4, L7) and protocol",
+            flows.clone(),
+        );
+        registry.register(
+            "weir_drop",
+            "Flows dropped or refused (verdict DROPPED or ERROR) by reason",
+            drops.clone(),
+        );
+        FlowMetrics {
+            registry,
+            flows,
+            drops,
+        }
+    }
+}
+
+impl FlowMetrics {
+    pub fn observe(&self, f: &Flow) {
+        let verdict = match f.verdict {
+            FlowVerdict::Forwarded => "FORWARDED",
+            FlowVerdict::Dropped => "DROPPED",
+            FlowVerdict::Error => "ERROR",
+        };
+        let l7 = f.l7.as_ref().map(|l| {
+            if l.http.is_some() {
+                "HTTP"
+            } else if l.dns.is_some() {
+                "DNS"
+            } else {
+                "OTHER"
+            }
+        });
+        let protocol = l7.unwrap_or(match f.l4 {
+            L4::Tcp(_) => "TCP",
+            L4::Udp(_) => "UDP",
+            L4::Icmpv4(_) => "ICMPv4",
+            L4::Icmpv6(_) => "ICMPv6",
+        });
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict,
+                r#type: if l7.is_some() { "L7" } else { "L3_L4" },
+                protocol,
+            })
+            .inc();
+        if f.verdict != FlowVerdict::Forwarded {
+            let reason = reason_label(f.drop_reason_desc.as_deref());
+            self.drops.get_or_create(&DropLabels { reason }).inc();
+        }
+    }
+
+    /// The registry in Prometheus's text format (OpenMetrics flavour).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A drop reason as a bounded label: weir's reason codes are upper-case names,
+/// some followed by `: detail` (`MALFORMED_REQUEST: ...`): the name only.
+fn reason_label(desc: Option<&str>) -> String {
+    let Some(desc) = desc else {
+        return "UNKNOWN".into();
+    };
+    let code = desc.split([':', ' ']).next().unwrap_or("");
+    if !code.is_empty()
+        && code.len() <= 48
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
+        code.to_string()
+    } else {
+        "OTHER".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_bounded_names() {
+        assert_eq!(reason_label(Some("POLICY_DENIED")), "POLICY_DENIED");
+        assert_eq!(
+            reason_label(Some("MALFORMED_REQUEST: bad header x")),
+            "MALFORMED_REQUEST"
+        );
+        assert_eq!(
+            reason_label(Some("DNS_QUERY_REJECTED:multiple_questions")),
+            "DNS_QUERY_REJECTED"
+        );
+        assert_eq!(reason_label(Some("upstream said no")), "OTHER");
+        assert_eq!(reason_label(None), "UNKNOWN");
+    }
+}
