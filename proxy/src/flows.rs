@@ -13,7 +13,7 @@ pub mod bus;
 pub mod metrics;
 pub mod rotate;
 
-pub use bus::{Event, FlowBus, FlowFilter, FlowType, PeerFilter, Record, Subscription};
+pub use bus::{Event, FlowBus, FlowFilter, FlowKey, FlowType, PeerFilter, Record, Subscription};
 
 use std::io::Write;
 use std::sync::Arc;
@@ -29,8 +29,9 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 const BATCH: usize = 1024;
 
 enum Msg {
-    Flow(Arc<Flow>),
-    Flows(Vec<Arc<Flow>>),
+    // Boxed: the queue's slots are allocated up front, so they stay small.
+    Flow(Box<Flow>),
+    Flows(Vec<Flow>),
     /// Answered once everything queued before it is written and flushed.
     Flush(SyncSender<()>),
 }
@@ -88,7 +89,7 @@ impl FlowSink {
 
     /// Queues many records as one batch (the kernel's events come in batches).
     pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
-        let flows: Vec<Arc<Flow>> = flows.map(Arc::new).collect();
+        let flows: Vec<Flow> = flows.collect();
         if !flows.is_empty() {
             let n = flows.len() as u64;
             self.send(Msg::Flows(flows), n);
@@ -98,7 +99,7 @@ impl FlowSink {
     /// Queues one record. It is serialised on the writer thread: a clone costs
     /// the data path less than rendering the JSON did.
     pub fn emit(&self, flow: &Flow) {
-        self.send(Msg::Flow(Arc::new(flow.clone())), 1);
+        self.send(Msg::Flow(Box::new(flow.clone())), 1);
     }
 
     /// Waits (at most `timeout`) until every record queued so far is written and
@@ -160,11 +161,11 @@ impl Drop for FlowSink {
 }
 
 /// Renders a record once for the file and every reader of the bus.
-fn record(flow: Arc<Flow>) -> Arc<Record> {
+fn record(flow: &Flow) -> Arc<Record> {
     let mut json = flow.to_json_line();
     json.pop(); // the newline
     Arc::new(Record {
-        flow,
+        key: bus::FlowKey::new(flow),
         json: json.into_boxed_str(),
     })
 }
@@ -189,7 +190,7 @@ fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>, bus: &FlowBus) 
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Flow(flow) => {
-                    let r = record(flow);
+                    let r = record(&flow);
                     result = result.and_then(|()| write_record(&mut *out, &r));
                     batch.push(r);
                     written += 1;
@@ -197,7 +198,7 @@ fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>, bus: &FlowBus) 
                 Msg::Flows(flows) => {
                     written += flows.len();
                     for flow in flows {
-                        let r = record(flow);
+                        let r = record(&flow);
                         result = result.and_then(|()| write_record(&mut *out, &r));
                         batch.push(r);
                     }
@@ -351,7 +352,11 @@ mod tests {
         let mut n = 0;
         while let Some(Event::Flow(r)) = sub.try_next() {
             n += 1;
-            assert_eq!(format!("{}\n", r.json), r.flow.to_json_line());
+            let v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+            assert_eq!(
+                v["l4"]["TCP"]["source_port"],
+                r.key.ports.map_or(0, |p| p.0)
+            );
         }
         assert_eq!(n, 5);
     }

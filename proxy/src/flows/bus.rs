@@ -11,19 +11,76 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
-use weir_policy::flow::{Flow, FlowVerdict, L4};
+use weir_policy::flow::{Flow, FlowVerdict, L4, RenderedEndpoint};
 
 /// Recent records kept by default (`--flow-buffer`).
 pub const DEFAULT_CAPACITY: usize = 65_536;
 /// Records a live subscriber may have unread before it loses some.
 pub const SUBSCRIBER_QUEUE: usize = 8192;
 
-/// A published record: the flow and its JSON (rendered once for every reader).
+/// A published record: its JSON (rendered once for every reader) and the few
+/// facts filters and counters need. The `Flow` itself is not kept: the ring
+/// holds `--flow-buffer` of these.
 #[derive(Debug)]
 pub struct Record {
-    pub flow: Arc<Flow>,
+    pub key: FlowKey,
     /// One JSON object, no trailing newline.
     pub json: Box<str>,
+}
+
+/// What filters and metrics read of a flow.
+#[derive(Debug, Clone)]
+pub struct FlowKey {
+    pub verdict: FlowVerdict,
+    /// `HTTP`, `DNS` (`OTHER` for a protocol the filters do not know yet);
+    /// `None` for an L3/L4 record.
+    pub l7: Option<&'static str>,
+    /// `TCP`, `UDP`, `ICMPv4`, `ICMPv6`.
+    pub l4: &'static str,
+    /// (source, destination) for TCP and UDP.
+    pub ports: Option<(u16, u16)>,
+    pub source: Arc<RenderedEndpoint>,
+    pub destination: Arc<RenderedEndpoint>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    /// As in the record: RFC 3339, nanoseconds, fixed width.
+    pub time: Box<str>,
+    /// The drop reason as a metrics label (DROPPED and ERROR only).
+    pub drop_reason: Option<String>,
+}
+
+impl FlowKey {
+    pub fn new(f: &Flow) -> Self {
+        FlowKey {
+            verdict: f.verdict,
+            l7: f.l7.as_ref().map(|l| {
+                if l.http.is_some() {
+                    "HTTP"
+                } else if l.dns.is_some() {
+                    "DNS"
+                } else {
+                    "OTHER"
+                }
+            }),
+            l4: match f.l4 {
+                L4::Tcp(_) => "TCP",
+                L4::Udp(_) => "UDP",
+                L4::Icmpv4(_) => "ICMPv4",
+                L4::Icmpv6(_) => "ICMPv6",
+            },
+            ports: match &f.l4 {
+                L4::Tcp(p) | L4::Udp(p) => Some((p.source_port, p.destination_port)),
+                L4::Icmpv4(_) | L4::Icmpv6(_) => None,
+            },
+            source: f.source.clone(),
+            destination: f.destination.clone(),
+            source_ip: f.ip.source,
+            destination_ip: f.ip.destination,
+            time: f.time.as_str().into(),
+            drop_reason: (f.verdict != FlowVerdict::Forwarded)
+                .then(|| super::metrics::reason_label(f.drop_reason_desc.as_deref())),
+        }
+    }
 }
 
 /// What a subscriber reads.
@@ -104,7 +161,7 @@ impl FlowBus {
             return;
         }
         for r in records {
-            self.metrics.observe(&r.flow);
+            self.metrics.observe(&r.key);
         }
         let mut inner = lock(&self.inner);
         if self.capacity > 0 {
@@ -119,7 +176,7 @@ impl FlowBus {
             let mut woke = false;
             {
                 let mut st = lock(&sub.state);
-                for r in records.iter().filter(|r| sub.filter.matches(&r.flow)) {
+                for r in records.iter().filter(|r| sub.filter.matches(&r.key)) {
                     if st.queue.len() < sub.queue_cap {
                         st.queue.push_back(r.clone());
                     } else {
@@ -149,7 +206,7 @@ impl FlowBus {
             .ring
             .iter()
             .rev()
-            .filter(|r| filter.matches(&r.flow))
+            .filter(|r| filter.matches(&r.key))
             .take(last)
             .cloned()
             .collect();
@@ -312,40 +369,32 @@ pub struct FlowFilter {
 }
 
 impl FlowFilter {
-    pub fn matches(&self, f: &Flow) -> bool {
+    pub fn matches(&self, f: &FlowKey) -> bool {
         (self.verdicts.is_empty() || self.verdicts.contains(&f.verdict))
             && (self.types.is_empty() || self.types.iter().any(|t| type_matches(*t, f)))
             && (self.from.is_empty()
                 || self
                     .from
                     .iter()
-                    .any(|p| p.matches(&f.source.endpoint, f.ip.source)))
+                    .any(|p| p.matches(&f.source.endpoint, f.source_ip)))
             && (self.to.is_empty()
                 || self
                     .to
                     .iter()
-                    .any(|p| p.matches(&f.destination.endpoint, f.ip.destination)))
-            && (self.ports.is_empty() || {
-                let (s, d) = ports(f);
-                self.ports.iter().any(|p| Some(*p) == s || Some(*p) == d)
-            })
-            && self.since.as_deref().is_none_or(|t| f.time.as_str() >= t)
+                    .any(|p| p.matches(&f.destination.endpoint, f.destination_ip)))
+            && (self.ports.is_empty()
+                || f.ports
+                    .is_some_and(|(s, d)| self.ports.iter().any(|p| *p == s || *p == d)))
+            && self.since.as_deref().is_none_or(|t| &*f.time >= t)
     }
 }
 
-fn type_matches(t: FlowType, f: &Flow) -> bool {
+fn type_matches(t: FlowType, f: &FlowKey) -> bool {
     match t {
         FlowType::L3L4 => f.l7.is_none(),
         FlowType::L7 => f.l7.is_some(),
-        FlowType::Http => f.l7.as_ref().is_some_and(|l| l.http.is_some()),
-        FlowType::Dns => f.l7.as_ref().is_some_and(|l| l.dns.is_some()),
-    }
-}
-
-fn ports(f: &Flow) -> (Option<u16>, Option<u16>) {
-    match &f.l4 {
-        L4::Tcp(p) | L4::Udp(p) => (Some(p.source_port), Some(p.destination_port)),
-        L4::Icmpv4(_) | L4::Icmpv6(_) => (None, None),
+        FlowType::Http => f.l7 == Some("HTTP"),
+        FlowType::Dns => f.l7 == Some("DNS"),
     }
 }
 
@@ -423,11 +472,11 @@ mod tests {
     }
 
     fn rec(f: Flow) -> Arc<Record> {
-        super::super::record(Arc::new(f))
+        super::super::record(&f)
     }
 
     fn ports_of(rs: &[Arc<Record>]) -> Vec<u16> {
-        rs.iter().map(|r| ports(&r.flow).1.unwrap_or(0)).collect()
+        rs.iter().map(|r| r.key.ports.map_or(0, |p| p.1)).collect()
     }
 
     #[test]
@@ -621,7 +670,7 @@ mod tests {
             let mut seen = Vec::new();
             while let Some(e) = s.try_next() {
                 seen.push(match e {
-                    Event::Flow(r) => format!("{}", ports(&r.flow).1.unwrap_or(0)),
+                    Event::Flow(r) => format!("{}", r.key.ports.map_or(0, |p| p.1)),
                     Event::Lost(n) => format!("lost {n}"),
                 });
             }
@@ -657,7 +706,7 @@ mod tests {
             .await
             .expect("a live record");
         match got {
-            Event::Flow(r) => assert_eq!(ports(&r.flow).1, Some(3)),
+            Event::Flow(r) => assert_eq!(r.key.ports.map(|p| p.1), Some(3)),
             Event::Lost(n) => panic!("lost {n}"),
         }
     }

@@ -7,7 +7,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use weir_policy::flow::{Flow, FlowVerdict, L4};
+use weir_policy::flow::FlowVerdict;
+
+use super::bus::FlowKey;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
@@ -56,37 +58,25 @@ impl Default for FlowMetrics {
 }
 
 impl FlowMetrics {
-    pub fn observe(&self, f: &Flow) {
+    pub fn observe(&self, f: &FlowKey) {
         let verdict = match f.verdict {
             FlowVerdict::Forwarded => "FORWARDED",
             FlowVerdict::Dropped => "DROPPED",
             FlowVerdict::Error => "ERROR",
         };
-        let l7 = f.l7.as_ref().map(|l| {
-            if l.http.is_some() {
-                "HTTP"
-            } else if l.dns.is_some() {
-                "DNS"
-            } else {
-                "OTHER"
-            }
-        });
-        let protocol = l7.unwrap_or(match f.l4 {
-            L4::Tcp(_) => "TCP",
-            L4::Udp(_) => "UDP",
-            L4::Icmpv4(_) => "ICMPv4",
-            L4::Icmpv6(_) => "ICMPv6",
-        });
         self.flows
             .get_or_create(&FlowLabels {
                 verdict,
-                r#type: if l7.is_some() { "L7" } else { "L3_L4" },
-                protocol,
+                r#type: if f.l7.is_some() { "L7" } else { "L3_L4" },
+                protocol: f.l7.unwrap_or(f.l4),
             })
             .inc();
-        if f.verdict != FlowVerdict::Forwarded {
-            let reason = reason_label(f.drop_reason_desc.as_deref());
-            self.drops.get_or_create(&DropLabels { reason }).inc();
+        if let Some(reason) = &f.drop_reason {
+            self.drops
+                .get_or_create(&DropLabels {
+                    reason: reason.clone(),
+                })
+                .inc();
         }
     }
 
@@ -101,7 +91,7 @@ impl FlowMetrics {
 
 /// A drop reason as a bounded label: weir's reason codes are upper-case names,
 /// some followed by `: detail` (`MALFORMED_REQUEST: ...`): the name only.
-fn reason_label(desc: Option<&str>) -> String {
+pub(super) fn reason_label(desc: Option<&str>) -> String {
     let Some(desc) = desc else {
         return "UNKNOWN".into();
     };
