@@ -311,3 +311,51 @@ fn the_flow_log_rotates_by_size() {
     assert!(rotated >= 2, "8 records of ~1 KiB rotate a 2 KiB log");
     assert_eq!(http, 8, "no record lost across rotations");
 }
+
+/// The kernel's L3/L4 verdicts (eBPF datapath) reach the bus too.
+#[test]
+fn kernel_drops_show_up_in_observe() {
+    let Some(mut s) = Scenario::star_wars("observe-l34") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(POLICY, &["--steering", "ebpf"]);
+    assert!(
+        !s.ping("xwing", DEATHSTAR4),
+        "the policy admits only the empire"
+    );
+    let query = [
+        "--last",
+        "100",
+        "-o",
+        "json",
+        "--type",
+        "l3-l4",
+        "--verdict",
+        "DROPPED",
+        "--from",
+        "xwing",
+        "--to",
+        "class=deathstar",
+    ];
+    let found = lab::wait_until(Duration::from_secs(5), || {
+        json_lines(&observe(&s, &query))
+            .iter()
+            .any(|f| f["l4"]["ICMPv4"].is_object())
+    });
+    let got = json_lines(&observe(&s, &query));
+    assert!(found.is_ok(), "{got:?}\n{}", s.weir_log_text());
+    for f in &got {
+        assert_eq!(f["Type"], "L3_L4");
+        assert_eq!(f["verdict"], "DROPPED");
+        assert_eq!(f["source"]["pod_name"], "xwing");
+        assert_eq!(f["destination"]["pod_name"], "deathstar");
+    }
+    let metrics = text(&s.curl_from_node(&["http://127.0.0.1:9965/metrics"]));
+    assert!(
+        metrics.contains(
+            "weir_flows_processed_total{verdict=\"DROPPED\",type=\"L3_L4\",protocol=\"ICMPv4\"}"
+        ),
+        "{metrics}"
+    );
+}
