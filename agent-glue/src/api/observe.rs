@@ -111,7 +111,8 @@ async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
             Ok(None) => break,
-            Err(s) => return Err(status_error(s)),
+            // Mostly: weir stopped while we followed.
+            Err(s) => anyhow::bail!("the flow stream from weir ended: {}", s.message()),
         };
         let line = match msg.event {
             Some(pb::get_flows_response::Event::FlowJson(json)) => match args.output {

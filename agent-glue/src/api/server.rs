@@ -192,12 +192,20 @@ impl pb::observer_server::Observer for ObserverApi {
         let filter = flow_filter(&req)?;
         info!(last = req.last, follow = req.follow, "API: observe flows");
         let last = usize::try_from(req.last).unwrap_or(usize::MAX);
-        let (history, sub) = self.bus.query(
-            filter,
-            last,
-            req.follow,
-            weir_proxy::flows::bus::SUBSCRIBER_QUEUE,
-        );
+        // Scanning a ring of 65 536 records takes a few milliseconds: not on a
+        // worker the proxy's connections share.
+        let bus = self.bus.clone();
+        let follow = req.follow;
+        let (history, sub) = tokio::task::spawn_blocking(move || {
+            bus.query(
+                filter,
+                last,
+                follow,
+                weir_proxy::flows::bus::SUBSCRIBER_QUEUE,
+            )
+        })
+        .await
+        .map_err(|_| Status::internal("reading the flow ring failed"))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(async move {
             let flow = |r: &weir_proxy::flows::Record| pb::GetFlowsResponse {
@@ -400,6 +408,47 @@ mod tests {
             let e = validate_add(bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().contains(why), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn flow_filters_are_checked_not_ignored() {
+        let ok = flow_filter(&pb::GetFlowsRequest {
+            verdict: vec!["dropped".into()],
+            r#type: vec!["http".into()],
+            from: vec!["class=xwing".into()],
+            to: vec!["deathstar".into()],
+            port: vec![80],
+            since: "2026-11-22T20:00:00Z".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.ports, [80]);
+        assert_eq!(ok.since.as_deref(), Some("2026-11-22T20:00:00.000000000Z"));
+        for bad in [
+            pb::GetFlowsRequest {
+                verdict: vec!["AUDIT".into()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                r#type: vec!["smtp".into()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                from: vec![String::new()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                port: vec![70_000],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                since: "5m".into(),
+                ..Default::default()
+            },
+        ] {
+            let e = flow_filter(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
     }
 
