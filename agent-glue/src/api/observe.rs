@@ -32,10 +32,10 @@ pub struct ObserveArgs {
     #[arg(long)]
     pub last: Option<u64>,
     /// Only flows with this verdict (repeatable: any of them).
-    #[arg(long, value_parser = ["FORWARDED", "DROPPED", "ERROR", "forwarded", "dropped", "error"])]
+    #[arg(long, ignore_case = true, value_parser = ["FORWARDED", "DROPPED", "ERROR"])]
     pub verdict: Vec<String>,
     /// Only flows of this type (repeatable: any of them).
-    #[arg(long = "type", value_parser = ["l3-l4", "l7", "http", "dns"])]
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["l3-l4", "l7", "http", "dns"])]
     pub kind: Vec<String>,
     /// Only flows from this peer: an endpoint name (or namespace/name), a label
     /// `k=v`, `reserved:world`, or an IP (repeatable: any of them).
