@@ -130,6 +130,7 @@ impl FlowSink {
         let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
         if !sent {
             let total = self.lost.fetch_add(records, Ordering::Relaxed) + records;
+            self.bus.metrics().lost.inc_by(records);
             self.warn_lost(total);
         }
     }
@@ -317,6 +318,14 @@ mod tests {
         gate.open();
         assert!(sink.flush(Duration::from_secs(5)));
         assert_eq!(gate.lines() as u64 + lost, 110);
+        assert!(
+            sink.bus()
+                .metrics()
+                .encode()
+                .contains(&format!("weir_flows_lost_total {lost}\n")),
+            "{}",
+            sink.bus().metrics().encode()
+        );
     }
 
     /// Records are written promptly, without an explicit flush.

@@ -32,6 +32,8 @@ pub struct FlowMetrics {
     pub registry: Registry,
     flows: Family<FlowLabels, Counter>,
     drops: Family<DropLabels, Counter>,
+    /// Records the flow writer had no room for (counted by the sink itself).
+    pub lost: Counter,
 }
 
 impl Default for FlowMetrics {
@@ -49,10 +51,17 @@ impl Default for FlowMetrics {
             "Flows dropped or refused (verdict DROPPED or ERROR) by reason",
             drops.clone(),
         );
+        let lost = Counter::default();
+        registry.register(
+            "weir_flows_lost",
+            "Flow records dropped because the flow writer could not keep up (in no log, ring or other counter)",
+            lost.clone(),
+        );
         FlowMetrics {
             registry,
             flows,
             drops,
+            lost,
         }
     }
 }
