@@ -7,7 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_protos(
-            &["proto/weir/v1/endpoints.proto", "proto/weir/v1/fqdn.proto"],
+            &[
+                "proto/weir/v1/endpoints.proto",
+                "proto/weir/v1/fqdn.proto",
+                "proto/weir/v1/observer.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

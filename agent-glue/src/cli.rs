@@ -33,6 +33,9 @@ pub enum Command {
     Endpoint(crate::api::client::EndpointArgs),
     /// Show the names learned from allowed DNS answers (over --api-socket).
     Fqdn(crate::api::client::FqdnArgs),
+    /// Show flow records of a running weir, recent ones and live (over
+    /// --api-socket), like `hubble observe`.
+    Observe(crate::api::observe::ObserveArgs),
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -79,6 +82,36 @@ pub enum PolicyCommand {
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+#[derive(Debug, Clone, Copy)]
+pub enum AdminAddr {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_admin_addr(s: &str) -> Result<AdminAddr, String> {
+    if s == "off" {
+        return Ok(AdminAddr::Off);
+    }
+    s.parse()
+        .map(AdminAddr::At)
+        .map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9965) or `off`"))
+}
+
+/// `1048576`, `512K`, `100M`, `1G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 1048576, 512K, 100M, 1G)"))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -201,6 +234,21 @@ pub struct RunArgs {
     /// Write flow records (JSON lines) here instead of stdout.
     #[arg(long)]
     pub flow_log: Option<PathBuf>,
+    /// Rotate the --flow-log file when the next record would take it past this
+    /// size (bytes, or with K, M, G: KiB, MiB, GiB; 0: never). Default 100M.
+    #[arg(long, default_value = "100M", value_parser = parse_size)]
+    pub flow_log_max_size: u64,
+    /// Rotated flow log files kept (`FILE.1` newest .. `FILE.N`); 0 keeps none.
+    #[arg(long, default_value_t = weir_proxy::flows::rotate::DEFAULT_MAX_FILES)]
+    pub flow_log_max_files: u32,
+    /// The admin HTTP listener: `/metrics` (Prometheus) and `/healthz`.
+    /// `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9965", value_parser = parse_admin_addr)]
+    pub admin_addr: AdminAddr,
+    /// Recent flow records kept in memory for `weir observe` (0: none; each
+    /// costs about its JSON's size, ~1 KiB).
+    #[arg(long, default_value_t = weir_proxy::flows::bus::DEFAULT_CAPACITY)]
+    pub flow_buffer: usize,
     /// Node name written into flow records.
     #[arg(long, default_value = "weir")]
     pub node_name: String,
@@ -318,6 +366,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Demo => exit_from(demo::main()),
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
         Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
+        Command::Observe(args) => exit_from(crate::api::observe::main(args)),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");

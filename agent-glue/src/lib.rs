@@ -1,6 +1,7 @@
 //! weir's control side: loads policy and endpoints, compiles them, runs the proxy,
 //! installs steering, and drives the demo. The `weir` binary is a thin CLI on top.
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod config;

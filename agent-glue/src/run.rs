@@ -1,6 +1,5 @@
 //! `weir run`: load, compile, listen, steer; reload on SIGHUP; undo on exit.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -47,18 +46,23 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
-fn flow_sink(path: Option<&Path>) -> anyhow::Result<FlowSink> {
-    Ok(match path {
-        None => FlowSink::stdout(),
-        Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening flow log {}", p.display()))?;
-            FlowSink::new(Box::new(std::io::BufWriter::new(f)))
-        }
-    })
+fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
+    let out: Box<dyn std::io::Write + Send> = match args.flow_log.as_deref() {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            weir_proxy::flows::rotate::RotatingFile::open(
+                p,
+                args.flow_log_max_size,
+                args.flow_log_max_files,
+            )
+            .with_context(|| format!("opening flow log {}", p.display()))?,
+        ),
+    };
+    Ok(FlowSink::with_bus(
+        out,
+        weir_proxy::flows::QUEUE_CAPACITY,
+        weir_proxy::FlowBus::new(args.flow_buffer),
+    ))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -81,11 +85,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut sources = load_sources()?;
     let mut policy = Arc::new(sources.compile()?);
-    let shared = Shared::new(
-        policy.clone(),
-        flow_sink(args.flow_log.as_deref())?,
-        proxy_config(&args),
-    );
+    let shared = Shared::new(policy.clone(), flow_sink(&args)?, proxy_config(&args));
+    if let crate::cli::AdminAddr::At(addr) = args.admin_addr {
+        crate::admin::spawn(addr, shared.flows.bus().clone(), taking_over)?;
+    }
     // A takeover gets the listeners from the running weir, after everything
     // else is ready; the API socket is bound once that weir has released it.
     let bound = if taking_over {
@@ -173,7 +176,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     serving.events = events_task.map(FlowEvents::spawn);
     let (api_tx, api_rx) = tokio::sync::mpsc::channel(16);
-    let api = api_listener.map(|l| tokio::spawn(api::server::serve(l, api_tx.clone())));
+    let api = api_listener.map(|l| {
+        tokio::spawn(api::server::serve(
+            l,
+            api_tx.clone(),
+            shared.flows.bus().clone(),
+        ))
+    });
     let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
     let takeover_thread = start_takeover_listener(&takeover_path, dups, &args, takeover_tx);
     std::fs::write(&ready, std::process::id().to_string())

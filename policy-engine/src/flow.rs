@@ -331,9 +331,13 @@ impl Flow {
 
 /// Current UTC time as RFC 3339 with nanoseconds, without a date-time dependency.
 pub fn rfc3339_now() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    rfc3339(SystemTime::now())
+}
+
+/// `t` as flow records write it: UTC, nanoseconds, one fixed width (so two
+/// such times compare as text).
+pub fn rfc3339(t: SystemTime) -> String {
+    let now = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (H. Hinnant).
@@ -355,8 +359,68 @@ pub fn rfc3339_now() -> String {
     )
 }
 
+/// An RFC 3339 UTC time (`2026-11-22T20:01:02Z`, with or without a fraction)
+/// in flow records' form, or `None` if it is not one.
+pub fn normalize_rfc3339(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let ok = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && matches!(b[10], b'T' | b't' | b' ')
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    if !ok {
+        return None;
+    }
+    let rest = s.get(19..)?;
+    let frac = match rest.strip_suffix(['Z', 'z'])? {
+        "" => "",
+        f => f.strip_prefix('.')?,
+    };
+    if frac.len() > 9
+        || !frac.bytes().all(|d| d.is_ascii_digit())
+        || rest.len() > 1 && frac.is_empty()
+    {
+        return None;
+    }
+    Some(format!("{}T{}.{frac:0<9}Z", &s[..10], &s[11..19]))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn since_times_normalize_to_the_record_form() {
+        use super::normalize_rfc3339 as n;
+        assert_eq!(
+            n("2026-11-22T20:01:02Z").as_deref(),
+            Some("2026-11-22T20:01:02.000000000Z")
+        );
+        assert_eq!(
+            n("2026-11-22T20:01:02.5Z").as_deref(),
+            Some("2026-11-22T20:01:02.500000000Z")
+        );
+        for bad in [
+            "",
+            "2026-11-22",
+            "2026-11-22T20:01:02",
+            "2026-11-22T20:01:02+01:00",
+            "2026-11-22T20:01:02.Z",
+            "2026-11-22T20:01:02.1234567891Z",
+        ] {
+            assert_eq!(n(bad), None, "{bad}");
+        }
+        let t = super::rfc3339_now();
+        assert_eq!(n(&t), Some(t));
+    }
+
     #[test]
     fn time_format() {
         let t = super::rfc3339_now();

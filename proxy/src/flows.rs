@@ -1,13 +1,22 @@
-//! Where flow records go: JSON lines to stdout or a file, written by a dedicated
-//! thread so that no connection ever waits for file I/O.
+//! Where flow records go: JSON lines to stdout or a file, and the flow bus
+//! (the ring of recent records and live `weir observe` readers), all done by a
+//! dedicated thread so that no connection ever waits for I/O or for a reader.
 //!
-//! `emit`/`emit_all` serialise the record and hand the line to a bounded queue;
-//! the writer thread drains whatever is queued, writes it and flushes once per
-//! batch. When the queue is full (the disk or the reader of stdout cannot keep
-//! up), records are dropped and counted ([`FlowSink::lost`]) with a warning at
-//! most once a second: the data path never blocks on the flow log.
+//! `emit`/`emit_all` hand the record to a bounded queue; the writer thread
+//! drains whatever is queued, serialises it once, writes it, flushes once per
+//! batch and publishes the batch on the [`FlowBus`]. When the queue is full
+//! (the disk or the reader of stdout cannot keep up), records are dropped and
+//! counted ([`FlowSink::lost`]) with a warning at most once a second: the data
+//! path never blocks on the flow log.
+
+pub mod bus;
+pub mod metrics;
+pub mod rotate;
+
+pub use bus::{Event, FlowBus, FlowFilter, FlowKey, FlowType, PeerFilter, Record, Subscription};
 
 use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
@@ -20,8 +29,9 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 const BATCH: usize = 1024;
 
 enum Msg {
-    Line(String),
-    Lines(Vec<String>),
+    // Boxed: the queue's slots are allocated up front, so they stay small.
+    Flow(Box<Flow>),
+    Flows(Vec<Flow>),
     /// Answered once everything queued before it is written and flushed.
     Flush(SyncSender<()>),
 }
@@ -33,26 +43,39 @@ pub struct FlowSink {
     /// Milliseconds since `epoch` before which no "records lost" warning is logged.
     next_warning_ms: AtomicU64,
     epoch: Instant,
+    bus: Arc<FlowBus>,
 }
 
 impl FlowSink {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self::with_capacity(out, QUEUE_CAPACITY)
+        Self::with_bus(out, QUEUE_CAPACITY, FlowBus::new(bus::DEFAULT_CAPACITY))
     }
 
     /// A sink whose queue holds `capacity` messages (a batch from `emit_all` is one).
     pub fn with_capacity(out: Box<dyn Write + Send>, capacity: usize) -> Self {
+        Self::with_bus(out, capacity, FlowBus::new(bus::DEFAULT_CAPACITY))
+    }
+
+    /// A sink that also publishes every record on `bus`.
+    pub fn with_bus(out: Box<dyn Write + Send>, capacity: usize, bus: Arc<FlowBus>) -> Self {
         let (tx, rx) = sync_channel(capacity.max(1));
+        let writer_bus = bus.clone();
         std::thread::Builder::new()
             .name("weir-flows".into())
-            .spawn(move || write_loop(out, rx))
+            .spawn(move || write_loop(out, rx, &writer_bus))
             .expect("spawn the flow-record writer thread");
         FlowSink {
             tx: Some(tx),
             lost: AtomicU64::new(0),
             next_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            bus,
         }
+    }
+
+    /// The bus every record goes to (for `weir observe`).
+    pub fn bus(&self) -> &Arc<FlowBus> {
+        &self.bus
     }
 
     pub fn stdout() -> Self {
@@ -66,15 +89,17 @@ impl FlowSink {
 
     /// Queues many records as one batch (the kernel's events come in batches).
     pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
-        let lines: Vec<String> = flows.map(|f| f.to_json_line()).collect();
-        if !lines.is_empty() {
-            let n = lines.len() as u64;
-            self.send(Msg::Lines(lines), n);
+        let flows: Vec<Flow> = flows.collect();
+        if !flows.is_empty() {
+            let n = flows.len() as u64;
+            self.send(Msg::Flows(flows), n);
         }
     }
 
+    /// Queues one record. It is serialised on the writer thread: a clone costs
+    /// the data path less than rendering the JSON did.
     pub fn emit(&self, flow: &Flow) {
-        self.send(Msg::Line(flow.to_json_line()), 1);
+        self.send(Msg::Flow(Box::new(flow.clone())), 1);
     }
 
     /// Waits (at most `timeout`) until every record queued so far is written and
@@ -105,6 +130,7 @@ impl FlowSink {
         let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
         if !sent {
             let total = self.lost.fetch_add(records, Ordering::Relaxed) + records;
+            self.bus.metrics().lost.inc_by(records);
             self.warn_lost(total);
         }
     }
@@ -135,9 +161,28 @@ impl Drop for FlowSink {
     }
 }
 
-fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>) {
+/// Renders a record once for the file and every reader of the bus.
+fn record(flow: &Flow) -> Arc<Record> {
+    let mut json = flow.to_json_line();
+    json.pop(); // the newline
+    Arc::new(Record {
+        key: bus::FlowKey::new(flow),
+        json: json.into_boxed_str(),
+    })
+}
+
+fn write_record(out: &mut dyn Write, r: &Record) -> std::io::Result<()> {
+    // One write per line: the rotating file never splits a line.
+    let mut line = Vec::with_capacity(r.json.len() + 1);
+    line.extend_from_slice(r.json.as_bytes());
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>, bus: &FlowBus) {
     let mut failing = false;
     let mut acks = Vec::new();
+    let mut batch: Vec<Arc<Record>> = Vec::new();
     // Block for the first message, then take what else is already queued.
     while let Ok(first) = rx.recv() {
         let mut result = Ok(());
@@ -145,15 +190,19 @@ fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>) {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Line(line) => {
-                    result = result.and_then(|()| out.write_all(line.as_bytes()));
+                Msg::Flow(flow) => {
+                    let r = record(&flow);
+                    result = result.and_then(|()| write_record(&mut *out, &r));
+                    batch.push(r);
                     written += 1;
                 }
-                Msg::Lines(lines) => {
-                    for line in &lines {
-                        result = result.and_then(|()| out.write_all(line.as_bytes()));
+                Msg::Flows(flows) => {
+                    written += flows.len();
+                    for flow in flows {
+                        let r = record(&flow);
+                        result = result.and_then(|()| write_record(&mut *out, &r));
+                        batch.push(r);
                     }
-                    written += lines.len();
                 }
                 Msg::Flush(ack) => acks.push(ack),
             }
@@ -162,6 +211,9 @@ fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>) {
             }
         }
         result = result.and_then(|()| out.flush());
+        // Readers see a batch once it is in the file.
+        bus.publish(&batch);
+        batch.clear();
         match result {
             Err(e) if !failing => {
                 failing = true;
@@ -266,6 +318,14 @@ mod tests {
         gate.open();
         assert!(sink.flush(Duration::from_secs(5)));
         assert_eq!(gate.lines() as u64 + lost, 110);
+        assert!(
+            sink.bus()
+                .metrics()
+                .encode()
+                .contains(&format!("weir_flows_lost_total {lost}\n")),
+            "{}",
+            sink.bus().metrics().encode()
+        );
     }
 
     /// Records are written promptly, without an explicit flush.
@@ -282,5 +342,31 @@ mod tests {
         }
         assert_eq!(gate.lines(), 4);
         assert_eq!(sink.lost(), 0);
+    }
+
+    /// Every emitted record reaches the bus with the same JSON as the file.
+    #[test]
+    fn records_are_published_on_the_bus_as_written() {
+        let gate = Gate::default();
+        gate.open();
+        let bus = FlowBus::new(3);
+        let sink = FlowSink::with_bus(Box::new(gate.clone()), 16, bus.clone());
+        let (_, sub) = bus.query(FlowFilter::default(), 0, true, 16);
+        let mut sub = sub.unwrap();
+        sink.emit(&flow(1));
+        sink.emit_all((2..6).map(flow));
+        assert!(sink.flush(Duration::from_secs(5)));
+        assert_eq!(gate.lines(), 5);
+        assert_eq!(bus.len(), 3, "bounded by --flow-buffer");
+        let mut n = 0;
+        while let Some(Event::Flow(r)) = sub.try_next() {
+            n += 1;
+            let v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+            assert_eq!(
+                v["l4"]["TCP"]["source_port"],
+                r.key.ports.map_or(0, |p| p.0)
+            );
+        }
+        assert_eq!(n, 5);
     }
 }

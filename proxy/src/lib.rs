@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use weir_policy::CompiledPolicy;
 
 pub use config::ProxyConfig;
-pub use flows::FlowSink;
+pub use flows::{FlowBus, FlowFilter, FlowSink, PeerFilter};
 
 /// State every connection handler shares. The policy is swapped whole; a handler
 /// loads it once per connection and checks for a newer one before each request.

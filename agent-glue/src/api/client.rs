@@ -73,7 +73,7 @@ async fn connect(path: &Path) -> anyhow::Result<EndpointsClient<Channel>> {
     Ok(EndpointsClient::new(connect_channel(path).await?))
 }
 
-async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
+pub(super) async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
     let socket = path.to_path_buf();
     // The URI is required by tonic but unused: the connector dials the socket.
     let channel = tonic::transport::Endpoint::from_static("http://weir.local")
@@ -100,7 +100,7 @@ async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 

@@ -4,9 +4,10 @@
 
 pub mod client;
 pub mod commands;
+pub mod observe;
 pub mod server;
 
-/// Generated from proto/weir/v1/endpoints.proto and fqdn.proto.
+/// Generated from proto/weir/v1/ (endpoints, fqdn, observer).
 pub mod pb {
     tonic::include_proto!("weir.v1");
 }

@@ -5,6 +5,8 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -63,7 +65,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 }
 
 /// Serves until the run loop goes away.
-pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
+pub async fn serve(
+    listener: UnixListener,
+    commands: mpsc::Sender<Command>,
+    flows: Arc<weir_proxy::FlowBus>,
+) {
+    let observer = pb::observer_server::ObserverServer::new(ObserverApi { bus: flows });
     let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
         commands: commands.clone(),
     }));
@@ -72,6 +79,7 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(fqdn)
+        .add_service(observer)
         .serve_with_incoming(incoming)
         .await
     {
@@ -157,6 +165,123 @@ impl pb::fqdn_server::Fqdn for FqdnApi {
         let names = self.0.ask(Command::ListFqdn).await?;
         Ok(Response::new(pb::ListFqdnResponse { names }))
     }
+}
+
+/// `Observer.GetFlows`, answered from the flow bus directly: reading flows
+/// never involves the run loop or the data path.
+struct ObserverApi {
+    bus: Arc<weir_proxy::FlowBus>,
+}
+
+/// Records a streaming reply may have in flight before the reader's bus queue
+/// takes over (and counts what it loses).
+const STREAM_BUFFER: usize = 256;
+
+type FlowStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GetFlowsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::observer_server::Observer for ObserverApi {
+    type GetFlowsStream = FlowStream;
+
+    async fn get_flows(
+        &self,
+        request: Request<pb::GetFlowsRequest>,
+    ) -> Result<Response<FlowStream>, Status> {
+        let req = request.into_inner();
+        let filter = flow_filter(&req)?;
+        info!(last = req.last, follow = req.follow, "API: observe flows");
+        let last = usize::try_from(req.last).unwrap_or(usize::MAX);
+        // Scanning a ring of 65 536 records takes a few milliseconds: not on a
+        // worker the proxy's connections share.
+        let bus = self.bus.clone();
+        let follow = req.follow;
+        let (history, sub) = tokio::task::spawn_blocking(move || {
+            bus.query(
+                filter,
+                last,
+                follow,
+                weir_proxy::flows::bus::SUBSCRIBER_QUEUE,
+            )
+        })
+        .await
+        .map_err(|_| Status::internal("reading the flow ring failed"))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let flow = |r: &weir_proxy::flows::Record| pb::GetFlowsResponse {
+                event: Some(pb::get_flows_response::Event::FlowJson(r.json.to_string())),
+            };
+            for r in &history {
+                if tx.send(Ok(flow(r))).await.is_err() {
+                    return;
+                }
+            }
+            drop(history);
+            let Some(mut sub) = sub else { return };
+            loop {
+                let msg = tokio::select! {
+                    e = sub.next() => match e {
+                        weir_proxy::flows::Event::Flow(r) => flow(&r),
+                        weir_proxy::flows::Event::Lost(count) => pb::GetFlowsResponse {
+                            event: Some(pb::get_flows_response::Event::Lost(pb::LostFlows {
+                                count,
+                            })),
+                        },
+                    },
+                    // The reader went away while nothing was happening.
+                    () = tx.closed() => return,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Turns a request's filters into the bus's, rejecting what does not parse.
+fn flow_filter(req: &pb::GetFlowsRequest) -> Result<weir_proxy::FlowFilter, Status> {
+    use weir_proxy::flows::bus::parse_verdict;
+    let bad = |e: String| Status::invalid_argument(e);
+    let peers = |v: &[String]| {
+        v.iter()
+            .map(|s| s.parse::<weir_proxy::PeerFilter>().map_err(bad))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(weir_proxy::FlowFilter {
+        verdicts: req
+            .verdict
+            .iter()
+            .map(|v| parse_verdict(v).map_err(bad))
+            .collect::<Result<_, _>>()?,
+        types: req
+            .r#type
+            .iter()
+            .map(|t| t.parse().map_err(bad))
+            .collect::<Result<_, _>>()?,
+        from: peers(&req.from)?,
+        to: peers(&req.to)?,
+        ports: req
+            .port
+            .iter()
+            .map(|p| u16::try_from(*p).map_err(|_| bad(format!("port {p} is out of range"))))
+            .collect::<Result<_, _>>()?,
+        since: if req.since.is_empty() {
+            None
+        } else {
+            Some(
+                weir_policy::flow::normalize_rfc3339(&req.since).ok_or_else(|| {
+                    bad(format!(
+                        "since `{}` is not an RFC 3339 UTC time (2026-11-22T20:01:02Z)",
+                        req.since
+                    ))
+                })?,
+            )
+        },
+    })
 }
 
 /// Checks an add request field by field; the namespace itself is read later.
@@ -283,6 +408,47 @@ mod tests {
             let e = validate_add(bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().contains(why), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn flow_filters_are_checked_not_ignored() {
+        let ok = flow_filter(&pb::GetFlowsRequest {
+            verdict: vec!["dropped".into()],
+            r#type: vec!["http".into()],
+            from: vec!["class=xwing".into()],
+            to: vec!["deathstar".into()],
+            port: vec![80],
+            since: "2026-11-22T20:00:00Z".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.ports, [80]);
+        assert_eq!(ok.since.as_deref(), Some("2026-11-22T20:00:00.000000000Z"));
+        for bad in [
+            pb::GetFlowsRequest {
+                verdict: vec!["AUDIT".into()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                r#type: vec!["smtp".into()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                from: vec![String::new()],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                port: vec![70_000],
+                ..Default::default()
+            },
+            pb::GetFlowsRequest {
+                since: "5m".into(),
+                ..Default::default()
+            },
+        ] {
+            let e = flow_filter(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
     }
 

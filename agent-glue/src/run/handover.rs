@@ -272,8 +272,11 @@ pub(super) async fn on_takeover_event(
                 let _ = control.send(ControlMsg::Resume);
                 match api::server::bind(&args.api_socket) {
                     Ok(l) => {
-                        running.api =
-                            Some(tokio::spawn(api::server::serve(l, running.api_tx.clone())))
+                        running.api = Some(tokio::spawn(api::server::serve(
+                            l,
+                            running.api_tx.clone(),
+                            running.shared.flows.bus().clone(),
+                        )))
                     }
                     Err(e) => error!(error = %e, "cannot serve the API again"),
                 }
