@@ -17,7 +17,8 @@
 # weir gets 1 000 DNS rules (the benchmark names match the last one) and 100
 # toFQDNs selectors (every answer selected: each one goes through the learner and
 # its address into the kernel's ipcache); dnsdist forwards without rules or cache.
-# CANDIDATES="direct weir" picks candidates; WEIR_ARGS adds weir flags.
+# CANDIDATES="direct weir" picks candidates; WEIR_ARGS adds weir flags; PROFILE=1 records
+# weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data.
 set -euo pipefail
 
 DURATION=${DURATION:-20}
@@ -160,10 +161,17 @@ measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate
   [ -n "$SUT_PID" ] && cpu_max=$(awk -v d=$((k1-k0)) -v n="$done_q" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Fixed rate, every query's latency.
+  local prof=
+  if [ "${PROFILE:-0}" = 1 ] && [ "$c" = weir ]; then
+    mkdir -p "$ROOT/tests/perf/results"
+    perf record -q -e cpu-clock -F 1999 -g -p "$(tree_pids "$SUT_PID" | tail -1)" \
+      -o "$ROOT/tests/perf/results/weir-dns.perf.data" >/dev/null 2>&1 & prof=$!
+  fi
   local f0; f0=$(cpu_ticks)
   in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -l "$DURATION" -c 8 -Q "$RATE" -v \
     > "$WORK/lat.txt" 2>&1 || true
   local f1; f1=$(cpu_ticks)
+  if [ -n "$prof" ]; then kill -INT "$prof"; wait "$prof" || true; fi
   local n_fixed lost
   n_fixed=$(awk '/Queries completed:/ {print $3}' "$WORK/lat.txt")
   lost=$(awk '/Queries lost:/ {print $3}' "$WORK/lat.txt")
