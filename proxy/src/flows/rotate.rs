@@ -22,12 +22,17 @@ pub struct RotatingFile {
 }
 
 impl RotatingFile {
+    /// Opens `path` for appending. Only a regular file rotates: `/dev/null`,
+    /// `/dev/stdout`, a FIFO or a socket is written to as it is, never renamed
+    /// (renaming `/dev/null` and creating a regular file in its place broke
+    /// every program on the machine that read it).
     pub fn open(path: &Path, max_size: u64, max_files: u32) -> io::Result<Self> {
         let file = open_append(path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
+        let size = meta.len();
         Ok(RotatingFile {
             path: path.to_path_buf(),
-            max_size,
+            max_size: if meta.is_file() { max_size } else { 0 },
             max_files,
             out: BufWriter::new(file),
             size,
@@ -42,6 +47,12 @@ impl RotatingFile {
 
     fn rotate(&mut self) -> io::Result<()> {
         self.out.flush()?;
+        // The path may have been replaced since it was opened: rotate only a
+        // regular file (never a device or a link to one).
+        if !std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_file()) {
+            self.size = 0;
+            return Ok(());
+        }
         if self.max_files == 0 {
             // No history wanted: start the file again.
             std::fs::remove_file(&self.path).or_else(ignore_missing)?;
@@ -91,6 +102,39 @@ impl Write for RotatingFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO (as `/dev/null` or `/dev/stdout` would be) is written to, never
+    /// renamed or replaced, however much goes through it.
+    #[test]
+    fn only_a_regular_file_rotates() {
+        let dir = std::env::temp_dir().join(format!("weir-rotate-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("flows");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A reader, so the writer's open does not block and writes are drained.
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut f = RotatingFile::open(&fifo, 100, 2).unwrap();
+        let mut sink = Vec::new();
+        for i in 0..50 {
+            f.write_all(format!("line {i} of a flow log that goes nowhere\n").as_bytes())
+                .unwrap();
+            f.flush().unwrap();
+            let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::symlink_metadata(&fifo).unwrap();
+        assert!(meta.file_type().is_fifo(), "the FIFO was replaced");
+        assert!(!dir.join("flows.1").exists(), "the FIFO was renamed");
+        assert!(sink.len() > 100 * 10, "the lines went through the FIFO");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rotates_at_line_boundaries_and_keeps_max_files() {
