@@ -11,7 +11,7 @@ use crate::{demo, explain, run, steering};
 #[derive(Debug, Parser)]
 #[command(
     name = "weir",
-    version,
+    version = crate::VERSION,
     about = "Node-local L7-aware network policy proxy"
 )]
 pub struct Cli {
@@ -228,9 +228,15 @@ pub struct RunArgs {
     /// cgroup v2 directory for sock_ops programs (never the root cgroup).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
-    /// Local API socket (gRPC, mode 0600) for `weir endpoint add|list|remove`.
+    /// Local API socket (gRPC, mode 0600) for `weir endpoint`, `observe`,
+    /// `status`, ...
     #[arg(long, default_value = "/run/weir/weir.sock")]
     pub api_socket: PathBuf,
+    /// A uid besides root that may use the API (repeatable). Each call is
+    /// checked with SO_PEERCRED; the socket stays mode 0600, so that user also
+    /// needs access to it (e.g. `setfacl -m u:UID:rw` on the socket).
+    #[arg(long = "api-allow-uid", value_name = "UID")]
+    pub api_allow_uid: Vec<u32>,
     /// Write flow records (JSON lines) here instead of stdout.
     #[arg(long)]
     pub flow_log: Option<PathBuf>,

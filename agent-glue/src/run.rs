@@ -181,6 +181,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             l,
             api_tx.clone(),
             shared.flows.bus().clone(),
+            api::access::Allowed::new(&args.api_allow_uid),
         ))
     });
     let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);

@@ -69,6 +69,7 @@ pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
     flows: Arc<weir_proxy::FlowBus>,
+    allowed: super::access::Allowed,
 ) {
     let observer = pb::observer_server::ObserverServer::new(ObserverApi { bus: flows });
     let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
@@ -76,7 +77,9 @@ pub async fn serve(
     }));
     let svc = pb::endpoints_server::EndpointsServer::new(EndpointsApi { commands });
     let incoming = UnixListenerStream::new(listener);
+    // Every service sits behind the caller check (SO_PEERCRED).
     if let Err(e) = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(allowed))
         .add_service(svc)
         .add_service(fqdn)
         .add_service(observer)
