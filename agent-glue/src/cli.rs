@@ -36,6 +36,10 @@ pub enum Command {
     /// Show flow records of a running weir, recent ones and live (over
     /// --api-socket), like `hubble observe`.
     Observe(crate::api::observe::ObserveArgs),
+    /// What a running weir is doing: version, steering, attached programs, map
+    /// fill, listeners, policy revision and last reload (over --api-socket),
+    /// like `cilium status`.
+    Status(crate::api::status::StatusArgs),
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -373,6 +377,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
         Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
         Command::Observe(args) => exit_from(crate::api::observe::main(args)),
+        Command::Status(args) => exit_from(crate::api::status::main(args)),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");

@@ -97,6 +97,7 @@ pub fn spawn(
     files: Files,
     shared: Arc<Shared>,
     mut fqdn: FqdnState,
+    info: api::status::RunInfo,
 ) -> std::io::Result<std::sync::mpsc::Sender<ControlMsg>> {
     let (tx, rx) = std::sync::mpsc::channel::<ControlMsg>();
     std::thread::Builder::new()
@@ -104,6 +105,7 @@ pub fn spawn(
         .spawn(move || {
             let mut next_tick = Instant::now() + FQDN_TICK;
             let mut handed_over = false;
+            let mut reloads = api::status::ReloadLog::default();
             loop {
                 let msg = match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now()))
                 {
@@ -138,7 +140,19 @@ pub fn spawn(
                         fqdn.merge_handed_over(&policy, steering.fqdn_datapath());
                     }
                     Some(ControlMsg::Reload) => {
-                        reload(&mut sources, &mut steering, &files, &shared, &mut fqdn)
+                        let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
+                        reloads.record(r.as_ref().copied());
+                    }
+                    Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
+                        let status = api::status::collect(&api::status::Sources {
+                            info: &info,
+                            steering: &steering,
+                            policies: sources.policies.len(),
+                            shared: &shared,
+                            fqdn: &fqdn,
+                            reloads: &reloads,
+                        });
+                        let _ = reply.send(Ok(status));
                     }
                     Some(ControlMsg::Api(api::server::Command::ListFqdn(reply))) => {
                         let policy = shared.policy.load();
@@ -209,13 +223,15 @@ fn resume(steering: &mut Steering, shared: &Shared) {
     }
 }
 
+/// Re-reads the files and applies them; on failure the running policy stays
+/// (the error is logged and returned for `weir status`).
 fn reload(
     sources: &mut Sources,
     steering: &mut Steering,
     files: &Files,
     shared: &Shared,
     fqdn: &mut FqdnState,
-) {
+) -> anyhow::Result<()> {
     let mut next = sources.clone();
     let mut steered = false;
     let applied = next
@@ -234,6 +250,7 @@ fn reload(
             *sources = next;
             shared.set_policy(p);
             info!("policy reloaded");
+            Ok(())
         }
         Err(e) => {
             error!(error = %format!("{e:#}"), "reload failed; keeping the old policy");
@@ -247,6 +264,7 @@ fn reload(
                     error!(error = %format!("{se:#}"), "could not restore the previous policy in the datapath");
                 }
             }
+            Err(e)
         }
     }
 }
@@ -308,7 +326,15 @@ mod tests {
             policy: vec![policy_file.clone()],
             endpoints: Some(eps),
         };
-        let tx = spawn(sources, steering, files, shared.clone(), fqdn).unwrap();
+        let tx = spawn(
+            sources,
+            steering,
+            files,
+            shared.clone(),
+            fqdn,
+            api::status::RunInfo::new(Vec::new()),
+        )
+        .unwrap();
         let learner = LearnerHandle::new(tx.clone());
         let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
         let req = LearnRequest {

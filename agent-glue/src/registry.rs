@@ -133,10 +133,10 @@ impl Sources {
         endpoints: Option<&Path>,
     ) -> anyhow::Result<()> {
         let policies = weir_policy::load_policies(policy)
-            .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context("invalid policy"))?;
         let file = match endpoints {
             Some(path) => weir_policy::load_endpoints_file(path)
-                .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?,
+                .map_err(|e| anyhow::Error::new(e).context("invalid endpoints"))?,
             None => Default::default(),
         };
         let mut file_endpoints = file.endpoints;

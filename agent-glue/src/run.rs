@@ -154,6 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         return Err(e);
     }
+    let info = api::status::RunInfo::new(api::status::listeners(&listeners, &udp_listeners));
     let control = control::spawn(
         sources,
         steering,
@@ -163,6 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         shared.clone(),
         fqdn,
+        info,
     )
     .context("starting the control thread")?;
     shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));

@@ -93,6 +93,9 @@ pub fn handle(
         Command::ListFqdn(reply) => {
             let _ = reply.send(Err(Status::unavailable("the FQDN cache is not here")));
         }
+        Command::Status(reply) => {
+            let _ = reply.send(Err(Status::unavailable("the status is not here")));
+        }
     }
 }
 

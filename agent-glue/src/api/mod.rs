@@ -7,8 +7,9 @@ pub mod client;
 pub mod commands;
 pub mod observe;
 pub mod server;
+pub mod status;
 
-/// Generated from proto/weir/v1/ (endpoints, fqdn, observer).
+/// Generated from proto/weir/v1/ (endpoints, fqdn, observer, status).
 pub mod pb {
     tonic::include_proto!("weir.v1");
 }

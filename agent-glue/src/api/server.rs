@@ -27,6 +27,8 @@ pub enum Command {
     RefreshEndpoint(String, Reply<pb::Endpoint>),
     /// `weir fqdn list` (answered by the control thread, which owns the cache).
     ListFqdn(Reply<Vec<pb::FqdnName>>),
+    /// `weir status` (answered by the control thread, which owns the datapath).
+    Status(Reply<pb::GetStatusResponse>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,9 @@ pub async fn serve(
     let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
         commands: commands.clone(),
     }));
+    let status = pb::status_server::StatusServer::new(StatusApi(EndpointsApi {
+        commands: commands.clone(),
+    }));
     let svc = pb::endpoints_server::EndpointsServer::new(EndpointsApi { commands });
     let incoming = UnixListenerStream::new(listener);
     // Every service sits behind the caller check (SO_PEERCRED).
@@ -83,6 +88,7 @@ pub async fn serve(
         .add_service(svc)
         .add_service(fqdn)
         .add_service(observer)
+        .add_service(status)
         .serve_with_incoming(incoming)
         .await
     {
@@ -167,6 +173,19 @@ impl pb::fqdn_server::Fqdn for FqdnApi {
     ) -> Result<Response<pb::ListFqdnResponse>, Status> {
         let names = self.0.ask(Command::ListFqdn).await?;
         Ok(Response::new(pb::ListFqdnResponse { names }))
+    }
+}
+
+/// The status service; the control thread gathers the answer.
+struct StatusApi(EndpointsApi);
+
+#[tonic::async_trait]
+impl pb::status_server::Status for StatusApi {
+    async fn get(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.0.ask(Command::Status).await.map(Response::new)
     }
 }
 
