@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/weir/v1/fqdn.proto",
                 "proto/weir/v1/observer.proto",
                 "proto/weir/v1/status.proto",
+                "proto/weir/v1/policy.proto",
             ],
             &["proto"],
         )?;

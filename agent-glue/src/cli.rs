@@ -23,7 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and steering for a node.
     Run(Box<RunArgs>),
-    /// Check or explain policies.
+    /// Check or explain policies; apply, get, delete or list those of a
+    /// running weir.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Build a small star-wars node in network namespaces, enforce a policy on it
@@ -83,6 +84,9 @@ pub enum PolicyCommand {
     },
     /// Decide one connection or request and say which rule decided it.
     Explain(Box<explain::ExplainArgs>),
+    /// apply, get, delete, list: policies of a running weir (over --api-socket).
+    #[command(flatten)]
+    Api(crate::api::policy::ApiPolicyCommand),
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
@@ -372,6 +376,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
+        Command::Policy(PolicyCommand::Api(cmd)) => exit_from(crate::api::policy::main(cmd)),
         Command::Run(args) => exit_from(run::main(*args)),
         Command::Demo => exit_from(demo::main()),
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),

@@ -147,7 +147,7 @@ pub fn spawn(
                         let status = api::status::collect(&api::status::Sources {
                             info: &info,
                             steering: &steering,
-                            policies: sources.policies.len(),
+                            policies: sources.policies.len() + sources.api_policies.len(),
                             shared: &shared,
                             fqdn: &fqdn,
                             reloads: &reloads,
@@ -366,6 +366,26 @@ mod tests {
         assert_eq!(names.len(), 1);
         assert_eq!(names[0].addresses[0].identity, after.identity);
         assert_eq!(names[0].addresses[0].selectors.len(), 2);
+        // A broken reload: refused, reported by status with FILE:LINE:COL,
+        // and the running policy (revision 2, after the reload above) stays.
+        std::fs::write(&policy_file, "apiVersion: cilium.io/v2\nkind: [\n").unwrap();
+        tx.send(ControlMsg::Reload).unwrap();
+        let (qtx, qrx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Api(api::server::Command::Status(qtx)))
+            .unwrap();
+        let status = qrx.blocking_recv().unwrap().unwrap();
+        let p = status.policy.unwrap();
+        assert_eq!((p.revision, p.reloads, p.failed_reloads), (2, 2, 1));
+        let last = p.last_reload.unwrap();
+        assert!(!last.ok);
+        let file = policy_file.display().to_string();
+        assert!(
+            last.errors[0].starts_with(&format!("{file}:")),
+            "{:?}",
+            last.errors
+        );
+        assert_eq!(status.steering, "none");
+        assert!(shared.policy.load().learned_fqdn_ip(ip).is_some(), "kept");
         let (stx, srx) = tokio::sync::oneshot::channel();
         tx.send(ControlMsg::Stop(stx)).unwrap();
         assert!(!srx.blocking_recv().unwrap());

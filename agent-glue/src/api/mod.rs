@@ -6,10 +6,11 @@ pub mod access;
 pub mod client;
 pub mod commands;
 pub mod observe;
+pub mod policy;
 pub mod server;
 pub mod status;
 
-/// Generated from proto/weir/v1/ (endpoints, fqdn, observer, status).
+/// Generated from proto/weir/v1/ (endpoints, fqdn, observer, status, policy).
 pub mod pb {
     tonic::include_proto!("weir.v1");
 }
