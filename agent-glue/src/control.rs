@@ -106,6 +106,14 @@ pub fn spawn(
             let mut next_tick = Instant::now() + FQDN_TICK;
             let mut handed_over = false;
             let mut reloads = api::status::ReloadLog::default();
+            // The first policy is installed before this thread starts.
+            shared
+                .flows
+                .bus()
+                .metrics()
+                .control
+                .policy_revision
+                .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
             loop {
                 let msg = match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now()))
                 {
@@ -142,6 +150,12 @@ pub fn spawn(
                     Some(ControlMsg::Reload) => {
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
                         reloads.record(r.as_ref().copied());
+                        let m = &shared.flows.bus().metrics().control;
+                        let result = if r.is_ok() { "success" } else { "failure" };
+                        m.reloads
+                            .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
+                            .inc();
+                        m.last_reload_success.set(i64::from(r.is_ok()));
                     }
                     Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
                         let status = api::status::collect(&api::status::Sources {
@@ -195,12 +209,30 @@ pub fn spawn(
                         return;
                     }
                 }
+                let metrics = &shared.flows.bus().metrics().control;
+                metrics
+                    .policy_revision
+                    .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
                 // After a handover the new weir expires what is learned.
                 if !handed_over && Instant::now() >= next_tick {
                     let policy = shared.policy.load_full();
                     fqdn.tick(&policy, steering.fqdn_datapath(), fqdn::now_ms());
                     fqdn.persist_if_due(false);
                     next_tick = Instant::now() + FQDN_TICK;
+                    // Map fill for /metrics: from weir's own record, plus one
+                    // map-info syscall per map.
+                    if let Some(dp) = &steering.datapath {
+                        for m in dp.map_fill() {
+                            let labels = weir_proxy::flows::metrics::MapLabels { map: m.name };
+                            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                            if let Some(n) = m.entries {
+                                metrics.map_entries.get_or_create(&labels).set(gauge(n));
+                            }
+                            if let Some(n) = m.max_entries {
+                                metrics.map_capacity.get_or_create(&labels).set(gauge(n));
+                            }
+                        }
+                    }
                 }
             }
         })?;

@@ -160,8 +160,39 @@ fn status_on_the_ebpf_datapath_shows_what_is_attached_and_a_refused_reload() {
     assert!(text.contains("Steering:        eBPF datapath"), "{text}");
     assert_endpoint_interfaces(&s, &v, false);
 
+    let metrics = |s: &Scenario| s.run_in_node(&["curl", "-s", "http://127.0.0.1:9965/metrics"]);
+    // Map fill is brought up to date each second.
+    let filled = lab::wait_until(Duration::from_secs(5), || {
+        metrics(&s).contains("weir_bpf_map_entries{")
+    });
+    assert!(filled.is_ok(), "{}", metrics(&s));
+    let before = metrics(&s);
+    assert!(before.contains("\nweir_policy_revision 1\n"), "{before}");
+    assert!(
+        before.contains("\nweir_policy_last_reload_success 1\n"),
+        "{before}"
+    );
+    assert!(
+        before.contains("\nweir_bpf_map_entries{map=\"weir_endpoints\"} 6\n"),
+        "{before}"
+    );
+    assert!(
+        before.contains("\nweir_bpf_map_capacity{map=\"weir_ipcache\"} 65536\n"),
+        "{before}"
+    );
+
     broken_reload(&mut s);
     assert_refused_reload(&s, &Value::from(1));
+    let after = metrics(&s);
+    assert!(after.contains("\nweir_policy_revision 1\n"), "{after}");
+    assert!(
+        after.contains("\nweir_policy_last_reload_success 0\n"),
+        "{after}"
+    );
+    assert!(
+        after.contains("\nweir_policy_reloads_total{result=\"failure\"} 1\n"),
+        "{after}"
+    );
 }
 
 #[test]
