@@ -285,7 +285,11 @@ fn reload(
             Ok(())
         }
         Err(e) => {
-            error!(error = %format!("{e:#}"), "reload failed; keeping the old policy");
+            // One line with every error (`FILE:LINE:COL: message; ...`).
+            error!(
+                errors = %api::status::reload_errors(&e).join("; "),
+                "reload failed; keeping the old policy"
+            );
             if steered {
                 // The maps may already hold the new policy (a step after the
                 // sync failed): put the installed one back, as
