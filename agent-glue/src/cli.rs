@@ -41,6 +41,12 @@ pub enum Command {
     /// fill, listeners, policy revision and last reload (over --api-socket),
     /// like `cilium status`.
     Status(crate::api::status::StatusArgs),
+    /// Print a shell completion script (`weir completions bash >
+    /// /etc/bash_completion.d/weir`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -383,6 +389,11 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
         Command::Observe(args) => exit_from(crate::api::observe::main(args)),
         Command::Status(args) => exit_from(crate::api::status::main(args)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "weir", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");
