@@ -1,5 +1,9 @@
 //! Generates the local API's gRPC code from proto/ (needs `protoc`: Debian
-//! `protobuf-compiler`, installed by `make deps`).
+//! `protobuf-compiler`, installed by `make deps`), and stamps the version with
+//! the git revision (`WEIR_VERSION`, for `weir --version` and `weir status`).
+
+use std::path::PathBuf;
+use std::process::Command;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -11,8 +15,59 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/weir/v1/endpoints.proto",
                 "proto/weir/v1/fqdn.proto",
                 "proto/weir/v1/observer.proto",
+                "proto/weir/v1/status.proto",
+                "proto/weir/v1/policy.proto",
             ],
             &["proto"],
         )?;
+    let version = std::env::var("CARGO_PKG_VERSION")?;
+    println!(
+        "cargo:rustc-env=WEIR_VERSION={}",
+        match git_revision() {
+            Some(rev) => format!("{version} (git {rev})"),
+            None => version,
+        }
+    );
     Ok(())
+}
+
+/// `WEIR_GIT_REV` when set (builds from a tarball), else what git says; `None`
+/// outside a checkout or without git: the version is then the crate's alone.
+fn git_revision() -> Option<String> {
+    println!("cargo:rerun-if-env-changed=WEIR_GIT_REV");
+    if let Ok(rev) = std::env::var("WEIR_GIT_REV") {
+        return Some(rev).filter(|r| !r.is_empty());
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let rev = git(&["rev-parse", "--short=12", "HEAD"])?;
+    // Rebuild when HEAD moves: HEAD itself (a checkout) and the branch it names
+    // (a commit). A worktree's HEAD is in its own git dir, refs in the common one.
+    // (A path that does not exist would rerun this script at every build.)
+    let watch = |p: PathBuf| {
+        if p.exists() {
+            println!("cargo:rerun-if-changed={}", p.display());
+        }
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        watch(PathBuf::from(dir).join("HEAD"));
+    }
+    if let (Some(common), Some(head_ref)) = (
+        git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
+        git(&["symbolic-ref", "-q", "HEAD"]),
+    ) {
+        let common = PathBuf::from(common);
+        watch(common.join(&head_ref));
+        // A packed ref changes packed-refs instead.
+        watch(common.join("packed-refs"));
+    }
+    Some(rev)
 }

@@ -1,10 +1,11 @@
 //! The admin HTTP listener (`--admin-addr`): `/metrics` (Prometheus text
-//! format) and `/healthz`. It runs on a thread and runtime of its own so a
+//! format), `/healthz` (alive) and `/readyz` (enforcing). It runs on a thread and runtime of its own so a
 //! scrape never takes time from the data plane's workers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -23,6 +24,36 @@ pub enum AdminError {
     Thread(std::io::Error),
 }
 
+/// What `/readyz` waits for; the run loop sets each part as it comes up.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// A compiled policy is installed in the proxy.
+    pub policy: AtomicBool,
+    /// The steering (eBPF datapath or nft rules) enforces it.
+    pub steering: AtomicBool,
+    /// The proxy's listeners accept (false again once another weir took them).
+    pub listeners: AtomicBool,
+}
+
+impl Readiness {
+    /// The parts not up yet (empty: ready).
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            (&self.policy, "policy not loaded"),
+            (&self.steering, "steering not installed"),
+            (&self.listeners, "listeners not serving"),
+        ]
+        .into_iter()
+        .filter(|(b, _)| !b.load(Ordering::Relaxed))
+        .map(|(_, why)| why)
+        .collect()
+    }
+
+    pub fn set(part: &AtomicBool, up: bool) {
+        part.store(up, Ordering::Relaxed);
+    }
+}
+
 /// Binds `addr` now (so a bad or taken address fails `weir run` at start) and
 /// serves on a thread of its own. A weir taking over from another
 /// (`wait_for_port`) gets the address once the old one lets it go: no
@@ -30,6 +61,7 @@ pub enum AdminError {
 pub fn spawn(
     addr: SocketAddr,
     bus: Arc<weir_proxy::FlowBus>,
+    ready: Arc<Readiness>,
     wait_for_port: bool,
 ) -> Result<(), AdminError> {
     let first = match bind(addr) {
@@ -54,7 +86,7 @@ pub fn spawn(
                     }
                 },
             };
-            tracing::info!(%addr, "serving /metrics and /healthz");
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -65,7 +97,7 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(serve(listener, bus));
+            rt.block_on(serve(listener, bus, ready));
         })
         .map_err(AdminError::Thread)?;
     Ok(())
@@ -77,7 +109,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
-async fn serve(listener: std::net::TcpListener, bus: Arc<weir_proxy::FlowBus>) {
+async fn serve(
+    listener: std::net::TcpListener,
+    bus: Arc<weir_proxy::FlowBus>,
+    ready: Arc<Readiness>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -95,10 +131,12 @@ async fn serve(listener: std::net::TcpListener, bus: Arc<weir_proxy::FlowBus>) {
             }
         };
         let bus = bus.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let bus = bus.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &bus)) }
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &bus, &ready)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -107,7 +145,11 @@ async fn serve(listener: std::net::TcpListener, bus: Arc<weir_proxy::FlowBus>) {
     }
 }
 
-fn answer(req: &Request<Incoming>, bus: &weir_proxy::FlowBus) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    bus: &weir_proxy::FlowBus,
+    ready: &Readiness,
+) -> Response<Full<Bytes>> {
     let text = |status, content_type: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -132,10 +174,42 @@ fn answer(req: &Request<Incoming>, bus: &weir_proxy::FlowBus) -> Response<Full<B
         ),
         // The process answers: alive.
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        // Enforcing: policy loaded, steering installed, listeners up.
+        "/readyz" => match ready.missing() {
+            m if m.is_empty() => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            m => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", m.join(", ")),
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found (try /metrics or /healthz)\n".into(),
+            "not found (try /metrics, /healthz or /readyz)\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_part_is_up() {
+        let r = Readiness::default();
+        assert_eq!(
+            r.missing(),
+            [
+                "policy not loaded",
+                "steering not installed",
+                "listeners not serving"
+            ]
+        );
+        Readiness::set(&r.policy, true);
+        Readiness::set(&r.steering, true);
+        assert_eq!(r.missing(), ["listeners not serving"]);
+        Readiness::set(&r.listeners, true);
+        assert!(r.missing().is_empty());
     }
 }

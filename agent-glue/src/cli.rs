@@ -11,7 +11,7 @@ use crate::{demo, explain, run, steering};
 #[derive(Debug, Parser)]
 #[command(
     name = "weir",
-    version,
+    version = crate::VERSION,
     about = "Node-local L7-aware network policy proxy"
 )]
 pub struct Cli {
@@ -23,7 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and steering for a node.
     Run(Box<RunArgs>),
-    /// Check or explain policies.
+    /// Check or explain policies; apply, get, delete or list those of a
+    /// running weir.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Build a small star-wars node in network namespaces, enforce a policy on it
@@ -36,6 +37,16 @@ pub enum Command {
     /// Show flow records of a running weir, recent ones and live (over
     /// --api-socket), like `hubble observe`.
     Observe(crate::api::observe::ObserveArgs),
+    /// What a running weir is doing: version, steering, attached programs, map
+    /// fill, listeners, policy revision and last reload (over --api-socket),
+    /// like `cilium status`.
+    Status(crate::api::status::StatusArgs),
+    /// Print a shell completion script (`weir completions bash >
+    /// /etc/bash_completion.d/weir`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -79,6 +90,9 @@ pub enum PolicyCommand {
     },
     /// Decide one connection or request and say which rule decided it.
     Explain(Box<explain::ExplainArgs>),
+    /// apply, get, delete, list: policies of a running weir (over --api-socket).
+    #[command(flatten)]
+    Api(crate::api::policy::ApiPolicyCommand),
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h` (a bare number is seconds).
@@ -228,9 +242,15 @@ pub struct RunArgs {
     /// cgroup v2 directory for sock_ops programs (never the root cgroup).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
-    /// Local API socket (gRPC, mode 0600) for `weir endpoint add|list|remove`.
+    /// Local API socket (gRPC, mode 0600) for `weir endpoint`, `observe`,
+    /// `status`, ...
     #[arg(long, default_value = "/run/weir/weir.sock")]
     pub api_socket: PathBuf,
+    /// A uid besides root that may use the API (repeatable). Each call is
+    /// checked with SO_PEERCRED; the socket stays mode 0600, so that user also
+    /// needs access to it (e.g. `setfacl -m u:UID:rw` on the socket).
+    #[arg(long = "api-allow-uid", value_name = "UID")]
+    pub api_allow_uid: Vec<u32>,
     /// Write flow records (JSON lines) here instead of stdout.
     #[arg(long)]
     pub flow_log: Option<PathBuf>,
@@ -362,11 +382,18 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
+        Command::Policy(PolicyCommand::Api(cmd)) => exit_from(crate::api::policy::main(cmd)),
         Command::Run(args) => exit_from(run::main(*args)),
         Command::Demo => exit_from(demo::main()),
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
         Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
         Command::Observe(args) => exit_from(crate::api::observe::main(args)),
+        Command::Status(args) => exit_from(crate::api::status::main(args)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "weir", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");

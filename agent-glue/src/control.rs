@@ -97,6 +97,7 @@ pub fn spawn(
     files: Files,
     shared: Arc<Shared>,
     mut fqdn: FqdnState,
+    info: api::status::RunInfo,
 ) -> std::io::Result<std::sync::mpsc::Sender<ControlMsg>> {
     let (tx, rx) = std::sync::mpsc::channel::<ControlMsg>();
     std::thread::Builder::new()
@@ -104,6 +105,15 @@ pub fn spawn(
         .spawn(move || {
             let mut next_tick = Instant::now() + FQDN_TICK;
             let mut handed_over = false;
+            let mut reloads = api::status::ReloadLog::default();
+            // The first policy is installed before this thread starts.
+            shared
+                .flows
+                .bus()
+                .metrics()
+                .control
+                .policy_revision
+                .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
             loop {
                 let msg = match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now()))
                 {
@@ -138,7 +148,25 @@ pub fn spawn(
                         fqdn.merge_handed_over(&policy, steering.fqdn_datapath());
                     }
                     Some(ControlMsg::Reload) => {
-                        reload(&mut sources, &mut steering, &files, &shared, &mut fqdn)
+                        let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
+                        reloads.record(r.as_ref().copied());
+                        let m = &shared.flows.bus().metrics().control;
+                        let result = if r.is_ok() { "success" } else { "failure" };
+                        m.reloads
+                            .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
+                            .inc();
+                        m.last_reload_success.set(i64::from(r.is_ok()));
+                    }
+                    Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
+                        let status = api::status::collect(&api::status::Sources {
+                            info: &info,
+                            steering: &steering,
+                            policies: sources.policies.len() + sources.api_policies.len(),
+                            shared: &shared,
+                            fqdn: &fqdn,
+                            reloads: &reloads,
+                        });
+                        let _ = reply.send(Ok(status));
                     }
                     Some(ControlMsg::Api(api::server::Command::ListFqdn(reply))) => {
                         let policy = shared.policy.load();
@@ -181,12 +209,30 @@ pub fn spawn(
                         return;
                     }
                 }
+                let metrics = &shared.flows.bus().metrics().control;
+                metrics
+                    .policy_revision
+                    .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
                 // After a handover the new weir expires what is learned.
                 if !handed_over && Instant::now() >= next_tick {
                     let policy = shared.policy.load_full();
                     fqdn.tick(&policy, steering.fqdn_datapath(), fqdn::now_ms());
                     fqdn.persist_if_due(false);
                     next_tick = Instant::now() + FQDN_TICK;
+                    // Map fill for /metrics: from weir's own record, plus one
+                    // map-info syscall per map.
+                    if let Some(dp) = &steering.datapath {
+                        for m in dp.map_fill() {
+                            let labels = weir_proxy::flows::metrics::MapLabels { map: m.name };
+                            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                            if let Some(n) = m.entries {
+                                metrics.map_entries.get_or_create(&labels).set(gauge(n));
+                            }
+                            if let Some(n) = m.max_entries {
+                                metrics.map_capacity.get_or_create(&labels).set(gauge(n));
+                            }
+                        }
+                    }
                 }
             }
         })?;
@@ -209,13 +255,15 @@ fn resume(steering: &mut Steering, shared: &Shared) {
     }
 }
 
+/// Re-reads the files and applies them; on failure the running policy stays
+/// (the error is logged and returned for `weir status`).
 fn reload(
     sources: &mut Sources,
     steering: &mut Steering,
     files: &Files,
     shared: &Shared,
     fqdn: &mut FqdnState,
-) {
+) -> anyhow::Result<()> {
     let mut next = sources.clone();
     let mut steered = false;
     let applied = next
@@ -234,9 +282,14 @@ fn reload(
             *sources = next;
             shared.set_policy(p);
             info!("policy reloaded");
+            Ok(())
         }
         Err(e) => {
-            error!(error = %format!("{e:#}"), "reload failed; keeping the old policy");
+            // One line with every error (`FILE:LINE:COL: message; ...`).
+            error!(
+                errors = %api::status::reload_errors(&e).join("; "),
+                "reload failed; keeping the old policy"
+            );
             if steered {
                 // The maps may already hold the new policy (a step after the
                 // sync failed): put the installed one back, as
@@ -247,6 +300,7 @@ fn reload(
                     error!(error = %format!("{se:#}"), "could not restore the previous policy in the datapath");
                 }
             }
+            Err(e)
         }
     }
 }
@@ -308,7 +362,15 @@ mod tests {
             policy: vec![policy_file.clone()],
             endpoints: Some(eps),
         };
-        let tx = spawn(sources, steering, files, shared.clone(), fqdn).unwrap();
+        let tx = spawn(
+            sources,
+            steering,
+            files,
+            shared.clone(),
+            fqdn,
+            api::status::RunInfo::new(Vec::new()),
+        )
+        .unwrap();
         let learner = LearnerHandle::new(tx.clone());
         let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
         let req = LearnRequest {
@@ -340,6 +402,26 @@ mod tests {
         assert_eq!(names.len(), 1);
         assert_eq!(names[0].addresses[0].identity, after.identity);
         assert_eq!(names[0].addresses[0].selectors.len(), 2);
+        // A broken reload: refused, reported by status with FILE:LINE:COL,
+        // and the running policy (revision 2, after the reload above) stays.
+        std::fs::write(&policy_file, "apiVersion: cilium.io/v2\nkind: [\n").unwrap();
+        tx.send(ControlMsg::Reload).unwrap();
+        let (qtx, qrx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Api(api::server::Command::Status(qtx)))
+            .unwrap();
+        let status = qrx.blocking_recv().unwrap().unwrap();
+        let p = status.policy.unwrap();
+        assert_eq!((p.revision, p.reloads, p.failed_reloads), (2, 2, 1));
+        let last = p.last_reload.unwrap();
+        assert!(!last.ok);
+        let file = policy_file.display().to_string();
+        assert!(
+            last.errors[0].starts_with(&format!("{file}:")),
+            "{:?}",
+            last.errors
+        );
+        assert_eq!(status.steering, "none");
+        assert!(shared.policy.load().learned_fqdn_ip(ip).is_some(), "kept");
         let (stx, srx) = tokio::sync::oneshot::channel();
         tx.send(ControlMsg::Stop(stx)).unwrap();
         assert!(!srx.blocking_recv().unwrap());

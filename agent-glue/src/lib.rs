@@ -18,3 +18,7 @@ pub mod run;
 pub mod state;
 pub mod steering;
 pub mod takeover;
+
+/// The crate version with the git revision it was built from, when known
+/// (`0.1.0 (git 0123456789ab)`); set by build.rs.
+pub const VERSION: &str = env!("WEIR_VERSION");

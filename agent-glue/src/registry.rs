@@ -1,6 +1,6 @@
 //! What weir compiles from: the policies and endpoints files (re-read on SIGHUP)
-//! and the endpoints registered through the local API (kept in the state dir, so
-//! a restarted weir still enforces them).
+//! and the endpoints registered and policies applied through the local API (kept
+//! in the state dir, so a restarted weir still enforces them).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use weir_policy::model::ClusterConfig;
-use weir_policy::{CompiledPolicy, Endpoint, Environment, Policy, Service};
+use weir_policy::{
+    CompiledPolicy, Endpoint, Environment, LoadErrors, Policy, PolicyError, Service,
+};
 
 use crate::state;
 
@@ -82,6 +84,44 @@ impl ApiEndpoint {
     }
 }
 
+/// A policy applied with `weir policy apply`, as kept in the state dir: its
+/// YAML document exactly as given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    /// `namespace/name`, or `name` for a clusterwide policy.
+    pub name: String,
+    pub yaml: String,
+}
+
+/// An applied policy with its parsed form (errors in it name `api:NAME`).
+#[derive(Debug, Clone)]
+pub struct ApiPolicy {
+    pub stored: StoredPolicy,
+    pub policy: Policy,
+}
+
+impl ApiPolicy {
+    /// Parses a stored document: it must be exactly one policy of its name.
+    pub fn parse(stored: StoredPolicy) -> Result<Self, LoadErrors> {
+        let file = format!("api:{}", stored.name);
+        let mut parsed = weir_policy::parse_policies(&stored.yaml, &file)?;
+        match (parsed.pop(), parsed.is_empty()) {
+            (Some(policy), true) if policy.qualified_name() == stored.name => {
+                Ok(ApiPolicy { stored, policy })
+            }
+            _ => Err(LoadErrors(vec![PolicyError {
+                file,
+                line: 1,
+                col: 1,
+                message: format!(
+                    "the document is not exactly one policy named `{}`",
+                    stored.name
+                ),
+            }])),
+        }
+    }
+}
+
 /// Where an endpoint came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -96,6 +136,8 @@ pub struct Sources {
     /// The endpoints file's `services:` (for `toServices`).
     pub services: Vec<Service>,
     pub api_endpoints: Vec<ApiEndpoint>,
+    /// Policies applied through the API (`<state-dir>/api-policies.json`).
+    pub api_policies: Vec<ApiPolicy>,
     /// The cluster's ranges (`--cluster-cidr`, ...), fixed for the run.
     pub cluster: ClusterConfig,
     state_dir: PathBuf,
@@ -103,6 +145,10 @@ pub struct Sources {
 
 fn api_endpoints_file(state_dir: &Path) -> PathBuf {
     state_dir.join("api-endpoints.json")
+}
+
+fn api_policies_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("api-policies.json")
 }
 
 impl Sources {
@@ -119,6 +165,7 @@ impl Sources {
             file_endpoints: Vec::new(),
             services: Vec::new(),
             api_endpoints: load_api_endpoints(state_dir)?,
+            api_policies: load_api_policies(state_dir)?,
             cluster,
             state_dir: state_dir.to_path_buf(),
         };
@@ -133,10 +180,10 @@ impl Sources {
         endpoints: Option<&Path>,
     ) -> anyhow::Result<()> {
         let policies = weir_policy::load_policies(policy)
-            .map_err(|e| anyhow::anyhow!("invalid policy:\n{e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context("invalid policy"))?;
         let file = match endpoints {
             Some(path) => weir_policy::load_endpoints_file(path)
-                .map_err(|e| anyhow::anyhow!("invalid endpoints:\n{e}"))?,
+                .map_err(|e| anyhow::Error::new(e).context("invalid endpoints"))?,
             None => Default::default(),
         };
         let mut file_endpoints = file.endpoints;
@@ -170,7 +217,40 @@ impl Sources {
         Ok(all)
     }
 
+    /// The policies in force: the files', then the API's. A name in both is an
+    /// error at the file's position (so a reload that brings one in is refused
+    /// and the running policy kept).
+    pub fn all_policies(&self) -> anyhow::Result<Vec<Policy>> {
+        let errors: Vec<PolicyError> = self
+            .policies
+            .iter()
+            .filter(|p| {
+                let name = p.qualified_name();
+                self.api_policies.iter().any(|a| a.stored.name == name)
+            })
+            .map(|p| PolicyError {
+                file: p.file.clone(),
+                line: p.pos.line,
+                col: p.pos.col,
+                message: format!(
+                    "policy `{0}` is both in this file and applied through the API: keep one (remove it here, or `weir policy delete {0}`)",
+                    p.qualified_name()
+                ),
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(anyhow::Error::new(LoadErrors(errors)).context("conflicting policies"));
+        }
+        Ok(self
+            .policies
+            .iter()
+            .cloned()
+            .chain(self.api_policies.iter().map(|a| a.policy.clone()))
+            .collect())
+    }
+
     pub fn compile(&self) -> anyhow::Result<CompiledPolicy> {
+        let policies = self.all_policies()?;
         let endpoints: Vec<Endpoint> = self.endpoints()?.into_iter().map(|(e, _)| e).collect();
         let mut ids = state::load_identities(&self.state_dir);
         let env = Environment {
@@ -178,28 +258,68 @@ impl Sources {
             cluster: self.cluster.clone(),
             host_addresses: crate::datapath::node_addresses(),
         };
-        for note in weir_policy::unresolved_references(&self.policies, &env) {
+        for note in weir_policy::unresolved_references(&policies, &env) {
             warn!("{note}");
         }
-        let compiled = CompiledPolicy::compile_in(&self.policies, &endpoints, &env, &mut ids)?;
+        let compiled = CompiledPolicy::compile_in(&policies, &endpoints, &env, &mut ids)?;
         if let Err(e) = state::save_identities(&self.state_dir, &ids) {
             warn!(error = %e, dir = %self.state_dir.display(), "could not save identities");
         }
         info!(
-            policies = self.policies.len(),
+            policies = policies.len(),
             endpoints = endpoints.len(),
             "policy compiled"
         );
         Ok(compiled)
     }
 
-    /// Writes the API endpoints to the state dir (atomically).
+    /// Writes the API endpoints and policies to the state dir (each file
+    /// atomically).
     pub fn persist(&self) -> anyhow::Result<()> {
-        let path = api_endpoints_file(&self.state_dir);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.api_endpoints)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        write_atomically(
+            &api_endpoints_file(&self.state_dir),
+            &serde_json::to_vec_pretty(&self.api_endpoints)?,
+        )?;
+        let stored: Vec<&StoredPolicy> = self.api_policies.iter().map(|a| &a.stored).collect();
+        write_atomically(
+            &api_policies_file(&self.state_dir),
+            &serde_json::to_vec_pretty(&stored)?,
+        )
+    }
+
+    /// A copy with `applied` added, each replacing an API policy of its name;
+    /// refuses a name a --policy file has.
+    pub fn with_applied(&self, applied: Vec<ApiPolicy>) -> anyhow::Result<Self> {
+        let mut next = self.clone();
+        for a in applied {
+            match next
+                .api_policies
+                .iter_mut()
+                .find(|p| p.stored.name == a.stored.name)
+            {
+                Some(old) => *old = a,
+                None => next.api_policies.push(a),
+            }
+        }
+        next.all_policies()?;
+        Ok(next)
+    }
+
+    /// A copy without the API policy `name`.
+    pub fn with_deleted(&self, name: &str) -> anyhow::Result<Self> {
+        let Some(i) = self.api_policies.iter().position(|p| p.stored.name == name) else {
+            if let Some(p) = self.policies.iter().find(|p| p.qualified_name() == name) {
+                bail!(
+                    "policy `{name}` comes from {}:{}; remove it there and reload (SIGHUP)",
+                    p.file,
+                    p.pos.line
+                );
+            }
+            bail!("no policy named `{name}` was applied through the API");
+        };
+        let mut next = self.clone();
+        next.api_policies.remove(i);
+        Ok(next)
     }
 
     /// A copy with `ep` registered; refuses a name or address already in use.
@@ -257,6 +377,36 @@ impl Sources {
         let removed = next.api_endpoints.remove(i);
         Ok((next, removed))
     }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The policies applied through the API by an earlier run (none without the
+/// file). One that no longer parses (a newer weir's field) stops the start
+/// with its error rather than enforcing less than was applied.
+fn load_api_policies(state_dir: &Path) -> anyhow::Result<Vec<ApiPolicy>> {
+    let path = api_policies_file(state_dir);
+    let stored: Vec<StoredPolicy> = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading applied policies from {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    stored
+        .into_iter()
+        .map(|s| {
+            ApiPolicy::parse(s).map_err(|e| {
+                anyhow::Error::new(e).context(format!(
+                    "invalid policy applied through the API (in {})",
+                    path.display()
+                ))
+            })
+        })
+        .collect()
 }
 
 fn load_api_endpoints(state_dir: &Path) -> anyhow::Result<Vec<ApiEndpoint>> {
@@ -333,6 +483,7 @@ mod tests {
             file_endpoints: Vec::new(),
             services: Vec::new(),
             api_endpoints: Vec::new(),
+            api_policies: Vec::new(),
             cluster: ClusterConfig::default(),
             state_dir: dir.clone(),
         };
@@ -350,6 +501,75 @@ mod tests {
         assert_eq!(removed.name, "xwing");
         assert!(without.api_endpoints.is_empty());
         assert!(s.with_removed("nope").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const P: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: NAME}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n";
+
+    fn stored(name: &str) -> StoredPolicy {
+        StoredPolicy {
+            name: name.into(),
+            yaml: P.replace("NAME", name),
+        }
+    }
+
+    #[test]
+    fn api_policies_are_kept_replaced_deleted_and_never_shadow_a_file_policy() {
+        let dir = std::env::temp_dir().join(format!("weir-registry-pol-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file_policies =
+            weir_policy::parse_policies(&P.replace("NAME", "fromfile"), "/etc/p.yaml").unwrap();
+        let s = Sources {
+            policies: file_policies,
+            file_endpoints: Vec::new(),
+            services: Vec::new(),
+            api_endpoints: Vec::new(),
+            api_policies: Vec::new(),
+            cluster: ClusterConfig::default(),
+            state_dir: dir.clone(),
+        };
+        let one = ApiPolicy::parse(stored("one")).unwrap();
+        assert_eq!(one.policy.file, "api:one");
+        let s = s.with_applied(vec![one]).unwrap();
+        assert_eq!(s.all_policies().unwrap().len(), 2);
+        // Applying the same name again replaces it.
+        let mut again = stored("one");
+        again.yaml = again.yaml.replace("app: b", "app: c");
+        let s = s
+            .with_applied(vec![ApiPolicy::parse(again.clone()).unwrap()])
+            .unwrap();
+        assert_eq!(s.api_policies.len(), 1);
+        s.persist().unwrap();
+        let loaded = load_api_policies(&dir).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].stored, again, "survives a restart as applied");
+        // A file policy's name cannot be applied; the error points at the file.
+        let clash = s
+            .with_applied(vec![ApiPolicy::parse(stored("fromfile")).unwrap()])
+            .err()
+            .expect("refused");
+        let le = clash.downcast_ref::<LoadErrors>().unwrap();
+        assert_eq!(le.0[0].file, "/etc/p.yaml");
+        assert_eq!(le.0[0].line, 3);
+        assert!(le.0[0].message.contains("applied through the API"));
+        // A stored document must be the policy it is named for.
+        assert!(
+            ApiPolicy::parse(StoredPolicy {
+                name: "two".into(),
+                yaml: P.replace("NAME", "one")
+            })
+            .is_err()
+        );
+        assert!(
+            s.with_deleted("fromfile")
+                .err()
+                .expect("refused")
+                .to_string()
+                .contains("/etc/p.yaml:3")
+        );
+        assert!(s.with_deleted("nope").is_err());
+        let s = s.with_deleted("one").unwrap();
+        assert!(s.api_policies.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,7 @@ use tracing::{error, info, warn};
 use weir_policy::CompiledPolicy;
 use weir_proxy::{FlowSink, ProxyConfig, Shared, listener};
 
+use crate::admin::Readiness;
 use crate::api;
 use crate::cli::{RunArgs, SteeringMode, init_tracing};
 use crate::control::{self, ControlMsg, Files, Steering};
@@ -86,8 +87,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sources = load_sources()?;
     let mut policy = Arc::new(sources.compile()?);
     let shared = Shared::new(policy.clone(), flow_sink(&args)?, proxy_config(&args));
+    let readiness = Arc::new(crate::admin::Readiness::default());
+    Readiness::set(&readiness.policy, true);
     if let crate::cli::AdminAddr::At(addr) = args.admin_addr {
-        crate::admin::spawn(addr, shared.flows.bus().clone(), taking_over)?;
+        crate::admin::spawn(
+            addr,
+            shared.flows.bus().clone(),
+            readiness.clone(),
+            taking_over,
+        )?;
     }
     // A takeover gets the listeners from the running weir, after everything
     // else is ready; the API socket is bound once that weir has released it.
@@ -154,6 +162,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         return Err(e);
     }
+    Readiness::set(&readiness.steering, true);
+    let info = api::status::RunInfo::new(api::status::listeners(&listeners, &udp_listeners));
     let control = control::spawn(
         sources,
         steering,
@@ -163,6 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         shared.clone(),
         fqdn,
+        info,
     )
     .context("starting the control thread")?;
     shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));
@@ -181,12 +192,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             l,
             api_tx.clone(),
             shared.flows.bus().clone(),
+            api::access::Allowed::new(&args.api_allow_uid),
         ))
     });
     let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
     let takeover_thread = start_takeover_listener(&takeover_path, dups, &args, takeover_tx);
     std::fs::write(&ready, std::process::id().to_string())
         .with_context(|| format!("writing {}", ready.display()))?;
+    Readiness::set(&readiness.listeners, true);
     info!(port = args.proxy_port, steering = ?mode, "weir ready");
     let mut running = Running {
         serving,
@@ -199,6 +212,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(api) = &running.api {
         api.abort();
     }
+    // Stopping, or another weir serves the listeners now.
+    Readiness::set(&readiness.listeners, false);
     match stopped {
         Ok(Stopped::HandedOver(drained)) => {
             let left = drain(&shared, args.drain_timeout).await;

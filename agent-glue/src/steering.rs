@@ -303,6 +303,17 @@ pub struct Removed {
     pub route_tables: usize,
 }
 
+/// The rules in weir's nft table (`None`: no table), for `weir status`.
+pub fn nft_rules() -> Option<usize> {
+    let out = run("nft", &["-j", "list", "table", "inet", TABLE], None).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    Some(
+        v["nftables"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|o| o.get("rule").is_some()).count()),
+    )
+}
+
 /// Removes everything `install` created, and nothing else. Missing pieces are fine.
 pub fn remove(cfg: &SteeringConfig) -> Result<Removed, SteeringError> {
     let mut removed = Removed::default();

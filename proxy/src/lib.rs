@@ -85,6 +85,11 @@ impl Shared {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Policies installed since start, the first included (`weir status`).
+    pub fn policy_revision(&self) -> u64 {
+        *self.generation.borrow() + 1
+    }
+
     /// Changes whenever [`Shared::set_policy`] installs a policy.
     pub fn policy_changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

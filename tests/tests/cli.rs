@@ -1,5 +1,5 @@
-//! The CLI contract other tests and users rely on: `weir policy validate` and
-//! `weir policy explain` (no root needed).
+//! The CLI contract other tests and users rely on: `weir policy validate`,
+//! `weir policy explain`, `--version` and `completions` (no root needed).
 
 use weir_tests::{ENDPOINTS, ScratchDir, weir_cli};
 
@@ -538,4 +538,21 @@ fn validate_warns_when_no_dns_rule_lets_fqdn_names_be_learned() {
         stderr.starts_with("warning: ") && stderr.contains("toFQDNs[0]"),
         "{stderr}"
     );
+}
+
+#[test]
+fn version_carries_the_crate_version_and_completions_know_the_commands() {
+    let (code, stdout, _) = out(&weir_cli(&["--version"]));
+    assert_eq!(code, 0);
+    assert!(
+        stdout.starts_with(&format!("weir {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, err) = out(&weir_cli(&["completions", shell]));
+        assert_eq!(code, 0, "{err}");
+        for word in ["status", "observe", "apply", "api-allow-uid"] {
+            assert!(script.contains(word), "{shell}: `{word}` missing");
+        }
+    }
 }

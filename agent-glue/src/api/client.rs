@@ -101,7 +101,11 @@ pub(super) async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
 }
 
 pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    match s.code() {
+        // Says so plainly: the message alone could read like a policy refusal.
+        tonic::Code::PermissionDenied => anyhow::anyhow!("permission denied: {}", s.message()),
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
 }
 
 async fn run(args: EndpointArgs) -> anyhow::Result<()> {

@@ -93,6 +93,65 @@ pub fn handle(
         Command::ListFqdn(reply) => {
             let _ = reply.send(Err(Status::unavailable("the FQDN cache is not here")));
         }
+        Command::Status(reply) => {
+            let _ = reply.send(Err(Status::unavailable("the status is not here")));
+        }
+        Command::ApplyPolicies(docs, reply) => {
+            let result = match super::policy::parse_applied(&docs) {
+                Err(e) => Err(Status::invalid_argument(format!("invalid policy:\n{e}"))),
+                Ok(applied) => {
+                    let names: Vec<String> =
+                        applied.iter().map(|a| a.stored.name.clone()).collect();
+                    sources
+                        .with_applied(applied)
+                        .and_then(|next| commit(next, sources, shared, steer))
+                        .map_err(fail)
+                        .map(|()| pb::ApplyPolicyResponse {
+                            names,
+                            revision: shared.policy_revision(),
+                        })
+                }
+            };
+            match &result {
+                Ok(r) => {
+                    info!(policies = ?r.names, revision = r.revision, "policies applied through the API")
+                }
+                Err(e) => {
+                    error!(error = %e.message(), "policy apply refused; keeping the running policy")
+                }
+            }
+            let _ = reply.send(result);
+        }
+        Command::DeletePolicy(name, reply) => {
+            let result = match sources.with_deleted(&name) {
+                Err(e) if sources.policies.iter().any(|p| p.qualified_name() == name) => {
+                    Err(Status::failed_precondition(format!("{e:#}")))
+                }
+                Err(e) => Err(Status::not_found(format!("{e:#}"))),
+                Ok(next) => commit(next, sources, shared, steer)
+                    .map_err(fail)
+                    .map(|()| pb::DeletePolicyResponse {
+                        revision: shared.policy_revision(),
+                    }),
+            };
+            if result.is_ok() {
+                info!(policy = %name, "policy deleted through the API");
+            }
+            let _ = reply.send(result);
+        }
+        Command::GetPolicies(name, reply) => {
+            let found = super::policy::infos(sources, name.as_deref(), true);
+            let result = match &name {
+                Some(n) if found.is_empty() => Err(Status::not_found(format!(
+                    "no policy named `{n}` is in force"
+                ))),
+                _ => Ok(found),
+            };
+            let _ = reply.send(result);
+        }
+        Command::ListPolicies(reply) => {
+            let _ = reply.send(Ok(super::policy::infos(sources, None, false)));
+        }
     }
 }
 

@@ -27,6 +27,14 @@ pub enum Command {
     RefreshEndpoint(String, Reply<pb::Endpoint>),
     /// `weir fqdn list` (answered by the control thread, which owns the cache).
     ListFqdn(Reply<Vec<pb::FqdnName>>),
+    /// `weir status` (answered by the control thread, which owns the datapath).
+    Status(Reply<pb::GetStatusResponse>),
+    /// `weir policy apply`: `(file, text)` documents, parsed by the run loop.
+    ApplyPolicies(Vec<(String, String)>, Reply<pb::ApplyPolicyResponse>),
+    /// `weir policy get [NAME]`.
+    GetPolicies(Option<String>, Reply<Vec<pb::PolicyInfo>>),
+    DeletePolicy(String, Reply<pb::DeletePolicyResponse>),
+    ListPolicies(Reply<Vec<pb::PolicyInfo>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,17 +77,28 @@ pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
     flows: Arc<weir_proxy::FlowBus>,
+    allowed: super::access::Allowed,
 ) {
     let observer = pb::observer_server::ObserverServer::new(ObserverApi { bus: flows });
     let fqdn = pb::fqdn_server::FqdnServer::new(FqdnApi(EndpointsApi {
         commands: commands.clone(),
     }));
+    let status = pb::status_server::StatusServer::new(StatusApi(EndpointsApi {
+        commands: commands.clone(),
+    }));
+    let policy = pb::policy_server::PolicyServer::new(PolicyApi(EndpointsApi {
+        commands: commands.clone(),
+    }));
     let svc = pb::endpoints_server::EndpointsServer::new(EndpointsApi { commands });
     let incoming = UnixListenerStream::new(listener);
+    // Every service sits behind the caller check (SO_PEERCRED).
     if let Err(e) = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(allowed))
         .add_service(svc)
         .add_service(fqdn)
         .add_service(observer)
+        .add_service(status)
+        .add_service(policy)
         .serve_with_incoming(incoming)
         .await
     {
@@ -164,6 +183,93 @@ impl pb::fqdn_server::Fqdn for FqdnApi {
     ) -> Result<Response<pb::ListFqdnResponse>, Status> {
         let names = self.0.ask(Command::ListFqdn).await?;
         Ok(Response::new(pb::ListFqdnResponse { names }))
+    }
+}
+
+/// The status service; the control thread gathers the answer.
+struct StatusApi(EndpointsApi);
+
+#[tonic::async_trait]
+impl pb::status_server::Status for StatusApi {
+    async fn get(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.0.ask(Command::Status).await.map(Response::new)
+    }
+}
+
+/// The policy service: every request goes to the run loop, which parses,
+/// compiles and installs as for SIGHUP.
+struct PolicyApi(EndpointsApi);
+
+/// Most bytes of policy text one apply may carry (the message limit is 4 MiB).
+const MAX_POLICY_BYTES: usize = 4 << 20;
+
+#[tonic::async_trait]
+impl pb::policy_server::Policy for PolicyApi {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        let docs: Vec<(String, String)> = request
+            .into_inner()
+            .documents
+            .into_iter()
+            .map(|d| {
+                let file = if d.file.is_empty() {
+                    "<api>".to_string()
+                } else {
+                    d.file
+                };
+                (file, d.yaml)
+            })
+            .collect();
+        if docs.is_empty() {
+            return Err(Status::invalid_argument("no policy documents given"));
+        }
+        if docs.iter().map(|(_, t)| t.len()).sum::<usize>() > MAX_POLICY_BYTES {
+            return Err(Status::invalid_argument(
+                "the policy documents exceed 4 MiB",
+            ));
+        }
+        info!(files = ?docs.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), "API: apply policies");
+        self.0
+            .ask(|r| Command::ApplyPolicies(docs, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let name = Some(request.into_inner().name).filter(|n| !n.is_empty());
+        let policies = self.0.ask(|r| Command::GetPolicies(name, r)).await?;
+        Ok(Response::new(pb::GetPolicyResponse { policies }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        info!(policy = %name, "API: delete policy");
+        self.0
+            .ask(|r| Command::DeletePolicy(name, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let policies = self.0.ask(Command::ListPolicies).await?;
+        Ok(Response::new(pb::ListPoliciesResponse { policies }))
     }
 }
 

@@ -513,6 +513,42 @@ impl Datapath {
         Ok(())
     }
 
+    /// The interfaces weir attached its programs to, with their roles.
+    pub fn interface_roles(&self) -> Vec<(String, Role)> {
+        let mut v: Vec<(String, Role)> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The maps `weir status` reports: what weir wrote into them (known without
+    /// reading the kernel: the installed record) and their capacity (from the
+    /// kernel's map info). Connection tracking and fragments are the kernel's
+    /// own LRU maps: counting them would walk up to 262 144 entries, so they
+    /// show their capacity only.
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let devices = self.attached.keys().filter(|(i, _)| !i.is_empty()).count();
+        [
+            ("weir_endpoints", Some(self.installed.endpoints.len())),
+            ("weir_ipcache", Some(self.installed.ipcache.len())),
+            ("weir_policy", Some(self.installed.policy.len())),
+            ("weir_devices", Some(devices)),
+            ("weir_ct", None),
+            ("weir_frags", None),
+        ]
+        .into_iter()
+        .map(|(name, entries)| MapFill {
+            name,
+            entries: entries.map(|n| n as u64),
+            max_entries: self
+                .ebpf
+                .map(name)
+                .and_then(map_data)
+                .and_then(|m| m.info().ok())
+                .map(|i| u64::from(i.max_entries())),
+        })
+        .collect()
+    }
+
     /// Whether enforcement outlives this process: cls_bpf filters always do;
     /// pinned TCX links only where the pins are visible outside this mount
     /// namespace.
@@ -675,6 +711,25 @@ fn lpm_key(k: &PolicyKey) -> Key<[u8; 16]> {
     data[12..14].copy_from_slice(&k.dport.to_ne_bytes());
     data[14..16].copy_from_slice(&k.pad2.to_ne_bytes());
     Key::new(k.prefixlen, data)
+}
+
+/// One map's fill for `weir status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: &'static str,
+    /// `None`: not counted (see [`Datapath::map_fill`]).
+    pub entries: Option<u64>,
+    /// `None`: the kernel did not say.
+    pub max_entries: Option<u64>,
+}
+
+/// The map behind aya's enum, for the kinds weir's status reports.
+fn map_data(m: &aya::maps::Map) -> Option<&MapData> {
+    use aya::maps::Map;
+    match m {
+        Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::Array(d) => Some(d),
+        _ => None,
+    }
 }
 
 /// The addresses of this network namespace's own interfaces (the `host`

@@ -276,6 +276,7 @@ pub(super) async fn on_takeover_event(
                             l,
                             running.api_tx.clone(),
                             running.shared.flows.bus().clone(),
+                            api::access::Allowed::new(&args.api_allow_uid),
                         )))
                     }
                     Err(e) => error!(error = %e, "cannot serve the API again"),

@@ -730,7 +730,11 @@ mod tests {
         let text = bus.metrics().encode();
         let mut lines: Vec<&str> = text
             .lines()
-            .filter(|l| !l.starts_with('#') && !l.starts_with("weir_flows_lost"))
+            .filter(|l| {
+                !l.starts_with('#')
+                    && !l.starts_with("weir_flows_lost")
+                    && !l.starts_with("weir_policy")
+            })
             .collect();
         lines.sort();
         assert_eq!(

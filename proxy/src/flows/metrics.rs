@@ -6,6 +6,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use weir_policy::flow::FlowVerdict;
 
@@ -26,6 +27,29 @@ pub struct DropLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// success or failure.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    /// weir's map name (a fixed set).
+    pub map: &'static str,
+}
+
+/// What the control thread reports (it owns the policy sources and the
+/// datapath): set there, read by scrapes.
+#[derive(Default)]
+pub struct ControlMetrics {
+    pub policy_revision: Gauge,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub last_reload_success: Gauge,
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub map_capacity: Family<MapLabels, Gauge>,
+}
+
 /// The flow counters and the registry they are in (the one `/metrics` serves;
 /// later metrics register here too).
 pub struct FlowMetrics {
@@ -34,6 +58,7 @@ pub struct FlowMetrics {
     drops: Family<DropLabels, Counter>,
     /// Records the flow writer had no room for (counted by the sink itself).
     pub lost: Counter,
+    pub control: ControlMetrics,
 }
 
 impl Default for FlowMetrics {
@@ -57,11 +82,39 @@ impl Default for FlowMetrics {
             "Flow records dropped because the flow writer could not keep up (in no log, ring or other counter)",
             lost.clone(),
         );
+        let control = ControlMetrics::default();
+        registry.register(
+            "weir_policy_revision",
+            "Policies installed by this process (1 is the first)",
+            control.policy_revision.clone(),
+        );
+        registry.register(
+            "weir_policy_reloads",
+            "SIGHUP reloads by result (success, failure)",
+            control.reloads.clone(),
+        );
+        registry.register(
+            "weir_policy_last_reload_success",
+            "1 when the last reload installed its policy (or none happened yet), 0 when it was refused",
+            control.last_reload_success.clone(),
+        );
+        control.last_reload_success.set(1);
+        registry.register(
+            "weir_bpf_map_entries",
+            "Entries weir wrote into each eBPF map",
+            control.map_entries.clone(),
+        );
+        registry.register(
+            "weir_bpf_map_capacity",
+            "Each eBPF map's max_entries",
+            control.map_capacity.clone(),
+        );
         FlowMetrics {
             registry,
             flows,
             drops,
             lost,
+            control,
         }
     }
 }
@@ -120,6 +173,32 @@ pub(super) fn reason_label(desc: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_metrics_are_in_the_registry() {
+        let m = FlowMetrics::default();
+        m.control.policy_revision.set(3);
+        m.control
+            .reloads
+            .get_or_create(&ReloadLabels { result: "failure" })
+            .inc();
+        m.control.last_reload_success.set(0);
+        m.control
+            .map_entries
+            .get_or_create(&MapLabels {
+                map: "weir_ipcache",
+            })
+            .set(5);
+        let t = m.encode();
+        for line in [
+            "weir_policy_revision 3",
+            r#"weir_policy_reloads_total{result="failure"} 1"#,
+            "weir_policy_last_reload_success 0",
+            r#"weir_bpf_map_entries{map="weir_ipcache"} 5"#,
+        ] {
+            assert!(t.lines().any(|l| l == line), "`{line}` missing:\n{t}");
+        }
+    }
 
     #[test]
     fn reasons_are_bounded_names() {
