@@ -450,14 +450,40 @@ fn resolve_and_connect_at_once_succeeds_1000_times_out_of_1000() {
     s.lab.spawn("dig-load", load).expect("start the load");
     let script = "ok=0; for i in $(seq 0 999); do \
          a=$((i / 250)); b=$((i % 250 + 1)); \
-         c=$(curl -s -o /dev/null -w '%{http_code}' --connect-timeout 2 --max-time 5 \
-             http://10-201-$((4 + a))-$b.race.example.com/); \
-         [ \"$c\" = 200 ] && ok=$((ok + 1)) || echo \"fail $i $c\"; \
+         c=$(curl -s -o /dev/null -w '%{http_code} exit %{exitcode} dns %{time_namelookup}s connect %{time_connect}s' \
+             --connect-timeout 2 --max-time 5 http://10-201-$((4 + a))-$b.race.example.com/); \
+         case \"$c\" in 200*) ok=$((ok + 1)) ;; *) echo \"fail $i 10-201-$((4 + a))-$b $c\" ;; esac; \
          done; echo ok=$ok";
     let started = Instant::now();
     let out = with_resolver(&s, "tiefighter", RESOLVER4, script);
     let t = text(&out);
     eprintln!("race took {:?}", started.elapsed());
+    if !t.contains("ok=1000") {
+        // What weir saw of each failed name: its DNS records and log lines
+        // (curl's exit code says whether the lookup or the connect failed).
+        let flows = s.flows();
+        let log = s.weir_log_text();
+        for line in t.lines().filter(|l| l.starts_with("fail ")) {
+            let Some(label) = line.split_whitespace().nth(2) else {
+                continue;
+            };
+            eprintln!("--- {line}");
+            for f in flows.iter().filter(|f| f.to_string().contains(label)) {
+                eprintln!("flow: {f}");
+            }
+            for l in log.lines().filter(|l| l.contains(label)) {
+                eprintln!("log: {l}");
+            }
+        }
+        let learn_errors: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("could not learn") || l.contains("SERVFAIL") || l.contains("WARN")
+            })
+            .take(20)
+            .collect();
+        eprintln!("weir warnings: {learn_errors:#?}");
+    }
     assert!(
         t.contains("ok=1000"),
         "not every resolve-and-connect succeeded:\n{t}\n{}",
