@@ -344,6 +344,7 @@ mod tests {
         let policy = Arc::new(sources.compile().unwrap());
         let mut fqdn = FqdnState::load(&dir, Limits::default());
         fqdn.learn_all_into(&policy);
+        let view = fqdn.view();
         let shared = Shared::new(
             policy,
             weir_proxy::FlowSink::new(Box::new(std::io::sink())),
@@ -371,7 +372,7 @@ mod tests {
             api::status::RunInfo::new(Vec::new()),
         )
         .unwrap();
-        let learner = LearnerHandle::new(tx.clone());
+        let learner = LearnerHandle::new(tx.clone(), view);
         let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
         let req = LearnRequest {
             names: vec!["api.example.com.".into()],

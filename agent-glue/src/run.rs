@@ -164,6 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     Readiness::set(&readiness.steering, true);
     let info = api::status::RunInfo::new(api::status::listeners(&listeners, &udp_listeners));
+    let fqdn_view = fqdn.view();
     let control = control::spawn(
         sources,
         steering,
@@ -176,7 +177,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         info,
     )
     .context("starting the control thread")?;
-    shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));
+    shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone(), fqdn_view)));
     let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),

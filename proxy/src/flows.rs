@@ -102,6 +102,11 @@ impl FlowSink {
         self.send(Msg::Flow(Box::new(flow.clone())), 1);
     }
 
+    /// Queues one record the caller no longer needs (no clone).
+    pub fn emit_owned(&self, flow: Flow) {
+        self.send(Msg::Flow(Box::new(flow)), 1);
+    }
+
     /// Waits (at most `timeout`) until every record queued so far is written and
     /// flushed. For shutdown and tests; the data path never calls it.
     pub fn flush(&self, timeout: Duration) -> bool {

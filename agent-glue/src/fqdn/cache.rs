@@ -56,6 +56,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// When an answer's `ttl` (seconds) received at `now_ms` runs out: at most
+    /// the maximum TTL, at least the minimum and never before the connect grace.
+    pub fn expiry_ms(&self, ttl: u32, now_ms: u64) -> u64 {
+        // RFC 2181 §8: a TTL with the top bit set is zero.
+        let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
+        let ttl = ttl.min(self.max_ttl_secs).max(self.min_ttl_secs);
+        now_ms
+            .saturating_add(u64::from(ttl) * 1000)
+            .max(now_ms.saturating_add(CONNECT_GRACE_MS))
+    }
+}
+
 /// Why an insert was refused: the cache is at a limit and only names some
 /// selector selects are left to evict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -141,11 +154,6 @@ impl Cache {
         out: &mut Inserted,
     ) -> Result<(), Full> {
         let ip = canonical_ip(ip);
-        // RFC 2181 §8: a TTL with the top bit set is zero.
-        let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
-        let ttl = ttl
-            .min(self.limits.max_ttl_secs)
-            .max(self.limits.min_ttl_secs);
         if !self.names.contains_key(name) {
             while self.names.len() >= self.limits.max_names.max(1) {
                 if !self.evict_one(name, out) {
@@ -161,9 +169,7 @@ impl Cache {
             }
         }
         self.set_meta(name, now_ms, Some(selected));
-        let expires_ms = now_ms
-            .saturating_add(u64::from(ttl) * 1000)
-            .max(now_ms.saturating_add(CONNECT_GRACE_MS));
+        let expires_ms = self.limits.expiry_ms(ttl, now_ms);
         let ips = self.names.entry(name.to_string()).or_default();
         let before = ips.get(&ip).copied();
         let entry = match before {

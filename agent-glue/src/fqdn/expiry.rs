@@ -23,7 +23,11 @@ impl FqdnState {
         dp: Option<&mut dyn FqdnDatapath>,
         now_ms: u64,
     ) {
-        let expired = self.cache.expired(now_ms);
+        // Out of the view before anything is written (see `view.rs`).
+        let (merged, expired) = self.view.take_expired(&mut self.cache, now_ms);
+        if merged {
+            self.dirty = true;
+        }
         if expired.is_empty() && !self.resync && self.pending.is_empty() {
             return;
         }

@@ -26,6 +26,11 @@ impl FqdnState {
     /// Enters (or, after an abandoned takeover, leaves) the handed-over state.
     pub fn hand_over(&mut self, on: bool) {
         self.handed_over = on;
+        // The new weir may change the datapath from now on: nothing here is
+        // committed any more (and after a resume, the next learn recommits).
+        if self.view.clear(&mut self.cache) {
+            self.dirty = true;
+        }
     }
 
     pub fn is_handed_over(&self) -> bool {

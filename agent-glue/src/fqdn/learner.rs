@@ -14,7 +14,7 @@ use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
 use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
 
 use super::cache::Inserted;
-use super::{FqdnDatapath, FqdnState};
+use super::{CommittedView, FqdnDatapath, FqdnState};
 use crate::control::ControlMsg;
 
 /// The error of an answer refused because the cache is full (logged here, at
@@ -45,17 +45,20 @@ impl Drop for Pending {
     }
 }
 
-/// The [`FqdnLearner`] the proxy calls: a channel send and two counters.
+/// The [`FqdnLearner`] the proxy calls: the committed view, else a channel
+/// send and two counters.
 pub struct LearnerHandle {
     tx: Sender<ControlMsg>,
+    view: Arc<CommittedView>,
     unwaited: Arc<AtomicUsize>,
     waited: Arc<AtomicUsize>,
 }
 
 impl LearnerHandle {
-    pub fn new(tx: Sender<ControlMsg>) -> Self {
+    pub fn new(tx: Sender<ControlMsg>, view: Arc<CommittedView>) -> Self {
         LearnerHandle {
             tx,
+            view,
             unwaited: Arc::default(),
             waited: Arc::default(),
         }
@@ -65,6 +68,15 @@ impl LearnerHandle {
 impl FqdnLearner for LearnerHandle {
     fn learn(&self, req: LearnRequest, wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
         let (reply, rx) = oneshot::channel();
+        // Every pair already in the datapath: nothing to wait for, and no
+        // wake-up of the control thread (the expiries are extended in the view).
+        if self
+            .view
+            .try_refresh(&req.policy, &req.names, &req.addresses, super::now_ms())
+        {
+            let _ = reply.send(Ok(()));
+            return rx;
+        }
         let (counter, max) = if wait {
             (&self.waited, MAX_WAITED)
         } else {
@@ -107,6 +119,11 @@ impl FqdnState {
         dp: Option<&mut dyn FqdnDatapath>,
         now_ms: u64,
     ) -> Result<(), LearnError> {
+        // Out of the view before the cache changes (and merged, so no hit's
+        // extension is lost); back in once the datapath holds the answer.
+        if self.view.take_names(&mut self.cache, &req.names) {
+            self.dirty = true;
+        }
         let mut done = Inserted::default();
         let selected: Vec<bool> = req
             .names
@@ -165,9 +182,11 @@ impl FqdnState {
         }
         self.save_ids_if_grown(before);
         let Some(dp) = dp else {
+            self.commit_answer(req, policy, now_ms);
             return Ok(());
         };
         if writes.is_empty() && !full_sync {
+            self.commit_answer(req, policy, now_ms);
             return Ok(());
         }
         let written = if full_sync {
@@ -182,7 +201,22 @@ impl FqdnState {
             self.cache.undo(done);
             return Err(LearnError::Datapath(e.to_string()));
         }
+        self.commit_answer(req, policy, now_ms);
         Ok(())
+    }
+
+    /// The datapath holds `req`'s pairs under `policy` (the installed one):
+    /// the proxy may answer them from the view from now on. Not after a
+    /// handover: the datapath is the new weir's.
+    fn commit_answer(&self, req: &LearnRequest, policy: &CompiledPolicy, now_ms: u64) {
+        if self.handed_over {
+            return;
+        }
+        let pairs = req
+            .names
+            .iter()
+            .flat_map(|n| req.addresses.iter().map(move |(ip, _)| (n.as_str(), *ip)));
+        self.view.commit(policy, &self.cache, pairs, now_ms);
     }
 }
 
@@ -325,7 +359,7 @@ mod tests {
     #[test]
     fn the_queue_bounds_refuse_rather_than_block() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let h = LearnerHandle::new(tx);
+        let h = LearnerHandle::new(tx, Arc::new(CommittedView::new(Limits::default())));
         let p = Arc::new(compile(POLICY));
         let mut receivers = Vec::new();
         for _ in 0..MAX_UNWAITED {

@@ -12,6 +12,7 @@ pub mod expiry;
 pub mod handover;
 pub mod learner;
 pub mod persist;
+pub mod view;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::state;
 
 pub use cache::{Cache, Limits};
 pub use learner::LearnerHandle;
+pub use view::CommittedView;
 
 /// What the FQDN loop needs of the datapath (a trait so the loop is testable
 /// without a kernel).
@@ -93,6 +95,8 @@ pub struct FqdnState {
     handed_over: bool,
     /// When a refusal of a full cache was last logged.
     last_full_log: Option<Instant>,
+    /// What the proxy may answer from without asking (see `view.rs`).
+    view: std::sync::Arc<CommittedView>,
 }
 
 impl FqdnState {
@@ -114,6 +118,7 @@ impl FqdnState {
             last_ct_check_ms: None,
             handed_over: false,
             last_full_log: None,
+            view: std::sync::Arc::new(CommittedView::new(limits)),
         }
     }
 
@@ -130,6 +135,19 @@ impl FqdnState {
             last_ct_check_ms: None,
             handed_over: false,
             last_full_log: None,
+            view: std::sync::Arc::new(CommittedView::new(limits)),
+        }
+    }
+
+    /// The committed view the proxy's learner handle answers from.
+    pub fn view(&self) -> std::sync::Arc<CommittedView> {
+        self.view.clone()
+    }
+
+    /// Moves the expiries the proxy extended into the cache.
+    fn merge_view(&mut self) {
+        if self.view.merge_into(&mut self.cache) {
+            self.dirty = true;
         }
     }
 
@@ -138,6 +156,11 @@ impl FqdnState {
     /// addresses already seen. Expired entries kept for a live connection are
     /// cached still, so they stay learned too.
     pub fn learn_all_into(&mut self, policy: &CompiledPolicy) {
+        // A new policy is on its way to the datapath: nothing is committed
+        // until the learner commits again under the installed one.
+        if self.view.clear(&mut self.cache) {
+            self.dirty = true;
+        }
         // `compile` may have assigned identities since: start from its file.
         if let Some(dir) = &self.state_dir {
             self.ids = state::load_identities(dir);
@@ -203,6 +226,10 @@ impl FqdnState {
     /// Writes the cache when it changed and the last write is a second old (or
     /// `force`, at shutdown).
     pub fn persist_if_due(&mut self, force: bool) {
+        if self.state_dir.is_none() {
+            return;
+        }
+        self.merge_view();
         let Some(dir) = &self.state_dir else {
             return;
         };

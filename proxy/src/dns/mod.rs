@@ -118,7 +118,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     }
     ctx.shared
         .flows
-        .emit(&query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
+        .emit_owned(query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
     let now = Instant::now();
     QueryAction::Forward(Pending {
         facts,
@@ -317,17 +317,46 @@ pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest
     })
 }
 
+/// Whether an answer may go to the client.
+pub(crate) enum Gate {
+    /// At once: no selector selects its names, or the datapath holds them.
+    Open,
+    /// Not before the learner says the datapath holds the addresses.
+    Wait(LearnReply),
+    /// Never: the client gets SERVFAIL, for this reason.
+    Closed(String),
+}
+
+/// The gate for an answer: none without addresses, else [`learn`]'s.
+pub(crate) fn gate(shared: &Shared, p: &Pending, a: &AnswerFacts) -> Gate {
+    learn_request(p, a).map_or(Gate::Open, |req| learn(shared, req))
+}
+
 /// Hands `req` to the learner. When a `toFQDNs` selector selects one of its
-/// names, the answer must wait for the learner's reply (see [`wait_for`]);
-/// otherwise the request only feeds the learner and the answer goes at once.
+/// names, the answer must wait for the learner's reply (see [`wait_for`]) —
+/// unless the reply is already there (the learner answered from what the
+/// datapath is known to hold): then no task has to wait for it. Otherwise the
+/// request only feeds the learner and the answer goes at once.
 /// Selected means under the policy the query was decided by or the one in
 /// force now: a policy installed while the query was out may add the selector,
 /// and the answer must not reach the client before the datapath allows it.
-pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Option<LearnReply> {
+pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Gate {
     let wait = req.selected() || req.selected_by(&shared.policy.load());
-    let reply = shared.fqdn_learner().learn(req, wait);
-    wait.then_some(reply)
+    let mut reply = shared.fqdn_learner().learn(req, wait);
+    if !wait {
+        return Gate::Open;
+    }
+    match reply.try_recv() {
+        Ok(Ok(())) => Gate::Open,
+        Ok(Err(e)) => Gate::Closed(e.to_string()),
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Gate::Wait(reply),
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+            Gate::Closed(LEARNER_DROPPED.into())
+        }
+    }
 }
+
+const LEARNER_DROPPED: &str = "the FQDN learner dropped the request";
 
 pub(crate) type LearnReply = tokio::sync::oneshot::Receiver<Result<(), crate::fqdn::LearnError>>;
 
@@ -337,7 +366,7 @@ pub(crate) async fn wait_for(shared: &Shared, reply: LearnReply) -> Result<(), S
     match tokio::time::timeout(shared.config.dns_learn_timeout, reply).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e.to_string()),
-        Ok(Err(_)) => Err("the FQDN learner dropped the request".into()),
+        Ok(Err(_)) => Err(LEARNER_DROPPED.into()),
         Err(_) => Err(format!(
             "the FQDN learner did not answer within {:?}",
             shared.config.dns_learn_timeout
@@ -345,13 +374,21 @@ pub(crate) async fn wait_for(shared: &Shared, reply: LearnReply) -> Result<(), S
     }
 }
 
+impl Gate {
+    /// Waits for the gate to open, or says why it will not.
+    pub(crate) async fn passed(self, shared: &Shared) -> Result<(), String> {
+        match self {
+            Gate::Open => Ok(()),
+            Gate::Wait(reply) => wait_for(shared, reply).await,
+            Gate::Closed(why) => Err(why),
+        }
+    }
+}
+
 /// [`learn`] and, when the answer must wait, [`wait_for`].
 #[cfg(test)]
 pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(), String> {
-    match learn(shared, req) {
-        Some(reply) => wait_for(shared, reply).await,
-        None => Ok(()),
-    }
+    learn(shared, req).passed(shared).await
 }
 
 /// A REQUEST record for a decided query (the deciding rules in `policy`).
@@ -409,7 +446,7 @@ pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
 /// SERVFAIL for `p`, with its flow record.
 pub(crate) fn servfail(ctx: &ConnContext, p: &Pending, why: &str) -> Option<Vec<u8>> {
     tracing::debug!(name = %p.facts.name, why, "DNS query answered SERVFAIL");
-    ctx.shared.flows.emit(&servfail_flow(ctx, p, why));
+    ctx.shared.flows.emit_owned(servfail_flow(ctx, p, why));
     Some(dns::servfail_for(&p.facts))
 }
 

@@ -387,16 +387,24 @@ impl Conn {
             AnswerMatch::Matched(p, Ok(a)) => (p, a),
         };
         let id = p.facts.id;
-        let reply =
-            super::learn_request(&p, &facts).and_then(|req| super::learn(&self.ctx.shared, req));
+        let gate = super::gate(&self.ctx.shared, &p, &facts);
         let prev = self.chains.remove(&id);
-        if reply.is_none() && prev.is_none() {
-            self.ctx
-                .shared
-                .flows
-                .emit(&super::answer_flow(&self.ctx, &p, &facts));
-            self.send_client(&msg).await;
-            return;
+        if prev.is_none() {
+            match gate {
+                super::Gate::Open => {
+                    self.ctx
+                        .shared
+                        .flows
+                        .emit_owned(super::answer_flow(&self.ctx, &p, &facts));
+                    self.send_client(&msg).await;
+                    return;
+                }
+                super::Gate::Closed(why) => {
+                    self.answer_servfail(&p, &why).await;
+                    return;
+                }
+                super::Gate::Wait(_) => {}
+            }
         }
         let (done_tx, done_rx) = oneshot::channel();
         self.chains.insert(id, done_rx);
@@ -408,13 +416,11 @@ impl Conn {
                 if let Some(prev) = prev {
                     let _ = prev.await;
                 }
-                let gate = match reply {
-                    Some(reply) => super::wait_for(&ctx.shared, reply).await,
-                    None => Ok(()),
-                };
-                let out = match gate {
+                let out = match gate.passed(&ctx.shared).await {
                     Ok(()) => {
-                        ctx.shared.flows.emit(&super::answer_flow(&ctx, &p, &facts));
+                        ctx.shared
+                            .flows
+                            .emit_owned(super::answer_flow(&ctx, &p, &facts));
                         Some(msg)
                     }
                     Err(why) => super::servfail(&ctx, &p, &why),

@@ -181,11 +181,21 @@ async fn on_answer(
         }
         AnswerMatch::Matched(p, Ok(a)) => (p, a),
     };
-    let reply = super::learn_request(&p, &facts).and_then(|req| super::learn(&ctx.shared, req));
-    let Some(reply) = reply else {
-        ctx.shared.flows.emit(&super::answer_flow(ctx, &p, &facts));
-        let _ = downstream.send(msg).await;
-        return;
+    let reply = match super::gate(&ctx.shared, &p, &facts) {
+        super::Gate::Open => {
+            ctx.shared
+                .flows
+                .emit_owned(super::answer_flow(ctx, &p, &facts));
+            let _ = downstream.send(msg).await;
+            return;
+        }
+        super::Gate::Closed(why) => {
+            if let Some(r) = super::servfail(ctx, &p, &why) {
+                let _ = downstream.send(&r).await;
+            }
+            return;
+        }
+        super::Gate::Wait(reply) => reply,
     };
     let (ctx, downstream, msg) = (ctx.clone(), downstream.clone(), msg.to_vec());
     // Waiting for the learner must not hold up the session's other queries.
@@ -193,7 +203,9 @@ async fn on_answer(
         async move {
             match super::wait_for(&ctx.shared, reply).await {
                 Ok(()) => {
-                    ctx.shared.flows.emit(&super::answer_flow(&ctx, &p, &facts));
+                    ctx.shared
+                        .flows
+                        .emit_owned(super::answer_flow(&ctx, &p, &facts));
                     let _ = downstream.send(&msg).await;
                 }
                 Err(why) => {

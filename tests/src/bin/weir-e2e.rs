@@ -3,6 +3,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     weir_agent::cli::main(weir_agent::cli::Cli::parse())
 }

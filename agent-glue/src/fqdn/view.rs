@@ -1,0 +1,399 @@
+//! The committed view: which (name, address) pairs the datapath already holds,
+//! so that an answer made only of such pairs is released by the proxy's own
+//! thread, without a round trip to the control thread (issue 9's fast path).
+//!
+//! Ordering is what makes it safe. The control thread adds a pair only *after*
+//! the map writes that allow it have succeeded, and removes a pair *before* any
+//! write that could narrow what it allows (expiry, a name pushed over its
+//! limit, a new policy, a handover). A pair in the view therefore always means
+//! "a connection to this address, for this name's selectors, passes the kernel
+//! now". Everything else — a new pair, an expired one, another policy — takes
+//! the slow path through the learner, which is ordered.
+//!
+//! A hit still extends the pair's expiry, as the learner would: the new expiry
+//! is kept here (marked dirty) and merged into the cache by the control thread
+//! before it expires anything or writes the cache file, under the same lock the
+//! proxy takes — so an extension is never lost and never raced by the tick.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use weir_policy::{CompiledPolicy, canonical_ip};
+
+use super::cache::{Cache, Limits};
+
+#[derive(Debug, Clone, Copy)]
+struct Committed {
+    expires_ms: u64,
+    /// Extended by a hit since the last merge.
+    dirty: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The installed policy the pairs were committed under (its address; the
+    /// view is emptied before any other policy reaches the datapath). `None`:
+    /// the view is off and every answer takes the slow path.
+    policy: Option<usize>,
+    /// Names are shared with `dirty` (a hit marks a pair without allocating).
+    names: HashMap<Arc<str>, HashMap<IpAddr, Committed>>,
+    /// Pairs a hit extended since the last merge.
+    dirty: Vec<(Arc<str>, IpAddr)>,
+}
+
+/// Shared by the proxy (hits) and the control thread (everything else).
+#[derive(Debug)]
+pub struct CommittedView {
+    limits: Limits,
+    inner: Mutex<Inner>,
+}
+
+fn policy_key(p: &CompiledPolicy) -> usize {
+    std::ptr::from_ref(p) as usize
+}
+
+impl CommittedView {
+    pub fn new(limits: Limits) -> Self {
+        CommittedView {
+            limits,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind, never a
+        // half-made promise: what is there is still true.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The proxy's side. When the answer was decided under the policy the view
+    /// was committed under and every (name, address) pair of it is committed
+    /// and current, extends their expiries and returns true: the answer may go
+    /// at once. Otherwise changes nothing and returns false.
+    pub fn try_refresh(
+        &self,
+        policy: &CompiledPolicy,
+        names: &[String],
+        addresses: &[(IpAddr, u32)],
+        now_ms: u64,
+    ) -> bool {
+        if names.is_empty() || addresses.is_empty() {
+            return false;
+        }
+        let mut inner = self.lock();
+        if inner.policy != Some(policy_key(policy)) {
+            return false;
+        }
+        let all_current = names.iter().all(|n| {
+            inner.names.get(n.as_str()).is_some_and(|ips| {
+                addresses.iter().all(|(ip, _)| {
+                    ips.get(&canonical_ip(*ip))
+                        .is_some_and(|c| c.expires_ms > now_ms)
+                })
+            })
+        });
+        if !all_current {
+            return false;
+        }
+        let Inner {
+            names: committed,
+            dirty,
+            ..
+        } = &mut *inner;
+        for n in names {
+            let Some(name) = committed.get_key_value(n.as_str()).map(|(k, _)| k.clone()) else {
+                continue;
+            };
+            let Some(ips) = committed.get_mut(&*name) else {
+                continue;
+            };
+            for (ip, ttl) in addresses {
+                let ip = canonical_ip(*ip);
+                let Some(c) = ips.get_mut(&ip) else {
+                    continue;
+                };
+                let expires_ms = self.limits.expiry_ms(*ttl, now_ms);
+                if expires_ms > c.expires_ms {
+                    c.expires_ms = expires_ms;
+                    if !c.dirty {
+                        c.dirty = true;
+                        dirty.push((name.clone(), ip));
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Moves the expiries hits extended into `cache`. Whether any moved.
+    pub fn merge_into(&self, cache: &mut Cache) -> bool {
+        merge(&mut self.lock(), cache)
+    }
+
+    /// Before the learner changes `names` in the cache: merges, then takes
+    /// every pair of those names out — in one step, so no hit falls between
+    /// (the change may push an address out of a name, narrowing it).
+    pub fn take_names(&self, cache: &mut Cache, names: &[String]) -> bool {
+        let mut inner = self.lock();
+        let merged = merge(&mut inner, cache);
+        for n in names {
+            inner.names.remove(n.as_str());
+        }
+        merged
+    }
+
+    /// The tick's first step: merges, finds the pairs expired at `now_ms` and
+    /// takes them out, in one step (a hit that extended one of them after
+    /// the merge would otherwise be expired under it).
+    pub fn take_expired(&self, cache: &mut Cache, now_ms: u64) -> (bool, Vec<(String, IpAddr)>) {
+        let mut inner = self.lock();
+        let merged = merge(&mut inner, cache);
+        let expired = cache.expired(now_ms);
+        for (n, ip) in &expired {
+            remove(&mut inner, n, *ip);
+        }
+        (merged, expired)
+    }
+
+    /// Commits pairs the datapath now holds under `policy` (the installed one),
+    /// with the cache's expiries. A view committed under another policy is
+    /// rebuilt from the whole cache first.
+    pub fn commit<'a>(
+        &self,
+        policy: &CompiledPolicy,
+        cache: &Cache,
+        pairs: impl Iterator<Item = (&'a str, IpAddr)>,
+        now_ms: u64,
+    ) {
+        let mut inner = self.lock();
+        if inner.policy != Some(policy_key(policy)) {
+            rebuild(&mut inner, policy, cache, now_ms);
+            return;
+        }
+        for (name, ip) in pairs {
+            let ip = canonical_ip(ip);
+            match cache.get(name, ip) {
+                Some(e) if e.expires_ms > now_ms && !e.kept => {
+                    let ips = match inner.names.get_mut(name) {
+                        Some(ips) => ips,
+                        None => inner.names.entry(Arc::from(name)).or_default(),
+                    };
+                    let c = ips.entry(ip).or_insert(Committed {
+                        expires_ms: e.expires_ms,
+                        dirty: false,
+                    });
+                    c.expires_ms = c.expires_ms.max(e.expires_ms);
+                }
+                _ => remove(&mut inner, name, ip),
+            }
+        }
+    }
+
+    /// Empties the view (its extensions merged into `cache` first) and turns it
+    /// off until the next commit: a new policy is on its way to the datapath,
+    /// or another weir owns it. Whether any extension was merged.
+    pub fn clear(&self, cache: &mut Cache) -> bool {
+        let merged = self.merge_into(cache);
+        let mut inner = self.lock();
+        inner.policy = None;
+        inner.names.clear();
+        inner.dirty.clear();
+        merged
+    }
+
+    /// Pairs in the view (tests, metrics).
+    pub fn len(&self) -> usize {
+        self.lock().names.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn merge(inner: &mut Inner, cache: &mut Cache) -> bool {
+    let Inner { names, dirty, .. } = inner;
+    let merged = !dirty.is_empty();
+    for (name, ip) in dirty.drain(..) {
+        let Some(c) = names.get_mut(&*name).and_then(|ips| ips.get_mut(&ip)) else {
+            continue;
+        };
+        c.dirty = false;
+        if let Some(e) = cache.get_mut(&name, ip)
+            && c.expires_ms > e.expires_ms
+        {
+            e.expires_ms = c.expires_ms;
+            e.kept = false;
+        }
+    }
+    merged
+}
+
+fn remove(inner: &mut Inner, name: &str, ip: IpAddr) {
+    if let Some(ips) = inner.names.get_mut(name) {
+        ips.remove(&ip);
+        if ips.is_empty() {
+            inner.names.remove(name);
+        }
+    }
+}
+
+/// Every current cache pair, committed under `policy`. Callers merge first: a
+/// dirty extension not merged would be lost here.
+fn rebuild(inner: &mut Inner, policy: &CompiledPolicy, cache: &Cache, now_ms: u64) {
+    inner.names.clear();
+    inner.dirty.clear();
+    for (name, ips) in cache.iter() {
+        let current: HashMap<IpAddr, Committed> = ips
+            .iter()
+            .filter(|(_, e)| e.expires_ms > now_ms && !e.kept)
+            .map(|(ip, e)| {
+                (
+                    *ip,
+                    Committed {
+                        expires_ms: e.expires_ms,
+                        dirty: false,
+                    },
+                )
+            })
+            .collect();
+        if !current.is_empty() {
+            inner.names.insert(Arc::from(name), current);
+        }
+    }
+    inner.policy = Some(policy_key(policy));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use weir_proxy::fqdn::LearnRequest;
+
+    use super::super::test_support::*;
+    use super::super::{FqdnState, Limits};
+    use super::*;
+
+    fn req(p: &Arc<CompiledPolicy>, name: &str, ips: &[(&str, u32)]) -> LearnRequest {
+        LearnRequest {
+            names: vec![name.to_string()],
+            addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
+            policy: p.clone(),
+        }
+    }
+
+    fn hit(st: &FqdnState, r: &LearnRequest, now_ms: u64) -> bool {
+        st.view()
+            .try_refresh(&r.policy, &r.names, &r.addresses, now_ms)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_answer_the_datapath_holds_is_a_hit_and_its_extension_reaches_the_cache() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        assert!(!hit(&st, &r, 0), "nothing committed yet");
+        st.learn(&r, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &r, 50_000), "committed after the write");
+        // Another address of the same name is not committed.
+        let other = req(
+            &p,
+            "www.example.com.",
+            &[("192.0.2.1", 60), ("192.0.2.2", 60)],
+        );
+        assert!(!hit(&st, &other, 50_000));
+        // The hit at 50 s moved the expiry to 110 s: a tick at 70 s keeps it.
+        st.tick(&p, Some(&mut dp), 70_000);
+        assert_eq!(
+            st.cache
+                .get("www.example.com.", ip("192.0.2.1"))
+                .unwrap()
+                .expires_ms,
+            110_000
+        );
+        assert!(dp.ipcache.contains_key(&ip("192.0.2.1")));
+        // Past it, the pair expires, leaves the view first and the datapath after.
+        st.tick(&p, Some(&mut dp), 110_000);
+        assert!(!hit(&st, &r, 110_001));
+        assert!(!dp.ipcache.contains_key(&ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn an_expired_pair_is_never_a_hit() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 10)]);
+        st.learn(&r, &p, Some(&mut dp), 0).unwrap();
+        // The tick has not run yet, but the pair's own expiry has passed.
+        assert!(!hit(&st, &r, 10_000));
+        assert!(hit(&st, &r, 9_999));
+    }
+
+    #[test]
+    fn another_policy_or_a_handover_turns_the_view_off_until_the_next_commit() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&r, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &r, 1_000));
+        let next = Arc::new(compile(POLICY));
+        st.learn_all_into(&next);
+        assert!(!hit(&st, &r, 1_000), "a new policy clears the view");
+        let r2 = req(&next, "www.example.com.", &[("192.0.2.1", 60)]);
+        assert!(!hit(&st, &r2, 1_000));
+        // The next learn under the installed policy rebuilds it from the cache.
+        st.learn(
+            &req(&next, "api.example.com.", &[("192.0.2.9", 60)]),
+            &next,
+            Some(&mut dp),
+            1_000,
+        )
+        .unwrap();
+        assert!(hit(&st, &r2, 2_000), "rebuilt from the whole cache");
+        assert!(
+            !hit(&st, &r, 2_000),
+            "answers decided under the old policy still ask"
+        );
+        st.hand_over(true);
+        assert!(
+            !hit(&st, &r2, 2_000),
+            "after a handover nothing is committed"
+        );
+        st.learn(&r2, &next, Some(&mut dp), 2_000).unwrap();
+        assert!(!hit(&st, &r2, 2_000), "nor recommitted while handed over");
+    }
+
+    #[test]
+    fn a_failed_write_commits_nothing_and_a_pushed_out_address_is_withdrawn() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_ips_per_name: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        let first = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&first, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &first, 1_000));
+        dp.fail = true;
+        let second = req(&p, "www.example.com.", &[("192.0.2.2", 60)]);
+        st.learn(&second, &p, Some(&mut dp), 1_000).unwrap_err();
+        assert!(!hit(&st, &second, 1_000), "not in the datapath");
+        // Undone, but withdrawn on the way: it asks the learner again (safe).
+        assert!(!hit(&st, &first, 1_000));
+        dp.fail = false;
+        st.learn(&second, &p, Some(&mut dp), 2_000).unwrap();
+        assert!(hit(&st, &second, 2_000));
+        assert!(
+            !hit(&st, &first, 2_000),
+            "pushed out of the name by its limit: no hit"
+        );
+    }
+}
