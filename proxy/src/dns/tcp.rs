@@ -90,10 +90,14 @@ async fn write_loop(
 enum Upstream {
     NotConnected,
     Connected(OwnedReadHalf, OwnedWriteHalf, TcpDnsFramer),
-    /// Connecting failed; later queries get SERVFAIL at once rather than wait
-    /// for another connect timeout each.
-    Failed(String),
+    /// Connecting failed at that instant; queries in the next
+    /// [`RECONNECT_AFTER`] get SERVFAIL at once rather than wait for another
+    /// connect timeout each, and the first one after it tries again.
+    Failed(String, std::time::Instant),
 }
+
+/// How long a failed connect to the resolver is not tried again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 struct Conn {
     ctx: Arc<ConnContext>,
@@ -307,34 +311,52 @@ impl Conn {
     }
 
     async fn forward(&mut self, p: Pending, msg: &[u8]) {
-        if matches!(self.upstream, Upstream::NotConnected) {
+        let retry = match &self.upstream {
+            Upstream::NotConnected => true,
+            Upstream::Failed(_, at) => at.elapsed() >= RECONNECT_AFTER,
+            Upstream::Connected(..) => false,
+        };
+        if retry {
             let cfg = &self.ctx.shared.config;
             let connecting =
                 socket::connect_upstream_tcp(self.ctx.upstream_source, self.ctx.orig_dst);
-            self.upstream = match tokio::time::timeout(cfg.upstream_connect_timeout, connecting)
-                .await
-            {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    let (rd, wr) = s.into_split();
-                    Upstream::Connected(rd, wr, TcpDnsFramer::default())
-                }
-                Ok(Err(e)) => Upstream::Failed(format!("connecting to the resolver failed: {e}")),
-                Err(_) => Upstream::Failed(format!(
-                    "connecting to the resolver took longer than {:?}",
-                    cfg.upstream_connect_timeout
-                )),
-            };
+            self.upstream =
+                match tokio::time::timeout(cfg.upstream_connect_timeout, connecting).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        let (rd, wr) = s.into_split();
+                        Upstream::Connected(rd, wr, TcpDnsFramer::default())
+                    }
+                    Ok(Err(e)) => Upstream::Failed(
+                        format!("connecting to the resolver failed: {e}"),
+                        std::time::Instant::now(),
+                    ),
+                    Err(_) => Upstream::Failed(
+                        format!(
+                            "connecting to the resolver took longer than {:?}",
+                            cfg.upstream_connect_timeout
+                        ),
+                        std::time::Instant::now(),
+                    ),
+                };
         }
+        // A resolver that stops reading must not hold this connection (and
+        // its client) forever: the write gets the upstream timeout.
+        let timeout = self.ctx.shared.config.dns_upstream_timeout;
         let sent = match &mut self.upstream {
             Upstream::Connected(_, wr, _) => match tcp_frame(msg) {
-                Ok(frame) => wr
-                    .write_all(&frame)
-                    .await
-                    .map_err(|e| format!("sending to the resolver failed: {e}")),
+                Ok(frame) => match tokio::time::timeout(timeout, wr.write_all(&frame)).await {
+                    Ok(r) => r.map_err(|e| format!("sending to the resolver failed: {e}")),
+                    Err(_) => {
+                        let why = format!("the resolver did not take a query within {timeout:?}");
+                        self.answer_servfail(&p, &why).await;
+                        self.upstream_gone(&why).await;
+                        return;
+                    }
+                },
                 Err(e) => Err(e.to_string()),
             },
-            Upstream::Failed(why) => Err(why.clone()),
+            Upstream::Failed(why, _) => Err(why.clone()),
             Upstream::NotConnected => Err("not connected".into()),
         };
         match sent {

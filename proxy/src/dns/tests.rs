@@ -574,20 +574,107 @@ mod over_tcp {
         );
     }
 
-    /// Nothing listens upstream: the query gets SERVFAIL at once.
+    /// A resolver that accepts and never reads: once its window is full the
+    /// proxy's write waits at most the upstream timeout, then every query on
+    /// the connection is answered SERVFAIL (before, the write waited forever
+    /// and the client never heard back).
     #[tokio::test]
-    async fn failed_upstream_connect_answers_servfail() {
+    async fn a_resolver_that_stops_reading_gets_servfail_not_a_hang() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let resolver = sock.listen(16).unwrap();
+        let addr = resolver.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (s, _) = resolver.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let cfg = ProxyConfig {
+            dns_upstream_timeout: Duration::from_millis(300),
+            dns_max_outstanding: 1000,
+            ..ProxyConfig::default()
+        };
+        let client = proxied(cfg, addr).await;
+        let (mut rd, mut wr) = client.into_split();
+        // 16 MiB of queries: far more than the socket buffers between the
+        // proxy and a resolver that reads nothing.
+        let n = 1000u16;
+        let writer = tokio::spawn(async move {
+            for id in 0..n {
+                let mut q = query(id, "a.example");
+                q[11] = 1; // ARCOUNT: OPT with 16 KiB of padding
+                let pad = 16 * 1024u16;
+                q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0]);
+                q.extend_from_slice(&(pad + 4).to_be_bytes());
+                q.extend_from_slice(&[0, 12]);
+                q.extend_from_slice(&pad.to_be_bytes());
+                q.resize(q.len() + usize::from(pad), 0);
+                if wr.write_all(&tcp_frame(&q).unwrap()).await.is_err() {
+                    break;
+                }
+            }
+            wr
+        });
+        let mut f = TcpDnsFramer::default();
+        let mut buf = vec![0u8; 65536];
+        let mut servfails = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while servfails < n && Instant::now() < deadline {
+            while let Some(m) = f.next_message().unwrap() {
+                assert_eq!(m[3] & 0x0f, 2, "SERVFAIL");
+                servfails += 1;
+            }
+            if servfails == n {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(k)) => f.push(&buf[..k]),
+                Err(_) => panic!("no answer within 5 s: the proxy hangs ({servfails} answered)"),
+            }
+        }
+        assert_eq!(servfails, n, "every query answered");
+        let _ = writer.await;
+        held.abort();
+    }
+
+    /// Nothing listens upstream: the query gets SERVFAIL at once, so does the
+    /// next one within a second; once the resolver is back and a second has
+    /// passed, the same client connection is answered again.
+    #[tokio::test]
+    async fn failed_upstream_connect_answers_servfail_then_retries() {
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
         let mut client = proxied(ProxyConfig::default(), addr).await;
+        let mut f = TcpDnsFramer::default();
+        for id in [6, 7] {
+            client
+                .write_all(&tcp_frame(&query(id, "a.example")).unwrap())
+                .await
+                .unwrap();
+            let m = read_message(&mut client, &mut f).await.unwrap();
+            assert_eq!((m[1], m[3] & 0x0f), (id as u8, 2));
+        }
+        // The resolver comes back on the same port.
+        let back = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = back.accept().await.unwrap();
+            let mut rf = TcpDnsFramer::default();
+            while let Some(q) = read_message(&mut s, &mut rf).await {
+                let id = u16::from_be_bytes([q[0], q[1]]);
+                let a = answer(id, "a.example", &[[192, 0, 2, 1]]);
+                s.write_all(&tcp_frame(&a).unwrap()).await.unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         client
-            .write_all(&tcp_frame(&query(6, "a.example")).unwrap())
+            .write_all(&tcp_frame(&query(8, "a.example")).unwrap())
             .await
             .unwrap();
-        let mut f = TcpDnsFramer::default();
         let m = read_message(&mut client, &mut f).await.unwrap();
-        assert_eq!((m[1], m[3] & 0x0f), (6, 2));
+        assert_eq!((m[1], m[3] & 0x0f), (8, 0), "answered by the resolver");
     }
 }
 
