@@ -12,10 +12,18 @@ use super::cache::{Cache, Entry, Limits};
 
 const VERSION: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct File {
     version: u32,
     names: BTreeMap<String, BTreeMap<IpAddr, Entry>>,
+}
+
+/// [`File`] as written: borrowed from the cache (a copy of a large cache every
+/// second cost more than writing it).
+#[derive(Serialize)]
+struct FileRef<'a> {
+    version: u32,
+    names: BTreeMap<&'a str, &'a BTreeMap<IpAddr, Entry>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +46,9 @@ pub fn path(state_dir: &Path) -> PathBuf {
 pub fn save(state_dir: &Path, cache: &Cache) -> Result<(), PersistError> {
     let path = path(state_dir);
     let tmp = state_dir.join("fqdn-cache.json.tmp");
-    let file = File {
+    let file = FileRef {
         version: VERSION,
-        names: cache
-            .iter()
-            .map(|(n, ips)| (n.to_string(), ips.clone()))
-            .collect(),
+        names: cache.iter().collect(),
     };
     let io = |source| PersistError::Io {
         path: path.clone(),
