@@ -428,6 +428,48 @@ fn an_expired_address_stays_while_its_connection_lives_and_goes_after() {
     );
 }
 
+/// An answer repeated before the TTL runs out keeps the address: the repeat is
+/// answered from what the datapath already holds (the proxy's fast path), and
+/// its later expiry must reach the cache the tick expires from. Timeline (TTL
+/// 2 s): learned at 0 (expires at 2), repeated at 1.75 (expires at 3.75),
+/// connect at 3.25 — after the tick that would have removed it at 2–3 had the
+/// repeat's expiry been lost. The same connect fails once the TTL runs out.
+#[test]
+fn a_repeated_answer_extends_an_address_past_its_first_ttl() {
+    let Some(s) = fqdn_lab("fqdn-extend", "") else {
+        return;
+    };
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "short.example.com", "A"),
+        SHORT4
+    );
+    let learned = Instant::now();
+    let at = |secs: f64| {
+        let t = Duration::from_secs_f64(secs);
+        std::thread::sleep(t.saturating_sub(learned.elapsed()));
+    };
+    at(1.75);
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "short.example.com", "A"),
+        SHORT4
+    );
+    at(3.25);
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{SHORT4}/")),
+        "200",
+        "the repeated answer did not keep the address: {}",
+        fqdn_list(&s)
+    );
+    let gone = lab::wait_until(Duration::from_secs(20), || {
+        listed_ips(&fqdn_list(&s), "short.example.com.").is_empty()
+    });
+    assert!(gone.is_ok(), "never expired: {}", fqdn_list(&s));
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{SHORT4}/")),
+        "000"
+    );
+}
+
 /// The race: 1000 times, resolve a name never seen before and connect at
 /// once, in one shell line, while another client keeps the proxy busy with
 /// queries. An answer released before the kernel knows its address would lose
