@@ -120,7 +120,7 @@ pub fn spawn(
                     Ok(msg) => Some(msg),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => {
-                        fqdn.persist_if_due(true);
+                        fqdn.stop();
                         return;
                     }
                 };
@@ -199,7 +199,7 @@ pub fn spawn(
                         let _ = job.reply.send(r);
                     }
                     Some(ControlMsg::Stop(reply)) => {
-                        fqdn.persist_if_due(true);
+                        fqdn.stop();
                         let outlives = steering
                             .datapath
                             .as_ref()
@@ -297,6 +297,7 @@ fn reload(
                 let old = shared.policy.load_full();
                 fqdn.learn_all_into(&old);
                 if let Err(se) = steering.apply(&old) {
+                    fqdn.datapath_unsure();
                     error!(error = %format!("{se:#}"), "could not restore the previous policy in the datapath");
                 }
             }

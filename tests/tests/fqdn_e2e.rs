@@ -126,6 +126,7 @@ fn start_resolver(s: &mut Scenario) {
         "--cname=www.example.com,edge.cdnprovider.net,60",
         "--host-record=edge.cdnprovider.net,10.201.2.2,fd00:201:2::2,60",
         "--host-record=short.example.com,10.201.2.3,fd00:201:2::3,2",
+        "--host-record=mid.example.com,10.201.2.3,fd00:201:2::3,4",
         "--host-record=other.example.com,10.201.2.4,fd00:201:2::4,60",
         "--synth-domain=race.example.com,10.201.4.0/22",
     ])
@@ -431,29 +432,30 @@ fn an_expired_address_stays_while_its_connection_lives_and_goes_after() {
 /// An answer repeated before the TTL runs out keeps the address: the repeat is
 /// answered from what the datapath already holds (the proxy's fast path), and
 /// its later expiry must reach the cache the tick expires from. Timeline (TTL
-/// 2 s): learned at 0 (expires at 2), repeated at 1.75 (expires at 3.75),
-/// connect at 3.25 — after the tick that would have removed it at 2–3 had the
-/// repeat's expiry been lost. The same connect fails once the TTL runs out.
+/// 4 s, from the first answer): learned at 0 (expires at 4), repeated at 2.5
+/// (expires at 6.5), connect at 5.5 — after the tick that would have removed it
+/// between 4 and 5 had the repeat's expiry been lost. The same connect fails
+/// once the TTL runs out.
 #[test]
 fn a_repeated_answer_extends_an_address_past_its_first_ttl() {
-    let Some(s) = fqdn_lab("fqdn-extend", "") else {
+    let Some(s) = fqdn_lab("fqdn-extend", "    - matchName: mid.example.com") else {
         return;
     };
+    let learned = Instant::now();
     assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "short.example.com", "A"),
+        dig(&s, "tiefighter", RESOLVER4, "mid.example.com", "A"),
         SHORT4
     );
-    let learned = Instant::now();
     let at = |secs: f64| {
         let t = Duration::from_secs_f64(secs);
         std::thread::sleep(t.saturating_sub(learned.elapsed()));
     };
-    at(1.75);
+    at(2.5);
     assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "short.example.com", "A"),
+        dig(&s, "tiefighter", RESOLVER4, "mid.example.com", "A"),
         SHORT4
     );
-    at(3.25);
+    at(5.5);
     assert_eq!(
         curl_ip(&s, "tiefighter", &format!("http://{SHORT4}/")),
         "200",
@@ -461,7 +463,7 @@ fn a_repeated_answer_extends_an_address_past_its_first_ttl() {
         fqdn_list(&s)
     );
     let gone = lab::wait_until(Duration::from_secs(20), || {
-        listed_ips(&fqdn_list(&s), "short.example.com.").is_empty()
+        listed_ips(&fqdn_list(&s), "mid.example.com.").is_empty()
     });
     assert!(gone.is_ok(), "never expired: {}", fqdn_list(&s));
     assert_eq!(

@@ -98,7 +98,9 @@ impl FqdnState {
         if let Some(dp) = dp
             && let Err(e) = dp.sync(policy)
         {
-            warn!(error = %e, "could not write the addresses the old weir learned while draining; the next lookup learns them");
+            // The tick syncs again until it succeeds; the view stays off.
+            self.resync = true;
+            warn!(error = %e, "could not write the addresses the old weir learned while draining; retrying every second");
             return;
         }
         info!(entries = merged, "merged the FQDN cache the old weir left");

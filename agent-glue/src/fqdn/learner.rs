@@ -33,6 +33,9 @@ pub struct LearnJob {
     pub req: LearnRequest,
     pub reply: oneshot::Sender<Result<(), LearnError>>,
     _pending: Pending,
+    /// Dropped after the control thread handled the job (or lost it): until
+    /// then its names get no hit from the view.
+    _in_flight: super::view::InFlight,
 }
 
 /// Counts a queued request; dropping it (handled, or lost with the channel)
@@ -89,10 +92,12 @@ impl FqdnLearner for LearnerHandle {
             )));
             return rx;
         }
+        let in_flight = self.view.begin(&req.names);
         let job = LearnJob {
             req,
             reply,
             _pending: Pending(counter.clone()),
+            _in_flight: in_flight,
         };
         if let Err(std::sync::mpsc::SendError(ControlMsg::Learn(job))) =
             self.tx.send(ControlMsg::Learn(job))
@@ -182,11 +187,11 @@ impl FqdnState {
         }
         self.save_ids_if_grown(before);
         let Some(dp) = dp else {
-            self.commit_answer(req, policy, now_ms);
+            self.commit_answer(req, policy, &done, now_ms);
             return Ok(());
         };
         if writes.is_empty() && !full_sync {
-            self.commit_answer(req, policy, now_ms);
+            self.commit_answer(req, policy, &done, now_ms);
             return Ok(());
         }
         let written = if full_sync {
@@ -201,15 +206,28 @@ impl FqdnState {
             self.cache.undo(done);
             return Err(LearnError::Datapath(e.to_string()));
         }
-        self.commit_answer(req, policy, now_ms);
+        self.commit_answer(req, policy, &done, now_ms);
         Ok(())
     }
 
     /// The datapath holds `req`'s pairs under `policy` (the installed one):
     /// the proxy may answer them from the view from now on. Not after a
-    /// handover: the datapath is the new weir's.
-    fn commit_answer(&self, req: &LearnRequest, policy: &CompiledPolicy, now_ms: u64) {
-        if self.handed_over {
+    /// handover (the datapath is the new weir's), nor while a sync is owed.
+    fn commit_answer(
+        &self,
+        req: &LearnRequest,
+        policy: &CompiledPolicy,
+        done: &Inserted,
+        now_ms: u64,
+    ) {
+        // Names a full cache evicted for this answer leave the view too.
+        self.view.drop_missing(
+            &self.cache,
+            done.journal.iter().map(|(n, ip, _)| (n.as_str(), *ip)),
+        );
+        // Not while the datapath may lack what the policy says (a failed sync
+        // the tick retries): the view would promise what the kernel lacks.
+        if self.handed_over || self.resync {
             return;
         }
         let pairs = req

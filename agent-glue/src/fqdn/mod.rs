@@ -139,6 +139,25 @@ impl FqdnState {
         }
     }
 
+    /// The datapath may not hold what the installed policy says (a failed
+    /// restore): the tick syncs until it succeeds, and nothing is committed
+    /// to the view meanwhile.
+    pub fn datapath_unsure(&mut self) {
+        self.resync = true;
+        if self.view.clear(&mut self.cache) {
+            self.dirty = true;
+        }
+    }
+
+    /// The control thread stops: no answer is released from the view any
+    /// more, and the cache (with every extension) is written.
+    pub fn stop(&mut self) {
+        if self.view.clear(&mut self.cache) {
+            self.dirty = true;
+        }
+        self.persist_if_due(true);
+    }
+
     /// The committed view the proxy's learner handle answers from.
     pub fn view(&self) -> std::sync::Arc<CommittedView> {
         self.view.clone()

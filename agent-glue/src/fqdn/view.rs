@@ -40,6 +40,9 @@ struct Inner {
     names: HashMap<Arc<str>, HashMap<IpAddr, Committed>>,
     /// Pairs a hit extended since the last merge.
     dirty: Vec<(Arc<str>, IpAddr)>,
+    /// Names with a request on its way to the learner: no hit for them until
+    /// it is handled, so a later answer never overtakes an earlier one's update.
+    in_flight: HashMap<String, u32>,
 }
 
 /// Shared by the proxy (hits) and the control thread (everything else).
@@ -82,7 +85,11 @@ impl CommittedView {
             return false;
         }
         let mut inner = self.lock();
-        if inner.policy != Some(policy_key(policy)) {
+        if inner.policy != Some(policy_key(policy))
+            || names
+                .iter()
+                .any(|n| inner.in_flight.contains_key(n.as_str()))
+        {
             return false;
         }
         let all_current = names.iter().all(|n| {
@@ -147,13 +154,45 @@ impl CommittedView {
     /// takes them out, in one step (a hit that extended one of them after
     /// the merge would otherwise be expired under it).
     pub fn take_expired(&self, cache: &mut Cache, now_ms: u64) -> (bool, Vec<(String, IpAddr)>) {
+        // The scan runs without the lock (the proxy takes it for every
+        // answer); a merge only moves expiries later, so the candidates still
+        // expired after it are exactly the expired pairs.
+        let candidates = cache.expired(now_ms);
         let mut inner = self.lock();
         let merged = merge(&mut inner, cache);
-        let expired = cache.expired(now_ms);
+        let expired: Vec<(String, IpAddr)> = candidates
+            .into_iter()
+            .filter(|(n, ip)| cache.get(n, *ip).is_some_and(|e| e.expires_ms <= now_ms))
+            .collect();
         for (n, ip) in &expired {
             remove(&mut inner, n, *ip);
         }
         (merged, expired)
+    }
+
+    /// Marks `names` as having a request on its way to the learner until the
+    /// returned guard is dropped (after the learner handled it, or when it
+    /// never got there).
+    pub fn begin(self: &Arc<Self>, names: &[String]) -> InFlight {
+        let mut inner = self.lock();
+        for n in names {
+            *inner.in_flight.entry(n.clone()).or_default() += 1;
+        }
+        InFlight {
+            view: self.clone(),
+            names: names.to_vec(),
+        }
+    }
+
+    /// Takes out the given pairs that the cache no longer holds (names a full
+    /// cache evicted: they would stay in the view for ever otherwise).
+    pub fn drop_missing<'a>(&self, cache: &Cache, pairs: impl Iterator<Item = (&'a str, IpAddr)>) {
+        let mut inner = self.lock();
+        for (name, ip) in pairs {
+            if cache.get(name, ip).is_none() {
+                remove(&mut inner, name, ip);
+            }
+        }
     }
 
     /// Commits pairs the datapath now holds under `policy` (the installed one),
@@ -194,8 +233,9 @@ impl CommittedView {
     /// off until the next commit: a new policy is on its way to the datapath,
     /// or another weir owns it. Whether any extension was merged.
     pub fn clear(&self, cache: &mut Cache) -> bool {
-        let merged = self.merge_into(cache);
+        // One step: a hit between the merge and the clear would be lost.
         let mut inner = self.lock();
+        let merged = merge(&mut inner, cache);
         inner.policy = None;
         inner.names.clear();
         inner.dirty.clear();
@@ -212,6 +252,27 @@ impl CommittedView {
     }
 }
 
+/// A request on its way to the learner (see [`CommittedView::begin`]).
+#[derive(Debug)]
+pub struct InFlight {
+    view: Arc<CommittedView>,
+    names: Vec<String>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inner = self.view.lock();
+        for n in &self.names {
+            if let Some(c) = inner.in_flight.get_mut(n.as_str()) {
+                *c -= 1;
+                if *c == 0 {
+                    inner.in_flight.remove(n.as_str());
+                }
+            }
+        }
+    }
+}
+
 fn merge(inner: &mut Inner, cache: &mut Cache) -> bool {
     let Inner { names, dirty, .. } = inner;
     let merged = !dirty.is_empty();
@@ -220,11 +281,22 @@ fn merge(inner: &mut Inner, cache: &mut Cache) -> bool {
             continue;
         };
         c.dirty = false;
-        if let Some(e) = cache.get_mut(&name, ip)
-            && c.expires_ms > e.expires_ms
-        {
-            e.expires_ms = c.expires_ms;
-            e.kept = false;
+        match cache.get_mut(&name, ip) {
+            Some(e) => {
+                if c.expires_ms > e.expires_ms {
+                    e.expires_ms = c.expires_ms;
+                    e.kept = false;
+                }
+            }
+            // Not cached any more: not committed either.
+            None => {
+                if let Some(ips) = names.get_mut(&*name) {
+                    ips.remove(&ip);
+                    if ips.is_empty() {
+                        names.remove(&*name);
+                    }
+                }
+            }
         }
     }
     merged
@@ -395,5 +467,60 @@ mod tests {
             !hit(&st, &first, 2_000),
             "pushed out of the name by its limit: no hit"
         );
+    }
+    #[test]
+    fn a_name_with_a_request_on_its_way_gets_no_hit_until_it_is_handled() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&r, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &r, 1_000));
+        let view = st.view();
+        let queued = view.begin(&r.names);
+        assert!(!hit(&st, &r, 1_000), "an earlier answer's update is queued");
+        let other = req(&p, "api.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&other, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &other, 1_000), "other names are not held up");
+        drop(queued);
+        assert!(hit(&st, &r, 1_000));
+    }
+
+    #[test]
+    fn names_a_full_cache_evicts_leave_the_view() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_names: 1,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        // Nobody selects other.org: evictable.
+        let first = req(&p, "other.org.", &[("198.51.100.1", 60)]);
+        st.learn(&first, &p, Some(&mut dp), 0).unwrap();
+        assert!(hit(&st, &first, 1_000));
+        assert_eq!(st.view().len(), 1);
+        let second = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&second, &p, Some(&mut dp), 1_000).unwrap();
+        assert!(st.cache.get("other.org.", ip("198.51.100.1")).is_none());
+        assert!(!hit(&st, &first, 1_000), "evicted: asks again");
+        assert_eq!(st.view().len(), 1, "only www.example.com is left");
+    }
+
+    #[test]
+    fn a_stopped_or_unsure_state_answers_nothing_from_the_view() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&r, &p, Some(&mut dp), 0).unwrap();
+        st.datapath_unsure();
+        assert!(!hit(&st, &r, 1_000));
+        st.learn(&r, &p, Some(&mut dp), 1_000).unwrap();
+        assert!(!hit(&st, &r, 1_000), "not recommitted while a sync is owed");
+        st.tick(&p, Some(&mut dp), 2_000);
+        st.learn(&r, &p, Some(&mut dp), 2_000).unwrap();
+        assert!(hit(&st, &r, 2_000), "the tick's sync made it sure again");
+        st.stop();
+        assert!(!hit(&st, &r, 2_000));
     }
 }
