@@ -142,12 +142,11 @@ fn config(root: &Path) -> DatapathConfig {
     }
 }
 
-#[test]
-fn learned_addresses_reach_the_maps_survive_a_restart_and_expire() {
-    if !require_root("learned_addresses_reach_the_maps_survive_a_restart_and_expire") {
-        return;
-    }
-    let dir = ScratchDir::new("fqdn-dp");
+/// A node namespace with one workload and a BPF pin directory, all removed at
+/// the end; runs `body(pin root, state dir)` on a thread inside the node's
+/// namespace (the datapath reads the node's routes).
+fn in_node_namespace(tag: &str, body: impl FnOnce(&Path, &Path) + Send + 'static) {
+    let dir = ScratchDir::new(tag);
     let mut lab = Lab::new(&lab::unique_prefix("wf")).expect("node namespace");
     lab.add_workload(
         "client",
@@ -157,14 +156,13 @@ fn learned_addresses_reach_the_maps_survive_a_restart_and_expire() {
     .expect("workload");
     let root = PathBuf::from(format!(
         "/sys/fs/bpf/{}",
-        lab::unique_prefix("weir-test-fqdn")
+        lab::unique_prefix(&format!("weir-test-{tag}"))
     ));
     let _pins = Pins(root.clone());
     let node = lab.node.path();
     let state_dir = dir.0.join("state");
     std::fs::create_dir_all(&state_dir).unwrap();
-    // The datapath reads the node's routes: this thread lives in its namespace.
-    let body = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let ns = std::fs::File::open(&node).unwrap();
         use std::os::fd::AsRawFd;
         // SAFETY: setns on a namespace file we hold open; this thread only.
@@ -173,11 +171,19 @@ fn learned_addresses_reach_the_maps_survive_a_restart_and_expire() {
             0,
             "setns"
         );
-        scenario(&root, &state_dir);
+        body(&root, &state_dir);
     });
-    if let Err(p) = body.join() {
+    if let Err(p) = thread.join() {
         std::panic::resume_unwind(p);
     }
+}
+
+#[test]
+fn learned_addresses_reach_the_maps_survive_a_restart_and_expire() {
+    if !require_root("learned_addresses_reach_the_maps_survive_a_restart_and_expire") {
+        return;
+    }
+    in_node_namespace("fqdn-dp", scenario);
 }
 
 fn scenario(root: &Path, state_dir: &Path) {
@@ -257,38 +263,14 @@ fn expiry_restores_a_cidr_entry_without_a_full_sync() {
     if !require_root("expiry_restores_a_cidr_entry_without_a_full_sync") {
         return;
     }
-    let dir = ScratchDir::new("fqdn-cidr");
-    let mut lab = Lab::new(&lab::unique_prefix("wc")).expect("node namespace");
-    lab.add_workload(
-        "client",
-        "10.210.0.20".parse().unwrap(),
-        "fd00:210::20".parse().unwrap(),
-    )
-    .expect("workload");
-    let root = PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        lab::unique_prefix("weir-test-fqdnc")
-    ));
-    let _pins = Pins(root.clone());
-    let node = lab.node.path();
-    let state_dir = dir.0.join("state");
-    std::fs::create_dir_all(&state_dir).unwrap();
-    let body = std::thread::spawn(move || {
-        let ns = std::fs::File::open(&node).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a namespace file we hold open; this thread only.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
+    in_node_namespace("fqdn-cidr", |root, state_dir| {
         let ip: IpAddr = "203.0.113.8".parse().unwrap();
-        let policy = compile_policy(&state_dir, CIDR_AND_FQDN);
-        let mut fqdn = FqdnState::load(&state_dir, Limits::default());
+        let policy = compile_policy(state_dir, CIDR_AND_FQDN);
+        let mut fqdn = FqdnState::load(state_dir, Limits::default());
         fqdn.learn_all_into(&policy);
-        let mut dp = Datapath::load(config(&root)).expect("load the datapath");
+        let mut dp = Datapath::load(config(root)).expect("load the datapath");
         dp.sync(&policy).expect("first sync");
-        let cidr = ipcache(&root, ip).expect("the /32 CIDR's entry");
+        let cidr = ipcache(root, ip).expect("the /32 CIDR's entry");
         let req = LearnRequest {
             names: vec!["api.example.com.".into()],
             addresses: vec![(ip, 30)],
@@ -298,7 +280,7 @@ fn expiry_restores_a_cidr_entry_without_a_full_sync() {
             .expect("learn");
         let learned = policy.learned_fqdn_ip(ip).unwrap();
         assert_eq!(learned.base, cidr);
-        assert_eq!(ipcache(&root, ip), Some(learned.identity));
+        assert_eq!(ipcache(root, ip), Some(learned.identity));
         // The endpoint's interface goes: a full sync fails from now on.
         let del = std::process::Command::new("ip")
             .args(["link", "del", "weirv0"])
@@ -308,11 +290,8 @@ fn expiry_restores_a_cidr_entry_without_a_full_sync() {
         assert!(dp.sync(&policy).is_err(), "a full sync needs the interface");
         fqdn.tick(&policy, Some(&mut dp), now_ms() + 60_000);
         assert!(policy.learned_fqdn_ip(ip).is_none());
-        assert_eq!(ipcache(&root, ip), Some(cidr), "the CIDR identity is back");
+        assert_eq!(ipcache(root, ip), Some(cidr), "the CIDR identity is back");
     });
-    if let Err(p) = body.join() {
-        std::panic::resume_unwind(p);
-    }
 }
 
 const STAR_WARS_FQDN: &str = r#"
