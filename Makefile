@@ -14,9 +14,11 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 # nsenter), and the real peers the tests and demo use.
 APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config protobuf-compiler
 APT_RUN   := iproute2 nftables util-linux procps bpftool
-APT_PEERS := curl nginx-light socat pv iputils-ping python3 nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
+APT_PEERS := curl nginx-light socat pv iputils-ping python3 python3-venv nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
+# Python packages the tests use (in $(VENV)): prometheus-client parses /metrics.
+PIP_TEST  := prometheus-client
 
 .PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
 
@@ -26,6 +28,7 @@ help:
 
 deps:
 	@$(PHASE) deps ./.ci/apt-ensure $(APT_BUILD) $(APT_RUN) $(APT_PEERS)
+	@$(PHASE) pip bash -c '[ -x "$(VENV)/bin/pip" ] || python3 -m venv "$(VENV)"; for p in $(PIP_TEST); do "$(VENV)/bin/pip" show -q "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; [ -z "$$missing" ] || "$(VENV)/bin/pip" install -q $$missing'
 	@$(PHASE) cargo-fuzz bash -c 'command -v cargo-fuzz >/dev/null || cargo install --locked --root "$(TOOLS)" cargo-fuzz'
 
 deps-perf: deps

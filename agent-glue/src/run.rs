@@ -362,6 +362,9 @@ fn choose_steering(
 
 /// The kernel's verdict events, to become flow records on a task of their own.
 fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) -> Option<FlowEvents> {
+    if let Some(counters) = dp.counters_reader() {
+        crate::datapath::counters::install(shared.flows.bus().metrics(), counters);
+    }
     let ring = dp.take_events()?;
     let counters = dp.take_counters();
     Some(FlowEvents(Box::pin(crate::datapath::events::drain(

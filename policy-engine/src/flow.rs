@@ -102,6 +102,11 @@ pub struct L7 {
     pub http: Option<Http>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<weir_parsers::dns::DnsFlow>,
+    /// Of `latency_ns`, the time spent waiting for the upstream (a forwarded
+    /// request). Not in Hubble's schema, so not in the JSON: it feeds the
+    /// latency histograms, which split weir's own time from the server's.
+    #[serde(skip)]
+    pub upstream_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -276,7 +281,16 @@ impl Flow {
             latency_ns,
             http: Some(http),
             dns: None,
+            upstream_ns: None,
         });
+        self
+    }
+
+    /// Records how much of an L7 record's latency was the upstream's.
+    pub fn with_upstream_ns(mut self, ns: u64) -> Flow {
+        if let Some(l7) = &mut self.l7 {
+            l7.upstream_ns = Some(ns);
+        }
         self
     }
 
@@ -310,6 +324,7 @@ impl Flow {
             latency_ns,
             http: None,
             dns: Some(dns),
+            upstream_ns: None,
         });
         self
     }

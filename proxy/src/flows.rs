@@ -10,6 +10,7 @@
 //! path never blocks on the flow log.
 
 pub mod bus;
+pub mod kernel;
 pub mod metrics;
 pub mod rotate;
 
