@@ -223,6 +223,35 @@ fn metrics_move_by_exactly_the_traffic_sent() {
     );
     assert!(get(&after, r#"weir_kernel_bytes_total{kind="dropped"}"#) > 0.0);
 
+    // The records carry Hubble's traffic_direction and is_reply: every record
+    // here is about the deathstar's ingress policy; a RESPONSE is a reply.
+    let flows = s.flows();
+    let pick = |what: &dyn Fn(&serde_json::Value) -> bool| -> Vec<&serde_json::Value> {
+        flows.iter().filter(|f| what(f)).collect()
+    };
+    let responses = pick(&|f| f["l7"]["type"] == "RESPONSE" && f["l7"]["http"]["method"] == "POST");
+    let denied = pick(&|f| f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["method"] == "PUT");
+    let kernel_drops =
+        pick(&|f| f["Type"] == "L3_L4" && f["verdict"] == "DROPPED" && f["l4"]["UDP"].is_object());
+    assert_eq!(
+        (responses.len(), denied.len(), kernel_drops.len()),
+        (ALLOWED, DENIED, DATAGRAMS)
+    );
+    for f in &responses {
+        assert_eq!(
+            (&f["traffic_direction"], &f["is_reply"]),
+            (&"INGRESS".into(), &true.into()),
+            "{f}"
+        );
+    }
+    for f in denied.iter().chain(&kernel_drops) {
+        assert_eq!(
+            (&f["traffic_direction"], &f["is_reply"]),
+            (&"INGRESS".into(), &false.into()),
+            "{f}"
+        );
+    }
+
     // A reload counts, by result.
     let reloads = r#"weir_policy_reloads_total{result="success"}"#;
     let before_reload = scrape(&s);

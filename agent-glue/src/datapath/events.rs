@@ -235,6 +235,12 @@ pub fn event_flow(
         }),
         _ => flow.l4,
     };
+    // The kernel reports a flow's first packet (and drops); of ICMP, an echo
+    // reply says by its type that it is one.
+    flow.is_reply = matches!(
+        flow.l4,
+        L4::Icmpv4(Icmp { kind: 0, .. }) | L4::Icmpv6(Icmp { kind: 129, .. })
+    );
     if e.kind == WEIR_EVENT_DROPPED
         && let Some(reason) = drop_reason(e.reason)
     {
