@@ -48,8 +48,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
-    let out: Box<dyn std::io::Write + Send> = match args.flow_log.as_deref() {
-        None => Box::new(std::io::stdout()),
+    let out: Box<dyn weir_proxy::flows::FlowOutput> = match args.flow_log.as_deref() {
+        None => Box::new(weir_proxy::flows::Stdout),
         Some(p) => Box::new(
             weir_proxy::flows::rotate::RotatingFile::open(
                 p,
@@ -59,7 +59,7 @@ fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
             .with_context(|| format!("opening flow log {}", p.display()))?,
         ),
     };
-    Ok(FlowSink::with_bus(
+    Ok(FlowSink::with_output(
         out,
         weir_proxy::flows::QUEUE_CAPACITY,
         weir_proxy::FlowBus::new(args.flow_buffer),
@@ -427,6 +427,8 @@ async fn serve_until_stopped(
         let serving = &mut running.serving;
         tokio::select! {
             _ = hup.recv() => {
+                // logrotate's signal too: the flow log is opened again.
+                running.shared.flows.reopen();
                 let _ = control.send(ControlMsg::Reload);
             }
             Some(cmd) = api_rx.recv() => {
