@@ -17,7 +17,40 @@ use crate::{demo, explain, run, steering};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
+
+/// How weir logs (to stderr). `WEIR_LOG` (a tracing filter such as
+/// `info,weir_proxy=debug`) applies when `--log-level` is not given.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Least severe level logged (overrides WEIR_LOG) [default: info, or WEIR_LOG].
+    #[arg(long, global = true, value_enum)]
+    pub log_level: Option<LogLevel>,
+    /// `text` (one human-readable line per event) or `json` (one JSON object
+    /// per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Set once from the command line, read by [`init_tracing`].
+static LOG_ARGS: std::sync::OnceLock<LogArgs> = std::sync::OnceLock::new();
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -363,6 +396,7 @@ pub struct RunArgs {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
+    let _ = LOG_ARGS.set(cli.log.clone());
     match cli.command {
         Command::Policy(PolicyCommand::Validate { paths }) => {
             match weir_policy::load_policies(&paths) {
@@ -469,13 +503,35 @@ fn exit_from(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Logs to stderr as `--log-level`/`WEIR_LOG` and `--log-format` say; colour
+/// codes only when stderr is a terminal (a file or journald gets plain text).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    let args = LOG_ARGS.get();
+    let filter = match args.and_then(|a| a.log_level) {
+        Some(level) => tracing_subscriber::EnvFilter::new(level_name(level)),
+        None => tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match args.map_or(LogFormat::Text, |a| a.log_format) {
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+fn level_name(level: LogLevel) -> &'static str {
+    match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
 }
 
 #[cfg(test)]

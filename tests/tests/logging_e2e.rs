@@ -63,4 +63,54 @@ fn flow_log_is_reopened_on_sighup() {
     assert!(moved.is_ok(), "{:?}", http_records(&s.flow_log));
     assert_eq!(http_records(&s.flow_log), [("PUT".to_string(), 403)]);
     assert_eq!(http_records(&rotated), [("POST".to_string(), 200)]);
+    // weir's stderr is a file here: plain text, no colour codes.
+    let log = s.weir_log_text();
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a file:\n{log}");
+}
+
+/// `--log-format json`: one JSON object per line; `--log-level` wins over
+/// WEIR_LOG (the harness sets `WEIR_LOG=debug`).
+#[test]
+fn log_format_json_and_log_level() {
+    let Some(mut s) = Scenario::star_wars("logjson") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.start_weir(
+        POLICY,
+        &[
+            "--steering",
+            "nft",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ],
+    );
+    let exhaust = format!("http://{DEATHSTAR4}/v1/exhaust-port");
+    assert_eq!(s.status("tiefighter", "PUT", &exhaust), "403");
+    let denied = lab::wait_until(Duration::from_secs(5), || {
+        s.weir_log_text().contains("request denied")
+    });
+    assert!(denied.is_ok(), "{}", s.weir_log_text());
+    let log = s.weir_log_text();
+    assert!(!log.contains('\x1b'), "colour codes in a file:\n{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("`{l}`: {e}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "weir ready"));
+    let denied = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request denied")
+        .expect("the denial is logged");
+    assert_eq!(denied["level"], "INFO");
+    assert_eq!(denied["fields"]["method"], "PUT");
+    for l in &lines {
+        assert!(
+            ["INFO", "WARN", "ERROR"].contains(&l["level"].as_str().unwrap_or("")),
+            "below --log-level info: {l}"
+        );
+    }
 }
