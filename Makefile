@@ -20,7 +20,7 @@ FUZZ_SECONDS ?= 10
 # Python packages the tests use (in $(VENV)): prometheus-client parses /metrics.
 PIP_TEST  := prometheus-client
 
-.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
+.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -41,6 +41,13 @@ build: deps
 demo: deps
 	@cargo build -q -p weir-agent --bin weir
 	@$(SUDO) ./target/debug/weir demo
+
+# Man pages generated from the command line (clap_mangen): target/man/weir*.1
+# (`man -l target/man/weir.1`; install into /usr/local/share/man/man1).
+man:
+	@cargo build -q -p weir-agent --bin weir
+	@./target/debug/weir man --dir target/man
+	@echo "man pages in target/man (man -l target/man/weir.1)"
 
 fmt-check:
 	@$(PHASE) fmt cargo fmt --all --check

@@ -12,7 +12,11 @@ use crate::{demo, explain, run, steering};
 #[command(
     name = "weir",
     version = crate::VERSION,
-    about = "Node-local L7-aware network policy proxy"
+    about = "Node-local L7-aware network policy proxy",
+    after_long_help = "Environment:\n  WEIR_LOG  a tracing filter for weir's log when --log-level is not given \
+                       (`info`, `warn,weir_proxy=debug`)\n\n\
+                       Signals (weir run):\n  SIGHUP    reopen the flow log and reload policies and endpoints\n  \
+                       SIGTERM, SIGINT  stop"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -79,6 +83,14 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff, generated from this command line: `weir
+    /// man | man -l -`), or with --dir write one page per command there
+    /// (weir.1, weir-run.1, weir-policy-apply.1, ...).
+    Man {
+        /// Write every page into this directory instead of printing weir.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
@@ -428,6 +440,7 @@ pub fn main(cli: Cli) -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "weir", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Man { dir } => exit_from(man(dir.as_deref())),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");
@@ -499,6 +512,28 @@ fn exit_from(r: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("weir: error: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `weir man`: the pages clap_mangen renders from the command definitions
+/// (so they never disagree with `--help`).
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            use std::io::Write;
+            // A closed pipe (`| head`) is no error worth reporting.
+            let _ = std::io::stdout().write_all(&out);
+            Ok(())
         }
     }
 }
