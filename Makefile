@@ -14,11 +14,13 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 # nsenter), and the real peers the tests and demo use.
 APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config protobuf-compiler
 APT_RUN   := iproute2 nftables util-linux procps bpftool
-APT_PEERS := curl nginx-light socat pv iputils-ping python3 nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
+APT_PEERS := curl nginx-light socat pv iputils-ping python3 python3-venv man-db groff-base systemd nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
+# Python packages the tests use (in $(VENV)): prometheus-client parses /metrics.
+PIP_TEST  := prometheus-client
 
-.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
+.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -26,6 +28,7 @@ help:
 
 deps:
 	@$(PHASE) deps ./.ci/apt-ensure $(APT_BUILD) $(APT_RUN) $(APT_PEERS)
+	@$(PHASE) pip bash -c '[ -x "$(VENV)/bin/pip" ] || python3 -m venv "$(VENV)"; for p in $(PIP_TEST); do "$(VENV)/bin/pip" show -q "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; [ -z "$$missing" ] || "$(VENV)/bin/pip" install -q $$missing'
 	@$(PHASE) cargo-fuzz bash -c 'command -v cargo-fuzz >/dev/null || cargo install --locked --root "$(TOOLS)" cargo-fuzz'
 
 deps-perf: deps
@@ -38,6 +41,13 @@ build: deps
 demo: deps
 	@cargo build -q -p weir-agent --bin weir
 	@$(SUDO) ./target/debug/weir demo
+
+# Man pages generated from the command line (clap_mangen): target/man/weir*.1
+# (`man -l target/man/weir.1`; install into /usr/local/share/man/man1).
+man:
+	@cargo build -q -p weir-agent --bin weir
+	@./target/debug/weir man --dir target/man
+	@echo "man pages in target/man (man -l target/man/weir.1)"
 
 fmt-check:
 	@$(PHASE) fmt cargo fmt --all --check

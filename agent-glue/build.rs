@@ -1,6 +1,7 @@
 //! Generates the local API's gRPC code from proto/ (needs `protoc`: Debian
 //! `protobuf-compiler`, installed by `make deps`), and stamps the version with
-//! the git revision (`WEIR_VERSION`, for `weir --version` and `weir status`).
+//! the git revision and the build date (`WEIR_VERSION`, for `weir --version`
+//! and `weir status`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,14 +22,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto"],
         )?;
     let version = std::env::var("CARGO_PKG_VERSION")?;
+    let date = build_date();
     println!(
         "cargo:rustc-env=WEIR_VERSION={}",
         match git_revision() {
-            Some(rev) => format!("{version} (git {rev})"),
-            None => version,
+            Some(rev) => format!("{version} (git {rev}, built {date})"),
+            None => format!("{version} (built {date})"),
         }
     );
+    // The date is this script's run: rerun it whenever this crate's sources
+    // change, not only when HEAD moves.
+    println!("cargo:rerun-if-changed=src");
     Ok(())
+}
+
+/// The build's UTC date (`YYYY-MM-DD`): `SOURCE_DATE_EPOCH` when set
+/// (reproducible builds), else now.
+fn build_date() -> String {
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    let secs = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+    // Civil-from-days (H. Hinnant), as the flow records' times.
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// `WEIR_GIT_REV` when set (builds from a tarball), else what git says; `None`

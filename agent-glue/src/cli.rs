@@ -12,12 +12,49 @@ use crate::{demo, explain, run, steering};
 #[command(
     name = "weir",
     version = crate::VERSION,
-    about = "Node-local L7-aware network policy proxy"
+    about = "Node-local L7-aware network policy proxy",
+    after_long_help = "Environment:\n  WEIR_LOG  a tracing filter for weir's log when --log-level is not given \
+                       (`info`, `warn,weir_proxy=debug`)\n\n\
+                       Signals (weir run):\n  SIGHUP    reopen the flow log and reload policies and endpoints\n  \
+                       SIGTERM, SIGINT  stop"
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
+
+/// How weir logs (to stderr). `WEIR_LOG` (a tracing filter such as
+/// `info,weir_proxy=debug`) applies when `--log-level` is not given.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Least severe level logged (overrides WEIR_LOG) [default: info, or WEIR_LOG].
+    #[arg(long, global = true, value_enum)]
+    pub log_level: Option<LogLevel>,
+    /// `text` (one human-readable line per event) or `json` (one JSON object
+    /// per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Set once from the command line, read by [`init_tracing`].
+static LOG_ARGS: std::sync::OnceLock<LogArgs> = std::sync::OnceLock::new();
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -46,6 +83,14 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff, generated from this command line: `weir
+    /// man | man -l -`), or with --dir write one page per command there
+    /// (weir.1, weir-run.1, weir-policy-apply.1, ...).
+    Man {
+        /// Write every page into this directory instead of printing weir.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Inspect the eBPF datapath in this network namespace.
     #[command(subcommand)]
@@ -363,6 +408,7 @@ pub struct RunArgs {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
+    let _ = LOG_ARGS.set(cli.log.clone());
     match cli.command {
         Command::Policy(PolicyCommand::Validate { paths }) => {
             match weir_policy::load_policies(&paths) {
@@ -394,6 +440,7 @@ pub fn main(cli: Cli) -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "weir", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Man { dir } => exit_from(man(dir.as_deref())),
         Command::Datapath(DatapathCommand::Show) => {
             for (iface, dir, prog) in crate::datapath::attached_programs() {
                 println!("{iface} {dir} {prog}");
@@ -469,13 +516,57 @@ fn exit_from(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// `weir man`: the pages clap_mangen renders from the command definitions
+/// (so they never disagree with `--help`).
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
+        None => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            use std::io::Write;
+            // A closed pipe (`| head`) is no error worth reporting.
+            let _ = std::io::stdout().write_all(&out);
+            Ok(())
+        }
+    }
+}
+
+/// Logs to stderr as `--log-level`/`WEIR_LOG` and `--log-format` say; colour
+/// codes only when stderr is a terminal (a file or journald gets plain text).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    let args = LOG_ARGS.get();
+    let filter = match args.and_then(|a| a.log_level) {
+        Some(level) => tracing_subscriber::EnvFilter::new(level_name(level)),
+        None => tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match args.map_or(LogFormat::Text, |a| a.log_format) {
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+fn level_name(level: LogLevel) -> &'static str {
+    match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
 }
 
 #[cfg(test)]

@@ -48,8 +48,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
-    let out: Box<dyn std::io::Write + Send> = match args.flow_log.as_deref() {
-        None => Box::new(std::io::stdout()),
+    let out: Box<dyn weir_proxy::flows::FlowOutput> = match args.flow_log.as_deref() {
+        None => Box::new(weir_proxy::flows::Stdout),
         Some(p) => Box::new(
             weir_proxy::flows::rotate::RotatingFile::open(
                 p,
@@ -59,7 +59,7 @@ fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
             .with_context(|| format!("opening flow log {}", p.display()))?,
         ),
     };
-    Ok(FlowSink::with_bus(
+    Ok(FlowSink::with_output(
         out,
         weir_proxy::flows::QUEUE_CAPACITY,
         weir_proxy::FlowBus::new(args.flow_buffer),
@@ -363,6 +363,9 @@ fn choose_steering(
 
 /// The kernel's verdict events, to become flow records on a task of their own.
 fn start_flow_events(dp: &mut Datapath, shared: &Arc<Shared>) -> Option<FlowEvents> {
+    if let Some(counters) = dp.counters_reader() {
+        crate::datapath::counters::install(shared.flows.bus().metrics(), counters);
+    }
     let ring = dp.take_events()?;
     let counters = dp.take_counters();
     Some(FlowEvents(Box::pin(crate::datapath::events::drain(
@@ -425,6 +428,8 @@ async fn serve_until_stopped(
         let serving = &mut running.serving;
         tokio::select! {
             _ = hup.recv() => {
+                // logrotate's signal too: the flow log is opened again.
+                running.shared.flows.reopen();
                 let _ = control.send(ControlMsg::Reload);
             }
             Some(cmd) = api_rx.recv() => {

@@ -19,6 +19,63 @@ pub enum FlowVerdict {
     Error,
 }
 
+/// Hubble's `traffic_direction`: whose policy the record is about — the
+/// destination endpoint's ingress or the source endpoint's egress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TrafficDirection {
+    #[serde(rename = "INGRESS")]
+    Ingress,
+    #[serde(rename = "EGRESS")]
+    Egress,
+    /// Neither peer is a local endpoint and no rule decided.
+    #[serde(rename = "TRAFFIC_DIRECTION_UNKNOWN")]
+    Unknown,
+}
+
+impl TrafficDirection {
+    /// The direction that decided `verdict`: the direction denied in; else that
+    /// of the deciding rules (the destination's ingress when both directions
+    /// allowed: the record is about the last check the flow passed); with no
+    /// deciding rule, the destination's ingress when it is a local endpoint,
+    /// the source's egress when that is.
+    pub fn of(verdict: &Verdict, src_local: bool, dst_local: bool) -> Self {
+        use crate::compile::Direction;
+        let from = |d: Direction| match d {
+            Direction::Ingress => TrafficDirection::Ingress,
+            Direction::Egress => TrafficDirection::Egress,
+        };
+        if let Some(d) = verdict.denied_in {
+            return from(d);
+        }
+        let dirs: Vec<Direction> = verdict
+            .rules
+            .iter()
+            .filter_map(|r| rule_direction(&r.rule))
+            .collect();
+        if dirs.contains(&Direction::Ingress) {
+            TrafficDirection::Ingress
+        } else if dirs.contains(&Direction::Egress) {
+            TrafficDirection::Egress
+        } else if dst_local {
+            TrafficDirection::Ingress
+        } else if src_local {
+            TrafficDirection::Egress
+        } else {
+            TrafficDirection::Unknown
+        }
+    }
+}
+
+/// The direction a rule path (`specs[0].ingress[1].toPorts[0]...`) is in.
+fn rule_direction(rule: &str) -> Option<crate::compile::Direction> {
+    use crate::compile::Direction;
+    rule.split(['.', '[']).find_map(|seg| match seg {
+        "ingress" | "ingressDeny" => Some(Direction::Ingress),
+        "egress" | "egressDeny" => Some(Direction::Egress),
+        _ => None,
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
     #[serde(rename = "ID", skip_serializing_if = "Option::is_none")]
@@ -102,6 +159,11 @@ pub struct L7 {
     pub http: Option<Http>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<weir_parsers::dns::DnsFlow>,
+    /// Of `latency_ns`, the time spent waiting for the upstream (a forwarded
+    /// request). Not in Hubble's schema, so not in the JSON: it feeds the
+    /// latency histograms, which split weir's own time from the server's.
+    #[serde(skip)]
+    pub upstream_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +179,10 @@ pub struct Flow {
     pub destination: Arc<RenderedEndpoint>,
     #[serde(rename = "Type")]
     pub kind: &'static str,
+    pub traffic_direction: TrafficDirection,
+    /// A reply's record (an L7 RESPONSE, an ICMP echo reply); an L7 RESPONSE
+    /// keeps the request's source and destination.
+    pub is_reply: bool,
     pub node_name: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<L7>,
@@ -249,6 +315,12 @@ impl Flow {
             source: peers.source.clone(),
             destination: peers.destination.clone(),
             kind: "L3_L4",
+            traffic_direction: TrafficDirection::of(
+                verdict,
+                peers.source.endpoint.id.is_some(),
+                peers.destination.endpoint.id.is_some(),
+            ),
+            is_reply: false,
             node_name: peers.node_name.clone(),
             l7: None,
             policy: verdict.reason(),
@@ -271,12 +343,22 @@ impl Flow {
             self.summary.push_str(&format!(" => {}", http.code));
         }
         self.kind = "L7";
+        self.is_reply = matches!(kind, L7Type::Response);
         self.l7 = Some(L7 {
             kind,
             latency_ns,
             http: Some(http),
             dns: None,
+            upstream_ns: None,
         });
+        self
+    }
+
+    /// Records how much of an L7 record's latency was the upstream's.
+    pub fn with_upstream_ns(mut self, ns: u64) -> Flow {
+        if let Some(l7) = &mut self.l7 {
+            l7.upstream_ns = Some(ns);
+        }
         self
     }
 
@@ -305,11 +387,13 @@ impl Flow {
             ),
         };
         self.kind = "L7";
+        self.is_reply = matches!(kind, L7Type::Response);
         self.l7 = Some(L7 {
             kind,
             latency_ns,
             http: None,
             dns: Some(dns),
+            upstream_ns: None,
         });
         self
     }
@@ -419,6 +503,53 @@ mod tests {
         }
         let t = super::rfc3339_now();
         assert_eq!(n(&t), Some(t));
+    }
+
+    #[test]
+    fn traffic_direction_follows_the_deciding_side() {
+        use super::TrafficDirection as T;
+        use crate::compile::{Direction, RuleRef, Verdict};
+        let v = |rules: &[&str], denied_in: Option<Direction>| Verdict {
+            allowed: denied_in.is_none(),
+            rules: rules
+                .iter()
+                .map(|r| RuleRef {
+                    policy: "default/p".into(),
+                    rule: r.to_string(),
+                })
+                .collect(),
+            denied_in,
+            l7: false,
+        };
+        assert_eq!(
+            T::of(&v(&[], Some(Direction::Egress)), true, true),
+            T::Egress
+        );
+        assert_eq!(
+            T::of(&v(&[], Some(Direction::Ingress)), true, true),
+            T::Ingress
+        );
+        assert_eq!(
+            T::of(&v(&["specs[0].egress[0].toPorts[0]"], None), true, false),
+            T::Egress
+        );
+        assert_eq!(
+            T::of(
+                &v(
+                    &[
+                        "specs[0].egress[0]",
+                        "specs[1].ingress[2].toPorts[0].rules.http[0]"
+                    ],
+                    None
+                ),
+                true,
+                true
+            ),
+            T::Ingress
+        );
+        assert_eq!(T::of(&v(&[], None), false, true), T::Ingress);
+        assert_eq!(T::of(&v(&[], None), true, false), T::Egress);
+        assert_eq!(T::of(&v(&[], None), false, false), T::Unknown);
     }
 
     #[test]

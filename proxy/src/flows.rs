@@ -10,6 +10,7 @@
 //! path never blocks on the flow log.
 
 pub mod bus;
+pub mod kernel;
 pub mod metrics;
 pub mod rotate;
 
@@ -17,7 +18,7 @@ pub use bus::{Event, FlowBus, FlowFilter, FlowKey, FlowType, PeerFilter, Record,
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -28,12 +29,51 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// Lines written between two flushes at most.
 const BATCH: usize = 1024;
 
+/// Where the writer thread puts records.
+pub trait FlowOutput: Write + Send {
+    /// Opens the output's path again (after logrotate renamed the file); a
+    /// stream has nothing to reopen.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Any writer (stdout, a test's buffer): nothing to reopen.
+struct Plain(Box<dyn Write + Send>);
+
+impl Write for Plain {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl FlowOutput for Plain {}
+
+/// Standard output, as a flow output (nothing to reopen).
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+impl FlowOutput for Stdout {}
+
 enum Msg {
     // Boxed: the queue's slots are allocated up front, so they stay small.
     Flow(Box<Flow>),
     Flows(Vec<Flow>),
     /// Answered once everything queued before it is written and flushed.
     Flush(SyncSender<()>),
+    /// Wakes the writer to see `reopen` (set before sending).
+    Reopen,
 }
 
 pub struct FlowSink {
@@ -44,6 +84,8 @@ pub struct FlowSink {
     next_warning_ms: AtomicU64,
     epoch: Instant,
     bus: Arc<FlowBus>,
+    /// Set by [`FlowSink::reopen`], taken by the writer before its next write.
+    reopen: Arc<AtomicBool>,
 }
 
 impl FlowSink {
@@ -58,11 +100,18 @@ impl FlowSink {
 
     /// A sink that also publishes every record on `bus`.
     pub fn with_bus(out: Box<dyn Write + Send>, capacity: usize, bus: Arc<FlowBus>) -> Self {
+        Self::with_output(Box::new(Plain(out)), capacity, bus)
+    }
+
+    /// A sink writing to an output that can be reopened ([`FlowSink::reopen`]).
+    pub fn with_output(out: Box<dyn FlowOutput>, capacity: usize, bus: Arc<FlowBus>) -> Self {
         let (tx, rx) = sync_channel(capacity.max(1));
         let writer_bus = bus.clone();
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer_reopen = reopen.clone();
         std::thread::Builder::new()
             .name("weir-flows".into())
-            .spawn(move || write_loop(out, rx, &writer_bus))
+            .spawn(move || write_loop(out, rx, &writer_bus, &writer_reopen))
             .expect("spawn the flow-record writer thread");
         FlowSink {
             tx: Some(tx),
@@ -70,6 +119,18 @@ impl FlowSink {
             next_warning_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             bus,
+            reopen,
+        }
+    }
+
+    /// Asks the writer to open the flow log's path again (SIGHUP, after
+    /// logrotate renamed the file): records written after this go to a new
+    /// file at the path. Never blocks; with the queue full, the writer sees the
+    /// request before its next batch anyway.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Msg::Reopen);
         }
     }
 
@@ -184,12 +245,20 @@ fn write_record(out: &mut dyn Write, r: &Record) -> std::io::Result<()> {
     out.write_all(&line)
 }
 
-fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>, bus: &FlowBus) {
+fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, reopen: &AtomicBool) {
     let mut failing = false;
     let mut acks = Vec::new();
     let mut batch: Vec<Arc<Record>> = Vec::new();
     // Block for the first message, then take what else is already queued.
     while let Ok(first) = rx.recv() {
+        if reopen.swap(false, Ordering::Acquire) {
+            match out.flush().and_then(|()| out.reopen()) {
+                Ok(()) => tracing::info!("flow log reopened"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reopen the flow log; writing to the old file")
+                }
+            }
+        }
         let mut result = Ok(());
         let mut written = 0;
         let mut next = Some(first);
@@ -210,6 +279,7 @@ fn write_loop(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>, bus: &FlowBus) 
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),
+                Msg::Reopen => {}
             }
             if written < BATCH {
                 next = rx.try_recv().ok();

@@ -392,11 +392,13 @@ async fn handle(
     }
     apply_mismatch_actions(&mut parts.headers, &mismatches);
     let flow_parts = parts.clone();
+    let upstream_start = Instant::now();
     let result = ctx
         .shared
         .upstream
         .forward(&ctx, Request::from_parts(parts, body))
         .await;
+    let upstream_ns = elapsed_ns(upstream_start);
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
@@ -412,7 +414,8 @@ async fn handle(
     http.header_mismatches = mismatches;
     let mut f = ctx
         .flow(&d, &verdict)
-        .with_http(L7Type::Response, elapsed_ns(start), http);
+        .with_http(L7Type::Response, elapsed_ns(start), http)
+        .with_upstream_ns(upstream_ns);
     if let Some(e) = error {
         f = f.with_error(e.reason_code());
     }

@@ -15,6 +15,7 @@ use weir_policy::flow::FlowVerdict;
 
 use crate::context::{ConnContext, is_unspecified_or_local};
 use crate::detect::{self, Detected, Replay, Undecided};
+use crate::flows::metrics::ConnProtocol;
 use crate::socket::UpstreamSource;
 use crate::{Shared, http, socket, tcp};
 
@@ -161,9 +162,11 @@ async fn handle(
         match detect::detect(&mut stream, deadline).await {
             // HTTP clients get a 403 per request, which says more than a reset.
             Ok((kind @ (Detected::Http1 | Detected::Http2), head)) => {
+                let _open = conn_metrics(&ctx).open(ConnProtocol::Http);
                 http::serve(ctx, Replay::new(head, stream), kind, deadline).await;
             }
             other => {
+                drop(conn_metrics(&ctx).open(ConnProtocol::Tcp));
                 ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
                 debug!(detected = ?other.map(|(k, _)| k), "closing denied non-HTTP connection");
             }
@@ -171,13 +174,17 @@ async fn handle(
         return;
     }
     if cv.needs_dns() {
+        let _open = conn_metrics(&ctx).open(ConnProtocol::Dns);
         crate::dns::tcp::serve(ctx, stream).await;
         return;
     }
     if cv.needs_l7() {
         match detect::detect(&mut stream, deadline).await {
             // Not HTTP at all: hyper answers 400.
-            Ok((kind, head)) => http::serve(ctx, Replay::new(head, stream), kind, deadline).await,
+            Ok((kind, head)) => {
+                let _open = conn_metrics(&ctx).open(ConnProtocol::Http);
+                http::serve(ctx, Replay::new(head, stream), kind, deadline).await
+            }
             Err(Undecided::Timeout) => {
                 debug!("no request head by the request-head deadline; closing");
             }
@@ -187,8 +194,15 @@ async fn handle(
     } else {
         let verdict = cv.l4_verdict();
         ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
+        let _open = conn_metrics(&ctx).open(ConnProtocol::Tcp);
         tcp::splice(&ctx, stream).await;
     }
+}
+
+/// The connection counters (moved here, not from the flow records: a
+/// connection's records come per request, or not at all).
+fn conn_metrics(ctx: &ConnContext) -> &crate::flows::metrics::ConnMetrics {
+    &ctx.shared.flows.bus().metrics().conns
 }
 
 fn canonical(a: SocketAddr) -> SocketAddr {

@@ -415,6 +415,7 @@ struct SessionCount(Arc<Shared>);
 impl SessionCount {
     fn new(shared: &Arc<Shared>) -> SessionCount {
         shared.udp_sessions.fetch_add(1, Ordering::Relaxed);
+        shared.flows.bus().metrics().conns.udp_sessions.inc();
         SessionCount(shared.clone())
     }
 }
@@ -422,6 +423,7 @@ impl SessionCount {
 impl Drop for SessionCount {
     fn drop(&mut self) {
         self.0.udp_sessions.fetch_sub(1, Ordering::Relaxed);
+        self.0.flows.bus().metrics().conns.udp_sessions.dec();
     }
 }
 

@@ -250,13 +250,19 @@ impl Scenario {
 
     /// Starts `weir run` in the node namespace with `policy` and waits until ready.
     pub fn start_weir(&mut self, policy: &str, extra_args: &[&str]) {
+        self.start_weir_wrapped(policy, extra_args, &[]);
+    }
+
+    /// As [`Scenario::start_weir`], run through `wrapper` (e.g. `setpriv
+    /// --bounding-set ...`: weir with only some capabilities).
+    pub fn start_weir_wrapped(&mut self, policy: &str, extra_args: &[&str], wrapper: &[&str]) {
         let pol = self.path("policy.yaml");
         std::fs::write(&pol, policy).unwrap();
         let ready = self.state_dir.join("ready");
         // A weir killed with SIGKILL leaves its ready file: it says nothing of
         // this one.
         let _ = std::fs::remove_file(&ready);
-        let cmd = self.weir_run_command(extra_args, &self.weir_log);
+        let cmd = self.weir_run_command_wrapped(extra_args, &self.weir_log, wrapper);
         self.lab.spawn("weir", cmd).expect("start weir");
         let lab = &mut self.lab;
         let ok = lab::wait_until(Duration::from_secs(20), || {
@@ -291,11 +297,26 @@ impl Scenario {
     }
 
     fn weir_run_command(&self, extra_args: &[&str], log: &Path) -> Command {
+        self.weir_run_command_wrapped(extra_args, log, &[])
+    }
+
+    fn weir_run_command_wrapped(
+        &self,
+        extra_args: &[&str],
+        log: &Path,
+        wrapper: &[&str],
+    ) -> Command {
         let pol = self.path("policy.yaml");
-        let mut cmd = self
-            .lab
-            .node
-            .command(weir_bin().to_str().expect("utf-8 path"));
+        let bin = weir_bin();
+        let bin = bin.to_str().expect("utf-8 path");
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = self.lab.node.command(prog);
+                c.args(args).arg(bin);
+                c
+            }
+            None => self.lab.node.command(bin),
+        };
         cmd.arg("run")
             .arg("--policy")
             .arg(&pol)

@@ -94,6 +94,15 @@ fn the_api_refuses_other_users_unless_allowed_and_always_admits_root() {
         "the refusal is logged:\n{}",
         s.weir_log_text()
     );
+    // With its reason, on one line.
+    let why = format!("uid {nobody} may not use weir's API");
+    assert!(
+        s.weir_log_text()
+            .lines()
+            .any(|l| l.contains("API call refused") && l.contains(&why)),
+        "the refusal's reason is logged:\n{}",
+        s.weir_log_text()
+    );
     let root = list(&s, &bin, false);
     assert!(root.status.success(), "{}", stderr(&root));
     assert!(text(&root).contains("deathstar"), "{}", text(&root));

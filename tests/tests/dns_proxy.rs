@@ -519,4 +519,21 @@ fn queries_are_decided_by_name_through_nft() {
     }
     assert_eq!(resolver_saw(&log, "secret.denied.test"), 0);
     assert_eq!(resolver_saw(&log, "www.allowed.test"), 4);
+    // /metrics counts each query by verdict, each relayed answer by rcode, and
+    // each DNS-over-TCP connection (dig +tcp opens one per query).
+    let want = [
+        r#"weir_dns_queries_total{verdict="FORWARDED"} 4"#,
+        r#"weir_dns_queries_total{verdict="DROPPED"} 4"#,
+        r#"weir_dns_responses_total{rcode="NoError"} 4"#,
+        r#"weir_proxy_connections_total{protocol="dns"} 4"#,
+    ];
+    let metrics = || s.run_in_node(&["curl", "-s", "http://127.0.0.1:9965/metrics"]);
+    let _ = weir_tests::lab::wait_until(std::time::Duration::from_secs(5), || {
+        let m = metrics();
+        want.iter().all(|w| m.lines().any(|l| l == *w))
+    });
+    let m = metrics();
+    for w in want {
+        assert!(m.lines().any(|l| l == w), "`{w}` missing:\n{m}");
+    }
 }

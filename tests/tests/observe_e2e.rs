@@ -202,6 +202,30 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
     );
     eprintln!("weir observe:\n{}", text(&observe(&s, &[])));
 
+    // The table: a header, one row per HTTP record, columns aligned.
+    let table = observe(&s, &["--last", "100000", "--type", "http", "-o", "table"]);
+    assert!(table.status.success());
+    let table = text(&table);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 1 + http.len(), "{table}");
+    assert!(rows[0].starts_with("TIMESTAMP "), "{table}");
+    let col = rows[0].find("VERDICT").unwrap();
+    assert!(
+        rows[1..].iter().all(|r| r[col..].starts_with("FORWARDED ")
+            || r[col..].starts_with("DROPPED ")
+            || r[col..].starts_with("ERROR ")),
+        "{table}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("http-request") && r.contains("POLICY_DENIED")),
+        "{table}"
+    );
+    eprintln!("weir observe -o table:\n{table}");
+    // No Kafka records exist yet: the filter is accepted and selects none.
+    let kafka = observe(&s, &["--last", "100000", "--type", "kafka", "-o", "json"]);
+    assert!(json_lines(&kafka).is_empty());
+
     // /metrics counts what the bus carried, exactly; /healthz answers.
     let metrics = text(&s.curl_from_node(&["http://127.0.0.1:9965/metrics"]));
     let value = |series: &str| -> Option<u64> {

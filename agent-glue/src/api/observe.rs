@@ -17,6 +17,9 @@ pub enum Output {
     Compact,
     /// The flow records' JSON, one per line (Hubble field names).
     Json,
+    /// Aligned columns under a header: TIMESTAMP, SOURCE, DESTINATION, TYPE,
+    /// VERDICT, SUMMARY (with --follow, fixed widths: rows print as they come).
+    Table,
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +38,7 @@ pub struct ObserveArgs {
     #[arg(long, ignore_case = true, value_parser = ["FORWARDED", "DROPPED", "ERROR"])]
     pub verdict: Vec<String>,
     /// Only flows of this type (repeatable: any of them).
-    #[arg(long = "type", value_name = "TYPE", value_parser = ["l3-l4", "l7", "http", "dns"])]
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["l3-l4", "l7", "http", "dns", "kafka"])]
     pub kind: Vec<String>,
     /// Only flows from this peer: an endpoint name (or namespace/name), a label
     /// `k=v`, `reserved:world`, or an IP (repeatable: any of them).
@@ -107,6 +110,16 @@ async fn run(args: ObserveArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     let mut out = std::io::stdout().lock();
+    // Without --follow the whole table is known before it is printed, and its
+    // columns fit it; a followed table has fixed widths.
+    let mut table = Vec::new();
+    if args.output == Output::Table && args.follow {
+        let _ = writeln!(
+            out,
+            "{}",
+            table_line(&TABLE_HEADER.map(String::from), &FOLLOW_WIDTHS)
+        );
+    }
     loop {
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
@@ -121,10 +134,20 @@ async fn run(args: ObserveArgs) -> anyhow::Result<()> {
                     Ok(v) => compact(&v),
                     Err(_) => json,
                 },
+                Output::Table => {
+                    let row = table_row(&serde_json::from_str(&json).unwrap_or(Value::Null));
+                    if !args.follow {
+                        table.push(row);
+                        continue;
+                    }
+                    table_line(&row, &FOLLOW_WIDTHS)
+                }
             },
             Some(pb::get_flows_response::Event::Lost(l)) => match args.output {
                 Output::Json => serde_json::json!({"lost_events": {"num_events_lost": l.count, "source": "weir observe: this reader fell behind"}}).to_string(),
-                Output::Compact => format!("EVENTS LOST: {} flows (this reader fell behind)", l.count),
+                Output::Compact | Output::Table => {
+                    format!("EVENTS LOST: {} flows (this reader fell behind)", l.count)
+                }
             },
             None => continue,
         };
@@ -133,7 +156,63 @@ async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             break;
         }
     }
+    if args.output == Output::Table && !args.follow {
+        let _ = write!(out, "{}", render_table(&table));
+    }
     Ok(())
+}
+
+const TABLE_HEADER: [&str; 6] = [
+    "TIMESTAMP",
+    "SOURCE",
+    "DESTINATION",
+    "TYPE",
+    "VERDICT",
+    "SUMMARY",
+];
+/// Column widths of a followed table (the last column is not padded).
+const FOLLOW_WIDTHS: [usize; 5] = [19, 36, 36, 22, 9];
+
+/// One table row: the compact line's parts in columns.
+pub fn table_row(f: &Value) -> [String; 6] {
+    let p = parts(f);
+    let mut summary = p.summary;
+    if let Some(reason) = p.drop_reason {
+        summary = if summary.is_empty() {
+            reason
+        } else {
+            format!("{summary} {reason}")
+        };
+    }
+    if !p.policy.is_empty() {
+        summary = format!("{summary} [{}]", p.policy).trim_start().to_string();
+    }
+    [p.time, p.src, p.dst, p.kind, p.verdict, summary]
+}
+
+/// A header and the rows, each column as wide as its widest cell, two
+/// spaces apart (as `hubble observe -o table`).
+pub fn render_table(rows: &[[String; 6]]) -> String {
+    let header = TABLE_HEADER.map(String::from);
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    std::iter::once(&header)
+        .chain(rows)
+        .map(|r| table_line(r, &widths) + "\n")
+        .collect()
+}
+
+fn table_line(row: &[String; 6], widths: &[usize; 5]) -> String {
+    let mut line = String::new();
+    for (cell, w) in row.iter().zip(widths) {
+        line.push_str(&format!("{cell:<w$}  "));
+    }
+    line.push_str(&row[5]);
+    line.trim_end().to_string()
 }
 
 const MONTHS: [&str; 12] = [
@@ -189,8 +268,38 @@ fn peer(ep: &Value, ip: &Value, port: Option<u64>) -> String {
     format!("{addr} ({what})")
 }
 
+/// What a compact line or a table row shows of a record.
+struct Parts {
+    time: String,
+    src: String,
+    dst: String,
+    kind: String,
+    verdict: String,
+    summary: String,
+    drop_reason: Option<String>,
+    policy: String,
+}
+
 /// One `hubble observe`-like line for a flow record.
 pub fn compact(f: &Value) -> String {
+    let p = parts(f);
+    let mut line = format!(
+        "{}  {} -> {}  {} {}",
+        p.time, p.src, p.dst, p.kind, p.verdict
+    );
+    if !p.summary.is_empty() {
+        line.push_str(&format!(" ({})", p.summary));
+    }
+    if let Some(reason) = p.drop_reason {
+        line.push_str(&format!(" {reason}"));
+    }
+    if !p.policy.is_empty() {
+        line.push_str(&format!("  [{}]", p.policy));
+    }
+    line
+}
+
+fn parts(f: &Value) -> Parts {
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     let l4 = f.get("l4").and_then(Value::as_object);
     let (proto, ports) = l4
@@ -216,6 +325,8 @@ pub fn compact(f: &Value) -> String {
                 "http"
             } else if l7.get("dns").is_some() {
                 "dns"
+            } else if l7.get("kafka").is_some() {
+                "kafka"
             } else {
                 "l7"
             };
@@ -226,23 +337,19 @@ pub fn compact(f: &Value) -> String {
             if proto.is_empty() { "?" } else { proto }
         ),
     };
-    let mut line = format!(
-        "{}  {src} -> {dst}  {kind} {}",
-        short_time(&s(&f["time"])),
-        s(&f["verdict"])
-    );
-    let summary = s(&f["Summary"]);
-    if !summary.is_empty() {
-        line.push_str(&format!(" ({summary})"));
+    Parts {
+        time: short_time(&s(&f["time"])),
+        src,
+        dst,
+        kind,
+        verdict: s(&f["verdict"]),
+        summary: s(&f["Summary"]),
+        drop_reason: f
+            .get("drop_reason_desc")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        policy: s(&f["policy"]),
     }
-    if let Some(reason) = f.get("drop_reason_desc").and_then(Value::as_str) {
-        line.push_str(&format!(" {reason}"));
-    }
-    let policy = s(&f["policy"]);
-    if !policy.is_empty() {
-        line.push_str(&format!("  [{policy}]"));
-    }
-    line
 }
 
 #[cfg(test)]
@@ -288,6 +395,53 @@ mod tests {
         );
         // Whatever a record lacks, a line still comes out.
         assert!(compact(&serde_json::json!({})).contains(" -> "));
+    }
+
+    #[test]
+    fn table_aligns_columns_under_a_header() {
+        let http = serde_json::json!({
+            "time": "2026-11-22T20:01:02.345678901Z",
+            "verdict": "DROPPED",
+            "drop_reason_desc": "POLICY_DENIED",
+            "IP": {"source": "10.200.0.20", "destination": "10.200.0.10", "ipVersion": "IPv4"},
+            "l4": {"TCP": {"source_port": 40312, "destination_port": 80}},
+            "source": {"ID": 7, "identity": 7, "labels": [], "namespace": "default", "pod_name": "tiefighter"},
+            "destination": {"ID": 9, "identity": 9, "labels": [], "namespace": "default", "pod_name": "deathstar"},
+            "Type": "L7",
+            "l7": {"type": "REQUEST", "latency_ns": 1, "http": {"code": 403, "method": "PUT", "url": "http://x/", "protocol": "HTTP/1.1"}},
+            "policy": "no rule matched (ingress, HTTP)",
+            "Summary": "HTTP/1.1 PUT http://x/ => 403"
+        });
+        let l4 = serde_json::json!({
+            "time": "2026-11-22T20:01:03.000000000Z",
+            "verdict": "FORWARDED",
+            "IP": {"source": "1.2.3.4", "destination": "10.200.0.10", "ipVersion": "IPv4"},
+            "l4": {"UDP": {"source_port": 5, "destination_port": 53}},
+            "source": {"identity": 2, "labels": ["reserved:world"]},
+            "destination": {"ID": 9, "identity": 9, "labels": [], "namespace": "default", "pod_name": "deathstar"},
+            "Type": "L3_L4",
+            "policy": "",
+            "Summary": ""
+        });
+        let t = render_table(&[table_row(&http), table_row(&l4)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(
+            lines[0],
+            "TIMESTAMP            SOURCE                           DESTINATION                  TYPE                VERDICT    SUMMARY"
+        );
+        assert_eq!(
+            lines[1],
+            "Nov 22 20:01:02.345  default/tiefighter:40312 (ID:7)  default/deathstar:80 (ID:9)  http-request        DROPPED    HTTP/1.1 PUT http://x/ => 403 POLICY_DENIED [no rule matched (ingress, HTTP)]"
+        );
+        assert_eq!(
+            lines[2],
+            "Nov 22 20:01:03.000  1.2.3.4:5 (world)                default/deathstar:53 (ID:9)  policy-verdict:UDP  FORWARDED"
+        );
+        // Every column starts at the same place on every line.
+        let starts = |l: &str, w: &str| l.find(w).unwrap();
+        assert_eq!(starts(lines[0], "VERDICT"), starts(lines[1], "DROPPED"));
+        assert_eq!(starts(lines[0], "VERDICT"), starts(lines[2], "FORWARDED"));
     }
 
     #[test]

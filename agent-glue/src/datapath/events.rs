@@ -235,6 +235,12 @@ pub fn event_flow(
         }),
         _ => flow.l4,
     };
+    // The kernel reports a flow's first packet (and drops); of ICMP, an echo
+    // reply says by its type that it is one.
+    flow.is_reply = matches!(
+        flow.l4,
+        L4::Icmpv4(Icmp { kind: 0, .. }) | L4::Icmpv6(Icmp { kind: 129, .. })
+    );
     if e.kind == WEIR_EVENT_DROPPED
         && let Some(reason) = drop_reason(e.reason)
     {
@@ -376,5 +382,48 @@ spec:
         let json: serde_json::Value = serde_json::from_str(&flow.to_json_line()).unwrap();
         assert!(json["source"]["pod_name"].is_null(), "{json}");
         assert_eq!(json["source"]["identity"], 4242);
+    }
+
+    /// Kernel records carry Hubble's traffic_direction (the deciding rule's,
+    /// else the local endpoint's side) and is_reply (an ICMP echo reply).
+    #[test]
+    fn kernel_records_carry_direction_and_reply() {
+        let policy = compile(
+            "endpoints:
+  - {name: deathstar, ips: [10.0.0.1], labels: {class: deathstar}}
+  - {name: xwing, ips: [10.0.0.3], labels: {org: alliance, class: xwing}}
+",
+        );
+        let xwing = policy.endpoint_by_name("xwing").unwrap().identity;
+        let deathstar = policy.endpoint_by_name("deathstar").unwrap().identity;
+        let (x, d): (IpAddr, IpAddr) = ("10.0.0.3".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let rules = vec![
+            None,
+            Some(RuleRef {
+                policy: "alliance-only".into(),
+                rule: "spec.ingress[0]".into(),
+            }),
+        ];
+        let node: Arc<str> = Arc::from("node");
+        let mut recent = RecentPolicies::default();
+        recent.observe(policy);
+        let json = |raw: Vec<u8>| -> serde_json::Value {
+            let f = event_flow(&raw, &recent, &rules, &node).unwrap();
+            serde_json::from_str(&f.to_json_line()).unwrap()
+        };
+        let allowed = json(event(x, xwing, d, deathstar, 1));
+        assert_eq!(allowed["traffic_direction"], "INGRESS", "{allowed}");
+        assert_eq!(allowed["is_reply"], false);
+        // From the deathstar to the world, no rule: the source's egress.
+        let out = json(event(d, deathstar, "192.0.2.1".parse().unwrap(), 2, 0));
+        assert_eq!(out["traffic_direction"], "EGRESS", "{out}");
+        // An echo reply (type 0; the request's type 8 in the source port).
+        let mut reply = event(d, deathstar, x, xwing, 0);
+        reply[offset_of!(Event, protocol)] = 1;
+        reply[offset_of!(Event, sport)..][..2].copy_from_slice(&8u16.to_be_bytes());
+        reply[offset_of!(Event, dport)..][..2].copy_from_slice(&77u16.to_be_bytes());
+        let reply = json(reply);
+        assert_eq!(reply["l4"]["ICMPv4"]["type"], 0, "{reply}");
+        assert_eq!(reply["is_reply"], true, "{reply}");
     }
 }

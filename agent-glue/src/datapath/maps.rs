@@ -145,6 +145,10 @@ pub const CT_SEEN_REPLY: u8 = 1;
 /// The enums of weir_redirect.h, checked against the object's BTF below.
 pub mod kernel_enum {
     /// `enum weir_counter_index`
+    pub const WEIR_COUNTER_SEEN: u32 = 0;
+    pub const WEIR_COUNTER_ALLOWED: u32 = 1;
+    pub const WEIR_COUNTER_DROPPED: u32 = 2;
+    pub const WEIR_COUNTER_REDIRECTED: u32 = 3;
     pub const WEIR_COUNTER_EVENTS_LOST: u32 = 4;
     pub const WEIR_COUNTER_MAX: u32 = 5;
     /// `enum weir_verdict`
@@ -171,6 +175,10 @@ pub mod kernel_enum {
 
     /// (C enumerator name, value) of every constant above.
     pub const ALL: &[(&str, u32)] = &[
+        ("WEIR_COUNTER_SEEN", WEIR_COUNTER_SEEN),
+        ("WEIR_COUNTER_ALLOWED", WEIR_COUNTER_ALLOWED),
+        ("WEIR_COUNTER_DROPPED", WEIR_COUNTER_DROPPED),
+        ("WEIR_COUNTER_REDIRECTED", WEIR_COUNTER_REDIRECTED),
         ("WEIR_COUNTER_EVENTS_LOST", WEIR_COUNTER_EVENTS_LOST),
         ("WEIR_COUNTER_MAX", WEIR_COUNTER_MAX),
         ("WEIR_DROP", WEIR_DROP),

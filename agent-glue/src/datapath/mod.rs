@@ -10,6 +10,7 @@
 //! removing a rule also stops established flows it allowed.
 
 pub mod attach;
+pub mod counters;
 pub mod events;
 pub mod links;
 pub mod maps;
@@ -637,6 +638,18 @@ impl Datapath {
         self.ebpf
             .take_map("weir_counters")
             .and_then(|m| aya::maps::PerCpuArray::try_from(m).ok())
+    }
+
+    /// A second handle on the per-CPU packet counters (a duplicated fd), for
+    /// `/metrics` to read at each scrape on the admin thread.
+    pub fn counters_reader(&self) -> Option<aya::maps::PerCpuArray<MapData, WeirCounter>> {
+        use std::os::fd::AsFd;
+        let aya::maps::Map::PerCpuArray(data) = self.ebpf.map("weir_counters")? else {
+            return None;
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+        let dup = MapData::from_fd(fd).ok()?;
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup)).ok()
     }
 
     /// The verdict-event ring buffer (taken once).

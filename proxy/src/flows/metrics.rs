@@ -7,10 +7,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use weir_policy::flow::FlowVerdict;
 
-use super::bus::FlowKey;
+use super::bus::{FlowKey, L7Facts};
+use super::kernel::KernelCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
@@ -34,6 +36,34 @@ pub struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// GET, POST, PUT, DELETE, HEAD, OPTIONS, PATCH, CONNECT or OTHER.
+    pub method: &'static str,
+    /// The status code weir answered or forwarded (403 for a denial, 400 for
+    /// a refused request, 502/504 for an upstream failure).
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsQueryLabels {
+    /// FORWARDED, DROPPED (denied by policy) or ERROR.
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsResponseLabels {
+    /// The answer's rcode name (NoError, NXDomain, Refused, ...).
+    pub rcode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// How the proxy handled the connection: http, dns (DNS over TCP) or tcp
+    /// (L4 splice).
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     /// weir's map name (a fixed set).
     pub map: &'static str,
@@ -50,15 +80,88 @@ pub struct ControlMetrics {
     pub map_capacity: Family<MapLabels, Gauge>,
 }
 
+/// The protocols a proxied TCP connection is handled as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnProtocol {
+    Http,
+    Dns,
+    Tcp,
+}
+
+impl ConnProtocol {
+    const ALL: [ConnProtocol; 3] = [ConnProtocol::Http, ConnProtocol::Dns, ConnProtocol::Tcp];
+
+    fn label(self) -> &'static str {
+        match self {
+            ConnProtocol::Http => "http",
+            ConnProtocol::Dns => "dns",
+            ConnProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Connection counters the data path moves itself (one atomic add each):
+/// handles taken from their families once, so no connection looks a label up.
+pub struct ConnMetrics {
+    by_protocol: [(Counter, Gauge); 3],
+    /// UDP sessions open now.
+    pub udp_sessions: Gauge,
+}
+
+/// One proxied connection, counted open until dropped.
+pub struct OpenConn(Gauge);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ConnMetrics {
+    /// Counts a connection handled as `protocol`; open until the guard drops.
+    pub fn open(&self, protocol: ConnProtocol) -> OpenConn {
+        let i = ConnProtocol::ALL
+            .iter()
+            .position(|p| *p == protocol)
+            .unwrap_or(0);
+        let (total, open) = &self.by_protocol[i];
+        total.inc();
+        open.inc();
+        OpenConn(open.clone())
+    }
+}
+
+/// Latency histograms of HTTP requests (seconds).
+struct HttpLatency {
+    /// Request head received to response head (or refusal) sent.
+    total: Histogram,
+    /// Waiting for the upstream (forwarded requests only).
+    upstream: Histogram,
+    /// weir's own part: `total - upstream`, or `total` when refused.
+    added: Histogram,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 25 µs .. ~6.7 s: weir's own time is tens of microseconds.
+    exponential_buckets(0.000_025, 2.0, 19)
+}
+
 /// The flow counters and the registry they are in (the one `/metrics` serves;
 /// later metrics register here too).
 pub struct FlowMetrics {
     pub registry: Registry,
     flows: Family<FlowLabels, Counter>,
     drops: Family<DropLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_latency: HttpLatency,
+    dns_queries: Family<DnsQueryLabels, Counter>,
+    dns_responses: Family<DnsResponseLabels, Counter>,
     /// Records the flow writer had no room for (counted by the sink itself).
     pub lost: Counter,
     pub control: ControlMetrics,
+    pub conns: ConnMetrics,
+    /// The datapath's per-CPU packet counters, read at each scrape.
+    pub kernel: std::sync::Arc<KernelCounters>,
 }
 
 impl Default for FlowMetrics {
@@ -109,12 +212,88 @@ impl Default for FlowMetrics {
             "Each eBPF map's max_entries",
             control.map_capacity.clone(),
         );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "weir_http_requests",
+            "HTTP requests by method class and the status code weir answered or forwarded (one per request, whatever its verdict)",
+            http_requests.clone(),
+        );
+        let http_latency = HttpLatency {
+            total: Histogram::new(latency_buckets()),
+            upstream: Histogram::new(latency_buckets()),
+            added: Histogram::new(latency_buckets()),
+        };
+        registry.register(
+            "weir_http_request_duration_seconds",
+            "HTTP requests: from the request head to the response head weir sent (forwarded or its own)",
+            http_latency.total.clone(),
+        );
+        registry.register(
+            "weir_http_upstream_duration_seconds",
+            "Forwarded HTTP requests: time waiting for the upstream's response head (connect included)",
+            http_latency.upstream.clone(),
+        );
+        registry.register(
+            "weir_http_added_duration_seconds",
+            "HTTP requests: weir's own time (request duration minus upstream time; all of it for a refused request)",
+            http_latency.added.clone(),
+        );
+        let dns_queries = Family::<DnsQueryLabels, Counter>::default();
+        registry.register(
+            "weir_dns_queries",
+            "DNS queries by verdict (FORWARDED, DROPPED, ERROR)",
+            dns_queries.clone(),
+        );
+        let dns_responses = Family::<DnsResponseLabels, Counter>::default();
+        registry.register(
+            "weir_dns_responses",
+            "DNS answers sent to clients by rcode",
+            dns_responses.clone(),
+        );
+        let conns_total = Family::<ConnLabels, Counter>::default();
+        let conns_open = Family::<ConnLabels, Gauge>::default();
+        registry.register(
+            "weir_proxy_connections",
+            "Client TCP connections the proxy accepted, by how it handled them (http, dns, tcp)",
+            conns_total.clone(),
+        );
+        registry.register(
+            "weir_proxy_connections_open",
+            "Client TCP connections open now, by protocol",
+            conns_open.clone(),
+        );
+        let by_protocol = ConnProtocol::ALL.map(|p| {
+            let l = ConnLabels {
+                protocol: p.label(),
+            };
+            (
+                conns_total.get_or_create(&l).clone(),
+                conns_open.get_or_create(&l).clone(),
+            )
+        });
+        let conns = ConnMetrics {
+            by_protocol,
+            udp_sessions: Gauge::default(),
+        };
+        registry.register(
+            "weir_udp_sessions_open",
+            "UDP sessions (client, original destination) open now",
+            conns.udp_sessions.clone(),
+        );
+        let kernel = std::sync::Arc::new(KernelCounters::default());
+        registry.register_collector(Box::new(kernel.clone()));
         FlowMetrics {
             registry,
             flows,
             drops,
+            http_requests,
+            http_latency,
+            dns_queries,
+            dns_responses,
             lost,
             control,
+            conns,
+            kernel,
         }
     }
 }
@@ -140,6 +319,42 @@ impl FlowMetrics {
                 })
                 .inc();
         }
+        if let Some(l7) = &f.l7_facts {
+            self.observe_l7(verdict, l7);
+        }
+    }
+
+    fn observe_l7(&self, verdict: &'static str, l7: &L7Facts) {
+        let secs = |ns: u64| ns as f64 / 1e9;
+        if let Some((method, code)) = l7.http {
+            // Every request has one record: a RESPONSE when forwarded, a
+            // REQUEST when weir answered it itself.
+            self.http_requests
+                .get_or_create(&HttpLabels { method, code })
+                .inc();
+            let h = &self.http_latency;
+            h.total.observe(secs(l7.latency_ns));
+            match l7.upstream_ns {
+                Some(up) => {
+                    h.upstream.observe(secs(up));
+                    h.added.observe(secs(l7.latency_ns.saturating_sub(up)));
+                }
+                None => h.added.observe(secs(l7.latency_ns)),
+            }
+        } else if let Some(rcode) = l7.dns_rcode {
+            if l7.response {
+                let rcode = u16::try_from(rcode).unwrap_or(u16::MAX);
+                self.dns_responses
+                    .get_or_create(&DnsResponseLabels {
+                        rcode: weir_parsers::dns::rcode_name(rcode),
+                    })
+                    .inc();
+            } else {
+                self.dns_queries
+                    .get_or_create(&DnsQueryLabels { verdict })
+                    .inc();
+            }
+        }
     }
 
     /// The registry in Prometheus's text format (OpenMetrics flavour).
@@ -148,6 +363,22 @@ impl FlowMetrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// An HTTP method as a bounded label: the common ones by name, any other
+/// (WebDAV's, made-up ones) as OTHER.
+pub fn method_class(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        _ => "OTHER",
     }
 }
 
@@ -195,6 +426,73 @@ mod tests {
             r#"weir_policy_reloads_total{result="failure"} 1"#,
             "weir_policy_last_reload_success 0",
             r#"weir_bpf_map_entries{map="weir_ipcache"} 5"#,
+        ] {
+            assert!(t.lines().any(|l| l == line), "`{line}` missing:\n{t}");
+        }
+    }
+
+    #[test]
+    fn methods_are_a_bounded_set() {
+        assert_eq!(method_class("GET"), "GET");
+        assert_eq!(method_class("PATCH"), "PATCH");
+        assert_eq!(method_class("PROPFIND"), "OTHER");
+        assert_eq!(method_class("get"), "OTHER");
+    }
+
+    #[test]
+    fn http_records_count_by_method_and_code_with_latencies() {
+        let m = FlowMetrics::default();
+        let key = |method: &str, code, upstream_ns: Option<u64>| {
+            use std::sync::Arc;
+            use weir_policy::flow::{Endpoint, Flow, FlowPeers, Http, L7Type, RenderedEndpoint};
+            let ep = Arc::new(RenderedEndpoint::new(Endpoint {
+                id: None,
+                identity: 2,
+                labels: vec!["reserved:world".into()],
+                namespace: None,
+                pod_name: None,
+            }));
+            let peers = FlowPeers {
+                source: ep.clone(),
+                destination: ep,
+                node_name: Arc::from("t"),
+            };
+            let verdict = weir_policy::Verdict {
+                allowed: upstream_ns.is_some(),
+                rules: vec![],
+                denied_in: None,
+                l7: true,
+            };
+            let http = Http {
+                code,
+                method: method.into(),
+                url: "http://x/a?b=c".into(),
+                protocol: "HTTP/1.1".into(),
+                ..Http::default()
+            };
+            let ip = "10.0.0.1".parse().unwrap();
+            let f = Flow::with_peers(&peers, (ip, 1), (ip, 80), &verdict);
+            let f = match upstream_ns {
+                Some(up) => f
+                    .with_http(L7Type::Response, 3_000_000, http)
+                    .with_upstream_ns(up),
+                None => f.with_http(L7Type::Request, 3_000_000, http),
+            };
+            FlowKey::new(&f)
+        };
+        m.observe(&key("GET", 200, Some(2_000_000)));
+        m.observe(&key("GET", 200, Some(2_000_000)));
+        m.observe(&key("PROPFIND", 403, None));
+        let t = m.encode();
+        for line in [
+            r#"weir_http_requests_total{method="GET",code="200"} 2"#,
+            r#"weir_http_requests_total{method="OTHER",code="403"} 1"#,
+            "weir_http_request_duration_seconds_count 3",
+            "weir_http_upstream_duration_seconds_count 2",
+            "weir_http_upstream_duration_seconds_sum 0.004",
+            "weir_http_added_duration_seconds_count 3",
+            // 1 ms each forwarded, 3 ms the refused one.
+            "weir_http_added_duration_seconds_sum 0.005",
         ] {
             assert!(t.lines().any(|l| l == line), "`{line}` missing:\n{t}");
         }

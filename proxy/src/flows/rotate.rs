@@ -16,6 +16,8 @@ pub struct RotatingFile {
     path: PathBuf,
     /// 0: never rotate.
     max_size: u64,
+    /// `--flow-log-max-size` (what `max_size` is for a regular file).
+    configured_max_size: u64,
     max_files: u32,
     out: BufWriter<File>,
     size: u64,
@@ -33,6 +35,7 @@ impl RotatingFile {
         Ok(RotatingFile {
             path: path.to_path_buf(),
             max_size: if meta.is_file() { max_size } else { 0 },
+            configured_max_size: max_size,
             max_files,
             out: BufWriter::new(file),
             size,
@@ -65,6 +68,25 @@ impl RotatingFile {
         }
         self.out = BufWriter::new(open_append(&self.path)?);
         self.size = 0;
+        Ok(())
+    }
+}
+
+impl super::FlowOutput for RotatingFile {
+    /// Opens the path again (logrotate without `copytruncate` renamed the file
+    /// and sends SIGHUP): later lines go to the file now at the path, created
+    /// if there is none.
+    fn reopen(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        let file = open_append(&self.path)?;
+        let meta = file.metadata()?;
+        self.size = meta.len();
+        self.max_size = if meta.is_file() {
+            self.configured_max_size
+        } else {
+            0
+        };
+        self.out = BufWriter::new(file);
         Ok(())
     }
 }
@@ -133,6 +155,30 @@ mod tests {
         assert!(meta.file_type().is_fifo(), "the FIFO was replaced");
         assert!(!dir.join("flows.1").exists(), "the FIFO was renamed");
         assert!(sink.len() > 100 * 10, "the lines went through the FIFO");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// logrotate's way: rename the file, then reopen (SIGHUP): the renamed
+    /// file keeps what was written, new lines go to a new file at the path.
+    #[test]
+    fn reopen_starts_a_new_file_after_a_rename() {
+        use crate::flows::FlowOutput;
+        let dir = std::env::temp_dir().join(format!("weir-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.log");
+        let mut f = RotatingFile::open(&path, 0, 2).unwrap();
+        f.write_all(b"one\n").unwrap();
+        f.flush().unwrap();
+        std::fs::rename(&path, dir.join("flows.log.old")).unwrap();
+        f.write_all(b"two\n").unwrap();
+        f.reopen().unwrap();
+        f.write_all(b"three\n").unwrap();
+        f.flush().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("flows.log.old")).unwrap(),
+            "one\ntwo\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
