@@ -149,13 +149,7 @@ pub fn spawn(
                     }
                     Some(ControlMsg::Reload) => {
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
-                        reloads.record(r.as_ref().copied());
-                        let m = &shared.flows.bus().metrics().control;
-                        let result = if r.is_ok() { "success" } else { "failure" };
-                        m.reloads
-                            .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
-                            .inc();
-                        m.last_reload_success.set(i64::from(r.is_ok()));
+                        record_reload(&mut reloads, &shared, r.as_ref().copied());
                     }
                     Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
                         let status = api::status::collect(&api::status::Sources {
@@ -174,10 +168,15 @@ pub fn spawn(
                     }
                     Some(ControlMsg::Api(cmd)) => {
                         let mode = steering.mode;
-                        api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
-                            fqdn.learn_all_into(p);
-                            steering.apply(p)
-                        });
+                        let changed =
+                            api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
+                                fqdn.learn_all_into(p);
+                                steering.apply(p)
+                            });
+                        // `weir policy apply|delete` is a reload like SIGHUP's.
+                        if let Some(r) = changed {
+                            record_reload(&mut reloads, &shared, r.as_ref().copied());
+                        }
                     }
                     Some(ControlMsg::Learn(job)) => {
                         // The installed policy: the one the datapath holds.
@@ -237,6 +236,22 @@ pub fn spawn(
             }
         })?;
     Ok(tx)
+}
+
+/// Counts a reload (SIGHUP, a watched file, `weir policy apply|delete`) for
+/// `weir status` and `/metrics`.
+fn record_reload(
+    reloads: &mut api::status::ReloadLog,
+    shared: &Shared,
+    r: Result<(), &anyhow::Error>,
+) {
+    reloads.record(r);
+    let m = &shared.flows.bus().metrics().control;
+    let result = if r.is_ok() { "success" } else { "failure" };
+    m.reloads
+        .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
+        .inc();
+    m.last_reload_success.set(i64::from(r.is_ok()));
 }
 
 /// A new weir that failed to take over may have changed the steering before it

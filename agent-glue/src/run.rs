@@ -177,6 +177,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .context("starting the control thread")?;
     shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone())));
+    if !args.no_watch_policy {
+        // A change goes the way SIGHUP does: to the control thread.
+        let tx = control.clone();
+        crate::watch::spawn(
+            &args.policy,
+            args.endpoints.as_deref(),
+            args.watch_debounce,
+            move || {
+                let _ = tx.send(ControlMsg::Reload);
+            },
+        )
+        .context("watching the policy files (--no-watch-policy turns it off)")?;
+    }
     let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),
