@@ -247,6 +247,10 @@ fn record_reload(
 ) {
     reloads.record(r);
     let m = &shared.flows.bus().metrics().control;
+    // The revision first: whoever sees the counter move sees the revision it
+    // brought.
+    m.policy_revision
+        .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
     let result = if r.is_ok() { "success" } else { "failure" };
     m.reloads
         .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })

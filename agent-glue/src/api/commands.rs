@@ -177,8 +177,36 @@ pub fn handle(
         Command::ListPolicies(reply) => {
             let _ = reply.send(Ok(super::policy::infos(sources, None, false)));
         }
+        Command::Explain(q, reply) => {
+            let _ = reply.send(explain(&q, sources, shared));
+        }
     }
     None
+}
+
+/// Decides `q` against the installed policy. `sources` are what it was
+/// compiled from (they change only together with it): the rules named in the
+/// answer are read from them.
+fn explain(
+    q: &crate::explain::Query,
+    sources: &Sources,
+    shared: &Shared,
+) -> Result<pb::ExplainResponse, Status> {
+    let revision = shared.policy_revision();
+    let compiled = shared.policy.load_full();
+    let policies = sources
+        .all_policies()
+        .map_err(|e| Status::internal(format!("{e:#}")))?;
+    let report =
+        crate::explain::decide(q, &compiled, &policies).map_err(Status::invalid_argument)?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| Status::internal(format!("rendering the answer: {e}")))?;
+    Ok(pb::ExplainResponse {
+        allowed: report.allowed(),
+        text: report.text(),
+        json,
+        revision,
+    })
 }
 
 /// Persists `next`'s API endpoints, then compiles and steers by it; on failure the
