@@ -586,3 +586,132 @@ fn a_hundred_reloads_under_load_drop_no_request_both_policies_allow() {
         summary.requests
     );
 }
+
+/// A slow upstream on the deathstar (port 8080): it notes each request's path
+/// in a file as it arrives, and answers `/slow...` only after `delay` seconds.
+const SLOW_SERVER: &str = r#"
+import http.server, sys, time
+port, log, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+        if self.path.startswith("/slow"):
+            time.sleep(delay)
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("", port), H).serve_forever()
+"#;
+
+const SLOW_ALLOWED: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: slow}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: /slow}
+        - {method: GET, path: /fast}
+"#;
+
+/// What changes while a request is in flight, with the policy reloaded by
+/// the watcher: the request admitted before the reload finishes (200) under
+/// the policy that admitted it; a new connection's request sees the new
+/// policy at once (403); on the in-flight request's own keep-alive
+/// connection the next request is decided anew (403, never forwarded), and
+/// one the new policy still allows passes on that same connection.
+#[test]
+fn an_in_flight_request_finishes_under_its_policy_and_the_next_is_decided_anew() {
+    let Some(mut s) = Scenario::star_wars("inflight") else {
+        return;
+    };
+    let script = s.path("slow.py");
+    std::fs::write(&script, SLOW_SERVER).unwrap();
+    let arrived = s.path("arrived.log");
+    let mut server = s.lab.workload("deathstar").ns.command("python3");
+    server.arg(&script).args(["8080"]).arg(&arrived).arg("3");
+    s.lab
+        .spawn("slow-server", server)
+        .expect("start the slow server");
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 8080, Duration::from_secs(10))
+        .expect("slow server listening");
+    s.watch_policy = true;
+    s.start_weir(
+        SLOW_ALLOWED,
+        &["--steering", "ebpf", "--watch-debounce", "50ms"],
+    );
+    let url = |p: &str| format!("http://{DEATHSTAR4}:8080{p}");
+    // One curl, one connection: /slow (3 s), then /slow and /fast again.
+    let out_file = s.path("keepalive.out");
+    let mut curl = s.lab.workload("tiefighter").ns.command("curl");
+    curl.args(["-s", "--max-time", "20"]);
+    for p in ["/slow", "/slow", "/fast"] {
+        curl.args(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n"])
+            .arg(url(p));
+    }
+    curl.stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null());
+    s.lab.spawn("curl", curl).expect("start curl");
+    let paths = |f: &Path| -> Vec<String> {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Admitted and forwarded: the upstream has it, and takes 3 s to answer.
+    let forwarded = lab::wait_until(Duration::from_secs(5), || !paths(&arrived).is_empty());
+    assert!(forwarded.is_ok(), "the slow request did not arrive");
+
+    // The policy file loses `/slow`; the watcher reloads it.
+    std::fs::write(
+        s.path("policy.yaml"),
+        SLOW_ALLOWED.replace("        - {method: GET, path: /slow}\n", ""),
+    )
+    .unwrap();
+    let metrics = |s: &Scenario| s.run_in_node(&["curl", "-s", "http://127.0.0.1:9965/metrics"]);
+    let reloaded = lab::wait_until(Duration::from_secs(2), || {
+        metric(
+            &metrics(&s),
+            "weir_policy_reloads_total{result=\"success\"}",
+        ) == 1
+    });
+    assert!(reloaded.is_ok(), "no reload:\n{}", tail(&s.weir_log_text()));
+    // A new connection's request, while the old one is still in flight.
+    assert_eq!(s.status("tiefighter", "GET", &url("/slow")), "403");
+    assert_eq!(s.status("tiefighter", "GET", &url("/fast")), "200");
+    let curl = s
+        .lab
+        .processes
+        .iter_mut()
+        .find(|p| p.name == "curl")
+        .expect("curl started");
+    let still_running = curl.alive();
+    assert!(
+        still_running,
+        "the slow request ended before the reload was checked"
+    );
+    let done = lab::wait_until(Duration::from_secs(10), || !curl.alive());
+    assert!(done.is_ok(), "curl did not finish");
+    assert_eq!(
+        std::fs::read_to_string(&out_file).unwrap_or_default(),
+        "200 1\n403 0\n200 0\n",
+        "in flight: 200; then on the same connection: decided anew"
+    );
+    assert_eq!(
+        paths(&arrived),
+        ["/slow", "/fast", "/fast"],
+        "the denied requests never reached the upstream"
+    );
+}
