@@ -37,7 +37,8 @@ spec:
 "#;
 
 /// Policy A's part (`toggle`): `/v1/only-a`, and the xwing admitted (at L3/L4,
-/// with that one HTTP rule).
+/// with that one HTTP rule). Both parts allow the landing too, each with a
+/// rule of its own, so the rules that allow it change at every reload.
 const TOGGLE_A: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: toggle}
@@ -50,6 +51,7 @@ spec:
       rules:
         http:
         - {method: GET, path: /v1/only-a}
+        - {method: POST, path: /v1/request-landing}
 "#;
 
 /// Policy B's part: `/v1/only-b`; the xwing is not admitted at all.
@@ -65,6 +67,7 @@ spec:
       rules:
         http:
         - {method: GET, path: /v1/only-b}
+        - {method: POST|PUT, path: /v1/request-.*}
 "#;
 
 /// A policy that selects no endpoint: adding or removing it changes nothing.
@@ -81,9 +84,12 @@ spec:
 const BROKEN_SYNTAX: &str =
     "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: toggle}\nspec: [\n";
 
-/// Valid YAML, but a field weir does not know (line 10).
+/// Valid YAML with two errors: a port out of range (line 9) and a field weir
+/// does not know (line 10).
 fn broken_field() -> String {
-    TOGGLE_A.replace("      rules:", "      rulez:")
+    TOGGLE_A
+        .replace("      rules:", "      rulez:")
+        .replace("port: \"80\"", "port: \"99999\"")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,14 +242,18 @@ impl Run<'_> {
             }
             Step::BrokenSyntaxFile | Step::BrokenFieldFile => {
                 // The syntax error is wherever the parser gives up; the
-                // unknown field is on line 10.
-                let (yaml, line) = match step {
-                    Step::BrokenSyntaxFile => (BROKEN_SYNTAX.to_string(), String::new()),
-                    _ => (broken_field(), "10:".to_string()),
+                // other file has errors on lines 9 and 10.
+                let f = self.toggle_file().display().to_string();
+                let (yaml, at) = match step {
+                    Step::BrokenSyntaxFile => (BROKEN_SYNTAX.to_string(), vec![format!("{f}:")]),
+                    _ => (broken_field(), vec![format!("{f}:9:"), format!("{f}:10:")]),
                 };
                 std::fs::write(self.toggle_file(), yaml).unwrap();
                 self.settle(0, 1, step);
-                self.assert_last_error(&format!("{}:{line}", self.toggle_file().display()));
+                for at in &at {
+                    self.assert_last_error(at);
+                }
+                self.assert_one_log_line("reload failed; keeping the old policy", &at);
                 // The running policy is still in force; put a valid file back
                 // (the state it had) so that the next step starts clean.
                 self.probe(step);
@@ -258,6 +268,7 @@ impl Run<'_> {
                 assert!(stderr(&out).contains(&at), "{step:?}: {}", stderr(&out));
                 self.settle(0, 1, step);
                 self.assert_last_error(&at);
+                self.assert_one_log_line("policy apply refused", &[at]);
             }
             Step::ConflictingApply => {
                 let out = self.apply(TOGGLE_A, "apply.yaml");
@@ -267,6 +278,23 @@ impl Run<'_> {
             }
         }
         self.probe(step);
+    }
+
+    /// weir's last log line with `msg` carries every error (`at`), on that
+    /// one line.
+    fn assert_one_log_line(&self, msg: &str, at: &[String]) {
+        let log = self.s.weir_log_text();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(msg))
+            .unwrap_or_default();
+        for at in at {
+            assert!(
+                line.contains(at.as_str()),
+                "`{at}` is not on the line: {line}"
+            );
+        }
     }
 
     /// `weir status` names the refused reload's error at `at` (`FILE:LINE:`).
