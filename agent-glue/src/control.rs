@@ -2,7 +2,8 @@
 //! re-reading files, compiling, writing the eBPF maps, attaching programs,
 //! running `nft`/`ip` — happens here, on a thread of its own, so the proxy's
 //! runtime threads never wait for a reload, a netlink call or a subprocess.
-//! The run loop hands it SIGHUPs and API commands over a channel.
+//! The run loop hands it SIGHUPs and API commands, and the policy watcher
+//! (`watch.rs`) its reloads, over a channel.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::steering::{self, SteeringConfig, SteeringSets};
 
 /// What the control thread is asked to do.
 pub enum ControlMsg {
-    /// SIGHUP: re-read the policy and endpoints files.
+    /// SIGHUP or a watched file changed: re-read the policy and endpoints files.
     Reload,
     /// A local API request.
     Api(api::server::Command),
@@ -83,7 +84,7 @@ impl Steering {
     }
 }
 
-/// Where policies and endpoints files are (for SIGHUP).
+/// Where policies and endpoints files are (for SIGHUP and the watcher).
 pub struct Files {
     pub policy: Vec<PathBuf>,
     pub endpoints: Option<PathBuf>,

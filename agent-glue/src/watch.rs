@@ -290,6 +290,27 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// Files that never stay quiet still reload, at most `MAX_DELAY` after
+    /// the first change.
+    #[test]
+    fn a_stream_of_changes_reloads_within_the_max_delay() {
+        let d = scratch("stream");
+        let policy = d.join("policy.yaml");
+        std::fs::write(&policy, "a").unwrap();
+        let rx = start(std::slice::from_ref(&policy), None);
+        let start = Instant::now();
+        let until = start + MAX_DELAY + Duration::from_millis(800);
+        let mut i = 0;
+        while Instant::now() < until {
+            std::fs::write(&policy, format!("{i}")).unwrap();
+            i += 1;
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let first = rx.try_recv().expect("a reload while the writes went on");
+        assert!(first < until, "{:?}", first - start);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn a_policy_directory_reloads_on_new_changed_and_removed_files() {
         let d = scratch("dir");
