@@ -16,6 +16,8 @@
 //!   `*.yml` file or `..data` (the symlink a Kubernetes ConfigMap volume swaps
 //!   on update), and its parent, for the directory itself being replaced.
 //!
+//! A new file counts when it is closed after writing, not when it is created
+//! (a symlink when it is created: it has no other event).
 //! The mask leaves out `IN_MODIFY` on purpose: a directory that also holds a
 //! busy file (the flow log beside the policy) would otherwise wake the watcher
 //! at every write. A save ends with `IN_CLOSE_WRITE` or a rename either way.
@@ -169,7 +171,10 @@ fn read_events(inotify: &mut Inotify, watched: &mut Watched, tx: &mpsc::Sender<(
             let entry = watched.entries.iter().find(|(wd, _, _)| *wd == ev.wd);
             let concerns = match entry {
                 Some((_, dir, interest)) => {
-                    let yes = interest.concerns(ev.name, ev.mask);
+                    let yes = interest.concerns(ev.name, ev.mask)
+                        && !(ev.mask.contains(EventMask::CREATE)
+                            && !ev.mask.contains(EventMask::ISDIR)
+                            && ev.name.is_some_and(|n| !is_symlink(&dir.join(n))));
                     // A policy directory created or renamed into place.
                     if let Some(name) = ev.name
                         && interest.dirs.iter().any(|d| d == name)
@@ -198,6 +203,13 @@ fn read_events(inotify: &mut Inotify, watched: &mut Watched, tx: &mpsc::Sender<(
             return;
         }
     }
+}
+
+/// A new regular file is read once it is closed after writing
+/// (`IN_CLOSE_WRITE`), never at its creation, when it may still be empty or
+/// half written; a new symlink has no such event, so its creation counts.
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 /// Waits for a change, then for quiet, then calls `changed`; for good.
@@ -326,6 +338,15 @@ mod tests {
         one_reload(&rx, "removed file");
         std::fs::rename(pdir.join("a.yaml"), pdir.join("a.yaml.off")).unwrap();
         one_reload(&rx, "renamed away");
+        // A file written slowly is read once, when it is closed.
+        let mut slow = std::fs::File::create(pdir.join("slow.yaml")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        std::io::Write::write_all(&mut slow, b"s").unwrap();
+        none(&rx, "a file created, not yet closed");
+        drop(slow);
+        one_reload(&rx, "a new file closed");
+        std::os::unix::fs::symlink(pdir.join("slow.yaml"), pdir.join("link.yaml")).unwrap();
+        one_reload(&rx, "a new symlink");
         std::fs::write(pdir.join("notes.txt"), "x").unwrap();
         std::fs::write(pdir.join(".a.yaml.swp"), "x").unwrap();
         std::fs::write(pdir.join("a.yaml~"), "x").unwrap();
