@@ -180,15 +180,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.no_watch_policy {
         // A change goes the way SIGHUP does: to the control thread.
         let tx = control.clone();
-        crate::watch::spawn(
+        let watching = crate::watch::spawn(
             &args.policy,
             args.endpoints.as_deref(),
             args.watch_debounce,
             move || {
                 let _ = tx.send(ControlMsg::Reload);
             },
-        )
-        .context("watching the policy files (--no-watch-policy turns it off)")?;
+        );
+        // Enforcement does not depend on it: say so and go on.
+        if let Err(e) = watching {
+            warn!(error = %e, "cannot watch the policy files (inotify); they reload on SIGHUP only");
+        }
     }
     let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
