@@ -743,3 +743,120 @@ fn an_in_flight_request_finishes_under_its_policy_and_the_next_is_decided_anew()
         "the denied requests never reached the upstream"
     );
 }
+
+const STREAM: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: stream}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "7000", protocol: TCP}]
+"#;
+
+/// L3/L4 flows the kernel alone handles, across watched reloads: a change that
+/// still allows an established stream (here the endpoints file: the xwing
+/// joins the tiefighters' class) leaves it flowing on its connection, and the
+/// new peer is admitted; a change that removes its rule stops it at once (the
+/// conntrack entry's generation is older, so its next packet is decided
+/// again).
+#[test]
+fn established_l4_flows_follow_the_generation_rule_across_watched_reloads() {
+    let Some(mut s) = Scenario::star_wars("reload_l4") else {
+        return;
+    };
+    // A server that sends a line every 50 ms for as long as the client is there.
+    let mut server = s.lab.workload("deathstar").ns.command("socat");
+    server.args([
+        "TCP-LISTEN:7000,reuseaddr,fork",
+        "SYSTEM:'while true; do echo tick; sleep 0.05; done'",
+    ]);
+    s.lab.spawn("ticker", server).unwrap();
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 7000, Duration::from_secs(5))
+        .unwrap();
+    s.watch_policy = true;
+    s.start_weir(STREAM, &["--steering", "ebpf", "--watch-debounce", "50ms"]);
+    let received = s.path("ticks.txt");
+    let mut client = s.lab.workload("tiefighter").ns.command("socat");
+    client.args([
+        "-u",
+        &format!("TCP:{DEATHSTAR4}:7000"),
+        &format!("OPEN:{},creat,append", received.display()),
+    ]);
+    s.lab.spawn("ticks", client).unwrap();
+    let ticks = || {
+        std::fs::read_to_string(&received)
+            .unwrap_or_default()
+            .matches("tick")
+            .count()
+    };
+    let flowing = lab::wait_until(Duration::from_secs(5), || ticks() >= 10);
+    assert!(flowing.is_ok(), "the stream never flowed: {}", ticks());
+    // A second of the stream from the xwing: ticks, or nothing (dropped).
+    let xwing_ticks = |s: &Scenario| {
+        let out = s
+            .lab
+            .workload("xwing")
+            .ns
+            .command("timeout")
+            .args(["1", "socat", "-u"])
+            .arg(format!("TCP:{DEATHSTAR4}:7000,connect-timeout=1"))
+            .arg("STDOUT")
+            .output()
+            .expect("run socat");
+        text(&out).contains("tick")
+    };
+    assert!(!xwing_ticks(&s), "the xwing is not a tiefighter yet");
+    let metrics = |s: &Scenario| s.run_in_node(&["curl", "-s", "http://127.0.0.1:9965/metrics"]);
+    let reloads =
+        |s: &Scenario| metric(&metrics(s), "weir_policy_reloads_total{result=\"success\"}");
+
+    // The endpoints file changes (watched too): the xwing joins the class.
+    std::fs::write(
+        s.path("endpoints.yaml"),
+        weir_tests::ENDPOINTS.replace(
+            "{org: alliance, class: xwing}",
+            "{org: alliance, class: tiefighter}",
+        ),
+    )
+    .unwrap();
+    let reloaded = lab::wait_until(Duration::from_secs(3), || reloads(&s) == 1);
+    assert!(reloaded.is_ok(), "no reload:\n{}", tail(&s.weir_log_text()));
+    let at_reload = ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        ticks() >= at_reload + 10,
+        "the stream stalled after a reload that still allows it: {} → {}",
+        at_reload,
+        ticks()
+    );
+    let stream = s
+        .lab
+        .processes
+        .iter_mut()
+        .find(|p| p.name == "ticks")
+        .expect("client started");
+    assert!(stream.alive(), "the stream's connection ended");
+    assert!(xwing_ticks(&s), "the new tiefighter is admitted");
+
+    // The policy file loses the rule: the stream stops on its next packet.
+    std::fs::write(
+        s.path("policy.yaml"),
+        STREAM.replace("class: tiefighter", "class: probe-droid"),
+    )
+    .unwrap();
+    let reloaded = lab::wait_until(Duration::from_secs(3), || reloads(&s) == 2);
+    assert!(reloaded.is_ok(), "no reload:\n{}", tail(&s.weir_log_text()));
+    // Let packets in flight settle, then nothing more may arrive.
+    std::thread::sleep(Duration::from_millis(300));
+    let at_revoke = ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        ticks(),
+        at_revoke,
+        "ticks kept arriving after the rule went"
+    );
+    assert!(!xwing_ticks(&s), "nor is a new connection admitted");
+}
