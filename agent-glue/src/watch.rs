@@ -104,6 +104,21 @@ impl Watched {
     fn watch_policy_dir(&mut self, dir: &Path) -> std::io::Result<()> {
         self.add(dir, |i| i.policies = true)
     }
+
+    /// Stops looking at `wd` as a policy directory (and stops watching it when
+    /// nothing else is looked for there).
+    fn forget_policy_dir(&mut self, wd: &WatchDescriptor) {
+        let Some(i) = self.entries.iter().position(|(w, _, _)| w == wd) else {
+            return;
+        };
+        let interest = &mut self.entries[i].2;
+        interest.policies = false;
+        if interest.names.is_empty() && interest.dirs.is_empty() {
+            let (wd, _, _) = self.entries.swap_remove(i);
+            // Gone with a deleted directory already; nothing to undo then.
+            let _ = self.watches.remove(wd);
+        }
+    }
 }
 
 /// The directory and file name a file path is watched as.
@@ -167,6 +182,7 @@ fn read_events(inotify: &mut Inotify, watched: &mut Watched, tx: &mpsc::Sender<(
         };
         let mut relevant = false;
         let mut rewatch: Vec<PathBuf> = Vec::new();
+        let mut moved_away: Vec<WatchDescriptor> = Vec::new();
         for ev in events {
             let entry = watched.entries.iter().find(|(wd, _, _)| *wd == ev.wd);
             let concerns = match entry {
@@ -182,12 +198,24 @@ fn read_events(inotify: &mut Inotify, watched: &mut Watched, tx: &mpsc::Sender<(
                     {
                         rewatch.push(dir.join(name));
                     }
+                    // A policy directory moved or deleted: what is there now
+                    // is not the --policy path any more.
+                    if interest.policies
+                        && ev
+                            .mask
+                            .intersects(EventMask::MOVE_SELF | EventMask::DELETE_SELF)
+                    {
+                        moved_away.push(ev.wd.clone());
+                    }
                     yes
                 }
                 None => ev.mask.intersects(EventMask::Q_OVERFLOW),
             };
             debug!(mask = ?ev.mask, name = ?ev.name, concerns, "inotify event");
             relevant |= concerns;
+        }
+        for wd in moved_away {
+            watched.forget_policy_dir(&wd);
         }
         for dir in rewatch {
             match watched.watch_policy_dir(&dir) {
@@ -360,6 +388,8 @@ mod tests {
         one_reload(&rx, "directory replaced");
         std::fs::write(pdir.join("d.yaml"), "d").unwrap();
         one_reload(&rx, "a file in the new directory");
+        std::fs::write(d.join("policies.old").join("e.yaml"), "e").unwrap();
+        none(&rx, "the directory moved away");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
