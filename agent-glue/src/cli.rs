@@ -253,6 +253,14 @@ pub struct RunArgs {
     /// registered at run time with `weir endpoint add`.
     #[arg(long)]
     pub endpoints: Option<PathBuf>,
+    /// Do not watch the --policy files and directories and the --endpoints file
+    /// (by default a change there reloads them, as SIGHUP does).
+    #[arg(long)]
+    pub no_watch_policy: bool,
+    /// How long the watched files must stay unchanged before a reload (an
+    /// editor's save or a copied directory is one reload, not several).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub watch_debounce: Duration,
     /// Port of the transparent listener.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,

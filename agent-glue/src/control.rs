@@ -2,7 +2,8 @@
 //! re-reading files, compiling, writing the eBPF maps, attaching programs,
 //! running `nft`/`ip` — happens here, on a thread of its own, so the proxy's
 //! runtime threads never wait for a reload, a netlink call or a subprocess.
-//! The run loop hands it SIGHUPs and API commands over a channel.
+//! The run loop hands it SIGHUPs and API commands, and the policy watcher
+//! (`watch.rs`) its reloads, over a channel.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::steering::{self, SteeringConfig, SteeringSets};
 
 /// What the control thread is asked to do.
 pub enum ControlMsg {
-    /// SIGHUP: re-read the policy and endpoints files.
+    /// SIGHUP or a watched file changed: re-read the policy and endpoints files.
     Reload,
     /// A local API request.
     Api(api::server::Command),
@@ -83,7 +84,7 @@ impl Steering {
     }
 }
 
-/// Where policies and endpoints files are (for SIGHUP).
+/// Where policies and endpoints files are (for SIGHUP and the watcher).
 pub struct Files {
     pub policy: Vec<PathBuf>,
     pub endpoints: Option<PathBuf>,
@@ -149,13 +150,7 @@ pub fn spawn(
                     }
                     Some(ControlMsg::Reload) => {
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
-                        reloads.record(r.as_ref().copied());
-                        let m = &shared.flows.bus().metrics().control;
-                        let result = if r.is_ok() { "success" } else { "failure" };
-                        m.reloads
-                            .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
-                            .inc();
-                        m.last_reload_success.set(i64::from(r.is_ok()));
+                        record_reload(&mut reloads, &shared, r.as_ref().copied());
                     }
                     Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
                         let status = api::status::collect(&api::status::Sources {
@@ -174,10 +169,15 @@ pub fn spawn(
                     }
                     Some(ControlMsg::Api(cmd)) => {
                         let mode = steering.mode;
-                        api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
-                            fqdn.learn_all_into(p);
-                            steering.apply(p)
-                        });
+                        let changed =
+                            api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
+                                fqdn.learn_all_into(p);
+                                steering.apply(p)
+                            });
+                        // `weir policy apply|delete` is a reload like SIGHUP's.
+                        if let Some(r) = changed {
+                            record_reload(&mut reloads, &shared, r.as_ref().copied());
+                        }
                     }
                     Some(ControlMsg::Learn(job)) => {
                         // The installed policy: the one the datapath holds.
@@ -237,6 +237,26 @@ pub fn spawn(
             }
         })?;
     Ok(tx)
+}
+
+/// Counts a reload (SIGHUP, a watched file, `weir policy apply|delete`) for
+/// `weir status` and `/metrics`.
+fn record_reload(
+    reloads: &mut api::status::ReloadLog,
+    shared: &Shared,
+    r: Result<(), &anyhow::Error>,
+) {
+    reloads.record(r);
+    let m = &shared.flows.bus().metrics().control;
+    // The revision first: whoever sees the counter move sees the revision it
+    // brought.
+    m.policy_revision
+        .set(i64::try_from(shared.policy_revision()).unwrap_or(i64::MAX));
+    let result = if r.is_ok() { "success" } else { "failure" };
+    m.reloads
+        .get_or_create(&weir_proxy::flows::metrics::ReloadLabels { result })
+        .inc();
+    m.last_reload_success.set(i64::from(r.is_ok()));
 }
 
 /// A new weir that failed to take over may have changed the steering before it

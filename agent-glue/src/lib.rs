@@ -18,6 +18,7 @@ pub mod run;
 pub mod state;
 pub mod steering;
 pub mod takeover;
+pub mod watch;
 
 /// The crate version with the git revision it was built from, when known
 /// (`0.1.0 (git 0123456789ab)`); set by build.rs.

@@ -178,6 +178,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .context("starting the control thread")?;
     shared.set_fqdn_learner(Arc::new(LearnerHandle::new(control.clone(), fqdn_view)));
+    if !args.no_watch_policy {
+        // A change goes the way SIGHUP does: to the control thread.
+        let tx = control.clone();
+        let watching = crate::watch::spawn(
+            &args.policy,
+            args.endpoints.as_deref(),
+            args.watch_debounce,
+            move || {
+                let _ = tx.send(ControlMsg::Reload);
+            },
+        );
+        // Enforcement does not depend on it: say so and go on.
+        if let Err(e) = watching {
+            warn!(error = %e, "cannot watch the policy files (inotify); they reload on SIGHUP only");
+        }
+    }
     let mut serving = Serving {
         tcp: tokio::spawn(listener::serve(shared.clone(), listeners)),
         udp: tokio::spawn(weir_proxy::udp::serve(shared.clone(), udp_listeners)),

@@ -92,6 +92,10 @@ pub struct Scenario {
     pub state_dir: PathBuf,
     /// This scenario's own pins, on bpffs.
     pub bpf_root: PathBuf,
+    /// Whether weir watches its policy file (off unless a test turns it on:
+    /// tests that rewrite the file and send SIGHUP count the reloads they
+    /// cause, and a watcher would add its own).
+    pub watch_policy: bool,
 }
 
 impl Drop for Scenario {
@@ -135,6 +139,7 @@ impl Scenario {
             flow_log: dir.0.join("flows.jsonl"),
             state_dir: dir.0.join("state"),
             bpf_root: PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix("weir-test"))),
+            watch_policy: false,
             lab,
             dir,
         })
@@ -329,6 +334,7 @@ impl Scenario {
             .arg("--bpf-root")
             .arg(&self.bpf_root)
             .args(["--api-socket", self.path("weir.sock").to_str().unwrap()])
+            .args((!self.watch_policy).then_some("--no-watch-policy"))
             .args(extra_args)
             .env("WEIR_LOG", "debug")
             .stdout(Stdio::null())

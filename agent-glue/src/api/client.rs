@@ -73,7 +73,7 @@ async fn connect(path: &Path) -> anyhow::Result<EndpointsClient<Channel>> {
     Ok(EndpointsClient::new(connect_channel(path).await?))
 }
 
-pub(super) async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
+pub(crate) async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
     let socket = path.to_path_buf();
     // The URI is required by tonic but unused: the connector dials the socket.
     let channel = tonic::transport::Endpoint::from_static("http://weir.local")
@@ -100,7 +100,7 @@ pub(super) async fn connect_channel(path: &Path) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
-pub(super) fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     match s.code() {
         // Says so plainly: the message alone could read like a policy refusal.
         tonic::Code::PermissionDenied => anyhow::anyhow!("permission denied: {}", s.message()),

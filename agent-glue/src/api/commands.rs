@@ -24,14 +24,17 @@ pub fn apply(
 }
 
 /// One API request, applied like a reload: nothing changes unless it all works.
+/// For a request that changed (or tried to change) the policies — apply,
+/// delete — the outcome, which counts as a reload in status and metrics.
+#[must_use]
 pub fn handle(
     cmd: Command,
     sources: &mut Sources,
     shared: &Shared,
     mode: SteeringMode,
     steer: &mut impl FnMut(&CompiledPolicy) -> anyhow::Result<()>,
-) {
-    let fail = |e: anyhow::Error| Status::failed_precondition(format!("{e:#}"));
+) -> Option<anyhow::Result<()>> {
+    let fail = |e: &anyhow::Error| Status::failed_precondition(format!("{e:#}"));
     match cmd {
         Command::ListEndpoints(reply) => {
             let policy = shared.policy.load();
@@ -54,12 +57,12 @@ pub fn handle(
                 let _ = reply.send(Err(Status::already_exists(format!(
                     "an endpoint named `{name}` already exists"
                 ))));
-                return;
+                return None;
             }
             let result = sources
                 .with_added(ep)
                 .and_then(|(next, _)| commit(next, sources, shared, steer))
-                .map_err(fail)
+                .map_err(|e| fail(&e))
                 .and_then(|()| find(shared, &name, sources, mode));
             if result.is_ok() {
                 info!(endpoint = %name, "endpoint registered");
@@ -70,7 +73,7 @@ pub fn handle(
             let result = sources
                 .with_refreshed(&name)
                 .and_then(|next| commit(next, sources, shared, steer))
-                .map_err(fail)
+                .map_err(|e| fail(&e))
                 .and_then(|()| find(shared, &name, sources, mode));
             if let Ok(ep) = &result {
                 info!(endpoint = %name, ips = ?ep.ips, "endpoint addresses refreshed");
@@ -97,47 +100,69 @@ pub fn handle(
             let _ = reply.send(Err(Status::unavailable("the status is not here")));
         }
         Command::ApplyPolicies(docs, reply) => {
-            let result = match super::policy::parse_applied(&docs) {
-                Err(e) => Err(Status::invalid_argument(format!("invalid policy:\n{e}"))),
+            let mut names: Vec<String> = Vec::new();
+            let parsed = super::policy::parse_applied(&docs);
+            let unparsed = parsed.is_err();
+            let outcome = match parsed {
+                Err(e) => Err(anyhow::Error::new(e).context("invalid policy")),
                 Ok(applied) => {
-                    let names: Vec<String> =
-                        applied.iter().map(|a| a.stored.name.clone()).collect();
+                    names = applied.iter().map(|a| a.stored.name.clone()).collect();
                     sources
                         .with_applied(applied)
                         .and_then(|next| commit(next, sources, shared, steer))
-                        .map_err(fail)
-                        .map(|()| pb::ApplyPolicyResponse {
-                            names,
-                            revision: shared.policy_revision(),
-                        })
                 }
             };
-            match &result {
-                Ok(r) => {
-                    info!(policies = ?r.names, revision = r.revision, "policies applied through the API")
+            let result = match &outcome {
+                Ok(()) => {
+                    let revision = shared.policy_revision();
+                    info!(policies = ?names, revision, "policies applied through the API");
+                    Ok(pb::ApplyPolicyResponse { names, revision })
                 }
                 Err(e) => {
-                    error!(error = %e.message(), "policy apply refused; keeping the running policy")
+                    // One line with every error (`FILE:LINE:COL: message; ...`).
+                    error!(
+                        errors = %super::status::reload_errors(e).join("; "),
+                        "policy apply refused; keeping the running policy"
+                    );
+                    Err(match e.downcast_ref::<weir_policy::LoadErrors>() {
+                        Some(le) if unparsed => {
+                            Status::invalid_argument(format!("invalid policy:\n{le}"))
+                        }
+                        _ => fail(e),
+                    })
                 }
-            }
+            };
             let _ = reply.send(result);
+            return Some(outcome);
         }
         Command::DeletePolicy(name, reply) => {
-            let result = match sources.with_deleted(&name) {
+            let (result, outcome) = match sources.with_deleted(&name) {
                 Err(e) if sources.policies.iter().any(|p| p.qualified_name() == name) => {
-                    Err(Status::failed_precondition(format!("{e:#}")))
+                    (Err(Status::failed_precondition(format!("{e:#}"))), None)
                 }
-                Err(e) => Err(Status::not_found(format!("{e:#}"))),
-                Ok(next) => commit(next, sources, shared, steer)
-                    .map_err(fail)
-                    .map(|()| pb::DeletePolicyResponse {
-                        revision: shared.policy_revision(),
-                    }),
+                Err(e) => (Err(Status::not_found(format!("{e:#}"))), None),
+                Ok(next) => {
+                    let r = commit(next, sources, shared, steer);
+                    let reply = match &r {
+                        Ok(()) => {
+                            info!(policy = %name, "policy deleted through the API");
+                            Ok(pb::DeletePolicyResponse {
+                                revision: shared.policy_revision(),
+                            })
+                        }
+                        Err(e) => {
+                            error!(
+                                errors = %super::status::reload_errors(e).join("; "),
+                                "policy delete refused; keeping the running policy"
+                            );
+                            Err(fail(e))
+                        }
+                    };
+                    (reply, Some(r))
+                }
             };
-            if result.is_ok() {
-                info!(policy = %name, "policy deleted through the API");
-            }
             let _ = reply.send(result);
+            return outcome;
         }
         Command::GetPolicies(name, reply) => {
             let found = super::policy::infos(sources, name.as_deref(), true);
@@ -152,7 +177,36 @@ pub fn handle(
         Command::ListPolicies(reply) => {
             let _ = reply.send(Ok(super::policy::infos(sources, None, false)));
         }
+        Command::Explain(q, reply) => {
+            let _ = reply.send(explain(&q, sources, shared));
+        }
     }
+    None
+}
+
+/// Decides `q` against the installed policy. `sources` are what it was
+/// compiled from (they change only together with it): the rules named in the
+/// answer are read from them.
+fn explain(
+    q: &crate::explain::Query,
+    sources: &Sources,
+    shared: &Shared,
+) -> Result<pb::ExplainResponse, Status> {
+    let revision = shared.policy_revision();
+    let compiled = shared.policy.load_full();
+    let policies = sources
+        .all_policies()
+        .map_err(|e| Status::internal(format!("{e:#}")))?;
+    let report =
+        crate::explain::decide(q, &compiled, &policies).map_err(Status::invalid_argument)?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| Status::internal(format!("rendering the answer: {e}")))?;
+    Ok(pb::ExplainResponse {
+        allowed: report.allowed(),
+        text: report.text(),
+        json,
+        revision,
+    })
 }
 
 /// Persists `next`'s API endpoints, then compiles and steers by it; on failure the

@@ -35,6 +35,9 @@ pub enum Command {
     GetPolicies(Option<String>, Reply<Vec<pb::PolicyInfo>>),
     DeletePolicy(String, Reply<pb::DeletePolicyResponse>),
     ListPolicies(Reply<Vec<pb::PolicyInfo>>),
+    /// `weir policy explain` without `--policy`: decided against the policy
+    /// in force.
+    Explain(crate::explain::Query, Reply<pb::ExplainResponse>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +273,18 @@ impl pb::policy_server::Policy for PolicyApi {
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         let policies = self.0.ask(Command::ListPolicies).await?;
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let q = crate::explain::remote::query(request.into_inner())
+            .map_err(Status::invalid_argument)?;
+        self.0
+            .ask(|r| Command::Explain(q, r))
+            .await
+            .map(Response::new)
     }
 }
 

@@ -54,7 +54,8 @@ pub fn listeners(
         .collect()
 }
 
-/// SIGHUP reloads: how many, and how the last one went.
+/// Policy reloads (SIGHUP, a watched file, `weir policy apply|delete`): how
+/// many, and how the last one went.
 #[derive(Debug, Default)]
 pub struct ReloadLog {
     pub reloads: u64,

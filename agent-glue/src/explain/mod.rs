@@ -1,6 +1,9 @@
-//! `weir policy explain`: one decision and the rule that made it, offline.
+//! `weir policy explain`: one decision and the rule that made it — offline
+//! (`--policy` and `--endpoints` given: compiled here), or against a running
+//! weir's policy and endpoints (`Policy.Explain` over `--api-socket`).
 //! Exit status: 0 allowed, 1 denied, 2 anything that kept it from deciding.
 
+pub mod remote;
 mod report;
 
 use std::net::IpAddr;
@@ -11,9 +14,9 @@ use clap::Args;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use weir_parsers::http::request_facts;
 use weir_policy::identity::IdentityAllocator;
-use weir_policy::{CompiledPolicy, Environment, Protocol};
+use weir_policy::{CompiledPolicy, Environment, Policy, Protocol};
 
-use report::Report;
+pub use report::Report;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -34,12 +37,17 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// Policy files or directories.
-    #[arg(long, required = true)]
-    pub policy: Vec<PathBuf>,
-    /// Endpoints file.
+    /// Policy files or directories, to decide offline (with --endpoints).
+    /// Without it the running weir (--api-socket) decides, against the policy
+    /// and endpoints it enforces.
     #[arg(long)]
-    pub endpoints: PathBuf,
+    pub policy: Vec<PathBuf>,
+    /// Endpoints file (with --policy).
+    #[arg(long, requires = "policy")]
+    pub endpoints: Option<PathBuf>,
+    /// The running weir's API socket (when --policy is not given).
+    #[arg(long, default_value = "/run/weir/weir.sock", conflicts_with = "policy")]
+    pub api_socket: PathBuf,
     /// Source endpoint name (or an IP address; unknown IPs are `world`).
     #[arg(long)]
     pub from: String,
@@ -68,9 +76,38 @@ pub struct ExplainArgs {
     /// `text` (verdict, then the deciding rule) or `json`.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: Output,
-    /// The cluster's ranges, as `weir run` takes them.
+    /// The cluster's ranges, as `weir run` takes them (offline only: a
+    /// running weir has its own).
     #[command(flatten)]
     pub cluster: crate::config::ClusterArgs,
+}
+
+/// One question `explain` answers, offline or over the API.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub from: String,
+    pub to: String,
+    pub port: String,
+    pub proto: Proto,
+    pub http: Option<String>,
+    pub host: Option<String>,
+    pub headers: Vec<String>,
+    pub dns: Option<String>,
+}
+
+impl ExplainArgs {
+    pub fn query(&self) -> Query {
+        Query {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            port: self.port.clone(),
+            proto: self.proto,
+            http: self.http.clone(),
+            host: self.host.clone(),
+            headers: self.header.clone(),
+            dns: self.dns.clone(),
+        }
+    }
 }
 
 fn bad_args(msg: &str) -> ExitCode {
@@ -79,6 +116,12 @@ fn bad_args(msg: &str) -> ExitCode {
 }
 
 pub fn main(args: &ExplainArgs) -> ExitCode {
+    if args.policy.is_empty() {
+        return remote::main(args);
+    }
+    let Some(endpoints_file) = &args.endpoints else {
+        return bad_args("--policy needs --endpoints (or neither: ask the running weir)");
+    };
     let policies = match weir_policy::load_policies(&args.policy) {
         Ok(p) => p,
         Err(e) => {
@@ -86,7 +129,7 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (endpoints, services) = match weir_policy::load_endpoints_file(&args.endpoints) {
+    let (endpoints, services) = match weir_policy::load_endpoints_file(endpoints_file) {
         Ok(f) => {
             let mut e = f.endpoints;
             if let Err(err) = crate::endpoints::resolve_netns_addresses(&mut e) {
@@ -125,6 +168,15 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             "note: toFQDNs rules allow only addresses the DNS proxy has learned from allowed answers; explain learns none, so here they allow nothing"
         );
     }
+    match decide(&args.query(), &compiled, &policies) {
+        Ok(report) => print(&report, args.output),
+        Err(msg) => bad_args(&msg),
+    }
+}
+
+/// Decides `q` under `compiled` (compiled from `policies`, which name the
+/// rules); `Err` is a question that cannot be decided (a bad flag value).
+pub fn decide(q: &Query, compiled: &CompiledPolicy, policies: &[Policy]) -> Result<Report, String> {
     let resolve = |who: &str| -> Option<IpAddr> {
         if let Ok(ip) = who.parse::<IpAddr>() {
             return Some(ip);
@@ -133,95 +185,91 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             .endpoint_by_name(who)
             .and_then(|e| e.endpoint.ips.first().copied())
     };
-    let Some(src) = resolve(&args.from) else {
-        return bad_args(&format!(
+    let Some(src) = resolve(&q.from) else {
+        return Err(format!(
             "no endpoint named `{}` (and not an IP address)",
-            args.from
+            q.from
         ));
     };
-    let Some(dst) = resolve(&args.to) else {
-        return bad_args(&format!(
+    let Some(dst) = resolve(&q.to) else {
+        return Err(format!(
             "no endpoint named `{}` (and not an IP address)",
-            args.to
+            q.to
         ));
     };
-    let proto = match args.proto {
+    let proto = match q.proto {
         Proto::Tcp => Protocol::Tcp,
         Proto::Udp => Protocol::Udp,
         Proto::Icmp if dst.is_ipv4() => Protocol::Icmp4,
         Proto::Icmp => Protocol::Icmp6,
     };
-    let port = match resolve_port(&args.port, &compiled, dst, proto) {
-        Ok(p) => p,
-        Err(msg) => return bad_args(&msg),
-    };
+    let port = resolve_port(&q.port, compiled, dst, proto)?;
     let cv = compiled.connection(src, dst, proto, port);
     let mut header_actions: Vec<String> = Vec::new();
-    if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) && args.dns.is_some() {
-        return bad_args("--dns needs --proto UDP or TCP");
+    if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) && q.dns.is_some() {
+        return Err("--dns needs --proto UDP or TCP".into());
     }
-    if args.http.is_none() {
-        let verdict = match &args.dns {
-            Some(name) if cv.l4_allowed() && cv.needs_l7() => cv.dns_verdict(&compiled, name),
+    if q.http.is_none() {
+        let verdict = match &q.dns {
+            Some(name) if cv.l4_allowed() && cv.needs_l7() => cv.dns_verdict(compiled, name),
             _ => cv.l4_verdict(),
         };
-        let report = Report::new(&cv, &verdict, &compiled, &policies, args.dns.is_some()).with_dns(
-            &cv,
-            &verdict,
-            &compiled,
-            &policies,
-            args.dns.as_deref(),
+        return Ok(
+            Report::new(&cv, &verdict, compiled, policies, q.dns.is_some()).with_dns(
+                &cv,
+                &verdict,
+                compiled,
+                policies,
+                q.dns.as_deref(),
+            ),
         );
-        return print(&report, args.output);
     }
-    let verdict = match &args.http {
+    let verdict = match &q.http {
         None => cv.l4_verdict(),
         Some(req) => {
             let Some((method, path)) = req.trim().split_once(' ') else {
-                return bad_args("--http takes 'METHOD PATH', e.g. 'GET /v1/status'");
+                return Err("--http takes 'METHOD PATH', e.g. 'GET /v1/status'".into());
             };
             let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-                return bad_args(&format!("`{method}` is not an HTTP method"));
+                return Err(format!("`{method}` is not an HTTP method"));
             };
             let Ok(uri) = path.trim().parse::<Uri>() else {
-                return bad_args(&format!("`{path}` is not a request target"));
+                return Err(format!("`{path}` is not a request target"));
             };
             let mut headers = HeaderMap::new();
-            if let Some(h) = &args.host {
+            if let Some(h) = &q.host {
                 match HeaderValue::from_str(h) {
                     Ok(v) => {
                         headers.insert(http::header::HOST, v);
                     }
-                    Err(_) => return bad_args(&format!("`{h}` is not a valid Host")),
+                    Err(_) => return Err(format!("`{h}` is not a valid Host")),
                 }
             }
-            for h in &args.header {
+            for h in &q.headers {
                 let Some((n, v)) = h.split_once(':') else {
-                    return bad_args(&format!("--header takes 'Name: value', got `{h}`"));
+                    return Err(format!("--header takes 'Name: value', got `{h}`"));
                 };
                 let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(n.trim().as_bytes()),
                     HeaderValue::from_str(v.trim()),
                 ) else {
-                    return bad_args(&format!("`{h}` is not a valid header"));
+                    return Err(format!("`{h}` is not a valid header"));
                 };
                 headers.append(n, v);
             }
             match request_facts(&method, &uri, &headers, false) {
                 Err(reject) => {
-                    let report = Report::new(&cv, &cv.l4_verdict(), &compiled, &policies, true)
-                        .rejected(reject.to_string());
-                    return print(&report, args.output);
+                    return Ok(Report::new(&cv, &cv.l4_verdict(), compiled, policies, true)
+                        .rejected(reject.to_string()));
                 }
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
                     // As the proxy does: connection headers go before the check.
-                    let checked = cv.http_header_names(&compiled);
+                    let checked = cv.http_header_names(compiled);
                     if let Err(why) = weir_proxy::http::prepare_headers(&mut headers, &checked) {
-                        let report = Report::new(&cv, &cv.l4_verdict(), &compiled, &policies, true)
-                            .rejected(why);
-                        return print(&report, args.output);
+                        return Ok(Report::new(&cv, &cv.l4_verdict(), compiled, policies, true)
+                            .rejected(why));
                     }
-                    let (v, mismatches) = cv.http_decision(&compiled, &facts, &headers);
+                    let (v, mismatches) = cv.http_decision(compiled, &facts, &headers);
                     for m in &mismatches {
                         header_actions.push(format!(
                             "headerMatches {}: {} {} (required {}, found {})",
@@ -247,12 +295,12 @@ pub fn main(args: &ExplainArgs) -> ExitCode {
             }
         }
     };
-    let mut report = Report::new(&cv, &verdict, &compiled, &policies, args.http.is_some());
+    let mut report = Report::new(&cv, &verdict, compiled, policies, q.http.is_some());
     report.header_actions = header_actions;
-    print(&report, args.output)
+    Ok(report)
 }
 
-fn print(report: &Report, output: Output) -> ExitCode {
+pub fn print(report: &Report, output: Output) -> ExitCode {
     match output {
         Output::Text => print!("{}", report.text()),
         Output::Json => match serde_json::to_string_pretty(report) {

@@ -193,7 +193,7 @@ impl Default for FlowMetrics {
         );
         registry.register(
             "weir_policy_reloads",
-            "SIGHUP reloads by result (success, failure)",
+            "Policy reloads (SIGHUP, watched files, weir policy apply/delete) by result (success, failure)",
             control.reloads.clone(),
         );
         registry.register(
