@@ -269,6 +269,37 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
     // A bad filter is refused, not ignored.
     let bad = observe(&s, &["--since", "yesterday"]);
     assert!(!bad.status.success());
+    // The bound: a denied request shows within 100 ms. Measured five
+    // times (polling the follower's output every 5 ms); the median must be
+    // under it — one slow sample on a loaded CI machine is not a failure.
+    let mut delays = Vec::new();
+    for i in 0..5 {
+        let path = format!("/v1/exhaust-port?try={i}");
+        let denied = s.status("tiefighter", "PUT", &format!("http://{DEATHSTAR4}{path}"));
+        assert_eq!(denied, "403");
+        let answered = Instant::now();
+        let shown = |f: &Value| {
+            is_http(f, "PUT")
+                && f["l7"]["http"]["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with(&path))
+        };
+        while !followed().iter().any(shown) {
+            assert!(
+                answered.elapsed() < Duration::from_secs(5),
+                "{path} never shown"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        delays.push(answered.elapsed());
+    }
+    delays.sort();
+    eprintln!("denied requests shown after {delays:?}");
+    assert!(
+        delays[2] < Duration::from_millis(100),
+        "median {:?} (all: {delays:?})",
+        delays[2]
+    );
 }
 
 /// `--flow-log-max-size`/`--flow-log-max-files`: the flow log rotates at record
