@@ -405,11 +405,17 @@ impl Flow {
     }
 
     pub fn to_json_line(&self) -> String {
-        let mut s = serde_json::to_string(self).unwrap_or_else(|e| {
-            format!("{{\"error\":\"flow record could not be serialised: {e}\"}}")
-        });
-        s.push('\n');
-        s
+        // A record is 0.5–1.5 KB: one allocation up front instead of the
+        // doublings `to_string` goes through.
+        let mut buf = Vec::with_capacity(1536);
+        match serde_json::to_writer(&mut buf, self) {
+            Ok(()) => {
+                buf.push(b'\n');
+                // serde_json writes UTF-8 only.
+                String::from_utf8(buf).unwrap_or_default()
+            }
+            Err(e) => format!("{{\"error\":\"flow record could not be serialised: {e}\"}}\n"),
+        }
     }
 }
 
