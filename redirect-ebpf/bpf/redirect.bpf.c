@@ -576,6 +576,16 @@ static __always_inline int drop(struct __sk_buff *skb, struct flow *f, __u8 reas
 	return TC_ACT_SHOT;
 }
 
+/* drop() for a packet that went its flow's reply way (reported as such). */
+static __always_inline int drop_reply(struct __sk_buff *skb, struct flow *f, __u8 reason,
+				      __u32 src_id, __u32 dst_id, __u32 rule_id)
+{
+	count(WEIR_COUNTER_DROPPED, skb);
+	event(f, WEIR_EVENT_DROPPED | WEIR_EVENT_F_REPLY, reason, src_id, dst_id, rule_id,
+	      skb->ifindex);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int pass(struct __sk_buff *skb)
 {
 	count(WEIR_COUNTER_ALLOWED, skb);
@@ -925,7 +935,7 @@ static __always_inline __u32 tracked(struct __sk_buff *skb, struct weir_ct_value
 	if (ct_revalidate(ct, fwd, cfg, &d) && ct->verdict == WEIR_DROP) {
 		/* Report it as this packet's flow. */
 		if (reply)
-			drop(skb, pkt, ct->reason, d.dst_id, d.src_id, d.rule_id);
+			drop_reply(skb, pkt, ct->reason, d.dst_id, d.src_id, d.rule_id);
 		else
 			drop(skb, pkt, ct->reason, d.src_id, d.dst_id, d.rule_id);
 		return WEIR_DROP;
@@ -987,8 +997,8 @@ static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
 			return TC_ACT_SHOT;
 		/* A direct reply on a flow that now goes to the proxy: not any more. */
 		if (v == WEIR_REDIRECT)
-			return drop(skb, f, WEIR_REASON_NO_PROXY, ct->dst_identity, ct->src_identity,
-				    WEIR_NO_RULE);
+			return drop_reply(skb, f, WEIR_REASON_NO_PROXY, ct->dst_identity,
+					  ct->src_identity, WEIR_NO_RULE);
 		return pass(skb);
 	}
 new_flow:

@@ -196,6 +196,12 @@ enum weir_event_kind {
 	WEIR_EVENT_REDIRECTED = 3,
 };
 
+/* Or'ed into weir_event.kind: the packet went its flow's reply way (a reply
+ * dropped after its flow's policy was revoked). */
+enum weir_event_flag {
+	WEIR_EVENT_F_REPLY = 0x80,
+};
+
 enum weir_drop_reason {
 	WEIR_REASON_NONE = 0,
 	WEIR_REASON_POLICY_EGRESS = 1,
@@ -222,7 +228,7 @@ struct weir_event {
 	__u16 dport;
 	__u8 protocol;
 	__u8 family;
-	__u8 kind;   /* enum weir_event_kind */
+	__u8 kind;   /* enum weir_event_kind, | WEIR_EVENT_F_REPLY */
 	__u8 reason; /* enum weir_drop_reason */
 	__u32 src_identity;
 	__u32 dst_identity;
@@ -238,6 +244,7 @@ struct weir_enums {
 	enum weir_ct_leg leg;
 	enum weir_origin origin;
 	enum weir_event_kind kind;
+	enum weir_event_flag kind_flag;
 	enum weir_drop_reason reason;
 };
 

@@ -859,4 +859,24 @@ fn established_l4_flows_follow_the_generation_rule_across_watched_reloads() {
         "ticks kept arriving after the rule went"
     );
     assert!(!xwing_ticks(&s), "nor is a new connection admitted");
+    // The kernel reported the stream's first packet after the revocation: the
+    // server's (the flow's reply way: is_reply) or the client's ACK (not).
+    let stream_drop = |f: &serde_json::Value| {
+        f["verdict"] == "DROPPED"
+            && f["Type"] == "L3_L4"
+            && (f["l4"]["TCP"]["source_port"] == 7000 || f["l4"]["TCP"]["destination_port"] == 7000)
+            && f["source"]["pod_name"] != "xwing"
+            && f["destination"]["pod_name"] != "xwing"
+    };
+    let drops: Vec<serde_json::Value> = s.flows().into_iter().filter(stream_drop).collect();
+    assert!(!drops.is_empty(), "no drop record for the revoked stream");
+    for d in &drops {
+        let from_server = d["l4"]["TCP"]["source_port"] == 7000;
+        assert_eq!(d["is_reply"], from_server, "{d}");
+    }
+    eprintln!(
+        "revoked stream: {} drop record(s), replies: {}",
+        drops.len(),
+        drops.iter().filter(|d| d["is_reply"] == true).count()
+    );
 }

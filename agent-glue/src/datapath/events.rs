@@ -194,7 +194,11 @@ pub fn event_flow(
         .unwrap_or_else(|| (newest, decided(newest)));
     let peers = FlowPeers::new(policy, &src, &dst, node_name.clone());
     let rule = rules.get(e.rule_id as usize).cloned().flatten();
-    let verdict = match e.kind {
+    let (kind, reply) = (
+        e.kind & !WEIR_EVENT_F_REPLY,
+        e.kind & WEIR_EVENT_F_REPLY != 0,
+    );
+    let verdict = match kind {
         // A drop names its rule only when a deny rule decided it.
         WEIR_EVENT_DROPPED => Verdict {
             allowed: false,
@@ -235,19 +239,20 @@ pub fn event_flow(
         }),
         _ => flow.l4,
     };
-    // The kernel reports a flow's first packet (and drops); of ICMP, an echo
-    // reply says by its type that it is one.
-    flow.is_reply = matches!(
-        flow.l4,
-        L4::Icmpv4(Icmp { kind: 0, .. }) | L4::Icmpv6(Icmp { kind: 129, .. })
-    );
-    if e.kind == WEIR_EVENT_DROPPED
+    // The kernel reports a flow's first packet, and drops: a dropped reply (its
+    // flow revoked) says so; of ICMP, an echo reply says it by its type.
+    flow.is_reply = reply
+        || matches!(
+            flow.l4,
+            L4::Icmpv4(Icmp { kind: 0, .. }) | L4::Icmpv6(Icmp { kind: 129, .. })
+        );
+    if kind == WEIR_EVENT_DROPPED
         && let Some(reason) = drop_reason(e.reason)
     {
         flow.drop_reason_desc = Some(reason.into());
         flow.summary = format!("dropped: {reason}");
     }
-    if e.kind == WEIR_EVENT_REDIRECTED {
+    if kind == WEIR_EVENT_REDIRECTED {
         flow.summary = "redirected to proxy".into();
     }
     Some(flow)
@@ -385,7 +390,8 @@ spec:
     }
 
     /// Kernel records carry Hubble's traffic_direction (the deciding rule's,
-    /// else the local endpoint's side) and is_reply (an ICMP echo reply).
+    /// else the local endpoint's side) and is_reply (an ICMP echo reply, or a
+    /// reply the kernel dropped).
     #[test]
     fn kernel_records_carry_direction_and_reply() {
         let policy = compile(
@@ -425,5 +431,13 @@ spec:
         let reply = json(reply);
         assert_eq!(reply["l4"]["ICMPv4"]["type"], 0, "{reply}");
         assert_eq!(reply["is_reply"], true, "{reply}");
+        // A reply the kernel dropped (its flow revoked): the flag in the kind.
+        let mut dropped = event(d, deathstar, x, xwing, 0);
+        dropped[offset_of!(Event, kind)] = WEIR_EVENT_DROPPED | WEIR_EVENT_F_REPLY;
+        dropped[offset_of!(Event, reason)] = WEIR_REASON_POLICY_INGRESS;
+        let dropped = json(dropped);
+        assert_eq!(dropped["verdict"], "DROPPED", "{dropped}");
+        assert_eq!(dropped["is_reply"], true, "{dropped}");
+        assert_eq!(allowed["is_reply"], false);
     }
 }

@@ -163,6 +163,8 @@ pub mod kernel_enum {
     pub const WEIR_EVENT_ALLOWED: u8 = 1;
     pub const WEIR_EVENT_DROPPED: u8 = 2;
     pub const WEIR_EVENT_REDIRECTED: u8 = 3;
+    /// `enum weir_event_flag`: or'ed into an event's kind.
+    pub const WEIR_EVENT_F_REPLY: u8 = 0x80;
     /// `enum weir_drop_reason`
     pub const WEIR_REASON_NONE: u8 = 0;
     pub const WEIR_REASON_POLICY_EGRESS: u8 = 1;
@@ -190,6 +192,7 @@ pub mod kernel_enum {
         ("WEIR_EVENT_ALLOWED", WEIR_EVENT_ALLOWED as u32),
         ("WEIR_EVENT_DROPPED", WEIR_EVENT_DROPPED as u32),
         ("WEIR_EVENT_REDIRECTED", WEIR_EVENT_REDIRECTED as u32),
+        ("WEIR_EVENT_F_REPLY", WEIR_EVENT_F_REPLY as u32),
         ("WEIR_REASON_NONE", WEIR_REASON_NONE as u32),
         (
             "WEIR_REASON_POLICY_EGRESS",
