@@ -236,6 +236,7 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
         });
     }
     print_table(&rows);
+    show_cli(&lab, &exe, &dir.join("weir.sock"))?;
 
     // Stop weir, then remove what it leaves running on purpose (the pinned
     // datapath), as an operator would with `weir cleanup`.
@@ -277,6 +278,28 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     if got != expected {
         let log = std::fs::read_to_string(&weir_log).unwrap_or_default();
         bail!("unexpected statuses {got:?} (expected {expected:?})\n--- weir log ---\n{log}");
+    }
+    Ok(())
+}
+
+/// What an operator sees of the same run through the local API: the flows
+/// (`weir observe`) and what weir has in place (`weir status`).
+fn show_cli(lab: &Lab, exe: &Path, socket: &Path) -> anyhow::Result<()> {
+    let socket = socket.display().to_string();
+    for args in [
+        vec!["observe", "--last", "4", "--type", "http"],
+        vec!["observe", "--last", "2", "--type", "l3-l4"],
+        vec!["status"],
+    ] {
+        let mut argv = vec![exe.to_str().context("the weir binary's path")?];
+        argv.extend(&args);
+        argv.extend(["--api-socket", &socket]);
+        let out = lab
+            .node
+            .run(&argv)
+            .with_context(|| format!("weir {}", args.join(" ")))?;
+        println!("\n$ weir {}", args.join(" "));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `weir demo` prints the star-wars table and works twice in a row.
+//! `weir demo` prints the star-wars table, what `weir observe` and `weir status`
+//! show of the run, and works twice in a row.
 
 #[test]
 fn demo_runs_twice_and_cleans_up() {
@@ -44,6 +45,25 @@ fn demo_runs_twice_and_cleans_up() {
             "{stdout}"
         );
         assert!(stdout.contains("rule1 spec.ingress[0].toPorts[0].rules.http[0]"));
+        // The same run through the API: `weir observe` and `weir status`.
+        assert!(
+            stdout.contains(
+                "http-request DROPPED (HTTP/1.1 PUT http://10.200.0.10/v1/exhaust-port => 403)"
+            ),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("default/xwing:") && stdout.contains("policy-verdict:TCP DROPPED"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("Steering:        eBPF datapath"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("Policy:          revision 1, 1 policies, 3 endpoints"),
+            "{stdout}"
+        );
     }
     let netns = std::process::Command::new("ip")
         .args(["netns", "list"])
