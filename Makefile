@@ -15,6 +15,8 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config protobuf-compiler
 APT_RUN   := iproute2 nftables util-linux procps bpftool
 APT_PEERS := curl nginx-light socat pv iputils-ping python3 nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
+# Python peers the e2e tests run (gRPC server and client, raw HTTP/2 attacker).
+PIP_TEST  := grpcio h2
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 
@@ -27,6 +29,7 @@ help:
 deps:
 	@$(PHASE) deps ./.ci/apt-ensure $(APT_BUILD) $(APT_RUN) $(APT_PEERS)
 	@$(PHASE) cargo-fuzz bash -c 'command -v cargo-fuzz >/dev/null || cargo install --locked --root "$(TOOLS)" cargo-fuzz'
+	@$(PHASE) pip-test bash -c '$(VENV)/bin/python -c "import grpc, h2" 2>/dev/null || { python3 -m venv "$(VENV)" && "$(VENV)/bin/pip" install -q $(PIP_TEST); }'
 
 deps-perf: deps
 	@./.ci/apt-ensure $(APT_PERF)

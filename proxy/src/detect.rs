@@ -1,6 +1,6 @@
 //! Protocol detection in one read with replay: the first bytes of a client
 //! connection are read (not peeked, so a partial preface cannot spin) until they
-//! say HTTP/1, HTTP/2 or neither, under the connection's request-head deadline;
+//! say HTTP/1, HTTP/2, TLS or none of them, under the connection's request-head deadline;
 //! [`Replay`] then hands those bytes to the protocol handler before the rest of
 //! the stream.
 
@@ -25,6 +25,9 @@ pub enum Detected {
     Http1,
     /// The full HTTP/2 preface.
     Http2,
+    /// A TLS handshake record (content type 22, version 3.x): weir cannot read
+    /// what is inside, so on a port with HTTP rules it is refused.
+    Tls,
     /// Something else.
     Other,
 }
@@ -48,6 +51,13 @@ pub fn classify(head: &[u8]) -> Option<Detected> {
     }
     if H2_PREFACE.starts_with(head) {
         return None;
+    }
+    if head[0] == 0x16 {
+        return match head.get(1) {
+            None => None,
+            Some(3) => Some(Detected::Tls),
+            Some(_) => Some(Detected::Other),
+        };
     }
     let method = head.iter().take_while(|b| b.is_ascii_uppercase()).count();
     match head.get(method) {
@@ -165,7 +175,9 @@ mod tests {
         assert_eq!(classify(&more), Some(Detected::Http2));
         // "PRI " that is not the preface is a (strange) HTTP/1 method.
         assert_eq!(classify(b"PRI /x HTTP/1.1\r\n"), Some(Detected::Http1));
-        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Detected::Other));
+        assert_eq!(classify(b"\x16"), None);
+        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Detected::Tls));
+        assert_eq!(classify(b"\x16\x01"), Some(Detected::Other));
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Detected::Other));
         assert_eq!(classify(b" GET"), Some(Detected::Other));
         assert_eq!(classify(&[b'A'; 40]), Some(Detected::Other));

@@ -7,7 +7,14 @@
 //! the connection is under the request-head deadline. An HTTP/2 connection with
 //! no open stream and no bytes for the idle timeout gets GOAWAY (HTTP/1's idle
 //! timeout is hyper's wait for the next request head).
+//!
+//! A request that arrived over HTTP/2 goes upstream over HTTP/2 (`h2_upstream`),
+//! with trailers, resets and GOAWAY passed on; a gRPC call (`grpc`) that weir
+//! answers itself gets a gRPC status, never an HTTP error. A TLS handshake on a
+//! port with HTTP rules is refused at once: weir cannot see the requests inside.
 
+pub mod grpc;
+mod h2_upstream;
 mod responses;
 mod tracked_io;
 mod upstream;
@@ -74,6 +81,44 @@ pub async fn serve(
     match kind {
         Detected::Http2 => serve_http2(ctx, io, state, deadline).await,
         Detected::Http1 | Detected::Other => serve_http1(ctx, io, state, deadline).await,
+        Detected::Tls => refuse_tls(&ctx),
+    }
+}
+
+/// TLS where policy has HTTP rules: forwarding it would let every request
+/// through unchecked, so the connection is closed at once, with a flow record.
+fn refuse_tls(ctx: &ConnContext) {
+    const WHY: &str = "TLS on an HTTP-rules port; weir cannot inspect it";
+    info!("{WHY}: closing");
+    let d = ctx.decide();
+    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+    f.verdict = flow::FlowVerdict::Dropped;
+    f.drop_reason_desc = Some("TLS_ON_HTTP_PORT".into());
+    f.policy = WHY.into();
+    ctx.shared.flows.emit(&f);
+}
+
+/// An HTTP/2 connection that ended with a protocol error or one of weir's
+/// limits (GOAWAY with ENHANCE_YOUR_CALM, PROTOCOL_ERROR, ...) gets a flow
+/// record naming the reason: only that connection is closed.
+fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>()
+            && let Some(reason) = h2e.reason()
+            && reason != h2::Reason::NO_ERROR
+            && reason != h2::Reason::CANCEL
+        {
+            info!(%reason, "HTTP/2 connection closed with GOAWAY");
+            let d = ctx.decide();
+            let mut f = ctx
+                .flow(&d, &d.verdict.l4_verdict())
+                .with_error(format!("HTTP2_GOAWAY: {reason:?}"));
+            f.policy = format!("HTTP/2 connection closed: {h2e}");
+            ctx.shared.flows.emit(&f);
+            return;
+        }
+        source = err.source();
     }
 }
 
@@ -127,7 +172,13 @@ async fn serve_http1(
         svc_state.request_arrived();
         let ctx = svc_ctx.clone();
         let tracker = svc_tracker.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, Some(tracker), req).await) }
+        async move {
+            // A reset exists only for HTTP/2 clients; HTTP/1 never gets one.
+            let resp = handle(ctx, Some(tracker), req)
+                .await
+                .unwrap_or_else(|e| error_response(StatusCode::BAD_GATEWAY, &e.to_string(), true));
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = tracked_io::TrackedIo::new(io, tracker);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
@@ -162,8 +213,14 @@ async fn serve_http2(
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(config.http2_max_streams)
+        // Fixed windows: what weir buffers per stream and connection is bounded.
+        .adaptive_window(false)
+        .initial_stream_window_size(config.http2_stream_window)
+        .initial_connection_window_size(config.http2_connection_window)
+        .max_pending_accept_reset_streams(config.http2_max_pending_resets)
+        .max_local_error_reset_streams(config.http2_max_local_resets)
         .keep_alive_interval(None);
     let svc_ctx = ctx.clone();
     let svc_state = state.clone();
@@ -172,8 +229,10 @@ async fn serve_http2(
         let stream = OpenStream::new(svc_state.clone());
         let ctx = svc_ctx.clone();
         async move {
-            let resp = handle(ctx, None, req).await;
-            Ok::<_, Infallible>(resp.map(|body| StreamBody {
+            // An Err is a stream reset: hyper resets the client's stream with
+            // the h2 reason inside.
+            let resp = handle(ctx, None, req).await?;
+            Ok::<_, h2::Error>(resp.map(|body| StreamBody {
                 inner: body,
                 _stream: stream,
             }))
@@ -194,6 +253,7 @@ async fn serve_http2(
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(error = %e, "HTTP/2 connection ended with an error");
+                    http2_connection_error(&ctx, &e);
                 }
                 return;
             }
@@ -289,6 +349,7 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),
         header_mismatches: Vec::new(),
+        grpc: None,
     }
 }
 
@@ -320,14 +381,19 @@ fn framing_check(
     }
 }
 
+/// A request's answer: a response, or (HTTP/2 only) a reset of its stream with
+/// the upstream's reason.
+type Reply = Result<Response<ProxyBody>, h2::Error>;
+
 async fn handle(
     ctx: Arc<ConnContext>,
     tracker: Option<Arc<Mutex<RequestTracker>>>,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Reply {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
+    let is_grpc = grpc::is_grpc(&parts.headers);
     let d = ctx.decide();
     let (policy, cv) = (&d.policy, &d.verdict);
     let checked = framing_check(tracker.as_deref(), http2)
@@ -346,7 +412,11 @@ async fn handle(
                     flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
                 );
             ctx.shared.flows.emit(&f);
-            return error_response(StatusCode::BAD_REQUEST, &reject.to_string(), true);
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                &reject.to_string(),
+                true,
+            ));
         }
     };
     let mut parts = parts;
@@ -372,52 +442,166 @@ async fn handle(
                 flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
             );
         ctx.shared.flows.emit(&f);
-        return error_response(StatusCode::BAD_REQUEST, &e, true);
+        return Ok(error_response(StatusCode::BAD_REQUEST, &e, true));
     }
     let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
         (cv.l4_verdict(), Vec::new())
     } else {
         cv.http_decision(policy, &facts, &parts.headers)
     };
+    let grpc_call = is_grpc.then(|| grpc_facts(&facts.path));
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
-        let f = ctx.flow(&d, &verdict).with_http(
-            L7Type::Request,
-            elapsed_ns(start),
-            flow_http(&parts, &ctx, StatusCode::FORBIDDEN),
-        );
+        let (response, code) = match grpc_call.clone() {
+            // A gRPC client reports PERMISSION_DENIED with weir's message (a
+            // 403 would read as UNKNOWN / INTERNAL).
+            Some(mut g) => {
+                let msg = format!("denied by weir policy: {}", verdict.reason());
+                g.status = Some(grpc::Code::PermissionDenied as u32);
+                g.message = Some(msg.clone());
+                let r = grpc::status_response(grpc::Code::PermissionDenied, &msg);
+                (r, (StatusCode::OK, Some(g)))
+            }
+            // Denied at L3/L4: nothing on this connection will ever pass, so close it.
+            None => (
+                deny_response(!cv.l4_allowed()),
+                (StatusCode::FORBIDDEN, None),
+            ),
+        };
+        let mut http = flow_http(&parts, &ctx, code.0);
+        http.grpc = code.1;
+        let f = ctx
+            .flow(&d, &verdict)
+            .with_http(L7Type::Request, elapsed_ns(start), http);
         ctx.shared.flows.emit(&f);
-        // Denied at L3/L4: nothing on this connection will ever pass, so close it.
-        return deny_response(!cv.l4_allowed());
+        return Ok(response);
     }
     apply_mismatch_actions(&mut parts.headers, &mismatches);
     let flow_parts = parts.clone();
-    let result = ctx
-        .shared
-        .upstream
-        .forward(&ctx, Request::from_parts(parts, body))
+    let upstream = &ctx.shared.upstream;
+    let call_deadline = if is_grpc {
+        grpc::timeout(&parts.headers)
+    } else {
+        None
+    };
+    let timeout = upstream.response_timeout(call_deadline);
+    let result = upstream
+        .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
         .await;
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
-            (resp, code, None)
+            (Ok(resp), code, None)
         }
         Err(e) => {
             let code = e.status();
             info!(error = %e, status = code.as_u16(), "upstream failed");
-            (error_response(code, &e.to_string(), false), code, Some(e))
+            let reply = match (&e, &grpc_call) {
+                (UpstreamError::Reset(_, reason), _) if http2 => Err(h2::Error::from(*reason)),
+                (_, Some(_)) => {
+                    let status = grpc_error_status(&e);
+                    Ok(grpc::status_response(status, &format!("weir: {e}")))
+                }
+                _ => Ok(error_response(code, &e.to_string(), false)),
+            };
+            (reply, code, Some(e))
         }
     };
     let mut http = flow_http(&flow_parts, &ctx, code);
     http.header_mismatches = mismatches;
+    if let (Some(g), Some(e)) = (&grpc_call, &error) {
+        let mut g = g.clone();
+        g.status = Some(grpc_error_status(e) as u32);
+        g.message = Some(e.to_string());
+        http.grpc = Some(g);
+    }
     let mut f = ctx
         .flow(&d, &verdict)
         .with_http(L7Type::Response, elapsed_ns(start), http);
-    if let Some(e) = error {
+    if let Some(e) = &error {
         f = f.with_error(e.reason_code());
+    }
+    let mut response = response;
+    // A gRPC call's record waits for its trailers (the status is there).
+    if let (Some(g), Ok(resp)) = (grpc_call, &mut response) {
+        let head_status = grpc::status_of(resp.headers());
+        if let ProxyBody::Http2(body) = resp.body_mut() {
+            body.set_on_end(Box::new(GrpcFlow {
+                ctx: ctx.clone(),
+                flow: Some(f),
+                call: g,
+                head_status,
+            }));
+            return response;
+        }
+        if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
+            let mut g = g;
+            if let Some((status, message)) = head_status {
+                g.status = Some(status);
+                g.message = message;
+            }
+            http.grpc = Some(g);
+        }
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// The service and method of a gRPC call's path (empty when the path is not
+/// `/service/method`: policy matched it as it is).
+fn grpc_facts(path: &str) -> flow::Grpc {
+    let (service, method) = grpc::service_method(path).unwrap_or(("", ""));
+    flow::Grpc {
+        service: service.to_string(),
+        method: method.to_string(),
+        status: None,
+        message: None,
+    }
+}
+
+/// An upstream failure as gRPC clients expect it: no connection →
+/// UNAVAILABLE, deadline (weir's or the call's) → DEADLINE_EXCEEDED.
+fn grpc_error_status(e: &UpstreamError) -> grpc::Code {
+    match e {
+        UpstreamError::Unavailable(..) | UpstreamError::Failed(..) | UpstreamError::Reset(..) => {
+            grpc::Code::Unavailable
+        }
+        UpstreamError::Timeout(..) => grpc::Code::DeadlineExceeded,
+        UpstreamError::Request(..) => grpc::Code::Internal,
+    }
+}
+
+/// Writes a gRPC call's flow record when its response ends, with the status
+/// from the trailers (or the trailers-only head).
+struct GrpcFlow {
+    ctx: Arc<ConnContext>,
+    flow: Option<flow::Flow>,
+    call: flow::Grpc,
+    head_status: Option<(u32, Option<String>)>,
+}
+
+impl h2_upstream::OnEnd for GrpcFlow {
+    fn ended(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>) {
+        let Some(mut f) = self.flow.take() else {
+            return;
+        };
+        let mut g = self.call.clone();
+        let status = trailers
+            .and_then(grpc::status_of)
+            .or_else(|| self.head_status.clone());
+        match (status, error) {
+            (Some((status, message)), _) => {
+                g.status = Some(status);
+                g.message = message;
+            }
+            (None, Some(e)) => g.message = Some(format!("stream ended without a status: {e}")),
+            (None, None) => g.message = Some("response ended without grpc-status".into()),
+        }
+        if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
+            http.grpc = Some(g);
+        }
+        self.ctx.shared.flows.emit(&f);
+    }
 }
 
 /// The request headers as policy checks them and the server gets them:
