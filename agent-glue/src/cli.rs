@@ -337,6 +337,11 @@ pub struct RunArgs {
     /// (MadeYouReset, CVE-2025-8671); beyond, its connection gets GOAWAY.
     #[arg(long, default_value_t = 1024)]
     pub http2_max_local_resets: usize,
+    /// HTTP/2 streams a client may reset before their response, per second and
+    /// connection; beyond, the connection gets GOAWAY and a flow record (other
+    /// connections are unaffected).
+    #[arg(long, default_value_t = 200)]
+    pub http2_max_resets_per_sec: u32,
     /// Client connections the proxy holds at once; beyond, a new connection is
     /// accepted and closed at once (with a warning at most once a second).
     #[arg(long, default_value_t = 16384)]

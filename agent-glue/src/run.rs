@@ -296,6 +296,7 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         http2_connection_window: args.http2_connection_window,
         http2_max_pending_resets: args.http2_max_pending_resets,
         http2_max_local_resets: args.http2_max_local_resets,
+        http2_max_resets_per_sec: args.http2_max_resets_per_sec,
         max_connections: args.max_connections,
         tcp_idle_timeout: args.tcp_idle_timeout,
         node_name: args.node_name.clone(),

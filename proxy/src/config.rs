@@ -33,6 +33,9 @@ pub struct ProxyConfig {
     /// HTTP/2 streams weir may have to reset because of a client's errors
     /// (MadeYouReset); beyond, the connection gets GOAWAY.
     pub http2_max_local_resets: usize,
+    /// HTTP/2 streams a client may end (RST_STREAM) before their response in
+    /// one second on one connection; beyond, GOAWAY and the connection closes.
+    pub http2_max_resets_per_sec: u32,
     /// Client connections held at once; beyond, new ones are closed at once.
     pub max_connections: usize,
     /// A spliced (L3/L4-only) TCP connection with no bytes either way for this
@@ -74,6 +77,7 @@ impl Default for ProxyConfig {
             http2_connection_window: 1024 * 1024,
             http2_max_pending_resets: 20,
             http2_max_local_resets: 1024,
+            http2_max_resets_per_sec: 200,
             max_connections: 16384,
             tcp_idle_timeout: Duration::from_secs(3600),
             node_name: "weir".to_string(),

@@ -58,9 +58,40 @@ struct ConnState {
     first_request: Notify,
     /// HTTP/2 streams whose response has not been sent whole yet.
     open_streams: AtomicUsize,
+    /// HTTP/2 streams the client reset (or abandoned) in the current second.
+    resets: Mutex<ResetWindow>,
+    /// Set (and notified) once the client reset more streams in a second than
+    /// `--http2-max-resets-per-sec`.
+    too_many_resets: Notify,
+}
+
+#[derive(Default)]
+struct ResetWindow {
+    started: Option<Instant>,
+    count: u32,
 }
 
 impl ConnState {
+    /// Counts a stream the client ended before its response did; past `limit`
+    /// in one second, the connection is to be closed (Rapid Reset and its kin
+    /// make weir start work, upstream included, that the client throws away).
+    fn stream_reset(&self, limit: u32) {
+        let mut w = self.resets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match w.started {
+            Some(t) if now.duration_since(t) < std::time::Duration::from_secs(1) => {
+                w.count = w.count.saturating_add(1);
+            }
+            _ => {
+                w.started = Some(now);
+                w.count = 1;
+            }
+        }
+        if w.count == limit.saturating_add(1) {
+            self.too_many_resets.notify_one();
+        }
+    }
+
     fn request_arrived(&self) {
         if !self.decided.swap(true, Ordering::Relaxed) {
             self.first_request.notify_one();
@@ -122,27 +153,35 @@ fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
     }
 }
 
+/// How the wait for a connection's first request ended.
+enum First {
+    Request,
+    /// The connection ended first (with hyper's error, if any).
+    Ended(Option<hyper::Error>),
+    /// The request-head deadline passed: the connection is to be closed.
+    Timeout,
+}
+
 /// Waits for the first request (or the end of the connection) until `deadline`.
-/// `false`: the connection is over, or timed out and is to be closed.
 async fn first_request<F>(
     conn: &mut Pin<&mut F>,
     state: &ConnState,
     deadline: tokio::time::Instant,
-) -> bool
+) -> First
 where
     F: Future<Output = hyper::Result<()>>,
 {
     tokio::select! {
         r = conn.as_mut() => {
-            if let Err(e) = r {
+            if let Err(e) = &r {
                 debug!(error = %e, "HTTP connection ended with an error");
             }
-            false
+            First::Ended(r.err())
         }
-        () = state.first_request.notified() => true,
+        () = state.first_request.notified() => First::Request,
         () = tokio::time::sleep_until(deadline) => {
             debug!("no request head by the request-head deadline; closing");
-            false
+            First::Timeout
         }
     }
 }
@@ -183,7 +222,10 @@ async fn serve_http1(
     let io = tracked_io::TrackedIo::new(io, tracker);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
-    if !first_request(&mut conn, &state, deadline).await {
+    if !matches!(
+        first_request(&mut conn, &state, deadline).await,
+        First::Request
+    ) {
         return;
     }
     let mut draining = ctx.shared.draining();
@@ -224,17 +266,24 @@ async fn serve_http2(
         .keep_alive_interval(None);
     let svc_ctx = ctx.clone();
     let svc_state = state.clone();
+    let svc_reset_limit = config.http2_max_resets_per_sec;
     let svc = service_fn(move |req| {
         svc_state.request_arrived();
-        let stream = OpenStream::new(svc_state.clone());
+        let stream = OpenStream::new(svc_state.clone(), svc_reset_limit);
         let ctx = svc_ctx.clone();
         async move {
             // An Err is a stream reset: hyper resets the client's stream with
-            // the h2 reason inside.
-            let resp = handle(ctx, None, req).await?;
+            // the h2 reason inside (weir's doing, not the client's).
+            let resp = match handle(ctx, None, req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    stream.finish();
+                    return Err(e);
+                }
+            };
             Ok::<_, h2::Error>(resp.map(|body| StreamBody {
                 inner: body,
-                _stream: stream,
+                stream,
             }))
         }
     });
@@ -242,12 +291,20 @@ async fn serve_http2(
     let io = ActiveIo::new(io, activity.clone());
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
-    if !first_request(&mut conn, &state, deadline).await {
-        return;
+    match first_request(&mut conn, &state, deadline).await {
+        First::Request => {}
+        // Floods and malformed frames usually end a connection before any
+        // request is taken: the record says why.
+        First::Ended(Some(e)) => {
+            http2_connection_error(&ctx, &e);
+            return;
+        }
+        First::Ended(None) | First::Timeout => return,
     }
     let idle = config.idle_timeout;
     let mut check_at = activity.last() + idle;
     let mut draining = ctx.shared.draining();
+    let mut abusive = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -259,6 +316,10 @@ async fn serve_http2(
             }
             // Another weir took over: GOAWAY now, open streams finish.
             _ = draining.wait_for(|d| *d) => break,
+            () = state.too_many_resets.notified() => {
+                abusive = true;
+                break;
+            }
             () = tokio::time::sleep_until(check_at) => {
                 let now = tokio::time::Instant::now();
                 let quiet_until = activity.last() + idle;
@@ -272,6 +333,13 @@ async fn serve_http2(
             }
         }
     }
+    if abusive {
+        too_many_resets(&ctx, config.http2_max_resets_per_sec);
+        conn.as_mut().graceful_shutdown();
+        // GOAWAY is sent; the streams in flight get a moment, no more.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+        return;
+    }
     debug!(?idle, "HTTP/2 connection idle; sending GOAWAY");
     conn.as_mut().graceful_shutdown();
     // GOAWAY waits for the client's answer to a PING; a silent client is dropped.
@@ -280,27 +348,59 @@ async fn serve_http2(
     }
 }
 
+/// The flow record for a connection closed for resetting too many streams.
+fn too_many_resets(ctx: &ConnContext, limit: u32) {
+    info!(
+        limit,
+        "HTTP/2 client resets too many streams; closing the connection with GOAWAY"
+    );
+    let d = ctx.decide();
+    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+    f.verdict = flow::FlowVerdict::Dropped;
+    f.drop_reason_desc = Some("HTTP2_TOO_MANY_RESETS".into());
+    f.policy = format!(
+        "HTTP/2 client reset more than {limit} streams in a second (--http2-max-resets-per-sec); connection closed"
+    );
+    ctx.shared.flows.emit(&f);
+}
+
 /// An HTTP/2 stream from its request until its response has been sent (or the
-/// stream was reset): the response body carries it.
-struct OpenStream(Arc<ConnState>);
+/// stream was reset): the response body carries it. Dropped before
+/// [`OpenStream::finish`], the client ended the stream first (RST_STREAM).
+struct OpenStream {
+    state: Arc<ConnState>,
+    reset_limit: u32,
+    finished: std::sync::atomic::AtomicBool,
+}
 
 impl OpenStream {
-    fn new(state: Arc<ConnState>) -> Self {
+    fn new(state: Arc<ConnState>, reset_limit: u32) -> Self {
         state.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(state)
+        OpenStream {
+            state,
+            reset_limit,
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.state.open_streams.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished.load(Ordering::Relaxed) {
+            self.state.stream_reset(self.reset_limit);
+        }
     }
 }
 
 /// A response body that keeps its stream counted as open until hyper drops it.
 struct StreamBody {
     inner: ProxyBody,
-    _stream: OpenStream,
+    stream: OpenStream,
 }
 
 impl Body for StreamBody {
@@ -311,11 +411,25 @@ impl Body for StreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // The end, trailers, or the upstream's error: over, not by the client.
+        let over = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(f))) => f.is_trailers(),
+            Poll::Pending => false,
+        };
+        if over {
+            self.stream.finish();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if end {
+            self.stream.finish();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

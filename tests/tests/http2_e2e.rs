@@ -22,7 +22,7 @@ spec:
   ingress:
   - fromEndpoints: [{matchLabels: {org: empire}}]
     toPorts:
-    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}]
+    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}, {port: "8082", protocol: TCP}]
       rules:
         http:
         - method: POST
@@ -434,4 +434,177 @@ fn grpc_calls_of_every_kind_with_denials_deadlines_and_cancellation() {
         .find(|f| f["l7"]["http"]["grpc"]["method"] == "Forbidden")
         .unwrap();
     assert_eq!(forbidden["verdict"], "DROPPED");
+}
+
+/// The `drop_reason_desc` of the flow records for HTTP/2 connections weir ended.
+fn http2_records(s: &Scenario) -> Vec<String> {
+    s.flows()
+        .iter()
+        .filter_map(|f| f["drop_reason_desc"].as_str())
+        .filter(|r| r.starts_with("HTTP2_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One attack from the tiefighter while a good client (nghttp, its own
+/// connection) keeps making requests: the attacker's JSON result, and how many
+/// good requests succeeded / were made meanwhile.
+fn attack(s: &Scenario, ip: &str, port: u16, name: &str) -> (serde_json::Value, usize, usize) {
+    let py = python();
+    let mut child = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command(py.to_str().unwrap())
+        .args([
+            &script("h2_abuse.py"),
+            ip,
+            &port.to_string(),
+            name,
+            "/v1/abuse",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run attacker");
+    let (mut ok, mut tried) = (0, 0);
+    let started = Instant::now();
+    loop {
+        let done = child.try_wait().ok().flatten().is_some();
+        let v = text(&run_in(
+            s,
+            "tiefighter",
+            &["nghttp", "-n", "-s", "-t", "5", &url(ip, 8080, "/v1/good")],
+        ));
+        tried += 1;
+        if v.contains(" 200 ") {
+            ok += 1;
+        }
+        if done && tried >= 3 || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    let out = child.wait_with_output().expect("attacker output");
+    let result = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{name}: {e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (result, ok, tried)
+}
+
+#[test]
+fn http2_abuse_ends_only_the_offending_connection() {
+    let Some(mut s) = Scenario::star_wars("h2-abuse") else {
+        return;
+    };
+    start_nginx(&mut s);
+    // A server that takes connections and never answers.
+    let cmd = {
+        let mut c = s.lab.workload("deathstar").ns.command("socat");
+        c.args([
+            "-u",
+            "TCP6-LISTEN:8082,fork,reuseaddr,ipv6only=0",
+            "OPEN:/dev/null",
+        ]);
+        c
+    };
+    s.lab.spawn("silent-server", cmd).expect("start socat");
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 8082, Duration::from_secs(10))
+        .expect("silent server listening");
+    s.start_weir(
+        POLICY,
+        &[
+            "--steering",
+            "nft",
+            "--http2-max-resets-per-sec",
+            "50",
+            "--http2-max-local-resets",
+            "100",
+            "--request-head-timeout",
+            "2s",
+        ],
+    );
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        for name in [
+            "rapid-reset",
+            "reset-after-accept",
+            "made-you-reset",
+            "continuation-flood",
+            "settings-flood",
+            "malformed-frame",
+            "oversized-headers",
+            "slowloris-preface",
+        ] {
+            let before = h2_log(&s).len();
+            let records_before = http2_records(&s).len();
+            // Streams weir has taken stay open when the server never answers
+            // (8082): there a client's resets are weir's to count.
+            let port = if name == "reset-after-accept" {
+                8082
+            } else {
+                8080
+            };
+            let (r, ok, tried) = attack(&s, ip, port, name);
+            let what = format!(
+                "{ip} {name}: {r}, good {ok}/{tried}; nginx: {:?}",
+                h2_log(&s)[before..]
+                    .iter()
+                    .filter(|l| l.contains("abuse"))
+                    .take(5)
+                    .collect::<Vec<_>>()
+            );
+            // The good client on its own connection never noticed.
+            assert!(tried >= 3 && ok == tried, "{what}\n{}", s.weir_log_text());
+            // The attacker's connection was ended (floods by GOAWAY, a stalled
+            // preface or header block by the request-head deadline).
+            assert_eq!(r["closed"], true, "{what}");
+            let elapsed = r["elapsed"].as_f64().unwrap();
+            match name {
+                "malformed-frame" => assert_eq!(r["goaway"], 1, "{what}"),
+                "slowloris-preface" | "oversized-headers" => {
+                    assert!((1.5..5.0).contains(&elapsed), "{what}")
+                }
+                "settings-flood" => {}
+                // GOAWAY, then a second's grace for the streams in flight.
+                "reset-after-accept" => assert!(elapsed < 5.0, "{what}"),
+                _ => assert!(elapsed < 2.0, "{what}"),
+            }
+            // Nothing of the attacker's reached nginx but the good requests
+            // (and a few of the request floods' own, before the GOAWAY).
+            let log = h2_log(&s);
+            assert!(
+                log[before..]
+                    .iter()
+                    .all(|l| l.contains("/v1/good") || l.contains("/v1/abuse")),
+                "{what}: {:?}",
+                &log[before..]
+            );
+            if name == "oversized-headers" {
+                assert!(!log[before..].iter().any(|l| l.contains("/v1/abuse")));
+            }
+            // A connection ended for abuse has a flow record saying why.
+            let records = http2_records(&s);
+            let new = &records[records_before..];
+            match name {
+                "reset-after-accept" => assert_eq!(new, ["HTTP2_TOO_MANY_RESETS"], "{what}"),
+                "rapid-reset" | "continuation-flood" => {
+                    assert_eq!(new, ["HTTP2_GOAWAY: ENHANCE_YOUR_CALM"], "{what}")
+                }
+                // h2 ends it either at its local-reset limit (ENHANCE_YOUR_CALM)
+                // or, when a WINDOW_UPDATE lands on a stream already closed, at
+                // once (PROTOCOL_ERROR): both only this connection.
+                "made-you-reset" => assert!(
+                    new == ["HTTP2_GOAWAY: ENHANCE_YOUR_CALM"]
+                        || new == ["HTTP2_GOAWAY: PROTOCOL_ERROR"],
+                    "{what}: {new:?}"
+                ),
+                "malformed-frame" => assert_eq!(new, ["HTTP2_GOAWAY: PROTOCOL_ERROR"], "{what}"),
+                _ => {}
+            }
+        }
+    }
 }
