@@ -22,7 +22,7 @@ spec:
   ingress:
   - fromEndpoints: [{matchLabels: {org: empire}}]
     toPorts:
-    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}, {port: "8082", protocol: TCP}]
+    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}, {port: "8082", protocol: TCP}, {port: "8083", protocol: TCP}]
       rules:
         http:
         - method: POST
@@ -50,6 +50,14 @@ fn start_nginx(s: &mut Scenario) {
     listen [::]:8080 http2;
     access_log {dir}/h2.log h2;
     location = /v1/request-landing {{ return 200 "Ship landed\n"; }}
+    location /v1/static/ {{ alias {dir}/static/; }}
+    location / {{ return 200 "Deathstar API\n"; }}
+  }}
+  server {{
+    listen 8083 http2;
+    listen [::]:8083 http2;
+    http2_max_concurrent_streams 4;
+    access_log {dir}/h2small.log h2;
     location / {{ return 200 "Deathstar API\n"; }}
   }}
 "#
@@ -211,6 +219,113 @@ fn http2_streams_allowed_and_denied_interleave_over_one_upstream_connection() {
         .filter(|f| f["verdict"] == "DROPPED" && f["l7"]["http"]["protocol"] == "HTTP/2")
         .count();
     assert_eq!(denied, 2 * (3 + 1 + 30), "one record per denied stream");
+}
+
+#[test]
+fn another_upstream_connection_opens_at_the_servers_stream_limit() {
+    let Some(mut s) = Scenario::star_wars("h2-maxstreams") else {
+        return;
+    };
+    start_nginx(&mut s);
+    s.start_weir(POLICY, NFT);
+    let mut before = 0;
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        // 16 streams at once on one client connection; the server allows 4 per
+        // connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+        let authority = if ip.contains(':') {
+            format!(":authority: [{ip}]:8083")
+        } else {
+            format!(":authority: {ip}:8083")
+        };
+        let out = run_in(
+            &s,
+            "tiefighter",
+            &[
+                "h2load",
+                "-H",
+                &authority,
+                "-n",
+                "200",
+                "-c",
+                "1",
+                "-m",
+                "16",
+                &url(ip, 8083, "/v1/many"),
+            ],
+        );
+        let o = text(&out);
+        assert!(o.contains("200 succeeded"), "{o}\n{}", s.weir_log_text());
+        let log = settled_lines(&s.dir.0.join("nginx/h2small.log"));
+        let new = &log[before..];
+        before = log.len();
+        assert_eq!(new.len(), 200, "{new:?}");
+        let conns: BTreeSet<&str> = new.iter().filter_map(|l| l.split(' ').nth(1)).collect();
+        // More than one, and no more than --upstream-conns-per-client (16).
+        assert!((2..=16).contains(&conns.len()), "{conns:?}");
+    }
+}
+
+/// weir's resident memory (VmRSS, KiB).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The documented bound: a window per stream and direction, the connection
+/// windows and hyper's send buffer are a few MiB; 16 MiB leaves room for the
+/// allocator and runtime (measured: about 3 MiB), a sixth of the body.
+const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
+
+#[test]
+fn a_100_mb_response_to_a_slow_reader_keeps_weir_small() {
+    let Some(mut s) = Scenario::star_wars("h2-bigbody") else {
+        return;
+    };
+    start_nginx(&mut s);
+    let static_dir = s.dir.0.join("nginx/static");
+    std::fs::create_dir_all(&static_dir).unwrap();
+    let big = std::fs::File::create(static_dir.join("big.bin")).unwrap();
+    big.set_len(100 * 1024 * 1024).unwrap();
+    s.start_weir(POLICY, NFT);
+    let pid = s.weir().pid();
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        let baseline = rss_kib(pid);
+        let mut child = s
+            .lab
+            .workload("tiefighter")
+            .ns
+            .command("curl")
+            .args([
+                "-s",
+                "--http2-prior-knowledge",
+                "--limit-rate",
+                "25M",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download} %{http_version}",
+                &url(ip, 8080, "/v1/static/big.bin"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run curl");
+        let mut peak = baseline;
+        while child.try_wait().ok().flatten().is_none() {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(text(&out), "200 104857600 2", "{}", s.weir_log_text());
+        eprintln!("{ip}: weir RSS {baseline} KiB, peak {peak} KiB during the download");
+        assert!(
+            peak.saturating_sub(baseline) < RSS_GROWTH_BOUND_KIB,
+            "{ip}: weir grew from {baseline} KiB to {peak} KiB"
+        );
+    }
 }
 
 #[test]
