@@ -591,7 +591,6 @@ async fn handle(
         return Ok(response);
     }
     apply_mismatch_actions(&mut parts.headers, &mismatches);
-    let flow_parts = parts.clone();
     let upstream = &ctx.shared.upstream;
     let call_deadline = if is_grpc {
         grpc::timeout(&parts.headers)
@@ -599,9 +598,31 @@ async fn handle(
         None
     };
     let timeout = upstream.response_timeout(call_deadline);
+    // Until the response head, a client that resets its stream (or closes)
+    // drops this future: the guard still writes the request's record.
+    let mut in_flight = InFlight {
+        ctx: ctx.clone(),
+        d: d.clone(),
+        start,
+        facts: Some(InFlightFacts {
+            parts: parts.clone(),
+            verdict,
+            mismatches,
+            grpc: grpc_call,
+        }),
+    };
     let result = upstream
         .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
         .await;
+    let Some(InFlightFacts {
+        parts: flow_parts,
+        verdict,
+        mismatches,
+        grpc: grpc_call,
+    }) = in_flight.facts.take()
+    else {
+        return Err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+    };
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
@@ -659,6 +680,50 @@ async fn handle(
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// A forwarded request whose response head has not come yet.
+struct InFlight {
+    ctx: Arc<ConnContext>,
+    d: crate::context::Decision,
+    start: Instant,
+    /// Taken back when the response (or an upstream error) arrives.
+    facts: Option<InFlightFacts>,
+}
+
+struct InFlightFacts {
+    parts: http::request::Parts,
+    verdict: weir_policy::Verdict,
+    mismatches: Vec<HeaderMismatch>,
+    grpc: Option<flow::Grpc>,
+}
+
+impl Drop for InFlight {
+    /// The client gave up first (RST_STREAM, or closed): the request was
+    /// allowed and forwarded, and its record says it was cancelled (gRPC: 1
+    /// CANCELLED, as the client itself reports it).
+    fn drop(&mut self) {
+        let Some(facts) = self.facts.take() else {
+            return;
+        };
+        let mut http = flow_http(&facts.parts, &self.ctx, StatusCode::OK);
+        // No response was produced.
+        http.code = 0;
+        http.header_mismatches = facts.mismatches;
+        http.grpc = facts.grpc.map(|mut g| {
+            g.status = Some(1);
+            g.message = Some("cancelled by the client before the response".into());
+            g
+        });
+        let mut f = self.ctx.flow(&self.d, &facts.verdict).with_http(
+            L7Type::Request,
+            elapsed_ns(self.start),
+            http,
+        );
+        // Forwarded as policy allowed; the client ended it.
+        f.drop_reason_desc = Some("CLIENT_CANCELLED".into());
+        self.ctx.shared.flows.emit(&f);
+    }
 }
 
 /// The service and method of a gRPC call's path (empty when the path is not

@@ -4,10 +4,11 @@ one channel (one HTTP/2 connection) and prints one JSON line per call:
 {"call", "code", "details", "result"}.
 
 usage: grpc_echo_client.py TARGET CALL... (unary collect expand chat forbidden
-slow watch-cancel fail)
+slow slow-long slow-cancel watch-cancel fail)
 """
 import json
 import sys
+import time
 
 import grpc
 
@@ -23,6 +24,14 @@ def watch_cancel():
     return first
 
 
+def slow_cancel():
+    # Cancelled before the response head (the server sleeps 5 s).
+    f = m("unary_unary", "Slow").future(b"hi", timeout=20)
+    time.sleep(0.5)
+    f.cancel()
+    return "cancelled" if f.cancelled() else "not cancelled"
+
+
 RUN = {
     "unary": lambda: m("unary_unary", "Unary")(b"hi", timeout=10),
     "collect": lambda: m("stream_unary", "Collect")(iter([b"a", b"b", b"c"]), timeout=10),
@@ -32,6 +41,7 @@ RUN = {
     "slow": lambda: m("unary_unary", "Slow")(b"hi", timeout=1),
     "slow-long": lambda: m("unary_unary", "Slow")(b"hi", timeout=20),
     "watch-cancel": watch_cancel,
+    "slow-cancel": slow_cancel,
     "fail": lambda: m("unary_unary", "Fail")(b"hi", timeout=10),
 }
 

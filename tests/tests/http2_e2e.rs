@@ -476,6 +476,7 @@ fn grpc_calls_of_every_kind_with_denials_deadlines_and_cancellation() {
             "slow",
             "slow-long",
             "watch-cancel",
+            "slow-cancel",
         ];
         let got = grpc_calls(&s, &target, &calls);
         let by = |c: &str| got.iter().find(|g| g["call"] == c).unwrap().clone();
@@ -491,6 +492,7 @@ fn grpc_calls_of_every_kind_with_denials_deadlines_and_cancellation() {
         assert_eq!(by("expand")["result"], "[b'x-0', b'x-1', b'x-2']");
         assert_eq!(by("chat")["result"], "[b're:1', b're:2']");
         assert_eq!(by("watch-cancel")["result"], "b'tick'");
+        assert_eq!(by("slow-cancel")["result"], "'cancelled'");
         let denied = by("forbidden");
         assert_eq!(denied["code"], "PERMISSION_DENIED", "{got:?}");
         assert!(
@@ -544,6 +546,12 @@ fn grpc_calls_of_every_kind_with_denials_deadlines_and_cancellation() {
     assert!(grpc("Fail", 5));
     assert!(grpc("Slow", 4));
     assert!(grpc("Unary", 14));
+    // Cancelled by the client before the response head: still recorded.
+    assert!(flows.iter().any(|f| {
+        f["l7"]["http"]["grpc"]["method"] == "Slow"
+            && f["l7"]["http"]["grpc"]["status"] == 1
+            && f["drop_reason_desc"] == "CLIENT_CANCELLED"
+    }));
     let forbidden = flows
         .iter()
         .find(|f| f["l7"]["http"]["grpc"]["method"] == "Forbidden")
