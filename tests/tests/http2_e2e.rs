@@ -22,7 +22,7 @@ spec:
   ingress:
   - fromEndpoints: [{matchLabels: {org: empire}}]
     toPorts:
-    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}, {port: "8082", protocol: TCP}, {port: "8083", protocol: TCP}]
+    - ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}, {port: "8082", protocol: TCP}, {port: "8083", protocol: TCP}, {port: "8084", protocol: TCP}]
       rules:
         http:
         - method: POST
@@ -263,6 +263,56 @@ fn another_upstream_connection_opens_at_the_servers_stream_limit() {
         // More than one, and no more than --upstream-conns-per-client (16).
         assert!((2..=16).contains(&conns.len()), "{conns:?}");
     }
+}
+
+#[test]
+fn trailers_pass_both_ways_and_a_servers_reset_code_reaches_the_client() {
+    let Some(mut s) = Scenario::star_wars("h2-trailers") else {
+        return;
+    };
+    let py = python();
+    let mut cmd = s.lab.workload("deathstar").ns.command(py.to_str().unwrap());
+    cmd.args([&script("h2_peer.py"), "serve", "8084"]);
+    s.lab.spawn("h2-peer", cmd).expect("start h2 server");
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 8084, Duration::from_secs(10))
+        .expect("h2 server listening");
+    s.start_weir(POLICY, NFT);
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        let out = run_in(
+            &s,
+            "tiefighter",
+            &[
+                py.to_str().unwrap(),
+                &script("h2_peer.py"),
+                "call",
+                ip,
+                "8084",
+            ],
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.weir_log_text()
+            )
+        });
+        assert_eq!(r["status"], "200", "{r}");
+        assert_eq!(r["body"], "ok");
+        // The request's trailer reached the server (it echoes it back), and
+        // the server's trailers reached the client.
+        assert_eq!(r["trailers"]["x-echo"], "from-client", "{r}");
+        assert_eq!(r["trailers"]["x-server-trailer"], "yes");
+        // RST_STREAM(HTTP_1_1_REQUIRED = 0xd) from the server, code intact.
+        assert_eq!(r["rst_code"], 13, "{r}");
+    }
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["drop_reason_desc"] == "UPSTREAM_RESET"),
+        "{flows:?}"
+    );
 }
 
 /// weir's resident memory (VmRSS, KiB).
