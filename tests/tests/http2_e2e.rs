@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use weir_tests::{DEATHSTAR4, DEATHSTAR6, Scenario, lab, repo_root, settled_lines, text};
+use weir_tests::{
+    DEATHSTAR4, DEATHSTAR6, ENDPOINTS, Scenario, ScratchDir, lab, repo_root, settled_lines, text,
+    weir_cli,
+};
 
 const NFT: &[&str] = &["--steering", "nft"];
 
@@ -574,6 +577,41 @@ fn grpc_calls_of_every_kind_with_denials_deadlines_and_cancellation() {
             assert!(log.contains(&format!("{m} {peer}")), "{m}: {log}");
         }
         assert!(!log.contains("Forbidden"), "{log}");
+        // A second client implementation: tonic.
+        let uri = if ip.contains(':') {
+            format!("http://[{ip}]:50051")
+        } else {
+            format!("http://{ip}:50051")
+        };
+        let tonic = weir_tests::weir_bin().with_file_name("tonic-grpc-client");
+        let out = run_in(
+            &s,
+            "tiefighter",
+            &[
+                tonic.to_str().unwrap(),
+                &uri,
+                "unary",
+                "forbidden",
+                "expand",
+                "chat",
+            ],
+        );
+        let got: Vec<serde_json::Value> = text(&out)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        assert_eq!(got.len(), 4, "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(got[0]["result"], "echo:hi", "{got:?}");
+        assert_eq!(got[1]["code"], "PermissionDenied", "{got:?}");
+        assert!(
+            got[1]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("denied by weir policy: "),
+            "{got:?}"
+        );
+        assert_eq!(got[2]["result"], "x-0,x-1,x-2", "{got:?}");
+        assert_eq!(got[3]["result"], "re:1,re:2", "{got:?}");
         // Nothing listens on 50052: UNAVAILABLE, from weir.
         let target = target.replace("50051", "50052");
         let got = grpc_calls(&s, &target, &["unary"]);
@@ -780,4 +818,46 @@ fn http2_abuse_ends_only_the_offending_connection() {
             }
         }
     }
+}
+
+/// `weir policy explain` decides a gRPC method as the proxy does: a POST to
+/// `/package.Service/Method` (no root needed).
+#[test]
+fn policy_explain_decides_grpc_methods() {
+    let dir = ScratchDir::new("h2-explain");
+    let pol = dir.0.join("policy.yaml");
+    let eps = dir.0.join("endpoints.yaml");
+    std::fs::write(&pol, POLICY).unwrap();
+    std::fs::write(&eps, ENDPOINTS).unwrap();
+    let explain = |http: &str| {
+        let out = weir_cli(&[
+            "policy",
+            "explain",
+            "--policy",
+            pol.to_str().unwrap(),
+            "--endpoints",
+            eps.to_str().unwrap(),
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--port",
+            "50051",
+            "--http",
+            http,
+        ]);
+        (out.status.code(), text(&out))
+    };
+    let (code, out) = explain("POST /echo.Echo/Unary");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("ALLOWED\nh2 spec.ingress[0].toPorts[1].rules.http[0]"),
+        "{out}"
+    );
+    let (code, out) = explain("POST /echo.Echo/Forbidden");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with("DENIED\nno rule matched (ingress, HTTP)"),
+        "{out}"
+    );
 }
