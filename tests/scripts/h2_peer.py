@@ -7,8 +7,11 @@ server: h2_peer.py serve PORT
   /v1/trailers: answers 200 "ok" with trailers x-server-trailer: yes and
                 x-echo: <the request trailer x-client-trailer>
   /v1/rst:      resets the stream with HTTP_1_1_REQUIRED (0xd)
+  /v1/goaway:   GOAWAY (NO_ERROR) that does not take the stream, then closes
 client: h2_peer.py call HOST PORT — one JSON line:
   {"status", "body", "trailers", "rst_code"}
+        h2_peer.py goaway HOST PORT — /v1/goaway, then /v1/trailers on the same
+  connection: {"goaway_rst_code", "after_status", "after_trailers"}
 """
 import json
 import socket
@@ -36,7 +39,8 @@ def handle(s):
     conn.initiate_connection()
     s.sendall(conn.data_to_send())
     paths, trailers = {}, {}
-    while True:
+    closing = False
+    while not closing:
         data = s.recv(65536)
         if not data:
             return
@@ -46,6 +50,10 @@ def handle(s):
                 paths[ev.stream_id] = h.get(":path")
                 if paths[ev.stream_id] == "/v1/rst":
                     conn.reset_stream(ev.stream_id, error_code=0xD)
+                elif paths[ev.stream_id] == "/v1/goaway":
+                    conn.close_connection(error_code=0, last_stream_id=max(0, ev.stream_id - 2))
+                    closing = True
+                    break
             elif isinstance(ev, h2.events.DataReceived):
                 conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.TrailersReceived):
@@ -57,6 +65,7 @@ def handle(s):
                 conn.send_data(sid, b"ok")
                 conn.send_headers(sid, [("x-server-trailer", "yes"), ("x-echo", echo)], end_stream=True)
         s.sendall(conn.data_to_send())
+    s.close()
 
 
 def call(host, port):
@@ -95,7 +104,45 @@ def call(host, port):
     print(json.dumps(out), flush=True)
 
 
+def goaway(host, port):
+    s = socket.create_connection((host, port), timeout=10)
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    base = [(":scheme", "http"), (":authority", authority)]
+    conn.send_headers(1, [(":method", "GET"), (":path", "/v1/goaway"), *base], end_stream=True)
+    s.sendall(conn.data_to_send())
+    out = {"goaway_rst_code": None, "after_status": None, "after_trailers": {}}
+    sent_after = False
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.StreamReset) and ev.stream_id == 1:
+                out["goaway_rst_code"] = int(ev.error_code)
+            elif isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 3:
+                out["after_status"] = dict(ev.headers).get(b":status", b"").decode()
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == 3:
+                out["after_trailers"] = {k.decode(): v.decode() for k, v in ev.headers}
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 3:
+                print(json.dumps(out), flush=True)
+                return
+        if out["goaway_rst_code"] is not None and not sent_after:
+            # The same client connection goes on: weir opens a new upstream one.
+            sent_after = True
+            conn.send_headers(3, [(":method", "GET"), (":path", "/v1/trailers"), *base, ("te", "trailers")])
+            conn.send_data(3, b"body")
+            conn.send_headers(3, [("x-client-trailer", "again")], end_stream=True)
+        s.sendall(conn.data_to_send())
+    print(json.dumps(out), flush=True)
+
+
 if sys.argv[1] == "serve":
     serve(int(sys.argv[2]))
+elif sys.argv[1] == "goaway":
+    goaway(sys.argv[2], int(sys.argv[3]))
 else:
     call(sys.argv[2], int(sys.argv[3]))

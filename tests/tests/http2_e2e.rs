@@ -269,7 +269,7 @@ fn another_upstream_connection_opens_at_the_servers_stream_limit() {
 }
 
 #[test]
-fn trailers_pass_both_ways_and_a_servers_reset_code_reaches_the_client() {
+fn trailers_resets_and_goaway_pass_between_client_and_server() {
     let Some(mut s) = Scenario::star_wars("h2-trailers") else {
         return;
     };
@@ -308,6 +308,30 @@ fn trailers_pass_both_ways_and_a_servers_reset_code_reaches_the_client() {
         assert_eq!(r["trailers"]["x-server-trailer"], "yes");
         // RST_STREAM(HTTP_1_1_REQUIRED = 0xd) from the server, code intact.
         assert_eq!(r["rst_code"], 13, "{r}");
+        // The server's GOAWAY that did not take a stream: the client's stream is
+        // reset REFUSED_STREAM (7, safe to retry), and its next request goes over
+        // a new upstream connection.
+        let out = run_in(
+            &s,
+            "tiefighter",
+            &[
+                py.to_str().unwrap(),
+                &script("h2_peer.py"),
+                "goaway",
+                ip,
+                "8084",
+            ],
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.weir_log_text()
+            )
+        });
+        assert_eq!(r["goaway_rst_code"], 7, "{r}");
+        assert_eq!(r["after_status"], "200", "{r}");
+        assert_eq!(r["after_trailers"]["x-echo"], "again", "{r}");
     }
     let flows = s.flows();
     assert!(

@@ -188,6 +188,10 @@ impl H2Pool {
         // Held while connecting: concurrent streams wait for this connection
         // rather than each opening their own.
         let mut conns = slot.lock().await;
+        // Streams that waited for a probe that found HTTP/1 do not probe again.
+        if self.is_http1_only(ctx.orig_dst) {
+            return Err(Checkout::NotHttp2);
+        }
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
         let least_loaded = |conns: &[Arc<H2Conn>], with_room: bool| {
             conns
