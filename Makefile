@@ -20,7 +20,7 @@ PIP_TEST  := grpcio h2
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 
-.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
+.PHONY: help deps deps-perf build demo test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -78,6 +78,11 @@ perf-l4: deps-perf
 	@./.ci/apt-ensure apache2-utils iperf3 iptables
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/l4.sh
+
+perf-h2: deps-perf
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/h2.sh
+	@$(SUDO) env MODE=grpc ./tests/perf/h2.sh
 
 perf-dns: deps
 	@./.ci/apt-ensure dnsperf dnsdist dnsmasq-base
