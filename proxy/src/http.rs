@@ -14,6 +14,7 @@
 //! port with HTTP rules is refused at once: weir cannot see the requests inside.
 
 pub mod grpc;
+mod h2_streams;
 mod h2_upstream;
 mod responses;
 mod tracked_io;
@@ -24,14 +25,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
 };
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -46,6 +45,8 @@ use weir_policy::model::MismatchAction;
 use crate::context::ConnContext;
 use crate::detect::{Detected, Replay};
 use crate::idle::{ActiveIo, Activity};
+use grpc::{GrpcFlow, grpc_error_status, grpc_facts};
+use h2_streams::{OpenStream, ResetWindow, StreamBody, http2_connection_error, too_many_resets};
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
 pub use upstream::{Upstream, UpstreamConns, UpstreamError};
@@ -65,33 +66,7 @@ struct ConnState {
     too_many_resets: Notify,
 }
 
-#[derive(Default)]
-struct ResetWindow {
-    started: Option<Instant>,
-    count: u32,
-}
-
 impl ConnState {
-    /// Counts a stream the client ended before its response did; past `limit`
-    /// in one second, the connection is to be closed (Rapid Reset and its kin
-    /// make weir start work, upstream included, that the client throws away).
-    fn stream_reset(&self, limit: u32) {
-        let mut w = self.resets.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match w.started {
-            Some(t) if now.duration_since(t) < std::time::Duration::from_secs(1) => {
-                w.count = w.count.saturating_add(1);
-            }
-            _ => {
-                w.started = Some(now);
-                w.count = 1;
-            }
-        }
-        if w.count == limit.saturating_add(1) {
-            self.too_many_resets.notify_one();
-        }
-    }
-
     fn request_arrived(&self) {
         if !self.decided.swap(true, Ordering::Relaxed) {
             self.first_request.notify_one();
@@ -127,30 +102,6 @@ fn refuse_tls(ctx: &ConnContext) {
     f.drop_reason_desc = Some("TLS_ON_HTTP_PORT".into());
     f.policy = WHY.into();
     ctx.shared.flows.emit(&f);
-}
-
-/// An HTTP/2 connection that ended with a protocol error or one of weir's
-/// limits (GOAWAY with ENHANCE_YOUR_CALM, PROTOCOL_ERROR, ...) gets a flow
-/// record naming the reason: only that connection is closed.
-fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(h2e) = err.downcast_ref::<h2::Error>()
-            && let Some(reason) = h2e.reason()
-            && reason != h2::Reason::NO_ERROR
-            && reason != h2::Reason::CANCEL
-        {
-            info!(%reason, "HTTP/2 connection closed with GOAWAY");
-            let d = ctx.decide();
-            let mut f = ctx
-                .flow(&d, &d.verdict.l4_verdict())
-                .with_error(format!("HTTP2_GOAWAY: {reason:?}"));
-            f.policy = format!("HTTP/2 connection closed: {h2e}");
-            ctx.shared.flows.emit(&f);
-            return;
-        }
-        source = err.source();
-    }
 }
 
 /// How the wait for a connection's first request ended.
@@ -345,95 +296,6 @@ async fn serve_http2(
     // GOAWAY waits for the client's answer to a PING; a silent client is dropped.
     if tokio::time::timeout(idle, conn).await.is_err() {
         debug!("no answer to GOAWAY; closing");
-    }
-}
-
-/// The flow record for a connection closed for resetting too many streams.
-fn too_many_resets(ctx: &ConnContext, limit: u32) {
-    info!(
-        limit,
-        "HTTP/2 client resets too many streams; closing the connection with GOAWAY"
-    );
-    let d = ctx.decide();
-    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
-    f.verdict = flow::FlowVerdict::Dropped;
-    f.drop_reason_desc = Some("HTTP2_TOO_MANY_RESETS".into());
-    f.policy = format!(
-        "HTTP/2 client reset more than {limit} streams in a second (--http2-max-resets-per-sec); connection closed"
-    );
-    ctx.shared.flows.emit(&f);
-}
-
-/// An HTTP/2 stream from its request until its response has been sent (or the
-/// stream was reset): the response body carries it. Dropped before
-/// [`OpenStream::finish`], the client ended the stream first (RST_STREAM).
-struct OpenStream {
-    state: Arc<ConnState>,
-    reset_limit: u32,
-    finished: std::sync::atomic::AtomicBool,
-}
-
-impl OpenStream {
-    fn new(state: Arc<ConnState>, reset_limit: u32) -> Self {
-        state.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream {
-            state,
-            reset_limit,
-            finished: AtomicBool::new(false),
-        }
-    }
-
-    fn finish(&self) {
-        self.finished.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.state.open_streams.fetch_sub(1, Ordering::Relaxed);
-        if !self.finished.load(Ordering::Relaxed) {
-            self.state.stream_reset(self.reset_limit);
-        }
-    }
-}
-
-/// A response body that keeps its stream counted as open until hyper drops it.
-struct StreamBody {
-    inner: ProxyBody,
-    stream: OpenStream,
-}
-
-impl Body for StreamBody {
-    type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // The end, trailers, or the upstream's error: over, not by the client.
-        let over = match &polled {
-            Poll::Ready(None | Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(f))) => f.is_trailers(),
-            Poll::Pending => false,
-        };
-        if over {
-            self.stream.finish();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
-        if end {
-            self.stream.finish();
-        }
-        end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -722,63 +584,6 @@ impl Drop for InFlight {
         );
         // Forwarded as policy allowed; the client ended it.
         f.drop_reason_desc = Some("CLIENT_CANCELLED".into());
-        self.ctx.shared.flows.emit(&f);
-    }
-}
-
-/// The service and method of a gRPC call's path (empty when the path is not
-/// `/service/method`: policy matched it as it is).
-fn grpc_facts(path: &str) -> flow::Grpc {
-    let (service, method) = grpc::service_method(path).unwrap_or(("", ""));
-    flow::Grpc {
-        service: service.to_string(),
-        method: method.to_string(),
-        status: None,
-        message: None,
-    }
-}
-
-/// An upstream failure as gRPC clients expect it: no connection →
-/// UNAVAILABLE, deadline (weir's or the call's) → DEADLINE_EXCEEDED.
-fn grpc_error_status(e: &UpstreamError) -> grpc::Code {
-    match e {
-        UpstreamError::Unavailable(..) | UpstreamError::Failed(..) | UpstreamError::Reset(..) => {
-            grpc::Code::Unavailable
-        }
-        UpstreamError::Timeout(..) => grpc::Code::DeadlineExceeded,
-        UpstreamError::Request(..) => grpc::Code::Internal,
-    }
-}
-
-/// Writes a gRPC call's flow record when its response ends, with the status
-/// from the trailers (or the trailers-only head).
-struct GrpcFlow {
-    ctx: Arc<ConnContext>,
-    flow: Option<flow::Flow>,
-    call: flow::Grpc,
-    head_status: Option<(u32, Option<String>)>,
-}
-
-impl h2_upstream::OnEnd for GrpcFlow {
-    fn ended(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>) {
-        let Some(mut f) = self.flow.take() else {
-            return;
-        };
-        let mut g = self.call.clone();
-        let status = trailers
-            .and_then(grpc::status_of)
-            .or_else(|| self.head_status.clone());
-        match (status, error) {
-            (Some((status, message)), _) => {
-                g.status = Some(status);
-                g.message = message;
-            }
-            (None, Some(e)) => g.message = Some(format!("stream ended without a status: {e}")),
-            (None, None) => g.message = Some("response ended without grpc-status".into()),
-        }
-        if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
-            http.grpc = Some(g);
-        }
         self.ctx.shared.flows.emit(&f);
     }
 }

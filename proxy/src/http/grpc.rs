@@ -3,11 +3,16 @@
 //! report as UNKNOWN). Which requests are gRPC calls, their service and method
 //! and deadline are the parsers' (`weir_parsers::grpc`).
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-pub use weir_parsers::grpc::{is_grpc, percent_encode, service_method, status_of, timeout};
+use std::sync::Arc;
 
-use super::ProxyBody;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+pub use weir_parsers::grpc::{is_grpc, percent_encode, service_method, status_of, timeout};
+use weir_policy::flow;
+
+use super::h2_upstream::OnEnd;
+use super::{ProxyBody, UpstreamError};
+use crate::context::ConnContext;
 
 /// gRPC status codes weir produces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,63 @@ pub fn status_response(code: Code, message: &str) -> Response<ProxyBody> {
     }
     h.insert("x-weir-proxy", HeaderValue::from_static("1"));
     r
+}
+
+/// The service and method of a gRPC call's path (empty when the path is not
+/// `/service/method`: policy matched it as it is).
+pub(super) fn grpc_facts(path: &str) -> flow::Grpc {
+    let (service, method) = service_method(path).unwrap_or(("", ""));
+    flow::Grpc {
+        service: service.to_string(),
+        method: method.to_string(),
+        status: None,
+        message: None,
+    }
+}
+
+/// An upstream failure as gRPC clients expect it: no connection →
+/// UNAVAILABLE, deadline (weir's or the call's) → DEADLINE_EXCEEDED.
+pub(super) fn grpc_error_status(e: &UpstreamError) -> Code {
+    match e {
+        UpstreamError::Unavailable(..) | UpstreamError::Failed(..) | UpstreamError::Reset(..) => {
+            Code::Unavailable
+        }
+        UpstreamError::Timeout(..) => Code::DeadlineExceeded,
+        UpstreamError::Request(..) => Code::Internal,
+    }
+}
+
+/// Writes a gRPC call's flow record when its response ends, with the status
+/// from the trailers (or the trailers-only head).
+pub(super) struct GrpcFlow {
+    pub(super) ctx: Arc<ConnContext>,
+    pub(super) flow: Option<flow::Flow>,
+    pub(super) call: flow::Grpc,
+    pub(super) head_status: Option<(u32, Option<String>)>,
+}
+
+impl OnEnd for GrpcFlow {
+    fn ended(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>) {
+        let Some(mut f) = self.flow.take() else {
+            return;
+        };
+        let mut g = self.call.clone();
+        let status = trailers
+            .and_then(status_of)
+            .or_else(|| self.head_status.clone());
+        match (status, error) {
+            (Some((status, message)), _) => {
+                g.status = Some(status);
+                g.message = message;
+            }
+            (None, Some(e)) => g.message = Some(format!("stream ended without a status: {e}")),
+            (None, None) => g.message = Some("response ended without grpc-status".into()),
+        }
+        if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
+            http.grpc = Some(g);
+        }
+        self.ctx.shared.flows.emit(&f);
+    }
 }
 
 #[cfg(test)]

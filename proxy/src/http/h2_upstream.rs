@@ -19,24 +19,27 @@
 //! go as HTTP/1.1, except gRPC calls, which need trailers (UNAVAILABLE).
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::RecvStream;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, header, request};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use http::{HeaderValue, Request, Response, Uri, header, request};
+use hyper::body::{Body, Incoming};
 use tokio::sync::oneshot;
 use tracing::debug;
+
+mod body;
+mod pump;
+mod sniff;
+
+pub use body::{H2Body, OnEnd};
+use pump::pump_request;
+use sniff::SniffIo;
 
 use super::UpstreamError;
 use crate::ProxyConfig;
@@ -244,11 +247,7 @@ impl H2Pool {
         };
         let _ = stream.set_nodelay(true);
         let (first, spoke) = oneshot::channel();
-        let io = SniffIo {
-            inner: stream,
-            seen: Vec::new(),
-            first: Some(first),
-        };
+        let io = SniffIo::new(stream, first);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(self.stream_window)
             .initial_connection_window_size(self.conn_window)
@@ -407,74 +406,6 @@ fn restore_for_http1(mut parts: request::Parts) -> request::Parts {
     parts
 }
 
-/// Streams a request body to the server: data as its window allows, then the
-/// trailers. A client that resets (or breaks) its stream cancels the server's;
-/// a server that resets its stream ends the pump.
-async fn pump_request(mut body: Incoming, mut stream: SendStream<Bytes>) {
-    loop {
-        let frame = tokio::select! {
-            f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
-            r = poll_fn(|cx| stream.poll_reset(cx)) => {
-                debug!(reason = ?r.ok(), "server reset the stream; request body dropped");
-                return;
-            }
-        };
-        let (result, last) = match frame {
-            None => (stream.send_data(Bytes::new(), true), true),
-            Some(Err(e)) => {
-                debug!(error = %e, "client request body failed; cancelling the upstream stream");
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let eos = body.is_end_stream();
-                    (send_data(&mut stream, data, eos).await, eos)
-                }
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => (stream.send_trailers(trailers), true),
-                    Err(_) => (Ok(()), false),
-                },
-            },
-        };
-        if let Err(e) = result {
-            debug!(error = %e, "sending the request body upstream failed");
-            return;
-        }
-        if last {
-            return;
-        }
-    }
-}
-
-/// Sends `data` as the server's window opens (never buffering more than it).
-async fn send_data(
-    stream: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    eos: bool,
-) -> Result<(), h2::Error> {
-    if data.is_empty() {
-        return if eos {
-            stream.send_data(data, true)
-        } else {
-            Ok(())
-        };
-    }
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
-            None => return Err(h2::Error::from(h2::Reason::CANCEL)),
-            Some(r) => r?,
-        };
-        if granted == 0 {
-            continue;
-        }
-        let chunk = data.split_to(granted.min(data.len()));
-        stream.send_data(chunk, eos && data.is_empty())?;
-    }
-    Ok(())
-}
-
 /// Drives one upstream connection; retires it when idle for the idle timeout,
 /// and drops it from the pool when it ends.
 async fn drive(
@@ -513,197 +444,4 @@ async fn drive(
     }
     conn.closed.store(true, Ordering::Relaxed);
     pool.forget(key, conn.id);
-}
-
-/// The upstream stream, watched for its server's first bytes: an HTTP/2 server
-/// starts with a frame header (its SETTINGS, type 4); anything else, or the
-/// end of the stream first, means it does not speak HTTP/2.
-struct SniffIo {
-    inner: TcpStream,
-    seen: Vec<u8>,
-    first: Option<oneshot::Sender<bool>>,
-}
-
-impl AsyncRead for SniffIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.first.is_some() {
-            match &res {
-                Poll::Ready(Ok(())) => {
-                    let new = &buf.filled()[before..];
-                    if new.is_empty() {
-                        self.answer(false);
-                    } else {
-                        let need = 4usize.saturating_sub(self.seen.len());
-                        let take = need.min(new.len());
-                        let head = new.get(..take).unwrap_or_default().to_vec();
-                        self.seen.extend_from_slice(&head);
-                        if self.seen.len() >= 4 {
-                            let settings = self.seen.get(3) == Some(&4);
-                            self.answer(settings);
-                        }
-                    }
-                }
-                Poll::Ready(Err(_)) => self.answer(false),
-                Poll::Pending => {}
-            }
-        }
-        res
-    }
-}
-
-impl SniffIo {
-    fn answer(&mut self, http2: bool) {
-        if let Some(tx) = self.first.take() {
-            let _ = tx.send(http2);
-        }
-        self.seen = Vec::new();
-    }
-}
-
-impl AsyncWrite for SniffIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// What happens when a response ends: the gRPC flow record is written then,
-/// with the status from the trailers.
-pub trait OnEnd: Send + Sync {
-    /// `trailers` are the response's trailers, `None` when it ended without
-    /// (or was cancelled / reset: `error` says how).
-    fn ended(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>);
-}
-
-/// A response body streamed from the server: each chunk's bytes go back to the
-/// server's window once hyper has taken it, trailers pass through, and the
-/// server's RST_STREAM reaches the client with its reason.
-pub struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-    finished: bool,
-    _lease: StreamLease,
-    on_end: Option<Box<dyn OnEnd>>,
-}
-
-impl H2Body {
-    pub fn new(recv: RecvStream, lease: StreamLease) -> Self {
-        H2Body {
-            recv,
-            data_done: false,
-            finished: false,
-            _lease: lease,
-            on_end: None,
-        }
-    }
-
-    /// Called when the response ends (see [`OnEnd`]).
-    pub fn set_on_end(&mut self, on_end: Box<dyn OnEnd>) {
-        self.on_end = Some(on_end);
-    }
-
-    fn end(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>) {
-        self.finished = true;
-        if let Some(mut f) = self.on_end.take() {
-            f.ended(trailers, error);
-        }
-    }
-}
-
-impl Drop for H2Body {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        if self.recv.is_end_stream() {
-            // Nothing after the head (hyper never polled): the head said it all.
-            self.end(None, None);
-        } else {
-            // The client went away (or hyper stopped reading): dropping the
-            // RecvStream makes h2 cancel the server's stream.
-            let cancelled = h2::Error::from(h2::Reason::CANCEL);
-            self.end(None, Some(&cancelled));
-        }
-    }
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match this.recv.poll_data(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.end(None, Some(&e));
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(None) => this.data_done = true,
-            }
-        }
-        match this.recv.poll_trailers(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(t))) => {
-                this.end(Some(&t), None);
-                Poll::Ready(Some(Ok(Frame::trailers(t))))
-            }
-            Poll::Ready(Ok(None)) => {
-                this.end(None, None);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Err(e)) => {
-                this.end(None, Some(&e));
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.finished || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
