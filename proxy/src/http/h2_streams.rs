@@ -56,12 +56,15 @@ pub(super) fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
             && reason != h2::Reason::NO_ERROR
             && reason != h2::Reason::CANCEL
         {
-            info!(%reason, "HTTP/2 connection closed with GOAWAY");
+            // Which side sent the GOAWAY: weir (a limit, a protocol error of the
+            // client's) or the client itself.
+            let by = if h2e.is_remote() { "the client" } else { "weir" };
+            info!(%reason, by, "HTTP/2 connection closed with GOAWAY");
             let d = ctx.decide();
             let mut f = ctx
                 .flow(&d, &d.verdict.l4_verdict())
                 .with_error(format!("HTTP2_GOAWAY: {reason:?}"));
-            f.policy = format!("HTTP/2 connection closed: {h2e}");
+            f.policy = format!("HTTP/2 connection closed with GOAWAY by {by}: {h2e}");
             ctx.shared.flows.emit(&f);
             return;
         }
