@@ -58,7 +58,11 @@ pub(super) fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
         {
             // Which side sent the GOAWAY: weir (a limit, a protocol error of the
             // client's) or the client itself.
-            let by = if h2e.is_remote() { "the client" } else { "weir" };
+            let by = if h2e.is_remote() {
+                "the client"
+            } else {
+                "weir"
+            };
             info!(%reason, by, "HTTP/2 connection closed with GOAWAY");
             let d = ctx.decide();
             let mut f = ctx

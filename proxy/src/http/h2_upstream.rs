@@ -310,9 +310,13 @@ impl H2Pool {
                 Err(Checkout::Failed(e)) => return Err(e.into()),
             };
             let head = Request::from_parts(parts.clone(), ());
-            let sent = match lease.conn.send.clone().ready().await {
-                Ok(mut s) => s.send_request(head, end_of_stream),
-                Err(e) => Err(e),
+            // A stream queued behind a full connection waits at most as long as
+            // the response head may take.
+            let ready = tokio::time::timeout(timeout, lease.conn.send.clone().ready());
+            let sent = match ready.await {
+                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Ok(Ok(mut s)) => s.send_request(head, end_of_stream),
+                Ok(Err(e)) => Err(e),
             };
             let (response, stream) = match sent {
                 Ok(r) => r,
