@@ -17,10 +17,11 @@ APT_RUN   := iproute2 nftables util-linux procps bpftool
 APT_PEERS := curl nginx-light socat pv iputils-ping python3 python3-venv wrk man-db groff-base systemd nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
-# Python packages the tests use (in $(VENV)): prometheus-client parses /metrics.
-PIP_TEST  := prometheus-client
+# Python packages the tests use (in $(VENV)): prometheus-client parses /metrics;
+# grpcio (gRPC server and client) and h2 (a raw HTTP/2 attacker) are HTTP/2 peers.
+PIP_TEST  := prometheus-client grpcio h2
 
-.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns clean-tools
+.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -85,6 +86,11 @@ perf-l4: deps-perf
 	@./.ci/apt-ensure apache2-utils iperf3 iptables
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/l4.sh
+
+perf-h2: deps-perf
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/h2.sh
+	@$(SUDO) env MODE=grpc ./tests/perf/h2.sh
 
 perf-dns: deps
 	@./.ci/apt-ensure dnsperf dnsdist dnsmasq-base

@@ -375,6 +375,26 @@ pub struct RunArgs {
     /// (SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(long, default_value_t = 100)]
     pub http2_max_streams: u32,
+    /// HTTP/2 flow-control window per stream (bytes), client and server legs
+    /// alike; fixed, never adaptive: the most weir buffers per stream and direction.
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(65535..=2147483647))]
+    pub http2_stream_window: u32,
+    /// HTTP/2 flow-control window per connection (bytes), both legs; fixed.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(65535..=2147483647))]
+    pub http2_connection_window: u32,
+    /// HTTP/2 streams a client may reset before weir handled them (Rapid Reset,
+    /// CVE-2023-44487); beyond, its connection gets GOAWAY and a flow record.
+    #[arg(long, default_value_t = 20)]
+    pub http2_max_pending_resets: usize,
+    /// HTTP/2 streams weir may reset because of a client's protocol errors
+    /// (MadeYouReset, CVE-2025-8671); beyond, its connection gets GOAWAY.
+    #[arg(long, default_value_t = 1024)]
+    pub http2_max_local_resets: usize,
+    /// HTTP/2 streams a client may reset before their response, per second and
+    /// connection; beyond, the connection gets GOAWAY and a flow record (other
+    /// connections are unaffected).
+    #[arg(long, default_value_t = 200)]
+    pub http2_max_resets_per_sec: u32,
     /// Client connections the proxy holds at once; beyond, a new connection is
     /// accepted and closed at once (with a warning at most once a second).
     #[arg(long, default_value_t = 16384)]

@@ -4,5 +4,7 @@
 //! typed facts, or a rejection that says exactly why. Nothing here does I/O, so the
 //! same code serves the proxy, the policy explainer and the fuzz targets.
 
+pub mod detect;
 pub mod dns;
+pub mod grpc;
 pub mod http;

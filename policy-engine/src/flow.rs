@@ -141,6 +141,22 @@ pub struct Http {
     /// the `mismatch` action weir took (LOG, ADD, DELETE, REPLACE).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub header_mismatches: Vec<crate::http_match::HeaderMismatch>,
+    /// Set when the request was a gRPC call (`content-type: application/grpc*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<Grpc>,
+}
+
+/// A gRPC call's facts: `/service/method` and the status it ended with.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Grpc {
+    pub service: String,
+    pub method: String,
+    /// `grpc-status` from the trailers (or a trailers-only response); `None`
+    /// when the call ended without one (cancelled or reset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -22,6 +22,20 @@ pub struct ProxyConfig {
     pub request_head_timeout: Duration,
     /// Streams an HTTP/2 client may have open at once on one connection.
     pub http2_max_streams: u32,
+    /// HTTP/2 flow-control window of each stream, both legs (fixed, never
+    /// adaptive): the most weir buffers for one stream in one direction.
+    pub http2_stream_window: u32,
+    /// HTTP/2 flow-control window of a whole connection, both legs (fixed).
+    pub http2_connection_window: u32,
+    /// HTTP/2 streams a client may reset before weir has handled them (Rapid
+    /// Reset); beyond, the connection gets GOAWAY (ENHANCE_YOUR_CALM).
+    pub http2_max_pending_resets: usize,
+    /// HTTP/2 streams weir may have to reset because of a client's errors
+    /// (MadeYouReset); beyond, the connection gets GOAWAY.
+    pub http2_max_local_resets: usize,
+    /// HTTP/2 streams a client may end (RST_STREAM) before their response in
+    /// one second on one connection; beyond, GOAWAY and the connection closes.
+    pub http2_max_resets_per_sec: u32,
     /// Client connections held at once; beyond, new ones are closed at once.
     pub max_connections: usize,
     /// A spliced (L3/L4-only) TCP connection with no bytes either way for this
@@ -59,6 +73,11 @@ impl Default for ProxyConfig {
             upstream_conns_per_client: 16,
             request_head_timeout: Duration::from_secs(10),
             http2_max_streams: 100,
+            http2_stream_window: 256 * 1024,
+            http2_connection_window: 1024 * 1024,
+            http2_max_pending_resets: 20,
+            http2_max_local_resets: 1024,
+            http2_max_resets_per_sec: 200,
             max_connections: 16384,
             tcp_idle_timeout: Duration::from_secs(3600),
             node_name: "weir".to_string(),

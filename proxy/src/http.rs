@@ -7,7 +7,15 @@
 //! the connection is under the request-head deadline. An HTTP/2 connection with
 //! no open stream and no bytes for the idle timeout gets GOAWAY (HTTP/1's idle
 //! timeout is hyper's wait for the next request head).
+//!
+//! A request that arrived over HTTP/2 goes upstream over HTTP/2 (`h2_upstream`),
+//! with trailers, resets and GOAWAY passed on; a gRPC call (`grpc`) that weir
+//! answers itself gets a gRPC status, never an HTTP error. A TLS handshake on a
+//! port with HTTP rules is refused at once: weir cannot see the requests inside.
 
+pub mod grpc;
+mod h2_streams;
+mod h2_upstream;
 mod responses;
 mod tracked_io;
 mod upstream;
@@ -17,14 +25,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
 };
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -39,6 +45,8 @@ use weir_policy::model::MismatchAction;
 use crate::context::ConnContext;
 use crate::detect::{Detected, Replay};
 use crate::idle::{ActiveIo, Activity};
+use grpc::{GrpcFlow, grpc_error_status, grpc_facts};
+use h2_streams::{OpenStream, ResetWindow, StreamBody, http2_connection_error, too_many_resets};
 pub use responses::ProxyBody;
 use responses::{deny_response, error_response};
 pub use upstream::{Upstream, UpstreamConns, UpstreamError};
@@ -51,6 +59,11 @@ struct ConnState {
     first_request: Notify,
     /// HTTP/2 streams whose response has not been sent whole yet.
     open_streams: AtomicUsize,
+    /// HTTP/2 streams the client reset (or abandoned) in the current second.
+    resets: Mutex<ResetWindow>,
+    /// Set (and notified) once the client reset more streams in a second than
+    /// `--http2-max-resets-per-sec`.
+    too_many_resets: Notify,
 }
 
 impl ConnState {
@@ -74,30 +87,52 @@ pub async fn serve(
     match kind {
         Detected::Http2 => serve_http2(ctx, io, state, deadline).await,
         Detected::Http1 | Detected::Other => serve_http1(ctx, io, state, deadline).await,
+        Detected::Tls => refuse_tls(&ctx),
     }
 }
 
+/// TLS where policy has HTTP rules: forwarding it would let every request
+/// through unchecked, so the connection is closed at once, with a flow record.
+fn refuse_tls(ctx: &ConnContext) {
+    const WHY: &str = "TLS on an HTTP-rules port; weir cannot inspect it";
+    info!("{WHY}: closing");
+    let d = ctx.decide();
+    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+    f.verdict = flow::FlowVerdict::Dropped;
+    f.drop_reason_desc = Some("TLS_ON_HTTP_PORT".into());
+    f.policy = WHY.into();
+    ctx.shared.flows.emit(&f);
+}
+
+/// How the wait for a connection's first request ended.
+enum First {
+    Request,
+    /// The connection ended first (with hyper's error, if any).
+    Ended(Option<hyper::Error>),
+    /// The request-head deadline passed: the connection is to be closed.
+    Timeout,
+}
+
 /// Waits for the first request (or the end of the connection) until `deadline`.
-/// `false`: the connection is over, or timed out and is to be closed.
 async fn first_request<F>(
     conn: &mut Pin<&mut F>,
     state: &ConnState,
     deadline: tokio::time::Instant,
-) -> bool
+) -> First
 where
     F: Future<Output = hyper::Result<()>>,
 {
     tokio::select! {
         r = conn.as_mut() => {
-            if let Err(e) = r {
+            if let Err(e) = &r {
                 debug!(error = %e, "HTTP connection ended with an error");
             }
-            false
+            First::Ended(r.err())
         }
-        () = state.first_request.notified() => true,
+        () = state.first_request.notified() => First::Request,
         () = tokio::time::sleep_until(deadline) => {
             debug!("no request head by the request-head deadline; closing");
-            false
+            First::Timeout
         }
     }
 }
@@ -127,12 +162,21 @@ async fn serve_http1(
         svc_state.request_arrived();
         let ctx = svc_ctx.clone();
         let tracker = svc_tracker.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, Some(tracker), req).await) }
+        async move {
+            // A reset exists only for HTTP/2 clients; HTTP/1 never gets one.
+            let resp = handle(ctx, Some(tracker), req)
+                .await
+                .unwrap_or_else(|e| error_response(StatusCode::BAD_GATEWAY, &e.to_string(), true));
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = tracked_io::TrackedIo::new(io, tracker);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
-    if !first_request(&mut conn, &state, deadline).await {
+    if !matches!(
+        first_request(&mut conn, &state, deadline).await,
+        First::Request
+    ) {
         return;
     }
     let mut draining = ctx.shared.draining();
@@ -162,20 +206,35 @@ async fn serve_http2(
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(config.http2_max_streams)
+        // Fixed windows: what weir buffers per stream and connection is bounded.
+        .adaptive_window(false)
+        .initial_stream_window_size(config.http2_stream_window)
+        .initial_connection_window_size(config.http2_connection_window)
+        .max_pending_accept_reset_streams(config.http2_max_pending_resets)
+        .max_local_error_reset_streams(config.http2_max_local_resets)
         .keep_alive_interval(None);
     let svc_ctx = ctx.clone();
     let svc_state = state.clone();
+    let svc_reset_limit = config.http2_max_resets_per_sec;
     let svc = service_fn(move |req| {
         svc_state.request_arrived();
-        let stream = OpenStream::new(svc_state.clone());
+        let stream = OpenStream::new(svc_state.clone(), svc_reset_limit);
         let ctx = svc_ctx.clone();
         async move {
-            let resp = handle(ctx, None, req).await;
-            Ok::<_, Infallible>(resp.map(|body| StreamBody {
+            // An Err is a stream reset: hyper resets the client's stream with
+            // the h2 reason inside (weir's doing, not the client's).
+            let resp = match handle(ctx, None, req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    stream.finish();
+                    return Err(e);
+                }
+            };
+            Ok::<_, h2::Error>(resp.map(|body| StreamBody {
                 inner: body,
-                _stream: stream,
+                stream,
             }))
         }
     });
@@ -183,22 +242,35 @@ async fn serve_http2(
     let io = ActiveIo::new(io, activity.clone());
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
-    if !first_request(&mut conn, &state, deadline).await {
-        return;
+    match first_request(&mut conn, &state, deadline).await {
+        First::Request => {}
+        // Floods and malformed frames usually end a connection before any
+        // request is taken: the record says why.
+        First::Ended(Some(e)) => {
+            http2_connection_error(&ctx, &e);
+            return;
+        }
+        First::Ended(None) | First::Timeout => return,
     }
     let idle = config.idle_timeout;
     let mut check_at = activity.last() + idle;
     let mut draining = ctx.shared.draining();
+    let mut abusive = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     debug!(error = %e, "HTTP/2 connection ended with an error");
+                    http2_connection_error(&ctx, &e);
                 }
                 return;
             }
             // Another weir took over: GOAWAY now, open streams finish.
             _ = draining.wait_for(|d| *d) => break,
+            () = state.too_many_resets.notified() => {
+                abusive = true;
+                break;
+            }
             () = tokio::time::sleep_until(check_at) => {
                 let now = tokio::time::Instant::now();
                 let quiet_until = activity.last() + idle;
@@ -212,54 +284,18 @@ async fn serve_http2(
             }
         }
     }
+    if abusive {
+        too_many_resets(&ctx, config.http2_max_resets_per_sec);
+        conn.as_mut().graceful_shutdown();
+        // GOAWAY is sent; the streams in flight get a moment, no more.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+        return;
+    }
     debug!(?idle, "HTTP/2 connection idle; sending GOAWAY");
     conn.as_mut().graceful_shutdown();
     // GOAWAY waits for the client's answer to a PING; a silent client is dropped.
     if tokio::time::timeout(idle, conn).await.is_err() {
         debug!("no answer to GOAWAY; closing");
-    }
-}
-
-/// An HTTP/2 stream from its request until its response has been sent (or the
-/// stream was reset): the response body carries it.
-struct OpenStream(Arc<ConnState>);
-
-impl OpenStream {
-    fn new(state: Arc<ConnState>) -> Self {
-        state.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(state)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its stream counted as open until hyper drops it.
-struct StreamBody {
-    inner: ProxyBody,
-    _stream: OpenStream,
-}
-
-impl Body for StreamBody {
-    type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -289,6 +325,7 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),
         header_mismatches: Vec::new(),
+        grpc: None,
     }
 }
 
@@ -320,14 +357,19 @@ fn framing_check(
     }
 }
 
+/// A request's answer: a response, or (HTTP/2 only) a reset of its stream with
+/// the upstream's reason.
+type Reply = Result<Response<ProxyBody>, h2::Error>;
+
 async fn handle(
     ctx: Arc<ConnContext>,
     tracker: Option<Arc<Mutex<RequestTracker>>>,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Reply {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
+    let is_grpc = grpc::is_grpc(&parts.headers);
     let d = ctx.decide();
     let (policy, cv) = (&d.policy, &d.verdict);
     let checked = framing_check(tracker.as_deref(), http2)
@@ -346,7 +388,11 @@ async fn handle(
                     flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
                 );
             ctx.shared.flows.emit(&f);
-            return error_response(StatusCode::BAD_REQUEST, &reject.to_string(), true);
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                &reject.to_string(),
+                true,
+            ));
         }
     };
     let mut parts = parts;
@@ -372,55 +418,177 @@ async fn handle(
                 flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
             );
         ctx.shared.flows.emit(&f);
-        return error_response(StatusCode::BAD_REQUEST, &e, true);
+        return Ok(error_response(StatusCode::BAD_REQUEST, &e, true));
     }
     let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
         (cv.l4_verdict(), Vec::new())
     } else {
         cv.http_decision(policy, &facts, &parts.headers)
     };
+    let grpc_call = is_grpc.then(|| grpc_facts(&facts.path));
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
-        let f = ctx.flow(&d, &verdict).with_http(
-            L7Type::Request,
-            elapsed_ns(start),
-            flow_http(&parts, &ctx, StatusCode::FORBIDDEN),
-        );
+        let (response, code) = match grpc_call.clone() {
+            // A gRPC client reports PERMISSION_DENIED with weir's message (a
+            // 403 would read as UNKNOWN / INTERNAL).
+            Some(mut g) => {
+                let msg = format!("denied by weir policy: {}", verdict.reason());
+                g.status = Some(grpc::Code::PermissionDenied as u32);
+                g.message = Some(msg.clone());
+                let r = grpc::status_response(grpc::Code::PermissionDenied, &msg);
+                (r, (StatusCode::OK, Some(g)))
+            }
+            // Denied at L3/L4: nothing on this connection will ever pass, so close it.
+            None => (
+                deny_response(!cv.l4_allowed()),
+                (StatusCode::FORBIDDEN, None),
+            ),
+        };
+        let mut http = flow_http(&parts, &ctx, code.0);
+        http.grpc = code.1;
+        let f = ctx
+            .flow(&d, &verdict)
+            .with_http(L7Type::Request, elapsed_ns(start), http);
         ctx.shared.flows.emit(&f);
-        // Denied at L3/L4: nothing on this connection will ever pass, so close it.
-        return deny_response(!cv.l4_allowed());
+        return Ok(response);
     }
     apply_mismatch_actions(&mut parts.headers, &mismatches);
-    let flow_parts = parts.clone();
+    let upstream = &ctx.shared.upstream;
+    let call_deadline = if is_grpc {
+        grpc::timeout(&parts.headers)
+    } else {
+        None
+    };
+    let timeout = upstream.response_timeout(call_deadline);
+    // Until the response head, a client that resets its stream (or closes)
+    // drops this future: the guard still writes the request's record.
+    let mut in_flight = InFlight {
+        ctx: ctx.clone(),
+        d: d.clone(),
+        start,
+        facts: Some(InFlightFacts {
+            parts: parts.clone(),
+            verdict,
+            mismatches,
+            grpc: grpc_call,
+        }),
+    };
     let upstream_start = Instant::now();
-    let result = ctx
-        .shared
-        .upstream
-        .forward(&ctx, Request::from_parts(parts, body))
+    let result = upstream
+        .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
         .await;
     let upstream_ns = elapsed_ns(upstream_start);
+    let Some(InFlightFacts {
+        parts: flow_parts,
+        verdict,
+        mismatches,
+        grpc: grpc_call,
+    }) = in_flight.facts.take()
+    else {
+        return Err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+    };
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
-            (resp, code, None)
+            (Ok(resp), code, None)
         }
         Err(e) => {
             let code = e.status();
             info!(error = %e, status = code.as_u16(), "upstream failed");
-            (error_response(code, &e.to_string(), false), code, Some(e))
+            let reply = match (&e, &grpc_call) {
+                (UpstreamError::Reset(_, reason), _) if http2 => Err(h2::Error::from(*reason)),
+                (_, Some(_)) => {
+                    let status = grpc_error_status(&e);
+                    Ok(grpc::status_response(status, &format!("weir: {e}")))
+                }
+                _ => Ok(error_response(code, &e.to_string(), false)),
+            };
+            (reply, code, Some(e))
         }
     };
     let mut http = flow_http(&flow_parts, &ctx, code);
     http.header_mismatches = mismatches;
+    if let (Some(g), Some(e)) = (&grpc_call, &error) {
+        let mut g = g.clone();
+        g.status = Some(grpc_error_status(e) as u32);
+        g.message = Some(e.to_string());
+        http.grpc = Some(g);
+    }
     let mut f = ctx
         .flow(&d, &verdict)
         .with_http(L7Type::Response, elapsed_ns(start), http)
         .with_upstream_ns(upstream_ns);
-    if let Some(e) = error {
+    if let Some(e) = &error {
         f = f.with_error(e.reason_code());
+    }
+    let mut response = response;
+    // A gRPC call's record waits for its trailers (the status is there).
+    if let (Some(g), Ok(resp)) = (grpc_call, &mut response) {
+        let head_status = grpc::status_of(resp.headers());
+        if let ProxyBody::Http2(body) = resp.body_mut() {
+            body.set_on_end(Box::new(GrpcFlow {
+                ctx: ctx.clone(),
+                flow: Some(f),
+                call: g,
+                head_status,
+            }));
+            return response;
+        }
+        if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
+            let mut g = g;
+            if let Some((status, message)) = head_status {
+                g.status = Some(status);
+                g.message = message;
+            }
+            http.grpc = Some(g);
+        }
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// A forwarded request whose response head has not come yet.
+struct InFlight {
+    ctx: Arc<ConnContext>,
+    d: crate::context::Decision,
+    start: Instant,
+    /// Taken back when the response (or an upstream error) arrives.
+    facts: Option<InFlightFacts>,
+}
+
+struct InFlightFacts {
+    parts: http::request::Parts,
+    verdict: weir_policy::Verdict,
+    mismatches: Vec<HeaderMismatch>,
+    grpc: Option<flow::Grpc>,
+}
+
+impl Drop for InFlight {
+    /// The client gave up first (RST_STREAM, or closed): the request was
+    /// allowed and forwarded, and its record says it was cancelled (gRPC: 1
+    /// CANCELLED, as the client itself reports it).
+    fn drop(&mut self) {
+        let Some(facts) = self.facts.take() else {
+            return;
+        };
+        let mut http = flow_http(&facts.parts, &self.ctx, StatusCode::OK);
+        // No response was produced.
+        http.code = 0;
+        http.header_mismatches = facts.mismatches;
+        http.grpc = facts.grpc.map(|mut g| {
+            g.status = Some(1);
+            g.message = Some("cancelled by the client before the response".into());
+            g
+        });
+        let mut f = self.ctx.flow(&self.d, &facts.verdict).with_http(
+            L7Type::Request,
+            elapsed_ns(self.start),
+            http,
+        );
+        // Forwarded as policy allowed; the client ended it.
+        f.drop_reason_desc = Some("CLIENT_CANCELLED".into());
+        self.ctx.shared.flows.emit(&f);
+    }
 }
 
 /// The request headers as policy checks them and the server gets them:

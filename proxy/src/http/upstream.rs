@@ -1,15 +1,16 @@
 //! Forwarding to the original destination, bodies streamed both ways. The
 //! upstream is always the connection's original destination, never anything taken
-//! from `Host` or the request target. Each client connection keeps its own
-//! upstream connections (from the client's address when steering allows), so the
-//! server sees the real client and no two clients ever share a connection.
+//! from `Host` or the request target. HTTP/1.1: each client connection keeps its
+//! own upstream connections (from the client's address when steering allows), so
+//! the server sees the real client and no two clients ever share a connection.
+//! HTTP/2 (`h2_upstream`): one multiplexed connection per client address and
+//! destination, shared by that client's connections.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -17,6 +18,7 @@ use thiserror::Error;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::ProxyBody;
+use super::h2_upstream::{H2Body, H2Failure, H2Pool};
 use crate::ProxyConfig;
 use crate::context::ConnContext;
 
@@ -30,6 +32,10 @@ pub enum UpstreamError {
     Failed(String, String),
     #[error("cannot build upstream request: {0}")]
     Request(String),
+    /// The server reset the HTTP/2 stream (or refused it with GOAWAY): the client's
+    /// stream is reset with the same reason.
+    #[error("upstream {0} reset the stream: {1:?}")]
+    Reset(String, h2::Reason),
 }
 
 impl UpstreamError {
@@ -39,6 +45,7 @@ impl UpstreamError {
             UpstreamError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
             UpstreamError::Request(..) => StatusCode::BAD_REQUEST,
+            UpstreamError::Reset(..) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -48,6 +55,7 @@ impl UpstreamError {
             UpstreamError::Timeout(..) => "UPSTREAM_TIMEOUT",
             UpstreamError::Failed(..) => "UPSTREAM_ERROR",
             UpstreamError::Request(..) => "MALFORMED_REQUEST",
+            UpstreamError::Reset(..) => "UPSTREAM_RESET",
         }
     }
 }
@@ -57,6 +65,8 @@ pub struct Upstream {
     response_timeout: Duration,
     /// Upstream connections kept per client connection.
     max_per_client: usize,
+    /// HTTP/2 upstream connections, shared per (client address, destination).
+    h2: Arc<H2Pool>,
 }
 
 /// A client connection's upstream connections (HTTP/1.1 to the server): at most
@@ -103,13 +113,57 @@ impl Upstream {
             connect_timeout: config.upstream_connect_timeout,
             response_timeout: config.upstream_timeout,
             max_per_client: config.upstream_conns_per_client.max(1),
+            h2: Arc::new(H2Pool::new(config)),
         }
     }
 
+    /// The response-head timeout: `--upstream-timeout`, or a gRPC call's own
+    /// deadline when that is sooner.
+    pub fn response_timeout(&self, call_deadline: Option<Duration>) -> Duration {
+        call_deadline.map_or(self.response_timeout, |d| d.min(self.response_timeout))
+    }
+
+    /// Sends a request to the original destination: over HTTP/2 when it came
+    /// over HTTP/2 and the server speaks it, else over HTTP/1.1. A gRPC call
+    /// (`grpc`) never goes over HTTP/1.1: it needs trailers.
     pub async fn forward(
         &self,
         ctx: &ConnContext,
         req: Request<Incoming>,
+        timeout: Duration,
+        grpc: bool,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let dst = ctx.orig_dst.to_string();
+        let mut req = req;
+        if req.version() == Version::HTTP_2 {
+            let not_http2 = || {
+                UpstreamError::Unavailable(dst.clone(), "the server does not speak HTTP/2".into())
+            };
+            if self.h2.is_http1_only(ctx.orig_dst) {
+                if grpc {
+                    return Err(not_http2());
+                }
+            } else {
+                match self.h2.forward(ctx, req, timeout).await {
+                    Ok((resp, lease)) => {
+                        let (parts, recv) = resp.into_parts();
+                        let body = H2Body::new(recv, lease);
+                        return Ok(Response::from_parts(parts, ProxyBody::Http2(body)));
+                    }
+                    Err(H2Failure::Upstream(e)) => return Err(e),
+                    Err(H2Failure::NotHttp2(_)) if grpc => return Err(not_http2()),
+                    Err(H2Failure::NotHttp2(r)) => req = *r,
+                }
+            }
+        }
+        self.forward_http1(ctx, req, timeout).await
+    }
+
+    async fn forward_http1(
+        &self,
+        ctx: &ConnContext,
+        req: Request<Incoming>,
+        timeout: Duration,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
@@ -150,13 +204,13 @@ impl Upstream {
         // used. HTTP/2 requests run side by side: take a free one or open another,
         // up to the cap (the wait for one counts towards the response timeout).
         let fut = self.send(ctx, req, !downstream_http2);
-        let resp = match tokio::time::timeout(self.response_timeout, fut).await {
-            Err(_) => return Err(UpstreamError::Timeout(dst, self.response_timeout)),
+        let resp = match tokio::time::timeout(timeout, fut).await {
+            Err(_) => return Err(UpstreamError::Timeout(dst, timeout)),
             Ok(r) => r?,
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, &[]);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(parts, ProxyBody::Http1(body)))
     }
 }
 
@@ -308,9 +362,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, protected: &[&str]) {
         }
         headers.remove(name);
     }
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC servers
+    // require it; any other TE is connection-specific.
+    let te_trailers = headers.get_all(header::TE).iter().count() == 1
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
     for name in [
         header::CONNECTION,
-        header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,

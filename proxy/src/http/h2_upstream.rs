@@ -1,0 +1,451 @@
+//! HTTP/2 to the server (h2c prior knowledge), on the `h2` crate: hyper's client
+//! hides RST_STREAM codes and GOAWAY, which a proxy must pass on.
+//!
+//! Connections are shared: one multiplexed connection per (client address,
+//! original destination), used by every downstream connection of that client and
+//! opened from the client's address like HTTP/1's. Another one opens only when
+//! every connection has as many streams open as the server's
+//! SETTINGS_MAX_CONCURRENT_STREAMS allows (at most `--upstream-conns-per-client`;
+//! beyond, h2 queues the stream until one ends).
+//!
+//! Flow control uses fixed windows (`--http2-stream-window`,
+//! `--http2-connection-window`), never adaptive ones: a response's bytes are
+//! released to the server's window only as the client side takes them, and a
+//! request's bytes are read from the client only as the server's window allows, so
+//! a slow reader stops its sender instead of growing weir's buffers.
+//!
+//! A server that answers the preface with anything but an HTTP/2 frame (an
+//! HTTP/1-only server) is remembered for a minute; meanwhile HTTP/2 requests to it
+//! go as HTTP/1.1, except gRPC calls, which need trailers (UNAVAILABLE).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::client::SendRequest;
+use http::{HeaderValue, Request, Response, Uri, header, request};
+use hyper::body::{Body, Incoming};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+mod body;
+mod pump;
+mod sniff;
+
+pub use body::{H2Body, OnEnd};
+use pump::pump_request;
+use sniff::SniffIo;
+
+use super::UpstreamError;
+use crate::ProxyConfig;
+use crate::context::ConnContext;
+use crate::socket::UpstreamSource;
+
+/// How long a server that did not speak HTTP/2 is sent HTTP/1.1 instead.
+const HTTP1_ONLY_FOR: Duration = Duration::from_secs(60);
+
+/// Upstream connections are shared by the downstream connections of one client
+/// address to one destination (and source kind: the client's address or the node's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Option<IpAddr>,
+    dst: SocketAddr,
+}
+
+impl PoolKey {
+    fn of(ctx: &ConnContext) -> Self {
+        let source = match ctx.upstream_source {
+            UpstreamSource::Client(ip, _) => Some(ip),
+            UpstreamSource::Node => None,
+        };
+        // Node-sourced connections are still kept per client: the server's
+        // per-connection state (and limits) must not mix clients.
+        PoolKey {
+            source: source.or(Some(ctx.client.ip())),
+            dst: ctx.orig_dst,
+        }
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<H2Conn>>>>;
+
+pub struct H2Pool {
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    http1_only: Mutex<HashMap<SocketAddr, Instant>>,
+    next_id: AtomicU64,
+    stream_window: u32,
+    conn_window: u32,
+    max_header_list: u32,
+    max_conns: usize,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// One upstream HTTP/2 connection.
+struct H2Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    /// Streams weir has open on it (the server's limit is compared to this).
+    active: AtomicUsize,
+    /// Streams ever opened (the idle check compares it between ticks).
+    opened: AtomicU64,
+    /// The connection ended or received GOAWAY: no new streams.
+    closed: AtomicBool,
+}
+
+/// A stream's claim on its connection, released when the response is over.
+pub struct StreamLease {
+    conn: Arc<H2Conn>,
+}
+
+impl StreamLease {
+    /// The connection got GOAWAY or failed: no new streams on it.
+    fn retire(&self) {
+        self.conn.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a request could not go over HTTP/2.
+pub enum H2Failure {
+    /// The server does not speak HTTP/2: send it HTTP/1.1 (the request is intact).
+    NotHttp2(Box<Request<Incoming>>),
+    Upstream(UpstreamError),
+}
+
+impl From<UpstreamError> for H2Failure {
+    fn from(e: UpstreamError) -> Self {
+        H2Failure::Upstream(e)
+    }
+}
+
+impl H2Pool {
+    pub fn new(config: &ProxyConfig) -> Self {
+        H2Pool {
+            slots: Mutex::new(HashMap::new()),
+            http1_only: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            stream_window: config.http2_stream_window,
+            conn_window: config.http2_connection_window,
+            max_header_list: u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX),
+            max_conns: config.upstream_conns_per_client.max(1),
+            connect_timeout: config.upstream_connect_timeout,
+            idle_timeout: config.idle_timeout,
+        }
+    }
+
+    /// The destination answered HTTP/2's preface with something else lately.
+    pub fn is_http1_only(&self, dst: SocketAddr) -> bool {
+        let mut m = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(&dst) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                m.remove(&dst);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_http1_only(&self, dst: SocketAddr) {
+        let mut m = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, until| *until > Instant::now());
+        m.insert(dst, Instant::now() + HTTP1_ONLY_FOR);
+    }
+
+    fn slot(&self, key: PoolKey) -> Slot {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key).or_default().clone()
+    }
+
+    /// Drops a finished connection from its slot, and the slot once empty.
+    fn forget(&self, key: PoolKey, id: u64) {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = m.get(&key) else { return };
+        // A checkout holding the slot's lock prunes closed connections itself.
+        let Ok(mut conns) = slot.try_lock() else {
+            return;
+        };
+        conns.retain(|c| c.id != id);
+        let empty = conns.is_empty();
+        drop(conns);
+        if empty {
+            m.remove(&key);
+        }
+    }
+
+    /// A connection with room for one more stream, opened if needed.
+    async fn checkout(self: &Arc<Self>, ctx: &ConnContext) -> Result<StreamLease, Checkout> {
+        let key = PoolKey::of(ctx);
+        let slot = self.slot(key);
+        // Held while connecting: concurrent streams wait for this connection
+        // rather than each opening their own.
+        let mut conns = slot.lock().await;
+        // Streams that waited for a probe that found HTTP/1 do not probe again.
+        if self.is_http1_only(ctx.orig_dst) {
+            return Err(Checkout::NotHttp2);
+        }
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let least_loaded = |conns: &[Arc<H2Conn>], with_room: bool| {
+            conns
+                .iter()
+                .filter(|c| {
+                    !with_room
+                        || c.active.load(Ordering::Relaxed) < c.send.current_max_send_streams()
+                })
+                .min_by_key(|c| c.active.load(Ordering::Relaxed))
+                .cloned()
+        };
+        let conn = match least_loaded(&conns, true) {
+            Some(c) => c,
+            None if conns.len() < self.max_conns => {
+                let c = self.connect(ctx, key).await?;
+                conns.push(c.clone());
+                c
+            }
+            // Every connection is full and no more may open: h2 queues the
+            // stream on the least loaded one until a stream there ends.
+            None => least_loaded(&conns, false).ok_or(Checkout::Failed(UpstreamError::Failed(
+                ctx.orig_dst.to_string(),
+                "no upstream connection".into(),
+            )))?,
+        };
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        conn.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(StreamLease { conn })
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        ctx: &ConnContext,
+        key: PoolKey,
+    ) -> Result<Arc<H2Conn>, Checkout> {
+        let dst = ctx.orig_dst.to_string();
+        let timeout =
+            |d: &str| Checkout::Failed(UpstreamError::Timeout(d.to_string(), self.connect_timeout));
+        let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => return Err(timeout(&dst)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(timeout(&dst)),
+            Ok(Err(e)) => {
+                return Err(Checkout::Failed(UpstreamError::Unavailable(
+                    dst,
+                    e.to_string(),
+                )));
+            }
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (first, spoke) = oneshot::channel();
+        let io = SniffIo::new(stream, first);
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.conn_window)
+            .max_header_list_size(self.max_header_list)
+            .enable_push(false)
+            // Until the server's SETTINGS say otherwise.
+            .initial_max_send_streams(100)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| Checkout::Failed(UpstreamError::Failed(dst.clone(), e.to_string())))?;
+        let conn = Arc::new(H2Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            send,
+            active: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(drive(self.clone(), key, conn.clone(), connection));
+        // The server's first bytes say whether it speaks HTTP/2 at all.
+        match tokio::time::timeout(self.connect_timeout, spoke).await {
+            Ok(Ok(true)) => Ok(conn),
+            Ok(Ok(false) | Err(_)) => {
+                conn.closed.store(true, Ordering::Relaxed);
+                debug!(%dst, "upstream does not speak HTTP/2; using HTTP/1.1 for a while");
+                self.mark_http1_only(ctx.orig_dst);
+                Err(Checkout::NotHttp2)
+            }
+            Err(_) => {
+                conn.closed.store(true, Ordering::Relaxed);
+                Err(timeout(&dst))
+            }
+        }
+    }
+
+    /// Sends `req` (a request that arrived over HTTP/2) over HTTP/2; waits at
+    /// most `timeout` for the response head.
+    pub async fn forward(
+        self: &Arc<Self>,
+        ctx: &ConnContext,
+        req: Request<Incoming>,
+        timeout: Duration,
+    ) -> Result<(Response<RecvStream>, StreamLease), H2Failure> {
+        let dst = ctx.orig_dst.to_string();
+        let (mut parts, body) = req.into_parts();
+        prepare_request(&mut parts, ctx)?;
+        let end_of_stream = body.is_end_stream();
+        let mut body = Some(body);
+        // One retry: a connection that closed (or got GOAWAY) between checkout and
+        // sending never saw this request.
+        for attempt in 0..2 {
+            let lease = match self.checkout(ctx).await {
+                Ok(c) => c,
+                Err(Checkout::NotHttp2) => {
+                    let body = body.take().ok_or_else(|| internal(&dst))?;
+                    return Err(H2Failure::NotHttp2(Box::new(Request::from_parts(
+                        restore_for_http1(parts),
+                        body,
+                    ))));
+                }
+                Err(Checkout::Failed(e)) => return Err(e.into()),
+            };
+            let head = Request::from_parts(parts.clone(), ());
+            // A stream queued behind a full connection waits at most as long as
+            // the response head may take.
+            let ready = tokio::time::timeout(timeout, lease.conn.send.clone().ready());
+            let sent = match ready.await {
+                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Ok(Ok(mut s)) => s.send_request(head, end_of_stream),
+                Ok(Err(e)) => Err(e),
+            };
+            let (response, stream) = match sent {
+                Ok(r) => r,
+                Err(e) if attempt == 0 => {
+                    debug!(error = %e, "upstream HTTP/2 connection unusable; retrying on another");
+                    lease.retire();
+                    continue;
+                }
+                Err(e) => return Err(UpstreamError::Failed(dst, e.to_string()).into()),
+            };
+            if let Some(b) = body.take().filter(|_| !end_of_stream) {
+                tokio::spawn(pump_request(b, stream));
+            }
+            let resp = match tokio::time::timeout(timeout, response).await {
+                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Ok(Err(e)) => {
+                    if e.is_go_away() || e.is_io() {
+                        lease.retire();
+                    }
+                    return Err(upstream_stream_error(&dst, &e).into());
+                }
+                Ok(Ok(r)) => r,
+            };
+            return Ok((resp, lease));
+        }
+        Err(internal(&dst).into())
+    }
+}
+
+/// A checkout's failure.
+enum Checkout {
+    NotHttp2,
+    Failed(UpstreamError),
+}
+
+fn internal(dst: &str) -> UpstreamError {
+    UpstreamError::Failed(dst.to_string(), "request lost before sending".into())
+}
+
+/// An upstream stream failure as the client should see it: a reset with the
+/// server's reason; GOAWAY before the server processed the stream becomes
+/// REFUSED_STREAM (safe for the client to retry).
+pub fn upstream_stream_error(dst: &str, e: &h2::Error) -> UpstreamError {
+    if e.is_go_away() {
+        return UpstreamError::Reset(dst.to_string(), h2::Reason::REFUSED_STREAM);
+    }
+    match e.reason() {
+        Some(r) if e.is_remote() || e.is_reset() => UpstreamError::Reset(dst.to_string(), r),
+        _ => UpstreamError::Failed(dst.to_string(), e.to_string()),
+    }
+}
+
+/// The request as the server gets it over HTTP/2: an absolute URI (`:scheme`
+/// http, `:authority` from the target or Host, else the destination), no Host
+/// header beside it, no connection-specific headers (`te: trailers` is not one:
+/// gRPC servers require it).
+fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), UpstreamError> {
+    let dst = ctx.orig_dst.to_string();
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => match parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            Some(h) => h.to_string(),
+            None => dst.clone(),
+        },
+    };
+    super::upstream::strip_hop_by_hop(&mut parts.headers, &[]);
+    parts.headers.remove(header::HOST);
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| UpstreamError::Request(e.to_string()))?;
+    parts.version = http::Version::HTTP_2;
+    Ok(())
+}
+
+/// Undoes [`prepare_request`]'s URI change for the HTTP/1.1 path (which reads
+/// the authority back into Host).
+fn restore_for_http1(mut parts: request::Parts) -> request::Parts {
+    if let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts
+}
+
+/// Drives one upstream connection; retires it when idle for the idle timeout,
+/// and drops it from the pool when it ends.
+async fn drive(
+    pool: Arc<H2Pool>,
+    key: PoolKey,
+    conn: Arc<H2Conn>,
+    connection: h2::client::Connection<SniffIo, Bytes>,
+) {
+    let mut connection = std::pin::pin!(connection);
+    let idle = pool.idle_timeout;
+    let mut last_opened = conn.opened.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            r = connection.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+                break;
+            }
+            () = tokio::time::sleep(idle) => {
+                let opened = conn.opened.load(Ordering::Relaxed);
+                if opened == last_opened && conn.active.load(Ordering::Relaxed) == 0 {
+                    // No stream for a whole idle period: stop handing it out; h2
+                    // sends GOAWAY and ends once the last handle is gone.
+                    conn.closed.store(true, Ordering::Relaxed);
+                    pool.forget(key, conn.id);
+                }
+                last_opened = opened;
+            }
+        }
+        if conn.closed.load(Ordering::Relaxed) && conn.active.load(Ordering::Relaxed) == 0 {
+            // Retired: finish what h2 still has to say, but not forever.
+            let _ = tokio::time::timeout(idle, connection.as_mut()).await;
+            break;
+        }
+    }
+    conn.closed.store(true, Ordering::Relaxed);
+    pool.forget(key, conn.id);
+}
