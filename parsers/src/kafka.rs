@@ -19,15 +19,23 @@
 //! [`BodyError::Unsupported`]. Nothing here panics on input or re-encodes a request.
 
 pub mod apis;
+mod deny;
 mod frame;
 mod header;
 mod request;
 
+pub use deny::{
+    CLUSTER_AUTHORIZATION_FAILED, DenyError, GROUP_AUTHORIZATION_FAILED,
+    TOPIC_AUTHORIZATION_FAILED, TRANSACTIONAL_ID_AUTHORIZATION_FAILED, UNSUPPORTED_VERSION,
+    deny_response, non_topic_error,
+};
 pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
 pub use request::{
     BodyError, BodyFacts, RequestFacts, TopicRef, Topics, body_decodable, request_facts,
 };
 
+#[cfg(test)]
+mod deny_tests;
 #[cfg(test)]
 mod tests;

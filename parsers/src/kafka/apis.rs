@@ -128,3 +128,86 @@ apis! {
     AlterShareGroupOffsets => AlterShareGroupOffsetsRequest, AlterShareGroupOffsetsResponse;
     DeleteShareGroupOffsets => DeleteShareGroupOffsetsRequest, DeleteShareGroupOffsetsResponse;
 }
+
+macro_rules! top_level_errors {
+    ($($key:ident),* $(,)?) => {
+        /// Set the response's top-level `error_code`, for the responses that have one
+        /// (in some version); `false` for the others.
+        pub fn set_top_level_error(resp: &mut ResponseKind, code: i16) -> bool {
+            match resp {
+                $(ResponseKind::$key(r) => {
+                    r.error_code = code;
+                    true
+                })*
+                _ => false,
+            }
+        }
+
+        /// The response's top-level `error_code`, when its type has one.
+        pub fn top_level_error(resp: &ResponseKind) -> Option<i16> {
+            match resp {
+                $(ResponseKind::$key(r) => Some(r.error_code),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+top_level_errors! {
+    Fetch,
+    Metadata,
+    OffsetFetch,
+    FindCoordinator,
+    JoinGroup,
+    Heartbeat,
+    LeaveGroup,
+    SyncGroup,
+    ListGroups,
+    SaslHandshake,
+    ApiVersions,
+    InitProducerId,
+    AddPartitionsToTxn,
+    AddOffsetsToTxn,
+    EndTxn,
+    DescribeAcls,
+    DescribeLogDirs,
+    SaslAuthenticate,
+    CreateDelegationToken,
+    RenewDelegationToken,
+    ExpireDelegationToken,
+    DescribeDelegationToken,
+    ElectLeaders,
+    AlterPartitionReassignments,
+    ListPartitionReassignments,
+    OffsetDelete,
+    DescribeClientQuotas,
+    DescribeUserScramCredentials,
+    Vote,
+    BeginQuorumEpoch,
+    EndQuorumEpoch,
+    DescribeQuorum,
+    AlterPartition,
+    UpdateFeatures,
+    Envelope,
+    FetchSnapshot,
+    DescribeCluster,
+    BrokerRegistration,
+    BrokerHeartbeat,
+    UnregisterBroker,
+    ListTransactions,
+    AllocateProducerIds,
+    ConsumerGroupHeartbeat,
+    ControllerRegistration,
+    GetTelemetrySubscriptions,
+    PushTelemetry,
+    AssignReplicasToDirs,
+    ListConfigResources,
+    ShareGroupHeartbeat,
+    ShareFetch,
+    ShareAcknowledge,
+    AddRaftVoter,
+    RemoveRaftVoter,
+    UpdateRaftVoter,
+    AlterShareGroupOffsets,
+    DeleteShareGroupOffsets,
+}
