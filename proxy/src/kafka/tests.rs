@@ -1,0 +1,204 @@
+//! The Kafka handler between a real client socket and a scripted broker on loopback:
+//! allowed requests reach the broker unchanged, a denial comes back in request order
+//! behind a slow broker response, and a denied acks=0 Produce closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    produce_request::{PartitionProduceData, TopicProduceData},
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir_parsers::kafka::{DEFAULT_MAX_FRAME, FrameSplitter, TOPIC_AUTHORIZATION_FAILED};
+use weir_policy::identity::IdentityAllocator;
+use weir_policy::{CompiledPolicy, parse_endpoints, parse_policies};
+
+use super::serve;
+use crate::context::ConnContext;
+use crate::{FlowSink, ProxyConfig, Shared};
+
+const V: i16 = 9;
+
+fn produce(corr: i32, topic: &str, acks: i16) -> Vec<u8> {
+    let mut p = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(V)
+        .with_correlation_id(corr)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut p, ApiKey::Produce.request_header_version(V))
+        .expect("header");
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                .with_partition_data(vec![PartitionProduceData::default().with_index(0)]),
+        ])
+        .encode(&mut p, V)
+        .expect("body");
+    let mut out = Vec::new();
+    out.put_i32(i32::try_from(p.len()).expect("small"));
+    out.extend_from_slice(&p);
+    out
+}
+
+/// A broker that answers every Produce with an empty response, the first one late;
+/// it records the correlation ids and the exact bytes it received.
+async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
+    let Ok((mut s, _)) = listener.accept().await else {
+        return;
+    };
+    let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
+    let mut buf = vec![0u8; 4096];
+    let mut first = true;
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        split.push(&buf[..n]);
+        while let Ok(Some(f)) = split.next_frame() {
+            let mut p = f.payload();
+            let _key = p.get_i16();
+            let _ver = p.get_i16();
+            let corr = p.get_i32();
+            {
+                let mut g = seen.lock().expect("lock");
+                g.0.push(corr);
+                g.1.extend_from_slice(f.wire());
+            }
+            if first {
+                first = false;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut r = BytesMut::new();
+            r.put_i32(0);
+            ResponseHeader::default()
+                .with_correlation_id(corr)
+                .encode(&mut r, ApiKey::Produce.response_header_version(V))
+                .expect("header");
+            ProduceResponse::default().encode(&mut r, V).expect("body");
+            let len = i32::try_from(r.len() - 4).expect("small");
+            r[..4].copy_from_slice(&len.to_be_bytes());
+            if s.write_all(&r).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_frame(c: &mut TcpStream) -> Option<Bytes> {
+    let mut len = [0u8; 4];
+    c.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; usize::try_from(i32::from_be_bytes(len)).ok()?];
+    c.read_exact(&mut body).await.ok()?;
+    Some(Bytes::from(body))
+}
+
+#[tokio::test]
+async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
+    let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = broker_listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    tokio::spawn(broker(broker_listener, seen.clone()));
+
+    let endpoints = "endpoints:
+  - {name: app, ips: [127.0.0.2], labels: {app: a}}
+  - {name: broker, ips: [127.0.0.1], labels: {app: kafka}}
+";
+    let policy = format!(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: k}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toEndpoints: [{{matchLabels: {{app: kafka}}}}]
+    toPorts:
+    - ports: [{{port: '{port}', protocol: TCP}}]
+      rules:
+        kafka:
+        - {{role: produce, topic: allowed}}
+"
+    );
+    let p = parse_policies(&policy, "p.yaml").expect("policy");
+    let e = parse_endpoints(endpoints, "e.yaml").expect("endpoints");
+    let compiled =
+        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles");
+    let shared = Shared::new(
+        Arc::new(compiled),
+        FlowSink::new(Box::new(std::io::sink())),
+        ProxyConfig::default(),
+    );
+    let client_addr: SocketAddr = "127.0.0.2:40000".parse().expect("addr");
+    let dst: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let ctx = Arc::new(ConnContext::new(shared, client_addr, dst));
+    assert!(ctx.decide().verdict.needs_kafka());
+
+    // The client's connection to the proxy, over real sockets.
+    let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut client = TcpStream::connect(front.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = front.accept().await.expect("accept");
+    tokio::spawn(serve(ctx, accepted));
+
+    // Allowed (answered late), denied, allowed: pipelined in one write.
+    let (a1, denied, a3) = (
+        produce(1, "allowed", 1),
+        produce(2, "secret", 1),
+        produce(3, "allowed", 1),
+    );
+    let mut all = a1.clone();
+    all.extend_from_slice(&denied);
+    all.extend_from_slice(&a3);
+    client.write_all(&all).await.expect("write");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+            .await
+            .expect("in time")
+            .expect("a response");
+        let mut b = f.clone();
+        let h = ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(V))
+            .expect("header");
+        order.push(h.correlation_id);
+        if h.correlation_id == 2 {
+            let r = ProduceResponse::decode(&mut b, V).expect("a Produce v9 response");
+            let codes: Vec<i16> = r
+                .responses
+                .iter()
+                .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+                .collect();
+            assert_eq!(codes, vec![TOPIC_AUTHORIZATION_FAILED]);
+        }
+    }
+    assert_eq!(order, vec![1, 2, 3], "responses in request order");
+    {
+        let g = seen.lock().expect("lock");
+        assert_eq!(
+            g.0,
+            vec![1, 3],
+            "the denied request never reached the broker"
+        );
+        let mut want = a1.clone();
+        want.extend_from_slice(&a3);
+        assert_eq!(g.1, want, "allowed requests forwarded byte for byte");
+    }
+
+    // A denied acks=0 Produce: no response is possible, so the connection closes.
+    client
+        .write_all(&produce(4, "secret", 0))
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 3]);
+}
