@@ -18,6 +18,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, DEFAULT_MAX_FRAME, Frame, FrameSplitter, RequestFacts, TopicRef, Topics,
@@ -64,53 +66,100 @@ pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
     }
 }
 
+/// How many requests may wait for their response before weir stops reading the client
+/// (clients keep at most a handful in flight).
+const OWED_QUEUE: usize = 256;
+
+/// Both directions at once, in one task: while a write to one side waits, the other
+/// direction still moves (a broker that stops reading until its response is read cannot
+/// deadlock the relay).
 async fn relay(ctx: &ConnContext, client: TcpStream, upstream: TcpStream) -> std::io::Result<()> {
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let (client_rd, client_wr) = client.into_split();
+    let (up_rd, up_wr) = upstream.into_split();
+    let (owed_tx, owed_rx) = mpsc::channel(OWED_QUEUE);
+    tokio::select! {
+        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx) => r,
+        r = responses_to_client(ctx, up_rd, client_wr, owed_rx) => r,
+    }
+}
+
+/// Client → broker: frames, decisions, forwarding. What the client is owed goes to the
+/// other direction before the request leaves, so its response always finds its place.
+async fn requests_to_broker(
+    ctx: &ConnContext,
+    mut client_rd: OwnedReadHalf,
+    mut up_wr: OwnedWriteHalf,
+    owed: mpsc::Sender<Owed>,
+) -> std::io::Result<()> {
     let mut requests = FrameSplitter::new(DEFAULT_MAX_FRAME);
-    let mut responses = FrameSplitter::new(DEFAULT_MAX_FRAME);
-    let mut owed: VecDeque<Owed> = VecDeque::new();
-    let mut from_client = vec![0u8; 64 * 1024];
-    let mut from_broker = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        tokio::select! {
-            n = client_rd.read(&mut from_client) => {
-                let n = n?;
-                if n == 0 {
+        let n = client_rd.read(&mut buf).await?;
+        if n == 0 {
+            // The client is done sending: let the broker know, and let the other
+            // direction deliver what is still owed.
+            let _ = up_wr.shutdown().await;
+            drop(owed);
+            return std::future::pending().await;
+        }
+        requests.push(&buf[..n]);
+        loop {
+            let frame = match requests.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    close_flow(ctx, &format!("Kafka request framing: {e}"));
                     return Ok(());
                 }
-                requests.push(&from_client[..n]);
-                loop {
-                    let frame = match requests.next_frame() {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            close_flow(ctx, &format!("Kafka request framing: {e}"));
-                            return Ok(());
-                        }
-                    };
-                    match decide(ctx, &frame) {
-                        Action::Forward { expects_response } => {
-                            if expects_response {
-                                owed.push_back(Owed::Broker);
-                            }
-                            up_wr.write_all(frame.wire()).await?;
-                        }
-                        Action::Answer(bytes) if owed.is_empty() => client_wr.write_all(&bytes).await?,
-                        Action::Answer(bytes) => owed.push_back(Owed::Denial(bytes)),
-                        Action::Close(why) => {
-                            close_flow(ctx, &why);
-                            return Ok(());
-                        }
+            };
+            match decide(ctx, &frame) {
+                Action::Forward { expects_response } => {
+                    if expects_response && owed.send(Owed::Broker).await.is_err() {
+                        return Ok(());
+                    }
+                    up_wr.write_all(frame.wire()).await?;
+                }
+                Action::Answer(bytes) => {
+                    if owed.send(Owed::Denial(bytes)).await.is_err() {
+                        return Ok(());
                     }
                 }
+                Action::Close(why) => {
+                    close_flow(ctx, &why);
+                    return Ok(());
+                }
             }
-            n = up_rd.read(&mut from_broker) => {
+        }
+    }
+}
+
+/// Broker → client: each broker response goes out in its request's place, weir's
+/// denials in theirs.
+async fn responses_to_client(
+    ctx: &ConnContext,
+    mut up_rd: OwnedReadHalf,
+    mut client_wr: OwnedWriteHalf,
+    mut owed_rx: mpsc::Receiver<Owed>,
+) -> std::io::Result<()> {
+    let mut responses = FrameSplitter::new(DEFAULT_MAX_FRAME);
+    let mut owed: VecDeque<Owed> = VecDeque::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut requests_done = false;
+    loop {
+        tokio::select! {
+            // First what is owed: an entry is queued before its request is forwarded,
+            // so it is here before the response.
+            biased;
+            o = owed_rx.recv(), if !requests_done => match o {
+                Some(o) => owed.push_back(o),
+                None => requests_done = true,
+            },
+            n = up_rd.read(&mut buf) => {
                 let n = n?;
                 if n == 0 {
                     return Ok(());
                 }
-                responses.push(&from_broker[..n]);
+                responses.push(&buf[..n]);
                 loop {
                     let frame = match responses.next_frame() {
                         Ok(Some(f)) => f,
@@ -125,16 +174,29 @@ async fn relay(ctx: &ConnContext, client: TcpStream, upstream: TcpStream) -> std
                         return Ok(());
                     }
                     client_wr.write_all(frame.wire()).await?;
-                    // Denials queued behind that response are next in order.
-                    while let Some(Owed::Denial(_)) = owed.front() {
-                        if let Some(Owed::Denial(bytes)) = owed.pop_front() {
-                            client_wr.write_all(&bytes).await?;
-                        }
-                    }
+                    // The next response in this read may belong behind a denial.
+                    write_denials_due(&mut owed, &mut client_wr).await?;
                 }
             }
         }
+        write_denials_due(&mut owed, &mut client_wr).await?;
+        if requests_done && owed.is_empty() {
+            return Ok(());
+        }
     }
+}
+
+/// Denials at the front owe nothing to the broker: they go now.
+async fn write_denials_due(
+    owed: &mut VecDeque<Owed>,
+    client_wr: &mut OwnedWriteHalf,
+) -> std::io::Result<()> {
+    while let Some(Owed::Denial(_)) = owed.front() {
+        if let Some(Owed::Denial(bytes)) = owed.pop_front() {
+            client_wr.write_all(&bytes).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Policy's decision on one request frame, with its flow record.
