@@ -22,6 +22,7 @@ pub mod apis;
 mod deny;
 mod frame;
 mod header;
+mod metadata;
 mod request;
 
 pub use deny::{
@@ -31,6 +32,7 @@ pub use deny::{
 };
 pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
+pub use metadata::{MetadataFilterError, filter_metadata_response};
 pub use request::{
     BodyError, BodyFacts, RequestFacts, TopicRef, Topics, body_decodable, request_facts,
 };

@@ -2,13 +2,14 @@
 //! an allowed request is forwarded byte for byte; a denied one gets weir's own response
 //! (`weir_parsers::kafka::deny_response`), written in request order — behind the
 //! broker's responses to the allowed requests before it. Broker responses pass through
-//! untouched. A frame that cannot be framed or whose header does not decode, a denied
+//! untouched, except a Metadata response for every topic, cut down to the topics the
+//! client may see (`filter_metadata_response`). A frame that cannot be framed or whose header does not decode, a denied
 //! Produce with `acks=0` (no response would keep the client in step) and a denial that
 //! cannot be answered close the connection with a flow record.
 //!
 //! Not yet here (see the README): the node-wide topic id → name cache (requests that
 //! name topics by id are decided as if their body were undecodable: only rules without
-//! `topic` allow them), Metadata filtering for all-topic requests, `--kafka-max-frame`
+//! `topic` allow them), `--kafka-max-frame`
 //! (the default, 100 MiB, applies), Hubble's `l7.kafka` fields (the summary names the
 //! request) and per-request counters.
 
@@ -23,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, DEFAULT_MAX_FRAME, Frame, FrameSplitter, RequestFacts, TopicRef, Topics,
-    deny_response, request_facts,
+    deny_response, filter_metadata_response, request_facts,
 };
 use weir_policy::Verdict;
 use weir_policy::kafka_match::{KafkaRequest, KafkaTopics, api_key_name};
@@ -32,15 +33,25 @@ use crate::context::{ConnContext, Decision};
 
 /// What the client is owed, in request order.
 enum Owed {
-    /// The broker's response to a forwarded request.
-    Broker,
+    /// The broker's response to a forwarded request; a Metadata response for every
+    /// topic is cut down to the topics the client may see.
+    Broker(Option<MetadataFilter>),
     /// weir's denial, waiting for the broker responses owed before it.
     Denial(Bytes),
 }
 
+/// How to filter a Metadata response: as if the client had asked for each topic alone.
+struct MetadataFilter {
+    version: i16,
+    client_id: Option<String>,
+}
+
 /// What to do with one request.
 enum Action {
-    Forward { expects_response: bool },
+    Forward {
+        expects_response: bool,
+        filter: Option<MetadataFilter>,
+    },
     Answer(Bytes),
     Close(String),
 }
@@ -113,8 +124,11 @@ async fn requests_to_broker(
                 }
             };
             match decide(ctx, &frame) {
-                Action::Forward { expects_response } => {
-                    if expects_response && owed.send(Owed::Broker).await.is_err() {
+                Action::Forward {
+                    expects_response,
+                    filter,
+                } => {
+                    if expects_response && owed.send(Owed::Broker(filter)).await.is_err() {
                         return Ok(());
                     }
                     up_wr.write_all(frame.wire()).await?;
@@ -169,11 +183,24 @@ async fn responses_to_client(
                             return Ok(());
                         }
                     };
-                    if !matches!(owed.pop_front(), Some(Owed::Broker)) {
-                        close_flow(ctx, "the broker sent a response nothing asked for");
-                        return Ok(());
+                    match owed.pop_front() {
+                        Some(Owed::Broker(None)) => client_wr.write_all(frame.wire()).await?,
+                        Some(Owed::Broker(Some(f))) => {
+                            match filter_metadata_response(&frame.payload(), f.version, |topic| {
+                                may_see(ctx, &f, topic)
+                            }) {
+                                Ok(bytes) => client_wr.write_all(&bytes).await?,
+                                Err(e) => {
+                                    close_flow(ctx, &e.to_string());
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        _ => {
+                            close_flow(ctx, "the broker sent a response nothing asked for");
+                            return Ok(());
+                        }
                     }
-                    client_wr.write_all(frame.wire()).await?;
                     // The next response in this read may belong behind a denial.
                     write_denials_due(&mut owed, &mut client_wr).await?;
                 }
@@ -249,8 +276,14 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
     let summary = summary(&facts);
     if verdict.allowed {
         emit(ctx, &d, &verdict, summary, None);
+        let all_topics = h.api_key == 3 && req.topics == KafkaTopics::All;
+        let filter = (all_topics && cv.needs_kafka()).then(|| MetadataFilter {
+            version: h.api_version,
+            client_id: h.client_id.clone(),
+        });
         return Action::Forward {
             expects_response: acks != Some(0),
+            filter,
         };
     }
     let reason = why.map(|w| w.to_string());
@@ -270,6 +303,27 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             Action::Close(format!("denied request cannot be answered: {e}"))
         }
     }
+}
+
+/// Whether the client may see `topic` in a Metadata response: whether policy would
+/// allow the same request naming that topic alone (under the current policy).
+fn may_see(ctx: &ConnContext, f: &MetadataFilter, topic: &str) -> bool {
+    let d = ctx.decide();
+    let cv = &d.verdict;
+    if !cv.l4_allowed() {
+        return false;
+    }
+    if !cv.needs_l7() {
+        return true;
+    }
+    let names = [topic.to_string()];
+    let req = KafkaRequest {
+        api_key: 3,
+        api_version: f.version,
+        client_id: f.client_id.as_deref(),
+        topics: KafkaTopics::Names(&names),
+    };
+    cv.kafka_verdict(&d.policy, &req).0.allowed
 }
 
 fn summary(facts: &RequestFacts) -> String {

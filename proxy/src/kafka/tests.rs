@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
-    ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader,
+    ResponseHeader, TopicName,
     produce_request::{PartitionProduceData, TopicProduceData},
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -65,8 +67,8 @@ async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
         split.push(&buf[..n]);
         while let Ok(Some(f)) = split.next_frame() {
             let mut p = f.payload();
-            let _key = p.get_i16();
-            let _ver = p.get_i16();
+            let key = p.get_i16();
+            let ver = p.get_i16();
             let corr = p.get_i32();
             {
                 let mut g = seen.lock().expect("lock");
@@ -79,11 +81,26 @@ async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
             }
             let mut r = BytesMut::new();
             r.put_i32(0);
-            ResponseHeader::default()
-                .with_correlation_id(corr)
-                .encode(&mut r, ApiKey::Produce.response_header_version(V))
-                .expect("header");
-            ProduceResponse::default().encode(&mut r, V).expect("body");
+            if key == ApiKey::Metadata as i16 {
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Metadata.response_header_version(ver))
+                    .expect("header");
+                let t = |n: &'static str| {
+                    MetadataResponseTopic::default()
+                        .with_name(Some(TopicName(StrBytes::from_static_str(n))))
+                };
+                MetadataResponse::default()
+                    .with_topics(vec![t("allowed"), t("secret")])
+                    .encode(&mut r, ver)
+                    .expect("body");
+            } else {
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Produce.response_header_version(V))
+                    .expect("header");
+                ProduceResponse::default().encode(&mut r, V).expect("body");
+            }
             let len = i32::try_from(r.len() - 4).expect("small");
             r[..4].copy_from_slice(&len.to_be_bytes());
             if s.write_all(&r).await.is_err() {
@@ -192,6 +209,39 @@ spec:
         assert_eq!(g.1, want, "allowed requests forwarded byte for byte");
     }
 
+    // Metadata for every topic: the broker lists both, the client sees the allowed one.
+    let mut m = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(12)
+        .with_correlation_id(5)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut m, ApiKey::Metadata.request_header_version(12))
+        .expect("header");
+    MetadataRequest::default()
+        .with_topics(None)
+        .encode(&mut m, 12)
+        .expect("body");
+    let mut wire = Vec::new();
+    wire.put_i32(i32::try_from(m.len()).expect("small"));
+    wire.extend_from_slice(&m);
+    client.write_all(&wire).await.expect("write");
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("in time")
+        .expect("a response");
+    let mut b = f.clone();
+    let h = ResponseHeader::decode(&mut b, ApiKey::Metadata.response_header_version(12))
+        .expect("header");
+    assert_eq!(h.correlation_id, 5);
+    let r = MetadataResponse::decode(&mut b, 12).expect("Metadata v12");
+    let names: Vec<&str> = r
+        .topics
+        .iter()
+        .filter_map(|t| t.name.as_ref().map(|n| n.as_str()))
+        .collect();
+    assert_eq!(names, vec!["allowed"]);
+
     // A denied acks=0 Produce: no response is possible, so the connection closes.
     client
         .write_all(&produce(4, "secret", 0))
@@ -200,5 +250,5 @@ spec:
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
-    assert_eq!(seen.lock().expect("lock").0, vec![1, 3]);
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5]);
 }
