@@ -32,7 +32,7 @@ pub use deny::{
 };
 pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
-pub use metadata::{MetadataFilterError, filter_metadata_response};
+pub use metadata::{MetadataFilterError, filter_metadata_response, metadata_topic_ids};
 pub use request::{
     BodyError, BodyFacts, RequestFacts, TopicRef, Topics, body_decodable, request_facts,
 };

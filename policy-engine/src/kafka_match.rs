@@ -229,6 +229,8 @@ pub enum KafkaTopics<'a> {
     All,
     /// The body could not be decoded (a version or API key weir's decoder lacks).
     Undecodable,
+    /// The request names a topic by an id weir has not seen in any Metadata response.
+    UnknownTopicId,
 }
 
 /// One request, as policy sees it.
@@ -249,6 +251,8 @@ pub enum KafkaDenial {
     Topic(String),
     /// Rules match, but each needs a topic and the body could not be decoded.
     UnsupportedVersionForTopicRule,
+    /// Rules match, but each needs a topic and a topic id could not be resolved.
+    UnknownTopicId,
 }
 
 impl std::fmt::Display for KafkaDenial {
@@ -260,6 +264,9 @@ impl std::fmt::Display for KafkaDenial {
             KafkaDenial::Topic(t) => write!(f, "topic `{t}` is allowed by no rule"),
             KafkaDenial::UnsupportedVersionForTopicRule => {
                 f.write_str("unsupported version for topic rule")
+            }
+            KafkaDenial::UnknownTopicId => {
+                f.write_str("topic id unknown (not in any Metadata response weir has seen)")
             }
         }
     }
@@ -304,6 +311,11 @@ impl KafkaMatcher {
                 .find(|(_, r)| r.topic.is_none())
                 .map(|(i, _)| vec![*i])
                 .ok_or(KafkaDenial::UnsupportedVersionForTopicRule),
+            KafkaTopics::UnknownTopicId => candidates
+                .iter()
+                .find(|(_, r)| r.topic.is_none())
+                .map(|(i, _)| vec![*i])
+                .ok_or(KafkaDenial::UnknownTopicId),
             KafkaTopics::Names(topics) => {
                 let mut out = Vec::new();
                 for t in topics {

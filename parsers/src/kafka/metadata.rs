@@ -50,6 +50,28 @@ pub fn filter_metadata_response(
     Ok(out.freeze())
 }
 
+/// The (topic id, name) pairs a Metadata response (a frame's payload) of version
+/// `version` reveals: topics with both a name and a non-zero id (v10+).
+pub fn metadata_topic_ids(
+    payload: &Bytes,
+    version: i16,
+) -> Result<Vec<([u8; 16], String)>, MetadataFilterError> {
+    let decode = |reason: String| MetadataFilterError::Decode { version, reason };
+    let mut buf = payload.clone();
+    ResponseHeader::decode(&mut buf, ApiKey::Metadata.response_header_version(version))
+        .map_err(|e| decode(e.to_string()))?;
+    let resp = MetadataResponse::decode(&mut buf, version).map_err(|e| decode(e.to_string()))?;
+    Ok(resp
+        .topics
+        .iter()
+        .filter_map(|t| {
+            let id = *t.topic_id.as_bytes();
+            let name = t.name.as_ref()?;
+            (id != [0; 16]).then(|| (id, name.as_str().to_owned()))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use kafka_protocol::messages::metadata_response::{
@@ -107,5 +129,32 @@ mod tests {
             assert_eq!(got.brokers.len(), 1);
         }
         assert!(filter_metadata_response(&Bytes::from_static(&[0, 0]), 12, |_| true).is_err());
+    }
+
+    #[test]
+    fn topic_ids_are_learned_from_v10_on() {
+        let id = [9u8; 16];
+        for v in [9i16, 10, 12, 13] {
+            let resp = MetadataResponse::default().with_topics(vec![
+                MetadataResponseTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_static_str("orders"))))
+                    .with_topic_id(uuid::Uuid::from_bytes(id)),
+                MetadataResponseTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_static_str("noid")))),
+            ]);
+            let mut p = BytesMut::new();
+            ResponseHeader::default()
+                .encode(&mut p, ApiKey::Metadata.response_header_version(v))
+                .expect("header");
+            resp.encode(&mut p, v).expect("body");
+            let got = metadata_topic_ids(&p.freeze(), v).expect("decodes");
+            // Before v10 responses carry no ids (the encoder leaves them out).
+            let want = if v >= 10 {
+                vec![(id, "orders".to_string())]
+            } else {
+                vec![]
+            };
+            assert_eq!(got, want, "v{v}");
+        }
     }
 }

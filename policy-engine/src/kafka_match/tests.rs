@@ -133,6 +133,12 @@ fn table() {
             Err(KafkaDenial::NoRule),
         ),
         (req(3, 1, None, KafkaTopics::Names(&c)), Ok(vec![3])),
+        // A topic id nobody resolved: only a rule without topic allows it.
+        (
+            req(0, 13, Some("app"), KafkaTopics::UnknownTopicId),
+            Err(KafkaDenial::UnknownTopicId),
+        ),
+        (req(1, 12, None, KafkaTopics::UnknownTopicId), Ok(vec![2])),
     ];
     for (i, (r, want)) in rows.iter().enumerate() {
         assert_eq!(&rules.evaluate(r, all), want, "row {i}: {r:?}");

@@ -7,9 +7,11 @@
 //! Produce with `acks=0` (no response would keep the client in step) and a denial that
 //! cannot be answered close the connection with a flow record.
 //!
-//! Not yet here (see the README): the node-wide topic id → name cache (requests that
-//! name topics by id are decided as if their body were undecodable: only rules without
-//! `topic` allow them), `--kafka-max-frame`
+//! Topic ids (Produce v13, Fetch v13+) resolve through a node-wide map fed by every
+//! Metadata response relayed (`topic_ids`); an id no Metadata response named is denied
+//! by topic rules (`KafkaDenial::UnknownTopicId`).
+//!
+//! Not yet here (see the README): asking the broker about an unknown id,
 //! (the default, 100 MiB, applies), Hubble's `l7.kafka` fields (the summary names the
 //! request) and per-request counters.
 
@@ -23,8 +25,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
-    BodyError, DEFAULT_MAX_FRAME, Frame, FrameSplitter, RequestFacts, TopicRef, Topics,
-    deny_response, filter_metadata_response, request_facts,
+    BodyError, Frame, FrameSplitter, RequestFacts, TopicRef, Topics, decode_request_header,
+    deny_response, filter_metadata_response, metadata_topic_ids, request_facts,
 };
 use weir_policy::Verdict;
 use weir_policy::kafka_match::{KafkaRequest, KafkaTopics, api_key_name};
@@ -33,9 +35,16 @@ use crate::context::{ConnContext, Decision};
 
 /// What the client is owed, in request order.
 enum Owed {
-    /// The broker's response to a forwarded request; a Metadata response for every
-    /// topic is cut down to the topics the client may see.
-    Broker(Option<MetadataFilter>),
+    /// The broker's response to a forwarded request. Metadata responses (of this
+    /// version) teach topic ids; one for every topic is cut down to the topics the
+    /// client may see.
+    Broker {
+        correlation_id: i32,
+        /// A Produce whose `acks` weir could not read: it may get no response.
+        maybe_none: bool,
+        metadata_version: Option<i16>,
+        filter: Option<MetadataFilter>,
+    },
     /// weir's denial, waiting for the broker responses owed before it.
     Denial(Bytes),
 }
@@ -46,10 +55,22 @@ struct MetadataFilter {
     client_id: Option<String>,
 }
 
+/// Whether the broker answers a forwarded request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Yes,
+    /// Produce with `acks=0`.
+    No,
+    /// A Produce whose body weir cannot read: the response's correlation id tells.
+    Maybe,
+}
+
 /// What to do with one request.
 enum Action {
     Forward {
-        expects_response: bool,
+        correlation_id: i32,
+        response: Expect,
+        metadata_version: Option<i16>,
         filter: Option<MetadataFilter>,
     },
     Answer(Bytes),
@@ -102,7 +123,7 @@ async fn requests_to_broker(
     mut up_wr: OwnedWriteHalf,
     owed: mpsc::Sender<Owed>,
 ) -> std::io::Result<()> {
-    let mut requests = FrameSplitter::new(DEFAULT_MAX_FRAME);
+    let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = client_rd.read(&mut buf).await?;
@@ -125,10 +146,18 @@ async fn requests_to_broker(
             };
             match decide(ctx, &frame) {
                 Action::Forward {
-                    expects_response,
+                    correlation_id,
+                    response,
+                    metadata_version,
                     filter,
                 } => {
-                    if expects_response && owed.send(Owed::Broker(filter)).await.is_err() {
+                    let o = Owed::Broker {
+                        correlation_id,
+                        maybe_none: response == Expect::Maybe,
+                        metadata_version,
+                        filter,
+                    };
+                    if response != Expect::No && owed.send(o).await.is_err() {
                         return Ok(());
                     }
                     up_wr.write_all(frame.wire()).await?;
@@ -155,7 +184,7 @@ async fn responses_to_client(
     mut client_wr: OwnedWriteHalf,
     mut owed_rx: mpsc::Receiver<Owed>,
 ) -> std::io::Result<()> {
-    let mut responses = FrameSplitter::new(DEFAULT_MAX_FRAME);
+    let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut requests_done = false;
@@ -183,9 +212,47 @@ async fn responses_to_client(
                             return Ok(());
                         }
                     };
-                    match owed.pop_front() {
-                        Some(Owed::Broker(None)) => client_wr.write_all(frame.wire()).await?,
-                        Some(Owed::Broker(Some(f))) => {
+                    let Some(corr) = frame.payload().first_chunk::<4>().map(|c| i32::from_be_bytes(*c))
+                    else {
+                        close_flow(ctx, "a Kafka response without a correlation id");
+                        return Ok(());
+                    };
+                    // Produce requests that got no response (acks=0 weir could not read)
+                    // leave the queue when a later response arrives; denials behind them
+                    // are due before it.
+                    while let Some(Owed::Broker {
+                        correlation_id,
+                        maybe_none: true,
+                        ..
+                    }) = owed.front()
+                    {
+                        if *correlation_id == corr {
+                            break;
+                        }
+                        owed.pop_front();
+                        write_denials_due(&mut owed, &mut client_wr).await?;
+                    }
+                    let next = owed.pop_front();
+                    if !matches!(&next, Some(Owed::Broker { correlation_id, .. }) if *correlation_id == corr) {
+                        close_flow(ctx, "the broker answered out of order or unasked");
+                        return Ok(());
+                    }
+                    if let Some(Owed::Broker {
+                        metadata_version: Some(v),
+                        ..
+                    }) = &next
+                    {
+                        // An undecodable Metadata response teaches nothing; the client
+                        // gets it as the broker sent it (or filtered below).
+                        if let Ok(pairs) = metadata_topic_ids(&frame.payload(), *v) {
+                            topic_ids::learn(pairs);
+                        }
+                    }
+                    match next {
+                        Some(Owed::Broker { filter: None, .. }) => {
+                            client_wr.write_all(frame.wire()).await?;
+                        }
+                        Some(Owed::Broker { filter: Some(f), .. }) => {
                             match filter_metadata_response(&frame.payload(), f.version, |topic| {
                                 may_see(ctx, &f, topic)
                             }) {
@@ -241,19 +308,22 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
         Ok(b) => match &b.topics {
             Topics::All => KafkaTopics::All,
             Topics::Unknown => KafkaTopics::Undecodable,
-            Topics::Listed(list) if list.iter().any(|t| matches!(t, TopicRef::Id(_))) => {
-                // Topic ids are not resolved yet: decided as an undecodable body.
-                KafkaTopics::Undecodable
-            }
             Topics::Listed(list) => {
-                names = list
+                // Ids become names through what Metadata responses said.
+                let resolved: Option<Vec<String>> = list
                     .iter()
-                    .filter_map(|t| match t {
+                    .map(|t| match t {
                         TopicRef::Name(n) => Some(n.clone()),
-                        TopicRef::Id(_) => None,
+                        TopicRef::Id(id) => topic_ids::resolve(id),
                     })
                     .collect();
-                KafkaTopics::Names(&names)
+                match resolved {
+                    Some(n) => {
+                        names = n;
+                        KafkaTopics::Names(&names)
+                    }
+                    None => KafkaTopics::UnknownTopicId,
+                }
             }
         },
         Err(_) => KafkaTopics::Undecodable,
@@ -281,8 +351,19 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             version: h.api_version,
             client_id: h.client_id.clone(),
         });
+        let metadata_version = (h.api_key == 3 && facts.body.is_ok()).then_some(h.api_version);
+        let response = match (
+            h.api_key,
+            acks.or_else(|| old_produce_acks(&facts, &payload)),
+        ) {
+            (0, Some(0)) => Expect::No,
+            (0, None) => Expect::Maybe,
+            _ => Expect::Yes,
+        };
         return Action::Forward {
-            expects_response: acks != Some(0),
+            correlation_id: h.correlation_id,
+            response,
+            metadata_version,
             filter,
         };
     }
@@ -303,6 +384,16 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             Action::Close(format!("denied request cannot be answered: {e}"))
         }
     }
+}
+
+/// `acks` of a Produce v0-2, which the body decoder lacks: its body starts with it.
+fn old_produce_acks(facts: &RequestFacts, payload: &Bytes) -> Option<i16> {
+    let h = &facts.header;
+    if h.api_key != 0 || !(0..=2).contains(&h.api_version) {
+        return None;
+    }
+    let (_, body) = decode_request_header(payload).ok()?;
+    body.first_chunk::<2>().map(|a| i16::from_be_bytes(*a))
 }
 
 /// Whether the client may see `topic` in a Metadata response: whether policy would
@@ -381,3 +472,4 @@ fn close_flow(ctx: &ConnContext, why: &str) {
 
 #[cfg(test)]
 mod tests;
+mod topic_ids;

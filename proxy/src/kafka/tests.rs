@@ -27,22 +27,32 @@ use crate::{FlowSink, ProxyConfig, Shared};
 const V: i16 = 9;
 
 fn produce(corr: i32, topic: &str, acks: i16) -> Vec<u8> {
+    let t =
+        TopicProduceData::default().with_name(TopicName(StrBytes::from_string(topic.to_owned())));
+    produce_v(V, corr, t, acks)
+}
+
+/// Produce v13: the topic by id.
+fn produce_by_id(corr: i32, id: u8) -> Vec<u8> {
+    let t = TopicProduceData::default().with_topic_id(uuid::Uuid::from_bytes([id; 16]));
+    produce_v(13, corr, t, 1)
+}
+
+fn produce_v(v: i16, corr: i32, topic: TopicProduceData, acks: i16) -> Vec<u8> {
     let mut p = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(ApiKey::Produce as i16)
-        .with_request_api_version(V)
+        .with_request_api_version(v)
         .with_correlation_id(corr)
         .with_client_id(Some(StrBytes::from_static_str("t")))
-        .encode(&mut p, ApiKey::Produce.request_header_version(V))
+        .encode(&mut p, ApiKey::Produce.request_header_version(v))
         .expect("header");
     ProduceRequest::default()
         .with_acks(acks)
-        .with_topic_data(vec![
-            TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
-                .with_partition_data(vec![PartitionProduceData::default().with_index(0)]),
-        ])
-        .encode(&mut p, V)
+        .with_topic_data(vec![topic.with_partition_data(vec![
+            PartitionProduceData::default().with_index(0),
+        ])])
+        .encode(&mut p, v)
         .expect("body");
     let mut out = Vec::new();
     out.put_i32(i32::try_from(p.len()).expect("small"));
@@ -86,20 +96,23 @@ async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
                     .with_correlation_id(corr)
                     .encode(&mut r, ApiKey::Metadata.response_header_version(ver))
                     .expect("header");
-                let t = |n: &'static str| {
+                let t = |n: &'static str, id: u8| {
                     MetadataResponseTopic::default()
                         .with_name(Some(TopicName(StrBytes::from_static_str(n))))
+                        .with_topic_id(uuid::Uuid::from_bytes([id; 16]))
                 };
                 MetadataResponse::default()
-                    .with_topics(vec![t("allowed"), t("secret")])
+                    .with_topics(vec![t("allowed", 0xa1), t("secret", 0xa2)])
                     .encode(&mut r, ver)
                     .expect("body");
             } else {
                 ResponseHeader::default()
                     .with_correlation_id(corr)
-                    .encode(&mut r, ApiKey::Produce.response_header_version(V))
+                    .encode(&mut r, ApiKey::Produce.response_header_version(ver))
                     .expect("header");
-                ProduceResponse::default().encode(&mut r, V).expect("body");
+                ProduceResponse::default()
+                    .encode(&mut r, ver)
+                    .expect("body");
             }
             let len = i32::try_from(r.len() - 4).expect("small");
             r[..4].copy_from_slice(&len.to_be_bytes());
@@ -118,8 +131,11 @@ async fn read_frame(c: &mut TcpStream) -> Option<Bytes> {
     Some(Bytes::from(body))
 }
 
-#[tokio::test]
-async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
+type Seen = Arc<Mutex<(Vec<i32>, Vec<u8>)>>;
+
+/// A scripted broker, a policy allowing `role: produce` on topic `allowed`, and a
+/// client connection through the Kafka handler.
+async fn start(config: ProxyConfig) -> (TcpStream, Seen) {
     let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = broker_listener.local_addr().expect("addr").port();
     let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
@@ -151,7 +167,7 @@ spec:
     let shared = Shared::new(
         Arc::new(compiled),
         FlowSink::new(Box::new(std::io::sink())),
-        ProxyConfig::default(),
+        config,
     );
     let client_addr: SocketAddr = "127.0.0.2:40000".parse().expect("addr");
     let dst: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -160,11 +176,17 @@ spec:
 
     // The client's connection to the proxy, over real sockets.
     let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut client = TcpStream::connect(front.local_addr().expect("addr"))
+    let client = TcpStream::connect(front.local_addr().expect("addr"))
         .await
         .expect("connect");
     let (accepted, _) = front.accept().await.expect("accept");
     tokio::spawn(serve(ctx, accepted));
+    (client, seen)
+}
+
+#[tokio::test]
+async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
+    let (mut client, seen) = start(ProxyConfig::default()).await;
 
     // Allowed (answered late), denied, allowed: pipelined in one write.
     let (a1, denied, a3) = (
@@ -242,6 +264,35 @@ spec:
         .collect();
     assert_eq!(names, vec!["allowed"]);
 
+    // Produce v13 names topics by id: ids learned from that Metadata response resolve;
+    // an id no Metadata response named is denied.
+    for (corr, id, allowed) in [(6, 0xa1u8, true), (7, 0xa2, false), (8, 0xa3, false)] {
+        client
+            .write_all(&produce_by_id(corr, id))
+            .await
+            .expect("write");
+        let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+            .await
+            .expect("in time")
+            .expect("a response");
+        let mut b = f.clone();
+        let h = ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(13))
+            .expect("header");
+        assert_eq!(h.correlation_id, corr);
+        let r = ProduceResponse::decode(&mut b, 13).expect("Produce v13");
+        let codes: Vec<i16> = r
+            .responses
+            .iter()
+            .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+            .collect();
+        let want = if allowed {
+            vec![]
+        } else {
+            vec![TOPIC_AUTHORIZATION_FAILED]
+        };
+        assert_eq!(codes, want, "id {id:#x}");
+    }
+
     // A denied acks=0 Produce: no response is possible, so the connection closes.
     client
         .write_all(&produce(4, "secret", 0))
@@ -250,5 +301,30 @@ spec:
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
-    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5]);
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6]);
+}
+
+#[tokio::test]
+async fn a_frame_longer_than_the_limit_closes_the_connection() {
+    let config = ProxyConfig {
+        kafka_max_frame: 1024,
+        ..ProxyConfig::default()
+    };
+    let (mut client, seen) = start(config).await;
+    // An allowed request still passes under the limit.
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
+    assert!(matches!(first, Ok(Some(_))));
+    // A length of 1 MiB: refused as soon as its four bytes are in, nothing forwarded.
+    client
+        .write_all(&(1024 * 1024i32).to_be_bytes())
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
 }
