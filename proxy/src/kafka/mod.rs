@@ -25,10 +25,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
-    BodyError, Frame, FrameSplitter, RequestFacts, TopicRef, Topics, decode_request_header,
-    deny_response, filter_metadata_response, metadata_topic_ids, request_facts,
+    BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
+    decode_request_header, deny_response, filter_metadata_response, metadata_topic_ids,
+    non_topic_error, request_facts,
 };
 use weir_policy::Verdict;
+use weir_policy::flow::KafkaFlow;
 use weir_policy::kafka_match::{KafkaRequest, KafkaTopics, api_key_name};
 
 use crate::context::{ConnContext, Decision};
@@ -343,9 +345,8 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
         cv.kafka_verdict(&d.policy, &req)
     };
     let acks = facts.body.as_ref().ok().and_then(|b| b.acks);
-    let summary = summary(&facts);
     if verdict.allowed {
-        emit(ctx, &d, &verdict, summary, None);
+        emit(ctx, &d, &verdict, &facts, None);
         let all_topics = h.api_key == 3 && req.topics == KafkaTopics::All;
         let filter = (all_topics && cv.needs_kafka()).then(|| MetadataFilter {
             version: h.api_version,
@@ -370,17 +371,17 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
     let reason = why.map(|w| w.to_string());
     match deny_response(&payload) {
         Ok(Some(bytes)) => {
-            emit(ctx, &d, &verdict, summary, reason);
+            emit(ctx, &d, &verdict, &facts, reason);
             Action::Answer(bytes)
         }
         Ok(None) => {
-            emit(ctx, &d, &verdict, summary, reason);
+            emit(ctx, &d, &verdict, &facts, reason);
             Action::Close(
                 "denied Produce with acks=0 gets no response: closing, as a broker does".into(),
             )
         }
         Err(e) => {
-            emit(ctx, &d, &verdict, summary, reason);
+            emit(ctx, &d, &verdict, &facts, reason);
             Action::Close(format!("denied request cannot be answered: {e}"))
         }
     }
@@ -428,16 +429,19 @@ fn summary(facts: &RequestFacts) -> String {
         && let Topics::Listed(list) = &b.topics
         && !list.is_empty()
     {
-        let topics: Vec<String> = list
-            .iter()
-            .map(|t| match t {
-                TopicRef::Name(n) => n.clone(),
-                TopicRef::Id(id) => format!("id:{}", hex(id)),
-            })
-            .collect();
-        s.push_str(&format!(" topics {}", topics.join(",")));
+        s.push_str(&format!(" topics {}", topic_list(list).join(",")));
     }
     s
+}
+
+/// Topic names, ids as `id:HEX` (resolved or not, the record shows what was sent).
+fn topic_list(list: &[TopicRef]) -> Vec<String> {
+    list.iter()
+        .map(|t| match t {
+            TopicRef::Name(n) => n.clone(),
+            TopicRef::Id(id) => format!("id:{}", hex(id)),
+        })
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -448,12 +452,31 @@ fn emit(
     ctx: &ConnContext,
     d: &Decision,
     verdict: &Verdict,
-    summary: String,
+    facts: &RequestFacts,
     reason: Option<String>,
 ) {
-    let mut f = ctx.flow(d, verdict);
-    f.kind = "L7";
-    f.summary = summary;
+    let h = &facts.header;
+    let topics = match &facts.body {
+        Ok(b) => match &b.topics {
+            Topics::Listed(list) => topic_list(list),
+            _ => Vec::new(),
+        },
+        Err(_) => Vec::new(),
+    };
+    // The code weir's denial carries (see `deny_response`); 0 for a forwarded request.
+    let error_code = match (verdict.allowed, topics.is_empty()) {
+        (true, _) => 0,
+        (false, false) => TOPIC_AUTHORIZATION_FAILED,
+        (false, true) => non_topic_error(h.api_key),
+    };
+    let kafka = KafkaFlow {
+        error_code,
+        api_version: h.api_version,
+        api_key: api_key_name(h.api_key).map_or_else(|| h.api_key.to_string(), str::to_string),
+        correlation_id: h.correlation_id,
+        topic: topics.join(","),
+    };
+    let mut f = ctx.flow(d, verdict).with_kafka(0, kafka, summary(facts));
     if let Some(r) = reason {
         f.policy = format!("{}: {r}", f.policy);
     }

@@ -133,9 +133,33 @@ async fn read_frame(c: &mut TcpStream) -> Option<Bytes> {
 
 type Seen = Arc<Mutex<(Vec<i32>, Vec<u8>)>>;
 
+/// A flow-record sink that keeps the lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The flow records written so far.
+fn records(shared: &Shared, lines: &Lines) -> Vec<serde_json::Value> {
+    shared.flows.flush(Duration::from_secs(5));
+    String::from_utf8(lines.0.lock().expect("lock").clone())
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
 /// A scripted broker, a policy allowing `role: produce` on topic `allowed`, and a
 /// client connection through the Kafka handler.
-async fn start(config: ProxyConfig) -> (TcpStream, Seen) {
+async fn start(config: ProxyConfig) -> (TcpStream, Seen, Arc<Shared>, Lines) {
     let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = broker_listener.local_addr().expect("addr").port();
     let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
@@ -164,14 +188,15 @@ spec:
     let e = parse_endpoints(endpoints, "e.yaml").expect("endpoints");
     let compiled =
         CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles");
+    let lines = Lines::default();
     let shared = Shared::new(
         Arc::new(compiled),
-        FlowSink::new(Box::new(std::io::sink())),
+        FlowSink::new(Box::new(lines.clone())),
         config,
     );
     let client_addr: SocketAddr = "127.0.0.2:40000".parse().expect("addr");
     let dst: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let ctx = Arc::new(ConnContext::new(shared, client_addr, dst));
+    let ctx = Arc::new(ConnContext::new(shared.clone(), client_addr, dst));
     assert!(ctx.decide().verdict.needs_kafka());
 
     // The client's connection to the proxy, over real sockets.
@@ -181,12 +206,12 @@ spec:
         .expect("connect");
     let (accepted, _) = front.accept().await.expect("accept");
     tokio::spawn(serve(ctx, accepted));
-    (client, seen)
+    (client, seen, shared, lines)
 }
 
 #[tokio::test]
 async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
-    let (mut client, seen) = start(ProxyConfig::default()).await;
+    let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
 
     // Allowed (answered late), denied, allowed: pipelined in one write.
     let (a1, denied, a3) = (
@@ -302,6 +327,34 @@ async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6]);
+    // One record per request: Hubble's l7.kafka, the denial's error code.
+    let recs = records(&shared, &lines);
+    let kafka: Vec<(i64, String, i64)> = recs
+        .iter()
+        .filter_map(|r| {
+            let k = &r["l7"]["kafka"];
+            Some((
+                k["correlation_id"].as_i64()?,
+                r["verdict"].as_str()?.to_string(),
+                k["error_code"].as_i64()?,
+            ))
+        })
+        .collect();
+    let find = |c: i64| kafka.iter().find(|k| k.0 == c).cloned();
+    assert_eq!(find(1), Some((1, "FORWARDED".into(), 0)), "{recs:#?}");
+    assert_eq!(find(2), Some((2, "DROPPED".into(), 29)), "{recs:#?}");
+    let r2 = recs
+        .iter()
+        .find(|r| r["l7"]["kafka"]["correlation_id"] == 2)
+        .expect("record");
+    assert_eq!(r2["l7"]["kafka"]["api_key"], "produce");
+    assert_eq!(r2["l7"]["kafka"]["topic"], "secret");
+    assert!(
+        recs.iter().any(|r| r["Summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("Kafka connection closed"))),
+        "{recs:#?}"
+    );
 }
 
 #[tokio::test]
@@ -310,7 +363,7 @@ async fn a_frame_longer_than_the_limit_closes_the_connection() {
         kafka_max_frame: 1024,
         ..ProxyConfig::default()
     };
-    let (mut client, seen) = start(config).await;
+    let (mut client, seen, _, _) = start(config).await;
     // An allowed request still passes under the limit.
     client
         .write_all(&produce(1, "allowed", 1))
