@@ -77,12 +77,25 @@ impl FrameSplitter {
         }
         let total = len + 4;
         if self.buf.len() < total {
-            // Reserve once for the whole frame rather than growing by each read.
-            self.buf.reserve(total - self.buf.len());
+            // No reservation for the announced size: four bytes claiming 100 MiB
+            // must not cost 100 MiB; the buffer grows with the bytes that come.
             return Ok(None);
         }
         Ok(Some(Frame {
             bytes: self.buf.split_to(total).freeze(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_length_costs_no_memory_until_the_bytes_come() {
+        let mut s = FrameSplitter::new(DEFAULT_MAX_FRAME);
+        s.push(&(100 * 1024 * 1024i32).to_be_bytes());
+        assert_eq!(s.next_frame(), Ok(None));
+        assert!(s.buf.capacity() < 64 * 1024, "{}", s.buf.capacity());
     }
 }
