@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let h = &facts.header;
     assert_eq!(h.api_key.to_be_bytes(), [data[0], data[1]]);
     assert_eq!(h.api_version.to_be_bytes(), [data[2], data[3]]);
-    assert_eq!(h.correlation_id.to_be_bytes(), [data[4], data[5], data[6], data[7]]);
+    assert_eq!(
+        h.correlation_id.to_be_bytes(),
+        [data[4], data[5], data[6], data[7]]
+    );
     match &facts.body {
         Ok(_) | Err(BodyError::Malformed { .. }) => {
             assert!(body_decodable(h.api_key, h.api_version));
