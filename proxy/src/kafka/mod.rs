@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
@@ -34,6 +35,7 @@ use weir_policy::flow::KafkaFlow;
 use weir_policy::kafka_match::{KafkaRequest, KafkaTopics, api_key_name};
 
 use crate::context::{ConnContext, Decision};
+use crate::idle::Activity;
 
 /// What the client is owed, in request order.
 enum Owed {
@@ -111,9 +113,26 @@ async fn relay(ctx: &ConnContext, client: TcpStream, upstream: TcpStream) -> std
     let (client_rd, client_wr) = client.into_split();
     let (up_rd, up_wr) = upstream.into_split();
     let (owed_tx, owed_rx) = mpsc::channel(OWED_QUEUE);
+    let last = Activity::new();
     tokio::select! {
-        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx) => r,
-        r = responses_to_client(ctx, up_rd, client_wr, owed_rx) => r,
+        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx, &last) => r,
+        r = responses_to_client(ctx, up_rd, client_wr, owed_rx, &last) => r,
+        () = idle(ctx.shared.config.tcp_idle_timeout, &last) => {
+            debug!("Kafka connection idle; closing both sides");
+            Ok(())
+        }
+    }
+}
+
+/// Returns once no byte has moved either way for `timeout` (`--tcp-idle-timeout`, as
+/// for spliced connections).
+async fn idle(timeout: std::time::Duration, last: &Activity) {
+    loop {
+        let deadline = last.last() + timeout;
+        if deadline <= Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -124,11 +143,13 @@ async fn requests_to_broker(
     mut client_rd: OwnedReadHalf,
     mut up_wr: OwnedWriteHalf,
     owed: mpsc::Sender<Owed>,
+    last: &Activity,
 ) -> std::io::Result<()> {
     let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = client_rd.read(&mut buf).await?;
+        last.touch();
         if n == 0 {
             // The client is done sending: let the broker know, and let the other
             // direction deliver what is still owed.
@@ -185,6 +206,7 @@ async fn responses_to_client(
     mut up_rd: OwnedReadHalf,
     mut client_wr: OwnedWriteHalf,
     mut owed_rx: mpsc::Receiver<Owed>,
+    last: &Activity,
 ) -> std::io::Result<()> {
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
@@ -201,6 +223,7 @@ async fn responses_to_client(
             },
             n = up_rd.read(&mut buf) => {
                 let n = n?;
+                last.touch();
                 if n == 0 {
                     return Ok(());
                 }

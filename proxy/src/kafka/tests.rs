@@ -381,3 +381,23 @@ async fn a_frame_longer_than_the_limit_closes_the_connection() {
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert_eq!(seen.lock().expect("lock").0, vec![1]);
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_tcp_idle_timeout() {
+    let config = ProxyConfig {
+        tcp_idle_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
+    let (mut client, _, _, _) = start(config).await;
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
+    assert!(matches!(first, Ok(Some(_))));
+    let quiet_from = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert!(quiet_from.elapsed() >= Duration::from_millis(900));
+}
