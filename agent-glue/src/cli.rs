@@ -363,6 +363,10 @@ pub struct RunArgs {
     /// outstanding at once; beyond, the client gets SERVFAIL.
     #[arg(long, default_value_t = 100)]
     pub dns_max_outstanding: usize,
+    /// Largest Kafka frame (request or response) in bytes on a port with Kafka rules;
+    /// a larger one closes the connection with a flow record.
+    #[arg(long, default_value_t = weir_parsers::kafka::DEFAULT_MAX_FRAME)]
+    pub kafka_max_frame: usize,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,

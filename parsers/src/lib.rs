@@ -8,3 +8,4 @@ pub mod detect;
 pub mod dns;
 pub mod grpc;
 pub mod http;
+pub mod kafka;

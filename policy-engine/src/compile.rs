@@ -21,6 +21,7 @@ use crate::identity::{
     IDENTITY_HEALTH, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE,
     IDENTITY_WORLD, IdentityAllocator, Labels,
 };
+use crate::kafka_match::{KafkaDenial, KafkaMatcher, KafkaRequest, KafkaRuleSpec};
 use crate::model::{
     Cidr, ClusterConfig, Entity, PeerRule, Policy, PortSpec, Protocol, Selector, ServiceRef,
 };
@@ -139,11 +140,13 @@ struct L4Entry {
     http_refs: Option<Vec<RuleRef>>,
     /// The refs of its DNS rules, when it has DNS rules.
     dns_refs: Option<Vec<RuleRef>>,
+    /// The refs of its Kafka rules, when it has Kafka rules.
+    kafka_refs: Option<Vec<RuleRef>>,
 }
 
 impl L4Entry {
     fn has_l7(&self) -> bool {
-        self.http_refs.is_some() || self.dns_refs.is_some()
+        self.http_refs.is_some() || self.dns_refs.is_some() || self.kafka_refs.is_some()
     }
 }
 
@@ -158,6 +161,9 @@ struct DirTable {
     dns: DnsMatcher,
     /// DNS rule index → (owner entry, position in the owner's refs).
     dns_owner: Vec<(u32, u32)>,
+    kafka: KafkaMatcher,
+    /// Kafka rule index → (owner entry, position in the owner's refs).
+    kafka_owner: Vec<(u32, u32)>,
 }
 
 impl DirTable {
@@ -214,8 +220,13 @@ impl DirTable {
             .iter()
             .any(|i| self.entries[*i as usize].dns_refs.is_some())
         {
-            // HTTP and DNS rules never share a port (refused at compile time).
+            // HTTP, DNS and Kafka rules never share a port (refused at compile time).
             DirDecision::Dns(ids)
+        } else if ids
+            .iter()
+            .any(|i| self.entries[*i as usize].kafka_refs.is_some())
+        {
+            DirDecision::Kafka(ids)
         } else {
             DirDecision::Http(ids)
         }
@@ -236,6 +247,8 @@ pub enum DirDecision {
     Http(Vec<u32>),
     /// Allowed at L4; each DNS query must match a DNS rule of these entries.
     Dns(Vec<u32>),
+    /// Allowed at L4; each Kafka request must be allowed by Kafka rules of these entries.
+    Kafka(Vec<u32>),
 }
 
 /// Who a peer is, for flow records and explanations.
@@ -316,7 +329,12 @@ impl ConnectionVerdict {
 
     /// Whether requests must be inspected (some side has L7 rules).
     pub fn needs_l7(&self) -> bool {
-        let l7 = |d: &DirDecision| matches!(d, DirDecision::Http(_) | DirDecision::Dns(_));
+        let l7 = |d: &DirDecision| {
+            matches!(
+                d,
+                DirDecision::Http(_) | DirDecision::Dns(_) | DirDecision::Kafka(_)
+            )
+        };
         l7(&self.egress) || l7(&self.ingress)
     }
 
@@ -367,7 +385,7 @@ impl ConnectionVerdict {
                 DirDecision::Denied => return deny(vec![], false),
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
                 DirDecision::NotSelected => {}
-                DirDecision::Http(_) => return deny(vec![], true),
+                DirDecision::Http(_) | DirDecision::Kafka(_) => return deny(vec![], true),
                 DirDecision::Dns(owners) => {
                     let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
                     let hit = table.and_then(|t| {
@@ -409,6 +427,93 @@ impl ConnectionVerdict {
             },
             |e| e.http_refs.as_ref(),
         )
+    }
+
+    /// The Kafka rules each request on this connection must match, for explanations.
+    pub fn kafka_rules(&self, policy: &CompiledPolicy) -> Vec<(Direction, RuleRef)> {
+        self.l7_rules(
+            policy,
+            |d| match d {
+                DirDecision::Kafka(owners) => Some(owners),
+                _ => None,
+            },
+            |e| e.kafka_refs.as_ref(),
+        )
+    }
+
+    /// Whether some side has Kafka rules (requests must go through the Kafka handler).
+    pub fn needs_kafka(&self) -> bool {
+        matches!(self.egress, DirDecision::Kafka(_))
+            || matches!(self.ingress, DirDecision::Kafka(_))
+    }
+
+    /// The verdict for one Kafka request on this connection, and when an L7 rule set
+    /// denied it, why. A side with HTTP or DNS rules denies (they never allow Kafka).
+    pub fn kafka_verdict(
+        &self,
+        policy: &CompiledPolicy,
+        req: &KafkaRequest<'_>,
+    ) -> (Verdict, Option<KafkaDenial>) {
+        let mut rules = Vec::new();
+        for (dir, decision, ep, tables) in [
+            (
+                Direction::Egress,
+                &self.egress,
+                self.src.endpoint,
+                &policy.egress,
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                self.dst.endpoint,
+                &policy.ingress,
+            ),
+        ] {
+            let deny = |rules: Vec<RuleRef>, l7: bool| Verdict {
+                allowed: false,
+                rules,
+                denied_in: Some(dir),
+                l7,
+            };
+            match decision {
+                DirDecision::DeniedBy(r) => return (deny(vec![r.clone()], false), None),
+                DirDecision::Denied => return (deny(vec![], false), None),
+                DirDecision::AllowAll(r) => rules.push(r.clone()),
+                DirDecision::NotSelected => {}
+                DirDecision::Http(_) | DirDecision::Dns(_) => {
+                    return (deny(vec![], true), Some(KafkaDenial::NoRule));
+                }
+                DirDecision::Kafka(owners) => {
+                    let Some(t) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
+                        return (deny(vec![], true), Some(KafkaDenial::NoRule));
+                    };
+                    let hit = t.kafka.evaluate(req, |o| owners.binary_search(&o).is_ok());
+                    match hit {
+                        Ok(ids) => {
+                            for i in ids {
+                                let r = t.kafka_owner.get(i as usize).and_then(|(o, pos)| {
+                                    t.entries[*o as usize]
+                                        .kafka_refs
+                                        .as_ref()
+                                        .and_then(|refs| refs.get(*pos as usize))
+                                });
+                                if let Some(r) = r {
+                                    rules.push(r.clone());
+                                }
+                            }
+                        }
+                        Err(why) => return (deny(vec![], true), Some(why)),
+                    }
+                }
+            }
+        }
+        let v = Verdict {
+            allowed: true,
+            rules,
+            denied_in: None,
+            l7: true,
+        };
+        (v, None)
     }
 
     /// The L7 rules of one kind (`owners` picks the decision, `refs` the entry's
@@ -473,7 +578,10 @@ impl ConnectionVerdict {
                     };
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
-                DirDecision::NotSelected | DirDecision::Http(_) | DirDecision::Dns(_) => {}
+                DirDecision::NotSelected
+                | DirDecision::Http(_)
+                | DirDecision::Dns(_)
+                | DirDecision::Kafka(_) => {}
             }
         }
         Verdict {
@@ -560,8 +668,8 @@ impl ConnectionVerdict {
                 }
                 DirDecision::AllowAll(r) => rules.push(r.clone()),
                 DirDecision::NotSelected => {}
-                DirDecision::Dns(_) => {
-                    // DNS rules allow DNS queries, never HTTP requests.
+                DirDecision::Dns(_) | DirDecision::Kafka(_) => {
+                    // DNS and Kafka rules never allow HTTP requests.
                     let v = Verdict {
                         allowed: false,
                         rules: vec![],
@@ -683,12 +791,13 @@ pub enum CompileError {
     Dns(#[from] DnsPatternError),
     /// Cilium refuses to merge conflicting L7 parsers on one port.
     #[error(
-        "{dns} and {http} put DNS and HTTP rules on the same port ({port}): one port has one L7 protocol (Cilium refuses to merge conflicting L7 parsers)"
+        "{first} and {second} put {what}: one port has one L7 protocol (Cilium refuses to merge conflicting L7 parsers)"
     )]
     L7Conflict {
-        dns: RuleRef,
-        http: RuleRef,
-        port: String,
+        first: RuleRef,
+        second: RuleRef,
+        /// e.g. `DNS and HTTP rules on the same port (53/TCP)`.
+        what: String,
     },
 }
 
@@ -1592,6 +1701,8 @@ fn build_table(
     let mut http_owner = Vec::new();
     let mut dns_specs: Vec<DnsSelector> = Vec::new();
     let mut dns_owner = Vec::new();
+    let mut kafka_specs: Vec<KafkaRuleSpec> = Vec::new();
+    let mut kafka_owner = Vec::new();
     for policy in policies {
         let pname: Arc<str> = Arc::from(policy.qualified_name());
         for rule in &policy.rules {
@@ -1644,6 +1755,7 @@ fn build_table(
                                         deny,
                                         http_refs: None,
                                         dns_refs: None,
+                                        kafka_refs: None,
                                     });
                                     ids.push((t.entry, id));
                                     id
@@ -1671,6 +1783,7 @@ fn build_table(
                             deny,
                             http_refs: None,
                             dns_refs: None,
+                            kafka_refs: None,
                         });
                         // No toPorts: every protocol, ICMP echo included.
                         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
@@ -1722,12 +1835,32 @@ fn build_table(
                             dns_owner.push((id, di as u32));
                             dns_specs.push(r.value.clone());
                         }
+                        let kafka_rules = tp.kafka.as_ref().filter(|k| !k.is_empty());
+                        let kafka_refs = kafka_rules.map(|rules| {
+                            (0..rules.len())
+                                .map(|ki| RuleRef {
+                                    policy: pname.clone(),
+                                    rule: format!("{}.rules.kafka[{ki}]", origin.rule),
+                                })
+                                .collect::<Vec<_>>()
+                        });
+                        for (ki, k) in kafka_rules.into_iter().flatten().enumerate() {
+                            kafka_owner.push((id, ki as u32));
+                            kafka_specs.push(KafkaRuleSpec {
+                                owner: id,
+                                api_keys: k.api_keys.clone(),
+                                api_version: k.api_version,
+                                client_id: k.client_id.clone(),
+                                topic: k.topic.clone(),
+                            });
+                        }
                         entries.push(L4Entry {
                             origin,
                             peers: peer_set(pr, universe),
                             deny,
                             http_refs,
                             dns_refs,
+                            kafka_refs,
                         });
                         for pp in &tp.ports {
                             let protos: &[Protocol] = match pp.protocol {
@@ -1768,6 +1901,7 @@ fn build_table(
             deny: false,
             http_refs: None,
             dns_refs: None,
+            kafka_refs: None,
         });
         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
             ranges.push((proto, 0, u16::MAX, id));
@@ -1782,33 +1916,41 @@ fn build_table(
         http_owner,
         dns: DnsMatcher::new(&dns_specs)?,
         dns_owner,
+        kafka: KafkaMatcher::new(kafka_specs),
+        kafka_owner,
     }))
 }
 
-/// One port has one L7 protocol: DNS and HTTP rules on the same protocol and
-/// port (whatever peers they name) are refused, as Cilium refuses to merge
+/// One port has one L7 protocol: HTTP, DNS and Kafka rules on the same protocol
+/// and port (whatever peers they name) are refused, as Cilium refuses to merge
 /// conflicting L7 parsers.
 fn check_l7_conflicts(
     entries: &[L4Entry],
     exact: &HashMap<(Protocol, u16), Vec<u32>>,
     ranges: &[(Protocol, u16, u16, u32)],
 ) -> Result<(), CompileError> {
-    let has_dns = entries.iter().any(|e| e.dns_refs.is_some());
-    if !has_dns {
+    let kind = |e: &L4Entry| {
+        if e.dns_refs.is_some() {
+            Some("DNS")
+        } else if e.kafka_refs.is_some() {
+            Some("Kafka")
+        } else if e.http_refs.is_some() {
+            Some("HTTP")
+        } else {
+            None
+        }
+    };
+    if !entries
+        .iter()
+        .any(|e| e.dns_refs.is_some() || e.kafka_refs.is_some())
+    {
         return Ok(());
     }
-    // DNS rules sit on exact ports only (decoding refuses port 0 and endPort).
+    // DNS and Kafka rules sit on exact ports only (decoding refuses port 0 and endPort).
     let mut keys: Vec<&(Protocol, u16)> = exact.keys().collect();
     keys.sort();
     for key in keys {
-        let ids = &exact[key];
-        let Some(dns) = ids
-            .iter()
-            .find(|i| entries[**i as usize].dns_refs.is_some())
-        else {
-            continue;
-        };
-        let http = ids
+        let ids: Vec<u32> = exact[key]
             .iter()
             .copied()
             .chain(
@@ -1817,13 +1959,23 @@ fn check_l7_conflicts(
                     .filter(|(p, lo, hi, _)| *p == key.0 && (*lo..=*hi).contains(&key.1))
                     .map(|r| r.3),
             )
-            .find(|i| entries[*i as usize].http_refs.is_some());
-        if let Some(http) = http {
-            return Err(CompileError::L7Conflict {
-                dns: entries[*dns as usize].origin.clone(),
-                http: entries[http as usize].origin.clone(),
-                port: format!("{}/{}", key.1, key.0),
-            });
+            .collect();
+        let mut first: Option<(u32, &str)> = None;
+        for i in ids {
+            let Some(k) = kind(&entries[i as usize]) else {
+                continue;
+            };
+            match first {
+                None => first = Some((i, k)),
+                Some((f, fk)) if fk != k => {
+                    return Err(CompileError::L7Conflict {
+                        first: entries[f as usize].origin.clone(),
+                        second: entries[i as usize].origin.clone(),
+                        what: format!("{fk} and {k} rules on the same port ({}/{})", key.1, key.0),
+                    });
+                }
+                Some(_) => {}
+            }
         }
     }
     Ok(())

@@ -20,7 +20,6 @@ const NOT_YET: &[&str] = &[
     "originatingTLS",
     "serverNames",
     "listener",
-    "kafka",
     "l7proto",
     "l7",
 ];
@@ -680,7 +679,7 @@ fn peer_rules(
         }
         if deny {
             for tp in &to_ports {
-                if tp.http.is_some() || tp.dns.is_some() {
+                if tp.http.is_some() || tp.dns.is_some() || tp.kafka.is_some() {
                     d.error(
                         tp.pos,
                         format!("{dir} rules cannot have L7 `rules`; deny is L3/L4 only"),
@@ -969,6 +968,8 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
     let mut http = None;
     let mut dns = None;
     let mut dns_pos = None;
+    let mut kafka = None;
+    let mut kafka_pos = None;
     if let Some(rules) = f.take("rules")
         && let Some(mut rf) = Fields::of(rules, "rules", d)
     {
@@ -997,6 +998,22 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
             );
             dns_pos = Some(n.pos);
         }
+        if let Some(n) = rf.take("kafka") {
+            if http.is_some() || dns.is_some() {
+                d.error(
+                    n.pos,
+                    "`kafka` and other L7 rules in one toPorts entry: multiple L7 protocol rule types specified in single rule (Cilium refuses it too)",
+                );
+            }
+            kafka = Some(
+                seq(n, "kafka", d)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|r| kafka_rule(r, d))
+                    .collect::<Vec<_>>(),
+            );
+            kafka_pos = Some(n.pos);
+        }
         rf.finish("rules", d);
     }
     f.finish("toPorts entry", d);
@@ -1021,10 +1038,116 @@ fn port_rule(node: &Node, d: &mut Diagnostics) -> Option<PortRule> {
             }
         }
     }
+    if let Some(kpos) = kafka_pos {
+        if ports.is_empty() {
+            d.error(kpos, "`kafka` rules need a port (e.g. 9092) in `ports`");
+        }
+        for p in &ports {
+            if p.port == PortSpec::Number(0) {
+                d.error(
+                    p.pos,
+                    "L7 `kafka` rules cannot be used with port 0 (every port); name the broker's port",
+                );
+            }
+            if p.protocol == Protocol::Udp {
+                d.error(p.pos, "`kafka` rules need TCP, not UDP");
+            }
+            if p.end_port.is_some() {
+                d.error(
+                    p.pos,
+                    "`kafka` rules do not apply to port ranges (`endPort`), as in Cilium",
+                );
+            }
+        }
+    }
     Some(PortRule {
         ports,
         http,
         dns,
+        kafka,
+        pos,
+    })
+}
+
+/// One `rules.kafka` entry, checked as Cilium checks it (plus Kafka's own topic
+/// name rule).
+fn kafka_rule(node: &Node, d: &mut Diagnostics) -> Option<KafkaRule> {
+    use crate::kafka_match::{parse_api_key, parse_api_version, role_keys, validate_topic};
+    let mut f = Fields::of(node, "kafka rule", d)?;
+    let pos = f.pos();
+    let mut ok = true;
+    let mut check = |n: &Node, what: &str, d: &mut Diagnostics| -> Option<String> {
+        let text = scalar(n, what, d);
+        if text.is_none() {
+            ok = false;
+        }
+        text.map(str::to_string)
+    };
+    let role = f.take("role").map(|n| (n.pos, check(n, "role", d)));
+    let api_key = f.take("apiKey").map(|n| (n.pos, check(n, "apiKey", d)));
+    let api_version = f
+        .take("apiVersion")
+        .map(|n| (n.pos, check(n, "apiVersion", d)));
+    let client_id = f.take("clientID").map(|n| (n.pos, check(n, "clientID", d)));
+    let topic = f.take("topic").map(|n| (n.pos, check(n, "topic", d)));
+    f.finish("kafka rule", d);
+    let mut api_keys = None;
+    if let (Some((rpos, _)), Some(_)) = (&role, &api_key) {
+        d.error(
+            *rpos,
+            "a kafka rule takes `role` or `apiKey`, not both (Cilium refuses it too)",
+        );
+        ok = false;
+    }
+    if let Some((p, Some(r))) = &role {
+        match role_keys(r) {
+            Ok(keys) => api_keys = Some(keys.to_vec()),
+            Err(e) => {
+                d.error(*p, e.to_string());
+                ok = false;
+            }
+        }
+    }
+    if let Some((p, Some(k))) = &api_key {
+        match parse_api_key(k) {
+            Ok(key) => api_keys = Some(vec![key]),
+            Err(e) => {
+                d.error(*p, e.to_string());
+                ok = false;
+            }
+        }
+    }
+    let api_version = match api_version {
+        Some((p, Some(v))) => match parse_api_version(&v) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                d.error(p, e.to_string());
+                ok = false;
+                None
+            }
+        },
+        _ => None,
+    };
+    let topic = match topic {
+        Some((p, Some(t))) => {
+            if let Err(e) = validate_topic(&t) {
+                d.error(p, e.to_string());
+                ok = false;
+            }
+            Some(t)
+        }
+        _ => None,
+    };
+    let client_id = client_id.and_then(|(_, c)| c);
+    if let Some(keys) = &mut api_keys {
+        keys.sort_unstable();
+        keys.dedup();
+    }
+    ok.then_some(KafkaRule {
+        api_keys,
+        api_version,
+        client_id,
+        topic,
         pos,
     })
 }

@@ -180,6 +180,21 @@ pub struct L7 {
     /// latency histograms, which split weir's own time from the server's.
     #[serde(skip)]
     pub upstream_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaFlow>,
+}
+
+/// Hubble's `l7.kafka`: one Kafka request and the error code it got (0 when it was
+/// forwarded: the broker's own answer is not inspected).
+#[derive(Debug, Clone, Serialize)]
+pub struct KafkaFlow {
+    pub error_code: i16,
+    pub api_version: i16,
+    /// The API's name (`produce`, `fetch`, ...), or its number when weir has none.
+    pub api_key: String,
+    pub correlation_id: i32,
+    /// The topics it names, comma separated (Hubble has one field).
+    pub topic: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -366,6 +381,7 @@ impl Flow {
             http: Some(http),
             dns: None,
             upstream_ns: None,
+            kafka: None,
         });
         self
     }
@@ -409,6 +425,22 @@ impl Flow {
             latency_ns,
             http: None,
             dns: Some(dns),
+            upstream_ns: None,
+            kafka: None,
+        });
+        self
+    }
+
+    /// A Kafka request record; `summary` reads like the request.
+    pub fn with_kafka(mut self, latency_ns: u64, kafka: KafkaFlow, summary: String) -> Flow {
+        self.summary = summary;
+        self.kind = "L7";
+        self.l7 = Some(L7 {
+            kind: L7Type::Request,
+            latency_ns,
+            http: None,
+            dns: None,
+            kafka: Some(kafka),
             upstream_ns: None,
         });
         self

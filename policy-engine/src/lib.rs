@@ -10,6 +10,7 @@ mod error;
 pub mod flow;
 pub mod http_match;
 pub mod identity;
+pub mod kafka_match;
 pub mod labels;
 pub mod model;
 pub mod yaml;

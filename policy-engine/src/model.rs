@@ -321,6 +321,20 @@ pub struct PortRule {
     pub http: Option<Vec<HttpRule>>,
     /// `rules.dns`: `None` or empty: every query passes.
     pub dns: Option<Vec<Located<DnsSelector>>>,
+    /// `rules.kafka`: `None` or empty: every request passes.
+    pub kafka: Option<Vec<KafkaRule>>,
+    pub pos: Pos,
+}
+
+/// One `rules.kafka` entry (Cilium's `PortRuleKafka`). `role` and `apiKey` never
+/// come together (a load error).
+#[derive(Debug, Clone)]
+pub struct KafkaRule {
+    /// From `role` or `apiKey`: ascending; `None` is every API key.
+    pub api_keys: Option<Vec<i16>>,
+    pub api_version: Option<i16>,
+    pub client_id: Option<String>,
+    pub topic: Option<String>,
     pub pos: Pos,
 }
 

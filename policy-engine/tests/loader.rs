@@ -111,11 +111,11 @@ fn unsupported_fields_name_field_and_position() {
         vec!["p.yaml:7:7: field `toRequires` in egress rule is not supported by weir yet"]
     );
     let e = errors(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports: [{port: '9092'}]\n          rules:\n            kafka: [{topic: t}]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  endpointSelector: {}\n  ingress:\n    - toPorts:\n        - ports: [{port: '9092'}]\n          rules:\n            l7proto: envoy.filters.network.redis_proxy\n",
     );
     assert_eq!(
         e,
-        vec!["p.yaml:10:13: field `kafka` in rules is not supported by weir yet"]
+        vec!["p.yaml:10:13: field `l7proto` in rules is not supported by weir yet"]
     );
 }
 

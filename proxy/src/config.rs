@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     /// Queries one DNS client flow (a UDP 4-tuple or a TCP connection) may have
     /// outstanding at once; beyond, queries are answered SERVFAIL.
     pub dns_max_outstanding: usize,
+    /// Largest Kafka frame (request or response) the Kafka handler takes; a larger
+    /// length closes the connection with a flow record.
+    pub kafka_max_frame: usize,
 }
 
 impl Default for ProxyConfig {
@@ -88,6 +91,7 @@ impl Default for ProxyConfig {
             dns_upstream_timeout: Duration::from_secs(5),
             dns_learn_timeout: Duration::from_secs(2),
             dns_max_outstanding: 100,
+            kafka_max_frame: weir_parsers::kafka::DEFAULT_MAX_FRAME,
         }
     }
 }

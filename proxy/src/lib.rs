@@ -16,6 +16,7 @@ pub mod flows;
 pub mod fqdn;
 pub mod http;
 pub mod idle;
+pub mod kafka;
 pub mod listener;
 pub mod socket;
 pub mod tcp;

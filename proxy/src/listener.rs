@@ -178,6 +178,10 @@ async fn handle(
         crate::dns::tcp::serve(ctx, stream).await;
         return;
     }
+    if cv.needs_kafka() {
+        crate::kafka::serve(ctx, stream).await;
+        return;
+    }
     if cv.needs_l7() {
         match detect::detect(&mut stream, deadline).await {
             // Not HTTP at all: hyper answers 400.

@@ -489,6 +489,113 @@ fn explain_dns_decides_a_query_and_names_the_rule() {
     assert_eq!(code, 2);
 }
 
+const KAFKA_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: kafka}
+spec:
+  endpointSelector: {matchLabels: {app: kafka}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: empire-hq}}]
+    toPorts:
+    - ports: [{port: '9092', protocol: TCP}]
+      rules:
+        kafka:
+        - role: produce
+          topic: deathstar-plans
+        - apiKey: metadata
+          topic: empire-announce
+        - apiKey: '19'
+          clientID: admin
+";
+
+const KAFKA_ENDPOINTS: &str = "endpoints:
+  - {name: kafka, ips: [10.200.0.90], labels: {app: kafka}}
+  - {name: empire-hq, ips: [10.200.0.91], labels: {app: empire-hq}}
+";
+
+#[test]
+fn explain_kafka_decides_a_request_and_names_the_rules() {
+    let d = ScratchDir::new("explain-kafka");
+    let p = d.0.join("p.yaml");
+    let e = d.0.join("e.yaml");
+    std::fs::write(&p, KAFKA_POLICY).unwrap();
+    std::fs::write(&e, KAFKA_ENDPOINTS).unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            "empire-hq",
+            "--to",
+            "kafka",
+            "--port",
+            "9092",
+        ];
+        a.extend_from_slice(extra);
+        out(&weir_cli(&a))
+    };
+    let r = |i: usize| format!("kafka spec.ingress[0].toPorts[0].rules.kafka[{i}]");
+    let rows: Vec<(&str, i32, String)> = vec![
+        ("produce:9:hq:deathstar-plans", 0, format!("ALLOWED\n{}\n", r(0))),
+        ("0:13::deathstar-plans", 0, format!("ALLOWED\n{}\n", r(0))),
+        (
+            "produce:9:hq:empire-announce",
+            1,
+            "DENIED\nno rule matched (ingress, Kafka): topic `empire-announce` is allowed by no rule\n".into(),
+        ),
+        // Metadata naming two topics, each allowed by another rule.
+        (
+            "metadata:12::deathstar-plans,empire-announce",
+            0,
+            format!("ALLOWED\n{}; {}\n", r(0), r(1)),
+        ),
+        ("metadata:12::", 0, format!("ALLOWED\n{}\n", r(0))),
+        ("apiversions:3:hq:", 0, format!("ALLOWED\n{}\n", r(0))),
+        ("createtopics:7:admin:anything", 0, format!("ALLOWED\n{}\n", r(2))),
+        (
+            "createtopics:7:hq:anything",
+            1,
+            "DENIED\nno rule matched (ingress, Kafka): no Kafka rule matches API key, version and client id\n".into(),
+        ),
+    ];
+    for (req, code, want) in rows {
+        let (c, stdout, stderr) = run(&["--kafka", req]);
+        assert_eq!(
+            (c, stdout.as_str()),
+            (code, want.as_str()),
+            "{req}: {stderr}"
+        );
+    }
+    // Without a request: the rules each request must be allowed by.
+    let (code, stdout, _) = run(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        "ALLOWED\nL3/L4 allowed; Kafka rules apply (each request must match one of them; decide one with --kafka):
+  ingress: kafka spec.ingress[0].toPorts[0].rules.kafka[0]: apiKey produce|metadata|apiversions|initproducerid, topic deathstar-plans
+  ingress: kafka spec.ingress[0].toPorts[0].rules.kafka[1]: apiKey metadata, topic empire-announce
+  ingress: kafka spec.ingress[0].toPorts[0].rules.kafka[2]: apiKey createtopics, clientID admin
+"
+    );
+    let (code, stdout, _) = run(&["--kafka", "fetch:12:c:x", "-o", "json"]);
+    assert_eq!(code, 1);
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(j["verdict"], "DENIED");
+    assert_eq!(j["layer"], "Kafka");
+    assert_eq!(j["kafka_request"], "fetch:12:c:x");
+    // Usage errors.
+    for bad in ["produce", "nosuchapi:1::", "produce:x::t"] {
+        let (code, _, stderr) = run(&["--kafka", bad]);
+        assert_eq!(code, 2, "{bad}: {stderr}");
+    }
+    let (code, _, _) = run(&["--kafka", "produce:9::t", "--dns", "a.com"]);
+    assert_eq!(code, 2);
+}
+
 #[test]
 fn validate_warns_when_no_dns_rule_lets_fqdn_names_be_learned() {
     let d = ScratchDir::new("validate-fqdn");

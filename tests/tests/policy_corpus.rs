@@ -72,19 +72,14 @@ const CORPUS: &[(&str, Expect)] = &[
         "06-l4-any-peer.yaml",
         pair("my-service", "198.51.100.1", "80", ALLOWED),
     ),
+    // L3/L4 allowed; each request must be allowed by the Kafka rules (`explain --kafka`).
     (
         "07-kafka-apikey.yaml",
-        Refused {
-            field: "kafka",
-            also: &[],
-        },
+        pair("empire-hq", "kafka", "9092", ALLOWED),
     ),
     (
         "08-kafka-role.yaml",
-        Refused {
-            field: "kafka",
-            also: &["kafka"],
-        },
+        pair("empire-outpost", "kafka", "9092", ALLOWED),
     ),
     // toFQDNs allows only addresses the DNS proxy has learned from allowed
     // answers; `explain` learns none, so an address of api.github.com is denied

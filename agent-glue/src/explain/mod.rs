@@ -73,6 +73,12 @@ pub struct ExplainArgs {
     /// trailing dot), e.g. `--port 53 --proto UDP --dns api.github.com`.
     #[arg(long, conflicts_with = "http")]
     pub dns: Option<String>,
+    /// A Kafka request to decide, as 'APIKEY:VERSION:CLIENTID:TOPIC[,TOPIC...]'
+    /// (APIKEY a name such as `produce` or `apiversions`, or a number; empty VERSION
+    /// is 0, empty CLIENTID a null client id, no TOPIC none named — for Metadata,
+    /// every topic), e.g. `--port 9092 --kafka produce:9:app:orders`.
+    #[arg(long, conflicts_with_all = ["http", "dns"])]
+    pub kafka: Option<String>,
     /// `text` (verdict, then the deciding rule) or `json`.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: Output,
@@ -93,6 +99,7 @@ pub struct Query {
     pub host: Option<String>,
     pub headers: Vec<String>,
     pub dns: Option<String>,
+    pub kafka: Option<String>,
 }
 
 impl ExplainArgs {
@@ -106,6 +113,7 @@ impl ExplainArgs {
             host: self.host.clone(),
             headers: self.header.clone(),
             dns: self.dns.clone(),
+            kafka: self.kafka.clone(),
         }
     }
 }
@@ -209,19 +217,35 @@ pub fn decide(q: &Query, compiled: &CompiledPolicy, policies: &[Policy]) -> Resu
     if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6) && q.dns.is_some() {
         return Err("--dns needs --proto UDP or TCP".into());
     }
+    if let Some(k) = &q.kafka {
+        if matches!(proto, Protocol::Icmp4 | Protocol::Icmp6 | Protocol::Udp) {
+            return Err("--kafka needs --proto TCP".into());
+        }
+        let req = KafkaArg::parse(k)?;
+        let (verdict, denial) = if cv.l4_allowed() && cv.needs_l7() {
+            cv.kafka_verdict(compiled, &req.request())
+        } else {
+            (cv.l4_verdict(), None)
+        };
+        return Ok(
+            Report::new(&cv, &verdict, compiled, policies, true).with_kafka(
+                &cv,
+                (&verdict, denial.as_ref()),
+                compiled,
+                policies,
+                Some(k),
+            ),
+        );
+    }
     if q.http.is_none() {
         let verdict = match &q.dns {
             Some(name) if cv.l4_allowed() && cv.needs_l7() => cv.dns_verdict(compiled, name),
             _ => cv.l4_verdict(),
         };
         return Ok(
-            Report::new(&cv, &verdict, compiled, policies, q.dns.is_some()).with_dns(
-                &cv,
-                &verdict,
-                compiled,
-                policies,
-                q.dns.as_deref(),
-            ),
+            Report::new(&cv, &verdict, compiled, policies, q.dns.is_some())
+                .with_dns(&cv, &verdict, compiled, policies, q.dns.as_deref())
+                .with_kafka(&cv, (&verdict, None), compiled, policies, None),
         );
     }
     let verdict = match &q.http {
@@ -298,6 +322,57 @@ pub fn decide(q: &Query, compiled: &CompiledPolicy, policies: &[Policy]) -> Resu
     let mut report = Report::new(&cv, &verdict, compiled, policies, q.http.is_some());
     report.header_actions = header_actions;
     Ok(report)
+}
+
+/// `--kafka 'APIKEY:VERSION:CLIENTID:TOPIC[,TOPIC...]'`, parsed.
+struct KafkaArg {
+    api_key: i16,
+    api_version: i16,
+    client_id: Option<String>,
+    topics: Vec<String>,
+}
+
+impl KafkaArg {
+    fn parse(text: &str) -> Result<Self, String> {
+        let usage = "--kafka takes 'APIKEY:VERSION:CLIENTID:TOPIC[,TOPIC...]', e.g. 'produce:9:app:orders' or 'metadata:12::'";
+        let (key, rest) = text.split_once(':').ok_or(usage)?;
+        let (version, rest) = rest.split_once(':').ok_or(usage)?;
+        // A client id may contain ':'; a topic cannot.
+        let (client, topics) = rest.rsplit_once(':').ok_or(usage)?;
+        let api_key = weir_policy::kafka_match::parse_api_key(key).map_err(|e| e.to_string())?;
+        let api_version = if version.is_empty() {
+            0
+        } else {
+            weir_policy::kafka_match::parse_api_version(version).map_err(|e| e.to_string())?
+        };
+        let topics: Vec<String> = topics
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(KafkaArg {
+            api_key,
+            api_version,
+            client_id: (!client.is_empty()).then(|| client.to_string()),
+            topics,
+        })
+    }
+
+    fn request(&self) -> weir_policy::kafka_match::KafkaRequest<'_> {
+        use weir_policy::kafka_match::{KafkaRequest, KafkaTopics};
+        // As the parser reports it: Metadata naming no topic asks for every topic.
+        let topics = if self.api_key == 3 && self.topics.is_empty() {
+            KafkaTopics::All
+        } else {
+            KafkaTopics::Names(&self.topics)
+        };
+        KafkaRequest {
+            api_key: self.api_key,
+            api_version: self.api_version,
+            client_id: self.client_id.as_deref(),
+            topics,
+        }
+    }
 }
 
 pub fn print(report: &Report, output: Output) -> ExitCode {

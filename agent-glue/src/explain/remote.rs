@@ -36,6 +36,7 @@ pub fn request(q: &Query) -> pb::ExplainRequest {
         host: q.host.clone().unwrap_or_default(),
         headers: q.headers.clone(),
         dns: q.dns.clone().unwrap_or_default(),
+        kafka: q.kafka.clone().unwrap_or_default(),
     }
 }
 
@@ -56,6 +57,7 @@ pub fn query(r: pb::ExplainRequest) -> Result<Query, String> {
         host: given(r.host),
         headers: r.headers,
         dns: given(r.dns),
+        kafka: given(r.kafka),
     })
 }
 
@@ -117,6 +119,7 @@ mod tests {
             host: None,
             headers: vec!["X-Has-Force: true".into()],
             dns: None,
+            kafka: Some("produce:9:app:orders".into()),
         };
         let back = query(request(&q)).unwrap();
         assert_eq!(format!("{back:?}"), format!("{q:?}"));

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use weir_policy::model::{DnsSelector, HttpRule};
+use weir_policy::kafka_match::KafkaDenial;
+use weir_policy::model::{DnsSelector, HttpRule, KafkaRule};
 use weir_policy::{CompiledPolicy, ConnectionVerdict, PeerInfo, Policy, RuleRef, Verdict};
 
 #[derive(Debug, Serialize)]
@@ -27,6 +28,13 @@ pub struct Report {
     /// match (one of each direction's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns_rules: Vec<HttpRuleJson>,
+    /// Allowed at L3/L4 with no request given: the Kafka rules each request must
+    /// be allowed by.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kafka_rules: Vec<HttpRuleJson>,
+    /// The Kafka request decided (`--kafka`), as given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_request: Option<String>,
     /// The DNS query name decided (`--dns`), as policy compares it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_query: Option<String>,
@@ -114,6 +122,8 @@ impl Report {
             denied_in: verdict.denied_in.map(|d| d.to_string()),
             http_rules,
             dns_rules: Vec::new(),
+            kafka_rules: Vec::new(),
+            kafka_request: None,
             dns_query: None,
             header_actions: Vec::new(),
             rejected_before_policy: None,
@@ -149,6 +159,45 @@ impl Report {
                         direction: dir.to_string(),
                         matches: find_dns_rule(policies, &r)
                             .map(|s| vec![s.to_string()])
+                            .unwrap_or_default(),
+                        policy: r.policy.to_string(),
+                        rule: r.rule,
+                    })
+                    .collect();
+            }
+            None => {}
+        }
+        self
+    }
+
+    /// The Kafka side of the report: with `request`, the verdict was taken on it
+    /// (`layer` Kafka when Kafka rules decided, and why they denied); without one,
+    /// the Kafka rules each request must be allowed by are listed.
+    pub fn with_kafka(
+        mut self,
+        cv: &ConnectionVerdict,
+        (verdict, denial): (&Verdict, Option<&KafkaDenial>),
+        compiled: &CompiledPolicy,
+        policies: &[Policy],
+        request: Option<&str>,
+    ) -> Report {
+        if verdict.l7 && request.is_some() {
+            self.layer = "Kafka";
+            self.reason = verdict.reason_for("Kafka");
+            if let Some(why) = denial {
+                self.reason = format!("{}: {why}", self.reason);
+            }
+        }
+        match request {
+            Some(r) => self.kafka_request = Some(r.to_string()),
+            None if cv.l4_allowed() && cv.needs_kafka() => {
+                self.kafka_rules = cv
+                    .kafka_rules(compiled)
+                    .into_iter()
+                    .map(|(dir, r)| HttpRuleJson {
+                        direction: dir.to_string(),
+                        matches: find_kafka_rule(policies, &r)
+                            .map(describe_kafka_rule)
                             .unwrap_or_default(),
                         policy: r.policy.to_string(),
                         rule: r.rule,
@@ -205,6 +254,8 @@ impl Report {
         let mut out = format!("{}\n", self.verdict);
         if !self.dns_rules.is_empty() {
             self.l7_rules_text(&mut out, "DNS", "query", "--dns", &self.dns_rules);
+        } else if !self.kafka_rules.is_empty() {
+            self.l7_rules_text(&mut out, "Kafka", "request", "--kafka", &self.kafka_rules);
         } else if self.http_rules.is_empty() {
             let _ = writeln!(out, "{}", self.reason);
         } else {
@@ -260,6 +311,53 @@ pub fn find_dns_rule<'p>(policies: &'p [Policy], r: &RuleRef) -> Option<&'p DnsS
     let (_, di) = indexed(parts.next()?).filter(|(f, _)| *f == "dns")?;
     let d = peers.get(pi)?.to_ports.get(ti)?.dns.as_ref()?.get(di)?;
     Some(&d.value)
+}
+
+/// The Kafka rule a reference such as `spec.ingress[0].toPorts[0].rules.kafka[1]`
+/// names, in the loaded policies.
+pub fn find_kafka_rule<'p>(policies: &'p [Policy], r: &RuleRef) -> Option<&'p KafkaRule> {
+    let policy = policies
+        .iter()
+        .find(|p| p.qualified_name() == r.policy.as_ref())?;
+    let (rule_label, rest) = r.rule.split_once('.')?;
+    let rule = policy.rules.iter().find(|x| x.label == rule_label)?;
+    let mut parts = rest.split('.');
+    let (field, pi) = indexed(parts.next()?)?;
+    let peers = match field {
+        "ingress" => rule.ingress.as_ref()?,
+        "egress" => rule.egress.as_ref()?,
+        _ => return None,
+    };
+    let (_, ti) = indexed(parts.next()?).filter(|(f, _)| *f == "toPorts")?;
+    (parts.next()? == "rules").then_some(())?;
+    let (_, ki) = indexed(parts.next()?).filter(|(f, _)| *f == "kafka")?;
+    peers.get(pi)?.to_ports.get(ti)?.kafka.as_ref()?.get(ki)
+}
+
+/// A Kafka rule's conditions (API keys by name).
+pub fn describe_kafka_rule(k: &KafkaRule) -> Vec<String> {
+    use weir_policy::kafka_match::api_key_name;
+    let mut out = Vec::new();
+    if let Some(keys) = &k.api_keys {
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| api_key_name(*k).map_or_else(|| k.to_string(), str::to_string))
+            .collect();
+        out.push(format!("apiKey {}", names.join("|")));
+    }
+    if let Some(v) = k.api_version {
+        out.push(format!("apiVersion {v}"));
+    }
+    if let Some(c) = &k.client_id {
+        out.push(format!("clientID {c}"));
+    }
+    if let Some(t) = &k.topic {
+        out.push(format!("topic {t}"));
+    }
+    if out.is_empty() {
+        out.push("any request".into());
+    }
+    out
 }
 
 /// `name[3]` → (`name`, 3).

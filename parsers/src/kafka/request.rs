@@ -1,0 +1,339 @@
+//! Request facts: what policy needs from one request frame. The header always decodes;
+//! the body is decoded with the `kafka-protocol` crate where it knows the key and version,
+//! and only read — the frame is forwarded as it came, never re-encoded.
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestKind};
+use thiserror::Error;
+
+use super::apis::request_versions;
+use super::header::{HeaderError, RequestHeader, decode_request_header};
+
+/// A topic as a request names it: by name, or by id in the versions that use ids
+/// (Produce v13+, Fetch v13+, Metadata v10+ when the name is null, OffsetCommit v10+,
+/// OffsetFetch v10+, DeleteTopics v6+ when the name is null, ShareFetch, ShareAcknowledge,
+/// ConsumerGroupHeartbeat assignments).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TopicRef {
+    Name(String),
+    Id([u8; 16]),
+}
+
+/// Which topics a request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topics {
+    /// These topics (possibly none: an API that is not about topics, or an empty list).
+    Listed(Vec<TopicRef>),
+    /// Every topic: Metadata with a null or empty list, ListPartitionReassignments or
+    /// ElectLeaders with a null list.
+    All,
+    /// An API that names topics where weir does not extract them (inter-broker, KRaft and
+    /// share-group state APIs): a topic rule cannot allow it.
+    Unknown,
+}
+
+/// What the decoded body says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyFacts {
+    pub topics: Topics,
+    /// Produce only: 0 means the broker sends no response.
+    pub acks: Option<i16>,
+}
+
+/// Why the body has no facts.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BodyError {
+    /// An API key the crate does not know, or a version outside its range: policy that
+    /// needs topics cannot be decided (`unsupported version for topic rule`).
+    #[error("unsupported version {version} of API key {api_key}")]
+    Unsupported { api_key: i16, version: i16 },
+    /// The crate knows the version but the bytes do not decode, or leave bytes over:
+    /// the request is malformed and the connection should close.
+    #[error("malformed body of API key {api_key} v{version}: {reason}")]
+    Malformed {
+        api_key: i16,
+        version: i16,
+        reason: String,
+    },
+}
+
+/// Everything weir reads from one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub header: RequestHeader,
+    pub body: Result<BodyFacts, BodyError>,
+}
+
+/// Whether the crate can decode a body of this key and version.
+pub fn body_decodable(api_key: i16, version: i16) -> bool {
+    ApiKey::try_from(api_key).is_ok_and(|key| {
+        let range = request_versions(key);
+        (range.min..=range.max).contains(&version)
+    })
+}
+
+/// Read the facts of one request frame's payload (the bytes after the length prefix).
+/// Only a header that cannot be read is an error; body problems are in `body`.
+pub fn request_facts(payload: &Bytes) -> Result<RequestFacts, HeaderError> {
+    let (header, body) = decode_request_header(payload)?;
+    let body = body_facts(header.api_key, header.api_version, body);
+    Ok(RequestFacts { header, body })
+}
+
+fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, BodyError> {
+    let unsupported = BodyError::Unsupported { api_key, version };
+    let Ok(key) = ApiKey::try_from(api_key) else {
+        return Err(unsupported);
+    };
+    if !body_decodable(api_key, version) {
+        return Err(unsupported);
+    }
+    let malformed = |reason: String| BodyError::Malformed {
+        api_key,
+        version,
+        reason,
+    };
+    let request =
+        RequestKind::decode(key, &mut body, version).map_err(|e| malformed(e.to_string()))?;
+    if !body.is_empty() {
+        // The broker reads the same schema; bytes it would ignore are a smuggling risk
+        // and no real client sends them.
+        return Err(malformed(format!("{} bytes after the body", body.len())));
+    }
+    Ok(facts_of(&request, version))
+}
+
+fn name(n: &str) -> TopicRef {
+    TopicRef::Name(n.to_owned())
+}
+
+fn id(bytes: &[u8; 16]) -> TopicRef {
+    TopicRef::Id(*bytes)
+}
+
+fn listed(topics: Vec<TopicRef>) -> BodyFacts {
+    BodyFacts {
+        topics: Topics::Listed(topics),
+        acks: None,
+    }
+}
+
+fn all() -> BodyFacts {
+    BodyFacts {
+        topics: Topics::All,
+        acks: None,
+    }
+}
+
+/// The topics of every API that names topics. An API not listed here is about groups,
+/// transactions, the cluster, ACLs or credentials and names no topic.
+fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
+    use RequestKind as R;
+    match request {
+        R::Produce(r) => BodyFacts {
+            topics: Topics::Listed(
+                r.topic_data
+                    .iter()
+                    .map(|t| {
+                        if v >= 13 {
+                            id(t.topic_id.as_bytes())
+                        } else {
+                            name(&t.name)
+                        }
+                    })
+                    .collect(),
+            ),
+            acks: Some(r.acks),
+        },
+        R::Fetch(r) => listed(
+            r.topics
+                .iter()
+                .map(|t| {
+                    if v >= 13 {
+                        id(t.topic_id.as_bytes())
+                    } else {
+                        name(&t.topic)
+                    }
+                })
+                .chain(r.forgotten_topics_data.iter().map(|t| {
+                    if v >= 13 {
+                        id(t.topic_id.as_bytes())
+                    } else {
+                        name(&t.topic)
+                    }
+                }))
+                .collect(),
+        ),
+        R::ListOffsets(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::Metadata(r) => match &r.topics {
+            None => all(),
+            Some(t) if t.is_empty() => all(),
+            Some(t) => listed(
+                t.iter()
+                    .map(|t| match &t.name {
+                        Some(n) => name(n),
+                        None => id(t.topic_id.as_bytes()),
+                    })
+                    .collect(),
+            ),
+        },
+        R::OffsetCommit(r) => listed(
+            r.topics
+                .iter()
+                .map(|t| {
+                    if v >= 10 {
+                        id(t.topic_id.as_bytes())
+                    } else {
+                        name(&t.name)
+                    }
+                })
+                .collect(),
+        ),
+        R::OffsetFetch(r) => {
+            let mut out: Vec<TopicRef> = r.topics.iter().flatten().map(|t| name(&t.name)).collect();
+            for g in &r.groups {
+                out.extend(g.topics.iter().flatten().map(|t| {
+                    if v >= 10 {
+                        id(t.topic_id.as_bytes())
+                    } else {
+                        name(&t.name)
+                    }
+                }));
+            }
+            listed(out)
+        }
+        R::OffsetDelete(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::TxnOffsetCommit(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::AddPartitionsToTxn(r) => listed(
+            r.v3_and_below_topics
+                .iter()
+                .map(|t| name(&t.name))
+                .chain(
+                    r.transactions
+                        .iter()
+                        .flat_map(|x| x.topics.iter().map(|t| name(&t.name))),
+                )
+                .collect(),
+        ),
+        R::CreateTopics(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::DeleteTopics(r) => listed(
+            r.topic_names
+                .iter()
+                .map(|n| name(n))
+                .chain(r.topics.iter().map(|t| match &t.name {
+                    Some(n) => name(n),
+                    None => id(t.topic_id.as_bytes()),
+                }))
+                .collect(),
+        ),
+        R::DeleteRecords(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::CreatePartitions(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::ElectLeaders(r) => match &r.topic_partitions {
+            None => all(),
+            Some(t) => listed(t.iter().map(|t| name(&t.topic)).collect()),
+        },
+        R::OffsetForLeaderEpoch(r) => listed(r.topics.iter().map(|t| name(&t.topic)).collect()),
+        R::DescribeProducers(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        R::DescribeTopicPartitions(r) => listed(
+            r.topics
+                .iter()
+                .map(|t| name(&t.name))
+                .chain(r.cursor.iter().map(|c| name(&c.topic_name)))
+                .collect(),
+        ),
+        R::ConsumerGroupHeartbeat(r) => listed(
+            r.subscribed_topic_names
+                .iter()
+                .flatten()
+                .map(|n| name(n))
+                .chain(
+                    r.topic_partitions
+                        .iter()
+                        .flatten()
+                        .map(|t| id(t.topic_id.as_bytes())),
+                )
+                .collect(),
+        ),
+        R::AlterPartitionReassignments(r) => {
+            listed(r.topics.iter().map(|t| name(&t.name)).collect())
+        }
+        R::ListPartitionReassignments(r) => match &r.topics {
+            None => all(),
+            Some(t) => listed(t.iter().map(|t| name(&t.name)).collect()),
+        },
+        // Config resources of type 2 are topics.
+        R::DescribeConfigs(r) => listed(
+            r.resources
+                .iter()
+                .filter(|x| x.resource_type == 2)
+                .map(|x| name(&x.resource_name))
+                .collect(),
+        ),
+        R::AlterConfigs(r) => listed(
+            r.resources
+                .iter()
+                .filter(|x| x.resource_type == 2)
+                .map(|x| name(&x.resource_name))
+                .collect(),
+        ),
+        R::IncrementalAlterConfigs(r) => listed(
+            r.resources
+                .iter()
+                .filter(|x| x.resource_type == 2)
+                .map(|x| name(&x.resource_name))
+                .collect(),
+        ),
+        R::ShareFetch(r) => listed(
+            r.topics
+                .iter()
+                .map(|t| id(t.topic_id.as_bytes()))
+                .chain(
+                    r.forgotten_topics_data
+                        .iter()
+                        .map(|t| id(t.topic_id.as_bytes())),
+                )
+                .collect(),
+        ),
+        R::ShareAcknowledge(r) => {
+            listed(r.topics.iter().map(|t| id(t.topic_id.as_bytes())).collect())
+        }
+        R::ApiVersions(_)
+        | R::SaslHandshake(_)
+        | R::SaslAuthenticate(_)
+        | R::FindCoordinator(_)
+        | R::JoinGroup(_)
+        | R::Heartbeat(_)
+        | R::LeaveGroup(_)
+        | R::SyncGroup(_)
+        | R::DescribeGroups(_)
+        | R::ListGroups(_)
+        | R::DeleteGroups(_)
+        | R::InitProducerId(_)
+        | R::AddOffsetsToTxn(_)
+        | R::EndTxn(_)
+        | R::DescribeAcls(_)
+        | R::CreateAcls(_)
+        | R::DeleteAcls(_)
+        | R::CreateDelegationToken(_)
+        | R::RenewDelegationToken(_)
+        | R::ExpireDelegationToken(_)
+        | R::DescribeDelegationToken(_)
+        | R::DescribeClientQuotas(_)
+        | R::AlterClientQuotas(_)
+        | R::DescribeUserScramCredentials(_)
+        | R::AlterUserScramCredentials(_)
+        | R::DescribeCluster(_)
+        | R::DescribeTransactions(_)
+        | R::ListTransactions(_)
+        | R::ConsumerGroupDescribe(_)
+        | R::ShareGroupDescribe(_)
+        | R::GetTelemetrySubscriptions(_)
+        | R::PushTelemetry(_)
+        | R::UpdateFeatures(_)
+        | R::ListConfigResources(_) => listed(Vec::new()),
+        _ => BodyFacts {
+            topics: Topics::Unknown,
+            acks: None,
+        },
+    }
+}

@@ -1,0 +1,403 @@
+//! The Kafka handler between a real client socket and a scripted broker on loopback:
+//! allowed requests reach the broker unchanged, a denial comes back in request order
+//! behind a slow broker response, and a denied acks=0 Produce closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
+use kafka_protocol::messages::{
+    ApiKey, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader,
+    ResponseHeader, TopicName,
+    produce_request::{PartitionProduceData, TopicProduceData},
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir_parsers::kafka::{DEFAULT_MAX_FRAME, FrameSplitter, TOPIC_AUTHORIZATION_FAILED};
+use weir_policy::identity::IdentityAllocator;
+use weir_policy::{CompiledPolicy, parse_endpoints, parse_policies};
+
+use super::serve;
+use crate::context::ConnContext;
+use crate::{FlowSink, ProxyConfig, Shared};
+
+const V: i16 = 9;
+
+fn produce(corr: i32, topic: &str, acks: i16) -> Vec<u8> {
+    let t =
+        TopicProduceData::default().with_name(TopicName(StrBytes::from_string(topic.to_owned())));
+    produce_v(V, corr, t, acks)
+}
+
+/// Produce v13: the topic by id.
+fn produce_by_id(corr: i32, id: u8) -> Vec<u8> {
+    let t = TopicProduceData::default().with_topic_id(uuid::Uuid::from_bytes([id; 16]));
+    produce_v(13, corr, t, 1)
+}
+
+fn produce_v(v: i16, corr: i32, topic: TopicProduceData, acks: i16) -> Vec<u8> {
+    let mut p = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(v)
+        .with_correlation_id(corr)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut p, ApiKey::Produce.request_header_version(v))
+        .expect("header");
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_topic_data(vec![topic.with_partition_data(vec![
+            PartitionProduceData::default().with_index(0),
+        ])])
+        .encode(&mut p, v)
+        .expect("body");
+    let mut out = Vec::new();
+    out.put_i32(i32::try_from(p.len()).expect("small"));
+    out.extend_from_slice(&p);
+    out
+}
+
+/// A broker that answers every Produce with an empty response, the first one late;
+/// it records the correlation ids and the exact bytes it received.
+async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
+    let Ok((mut s, _)) = listener.accept().await else {
+        return;
+    };
+    let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
+    let mut buf = vec![0u8; 4096];
+    let mut first = true;
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        split.push(&buf[..n]);
+        while let Ok(Some(f)) = split.next_frame() {
+            let mut p = f.payload();
+            let key = p.get_i16();
+            let ver = p.get_i16();
+            let corr = p.get_i32();
+            {
+                let mut g = seen.lock().expect("lock");
+                g.0.push(corr);
+                g.1.extend_from_slice(f.wire());
+            }
+            if first {
+                first = false;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut r = BytesMut::new();
+            r.put_i32(0);
+            if key == ApiKey::Metadata as i16 {
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Metadata.response_header_version(ver))
+                    .expect("header");
+                let t = |n: &'static str, id: u8| {
+                    MetadataResponseTopic::default()
+                        .with_name(Some(TopicName(StrBytes::from_static_str(n))))
+                        .with_topic_id(uuid::Uuid::from_bytes([id; 16]))
+                };
+                MetadataResponse::default()
+                    .with_topics(vec![t("allowed", 0xa1), t("secret", 0xa2)])
+                    .encode(&mut r, ver)
+                    .expect("body");
+            } else {
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Produce.response_header_version(ver))
+                    .expect("header");
+                ProduceResponse::default()
+                    .encode(&mut r, ver)
+                    .expect("body");
+            }
+            let len = i32::try_from(r.len() - 4).expect("small");
+            r[..4].copy_from_slice(&len.to_be_bytes());
+            if s.write_all(&r).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_frame(c: &mut TcpStream) -> Option<Bytes> {
+    let mut len = [0u8; 4];
+    c.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; usize::try_from(i32::from_be_bytes(len)).ok()?];
+    c.read_exact(&mut body).await.ok()?;
+    Some(Bytes::from(body))
+}
+
+type Seen = Arc<Mutex<(Vec<i32>, Vec<u8>)>>;
+
+/// A flow-record sink that keeps the lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The flow records written so far.
+fn records(shared: &Shared, lines: &Lines) -> Vec<serde_json::Value> {
+    shared.flows.flush(Duration::from_secs(5));
+    String::from_utf8(lines.0.lock().expect("lock").clone())
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+/// A scripted broker, a policy allowing `role: produce` on topic `allowed`, and a
+/// client connection through the Kafka handler.
+async fn start(config: ProxyConfig) -> (TcpStream, Seen, Arc<Shared>, Lines) {
+    let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = broker_listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    tokio::spawn(broker(broker_listener, seen.clone()));
+
+    let endpoints = "endpoints:
+  - {name: app, ips: [127.0.0.2], labels: {app: a}}
+  - {name: broker, ips: [127.0.0.1], labels: {app: kafka}}
+";
+    let policy = format!(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: k}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toEndpoints: [{{matchLabels: {{app: kafka}}}}]
+    toPorts:
+    - ports: [{{port: '{port}', protocol: TCP}}]
+      rules:
+        kafka:
+        - {{role: produce, topic: allowed}}
+"
+    );
+    let p = parse_policies(&policy, "p.yaml").expect("policy");
+    let e = parse_endpoints(endpoints, "e.yaml").expect("endpoints");
+    let compiled =
+        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles");
+    let lines = Lines::default();
+    let shared = Shared::new(
+        Arc::new(compiled),
+        FlowSink::new(Box::new(lines.clone())),
+        config,
+    );
+    let client_addr: SocketAddr = "127.0.0.2:40000".parse().expect("addr");
+    let dst: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let ctx = Arc::new(ConnContext::new(shared.clone(), client_addr, dst));
+    assert!(ctx.decide().verdict.needs_kafka());
+
+    // The client's connection to the proxy, over real sockets.
+    let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let client = TcpStream::connect(front.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = front.accept().await.expect("accept");
+    tokio::spawn(serve(ctx, accepted));
+    (client, seen, shared, lines)
+}
+
+#[tokio::test]
+async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
+    let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
+
+    // Allowed (answered late), denied, allowed: pipelined in one write.
+    let (a1, denied, a3) = (
+        produce(1, "allowed", 1),
+        produce(2, "secret", 1),
+        produce(3, "allowed", 1),
+    );
+    let mut all = a1.clone();
+    all.extend_from_slice(&denied);
+    all.extend_from_slice(&a3);
+    client.write_all(&all).await.expect("write");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+            .await
+            .expect("in time")
+            .expect("a response");
+        let mut b = f.clone();
+        let h = ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(V))
+            .expect("header");
+        order.push(h.correlation_id);
+        if h.correlation_id == 2 {
+            let r = ProduceResponse::decode(&mut b, V).expect("a Produce v9 response");
+            let codes: Vec<i16> = r
+                .responses
+                .iter()
+                .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+                .collect();
+            assert_eq!(codes, vec![TOPIC_AUTHORIZATION_FAILED]);
+        }
+    }
+    assert_eq!(order, vec![1, 2, 3], "responses in request order");
+    {
+        let g = seen.lock().expect("lock");
+        assert_eq!(
+            g.0,
+            vec![1, 3],
+            "the denied request never reached the broker"
+        );
+        let mut want = a1.clone();
+        want.extend_from_slice(&a3);
+        assert_eq!(g.1, want, "allowed requests forwarded byte for byte");
+    }
+
+    // Metadata for every topic: the broker lists both, the client sees the allowed one.
+    let mut m = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(12)
+        .with_correlation_id(5)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut m, ApiKey::Metadata.request_header_version(12))
+        .expect("header");
+    MetadataRequest::default()
+        .with_topics(None)
+        .encode(&mut m, 12)
+        .expect("body");
+    let mut wire = Vec::new();
+    wire.put_i32(i32::try_from(m.len()).expect("small"));
+    wire.extend_from_slice(&m);
+    client.write_all(&wire).await.expect("write");
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("in time")
+        .expect("a response");
+    let mut b = f.clone();
+    let h = ResponseHeader::decode(&mut b, ApiKey::Metadata.response_header_version(12))
+        .expect("header");
+    assert_eq!(h.correlation_id, 5);
+    let r = MetadataResponse::decode(&mut b, 12).expect("Metadata v12");
+    let names: Vec<&str> = r
+        .topics
+        .iter()
+        .filter_map(|t| t.name.as_ref().map(|n| n.as_str()))
+        .collect();
+    assert_eq!(names, vec!["allowed"]);
+
+    // Produce v13 names topics by id: ids learned from that Metadata response resolve;
+    // an id no Metadata response named is denied.
+    for (corr, id, allowed) in [(6, 0xa1u8, true), (7, 0xa2, false), (8, 0xa3, false)] {
+        client
+            .write_all(&produce_by_id(corr, id))
+            .await
+            .expect("write");
+        let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+            .await
+            .expect("in time")
+            .expect("a response");
+        let mut b = f.clone();
+        let h = ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(13))
+            .expect("header");
+        assert_eq!(h.correlation_id, corr);
+        let r = ProduceResponse::decode(&mut b, 13).expect("Produce v13");
+        let codes: Vec<i16> = r
+            .responses
+            .iter()
+            .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+            .collect();
+        let want = if allowed {
+            vec![]
+        } else {
+            vec![TOPIC_AUTHORIZATION_FAILED]
+        };
+        assert_eq!(codes, want, "id {id:#x}");
+    }
+
+    // A denied acks=0 Produce: no response is possible, so the connection closes.
+    client
+        .write_all(&produce(4, "secret", 0))
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6]);
+    // One record per request: Hubble's l7.kafka, the denial's error code.
+    let recs = records(&shared, &lines);
+    let kafka: Vec<(i64, String, i64)> = recs
+        .iter()
+        .filter_map(|r| {
+            let k = &r["l7"]["kafka"];
+            Some((
+                k["correlation_id"].as_i64()?,
+                r["verdict"].as_str()?.to_string(),
+                k["error_code"].as_i64()?,
+            ))
+        })
+        .collect();
+    let find = |c: i64| kafka.iter().find(|k| k.0 == c).cloned();
+    assert_eq!(find(1), Some((1, "FORWARDED".into(), 0)), "{recs:#?}");
+    assert_eq!(find(2), Some((2, "DROPPED".into(), 29)), "{recs:#?}");
+    let r2 = recs
+        .iter()
+        .find(|r| r["l7"]["kafka"]["correlation_id"] == 2)
+        .expect("record");
+    assert_eq!(r2["l7"]["kafka"]["api_key"], "produce");
+    assert_eq!(r2["l7"]["kafka"]["topic"], "secret");
+    assert!(
+        recs.iter().any(|r| r["Summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("Kafka connection closed"))),
+        "{recs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_frame_longer_than_the_limit_closes_the_connection() {
+    let config = ProxyConfig {
+        kafka_max_frame: 1024,
+        ..ProxyConfig::default()
+    };
+    let (mut client, seen, _, _) = start(config).await;
+    // An allowed request still passes under the limit.
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
+    assert!(matches!(first, Ok(Some(_))));
+    // A length of 1 MiB: refused as soon as its four bytes are in, nothing forwarded.
+    client
+        .write_all(&(1024 * 1024i32).to_be_bytes())
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_tcp_idle_timeout() {
+    let config = ProxyConfig {
+        tcp_idle_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
+    let (mut client, _, _, _) = start(config).await;
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
+    assert!(matches!(first, Ok(Some(_))));
+    let quiet_from = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert!(quiet_from.elapsed() >= Duration::from_millis(900));
+}
