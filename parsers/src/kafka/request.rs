@@ -24,11 +24,12 @@ pub enum TopicRef {
 pub enum Topics {
     /// These topics (possibly none: an API that is not about topics, or an empty list).
     Listed(Vec<TopicRef>),
-    /// Every topic: Metadata with a null or empty list, ListPartitionReassignments or
-    /// ElectLeaders with a null list.
+    /// Every topic: Metadata with a null or empty list (the one response weir filters).
     All,
-    /// An API that names topics where weir does not extract them (inter-broker, KRaft and
-    /// share-group state APIs): a topic rule cannot allow it.
+    /// Topics weir cannot name: an API that names topics where weir does not extract
+    /// them (inter-broker, KRaft and share-group state APIs), or a request that means
+    /// "every topic" outside Metadata (a null OffsetFetch or ElectLeaders list, an empty
+    /// DescribeTopicPartitions, a regex subscription): a topic rule cannot allow it.
     Unknown,
 }
 
@@ -118,6 +119,13 @@ fn listed(topics: Vec<TopicRef>) -> BodyFacts {
     }
 }
 
+fn unknown() -> BodyFacts {
+    BodyFacts {
+        topics: Topics::Unknown,
+        acks: None,
+    }
+}
+
 fn all() -> BodyFacts {
     BodyFacts {
         topics: Topics::All,
@@ -168,11 +176,13 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
         R::Metadata(r) => match &r.topics {
             None => all(),
             Some(t) if t.is_empty() => all(),
+            // From v10 an entry may carry an id, and from v12 a broker answers by
+            // the ids when any is set (names ignored): a set id is what is asked.
             Some(t) => listed(
                 t.iter()
                     .map(|t| match &t.name {
-                        Some(n) => name(n),
-                        None => id(t.topic_id.as_bytes()),
+                        Some(n) if t.topic_id.as_bytes() == &[0; 16] => name(n),
+                        _ => id(t.topic_id.as_bytes()),
                     })
                     .collect(),
             ),
@@ -190,6 +200,13 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
                 .collect(),
         ),
         R::OffsetFetch(r) => {
+            // A null topic list (v2-7, or a group's from v8) asks for every topic
+            // the group committed: not something a topic rule can allow.
+            if ((2..=7).contains(&v) && r.topics.is_none())
+                || (v >= 8 && r.groups.iter().any(|g| g.topics.is_none()))
+            {
+                return unknown();
+            }
             let mut out: Vec<TopicRef> = r.topics.iter().flatten().map(|t| name(&t.name)).collect();
             for g in &r.groups {
                 out.extend(g.topics.iter().flatten().map(|t| {
@@ -228,19 +245,20 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
         ),
         R::DeleteRecords(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
         R::CreatePartitions(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        // Null: every partition of every topic. Only Metadata's "every topic"
+        // is answered with a filtered response; elsewhere a topic rule cannot allow it.
         R::ElectLeaders(r) => match &r.topic_partitions {
-            None => all(),
+            None => unknown(),
             Some(t) => listed(t.iter().map(|t| name(&t.topic)).collect()),
         },
         R::OffsetForLeaderEpoch(r) => listed(r.topics.iter().map(|t| name(&t.topic)).collect()),
         R::DescribeProducers(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
-        R::DescribeTopicPartitions(r) => listed(
-            r.topics
-                .iter()
-                .map(|t| name(&t.name))
-                .chain(r.cursor.iter().map(|c| name(&c.topic_name)))
-                .collect(),
-        ),
+        // An empty list asks for every topic (from the cursor on); the cursor
+        // only says where a listing resumes.
+        R::DescribeTopicPartitions(r) if r.topics.is_empty() => unknown(),
+        R::DescribeTopicPartitions(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
+        // A subscription by regex may match any topic.
+        R::ConsumerGroupHeartbeat(r) if r.subscribed_topic_regex.is_some() => unknown(),
         R::ConsumerGroupHeartbeat(r) => listed(
             r.subscribed_topic_names
                 .iter()
@@ -258,7 +276,7 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
             listed(r.topics.iter().map(|t| name(&t.name)).collect())
         }
         R::ListPartitionReassignments(r) => match &r.topics {
-            None => all(),
+            None => unknown(),
             Some(t) => listed(t.iter().map(|t| name(&t.name)).collect()),
         },
         // Config resources of type 2 are topics.
@@ -329,8 +347,14 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
         | R::ShareGroupDescribe(_)
         | R::GetTelemetrySubscriptions(_)
         | R::PushTelemetry(_)
-        | R::UpdateFeatures(_)
-        | R::ListConfigResources(_) => listed(Vec::new()),
+        | R::UpdateFeatures(_) => listed(Vec::new()),
+        // Resource type 2 (or none given: every type) lists topic names.
+        R::ListConfigResources(r)
+            if v >= 1 && (r.resource_types.is_empty() || r.resource_types.contains(&2)) =>
+        {
+            unknown()
+        }
+        R::ListConfigResources(_) => listed(Vec::new()),
         _ => BodyFacts {
             topics: Topics::Unknown,
             acks: None,

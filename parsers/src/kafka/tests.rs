@@ -442,3 +442,89 @@ fn write_kafka_fuzz_seeds() {
         }
     }
 }
+
+/// Requests that mean "every topic" (or topics by id) to a broker while naming none
+/// or other names (attacker review, issue 10): a topic rule must not allow them, so
+/// they are `Unknown` — only Metadata's "every topic" is `All` (weir filters its
+/// response); a Metadata entry with an id is asked by its id (v12+ brokers answer by
+/// ids and ignore names).
+#[test]
+fn requests_that_mean_every_topic_name_none() {
+    use kafka_protocol::messages::{
+        ConsumerGroupHeartbeatRequest, DescribeTopicPartitionsRequest, ElectLeadersRequest,
+        ListPartitionReassignmentsRequest, describe_topic_partitions_request::TopicRequest,
+    };
+    let name_and_id = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default()
+            .with_name(Some(topic("public")))
+            .with_topic_id(Uuid::from_bytes(ID)),
+    ]));
+    let fetch_all_v7 = OffsetFetchRequest::default()
+        .with_group_id(kafka_protocol::messages::GroupId(
+            StrBytes::from_static_str("g"),
+        ))
+        .with_topics(None);
+    let fetch_all_v8 = OffsetFetchRequest::default()
+        .with_groups(vec![OffsetFetchRequestGroup::default().with_topics(None)]);
+    let regex = ConsumerGroupHeartbeatRequest::default()
+        .with_subscribed_topic_regex(Some(StrBytes::from_static_str(".*")));
+    let cases: Vec<(Vec<u8>, Topics)> = vec![
+        (
+            frame(ApiKey::Metadata, 12, None, &name_and_id),
+            Topics::Listed(vec![TopicRef::Id(ID)]),
+        ),
+        (
+            frame(ApiKey::OffsetFetch, 7, None, &fetch_all_v7),
+            Topics::Unknown,
+        ),
+        (
+            frame(ApiKey::OffsetFetch, 8, None, &fetch_all_v8),
+            Topics::Unknown,
+        ),
+        (
+            frame(
+                ApiKey::DescribeTopicPartitions,
+                0,
+                None,
+                &DescribeTopicPartitionsRequest::default(),
+            ),
+            Topics::Unknown,
+        ),
+        (
+            frame(
+                ApiKey::DescribeTopicPartitions,
+                0,
+                None,
+                &DescribeTopicPartitionsRequest::default()
+                    .with_topics(vec![TopicRequest::default().with_name(topic("t"))]),
+            ),
+            names(&["t"]),
+        ),
+        (
+            frame(
+                ApiKey::ElectLeaders,
+                2,
+                None,
+                &ElectLeadersRequest::default().with_topic_partitions(None),
+            ),
+            Topics::Unknown,
+        ),
+        (
+            frame(
+                ApiKey::ListPartitionReassignments,
+                0,
+                None,
+                &ListPartitionReassignmentsRequest::default().with_topics(None),
+            ),
+            Topics::Unknown,
+        ),
+        (
+            frame(ApiKey::ConsumerGroupHeartbeat, 1, None, &regex),
+            Topics::Unknown,
+        ),
+    ];
+    for (i, (wire, want)) in cases.into_iter().enumerate() {
+        let f = facts(&wire);
+        assert_eq!(f.body.expect("decodes").topics, want, "case {i}");
+    }
+}

@@ -217,7 +217,9 @@ async fn responses_to_client(
             // First what is owed: an entry is queued before its request is forwarded,
             // so it is here before the response.
             biased;
-            o = owed_rx.recv(), if !requests_done => match o {
+            // Bounded here too: denials never wait for the broker, so a client
+            // could queue them without end behind one response the broker holds.
+            o = owed_rx.recv(), if !requests_done && owed.len() < OWED_QUEUE => match o {
                 Some(o) => owed.push_back(o),
                 None => requests_done = true,
             },
@@ -270,7 +272,7 @@ async fn responses_to_client(
                         // An undecodable Metadata response teaches nothing; the client
                         // gets it as the broker sent it (or filtered below).
                         if let Ok(pairs) = metadata_topic_ids(&frame.payload(), *v) {
-                            topic_ids::learn(pairs);
+                            topic_ids::learn(broker_scope(ctx), pairs);
                         }
                     }
                     match next {
@@ -339,7 +341,7 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
                     .iter()
                     .map(|t| match t {
                         TopicRef::Name(n) => Some(n.clone()),
-                        TopicRef::Id(id) => topic_ids::resolve(id),
+                        TopicRef::Id(id) => topic_ids::resolve(broker_scope(ctx), id),
                     })
                     .collect();
                 match resolved {
@@ -441,6 +443,12 @@ fn may_see(ctx: &ConnContext, f: &MetadataFilter, topic: &str) -> bool {
     cv.kafka_verdict(&d.policy, &req).0.allowed
 }
 
+/// Whose topic ids this connection's broker may use (see `topic_ids`).
+fn broker_scope(ctx: &ConnContext) -> topic_ids::Scope {
+    let d = ctx.decide();
+    topic_ids::Scope::of(d.verdict.dst.identity, ctx.orig_dst.ip())
+}
+
 fn summary(facts: &RequestFacts) -> String {
     let h = &facts.header;
     let key = api_key_name(h.api_key).map_or_else(|| h.api_key.to_string(), str::to_string);
@@ -457,14 +465,25 @@ fn summary(facts: &RequestFacts) -> String {
     s
 }
 
-/// Topic names, ids as `id:HEX` (resolved or not, the record shows what was sent).
+/// Topics a flow record names at most (a request may name millions; the record
+/// stays small and says how many it left out).
+const RECORD_TOPICS: usize = 32;
+
+/// Topic names, ids as `id:HEX` (resolved or not, the record shows what was sent);
+/// beyond [`RECORD_TOPICS`], one last entry `(+N more)`.
 fn topic_list(list: &[TopicRef]) -> Vec<String> {
-    list.iter()
+    let mut out: Vec<String> = list
+        .iter()
+        .take(RECORD_TOPICS)
         .map(|t| match t {
             TopicRef::Name(n) => n.clone(),
             TopicRef::Id(id) => format!("id:{}", hex(id)),
         })
-        .collect()
+        .collect();
+    if list.len() > RECORD_TOPICS {
+        out.push(format!("(+{} more)", list.len() - RECORD_TOPICS));
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {

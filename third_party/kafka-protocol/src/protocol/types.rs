@@ -10,6 +10,10 @@ use anyhow::{bail, Result};
 use std::convert::TryFrom;
 use std::string::String as StdString;
 
+/// weir patch: the most elements an announced array count reserves up front (the
+/// rest is grown as elements actually decode).
+const RESERVE_AT_MOST: usize = 1024;
+
 macro_rules! define_copy_impl {
     ($e:ident, $t:ty) => (
         impl Encoder<$t> for $e {
@@ -1006,7 +1010,9 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
                 if n as usize > buf.remaining() {
                     bail!("Array length {n} exceeds the {} bytes left", buf.remaining());
                 }
-                let mut result = Vec::with_capacity(n as usize);
+                // weir patch: the count is bounded by bytes, not by bytes x the
+                // element's size: reserve a little and let the vector grow.
+                let mut result = Vec::with_capacity((n as usize).min(RESERVE_AT_MOST));
                 for _ in 0..n {
                     result.push(self.0.decode(buf)?);
                 }
@@ -1118,7 +1124,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
                 if (n - 1) as usize > buf.remaining() {
                     bail!("Compact array length {} exceeds the {} bytes left", n - 1, buf.remaining());
                 }
-                let mut result = Vec::with_capacity((n - 1) as usize);
+                // weir patch: see Array::decode.
+                let mut result = Vec::with_capacity(((n - 1) as usize).min(RESERVE_AT_MOST));
                 for _ in 1..n {
                     result.push(self.0.decode(buf)?);
                 }
