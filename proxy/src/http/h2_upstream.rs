@@ -231,8 +231,14 @@ impl H2Pool {
         key: PoolKey,
     ) -> Result<Arc<H2Conn>, Checkout> {
         let dst = ctx.orig_dst.to_string();
-        let timeout =
-            |d: &str| Checkout::Failed(UpstreamError::Timeout(d.to_string(), self.connect_timeout));
+        // No connection in time is "unreachable" (gRPC UNAVAILABLE: clients may fail
+        // over), not a deadline: DEADLINE_EXCEEDED is for the response's own timeout.
+        let timeout = |d: &str| {
+            Checkout::Failed(UpstreamError::Unavailable(
+                d.to_string(),
+                format!("no HTTP/2 connection within {:?}", self.connect_timeout),
+            ))
+        };
         let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => return Err(timeout(&dst)),
