@@ -18,8 +18,9 @@ APT_PEERS := curl nginx-light socat pv iputils-ping python3 python3-venv wrk man
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 # Python packages the tests use (in $(VENV)): prometheus-client parses /metrics;
-# grpcio (gRPC server and client) and h2 (a raw HTTP/2 attacker) are HTTP/2 peers.
-PIP_TEST  := prometheus-client grpcio h2
+# grpcio (gRPC server and client; with grpcio-health-checking, the demo's gRPC service)
+# and h2 (a raw HTTP/2 attacker) are HTTP/2 peers.
+PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2
 
 .PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 clean-tools
 
@@ -41,7 +42,7 @@ build: deps
 
 demo: deps
 	@cargo build -q -p weir-agent --bin weir
-	@$(SUDO) ./target/debug/weir demo
+	@$(SUDO) ./target/debug/weir demo --python "$(VENV)/bin/python"
 
 # Man pages generated from the command line (clap_mangen): target/man/weir*.1
 # (`man -l target/man/weir.1`; install into /usr/local/share/man/man1).

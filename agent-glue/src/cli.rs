@@ -65,8 +65,8 @@ pub enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Build a small star-wars node in network namespaces, enforce a policy on it
-    /// with real curl requests, print the verdicts, tear it all down.
-    Demo,
+    /// with real curl and grpcio requests, print the verdicts, tear it all down.
+    Demo(demo::DemoArgs),
     /// Register, list and remove endpoints of a running weir (over --api-socket).
     Endpoint(crate::api::client::EndpointArgs),
     /// Show the names learned from allowed DNS answers (over --api-socket).
@@ -462,7 +462,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Policy(PolicyCommand::Explain(args)) => explain::main(&args),
         Command::Policy(PolicyCommand::Api(cmd)) => exit_from(crate::api::policy::main(cmd)),
         Command::Run(args) => exit_from(run::main(*args)),
-        Command::Demo => exit_from(demo::main()),
+        Command::Demo(args) => exit_from(demo::main(&args)),
         Command::Endpoint(args) => exit_from(crate::api::client::main(args)),
         Command::Fqdn(args) => exit_from(crate::api::client::fqdn_main(args)),
         Command::Observe(args) => exit_from(crate::api::observe::main(args)),

@@ -7,7 +7,8 @@ fn demo_runs_twice_and_cleans_up() {
         return;
     }
     for run in 0..2 {
-        let out = weir_tests::weir_cli(&["demo"]);
+        let python = weir_tests::repo_root().join(".venv/bin/python");
+        let out = weir_tests::weir_cli(&["demo", "--python", python.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -19,7 +20,7 @@ fn demo_runs_twice_and_cleans_up() {
             .filter(|l| l.starts_with("tiefighter") || l.starts_with("xwing"))
             .map(|l| l.split_whitespace().collect())
             .collect();
-        assert_eq!(rows.len(), 4, "{stdout}");
+        assert_eq!(rows.len(), 6, "{stdout}");
         assert_eq!(
             rows[0][..5],
             [
@@ -38,6 +39,34 @@ fn demo_runs_twice_and_cleans_up() {
         assert_eq!(
             rows[2][..5],
             ["xwing", "POST", "/v1/request-landing", "dropped", "DROPPED"]
+        );
+        // gRPC's own health service (grpcio) behind weir: Check is allowed,
+        // Watch gets PERMISSION_DENIED from weir and never reaches the server.
+        assert_eq!(
+            rows[4][..5],
+            [
+                "tiefighter",
+                "gRPC",
+                "grpc.health.v1.Health/Check",
+                "OK:SERVING",
+                "FORWARDED"
+            ],
+            "{stdout}"
+        );
+        assert_eq!(
+            rows[5][..5],
+            [
+                "tiefighter",
+                "gRPC",
+                "grpc.health.v1.Health/Watch",
+                "PERMISSION_DENIED",
+                "DROPPED"
+            ],
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("rule1 spec.ingress[0].toPorts[1].rules.http[0]"),
+            "{stdout}"
         );
         assert!(stdout.contains("steering: eBPF datapath"), "{stdout}");
         assert!(

@@ -1,7 +1,10 @@
 //! `weir demo`: the star-wars scenario from Cilium's getting-started guide, on one
 //! machine. A node namespace, a deathstar (nginx), a tiefighter and an xwing;
 //! weir enforces "only the empire may land, and only with POST
-//! /v1/request-landing"; real curl requests; a table of what happened.
+//! /v1/request-landing", and on gRPC only `Check` of gRPC's health service;
+//! real curl and grpcio requests; a table of what happened.
+
+mod grpc;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,12 +15,13 @@ use anyhow::{Context, bail};
 
 use crate::lab::{self, Lab};
 
+/// The HTTP part of the demo policy; [`grpc::POLICY_PORT`] follows it.
 pub const DEMO_POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: rule1
 spec:
-  description: "Only the empire may land, and only by POST /v1/request-landing"
+  description: "Only the empire may land, only by POST /v1/request-landing, and only ask if the deathstar is up"
   endpointSelector:
     matchLabels: {org: empire, class: deathstar}
   ingress:
@@ -90,7 +94,16 @@ fn need(tool: &str, hint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn main() -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The Python that runs the demo's gRPC server and client (it needs grpcio and
+    /// grpcio-health-checking from PyPI; `make demo` passes its .venv). Without them
+    /// the gRPC rows are left out, with a note.
+    #[arg(long, default_value = "python3", value_name = "PATH")]
+    pub python: String,
+}
+
+pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     if !crate::lab::is_root() {
         bail!("the demo creates network namespaces and needs root (try `sudo make demo`)");
     }
@@ -103,13 +116,20 @@ pub fn main() -> anyhow::Result<()> {
     ] {
         need(tool, hint)?;
     }
+    let python = match grpc::check_python(&args.python) {
+        Ok(()) => Some(args.python.as_str()),
+        Err(e) => {
+            eprintln!("weir demo: leaving out the gRPC rows: {e:#}");
+            None
+        }
+    };
     let dir = tmp_dir()?;
-    let result = run_demo(&dir);
+    let result = run_demo(&dir, python);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_demo(dir: &Path) -> anyhow::Result<()> {
+fn run_demo(dir: &Path, python: Option<&str>) -> anyhow::Result<()> {
     let prefix = lab::unique_prefix("weirdemo");
     let mut lab = Lab::new(&prefix)?;
     let ds = lab
@@ -123,7 +143,7 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     lab.add_workload("xwing", "10.200.0.30".parse()?, "fd00:200::30".parse()?)?;
 
     let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, DEMO_POLICY)?;
+    std::fs::write(&policy, format!("{DEMO_POLICY}{}", grpc::POLICY_PORT))?;
     let endpoints = dir.join("endpoints.yaml");
     std::fs::write(
         &endpoints,
@@ -146,6 +166,9 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     lab.spawn("nginx", nginx)?;
     lab.wait_for_tcp(&ds.to_string(), 80, Duration::from_secs(10))
         .context("nginx (deathstar) did not start")?;
+    if let Some(python) = python {
+        grpc::start_server(&mut lab, python, dir, &ds.to_string())?;
+    }
 
     let state = dir.join("state");
     let bpf_root = PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix("weir-demo")));
@@ -186,7 +209,11 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
         "nftables TPROXY (eBPF datapath unavailable here; see the weir log)"
     };
     println!("weir demo: deathstar (org=empire, class=deathstar) at {ds}, policy rule1:");
-    println!("  only org=empire may reach port 80, and only with POST /v1/request-landing");
+    println!("  only org=empire may reach port 80, and only with POST /v1/request-landing;");
+    println!(
+        "  port {}, gRPC: only grpc.health.v1.Health/Check",
+        grpc::PORT
+    );
     println!("  steering: {steering}\n");
     let plan: [(&str, &str, &str); 4] = [
         ("tiefighter", "POST", "/v1/request-landing"),
@@ -235,6 +262,37 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
             rule,
         });
     }
+    if let Some(python) = python {
+        let before = line_count(&flows);
+        let calls = grpc::call(
+            &lab,
+            python,
+            dir,
+            "tiefighter",
+            &ds.to_string(),
+            &["Check", "Watch"],
+        )?;
+        for (i, c) in calls.into_iter().enumerate() {
+            let (verdict, rule) =
+                nth_l7_flow(&flows, before, i).unwrap_or(("?".into(), "no flow record".into()));
+            rows.push(Row {
+                from: "tiefighter",
+                method: "gRPC",
+                path: if c.method == "Check" {
+                    "grpc.health.v1.Health/Check"
+                } else {
+                    "grpc.health.v1.Health/Watch"
+                },
+                status: if c.code == "OK" {
+                    format!("OK:{}", c.detail)
+                } else {
+                    c.code
+                },
+                verdict,
+                rule,
+            });
+        }
+    }
     print_table(&rows);
     show_cli(&lab, &exe, &dir.join("weir.sock"))?;
 
@@ -273,7 +331,10 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
     } else {
         "403"
     };
-    let expected = ["200", "403", l4, l4];
+    let mut expected = vec!["200", "403", l4, l4];
+    if python.is_some() {
+        expected.extend(["OK:SERVING", "PERMISSION_DENIED"]);
+    }
     let got: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
     if got != expected {
         let log = std::fs::read_to_string(&weir_log).unwrap_or_default();
@@ -287,7 +348,7 @@ fn run_demo(dir: &Path) -> anyhow::Result<()> {
 fn show_cli(lab: &Lab, exe: &Path, socket: &Path) -> anyhow::Result<()> {
     let socket = socket.display().to_string();
     for args in [
-        vec!["observe", "--last", "4", "--type", "http"],
+        vec!["observe", "--last", "8", "--type", "http"],
         vec!["observe", "--last", "2", "--type", "l3-l4"],
         vec!["status"],
     ] {
@@ -337,17 +398,39 @@ fn wait_flow(path: &Path, after: usize) -> Option<(String, String)> {
     None
 }
 
+/// The verdict and deciding rule of the `n`th L7 record after line `after`
+/// (the gRPC calls run in one client, one after the other).
+fn nth_l7_flow(path: &Path, after: usize, n: usize) -> Option<(String, String)> {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let found = text
+            .lines()
+            .skip(after)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["Type"] == "L7")
+            .nth(n);
+        if let Some(v) = found {
+            return Some((
+                v["verdict"].as_str().unwrap_or("?").to_string(),
+                v["policy"].as_str().unwrap_or("?").to_string(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 fn print_table(rows: &[Row]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<11} {:<30} {:<7} {:<10} DECIDING RULE",
+        "{:<11} {:<35} {:<17} {:<10} DECIDING RULE",
         "FROM", "REQUEST", "STATUS", "VERDICT"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<11} {:<30} {:<7} {:<10} {}",
+            "{:<11} {:<35} {:<17} {:<10} {}",
             r.from,
             format!("{} {}", r.method, r.path),
             r.status,
