@@ -179,6 +179,7 @@ async fn handle(
         return;
     }
     if cv.needs_kafka() {
+        let _open = conn_metrics(&ctx).open(ConnProtocol::Kafka);
         crate::kafka::serve(ctx, stream).await;
         return;
     }

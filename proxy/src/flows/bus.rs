@@ -64,6 +64,10 @@ pub struct L7Facts {
     pub http: Option<(&'static str, u16)>,
     /// DNS: the answer's rcode.
     pub dns_rcode: Option<u32>,
+    /// Kafka: the API's name as a bounded label (`other` for a key weir has no
+    /// name for: a number would let a client mint label values) and the error
+    /// code weir answered.
+    pub kafka: Option<(String, i16)>,
 }
 
 impl L7Facts {
@@ -77,6 +81,17 @@ impl L7Facts {
                 .as_ref()
                 .map(|h| (super::metrics::method_class(&h.method), h.code)),
             dns_rcode: l7.dns.as_ref().map(|d| d.rcode),
+            kafka: l7.kafka.as_ref().map(|k| {
+                let named = k.api_key.bytes().all(|b| b.is_ascii_lowercase());
+                (
+                    if named {
+                        k.api_key.clone()
+                    } else {
+                        "other".into()
+                    },
+                    k.error_code,
+                )
+            }),
         }
     }
 }
@@ -90,6 +105,8 @@ impl FlowKey {
                     "HTTP"
                 } else if l.dns.is_some() {
                     "DNS"
+                } else if l.kafka.is_some() {
+                    "Kafka"
                 } else {
                     "OTHER"
                 }
@@ -509,6 +526,20 @@ mod tests {
         )
     }
 
+    fn kafka(f: Flow, api_key: &str, error_code: i16) -> Flow {
+        f.with_kafka(
+            1,
+            weir_policy::flow::KafkaFlow {
+                error_code,
+                api_version: 9,
+                api_key: api_key.into(),
+                correlation_id: 7,
+                topic: "empire".into(),
+            },
+            "Kafka".into(),
+        )
+    }
+
     fn rec(f: Flow) -> Arc<Record> {
         super::super::record(&f)
     }
@@ -775,6 +806,10 @@ mod tests {
             http(flow(5, false)),
             dns(flow(6, true)),
             http(flow(7, true)).with_error("MALFORMED_REQUEST: bad"),
+            kafka(flow(8, true), "produce", 0),
+            kafka(flow(9, false), "produce", 29),
+            kafka(flow(10, false), "produce", 29),
+            kafka(flow(11, false), "12345", 29),
         ]
         .into_iter()
         .map(rec)
@@ -790,20 +825,26 @@ mod tests {
             lines,
             [
                 r#"weir_drop_total{reason="MALFORMED_REQUEST"} 1"#,
-                r#"weir_drop_total{reason="POLICY_DENIED"} 3"#,
+                r#"weir_drop_total{reason="POLICY_DENIED"} 6"#,
                 r#"weir_flows_processed_total{verdict="DROPPED",type="L3_L4",protocol="TCP"} 1"#,
                 r#"weir_flows_processed_total{verdict="DROPPED",type="L7",protocol="HTTP"} 2"#,
+                r#"weir_flows_processed_total{verdict="DROPPED",type="L7",protocol="Kafka"} 3"#,
                 r#"weir_flows_processed_total{verdict="ERROR",type="L7",protocol="HTTP"} 1"#,
                 r#"weir_flows_processed_total{verdict="FORWARDED",type="L3_L4",protocol="TCP"} 1"#,
                 r#"weir_flows_processed_total{verdict="FORWARDED",type="L7",protocol="DNS"} 1"#,
                 r#"weir_flows_processed_total{verdict="FORWARDED",type="L7",protocol="HTTP"} 1"#,
+                r#"weir_flows_processed_total{verdict="FORWARDED",type="L7",protocol="Kafka"} 1"#,
             ],
             "{text}"
         );
-        // Every HTTP record is one request; the DNS one a query.
+        // Every HTTP record is one request; the DNS one a query; every Kafka
+        // record a request (an API key weir has no name for is `other`).
         for line in [
             r#"weir_http_requests_total{method="GET",code="0"} 4"#,
             r#"weir_dns_queries_total{verdict="FORWARDED"} 1"#,
+            r#"weir_kafka_requests_total{api_key="produce",verdict="FORWARDED",error_code="0"} 1"#,
+            r#"weir_kafka_requests_total{api_key="produce",verdict="DROPPED",error_code="29"} 2"#,
+            r#"weir_kafka_requests_total{api_key="other",verdict="DROPPED",error_code="29"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "`{line}` missing:\n{text}");
         }

@@ -20,7 +20,7 @@ pub struct FlowLabels {
     pub verdict: &'static str,
     /// L3_L4 or L7 (Hubble's `Type`).
     pub r#type: &'static str,
-    /// TCP, UDP, ICMPv4, ICMPv6 for L3/L4; HTTP, DNS for L7.
+    /// TCP, UDP, ICMPv4, ICMPv6 for L3/L4; HTTP, DNS, Kafka for L7.
     pub protocol: &'static str,
 }
 
@@ -57,9 +57,21 @@ pub struct DnsResponseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KafkaLabels {
+    /// The API's name (`produce`, `fetch`, ...; the names of `weir policy explain
+    /// --kafka`), `other` for a key weir has no name for.
+    pub api_key: String,
+    /// FORWARDED, DROPPED (denied by policy) or ERROR (the connection closed).
+    pub verdict: &'static str,
+    /// The error code weir answered (29 TOPIC_AUTHORIZATION_FAILED, ...), 0 when
+    /// forwarded (the broker's own answer is not inspected).
+    pub error_code: i16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
-    /// How the proxy handled the connection: http, dns (DNS over TCP) or tcp
-    /// (L4 splice).
+    /// How the proxy handled the connection: http, dns (DNS over TCP), kafka or
+    /// tcp (L4 splice).
     pub protocol: &'static str,
 }
 
@@ -85,16 +97,23 @@ pub struct ControlMetrics {
 pub enum ConnProtocol {
     Http,
     Dns,
+    Kafka,
     Tcp,
 }
 
 impl ConnProtocol {
-    const ALL: [ConnProtocol; 3] = [ConnProtocol::Http, ConnProtocol::Dns, ConnProtocol::Tcp];
+    const ALL: [ConnProtocol; 4] = [
+        ConnProtocol::Http,
+        ConnProtocol::Dns,
+        ConnProtocol::Kafka,
+        ConnProtocol::Tcp,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             ConnProtocol::Http => "http",
             ConnProtocol::Dns => "dns",
+            ConnProtocol::Kafka => "kafka",
             ConnProtocol::Tcp => "tcp",
         }
     }
@@ -103,7 +122,7 @@ impl ConnProtocol {
 /// Connection counters the data path moves itself (one atomic add each):
 /// handles taken from their families once, so no connection looks a label up.
 pub struct ConnMetrics {
-    by_protocol: [(Counter, Gauge); 3],
+    by_protocol: [(Counter, Gauge); 4],
     /// UDP sessions open now.
     pub udp_sessions: Gauge,
 }
@@ -156,6 +175,7 @@ pub struct FlowMetrics {
     http_latency: HttpLatency,
     dns_queries: Family<DnsQueryLabels, Counter>,
     dns_responses: Family<DnsResponseLabels, Counter>,
+    kafka_requests: Family<KafkaLabels, Counter>,
     /// Records the flow writer had no room for (counted by the sink itself).
     pub lost: Counter,
     pub control: ControlMetrics,
@@ -250,11 +270,17 @@ impl Default for FlowMetrics {
             "DNS answers sent to clients by rcode",
             dns_responses.clone(),
         );
+        let kafka_requests = Family::<KafkaLabels, Counter>::default();
+        registry.register(
+            "weir_kafka_requests",
+            "Kafka requests by API, verdict and the error code weir answered (0: forwarded)",
+            kafka_requests.clone(),
+        );
         let conns_total = Family::<ConnLabels, Counter>::default();
         let conns_open = Family::<ConnLabels, Gauge>::default();
         registry.register(
             "weir_proxy_connections",
-            "Client TCP connections the proxy accepted, by how it handled them (http, dns, tcp)",
+            "Client TCP connections the proxy accepted, by how it handled them (http, dns, kafka, tcp)",
             conns_total.clone(),
         );
         registry.register(
@@ -290,6 +316,7 @@ impl Default for FlowMetrics {
             http_latency,
             dns_queries,
             dns_responses,
+            kafka_requests,
             lost,
             control,
             conns,
@@ -341,6 +368,14 @@ impl FlowMetrics {
                 }
                 None => h.added.observe(secs(l7.latency_ns)),
             }
+        } else if let Some((api_key, error_code)) = &l7.kafka {
+            self.kafka_requests
+                .get_or_create(&KafkaLabels {
+                    api_key: api_key.clone(),
+                    verdict,
+                    error_code: *error_code,
+                })
+                .inc();
         } else if let Some(rcode) = l7.dns_rcode {
             if l7.response {
                 let rcode = u16::try_from(rcode).unwrap_or(u16::MAX);
