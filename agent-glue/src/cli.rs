@@ -367,6 +367,11 @@ pub struct RunArgs {
     /// a larger one closes the connection with a flow record.
     #[arg(long, default_value_t = weir_parsers::kafka::DEFAULT_MAX_FRAME)]
     pub kafka_max_frame: usize,
+    /// Array elements and tagged fields one Kafka request may decode into (all its
+    /// arrays together); a request with more closes the connection with a flow
+    /// record. Bounds the memory a request's facts take whatever the frame size.
+    #[arg(long, default_value_t = weir_parsers::kafka::DEFAULT_MAX_REQUEST_ENTRIES)]
+    pub kafka_max_request_entries: usize,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,

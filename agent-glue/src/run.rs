@@ -324,6 +324,7 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         dns_learn_timeout: args.dns_learn_timeout,
         dns_max_outstanding: args.dns_max_outstanding,
         kafka_max_frame: args.kafka_max_frame,
+        kafka_max_request_entries: args.kafka_max_request_entries,
         // Replies to the client's address need steering to come back to the proxy.
         upstream_mark: (args.steering != SteeringMode::None)
             .then_some(args.steering_args.upstream_mark),

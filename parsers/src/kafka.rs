@@ -34,7 +34,8 @@ pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
 pub use metadata::{MetadataFilterError, filter_metadata_response, metadata_topic_ids};
 pub use request::{
-    BodyError, BodyFacts, RequestFacts, TopicRef, Topics, body_decodable, request_facts,
+    BodyError, BodyFacts, DEFAULT_MAX_REQUEST_ENTRIES, RequestFacts, TopicRef, Topics,
+    body_decodable, request_facts, request_facts_bounded,
 };
 
 #[cfg(test)]

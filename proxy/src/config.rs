@@ -63,6 +63,9 @@ pub struct ProxyConfig {
     /// Largest Kafka frame (request or response) the Kafka handler takes; a larger
     /// length closes the connection with a flow record.
     pub kafka_max_frame: usize,
+    /// Array elements and tagged fields one Kafka request may decode into; more
+    /// closes the connection with a flow record.
+    pub kafka_max_request_entries: usize,
 }
 
 impl Default for ProxyConfig {
@@ -92,6 +95,7 @@ impl Default for ProxyConfig {
             dns_learn_timeout: Duration::from_secs(2),
             dns_max_outstanding: 100,
             kafka_max_frame: weir_parsers::kafka::DEFAULT_MAX_FRAME,
+            kafka_max_request_entries: weir_parsers::kafka::DEFAULT_MAX_REQUEST_ENTRIES,
         }
     }
 }

@@ -73,12 +73,32 @@ pub fn body_decodable(api_key: i16, version: i16) -> bool {
     })
 }
 
-/// Read the facts of one request frame's payload (the bytes after the length prefix).
-/// Only a header that cannot be read is an error; body problems are in `body`.
+/// Array elements and unknown tagged fields one request may decode into, all nested
+/// arrays together (`--kafka-max-request-entries`). Every element takes at least a
+/// byte on the wire but tens in memory: without a bound a 100 MiB frame of one-byte
+/// elements decodes into gigabytes. 100 000 covers a Fetch or OffsetCommit of
+/// thousands of partitions and Metadata naming 100 000 topics.
+pub const DEFAULT_MAX_REQUEST_ENTRIES: usize = 100_000;
+
+/// Read the facts of one request frame's payload (the bytes after the length prefix),
+/// decoding at most [`DEFAULT_MAX_REQUEST_ENTRIES`] entries.
 pub fn request_facts(payload: &Bytes) -> Result<RequestFacts, HeaderError> {
-    let (header, body) = decode_request_header(payload)?;
-    let body = body_facts(header.api_key, header.api_version, body);
-    Ok(RequestFacts { header, body })
+    request_facts_bounded(payload, DEFAULT_MAX_REQUEST_ENTRIES)
+}
+
+/// Read the facts of one request frame's payload, decoding at most `max_entries` array
+/// elements and tagged fields (header and body together); a request with more is
+/// [`BodyError::Malformed`] (or a header error when its header alone has more). Only
+/// a header that cannot be read is an error; body problems are in `body`.
+pub fn request_facts_bounded(
+    payload: &Bytes,
+    max_entries: usize,
+) -> Result<RequestFacts, HeaderError> {
+    kafka_protocol::protocol::types::with_decode_budget(max_entries, || {
+        let (header, body) = decode_request_header(payload)?;
+        let body = body_facts(header.api_key, header.api_version, body);
+        Ok(RequestFacts { header, body })
+    })
 }
 
 fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, BodyError> {
@@ -95,7 +115,7 @@ fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, 
         reason,
     };
     let request =
-        RequestKind::decode(key, &mut body, version).map_err(|e| malformed(e.to_string()))?;
+        RequestKind::decode(key, &mut body, version).map_err(|e| malformed(format!("{e:#}")))?;
     if !body.is_empty() {
         // The broker reads the same schema; bytes it would ignore are a smuggling risk
         // and no real client sends them.

@@ -448,3 +448,75 @@ fn requests_that_mean_every_topic_name_none() {
         assert_eq!(f.body.expect("decodes").topics, want, "case {i}");
     }
 }
+
+/// A Metadata v1 request naming `n` one-letter topics (`a`), written by hand.
+fn metadata_v1_naming(n: i32) -> Bytes {
+    let mut p = BytesMut::new();
+    p.put_i16(3);
+    p.put_i16(1);
+    p.put_i32(5);
+    p.put_i16(-1);
+    p.put_i32(n);
+    for _ in 0..n {
+        p.put_i16(1);
+        p.put_u8(b'a');
+    }
+    p.freeze()
+}
+
+#[test]
+fn a_request_decodes_at_most_the_entry_budget() {
+    let payload = metadata_v1_naming(1000);
+    let within = request_facts_bounded(&payload, 1000).expect("header");
+    assert!(within.body.is_ok(), "{:?}", within.body);
+    let over = request_facts_bounded(&payload, 999).expect("header");
+    match &over.body {
+        Err(BodyError::Malformed { reason, .. }) => {
+            assert!(reason.contains("decode budget"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The budget is per request: the next one on the thread starts afresh, and
+    // decoding outside a budget (the proxy's Metadata responses) is not bounded.
+    assert!(
+        request_facts_bounded(&payload, 1000)
+            .expect("header")
+            .body
+            .is_ok()
+    );
+
+    // Unknown tagged fields count too: a flexible Metadata v9 with 300 empty ones.
+    let mut p = BytesMut::new();
+    p.put_i16(3);
+    p.put_i16(9);
+    p.put_i32(6);
+    p.put_i16(-1); // client id (nullable string, header v2)
+    p.put_u8(0); // header tagged fields
+    p.put_u8(0); // topics: null (compact array length 0)
+    p.put_u8(0); // allow_auto_topic_creation
+    p.put_u8(0); // include_cluster_authorized_operations
+    p.put_u8(0); // include_topic_authorized_operations
+    p.put_u8(0xac); // 300 tagged fields (unsigned varint)
+    p.put_u8(0x02);
+    for tag in 0..300u32 {
+        // tag as an unsigned varint, then an empty value.
+        let mut t = tag + 1000;
+        while t >= 0x80 {
+            p.put_u8((t as u8 & 0x7f) | 0x80);
+            t >>= 7;
+        }
+        p.put_u8(t as u8);
+        p.put_u8(0);
+    }
+    let payload = p.freeze();
+    assert!(
+        request_facts_bounded(&payload, 300)
+            .expect("header")
+            .body
+            .is_ok()
+    );
+    assert!(matches!(
+        request_facts_bounded(&payload, 299).expect("header").body,
+        Err(BodyError::Malformed { .. })
+    ));
+}

@@ -28,7 +28,7 @@ use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
     decode_request_header, deny_response, filter_metadata_response, metadata_topic_ids,
-    non_topic_error, request_facts,
+    non_topic_error, request_facts_bounded,
 };
 use weir_policy::Verdict;
 use weir_policy::flow::KafkaFlow;
@@ -323,7 +323,7 @@ async fn write_denials_due(
 /// Policy's decision on one request frame, with its flow record.
 fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
     let payload = frame.payload();
-    let facts = match request_facts(&payload) {
+    let facts = match request_facts_bounded(&payload, ctx.shared.config.kafka_max_request_entries) {
         Ok(f) => f,
         Err(e) => return Action::Close(format!("Kafka request header: {e}")),
     };

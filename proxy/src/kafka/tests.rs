@@ -401,3 +401,47 @@ async fn an_idle_connection_is_closed_after_the_tcp_idle_timeout() {
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert!(quiet_from.elapsed() >= Duration::from_millis(900));
 }
+
+#[tokio::test]
+async fn a_request_with_more_entries_than_the_limit_closes_the_connection() {
+    // A Produce naming one topic and one partition decodes two array elements.
+    let config = ProxyConfig {
+        kafka_max_request_entries: 2,
+        ..ProxyConfig::default()
+    };
+    let (mut client, seen, _, _) = start(config).await;
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
+    assert!(matches!(first, Ok(Some(_))));
+    // The same allowed topic with two partitions: three elements, over the limit.
+    let t = TopicProduceData::default()
+        .with_name(TopicName(StrBytes::from_static_str("allowed")))
+        .with_partition_data(vec![
+            PartitionProduceData::default().with_index(0),
+            PartitionProduceData::default().with_index(1),
+        ]);
+    let mut p = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(V)
+        .with_correlation_id(2)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut p, ApiKey::Produce.request_header_version(V))
+        .expect("header");
+    ProduceRequest::default()
+        .with_acks(1)
+        .with_topic_data(vec![t])
+        .encode(&mut p, V)
+        .expect("body");
+    let mut wire = Vec::new();
+    wire.put_i32(i32::try_from(p.len()).expect("small"));
+    wire.extend_from_slice(&p);
+    client.write_all(&wire).await.expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
+}

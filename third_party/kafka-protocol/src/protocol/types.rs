@@ -14,6 +14,35 @@ use std::string::String as StdString;
 /// rest is grown as elements actually decode).
 const RESERVE_AT_MOST: usize = 1024;
 
+thread_local! {
+    /// weir patch: array elements and unknown tagged fields the decoder on this thread
+    /// may still produce (`None`: unbounded). Counts bounded by the bytes left still let
+    /// one large frame of one-byte elements become a structure many times its size.
+    static DECODE_BUDGET: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// weir patch: run `f` with at most `entries` array elements and unknown tagged fields
+/// decoded in total (nested arrays included); beyond, decoding fails with an error
+/// naming the budget. Restores the previous budget afterwards.
+pub fn with_decode_budget<R>(entries: usize, f: impl FnOnce() -> R) -> R {
+    let previous = DECODE_BUDGET.with(|b| b.replace(Some(entries)));
+    let result = f();
+    DECODE_BUDGET.with(|b| b.set(previous));
+    result
+}
+
+/// weir patch: take `n` entries from the decode budget (see [`with_decode_budget`]).
+pub fn take_decode_budget(n: usize) -> Result<()> {
+    DECODE_BUDGET.with(|b| match b.get() {
+        None => Ok(()),
+        Some(left) if n <= left => {
+            b.set(Some(left - n));
+            Ok(())
+        }
+        Some(_) => bail!("more array elements and tagged fields than the decode budget allows"),
+    })
+}
+
 macro_rules! define_copy_impl {
     ($e:ident, $t:ty) => (
         impl Encoder<$t> for $e {
@@ -1010,6 +1039,7 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
                 if n as usize > buf.remaining() {
                     bail!("Array length {n} exceeds the {} bytes left", buf.remaining());
                 }
+                take_decode_budget(n as usize)?;
                 // weir patch: the count is bounded by bytes, not by bytes x the
                 // element's size: reserve a little and let the vector grow.
                 let mut result = Vec::with_capacity((n as usize).min(RESERVE_AT_MOST));
@@ -1124,6 +1154,7 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
                 if (n - 1) as usize > buf.remaining() {
                     bail!("Compact array length {} exceeds the {} bytes left", n - 1, buf.remaining());
                 }
+                take_decode_budget((n - 1) as usize)?;
                 // weir patch: see Array::decode.
                 let mut result = Vec::with_capacity(((n - 1) as usize).min(RESERVE_AT_MOST));
                 for _ in 1..n {
