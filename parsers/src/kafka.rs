@@ -20,6 +20,7 @@
 
 pub mod apis;
 mod deny;
+mod fetch_session;
 mod frame;
 mod header;
 mod metadata;
@@ -30,12 +31,13 @@ pub use deny::{
     TOPIC_AUTHORIZATION_FAILED, TRANSACTIONAL_ID_AUTHORIZATION_FAILED, UNSUPPORTED_VERSION,
     deny_response, non_topic_error,
 };
+pub use fetch_session::fetch_response_session_id;
 pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
 pub use metadata::{MetadataFilterError, filter_metadata_response, metadata_topic_ids};
 pub use request::{
-    BodyError, BodyFacts, DEFAULT_MAX_REQUEST_ENTRIES, RequestFacts, TopicRef, Topics,
-    body_decodable, request_facts, request_facts_bounded,
+    BodyError, BodyFacts, DEFAULT_MAX_REQUEST_ENTRIES, FetchSession, RequestFacts, TopicRef,
+    Topics, body_decodable, request_facts, request_facts_bounded,
 };
 
 #[cfg(test)]

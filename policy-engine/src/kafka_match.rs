@@ -231,6 +231,9 @@ pub enum KafkaTopics<'a> {
     Undecodable,
     /// The request names a topic by an id weir has not seen in any Metadata response.
     UnknownTopicId,
+    /// An incremental Fetch of a fetch session this connection did not open: the
+    /// topics it fetches are unknown.
+    UnknownFetchSession,
 }
 
 /// One request, as policy sees it.
@@ -253,6 +256,8 @@ pub enum KafkaDenial {
     UnsupportedVersionForTopicRule,
     /// Rules match, but each needs a topic and a topic id could not be resolved.
     UnknownTopicId,
+    /// Rules match, but each needs a topic and the fetch session's topics are unknown.
+    UnknownFetchSession,
 }
 
 impl std::fmt::Display for KafkaDenial {
@@ -267,6 +272,9 @@ impl std::fmt::Display for KafkaDenial {
             }
             KafkaDenial::UnknownTopicId => {
                 f.write_str("topic id unknown (not in any Metadata response weir has seen)")
+            }
+            KafkaDenial::UnknownFetchSession => {
+                f.write_str("incremental Fetch of a fetch session this connection did not open")
             }
         }
     }
@@ -316,6 +324,11 @@ impl KafkaMatcher {
                 .find(|(_, r)| r.topic.is_none())
                 .map(|(i, _)| vec![*i])
                 .ok_or(KafkaDenial::UnknownTopicId),
+            KafkaTopics::UnknownFetchSession => candidates
+                .iter()
+                .find(|(_, r)| r.topic.is_none())
+                .map(|(i, _)| vec![*i])
+                .ok_or(KafkaDenial::UnknownFetchSession),
             KafkaTopics::Names(topics) => {
                 let mut out = Vec::new();
                 for t in topics {

@@ -39,6 +39,34 @@ pub struct BodyFacts {
     pub topics: Topics,
     /// Produce only: 0 means the broker sends no response.
     pub acks: Option<i16>,
+    /// Fetch v7+ only: the fetch session (KIP-227) the request opens, continues or
+    /// closes.
+    pub fetch_session: Option<FetchSession>,
+}
+
+/// A Fetch request's session fields (KIP-227). An incremental Fetch (`epoch > 0`)
+/// names only the partitions that changed — often none — and the broker answers for
+/// every partition of the session: its topics are those of the Fetch requests that
+/// built the session, not the ones it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchSession {
+    /// 0 when opening a session or fetching without one; else the broker's id.
+    pub id: i32,
+    /// 0 opens a session, -1 fetches without one (closing `id` if set), above 0
+    /// continues session `id`.
+    pub epoch: i32,
+}
+
+impl FetchSession {
+    /// Whether this Fetch continues a session (its named topics are only the changes).
+    pub fn is_incremental(&self) -> bool {
+        self.id != 0 && self.epoch > 0
+    }
+
+    /// Whether this Fetch asks the broker to open a new session.
+    pub fn opens(&self) -> bool {
+        self.epoch == 0
+    }
 }
 
 /// Why the body has no facts.
@@ -136,6 +164,7 @@ fn listed(topics: Vec<TopicRef>) -> BodyFacts {
     BodyFacts {
         topics: Topics::Listed(topics),
         acks: None,
+        fetch_session: None,
     }
 }
 
@@ -143,6 +172,7 @@ fn unknown() -> BodyFacts {
     BodyFacts {
         topics: Topics::Unknown,
         acks: None,
+        fetch_session: None,
     }
 }
 
@@ -150,6 +180,7 @@ fn all() -> BodyFacts {
     BodyFacts {
         topics: Topics::All,
         acks: None,
+        fetch_session: None,
     }
 }
 
@@ -172,26 +203,33 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
                     .collect(),
             ),
             acks: Some(r.acks),
+            fetch_session: None,
         },
-        R::Fetch(r) => listed(
-            r.topics
-                .iter()
-                .map(|t| {
-                    if v >= 13 {
-                        id(t.topic_id.as_bytes())
-                    } else {
-                        name(&t.topic)
-                    }
-                })
-                .chain(r.forgotten_topics_data.iter().map(|t| {
-                    if v >= 13 {
-                        id(t.topic_id.as_bytes())
-                    } else {
-                        name(&t.topic)
-                    }
-                }))
-                .collect(),
-        ),
+        R::Fetch(r) => BodyFacts {
+            fetch_session: (v >= 7).then_some(FetchSession {
+                id: r.session_id,
+                epoch: r.session_epoch,
+            }),
+            ..listed(
+                r.topics
+                    .iter()
+                    .map(|t| {
+                        if v >= 13 {
+                            id(t.topic_id.as_bytes())
+                        } else {
+                            name(&t.topic)
+                        }
+                    })
+                    .chain(r.forgotten_topics_data.iter().map(|t| {
+                        if v >= 13 {
+                            id(t.topic_id.as_bytes())
+                        } else {
+                            name(&t.topic)
+                        }
+                    }))
+                    .collect(),
+            )
+        },
         R::ListOffsets(r) => listed(r.topics.iter().map(|t| name(&t.name)).collect()),
         R::Metadata(r) => match &r.topics {
             None => all(),
@@ -321,6 +359,10 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
                 .map(|x| name(&x.resource_name))
                 .collect(),
         ),
+        // A share session (KIP-932) continued (epoch above 0) fetches every partition
+        // it holds, which the request does not name: no topic rule can allow it
+        // (weir does not track share sessions).
+        R::ShareFetch(r) if r.share_session_epoch > 0 => unknown(),
         R::ShareFetch(r) => listed(
             r.topics
                 .iter()
@@ -375,9 +417,6 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
             unknown()
         }
         R::ListConfigResources(_) => listed(Vec::new()),
-        _ => BodyFacts {
-            topics: Topics::Unknown,
-            acks: None,
-        },
+        _ => unknown(),
     }
 }

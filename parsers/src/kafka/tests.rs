@@ -520,3 +520,48 @@ fn a_request_decodes_at_most_the_entry_budget() {
         Err(BodyError::Malformed { .. })
     ));
 }
+
+#[test]
+fn fetch_sessions_and_continued_share_sessions() {
+    use kafka_protocol::messages::{FetchRequest, RequestHeader as Header, ShareFetchRequest};
+    let body = |key: ApiKey, v: i16, encode: &dyn Fn(&mut BytesMut)| {
+        let mut p = BytesMut::new();
+        Header::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(v)
+            .with_correlation_id(1)
+            .encode(&mut p, key.request_header_version(v))
+            .expect("header");
+        encode(&mut p);
+        request_facts(&p.freeze()).expect("header").body
+    };
+    let fetch = |v: i16, id: i32, epoch: i32| {
+        body(ApiKey::Fetch, v, &|p| {
+            FetchRequest::default()
+                .with_session_id(id)
+                .with_session_epoch(epoch)
+                .encode(p, v)
+                .expect("body")
+        })
+        .expect("decodes")
+        .fetch_session
+    };
+    assert_eq!(fetch(6, 0, 0), None);
+    let s = fetch(12, 77, 3).expect("a session");
+    assert_eq!((s.id, s.epoch), (77, 3));
+    assert!(s.is_incremental() && !s.opens());
+    assert!(fetch(12, 0, 0).expect("a session").opens());
+    assert!(!fetch(17, 77, -1).expect("a session").is_incremental());
+    let share = |epoch: i32| {
+        body(ApiKey::ShareFetch, 1, &|p| {
+            ShareFetchRequest::default()
+                .with_share_session_epoch(epoch)
+                .encode(p, 1)
+                .expect("body")
+        })
+        .expect("decodes")
+        .topics
+    };
+    assert_eq!(share(0), Topics::Listed(vec![]));
+    assert_eq!(share(4), Topics::Unknown);
+}

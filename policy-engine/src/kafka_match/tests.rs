@@ -139,6 +139,15 @@ fn table() {
             Err(KafkaDenial::UnknownTopicId),
         ),
         (req(1, 12, None, KafkaTopics::UnknownTopicId), Ok(vec![2])),
+        // A fetch session opened elsewhere: only a rule without topic allows it.
+        (
+            req(1, 12, None, KafkaTopics::UnknownFetchSession),
+            Ok(vec![2]),
+        ),
+        (
+            req(0, 9, Some("app"), KafkaTopics::UnknownFetchSession),
+            Err(KafkaDenial::UnknownFetchSession),
+        ),
     ];
     for (i, (r, want)) in rows.iter().enumerate() {
         assert_eq!(&rules.evaluate(r, all), want, "row {i}: {r:?}");

@@ -11,12 +11,17 @@
 //! Metadata response relayed (`topic_ids`); an id no Metadata response named is denied
 //! by topic rules (`KafkaDenial::UnknownTopicId`).
 //!
-//! Not yet here (see the README): asking the broker about an unknown id,
-//! (the default, 100 MiB, applies), Hubble's `l7.kafka` fields (the summary names the
-//! request) and per-request counters.
+//! Fetch sessions (KIP-227): an incremental Fetch names only what changed and the
+//! broker answers for every partition of the session, so it is decided on every topic
+//! the session has held (`FetchSessions`), under the policy of the moment; one that
+//! policy no longer allows closes the connection (the client opens a new session, by
+//! a full Fetch decided as usual).
+//!
+//! Not yet here (see the README): asking the broker about an unknown id.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,8 +32,8 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
-    decode_request_header, deny_response, filter_metadata_response, metadata_topic_ids,
-    non_topic_error, request_facts_bounded,
+    decode_request_header, deny_response, fetch_response_session_id, filter_metadata_response,
+    metadata_topic_ids, non_topic_error, request_facts_bounded,
 };
 use weir_policy::Verdict;
 use weir_policy::flow::KafkaFlow;
@@ -48,9 +53,36 @@ enum Owed {
         maybe_none: bool,
         metadata_version: Option<i16>,
         filter: Option<MetadataFilter>,
+        /// A Fetch that asked for a new session: its version and topics, kept under
+        /// the session id its response carries.
+        opens_session: Option<(i16, Vec<TopicRef>)>,
     },
     /// weir's denial, waiting for the broker responses owed before it.
     Denial(Bytes),
+}
+
+/// Fetch sessions a connection opened, with every topic each has held (names or ids
+/// as sent). Topics forgotten by a session stay: a session is never decided on less
+/// than it may hold.
+#[derive(Default)]
+struct FetchSessions {
+    by_id: HashMap<i32, HashSet<TopicRef>>,
+}
+
+/// Sessions kept per connection (clients open one per broker connection); beyond,
+/// the lowest id is forgotten and its next incremental Fetch closes the connection.
+const FETCH_SESSIONS: usize = 16;
+
+impl FetchSessions {
+    fn opened(&mut self, id: i32, topics: Vec<TopicRef>) {
+        if self.by_id.len() >= FETCH_SESSIONS
+            && !self.by_id.contains_key(&id)
+            && let Some(&lowest) = self.by_id.keys().min()
+        {
+            self.by_id.remove(&lowest);
+        }
+        self.by_id.insert(id, topics.into_iter().collect());
+    }
 }
 
 /// How to filter a Metadata response: as if the client had asked for each topic alone.
@@ -76,6 +108,7 @@ enum Action {
         response: Expect,
         metadata_version: Option<i16>,
         filter: Option<MetadataFilter>,
+        opens_session: Option<(i16, Vec<TopicRef>)>,
     },
     Answer(Bytes),
     Close(String),
@@ -114,9 +147,10 @@ async fn relay(ctx: &ConnContext, client: TcpStream, upstream: TcpStream) -> std
     let (up_rd, up_wr) = upstream.into_split();
     let (owed_tx, owed_rx) = mpsc::channel(OWED_QUEUE);
     let last = Activity::new();
+    let sessions = Mutex::new(FetchSessions::default());
     tokio::select! {
-        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx, &last) => r,
-        r = responses_to_client(ctx, up_rd, client_wr, owed_rx, &last) => r,
+        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx, &last, &sessions) => r,
+        r = responses_to_client(ctx, up_rd, client_wr, owed_rx, &last, &sessions) => r,
         () = idle(ctx.shared.config.tcp_idle_timeout, &last) => {
             debug!("Kafka connection idle; closing both sides");
             Ok(())
@@ -144,6 +178,7 @@ async fn requests_to_broker(
     mut up_wr: OwnedWriteHalf,
     owed: mpsc::Sender<Owed>,
     last: &Activity,
+    sessions: &Mutex<FetchSessions>,
 ) -> std::io::Result<()> {
     let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut buf = vec![0u8; 64 * 1024];
@@ -167,18 +202,20 @@ async fn requests_to_broker(
                     return Ok(());
                 }
             };
-            match decide(ctx, &frame) {
+            match decide(ctx, &frame, sessions) {
                 Action::Forward {
                     correlation_id,
                     response,
                     metadata_version,
                     filter,
+                    opens_session,
                 } => {
                     let o = Owed::Broker {
                         correlation_id,
                         maybe_none: response == Expect::Maybe,
                         metadata_version,
                         filter,
+                        opens_session,
                     };
                     if response != Expect::No && owed.send(o).await.is_err() {
                         return Ok(());
@@ -207,6 +244,7 @@ async fn responses_to_client(
     mut client_wr: OwnedWriteHalf,
     mut owed_rx: mpsc::Receiver<Owed>,
     last: &Activity,
+    sessions: &Mutex<FetchSessions>,
 ) -> std::io::Result<()> {
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
@@ -275,6 +313,14 @@ async fn responses_to_client(
                             topic_ids::learn(broker_scope(ctx), pairs);
                         }
                     }
+                    if let Some(Owed::Broker {
+                        opens_session: Some((v, topics)),
+                        ..
+                    }) = &next
+                        && let Some(id) = fetch_response_session_id(&frame.payload(), *v)
+                    {
+                        lock(sessions).opened(id, topics.clone());
+                    }
                     match next {
                         Some(Owed::Broker { filter: None, .. }) => {
                             client_wr.write_all(frame.wire()).await?;
@@ -320,8 +366,38 @@ async fn write_denials_due(
     Ok(())
 }
 
+fn lock(sessions: &Mutex<FetchSessions>) -> std::sync::MutexGuard<'_, FetchSessions> {
+    // Held only for map updates that cannot panic half-way.
+    sessions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The topics a request is decided on: those it names, or for an incremental Fetch
+/// every topic its session has held (`None`: a session this connection did not open).
+fn decided_topics<'a>(
+    list: &'a [TopicRef],
+    facts: &RequestFacts,
+    sessions: &Mutex<FetchSessions>,
+) -> Option<Cow<'a, [TopicRef]>> {
+    let Some(s) = facts.body.as_ref().ok().and_then(|b| b.fetch_session) else {
+        return Some(Cow::Borrowed(list));
+    };
+    let mut sessions = lock(sessions);
+    if !s.is_incremental() {
+        if s.id != 0 {
+            // Epoch -1 closes the session; the Fetch itself is a full one.
+            sessions.by_id.remove(&s.id);
+        }
+        return Some(Cow::Borrowed(list));
+    }
+    let held = sessions.by_id.get_mut(&s.id)?;
+    held.extend(list.iter().cloned());
+    Some(Cow::Owned(held.iter().cloned().collect()))
+}
+
 /// Policy's decision on one request frame, with its flow record.
-fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
+fn decide(ctx: &ConnContext, frame: &Frame, sessions: &Mutex<FetchSessions>) -> Action {
     let payload = frame.payload();
     let facts = match request_facts_bounded(&payload, ctx.shared.config.kafka_max_request_entries) {
         Ok(f) => f,
@@ -335,23 +411,26 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
         Ok(b) => match &b.topics {
             Topics::All => KafkaTopics::All,
             Topics::Unknown => KafkaTopics::Undecodable,
-            Topics::Listed(list) => {
-                // Ids become names through what Metadata responses said.
-                let resolved: Option<Vec<String>> = list
-                    .iter()
-                    .map(|t| match t {
-                        TopicRef::Name(n) => Some(n.clone()),
-                        TopicRef::Id(id) => topic_ids::resolve(broker_scope(ctx), id),
-                    })
-                    .collect();
-                match resolved {
-                    Some(n) => {
-                        names = n;
-                        KafkaTopics::Names(&names)
+            Topics::Listed(list) => match decided_topics(list, &facts, sessions) {
+                None => KafkaTopics::UnknownFetchSession,
+                Some(list) => {
+                    // Ids become names through what Metadata responses said.
+                    let resolved: Option<Vec<String>> = list
+                        .iter()
+                        .map(|t| match t {
+                            TopicRef::Name(n) => Some(n.clone()),
+                            TopicRef::Id(id) => topic_ids::resolve(broker_scope(ctx), id),
+                        })
+                        .collect();
+                    match resolved {
+                        Some(n) => {
+                            names = n;
+                            KafkaTopics::Names(&names)
+                        }
+                        None => KafkaTopics::UnknownTopicId,
                     }
-                    None => KafkaTopics::UnknownTopicId,
                 }
-            }
+            },
         },
         Err(_) => KafkaTopics::Undecodable,
     };
@@ -370,6 +449,7 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
         cv.kafka_verdict(&d.policy, &req)
     };
     let acks = facts.body.as_ref().ok().and_then(|b| b.acks);
+    let fetch_session = facts.body.as_ref().ok().and_then(|b| b.fetch_session);
     if verdict.allowed {
         emit(ctx, &d, &verdict, &facts, None);
         let all_topics = h.api_key == 3 && req.topics == KafkaTopics::All;
@@ -386,14 +466,36 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             (0, None) => Expect::Maybe,
             _ => Expect::Yes,
         };
+        let opens_session = match (&facts.body, fetch_session) {
+            (Ok(b), Some(s)) if s.opens() => match &b.topics {
+                Topics::Listed(list) => Some((h.api_version, list.clone())),
+                _ => None,
+            },
+            _ => None,
+        };
         return Action::Forward {
             correlation_id: h.correlation_id,
             response,
             metadata_version,
             filter,
+            opens_session,
         };
     }
     let reason = why.map(|w| w.to_string());
+    if let Some(s) = fetch_session.filter(|s| s.is_incremental()) {
+        // A denial naming what the request named (often nothing) would keep the
+        // client polling its session: closing makes it open a new one by a full
+        // Fetch, decided as usual.
+        lock(sessions).by_id.remove(&s.id);
+        let why = reason
+            .clone()
+            .unwrap_or_else(|| verdict.reason().to_string());
+        emit(ctx, &d, &verdict, &facts, reason);
+        return Action::Close(format!(
+            "incremental Fetch of fetch session {} denied ({why}): closing so the client opens a new session",
+            s.id
+        ));
+    }
     match deny_response(&payload) {
         Ok(Some(bytes)) => {
             emit(ctx, &d, &verdict, &facts, reason);

@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::metadata_response::MetadataResponseTopic;
 use kafka_protocol::messages::{
-    ApiKey, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader,
-    ResponseHeader, TopicName,
+    ApiKey, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    fetch_request::{FetchPartition, FetchTopic},
     produce_request::{PartitionProduceData, TopicProduceData},
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -105,6 +106,16 @@ async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
                     .with_topics(vec![t("allowed", 0xa1), t("secret", 0xa2)])
                     .encode(&mut r, ver)
                     .expect("body");
+            } else if key == ApiKey::Fetch as i16 {
+                // Every Fetch that asks for a session gets session 77.
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Fetch.response_header_version(ver))
+                    .expect("header");
+                FetchResponse::default()
+                    .with_session_id(77)
+                    .encode(&mut r, ver)
+                    .expect("body");
             } else {
                 ResponseHeader::default()
                     .with_correlation_id(corr)
@@ -160,15 +171,19 @@ fn records(shared: &Shared, lines: &Lines) -> Vec<serde_json::Value> {
 /// A scripted broker, a policy allowing `role: produce` on topic `allowed`, and a
 /// client connection through the Kafka handler.
 async fn start(config: ProxyConfig) -> (TcpStream, Seen, Arc<Shared>, Lines) {
-    let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = broker_listener.local_addr().expect("addr").port();
-    let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
-    tokio::spawn(broker(broker_listener, seen.clone()));
+    let (client, seen, shared, lines, _) =
+        start_with(config, "- {role: produce, topic: allowed}").await;
+    (client, seen, shared, lines)
+}
 
+/// The client's endpoints and a policy with these Kafka rules (YAML list items at
+/// column 0) towards the broker on `port`.
+fn compiled_policy(port: u16, rules: &str) -> CompiledPolicy {
     let endpoints = "endpoints:
   - {name: app, ips: [127.0.0.2], labels: {app: a}}
   - {name: broker, ips: [127.0.0.1], labels: {app: kafka}}
 ";
+    let rules: String = rules.lines().map(|l| format!("        {l}\n")).collect();
     let policy = format!(
         "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -181,13 +196,23 @@ spec:
     - ports: [{{port: '{port}', protocol: TCP}}]
       rules:
         kafka:
-        - {{role: produce, topic: allowed}}
-"
+{rules}"
     );
     let p = parse_policies(&policy, "p.yaml").expect("policy");
     let e = parse_endpoints(endpoints, "e.yaml").expect("endpoints");
-    let compiled =
-        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles");
+    CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles")
+}
+
+/// Like [`start`], with these Kafka rules; also returns the broker's port.
+async fn start_with(
+    config: ProxyConfig,
+    rules: &str,
+) -> (TcpStream, Seen, Arc<Shared>, Lines, u16) {
+    let broker_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = broker_listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    tokio::spawn(broker(broker_listener, seen.clone()));
+    let compiled = compiled_policy(port, rules);
     let lines = Lines::default();
     let shared = Shared::new(
         Arc::new(compiled),
@@ -206,7 +231,7 @@ spec:
         .expect("connect");
     let (accepted, _) = front.accept().await.expect("accept");
     tokio::spawn(serve(ctx, accepted));
-    (client, seen, shared, lines)
+    (client, seen, shared, lines, port)
 }
 
 #[tokio::test]
@@ -444,4 +469,115 @@ async fn a_request_with_more_entries_than_the_limit_closes_the_connection() {
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert_eq!(seen.lock().expect("lock").0, vec![1]);
+}
+
+/// A Fetch v12 (fetch sessions, topics by name) naming `topics`.
+fn fetch(corr: i32, session_id: i32, epoch: i32, topics: &[&str]) -> Vec<u8> {
+    const FV: i16 = 12;
+    let mut p = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Fetch as i16)
+        .with_request_api_version(FV)
+        .with_correlation_id(corr)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut p, ApiKey::Fetch.request_header_version(FV))
+        .expect("header");
+    FetchRequest::default()
+        .with_session_id(session_id)
+        .with_session_epoch(epoch)
+        .with_topics(
+            topics
+                .iter()
+                .map(|t| {
+                    FetchTopic::default()
+                        .with_topic(TopicName(StrBytes::from_string((*t).to_owned())))
+                        .with_partitions(vec![FetchPartition::default()])
+                })
+                .collect(),
+        )
+        .encode(&mut p, FV)
+        .expect("body");
+    let mut out = Vec::new();
+    out.put_i32(i32::try_from(p.len()).expect("small"));
+    out.extend_from_slice(&p);
+    out
+}
+
+async fn response_in_time(client: &mut TcpStream) -> Option<Bytes> {
+    tokio::time::timeout(Duration::from_secs(5), read_frame(client))
+        .await
+        .expect("in time")
+}
+
+#[tokio::test]
+async fn an_incremental_fetch_is_decided_on_every_topic_its_session_holds() {
+    let rules = "- {role: consume, topic: allowed}\n- {role: consume, topic: secret}";
+    let (mut client, seen, shared, lines, port) = start_with(ProxyConfig::default(), rules).await;
+    // A full Fetch opening a session with both topics, then an incremental one
+    // naming nothing: both allowed and forwarded (the broker opens session 77).
+    client
+        .write_all(&fetch(1, 0, 0, &["allowed", "secret"]))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    client
+        .write_all(&fetch(2, 77, 1, &[]))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    // The policy no longer allows `secret`: the session's next incremental Fetch,
+    // naming nothing, would still fetch it. It is not forwarded; the connection
+    // closes so the client opens a new session.
+    shared.set_policy(Arc::new(compiled_policy(
+        port,
+        "- {role: consume, topic: allowed}",
+    )));
+    client
+        .write_all(&fetch(3, 77, 2, &[]))
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
+    let recs = records(&shared, &lines);
+    assert!(
+        recs.iter().any(|r| r["verdict"] == "DROPPED"
+            && r["policy"]
+                .as_str()
+                .is_some_and(|p| p.contains("topic `secret` is allowed by no rule"))),
+        "{recs:#?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["Summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("incremental Fetch of fetch session 77 denied"))),
+        "{recs:#?}"
+    );
+}
+
+#[tokio::test]
+async fn an_incremental_fetch_of_a_session_opened_elsewhere_is_not_forwarded() {
+    let rules = "- {role: consume, topic: allowed}";
+    let (mut client, seen, _, _, _) = start_with(ProxyConfig::default(), rules).await;
+    // The same probe is allowed on a session this connection opened...
+    client
+        .write_all(&fetch(1, 0, 0, &["allowed"]))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    client
+        .write_all(&fetch(2, 77, 1, &[]))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    // ...but session 78 is not one of them.
+    client
+        .write_all(&fetch(3, 78, 1, &[]))
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
 }
