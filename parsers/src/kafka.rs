@@ -34,7 +34,10 @@ pub use deny::{
 pub use fetch_session::fetch_response_session_id;
 pub use frame::{DEFAULT_MAX_FRAME, Frame, FrameError, FrameSplitter};
 pub use header::{HeaderError, RequestHeader, decode_request_header, request_header_version};
-pub use metadata::{MetadataFilterError, filter_metadata_response, metadata_topic_ids};
+pub use metadata::{
+    METADATA_BY_ID_VERSION, MetadataFilterError, filter_metadata_response,
+    metadata_request_for_ids, metadata_topic_ids,
+};
 pub use request::{
     BodyError, BodyFacts, DEFAULT_MAX_REQUEST_ENTRIES, FetchSession, RequestFacts, TopicRef,
     Topics, body_decodable, request_facts, request_facts_bounded,

@@ -57,6 +57,8 @@ pub struct Shared {
     draining: watch::Sender<bool>,
     /// UDP sessions open now.
     pub(crate) udp_sessions: AtomicUsize,
+    /// Kafka topic ids → names, learned from the Metadata responses relayed.
+    pub kafka_topic_ids: kafka::topic_ids::TopicIds,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ impl Shared {
             fqdn_learner: std::sync::OnceLock::new(),
             draining: watch::channel(false).0,
             udp_sessions: AtomicUsize::new(0),
+            kafka_topic_ids: Default::default(),
         })
     }
 

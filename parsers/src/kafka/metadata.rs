@@ -50,6 +50,48 @@ pub fn filter_metadata_response(
     Ok(out.freeze())
 }
 
+/// The Metadata version weir asks a broker for topic ids with: v12 is the first that
+/// looks topics up by id (Kafka 3.1, as old as the first Fetch and Produce by id).
+pub const METADATA_BY_ID_VERSION: i16 = 12;
+
+/// A whole Metadata v12 request frame (length prefix included) asking the broker for
+/// the topics with these ids, from client id `weir`; its response goes to
+/// [`metadata_topic_ids`].
+pub fn metadata_request_for_ids(
+    ids: &[[u8; 16]],
+    correlation_id: i32,
+) -> Result<Bytes, MetadataFilterError> {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{MetadataRequest, RequestHeader};
+    let version = METADATA_BY_ID_VERSION;
+    let encode = |reason: String| MetadataFilterError::Encode { version, reason };
+    let mut out = BytesMut::new();
+    out.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            "weir",
+        )))
+        .encode(&mut out, ApiKey::Metadata.request_header_version(version))
+        .map_err(|e| encode(e.to_string()))?;
+    MetadataRequest::default()
+        .with_topics(Some(
+            ids.iter()
+                .map(|id| {
+                    MetadataRequestTopic::default().with_topic_id(uuid::Uuid::from_bytes(*id))
+                })
+                .collect(),
+        ))
+        .with_allow_auto_topic_creation(false)
+        .encode(&mut out, version)
+        .map_err(|e| encode(e.to_string()))?;
+    let len = i32::try_from(out.len() - 4).map_err(|_| encode("too large".into()))?;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(out.freeze())
+}
+
 /// The (topic id, name) pairs a Metadata response (a frame's payload) of version
 /// `version` reveals: topics with both a name and a non-zero id (v10+).
 pub fn metadata_topic_ids(
@@ -81,6 +123,29 @@ mod tests {
     use kafka_protocol::protocol::StrBytes;
 
     use super::*;
+
+    #[test]
+    fn weirs_metadata_request_asks_for_exactly_the_ids() {
+        use kafka_protocol::messages::{MetadataRequest, RequestHeader};
+        let ids = [[1u8; 16], [2u8; 16]];
+        let frame = metadata_request_for_ids(&ids, 99).expect("encodes");
+        let mut b = frame.slice(4..);
+        assert_eq!(frame.len() - 4, b.len());
+        let h = RequestHeader::decode(&mut b, ApiKey::Metadata.request_header_version(12))
+            .expect("header");
+        assert_eq!((h.request_api_key, h.request_api_version), (3, 12));
+        assert_eq!(h.correlation_id, 99);
+        let r = MetadataRequest::decode(&mut b, 12).expect("body");
+        let asked: Vec<[u8; 16]> = r
+            .topics
+            .expect("a list")
+            .iter()
+            .map(|t| *t.topic_id.as_bytes())
+            .collect();
+        assert_eq!(asked, ids);
+        assert!(!r.allow_auto_topic_creation);
+        assert!(!b.has_remaining());
+    }
     use crate::kafka::apis::response_versions;
 
     #[test]

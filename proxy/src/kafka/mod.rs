@@ -7,9 +7,9 @@
 //! Produce with `acks=0` (no response would keep the client in step) and a denial that
 //! cannot be answered close the connection with a flow record.
 //!
-//! Topic ids (Produce v13, Fetch v13+) resolve through a node-wide map fed by every
-//! Metadata response relayed (`topic_ids`); an id no Metadata response named is denied
-//! by topic rules (`KafkaDenial::UnknownTopicId`).
+//! Topic ids (Produce v13, Fetch v13+) resolve through the proxy's map fed by every
+//! Metadata response relayed (`topic_ids`); an id neither a relayed response nor the
+//! broker, asked, named is denied by topic rules (`KafkaDenial::UnknownTopicId`).
 //!
 //! Fetch sessions (KIP-227): an incremental Fetch names only what changed and the
 //! broker answers for every partition of the session, so it is decided on every topic
@@ -17,7 +17,8 @@
 //! policy no longer allows closes the connection (the client opens a new session, by
 //! a full Fetch decided as usual).
 //!
-//! Not yet here (see the README): asking the broker about an unknown id.
+//! An id no relayed Metadata response named is asked of the broker (`ask`) before
+//! the request is decided.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
-    BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
+    BodyError, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
     decode_request_header, deny_response, fetch_response_session_id, filter_metadata_response,
     metadata_topic_ids, non_topic_error, request_facts_bounded,
 };
@@ -182,6 +183,8 @@ async fn requests_to_broker(
 ) -> std::io::Result<()> {
     let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut buf = vec![0u8; 64 * 1024];
+    // Topic ids weir asked the broker about for this connection (see `ask`).
+    let mut asked: HashSet<[u8; 16]> = HashSet::new();
     loop {
         let n = client_rd.read(&mut buf).await?;
         last.touch();
@@ -202,7 +205,32 @@ async fn requests_to_broker(
                     return Ok(());
                 }
             };
-            match decide(ctx, &frame, sessions) {
+            let payload = frame.payload();
+            let facts = match request_facts_bounded(
+                &payload,
+                ctx.shared.config.kafka_max_request_entries,
+            ) {
+                Ok(f) => f,
+                Err(e) => {
+                    close_flow(ctx, &format!("Kafka request header: {e}"));
+                    return Ok(());
+                }
+            };
+            let unknown = ask::ids_to_ask(ctx, &facts, &asked);
+            if !unknown.is_empty() {
+                asked.extend(unknown.iter().copied());
+                match ask::learn_from_broker(ctx, &unknown).await {
+                    Ok(n) => debug!(
+                        asked = unknown.len(),
+                        learned = n,
+                        "asked the broker about topic ids"
+                    ),
+                    Err(e) => {
+                        info!(error = %e, "asking the broker about topic ids failed; they stay unknown")
+                    }
+                }
+            }
+            match decide(ctx, &payload, facts, sessions) {
                 Action::Forward {
                     correlation_id,
                     response,
@@ -310,7 +338,7 @@ async fn responses_to_client(
                         // An undecodable Metadata response teaches nothing; the client
                         // gets it as the broker sent it (or filtered below).
                         if let Ok(pairs) = metadata_topic_ids(&frame.payload(), *v) {
-                            topic_ids::learn(broker_scope(ctx), pairs);
+                            ctx.shared.kafka_topic_ids.learn(broker_scope(ctx), pairs);
                         }
                     }
                     if let Some(Owed::Broker {
@@ -397,12 +425,12 @@ fn decided_topics<'a>(
 }
 
 /// Policy's decision on one request frame, with its flow record.
-fn decide(ctx: &ConnContext, frame: &Frame, sessions: &Mutex<FetchSessions>) -> Action {
-    let payload = frame.payload();
-    let facts = match request_facts_bounded(&payload, ctx.shared.config.kafka_max_request_entries) {
-        Ok(f) => f,
-        Err(e) => return Action::Close(format!("Kafka request header: {e}")),
-    };
+fn decide(
+    ctx: &ConnContext,
+    payload: &Bytes,
+    facts: RequestFacts,
+    sessions: &Mutex<FetchSessions>,
+) -> Action {
     if let Err(e @ BodyError::Malformed { .. }) = &facts.body {
         return Action::Close(e.to_string());
     }
@@ -419,7 +447,9 @@ fn decide(ctx: &ConnContext, frame: &Frame, sessions: &Mutex<FetchSessions>) -> 
                         .iter()
                         .map(|t| match t {
                             TopicRef::Name(n) => Some(n.clone()),
-                            TopicRef::Id(id) => topic_ids::resolve(broker_scope(ctx), id),
+                            TopicRef::Id(id) => {
+                                ctx.shared.kafka_topic_ids.resolve(broker_scope(ctx), id)
+                            }
                         })
                         .collect();
                     match resolved {
@@ -460,7 +490,7 @@ fn decide(ctx: &ConnContext, frame: &Frame, sessions: &Mutex<FetchSessions>) -> 
         let metadata_version = (h.api_key == 3 && facts.body.is_ok()).then_some(h.api_version);
         let response = match (
             h.api_key,
-            acks.or_else(|| old_produce_acks(&facts, &payload)),
+            acks.or_else(|| old_produce_acks(&facts, payload)),
         ) {
             (0, Some(0)) => Expect::No,
             (0, None) => Expect::Maybe,
@@ -496,7 +526,7 @@ fn decide(ctx: &ConnContext, frame: &Frame, sessions: &Mutex<FetchSessions>) -> 
             s.id
         ));
     }
-    match deny_response(&payload) {
+    match deny_response(payload) {
         Ok(Some(bytes)) => {
             emit(ctx, &d, &verdict, &facts, reason);
             Action::Answer(bytes)
@@ -637,6 +667,7 @@ fn close_flow(ctx: &ConnContext, why: &str) {
     ctx.shared.flows.emit_owned(f);
 }
 
+mod ask;
 #[cfg(test)]
 mod tests;
-mod topic_ids;
+pub mod topic_ids;

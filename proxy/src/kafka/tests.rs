@@ -61,15 +61,24 @@ fn produce_v(v: i16, corr: i32, topic: TopicProduceData, acks: i16) -> Vec<u8> {
     out
 }
 
-/// A broker that answers every Produce with an empty response, the first one late;
-/// it records the correlation ids and the exact bytes it received.
+/// A broker that answers every Produce with an empty response, the first one of its
+/// first connection late; it records the correlation ids and the exact bytes it
+/// received (all connections: weir's own Metadata requests too).
 async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
-    let Ok((mut s, _)) = listener.accept().await else {
-        return;
-    };
+    let mut first = true;
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(broker_connection(s, seen.clone(), first));
+        first = false;
+    }
+}
+
+async fn broker_connection(
+    mut s: TcpStream,
+    seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>,
+    mut first: bool,
+) {
     let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
     let mut buf = vec![0u8; 4096];
-    let mut first = true;
     loop {
         let n = match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -351,7 +360,8 @@ async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
-    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6]);
+    // 0x7765_6972: weir asked the broker about id 0xa3 (on its own connection).
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6, 0x7765_6972]);
     // One record per request: Hubble's l7.kafka, the denial's error code.
     let recs = records(&shared, &lines);
     let kafka: Vec<(i64, String, i64)> = recs
@@ -580,4 +590,71 @@ async fn an_incremental_fetch_of_a_session_opened_elsewhere_is_not_forwarded() {
     let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
+}
+
+/// The Produce v13 response codes of the next response (`corr` checked).
+async fn produce_v13_codes(client: &mut TcpStream, corr: i32) -> Vec<i16> {
+    let f = response_in_time(client).await.expect("a response");
+    let mut b = f.clone();
+    let h = ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(13))
+        .expect("header");
+    assert_eq!(h.correlation_id, corr);
+    let r = ProduceResponse::decode(&mut b, 13).expect("Produce v13");
+    r.responses
+        .iter()
+        .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unknown_topic_id_is_asked_of_the_broker_before_deciding() {
+    // No Metadata response has gone through this proxy: ids are unknown to it.
+    let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
+    client
+        .write_all(&produce_by_id(1, 0xa1))
+        .await
+        .expect("write");
+    assert_eq!(produce_v13_codes(&mut client, 1).await, Vec::<i16>::new());
+    // Only the id asked is learned from the answer: 0xa2 is asked in turn, and is
+    // `secret`.
+    client
+        .write_all(&produce_by_id(2, 0xa2))
+        .await
+        .expect("write");
+    assert_eq!(
+        produce_v13_codes(&mut client, 2).await,
+        vec![TOPIC_AUTHORIZATION_FAILED]
+    );
+    // An id the broker does not know either: denied, after asking once.
+    client
+        .write_all(&produce_by_id(3, 0xee))
+        .await
+        .expect("write");
+    assert_eq!(
+        produce_v13_codes(&mut client, 3).await,
+        vec![TOPIC_AUTHORIZATION_FAILED]
+    );
+    client
+        .write_all(&produce_by_id(4, 0xee))
+        .await
+        .expect("write");
+    assert_eq!(
+        produce_v13_codes(&mut client, 4).await,
+        vec![TOPIC_AUTHORIZATION_FAILED]
+    );
+    const WEIR: i32 = 0x7765_6972;
+    assert_eq!(seen.lock().expect("lock").0, vec![WEIR, 1, WEIR, WEIR]);
+    let recs = records(&shared, &lines);
+    let policy_of = |corr: i64| {
+        recs.iter()
+            .find(|r| r["l7"]["kafka"]["correlation_id"] == corr)
+            .and_then(|r| r["policy"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        policy_of(2).contains("topic `secret` is allowed by no rule"),
+        "{recs:#?}"
+    );
+    assert!(policy_of(4).contains("topic id unknown"), "{recs:#?}");
 }

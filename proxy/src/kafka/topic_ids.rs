@@ -1,6 +1,7 @@
-//! The topic id → name map, per broker scope. Clients learn ids from Metadata on one
-//! connection and use them on another (Produce v13, Fetch v13+), often to another
-//! broker of the same cluster, so the map outlives connections. It is scoped by who
+//! The topic id → name map, per broker scope (one per proxy, in [`crate::Shared`]).
+//! Clients learn ids from Metadata on one connection and use them on another (Produce
+//! v13, Fetch v13+), often to another broker of the same cluster, so the map outlives
+//! connections. It is scoped by who
 //! answered: a Metadata response teaches ids only for brokers of the same scope — the
 //! destination's security identity (brokers of one cluster share their labels, or
 //! their CIDR), or the destination address when it is only `world` — so a broker
@@ -10,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 
 /// Far more topics than a cluster has; a bound against a broker that invents ids.
 /// Names are at most 249 bytes, so the map stays under ~30 MB.
@@ -38,7 +39,11 @@ impl Scope {
 
 type Ids = HashMap<(Scope, [u8; 16]), String>;
 
-static IDS: LazyLock<Mutex<Ids>> = LazyLock::new(Default::default);
+/// The map (see the module's documentation).
+#[derive(Default)]
+pub struct TopicIds {
+    ids: Mutex<Ids>,
+}
 
 /// What a topic name may be (Kafka's rule): anything else is not learned.
 fn is_topic_name(n: &str) -> bool {
@@ -48,29 +53,32 @@ fn is_topic_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Remember what a Metadata response from a broker in `scope` said.
-pub fn learn(scope: Scope, pairs: Vec<([u8; 16], String)>) {
-    let pairs: Vec<_> = pairs
-        .into_iter()
-        .filter(|(_, n)| is_topic_name(n))
-        .collect();
-    if pairs.is_empty() {
-        return;
+impl TopicIds {
+    /// Remember what a Metadata response from a broker in `scope` said.
+    pub fn learn(&self, scope: Scope, pairs: Vec<([u8; 16], String)>) {
+        let pairs: Vec<_> = pairs
+            .into_iter()
+            .filter(|(_, n)| is_topic_name(n))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.len() + pairs.len() > MAX_IDS {
+            ids.clear();
+        }
+        ids.extend(pairs.into_iter().map(|(id, n)| ((scope, id), n)));
     }
-    let mut ids = IDS.lock().unwrap_or_else(|p| p.into_inner());
-    if ids.len() + pairs.len() > MAX_IDS {
-        ids.clear();
-    }
-    ids.extend(pairs.into_iter().map(|(id, n)| ((scope, id), n)));
-}
 
-/// The name of topic `id` for brokers in `scope`, if a Metadata response from one
-/// of them named it.
-pub fn resolve(scope: Scope, id: &[u8; 16]) -> Option<String> {
-    IDS.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&(scope, *id))
-        .cloned()
+    /// The name of topic `id` for brokers in `scope`, if a Metadata response from one
+    /// of them named it.
+    pub fn resolve(&self, scope: Scope, id: &[u8; 16]) -> Option<String> {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(scope, *id))
+            .cloned()
+    }
 }
 
 #[cfg(test)]
@@ -81,6 +89,11 @@ mod tests {
     fn an_id_means_a_name_only_for_brokers_of_the_scope_that_taught_it() {
         let cluster = Scope::Identity(4242);
         let elsewhere = Scope::Address("192.0.2.9".parse().unwrap());
+        let ids = TopicIds::default();
+        let (learn, resolve) = (
+            |s, p| ids.learn(s, p),
+            |s, id: &[u8; 16]| ids.resolve(s, id),
+        );
         let id = [7u8; 16];
         learn(cluster, vec![(id, "orders".into())]);
         assert_eq!(resolve(cluster, &id).as_deref(), Some("orders"));
