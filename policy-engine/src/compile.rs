@@ -360,20 +360,7 @@ impl ConnectionVerdict {
     /// HTTP rules denies (they never allow a DNS query).
     pub fn dns_verdict(&self, policy: &CompiledPolicy, name: &str) -> Verdict {
         let mut rules = Vec::new();
-        for (dir, decision, ep, tables) in [
-            (
-                Direction::Egress,
-                &self.egress,
-                self.src.endpoint,
-                &policy.egress,
-            ),
-            (
-                Direction::Ingress,
-                &self.ingress,
-                self.dst.endpoint,
-                &policy.ingress,
-            ),
-        ] {
+        for (dir, decision, table) in self.sides(policy) {
             let deny = |rules: Vec<RuleRef>, l7: bool| Verdict {
                 allowed: false,
                 rules,
@@ -387,7 +374,6 @@ impl ConnectionVerdict {
                 DirDecision::NotSelected => {}
                 DirDecision::Http(_) | DirDecision::Kafka(_) => return deny(vec![], true),
                 DirDecision::Dns(owners) => {
-                    let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
                     let hit = table.and_then(|t| {
                         let rule = t.dns.first_match(name, |i| {
                             t.dns_owner
@@ -455,20 +441,7 @@ impl ConnectionVerdict {
         req: &KafkaRequest<'_>,
     ) -> (Verdict, Option<KafkaDenial>) {
         let mut rules = Vec::new();
-        for (dir, decision, ep, tables) in [
-            (
-                Direction::Egress,
-                &self.egress,
-                self.src.endpoint,
-                &policy.egress,
-            ),
-            (
-                Direction::Ingress,
-                &self.ingress,
-                self.dst.endpoint,
-                &policy.ingress,
-            ),
-        ] {
+        for (dir, decision, table) in self.sides(policy) {
             let deny = |rules: Vec<RuleRef>, l7: bool| Verdict {
                 allowed: false,
                 rules,
@@ -484,7 +457,7 @@ impl ConnectionVerdict {
                     return (deny(vec![], true), Some(KafkaDenial::NoRule));
                 }
                 DirDecision::Kafka(owners) => {
-                    let Some(t) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
+                    let Some(t) = table else {
                         return (deny(vec![], true), Some(KafkaDenial::NoRule));
                     };
                     let hit = t.kafka.evaluate(req, |o| owners.binary_search(&o).is_ok());
@@ -516,6 +489,30 @@ impl ConnectionVerdict {
         (v, None)
     }
 
+    /// Each side of the connection: its direction, its decision and the rule table
+    /// of the endpoint whose rules apply there (egress: the source's, ingress: the
+    /// destination's), when that peer is a local endpoint with rules.
+    fn sides<'a>(
+        &'a self,
+        policy: &'a CompiledPolicy,
+    ) -> [(Direction, &'a DirDecision, Option<&'a DirTable>); 2] {
+        let table = |ep: Option<usize>, tables: &'a [Option<DirTable>]| {
+            ep.and_then(|i| tables.get(i)).and_then(Option::as_ref)
+        };
+        [
+            (
+                Direction::Egress,
+                &self.egress,
+                table(self.src.endpoint, &policy.egress),
+            ),
+            (
+                Direction::Ingress,
+                &self.ingress,
+                table(self.dst.endpoint, &policy.ingress),
+            ),
+        ]
+    }
+
     /// The L7 rules of one kind (`owners` picks the decision, `refs` the entry's
     /// rules of that kind) each side's requests must match.
     fn l7_rules(
@@ -525,24 +522,11 @@ impl ConnectionVerdict {
         refs: impl Fn(&L4Entry) -> Option<&Vec<RuleRef>>,
     ) -> Vec<(Direction, RuleRef)> {
         let mut out = Vec::new();
-        for (dir, decision, ep, tables) in [
-            (
-                Direction::Egress,
-                &self.egress,
-                self.src.endpoint,
-                &policy.egress,
-            ),
-            (
-                Direction::Ingress,
-                &self.ingress,
-                self.dst.endpoint,
-                &policy.ingress,
-            ),
-        ] {
+        for (dir, decision, table) in self.sides(policy) {
             let Some(owners) = owners(decision) else {
                 continue;
             };
-            let Some(table) = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref) else {
+            let Some(table) = table else {
                 continue;
             };
             for owner in owners {
@@ -632,21 +616,7 @@ impl ConnectionVerdict {
     ) -> (Verdict, Vec<crate::http_match::HeaderMismatch>) {
         let mut mismatches = Vec::new();
         let mut rules = Vec::new();
-        let sides = [
-            (
-                Direction::Egress,
-                &self.egress,
-                self.src.endpoint,
-                &policy.egress,
-            ),
-            (
-                Direction::Ingress,
-                &self.ingress,
-                self.dst.endpoint,
-                &policy.ingress,
-            ),
-        ];
-        for (dir, decision, ep, tables) in sides {
+        for (dir, decision, table) in self.sides(policy) {
             match decision {
                 DirDecision::DeniedBy(r) => {
                     let v = Verdict {
@@ -679,7 +649,6 @@ impl ConnectionVerdict {
                     return (v, Vec::new());
                 }
                 DirDecision::Http(owners) => {
-                    let table = ep.and_then(|i| tables.get(i)).and_then(Option::as_ref);
                     let hit = table.and_then(|t| {
                         let m = t.http.evaluate(facts, headers, owners)?;
                         let (owner, pos) = t.http_owner[m.rule as usize];
