@@ -139,7 +139,7 @@ impl Upstream {
             let not_http2 = || {
                 UpstreamError::Unavailable(dst.clone(), "the server does not speak HTTP/2".into())
             };
-            if self.h2.is_http1_only(ctx.orig_dst) {
+            if self.h2.is_http1_only(ctx) {
                 if grpc {
                     return Err(not_http2());
                 }
