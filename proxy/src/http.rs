@@ -378,21 +378,15 @@ async fn handle(
         Ok(f) => f,
         Err(reject) => {
             info!(%reject, "malformed or ambiguous request; answering 400 and closing");
+            let (response, http) =
+                refused_before_policy(&parts, &ctx, is_grpc, &reject.to_string());
             let v = cv.l4_verdict();
             let f = ctx
                 .flow(&d, &v)
                 .with_error(format!("MALFORMED_REQUEST: {reject}"))
-                .with_http(
-                    L7Type::Request,
-                    elapsed_ns(start),
-                    flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
-                );
+                .with_http(L7Type::Request, elapsed_ns(start), http);
             ctx.shared.flows.emit(&f);
-            return Ok(error_response(
-                StatusCode::BAD_REQUEST,
-                &reject.to_string(),
-                true,
-            ));
+            return Ok(response);
         }
     };
     let mut parts = parts;
@@ -409,16 +403,20 @@ async fn handle(
         .and_then(|()| use_checked_path(&mut parts.uri, &facts.path))
     {
         info!(error = %e, "request refused before policy; answering 400");
+        let (response, http) = refused_before_policy(&parts, &ctx, is_grpc, &e);
         let f = ctx
             .flow(&d, &cv.l4_verdict())
             .with_error(format!("MALFORMED_REQUEST: {e}"))
-            .with_http(
-                L7Type::Request,
-                elapsed_ns(start),
-                flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
-            );
+            .with_http(L7Type::Request, elapsed_ns(start), http);
         ctx.shared.flows.emit(&f);
-        return Ok(error_response(StatusCode::BAD_REQUEST, &e, true));
+        return Ok(response);
+    }
+    if http2 && !checked_headers.is_empty() {
+        // Request trailers come after this decision: the pump drops these names.
+        let names = checked_headers.iter().map(|n| (*n).to_string()).collect();
+        parts
+            .extensions
+            .insert(h2_upstream::CheckedHeaderNames(names));
     }
     let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
         (cv.l4_verdict(), Vec::new())
@@ -545,6 +543,28 @@ async fn handle(
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// The answer to a request refused before policy (malformed or ambiguous):
+/// 400 and close, or for a gRPC call a trailers-only INTERNAL (gRPC's own
+/// mapping of HTTP 400; PERMISSION_DENIED is only for policy), and its record.
+fn refused_before_policy(
+    parts: &http::request::Parts,
+    ctx: &ConnContext,
+    is_grpc: bool,
+    detail: &str,
+) -> (Response<ProxyBody>, flow::Http) {
+    if !is_grpc {
+        let http = flow_http(parts, ctx, StatusCode::BAD_REQUEST);
+        return (error_response(StatusCode::BAD_REQUEST, detail, true), http);
+    }
+    let message = format!("weir: request refused before policy: {detail}");
+    let mut http = flow_http(parts, ctx, StatusCode::OK);
+    let mut g = grpc_facts(parts.uri.path());
+    g.status = Some(grpc::Code::Internal as u32);
+    g.message = Some(message.clone());
+    http.grpc = Some(g);
+    (grpc::status_response(grpc::Code::Internal, &message), http)
 }
 
 /// A forwarded request whose response head has not come yet.

@@ -46,6 +46,7 @@ mod sniff;
 
 pub use body::{H2Body, OnEnd};
 use http1_marks::{HTTP1_ONLY_FOR, Http1Marks};
+pub use pump::CheckedHeaderNames;
 use pump::pump_request;
 use sniff::{FirstBytes, SniffIo};
 
@@ -367,6 +368,10 @@ impl H2Pool {
     ) -> Result<(Response<RecvStream>, StreamLease), H2Failure> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
+        let checked = parts
+            .extensions
+            .remove::<CheckedHeaderNames>()
+            .unwrap_or_default();
         prepare_request(&mut parts, ctx)?;
         let end_of_stream = body.is_end_stream();
         let mut body = Some(body);
@@ -380,7 +385,7 @@ impl H2Pool {
                 Err(Checkout::NotHttp2) => {
                     let body = body.take().ok_or_else(|| internal(&dst))?;
                     return Err(H2Failure::NotHttp2(Box::new(Request::from_parts(
-                        restore_for_http1(parts),
+                        restore_for_http1(parts, end_of_stream),
                         body,
                     ))));
                 }
@@ -405,7 +410,7 @@ impl H2Pool {
                 Err(e) => return Err(UpstreamError::Failed(dst, e.to_string()).into()),
             };
             if let Some(b) = body.take().filter(|_| !end_of_stream) {
-                tokio::spawn(pump_request(b, stream));
+                tokio::spawn(pump_request(b, stream, checked.clone()));
             }
             let resp = match tokio::time::timeout(timeout, response).await {
                 Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
@@ -507,13 +512,30 @@ fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), 
 
 /// Undoes [`prepare_request`]'s URI change for the HTTP/1.1 path (which reads
 /// the authority back into Host).
-fn restore_for_http1(mut parts: request::Parts) -> request::Parts {
+fn restore_for_http1(mut parts: request::Parts, end_of_stream: bool) -> request::Parts {
     if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         parts.headers.insert(header::HOST, v);
     }
+    empty_body_length(&mut parts, end_of_stream);
     parts
+}
+
+/// An HTTP/2 request going out as HTTP/1.1: one whose body ended with its
+/// HEADERS and that has no `content-length` gets `content-length: 0` when its
+/// method gives content a meaning (HTTP/2 needs no length to say "no body";
+/// HTTP/1.1 servers may answer such a POST with 411 or wait for a body).
+pub fn empty_body_length(parts: &mut request::Parts, end_of_stream: bool) {
+    let has_content = matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if end_of_stream && has_content && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
 }
 
 /// Drives one upstream connection; retires it when idle for the idle timeout,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, header};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
@@ -143,6 +143,9 @@ impl Upstream {
                 if grpc {
                     return Err(not_http2());
                 }
+                let (mut parts, body) = req.into_parts();
+                super::h2_upstream::empty_body_length(&mut parts, body.is_end_stream());
+                req = Request::from_parts(parts, body);
             } else {
                 match self.h2.forward(ctx, req, timeout).await {
                     Ok((resp, lease)) => {

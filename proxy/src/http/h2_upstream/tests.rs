@@ -160,3 +160,27 @@ fn only_the_servers_goaway_tells_the_client_to_retry() {
     );
     assert_eq!(stream_error_reset(false, false, false, None), None);
 }
+
+#[test]
+fn an_empty_post_going_out_as_http1_says_content_length_0() {
+    let req = |m: http::Method, cl: Option<&str>| {
+        let mut b = Request::builder().method(m).uri("http://svc/x");
+        if let Some(cl) = cl {
+            b = b.header(header::CONTENT_LENGTH, cl);
+        }
+        b.body(()).unwrap().into_parts().0
+    };
+    let mut p = req(http::Method::POST, None);
+    empty_body_length(&mut p, true);
+    assert_eq!(p.headers[header::CONTENT_LENGTH], "0");
+    // A body still to come, a length given, or a GET: unchanged.
+    let mut p = req(http::Method::POST, None);
+    empty_body_length(&mut p, false);
+    assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
+    let mut p = req(http::Method::PUT, Some("0"));
+    empty_body_length(&mut p, true);
+    assert_eq!(p.headers.get_all(header::CONTENT_LENGTH).iter().count(), 1);
+    let mut p = req(http::Method::GET, None);
+    empty_body_length(&mut p, true);
+    assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
+}
