@@ -255,7 +255,9 @@ async fn serve_http2(
     let idle = config.idle_timeout;
     let mut check_at = activity.last() + idle;
     let mut draining = ctx.shared.draining();
+    let mut policy_changes = ctx.shared.policy_changes();
     let mut abusive = false;
+    let mut revoked = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -270,6 +272,13 @@ async fn serve_http2(
             () = state.too_many_resets.notified() => {
                 abusive = true;
                 break;
+            }
+            r = policy_changes.changed() => {
+                // The sender lives as long as `Shared`; an error means shutdown.
+                if r.is_err() || h2_streams::revoked_at_l4(&ctx) {
+                    revoked = true;
+                    break;
+                }
             }
             () = tokio::time::sleep_until(check_at) => {
                 let now = tokio::time::Instant::now();
@@ -289,6 +298,13 @@ async fn serve_http2(
         conn.as_mut().graceful_shutdown();
         // GOAWAY is sent; the streams in flight get a moment, no more.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+        return;
+    }
+    if revoked {
+        // Nothing on this connection may pass any more, streams in flight
+        // included: GOAWAY goes out, then the connection is closed.
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), conn).await;
         return;
     }
     debug!(?idle, "HTTP/2 connection idle; sending GOAWAY");
