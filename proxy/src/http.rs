@@ -511,6 +511,9 @@ async fn handle(
             info!(error = %e, status = code.as_u16(), "upstream failed");
             let reply = match (&e, &grpc_call) {
                 (UpstreamError::Reset(_, reason), _) if http2 => Err(h2::Error::from(*reason)),
+                (UpstreamError::TooManyResets(..), _) if http2 => {
+                    Err(h2::Error::from(h2::Reason::REFUSED_STREAM))
+                }
                 (_, Some(_)) => {
                     let status = grpc_error_status(&e);
                     Ok(grpc::status_response(status, &format!("weir: {e}")))

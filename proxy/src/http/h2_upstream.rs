@@ -42,12 +42,14 @@ use tracing::debug;
 mod body;
 mod http1_marks;
 mod pump;
+mod resets;
 mod sniff;
 
 pub use body::{H2Body, OnEnd};
 use http1_marks::{HTTP1_ONLY_FOR, Http1Marks};
 pub use pump::CheckedHeaderNames;
 use pump::pump_request;
+use resets::ResetBudget;
 use sniff::{FirstBytes, SniffIo};
 
 use super::UpstreamError;
@@ -96,7 +98,13 @@ impl Target {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Vec<Arc<H2Conn>>>>;
+/// A pool key's connections, and the streams its client cancelled on them.
+struct KeySlot {
+    conns: tokio::sync::Mutex<Vec<Arc<H2Conn>>>,
+    resets: Arc<ResetBudget>,
+}
+
+type Slot = Arc<KeySlot>;
 
 pub struct H2Pool {
     /// A key is here only while a checkout uses it or it has a connection.
@@ -109,6 +117,8 @@ pub struct H2Pool {
     max_conns: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// `--http2-max-resets-per-sec`, also per pool key (`resets`).
+    reset_limit: u32,
 }
 
 /// One upstream HTTP/2 connection.
@@ -121,11 +131,16 @@ struct H2Conn {
     opened: AtomicU64,
     /// The connection ended or received GOAWAY: no new streams.
     closed: AtomicBool,
+    /// Its pool key's budget of client cancels.
+    resets: Arc<ResetBudget>,
 }
 
 /// A stream's claim on its connection, released when the response is over.
+/// Released before [`StreamLease::settle`], the client cancelled the stream
+/// (weir resets it on the server): that counts against the key's budget.
 pub struct StreamLease {
     conn: Arc<H2Conn>,
+    settled: bool,
 }
 
 impl StreamLease {
@@ -133,11 +148,19 @@ impl StreamLease {
     fn retire(&self) {
         self.conn.closed.store(true, Ordering::Relaxed);
     }
+
+    /// The stream ended by the server's doing or weir's, not the client's.
+    fn settle(&mut self) {
+        self.settled = true;
+    }
 }
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
         self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        if !self.settled {
+            self.conn.resets.count(Instant::now());
+        }
     }
 }
 
@@ -166,6 +189,7 @@ impl H2Pool {
             max_conns: config.upstream_conns_per_client.max(1),
             connect_timeout: config.upstream_connect_timeout,
             idle_timeout: config.idle_timeout,
+            reset_limit: config.http2_max_resets_per_sec,
         }
     }
 
@@ -181,7 +205,14 @@ impl H2Pool {
 
     fn slot(&self, key: PoolKey) -> Slot {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(key).or_default().clone()
+        m.entry(key)
+            .or_insert_with(|| {
+                Arc::new(KeySlot {
+                    conns: tokio::sync::Mutex::new(Vec::new()),
+                    resets: Arc::new(ResetBudget::new(self.reset_limit)),
+                })
+            })
+            .clone()
     }
 
     /// Removes `key`'s slot when no checkout but the caller's holds it and it
@@ -194,7 +225,7 @@ impl H2Pool {
         if !Arc::ptr_eq(current, slot) || Arc::strong_count(slot) > 2 {
             return;
         }
-        let Ok(mut conns) = slot.try_lock() else {
+        let Ok(mut conns) = slot.conns.try_lock() else {
             return;
         };
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
@@ -210,7 +241,7 @@ impl H2Pool {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let Some(slot) = m.get(&key) else { return };
         // A checkout holding the slot's lock prunes closed connections itself.
-        let Ok(mut conns) = slot.try_lock() else {
+        let Ok(mut conns) = slot.conns.try_lock() else {
             return;
         };
         conns.retain(|c| c.id != id);
@@ -249,7 +280,14 @@ impl H2Pool {
         };
         // Held while connecting: concurrent streams wait for this connection
         // rather than each opening their own.
-        let mut conns = held.slot.lock().await;
+        // This client cancelled too many streams on the server this second.
+        if held.slot.resets.exhausted(Instant::now()) {
+            return Err(Checkout::Failed(UpstreamError::TooManyResets(
+                t.dst.to_string(),
+                held.slot.resets.limit(),
+            )));
+        }
+        let mut conns = held.slot.conns.lock().await;
         // Streams that waited for a probe that found HTTP/1 do not probe again.
         if self.marked(key) {
             return Err(Checkout::NotHttp2);
@@ -268,7 +306,8 @@ impl H2Pool {
         let conn = match least_loaded(&conns, true) {
             Some(c) => c,
             None if conns.len() < self.max_conns => {
-                let c = self.connect(t, !conns.is_empty()).await?;
+                let resets = held.slot.resets.clone();
+                let c = self.connect(t, !conns.is_empty(), resets).await?;
                 conns.push(c.clone());
                 c
             }
@@ -281,7 +320,10 @@ impl H2Pool {
         };
         conn.active.fetch_add(1, Ordering::Relaxed);
         conn.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(StreamLease { conn })
+        Ok(StreamLease {
+            conn,
+            settled: false,
+        })
     }
 
     /// Opens a connection and probes it; `live_http2`: the key already has an
@@ -290,6 +332,7 @@ impl H2Pool {
         self: &Arc<Self>,
         t: Target,
         live_http2: bool,
+        resets: Arc<ResetBudget>,
     ) -> Result<Arc<H2Conn>, Checkout> {
         let dst = t.dst.to_string();
         // No connection in time is "unreachable" (gRPC UNAVAILABLE: clients may fail
@@ -331,6 +374,7 @@ impl H2Pool {
             active: AtomicUsize::new(0),
             opened: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            resets,
         });
         tokio::spawn(drive(self.clone(), t.key, conn.clone(), connection));
         // The server's first bytes say whether it speaks HTTP/2 at all.
@@ -380,7 +424,7 @@ impl H2Pool {
         // One retry: a connection that closed (or got GOAWAY) between checkout and
         // sending never saw this request.
         for attempt in 0..2 {
-            let lease = match self.checkout_within(target, checkout_limit).await {
+            let mut lease = match self.checkout_within(target, checkout_limit).await {
                 Ok(c) => c,
                 Err(Checkout::NotHttp2) => {
                     let body = body.take().ok_or_else(|| internal(&dst))?;
@@ -395,8 +439,13 @@ impl H2Pool {
             // A stream queued behind a full connection waits at most as long as
             // the response head may take.
             let ready = tokio::time::timeout(timeout, lease.conn.send.clone().ready());
+            // Until the response head comes, a return is the server's doing or
+            // weir's; only a drop of this future (the client cancelled) is not.
             let sent = match ready.await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Err(_) => {
+                    lease.settle();
+                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                }
                 Ok(Ok(mut s)) => s.send_request(head, end_of_stream),
                 Ok(Err(e)) => Err(e),
             };
@@ -405,19 +454,27 @@ impl H2Pool {
                 Err(e) if attempt == 0 => {
                     debug!(error = %e, "upstream HTTP/2 connection unusable; retrying on another");
                     lease.retire();
+                    lease.settle();
                     continue;
                 }
-                Err(e) => return Err(UpstreamError::Failed(dst, e.to_string()).into()),
+                Err(e) => {
+                    lease.settle();
+                    return Err(UpstreamError::Failed(dst, e.to_string()).into());
+                }
             };
             if let Some(b) = body.take().filter(|_| !end_of_stream) {
                 tokio::spawn(pump_request(b, stream, checked.clone()));
             }
             let resp = match tokio::time::timeout(timeout, response).await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Err(_) => {
+                    lease.settle();
+                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                }
                 Ok(Err(e)) => {
                     if e.is_go_away() || e.is_io() {
                         lease.retire();
                     }
+                    lease.settle();
                     return Err(upstream_stream_error(&dst, &e).into());
                 }
                 Ok(Ok(r)) => r,

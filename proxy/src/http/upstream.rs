@@ -36,6 +36,13 @@ pub enum UpstreamError {
     /// stream is reset with the same reason.
     #[error("upstream {0} reset the stream: {1:?}")]
     Reset(String, h2::Reason),
+    /// HTTP/2: this client cancelled more streams on the server this second than
+    /// `--http2-max-resets-per-sec` (per client address and destination): the
+    /// stream is refused (REFUSED_STREAM) before it reaches the server.
+    #[error(
+        "upstream {0}: the client reset more than {1} streams on it in a second (--http2-max-resets-per-sec, per client address and destination); stream refused"
+    )]
+    TooManyResets(String, u32),
 }
 
 impl UpstreamError {
@@ -46,6 +53,7 @@ impl UpstreamError {
             UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
             UpstreamError::Request(..) => StatusCode::BAD_REQUEST,
             UpstreamError::Reset(..) => StatusCode::BAD_GATEWAY,
+            UpstreamError::TooManyResets(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -56,6 +64,7 @@ impl UpstreamError {
             UpstreamError::Failed(..) => "UPSTREAM_ERROR",
             UpstreamError::Request(..) => "MALFORMED_REQUEST",
             UpstreamError::Reset(..) => "UPSTREAM_RESET",
+            UpstreamError::TooManyResets(..) => "HTTP2_TOO_MANY_RESETS",
         }
     }
 }

@@ -19,6 +19,7 @@ fn pool(connect_timeout: Duration) -> Arc<H2Pool> {
         max_conns: 2,
         connect_timeout,
         idle_timeout: Duration::from_secs(60),
+        reset_limit: 2,
     })
 }
 
@@ -83,7 +84,7 @@ async fn a_checkout_waits_for_its_key_no_longer_than_its_limit() {
     let t = target(1, dst);
     // Another checkout is stuck connecting (holds the key's lock).
     let slot = p.slot(t.key);
-    let stuck = slot.lock().await;
+    let stuck = slot.conns.lock().await;
     let started = Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(5),
@@ -137,6 +138,55 @@ async fn keys_leave_the_map_with_their_last_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(slots(&p), 0, "the key went with its connection");
+}
+
+/// An HTTP/2 server that takes every connection and stream and never answers.
+async fn silent_h2_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok(stream)) = conn.accept().await {
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_clients_cancels_on_the_server_are_budgeted_per_pool_key() {
+    let p = pool(Duration::from_secs(2));
+    let addr = silent_h2_server().await;
+    // Streams the server or weir ended do not count.
+    for _ in 0..5 {
+        let mut lease = p.checkout(target(1, addr)).await.expect("HTTP/2 server");
+        lease.settle();
+    }
+    // Three cancels by client 1 (its downstream connections alike: they share
+    // the key) pass the budget of 2: its next stream is refused before it
+    // reaches the server, for the rest of the second.
+    for _ in 0..3 {
+        drop(p.checkout(target(1, addr)).await.expect("under the budget"));
+    }
+    let r = p.checkout(target(1, addr)).await;
+    assert!(
+        matches!(r, Err(Checkout::Failed(UpstreamError::TooManyResets(_, 2)))),
+        "{:?}",
+        r.err()
+    );
+    // Another client of the same server is not affected.
+    let mut other = p.checkout(target(2, addr)).await.expect("client 2");
+    other.settle();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut again = p.checkout(target(1, addr)).await.expect("a second later");
+    again.settle();
 }
 
 #[test]
