@@ -301,10 +301,12 @@ async fn serve_http2(
         return;
     }
     if revoked {
-        // Nothing on this connection may pass any more, streams in flight
-        // included: GOAWAY goes out, then the connection is closed.
+        // No new stream may pass: GOAWAY now. Streams already admitted finish
+        // under the policy that admitted them, as on HTTP/1.1, but get a
+        // second's grace, no more (a long stream would keep the revoked pair
+        // talking).
         conn.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), conn).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
         return;
     }
     debug!(?idle, "HTTP/2 connection idle; sending GOAWAY");
