@@ -278,8 +278,6 @@ impl H2Pool {
             key,
             slot: self.slot(key),
         };
-        // Held while connecting: concurrent streams wait for this connection
-        // rather than each opening their own.
         // This client cancelled too many streams on the server this second.
         if held.slot.resets.exhausted(Instant::now()) {
             return Err(Checkout::Failed(UpstreamError::TooManyResets(
@@ -287,6 +285,8 @@ impl H2Pool {
                 held.slot.resets.limit(),
             )));
         }
+        // Held while connecting: concurrent streams wait for this connection
+        // rather than each opening their own.
         let mut conns = held.slot.conns.lock().await;
         // Streams that waited for a probe that found HTTP/1 do not probe again.
         if self.marked(key) {

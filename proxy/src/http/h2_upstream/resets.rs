@@ -5,7 +5,9 @@
 //! a client with many connections reset that many times more streams on the
 //! server. Past the budget, the key's new streams are refused (REFUSED_STREAM,
 //! gRPC UNAVAILABLE) for the rest of the second: the resets weir sends the
-//! server stay bounded by the budget plus the streams already open.
+//! server stay bounded by the budget plus the streams already open. The budget
+//! lives with the key, which goes only once it has no connection (nothing left
+//! to reset on).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
