@@ -4,7 +4,8 @@
 //! to a slow server keeps weir small and arrives whole; a reload that revokes the
 //! client → server pair closes HTTP/2 connections with GOAWAY; an empty-bodied
 //! POST that falls back to HTTP/1.1 says `content-length: 0`; a malformed gRPC
-//! call gets a gRPC status, not HTTP 400.
+//! call gets a gRPC status, not HTTP 400; request trailers cannot carry a header
+//! policy checks.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -43,6 +44,12 @@ spec:
         http:
         - method: POST
           path: '/echo\.Echo/(Unary|Slow)'
+    - ports: [{{port: "8084", protocol: TCP}}]
+      rules:
+        http:
+        - method: GET
+          path: /v1/trailers
+          headers: ['X-Team: empire']
     - ports: [{{port: "81", protocol: TCP}}]
 "#
     )
@@ -539,4 +546,49 @@ fn an_empty_post_falling_back_to_http1_says_content_length_0() {
         "{}",
         s.weir_log_text()
     );
+}
+
+#[test]
+fn request_trailers_cannot_carry_a_header_policy_checks() {
+    let Some(mut s) = Scenario::star_wars("h2r-trailers") else {
+        return;
+    };
+    spawn_py(
+        &mut s,
+        "deathstar",
+        "h2_peer.py",
+        &["serve", "8084"],
+        "peer.err",
+    );
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, 8084, Duration::from_secs(10))
+        .expect("h2 server listening");
+    s.start_weir(&policy(""), NFT);
+    let py = python();
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        // Headers say `x-team: empire` (what the rule requires); the trailers
+        // say `rebels`, also as `x_team`: the server gets neither.
+        let out = run_in(
+            &s,
+            "tiefighter",
+            &[
+                py.to_str().unwrap(),
+                &script("h2_peer.py"),
+                "call-checked",
+                ip,
+                "8084",
+            ],
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.weir_log_text()
+            )
+        });
+        assert_eq!(r["status"], "200", "{r}\n{}", s.weir_log_text());
+        // The trailer no rule names passes.
+        assert_eq!(r["trailers"]["x-echo"], "from-client", "{r}");
+        assert_eq!(r["trailers"]["x-trailer-names"], "x-client-trailer", "{r}");
+    }
 }
