@@ -331,7 +331,9 @@ pub struct RunArgs {
     /// Close client connections idle this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
-    /// Give up connecting upstream after this long (answers 504).
+    /// Give up connecting upstream after this long (answers 504; over HTTP/2,
+    /// getting a connection, probe and waits included, answers 503 / gRPC
+    /// UNAVAILABLE).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
     /// Give up waiting for an upstream response head after this long (answers 504).
@@ -401,7 +403,9 @@ pub struct RunArgs {
     pub http2_max_local_resets: usize,
     /// HTTP/2 streams a client may reset before their response, per second and
     /// connection; beyond, the connection gets GOAWAY and a flow record (other
-    /// connections are unaffected).
+    /// connections are unaffected). Also per client address and destination for
+    /// the streams weir cancels on the server: beyond, that client's new streams
+    /// there are refused (REFUSED_STREAM) for the rest of the second.
     #[arg(long, default_value_t = 200)]
     pub http2_max_resets_per_sec: u32,
     /// Client connections the proxy holds at once; beyond, a new connection is

@@ -255,7 +255,9 @@ async fn serve_http2(
     let idle = config.idle_timeout;
     let mut check_at = activity.last() + idle;
     let mut draining = ctx.shared.draining();
+    let mut policy_changes = ctx.shared.policy_changes();
     let mut abusive = false;
+    let mut revoked = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -270,6 +272,13 @@ async fn serve_http2(
             () = state.too_many_resets.notified() => {
                 abusive = true;
                 break;
+            }
+            r = policy_changes.changed() => {
+                // The sender lives as long as `Shared`; an error means shutdown.
+                if r.is_err() || h2_streams::revoked_at_l4(&ctx) {
+                    revoked = true;
+                    break;
+                }
             }
             () = tokio::time::sleep_until(check_at) => {
                 let now = tokio::time::Instant::now();
@@ -288,6 +297,15 @@ async fn serve_http2(
         too_many_resets(&ctx, config.http2_max_resets_per_sec);
         conn.as_mut().graceful_shutdown();
         // GOAWAY is sent; the streams in flight get a moment, no more.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+        return;
+    }
+    if revoked {
+        // No new stream may pass: GOAWAY now. Streams already admitted finish
+        // under the policy that admitted them, as on HTTP/1.1, but get a
+        // second's grace, no more (a long stream would keep the revoked pair
+        // talking).
+        conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
         return;
     }
@@ -378,21 +396,15 @@ async fn handle(
         Ok(f) => f,
         Err(reject) => {
             info!(%reject, "malformed or ambiguous request; answering 400 and closing");
+            let (response, http) =
+                refused_before_policy(&parts, &ctx, is_grpc, &reject.to_string());
             let v = cv.l4_verdict();
             let f = ctx
                 .flow(&d, &v)
                 .with_error(format!("MALFORMED_REQUEST: {reject}"))
-                .with_http(
-                    L7Type::Request,
-                    elapsed_ns(start),
-                    flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
-                );
+                .with_http(L7Type::Request, elapsed_ns(start), http);
             ctx.shared.flows.emit(&f);
-            return Ok(error_response(
-                StatusCode::BAD_REQUEST,
-                &reject.to_string(),
-                true,
-            ));
+            return Ok(response);
         }
     };
     let mut parts = parts;
@@ -409,16 +421,20 @@ async fn handle(
         .and_then(|()| use_checked_path(&mut parts.uri, &facts.path))
     {
         info!(error = %e, "request refused before policy; answering 400");
+        let (response, http) = refused_before_policy(&parts, &ctx, is_grpc, &e);
         let f = ctx
             .flow(&d, &cv.l4_verdict())
             .with_error(format!("MALFORMED_REQUEST: {e}"))
-            .with_http(
-                L7Type::Request,
-                elapsed_ns(start),
-                flow_http(&parts, &ctx, StatusCode::BAD_REQUEST),
-            );
+            .with_http(L7Type::Request, elapsed_ns(start), http);
         ctx.shared.flows.emit(&f);
-        return Ok(error_response(StatusCode::BAD_REQUEST, &e, true));
+        return Ok(response);
+    }
+    if http2 && !checked_headers.is_empty() {
+        // Request trailers come after this decision: the pump drops these names.
+        let names = checked_headers.iter().map(|n| (*n).to_string()).collect();
+        parts
+            .extensions
+            .insert(h2_upstream::CheckedHeaderNames(names));
     }
     let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
         (cv.l4_verdict(), Vec::new())
@@ -497,6 +513,9 @@ async fn handle(
             info!(error = %e, status = code.as_u16(), "upstream failed");
             let reply = match (&e, &grpc_call) {
                 (UpstreamError::Reset(_, reason), _) if http2 => Err(h2::Error::from(*reason)),
+                (UpstreamError::TooManyResets(..), _) if http2 => {
+                    Err(h2::Error::from(h2::Reason::REFUSED_STREAM))
+                }
                 (_, Some(_)) => {
                     let status = grpc_error_status(&e);
                     Ok(grpc::status_response(status, &format!("weir: {e}")))
@@ -545,6 +564,28 @@ async fn handle(
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// The answer to a request refused before policy (malformed or ambiguous):
+/// 400 and close, or for a gRPC call a trailers-only INTERNAL (gRPC's own
+/// mapping of HTTP 400; PERMISSION_DENIED is only for policy), and its record.
+fn refused_before_policy(
+    parts: &http::request::Parts,
+    ctx: &ConnContext,
+    is_grpc: bool,
+    detail: &str,
+) -> (Response<ProxyBody>, flow::Http) {
+    if !is_grpc {
+        let http = flow_http(parts, ctx, StatusCode::BAD_REQUEST);
+        return (error_response(StatusCode::BAD_REQUEST, detail, true), http);
+    }
+    let message = format!("weir: request refused before policy: {detail}");
+    let mut http = flow_http(parts, ctx, StatusCode::OK);
+    let mut g = grpc_facts(parts.uri.path());
+    g.status = Some(grpc::Code::Internal as u32);
+    g.message = Some(message.clone());
+    http.grpc = Some(g);
+    (grpc::status_response(grpc::Code::Internal, &message), http)
 }
 
 /// A forwarded request whose response head has not come yet.

@@ -4,7 +4,7 @@ one channel (one HTTP/2 connection) and prints one JSON line per call:
 {"call", "code", "details", "result"}.
 
 usage: grpc_echo_client.py TARGET CALL... (unary collect expand chat forbidden
-slow slow-long slow-cancel watch-cancel fail)
+slow slow-long slow-cancel watch-cancel fail malformed)
 """
 import json
 import sys
@@ -43,6 +43,8 @@ RUN = {
     "watch-cancel": watch_cancel,
     "slow-cancel": slow_cancel,
     "fail": lambda: m("unary_unary", "Fail")(b"hi", timeout=10),
+    # An encoded `/` in the path: refused before policy is consulted.
+    "malformed": lambda: m("unary_unary", "%2FUnary")(b"hi", timeout=10),
 }
 
 for call in calls:

@@ -8,8 +8,11 @@ server: h2_peer.py serve PORT
                 x-echo: <the request trailer x-client-trailer>
   /v1/rst:      resets the stream with HTTP_1_1_REQUIRED (0xd)
   /v1/goaway:   GOAWAY (NO_ERROR) that does not take the stream, then closes
+  (and x-trailer-names: the names of the request trailers it got, sorted)
 client: h2_peer.py call HOST PORT — one JSON line:
   {"status", "body", "trailers", "rst_code"}
+        h2_peer.py call-checked HOST PORT — the same with header x-team: empire
+  and trailers x-team and x_team (rebels) beside x-client-trailer
         h2_peer.py goaway HOST PORT — /v1/goaway, then /v1/trailers on the same
   connection: {"goaway_rst_code", "after_status", "after_trailers"}
 """
@@ -63,20 +66,23 @@ def handle(s):
                 echo = trailers.get(sid, {}).get("x-client-trailer", "none")
                 conn.send_headers(sid, [(":status", "200"), ("content-type", "text/plain")])
                 conn.send_data(sid, b"ok")
-                conn.send_headers(sid, [("x-server-trailer", "yes"), ("x-echo", echo)], end_stream=True)
+                names = ",".join(sorted(trailers.get(sid, {}).keys()))
+                conn.send_headers(sid, [("x-server-trailer", "yes"), ("x-echo", echo), ("x-trailer-names", names)], end_stream=True)
         s.sendall(conn.data_to_send())
     s.close()
 
 
-def call(host, port):
+def call(host, port, checked=False):
     s = socket.create_connection((host, port), timeout=10)
     conn = h2.connection.H2Connection()
     conn.initiate_connection()
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     base = [(":scheme", "http"), (":authority", authority)]
-    conn.send_headers(1, [(":method", "GET"), (":path", "/v1/trailers"), *base, ("te", "trailers")])
+    extra = [("x-team", "empire")] if checked else []
+    conn.send_headers(1, [(":method", "GET"), (":path", "/v1/trailers"), *base, ("te", "trailers"), *extra])
     conn.send_data(1, b"body")
-    conn.send_headers(1, [("x-client-trailer", "from-client")], end_stream=True)
+    smuggled = [("x-team", "rebels"), ("x_team", "rebels")] if checked else []
+    conn.send_headers(1, [("x-client-trailer", "from-client"), *smuggled], end_stream=True)
     conn.send_headers(3, [(":method", "GET"), (":path", "/v1/rst"), *base], end_stream=True)
     s.sendall(conn.data_to_send())
     out = {"status": None, "body": "", "trailers": {}, "rst_code": None}
@@ -144,5 +150,7 @@ if sys.argv[1] == "serve":
     serve(int(sys.argv[2]))
 elif sys.argv[1] == "goaway":
     goaway(sys.argv[2], int(sys.argv[3]))
+elif sys.argv[1] == "call-checked":
+    call(sys.argv[2], int(sys.argv[3]), checked=True)
 else:
     call(sys.argv[2], int(sys.argv[3]))

@@ -254,7 +254,7 @@ impl Scenario {
     ///
     /// weir forwards a request that came over HTTP/2 over HTTP/2 when the server
     /// speaks it, and finds out by sending the HTTP/2 preface: an HTTP/1-only
-    /// nginx logs that as `"PRI * HTTP/2.0" 400` (at most once a minute per
+    /// nginx logs that as `"PRI * HTTP/2.0" 400` (at most once a minute per client address and
     /// destination). Those lines are no request and are left out.
     pub fn access_log(&self) -> Vec<String> {
         without_http2_probes(settled_lines(&self.dir.0.join("nginx/access.log")))

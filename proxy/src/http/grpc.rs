@@ -57,9 +57,10 @@ pub(super) fn grpc_facts(path: &str) -> flow::Grpc {
 /// UNAVAILABLE, deadline (weir's or the call's) → DEADLINE_EXCEEDED.
 pub(super) fn grpc_error_status(e: &UpstreamError) -> Code {
     match e {
-        UpstreamError::Unavailable(..) | UpstreamError::Failed(..) | UpstreamError::Reset(..) => {
-            Code::Unavailable
-        }
+        UpstreamError::Unavailable(..)
+        | UpstreamError::Failed(..)
+        | UpstreamError::Reset(..)
+        | UpstreamError::TooManyResets(..) => Code::Unavailable,
         UpstreamError::Timeout(..) => Code::DeadlineExceeded,
         UpstreamError::Request(..) => Code::Internal,
     }

@@ -76,6 +76,25 @@ pub(super) fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
     }
 }
 
+/// Decides the connection again after a policy change: `true` (with a DROPPED
+/// flow record) when L3/L4 policy no longer allows the client to reach the
+/// server, so the connection is to be closed like a splice would be. A change
+/// of HTTP rules alone keeps it: each new stream is decided anew.
+pub(super) fn revoked_at_l4(ctx: &ConnContext) -> bool {
+    let d = ctx.decide();
+    if d.verdict.l4_allowed() {
+        return false;
+    }
+    info!("policy no longer allows this HTTP/2 connection; GOAWAY and closing");
+    let mut f = ctx.flow(&d, &d.verdict.l4_verdict());
+    f.verdict = flow::FlowVerdict::Dropped;
+    f.drop_reason_desc = Some("POLICY_DENIED".into());
+    f.policy = format!("policy change: {}", f.policy);
+    f.summary = "HTTP/2 connection closed with GOAWAY: the new policy no longer allows it".into();
+    ctx.shared.flows.emit(&f);
+    true
+}
+
 /// The flow record for a connection closed for resetting too many streams.
 pub(super) fn too_many_resets(ctx: &ConnContext, limit: u32) {
     info!(

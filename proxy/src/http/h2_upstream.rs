@@ -14,9 +14,15 @@
 //! request's bytes are read from the client only as the server's window allows, so
 //! a slow reader stops its sender instead of growing weir's buffers.
 //!
-//! A server that answers the preface with anything but an HTTP/2 frame (an
-//! HTTP/1-only server) is remembered for a minute; meanwhile HTTP/2 requests to it
-//! go as HTTP/1.1, except gRPC calls, which need trailers (UNAVAILABLE).
+//! A server that answers the preface in HTTP/1 (`HTTP/1.`: an HTTP/1-only
+//! server) is remembered for a minute per pool key (`http1_marks`); meanwhile
+//! that client's HTTP/2 requests to it go as HTTP/1.1, except gRPC calls, which
+//! need trailers (UNAVAILABLE). Any other answer (or none) fails the request as
+//! unavailable and marks nothing.
+//!
+//! A checkout (waiting for the pool key's lock, connecting, the probe) has one
+//! deadline, `--upstream-connect-timeout` or the request's own timeout if sooner:
+//! past it the request is UNAVAILABLE (503, gRPC 14).
 
 use std::collections::HashMap;
 use std::io;
@@ -34,20 +40,22 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 mod body;
+mod http1_marks;
 mod pump;
+mod resets;
 mod sniff;
 
 pub use body::{H2Body, OnEnd};
+use http1_marks::{HTTP1_ONLY_FOR, Http1Marks};
+pub use pump::CheckedHeaderNames;
 use pump::pump_request;
-use sniff::SniffIo;
+use resets::ResetBudget;
+use sniff::{FirstBytes, SniffIo};
 
 use super::UpstreamError;
 use crate::ProxyConfig;
 use crate::context::ConnContext;
 use crate::socket::UpstreamSource;
-
-/// How long a server that did not speak HTTP/2 is sent HTTP/1.1 instead.
-const HTTP1_ONLY_FOR: Duration = Duration::from_secs(60);
 
 /// Upstream connections are shared by the downstream connections of one client
 /// address to one destination (and source kind: the client's address or the node's).
@@ -72,11 +80,36 @@ impl PoolKey {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Vec<Arc<H2Conn>>>>;
+/// Where a checkout's connection goes and leaves from.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    key: PoolKey,
+    source: UpstreamSource,
+    dst: SocketAddr,
+}
+
+impl Target {
+    fn of(ctx: &ConnContext) -> Self {
+        Target {
+            key: PoolKey::of(ctx),
+            source: ctx.upstream_source,
+            dst: ctx.orig_dst,
+        }
+    }
+}
+
+/// A pool key's connections, and the streams its client cancelled on them.
+struct KeySlot {
+    conns: tokio::sync::Mutex<Vec<Arc<H2Conn>>>,
+    resets: Arc<ResetBudget>,
+}
+
+type Slot = Arc<KeySlot>;
 
 pub struct H2Pool {
+    /// A key is here only while a checkout uses it or it has a connection.
     slots: Mutex<HashMap<PoolKey, Slot>>,
-    http1_only: Mutex<HashMap<SocketAddr, Instant>>,
+    http1_only: Mutex<Http1Marks<PoolKey>>,
     next_id: AtomicU64,
     stream_window: u32,
     conn_window: u32,
@@ -84,6 +117,8 @@ pub struct H2Pool {
     max_conns: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// `--http2-max-resets-per-sec`, also per pool key (`resets`).
+    reset_limit: u32,
 }
 
 /// One upstream HTTP/2 connection.
@@ -96,11 +131,16 @@ struct H2Conn {
     opened: AtomicU64,
     /// The connection ended or received GOAWAY: no new streams.
     closed: AtomicBool,
+    /// Its pool key's budget of client cancels.
+    resets: Arc<ResetBudget>,
 }
 
 /// A stream's claim on its connection, released when the response is over.
+/// Released before [`StreamLease::settle`], the client cancelled the stream
+/// (weir resets it on the server): that counts against the key's budget.
 pub struct StreamLease {
     conn: Arc<H2Conn>,
+    settled: bool,
 }
 
 impl StreamLease {
@@ -108,11 +148,19 @@ impl StreamLease {
     fn retire(&self) {
         self.conn.closed.store(true, Ordering::Relaxed);
     }
+
+    /// The stream ended by the server's doing or weir's, not the client's.
+    fn settle(&mut self) {
+        self.settled = true;
+    }
 }
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
         self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        if !self.settled {
+            self.conn.resets.count(Instant::now());
+        }
     }
 }
 
@@ -133,7 +181,7 @@ impl H2Pool {
     pub fn new(config: &ProxyConfig) -> Self {
         H2Pool {
             slots: Mutex::new(HashMap::new()),
-            http1_only: Mutex::new(HashMap::new()),
+            http1_only: Mutex::new(Http1Marks::new(HTTP1_ONLY_FOR)),
             next_id: AtomicU64::new(0),
             stream_window: config.http2_stream_window,
             conn_window: config.http2_connection_window,
@@ -141,31 +189,51 @@ impl H2Pool {
             max_conns: config.upstream_conns_per_client.max(1),
             connect_timeout: config.upstream_connect_timeout,
             idle_timeout: config.idle_timeout,
+            reset_limit: config.http2_max_resets_per_sec,
         }
     }
 
-    /// The destination answered HTTP/2's preface with something else lately.
-    pub fn is_http1_only(&self, dst: SocketAddr) -> bool {
-        let mut m = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get(&dst) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                m.remove(&dst);
-                false
-            }
-            None => false,
-        }
+    /// The destination answered this client's HTTP/2 preface in HTTP/1 lately.
+    pub fn is_http1_only(&self, ctx: &ConnContext) -> bool {
+        self.marked(PoolKey::of(ctx))
     }
 
-    fn mark_http1_only(&self, dst: SocketAddr) {
+    fn marked(&self, key: PoolKey) -> bool {
         let mut m = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, until| *until > Instant::now());
-        m.insert(dst, Instant::now() + HTTP1_ONLY_FOR);
+        m.is_marked(key, Instant::now())
     }
 
     fn slot(&self, key: PoolKey) -> Slot {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(key).or_default().clone()
+        m.entry(key)
+            .or_insert_with(|| {
+                Arc::new(KeySlot {
+                    conns: tokio::sync::Mutex::new(Vec::new()),
+                    resets: Arc::new(ResetBudget::new(self.reset_limit)),
+                })
+            })
+            .clone()
+    }
+
+    /// Removes `key`'s slot when no checkout but the caller's holds it and it
+    /// has no open connection left (so keys do not pile up, one per client and
+    /// destination ever seen). Never waits for the slot's lock.
+    fn release_slot(&self, key: PoolKey, slot: &Slot) {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(current) = m.get(&key) else { return };
+        // The map's reference and the caller's: nobody else is waiting on it.
+        if !Arc::ptr_eq(current, slot) || Arc::strong_count(slot) > 2 {
+            return;
+        }
+        let Ok(mut conns) = slot.conns.try_lock() else {
+            return;
+        };
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let empty = conns.is_empty();
+        drop(conns);
+        if empty {
+            m.remove(&key);
+        }
     }
 
     /// Drops a finished connection from its slot, and the slot once empty.
@@ -173,7 +241,7 @@ impl H2Pool {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let Some(slot) = m.get(&key) else { return };
         // A checkout holding the slot's lock prunes closed connections itself.
-        let Ok(mut conns) = slot.try_lock() else {
+        let Ok(mut conns) = slot.conns.try_lock() else {
             return;
         };
         conns.retain(|c| c.id != id);
@@ -184,15 +252,44 @@ impl H2Pool {
         }
     }
 
+    /// [`H2Pool::checkout`] within `limit` (the wait for the key's lock, the
+    /// connect and the probe together); past it the server is unavailable.
+    async fn checkout_within(
+        self: &Arc<Self>,
+        t: Target,
+        limit: Duration,
+    ) -> Result<StreamLease, Checkout> {
+        match tokio::time::timeout(limit, self.checkout(t)).await {
+            Ok(r) => r,
+            Err(_) => Err(Checkout::Failed(UpstreamError::Unavailable(
+                t.dst.to_string(),
+                format!("no HTTP/2 connection within {limit:?}"),
+            ))),
+        }
+    }
+
     /// A connection with room for one more stream, opened if needed.
-    async fn checkout(self: &Arc<Self>, ctx: &ConnContext) -> Result<StreamLease, Checkout> {
-        let key = PoolKey::of(ctx);
-        let slot = self.slot(key);
+    async fn checkout(self: &Arc<Self>, t: Target) -> Result<StreamLease, Checkout> {
+        let key = t.key;
+        // Declared before the lock's guard, so dropped after it (also when the
+        // checkout is cancelled): the key goes if nothing came of it.
+        let held = HeldSlot {
+            pool: self,
+            key,
+            slot: self.slot(key),
+        };
+        // This client cancelled too many streams on the server this second.
+        if held.slot.resets.exhausted(Instant::now()) {
+            return Err(Checkout::Failed(UpstreamError::TooManyResets(
+                t.dst.to_string(),
+                held.slot.resets.limit(),
+            )));
+        }
         // Held while connecting: concurrent streams wait for this connection
         // rather than each opening their own.
-        let mut conns = slot.lock().await;
+        let mut conns = held.slot.conns.lock().await;
         // Streams that waited for a probe that found HTTP/1 do not probe again.
-        if self.is_http1_only(ctx.orig_dst) {
+        if self.marked(key) {
             return Err(Checkout::NotHttp2);
         }
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
@@ -209,28 +306,35 @@ impl H2Pool {
         let conn = match least_loaded(&conns, true) {
             Some(c) => c,
             None if conns.len() < self.max_conns => {
-                let c = self.connect(ctx, key).await?;
+                let resets = held.slot.resets.clone();
+                let c = self.connect(t, !conns.is_empty(), resets).await?;
                 conns.push(c.clone());
                 c
             }
             // Every connection is full and no more may open: h2 queues the
             // stream on the least loaded one until a stream there ends.
             None => least_loaded(&conns, false).ok_or(Checkout::Failed(UpstreamError::Failed(
-                ctx.orig_dst.to_string(),
+                t.dst.to_string(),
                 "no upstream connection".into(),
             )))?,
         };
         conn.active.fetch_add(1, Ordering::Relaxed);
         conn.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(StreamLease { conn })
+        Ok(StreamLease {
+            conn,
+            settled: false,
+        })
     }
 
+    /// Opens a connection and probes it; `live_http2`: the key already has an
+    /// open HTTP/2 connection (so an HTTP/1 answer marks nothing).
     async fn connect(
         self: &Arc<Self>,
-        ctx: &ConnContext,
-        key: PoolKey,
+        t: Target,
+        live_http2: bool,
+        resets: Arc<ResetBudget>,
     ) -> Result<Arc<H2Conn>, Checkout> {
-        let dst = ctx.orig_dst.to_string();
+        let dst = t.dst.to_string();
         // No connection in time is "unreachable" (gRPC UNAVAILABLE: clients may fail
         // over), not a deadline: DEADLINE_EXCEEDED is for the response's own timeout.
         let timeout = |d: &str| {
@@ -239,7 +343,7 @@ impl H2Pool {
                 format!("no HTTP/2 connection within {:?}", self.connect_timeout),
             ))
         };
-        let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
+        let connecting = crate::socket::connect_upstream_tcp(t.source, t.dst);
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => return Err(timeout(&dst)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(timeout(&dst)),
@@ -270,21 +374,31 @@ impl H2Pool {
             active: AtomicUsize::new(0),
             opened: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            resets,
         });
-        tokio::spawn(drive(self.clone(), key, conn.clone(), connection));
+        tokio::spawn(drive(self.clone(), t.key, conn.clone(), connection));
         // The server's first bytes say whether it speaks HTTP/2 at all.
-        match tokio::time::timeout(self.connect_timeout, spoke).await {
-            Ok(Ok(true)) => Ok(conn),
-            Ok(Ok(false) | Err(_)) => {
-                conn.closed.store(true, Ordering::Relaxed);
-                debug!(%dst, "upstream does not speak HTTP/2; using HTTP/1.1 for a while");
-                self.mark_http1_only(ctx.orig_dst);
+        let said = tokio::time::timeout(self.connect_timeout, spoke).await;
+        if !matches!(said, Ok(Ok(FirstBytes::Http2))) {
+            conn.closed.store(true, Ordering::Relaxed);
+        }
+        match said {
+            Ok(Ok(FirstBytes::Http2)) => Ok(conn),
+            Ok(Ok(FirstBytes::Http1)) => {
+                let mut marks = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
+                let marked = marks.mark(t.key, live_http2, Instant::now());
+                debug!(%dst, marked, "upstream answered HTTP/2's preface in HTTP/1; using HTTP/1.1");
                 Err(Checkout::NotHttp2)
             }
-            Err(_) => {
-                conn.closed.store(true, Ordering::Relaxed);
-                Err(timeout(&dst))
+            // A reset, a close or a stranger protocol says nothing about HTTP/1:
+            // this request fails, nobody's later ones are changed.
+            Ok(Ok(FirstBytes::Other) | Err(_)) => {
+                Err(Checkout::Failed(UpstreamError::Unavailable(
+                    dst,
+                    "the server answered the HTTP/2 preface with neither HTTP/2 nor HTTP/1".into(),
+                )))
             }
+            Err(_) => Err(timeout(&dst)),
         }
     }
 
@@ -298,18 +412,24 @@ impl H2Pool {
     ) -> Result<(Response<RecvStream>, StreamLease), H2Failure> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
+        let checked = parts
+            .extensions
+            .remove::<CheckedHeaderNames>()
+            .unwrap_or_default();
         prepare_request(&mut parts, ctx)?;
         let end_of_stream = body.is_end_stream();
         let mut body = Some(body);
+        let target = Target::of(ctx);
+        let checkout_limit = self.connect_timeout.min(timeout);
         // One retry: a connection that closed (or got GOAWAY) between checkout and
         // sending never saw this request.
         for attempt in 0..2 {
-            let lease = match self.checkout(ctx).await {
+            let mut lease = match self.checkout_within(target, checkout_limit).await {
                 Ok(c) => c,
                 Err(Checkout::NotHttp2) => {
                     let body = body.take().ok_or_else(|| internal(&dst))?;
                     return Err(H2Failure::NotHttp2(Box::new(Request::from_parts(
-                        restore_for_http1(parts),
+                        restore_for_http1(parts, end_of_stream),
                         body,
                     ))));
                 }
@@ -319,8 +439,13 @@ impl H2Pool {
             // A stream queued behind a full connection waits at most as long as
             // the response head may take.
             let ready = tokio::time::timeout(timeout, lease.conn.send.clone().ready());
+            // Until the response head comes, a return is the server's doing or
+            // weir's; only a drop of this future (the client cancelled) is not.
             let sent = match ready.await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Err(_) => {
+                    lease.settle();
+                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                }
                 Ok(Ok(mut s)) => s.send_request(head, end_of_stream),
                 Ok(Err(e)) => Err(e),
             };
@@ -329,19 +454,27 @@ impl H2Pool {
                 Err(e) if attempt == 0 => {
                     debug!(error = %e, "upstream HTTP/2 connection unusable; retrying on another");
                     lease.retire();
+                    lease.settle();
                     continue;
                 }
-                Err(e) => return Err(UpstreamError::Failed(dst, e.to_string()).into()),
+                Err(e) => {
+                    lease.settle();
+                    return Err(UpstreamError::Failed(dst, e.to_string()).into());
+                }
             };
             if let Some(b) = body.take().filter(|_| !end_of_stream) {
-                tokio::spawn(pump_request(b, stream));
+                tokio::spawn(pump_request(b, stream, checked.clone()));
             }
             let resp = match tokio::time::timeout(timeout, response).await {
-                Err(_) => return Err(UpstreamError::Timeout(dst, timeout).into()),
+                Err(_) => {
+                    lease.settle();
+                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                }
                 Ok(Err(e)) => {
                     if e.is_go_away() || e.is_io() {
                         lease.retire();
                     }
+                    lease.settle();
                     return Err(upstream_stream_error(&dst, &e).into());
                 }
                 Ok(Ok(r)) => r,
@@ -352,7 +485,21 @@ impl H2Pool {
     }
 }
 
+/// A checkout's hold on its key's slot; releases the key when it is unused.
+struct HeldSlot<'a> {
+    pool: &'a H2Pool,
+    key: PoolKey,
+    slot: Slot,
+}
+
+impl Drop for HeldSlot<'_> {
+    fn drop(&mut self) {
+        self.pool.release_slot(self.key, &self.slot);
+    }
+}
+
 /// A checkout's failure.
+#[derive(Debug)]
 enum Checkout {
     NotHttp2,
     Failed(UpstreamError),
@@ -363,16 +510,31 @@ fn internal(dst: &str) -> UpstreamError {
 }
 
 /// An upstream stream failure as the client should see it: a reset with the
-/// server's reason; GOAWAY before the server processed the stream becomes
-/// REFUSED_STREAM (safe for the client to retry).
+/// server's reason; the server's GOAWAY before it processed the stream becomes
+/// REFUSED_STREAM (safe for the client to retry). h2 gives a stream the remote
+/// GOAWAY error only when its id is above the frame's last-stream-id (streams
+/// the server took end later, with the connection's own error); a GOAWAY weir's
+/// side sent (a protocol error of the server's) is a plain failure: the server
+/// may have processed the request, so the client must not be told to retry.
 pub fn upstream_stream_error(dst: &str, e: &h2::Error) -> UpstreamError {
-    if e.is_go_away() {
-        return UpstreamError::Reset(dst.to_string(), h2::Reason::REFUSED_STREAM);
+    match stream_error_reset(e.is_go_away(), e.is_remote(), e.is_reset(), e.reason()) {
+        Some(r) => UpstreamError::Reset(dst.to_string(), r),
+        None => UpstreamError::Failed(dst.to_string(), e.to_string()),
     }
-    match e.reason() {
-        Some(r) if e.is_remote() || e.is_reset() => UpstreamError::Reset(dst.to_string(), r),
-        _ => UpstreamError::Failed(dst.to_string(), e.to_string()),
+}
+
+/// The reason the client's stream is reset with, or `None` for a failure
+/// answered with 502 / UNAVAILABLE.
+fn stream_error_reset(
+    go_away: bool,
+    remote: bool,
+    reset: bool,
+    reason: Option<h2::Reason>,
+) -> Option<h2::Reason> {
+    if go_away {
+        return remote.then_some(h2::Reason::REFUSED_STREAM);
     }
+    reason.filter(|_| remote || reset)
 }
 
 /// The request as the server gets it over HTTP/2: an absolute URI (`:scheme`
@@ -407,13 +569,30 @@ fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), 
 
 /// Undoes [`prepare_request`]'s URI change for the HTTP/1.1 path (which reads
 /// the authority back into Host).
-fn restore_for_http1(mut parts: request::Parts) -> request::Parts {
+fn restore_for_http1(mut parts: request::Parts, end_of_stream: bool) -> request::Parts {
     if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         parts.headers.insert(header::HOST, v);
     }
+    empty_body_length(&mut parts, end_of_stream);
     parts
+}
+
+/// An HTTP/2 request going out as HTTP/1.1: one whose body ended with its
+/// HEADERS and that has no `content-length` gets `content-length: 0` when its
+/// method gives content a meaning (HTTP/2 needs no length to say "no body";
+/// HTTP/1.1 servers may answer such a POST with 411 or wait for a body).
+pub fn empty_body_length(parts: &mut request::Parts, end_of_stream: bool) {
+    let has_content = matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if end_of_stream && has_content && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
 }
 
 /// Drives one upstream connection; retires it when idle for the idle timeout,
@@ -455,3 +634,6 @@ async fn drive(
     conn.closed.store(true, Ordering::Relaxed);
     pool.forget(key, conn.id);
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version, header};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
@@ -36,6 +36,13 @@ pub enum UpstreamError {
     /// stream is reset with the same reason.
     #[error("upstream {0} reset the stream: {1:?}")]
     Reset(String, h2::Reason),
+    /// HTTP/2: this client cancelled more streams on the server this second than
+    /// `--http2-max-resets-per-sec` (per client address and destination): the
+    /// stream is refused (REFUSED_STREAM) before it reaches the server.
+    #[error(
+        "upstream {0}: the client reset more than {1} streams on it in a second (--http2-max-resets-per-sec, per client address and destination); stream refused"
+    )]
+    TooManyResets(String, u32),
 }
 
 impl UpstreamError {
@@ -46,6 +53,7 @@ impl UpstreamError {
             UpstreamError::Failed(..) => StatusCode::BAD_GATEWAY,
             UpstreamError::Request(..) => StatusCode::BAD_REQUEST,
             UpstreamError::Reset(..) => StatusCode::BAD_GATEWAY,
+            UpstreamError::TooManyResets(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -56,6 +64,7 @@ impl UpstreamError {
             UpstreamError::Failed(..) => "UPSTREAM_ERROR",
             UpstreamError::Request(..) => "MALFORMED_REQUEST",
             UpstreamError::Reset(..) => "UPSTREAM_RESET",
+            UpstreamError::TooManyResets(..) => "HTTP2_TOO_MANY_RESETS",
         }
     }
 }
@@ -139,10 +148,13 @@ impl Upstream {
             let not_http2 = || {
                 UpstreamError::Unavailable(dst.clone(), "the server does not speak HTTP/2".into())
             };
-            if self.h2.is_http1_only(ctx.orig_dst) {
+            if self.h2.is_http1_only(ctx) {
                 if grpc {
                     return Err(not_http2());
                 }
+                let (mut parts, body) = req.into_parts();
+                super::h2_upstream::empty_body_length(&mut parts, body.is_end_stream());
+                req = Request::from_parts(parts, body);
             } else {
                 match self.h2.forward(ctx, req, timeout).await {
                     Ok((resp, lease)) => {

@@ -25,7 +25,7 @@ pub struct H2Body {
     recv: RecvStream,
     data_done: bool,
     finished: bool,
-    _lease: StreamLease,
+    lease: StreamLease,
     on_end: Option<Box<dyn OnEnd>>,
 }
 
@@ -35,7 +35,7 @@ impl H2Body {
             recv,
             data_done: false,
             finished: false,
-            _lease: lease,
+            lease,
             on_end: None,
         }
     }
@@ -47,6 +47,10 @@ impl H2Body {
 
     fn end(&mut self, trailers: Option<&HeaderMap>, error: Option<&h2::Error>) {
         self.finished = true;
+        // A cancel by the client ends here too (from `drop`): counted then.
+        if error.is_none_or(|e| e.reason() != Some(h2::Reason::CANCEL) || e.is_remote()) {
+            self.lease.settle();
+        }
         if let Some(mut f) = self.on_end.take() {
             f.ended(trailers, error);
         }

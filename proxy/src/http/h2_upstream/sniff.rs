@@ -9,13 +9,43 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// The upstream stream, watched for its server's first bytes: an HTTP/2 server
-/// starts with a frame header (its SETTINGS, type 4); anything else, or the
-/// end of the stream first, means it does not speak HTTP/2.
+/// What the server's first bytes said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FirstBytes {
+    /// A frame header of type SETTINGS: an HTTP/2 server.
+    Http2,
+    /// `HTTP/1.`: an HTTP/1 server answering the preface (with 400 or 505).
+    Http1,
+    /// Anything else, or the end of the stream (or an error) first: nothing to
+    /// conclude about the server (a blip, a reset, a stranger protocol).
+    Other,
+}
+
+/// Bytes needed to tell: `HTTP/1.` is 7.
+const NEED: usize = 7;
+
+/// Classifies the server's first bytes; `None` while more are needed.
+pub(super) fn classify(seen: &[u8]) -> Option<FirstBytes> {
+    // A frame header's 4th byte is its type; `HTTP/1.` has `P` there.
+    if seen.len() < 4 {
+        return None;
+    }
+    if seen.get(3) == Some(&4) {
+        return Some(FirstBytes::Http2);
+    }
+    let prefix = b"HTTP/1.";
+    let n = seen.len().min(NEED);
+    if seen.get(..n) != prefix.get(..n) {
+        return Some(FirstBytes::Other);
+    }
+    (n == NEED).then_some(FirstBytes::Http1)
+}
+
+/// The upstream stream, watched for its server's first bytes (see [`classify`]).
 pub(super) struct SniffIo {
     inner: TcpStream,
     seen: Vec<u8>,
-    first: Option<oneshot::Sender<bool>>,
+    first: Option<oneshot::Sender<FirstBytes>>,
 }
 
 impl AsyncRead for SniffIo {
@@ -31,19 +61,18 @@ impl AsyncRead for SniffIo {
                 Poll::Ready(Ok(())) => {
                     let new = &buf.filled()[before..];
                     if new.is_empty() {
-                        self.answer(false);
+                        self.answer(FirstBytes::Other);
                     } else {
-                        let need = 4usize.saturating_sub(self.seen.len());
+                        let need = NEED.saturating_sub(self.seen.len());
                         let take = need.min(new.len());
                         let head = new.get(..take).unwrap_or_default().to_vec();
                         self.seen.extend_from_slice(&head);
-                        if self.seen.len() >= 4 {
-                            let settings = self.seen.get(3) == Some(&4);
-                            self.answer(settings);
+                        if let Some(said) = classify(&self.seen) {
+                            self.answer(said);
                         }
                     }
                 }
-                Poll::Ready(Err(_)) => self.answer(false),
+                Poll::Ready(Err(_)) => self.answer(FirstBytes::Other),
                 Poll::Pending => {}
             }
         }
@@ -52,9 +81,9 @@ impl AsyncRead for SniffIo {
 }
 
 impl SniffIo {
-    /// `first` gets `true` (HTTP/2) or `false` once the server's first bytes
-    /// (or the end of the stream) are seen.
-    pub(super) fn new(inner: TcpStream, first: oneshot::Sender<bool>) -> Self {
+    /// `first` gets what the server's first bytes (or the end of the stream)
+    /// said, once they are seen.
+    pub(super) fn new(inner: TcpStream, first: oneshot::Sender<FirstBytes>) -> Self {
         SniffIo {
             inner,
             seen: Vec::new(),
@@ -62,9 +91,9 @@ impl SniffIo {
         }
     }
 
-    fn answer(&mut self, http2: bool) {
+    fn answer(&mut self, said: FirstBytes) {
         if let Some(tx) = self.first.take() {
-            let _ = tx.send(http2);
+            let _ = tx.send(said);
         }
         self.seen = Vec::new();
     }
@@ -97,5 +126,26 @@ impl AsyncWrite for SniffIo {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http1_words_mark_a_server_http1() {
+        // nginx's SETTINGS frame header.
+        assert_eq!(classify(&[0, 0, 18, 4]), Some(FirstBytes::Http2));
+        assert_eq!(classify(&[0, 0, 18]), None);
+        assert_eq!(classify(b"HTTP/1.1 400 Bad"), Some(FirstBytes::Http1));
+        assert_eq!(classify(b"HTTP/1.0 505"), Some(FirstBytes::Http1));
+        // Not enough yet to tell.
+        assert_eq!(classify(b"HTTP/"), None);
+        assert_eq!(classify(b""), None);
+        // Anything else concludes nothing about HTTP/1.
+        assert_eq!(classify(b"SSH-2.0"), Some(FirstBytes::Other));
+        assert_eq!(classify(b"HTTP/2.0 "), Some(FirstBytes::Other));
+        assert_eq!(classify(&[0x15, 3, 3, 0, 2]), Some(FirstBytes::Other));
     }
 }
