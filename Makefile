@@ -22,7 +22,7 @@ FUZZ_SECONDS ?= 10
 # and h2 (a raw HTTP/2 attacker) are HTTP/2 peers.
 PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2
 
-.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 clean-tools
+.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 perf-kafka clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -97,3 +97,7 @@ perf-dns: deps
 	@./.ci/apt-ensure dnsperf dnsdist dnsmasq-base
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/dns.sh
+
+perf-kafka: deps
+	@cargo build -q --release -p weir-agent --bin weir
+	@$(SUDO) ./tests/perf/kafka.sh

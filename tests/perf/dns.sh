@@ -103,7 +103,6 @@ setServerPolicy(firstAvailable)
 EOF
 
 # --- candidates -------------------------------------------------------------------
-SUT_PID=
 start_sut() {
   case $1 in
     direct) SUT_PID=; SERVER=10.200.0.10 ;;
@@ -126,24 +125,6 @@ start_sut() {
   done
   { echo "$1 did not come up"; tail -20 "$WORK"/*.log 2>/dev/null; } >&2; exit 1
 }
-stop_sut() {
-  [ -n "$SUT_PID" ] || return 0
-  pkill -TERM -P "$SUT_PID" 2>/dev/null || true; kill -TERM "$SUT_PID" 2>/dev/null || true
-  wait "$SUT_PID" 2>/dev/null || true
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true
-  sleep 0.5
-}
-tree_pids() { local p=$1; echo "$p"; for c in $(pgrep -P "$p"); do tree_pids "$c"; done; }
-cpu_ticks() {
-  [ -n "$SUT_PID" ] || { echo 0; return; }
-  local t=0
-  for p in $(tree_pids "$SUT_PID"); do
-    read -r -a f < "/proc/$p/stat" 2>/dev/null || continue
-    t=$(( t + f[13] + f[14] ))
-  done
-  echo $t
-}
-cpu0_busy() { awk '/^cpu0 / {print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 
 measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate lost@rate cpu0_pct
   local c=$1
@@ -199,7 +180,6 @@ for run in $(seq "$RUNS"); do
   done
 done
 
-col() { local c=$1 i=$2; for run in $(seq "$RUNS"); do echo "${R[$c,$run]}" | awk -v i="$i" '{print $i}'; done; }
 echo
 echo "median (spread) over $RUNS runs"
 printf "%-8s %22s %20s %20s %10s %10s\n" cand "max q/s" "cpu_us/q@max" "cpu_us/q@rate" "p50+_us" "p99+_us"

@@ -154,7 +154,6 @@ EOF
 } > "$WORK/envoy.yaml"
 
 # --- candidates -------------------------------------------------------------------
-SUT_PID=
 start_sut() {
   case $1 in
     direct) SUT_PID=; URL=http://10.200.0.10/1k ;;
@@ -183,67 +182,12 @@ start_sut() {
   done
   { echo "$1 did not come up"; tail -20 "$WORK"/*.log 2>/dev/null; } >&2; exit 1
 }
-stop_sut() {
-  [ -n "$SUT_PID" ] || return 0
-  if [ "${DEBUG:-0}" = 1 ]; then tail -5 "$WORK"/*.log >&2 2>/dev/null || true; fi
-  pkill -TERM -P "$SUT_PID" 2>/dev/null || true; kill -TERM "$SUT_PID" 2>/dev/null || true
-  wait "$SUT_PID" 2>/dev/null || true
-  # A stopped weir leaves its eBPF datapath enforcing; remove it before the next
-  # candidate runs.
-  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true
-  sleep 0.5
-}
-# CPU ticks of the SUT's whole process tree (nsenter → taskset → process → workers).
-tree_pids() { local p=$1; echo "$p"; for c in $(pgrep -P "$p"); do tree_pids "$c"; done; }
-cpu_ticks() {
-  [ -n "$SUT_PID" ] || { echo 0; return; }
-  local t=0
-  for p in $(tree_pids "$SUT_PID"); do
-    read -r -a f < "/proc/$p/stat" 2>/dev/null || continue
-    t=$(( t + f[13] + f[14] ))
-  done
-  echo $t
-}
-peak_rss_kb() {
-  [ -n "$SUT_PID" ] || { echo 0; return; }
-  local m=0
-  for p in $(tree_pids "$SUT_PID"); do
-    v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-    [ "${v:-0}" -gt "$m" ] && m=$v
-  done
-  echo $m
-}
 # Total run time (ns) of weir's eBPF programs, when BPF_STATS=1 turned the
 # kernel's per-program accounting on (it costs a little on every program run).
 bpf_snapshot() {   # FILE: weir's programs' run counts and times, as bpftool sees them
   [ "${BPF_STATS:-0}" = 1 ] || return 0
   bpftool -j prog show > "$1" 2>/dev/null || echo '[]' > "$1"
 }
-bpf_report() {    # CANDIDATE BEFORE AFTER REQUESTS: per-program runs and ns per request
-  [ "${BPF_STATS:-0}" = 1 ] || return 0
-  python3 - "$@" <<'PY' >&2
-import json, sys
-cand, before, after, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or 1
-def load(f):
-    out = {}
-    for p in json.load(open(f)):
-        if p.get("name", "").startswith("weir_"):
-            c, t = out.get(p["name"], (0, 0))
-            out[p["name"]] = (c + p.get("run_cnt", 0), t + p.get("run_time_ns", 0))
-    return out
-b, a = load(before), load(after)
-total = 0
-parts = []
-for name in sorted(a):
-    c = a[name][0] - b.get(name, (0, 0))[0]
-    t = a[name][1] - b.get(name, (0, 0))[1]
-    total += t
-    if c:
-        parts.append(f"{name} {c / n:.1f} runs x {t / c:.0f} ns")
-print(f"{cand}: eBPF {total / n:.0f} ns per request: " + "; ".join(parts))
-PY
-}
-cpu0_busy() { awk '/^cpu0 / {print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 
 measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fixed_rate_cpu_us_per_req
   local c=$1
@@ -297,7 +241,6 @@ for run in $(seq "$RUNS"); do
 done
 
 # --- medians, spreads, ratios -------------------------------------------------------
-col() { local c=$1 i=$2; for run in $(seq "$RUNS"); do echo "${R[$c,$run]}" | awk -v i="$i" '{print $i}'; done; }
 echo
 echo "median (spread) over $RUNS runs"
 printf "%-7s %22s %20s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req@max" "cpu_us/req@fixed" "p50+_us" "p99+_us" "rss_kB"

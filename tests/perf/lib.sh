@@ -48,3 +48,66 @@ cleanup_run() {
 
 median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 spread() { sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s-%s", lo, hi}'; }
+
+# The system under test: SUT_PID is set by each script's start_sut (empty for
+# `direct`). stop_sut ends it and its children and removes weir's datapath (a
+# stopped weir leaves its eBPF programs enforcing) before the next candidate runs.
+SUT_PID=
+stop_sut() {
+  [ -n "$SUT_PID" ] || return 0
+  if [ "${DEBUG:-0}" = 1 ]; then tail -5 "$WORK"/*.log >&2 2>/dev/null || true; fi
+  pkill -TERM -P "$SUT_PID" 2>/dev/null || true; kill -TERM "$SUT_PID" 2>/dev/null || true
+  wait "$SUT_PID" 2>/dev/null || true
+  in_ns $NODE "$WEIR" cleanup --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" >/dev/null 2>&1 || true
+  sleep 0.5
+}
+tree_pids() { local p=$1; echo "$p"; for c in $(pgrep -P "$p"); do tree_pids "$c"; done; }
+# CPU ticks (utime+stime) of the SUT and its children; 0 without one.
+cpu_ticks() {
+  [ -n "$SUT_PID" ] || { echo 0; return; }
+  local t=0
+  for p in $(tree_pids "$SUT_PID"); do
+    read -r -a f < "/proc/$p/stat" 2>/dev/null || continue
+    t=$(( t + f[13] + f[14] ))
+  done
+  echo $t
+}
+# CPU 0's busy and total ticks (is the load generator's CPU saturated?).
+cpu0_busy() { awk '/^cpu0 / {print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+# col CANDIDATE FIELD: that field of every run's result line (R[cand,run], RUNS).
+col() { local c=$1 i=$2; for run in $(seq "$RUNS"); do echo "${R[$c,$run]}" | awk -v i="$i" '{print $i}'; done; }
+
+peak_rss_kb() {
+  [ -n "$SUT_PID" ] || { echo 0; return; }
+  local m=0
+  for p in $(tree_pids "$SUT_PID"); do
+    v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    [ "${v:-0}" -gt "$m" ] && m=$v
+  done
+  echo $m
+}
+
+bpf_report() {    # CANDIDATE BEFORE AFTER REQUESTS: per-program runs and ns per request
+  [ "${BPF_STATS:-0}" = 1 ] || return 0
+  python3 - "$@" <<'PY' >&2
+import json, sys
+cand, before, after, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or 1
+def load(f):
+    out = {}
+    for p in json.load(open(f)):
+        if p.get("name", "").startswith("weir_"):
+            c, t = out.get(p["name"], (0, 0))
+            out[p["name"]] = (c + p.get("run_cnt", 0), t + p.get("run_time_ns", 0))
+    return out
+b, a = load(before), load(after)
+total = 0
+parts = []
+for name in sorted(a):
+    c = a[name][0] - b.get(name, (0, 0))[0]
+    t = a[name][1] - b.get(name, (0, 0))[1]
+    total += t
+    if c:
+        parts.append(f"{name} {c / n:.1f} runs x {t / c:.0f} ns")
+print(f"{cand}: eBPF {total / n:.0f} ns per request: " + "; ".join(parts))
+PY
+}
