@@ -18,6 +18,7 @@ mod h2_streams;
 mod h2_upstream;
 mod responses;
 mod tracked_io;
+mod tunnel;
 mod upstream;
 
 use std::convert::Infallible;
@@ -171,7 +172,11 @@ async fn serve_http1(
         }
     });
     let io = tracked_io::TrackedIo::new(io, tracker);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    // `with_upgrades`: after a 101 to an allowed upgrade (or a 2xx to CONNECT)
+    // hyper hands the socket to the tunnel instead of closing it.
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     if !matches!(
         first_request(&mut conn, &state, deadline).await,
@@ -318,10 +323,15 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         .or_else(|| req_parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| ctx.orig_dst.to_string());
     let path = req_parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // A CONNECT's target is an authority, not a URL.
+    let url = match req_parts.uri.authority() {
+        Some(a) if req_parts.method == http::Method::CONNECT => a.to_string(),
+        _ => format!("http://{host}{path}"),
+    };
     flow::Http {
         code: code.as_u16(),
         method: req_parts.method.to_string(),
-        url: format!("http://{host}{path}"),
+        url,
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),
         header_mismatches: Vec::new(),
@@ -396,6 +406,15 @@ async fn handle(
         }
     };
     let mut parts = parts;
+    // A protocol switch (HTTP/1 only): its `Upgrade` lines survive the header
+    // hygiene below, as part of what policy decides and the server gets.
+    let switch = match tracker {
+        Some(_) => tunnel::Switch::requested(&parts),
+        None => None,
+    };
+    let client_upgrade = switch
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // The request policy checks is the request the server gets: connection
     // headers go first (never Host or a header a rule names), several field
     // lines of a checked header become the one value policy matched, and the
@@ -420,11 +439,10 @@ async fn handle(
         ctx.shared.flows.emit(&f);
         return Ok(error_response(StatusCode::BAD_REQUEST, &e, true));
     }
-    let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
-        (cv.l4_verdict(), Vec::new())
-    } else {
-        cv.http_decision(policy, &facts, &parts.headers)
-    };
+    if let Some(s) = &switch {
+        parts.headers.extend(s.headers());
+    }
+    let (verdict, mismatches) = request_verdict(&d, &facts, &parts.headers);
     let grpc_call = is_grpc.then(|| grpc_facts(&facts.path));
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
@@ -452,6 +470,8 @@ async fn handle(
         ctx.shared.flows.emit(&f);
         return Ok(response);
     }
+    // A tunnel is decided again at each policy change, on what was decided now.
+    let decided_headers = switch.as_ref().map(|_| parts.headers.clone());
     apply_mismatch_actions(&mut parts.headers, &mismatches);
     let upstream = &ctx.shared.upstream;
     let call_deadline = if is_grpc {
@@ -460,6 +480,18 @@ async fn handle(
         None
     };
     let timeout = upstream.response_timeout(call_deadline);
+    let switch_req = switch.map(|switch| {
+        Some(tunnel::SwitchRequest {
+            switch,
+            client: client_upgrade?,
+            tracker,
+            http: flow_http(&parts, &ctx, StatusCode::OK),
+            facts,
+            headers: decided_headers?,
+            decision: d.clone(),
+            verdict: verdict.clone(),
+        })
+    });
     // Until the response head, a client that resets its stream (or closes)
     // drops this future: the guard still writes the request's record.
     let mut in_flight = InFlight {
@@ -474,9 +506,20 @@ async fn handle(
         }),
     };
     let upstream_start = Instant::now();
-    let result = upstream
-        .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
-        .await;
+    let result = match switch_req {
+        Some(Some(sr)) => {
+            tunnel::forward(&ctx, Request::from_parts(parts, body), sr, timeout).await
+        }
+        // hyper marks every HTTP/1.1 upgrade and CONNECT as upgradable.
+        Some(None) => Err(UpstreamError::Request(
+            "the connection cannot switch protocols".into(),
+        )),
+        None => {
+            upstream
+                .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
+                .await
+        }
+    };
     let upstream_ns = elapsed_ns(upstream_start);
     let Some(InFlightFacts {
         parts: flow_parts,
@@ -545,6 +588,21 @@ async fn handle(
     }
     ctx.shared.flows.emit(&f);
     response
+}
+
+/// The verdict on a request: its connection's at L3/L4 when that denies it or
+/// has no L7 rules, else the HTTP rules' (with their `mismatch` actions).
+fn request_verdict(
+    d: &crate::context::Decision,
+    facts: &weir_parsers::http::RequestFacts,
+    headers: &HeaderMap,
+) -> (weir_policy::Verdict, Vec<HeaderMismatch>) {
+    let cv = &d.verdict;
+    if !cv.l4_allowed() || !cv.needs_l7() {
+        (cv.l4_verdict(), Vec::new())
+    } else {
+        cv.http_decision(&d.policy, facts, headers)
+    }
 }
 
 /// A forwarded request whose response head has not come yet.
