@@ -156,16 +156,20 @@ async fn serve_http1(
     let tracker = Arc::new(Mutex::new(RequestTracker::new(
         config.max_header_bytes.max(8192),
     )));
+    let h1 = Http1Conn {
+        tracker: tracker.clone(),
+        tunnel: Arc::default(),
+    };
     let svc_ctx = ctx.clone();
-    let svc_tracker = tracker.clone();
+    let svc_h1 = h1.clone();
     let svc_state = state.clone();
     let svc = service_fn(move |req| {
         svc_state.request_arrived();
         let ctx = svc_ctx.clone();
-        let tracker = svc_tracker.clone();
+        let h1 = svc_h1.clone();
         async move {
             // A reset exists only for HTTP/2 clients; HTTP/1 never gets one.
-            let resp = handle(ctx, Some(tracker), req)
+            let resp = handle(ctx, Some(h1), req)
                 .await
                 .unwrap_or_else(|e| error_response(StatusCode::BAD_GATEWAY, &e.to_string(), true));
             Ok::<_, Infallible>(resp)
@@ -177,9 +181,27 @@ async fn serve_http1(
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
+    serve_http1_requests(&ctx, conn, &state, deadline).await;
+    // A tunnel runs on this task: it is still this client connection (its
+    // `--max-connections` slot, a takeover's drain).
+    let tunnel = h1.tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
+    }
+}
+
+async fn serve_http1_requests<F>(
+    ctx: &ConnContext,
+    conn: hyper::server::conn::http1::UpgradeableConnection<TokioIo<tracked_io::TrackedIo>, F>,
+    state: &ConnState,
+    deadline: tokio::time::Instant,
+) where
+    F: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    F::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut conn = std::pin::pin!(conn);
     if !matches!(
-        first_request(&mut conn, &state, deadline).await,
+        first_request(&mut conn, state, deadline).await,
         First::Request
     ) {
         return;
@@ -199,6 +221,14 @@ async fn serve_http1(
     if let Err(e) = conn.await {
         debug!(error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// What an HTTP/1 connection's requests share: the framing tracker, and where
+/// an allowed protocol switch leaves its tunnel for the connection to run.
+#[derive(Clone)]
+struct Http1Conn {
+    tracker: Arc<Mutex<RequestTracker>>,
+    tunnel: tunnel::Parked,
 }
 
 async fn serve_http2(
@@ -371,18 +401,14 @@ fn framing_check(
 /// the upstream's reason.
 type Reply = Result<Response<ProxyBody>, h2::Error>;
 
-async fn handle(
-    ctx: Arc<ConnContext>,
-    tracker: Option<Arc<Mutex<RequestTracker>>>,
-    req: Request<Incoming>,
-) -> Reply {
+async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incoming>) -> Reply {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
     let is_grpc = grpc::is_grpc(&parts.headers);
     let d = ctx.decide();
     let (policy, cv) = (&d.policy, &d.verdict);
-    let checked = framing_check(tracker.as_deref(), http2)
+    let checked = framing_check(h1.as_ref().map(|h| &*h.tracker), http2)
         .and_then(|()| request_facts(&parts.method, &parts.uri, &parts.headers, http2));
     let facts = match checked {
         Ok(f) => f,
@@ -408,7 +434,7 @@ async fn handle(
     let mut parts = parts;
     // A protocol switch (HTTP/1 only): its `Upgrade` lines survive the header
     // hygiene below, as part of what policy decides and the server gets.
-    let switch = match tracker {
+    let switch = match h1 {
         Some(_) => tunnel::Switch::requested(&parts),
         None => None,
     };
@@ -484,7 +510,7 @@ async fn handle(
         Some(tunnel::SwitchRequest {
             switch,
             client: client_upgrade?,
-            tracker,
+            conn: h1?,
             http: flow_http(&parts, &ctx, StatusCode::OK),
             facts,
             headers: decided_headers?,

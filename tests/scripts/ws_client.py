@@ -5,6 +5,8 @@ argv URL MODE. Prints one JSON object.
 - `hold`: one echo, prints `ready` on a line of its own, then sends a message
   every 100 ms until the connection closes (at most 20 s) and reports how long
   after `ready` it closed.
+- `quiet`: one echo, then silence until the connection closes (at most 20 s;
+  no keepalive pings): how long after the echo it closed.
 A handshake the server (or weir) declines reports its HTTP status."""
 
 import json
@@ -18,7 +20,9 @@ url, mode = sys.argv[1], sys.argv[2]
 out = {"url": url}
 try:
     # No compression: the tunnel's byte counts are then the messages' sizes.
-    with connect(url, open_timeout=5, close_timeout=2, compression=None) as ws:
+    with connect(
+        url, open_timeout=5, close_timeout=2, compression=None, ping_interval=None
+    ) as ws:
         out["status"] = 101
         if mode == "echo":
             n = int(sys.argv[3])
@@ -29,6 +33,17 @@ try:
                 if ws.recv(timeout=5) == msg:
                     ok += 1
             out["echoed"] = ok
+        elif mode == "quiet":
+            ws.send("first")
+            out["first"] = ws.recv(timeout=5)
+            echoed = time.monotonic()
+            out["closed_after"] = None
+            try:
+                ws.recv(timeout=20)
+            except (ConnectionClosed, TimeoutError, OSError) as e:
+                if not isinstance(e, TimeoutError):
+                    out["closed_after"] = round(time.monotonic() - echoed, 2)
+                out["error"] = type(e).__name__
         else:
             ws.send("first")
             out["first"] = ws.recv(timeout=5)

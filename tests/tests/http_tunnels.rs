@@ -259,6 +259,8 @@ fn a_reload_that_revokes_the_request_closes_its_tunnel() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().and_then(Result::ok).unwrap_or_default();
     assert_eq!(first, "ready", "{first}\n{}", s.weir_log_text());
+    // The tunnel is still the client connection it was (its slot, the drain).
+    assert_eq!(open_http_connections(&s), "1");
     // A reload that keeps the rule leaves the tunnel alone.
     s.reload(&policy(WS_ECHO, CONNECT_80));
     std::thread::sleep(Duration::from_millis(500));
@@ -287,6 +289,53 @@ fn a_reload_that_revokes_the_request_closes_its_tunnel() {
         "{flows:#?}"
     );
     assert_eq!(handshakes(&log).len(), 1);
+    assert_eq!(open_http_connections(&s), "0");
+}
+
+/// `weir_proxy_connections_open{protocol="http"}` from weir's /metrics.
+fn open_http_connections(s: &Scenario) -> String {
+    let out = text(&s.curl_from_node(&["http://127.0.0.1:9965/metrics"]));
+    out.lines()
+        .find_map(|l| l.strip_prefix("weir_proxy_connections_open{protocol=\"http\"} "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string()
+}
+
+#[test]
+fn a_silent_tunnel_closes_after_the_tcp_idle_timeout() {
+    let Some(mut s) = Scenario::star_wars("ws-idle") else {
+        return;
+    };
+    start_ws_server(&mut s);
+    // The HTTP idle timeout does not apply to a tunnel: it is a splice now.
+    s.start_weir(
+        &policy(WS_ECHO, CONNECT_80),
+        &[
+            "--steering",
+            "nft",
+            "--tcp-idle-timeout",
+            "2s",
+            "--idle-timeout",
+            "1s",
+        ],
+    );
+    let got = ws_client(
+        &s,
+        &format!("ws://[{DEATHSTAR6}]:{WS_PORT}/echo"),
+        &["quiet"],
+    );
+    assert_eq!(got["first"], "first", "{got}");
+    let after = got["closed_after"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{got}"));
+    assert!((1.8..4.0).contains(&after), "{got}");
+    let flows = s.flows();
+    assert!(
+        flows.iter().any(|f| f["Summary"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("upgrade (websocket) tunnel closed: idle for 2s"))),
+        "{flows:#?}"
+    );
 }
 
 /// tinyproxy on the deathstar, a forward proxy allowing CONNECT to port 80; its

@@ -8,6 +8,7 @@
 //! A server that does not switch answers an ordinary response, relayed as
 //! usual, and the connection stays HTTP.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
 use tracing::{debug, info};
-use weir_parsers::http::{RequestFacts, RequestTracker};
+use weir_parsers::http::RequestFacts;
 use weir_policy::flow::{self, FlowVerdict, L7Type};
 
 use super::{ProxyBody, UpstreamError, elapsed_ns, request_verdict, upstream::strip_hop_by_hop};
@@ -112,12 +113,16 @@ fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     })
 }
 
+/// Where a request that switched leaves its tunnel: the client connection's
+/// task runs it once hyper has handed over the socket.
+pub(super) type Parked = Arc<Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>>;
+
 /// An allowed request that asks to switch, with what deciding it again needs.
 pub(super) struct SwitchRequest {
     pub switch: Switch,
     /// The client connection, once hyper has written the switch response.
     pub client: OnUpgrade,
-    pub tracker: Option<Arc<Mutex<RequestTracker>>>,
+    pub conn: super::Http1Conn,
     /// The facts and headers policy decided on (before any `mismatch` action).
     pub facts: RequestFacts,
     pub headers: HeaderMap,
@@ -162,12 +167,15 @@ pub(super) async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // What the client sends from here on is not HTTP/1 requests.
-    if let Some(t) = &sr.tracker {
-        t.lock().unwrap_or_else(|p| p.into_inner()).switched();
-    }
+    sr.conn
+        .tracker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .switched();
     let SwitchRequest {
         switch,
         client,
+        conn,
         facts,
         headers,
         decision,
@@ -185,13 +193,14 @@ pub(super) async fn forward(
         verdict,
         http,
     };
-    tokio::spawn(async move {
+    let tunnel = Box::pin(async move {
         // The client's side switches once hyper has written the response below.
         match tokio::try_join!(client, server) {
             Ok((client, server)) => t.run(client, server).await,
             Err(e) => debug!(error = %e, "a side did not switch; no tunnel"),
         }
     });
+    *conn.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
     Ok(Response::from_parts(
         parts,
         ProxyBody::Own(Full::new(Bytes::new())),
