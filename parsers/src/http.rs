@@ -248,6 +248,12 @@ mod tests {
             );
         }
         assert!(facts("CONNECT", "u@svc.example:443", &[]).is_err());
+        // weir tunnels HTTP/1 CONNECT only.
+        let uri: Uri = "svc.example:443".parse().unwrap();
+        assert!(matches!(
+            request_facts(&Method::CONNECT, &uri, &HeaderMap::new(), true),
+            Err(RequestReject::UnsupportedTarget(_))
+        ));
     }
 
     #[test]
