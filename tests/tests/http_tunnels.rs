@@ -170,12 +170,25 @@ fn websocket_upgrades_are_decided_like_requests_and_then_tunnelled() {
         .collect();
     assert_eq!(ends.len(), 2, "{flows:#?}");
     assert_eq!(ends[0]["verdict"], "FORWARDED");
-    assert_eq!(ends[0]["l7"]["http"]["code"], 101);
+    // A connection record: the request has its own (metrics count one each).
+    assert_eq!(ends[0]["Type"], "L3_L4", "{:#?}", ends[0]);
     let summary = ends[0]["Summary"].as_str().unwrap();
+    assert!(
+        summary.ends_with("(GET http://10.200.0.10:8765/echo => 101)"),
+        "{summary}"
+    );
     let bytes: Vec<u64> = summary
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
+    // One request each in the metrics, whatever the tunnel did after.
+    let metrics = text(&s.curl_from_node(&["http://127.0.0.1:9965/metrics"]));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"weir_http_requests_total{method="GET",code="101"} 2"#),
+        "{metrics}"
+    );
     // 20 messages of up to 19 kB each way (plus framing and masking).
     assert!(
         bytes.len() == 2 && bytes.iter().all(|b| *b > 190_000),
@@ -461,10 +474,10 @@ fn connect_is_tunnelled_only_when_a_rule_names_it() {
         "{connects:#?}"
     );
     assert!(
-        connects.iter().any(|f| f["Summary"]
-            .as_str()
-            .is_some_and(|t| t.starts_with("CONNECT tunnel closed"))),
-        "{connects:#?}"
+        flows.iter().any(|f| f["Summary"].as_str().is_some_and(|t| {
+            t.starts_with("CONNECT tunnel closed") && t.ends_with("(CONNECT 10.200.0.10:80 => 200)")
+        })),
+        "{flows:#?}"
     );
     assert!(
         connects

@@ -25,9 +25,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
 use tracing::{debug, info};
 use weir_parsers::http::RequestFacts;
-use weir_policy::flow::{self, FlowVerdict, L7Type};
+use weir_policy::flow::{self, FlowVerdict};
 
-use super::{ProxyBody, UpstreamError, elapsed_ns, request_verdict, upstream::strip_hop_by_hop};
+use super::{ProxyBody, UpstreamError, request_verdict, upstream::strip_hop_by_hop};
 use crate::context::{ConnContext, Decision};
 use crate::idle::{ActiveIo, Activity};
 
@@ -284,8 +284,10 @@ impl Tunnel {
         self.record(&end, &counts, start);
     }
 
-    /// The tunnel's record: the request's, with how it ended and the bytes
-    /// each way in the summary (the flow schema has no byte counters).
+    /// The tunnel's record, when it ends: a connection record (the request
+    /// has its own, and metrics count one record per request) whose summary
+    /// says how it ended, the bytes each way (the flow schema has no byte
+    /// counters) and the request that opened it.
     fn record(self, end: &End, counts: &Counts, start: Instant) {
         let up = counts.read.load(Ordering::Relaxed);
         let down = counts.written.load(Ordering::Relaxed);
@@ -313,18 +315,19 @@ impl Tunnel {
         };
         let kind = self.switch.name();
         info!(tunnel = %kind, bytes_up = up, bytes_down = down, "tunnel {why}");
-        let mut f =
-            self.ctx
-                .flow(d, verdict)
-                .with_http(L7Type::Response, elapsed_ns(start), self.http);
+        let mut f = self.ctx.flow(d, verdict);
         if let End::Revoked(..) = end {
             f.verdict = FlowVerdict::Dropped;
             f.drop_reason_desc = Some("POLICY_DENIED".into());
             f.policy = format!("policy change: {}", f.policy);
         }
         f.summary = format!(
-            "{} tunnel {why}: {up} bytes to the server, {down} bytes to the client",
-            kind
+            "{kind} tunnel {why}: {up} bytes to the server, {down} bytes to the client, \
+             after {:.3} s ({} {} => {})",
+            start.elapsed().as_secs_f64(),
+            self.http.method,
+            self.http.url,
+            self.http.code
         );
         self.ctx.shared.flows.emit(&f);
     }
