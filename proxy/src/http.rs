@@ -435,7 +435,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
     // A protocol switch (HTTP/1 only): its `Upgrade` lines survive the header
     // hygiene below, as part of what policy decides and the server gets.
     let switch = match h1 {
-        Some(_) => tunnel::Switch::requested(&parts),
+        Some(_) => tunnel::Switch::requested(&parts.method, parts.version, &parts.headers),
         None => None,
     };
     let client_upgrade = switch
@@ -697,6 +697,16 @@ pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) -> Result<(), 
     upstream::strip_hop_by_hop(headers, checked);
     join_field_lines(headers, checked);
     Ok(())
+}
+
+/// A protocol switch's own header lines (`Upgrade`, `Connection: upgrade`)
+/// for an HTTP/1.1 request: [`prepare_headers`] removes them, and the proxy puts
+/// them back before the check (see `tunnel`), so `weir policy explain` does too.
+/// Empty for CONNECT, `Upgrade: h2c` and every other request.
+pub fn switch_headers(method: &http::Method, headers: &HeaderMap) -> HeaderMap {
+    tunnel::Switch::requested(method, Version::HTTP_11, headers)
+        .map(|s| s.headers())
+        .unwrap_or_default()
 }
 
 /// Several field lines of a header policy checks become one line with the value

@@ -41,7 +41,8 @@ spec:
     )
 }
 
-const WS_ECHO: &str = "        - method: GET\n          path: /(echo|refuse)\n        - method: GET\n          path: /v1/.*\n";
+/// The WebSocket paths, only as upgrades (policy sees the `Upgrade` line).
+const WS_ECHO: &str = "        - method: GET\n          path: /(echo|refuse)\n          headers: ['Upgrade: websocket']\n        - method: GET\n          path: /v1/.*\n";
 const WS_OTHER: &str = "        - method: GET\n          path: /other\n        - method: GET\n          path: /v1/.*\n";
 /// CONNECT to the deathstar's own nginx (tinyproxy reaches it locally).
 const CONNECT_80: &str =

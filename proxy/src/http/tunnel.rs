@@ -46,19 +46,21 @@ impl Switch {
     /// the request is answered in HTTP/1.1), and a list offering h2c beside
     /// another protocol could let the server pick h2c, whose requests policy
     /// would never see.
-    pub(super) fn requested(parts: &http::request::Parts) -> Option<Switch> {
-        if parts.version == Version::HTTP_2 {
+    pub(super) fn requested(
+        method: &Method,
+        version: Version,
+        headers: &HeaderMap,
+    ) -> Option<Switch> {
+        if version == Version::HTTP_2 {
             return None;
         }
-        if parts.method == Method::CONNECT {
+        if *method == Method::CONNECT {
             return Some(Switch::Connect);
         }
-        if parts.version != Version::HTTP_11
-            || !lists(&parts.headers, header::CONNECTION, "upgrade")
-        {
+        if version != Version::HTTP_11 || !lists(headers, header::CONNECTION, "upgrade") {
             return None;
         }
-        let mut values = parts.headers.get_all(header::UPGRADE).iter();
+        let mut values = headers.get_all(header::UPGRADE).iter();
         let (value, None) = (values.next()?, values.next()) else {
             return None;
         };
@@ -393,6 +395,10 @@ mod tests {
         b.body(()).unwrap().into_parts().0
     }
 
+    fn requested(p: &http::request::Parts) -> Option<Switch> {
+        Switch::requested(&p.method, p.version, &p.headers)
+    }
+
     #[test]
     fn which_requests_ask_to_switch() {
         let ws = [
@@ -400,30 +406,23 @@ mod tests {
             ("upgrade", "websocket"),
         ];
         assert_eq!(
-            Switch::requested(&parts("GET", Version::HTTP_11, &ws)),
+            requested(&parts("GET", Version::HTTP_11, &ws)),
             Some(Switch::Upgrade(HeaderValue::from_static("websocket")))
         );
         // Not without `Connection: upgrade`, not on HTTP/1.0 or HTTP/2.
         assert_eq!(
-            Switch::requested(&parts("GET", Version::HTTP_11, &[("upgrade", "websocket")])),
+            requested(&parts("GET", Version::HTTP_11, &[("upgrade", "websocket")])),
             None
         );
-        assert_eq!(
-            Switch::requested(&parts("GET", Version::HTTP_10, &ws)),
-            None
-        );
-        assert_eq!(Switch::requested(&parts("GET", Version::HTTP_2, &ws)), None);
+        assert_eq!(requested(&parts("GET", Version::HTTP_10, &ws)), None);
+        assert_eq!(requested(&parts("GET", Version::HTTP_2, &ws)), None);
         // h2c, alone or offered beside another protocol, is ignored.
         for up in ["h2c", "websocket, H2C", "h2c/1"] {
             let h = [("connection", "upgrade"), ("upgrade", up)];
-            assert_eq!(
-                Switch::requested(&parts("GET", Version::HTTP_11, &h)),
-                None,
-                "{up}"
-            );
+            assert_eq!(requested(&parts("GET", Version::HTTP_11, &h)), None, "{up}");
         }
         assert_eq!(
-            Switch::requested(&parts("CONNECT", Version::HTTP_11, &[])),
+            requested(&parts("CONNECT", Version::HTTP_11, &[])),
             Some(Switch::Connect)
         );
     }
