@@ -14,13 +14,14 @@ export PATH := $(TOOLS)/bin:$(HOME)/.cargo/bin:$(PATH)
 # nsenter), and the real peers the tests and demo use.
 APT_BUILD := clang llvm libbpf-dev linux-libc-dev pkg-config protobuf-compiler
 APT_RUN   := iproute2 nftables util-linux procps bpftool
-APT_PEERS := curl nginx-light socat pv iputils-ping python3 python3-venv wrk man-db groff-base systemd nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
+APT_PEERS := curl nginx-light tinyproxy socat pv iputils-ping python3 python3-venv wrk man-db groff-base systemd nghttp2-client bind9-dnsutils dnsmasq-base knot-dnsutils dnsperf dnsdist
 APT_PERF  := wrk nghttp2-client haproxy
 FUZZ_SECONDS ?= 10
 # Python packages the tests use (in $(VENV)): prometheus-client parses /metrics;
 # grpcio (gRPC server and client; with grpcio-health-checking, the demo's gRPC service)
-# and h2 (a raw HTTP/2 attacker) are HTTP/2 peers.
-PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2
+# and h2 (a raw HTTP/2 attacker) are HTTP/2 peers; websockets is the WebSocket server
+# and client of the tunnel tests.
+PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2 websockets
 
 .PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 perf-kafka clean-tools
 

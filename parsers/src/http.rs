@@ -66,21 +66,22 @@ pub fn request_facts(
     if !http2 {
         check_framing(headers)?;
     }
-    // Authority-form (`host:port`) is CONNECT's alone (RFC 9112 §3.2.3), which weir
-    // does not proxy: for any other method it has no path for policy to check, and
-    // a server would be sent one policy never saw.
-    if uri.scheme().is_none() && uri.authority().is_some() {
+    let authority_form = uri.scheme().is_none() && uri.authority().is_some();
+    if *method == Method::CONNECT {
+        return connect_facts(uri, headers, authority_form && !http2);
+    }
+    // Authority-form (`host:port`) is CONNECT's alone (RFC 9112 §3.2.3): for any
+    // other method it has no path for policy to check, and a server would be
+    // sent one policy never saw.
+    if authority_form {
         return Err(RequestReject::UnsupportedTarget(uri.to_string()));
     }
     let host = request_host(uri, headers)?;
     let raw_path = match uri.path_and_query() {
         Some(pq) => pq.as_str(),
-        None if *method == Method::OPTIONS || *method == Method::CONNECT => "*",
+        None if *method == Method::OPTIONS => "*",
         None => "/",
     };
-    if *method == Method::CONNECT {
-        return Err(RequestReject::UnsupportedTarget(uri.to_string()));
-    }
     let path = if raw_path == "*" && *method == Method::OPTIONS {
         "*".to_string()
     } else {
@@ -99,6 +100,29 @@ pub fn request_facts(
     Ok(RequestFacts {
         method: method.as_str().to_string(),
         path,
+        host,
+    })
+}
+
+/// A CONNECT's facts. Its target must be authority-form with a port (RFC 9112
+/// §3.2.3; anything else, and any CONNECT over HTTP/2, is refused: weir tunnels
+/// HTTP/1 CONNECT only). It has no path (Envoy gives it no
+/// `:path`), so its `path` is the target, lower-cased `host:port`: a rule's
+/// `path` regex then decides the port too. `host` is the host without the port,
+/// as for every request, and a Host header beside it must agree.
+fn connect_facts(
+    uri: &Uri,
+    headers: &HeaderMap,
+    authority_form: bool,
+) -> Result<RequestFacts, RequestReject> {
+    let target = match uri.authority() {
+        Some(a) if authority_form && a.port_u16().is_some() && uri.path_and_query().is_none() => a,
+        _ => return Err(RequestReject::UnsupportedTarget(uri.to_string())),
+    };
+    let host = request_host(uri, headers)?;
+    Ok(RequestFacts {
+        method: Method::CONNECT.as_str().to_string(),
+        path: target.as_str().to_ascii_lowercase(),
         host,
     })
 }
@@ -203,12 +227,38 @@ mod tests {
     }
 
     #[test]
-    fn authority_form_is_refused_for_every_method() {
-        for (m, target) in [
-            ("OPTIONS", "deathstar:80"),
-            ("GET", "svc.example:80"),
-            ("CONNECT", "svc.example:443"),
-        ] {
+    fn connect_target_is_its_path() {
+        let f = facts("CONNECT", "Svc.Example:443", &[("host", "svc.example:443")]).unwrap();
+        assert_eq!(f.method, "CONNECT");
+        assert_eq!(f.path, "svc.example:443");
+        assert_eq!(f.host.as_deref(), Some("svc.example"));
+        // A Host naming another authority, a target without a port, userinfo,
+        // or any form but authority-form is refused.
+        assert!(matches!(
+            facts("CONNECT", "svc.example:443", &[("host", "other:443")]),
+            Err(RequestReject::HostMismatch { .. })
+        ));
+        for target in ["/", "http://svc.example:443/", "*"] {
+            assert!(
+                matches!(
+                    facts("CONNECT", target, &[]),
+                    Err(RequestReject::UnsupportedTarget(_))
+                ),
+                "{target}"
+            );
+        }
+        assert!(facts("CONNECT", "u@svc.example:443", &[]).is_err());
+        // weir tunnels HTTP/1 CONNECT only.
+        let uri: Uri = "svc.example:443".parse().unwrap();
+        assert!(matches!(
+            request_facts(&Method::CONNECT, &uri, &HeaderMap::new(), true),
+            Err(RequestReject::UnsupportedTarget(_))
+        ));
+    }
+
+    #[test]
+    fn authority_form_is_refused_for_every_other_method() {
+        for (m, target) in [("OPTIONS", "deathstar:80"), ("GET", "svc.example:80")] {
             assert!(
                 matches!(
                     facts(m, target, &[]),

@@ -106,6 +106,18 @@ fn header_matches(rule: &HeaderRule, headers: &HeaderMap) -> bool {
     }
 }
 
+/// A rule without `method` allows every method but CONNECT: a CONNECT opens a
+/// tunnel no later rule sees into, so only a rule that names it (a `method`
+/// regex matching `CONNECT`) allows one. Cilium's Envoy refuses CONNECT
+/// whatever the rules say (it configures no upgrades), so no Cilium policy
+/// relied on a method-less rule allowing it.
+fn method_matches(r: &CompiledRule, facts: &RequestFacts) -> bool {
+    match &r.method {
+        Some(m) => m.is_match(&facts.method),
+        None => facts.method != "CONNECT",
+    }
+}
+
 #[derive(Debug)]
 pub struct HttpMatcher {
     rules: Vec<CompiledRule>,
@@ -297,7 +309,7 @@ impl HttpMatcher {
     ) -> bool {
         let r = &self.rules[idx as usize];
         owners.binary_search(&r.owner).is_ok()
-            && r.method.as_ref().is_none_or(|m| m.is_match(&facts.method))
+            && method_matches(r, facts)
             && r.host
                 .as_ref()
                 .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
@@ -371,7 +383,7 @@ impl HttpMatcher {
         let rest_matches = |idx: u32| -> bool {
             let r = &self.rules[idx as usize];
             owners.binary_search(&r.owner).is_ok()
-                && r.method.as_ref().is_none_or(|m| m.is_match(&facts.method))
+                && method_matches(r, facts)
                 && r.host
                     .as_ref()
                     .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
@@ -451,6 +463,43 @@ mod tests {
         // Rules of an owner that did not match the connection take no part.
         assert_eq!(
             m.first_match(&facts("GET", "/anything", None), &h, &[1]),
+            None
+        );
+    }
+
+    #[test]
+    fn connect_needs_a_rule_that_names_it() {
+        let m = HttpMatcher::new(vec![
+            spec(0, None, None),
+            spec(1, None, Some(".*")),
+            spec(2, Some("GET|CONNECT"), Some(r"svc\.example:443")),
+            spec(3, Some("CONNECT"), None),
+        ])
+        .unwrap();
+        let h = HeaderMap::new();
+        let connect = |path: &str| facts("CONNECT", path, Some("svc.example"));
+        // Rules 0 and 1 allow any GET but no CONNECT.
+        assert_eq!(
+            m.first_match(&connect("svc.example:443"), &h, &[0, 1]),
+            None
+        );
+        assert_eq!(
+            m.first_match(&facts("GET", "/", None), &h, &[0, 1]),
+            Some(0)
+        );
+        // The path of a CONNECT is its target: rule 2 pins the port.
+        assert_eq!(
+            m.first_match(&connect("svc.example:443"), &h, &[0, 1, 2]),
+            Some(2)
+        );
+        assert_eq!(
+            m.first_match(&connect("svc.example:22"), &h, &[0, 1, 2]),
+            None
+        );
+        assert_eq!(m.first_match(&connect("svc.example:22"), &h, &[3]), Some(3));
+        assert_eq!(
+            m.evaluate(&connect("svc.example:22"), &h, &[0, 1])
+                .map(|x| x.rule),
             None
         );
     }

@@ -18,6 +18,7 @@ mod h2_streams;
 mod h2_upstream;
 mod responses;
 mod tracked_io;
+mod tunnel;
 mod upstream;
 
 use std::convert::Infallible;
@@ -155,26 +156,52 @@ async fn serve_http1(
     let tracker = Arc::new(Mutex::new(RequestTracker::new(
         config.max_header_bytes.max(8192),
     )));
+    let h1 = Http1Conn {
+        tracker: tracker.clone(),
+        tunnel: Arc::default(),
+    };
     let svc_ctx = ctx.clone();
-    let svc_tracker = tracker.clone();
+    let svc_h1 = h1.clone();
     let svc_state = state.clone();
     let svc = service_fn(move |req| {
         svc_state.request_arrived();
         let ctx = svc_ctx.clone();
-        let tracker = svc_tracker.clone();
+        let h1 = svc_h1.clone();
         async move {
             // A reset exists only for HTTP/2 clients; HTTP/1 never gets one.
-            let resp = handle(ctx, Some(tracker), req)
+            let resp = handle(ctx, Some(h1), req)
                 .await
                 .unwrap_or_else(|e| error_response(StatusCode::BAD_GATEWAY, &e.to_string(), true));
             Ok::<_, Infallible>(resp)
         }
     });
     let io = tracked_io::TrackedIo::new(io, tracker);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    // `with_upgrades`: after a 101 to an allowed upgrade (or a 2xx to CONNECT)
+    // hyper hands the socket to the tunnel instead of closing it.
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    serve_http1_requests(&ctx, conn, &state, deadline).await;
+    // A tunnel runs on this task: it is still this client connection (its
+    // `--max-connections` slot, a takeover's drain).
+    let tunnel = h1.tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
+    }
+}
+
+async fn serve_http1_requests<F>(
+    ctx: &ConnContext,
+    conn: hyper::server::conn::http1::UpgradeableConnection<TokioIo<tracked_io::TrackedIo>, F>,
+    state: &ConnState,
+    deadline: tokio::time::Instant,
+) where
+    F: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    F::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut conn = std::pin::pin!(conn);
     if !matches!(
-        first_request(&mut conn, &state, deadline).await,
+        first_request(&mut conn, state, deadline).await,
         First::Request
     ) {
         return;
@@ -194,6 +221,14 @@ async fn serve_http1(
     if let Err(e) = conn.await {
         debug!(error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// What an HTTP/1 connection's requests share: the framing tracker, and where
+/// an allowed protocol switch leaves its tunnel for the connection to run.
+#[derive(Clone)]
+struct Http1Conn {
+    tracker: Arc<Mutex<RequestTracker>>,
+    tunnel: tunnel::Parked,
 }
 
 async fn serve_http2(
@@ -336,10 +371,15 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
         .or_else(|| req_parts.uri.authority().map(ToString::to_string))
         .unwrap_or_else(|| ctx.orig_dst.to_string());
     let path = req_parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // A CONNECT's target is an authority, not a URL.
+    let url = match req_parts.uri.authority() {
+        Some(a) if req_parts.method == http::Method::CONNECT => a.to_string(),
+        _ => format!("http://{host}{path}"),
+    };
     flow::Http {
         code: code.as_u16(),
         method: req_parts.method.to_string(),
-        url: format!("http://{host}{path}"),
+        url,
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),
         header_mismatches: Vec::new(),
@@ -379,18 +419,14 @@ fn framing_check(
 /// the upstream's reason.
 type Reply = Result<Response<ProxyBody>, h2::Error>;
 
-async fn handle(
-    ctx: Arc<ConnContext>,
-    tracker: Option<Arc<Mutex<RequestTracker>>>,
-    req: Request<Incoming>,
-) -> Reply {
+async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incoming>) -> Reply {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
     let http2 = parts.version == Version::HTTP_2;
     let is_grpc = grpc::is_grpc(&parts.headers);
     let d = ctx.decide();
     let (policy, cv) = (&d.policy, &d.verdict);
-    let checked = framing_check(tracker.as_deref(), http2)
+    let checked = framing_check(h1.as_ref().map(|h| &*h.tracker), http2)
         .and_then(|()| request_facts(&parts.method, &parts.uri, &parts.headers, http2));
     let facts = match checked {
         Ok(f) => f,
@@ -408,6 +444,15 @@ async fn handle(
         }
     };
     let mut parts = parts;
+    // A protocol switch (HTTP/1 only): its `Upgrade` lines survive the header
+    // hygiene below, as part of what policy decides and the server gets.
+    let switch = match h1 {
+        Some(_) => tunnel::Switch::requested(&parts.method, parts.version, &parts.headers),
+        None => None,
+    };
+    let client_upgrade = switch
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // The request policy checks is the request the server gets: connection
     // headers go first (never Host or a header a rule names), several field
     // lines of a checked header become the one value policy matched, and the
@@ -436,11 +481,10 @@ async fn handle(
             .extensions
             .insert(h2_upstream::CheckedHeaderNames(names));
     }
-    let (verdict, mismatches) = if !cv.l4_allowed() || !cv.needs_l7() {
-        (cv.l4_verdict(), Vec::new())
-    } else {
-        cv.http_decision(policy, &facts, &parts.headers)
-    };
+    if let Some(s) = &switch {
+        parts.headers.extend(s.headers());
+    }
+    let (verdict, mismatches) = request_verdict(&d, &facts, &parts.headers);
     let grpc_call = is_grpc.then(|| grpc_facts(&facts.path));
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
@@ -468,6 +512,8 @@ async fn handle(
         ctx.shared.flows.emit(&f);
         return Ok(response);
     }
+    // A tunnel is decided again at each policy change, on what was decided now.
+    let decided_headers = switch.as_ref().map(|_| parts.headers.clone());
     apply_mismatch_actions(&mut parts.headers, &mismatches);
     let upstream = &ctx.shared.upstream;
     let call_deadline = if is_grpc {
@@ -476,6 +522,18 @@ async fn handle(
         None
     };
     let timeout = upstream.response_timeout(call_deadline);
+    let switch_req = switch.map(|switch| {
+        Some(tunnel::SwitchRequest {
+            switch,
+            client: client_upgrade?,
+            conn: h1?,
+            http: flow_http(&parts, &ctx, StatusCode::OK),
+            facts,
+            headers: decided_headers?,
+            decision: d.clone(),
+            verdict: verdict.clone(),
+        })
+    });
     // Until the response head, a client that resets its stream (or closes)
     // drops this future: the guard still writes the request's record.
     let mut in_flight = InFlight {
@@ -490,9 +548,20 @@ async fn handle(
         }),
     };
     let upstream_start = Instant::now();
-    let result = upstream
-        .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
-        .await;
+    let result = match switch_req {
+        Some(Some(sr)) => {
+            tunnel::forward(&ctx, Request::from_parts(parts, body), sr, timeout).await
+        }
+        // hyper marks every HTTP/1.1 upgrade and CONNECT as upgradable.
+        Some(None) => Err(UpstreamError::Request(
+            "the connection cannot switch protocols".into(),
+        )),
+        None => {
+            upstream
+                .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
+                .await
+        }
+    };
     let upstream_ns = elapsed_ns(upstream_start);
     let Some(InFlightFacts {
         parts: flow_parts,
@@ -588,6 +657,21 @@ fn refused_before_policy(
     (grpc::status_response(grpc::Code::Internal, &message), http)
 }
 
+/// The verdict on a request: its connection's at L3/L4 when that denies it or
+/// has no L7 rules, else the HTTP rules' (with their `mismatch` actions).
+fn request_verdict(
+    d: &crate::context::Decision,
+    facts: &weir_parsers::http::RequestFacts,
+    headers: &HeaderMap,
+) -> (weir_policy::Verdict, Vec<HeaderMismatch>) {
+    let cv = &d.verdict;
+    if !cv.l4_allowed() || !cv.needs_l7() {
+        (cv.l4_verdict(), Vec::new())
+    } else {
+        cv.http_decision(&d.policy, facts, headers)
+    }
+}
+
 /// A forwarded request whose response head has not come yet.
 struct InFlight {
     ctx: Arc<ConnContext>,
@@ -654,6 +738,16 @@ pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) -> Result<(), 
     upstream::strip_hop_by_hop(headers, checked);
     join_field_lines(headers, checked);
     Ok(())
+}
+
+/// A protocol switch's own header lines (`Upgrade`, `Connection: upgrade`)
+/// for an HTTP/1.1 request: [`prepare_headers`] removes them, and the proxy puts
+/// them back before the check (see `tunnel`), so `weir policy explain` does too.
+/// Empty for CONNECT, `Upgrade: h2c` and every other request.
+pub fn switch_headers(method: &http::Method, headers: &HeaderMap) -> HeaderMap {
+    tunnel::Switch::requested(method, Version::HTTP_11, headers)
+        .map(|s| s.headers())
+        .unwrap_or_default()
 }
 
 /// Several field lines of a header policy checks become one line with the value

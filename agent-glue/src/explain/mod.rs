@@ -287,12 +287,15 @@ pub fn decide(q: &Query, compiled: &CompiledPolicy, policies: &[Policy]) -> Resu
                         .rejected(reject.to_string()));
                 }
                 Ok(facts) if cv.l4_allowed() && cv.needs_l7() => {
-                    // As the proxy does: connection headers go before the check.
+                    // As the proxy does: connection headers go before the check,
+                    // but a protocol switch keeps its `Upgrade` lines.
                     let checked = cv.http_header_names(compiled);
+                    let switch = weir_proxy::http::switch_headers(&method, &headers);
                     if let Err(why) = weir_proxy::http::prepare_headers(&mut headers, &checked) {
                         return Ok(Report::new(&cv, &cv.l4_verdict(), compiled, policies, true)
                             .rejected(why));
                     }
+                    headers.extend(switch);
                     let (v, mismatches) = cv.http_decision(compiled, &facts, &headers);
                     for m in &mismatches {
                         header_actions.push(format!(

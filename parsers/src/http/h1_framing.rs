@@ -27,7 +27,7 @@ enum State {
     ChunkData(u64),
     ChunkDataEnd,
     Trailers,
-    /// Stopped: HTTP/2, an upgrade, an over-long head, or a rejection.
+    /// Stopped: HTTP/2, a protocol switch, an over-long head, or a rejection.
     Stopped,
 }
 
@@ -178,6 +178,12 @@ impl RequestTracker {
         }
     }
 
+    /// The connection switched protocols (a 101 to an upgrade, a 2xx to
+    /// CONNECT): what follows is not HTTP/1 and is no longer followed.
+    pub fn switched(&mut self) {
+        self.stop();
+    }
+
     fn stop(&mut self) {
         self.state = State::Stopped;
         self.line = Vec::new();
@@ -202,14 +208,11 @@ impl RequestTracker {
         }
         let mut content_lengths = Vec::new();
         let mut transfer_encodings = Vec::new();
-        let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 content_lengths.push(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encodings.push(h.value);
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         if !content_lengths.is_empty() && !transfer_encodings.is_empty() {
@@ -254,12 +257,10 @@ impl RequestTracker {
             State::Head
         };
         self.checks.push_back(HeadCheck::Ok);
-        // After an upgrade or CONNECT the bytes are no longer HTTP/1 requests.
-        if upgrade || req.method == Some("CONNECT") {
-            self.stop();
-        } else {
-            self.state = next;
-        }
+        // An upgrade or CONNECT is followed as HTTP until it happens: a server
+        // that refuses it keeps reading requests, and so does the tracker. The
+        // proxy calls `switched` when the connection becomes a tunnel.
+        self.state = next;
     }
 }
 
@@ -332,9 +333,21 @@ mod tests {
         t.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert!(t.is_http2());
         assert_eq!(t.next_check(), None);
+        // An upgrade the server refused: the connection stays HTTP and the
+        // next head is checked like any other.
         let mut t = RequestTracker::new(1024);
-        t.feed(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\nGET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n");
+        t.feed(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n");
         assert_eq!(t.next_check(), Some(HeadCheck::Ok));
+        assert_eq!(
+            t.next_check(),
+            Some(HeadCheck::Reject(RequestReject::DuplicateContentLength))
+        );
+        // An upgrade that happened: the bytes after it are not followed.
+        let mut t = RequestTracker::new(1024);
+        t.feed(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n");
+        assert_eq!(t.next_check(), Some(HeadCheck::Ok));
+        t.switched();
+        t.feed(b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n");
         assert_eq!(t.next_check(), None);
     }
 

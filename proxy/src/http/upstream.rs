@@ -179,37 +179,8 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let dst = ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
-        // The target's authority is the host policy checked (HTTP/2's
-        // `:authority`, HTTP/1's absolute form; a Host header beside it had to
-        // agree): the server gets it as Host, whatever the version, or it would
-        // route an origin-form request without Host to another virtual host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(auth) = parts.uri.authority()
-        {
-            {
-                let v = auth
-                    .as_str()
-                    .parse()
-                    .map_err(|_| UpstreamError::Request("bad :authority".into()))?;
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
         let downstream_http2 = parts.version == Version::HTTP_2;
-        // Our own connection is sent the origin form, as HTTP/1.1 requires.
-        parts.uri = Uri::builder()
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        // HTTP/1.0 stays HTTP/1.0 (its requests may lack Host, which HTTP/1.1
-        // requires); HTTP/1.1 and HTTP/2 go out as HTTP/1.1.
-        if parts.version != Version::HTTP_10 {
-            parts.version = Version::HTTP_11;
-        }
+        http1_head(&mut parts)?;
         strip_hop_by_hop(&mut parts.headers, &[]);
         let req = Request::from_parts(parts, body);
         // HTTP/1 requests come one at a time: wait for the connection the last one
@@ -226,7 +197,110 @@ impl Upstream {
     }
 }
 
+/// Makes a request's head what an HTTP/1.1 server is sent.
+fn http1_head(parts: &mut http::request::Parts) -> Result<(), UpstreamError> {
+    // The target's authority is the host policy checked (HTTP/2's
+    // `:authority`, HTTP/1's absolute form; a Host header beside it had to
+    // agree): the server gets it as Host, whatever the version, or it would
+    // route an origin-form request without Host to another virtual host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(auth) = parts.uri.authority()
+    {
+        let v = auth
+            .as_str()
+            .parse()
+            .map_err(|_| UpstreamError::Request("bad :authority".into()))?;
+        parts.headers.insert(header::HOST, v);
+    }
+    // Our own connection is sent the origin form, as HTTP/1.1 requires; a
+    // CONNECT keeps its authority-form target (the request's whole point).
+    if parts.method != http::Method::CONNECT {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = Uri::builder()
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| UpstreamError::Request(e.to_string()))?;
+    }
+    // HTTP/1.0 stays HTTP/1.0 (its requests may lack Host, which HTTP/1.1
+    // requires); HTTP/1.1 and HTTP/2 go out as HTTP/1.1.
+    if parts.version != Version::HTTP_10 {
+        parts.version = Version::HTTP_11;
+    }
+    Ok(())
+}
+
 impl Upstream {
+    /// Sends a request that may switch protocols (an `Upgrade` or CONNECT) on
+    /// an upstream connection of its own, never pooled: if the server switches,
+    /// the connection becomes the tunnel's server leg. `switch_headers` (the
+    /// `Upgrade` and `Connection: upgrade` lines) are sent although they are
+    /// connection-specific: they are the request. Only the HTTP/1.1 request
+    /// path calls this; the response is the server's, hop-by-hop headers and all.
+    pub(super) async fn forward_switch(
+        &self,
+        ctx: &ConnContext,
+        req: Request<Incoming>,
+        switch_headers: HeaderMap,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let dst = ctx.orig_dst.to_string();
+        let (mut parts, body) = req.into_parts();
+        http1_head(&mut parts)?;
+        strip_hop_by_hop(&mut parts.headers, &[]);
+        parts.headers.extend(switch_headers);
+        let req = Request::from_parts(parts, body);
+        let send = async {
+            let (mut sender, conn) = self.open(ctx).await?;
+            // `with_upgrades`: on a switch the connection hands its socket to
+            // `hyper::upgrade::on` instead of closing it.
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| UpstreamError::Failed(dst.clone(), e.to_string()))
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Err(_) => Err(UpstreamError::Timeout(ctx.orig_dst.to_string(), timeout)),
+            Ok(r) => r,
+        }
+    }
+
+    /// A new HTTP/1.1 connection to the original destination (from the client's
+    /// address when steering allows), within `--upstream-connect-timeout`.
+    async fn open(
+        &self,
+        ctx: &ConnContext,
+    ) -> Result<
+        (
+            http1::SendRequest<Incoming>,
+            http1::Connection<TokioIo<tokio::net::TcpStream>, Incoming>,
+        ),
+        UpstreamError,
+    > {
+        let dst = ctx.orig_dst.to_string();
+        let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(UpstreamError::Timeout(dst, self.connect_timeout));
+            }
+            Ok(Err(e)) => return Err(UpstreamError::Unavailable(dst, e.to_string())),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Failed(dst, e.to_string()))
+    }
+
     /// A connection of this client connection's that can take a request now.
     /// With `wait_for_busy` (or when the cap is reached), one still finishing a
     /// response is waited for rather than opening another; with every connection
@@ -331,20 +405,7 @@ impl Upstream {
         ctx: &ConnContext,
         slot: Slot,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        let dst = ctx.orig_dst.to_string();
-        let connecting = crate::socket::connect_upstream_tcp(ctx.upstream_source, ctx.orig_dst);
-        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Err(_) => return Err(UpstreamError::Timeout(dst, self.connect_timeout)),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(UpstreamError::Timeout(dst, self.connect_timeout));
-            }
-            Ok(Err(e)) => return Err(UpstreamError::Unavailable(dst, e.to_string())),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Failed(dst, e.to_string()))?;
+        let (sender, conn) = self.open(ctx).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

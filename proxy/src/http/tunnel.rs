@@ -1,0 +1,440 @@
+//! HTTP/1.1 protocol switches: an `Upgrade` (WebSocket or any protocol but
+//! h2c) and CONNECT. The request is decided like any other; once allowed it
+//! goes to the server on a connection of its own, and if the server switches
+//! (101 to an upgrade, 2xx to CONNECT) both legs carry opaque bytes. A tunnel
+//! ends when either side closes, when no byte has moved either way for
+//! `--tcp-idle-timeout` (it is a splice now, not HTTP), or when a new policy no
+//! longer allows the request that opened it (decided again at every change).
+//! A server that does not switch answers an ordinary response, relayed as
+//! usual, and the connection stays HTTP.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
+use tracing::{debug, info};
+use weir_parsers::http::RequestFacts;
+use weir_policy::flow::{self, FlowVerdict};
+
+use super::{ProxyBody, UpstreamError, request_verdict, upstream::strip_hop_by_hop};
+use crate::context::{ConnContext, Decision};
+use crate::idle::{ActiveIo, Activity};
+
+/// What a request asks to switch to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Switch {
+    /// `Upgrade` with these protocols (the header's value, as sent).
+    Upgrade(HeaderValue),
+    Connect,
+}
+
+impl Switch {
+    /// The switch an HTTP/1 request asks for, if any. An `Upgrade` counts only
+    /// on HTTP/1.1 with `Connection: upgrade` (RFC 9110 §7.8) and when none of
+    /// its protocols is h2c: `Upgrade: h2c` is ignored (RFC 9113 deprecates it;
+    /// the request is answered in HTTP/1.1), and a list offering h2c beside
+    /// another protocol could let the server pick h2c, whose requests policy
+    /// would never see.
+    pub(super) fn requested(
+        method: &Method,
+        version: Version,
+        headers: &HeaderMap,
+    ) -> Option<Switch> {
+        if version == Version::HTTP_2 {
+            return None;
+        }
+        if *method == Method::CONNECT {
+            return Some(Switch::Connect);
+        }
+        if version != Version::HTTP_11 || !lists(headers, header::CONNECTION, "upgrade") {
+            return None;
+        }
+        let mut values = headers.get_all(header::UPGRADE).iter();
+        let (value, None) = (values.next()?, values.next()) else {
+            return None;
+        };
+        let protocols: Vec<&[u8]> = value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|p| !p.is_empty())
+            .collect();
+        let is_h2c = |p: &&[u8]| {
+            let name = p.split(|b| *b == b'/').next().unwrap_or_default();
+            name.eq_ignore_ascii_case(b"h2c")
+        };
+        if protocols.is_empty() || protocols.iter().any(is_h2c) {
+            return None;
+        }
+        Some(Switch::Upgrade(value.clone()))
+    }
+
+    /// The connection-specific lines that carry the switch: weir's header
+    /// hygiene removes them from every other request; here they are the request.
+    pub(super) fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Switch::Upgrade(protocols) = self {
+            h.insert(header::UPGRADE, protocols.clone());
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        h
+    }
+
+    fn accepted(&self, status: StatusCode) -> bool {
+        match self {
+            Switch::Upgrade(_) => status == StatusCode::SWITCHING_PROTOCOLS,
+            Switch::Connect => status.is_success(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Switch::Upgrade(p) => format!("upgrade ({})", String::from_utf8_lossy(p.as_bytes())),
+            Switch::Connect => "CONNECT".into(),
+        }
+    }
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// Where a request that switched leaves its tunnel: the client connection's
+/// task runs it once hyper has handed over the socket.
+pub(super) type Parked = Arc<Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>>;
+
+/// An allowed request that asks to switch, with what deciding it again needs.
+pub(super) struct SwitchRequest {
+    pub switch: Switch,
+    /// The client connection, once hyper has written the switch response.
+    pub client: OnUpgrade,
+    pub conn: super::Http1Conn,
+    /// The facts and headers policy decided on (before any `mismatch` action).
+    pub facts: RequestFacts,
+    pub headers: HeaderMap,
+    /// The decision and verdict that allowed it, for the tunnel's record.
+    pub decision: Decision,
+    pub verdict: weir_policy::Verdict,
+    pub http: flow::Http,
+}
+
+/// Forwards the request; on a switch, answers the client with the server's
+/// switch response and starts the tunnel once both sides have switched.
+pub(super) async fn forward(
+    ctx: &Arc<ConnContext>,
+    req: Request<Incoming>,
+    sr: SwitchRequest,
+    timeout: std::time::Duration,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    let upstream = &ctx.shared.upstream;
+    let mut resp = upstream
+        .forward_switch(ctx, req, sr.switch.headers(), timeout)
+        .await?;
+    let status = resp.status();
+    if !sr.switch.accepted(status) {
+        // An ordinary response: relayed as usual, and the connection stays HTTP.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, &[]);
+        return Ok(Response::from_parts(parts, ProxyBody::Http1(body)));
+    }
+    let server = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    // The server's answer names the protocol it switched to; the client needs
+    // those lines, and nothing else connection-specific.
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers, &[]);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Switch::Upgrade(_) = sr.switch {
+        if let Some(u) = upgrade {
+            parts.headers.insert(header::UPGRADE, u);
+        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // What the client sends from here on is not HTTP/1 requests.
+    sr.conn
+        .tracker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .switched();
+    let SwitchRequest {
+        switch,
+        client,
+        conn,
+        facts,
+        headers,
+        decision,
+        verdict,
+        mut http,
+        ..
+    } = sr;
+    http.code = status.as_u16();
+    let t = Tunnel {
+        ctx: ctx.clone(),
+        switch,
+        facts,
+        headers,
+        decision,
+        verdict,
+        http,
+    };
+    let tunnel = Box::pin(async move {
+        // The client's side switches once hyper has written the response below.
+        match tokio::try_join!(client, server) {
+            Ok((client, server)) => t.run(client, server).await,
+            Err(e) => debug!(error = %e, "a side did not switch; no tunnel"),
+        }
+    });
+    *conn.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Own(Full::new(Bytes::new())),
+    ))
+}
+
+/// Both legs of a switched connection, and what its record and re-decisions need.
+struct Tunnel {
+    ctx: Arc<ConnContext>,
+    switch: Switch,
+    facts: RequestFacts,
+    headers: HeaderMap,
+    decision: Decision,
+    verdict: weir_policy::Verdict,
+    http: flow::Http,
+}
+
+/// How a tunnel ended, for its record.
+enum End {
+    Closed,
+    Failed(io::Error),
+    Idle(std::time::Duration),
+    Revoked(weir_policy::Verdict, Decision),
+    Shutdown,
+}
+
+impl Tunnel {
+    async fn run(self, client: hyper::upgrade::Upgraded, server: hyper::upgrade::Upgraded) {
+        let start = Instant::now();
+        // Every byte either way is read from or written to the client side.
+        let activity = Activity::new();
+        let counts = Arc::new(Counts::default());
+        let mut client = ActiveIo::new(
+            Counted {
+                inner: TokioIo::new(client),
+                counts: counts.clone(),
+            },
+            activity.clone(),
+        );
+        let mut server = TokioIo::new(server);
+        let idle = self.ctx.shared.config.tcp_idle_timeout;
+        let mut policy_changes = self.ctx.shared.policy_changes();
+        let end = {
+            let copy = copy_bidirectional(&mut client, &mut server);
+            let mut copy = std::pin::pin!(copy);
+            let mut check_at = activity.last() + idle;
+            // The policy may have changed since the request was decided (the
+            // check is cheap when it has not: the decision is cached per policy).
+            let mut changed = true;
+            loop {
+                if std::mem::take(&mut changed) {
+                    let d = self.ctx.decide();
+                    let (v, _) = request_verdict(&d, &self.facts, &self.headers);
+                    if !v.allowed {
+                        break End::Revoked(v, d);
+                    }
+                }
+                tokio::select! {
+                    r = copy.as_mut() => break match r {
+                        Ok(_) => End::Closed,
+                        Err(e) => End::Failed(e),
+                    },
+                    r = policy_changes.changed() => {
+                        // The sender lives as long as `Shared`; an error means shutdown.
+                        if r.is_err() {
+                            break End::Shutdown;
+                        }
+                        changed = true;
+                    }
+                    () = tokio::time::sleep_until(check_at) => {
+                        let quiet_until = activity.last() + idle;
+                        if quiet_until > tokio::time::Instant::now() {
+                            check_at = quiet_until;
+                        } else {
+                            break End::Idle(idle);
+                        }
+                    }
+                }
+            }
+        };
+        self.record(&end, &counts, start);
+    }
+
+    /// The tunnel's record, when it ends: a connection record (the request
+    /// has its own, and metrics count one record per request) whose summary
+    /// says how it ended, the bytes each way (the flow schema has no byte
+    /// counters) and the request that opened it.
+    fn record(self, end: &End, counts: &Counts, start: Instant) {
+        let up = counts.read.load(Ordering::Relaxed);
+        let down = counts.written.load(Ordering::Relaxed);
+        let (why, d, verdict) = match end {
+            End::Closed => ("closed".to_string(), &self.decision, &self.verdict),
+            End::Failed(e) => (format!("failed ({e})"), &self.decision, &self.verdict),
+            End::Idle(t) => (
+                format!("closed: idle for {t:?}"),
+                &self.decision,
+                &self.verdict,
+            ),
+            End::Shutdown => (
+                "closed: weir shut down".to_string(),
+                &self.decision,
+                &self.verdict,
+            ),
+            End::Revoked(v, d) => (
+                format!(
+                    "closed: the new policy no longer allows it ({})",
+                    v.reason()
+                ),
+                d,
+                v,
+            ),
+        };
+        let kind = self.switch.name();
+        info!(tunnel = %kind, bytes_up = up, bytes_down = down, "tunnel {why}");
+        let mut f = self.ctx.flow(d, verdict);
+        if let End::Revoked(..) = end {
+            f.verdict = FlowVerdict::Dropped;
+            f.drop_reason_desc = Some("POLICY_DENIED".into());
+            f.policy = format!("policy change: {}", f.policy);
+        }
+        f.summary = format!(
+            "{kind} tunnel {why}: {up} bytes to the server, {down} bytes to the client, \
+             after {:.3} s ({} {} => {})",
+            start.elapsed().as_secs_f64(),
+            self.http.method,
+            self.http.url,
+            self.http.code
+        );
+        self.ctx.shared.flows.emit(&f);
+    }
+}
+
+/// Bytes read from and written to one side.
+#[derive(Default)]
+struct Counts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+struct Counted<T> {
+    inner: T,
+    counts: Arc<Counts>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counts.read.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counts.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, version: Version, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().method(method).uri("/").version(version);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn requested(p: &http::request::Parts) -> Option<Switch> {
+        Switch::requested(&p.method, p.version, &p.headers)
+    }
+
+    #[test]
+    fn which_requests_ask_to_switch() {
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert_eq!(
+            requested(&parts("GET", Version::HTTP_11, &ws)),
+            Some(Switch::Upgrade(HeaderValue::from_static("websocket")))
+        );
+        // Not without `Connection: upgrade`, not on HTTP/1.0 or HTTP/2.
+        assert_eq!(
+            requested(&parts("GET", Version::HTTP_11, &[("upgrade", "websocket")])),
+            None
+        );
+        assert_eq!(requested(&parts("GET", Version::HTTP_10, &ws)), None);
+        assert_eq!(requested(&parts("GET", Version::HTTP_2, &ws)), None);
+        // h2c, alone or offered beside another protocol, is ignored.
+        for up in ["h2c", "websocket, H2C", "h2c/1"] {
+            let h = [("connection", "upgrade"), ("upgrade", up)];
+            assert_eq!(requested(&parts("GET", Version::HTTP_11, &h)), None, "{up}");
+        }
+        assert_eq!(
+            requested(&parts("CONNECT", Version::HTTP_11, &[])),
+            Some(Switch::Connect)
+        );
+    }
+
+    #[test]
+    fn what_counts_as_switched() {
+        let ws = Switch::Upgrade(HeaderValue::from_static("websocket"));
+        assert!(ws.accepted(StatusCode::SWITCHING_PROTOCOLS));
+        assert!(!ws.accepted(StatusCode::OK));
+        assert!(Switch::Connect.accepted(StatusCode::OK));
+        assert!(!Switch::Connect.accepted(StatusCode::FORBIDDEN));
+        assert_eq!(ws.headers().get("upgrade").unwrap(), "websocket");
+        assert!(Switch::Connect.headers().is_empty());
+    }
+}
