@@ -541,7 +541,8 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         d: d.clone(),
         start,
         facts: Some(InFlightFacts {
-            parts: parts.clone(),
+            // What the record needs of the request, not a copy of its headers.
+            http: flow_http(&parts, &ctx, StatusCode::OK),
             verdict,
             mismatches,
             grpc: grpc_call,
@@ -564,7 +565,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
     };
     let upstream_ns = elapsed_ns(upstream_start);
     let Some(InFlightFacts {
-        parts: flow_parts,
+        mut http,
         verdict,
         mismatches,
         grpc: grpc_call,
@@ -594,7 +595,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
             (reply, code, Some(e))
         }
     };
-    let mut http = flow_http(&flow_parts, &ctx, code);
+    http.code = code.as_u16();
     http.header_mismatches = mismatches;
     if let (Some(g), Some(e)) = (&grpc_call, &error) {
         let mut g = g.clone();
@@ -682,7 +683,8 @@ struct InFlight {
 }
 
 struct InFlightFacts {
-    parts: http::request::Parts,
+    /// The request's record, its status still to come.
+    http: flow::Http,
     verdict: weir_policy::Verdict,
     mismatches: Vec<HeaderMismatch>,
     grpc: Option<flow::Grpc>,
@@ -696,7 +698,7 @@ impl Drop for InFlight {
         let Some(facts) = self.facts.take() else {
             return;
         };
-        let mut http = flow_http(&facts.parts, &self.ctx, StatusCode::OK);
+        let mut http = facts.http;
         // No response was produced.
         http.code = 0;
         http.header_mismatches = facts.mismatches;
