@@ -549,17 +549,24 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         }),
     };
     let upstream_start = Instant::now();
+    // The forwarding futures are boxed: inline they made this one over 5 KB, and
+    // hyper moves it (and tokio copies it into its task) for every HTTP/2 stream.
     let result = match switch_req {
         Some(Some(sr)) => {
-            tunnel::forward(&ctx, Request::from_parts(parts, body), sr, timeout).await
+            Box::pin(tunnel::forward(
+                &ctx,
+                Request::from_parts(parts, body),
+                sr,
+                timeout,
+            ))
+            .await
         }
         // hyper marks every HTTP/1.1 upgrade and CONNECT as upgradable.
         Some(None) => Err(UpstreamError::Request(
             "the connection cannot switch protocols".into(),
         )),
         None => {
-            upstream
-                .forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc)
+            Box::pin(upstream.forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc))
                 .await
         }
     };
