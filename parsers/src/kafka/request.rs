@@ -33,6 +33,13 @@ pub enum Topics {
     Unknown,
 }
 
+impl Topics {
+    /// Whether some topic is named by id.
+    pub fn has_ids(&self) -> bool {
+        matches!(self, Topics::Listed(list) if list.iter().any(|t| matches!(t, TopicRef::Id(_))))
+    }
+}
+
 /// What the decoded body says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyFacts {

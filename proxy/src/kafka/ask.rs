@@ -13,6 +13,8 @@ use weir_parsers::kafka::{
     metadata_request_for_ids, metadata_topic_ids,
 };
 
+use weir_policy::kafka_match::{KafkaDenial, KafkaRequest, KafkaTopics};
+
 use crate::context::ConnContext;
 
 /// The correlation id of weir's own Metadata request.
@@ -24,7 +26,10 @@ const CORRELATION_ID: i32 = 0x7765_6972; // "weir"
 pub(super) const MAX_ASKED_PER_CONNECTION: usize = 64;
 
 /// The ids `facts` names that resolve to no name in this broker's scope and were
-/// not asked about on this connection yet (at most what the budget has left).
+/// not asked about on this connection yet (at most what the budget has left) —
+/// none unless a name could change the decision: the connection is allowed at
+/// L3/L4 and the rules that match the API key, version and client id all need a
+/// topic. weir sends nothing to a broker for a request policy refuses anyway.
 pub(super) fn ids_to_ask(
     ctx: &ConnContext,
     facts: &RequestFacts,
@@ -33,6 +38,9 @@ pub(super) fn ids_to_ask(
     let Ok(body) = &facts.body else {
         return Vec::new();
     };
+    if !body.topics.has_ids() || !a_name_decides(ctx, facts) {
+        return Vec::new();
+    }
     let Topics::Listed(list) = &body.topics else {
         return Vec::new();
     };
@@ -51,6 +59,25 @@ pub(super) fn ids_to_ask(
         }
     }
     out
+}
+
+fn a_name_decides(ctx: &ConnContext, facts: &RequestFacts) -> bool {
+    let d = ctx.decide();
+    let cv = &d.verdict;
+    if !cv.l4_allowed() || !cv.needs_kafka() {
+        return false;
+    }
+    let h = &facts.header;
+    let req = KafkaRequest {
+        api_key: h.api_key,
+        api_version: h.api_version,
+        client_id: h.client_id.as_deref(),
+        topics: KafkaTopics::UnknownTopicId,
+    };
+    matches!(
+        cv.kafka_verdict(&d.policy, &req).1,
+        Some(KafkaDenial::UnknownTopicId)
+    )
 }
 
 /// Asks the broker for the names of `ids` and teaches the proxy's id map what it

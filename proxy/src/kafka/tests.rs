@@ -658,3 +658,27 @@ async fn an_unknown_topic_id_is_asked_of_the_broker_before_deciding() {
     );
     assert!(policy_of(4).contains("topic id unknown"), "{recs:#?}");
 }
+
+#[tokio::test]
+async fn weir_asks_the_broker_only_when_a_name_could_change_the_decision() {
+    // Produce allowed without a topic rule: the id's name cannot matter.
+    let (mut client, seen, _, _, _) = start_with(ProxyConfig::default(), "- {role: produce}").await;
+    client
+        .write_all(&produce_by_id(1, 0xee))
+        .await
+        .expect("write");
+    assert_eq!(produce_v13_codes(&mut client, 1).await, Vec::<i16>::new());
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
+    // No rule for Produce at all: denied whatever the name, nothing asked.
+    let (mut client, seen, _, _, _) =
+        start_with(ProxyConfig::default(), "- {apiKey: fetch, topic: allowed}").await;
+    client
+        .write_all(&produce_by_id(2, 0xa1))
+        .await
+        .expect("write");
+    assert_eq!(
+        produce_v13_codes(&mut client, 2).await,
+        vec![TOPIC_AUTHORIZATION_FAILED]
+    );
+    assert!(seen.lock().expect("lock").0.is_empty());
+}

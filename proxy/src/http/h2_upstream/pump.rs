@@ -47,9 +47,11 @@ pub(super) fn filter_trailers(mut trailers: HeaderMap, checked: &[String]) -> He
                 || name == "keep-alive"
                 || name == "proxy-connection"
                 || name.starts_with(':')
+                // `-` and `_` spellings are one name either way round (a server
+                // may fold one into the other).
                 || checked
                     .iter()
-                    .any(|c| c == name || c.as_str() == name.replace('_', "-"))
+                    .any(|c| c.replace('_', "-") == name.replace('_', "-"))
         })
         .cloned()
         .collect();
@@ -157,5 +159,13 @@ mod tests {
         let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["grpc-status-details-bin", "x-checksum"]);
+        // A checked name written with `_`: its `-` spelling is dropped too.
+        let mut t = HeaderMap::new();
+        t.append("x-api-key", "k".parse().unwrap());
+        t.append("x_api_key", "k".parse().unwrap());
+        t.append("x-other", "o".parse().unwrap());
+        let out = filter_trailers(t, &["x_api_key".to_string()]);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-other"]);
     }
 }

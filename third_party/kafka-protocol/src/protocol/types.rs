@@ -25,10 +25,15 @@ thread_local! {
 /// decoded in total (nested arrays included); beyond, decoding fails with an error
 /// naming the budget. Restores the previous budget afterwards.
 pub fn with_decode_budget<R>(entries: usize, f: impl FnOnce() -> R) -> R {
-    let previous = DECODE_BUDGET.with(|b| b.replace(Some(entries)));
-    let result = f();
-    DECODE_BUDGET.with(|b| b.set(previous));
-    result
+    /// Puts the previous budget back even when `f` unwinds.
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODE_BUDGET.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(DECODE_BUDGET.with(|b| b.replace(Some(entries))));
+    f()
 }
 
 /// weir patch: take `n` entries from the decode budget (see [`with_decode_budget`]).
