@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -356,7 +357,7 @@ impl H2Pool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let (first, spoke) = oneshot::channel();
+        let (first, mut spoke) = oneshot::channel();
         let io = SniffIo::new(stream, first);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(self.stream_window)
@@ -376,14 +377,33 @@ impl H2Pool {
             closed: AtomicBool::new(false),
             resets,
         });
-        tokio::spawn(drive(self.clone(), t.key, conn.clone(), connection));
-        // The server's first bytes say whether it speaks HTTP/2 at all.
-        let said = tokio::time::timeout(self.connect_timeout, spoke).await;
+        // The server's first bytes say whether it speaks HTTP/2 at all. The
+        // connection is driven here until they do: a checkout given up meanwhile
+        // (its deadline) drops it, and the socket closes with it; only a
+        // connection that speaks HTTP/2 gets a task of its own.
+        let mut connection = Box::pin(connection);
+        let probe = async {
+            tokio::select! {
+                biased;
+                said = &mut spoke => said.map_err(|_| ()),
+                // Ended before its first bytes were reported: an HTTP/1 answer
+                // still counts as one; an HTTP/2 connection that already ended
+                // is no connection.
+                _ = connection.as_mut() => match spoke.try_recv() {
+                    Ok(FirstBytes::Http2) | Err(_) => Err(()),
+                    Ok(other) => Ok(other),
+                },
+            }
+        };
+        let said = tokio::time::timeout(self.connect_timeout, probe).await;
         if !matches!(said, Ok(Ok(FirstBytes::Http2))) {
             conn.closed.store(true, Ordering::Relaxed);
         }
         match said {
-            Ok(Ok(FirstBytes::Http2)) => Ok(conn),
+            Ok(Ok(FirstBytes::Http2)) => {
+                tokio::spawn(drive(self.clone(), t.key, conn.clone(), connection));
+                Ok(conn)
+            }
             Ok(Ok(FirstBytes::Http1)) => {
                 let mut marks = self.http1_only.lock().unwrap_or_else(|p| p.into_inner());
                 let marked = marks.mark(t.key, live_http2, Instant::now());
@@ -601,9 +621,8 @@ async fn drive(
     pool: Arc<H2Pool>,
     key: PoolKey,
     conn: Arc<H2Conn>,
-    connection: h2::client::Connection<SniffIo, Bytes>,
+    mut connection: Pin<Box<h2::client::Connection<SniffIo, Bytes>>>,
 ) {
-    let mut connection = std::pin::pin!(connection);
     let idle = pool.idle_timeout;
     let mut last_opened = conn.opened.load(Ordering::Relaxed);
     loop {

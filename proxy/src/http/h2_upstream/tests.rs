@@ -234,3 +234,39 @@ fn an_empty_post_going_out_as_http1_says_content_length_0() {
     empty_body_length(&mut p, true);
     assert!(!p.headers.contains_key(header::CONTENT_LENGTH));
 }
+
+#[tokio::test]
+async fn a_checkout_given_up_during_the_probe_leaves_no_connection_open() {
+    // A server that accepts and never says a word: the checkout's deadline
+    // passes while weir waits for its first bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (closed_tx, closed_rx) = oneshot::channel::<std::time::Duration>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let accepted = Instant::now();
+        let mut buf = [0u8; 1024];
+        // The preface arrives; then the socket must close, not linger.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(accepted.elapsed());
+    });
+    let p = pool(Duration::from_secs(30));
+    let r = p
+        .checkout_within(target(1, addr), Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(r, Err(Checkout::Failed(UpstreamError::Unavailable(..)))),
+        "{:?}",
+        r.err()
+    );
+    let lived = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the upstream connection closed with its checkout")
+        .unwrap();
+    assert!(lived < Duration::from_secs(2), "{lived:?}");
+    assert_eq!(slots(&p), 0);
+}
