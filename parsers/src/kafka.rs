@@ -23,6 +23,7 @@ mod deny;
 mod frame;
 mod header;
 mod metadata;
+mod old;
 mod request;
 
 pub use deny::{

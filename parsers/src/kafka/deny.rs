@@ -63,6 +63,9 @@ pub fn deny_response(payload: &Bytes) -> Result<Option<Bytes>, DenyError> {
         // UNSUPPORTED_VERSION, so the client retries with a version both know.
         return encode(key, 0, header.correlation_id, &unsupported_api_versions()).map(Some);
     }
+    if let Some(r) = super::old::denial(api_key, version, header.correlation_id, &body) {
+        return r.map_err(|_| DenyError::Malformed { api_key, version });
+    }
     let range = response_versions(key);
     if !body_decodable(api_key, version) || !(range.min..=range.max).contains(&version) {
         return Err(unsupported);

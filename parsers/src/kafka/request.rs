@@ -86,14 +86,18 @@ fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, 
     let Ok(key) = ApiKey::try_from(api_key) else {
         return Err(unsupported);
     };
-    if !body_decodable(api_key, version) {
-        return Err(unsupported);
-    }
     let malformed = |reason: String| BodyError::Malformed {
         api_key,
         version,
         reason,
     };
+    if !body_decodable(api_key, version) {
+        // The versions Kafka 4 removed, read by hand.
+        return match super::old::facts(api_key, version, &body) {
+            Some(r) => r.map_err(malformed),
+            None => Err(unsupported),
+        };
+    }
     let request =
         RequestKind::decode(key, &mut body, version).map_err(|e| malformed(e.to_string()))?;
     if !body.is_empty() {

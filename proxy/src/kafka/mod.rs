@@ -27,8 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, Frame, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
-    decode_request_header, deny_response, filter_metadata_response, metadata_topic_ids,
-    non_topic_error, request_facts,
+    deny_response, filter_metadata_response, metadata_topic_ids, non_topic_error, request_facts,
 };
 use weir_policy::Verdict;
 use weir_policy::flow::KafkaFlow;
@@ -378,10 +377,7 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             client_id: h.client_id.clone(),
         });
         let metadata_version = (h.api_key == 3 && facts.body.is_ok()).then_some(h.api_version);
-        let response = match (
-            h.api_key,
-            acks.or_else(|| old_produce_acks(&facts, &payload)),
-        ) {
+        let response = match (h.api_key, acks) {
             (0, Some(0)) => Expect::No,
             (0, None) => Expect::Maybe,
             _ => Expect::Yes,
@@ -410,16 +406,6 @@ fn decide(ctx: &ConnContext, frame: &Frame) -> Action {
             Action::Close(format!("denied request cannot be answered: {e}"))
         }
     }
-}
-
-/// `acks` of a Produce v0-2, which the body decoder lacks: its body starts with it.
-fn old_produce_acks(facts: &RequestFacts, payload: &Bytes) -> Option<i16> {
-    let h = &facts.header;
-    if h.api_key != 0 || !(0..=2).contains(&h.api_version) {
-        return None;
-    }
-    let (_, body) = decode_request_header(payload).ok()?;
-    body.first_chunk::<2>().map(|a| i16::from_be_bytes(*a))
 }
 
 /// Whether the client may see `topic` in a Metadata response: whether policy would
