@@ -65,8 +65,14 @@ pub struct RequestFacts {
     pub body: Result<BodyFacts, BodyError>,
 }
 
-/// Whether the crate can decode a body of this key and version.
+/// Whether weir reads the body of this key and version: with the crate, or by hand
+/// (the versions Kafka 4 removed, `old`).
 pub fn body_decodable(api_key: i16, version: i16) -> bool {
+    crate_decodable(api_key, version) || super::old::handles(api_key, version)
+}
+
+/// Whether the crate can decode a body of this key and version.
+pub(super) fn crate_decodable(api_key: i16, version: i16) -> bool {
     ApiKey::try_from(api_key).is_ok_and(|key| {
         let range = request_versions(key);
         (range.min..=range.max).contains(&version)
@@ -91,7 +97,7 @@ fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, 
         version,
         reason,
     };
-    if !body_decodable(api_key, version) {
+    if !crate_decodable(api_key, version) {
         // The versions Kafka 4 removed, read by hand.
         return match super::old::facts(api_key, version, &body) {
             Some(r) => r.map_err(malformed),
