@@ -457,3 +457,31 @@ fn requests_that_mean_every_topic_name_none() {
         assert_eq!(f.body.expect("decodes").topics, want, "case {i}");
     }
 }
+
+#[test]
+fn librdkafka_metadata_for_every_topic_keeps_its_placeholder_and_is_not_malformed() {
+    // What confluent-kafka 2.16 (librdkafka 2.16) sent for `list_topics()`: Metadata
+    // v12, header v2 with client id "weir-test", then the uncompacted four-byte topic
+    // count placeholder and the three fields it meant.
+    let mut head = vec![0, 3, 0, 12, 0, 0, 0, 3, 0, 9];
+    head.extend(b"weir-test");
+    head.push(0);
+    let with = |body: &[u8]| {
+        let mut p = head.clone();
+        p.extend(body);
+        request_facts(&Bytes::from(p)).expect("header").body
+    };
+    let f = with(&[0, 0, 0, 0, 1, 0, 0]).expect("not malformed");
+    assert_eq!(f.topics, Topics::All);
+    // Anything else after a body is still malformed.
+    for body in [
+        &[0, 0, 0, 0, 1, 0, 0, 0][..],
+        &[0, 0, 0, 0, 1, 0][..],
+        &[0, 0, 0, 1, 1, 0, 0][..],
+    ] {
+        assert!(
+            matches!(with(body), Err(BodyError::Malformed { .. })),
+            "{body:?}"
+        );
+    }
+}
