@@ -127,10 +127,13 @@ impl Kafka {
             .workload("deathstar")
             .ns
             .command(tansu.to_str().unwrap());
+        // Every address (both families): `tansu topic create` cannot reach an IPv6
+        // broker URL (UnknownHost), so topics are created over 127.0.0.1.
+        let any = format!("tcp://[::]:{PORT}");
         cmd.args([
             "broker",
             "--listener-url",
-            &url,
+            &any,
             "--advertised-listener-url",
             &url,
         ])
@@ -142,13 +145,22 @@ impl Kafka {
         s.lab
             .wait_for_tcp(ip, PORT, Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("tansu not listening: {e}\n{}", tansu_log(&s)));
+        let local = format!("tcp://127.0.0.1:{PORT}");
         for t in TOPICS {
             let out = s
                 .lab
                 .workload("deathstar")
                 .ns
                 .command(tansu.to_str().unwrap())
-                .args(["topic", "create", "--broker", &url, "--partitions", "1", t])
+                .args([
+                    "topic",
+                    "create",
+                    "--broker",
+                    &local,
+                    "--partitions",
+                    "1",
+                    t,
+                ])
                 .output()
                 .expect("run tansu topic create");
             assert!(
@@ -468,6 +480,13 @@ fn core_strict(k: &Kafka) {
     assert_eq!(got.as_ref().map(Vec::len), Ok(n), "{got:?}");
     let got = k.consume("tiefighter", "confluent", "audit", 2, &["--assign"]);
     assert_eq!(got, Err("TOPIC_AUTHORIZATION_FAILED".into()));
+    let flows = k.kafka_flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| (f.0 == "listoffsets" || f.0 == "fetch") && f.1 == "audit" && f.2 == 29),
+        "no ListOffsets/Fetch denial for audit: {flows:#?}"
+    );
     // A topic whose Metadata is refused: librdkafka reports the error for a
     // subscription when it asked for the topic by name; when it asked for every
     // topic, the filtered answer does not list it and the consumer just waits.
@@ -494,6 +513,11 @@ fn core_strict(k: &Kafka) {
         "{o:?}"
     );
     assert_eq!(stored("reports"), 1);
+    let flows = k.kafka_flows();
+    assert!(
+        flows.iter().any(|f| f.1 == "reports" && f.2 == 29),
+        "no denial for the intruder's reports: {flows:#?}"
+    );
 
     // Metadata for every topic: what the client may see; the broker lists all.
     let seen = k.metadata("tiefighter", None, "weir-test");
@@ -723,6 +747,27 @@ fn extras_strict(k: &Kafka) {
         "no InitProducerId record"
     );
 
+    // A consumer in a (classic) group: FindCoordinator, JoinGroup, SyncGroup,
+    // OffsetFetch, Heartbeat under the consume role. (A KIP-848 consumer,
+    // `group.protocol=consumer`, cannot be tried: tansu 0.6 has no
+    // ConsumerGroupHeartbeat — librdkafka: "ConsumerGroupHeartbeatRequest not
+    // supported by broker".)
+    let got = k.consume(
+        "tiefighter",
+        "confluent",
+        "orders",
+        2,
+        &["--group", "g-orders"],
+    );
+    assert_eq!(got.as_ref().map(Vec::len), Ok(2), "{got:?}");
+    let flows = k.kafka_flows();
+    for api in ["findcoordinator", "joingroup", "syncgroup", "offsetfetch"] {
+        assert!(
+            flows.iter().any(|f| f.0 == api && f.3 == "FORWARDED"),
+            "no forwarded {api}: {flows:#?}"
+        );
+    }
+
     for (lib, extra) in LIBS {
         // One topic per run: both clients may put several topics in one Produce.
         let before = k.stored("orders");
@@ -761,4 +806,20 @@ fn kafka_v4_on_the_ebpf_datapath_with_every_client() {
     core_strict(&k);
     extras_strict(&k);
     eprintln!("all: {:?}", t0.elapsed());
+}
+
+#[test]
+fn kafka_v4_on_the_nft_path() {
+    let Some(mut k) = Kafka::start("kafka-v4-nft", DEATHSTAR4, "nft") else {
+        return;
+    };
+    core_matrix(&mut k);
+}
+
+#[test]
+fn kafka_v6_on_the_ebpf_datapath() {
+    let Some(mut k) = Kafka::start("kafka-v6-ebpf", DEATHSTAR6, "ebpf") else {
+        return;
+    };
+    core_matrix(&mut k);
 }
