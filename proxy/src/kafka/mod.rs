@@ -50,7 +50,16 @@ enum Owed {
     },
     /// weir's denial, waiting for the broker responses owed before it.
     Denial(Bytes),
+    /// A forwarded Produce with `acks=0`: nothing is owed. A broker that answers it
+    /// anyway (tansu 0.6 does; Kafka does not) has that answer dropped rather than
+    /// taken for an out-of-order one — the client expects none (librdkafka ignores
+    /// it when it talks to such a broker directly).
+    NoResponse(i32),
 }
+
+/// How many acks=0 correlation ids are remembered for a broker that answers them
+/// (one that never does, like Kafka, leaves them here: the oldest go first).
+const UNANSWERED: usize = 64;
 
 /// How to filter a Metadata response: as if the client had asked for each topic alone.
 struct MetadataFilter {
@@ -173,13 +182,17 @@ async fn requests_to_broker(
                     metadata_version,
                     filter,
                 } => {
-                    let o = Owed::Broker {
-                        correlation_id,
-                        maybe_none: response == Expect::Maybe,
-                        metadata_version,
-                        filter,
+                    let o = if response == Expect::No {
+                        Owed::NoResponse(correlation_id)
+                    } else {
+                        Owed::Broker {
+                            correlation_id,
+                            maybe_none: response == Expect::Maybe,
+                            metadata_version,
+                            filter,
+                        }
                     };
-                    if response != Expect::No && owed.send(o).await.is_err() {
+                    if owed.send(o).await.is_err() {
                         return Ok(());
                     }
                     up_wr.write_all(frame.wire()).await?;
@@ -209,6 +222,7 @@ async fn responses_to_client(
 ) -> std::io::Result<()> {
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
+    let mut unanswered: VecDeque<i32> = VecDeque::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut requests_done = false;
     loop {
@@ -219,6 +233,12 @@ async fn responses_to_client(
             // Bounded here too: denials never wait for the broker, so a client
             // could queue them without end behind one response the broker holds.
             o = owed_rx.recv(), if !requests_done && owed.len() < OWED_QUEUE => match o {
+                Some(Owed::NoResponse(c)) => {
+                    if unanswered.len() == UNANSWERED {
+                        unanswered.pop_front();
+                    }
+                    unanswered.push_back(c);
+                }
                 Some(o) => owed.push_back(o),
                 None => requests_done = true,
             },
@@ -243,6 +263,12 @@ async fn responses_to_client(
                         close_flow(ctx, "a Kafka response without a correlation id");
                         return Ok(());
                     };
+                    let owed_next = matches!(owed.front(), Some(Owed::Broker { correlation_id, .. }) if *correlation_id == corr);
+                    if !owed_next && let Some(i) = unanswered.iter().position(|c| *c == corr) {
+                        unanswered.remove(i);
+                        debug!(correlation_id = corr, "the broker answered a Produce with acks=0; dropped");
+                        continue;
+                    }
                     // Produce requests that got no response (acks=0 weir could not read)
                     // leave the queue when a later response arrives; denials behind them
                     // are due before it.
