@@ -20,8 +20,11 @@ FUZZ_SECONDS ?= 10
 # Python packages the tests use (in $(VENV)): prometheus-client parses /metrics;
 # grpcio (gRPC server and client; with grpcio-health-checking, the demo's gRPC service)
 # and h2 (a raw HTTP/2 attacker) are HTTP/2 peers; websockets is the WebSocket server
-# and client of the tunnel tests.
-PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2 websockets
+# and client of the tunnel tests; confluent-kafka (librdkafka) and kafka-python are
+# the Kafka clients.
+PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2 websockets confluent-kafka kafka-python
+# The Kafka-compatible broker of the Kafka tests (about 10 minutes to build, once).
+TANSU_VERSION := 0.6.0
 
 .PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 perf-kafka clean-tools
 
@@ -33,6 +36,7 @@ deps:
 	@$(PHASE) deps ./.ci/apt-ensure $(APT_BUILD) $(APT_RUN) $(APT_PEERS)
 	@$(PHASE) pip bash -c '[ -x "$(VENV)/bin/pip" ] || python3 -m venv "$(VENV)"; for p in $(PIP_TEST); do "$(VENV)/bin/pip" show -q "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; [ -z "$$missing" ] || "$(VENV)/bin/pip" install -q $$missing'
 	@$(PHASE) cargo-fuzz bash -c 'command -v cargo-fuzz >/dev/null || cargo install --locked --root "$(TOOLS)" cargo-fuzz'
+	@$(PHASE) tansu bash -c '[ -x "$(TOOLS)/bin/tansu" ] || cargo install --locked --root "$(TOOLS)" --features dynostore --version $(TANSU_VERSION) tansu'
 
 deps-perf: deps
 	@./.ci/apt-ensure $(APT_PERF)

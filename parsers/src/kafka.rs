@@ -12,11 +12,11 @@
 //! Metadata v0–13, OffsetCommit v2–9, OffsetFetch v1–9, FindCoordinator v0–6,
 //! JoinGroup v0–9, Heartbeat v0–4, LeaveGroup v0–5, SyncGroup v0–5, ApiVersions v0–4,
 //! InitProducerId v0–5, OffsetForLeaderEpoch v2–4, ConsumerGroupHeartbeat v0–1,
-//! ConsumerGroupDescribe v0–1 ([`apis::request_versions`] is the exact table). Older
-//! versions (Produce v0–2, Fetch v0–3, ListOffsets v0, OffsetCommit v0–1, OffsetFetch v0:
-//! what clients pinned to Kafka 0.10 send), newer ones, and API keys the crate does not
-//! know (4–7, the old inter-broker APIs) still yield the header; their body is
-//! [`BodyError::Unsupported`]. Nothing here panics on input or re-encodes a request.
+//! ConsumerGroupDescribe v0–1 ([`apis::request_versions`] is the exact table). The
+//! versions Kafka 4 removed (Produce v0–2, Fetch v0–3, ListOffsets v0, OffsetCommit v0–1,
+//! OffsetFetch v0: what clients pinned to Kafka 0.10 send) are read and denied by hand
+//! (`old`). Newer versions and API keys the crate does not know (4–7, the old
+//! inter-broker APIs) still yield the header; their body is [`BodyError::Unsupported`]. Nothing here panics on input or re-encodes a request.
 
 pub mod apis;
 mod deny;
@@ -24,6 +24,7 @@ mod fetch_session;
 mod frame;
 mod header;
 mod metadata;
+mod old;
 mod request;
 
 pub use deny::{

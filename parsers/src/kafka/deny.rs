@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use super::apis::{default_response, response_versions, set_top_level_error};
 use super::header::decode_request_header;
-use super::request::body_decodable;
+use super::request::crate_decodable;
 
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
 pub const GROUP_AUTHORIZATION_FAILED: i16 = 30;
@@ -58,13 +58,16 @@ pub fn deny_response(payload: &Bytes) -> Result<Option<Bytes>, DenyError> {
     let Ok(key) = ApiKey::try_from(api_key) else {
         return Err(unsupported);
     };
-    if key == ApiKey::ApiVersions && !body_decodable(api_key, version) {
+    if key == ApiKey::ApiVersions && !crate_decodable(api_key, version) {
         // What a broker answers to a version it does not know: v0 with
         // UNSUPPORTED_VERSION, so the client retries with a version both know.
         return encode(key, 0, header.correlation_id, &unsupported_api_versions()).map(Some);
     }
+    if let Some(r) = super::old::denial(api_key, version, header.correlation_id, &body) {
+        return r.map_err(|_| DenyError::Malformed { api_key, version });
+    }
     let range = response_versions(key);
-    if !body_decodable(api_key, version) || !(range.min..=range.max).contains(&version) {
+    if !crate_decodable(api_key, version) || !(range.min..=range.max).contains(&version) {
         return Err(unsupported);
     }
     let request = RequestKind::decode(key, &mut body, version)

@@ -2,7 +2,7 @@
 //! key and version with its correlation id and the right error codes — for every
 //! (API key, version) the crate knows.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
@@ -391,13 +391,51 @@ fn produce_acks_0_gets_no_response_and_unknown_versions_none() {
     )
     .expect("encodes");
     assert_eq!(deny_response(&p), Ok(None));
-    // Produce v2: no response can be built (the proxy closes the connection).
-    let old = Bytes::from_static(&[0, 0, 0, 2, 0, 0, 0, 1, 0, 0]);
+    // Produce v2 (read by hand, `old.rs`) with acks=0: no response either.
+    let old = Bytes::from_static(&[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(deny_response(&old), Ok(None));
+    // LeaderAndIsr (key 4), which the crate does not know: no response can be built
+    // (the proxy closes the connection).
+    let unknown = Bytes::from_static(&[0, 4, 0, 0, 0, 0, 0, 1, 0, 0]);
     assert_eq!(
-        deny_response(&old),
+        deny_response(&unknown),
         Err(DenyError::Unsupported {
-            api_key: 0,
-            version: 2
+            api_key: 4,
+            version: 0
         })
     );
+}
+
+#[test]
+fn old_versions_get_a_denial_in_their_own_format() {
+    // Produce v2, acks=1, topic "secret", partition 0 with three bytes of records.
+    let mut p = BytesMut::new();
+    p.put_i16(0);
+    p.put_i16(2);
+    p.put_i32(41);
+    p.put_i16(-1);
+    p.put_i16(1);
+    p.put_i32(1000);
+    p.put_i32(1);
+    p.put_i16(6);
+    p.put_slice(b"secret");
+    p.put_i32(1);
+    p.put_i32(0);
+    p.put_i32(3);
+    p.put_slice(&[1, 2, 3]);
+    let frame = deny_response(&p.freeze())
+        .expect("answered")
+        .expect("acks=1");
+    let mut buf = frame.slice(4..);
+    assert_eq!(buf.get_i32(), 41, "correlation id, header v0");
+    assert_eq!(buf.get_i32(), 1);
+    assert_eq!(buf.get_i16(), 6);
+    assert_eq!(&buf.split_to(6)[..], b"secret");
+    assert_eq!(buf.get_i32(), 1);
+    assert_eq!(buf.get_i32(), 0, "partition");
+    assert_eq!(buf.get_i16(), TOPIC_AUTHORIZATION_FAILED);
+    assert_eq!(buf.get_i64(), -1, "base offset");
+    assert_eq!(buf.get_i64(), -1, "log append time (v2)");
+    assert_eq!(buf.get_i32(), 0, "throttle time (v1+)");
+    assert!(buf.is_empty());
 }

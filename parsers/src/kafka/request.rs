@@ -100,8 +100,14 @@ pub struct RequestFacts {
     pub body: Result<BodyFacts, BodyError>,
 }
 
-/// Whether the crate can decode a body of this key and version.
+/// Whether weir reads the body of this key and version: with the crate, or by hand
+/// (the versions Kafka 4 removed, `old`).
 pub fn body_decodable(api_key: i16, version: i16) -> bool {
+    crate_decodable(api_key, version) || super::old::handles(api_key, version)
+}
+
+/// Whether the crate can decode a body of this key and version.
+pub(super) fn crate_decodable(api_key: i16, version: i16) -> bool {
     ApiKey::try_from(api_key).is_ok_and(|key| {
         let range = request_versions(key);
         (range.min..=range.max).contains(&version)
@@ -141,22 +147,43 @@ fn body_facts(api_key: i16, version: i16, mut body: Bytes) -> Result<BodyFacts, 
     let Ok(key) = ApiKey::try_from(api_key) else {
         return Err(unsupported);
     };
-    if !body_decodable(api_key, version) {
-        return Err(unsupported);
-    }
     let malformed = |reason: String| BodyError::Malformed {
         api_key,
         version,
         reason,
     };
+    if !crate_decodable(api_key, version) {
+        // The versions Kafka 4 removed, read by hand.
+        return match super::old::facts(api_key, version, &body) {
+            Some(r) => r.map_err(malformed),
+            None => Err(unsupported),
+        };
+    }
+    let whole = body.clone();
     let request =
         RequestKind::decode(key, &mut body, version).map_err(|e| malformed(format!("{e:#}")))?;
-    if !body.is_empty() {
+    if !body.is_empty() && !librdkafka_all_topics(&request, version, &whole, &body) {
         // The broker reads the same schema; bytes it would ignore are a smuggling risk
         // and no real client sends them.
         return Err(malformed(format!("{} bytes after the body", body.len())));
     }
     Ok(facts_of(&request, version))
+}
+
+/// librdkafka's Metadata for every topic in a flexible version (v9+) keeps the
+/// four-byte placeholder it wrote for the topic count (`00 00 00 00`, "keep 0" in
+/// `rd_kafka_MetadataRequest0`) instead of the one-byte null: a broker reads a null
+/// topic list, `allow_auto_topic_creation` and `include_topic_authorized_operations`
+/// false and no tagged fields from those four bytes, and ignores the three that
+/// follow (the fields librdkafka meant). The crate reads the same; the three bytes are
+/// not extra data but that quirk, so the request is not malformed. Every other
+/// trailing byte still is.
+fn librdkafka_all_topics(request: &RequestKind, version: i16, whole: &Bytes, rest: &Bytes) -> bool {
+    matches!(request, RequestKind::Metadata(m) if m.topics.is_none())
+        && version >= 9
+        && whole.len() == 7
+        && whole.starts_with(&[0, 0, 0, 0])
+        && rest.len() == 3
 }
 
 fn name(n: &str) -> TopicRef {

@@ -245,7 +245,8 @@ fn default_body(key: ApiKey, v: i16, out: &mut BytesMut) -> Result<(), ()> {
 
 #[test]
 fn versions_the_crate_cannot_decode_keep_their_header() {
-    // Produce v2 (an old client's) and an API key no Kafka defines.
+    // Keys the crate does not know (4-7), an API key no Kafka defines, and Produce v2
+    // and Fetch v3 (an old client's, read by hand: these bodies are malformed).
     for (key, version) in [(0i16, 2i16), (1, 3), (4, 0), (7, 3), (9999, 1)] {
         let mut payload = BytesMut::new();
         payload.put_i16(key);
@@ -261,13 +262,21 @@ fn versions_the_crate_cannot_decode_keep_their_header() {
             Some("old"),
             "{key} v{version}"
         );
-        assert_eq!(
-            f.body,
-            Err(BodyError::Unsupported {
-                api_key: key,
-                version
-            })
-        );
+        if key <= 1 {
+            assert!(
+                matches!(f.body, Err(BodyError::Malformed { .. })),
+                "{key} v{version}: {:?}",
+                f.body
+            );
+        } else {
+            assert_eq!(
+                f.body,
+                Err(BodyError::Unsupported {
+                    api_key: key,
+                    version
+                })
+            );
+        }
     }
 }
 
@@ -564,4 +573,32 @@ fn fetch_sessions_and_continued_share_sessions() {
     };
     assert_eq!(share(0), Topics::Listed(vec![]));
     assert_eq!(share(4), Topics::Unknown);
+}
+
+#[test]
+fn librdkafka_metadata_for_every_topic_keeps_its_placeholder_and_is_not_malformed() {
+    // What confluent-kafka 2.16 (librdkafka 2.16) sent for `list_topics()`: Metadata
+    // v12, header v2 with client id "weir-test", then the uncompacted four-byte topic
+    // count placeholder and the three fields it meant.
+    let mut head = vec![0, 3, 0, 12, 0, 0, 0, 3, 0, 9];
+    head.extend(b"weir-test");
+    head.push(0);
+    let with = |body: &[u8]| {
+        let mut p = head.clone();
+        p.extend(body);
+        request_facts(&Bytes::from(p)).expect("header").body
+    };
+    let f = with(&[0, 0, 0, 0, 1, 0, 0]).expect("not malformed");
+    assert_eq!(f.topics, Topics::All);
+    // Anything else after a body is still malformed.
+    for body in [
+        &[0, 0, 0, 0, 1, 0, 0, 0][..],
+        &[0, 0, 0, 0, 1, 0][..],
+        &[0, 0, 0, 1, 1, 0, 0][..],
+    ] {
+        assert!(
+            matches!(with(body), Err(BodyError::Malformed { .. })),
+            "{body:?}"
+        );
+    }
 }

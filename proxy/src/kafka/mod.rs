@@ -33,8 +33,8 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 use weir_parsers::kafka::{
     BodyError, FrameSplitter, RequestFacts, TOPIC_AUTHORIZATION_FAILED, TopicRef, Topics,
-    decode_request_header, deny_response, fetch_response_session_id, filter_metadata_response,
-    metadata_topic_ids, non_topic_error, request_facts_bounded,
+    deny_response, fetch_response_session_id, filter_metadata_response, metadata_topic_ids,
+    non_topic_error, request_facts_bounded,
 };
 use weir_policy::Verdict;
 use weir_policy::flow::KafkaFlow;
@@ -60,6 +60,11 @@ enum Owed {
     },
     /// weir's denial, waiting for the broker responses owed before it.
     Denial(Bytes),
+    /// A forwarded Produce with `acks=0`: nothing is owed. A broker that answers it
+    /// anyway (tansu 0.6 does; Kafka does not) has that answer dropped rather than
+    /// taken for an out-of-order one — the client expects none (librdkafka ignores
+    /// it when it talks to such a broker directly).
+    NoResponse(i32),
 }
 
 /// Fetch sessions a connection opened, with every topic each has held (names or ids
@@ -85,6 +90,10 @@ impl FetchSessions {
         self.by_id.insert(id, topics.into_iter().collect());
     }
 }
+
+/// How many acks=0 correlation ids are remembered for a broker that answers them
+/// (one that never does, like Kafka, leaves them here: the oldest go first).
+const UNANSWERED: usize = 64;
 
 /// How to filter a Metadata response: as if the client had asked for each topic alone.
 struct MetadataFilter {
@@ -238,14 +247,18 @@ async fn requests_to_broker(
                     filter,
                     opens_session,
                 } => {
-                    let o = Owed::Broker {
-                        correlation_id,
-                        maybe_none: response == Expect::Maybe,
-                        metadata_version,
-                        filter,
-                        opens_session,
+                    let o = if response == Expect::No {
+                        Owed::NoResponse(correlation_id)
+                    } else {
+                        Owed::Broker {
+                            correlation_id,
+                            maybe_none: response == Expect::Maybe,
+                            metadata_version,
+                            filter,
+                            opens_session,
+                        }
                     };
-                    if response != Expect::No && owed.send(o).await.is_err() {
+                    if owed.send(o).await.is_err() {
                         return Ok(());
                     }
                     up_wr.write_all(frame.wire()).await?;
@@ -276,6 +289,7 @@ async fn responses_to_client(
 ) -> std::io::Result<()> {
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
+    let mut unanswered: VecDeque<i32> = VecDeque::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut requests_done = false;
     loop {
@@ -286,6 +300,12 @@ async fn responses_to_client(
             // Bounded here too: denials never wait for the broker, so a client
             // could queue them without end behind one response the broker holds.
             o = owed_rx.recv(), if !requests_done && owed.len() < OWED_QUEUE => match o {
+                Some(Owed::NoResponse(c)) => {
+                    if unanswered.len() == UNANSWERED {
+                        unanswered.pop_front();
+                    }
+                    unanswered.push_back(c);
+                }
                 Some(o) => owed.push_back(o),
                 None => requests_done = true,
             },
@@ -310,6 +330,12 @@ async fn responses_to_client(
                         close_flow(ctx, "a Kafka response without a correlation id");
                         return Ok(());
                     };
+                    let owed_next = matches!(owed.front(), Some(Owed::Broker { correlation_id, .. }) if *correlation_id == corr);
+                    if !owed_next && let Some(i) = unanswered.iter().position(|c| *c == corr) {
+                        unanswered.remove(i);
+                        debug!(correlation_id = corr, "the broker answered a Produce with acks=0; dropped");
+                        continue;
+                    }
                     // Produce requests that got no response (acks=0 weir could not read)
                     // leave the queue when a later response arrives; denials behind them
                     // are due before it.
@@ -488,10 +514,7 @@ fn decide(
             client_id: h.client_id.clone(),
         });
         let metadata_version = (h.api_key == 3 && facts.body.is_ok()).then_some(h.api_version);
-        let response = match (
-            h.api_key,
-            acks.or_else(|| old_produce_acks(&facts, payload)),
-        ) {
+        let response = match (h.api_key, acks) {
             (0, Some(0)) => Expect::No,
             (0, None) => Expect::Maybe,
             _ => Expect::Yes,
@@ -542,16 +565,6 @@ fn decide(
             Action::Close(format!("denied request cannot be answered: {e}"))
         }
     }
-}
-
-/// `acks` of a Produce v0-2, which the body decoder lacks: its body starts with it.
-fn old_produce_acks(facts: &RequestFacts, payload: &Bytes) -> Option<i16> {
-    let h = &facts.header;
-    if h.api_key != 0 || !(0..=2).contains(&h.api_version) {
-        return None;
-    }
-    let (_, body) = decode_request_header(payload).ok()?;
-    body.first_chunk::<2>().map(|a| i16::from_be_bytes(*a))
 }
 
 /// Whether the client may see `topic` in a Metadata response: whether policy would

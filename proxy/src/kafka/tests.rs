@@ -682,3 +682,41 @@ async fn weir_asks_the_broker_only_when_a_name_could_change_the_decision() {
     );
     assert!(seen.lock().expect("lock").0.is_empty());
 }
+
+#[tokio::test]
+async fn a_broker_that_answers_acks_0_does_not_break_the_connection() {
+    // The scripted broker answers every Produce, acks=0 too (as tansu 0.6 does).
+    let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
+    let mut both = produce(1, "allowed", 0);
+    both.extend_from_slice(&produce(2, "allowed", 1));
+    client.write_all(&both).await.expect("write");
+    // Only the acks=1 request's answer reaches the client; the connection stays.
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("in time")
+        .expect("a response");
+    let mut b = f.clone();
+    let h =
+        ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(V)).expect("header");
+    assert_eq!(h.correlation_id, 2);
+    client
+        .write_all(&produce(3, "allowed", 1))
+        .await
+        .expect("write");
+    let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+        .await
+        .expect("in time")
+        .expect("the connection is still open");
+    let mut b = f.clone();
+    let h =
+        ResponseHeader::decode(&mut b, ApiKey::Produce.response_header_version(V)).expect("header");
+    assert_eq!(h.correlation_id, 3);
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 2, 3]);
+    let recs = records(&shared, &lines);
+    assert!(
+        !recs.iter().any(|r| r["Summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("Kafka connection closed"))),
+        "{recs:#?}"
+    );
+}
