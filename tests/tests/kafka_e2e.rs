@@ -1,11 +1,12 @@
 //! Kafka rules end to end: tansu (a Kafka-compatible broker, memory storage) on the
 //! deathstar, real clients on the tiefighter — confluent-kafka (librdkafka 2.x) in
-//! today's protocol versions and, with `api.version.request=false` and
-//! `broker.version.fallback=0.10.0`, in old ones, and kafka-python — and weir between
-//! them, on the eBPF (sk_assign) and the nft steering paths, IPv4 and IPv6.
+//! today's protocol versions and pinned to Kafka 0.9's ([`OLD`]: only denials, tansu
+//! cannot serve them), kafka-python, and hand-framed requests on a raw socket — and
+//! weir between them, on the eBPF (sk_assign) and the nft steering paths, IPv4 and
+//! IPv6.
 //!
-//! Every denial is first shown succeeding under [`OPEN`] (same client, same broker),
-//! then refused under [`STRICT`]; what the broker stored is read back directly in the
+//! Every denial is first shown succeeding under [`open`] (same client, same broker),
+//! then refused under [`strict`]; what the broker stored is read back directly in the
 //! deathstar's own namespace, where no steering applies. The clients are
 //! `tests/scripts/kafka_client.py`, which prints one JSON object per outcome.
 
@@ -659,20 +660,21 @@ fn extras_open(k: &Kafka) {
     }
 }
 
-/// The clients besides today's librdkafka: librdkafka pinned to Kafka 0.10's
-/// protocol versions (Produce v2, Fetch v2, ListOffsets v0, Metadata v1), and
-/// kafka-python.
-const LIBS: &[(&str, &[&str])] = &[
-    (
-        "confluent",
-        &[
-            "--conf",
-            "api.version.request=false",
-            "--conf",
-            "broker.version.fallback=0.10.0",
-        ],
-    ),
-    ("kafka-python", &[]),
+/// The clients besides today's librdkafka: kafka-python. (librdkafka 2.16 ignores
+/// `api.version.request=false` with `broker.version.fallback=0.10.0` — it asks
+/// ApiVersions and speaks today's versions — so the old versions come from
+/// [`OLD`], which tansu cannot serve.)
+const LIBS: &[(&str, &[&str])] = &[("kafka-python", &[])];
+
+/// librdkafka pinned to Kafka 0.9's protocol: Metadata v0, Produce v1 (message
+/// format v0), ListOffsets v0, Fetch v1. tansu 0.6 closes the connection on such a
+/// Produce and answers ListOffsets v0 in a form librdkafka cannot read, so only the
+/// denials (weir's own answers, in those versions' formats) can be shown.
+const OLD: &[&str] = &[
+    "--conf",
+    "api.version.request=false",
+    "--conf",
+    "broker.version.fallback=0.9.0",
 ];
 
 fn with<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
@@ -774,6 +776,41 @@ fn extras_strict(k: &Kafka) {
         assert!(
             flows.iter().any(|f| f.0 == api && f.3 == "FORWARDED"),
             "no forwarded {api}: {flows:#?}"
+        );
+    }
+
+    // Old versions: weir's denials in Produce v1 and ListOffsets v0 format, read by
+    // librdkafka as the broker's own.
+    let before = k.stored("audit");
+    let o = k.produce("confluent", &["audit"], 2, OLD);
+    assert!(
+        all_failed(&o, "audit", 2, "TOPIC_AUTHORIZATION_FAILED"),
+        "{o:?}"
+    );
+    let got = k.consume(
+        "tiefighter",
+        "confluent",
+        "audit",
+        2,
+        &with(OLD, &["--assign"]),
+    );
+    assert_eq!(got, Err("TOPIC_AUTHORIZATION_FAILED".into()));
+    assert_eq!(k.stored("audit"), before);
+    let old_denials: Vec<_> =
+        k.s.flows()
+            .iter()
+            .filter_map(|f| {
+                let kf = &f["l7"]["kafka"];
+                (kf["topic"] == "audit"
+                    && kf["error_code"] == 29
+                    && kf["api_version"].as_i64().is_some_and(|v| v <= 1))
+                .then(|| kf["api_key"].as_str().unwrap_or("").to_string())
+            })
+            .collect();
+    for api in ["produce", "listoffsets"] {
+        assert!(
+            old_denials.iter().any(|a| a == api),
+            "{api}: {old_denials:?}"
         );
     }
 

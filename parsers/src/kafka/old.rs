@@ -1,10 +1,11 @@
 //! The request versions Kafka 4 removed and the `kafka-protocol` crate therefore cannot
 //! decode — Produce v0–2, Fetch v0–3, ListOffsets v0, OffsetCommit v0–1, OffsetFetch v0 —
 //! read and answered by hand. They are what clients pinned to old brokers send
-//! (librdkafka with `broker.version.fallback=0.10.0`: Produce v2, Fetch v2,
-//! ListOffsets v0), and brokers that still speak them (tansu does) serve those clients;
-//! without this a topic rule could only refuse them, and a denial could not be
-//! answered (the connection closed, the client retried until its timeout).
+//! (librdkafka 2.16 with `api.version.request=false` and
+//! `broker.version.fallback=0.9.0`: Metadata v0, Produce v1, ListOffsets v0), and
+//! brokers that still speak them serve those clients; without this a topic rule could
+//! only refuse them, and a denial could not be answered (the connection closed, the
+//! client retried until its timeout).
 //!
 //! All of them are non-flexible: fixed-width integers, `i16`-prefixed strings,
 //! `i32`-prefixed arrays and byte blocks; their responses use header v0 (the
