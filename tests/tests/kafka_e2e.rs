@@ -549,7 +549,29 @@ fn core_matrix(k: &mut Kafka) {
     core_open(k);
     k.s.reload(&strict());
     core_strict(k);
+    kafka_counters_moved(k);
     eprintln!("core matrix: {:?}", t0.elapsed());
+}
+
+/// `/metrics` counts the matrix's Kafka requests: forwarded Produce requests, denied
+/// ones with error 29, and the Kafka connections.
+fn kafka_counters_moved(k: &Kafka) {
+    let m =
+        k.s.run_in_node(&["curl", "-sf", "http://127.0.0.1:9965/metrics"]);
+    let value = |prefix: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    for sample in [
+        r#"weir_kafka_requests_total{api_key="produce",verdict="FORWARDED",error_code="0"}"#,
+        r#"weir_kafka_requests_total{api_key="produce",verdict="DROPPED",error_code="29"}"#,
+        r#"weir_proxy_connections_total{protocol="kafka"}"#,
+        r#"weir_flows_processed_total{verdict="DROPPED",type="L7",protocol="Kafka"}"#,
+    ] {
+        assert!(value(sample) >= 1.0, "{sample} missing or 0 in:\n{m}");
+    }
 }
 
 #[test]
