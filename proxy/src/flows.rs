@@ -157,14 +157,9 @@ impl FlowSink {
         }
     }
 
-    /// Queues one record. It is serialised on the writer thread: a clone costs
-    /// the data path less than rendering the JSON did.
-    pub fn emit(&self, flow: &Flow) {
-        self.send(Msg::Flow(Box::new(flow.clone())), 1);
-    }
-
-    /// Queues one record the caller no longer needs (no clone).
-    pub fn emit_owned(&self, flow: Flow) {
+    /// Queues one record, moved (never cloned: the caller is done with it). It is
+    /// serialised on the writer thread.
+    pub fn emit(&self, flow: Flow) {
         self.send(Msg::Flow(Box::new(flow)), 1);
     }
 
@@ -381,7 +376,7 @@ mod tests {
         let sink = FlowSink::with_capacity(Box::new(gate.clone()), 8);
         let started = Instant::now();
         for i in 0..100 {
-            sink.emit(&flow(i));
+            sink.emit(flow(i));
         }
         sink.emit_all((100..110).map(flow));
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -409,7 +404,7 @@ mod tests {
         let gate = Gate::default();
         gate.open();
         let sink = FlowSink::new(Box::new(gate.clone()));
-        sink.emit(&flow(1));
+        sink.emit(flow(1));
         sink.emit_all((2..5).map(flow));
         let deadline = Instant::now() + Duration::from_secs(5);
         while gate.lines() < 4 && Instant::now() < deadline {
@@ -428,7 +423,7 @@ mod tests {
         let sink = FlowSink::with_bus(Box::new(gate.clone()), 16, bus.clone());
         let (_, sub) = bus.query(FlowFilter::default(), 0, true, 16);
         let mut sub = sub.unwrap();
-        sink.emit(&flow(1));
+        sink.emit(flow(1));
         sink.emit_all((2..6).map(flow));
         assert!(sink.flush(Duration::from_secs(5)));
         assert_eq!(gate.lines(), 5);

@@ -102,7 +102,7 @@ fn refuse_tls(ctx: &ConnContext) {
     f.verdict = flow::FlowVerdict::Dropped;
     f.drop_reason_desc = Some("TLS_ON_HTTP_PORT".into());
     f.policy = WHY.into();
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
 }
 
 /// How the wait for a connection's first request ended.
@@ -439,7 +439,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
                 .flow(&d, &v)
                 .with_error(format!("MALFORMED_REQUEST: {reject}"))
                 .with_http(L7Type::Request, elapsed_ns(start), http);
-            ctx.shared.flows.emit(&f);
+            ctx.shared.flows.emit(f);
             return Ok(response);
         }
     };
@@ -471,7 +471,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
             .flow(&d, &cv.l4_verdict())
             .with_error(format!("MALFORMED_REQUEST: {e}"))
             .with_http(L7Type::Request, elapsed_ns(start), http);
-        ctx.shared.flows.emit(&f);
+        ctx.shared.flows.emit(f);
         return Ok(response);
     }
     if http2 && !checked_headers.is_empty() {
@@ -509,7 +509,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         let f = ctx
             .flow(&d, &verdict)
             .with_http(L7Type::Request, elapsed_ns(start), http);
-        ctx.shared.flows.emit(&f);
+        ctx.shared.flows.emit(f);
         return Ok(response);
     }
     // A tunnel is decided again at each policy change, on what was decided now.
@@ -639,7 +639,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
             http.grpc = Some(g);
         }
     }
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
     response
 }
 
@@ -721,7 +721,7 @@ impl Drop for InFlight {
         );
         // Forwarded as policy allowed; the client ended it.
         f.drop_reason_desc = Some("CLIENT_CANCELLED".into());
-        self.ctx.shared.flows.emit(&f);
+        self.ctx.shared.flows.emit(f);
     }
 }
 

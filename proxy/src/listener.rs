@@ -167,7 +167,7 @@ async fn handle(
             }
             other => {
                 drop(conn_metrics(&ctx).open(ConnProtocol::Tcp));
-                ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
+                ctx.shared.flows.emit(ctx.flow(&d, &verdict));
                 debug!(detected = ?other.map(|(k, _)| k), "closing denied non-HTTP connection");
             }
         }
@@ -198,7 +198,7 @@ async fn handle(
         }
     } else {
         let verdict = cv.l4_verdict();
-        ctx.shared.flows.emit(&ctx.flow(&d, &verdict));
+        ctx.shared.flows.emit(ctx.flow(&d, &verdict));
         let _open = conn_metrics(&ctx).open(ConnProtocol::Tcp);
         tcp::splice(&ctx, stream).await;
     }
@@ -225,5 +225,5 @@ fn refuse_loop(ctx: &ConnContext) {
     f.verdict = FlowVerdict::Dropped;
     f.drop_reason_desc = Some("PROXY_LOOP".into());
     f.policy = WHY.into();
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
 }

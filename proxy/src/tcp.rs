@@ -101,6 +101,6 @@ fn no_longer_allowed(ctx: &ConnContext) -> Option<String> {
     }
     f.summary = "spliced connection closed: the new policy no longer allows it".into();
     let why = f.policy.clone();
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
     Some(why)
 }

@@ -265,7 +265,7 @@ fn dispatch(
     let idle = shared.config.udp_idle_timeout;
     if let Some(flow) = refusal(&ctx, &d) {
         info!(%client, dst = %orig_dst, reason = %flow.policy, "UDP flow denied");
-        shared.flows.emit(&flow);
+        shared.flows.emit(flow);
         let cap = 2 * shared.config.udp_max_sessions;
         map.deny(key, Instant::now() + idle, d.policy.clone(), cap);
         return;
@@ -295,7 +295,7 @@ fn dispatch(
     let dns = d.verdict.needs_dns();
     // A DNS flow's records are per query (the DNS session writes them).
     if !dns {
-        shared.flows.emit(&ctx.flow(&d, &d.verdict.l4_verdict()));
+        shared.flows.emit(ctx.flow(&d, &d.verdict.l4_verdict()));
     }
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     let _ = tx.try_send(datagram);
@@ -532,7 +532,7 @@ impl Session {
     async fn forward_to_server(&self, ctx: &ConnContext, datagram: &[u8]) -> io::Result<usize> {
         let d = ctx.decide();
         if let Some(flow) = refusal(ctx, &d) {
-            ctx.shared.flows.emit(&flow);
+            ctx.shared.flows.emit(flow);
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
         // The port has DNS rules now: this plain session must not forward

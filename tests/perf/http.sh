@@ -158,16 +158,7 @@ start_sut() {
   case $1 in
     direct) SUT_PID=; URL=http://10.200.0.10/1k ;;
     weir|weir-base)
-      rm -rf "$WORK/state"
-      local bin=$WEIR
-      [ "$1" = weir-base ] && bin=${WEIR_BASE:?WEIR_BASE=path/to/an/older/weir for the weir-base candidate}
-      in_ns $NODE taskset -c 1 "$bin" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
-        2>"$WORK/weir.log" & SUT_PID=$!
-      for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
-      # Without weir the URL still answers (directly): a weir that failed to start
-      # must stop the run, not be measured as "direct".
-      [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2
+      if [ "$1" = weir-base ]; then start_weir_sut "${WEIR_BASE:?WEIR_BASE=path/to/an/older/weir for the weir-base candidate}"; else start_weir_sut; fi
       URL=http://10.200.0.10/1k ;;
     envoy)
       in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \

@@ -84,12 +84,7 @@ start_sut() {
   case $1 in
     direct) SUT_PID= ;;
     weir)
-      rm -rf "$WORK/state"
-      in_ns $NODE taskset -c 1 "$WEIR" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-        --workers 1 --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
-        2>"$WORK/weir.log" & SUT_PID=$!
-      for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
-      [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2 ;;
+      start_weir_sut ;;
   esac
 }
 

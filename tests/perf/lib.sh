@@ -111,3 +111,18 @@ for name in sorted(a):
 print(f"{cand}: eBPF {total / n:.0f} ns per request: " + "; ".join(parts))
 PY
 }
+
+# start_weir_sut [BINARY]: weir (default $WEIR) on CPU 1 in the node namespace with
+# $WORK/policy.yaml and $WORK/endpoints.yaml, WEIR_WORKERS workers (1), flows to
+# /dev/null, WEIR_ARGS added; sets SUT_PID and returns once weir is ready. A weir that
+# did not start stops the run: a URL that still answers directly must not be measured
+# as weir.
+start_weir_sut() {
+  local bin=${1:-$WEIR}
+  rm -rf "$WORK/state"
+  in_ns $NODE taskset -c 1 "$bin" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
+    --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
+    2>"$WORK/weir.log" & SUT_PID=$!
+  for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
+  [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2
+}

@@ -72,7 +72,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
         Ok(f) => f,
         Err(reject) => {
             let reply = reject.response(msg);
-            ctx.shared.flows.emit(&rejected_flow(ctx, &d, &reject));
+            ctx.shared.flows.emit(rejected_flow(ctx, &d, &reject));
             tracing::debug!(reason = %reject, "DNS query rejected");
             return match reply {
                 Some(r) => QueryAction::Reply(r),
@@ -90,7 +90,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
             DnsFlow::from_rcode(&facts, rcode.rcode()),
         );
         flow.verdict = FlowVerdict::Dropped;
-        ctx.shared.flows.emit(&flow);
+        ctx.shared.flows.emit(flow);
         tracing::debug!(name = %facts.name, "DNS query denied");
         return match dns::refused(msg, rcode) {
             Some(r) => QueryAction::Reply(r),
@@ -105,7 +105,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
             DnsFlow::from_rcode(&facts, dns::rcode::SERVFAIL),
         )
         .with_error("DNS_TOO_MANY_OUTSTANDING");
-        ctx.shared.flows.emit(&flow);
+        ctx.shared.flows.emit(flow);
         tracing::debug!(
             name = %facts.name,
             max = cfg.dns_max_outstanding,
@@ -118,7 +118,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     }
     ctx.shared
         .flows
-        .emit_owned(query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
+        .emit(query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
     let now = Instant::now();
     QueryAction::Forward(Pending {
         facts,
@@ -446,7 +446,7 @@ pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
 /// SERVFAIL for `p`, with its flow record.
 pub(crate) fn servfail(ctx: &ConnContext, p: &Pending, why: &str) -> Option<Vec<u8>> {
     tracing::debug!(name = %p.facts.name, why, "DNS query answered SERVFAIL");
-    ctx.shared.flows.emit_owned(servfail_flow(ctx, p, why));
+    ctx.shared.flows.emit(servfail_flow(ctx, p, why));
     Some(dns::servfail_for(&p.facts))
 }
 

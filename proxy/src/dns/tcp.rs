@@ -53,7 +53,7 @@ pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
         f.verdict = FlowVerdict::Dropped;
         f.drop_reason_desc = Some("DNS_CLIENT_WRITE_TIMEOUT".into());
         f.policy = format!("the DNS client did not take an answer within {write_timeout:?}");
-        ctx.shared.flows.emit(&f);
+        ctx.shared.flows.emit(f);
     }
 }
 
@@ -267,7 +267,7 @@ impl Conn {
         f.verdict = FlowVerdict::Dropped;
         f.drop_reason_desc = Some("DNS_FRAME_TIMEOUT".into());
         f.policy = format!("a DNS message from the client took longer than {limit:?} to arrive");
-        self.ctx.shared.flows.emit(&f);
+        self.ctx.shared.flows.emit(f);
     }
 
     fn framing_failed(&self, e: &FrameError, from: &str) {
@@ -277,7 +277,7 @@ impl Conn {
         f.verdict = FlowVerdict::Dropped;
         f.drop_reason_desc = Some("DNS_BAD_FRAME".into());
         f.policy = format!("DNS over TCP from the {from}: {e}");
-        self.ctx.shared.flows.emit(&f);
+        self.ctx.shared.flows.emit(f);
     }
 
     /// Queues a frame for the client; waits while the queue is full (at most
@@ -417,7 +417,7 @@ impl Conn {
                     self.ctx
                         .shared
                         .flows
-                        .emit_owned(super::answer_flow(&self.ctx, &p, &facts));
+                        .emit(super::answer_flow(&self.ctx, &p, &facts));
                     self.send_client(&msg).await;
                     return;
                 }
@@ -440,9 +440,7 @@ impl Conn {
                 }
                 let out = match gate.passed(&ctx.shared).await {
                     Ok(()) => {
-                        ctx.shared
-                            .flows
-                            .emit_owned(super::answer_flow(&ctx, &p, &facts));
+                        ctx.shared.flows.emit(super::answer_flow(&ctx, &p, &facts));
                         Some(msg)
                     }
                     Err(why) => super::servfail(&ctx, &p, &why),

@@ -122,7 +122,7 @@ fn answers_match_their_query_by_id_and_question() {
             assert_eq!(req.names, ["b.example."]);
             assert_eq!(req.addresses, [("192.0.2.2".parse().unwrap(), 30)]);
             assert!(!req.selected());
-            ctx.shared.flows.emit(&answer_flow(&ctx, &p, &a));
+            ctx.shared.flows.emit(answer_flow(&ctx, &p, &a));
         }
         _ => panic!("b's answer not matched"),
     }

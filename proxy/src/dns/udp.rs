@@ -183,9 +183,7 @@ async fn on_answer(
     };
     let reply = match super::gate(&ctx.shared, &p, &facts) {
         super::Gate::Open => {
-            ctx.shared
-                .flows
-                .emit_owned(super::answer_flow(ctx, &p, &facts));
+            ctx.shared.flows.emit(super::answer_flow(ctx, &p, &facts));
             let _ = downstream.send(msg).await;
             return;
         }
@@ -203,9 +201,7 @@ async fn on_answer(
         async move {
             match super::wait_for(&ctx.shared, reply).await {
                 Ok(()) => {
-                    ctx.shared
-                        .flows
-                        .emit_owned(super::answer_flow(&ctx, &p, &facts));
+                    ctx.shared.flows.emit(super::answer_flow(&ctx, &p, &facts));
                     let _ = downstream.send(&msg).await;
                 }
                 Err(why) => {

@@ -95,7 +95,7 @@ impl OnEnd for GrpcFlow {
         if let Some(http) = f.l7.as_mut().and_then(|l| l.http.as_mut()) {
             http.grpc = Some(g);
         }
-        self.ctx.shared.flows.emit(&f);
+        self.ctx.shared.flows.emit(f);
     }
 }
 

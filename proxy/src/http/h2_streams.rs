@@ -69,7 +69,7 @@ pub(super) fn http2_connection_error(ctx: &ConnContext, e: &hyper::Error) {
                 .flow(&d, &d.verdict.l4_verdict())
                 .with_error(format!("HTTP2_GOAWAY: {reason:?}"));
             f.policy = format!("HTTP/2 connection closed with GOAWAY by {by}: {h2e}");
-            ctx.shared.flows.emit(&f);
+            ctx.shared.flows.emit(f);
             return;
         }
         source = err.source();
@@ -91,7 +91,7 @@ pub(super) fn revoked_at_l4(ctx: &ConnContext) -> bool {
     f.drop_reason_desc = Some("POLICY_DENIED".into());
     f.policy = format!("policy change: {}", f.policy);
     f.summary = "HTTP/2 connection closed with GOAWAY: the new policy no longer allows it".into();
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
     true
 }
 
@@ -108,7 +108,7 @@ pub(super) fn too_many_resets(ctx: &ConnContext, limit: u32) {
     f.policy = format!(
         "HTTP/2 client reset more than {limit} streams in a second (--http2-max-resets-per-sec); connection closed"
     );
-    ctx.shared.flows.emit(&f);
+    ctx.shared.flows.emit(f);
 }
 
 /// An HTTP/2 stream from its request until its response has been sent (or the

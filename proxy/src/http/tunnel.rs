@@ -331,7 +331,7 @@ impl Tunnel {
             self.http.url,
             self.http.code
         );
-        self.ctx.shared.flows.emit(&f);
+        self.ctx.shared.flows.emit(f);
     }
 }
 

@@ -667,7 +667,7 @@ fn emit(
     if let Some(r) = reason {
         f.policy = format!("{}: {r}", f.policy);
     }
-    ctx.shared.flows.emit_owned(f);
+    ctx.shared.flows.emit(f);
 }
 
 /// The flow record of a connection weir closes.
@@ -677,7 +677,7 @@ fn close_flow(ctx: &ConnContext, why: &str) {
     let mut f = ctx.flow(&d, &d.verdict.l4_verdict()).with_error(why);
     f.kind = "L7";
     f.summary = format!("Kafka connection closed: {why}");
-    ctx.shared.flows.emit_owned(f);
+    ctx.shared.flows.emit(f);
 }
 
 mod ask;
