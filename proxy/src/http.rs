@@ -572,6 +572,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         None => {
             Box::pin(upstream.forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc))
                 .await
+                .and_then(|resp| no_switch(&ctx, resp))
         }
     };
     let upstream_ns = elapsed_ns(upstream_start);
@@ -808,6 +809,23 @@ fn use_checked_path(uri: &mut Uri, checked: &str) -> Result<(), String> {
     );
     *uri = Uri::from_parts(p).map_err(|e| format!("path {checked:?}: {e}"))?;
     Ok(())
+}
+
+/// A 101 to a request weir did not forward as a switch is no switch (RFC 9110
+/// §15.2.2: a server switches only to a protocol the request offered); relayed,
+/// it would tell the client the connection now carries another protocol.
+fn no_switch(
+    ctx: &ConnContext,
+    resp: Response<ProxyBody>,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        info!("the server answered 101 to a request that asked for no switch; answering 502");
+        return Err(UpstreamError::Failed(
+            ctx.orig_dst.to_string(),
+            "101 refused: the request asked for no switch".into(),
+        ));
+    }
+    Ok(resp)
 }
 
 /// The switch a request still asks for once `mismatch` actions have changed

@@ -551,7 +551,7 @@ fn a_101_that_does_not_answer_the_handshake_is_not_a_tunnel() {
     };
     let log = start_bad_server(&mut s);
     s.start_weir(&policy(PUBLIC, CONNECT_80), NFT);
-    let probe = |s: &Scenario, upgrade: &str, next: &str| -> serde_json::Value {
+    let probe_as = |s: &Scenario, upgrade: &str, next: &str, how: &str| -> serde_json::Value {
         let py = python();
         let client = script("upgrade_then_get.py");
         let port = WS_PORT.to_string();
@@ -562,6 +562,7 @@ fn a_101_that_does_not_answer_the_handshake_is_not_a_tunnel() {
             port.as_str(),
             upgrade,
             next,
+            how,
         ];
         let out = run_in(s, "tiefighter", &argv);
         serde_json::from_str(text(&out).trim()).unwrap_or_else(|_| {
@@ -573,6 +574,7 @@ fn a_101_that_does_not_answer_the_handshake_is_not_a_tunnel() {
             )
         })
     };
+    let probe = |s: &Scenario, upgrade: &str, next: &str| probe_as(s, upgrade, next, "switch");
     let requests = || -> Vec<String> { settled_lines(&log) };
     // A valid switch (the right Accept) tunnels: what follows on the connection
     // is the client's and the server's business, and reaches the server.
@@ -609,6 +611,10 @@ fn a_101_that_does_not_answer_the_handshake_is_not_a_tunnel() {
             requests()
         );
     }
+    // A 101 to a request that asked for no switch at all is no switch either.
+    let got = probe_as(&s, "/public/status?code=101", "/admin", "plain");
+    assert_eq!(got["upgrade"], 502, "{got}\n{}", s.weir_log_text());
+    assert_eq!(got["next"], 403, "{got}");
     assert!(
         requests().iter().all(|l| !l.contains("/admin")),
         "{:?}",

@@ -94,7 +94,7 @@ impl Switch {
     /// would splice every later request on the connection past policy.
     fn check_101(&self, key: Option<&HeaderValue>, response: &HeaderMap) -> Result<(), String> {
         let Switch::Upgrade(offered) = self else {
-            return Ok(());
+            return Err("a CONNECT is answered 2xx, not 101".into());
         };
         let mut lines = response.get_all(header::UPGRADE).iter();
         let (Some(chosen), None) = (lines.next(), lines.next()) else {
@@ -211,12 +211,6 @@ pub(super) async fn forward(
         .forward_switch(ctx, req, sr.switch.headers(), timeout)
         .await?;
     let status = resp.status();
-    if !sr.switch.accepted(status) {
-        // An ordinary response: relayed as usual, and the connection stays HTTP.
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, &[]);
-        return Ok(Response::from_parts(parts, ProxyBody::Http1(body)));
-    }
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Err(why) = sr.switch.check_101(key.as_ref(), resp.headers())
     {
@@ -227,6 +221,12 @@ pub(super) async fn forward(
             ctx.orig_dst.to_string(),
             format!("101 refused: {why}"),
         ));
+    }
+    if !sr.switch.accepted(status) {
+        // An ordinary response: relayed as usual, and the connection stays HTTP.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, &[]);
+        return Ok(Response::from_parts(parts, ProxyBody::Http1(body)));
     }
     let server = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
@@ -552,7 +552,7 @@ mod tests {
         assert_eq!(other.check_101(None, &h), Ok(()));
         let h = resp(&[("upgrade", "foo"), ("connection", "upgrade")]);
         assert!(other.check_101(None, &h).is_err());
-        assert_eq!(Switch::Connect.check_101(None, &resp(&[])), Ok(()));
+        assert!(Switch::Connect.check_101(None, &resp(&[])).is_err());
     }
 
     #[test]
