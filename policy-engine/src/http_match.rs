@@ -118,6 +118,20 @@ fn method_matches(r: &CompiledRule, facts: &RequestFacts) -> bool {
     }
 }
 
+/// A request carrying `Upgrade` (the proxy keeps it only on a protocol switch
+/// or when a rule names it) is allowed only by a rule with its own condition on
+/// `Upgrade` (in `headers`, or a `headerMatches` entry without a `mismatch`
+/// action), which must then match the request's value: after the switch the
+/// connection carries opaque bytes no later rule sees, so a rule written for
+/// plain GETs must not open one. Stricter than Cilium's rules read literally,
+/// yet Cilium's Envoy refuses every upgrade, so no Cilium policy relied on it.
+fn upgrade_allowed(r: &CompiledRule, headers: &HeaderMap) -> bool {
+    !headers.contains_key(http::header::UPGRADE)
+        || r.headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+}
+
 #[derive(Debug)]
 pub struct HttpMatcher {
     rules: Vec<CompiledRule>,
@@ -310,6 +324,7 @@ impl HttpMatcher {
         let r = &self.rules[idx as usize];
         owners.binary_search(&r.owner).is_ok()
             && method_matches(r, facts)
+            && upgrade_allowed(r, headers)
             && r.host
                 .as_ref()
                 .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
@@ -384,6 +399,7 @@ impl HttpMatcher {
             let r = &self.rules[idx as usize];
             owners.binary_search(&r.owner).is_ok()
                 && method_matches(r, facts)
+                && upgrade_allowed(r, headers)
                 && r.host
                     .as_ref()
                     .is_none_or(|h| facts.host.as_deref().is_some_and(|v| h.is_match(v)))
@@ -502,6 +518,43 @@ mod tests {
                 .map(|x| x.rule),
             None
         );
+    }
+
+    #[test]
+    fn upgrade_needs_a_rule_that_names_it() {
+        let cond = |name: &str, value: &str, mismatch| HeaderRule {
+            name: name.into(),
+            value: Some(value.into()),
+            mismatch,
+        };
+        let with = |owner, headers| HttpRuleSpec {
+            headers,
+            ..spec(owner, Some("GET"), Some("/public/.*"))
+        };
+        let m = HttpMatcher::new(vec![
+            spec(0, Some("GET"), Some("/public/.*")),
+            with(1, vec![cond("upgrade", "websocket", None)]),
+            // A `mismatch` action never denies, so it does not name the upgrade.
+            with(
+                2,
+                vec![cond("upgrade", "websocket", Some(MismatchAction::Log))],
+            ),
+        ])
+        .unwrap();
+        let get = facts("GET", "/public/ws", None);
+        let mut h = HeaderMap::new();
+        assert_eq!(m.first_match(&get, &h, &[0, 1, 2]), Some(0));
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "upgrade".parse().unwrap());
+        // A GET-only rule does not open a tunnel; one naming `Upgrade` does.
+        assert_eq!(m.first_match(&get, &h, &[0]), None);
+        assert_eq!(m.evaluate(&get, &h, &[0, 2]), None);
+        assert_eq!(m.first_match(&get, &h, &[2]), None);
+        assert_eq!(m.first_match(&get, &h, &[0, 1, 2]), Some(1));
+        assert_eq!(m.evaluate(&get, &h, &[0, 1, 2]).map(|x| x.rule), Some(1));
+        // Only for the protocol it names.
+        h.insert("upgrade", "smtp".parse().unwrap());
+        assert_eq!(m.first_match(&get, &h, &[0, 1, 2]), None);
     }
 
     #[test]

@@ -515,6 +515,10 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
     // A tunnel is decided again at each policy change, on what was decided now.
     let decided_headers = switch.as_ref().map(|_| parts.headers.clone());
     apply_mismatch_actions(&mut parts.headers, &mismatches);
+    // What the server is sent is the request after the actions: a DELETE of
+    // `Upgrade` (or `Connection`) cancels the switch, a REPLACE's protocols are
+    // the ones sent and the ones the 101 must name.
+    let switch = switch.and_then(|_| after_actions(&parts));
     let upstream = &ctx.shared.upstream;
     let call_deadline = if is_grpc {
         grpc::timeout(&parts.headers)
@@ -568,6 +572,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         None => {
             Box::pin(upstream.forward(&ctx, Request::from_parts(parts, body), timeout, is_grpc))
                 .await
+                .and_then(|resp| no_switch(&ctx, resp))
         }
     };
     let upstream_ns = elapsed_ns(upstream_start);
@@ -745,6 +750,11 @@ pub fn prepare_headers(headers: &mut HeaderMap, checked: &[&str]) -> Result<(), 
         ));
     }
     upstream::strip_hop_by_hop(headers, checked);
+    // `Upgrade` goes even when a rule names it: the switch puts its own line
+    // back (see `switch_headers`), so a rule naming `Upgrade` sees one only on
+    // a protocol switch, and a request weir does not switch (`Upgrade: h2c`,
+    // one without `Connection: upgrade`) never asks the server to.
+    headers.remove(header::UPGRADE);
     join_field_lines(headers, checked);
     Ok(())
 }
@@ -801,6 +811,29 @@ fn use_checked_path(uri: &mut Uri, checked: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A 101 to a request weir did not forward as a switch is no switch (RFC 9110
+/// §15.2.2: a server switches only to a protocol the request offered); relayed,
+/// it would tell the client the connection now carries another protocol.
+fn no_switch(
+    ctx: &ConnContext,
+    resp: Response<ProxyBody>,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        info!("the server answered 101 to a request that asked for no switch; answering 502");
+        return Err(UpstreamError::Failed(
+            ctx.orig_dst.to_string(),
+            "101 refused: the request asked for no switch".into(),
+        ));
+    }
+    Ok(resp)
+}
+
+/// The switch a request still asks for once `mismatch` actions have changed
+/// its headers (which hold the switch lines policy checked).
+fn after_actions(parts: &http::request::Parts) -> Option<tunnel::Switch> {
+    tunnel::Switch::requested(&parts.method, parts.version, &parts.headers)
+}
+
 /// Cilium's `mismatch` actions, on the request about to be forwarded: ADD
 /// appends the required value, REPLACE sets it, DELETE removes the header, LOG
 /// changes nothing. Rules were validated at load, so names and values are valid.
@@ -841,6 +874,48 @@ mod tests {
             found: None,
             action,
         }
+    }
+
+    #[test]
+    fn mismatch_actions_decide_the_switch() {
+        let ws = || {
+            let mut p = http::Request::get("/ws")
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            p.version = Version::HTTP_11;
+            p
+        };
+        let upgrade = |v: &'static str| Some(tunnel::Switch::Upgrade(HeaderValue::from_static(v)));
+        assert_eq!(after_actions(&ws()), upgrade("websocket"));
+        let mut p = ws();
+        apply_mismatch_actions(
+            &mut p.headers,
+            &[mm("upgrade", Some("chat"), MismatchAction::Delete)],
+        );
+        assert_eq!(after_actions(&p), None);
+        let mut p = ws();
+        apply_mismatch_actions(
+            &mut p.headers,
+            &[mm("upgrade", Some("chat"), MismatchAction::Replace)],
+        );
+        assert_eq!(after_actions(&p), upgrade("chat"));
+        // Two `Upgrade` lines are no switch; neither is one without `Connection`.
+        let mut p = ws();
+        apply_mismatch_actions(
+            &mut p.headers,
+            &[mm("upgrade", Some("chat"), MismatchAction::Add)],
+        );
+        assert_eq!(after_actions(&p), None);
+        let mut p = ws();
+        apply_mismatch_actions(
+            &mut p.headers,
+            &[mm("connection", Some("close"), MismatchAction::Delete)],
+        );
+        assert_eq!(after_actions(&p), None);
     }
 
     #[test]

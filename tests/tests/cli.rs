@@ -171,6 +171,57 @@ fn explain_names_the_deciding_rule() {
 }
 
 #[test]
+fn explain_allows_an_upgrade_only_by_a_rule_naming_it() {
+    let d = ScratchDir::new("explain-upgrade");
+    let p = d.0.join("p.yaml");
+    let e = d.0.join("e.yaml");
+    let rules = "- {method: GET, path: /public/.*}\n        \
+                 - {method: GET, path: /ws, headers: ['Upgrade: websocket']}";
+    std::fs::write(
+        &p,
+        SW.replace(
+            "- {method: POST, path: /v1/request-landing, headers: ['X-Has-Force']}",
+            rules,
+        ),
+    )
+    .unwrap();
+    std::fs::write(&e, ENDPOINTS).unwrap();
+    let ask = |req: &str, upgrade: Option<&str>| {
+        let mut a = vec![
+            "policy",
+            "explain",
+            "--policy",
+            p.to_str().unwrap(),
+            "--endpoints",
+            e.to_str().unwrap(),
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--port",
+            "80",
+            "--http",
+            req,
+        ];
+        let up = upgrade.map(|u| format!("Upgrade: {u}"));
+        if let Some(u) = &up {
+            a.extend_from_slice(&["--header", "Connection: Upgrade", "--header", u]);
+        }
+        out(&weir_cli(&a)).1
+    };
+    let rule = |i: u32| format!("ALLOWED\nrule1 spec.ingress[0].toPorts[0].rules.http[{i}]\n");
+    let denied = "DENIED\nno rule matched (ingress, HTTP)\n";
+    assert_eq!(ask("GET /public/x", None), rule(0));
+    // The GET rule names no `Upgrade`: it opens no tunnel.
+    assert_eq!(ask("GET /public/x", Some("websocket")), denied);
+    assert_eq!(ask("GET /ws", Some("websocket")), rule(1));
+    assert_eq!(ask("GET /ws", Some("chat")), denied);
+    assert_eq!(ask("GET /ws", None), denied);
+    // h2c is no switch: its `Upgrade` line goes before the check.
+    assert_eq!(ask("GET /public/x", Some("h2c-14")), rule(0));
+}
+
+#[test]
 fn explain_on_an_l7_port_lists_the_http_rules_and_knows_named_ports() {
     let d = ScratchDir::new("explain-l7");
     let e = d.0.join("named.yaml");

@@ -41,8 +41,13 @@ spec:
     )
 }
 
-/// The WebSocket paths, only as upgrades (policy sees the `Upgrade` line).
-const WS_ECHO: &str = "        - method: GET\n          path: /(echo|refuse)\n          headers: ['Upgrade: websocket']\n        - method: GET\n          path: /v1/.*\n";
+/// The WebSocket paths, only as upgrades (policy sees the `Upgrade` line), and
+/// plain GETs under /v1/ (which open no tunnel: no `Upgrade` condition).
+const WS_ECHO: &str = "        - method: GET\n          path: /(echo|refuse|v1/a)\n          headers: ['Upgrade: websocket']\n        - method: GET\n          path: /v1/.*\n";
+/// The same paths for GET without a condition on `Upgrade`: no tunnel.
+const WS_GET_ONLY: &str = "        - method: GET\n          path: /(echo|refuse)\n";
+/// For the misbehaving server: upgrades and GETs under /public/, nothing else.
+const PUBLIC: &str = "        - method: GET\n          path: /public/.*\n          headers: ['Upgrade: websocket']\n        - method: GET\n          path: /public/.*\n";
 const WS_OTHER: &str = "        - method: GET\n          path: /other\n        - method: GET\n          path: /v1/.*\n";
 /// CONNECT to the deathstar's own nginx (tinyproxy reaches it locally).
 const CONNECT_80: &str =
@@ -485,5 +490,149 @@ fn connect_is_tunnelled_only_when_a_rule_names_it() {
             .iter()
             .any(|f| f["verdict"] == "DROPPED" && f["l7"]["http"]["code"] == 403),
         "{connects:#?}"
+    );
+}
+
+#[test]
+fn an_upgrade_needs_a_rule_that_names_the_upgrade_header() {
+    let Some(mut s) = Scenario::star_wars("ws-needs-rule") else {
+        return;
+    };
+    let log = start_ws_server(&mut s);
+    s.start_weir(&policy(WS_ECHO, CONNECT_80), NFT);
+    let url = format!("ws://{DEATHSTAR4}:{WS_PORT}/echo");
+    // A rule with `headers: ['Upgrade: websocket']` opens the tunnel...
+    let got = ws_client(&s, &url, &["echo", "2"]);
+    assert_eq!(got["status"], 101, "{got}\n{}", s.weir_log_text());
+    assert_eq!(got["echoed"], 2, "{got}");
+    assert_eq!(handshakes(&log).len(), 1);
+    // ...a rule allowing the same GET without naming `Upgrade` does not: the
+    // same handshake gets weir's 403 and never reaches the server.
+    s.reload(&policy(WS_GET_ONLY, CONNECT_80));
+    let got = ws_client(&s, &url, &["echo", "2"]);
+    assert_eq!(got["status"], 403, "{got}\n{}", s.weir_log_text());
+    assert_eq!(handshakes(&log).len(), 1, "{:?}", handshakes(&log));
+    // The plain GET that rule is for still passes (the server's own 426).
+    let out = s.curl(
+        "tiefighter",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{DEATHSTAR4}:{WS_PORT}/echo"),
+        ],
+    );
+    assert_eq!(text(&out), "426", "{}", s.weir_log_text());
+}
+
+/// The misbehaving server (`bad_101_server.py`) on the WebSocket port; its log
+/// has every request line it read.
+fn start_bad_server(s: &mut Scenario) -> PathBuf {
+    let log = s.path("bad-server.log");
+    std::fs::write(&log, "").unwrap();
+    let py = python();
+    let mut cmd = s.lab.workload("deathstar").ns.command(py.to_str().unwrap());
+    cmd.arg(script("bad_101_server.py"))
+        .arg(WS_PORT.to_string())
+        .arg(&log)
+        .stderr(std::fs::File::create(s.path("bad-server.err")).unwrap());
+    s.lab.spawn("bad-server", cmd).expect("start bad server");
+    s.lab
+        .wait_for_tcp(DEATHSTAR4, WS_PORT, Duration::from_secs(20))
+        .expect("bad server listening");
+    log
+}
+
+#[test]
+fn a_101_that_does_not_answer_the_handshake_is_not_a_tunnel() {
+    let Some(mut s) = Scenario::star_wars("ws-bad-101") else {
+        return;
+    };
+    let log = start_bad_server(&mut s);
+    s.start_weir(&policy(PUBLIC, CONNECT_80), NFT);
+    let probe_as = |s: &Scenario, upgrade: &str, next: &str, how: &str| -> serde_json::Value {
+        let py = python();
+        let client = script("upgrade_then_get.py");
+        let port = WS_PORT.to_string();
+        let argv = [
+            py.to_str().unwrap(),
+            client.as_str(),
+            DEATHSTAR4,
+            port.as_str(),
+            upgrade,
+            next,
+            how,
+        ];
+        let out = run_in(s, "tiefighter", &argv);
+        serde_json::from_str(text(&out).trim()).unwrap_or_else(|_| {
+            panic!(
+                "{}\n{}\n{}",
+                text(&out),
+                String::from_utf8_lossy(&out.stderr),
+                s.weir_log_text()
+            )
+        })
+    };
+    let probe = |s: &Scenario, upgrade: &str, next: &str| probe_as(s, upgrade, next, "switch");
+    let requests = || -> Vec<String> { settled_lines(&log) };
+    // A valid switch (the right Accept) tunnels: what follows on the connection
+    // is the client's and the server's business, and reaches the server.
+    let got = probe(&s, "/public/ws", "/in-the-tunnel");
+    assert_eq!(got["upgrade"], 101, "{got}\n{}", s.weir_log_text());
+    assert_eq!(got["next"], 200, "{got}");
+    assert_eq!(got["next_body"], "ok /in-the-tunnel\n", "{got}");
+    assert!(
+        requests()
+            .iter()
+            .any(|l| l == "request GET /in-the-tunnel HTTP/1.1"),
+        "{:?}",
+        requests()
+    );
+    // Outside a tunnel, /admin is weir's to refuse.
+    let got = probe(&s, "/public/other", "/admin");
+    assert_eq!(
+        (&got["upgrade"], &got["next"]),
+        (&200.into(), &403.into()),
+        "{got}"
+    );
+    // A 101 without the handshake's answer (a status echoed from the URL, or a
+    // wrong Accept): the client gets weir's 502, the connection stays HTTP, and
+    // the /admin after it is decided (403) and never reaches the server.
+    for path in ["/public/status?code=101", "/public/wrong-accept"] {
+        let got = probe(&s, path, "/admin");
+        assert_eq!(got["upgrade"], 502, "{path}: {got}\n{}", s.weir_log_text());
+        assert_eq!(got["next"], 403, "{path}: {got}");
+        assert!(
+            requests()
+                .iter()
+                .any(|l| l.contains(&format!("GET {path} "))),
+            "{:?}",
+            requests()
+        );
+    }
+    // A 101 to a request that asked for no switch at all is no switch either.
+    let got = probe_as(&s, "/public/status?code=101", "/admin", "plain");
+    assert_eq!(got["upgrade"], 502, "{got}\n{}", s.weir_log_text());
+    assert_eq!(got["next"], 403, "{got}");
+    assert!(
+        requests().iter().all(|l| !l.contains("/admin")),
+        "{:?}",
+        requests()
+    );
+    let flows = s.flows();
+    for path in ["/public/status?code=101", "/public/wrong-accept"] {
+        assert!(
+            flows.iter().any(|f| f["l7"]["http"]["code"] == 502
+                && f["l7"]["http"]["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with(path))),
+            "{path}: {flows:#?}"
+        );
+    }
+    assert!(
+        s.weir_log_text().contains("did not switch as asked"),
+        "{}",
+        s.weir_log_text()
     );
 }

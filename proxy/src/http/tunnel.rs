@@ -16,12 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use sha1::{Digest as _, Sha1};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional};
 use tracing::{debug, info};
 use weir_parsers::http::RequestFacts;
@@ -42,10 +44,11 @@ pub(super) enum Switch {
 impl Switch {
     /// The switch an HTTP/1 request asks for, if any. An `Upgrade` counts only
     /// on HTTP/1.1 with `Connection: upgrade` (RFC 9110 §7.8) and when none of
-    /// its protocols is h2c: `Upgrade: h2c` is ignored (RFC 9113 deprecates it;
-    /// the request is answered in HTTP/1.1), and a list offering h2c beside
+    /// its protocols is HTTP/2: `Upgrade: h2c` is ignored (RFC 9113 deprecates
+    /// it; the request is answered in HTTP/1.1), and a list offering h2c beside
     /// another protocol could let the server pick h2c, whose requests policy
-    /// would never see.
+    /// would never see. HTTP/2 counts by prefix: the drafts' `h2c-14`, `h2c-16`
+    /// and `HTTP/2.0` are refused the same way.
     pub(super) fn requested(
         method: &Method,
         version: Version,
@@ -64,16 +67,8 @@ impl Switch {
         let (value, None) = (values.next()?, values.next()) else {
             return None;
         };
-        let protocols: Vec<&[u8]> = value
-            .as_bytes()
-            .split(|b| *b == b',')
-            .map(<[u8]>::trim_ascii)
-            .filter(|p| !p.is_empty())
-            .collect();
-        let is_h2c = |p: &&[u8]| {
-            let name = p.split(|b| *b == b'/').next().unwrap_or_default();
-            name.eq_ignore_ascii_case(b"h2c")
-        };
+        let protocols = tokens(value.as_bytes());
+        let is_h2c = |p: &&[u8]| starts_with_ci(p, b"h2c") || starts_with_ci(p, b"http/2");
         if protocols.is_empty() || protocols.iter().any(is_h2c) {
             return None;
         }
@@ -91,6 +86,51 @@ impl Switch {
         h
     }
 
+    /// Whether the server's 101 switched as the request asked (RFC 9110 §7.8,
+    /// RFC 6455 §4.1): its `Upgrade` names only protocols the request offered,
+    /// its `Connection` lists `upgrade`, and a WebSocket's `Sec-WebSocket-Accept`
+    /// proves the server read this request's `Sec-WebSocket-Key`. A bare 101
+    /// could be a status a server echoes from a URL parameter: switching on it
+    /// would splice every later request on the connection past policy.
+    fn check_101(&self, key: Option<&HeaderValue>, response: &HeaderMap) -> Result<(), String> {
+        let Switch::Upgrade(offered) = self else {
+            return Err("a CONNECT is answered 2xx, not 101".into());
+        };
+        let mut lines = response.get_all(header::UPGRADE).iter();
+        let (Some(chosen), None) = (lines.next(), lines.next()) else {
+            return Err("the 101 has no single Upgrade line".into());
+        };
+        let chosen = tokens(chosen.as_bytes());
+        if chosen.is_empty() {
+            return Err("the 101's Upgrade names no protocol".into());
+        }
+        let offered = tokens(offered.as_bytes());
+        if let Some(p) = chosen
+            .iter()
+            .find(|c| !offered.iter().any(|o| o.eq_ignore_ascii_case(c)))
+        {
+            return Err(format!(
+                "the 101 switches to {:?}, which the request did not offer",
+                String::from_utf8_lossy(p)
+            ));
+        }
+        if !lists(response, header::CONNECTION, "upgrade") {
+            return Err("the 101's Connection does not list upgrade".into());
+        }
+        if chosen.iter().any(|p| p.eq_ignore_ascii_case(b"websocket")) {
+            let Some(key) = key else {
+                return Err("WebSocket upgrade without Sec-WebSocket-Key".into());
+            };
+            let want = websocket_accept(key.as_bytes());
+            let mut accepts = response.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+            match (accepts.next(), accepts.next()) {
+                (Some(a), None) if a.as_bytes().trim_ascii() == want.as_bytes() => {}
+                _ => return Err("the 101's Sec-WebSocket-Accept does not answer the key".into()),
+            }
+        }
+        Ok(())
+    }
+
     fn accepted(&self, status: StatusCode) -> bool {
         match self {
             Switch::Upgrade(_) => status == StatusCode::SWITCHING_PROTOCOLS,
@@ -104,6 +144,28 @@ impl Switch {
             Switch::Connect => "CONNECT".into(),
         }
     }
+}
+
+/// The non-empty, trimmed tokens of a comma-separated value.
+fn tokens(value: &[u8]) -> Vec<&[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
+    s.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+/// The `Sec-WebSocket-Accept` a server owes a `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+fn websocket_accept(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.trim_ascii());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
@@ -143,10 +205,23 @@ pub(super) async fn forward(
     timeout: std::time::Duration,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let upstream = &ctx.shared.upstream;
+    // The key is read as sent (after any `mismatch` action), for the 101's check.
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let mut resp = upstream
         .forward_switch(ctx, req, sr.switch.headers(), timeout)
         .await?;
     let status = resp.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Err(why) = sr.switch.check_101(key.as_ref(), resp.headers())
+    {
+        // Dropping the response drops the server's connection unswitched: nothing
+        // is spliced, and the client's connection stays HTTP.
+        info!(switch = %sr.switch.name(), %why, "the server's 101 did not switch as asked; answering 502");
+        return Err(UpstreamError::Failed(
+            ctx.orig_dst.to_string(),
+            format!("101 refused: {why}"),
+        ));
+    }
     if !sr.switch.accepted(status) {
         // An ordinary response: relayed as usual, and the connection stays HTTP.
         let (mut parts, body) = resp.into_parts();
@@ -417,7 +492,15 @@ mod tests {
         assert_eq!(requested(&parts("GET", Version::HTTP_10, &ws)), None);
         assert_eq!(requested(&parts("GET", Version::HTTP_2, &ws)), None);
         // h2c, alone or offered beside another protocol, is ignored.
-        for up in ["h2c", "websocket, H2C", "h2c/1"] {
+        for up in [
+            "h2c",
+            "websocket, H2C",
+            "h2c/1",
+            "h2c-14",
+            "H2C-16",
+            "HTTP/2.0",
+            "http/2",
+        ] {
             let h = [("connection", "upgrade"), ("upgrade", up)];
             assert_eq!(requested(&parts("GET", Version::HTTP_11, &h)), None, "{up}");
         }
@@ -425,6 +508,51 @@ mod tests {
             requested(&parts("CONNECT", Version::HTTP_11, &[])),
             Some(Switch::Connect)
         );
+    }
+
+    #[test]
+    fn a_101_must_answer_the_request() {
+        // RFC 6455 §1.3's example.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let good = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        assert_eq!(websocket_accept(key.as_bytes()), good);
+        let ws = Switch::Upgrade(HeaderValue::from_static("websocket"));
+        let resp = |h: &[(&str, &str)]| parts("GET", Version::HTTP_11, h).headers;
+        let ok = resp(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-accept", good),
+        ]);
+        assert_eq!(ws.check_101(Some(&key), &ok), Ok(()));
+        // No key to answer, or a wrong, missing or doubled answer.
+        assert!(ws.check_101(None, &ok).is_err());
+        for accept in [&[][..], &[good, good][..], &["AAAA"][..]] {
+            let mut h = resp(&[("upgrade", "websocket"), ("connection", "upgrade")]);
+            for a in accept {
+                h.append("sec-websocket-accept", HeaderValue::from_static(a));
+            }
+            assert!(ws.check_101(Some(&key), &h).is_err(), "{accept:?}");
+        }
+        // A bare 101, one without `Connection: upgrade`, one to another protocol.
+        let bad = [
+            resp(&[]),
+            resp(&[("upgrade", "websocket"), ("sec-websocket-accept", good)]),
+            resp(&[
+                ("upgrade", "h2c"),
+                ("connection", "upgrade"),
+                ("sec-websocket-accept", good),
+            ]),
+        ];
+        for h in bad {
+            assert!(ws.check_101(Some(&key), &h).is_err(), "{h:?}");
+        }
+        // Other protocols: any one the request offered, no key needed.
+        let other = Switch::Upgrade(HeaderValue::from_static("foo/2, bar"));
+        let h = resp(&[("upgrade", "BAR"), ("connection", "upgrade")]);
+        assert_eq!(other.check_101(None, &h), Ok(()));
+        let h = resp(&[("upgrade", "foo"), ("connection", "upgrade")]);
+        assert!(other.check_101(None, &h).is_err());
+        assert!(Switch::Connect.check_101(None, &resp(&[])).is_err());
     }
 
     #[test]
