@@ -119,6 +119,8 @@ enum Action {
         metadata_version: Option<i16>,
         filter: Option<MetadataFilter>,
         opens_session: Option<(i16, Vec<TopicRef>)>,
+        /// The request's flow record, queued after the request is written.
+        record: Box<weir_policy::flow::Flow>,
     },
     Answer(Bytes),
     Close(String),
@@ -246,6 +248,7 @@ async fn requests_to_broker(
                     metadata_version,
                     filter,
                     opens_session,
+                    record,
                 } => {
                     let o = if response == Expect::No {
                         Owed::NoResponse(correlation_id)
@@ -262,6 +265,7 @@ async fn requests_to_broker(
                         return Ok(());
                     }
                     up_wr.write_all(frame.wire()).await?;
+                    ctx.shared.flows.emit(*record);
                 }
                 Action::Answer(bytes) => {
                     if owed.send(Owed::Denial(bytes)).await.is_err() {
@@ -507,7 +511,9 @@ fn decide(
     let acks = facts.body.as_ref().ok().and_then(|b| b.acks);
     let fetch_session = facts.body.as_ref().ok().and_then(|b| b.fetch_session);
     if verdict.allowed {
-        emit(ctx, &d, &verdict, &facts, None);
+        // Queued once the request is on its way: waking the flow writer first
+        // would put its work ahead of the forward on a busy CPU.
+        let record = request_record(ctx, &d, &verdict, &facts, None);
         let all_topics = h.api_key == 3 && req.topics == KafkaTopics::All;
         let filter = (all_topics && cv.needs_kafka()).then(|| MetadataFilter {
             version: h.api_version,
@@ -532,6 +538,7 @@ fn decide(
             metadata_version,
             filter,
             opens_session,
+            record: Box::new(record),
         };
     }
     let reason = why.map(|w| w.to_string());
@@ -642,6 +649,19 @@ fn emit(
     facts: &RequestFacts,
     reason: Option<String>,
 ) {
+    ctx.shared
+        .flows
+        .emit(request_record(ctx, d, verdict, facts, reason));
+}
+
+/// The flow record of one request (Hubble's `l7.kafka`).
+fn request_record(
+    ctx: &ConnContext,
+    d: &Decision,
+    verdict: &Verdict,
+    facts: &RequestFacts,
+    reason: Option<String>,
+) -> weir_policy::flow::Flow {
     let h = &facts.header;
     let topics = match &facts.body {
         Ok(b) => match &b.topics {
@@ -667,7 +687,7 @@ fn emit(
     if let Some(r) = reason {
         f.policy = format!("{}: {r}", f.policy);
     }
-    ctx.shared.flows.emit(f);
+    f
 }
 
 /// The flow record of a connection weir closes.
