@@ -206,15 +206,18 @@ impl Default for FlowMetrics {
             lost.clone(),
         );
         let control = ControlMetrics::default();
-        registry.register(
-            "weir_policy_revision",
-            "Policies installed by this process (1 is the first)",
-            control.policy_revision.clone(),
-        );
+        // A scrape reads in this order and a reload writes the revision before
+        // counting itself: reading the counter first, a scrape that sees a reload
+        // counted also sees the revision it brought.
         registry.register(
             "weir_policy_reloads",
             "Policy reloads (SIGHUP, watched files, weir policy apply/delete) by result (success, failure)",
             control.reloads.clone(),
+        );
+        registry.register(
+            "weir_policy_revision",
+            "Policies installed by this process (1 is the first)",
+            control.policy_revision.clone(),
         );
         registry.register(
             "weir_policy_last_reload_success",
