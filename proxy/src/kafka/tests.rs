@@ -606,40 +606,36 @@ async fn produce_v13_codes(client: &mut TcpStream, corr: i32) -> Vec<i16> {
         .collect()
 }
 
+/// Sends a Produce v13 naming topic id `[id; 16]` and returns its response's codes.
+async fn produce_by_id_codes(client: &mut TcpStream, corr: i32, id: u8) -> Vec<i16> {
+    client
+        .write_all(&produce_by_id(corr, id))
+        .await
+        .expect("write");
+    produce_v13_codes(client, corr).await
+}
+
 #[tokio::test]
 async fn an_unknown_topic_id_is_asked_of_the_broker_before_deciding() {
     // No Metadata response has gone through this proxy: ids are unknown to it.
     let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
-    client
-        .write_all(&produce_by_id(1, 0xa1))
-        .await
-        .expect("write");
-    assert_eq!(produce_v13_codes(&mut client, 1).await, Vec::<i16>::new());
+    assert_eq!(
+        produce_by_id_codes(&mut client, 1, 0xa1).await,
+        Vec::<i16>::new()
+    );
     // Only the id asked is learned from the answer: 0xa2 is asked in turn, and is
     // `secret`.
-    client
-        .write_all(&produce_by_id(2, 0xa2))
-        .await
-        .expect("write");
     assert_eq!(
-        produce_v13_codes(&mut client, 2).await,
+        produce_by_id_codes(&mut client, 2, 0xa2).await,
         vec![TOPIC_AUTHORIZATION_FAILED]
     );
     // An id the broker does not know either: denied, after asking once.
-    client
-        .write_all(&produce_by_id(3, 0xee))
-        .await
-        .expect("write");
     assert_eq!(
-        produce_v13_codes(&mut client, 3).await,
+        produce_by_id_codes(&mut client, 3, 0xee).await,
         vec![TOPIC_AUTHORIZATION_FAILED]
     );
-    client
-        .write_all(&produce_by_id(4, 0xee))
-        .await
-        .expect("write");
     assert_eq!(
-        produce_v13_codes(&mut client, 4).await,
+        produce_by_id_codes(&mut client, 4, 0xee).await,
         vec![TOPIC_AUTHORIZATION_FAILED]
     );
     const WEIR: i32 = 0x7765_6972;
@@ -663,21 +659,16 @@ async fn an_unknown_topic_id_is_asked_of_the_broker_before_deciding() {
 async fn weir_asks_the_broker_only_when_a_name_could_change_the_decision() {
     // Produce allowed without a topic rule: the id's name cannot matter.
     let (mut client, seen, _, _, _) = start_with(ProxyConfig::default(), "- {role: produce}").await;
-    client
-        .write_all(&produce_by_id(1, 0xee))
-        .await
-        .expect("write");
-    assert_eq!(produce_v13_codes(&mut client, 1).await, Vec::<i16>::new());
+    assert_eq!(
+        produce_by_id_codes(&mut client, 1, 0xee).await,
+        Vec::<i16>::new()
+    );
     assert_eq!(seen.lock().expect("lock").0, vec![1]);
     // No rule for Produce at all: denied whatever the name, nothing asked.
     let (mut client, seen, _, _, _) =
         start_with(ProxyConfig::default(), "- {apiKey: fetch, topic: allowed}").await;
-    client
-        .write_all(&produce_by_id(2, 0xa1))
-        .await
-        .expect("write");
     assert_eq!(
-        produce_v13_codes(&mut client, 2).await,
+        produce_by_id_codes(&mut client, 2, 0xa1).await,
         vec![TOPIC_AUTHORIZATION_FAILED]
     );
     assert!(seen.lock().expect("lock").0.is_empty());
