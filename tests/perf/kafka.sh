@@ -15,7 +15,13 @@
 # Targets (issue 10): added p50 <= 100 us; CPU per MB low enough for one core to
 # forward >= 1 GB/s of 1 KB records (<= 1 000 us per MB).
 # RUNS interleaved runs of DURATION seconds; median and spread reported. No other
-# Kafka-aware proxy is to be had here (Envoy's PyPI build has no Kafka filter).
+# Kafka-aware proxy is to be had here (Envoy's PyPI build has no Kafka filter), so the
+# baselines are L4 relays that parse nothing: haproxy (mode tcp) and Envoy (tcp_proxy),
+# each alone on CPU 1 with one thread, the client's connections to the broker steered
+# to them by a DNAT rule in the node (Kafka clients connect to the advertised broker
+# address, so the relay must sit on the path). They are the floor any proxy on CPU 1
+# pays here: two more TCP hops and four cross-CPU wake-ups per request.
+# CANDIDATES="direct weir" picks candidates.
 set -euo pipefail
 
 DURATION=${DURATION:-20}
@@ -23,6 +29,7 @@ RUNS=${RUNS:-3}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WEIR=${WEIR:-$ROOT/target/release/weir}
 TANSU=${TANSU:-$ROOT/.tools/bin/tansu}
+ENVOY=${ENVOY:-$ROOT/.venv/bin/envoy}
 PY=${PY:-$ROOT/.venv/bin/python}
 P=wkfk$$
 WORK=$(mktemp -d /tmp/weir-perf-kafka.XXXXXX)
@@ -80,11 +87,72 @@ endpoints:
 YAML
 "$WEIR" policy validate "$WORK/policy.yaml" >/dev/null
 
+# The L4 baselines listen in the node on RELAY; a DNAT rule sends the client's
+# connections to the broker there (removed when the baseline stops).
+RELAY=169.254.1.1:19092
+cat > "$WORK/haproxy.cfg" <<CFG
+global
+  nbthread 1
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+frontend kafka
+  bind $RELAY
+  default_backend broker
+backend broker
+  server broker $BROKER
+CFG
+cat > "$WORK/envoy.yaml" <<YAML
+static_resources:
+  listeners:
+  - address: {socket_address: {address: ${RELAY%:*}, port_value: ${RELAY#*:}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: kafka
+          cluster: broker
+  clusters:
+  - name: broker
+    connect_timeout: 5s
+    type: STATIC
+    load_assignment:
+      cluster_name: broker
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: ${BROKER%:*}, port_value: ${BROKER#*:}}}}
+YAML
+steer_to_relay() {
+  in_ns $NODE nft -f - <<NFT
+table ip kafkabench {
+  chain prerouting {
+    type nat hook prerouting priority dstnat;
+    ip daddr ${BROKER%:*} tcp dport ${BROKER#*:} dnat to $RELAY
+  }
+}
+NFT
+}
+unsteer() { in_ns $NODE nft delete table ip kafkabench 2>/dev/null || true; }
+wait_relay() {
+  for _ in $(seq 100); do in_ns $NODE bash -c "echo > /dev/tcp/${RELAY%:*}/${RELAY#*:}" 2>/dev/null && return; sleep 0.1; done
+  echo "$1 did not start" >&2; exit 1
+}
+
 start_sut() {
   case $1 in
     direct) SUT_PID= ;;
     weir)
       start_weir_sut ;;
+    haproxy)
+      in_ns $NODE taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & SUT_PID=$!
+      wait_relay haproxy; steer_to_relay ;;
+    envoy)
+      in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \
+        --base-id $$ --disable-hot-restart 2>"$WORK/envoy.log" & SUT_PID=$!
+      wait_relay envoy; steer_to_relay ;;
   esac
 }
 
@@ -104,14 +172,21 @@ measure() {   # prints: MB/s cpu_us_per_MB p50_us p99_us
   out=$(load latency) || { echo "$c: delivery errors" >&2; exit 1; }
   local p50 p99
   read -r _ _ _ p50 _ p99 <<<"$out"
+  unsteer
   stop_sut
   echo "$mbps $cpu_mb $p50 $p99"
 }
 
-CANDIDATES=(direct weir)
+read -r -a CANDIDATES <<< "${CANDIDATES:-direct weir haproxy envoy}"
+for c in "${CANDIDATES[@]}"; do
+  case $c in
+    haproxy) command -v haproxy >/dev/null || { echo "haproxy missing (run: make perf-kafka)"; exit 1; } ;;
+    envoy) [ -x "$ENVOY" ] || { echo "missing $ENVOY (run: make perf-kafka)"; exit 1; } ;;
+  esac
+done
 declare -A R
 echo "weir Kafka benchmark: ${RUNS} x ${DURATION}s interleaved; 1 KB records, acks=1; weir: 100 Kafka rules"
-echo "weir on CPU 1 (1 worker); tansu (memory storage) + confluent-kafka producer on CPU 0"
+echo "SUT on CPU 1 (1 worker); tansu (memory storage) + confluent-kafka producer on CPU 0; haproxy, envoy: L4 relays (no Kafka parsing)"
 printf "%-8s %-4s %10s %14s %8s %8s\n" cand run "MB/s" "cpu_us/MB" p50_us p99_us
 for run in $(seq "$RUNS"); do
   for c in "${CANDIDATES[@]}"; do
@@ -133,5 +208,10 @@ done
 w50=$(col weir 3 | median); w99=$(col weir 4 | median); wcpu=$(col weir 2 | median)
 echo
 echo "latency added by weir (linger.ms=0): p50 +$((w50 - d50)) us (target <= 100), p99 +$((w99 - d99)) us"
+for c in haproxy envoy; do
+  [ -n "${R[$c,1]:-}" ] || continue
+  b50=$(col $c 3 | median); b99=$(col $c 4 | median); bcpu=$(col $c 2 | median)
+  echo "latency added by $c (L4, no parsing): p50 +$((b50 - d50)) us, p99 +$((b99 - d99)) us; weir - $c: p50 $((w50 - b50)) us; CPU per MB weir/$c = $(awk -v w="$wcpu" -v b="$bcpu" 'BEGIN{printf "%.2f", (b > 0 ? w/b : 0)}')"
+done
 awk -v c="$wcpu" 'BEGIN{ printf "weir CPU per MB forwarded: %d us -> one core forwards %.2f GB/s of 1 KB records (target >= 1)\n", c, (c > 0 ? 1e6/c/1e3 : 0) }'
 exit 0
