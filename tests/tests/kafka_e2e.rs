@@ -25,16 +25,49 @@ const PORT: u16 = 9092;
 /// id `reporter`, and by Metadata v1 for anyone.
 const TOPICS: &[&str] = &["orders", "audit", "secrets", "reports"];
 
-fn policy(rules: &str) -> String {
+/// Where the broker runs, and so which side of weir's policy its rules are on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Broker {
+    /// On the deathstar, a local endpoint: ingress rules on the deathstar.
+    Deathstar,
+    /// Outside the node (10.201.1.1, fd00:201:1::1), no endpoint: egress rules on the
+    /// tiefighter, `toCIDR`.
+    World,
+}
+
+impl Broker {
+    /// The workload (namespace) tansu runs in.
+    fn workload(self) -> &'static str {
+        match self {
+            Broker::Deathstar => "deathstar",
+            Broker::World => "world",
+        }
+    }
+}
+
+const WORLD4: &str = "10.201.1.1";
+const WORLD6: &str = "fd00:201:1::1";
+
+fn policy(broker: Broker, rules: &str) -> String {
+    let peer = match broker {
+        Broker::Deathstar => {
+            "endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]"
+        }
+        Broker::World => {
+            "endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toCIDR: [10.201.1.0/24, 'fd00:201:1::/64']"
+        }
+    };
     format!(
         r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {{name: kafka}}
 spec:
-  endpointSelector: {{matchLabels: {{class: deathstar}}}}
-  ingress:
-  - fromEndpoints: [{{matchLabels: {{org: empire}}}}]
+  {peer}
     toPorts:
     - ports: [{{port: "{PORT}", protocol: TCP}}]
       rules:
@@ -45,8 +78,9 @@ spec:
 }
 
 /// Every topic, every API: the proxy is in the path, nothing is refused.
-fn open() -> String {
+fn open(broker: Broker) -> String {
     policy(
+        broker,
         "        - {topic: orders}
         - {topic: audit}
         - {topic: secrets}
@@ -54,8 +88,9 @@ fn open() -> String {
     )
 }
 
-fn strict() -> String {
+fn strict(broker: Broker) -> String {
     policy(
+        broker,
         "        - {role: produce, topic: orders}
         - {role: consume, topic: orders}
         - {apiKey: metadata, topic: audit}
@@ -102,19 +137,35 @@ fn hostport(ip: &str) -> String {
     }
 }
 
-/// The broker on the deathstar and weir in front of it.
+/// The broker and weir in front of it.
 struct Kafka {
     s: Scenario,
     /// `ip:port` of the broker, as clients bootstrap (and the broker advertises).
     broker: String,
+    /// Where it runs.
+    place: Broker,
 }
 
 impl Kafka {
     /// tansu on the deathstar at `ip` (advertised there), the topics created, weir
     /// started with [`open`] and `steering`.
     fn start(name: &str, ip: &str, steering: &str) -> Option<Kafka> {
+        Kafka::start_at(name, Broker::Deathstar, ip, steering)
+    }
+
+    /// The same with the broker at `place`.
+    fn start_at(name: &str, place: Broker, ip: &str, steering: &str) -> Option<Kafka> {
         let tansu = tansu()?;
         let mut s = Scenario::star_wars(name)?;
+        if place == Broker::World {
+            s.lab.add_outside("world", 1).expect("add the world");
+            // Neighbours first, from the node's own addresses: while the fresh link's
+            // link-local address is tentative, a packet from a transparent upstream
+            // socket (the tiefighter's address) solicits none and waits a retransmit.
+            for ip in [WORLD4, WORLD6] {
+                let _ = s.lab.node.run(&["ping", "-c", "1", "-W", "2", ip]);
+            }
+        }
         assert!(
             python().exists(),
             "{} is missing: make deps installs confluent-kafka and kafka-python into .venv",
@@ -125,7 +176,7 @@ impl Kafka {
         let log = std::fs::File::create(s.path("tansu.log")).unwrap();
         let mut cmd = s
             .lab
-            .workload("deathstar")
+            .workload(place.workload())
             .ns
             .command(tansu.to_str().unwrap());
         // Every address (both families): `tansu topic create` cannot reach an IPv6
@@ -150,7 +201,7 @@ impl Kafka {
         for t in TOPICS {
             let out = s
                 .lab
-                .workload("deathstar")
+                .workload(place.workload())
                 .ns
                 .command(tansu.to_str().unwrap())
                 .args([
@@ -171,8 +222,8 @@ impl Kafka {
                 tansu_log(&s)
             );
         }
-        s.start_weir(&open(), &["--steering", steering]);
-        Some(Kafka { s, broker })
+        s.start_weir(&open(place), &["--steering", steering]);
+        Some(Kafka { s, broker, place })
     }
 
     /// Runs the client script in `from`'s namespace (60 s at most): its JSON lines.
@@ -226,7 +277,7 @@ impl Kafka {
     /// (to the end of the partition: tansu 0.6's high watermark undercounts a batch).
     fn stored(&self, topic: &str) -> i64 {
         let lines = self.client(
-            "deathstar",
+            self.place.workload(),
             &[
                 "consume",
                 "--assign",
@@ -527,7 +578,7 @@ fn core_strict(k: &Kafka) {
     let seen = k.metadata("tiefighter", None, "reporter");
     let names: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(names, ["audit", "orders", "reports"], "{seen:?}");
-    let direct = k.metadata("deathstar", None, "weir-test");
+    let direct = k.metadata(k.place.workload(), None, "weir-test");
     let names: Vec<&str> = direct.iter().map(|(t, _)| t.as_str()).collect();
     for t in TOPICS {
         assert!(names.contains(t), "{t} missing directly: {direct:?}");
@@ -547,7 +598,7 @@ fn core_strict(k: &Kafka) {
 fn core_matrix(k: &mut Kafka) {
     let t0 = Instant::now();
     core_open(k);
-    k.s.reload(&strict());
+    k.s.reload(&strict(k.place));
     core_strict(k);
     kafka_counters_moved(k);
     eprintln!("core matrix: {:?}", t0.elapsed());
@@ -870,7 +921,7 @@ fn kafka_v4_on_the_ebpf_datapath_with_every_client() {
     core_open(&k);
     extras_open(&k);
     eprintln!("open: {:?}", t0.elapsed());
-    k.s.reload(&strict());
+    k.s.reload(&strict(k.place));
     core_strict(&k);
     extras_strict(&k);
     eprintln!("all: {:?}", t0.elapsed());
@@ -887,6 +938,33 @@ fn kafka_v4_on_the_nft_path() {
 #[test]
 fn kafka_v6_on_the_ebpf_datapath() {
     let Some(mut k) = Kafka::start("kafka-v6-ebpf", DEATHSTAR6, "ebpf") else {
+        return;
+    };
+    core_matrix(&mut k);
+}
+
+/// The broker outside the node (no endpoint, reached by `toCIDR`): the tiefighter's
+/// egress rules are enforced on its way out, where no ingress policy of a local
+/// endpoint could see the request.
+#[test]
+fn kafka_to_a_broker_outside_v4_on_the_ebpf_datapath() {
+    let Some(mut k) = Kafka::start_at("kafka-world4-ebpf", Broker::World, WORLD4, "ebpf") else {
+        return;
+    };
+    core_matrix(&mut k);
+}
+
+#[test]
+fn kafka_to_a_broker_outside_v6_on_the_ebpf_datapath() {
+    let Some(mut k) = Kafka::start_at("kafka-world6-ebpf", Broker::World, WORLD6, "ebpf") else {
+        return;
+    };
+    core_matrix(&mut k);
+}
+
+#[test]
+fn kafka_to_a_broker_outside_v4_on_the_nft_path() {
+    let Some(mut k) = Kafka::start_at("kafka-world4-nft", Broker::World, WORLD4, "nft") else {
         return;
     };
     core_matrix(&mut k);
