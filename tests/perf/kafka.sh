@@ -178,6 +178,8 @@ measure() {   # prints: MB/s cpu_us_per_MB p50_us p99_us
 }
 
 read -r -a CANDIDATES <<< "${CANDIDATES:-direct weir haproxy envoy}"
+# Latency is reported as added to direct's, so direct always runs, and first.
+CANDIDATES=(direct $(printf '%s\n' "${CANDIDATES[@]}" | grep -vx direct))
 for c in "${CANDIDATES[@]}"; do
   case $c in
     haproxy) command -v haproxy >/dev/null || { echo "haproxy missing (run: make perf-kafka)"; exit 1; } ;;
@@ -205,13 +207,16 @@ for c in "${CANDIDATES[@]}"; do
     "$(col "$c" 1 | median)" "$(col "$c" 1 | spread)" "$(col "$c" 2 | median)" "$(col "$c" 2 | spread)" \
     "$(col "$c" 3 | median)" "$(col "$c" 4 | median)"
 done
-w50=$(col weir 3 | median); w99=$(col weir 4 | median); wcpu=$(col weir 2 | median)
+w50=0 w99=0 wcpu=0
 echo
-echo "latency added by weir (linger.ms=0): p50 +$((w50 - d50)) us (target <= 100), p99 +$((w99 - d99)) us"
+if [ -n "${R[weir,1]:-}" ]; then
+  w50=$(col weir 3 | median); w99=$(col weir 4 | median); wcpu=$(col weir 2 | median)
+  echo "latency added by weir (linger.ms=0): p50 +$((w50 - d50)) us (target <= 100), p99 +$((w99 - d99)) us"
+fi
 for c in haproxy envoy; do
   [ -n "${R[$c,1]:-}" ] || continue
   b50=$(col $c 3 | median); b99=$(col $c 4 | median); bcpu=$(col $c 2 | median)
   echo "latency added by $c (L4, no parsing): p50 +$((b50 - d50)) us, p99 +$((b99 - d99)) us; weir - $c: p50 $((w50 - b50)) us; CPU per MB weir/$c = $(awk -v w="$wcpu" -v b="$bcpu" 'BEGIN{printf "%.2f", (b > 0 ? w/b : 0)}')"
 done
-awk -v c="$wcpu" 'BEGIN{ printf "weir CPU per MB forwarded: %d us -> one core forwards %.2f GB/s of 1 KB records (target >= 1)\n", c, (c > 0 ? 1e6/c/1e3 : 0) }'
+[ -n "${R[weir,1]:-}" ] && awk -v c="$wcpu" 'BEGIN{ printf "weir CPU per MB forwarded: %d us -> one core forwards %.2f GB/s of 1 KB records (target >= 1)\n", c, (c > 0 ? 1e6/c/1e3 : 0) }'
 exit 0
