@@ -161,8 +161,7 @@ start_sut() {
       if [ "$1" = weir-base ]; then start_weir_sut "${WEIR_BASE:?WEIR_BASE=path/to/an/older/weir for the weir-base candidate}"; else start_weir_sut; fi
       URL=http://10.200.0.10/1k ;;
     envoy)
-      in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \
-        --base-id $$ --disable-hot-restart 2>"$WORK/envoy.log" & SUT_PID=$!
+      start_envoy_sut
       URL=http://169.254.1.1:10000/1k ;;
     nginx)
       in_ns $NODE taskset -c 1 nginx -c "$WORK/px/nginx.conf" & SUT_PID=$!

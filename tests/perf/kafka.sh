@@ -150,8 +150,7 @@ start_sut() {
       in_ns $NODE taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & SUT_PID=$!
       wait_relay haproxy; steer_to_relay ;;
     envoy)
-      in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \
-        --base-id $$ --disable-hot-restart 2>"$WORK/envoy.log" & SUT_PID=$!
+      start_envoy_sut
       wait_relay envoy; steer_to_relay ;;
   esac
 }

@@ -112,6 +112,13 @@ print(f"{cand}: eBPF {total / n:.0f} ns per request: " + "; ".join(parts))
 PY
 }
 
+# start_envoy_sut: Envoy ($ENVOY) on CPU 1 in the node namespace with $WORK/envoy.yaml,
+# one worker; sets SUT_PID (callers wait for its listener).
+start_envoy_sut() {
+  in_ns $NODE taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error \
+    --base-id $$ --disable-hot-restart 2>"$WORK/envoy.log" & SUT_PID=$!
+}
+
 # start_weir_sut [BINARY]: weir (default $WEIR) on CPU 1 in the node namespace with
 # $WORK/policy.yaml and $WORK/endpoints.yaml, WEIR_WORKERS workers (1), flows to
 # /dev/null, WEIR_ARGS added; sets SUT_PID and returns once weir is ready. A weir that
