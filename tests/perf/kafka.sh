@@ -215,7 +215,9 @@ fi
 for c in haproxy envoy; do
   [ -n "${R[$c,1]:-}" ] || continue
   b50=$(col $c 3 | median); b99=$(col $c 4 | median); bcpu=$(col $c 2 | median)
-  echo "latency added by $c (L4, no parsing): p50 +$((b50 - d50)) us, p99 +$((b99 - d99)) us; weir - $c: p50 $((w50 - b50)) us; CPU per MB weir/$c = $(awk -v w="$wcpu" -v b="$bcpu" 'BEGIN{printf "%.2f", (b > 0 ? w/b : 0)}')"
+  vs=""
+  [ -n "${R[weir,1]:-}" ] && vs="; weir - $c: p50 $((w50 - b50)) us; CPU per MB weir/$c = $(awk -v w="$wcpu" -v b="$bcpu" 'BEGIN{printf "%.2f", (b > 0 ? w/b : 0)}')"
+  echo "latency added by $c (L4, no parsing): p50 +$((b50 - d50)) us, p99 +$((b99 - d99)) us$vs"
 done
 [ -n "${R[weir,1]:-}" ] && awk -v c="$wcpu" 'BEGIN{ printf "weir CPU per MB forwarded: %d us -> one core forwards %.2f GB/s of 1 KB records (target >= 1)\n", c, (c > 0 ? 1e6/c/1e3 : 0) }'
 exit 0
