@@ -80,6 +80,23 @@ fn rule_json(r: &RuleRef) -> RuleJson {
     }
 }
 
+/// The L7 rules each request must match, per direction, with their conditions as
+/// `describe` words them.
+fn l7_rules_json<D: std::fmt::Display>(
+    rules: Vec<(D, RuleRef)>,
+    describe: impl Fn(&RuleRef) -> Vec<String>,
+) -> Vec<HttpRuleJson> {
+    rules
+        .into_iter()
+        .map(|(dir, r)| HttpRuleJson {
+            direction: dir.to_string(),
+            matches: describe(&r),
+            policy: r.policy.to_string(),
+            rule: r.rule,
+        })
+        .collect()
+}
+
 fn peer_json(p: &PeerInfo, policy: &CompiledPolicy) -> PeerJson {
     PeerJson {
         ip: p.ip.to_string(),
@@ -100,17 +117,11 @@ impl Report {
         request_given: bool,
     ) -> Report {
         let http_rules = if cv.l4_allowed() && cv.needs_l7() && !request_given {
-            cv.http_rules(compiled)
-                .into_iter()
-                .map(|(dir, r)| HttpRuleJson {
-                    direction: dir.to_string(),
-                    matches: find_http_rule(policies, &r)
-                        .map(describe_http_rule)
-                        .unwrap_or_default(),
-                    policy: r.policy.to_string(),
-                    rule: r.rule,
-                })
-                .collect()
+            l7_rules_json(cv.http_rules(compiled), |r| {
+                find_http_rule(policies, r)
+                    .map(describe_http_rule)
+                    .unwrap_or_default()
+            })
         } else {
             Vec::new()
         };
@@ -152,18 +163,11 @@ impl Report {
         match query {
             Some(q) => self.dns_query = Some(weir_policy::dns_match::normalize_name(q)),
             None if cv.l4_allowed() && cv.needs_dns() => {
-                self.dns_rules = cv
-                    .dns_rules(compiled)
-                    .into_iter()
-                    .map(|(dir, r)| HttpRuleJson {
-                        direction: dir.to_string(),
-                        matches: find_dns_rule(policies, &r)
-                            .map(|s| vec![s.to_string()])
-                            .unwrap_or_default(),
-                        policy: r.policy.to_string(),
-                        rule: r.rule,
-                    })
-                    .collect();
+                self.dns_rules = l7_rules_json(cv.dns_rules(compiled), |r| {
+                    find_dns_rule(policies, r)
+                        .map(|s| vec![s.to_string()])
+                        .unwrap_or_default()
+                });
             }
             None => {}
         }
@@ -191,18 +195,11 @@ impl Report {
         match request {
             Some(r) => self.kafka_request = Some(r.to_string()),
             None if cv.l4_allowed() && cv.needs_kafka() => {
-                self.kafka_rules = cv
-                    .kafka_rules(compiled)
-                    .into_iter()
-                    .map(|(dir, r)| HttpRuleJson {
-                        direction: dir.to_string(),
-                        matches: find_kafka_rule(policies, &r)
-                            .map(describe_kafka_rule)
-                            .unwrap_or_default(),
-                        policy: r.policy.to_string(),
-                        rule: r.rule,
-                    })
-                    .collect();
+                self.kafka_rules = l7_rules_json(cv.kafka_rules(compiled), |r| {
+                    find_kafka_rule(policies, r)
+                        .map(describe_kafka_rule)
+                        .unwrap_or_default()
+                });
             }
             None => {}
         }
