@@ -1,6 +1,7 @@
 //! The CLI contract other tests and users rely on: `weir policy validate`,
 //! `weir policy explain`, `--version` and `completions` (no root needed).
 
+use std::path::Path;
 use std::process::Command;
 
 use weir_tests::{ENDPOINTS, ScratchDir, weir_cli};
@@ -71,6 +72,32 @@ fn validate_prints_one_line_per_error_with_position() {
             ),
         ]
     );
+}
+
+/// `weir policy explain --policy P --endpoints E --from FROM --to TO --port PORT`
+/// and `extra`: its exit code, stdout and stderr.
+fn explain_files(
+    p: &Path,
+    e: &Path,
+    (from, to, port): (&str, &str, &str),
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut a = vec![
+        "policy",
+        "explain",
+        "--policy",
+        p.to_str().unwrap(),
+        "--endpoints",
+        e.to_str().unwrap(),
+        "--from",
+        from,
+        "--to",
+        to,
+        "--port",
+        port,
+    ];
+    a.extend_from_slice(extra);
+    out(&weir_cli(&a))
 }
 
 fn explain(d: &ScratchDir, args: &[&str]) -> (i32, String, String) {
@@ -187,27 +214,12 @@ fn explain_allows_an_upgrade_only_by_a_rule_naming_it() {
     .unwrap();
     std::fs::write(&e, ENDPOINTS).unwrap();
     let ask = |req: &str, upgrade: Option<&str>| {
-        let mut a = vec![
-            "policy",
-            "explain",
-            "--policy",
-            p.to_str().unwrap(),
-            "--endpoints",
-            e.to_str().unwrap(),
-            "--from",
-            "tiefighter",
-            "--to",
-            "deathstar",
-            "--port",
-            "80",
-            "--http",
-            req,
-        ];
+        let mut a = vec!["--http", req];
         let up = upgrade.map(|u| format!("Upgrade: {u}"));
         if let Some(u) = &up {
             a.extend_from_slice(&["--header", "Connection: Upgrade", "--header", u]);
         }
-        out(&weir_cli(&a)).1
+        explain_files(&p, &e, ("tiefighter", "deathstar", "80"), &a).1
     };
     let rule = |i: u32| format!("ALLOWED\nrule1 spec.ingress[0].toPorts[0].rules.http[{i}]\n");
     let denied = "DENIED\nno rule matched (ingress, HTTP)\n";
@@ -372,22 +384,12 @@ fn explain_shows_every_row_of_the_cilium_table() {
         let p = d.0.join(format!("p{i}.yaml"));
         std::fs::write(&p, row.policy).unwrap();
         let port = row.port.to_string();
-        let mut args = vec![
-            "policy",
-            "explain",
-            "--policy",
-            p.to_str().unwrap(),
-            "--endpoints",
-            e.to_str().unwrap(),
-            "--from",
-            row.from,
-            "--to",
-            row.to,
-            "--port",
-            &port,
-        ];
-        args.extend_from_slice(cilium_table::CLUSTER_ARGS);
-        let (code, stdout, stderr) = out(&weir_cli(&args));
+        let (code, stdout, stderr) = explain_files(
+            &p,
+            &e,
+            (row.from, row.to, &port),
+            cilium_table::CLUSTER_ARGS,
+        );
         let want = format!(
             "{}\n{}\n",
             if row.allowed { "ALLOWED" } else { "DENIED" },
@@ -414,20 +416,8 @@ fn explain_refuses_what_the_cilium_table_refuses() {
     let p = d.0.join("p.yaml");
     for r in cilium_table::REFUSALS {
         std::fs::write(&p, r.policy).unwrap();
-        let (code, stdout, stderr) = out(&weir_cli(&[
-            "policy",
-            "explain",
-            "--policy",
-            p.to_str().unwrap(),
-            "--endpoints",
-            e.to_str().unwrap(),
-            "--from",
-            "prod-frontend",
-            "--to",
-            "prod-api",
-            "--port",
-            "80",
-        ]));
+        let (code, stdout, stderr) =
+            explain_files(&p, &e, ("prod-frontend", "prod-api", "80"), &[]);
         assert_eq!(code, 2, "{}: {stdout}", r.what);
         let want = r.error.replacen("p.yaml", p.to_str().unwrap(), 1);
         assert_eq!(stderr.trim_end(), want, "{}", r.what);
@@ -463,24 +453,7 @@ fn explain_dns_decides_a_query_and_names_the_rule() {
     let e = d.0.join("e.yaml");
     std::fs::write(&p, DNS_POLICY).unwrap();
     std::fs::write(&e, DNS_ENDPOINTS).unwrap();
-    let run = |extra: &[&str]| {
-        let mut a = vec![
-            "policy",
-            "explain",
-            "--policy",
-            p.to_str().unwrap(),
-            "--endpoints",
-            e.to_str().unwrap(),
-            "--from",
-            "xwing",
-            "--to",
-            "kube-dns",
-            "--port",
-            "53",
-        ];
-        a.extend_from_slice(extra);
-        out(&weir_cli(&a))
-    };
+    let run = |extra: &[&str]| explain_files(&p, &e, ("xwing", "kube-dns", "53"), extra);
     for proto in ["UDP", "TCP"] {
         let (code, stdout, _) = run(&["--proto", proto, "--dns", "API.GitHub.com"]);
         assert_eq!(
@@ -518,20 +491,7 @@ fn explain_dns_decides_a_query_and_names_the_rule() {
     assert_eq!(j["dns_query"], "nope.org.");
     assert_eq!(j["denied_in"], "egress");
     // toFQDNs: nothing learned offline, so denied (fail closed), with a note.
-    let (code, stdout, stderr) = out(&weir_cli(&[
-        "policy",
-        "explain",
-        "--policy",
-        p.to_str().unwrap(),
-        "--endpoints",
-        e.to_str().unwrap(),
-        "--from",
-        "xwing",
-        "--to",
-        "93.184.216.34",
-        "--port",
-        "443",
-    ]));
+    let (code, stdout, stderr) = explain_files(&p, &e, ("xwing", "93.184.216.34", "443"), &[]);
     assert_eq!(code, 1);
     assert!(stdout.starts_with("DENIED\n"), "{stdout}");
     assert!(stderr.contains("toFQDNs rules allow only addresses the DNS proxy has learned"));
@@ -571,24 +531,7 @@ fn explain_kafka_decides_a_request_and_names_the_rules() {
     let e = d.0.join("e.yaml");
     std::fs::write(&p, KAFKA_POLICY).unwrap();
     std::fs::write(&e, KAFKA_ENDPOINTS).unwrap();
-    let run = |extra: &[&str]| {
-        let mut a = vec![
-            "policy",
-            "explain",
-            "--policy",
-            p.to_str().unwrap(),
-            "--endpoints",
-            e.to_str().unwrap(),
-            "--from",
-            "empire-hq",
-            "--to",
-            "kafka",
-            "--port",
-            "9092",
-        ];
-        a.extend_from_slice(extra);
-        out(&weir_cli(&a))
-    };
+    let run = |extra: &[&str]| explain_files(&p, &e, ("empire-hq", "kafka", "9092"), extra);
     let r = |i: usize| format!("kafka spec.ingress[0].toPorts[0].rules.kafka[{i}]");
     let rows: Vec<(&str, i32, String)> = vec![
         ("produce:9:hq:deathstar-plans", 0, format!("ALLOWED\n{}\n", r(0))),
