@@ -13,8 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use weir_policy::flow::{Flow, FlowVerdict, L4, RenderedEndpoint};
 
-/// Recent records kept by default (`--flow-buffer`).
-pub const DEFAULT_CAPACITY: usize = 65_536;
+/// Recent records kept by default (`--flow-buffer`): Hubble's default
+/// (`hubble-event-buffer-capacity`, 4095). Each costs about its JSON's size, so
+/// 4 MB or so; 65 536 (the old default) held ~67 MB under sustained traffic.
+pub const DEFAULT_CAPACITY: usize = 4095;
 /// Records a live subscriber may have unread before it loses some.
 pub const SUBSCRIBER_QUEUE: usize = 8192;
 
