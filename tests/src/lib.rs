@@ -478,6 +478,22 @@ pub fn settled_lines(path: &Path) -> Vec<String> {
 }
 
 /// `stdout` of a command as text.
+/// A process's resident memory (VmRSS, KiB; 0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The README's bound on weir's growth while it streams a 100 MB HTTP/2 body
+/// either way: a window per stream and direction, the connection windows and
+/// hyper's buffers are a few MiB; 16 MiB leaves room for the allocator and the
+/// runtime (measured: about 3 MiB), a sixth of the body.
+pub const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
+
 pub fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -10,8 +10,8 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use weir_tests::{
-    DEATHSTAR4, DEATHSTAR6, ENDPOINTS, Scenario, ScratchDir, lab, repo_root, settled_lines, text,
-    weir_cli,
+    DEATHSTAR4, DEATHSTAR6, ENDPOINTS, RSS_GROWTH_BOUND_KIB, Scenario, ScratchDir, lab, repo_root,
+    rss_kib, settled_lines, text, weir_cli,
 };
 
 const NFT: &[&str] = &["--steering", "nft"];
@@ -341,21 +341,6 @@ fn trailers_resets_and_goaway_pass_between_client_and_server() {
         "{flows:?}"
     );
 }
-
-/// weir's resident memory (VmRSS, KiB).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The documented bound: a window per stream and direction, the connection
-/// windows and hyper's send buffer are a few MiB; 16 MiB leaves room for the
-/// allocator and runtime (measured: about 3 MiB), a sixth of the body.
-const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
 
 #[test]
 fn a_100_mb_response_to_a_slow_reader_keeps_weir_small() {

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use weir_tests::{DEATHSTAR4, DEATHSTAR6, Scenario, repo_root, settled_lines, text};
+use weir_tests::{
+    DEATHSTAR4, DEATHSTAR6, RSS_GROWTH_BOUND_KIB, Scenario, repo_root, rss_kib, settled_lines, text,
+};
 
 const NFT: &[&str] = &["--steering", "nft"];
 
@@ -325,21 +327,6 @@ fn a_malformed_grpc_call_gets_a_grpc_status_not_http_400() {
         "{flows:#?}"
     );
 }
-
-/// weir's resident memory (VmRSS, KiB).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The README's bound (as for the 100 MB download in `http2_e2e.rs`): a
-/// window per stream and direction, the connection windows and hyper's
-/// buffers are a few MiB; 16 MiB leaves room for the allocator and runtime.
-const RSS_GROWTH_BOUND_KIB: u64 = 16 * 1024;
 
 #[test]
 fn a_100_mb_upload_to_a_slow_server_keeps_weir_small_and_arrives_whole() {
