@@ -143,6 +143,26 @@ async fn broker_connection(
     }
 }
 
+/// weir closed the client's connection (within 5 s), sending nothing more.
+async fn assert_closed(client: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+}
+
+/// An allowed Produce (correlation id 1) is answered.
+async fn allowed_round_trip(client: &mut TcpStream) {
+    client
+        .write_all(&produce(1, "allowed", 1))
+        .await
+        .expect("write");
+    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(client)).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "no answer to an allowed Produce"
+    );
+}
+
 async fn read_frame(c: &mut TcpStream) -> Option<Bytes> {
     let mut len = [0u8; 4];
     c.read_exact(&mut len).await.ok()?;
@@ -357,9 +377,7 @@ async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
         .write_all(&produce(4, "secret", 0))
         .await
         .expect("write");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     // 0x7765_6972: weir asked the broker about id 0xa3 (on its own connection).
     assert_eq!(seen.lock().expect("lock").0, vec![1, 3, 5, 6, 0x7765_6972]);
     // One record per request: Hubble's l7.kafka, the denial's error code.
@@ -400,20 +418,13 @@ async fn a_frame_longer_than_the_limit_closes_the_connection() {
     };
     let (mut client, seen, _, _) = start(config).await;
     // An allowed request still passes under the limit.
-    client
-        .write_all(&produce(1, "allowed", 1))
-        .await
-        .expect("write");
-    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
-    assert!(matches!(first, Ok(Some(_))));
+    allowed_round_trip(&mut client).await;
     // A length of 1 MiB: refused as soon as its four bytes are in, nothing forwarded.
     client
         .write_all(&(1024 * 1024i32).to_be_bytes())
         .await
         .expect("write");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     assert_eq!(seen.lock().expect("lock").0, vec![1]);
 }
 
@@ -424,16 +435,9 @@ async fn an_idle_connection_is_closed_after_the_tcp_idle_timeout() {
         ..ProxyConfig::default()
     };
     let (mut client, _, _, _) = start(config).await;
-    client
-        .write_all(&produce(1, "allowed", 1))
-        .await
-        .expect("write");
-    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
-    assert!(matches!(first, Ok(Some(_))));
+    allowed_round_trip(&mut client).await;
     let quiet_from = std::time::Instant::now();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     assert!(quiet_from.elapsed() >= Duration::from_millis(900));
 }
 
@@ -445,12 +449,7 @@ async fn a_request_with_more_entries_than_the_limit_closes_the_connection() {
         ..ProxyConfig::default()
     };
     let (mut client, seen, _, _) = start(config).await;
-    client
-        .write_all(&produce(1, "allowed", 1))
-        .await
-        .expect("write");
-    let first = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client)).await;
-    assert!(matches!(first, Ok(Some(_))));
+    allowed_round_trip(&mut client).await;
     // The same allowed topic with two partitions: three elements, over the limit.
     let t = TopicProduceData::default()
         .with_name(TopicName(StrBytes::from_static_str("allowed")))
@@ -475,9 +474,7 @@ async fn a_request_with_more_entries_than_the_limit_closes_the_connection() {
     wire.put_i32(i32::try_from(p.len()).expect("small"));
     wire.extend_from_slice(&p);
     client.write_all(&wire).await.expect("write");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     assert_eq!(seen.lock().expect("lock").0, vec![1]);
 }
 
@@ -546,9 +543,7 @@ async fn an_incremental_fetch_is_decided_on_every_topic_its_session_holds() {
         .write_all(&fetch(3, 77, 2, &[]))
         .await
         .expect("write");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
     let recs = records(&shared, &lines);
     assert!(
@@ -586,9 +581,7 @@ async fn an_incremental_fetch_of_a_session_opened_elsewhere_is_not_forwarded() {
         .write_all(&fetch(3, 78, 1, &[]))
         .await
         .expect("write");
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    assert_closed(&mut client).await;
     assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
 }
 
