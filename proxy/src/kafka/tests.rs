@@ -1007,3 +1007,59 @@ fn repro_a_denial_is_five_times_its_request() {
     assert!(ratio > 5.0, "{} -> {} bytes", frame.len(), denial.len());
     assert_eq!(super::OWED_QUEUE, 256);
 }
+
+/// Finding: a topic in two spellings. DeleteTopics v6 entries carry a name and an
+/// id; weir decides on the name alone. Kafka refuses an entry with both, but tansu
+/// (weir's e2e broker) deletes by the id when it is not zero: with
+/// `{apiKey: deletetopics, topic: allowed}`, {name `allowed`, id of `secret`} reaches
+/// the broker — even though weir's own id map says that id is `secret`.
+#[tokio::test]
+async fn repro_delete_topics_name_and_id_is_decided_on_the_name() {
+    use kafka_protocol::messages::DeleteTopicsRequest;
+    use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+    let (mut client, seen, _, _, _) = start_with(
+        ProxyConfig::default(),
+        "- {apiKey: deletetopics, topic: allowed}\n- {apiKey: metadata}",
+    )
+    .await;
+    // weir learns 0xa2 = `secret` from an allowed Metadata v12.
+    let all = MetadataRequest::default().with_topics(None);
+    client
+        .write_all(&request_frame(ApiKey::Metadata, 12, 1, &all))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    let del = DeleteTopicsRequest::default().with_topics(vec![
+        DeleteTopicState::default()
+            .with_name(Some(TopicName(StrBytes::from_static_str("allowed"))))
+            .with_topic_id(uuid::Uuid::from_bytes([0xa2; 16])),
+    ]);
+    client
+        .write_all(&request_frame(ApiKey::DeleteTopics, 6, 2, &del))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 2], "forwarded");
+}
+
+/// Finding: the other way round for Metadata v12+: an entry with a name and a
+/// non-zero id is decided on the id alone. Kafka answers by the id, but tansu
+/// answers by the name when there is one: {name `secret`, id of `allowed`} is
+/// forwarded and tansu describes `secret` (partitions, leaders, its topic id).
+#[tokio::test]
+async fn repro_metadata_name_and_id_is_decided_on_the_id() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
+    let m = MetadataRequest::default().with_topics(Some(vec![
+        MetadataRequestTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_static_str("secret"))))
+            .with_topic_id(uuid::Uuid::from_bytes([0xa1; 16])),
+    ]));
+    client
+        .write_all(&request_frame(ApiKey::Metadata, 12, 3, &m))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    // weir asked the broker what 0xa1 is (`allowed`), then forwarded the request.
+    assert_eq!(seen.lock().expect("lock").0, vec![0x7765_6972, 3]);
+}
