@@ -1063,3 +1063,48 @@ async fn repro_metadata_name_and_id_is_decided_on_the_id() {
     // weir asked the broker what 0xa1 is (`allowed`), then forwarded the request.
     assert_eq!(seen.lock().expect("lock").0, vec![0x7765_6972, 3]);
 }
+
+/// Finding (same root as CreateAcls): config requests on resources other than topics
+/// (type 4 BROKER, 8 BROKER_LOGGER, 16 CLIENT_METRICS, 32 GROUP) name no topic, so a
+/// rule `{apiKey: incrementalalterconfigs, topic: allowed}` lets a client change a
+/// broker's configuration.
+#[tokio::test]
+async fn repro_broker_config_change_passes_a_topic_rule() {
+    use kafka_protocol::messages::IncrementalAlterConfigsRequest;
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig,
+    };
+    let (mut client, seen, _, _, _) = start_with(
+        ProxyConfig::default(),
+        "- {apiKey: incrementalalterconfigs, topic: allowed}",
+    )
+    .await;
+    let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
+        AlterConfigsResource::default()
+            .with_resource_type(4) // BROKER
+            .with_resource_name(StrBytes::from_static_str("1"))
+            .with_configs(vec![
+                AlterableConfig::default()
+                    .with_name(StrBytes::from_static_str("log.retention.ms"))
+                    .with_config_operation(0) // SET
+                    .with_value(Some(StrBytes::from_static_str("1"))),
+            ]),
+    ]);
+    client
+        .write_all(&request_frame(ApiKey::IncrementalAlterConfigs, 1, 4, &req))
+        .await
+        .expect("write");
+    // (The scripted broker cannot encode an answer of this version; only what it
+    // received matters.)
+    for _ in 0..50 {
+        if !seen.lock().expect("lock").0.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen.lock().expect("lock").0,
+        vec![4],
+        "forwarded to the broker"
+    );
+}
