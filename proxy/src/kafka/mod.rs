@@ -596,9 +596,9 @@ fn may_see(ctx: &ConnContext, f: &MetadataFilter, topic: &str) -> bool {
 }
 
 /// Whose topic ids this connection's broker may use (see `topic_ids`).
+/// The broker this connection talks to, whose Metadata answers teach topic ids.
 fn broker_scope(ctx: &ConnContext) -> topic_ids::Scope {
-    let d = ctx.decide();
-    topic_ids::Scope::of(d.verdict.dst.identity, ctx.orig_dst.ip())
+    ctx.orig_dst
 }
 
 fn summary(facts: &RequestFacts) -> String {

@@ -821,13 +821,13 @@ async fn lying_broker(listener: TcpListener, name: &'static str, id: u8) {
     }
 }
 
-/// Finding: the node-wide topic id map is scoped by the destination's security
-/// identity, but a CIDR identity (like remote-node, or an FQDN selector's) is shared
-/// by every address of the prefix, not only by the brokers. Any Kafka-speaking host in
-/// the prefix can teach "id X is `allowed`"; a Produce v13 / Fetch v13+ naming X at the
-/// real broker (where X is `secret`) is then allowed.
+/// Review finding (fixed): the topic id map was scoped by the destination's identity,
+/// and a CIDR identity covers every address of the prefix, not only the brokers: any
+/// Kafka-speaking host there could teach "id X is `allowed`" and a Produce v13 naming
+/// X at the real broker (where X is `secret`) was allowed. Ids are now the word of
+/// the broker address that said them.
 #[tokio::test]
-async fn repro_a_host_in_the_brokers_cidr_teaches_a_false_topic_id() {
+async fn a_host_in_the_brokers_cidr_cannot_teach_a_topic_id() {
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
     // The real broker at 127.0.0.1 (`allowed` = 0xa1, `secret` = 0xa2); a lying host at
     // 127.0.0.3 in the same /24 (it says `allowed` = 0xa2).
@@ -894,18 +894,15 @@ spec:
         .expect("write");
     assert!(response_in_time(&mut to_liar).await.is_some());
 
-    // 2. Produce v13 by id 0xa2 (the real broker's `secret`) to the real broker: weir
-    // resolves it to `allowed` and forwards it.
+    // 2. Produce v13 by id 0xa2 (the real broker's `secret`) to the real broker: what
+    // the lying host said is not the real broker's word, so weir asks the real broker
+    // (which says `secret`) and denies.
     let mut to_real = connect(real_dst, 40002).await;
-    assert_eq!(
-        produce_by_id_codes(&mut to_real, 2, 0xa2).await,
-        Vec::<i16>::new(),
-        "the broker's own (empty) answer, not weir's denial"
-    );
+    assert_eq!(produce_by_id_codes(&mut to_real, 2, 0xa2).await, vec![29]);
     assert_eq!(
         seen.lock().expect("lock").0,
-        vec![2],
-        "the Produce to `secret` reached the broker"
+        vec![0x7765_6972],
+        "only weir's own question reached the broker"
     );
 }
 

@@ -1,43 +1,33 @@
-//! The topic id → name map, per broker scope (one per proxy, in [`crate::Shared`]).
+//! The topic id → name map, per broker address (one per proxy, in [`crate::Shared`]).
 //! Clients learn ids from Metadata on one connection and use them on another (Produce
-//! v13, Fetch v13+), often to another broker of the same cluster, so the map outlives
-//! connections. It is scoped by who
-//! answered: a Metadata response teaches ids only for brokers of the same scope — the
-//! destination's security identity (brokers of one cluster share their labels, or
-//! their CIDR), or the destination address when it is only `world` — so a broker
-//! somewhere else cannot make an id mean another topic's name here.
-//! Bounded: when full it starts over (an id it forgot is unknown again, which denies
-//! rather than allows); names that are not topic names are not learned.
+//! v13, Fetch v13+), so the map outlives connections. It is keyed by who answered: a
+//! Metadata response teaches ids only for the broker address (IP and port) that sent
+//! it. Not by identity: a CIDR identity covers every address in the prefix, so any
+//! Kafka-speaking host in the brokers' CIDR could teach that an id of a denied topic
+//! names an allowed one (found by review). An id learned from one broker of a cluster
+//! and used on another is asked of that broker (`ask`) before the request is decided.
+//! Bounded per broker and in all: a broker that invents ids forgets its own first
+//! (an id it forgot is unknown again, which denies rather than allows); names that
+//! are not topic names are not learned.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 
 /// Far more topics than a cluster has; a bound against a broker that invents ids.
 /// Names are at most 249 bytes, so the map stays under ~30 MB.
 const MAX_IDS: usize = 100_000;
+/// One broker's share: a broker that invents ids cannot take the whole map.
+const MAX_IDS_PER_BROKER: usize = 50_000;
 
-/// Whose answers an id was learned from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// A destination with an identity of its own (an endpoint's, a CIDR's).
-    Identity(u32),
-    /// A destination that is only `world`: its address.
-    Address(IpAddr),
+/// Whose answers an id was learned from: the broker's address.
+pub type Scope = SocketAddr;
+
+#[derive(Default)]
+struct Ids {
+    by_broker: HashMap<Scope, HashMap<[u8; 16], String>>,
+    total: usize,
 }
-
-impl Scope {
-    /// The scope of a destination with `identity` at `ip`.
-    pub fn of(identity: u32, ip: IpAddr) -> Scope {
-        if identity == weir_policy::identity::IDENTITY_WORLD {
-            Scope::Address(ip)
-        } else {
-            Scope::Identity(identity)
-        }
-    }
-}
-
-type Ids = HashMap<(Scope, [u8; 16]), String>;
 
 /// The map (see the module's documentation).
 #[derive(Default)]
@@ -54,7 +44,7 @@ fn is_topic_name(n: &str) -> bool {
 }
 
 impl TopicIds {
-    /// Remember what a Metadata response from a broker in `scope` said.
+    /// Remember what a Metadata response from the broker at `scope` said.
     pub fn learn(&self, scope: Scope, pairs: Vec<([u8; 16], String)>) {
         let pairs: Vec<_> = pairs
             .into_iter()
@@ -64,19 +54,37 @@ impl TopicIds {
             return;
         }
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        if ids.len() + pairs.len() > MAX_IDS {
-            ids.clear();
+        let Ids { by_broker, total } = &mut *ids;
+        let mine = by_broker.get(&scope).map_or(0, HashMap::len);
+        // Over its share, or over the whole with this broker the largest: this
+        // broker starts over, and nobody else loses anything.
+        let largest = by_broker.values().map(HashMap::len).max().unwrap_or(0);
+        if mine + pairs.len() > MAX_IDS_PER_BROKER
+            || (*total + pairs.len() > MAX_IDS && mine >= largest)
+        {
+            *total -= mine;
+            by_broker.remove(&scope);
+        } else if *total + pairs.len() > MAX_IDS {
+            // Another broker holds more: it starts over.
+            if let Some((&big, _)) = by_broker.iter().max_by_key(|(_, m)| m.len()) {
+                *total -= by_broker.remove(&big).map_or(0, |m| m.len());
+            }
         }
-        ids.extend(pairs.into_iter().map(|(id, n)| ((scope, id), n)));
+        let map = by_broker.entry(scope).or_default();
+        let before = map.len();
+        map.extend(pairs);
+        *total += map.len() - before;
     }
 
-    /// The name of topic `id` for brokers in `scope`, if a Metadata response from one
-    /// of them named it.
+    /// The name of topic `id` for the broker at `scope`, if a Metadata response from
+    /// it named it.
     pub fn resolve(&self, scope: Scope, id: &[u8; 16]) -> Option<String> {
         self.ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(scope, *id))
+            .by_broker
+            .get(&scope)
+            .and_then(|m| m.get(id))
             .cloned()
     }
 }
@@ -86,37 +94,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_id_means_a_name_only_for_brokers_of_the_scope_that_taught_it() {
-        let cluster = Scope::Identity(4242);
-        let elsewhere = Scope::Address("192.0.2.9".parse().unwrap());
+    fn an_id_means_a_name_only_for_the_broker_that_taught_it() {
+        let broker: Scope = "10.0.0.1:9092".parse().unwrap();
+        // The same CIDR, even the same host on another port: another scope.
+        let neighbour: Scope = "10.0.0.3:9092".parse().unwrap();
+        let other_port: Scope = "10.0.0.1:9093".parse().unwrap();
         let ids = TopicIds::default();
-        let (learn, resolve) = (
-            |s, p| ids.learn(s, p),
-            |s, id: &[u8; 16]| ids.resolve(s, id),
-        );
         let id = [7u8; 16];
-        learn(cluster, vec![(id, "orders".into())]);
-        assert_eq!(resolve(cluster, &id).as_deref(), Some("orders"));
-        // Another "broker" teaches the same id as another name: only for itself.
-        learn(elsewhere, vec![(id, "public".into())]);
-        assert_eq!(resolve(cluster, &id).as_deref(), Some("orders"));
-        assert_eq!(resolve(elsewhere, &id).as_deref(), Some("public"));
+        ids.learn(broker, vec![(id, "orders".into())]);
+        assert_eq!(ids.resolve(broker, &id).as_deref(), Some("orders"));
+        for s in [neighbour, other_port] {
+            assert_eq!(ids.resolve(s, &id), None);
+            ids.learn(s, vec![(id, "public".into())]);
+            assert_eq!(ids.resolve(s, &id).as_deref(), Some("public"));
+        }
+        assert_eq!(ids.resolve(broker, &id).as_deref(), Some("orders"));
         // Not a topic name: not learned.
         let other = [8u8; 16];
-        learn(
-            cluster,
+        ids.learn(
+            broker,
             vec![(other, "x".repeat(250)), ([9; 16], "a/b".into())],
         );
-        assert_eq!(resolve(cluster, &other), None);
-        assert_eq!(resolve(cluster, &[9; 16]), None);
-        // world destinations are scoped by address.
-        assert_eq!(
-            Scope::of(
-                weir_policy::identity::IDENTITY_WORLD,
-                "192.0.2.9".parse().unwrap()
-            ),
-            elsewhere
-        );
-        assert_eq!(Scope::of(4242, "10.0.0.1".parse().unwrap()), cluster);
+        assert_eq!(ids.resolve(broker, &other), None);
+        assert_eq!(ids.resolve(broker, &[9; 16]), None);
+    }
+
+    fn invented(n: usize, salt: u8) -> Vec<([u8; 16], String)> {
+        (0..n)
+            .map(|i| {
+                let mut id = [salt; 16];
+                id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                (id, format!("t{i}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_broker_that_invents_ids_forgets_its_own_not_the_others() {
+        let good: Scope = "10.0.0.1:9092".parse().unwrap();
+        let bad: Scope = "10.0.0.3:9092".parse().unwrap();
+        let ids = TopicIds::default();
+        ids.learn(good, vec![([1; 16], "orders".into())]);
+        for _ in 0..5 {
+            ids.learn(bad, invented(MAX_IDS_PER_BROKER / 2 + 1, 2));
+            ids.learn(bad, invented(MAX_IDS_PER_BROKER / 2 + 1, 3));
+        }
+        assert_eq!(ids.resolve(good, &[1; 16]).as_deref(), Some("orders"));
+        // Many brokers filling the whole map: the largest starts over.
+        let ids = TopicIds::default();
+        ids.learn(good, vec![([1; 16], "orders".into())]);
+        for (i, salt) in (10u8..14).enumerate() {
+            let s: Scope = format!("10.0.1.{i}:9092").parse().unwrap();
+            ids.learn(s, invented(MAX_IDS_PER_BROKER - 1, salt));
+        }
+        assert!(ids.ids.lock().unwrap().total <= MAX_IDS);
+        assert_eq!(ids.resolve(good, &[1; 16]).as_deref(), Some("orders"));
     }
 }
