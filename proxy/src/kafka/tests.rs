@@ -739,14 +739,14 @@ fn metadata_names(payload: &Bytes, v: i16) -> Vec<String> {
         .collect()
 }
 
-/// Finding: responses are matched to requests by correlation id alone, and the client
-/// chooses correlation ids. With a broker that answers acks=0 Produce (tansu 0.6, the
-/// broker of weir's own e2e tests; the scripted broker here does the same), a client
-/// that reuses one correlation id makes weir take the Produce answer for the
-/// filtered "every topic" Metadata request and hand the broker's unfiltered Metadata
-/// answer to a later request that has no filter: the client sees `secret`.
+/// Review finding (fixed): responses are matched to requests by correlation id, and the
+/// client chooses correlation ids. With a broker that answers acks=0 Produce (tansu 0.6,
+/// like the scripted broker here), a client reusing one id made weir take the Produce
+/// answer for the filtered "every topic" Metadata request and hand the broker's
+/// unfiltered answer to a later request: the client saw `secret`. A request reusing an
+/// id whose response is still owed now closes the connection, unforwarded.
 #[tokio::test]
-async fn repro_correlation_reuse_with_an_acks0_answering_broker_unfilters_metadata() {
+async fn a_correlation_id_reused_while_owed_closes_the_connection() {
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
     let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
     // Control: Metadata v0 for every topic (an empty list in v0) is filtered.
@@ -771,15 +771,15 @@ async fn repro_correlation_reuse_with_an_acks0_answering_broker_unfilters_metada
     wire.extend(request_frame(ApiKey::Metadata, 0, 7, &all));
     wire.extend(request_frame(ApiKey::Metadata, 0, 7, &named));
     client.write_all(&wire).await.expect("write");
-    let first = response_in_time(&mut client).await.expect("a response");
-    let second = response_in_time(&mut client).await.expect("a response");
-    assert_eq!(&first[..4], &7i32.to_be_bytes());
-    assert_eq!(&second[..4], &7i32.to_be_bytes());
-    // The every-topic request got the Produce answer re-encoded as empty Metadata...
-    assert_eq!(metadata_names(&first, 0), Vec::<String>::new());
-    // ...and the request naming `allowed` got the unfiltered every-topic answer.
-    assert_eq!(metadata_names(&second, 0), vec!["allowed", "secret"]);
-    assert_eq!(seen.lock().expect("lock").0, vec![5, 7, 7, 7]);
+    // Only the acks=0 Produce went on; the first reuse closed the connection, and
+    // nothing the client got back names `secret`.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
+    assert!(!rest.windows(6).any(|w| w == b"secret"), "{rest:?}");
+    // (The acks=0 Produce may not reach the broker: the close can reset it first.)
+    let seen = seen.lock().expect("lock").0.clone();
+    assert!(seen == vec![5, 7] || seen == vec![5], "{seen:?}");
 }
 
 /// A one-connection-at-a-time fake "broker" that answers every Metadata request of
