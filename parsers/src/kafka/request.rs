@@ -218,6 +218,40 @@ fn all() -> BodyFacts {
     }
 }
 
+/// A topic entry that may carry a name, an id or both (all-zero: no id): every one
+/// it carries.
+fn name_and_id(n: Option<&str>, topic_id: &[u8; 16]) -> Vec<TopicRef> {
+    let mut out = Vec::with_capacity(2);
+    if let Some(n) = n {
+        out.push(name(n));
+    }
+    if topic_id != &[0; 16] || n.is_none() {
+        out.push(id(topic_id));
+    }
+    out
+}
+
+/// Kafka's resource type TOPIC (configs and ACLs) and pattern type LITERAL (ACLs).
+const TOPIC_RESOURCE: i8 = 2;
+const LITERAL: i8 = 3;
+
+/// The topics of config or ACL resources `(type, name, pattern type)`: each must be
+/// a literal topic name (not `*`), or the request names what no topic rule can allow.
+fn resources<'a>(
+    it: impl Iterator<Item = (i8, Option<&'a kafka_protocol::protocol::StrBytes>, i8)>,
+) -> BodyFacts {
+    let mut out = Vec::new();
+    for (kind, n, pattern) in it {
+        match n {
+            Some(n) if kind == TOPIC_RESOURCE && pattern == LITERAL && n.as_str() != "*" => {
+                out.push(name(n));
+            }
+            _ => return unknown(),
+        }
+    }
+    listed(out)
+}
+
 /// The topics of every API that names topics. An API not listed here is about groups,
 /// transactions, the cluster, ACLs or credentials and names no topic.
 fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
@@ -268,13 +302,13 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
         R::Metadata(r) => match &r.topics {
             None => all(),
             Some(t) if t.is_empty() => all(),
-            // From v10 an entry may carry an id, and from v12 a broker answers by
-            // the ids when any is set (names ignored): a set id is what is asked.
+            // From v10 an entry may carry an id. Kafka answers by the id when one is
+            // set, tansu by the name: an entry with both is about both, and both
+            // must be allowed (review F3).
             Some(t) => listed(
                 t.iter()
-                    .map(|t| match &t.name {
-                        Some(n) if t.topic_id.as_bytes() == &[0; 16] => name(n),
-                        _ => id(t.topic_id.as_bytes()),
+                    .flat_map(|t| {
+                        name_and_id(t.name.as_deref().map(|n| &**n), t.topic_id.as_bytes())
                     })
                     .collect(),
             ),
@@ -329,9 +363,10 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
             r.topic_names
                 .iter()
                 .map(|n| name(n))
-                .chain(r.topics.iter().map(|t| match &t.name {
-                    Some(n) => name(n),
-                    None => id(t.topic_id.as_bytes()),
+                // Kafka refuses an entry with both; tansu deletes by the id when it is
+                // set: both must be allowed (review F3).
+                .chain(r.topics.iter().flat_map(|t| {
+                    name_and_id(t.name.as_deref().map(|n| &**n), t.topic_id.as_bytes())
                 }))
                 .collect(),
         ),
@@ -371,28 +406,46 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
             None => unknown(),
             Some(t) => listed(t.iter().map(|t| name(&t.name)).collect()),
         },
-        // Config resources of type 2 are topics.
-        R::DescribeConfigs(r) => listed(
+        // Config resources of type 2 are topics; a broker's, a group's, ... config
+        // is no topic's, so a rule with a topic cannot allow it (review F4).
+        R::DescribeConfigs(r) => resources(
             r.resources
                 .iter()
-                .filter(|x| x.resource_type == 2)
-                .map(|x| name(&x.resource_name))
-                .collect(),
+                .map(|x| (x.resource_type, Some(&x.resource_name), LITERAL)),
         ),
-        R::AlterConfigs(r) => listed(
+        R::AlterConfigs(r) => resources(
             r.resources
                 .iter()
-                .filter(|x| x.resource_type == 2)
-                .map(|x| name(&x.resource_name))
-                .collect(),
+                .map(|x| (x.resource_type, Some(&x.resource_name), LITERAL)),
         ),
-        R::IncrementalAlterConfigs(r) => listed(
+        R::IncrementalAlterConfigs(r) => resources(
             r.resources
                 .iter()
-                .filter(|x| x.resource_type == 2)
-                .map(|x| name(&x.resource_name))
-                .collect(),
+                .map(|x| (x.resource_type, Some(&x.resource_name), LITERAL)),
         ),
+        // ACL bindings and filters name resources the same way: only a literal topic
+        // name is a topic a rule can allow; a prefix, a pattern, `*`, any other
+        // resource type is not (review F4: `{apiKey: createacls, topic: a}` let a
+        // client grant itself ACLs on any topic).
+        R::CreateAcls(r) => resources(r.creations.iter().map(|c| {
+            (
+                c.resource_type,
+                Some(&c.resource_name),
+                c.resource_pattern_type,
+            )
+        })),
+        R::DeleteAcls(r) => resources(r.filters.iter().map(|f| {
+            (
+                f.resource_type_filter,
+                f.resource_name_filter.as_ref(),
+                f.pattern_type_filter,
+            )
+        })),
+        R::DescribeAcls(r) => resources(std::iter::once((
+            r.resource_type_filter,
+            r.resource_name_filter.as_ref(),
+            r.pattern_type_filter,
+        ))),
         // A share session (KIP-932) continued (epoch above 0) fetches every partition
         // it holds, which the request does not name: no topic rule can allow it
         // (weir does not track share sessions).
@@ -425,9 +478,6 @@ fn facts_of(request: &RequestKind, v: i16) -> BodyFacts {
         | R::InitProducerId(_)
         | R::AddOffsetsToTxn(_)
         | R::EndTxn(_)
-        | R::DescribeAcls(_)
-        | R::CreateAcls(_)
-        | R::DeleteAcls(_)
         | R::CreateDelegationToken(_)
         | R::RenewDelegationToken(_)
         | R::ExpireDelegationToken(_)

@@ -399,8 +399,9 @@ fn requests_that_mean_every_topic_name_none() {
         .with_subscribed_topic_regex(Some(StrBytes::from_static_str(".*")));
     let cases: Vec<(Vec<u8>, Topics)> = vec![
         (
+            // Both: Kafka answers by the id, tansu by the name (review F3).
             frame(ApiKey::Metadata, 12, None, &name_and_id),
-            Topics::Listed(vec![TopicRef::Id(ID)]),
+            Topics::Listed(vec![TopicRef::Name("public".into()), TopicRef::Id(ID)]),
         ),
         (
             frame(ApiKey::OffsetFetch, 7, None, &fetch_all_v7),

@@ -933,41 +933,6 @@ fn repro_fetch_session_topic_set_grows_without_bound() {
     assert_eq!(super::lock(&sessions).by_id[&77].len(), 20_001);
 }
 
-/// Finding: CreateAcls (and DeleteAcls, DescribeAcls) name topics — ACL bindings on
-/// resource type 2 (TOPIC) — but weir reads them as naming no topic, and a request
-/// naming no topic ignores `topic`: `{apiKey: createacls, topic: allowed}` lets a
-/// client create ACLs on `secret` (and a topic-only rule allows every such admin API).
-#[tokio::test]
-async fn repro_create_acls_on_a_denied_topic_passes_a_topic_rule() {
-    use kafka_protocol::messages::CreateAclsRequest;
-    use kafka_protocol::messages::create_acls_request::AclCreation;
-    let (mut client, seen, _, _, _) = start_with(
-        ProxyConfig::default(),
-        "- {apiKey: createacls, topic: allowed}",
-    )
-    .await;
-    let acl = CreateAclsRequest::default().with_creations(vec![
-        AclCreation::default()
-            .with_resource_type(2) // TOPIC
-            .with_resource_name(StrBytes::from_static_str("secret"))
-            .with_resource_pattern_type(3) // LITERAL
-            .with_principal(StrBytes::from_static_str("User:attacker"))
-            .with_host(StrBytes::from_static_str("*"))
-            .with_operation(2) // ALL
-            .with_permission_type(3), // ALLOW
-    ]);
-    client
-        .write_all(&request_frame(ApiKey::CreateAcls, 3, 9, &acl))
-        .await
-        .expect("write");
-    assert!(response_in_time(&mut client).await.is_some());
-    assert_eq!(
-        seen.lock().expect("lock").0,
-        vec![9],
-        "forwarded to the broker"
-    );
-}
-
 /// Finding: denials wait in memory, unbounded in bytes, behind a broker response
 /// (up to 2 x OWED_QUEUE = 512 of them per connection: the channel and the deque),
 /// and a denial can be several times its request. A Produce v9 naming one denied
@@ -1005,68 +970,69 @@ fn repro_a_denial_is_five_times_its_request() {
     assert_eq!(super::OWED_QUEUE, 256);
 }
 
-/// Finding: a topic in two spellings. DeleteTopics v6 entries carry a name and an
-/// id; weir decides on the name alone. Kafka refuses an entry with both, but tansu
-/// (weir's e2e broker) deletes by the id when it is not zero: with
-/// `{apiKey: deletetopics, topic: allowed}`, {name `allowed`, id of `secret`} reaches
-/// the broker — even though weir's own id map says that id is `secret`.
+/// Whether weir forwarded correlation id `corr` (the scripted broker saw it), after
+/// waiting up to a second for it.
+async fn forwarded(seen: &Seen, corr: i32) -> bool {
+    for _ in 0..50 {
+        if seen.lock().expect("lock").0.contains(&corr) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Review finding F4 (fixed): ACL bindings and filters name the resources they are
+/// on; weir read them as naming no topic, and a request naming no topic ignores
+/// `topic`: `{apiKey: createacls, topic: allowed}` let a client grant itself ACLs on
+/// `secret`. Only a literal topic name is now a topic a rule can allow.
 #[tokio::test]
-async fn repro_delete_topics_name_and_id_is_decided_on_the_name() {
-    use kafka_protocol::messages::DeleteTopicsRequest;
-    use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+async fn acls_are_decided_on_the_topics_they_name() {
+    use kafka_protocol::messages::CreateAclsRequest;
+    use kafka_protocol::messages::create_acls_request::AclCreation;
     let (mut client, seen, _, _, _) = start_with(
         ProxyConfig::default(),
-        "- {apiKey: deletetopics, topic: allowed}\n- {apiKey: metadata}",
+        "- {apiKey: createacls, topic: allowed}",
     )
     .await;
-    // weir learns 0xa2 = `secret` from an allowed Metadata v12.
-    let all = MetadataRequest::default().with_topics(None);
-    client
-        .write_all(&request_frame(ApiKey::Metadata, 12, 1, &all))
-        .await
-        .expect("write");
-    assert!(response_in_time(&mut client).await.is_some());
-    let del = DeleteTopicsRequest::default().with_topics(vec![
-        DeleteTopicState::default()
-            .with_name(Some(TopicName(StrBytes::from_static_str("allowed"))))
-            .with_topic_id(uuid::Uuid::from_bytes([0xa2; 16])),
-    ]);
-    client
-        .write_all(&request_frame(ApiKey::DeleteTopics, 6, 2, &del))
-        .await
-        .expect("write");
-    assert!(response_in_time(&mut client).await.is_some());
-    assert_eq!(seen.lock().expect("lock").0, vec![1, 2], "forwarded");
+    let acl = |name: &'static str, kind: i8, pattern: i8| {
+        CreateAclsRequest::default().with_creations(vec![
+            AclCreation::default()
+                .with_resource_type(kind)
+                .with_resource_name(StrBytes::from_static_str(name))
+                .with_resource_pattern_type(pattern)
+                .with_principal(StrBytes::from_static_str("User:attacker"))
+                .with_host(StrBytes::from_static_str("*"))
+                .with_operation(2) // ALL
+                .with_permission_type(3), // ALLOW
+        ])
+    };
+    // (type 2 TOPIC, 4 CLUSTER; pattern 3 LITERAL, 4 PREFIXED)
+    let cases = [
+        (8, acl("allowed", 2, 3), true),
+        (9, acl("secret", 2, 3), false),
+        (10, acl("a", 2, 4), false),
+        (11, acl("*", 2, 3), false),
+        (12, acl("kafka-cluster", 4, 3), false),
+    ];
+    for (corr, req, allowed) in cases {
+        client
+            .write_all(&request_frame(ApiKey::CreateAcls, 3, corr, &req))
+            .await
+            .expect("write");
+        assert!(response_in_time(&mut client).await.is_some(), "{corr}");
+        assert_eq!(
+            seen.lock().expect("lock").0.contains(&corr),
+            allowed,
+            "{corr}"
+        );
+    }
 }
 
-/// Finding: the other way round for Metadata v12+: an entry with a name and a
-/// non-zero id is decided on the id alone. Kafka answers by the id, but tansu
-/// answers by the name when there is one: {name `secret`, id of `allowed`} is
-/// forwarded and tansu describes `secret` (partitions, leaders, its topic id).
+/// Review finding F4 (fixed): a config request on a broker (type 4), a group, ... names
+/// no topic, and passed `{apiKey: incrementalalterconfigs, topic: allowed}`.
 #[tokio::test]
-async fn repro_metadata_name_and_id_is_decided_on_the_id() {
-    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-    let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
-    let m = MetadataRequest::default().with_topics(Some(vec![
-        MetadataRequestTopic::default()
-            .with_name(Some(TopicName(StrBytes::from_static_str("secret"))))
-            .with_topic_id(uuid::Uuid::from_bytes([0xa1; 16])),
-    ]));
-    client
-        .write_all(&request_frame(ApiKey::Metadata, 12, 3, &m))
-        .await
-        .expect("write");
-    assert!(response_in_time(&mut client).await.is_some());
-    // weir asked the broker what 0xa1 is (`allowed`), then forwarded the request.
-    assert_eq!(seen.lock().expect("lock").0, vec![0x7765_6972, 3]);
-}
-
-/// Finding (same root as CreateAcls): config requests on resources other than topics
-/// (type 4 BROKER, 8 BROKER_LOGGER, 16 CLIENT_METRICS, 32 GROUP) name no topic, so a
-/// rule `{apiKey: incrementalalterconfigs, topic: allowed}` lets a client change a
-/// broker's configuration.
-#[tokio::test]
-async fn repro_broker_config_change_passes_a_topic_rule() {
+async fn configs_of_what_is_no_topic_are_not_allowed_by_a_topic_rule() {
     use kafka_protocol::messages::IncrementalAlterConfigsRequest;
     use kafka_protocol::messages::incremental_alter_configs_request::{
         AlterConfigsResource, AlterableConfig,
@@ -1076,32 +1042,101 @@ async fn repro_broker_config_change_passes_a_topic_rule() {
         "- {apiKey: incrementalalterconfigs, topic: allowed}",
     )
     .await;
-    let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
-        AlterConfigsResource::default()
-            .with_resource_type(4) // BROKER
-            .with_resource_name(StrBytes::from_static_str("1"))
-            .with_configs(vec![
-                AlterableConfig::default()
-                    .with_name(StrBytes::from_static_str("log.retention.ms"))
-                    .with_config_operation(0) // SET
-                    .with_value(Some(StrBytes::from_static_str("1"))),
-            ]),
-    ]);
+    let change = |kind: i8, name: &'static str| {
+        IncrementalAlterConfigsRequest::default().with_resources(vec![
+            AlterConfigsResource::default()
+                .with_resource_type(kind)
+                .with_resource_name(StrBytes::from_static_str(name))
+                .with_configs(vec![
+                    AlterableConfig::default()
+                        .with_name(StrBytes::from_static_str("retention.ms"))
+                        .with_config_operation(0) // SET
+                        .with_value(Some(StrBytes::from_static_str("1"))),
+                ]),
+        ])
+    };
+    // Broker 1's config: weir's denial, nothing forwarded.
     client
-        .write_all(&request_frame(ApiKey::IncrementalAlterConfigs, 1, 4, &req))
+        .write_all(&request_frame(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            4,
+            &change(4, "1"),
+        ))
         .await
         .expect("write");
-    // (The scripted broker cannot encode an answer of this version; only what it
-    // received matters.)
-    for _ in 0..50 {
-        if !seen.lock().expect("lock").0.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(response_in_time(&mut client).await.is_some());
+    // Topic `allowed`'s: forwarded (the scripted broker cannot answer this version).
+    client
+        .write_all(&request_frame(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            5,
+            &change(2, "allowed"),
+        ))
+        .await
+        .expect("write");
+    assert!(forwarded(&seen, 5).await);
+    assert_eq!(seen.lock().expect("lock").0, vec![5]);
+}
+
+/// Review finding F3 (fixed): a DeleteTopics v6 entry with a name and an id was
+/// decided on the name; Kafka refuses such an entry, but tansu deletes by the id.
+/// Both must now be allowed.
+#[tokio::test]
+async fn a_topic_deleted_by_name_and_id_needs_both_allowed() {
+    use kafka_protocol::messages::DeleteTopicsRequest;
+    use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+    let (mut client, seen, _, _, _) = start_with(
+        ProxyConfig::default(),
+        "- {apiKey: deletetopics, topic: allowed}\n- {apiKey: metadata}",
+    )
+    .await;
+    // weir learns 0xa1 = `allowed`, 0xa2 = `secret` from an allowed Metadata v12.
+    let all = MetadataRequest::default().with_topics(None);
+    client
+        .write_all(&request_frame(ApiKey::Metadata, 12, 1, &all))
+        .await
+        .expect("write");
+    assert!(response_in_time(&mut client).await.is_some());
+    let del = |id: u8| {
+        DeleteTopicsRequest::default().with_topics(vec![
+            DeleteTopicState::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str("allowed"))))
+                .with_topic_id(uuid::Uuid::from_bytes([id; 16])),
+        ])
+    };
+    for (corr, id) in [(2, 0xa1), (3, 0xa2)] {
+        client
+            .write_all(&request_frame(ApiKey::DeleteTopics, 6, corr, &del(id)))
+            .await
+            .expect("write");
+        assert!(response_in_time(&mut client).await.is_some());
     }
-    assert_eq!(
-        seen.lock().expect("lock").0,
-        vec![4],
-        "forwarded to the broker"
-    );
+    assert_eq!(seen.lock().expect("lock").0, vec![1, 2]);
+}
+
+/// Review finding F3 (fixed): a Metadata v12 entry with a name and an id was decided
+/// on the id; tansu answers by the name, so {`secret`, id of `allowed`} described
+/// `secret`. Both must now be allowed.
+#[tokio::test]
+async fn a_metadata_entry_with_a_name_and_an_id_needs_both_allowed() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
+    let m = |name: &'static str| {
+        MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str(name))))
+                .with_topic_id(uuid::Uuid::from_bytes([0xa1; 16])),
+        ]))
+    };
+    for (corr, name) in [(3, "secret"), (4, "allowed")] {
+        client
+            .write_all(&request_frame(ApiKey::Metadata, 12, corr, &m(name)))
+            .await
+            .expect("write");
+        assert!(response_in_time(&mut client).await.is_some());
+    }
+    let seen = seen.lock().expect("lock").0.clone();
+    assert!(!seen.contains(&3) && seen.contains(&4), "{seen:?}");
 }
