@@ -480,8 +480,19 @@ fn decided_topics<'a>(
     }
     let held = sessions.by_id.get_mut(&s.id)?;
     held.extend(list.iter().cloned());
+    if held.len() > MAX_SESSION_TOPICS {
+        // Forgotten: this Fetch and the session's next ones close the connection, and
+        // the client starts a new session with a full Fetch (review F5: each
+        // incremental Fetch could add names without end).
+        sessions.by_id.remove(&s.id);
+        return None;
+    }
     Some(Cow::Owned(held.iter().cloned().collect()))
 }
+
+/// Distinct topics one fetch session may have held (names and ids as sent). A
+/// consumer's session holds the topics it reads; past this, weir forgets the session.
+const MAX_SESSION_TOPICS: usize = 10_000;
 
 /// Policy's decision on one request frame, with its flow record.
 fn decide(
