@@ -22,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -151,6 +152,17 @@ pub async fn serve(ctx: Arc<ConnContext>, client: TcpStream) {
 /// (clients keep at most a handful in flight).
 const OWED_QUEUE: usize = 256;
 
+/// What both directions of one connection share.
+#[derive(Clone, Copy)]
+struct PerConnection<'a> {
+    last: &'a Activity,
+    sessions: &'a Mutex<FetchSessions>,
+    /// Correlation ids of forwarded requests whose response may still come.
+    awaited: &'a Mutex<HashSet<i32>>,
+    /// Bytes of denials queued and not yet written to the client.
+    pending_denials: &'a AtomicUsize,
+}
+
 /// Both directions at once, in one task: while a write to one side waits, the other
 /// direction still moves (a broker that stops reading until its response is read cannot
 /// deadlock the relay).
@@ -161,9 +173,16 @@ async fn relay(ctx: &ConnContext, client: TcpStream, upstream: TcpStream) -> std
     let last = Activity::new();
     let sessions = Mutex::new(FetchSessions::default());
     let awaited = Mutex::new(HashSet::new());
+    let pending = AtomicUsize::new(0);
+    let shared = PerConnection {
+        last: &last,
+        sessions: &sessions,
+        awaited: &awaited,
+        pending_denials: &pending,
+    };
     tokio::select! {
-        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx, &last, &sessions, &awaited) => r,
-        r = responses_to_client(ctx, up_rd, client_wr, owed_rx, &last, &sessions, &awaited) => r,
+        r = requests_to_broker(ctx, client_rd, up_wr, owed_tx, shared) => r,
+        r = responses_to_client(ctx, up_rd, client_wr, owed_rx, shared) => r,
         () = idle(ctx.shared.config.tcp_idle_timeout, &last) => {
             debug!("Kafka connection idle; closing both sides");
             Ok(())
@@ -190,10 +209,14 @@ async fn requests_to_broker(
     mut client_rd: OwnedReadHalf,
     mut up_wr: OwnedWriteHalf,
     owed: mpsc::Sender<Owed>,
-    last: &Activity,
-    sessions: &Mutex<FetchSessions>,
-    awaited: &Mutex<HashSet<i32>>,
+    conn: PerConnection<'_>,
 ) -> std::io::Result<()> {
+    let PerConnection {
+        last,
+        sessions,
+        awaited,
+        pending_denials,
+    } = conn;
     let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut buf = vec![0u8; 64 * 1024];
     // Topic ids weir asked the broker about for this connection (see `ask`).
@@ -283,6 +306,16 @@ async fn requests_to_broker(
                     ctx.shared.flows.emit(*record);
                 }
                 Action::Answer(bytes) => {
+                    let waiting = pending_denials.fetch_add(bytes.len(), Ordering::Relaxed);
+                    if waiting + bytes.len() > MAX_PENDING_DENIAL_BYTES {
+                        close_flow(
+                            ctx,
+                            &format!(
+                                "more than {MAX_PENDING_DENIAL_BYTES} bytes of Kafka denials wait behind the broker's responses"
+                            ),
+                        );
+                        return Ok(());
+                    }
                     if owed.send(Owed::Denial(bytes)).await.is_err() {
                         return Ok(());
                     }
@@ -303,10 +336,14 @@ async fn responses_to_client(
     mut up_rd: OwnedReadHalf,
     mut client_wr: OwnedWriteHalf,
     mut owed_rx: mpsc::Receiver<Owed>,
-    last: &Activity,
-    sessions: &Mutex<FetchSessions>,
-    awaited: &Mutex<HashSet<i32>>,
+    conn: PerConnection<'_>,
 ) -> std::io::Result<()> {
+    let PerConnection {
+        last,
+        sessions,
+        awaited,
+        pending_denials,
+    } = conn;
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
     let mut unanswered: VecDeque<i32> = VecDeque::new();
@@ -374,7 +411,7 @@ async fn responses_to_client(
                         let gone = *correlation_id;
                         owed.pop_front();
                         lock_ids(awaited).remove(&gone);
-                        write_denials_due(&mut owed, &mut client_wr).await?;
+                        write_denials_due(&mut owed, &mut client_wr, pending_denials).await?;
                     }
                     let next = owed.pop_front();
                     lock_ids(awaited).remove(&corr);
@@ -422,11 +459,11 @@ async fn responses_to_client(
                         }
                     }
                     // The next response in this read may belong behind a denial.
-                    write_denials_due(&mut owed, &mut client_wr).await?;
+                    write_denials_due(&mut owed, &mut client_wr, pending_denials).await?;
                 }
             }
         }
-        write_denials_due(&mut owed, &mut client_wr).await?;
+        write_denials_due(&mut owed, &mut client_wr, pending_denials).await?;
         if requests_done && owed.is_empty() {
             return Ok(());
         }
@@ -437,10 +474,12 @@ async fn responses_to_client(
 async fn write_denials_due(
     owed: &mut VecDeque<Owed>,
     client_wr: &mut OwnedWriteHalf,
+    pending: &AtomicUsize,
 ) -> std::io::Result<()> {
     while let Some(Owed::Denial(_)) = owed.front() {
         if let Some(Owed::Denial(bytes)) = owed.pop_front() {
             client_wr.write_all(&bytes).await?;
+            pending.fetch_sub(bytes.len(), Ordering::Relaxed);
         }
     }
     Ok(())
@@ -490,6 +529,14 @@ fn decided_topics<'a>(
     Some(Cow::Owned(held.iter().cloned().collect()))
 }
 
+/// Kafka's longest topic name.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Bytes of weir's denials that may wait for broker responses owed before them; a
+/// client that piles up more (a denial can be several times its request: it names
+/// every partition) is closed (review F6: 512 waiting denials could hold gigabytes).
+const MAX_PENDING_DENIAL_BYTES: usize = 16 * 1024 * 1024;
+
 /// Distinct topics one fetch session may have held (names and ids as sent). A
 /// consumer's session holds the topics it reads; past this, weir forgets the session.
 const MAX_SESSION_TOPICS: usize = 10_000;
@@ -503,6 +550,18 @@ fn decide(
 ) -> Action {
     if let Err(e @ BodyError::Malformed { .. }) = &facts.body {
         return Action::Close(e.to_string());
+    }
+    // Kafka refuses longer names (INVALID_TOPIC_EXCEPTION); weir's denial repeats every
+    // name it was sent, so one would cost as much again (review F6).
+    if let Ok(b) = &facts.body
+        && let Topics::Listed(list) = &b.topics
+        && list
+            .iter()
+            .any(|t| matches!(t, TopicRef::Name(n) if n.len() > MAX_TOPIC_NAME))
+    {
+        return Action::Close(format!(
+            "a Kafka request names a topic longer than {MAX_TOPIC_NAME} bytes"
+        ));
     }
     let names: Vec<String>;
     let topics = match &facts.body {

@@ -937,41 +937,85 @@ fn a_fetch_session_holds_a_bounded_number_of_topics() {
     panic!("never reached the bound");
 }
 
-/// Finding: denials wait in memory, unbounded in bytes, behind a broker response
-/// (up to 2 x OWED_QUEUE = 512 of them per connection: the channel and the deque),
-/// and a denial can be several times its request. A Produce v9 naming one denied
-/// topic with 99 999 empty partitions (within the 100 000-entry decode budget) is
-/// ~0.6 MB; its denial is ~3.3 MB (5.5x): 512 of them hold ~1.7 GB per connection
-/// while the client sends ~300 MB and reads nothing (or one allowed long-poll Fetch
-/// is at the broker). With long topic names (compact strings are not limited to
-/// Kafka's 249) each denial approaches `--kafka-max-frame` (100 MiB).
-#[test]
-fn repro_a_denial_is_five_times_its_request() {
+/// A Produce v9 naming `topic` with `partitions` empty partitions.
+fn wide_produce(corr: i32, topic: &str, partitions: i32) -> Vec<u8> {
     let t = TopicProduceData::default()
-        .with_name(TopicName(StrBytes::from_static_str("secret")))
+        .with_name(TopicName(StrBytes::from_string(topic.to_string())))
         .with_partition_data(
-            (0..99_999)
+            (0..partitions)
                 .map(|i| PartitionProduceData::default().with_index(i))
                 .collect(),
         );
     let req = ProduceRequest::default()
         .with_acks(1)
         .with_topic_data(vec![t]);
-    let frame = request_frame(ApiKey::Produce, 9, 1, &req);
+    request_frame(ApiKey::Produce, 9, corr, &req)
+}
+
+/// Review finding F6 (fixed): a denial names every partition of its request, so it can
+/// be 5x the request, and up to 512 could wait (by count) for a client that does not
+/// read. Denial bytes waiting are now bounded: past 16 MiB the connection closes.
+#[tokio::test]
+async fn denials_a_client_does_not_read_are_bounded_in_bytes() {
+    let frame = wide_produce(1, "secret", 99_999);
     let payload = Bytes::from(frame[4..].to_vec());
-    let facts = weir_parsers::kafka::request_facts(&payload).expect("header");
-    assert!(facts.body.is_ok(), "within the decode budget");
     let denial = weir_parsers::kafka::deny_response(&payload)
         .expect("denial")
         .expect("acks=1");
-    let ratio = denial.len() as f64 / frame.len() as f64;
-    eprintln!(
-        "request {} bytes, denial {} bytes",
+    assert!(
+        denial.len() > 5 * frame.len(),
+        "{} -> {}",
         frame.len(),
         denial.len()
     );
-    assert!(ratio > 5.0, "{} -> {} bytes", frame.len(), denial.len());
-    assert_eq!(super::OWED_QUEUE, 256);
+    let (mut client, seen, shared, lines) = start(ProxyConfig::default()).await;
+    // 20 of them (12 MB sent, 66 MB of denials), none read.
+    // weir closes the connection on the way (the client's write then fails).
+    let mut closed_while_writing = false;
+    for corr in 1..=20 {
+        if client
+            .write_all(&wide_produce(corr, "secret", 99_999))
+            .await
+            .is_err()
+        {
+            closed_while_writing = true;
+            break;
+        }
+    }
+    if !closed_while_writing {
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+        // Closed: EOF, or a reset for what the client sent after the close.
+        assert!(read.is_ok(), "weir kept the connection open");
+        assert!(
+            rest.len() < 10 * denial.len(),
+            "{} bytes of denials came back",
+            rest.len()
+        );
+    }
+    assert!(seen.lock().expect("lock").0.is_empty());
+    let recs = records(&shared, &lines);
+    assert!(
+        recs.iter().any(|r| r["Summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("bytes of Kafka denials wait"))),
+        "{recs:#?}"
+    );
+}
+
+/// Kafka's names are at most 249 bytes; a longer one closes the connection before any
+/// decision (its denial would repeat it).
+#[tokio::test]
+async fn a_topic_name_longer_than_kafka_allows_closes_the_connection() {
+    let (mut client, seen, _, _) = start(ProxyConfig::default()).await;
+    allowed_round_trip(&mut client).await;
+    client
+        .write_all(&wide_produce(2, &"s".repeat(250), 1))
+        .await
+        .expect("write");
+    assert_closed(&mut client).await;
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
 }
 
 /// Whether weir forwarded correlation id `corr` (the scripted broker saw it), after
