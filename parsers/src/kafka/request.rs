@@ -67,7 +67,10 @@ pub struct FetchSession {
 impl FetchSession {
     /// Whether this Fetch continues a session (its named topics are only the changes).
     pub fn is_incremental(&self) -> bool {
-        self.id != 0 && self.epoch > 0
+        // Kafka's own test (`FetchMetadata.isFull`): every epoch but 0 (initial) and -1
+        // (final) continues a session — one with id 0, or a negative epoch, is an
+        // unknown session's, never a full Fetch.
+        self.epoch != 0 && self.epoch != -1
     }
 
     /// Whether this Fetch asks the broker to open a new session.
