@@ -133,3 +133,56 @@ start_weir_sut() {
   for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
   [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2
 }
+
+# http_rounds_and_summary: RUNS interleaved rounds of measure() over CANDIDATES (each
+# prints "reqs rps cpu_us/req p50 p99 rss_kB cpu0% cpu_us/req@fixed"), then medians,
+# spreads and the ratios to Envoy, nginx, weir-base and direct (http.sh and h2.sh).
+http_rounds_and_summary() {
+  for run in $(seq "$RUNS"); do
+    for c in "${CANDIDATES[@]}"; do
+      line=$(measure "$c")
+      R[$c,$run]=$line
+      read -r reqs rps cpu p50 p99 rss cpu0 fcpu <<<"$line"
+      printf "%-7s %-4s %10s %12s %14s %9s %9s %9s %6s %14s\n" "$c" "$run" "$reqs" "$rps" "$cpu" "$p50" "$p99" "$rss" "$cpu0" "$fcpu"
+    done
+  done
+
+  # --- medians, spreads, ratios -------------------------------------------------------
+  echo
+  echo "median (spread) over $RUNS runs"
+  printf "%-7s %22s %20s %20s %14s %14s %9s\n" cand "req/s" "cpu_us/req@max" "cpu_us/req@fixed" "p50+_us" "p99+_us" "rss_kB"
+  # Latency is reported over direct's; without a direct run, as measured.
+  d50=0; d99=0
+  if [ -n "${R[direct,1]:-}" ]; then d50=$(col direct 4 | median); d99=$(col direct 5 | median); fi
+  declare -gA MED
+  for c in "${CANDIDATES[@]}"; do
+    rps=$(col "$c" 2 | median); cpu=$(col "$c" 3 | median); fcpu=$(col "$c" 8 | median)
+    MED[$c,fcpu]=$fcpu
+    p50=$(col "$c" 4 | median); p99=$(col "$c" 5 | median); rss=$(col "$c" 6 | median)
+    MED[$c,rps]=$rps; MED[$c,cpu]=$cpu
+    printf "%-7s %12s (%s) %9s (%s) %9s (%s) %14s %14s %9s\n" "$c" "$rps" "$(col "$c" 2 | spread)" "$cpu" "$(col "$c" 3 | spread)" \
+      "$fcpu" "$(col "$c" 8 | spread)" \
+      "$((p50 - d50))" "$((p99 - d99))" "$rss"
+  done
+  echo
+  [ -n "${MED[envoy,cpu]:-}" ] && [ -n "${MED[nginx,cpu]:-}" ] && \
+  awk -v w="${MED[weir,cpu]}" -v e="${MED[envoy,cpu]}" -v n="${MED[nginx,cpu]}" \
+      -v wf="${MED[weir,fcpu]}" -v ef="${MED[envoy,fcpu]}" -v nf="${MED[nginx,fcpu]}" -v rate="$RATE" \
+      -v wr="${MED[weir,rps]}" -v dr="${MED[direct,rps]}" -v er="${MED[envoy,rps]}" 'BEGIN{
+    printf "CPU per request at %d req/s (same load for all): weir/Envoy = %.2f (target <= 0.5), weir/nginx = %.2f\n", rate, wf/ef, wf/nf
+    printf "CPU per request at max throughput: weir/Envoy = %.2f, weir/nginx = %.2f\n", w/e, w/n
+    printf "throughput: weir/direct = %.2f, weir/Envoy = %.2f\n", wr/dr, wr/er }'
+  if [ -n "${MED[weir-base,fcpu]:-}" ]; then
+    awk -v w="${MED[weir,fcpu]}" -v b="${MED[weir-base,fcpu]}" -v wm="${MED[weir,cpu]}" -v bm="${MED[weir-base,cpu]}" \
+        -v rate="$RATE" -v base="$WEIR_BASE" 'BEGIN{
+      printf "CPU per request, weir/weir-base (%s): %.2f at %d req/s, %.2f at max\n", base, w/b, rate, wm/bm }'
+  fi
+  [ -n "${R[direct,1]:-}" ] && \
+  echo "latency added by weir at ${RATE} req/s: p50 +$(( $(col weir 4 | median) - d50 )) us (target <= 50), p99 +$(( $(col weir 5 | median) - d99 )) us (target <= 200)"
+  for c in "${CANDIDATES[@]}"; do
+    for run in $(seq "$RUNS"); do
+      cpu0=$(echo "${R[$c,$run]}" | awk '{print $7}')
+      [ "$cpu0" -ge 90 ] && echo "note: CPU 0 was at ${cpu0}% in $c run $run: its max throughput is load-generator bound"
+    done
+  done | sort -u
+}
