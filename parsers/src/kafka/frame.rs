@@ -58,6 +58,14 @@ impl FrameSplitter {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The buffer to read the connection's next bytes into (tokio's `read_buf` appends
+    /// to it), with room for at least `room` more: reading straight into it saves a
+    /// copy of every byte relayed. Room is never reserved for an announced length.
+    pub fn read_space(&mut self, room: usize) -> &mut BytesMut {
+        self.buf.reserve(room);
+        &mut self.buf
+    }
+
     /// Bytes received but not yet handed out as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()

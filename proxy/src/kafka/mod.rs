@@ -218,11 +218,10 @@ async fn requests_to_broker(
         pending_denials,
     } = conn;
     let mut requests = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
-    let mut buf = vec![0u8; 64 * 1024];
     // Topic ids weir asked the broker about for this connection (see `ask`).
     let mut asked: HashSet<[u8; 16]> = HashSet::new();
     loop {
-        let n = client_rd.read(&mut buf).await?;
+        let n = client_rd.read_buf(requests.read_space(READ_CHUNK)).await?;
         last.touch();
         if n == 0 {
             // The client is done sending: let the broker know, and let the other
@@ -231,7 +230,6 @@ async fn requests_to_broker(
             drop(owed);
             return std::future::pending().await;
         }
-        requests.push(&buf[..n]);
         loop {
             let frame = match requests.next_frame() {
                 Ok(Some(f)) => f,
@@ -347,7 +345,6 @@ async fn responses_to_client(
     let mut responses = FrameSplitter::new(ctx.shared.config.kafka_max_frame);
     let mut owed: VecDeque<Owed> = VecDeque::new();
     let mut unanswered: VecDeque<i32> = VecDeque::new();
-    let mut buf = vec![0u8; 64 * 1024];
     let mut requests_done = false;
     loop {
         tokio::select! {
@@ -368,13 +365,12 @@ async fn responses_to_client(
                 Some(o) => owed.push_back(o),
                 None => requests_done = true,
             },
-            n = up_rd.read(&mut buf) => {
+            n = up_rd.read_buf(responses.read_space(READ_CHUNK)) => {
                 let n = n?;
                 last.touch();
                 if n == 0 {
                     return Ok(());
                 }
-                responses.push(&buf[..n]);
                 loop {
                     let frame = match responses.next_frame() {
                         Ok(Some(f)) => f,
@@ -528,6 +524,10 @@ fn decided_topics<'a>(
     }
     Some(Cow::Owned(held.iter().cloned().collect()))
 }
+
+/// How much one read from either side may take (the buffer grows by this much at a
+/// time, never by a frame's announced length).
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Kafka's longest topic name.
 const MAX_TOPIC_NAME: usize = 249;
