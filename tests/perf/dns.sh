@@ -150,7 +150,7 @@ measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate
   done_q=$(echo "$out" | awk '/Queries completed:/ {print $3}')
   qps=$(echo "$out" | awk '/Queries per second:/ {printf "%.0f", $4}')
   local cpu_max=0
-  [ -n "$SUT_PID" ] && cpu_max=$(awk -v d=$((k1-k0)) -v n="$done_q" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
+  [ -n "$SUT_PID" ] && [ "${NOMAX:-0}" != 1 ] && cpu_max=$(awk -v d=$((k1-k0)) -v n="$done_q" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Fixed rate, every query's latency.
   local prof=

@@ -264,10 +264,10 @@ impl FqdnState {
         let since = |d: Duration| self.last_saved.is_none_or(|t| t.elapsed() >= d);
         // Extensions wait in the view until a write may take them (a merge
         // takes the view's lock, which the proxy takes for every answer).
-        if !force
-            && !(self.dirty && since(Duration::from_secs(1)))
-            && !since(EXTENSION_SAVE_INTERVAL)
-        {
+        let due = force
+            || since(EXTENSION_SAVE_INTERVAL)
+            || (self.dirty && since(Duration::from_secs(1)));
+        if !due {
             return;
         }
         self.merge_view();
