@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use tokio::sync::oneshot;
+use weir_parsers::dns::AnswerFacts;
 use weir_policy::CompiledPolicy;
 
 /// An allowed answer's names and addresses.
@@ -55,6 +56,15 @@ pub enum LearnError {
 
 /// Learns answers' addresses into the allowlist.
 pub trait FqdnLearner: Send + Sync {
+    /// Whether the datapath already holds every (name, address) pair of
+    /// `answer`, decided under `policy`, for the selectors of its names; if so
+    /// their expiries are extended as learning them again would, and the
+    /// answer may go at once. Asked before a [`LearnRequest`] is built, so an
+    /// answer seen before costs no allocation and no selector match.
+    fn try_committed(&self, _policy: &CompiledPolicy, _answer: &AnswerFacts) -> bool {
+        false
+    }
+
     /// Learns `req`. The receiver resolves once the datapath holds every
     /// address (with the identities of every selector selecting their names),
     /// or with the reason it does not. `wait` says the caller will wait for the

@@ -18,7 +18,13 @@
 # toFQDNs selectors (every answer selected: each one goes through the learner and
 # its address into the kernel's ipcache); dnsdist forwards without rules or cache.
 # CANDIDATES="direct weir" picks candidates; WEIR_ARGS adds weir flags; PROFILE=1 records
-# weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data.
+# weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data (PROFILE_EVENTS: other
+# events than cpu-clock); COUNT=1
+# prints, per SUT and fixed-rate run, syscalls, context switches and wake-ups per query
+# (perf stat over the SUT's threads) and each thread's voluntary switches per query:
+# counts that a busy machine changes far less than CPU times (COUNT_EVENTS: other perf
+# stat arguments). NOMAX=1 skips the
+# max-throughput phase (its columns read 0).
 set -euo pipefail
 
 DURATION=${DURATION:-20}
@@ -121,27 +127,45 @@ start_sut() {
   { echo "$1 did not come up"; tail -20 "$WORK"/*.log 2>/dev/null; } >&2; exit 1
 }
 
+# thread_switches PID: "tid name voluntary involuntary cpu_ticks" per thread, sorted for join.
+thread_switches() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    echo "${t##*/} $(tr ' ' _ < "$t/comm") $(awk '/^voluntary_ctxt/ {v=$2} /^nonvoluntary_ctxt/ {n=$2} END {print v, n}' "$t/status") $(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}')"
+  done 2>/dev/null | sort
+}
+
 measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate lost@rate cpu0_pct
   local c=$1
   start_sut "$c"
   # Warm-up: every name once (weir learns every address).
-  in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -n 1 -q 200 >/dev/null 2>&1 || true
+  in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -n 1 -c 8 -q 200 >"$WORK/warmup.txt" 2>&1 || true
+  [ "${COUNT:-0}" = 1 ] && grep -E "Queries (sent|completed|lost)|Response codes" "$WORK/warmup.txt" | sed "s/^/count $c: warm-up /" >&2
   # Max throughput.
   read -r b0 t0 < <(cpu0_busy); local k0; k0=$(cpu_ticks)
-  local out; out=$(in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -l "$DURATION" -c 8 -q 500 2>&1)
+  local out=$'Queries completed: 1\nQueries per second: 0'
+  [ "${NOMAX:-0}" = 1 ] || out=$(in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -l "$DURATION" -c 8 -q 500 2>&1)
   local k1; k1=$(cpu_ticks); read -r b1 t1 < <(cpu0_busy)
   local done_q qps
   done_q=$(echo "$out" | awk '/Queries completed:/ {print $3}')
   qps=$(echo "$out" | awk '/Queries per second:/ {printf "%.0f", $4}')
   local cpu_max=0
-  [ -n "$SUT_PID" ] && cpu_max=$(awk -v d=$((k1-k0)) -v n="$done_q" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
+  [ -n "$SUT_PID" ] && [ "${NOMAX:-0}" != 1 ] && cpu_max=$(awk -v d=$((k1-k0)) -v n="$done_q" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Fixed rate, every query's latency.
   local prof=
   if [ "${PROFILE:-0}" = 1 ] && [ "$c" = weir ]; then
     mkdir -p "$ROOT/tests/perf/results"
-    perf record -q -e cpu-clock -F 1999 -g -p "$(tree_pids "$SUT_PID" | tail -1)" \
+    perf record -q ${PROFILE_EVENTS:--e cpu-clock -F 1999} -g -p "$(tree_pids "$SUT_PID" | tail -1)" \
       -o "$ROOT/tests/perf/results/weir-dns.perf.data" >/dev/null 2>&1 & prof=$!
+  fi
+  local counter= sut=
+  if [ "${COUNT:-0}" = 1 ] && [ -n "$SUT_PID" ]; then
+    sut=$(tree_pids "$SUT_PID" | tail -1)
+    thread_switches "$sut" > "$WORK/switches0"
+    # shellcheck disable=SC2086
+    perf stat -x, ${COUNT_EVENTS:--e raw_syscalls:sys_enter,context-switches,sched:sched_wakeup,task-clock} -p "$sut" \
+      -o "$WORK/count.txt" >/dev/null 2>&1 & counter=$!
   fi
   local f0; f0=$(cpu_ticks)
   in_ns $CLI taskset -c 0 dnsperf -s "$SERVER" -d "$WORK/queries.txt" -l "$DURATION" -c 8 -Q "$RATE" -v \
@@ -150,6 +174,16 @@ measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate
   if [ -n "$prof" ]; then kill -INT "$prof"; wait "$prof" || true; fi
   local n_fixed lost
   n_fixed=$(awk '/Queries completed:/ {print $3}' "$WORK/lat.txt")
+  if [ -n "$counter" ]; then
+    kill -INT "$counter"; wait "$counter" || true
+    thread_switches "$sut" > "$WORK/switches1"
+    {
+      awk -F, -v n="$n_fixed" -v c="$c" '$3 != "" && $1 ~ /^[0-9.]+$/ {
+        printf "count %s: %s %.2f per query\n", c, $3, $1 / n }' "$WORK/count.txt"
+      join "$WORK/switches0" "$WORK/switches1" | awk -v n="$n_fixed" -v c="$c" -v hz="$TICK" '$7 + $8 + $9 > $3 + $4 + $5 {
+        printf "count %s: thread %s voluntary switches %.2f, involuntary %.2f, CPU %.1f us per query\n", c, $2, ($7 - $3) / n, ($8 - $4) / n, ($9 - $5) / hz * 1e6 / n }'
+    } >&2
+  fi
   lost=$(awk '/Queries lost:/ {print $3}' "$WORK/lat.txt")
   local cpu_fixed=0
   [ -n "$SUT_PID" ] && cpu_fixed=$(awk -v d=$((f1-f0)) -v n="$n_fixed" -v hz="$TICK" 'BEGIN{printf "%.2f", d/hz*1e6/n}')
@@ -157,6 +191,7 @@ measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate
   local p50 p99
   read -r p50 p99 < <(awk '/^> / {printf "%.0f\n", $NF * 1e6}' "$WORK/lat.txt" | sort -n \
     | awk '{a[NR]=$1} END{print a[int(NR*0.5)], a[int(NR*0.99)]}')
+  [ "${COUNT:-0}" = 1 ] && cp "$WORK/weir.log" /tmp/weir-dns-count.log 2>/dev/null
   stop_sut
   echo "$qps $cpu_max $p50 $p99 $cpu_fixed ${lost:-?} $cpu0"
 }

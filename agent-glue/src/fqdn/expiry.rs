@@ -25,9 +25,7 @@ impl FqdnState {
     ) {
         // Out of the view before anything is written (see `view.rs`).
         let (merged, expired) = self.view.take_expired(&mut self.cache, now_ms);
-        if merged {
-            self.dirty = true;
-        }
+        self.extended |= merged;
         if expired.is_empty() && !self.resync && self.pending.is_empty() {
             return;
         }

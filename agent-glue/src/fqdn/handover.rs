@@ -28,9 +28,8 @@ impl FqdnState {
         self.handed_over = on;
         // The new weir may change the datapath from now on: nothing here is
         // committed any more (and after a resume, the next learn recommits).
-        if self.view.clear(&mut self.cache) {
-            self.dirty = true;
-        }
+        let merged = self.view.clear(&mut self.cache);
+        self.extended |= merged;
     }
 
     pub fn is_handed_over(&self) -> bool {
@@ -50,7 +49,10 @@ impl FqdnState {
             .map_err(|e| e.to_string())
             .and_then(|()| persist::save(&dir, &self.cache).map_err(|e| e.to_string()));
         match written {
-            Ok(()) => self.dirty = false,
+            Ok(()) => {
+                self.dirty = false;
+                self.extended = false;
+            }
             Err(e) => {
                 warn!(error = %e, dir = %dir.display(), "could not write the FQDN cache for the new weir")
             }

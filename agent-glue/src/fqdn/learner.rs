@@ -10,6 +10,7 @@ use std::sync::mpsc::Sender;
 
 use tokio::sync::oneshot;
 use tracing::warn;
+use weir_parsers::dns::AnswerFacts;
 use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
 use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
 
@@ -69,14 +70,25 @@ impl LearnerHandle {
 }
 
 impl FqdnLearner for LearnerHandle {
+    fn try_committed(&self, policy: &CompiledPolicy, answer: &AnswerFacts) -> bool {
+        self.view.try_refresh(
+            policy,
+            answer.names(),
+            answer.addresses.iter().map(|a| (a.ip, a.ttl)),
+            super::now_ms(),
+        )
+    }
+
     fn learn(&self, req: LearnRequest, wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
         let (reply, rx) = oneshot::channel();
         // Every pair already in the datapath: nothing to wait for, and no
         // wake-up of the control thread (the expiries are extended in the view).
-        if self
-            .view
-            .try_refresh(&req.policy, &req.names, &req.addresses, super::now_ms())
-        {
+        if self.view.try_refresh(
+            &req.policy,
+            req.names.iter().map(String::as_str),
+            req.addresses.iter().copied(),
+            super::now_ms(),
+        ) {
             let _ = reply.send(Ok(()));
             return rx;
         }
@@ -126,9 +138,8 @@ impl FqdnState {
     ) -> Result<(), LearnError> {
         // Out of the view before the cache changes (and merged, so no hit's
         // extension is lost); back in once the datapath holds the answer.
-        if self.view.take_names(&mut self.cache, &req.names) {
-            self.dirty = true;
-        }
+        let merged = self.view.take_names(&mut self.cache, &req.names);
+        self.extended |= merged;
         let mut done = Inserted::default();
         let selected: Vec<bool> = req
             .names

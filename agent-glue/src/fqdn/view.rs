@@ -74,28 +74,34 @@ impl CommittedView {
     /// was committed under and every (name, address) pair of it is committed
     /// and current, extends their expiries and returns true: the answer may go
     /// at once. Otherwise changes nothing and returns false.
-    pub fn try_refresh(
+    ///
+    /// Names and addresses come as iterators (walked more than once) so that
+    /// the proxy asks straight from the decoded answer, without building a
+    /// learn request first.
+    pub fn try_refresh<'a, N, A>(
         &self,
         policy: &CompiledPolicy,
-        names: &[String],
-        addresses: &[(IpAddr, u32)],
+        names: N,
+        addresses: A,
         now_ms: u64,
-    ) -> bool {
-        if names.is_empty() || addresses.is_empty() {
+    ) -> bool
+    where
+        N: Iterator<Item = &'a str> + Clone,
+        A: Iterator<Item = (IpAddr, u32)> + Clone,
+    {
+        if names.clone().next().is_none() || addresses.clone().next().is_none() {
             return false;
         }
         let mut inner = self.lock();
         if inner.policy != Some(policy_key(policy))
-            || names
-                .iter()
-                .any(|n| inner.in_flight.contains_key(n.as_str()))
+            || names.clone().any(|n| inner.in_flight.contains_key(n))
         {
             return false;
         }
-        let all_current = names.iter().all(|n| {
-            inner.names.get(n.as_str()).is_some_and(|ips| {
-                addresses.iter().all(|(ip, _)| {
-                    ips.get(&canonical_ip(*ip))
+        let all_current = names.clone().all(|n| {
+            inner.names.get(n).is_some_and(|ips| {
+                addresses.clone().all(|(ip, _)| {
+                    ips.get(&canonical_ip(ip))
                         .is_some_and(|c| c.expires_ms > now_ms)
                 })
             })
@@ -109,18 +115,18 @@ impl CommittedView {
             ..
         } = &mut *inner;
         for n in names {
-            let Some(name) = committed.get_key_value(n.as_str()).map(|(k, _)| k.clone()) else {
+            let Some(name) = committed.get_key_value(n).map(|(k, _)| k.clone()) else {
                 continue;
             };
             let Some(ips) = committed.get_mut(&*name) else {
                 continue;
             };
-            for (ip, ttl) in addresses {
-                let ip = canonical_ip(*ip);
+            for (ip, ttl) in addresses.clone() {
+                let ip = canonical_ip(ip);
                 let Some(c) = ips.get_mut(&ip) else {
                     continue;
                 };
-                let expires_ms = self.limits.expiry_ms(*ttl, now_ms);
+                let expires_ms = self.limits.expiry_ms(ttl, now_ms);
                 if expires_ms > c.expires_ms {
                     c.expires_ms = expires_ms;
                     if !c.dirty {
@@ -158,6 +164,11 @@ impl CommittedView {
         // answer); a merge only moves expiries later, so the candidates still
         // expired after it are exactly the expired pairs.
         let candidates = cache.expired(now_ms);
+        if candidates.is_empty() {
+            // Nothing expires even without the merge; the extensions wait in
+            // the view for the next cache write (or expiry).
+            return (false, candidates);
+        }
         let mut inner = self.lock();
         let merged = merge(&mut inner, cache);
         let expired: Vec<(String, IpAddr)> = candidates
@@ -356,8 +367,12 @@ mod tests {
     }
 
     fn hit(st: &FqdnState, r: &LearnRequest, now_ms: u64) -> bool {
-        st.view()
-            .try_refresh(&r.policy, &r.names, &r.addresses, now_ms)
+        st.view().try_refresh(
+            &r.policy,
+            r.names.iter().map(String::as_str),
+            r.addresses.iter().copied(),
+            now_ms,
+        )
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -522,5 +537,55 @@ mod tests {
         assert!(hit(&st, &r, 2_000), "the tick's sync made it sure again");
         st.stop();
         assert!(!hit(&st, &r, 2_000));
+    }
+
+    /// Extensions alone reach the cache file within the extension interval,
+    /// a new entry within a second, everything at shutdown.
+    #[test]
+    fn extensions_are_written_less_often_than_new_entries() {
+        use std::time::{Duration, Instant};
+
+        use super::super::{EXTENSION_SAVE_INTERVAL, now_ms, persist};
+        let dir = std::env::temp_dir().join(format!("weir-fqdn-view-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::load(&dir, Limits::default());
+        let mut dp = FakeDatapath::default();
+        let now = now_ms();
+        let on_disk = |name: &str| {
+            persist::load(&dir, Limits::default())
+                .unwrap()
+                .get(name, ip("192.0.2.1"))
+                .map(|e| e.expires_ms)
+        };
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&r, &p, Some(&mut dp), now).unwrap();
+        st.persist_if_due(false);
+        assert_eq!(on_disk("www.example.com."), Some(now + 60_000));
+        // A hit 30 s later moves the expiry; two seconds after the last write
+        // that alone is not written ...
+        assert!(hit(&st, &r, now + 30_000));
+        st.last_saved = Some(Instant::now() - Duration::from_secs(2));
+        st.persist_if_due(false);
+        assert_eq!(on_disk("www.example.com."), Some(now + 60_000));
+        // ... but a new entry is, with the extension ...
+        let api = req(&p, "api.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&api, &p, Some(&mut dp), now).unwrap();
+        st.persist_if_due(false);
+        assert_eq!(on_disk("api.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        // ... and an extension alone once the interval has passed.
+        assert!(hit(&st, &r, now + 40_000));
+        st.persist_if_due(false);
+        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        st.last_saved = Some(Instant::now() - EXTENSION_SAVE_INTERVAL);
+        st.persist_if_due(false);
+        assert_eq!(on_disk("www.example.com."), Some(now + 100_000));
+        // At shutdown everything is written.
+        assert!(hit(&st, &r, now + 50_000));
+        st.stop();
+        assert_eq!(on_disk("www.example.com."), Some(now + 110_000));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -62,7 +62,7 @@ pub struct AnswerFacts {
 impl AnswerFacts {
     /// Every name a toFQDNs selector may match for this answer: the question name
     /// and then each name of its CNAME chain.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
         std::iter::once(self.name.as_str()).chain(self.cnames.iter().map(String::as_str))
     }
 

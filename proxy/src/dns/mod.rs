@@ -45,6 +45,9 @@ pub(crate) struct Pending {
     pub facts: QueryFacts,
     pub decision: Decision,
     pub verdict: Verdict,
+    /// `verdict.reason_for("DNS")`, the records' `policy`: rendered once for
+    /// the query's record and kept for the answer's.
+    pub reason: String,
     pub sent: Instant,
     pub deadline: Instant,
     /// How long the resolver may take (for a zone transfer: between messages).
@@ -58,7 +61,7 @@ impl Pending {
     /// The heap bytes this query keeps (a test bounds them).
     #[cfg(test)]
     pub fn heap_bytes(&self) -> usize {
-        self.facts.name.capacity() + self.facts.question_wire.capacity()
+        self.facts.name.capacity() + self.facts.question_wire.capacity() + self.reason.capacity()
     }
 }
 
@@ -116,14 +119,18 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
             None => QueryAction::Drop,
         };
     }
-    ctx.shared
-        .flows
-        .emit(query_flow(ctx, &d, &verdict, DnsFlow::from_query(&facts)));
+    let reason = verdict.reason_for("DNS");
+    let mut flow = ctx
+        .flow(&d, &verdict)
+        .with_dns(L7Type::Request, 0, DnsFlow::from_query(&facts));
+    flow.policy = reason.clone();
+    ctx.shared.flows.emit(flow);
     let now = Instant::now();
     QueryAction::Forward(Pending {
         facts,
         decision: d,
         verdict,
+        reason,
         sent: now,
         deadline: now + cfg.dns_upstream_timeout,
         timeout: cfg.dns_upstream_timeout,
@@ -256,6 +263,7 @@ impl Outstanding {
                 facts: p.facts.clone(),
                 decision: p.decision.clone(),
                 verdict: p.verdict.clone(),
+                reason: p.reason.clone(),
                 sent: p.sent,
                 deadline: p.deadline,
                 timeout: p.timeout,
@@ -327,8 +335,15 @@ pub(crate) enum Gate {
     Closed(String),
 }
 
-/// The gate for an answer: none without addresses, else [`learn`]'s.
+/// The gate for an answer: none without addresses or when the datapath holds
+/// every pair already (as [`learn`] would find), else [`learn`]'s.
 pub(crate) fn gate(shared: &Shared, p: &Pending, a: &AnswerFacts) -> Gate {
+    if a.addresses.is_empty() {
+        return Gate::Open;
+    }
+    if shared.fqdn_learner().try_committed(&p.decision.policy, a) {
+        return Gate::Open;
+    }
     learn_request(p, a).map_or(Gate::Open, |req| learn(shared, req))
 }
 
@@ -425,7 +440,7 @@ pub(crate) fn answer_flow(ctx: &ConnContext, p: &Pending, a: &AnswerFacts) -> Fl
         latency_ns(p),
         DnsFlow::from_answer(&p.facts, a),
     );
-    f.policy = p.verdict.reason_for("DNS");
+    f.policy = p.reason.clone();
     f
 }
 
@@ -439,7 +454,7 @@ pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
             DnsFlow::from_rcode(&p.facts, dns::rcode::SERVFAIL),
         )
         .with_error("DNS_SERVFAIL");
-    f.policy = format!("{} ({why})", p.verdict.reason_for("DNS"));
+    f.policy = format!("{} ({why})", p.reason);
     f
 }
 

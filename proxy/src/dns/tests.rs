@@ -684,14 +684,24 @@ mod learning {
     use super::*;
     use crate::fqdn::{FqdnLearner, LearnError};
 
-    /// Answers each request as `reply` says (`None`: holds it and never answers).
+    /// Answers each request as `reply` says (`None`: holds it and never answers);
+    /// says every answer's pairs are committed while `committed` is set.
     struct Learner {
         reply: Option<Result<(), LearnError>>,
         held: Mutex<Vec<oneshot::Sender<Result<(), LearnError>>>>,
         waits: Mutex<Vec<bool>>,
+        committed: std::sync::atomic::AtomicBool,
     }
 
     impl FqdnLearner for Learner {
+        fn try_committed(
+            &self,
+            _policy: &CompiledPolicy,
+            _answer: &weir_parsers::dns::AnswerFacts,
+        ) -> bool {
+            self.committed.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
         fn learn(
             &self,
             _req: LearnRequest,
@@ -739,6 +749,7 @@ spec:
             reply,
             held: Mutex::default(),
             waits: Mutex::default(),
+            committed: Default::default(),
         });
         assert!(shared.set_fqdn_learner(learner.clone()));
         (shared, learner)
@@ -852,6 +863,42 @@ spec:
         assert_eq!((m[1], m[3] & 0x0f), (3, 2), "SERVFAIL for the third");
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(learner.held.lock().unwrap().len(), 2, "third not forwarded");
+    }
+
+    /// An answer whose pairs the datapath holds goes at once, without a learn
+    /// request (this learner would refuse one); otherwise the request is made.
+    #[test]
+    fn a_committed_answer_is_released_without_a_learn_request() {
+        let (shared, learner) = shared_with(Some(Err(LearnError::Datapath("refused".into()))));
+        let ctx = ConnContext::with_protocol(
+            shared,
+            "10.0.0.2:5353".parse().unwrap(),
+            "10.0.0.1:53".parse().unwrap(),
+            Protocol::Udp,
+        );
+        let q = query(1, "selected.example");
+        let p = Pending {
+            facts: weir_parsers::dns::inspect_query(&q).unwrap(),
+            decision: ctx.decide(),
+            verdict: ctx.decide().verdict.l4_verdict(),
+            reason: String::new(),
+            sent: Instant::now(),
+            deadline: Instant::now(),
+            timeout: Duration::from_secs(1),
+            answered: false,
+        };
+        let a = answer(1, "selected.example", &[[192, 0, 2, 1]]);
+        let facts = weir_parsers::dns::inspect_answer(&a, &p.facts).unwrap();
+        learner
+            .committed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        assert!(learner.waits.lock().unwrap().is_empty(), "no request");
+        learner
+            .committed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        assert_eq!(*learner.waits.lock().unwrap(), [true]);
     }
 
     /// A name that only the policy in force now selects (the query was decided

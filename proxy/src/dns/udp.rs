@@ -10,9 +10,14 @@
 //! 2 000 queries from new ports at ~1 400/s left ~1 200 sessions open with a
 //! 1 s linger, as expected; 2.5 s after the burst all were closed.
 
+use std::cell::RefCell;
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{MsgFlags, MultiHeaders, recvmmsg};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -31,28 +36,77 @@ pub const LINGER: Duration = Duration::from_millis(250);
 const MAX_DATAGRAM: usize = 65_535;
 
 thread_local! {
-    /// One receive buffer per worker thread rather than two 64 KiB buffers per
+    /// Two receive buffers per worker thread rather than two 64 KiB buffers per
     /// session: a thousand short sessions would otherwise hold 128 MB.
-    static RECV_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+    static RECV_BUFS: RefCell<[Vec<u8>; 2]> = RefCell::new([vec![0; MAX_DATAGRAM], vec![0; MAX_DATAGRAM]]);
+    static RECV_HEADERS: RefCell<MultiHeaders<()>> = RefCell::new(MultiHeaders::preallocate(2, None));
 }
 
-/// The next datagram on `sock`, copied out at its own size. Cancel-safe (the
-/// wait is `readable`; the read itself does not await).
-async fn recv_datagram(sock: &UdpSocket) -> std::io::Result<Vec<u8>> {
+/// The next datagram on `sock`, and the one after it if it was there already,
+/// each copied out at its own size. Cancel-safe (the wait is `readable`; the
+/// read itself does not await).
+///
+/// One `recvmmsg` for up to two: when only one comes back the socket is
+/// empty, so its readiness is cleared as a read that would block clears it,
+/// and the session waits for the next datagram instead of finding out with
+/// a second read that returns EAGAIN — one system call per datagram fewer
+/// (`tests/perf/dns.sh` counted 1.1 such reads per query). A datagram that
+/// arrives after the read wakes the socket again (a new edge for epoll), so
+/// none is left waiting.
+async fn recv_datagrams(sock: &UdpSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
     loop {
         sock.readable().await?;
-        let got = RECV_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            match sock.try_recv(&mut b[..]) {
-                Ok(n) => Ok(b.get(..n).map(<[u8]>::to_vec)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
+        let mut got = None;
+        let read = sock.try_io(Interest::READABLE, || {
+            let (first, second) = recv_two(sock)?;
+            let drained = second.is_none();
+            got = Some((first, second));
+            if drained {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
             }
-        })?;
+        });
         if let Some(d) = got {
             return Ok(d);
         }
+        match read {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
     }
+}
+
+/// Reads one or two datagrams without waiting (`WouldBlock` when there is none).
+fn recv_two(sock: &UdpSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+    RECV_BUFS.with(|bufs| {
+        RECV_HEADERS.with(|headers| {
+            let mut bufs = bufs.borrow_mut();
+            let mut headers = headers.borrow_mut();
+            let [a, b] = &mut *bufs;
+            let mut lens = [None, None];
+            {
+                let mut iovs = [[IoSliceMut::new(a)], [IoSliceMut::new(b)]];
+                let got = recvmmsg(
+                    sock.as_raw_fd(),
+                    &mut headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)?;
+                for (slot, m) in lens.iter_mut().zip(got) {
+                    *slot = Some(m.bytes);
+                }
+            }
+            let first = lens[0]
+                .and_then(|n| a.get(..n))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+            let second = lens[1].and_then(|n| b.get(..n)).map(<[u8]>::to_vec);
+            Ok((first, second))
+        })
+    })
 }
 
 /// Runs one DNS session until it has been quiet for [`LINGER`].
@@ -76,8 +130,13 @@ pub(crate) async fn run(
             Some(d) = queued.recv() => {
                 on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
             }
-            r = recv_datagram(&downstream) => match r {
-                Ok(d) => on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await,
+            r = recv_datagrams(&downstream) => match r {
+                Ok((d, next)) => {
+                    on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
+                    if let Some(d) = next {
+                        on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
+                    }
+                }
                 // The client's port is closed (ICMP for an answer sent there).
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     debug!("DNS client gone");
@@ -87,8 +146,13 @@ pub(crate) async fn run(
                     return;
                 }
             },
-            r = recv_datagram(&upstream) => match r {
-                Ok(d) => on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &d).await,
+            r = recv_datagrams(&upstream) => match r {
+                Ok((d, next)) => {
+                    on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &d).await;
+                    if let Some(d) = next {
+                        on_answer(&ctx, &downstream, &mut outstanding, &mut releases, &d).await;
+                    }
+                }
                 // ICMP port unreachable: nothing listens there; fail the queries
                 // now rather than at their timeout.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
