@@ -12,7 +12,9 @@
 //! `--http2-connection-window`), never adaptive ones: a response's bytes are
 //! released to the server's window only as the client side takes them, and a
 //! request's bytes are read from the client only as the server's window allows, so
-//! a slow reader stops its sender instead of growing weir's buffers.
+//! a slow reader stops its sender instead of growing weir's buffers. (A body
+//! already received whole, one DATA frame with END_STREAM, is queued behind its
+//! HEADERS at once: one write, no pump task; see `pump::start`.)
 //!
 //! A server that answers the preface in HTTP/1 (`HTTP/1.`: an HTTP/1-only
 //! server) is remembered for a minute per pool key (`http1_marks`); meanwhile
