@@ -289,28 +289,32 @@ impl Verdict {
         self.reason_for("HTTP")
     }
 
+    /// The rules, `; `-separated, written into one string (every flow record
+    /// has a reason: no string per rule, no list to join).
+    fn rules_joined(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if i > 0 {
+                out.push_str("; ");
+            }
+            let _ = write!(out, "{r}");
+        }
+        out
+    }
+
     /// [`Verdict::reason`], naming the L7 protocol `layer` for L7 denials.
     pub fn reason_for(&self, layer: &str) -> String {
         if self.allowed {
             if self.rules.is_empty() {
                 "no policy selects these endpoints (default allow)".to_string()
             } else {
-                self.rules
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                self.rules_joined()
             }
         } else {
             let layer = if self.l7 { layer } else { "L3/L4" };
             if !self.rules.is_empty() {
-                let by = self
-                    .rules
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return format!("denied by {by}");
+                return format!("denied by {}", self.rules_joined());
             }
             match self.denied_in {
                 Some(d) => format!("no rule matched ({d}, {layer})"),

@@ -369,10 +369,24 @@ impl Flow {
     }
 
     pub fn with_http(mut self, kind: L7Type, latency_ns: u64, http: Http) -> Flow {
-        self.summary = format!("{} {} {}", http.protocol, http.method, http.url);
-        if http.code != 0 {
-            self.summary.push_str(&format!(" => {}", http.code));
+        // `{protocol} {method} {url}[ => {code}]`, built in one string (every
+        // HTTP record has one).
+        let mut summary =
+            String::with_capacity(http.protocol.len() + http.method.len() + http.url.len() + 10);
+        for (i, part) in [&http.protocol, &http.method, &http.url]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                summary.push(' ');
+            }
+            summary.push_str(part);
         }
+        if http.code != 0 {
+            use std::fmt::Write;
+            let _ = write!(summary, " => {}", http.code);
+        }
+        self.summary = summary;
         self.kind = "L7";
         self.is_reply = matches!(kind, L7Type::Response);
         self.l7 = Some(L7 {
@@ -488,13 +502,36 @@ pub fn rfc3339(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_nanos()
-    )
+    let (h, min, sec, nanos) = (rem / 3600, rem % 3600 / 60, rem % 60, now.subsec_nanos());
+    // Every flow record takes one: written digit by digit, not through
+    // `format!`'s padding machinery (the same text; years past 9999 or before
+    // 0 are left to `format!`).
+    let fields = [
+        (y, 4),
+        (m, 2),
+        (d, 2),
+        (h, 2),
+        (min, 2),
+        (sec, 2),
+        (i64::from(nanos), 9),
+    ];
+    if !(0..=9999).contains(&y) {
+        return format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{nanos:09}Z");
+    }
+    let mut out = String::with_capacity(30);
+    for ((v, width), sep) in fields.into_iter().zip(["-", "-", "T", ":", ":", ".", "Z"]) {
+        push_digits(&mut out, v, width);
+        out.push_str(sep);
+    }
+    out
+}
+
+/// `v` (non-negative, below `10^width`) as exactly `width` decimal digits.
+fn push_digits(out: &mut String, v: i64, width: u32) {
+    for k in (0..width).rev() {
+        let digit = (v / 10_i64.pow(k)).rem_euclid(10);
+        out.push(char::from_digit(u32::try_from(digit).unwrap_or(0), 10).unwrap_or('0'));
+    }
 }
 
 /// An RFC 3339 UTC time (`2026-11-22T20:01:02Z`, with or without a fraction)
@@ -534,6 +571,45 @@ pub fn normalize_rfc3339(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_writes_what_format_wrote() {
+        use std::time::{Duration, UNIX_EPOCH};
+        for (secs, nanos) in [
+            (0, 0),
+            (951_782_400, 7),             // 2000-02-29
+            (1_795_398_583, 159_000_001), // 2026-11-23
+            (4_102_444_799, 999_999_999), // 2099-12-31T23:59:59
+            (253_402_300_799, 1),         // 9999-12-31T23:59:59
+            (253_402_300_800, 5),         // 10000-01-01: format!'s own
+        ] {
+            let t = UNIX_EPOCH + Duration::new(secs, nanos);
+            let d = t.duration_since(UNIX_EPOCH).unwrap();
+            let s = d.as_secs() as i64;
+            let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
+            let z = days + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let dd = doy - (153 * mp + 2) / 5 + 1;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 };
+            let y = yoe + era * 400 + i64::from(m <= 2);
+            let want = format!(
+                "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+                rem / 3600,
+                rem % 3600 / 60,
+                rem % 60,
+                d.subsec_nanos()
+            );
+            assert_eq!(super::rfc3339(t), want);
+        }
+        assert_eq!(
+            super::rfc3339(UNIX_EPOCH + Duration::new(951_782_400, 7)),
+            "2000-02-29T00:00:00.000000007Z"
+        );
+    }
+
     #[test]
     fn since_times_normalize_to_the_record_form() {
         use super::normalize_rfc3339 as n;

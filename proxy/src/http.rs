@@ -363,22 +363,33 @@ fn protocol_name(v: Version) -> &'static str {
 }
 
 fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCode) -> flow::Http {
-    let host = req_parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req_parts.uri.authority().map(ToString::to_string))
-        .unwrap_or_else(|| ctx.orig_dst.to_string());
     let path = req_parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // A CONNECT's target is an authority, not a URL.
     let url = match req_parts.uri.authority() {
-        Some(a) if req_parts.method == http::Method::CONNECT => a.to_string(),
-        _ => format!("http://{host}{path}"),
+        Some(a) if req_parts.method == http::Method::CONNECT => a.as_str().to_string(),
+        _ => {
+            // Built in place (every request has a record): `http://{host}{path}`.
+            let host = req_parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req_parts.uri.authority().map(http::uri::Authority::as_str));
+            let mut url = String::with_capacity(7 + host.map_or(21, str::len) + path.len());
+            url.push_str("http://");
+            match host {
+                Some(h) => url.push_str(h),
+                None => {
+                    use std::fmt::Write;
+                    let _ = write!(url, "{}", ctx.orig_dst);
+                }
+            }
+            url.push_str(path);
+            url
+        }
     };
     flow::Http {
         code: code.as_u16(),
-        method: req_parts.method.to_string(),
+        method: req_parts.method.as_str().to_string(),
         url,
         protocol: protocol_name(req_parts.version).to_string(),
         headers: Vec::new(),

@@ -80,7 +80,8 @@ impl OnEnd for GrpcFlow {
         let Some(mut f) = self.flow.take() else {
             return;
         };
-        let mut g = self.call.clone();
+        // `flow` is taken: this runs once, so the call's facts can go with it.
+        let mut g = std::mem::take(&mut self.call);
         let status = trailers
             .and_then(status_of)
             .or_else(|| self.head_status.clone());

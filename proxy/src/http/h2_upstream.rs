@@ -12,7 +12,9 @@
 //! `--http2-connection-window`), never adaptive ones: a response's bytes are
 //! released to the server's window only as the client side takes them, and a
 //! request's bytes are read from the client only as the server's window allows, so
-//! a slow reader stops its sender instead of growing weir's buffers.
+//! a slow reader stops its sender instead of growing weir's buffers. (A body
+//! already received whole, one DATA frame with END_STREAM, is queued behind its
+//! HEADERS at once: one write, no pump task; see `pump::start`.)
 //!
 //! A server that answers the preface in HTTP/1 (`HTTP/1.`: an HTTP/1-only
 //! server) is remembered for a minute per pool key (`http1_marks`); meanwhile
@@ -49,7 +51,6 @@ mod sniff;
 pub use body::{H2Body, OnEnd};
 use http1_marks::{HTTP1_ONLY_FOR, Http1Marks};
 pub use pump::CheckedHeaderNames;
-use pump::pump_request;
 use resets::ResetBudget;
 use sniff::{FirstBytes, SniffIo};
 
@@ -430,7 +431,8 @@ impl H2Pool {
         req: Request<Incoming>,
         timeout: Duration,
     ) -> Result<(Response<RecvStream>, StreamLease), H2Failure> {
-        let dst = ctx.orig_dst.to_string();
+        // Formatted only for an error: most calls never need it.
+        let dst = || ctx.orig_dst.to_string();
         let (mut parts, body) = req.into_parts();
         let checked = parts
             .extensions
@@ -447,7 +449,7 @@ impl H2Pool {
             let mut lease = match self.checkout_within(target, checkout_limit).await {
                 Ok(c) => c,
                 Err(Checkout::NotHttp2) => {
-                    let body = body.take().ok_or_else(|| internal(&dst))?;
+                    let body = body.take().ok_or_else(|| internal(&dst()))?;
                     return Err(H2Failure::NotHttp2(Box::new(Request::from_parts(
                         restore_for_http1(parts, end_of_stream),
                         body,
@@ -464,7 +466,7 @@ impl H2Pool {
             let sent = match ready.await {
                 Err(_) => {
                     lease.settle();
-                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                    return Err(UpstreamError::Timeout(dst(), timeout).into());
                 }
                 Ok(Ok(mut s)) => s.send_request(head, end_of_stream),
                 Ok(Err(e)) => Err(e),
@@ -479,29 +481,29 @@ impl H2Pool {
                 }
                 Err(e) => {
                     lease.settle();
-                    return Err(UpstreamError::Failed(dst, e.to_string()).into());
+                    return Err(UpstreamError::Failed(dst(), e.to_string()).into());
                 }
             };
             if let Some(b) = body.take().filter(|_| !end_of_stream) {
-                tokio::spawn(pump_request(b, stream, checked.clone()));
+                pump::start(b, stream, checked.clone());
             }
             let resp = match tokio::time::timeout(timeout, response).await {
                 Err(_) => {
                     lease.settle();
-                    return Err(UpstreamError::Timeout(dst, timeout).into());
+                    return Err(UpstreamError::Timeout(dst(), timeout).into());
                 }
                 Ok(Err(e)) => {
                     if e.is_go_away() || e.is_io() {
                         lease.retire();
                     }
                     lease.settle();
-                    return Err(upstream_stream_error(&dst, &e).into());
+                    return Err(upstream_stream_error(&dst(), &e).into());
                 }
                 Ok(Ok(r)) => r,
             };
             return Ok((resp, lease));
         }
-        Err(internal(&dst).into())
+        Err(internal(&dst()).into())
     }
 }
 
@@ -562,7 +564,19 @@ fn stream_error_reset(
 /// header beside it, no connection-specific headers (`te: trailers` is not one:
 /// gRPC servers require it).
 fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), UpstreamError> {
-    let dst = ctx.orig_dst.to_string();
+    super::upstream::strip_hop_by_hop(&mut parts.headers, &[]);
+    parts.version = http::Version::HTTP_2;
+    // What an HTTP/2 client sends (`:scheme http`, `:authority`, `:path`) is
+    // already the URI the server gets: kept as it is, not rebuilt. Host is
+    // then no header beside `:authority` (h2 sends none of its own).
+    let u = &parts.uri;
+    if u.scheme() == Some(&http::uri::Scheme::HTTP)
+        && u.authority().is_some()
+        && u.path_and_query().is_some()
+    {
+        parts.headers.remove(header::HOST);
+        return Ok(());
+    }
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str().to_string(),
         None => match parts
@@ -571,10 +585,9 @@ fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), 
             .and_then(|h| h.to_str().ok())
         {
             Some(h) => h.to_string(),
-            None => dst.clone(),
+            None => ctx.orig_dst.to_string(),
         },
     };
-    super::upstream::strip_hop_by_hop(&mut parts.headers, &[]);
     parts.headers.remove(header::HOST);
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
@@ -583,7 +596,6 @@ fn prepare_request(parts: &mut request::Parts, ctx: &ConnContext) -> Result<(), 
         .path_and_query(pq)
         .build()
         .map_err(|e| UpstreamError::Request(e.to_string()))?;
-    parts.version = http::Version::HTTP_2;
     Ok(())
 }
 

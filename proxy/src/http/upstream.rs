@@ -142,11 +142,13 @@ impl Upstream {
         timeout: Duration,
         grpc: bool,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let dst = ctx.orig_dst.to_string();
         let mut req = req;
         if req.version() == Version::HTTP_2 {
             let not_http2 = || {
-                UpstreamError::Unavailable(dst.clone(), "the server does not speak HTTP/2".into())
+                UpstreamError::Unavailable(
+                    ctx.orig_dst.to_string(),
+                    "the server does not speak HTTP/2".into(),
+                )
             };
             if self.h2.is_http1_only(ctx) {
                 if grpc {

@@ -9,13 +9,14 @@
 //! never matched). Other trailers pass (gRPC and `te: trailers` users need them).
 
 use std::future::poll_fn;
-
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use h2::SendStream;
 use http::{HeaderMap, HeaderName, header};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use tracing::debug;
 
 /// The header names the connection's HTTP rules check (lower-case), carried
@@ -62,21 +63,85 @@ pub(super) fn filter_trailers(mut trailers: HeaderMap, checked: &[String]) -> He
     trailers
 }
 
-/// Streams a request body to the server: data as its window allows, then the
-/// trailers. A client that resets (or breaks) its stream cancels the server's;
-/// a server that resets its stream ends the pump.
-pub(super) async fn pump_request(
+/// A frame of the request body, as the client side yields it.
+type BodyFrame = Option<Result<Frame<Bytes>, hyper::Error>>;
+
+/// Starts sending a request body to the server. A body the client has already
+/// sent whole (one DATA frame with END_STREAM, the usual unary gRPC call) is
+/// queued on the stream at once, behind its HEADERS: the connection writes both
+/// in one go, and no task is spawned for it. That one frame is already in
+/// memory (at most weir's SETTINGS_MAX_FRAME_SIZE), so queueing it before the
+/// server's window opens buffers nothing more than a pump waiting for the window
+/// would. Any other body gets a pump task, which reads it only as the server's
+/// window allows.
+pub(super) fn start(
     mut body: Incoming,
     mut stream: SendStream<Bytes>,
     checked: CheckedHeaderNames,
 ) {
-    loop {
-        let frame = tokio::select! {
-            f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
-            r = poll_fn(|cx| stream.poll_reset(cx)) => {
-                debug!(reason = ?r.ok(), "server reset the stream; request body dropped");
+    // A no-op waker: a body not all here yet is polled again, with the pump's
+    // own waker, by the pump.
+    let mut cx = Context::from_waker(Waker::noop());
+    let first = match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Pending => None,
+        Poll::Ready(frame) => {
+            if frame.as_ref().is_none_or(|_| body.is_end_stream()) {
+                if let Err(e) = send_last(&mut stream, frame, &checked) {
+                    debug!(error = %e, "sending the request body upstream failed");
+                }
                 return;
             }
+            Some(frame)
+        }
+    };
+    tokio::spawn(pump_request(body, stream, checked, first));
+}
+
+/// Queues a body's last frame (or its end) without waiting for the server's
+/// window (see [`start`]).
+fn send_last(
+    stream: &mut SendStream<Bytes>,
+    frame: BodyFrame,
+    checked: &CheckedHeaderNames,
+) -> Result<(), h2::Error> {
+    match frame {
+        None => stream.send_data(Bytes::new(), true),
+        Some(Err(e)) => {
+            debug!(error = %e, "client request body failed; cancelling the upstream stream");
+            stream.send_reset(h2::Reason::CANCEL);
+            Ok(())
+        }
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) => stream.send_data(data, true),
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => stream.send_trailers(filter_trailers(trailers, &checked.0)),
+                // Neither data nor trailers: the body ended after it.
+                Err(_) => stream.send_data(Bytes::new(), true),
+            },
+        },
+    }
+}
+
+/// Streams a request body to the server: data as its window allows, then the
+/// trailers. A client that resets (or breaks) its stream cancels the server's;
+/// a server that resets its stream ends the pump. `first` is a frame already
+/// taken from the body.
+async fn pump_request(
+    mut body: Incoming,
+    mut stream: SendStream<Bytes>,
+    checked: CheckedHeaderNames,
+    mut first: Option<BodyFrame>,
+) {
+    loop {
+        let frame = match first.take() {
+            Some(f) => f,
+            None => tokio::select! {
+                f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
+                r = poll_fn(|cx| stream.poll_reset(cx)) => {
+                    debug!(reason = ?r.ok(), "server reset the stream; request body dropped");
+                    return;
+                }
+            },
         };
         let (result, last) = match frame {
             None => (stream.send_data(Bytes::new(), true), true),
