@@ -27,6 +27,12 @@ make_topology() {
 }
 
 remove_topology() {
+  # Whatever still runs in a namespace first: a process started through `in_ns` is not
+  # the child the script recorded (tansu brokers outlived kafka.sh runs, 2-3 GB each).
+  local ns
+  for ns in $CLI $SRV $NODE; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+  done
   for ns in $CLI $SRV $NODE; do ip netns del "$ns" 2>/dev/null || true; done
 }
 
