@@ -1004,3 +1004,44 @@ fn hickory_leniencies_we_guard_against() {
     ];
     assert_eq!(inspect_query(&raw).map(|f| f.name), Ok("*.a.".to_string()));
 }
+
+// ---- dns-review reproducers (branch `dns-review`): each asserts what an
+// attacker / a real client gets TODAY; a fix flips the marked assertion. ----
+
+/// REVIEW REPRO (functional): an RFC 1995 IXFR query carries the client's SOA
+/// in the authority section (NSCOUNT = 1). `inspect_query` rejects any
+/// authority record, so every conformant IXFR gets FORMERR and never reaches
+/// the resolver, although issue 9 says an allowed zone transfer streams through.
+#[test]
+fn review_repro_rfc1995_ixfr_query_is_answered_formerr() {
+    use hickory_proto::rr::rdata::SOA;
+    let mut q = query_msg(0x1f, "example.", RecordType::IXFR);
+    q.metadata.recursion_desired = false;
+    q.add_authority(Record::from_rdata(
+        name("example."),
+        0,
+        RData::SOA(SOA::new(
+            name("ns.example."),
+            name("hostmaster.example."),
+            2026112301,
+            3600,
+            600,
+            86400,
+            60,
+        )),
+    ));
+    let wire = bytes(&q);
+    let r = inspect_query(&wire);
+    // TODAY: rejected as malformed (records_in_query), answered FORMERR.
+    assert!(
+        matches!(
+            r,
+            Err(QueryReject::Malformed {
+                reason: MalformedReason::RecordsInQuery { answers: 0, authorities: 1 },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(r.unwrap_err().response_rcode(), Some(rcode::FORMERR));
+}

@@ -1006,3 +1006,158 @@ fn every_zone_transfer_message_can_be_answered_servfail() {
         2
     );
 }
+
+// ---- dns-review reproducers (branch `dns-review`): each asserts what an
+// attacker / a real client gets TODAY; a fix flips the marked assertions. ----
+mod review_repro {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::fqdn::{FqdnLearner, LearnError};
+
+    /// A learner that refuses every request and counts them: an answer that
+    /// passes the gate with this learner was released without the datapath
+    /// being asked to hold anything.
+    #[derive(Default)]
+    struct Refusing {
+        calls: Mutex<usize>,
+    }
+
+    impl FqdnLearner for Refusing {
+        fn learn(&self, _req: LearnRequest, _wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
+            *self.calls.lock().unwrap() += 1;
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(LearnError::Datapath("refused (review learner)".into())));
+            rx
+        }
+    }
+
+    const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: x}}
+  egress:
+  - toFQDNs: [{matchName: selected.example}]
+";
+
+    fn setup() -> (ConnContext, Arc<Refusing>) {
+        let policies = weir_policy::parse_policies(POLICY, "p.yaml").unwrap();
+        let policy = Arc::new(
+            CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
+        );
+        let shared = Shared::new(
+            policy,
+            FlowSink::new(Box::new(std::io::sink())),
+            ProxyConfig::default(),
+        );
+        let learner = Arc::new(Refusing::default());
+        assert!(shared.set_fqdn_learner(learner.clone()));
+        let ctx = ConnContext::with_protocol(
+            shared,
+            "10.0.0.2:5353".parse().unwrap(),
+            "10.0.0.1:53".parse().unwrap(),
+            Protocol::Udp,
+        );
+        (ctx, learner)
+    }
+
+    fn pending(ctx: &ConnContext, q: &[u8]) -> Pending {
+        let d = ctx.decide();
+        Pending {
+            facts: weir_parsers::dns::inspect_query(q).unwrap(),
+            verdict: d.verdict.l4_verdict(),
+            decision: d,
+            sent: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            answered: false,
+        }
+    }
+
+    /// The A record addresses in `msg` (built by [`answer`]: one question,
+    /// then 16-byte A records whose owner is a pointer to the question name,
+    /// which a client compares case-insensitively: glibc `res_queriesmatch`
+    /// / `ns_samename`, musl, Go).
+    fn client_addresses(msg: &[u8], _qname: &str) -> Vec<std::net::IpAddr> {
+        let ancount = usize::from(u16::from_be_bytes([msg[6], msg[7]]));
+        let start = msg.len() - ancount * 16;
+        msg[start..]
+            .chunks(16)
+            .filter(|r| r[..4] == [0xc0, 0x0c, 0, 1])
+            .map(|r| std::net::IpAddr::from([r[12], r[13], r[14], r[15]]))
+            .collect()
+    }
+
+    /// REVIEW REPRO F1: the client asks `SELECTED.example` (an application or
+    /// stub that keeps the name's case; no 0x20 check of its own), the resolver
+    /// answers with the question lower-cased (as some resolvers/forwarders do).
+    /// The answer matches the query (ID, question case-insensitively), weir
+    /// learns nothing from it (`exact_question` in parsers' answer.rs), and the
+    /// gate opens at once: the client gets 192.0.2.1 for a name a `toFQDNs`
+    /// selector selects while the datapath was never asked to allow it; its
+    /// SYN to 192.0.2.1 is dropped. Issue 9: "Never release an answer whose
+    /// connection the datapath would drop".
+    #[test]
+    fn review_repro_case_changed_answer_released_without_learning() {
+        let (ctx, learner) = setup();
+        let q = query(7, "SELECTED.example");
+        let mut out = Outstanding::new(10);
+        out.add(pending(&ctx, &q));
+        let a = answer(7, "selected.example", &[[192, 0, 2, 1]]);
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
+            panic!("the answer matches the query");
+        };
+        // What the client takes from the bytes weir forwards unchanged:
+        assert_eq!(
+            client_addresses(&a, "SELECTED.example."),
+            vec!["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // TODAY: nothing learned, gate open, learner never asked.
+        assert!(facts.addresses.is_empty());
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        assert_eq!(*learner.calls.lock().unwrap(), 0);
+    }
+
+    /// REVIEW REPRO F2: a UDP answer with TC set that still decodes completely
+    /// (a resolver that sets TC but keeps the records that fit) is released as
+    /// it is, with its A record, and learns nothing. A client that uses a
+    /// truncated answer's records instead of retrying over TCP (musl before
+    /// 1.2.4 never retried over TCP) connects to an address the datapath
+    /// does not hold.
+    #[test]
+    fn review_repro_tc_answer_with_addresses_released_without_learning() {
+        let (ctx, learner) = setup();
+        let q = query(8, "selected.example");
+        let mut out = Outstanding::new(10);
+        out.add(pending(&ctx, &q));
+        let mut a = answer(8, "selected.example", &[[192, 0, 2, 2]]);
+        a[2] |= 0x02; // TC
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
+            panic!("the answer matches the query");
+        };
+        assert!(facts.truncated);
+        assert_eq!(client_addresses(&a, "selected.example.").len(), 1);
+        // TODAY: released at once, the learner never asked.
+        assert!(facts.addresses.is_empty());
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        assert_eq!(*learner.calls.lock().unwrap(), 0);
+    }
+
+    /// Control: the same answer with the exact question case and no TC goes
+    /// to the learner (and with this refusing learner is not released).
+    #[test]
+    fn review_control_exact_answer_is_gated() {
+        let (ctx, learner) = setup();
+        let q = query(9, "selected.example");
+        let mut out = Outstanding::new(10);
+        out.add(pending(&ctx, &q));
+        let a = answer(9, "selected.example", &[[192, 0, 2, 3]]);
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
+            panic!("the answer matches the query");
+        };
+        assert_eq!(facts.addresses.len(), 1);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        assert_eq!(*learner.calls.lock().unwrap(), 1);
+    }
+}
