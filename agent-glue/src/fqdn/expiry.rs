@@ -282,3 +282,147 @@ mod tests {
         assert!(dp.ipcache.contains_key(&ip("192.0.2.2")));
     }
 }
+
+// ---- dns-review reproducers (branch `dns-review`): each asserts what an
+// attacker gets TODAY; a fix flips the marked assertions. ----
+#[cfg(test)]
+mod review_repro {
+    use std::sync::Arc;
+
+    use weir_proxy::fqdn::{LearnError, LearnRequest};
+
+    use super::super::learner::CACHE_FULL;
+    use super::super::test_support::*;
+    use super::super::{FqdnState, Limits};
+    use weir_policy::CompiledPolicy;
+
+    fn req(p: &Arc<CompiledPolicy>, name: &str, ip: &str, ttl: u32) -> LearnRequest {
+        LearnRequest {
+            names: vec![name.into()],
+            addresses: vec![(ip.parse().unwrap(), ttl)],
+            policy: p.clone(),
+        }
+    }
+
+    /// REVIEW REPRO F3 (node-wide DoS from one pod): names a `toFQDNs`
+    /// selector selects are never evicted, and the name cap is one global
+    /// cap (`--fqdn-max-names`, 65 536). One pod that may resolve names under
+    /// a selected wildcard (`*.example.com` here; in practice `*.s3.amazonaws.com`
+    /// and the like, where every label resolves) fills the cache with distinct
+    /// selected names — all pointing at one address — and from then on every
+    /// other pod's answer with a new selected name is refused (SERVFAIL) until
+    /// the attacker's names expire. Scaled down: max_names = 4.
+    #[test]
+    fn review_repro_selected_names_fill_the_global_cache_and_refuse_everyone() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits {
+            max_names: 4,
+            ..Limits::default()
+        });
+        let mut dp = FakeDatapath::default();
+        for i in 0..4 {
+            st.learn(
+                &req(&p, &format!("junk{i}.example.com."), "192.0.2.9", 86_400),
+                &p,
+                Some(&mut dp),
+                0,
+            )
+            .unwrap();
+        }
+        // TODAY: the victim's answer for a selected name is refused.
+        let e = st
+            .learn(
+                &req(&p, "api.example.com.", "192.0.2.50", 60),
+                &p,
+                Some(&mut dp),
+                1_000,
+            )
+            .unwrap_err();
+        assert!(matches!(e, LearnError::Unavailable(m) if m == CACHE_FULL));
+        assert!(p.learned_fqdn_ip("192.0.2.50".parse().unwrap()).is_none());
+    }
+
+    /// REVIEW REPRO F4: an address whose TTL ran out stays in the ipcache with
+    /// its FQDN identity while conntrack has any live flow to it (expiry.rs:
+    /// `live.contains(&ip)`; `live_destinations` keys on the destination address
+    /// alone), so NEW connections to it — from every endpoint the selector
+    /// allows, on every port the rule allows — keep being allowed for as long
+    /// as one connection is kept alive (a TCP keepalive, or a UDP flow the rule
+    /// allows, refreshed within its lifetime). Issue 9: "TTL expiry → new
+    /// connections dropped, an established connection still alive keeps its IP
+    /// until it closes".
+    #[test]
+    fn review_repro_one_live_flow_keeps_the_address_open_for_new_flows() {
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::in_memory(Limits::default());
+        let mut dp = FakeDatapath::default();
+        let x: std::net::IpAddr = "192.0.2.77".parse().unwrap();
+        st.learn(&req(&p, "www.example.com.", "192.0.2.77", 1), &p, Some(&mut dp), 0)
+            .unwrap();
+        let id = p.learned_fqdn_ip(x).unwrap().identity;
+        dp.live.insert(x); // one connection to X, from anyone
+        // An hour later, the TTL (1 s) long gone:
+        for t in (10_000..3_600_000).step_by(10_000) {
+            st.tick(&p, Some(&mut dp), t);
+        }
+        // TODAY: X still carries the FQDN identity in the ipcache, which is
+        // what the kernel matches NEW flows against.
+        assert_eq!(dp.ipcache.get(&x), Some(&id));
+        assert!(p.learned_fqdn_ip(x).is_some());
+        // Once the connection is gone, X goes.
+        dp.live.clear();
+        st.tick(&p, Some(&mut dp), 3_700_000);
+        assert_eq!(dp.ipcache.get(&x), None);
+    }
+
+    /// REVIEW REPRO F5: a handed-over (draining) weir still learns answers into
+    /// the maps the new weir owns (`HandedOverDatapath::write_learned`), but may
+    /// not remove them ("removing a learned address" is refused). When such an
+    /// address's TTL ends during the drain, the old weir's tick drops it from
+    /// its cache anyway, so the cache file it leaves for the new weir
+    /// (`persist_handed_over` → `merge_handed_over`) does not mention it: the
+    /// ipcache entry stays with its FQDN identity and no weir will ever expire
+    /// it (the new weir's syncs delete only what its own `installed` record
+    /// holds; it is cleaned only by the next restart's `read_installed`).
+    #[test]
+    fn review_repro_address_learned_while_draining_is_orphaned_in_the_ipcache() {
+        use super::super::handover::HandedOverDatapath;
+        let dir = std::env::temp_dir().join(format!("weir-review-orphan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Arc::new(compile(POLICY));
+        let mut old = FqdnState::load(&dir, Limits::default());
+        let mut maps = FakeDatapath::default();
+        // Before the takeover: the identity for {*.example.com} is in the maps.
+        old.learn(&req(&p, "www.example.com.", "192.0.2.1", 3600), &p, Some(&mut maps), 0)
+            .unwrap();
+        old.hand_over(true);
+        // During the drain: an answer with a short TTL for a selected name.
+        let x: std::net::IpAddr = "192.0.2.66".parse().unwrap();
+        old.learn(
+            &req(&p, "cdn.example.com.", "192.0.2.66", 5),
+            &p,
+            Some(&mut HandedOverDatapath(&mut maps)),
+            1_000,
+        )
+        .unwrap();
+        let id = maps.ipcache[&x];
+        // The TTL ends while the old weir still drains (default drain 30 s).
+        for t in (2_000..30_000).step_by(1_000) {
+            old.tick(&p, Some(&mut HandedOverDatapath(&mut maps)), t);
+        }
+        old.persist_handed_over();
+        // TODAY: the maps still allow X ...
+        assert_eq!(maps.ipcache.get(&x), Some(&id));
+        // ... and the cache handed to the new weir does not mention it.
+        // (read as text: `persist::load` would drop these 1970 test expiries)
+        let mut text = String::new();
+        for f in std::fs::read_dir(dir.join("handover")).unwrap() {
+            text.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap());
+        }
+        assert!(text.contains("192.0.2.1"), "the file holds the old entries: {text}");
+        assert!(!text.contains("192.0.2.66"), "{text}");
+        assert!(!old.cache.has_ip(x));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
