@@ -1068,6 +1068,7 @@ spec:
             facts: weir_parsers::dns::inspect_query(q).unwrap(),
             verdict: d.verdict.l4_verdict(),
             decision: d,
+            reason: String::new(),
             sent: Instant::now(),
             deadline: Instant::now() + Duration::from_secs(5),
             timeout: Duration::from_secs(5),
