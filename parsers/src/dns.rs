@@ -340,11 +340,16 @@ pub fn inspect_query(bytes: &[u8]) -> Result<QueryFacts, QueryReject> {
             count: header.qdcount,
         });
     }
-    if header.ancount != 0 || header.nscount != 0 {
-        return Err(malformed(MalformedReason::RecordsInQuery {
+    let records_in_query = || {
+        malformed(MalformedReason::RecordsInQuery {
             answers: header.ancount,
             authorities: header.nscount,
-        }));
+        })
+    };
+    // An incremental zone transfer (RFC 1995) carries the client's SOA in the
+    // authority section; nothing else may.
+    if header.ancount != 0 || header.nscount > 1 {
+        return Err(records_in_query());
     }
     let span = first_question_span(bytes).map_err(malformed)?;
     let msg = decode_message(bytes, &header).map_err(malformed)?;
@@ -353,6 +358,15 @@ pub fn inspect_query(bytes: &[u8]) -> Result<QueryFacts, QueryReject> {
             "question count changed while decoding".into(),
         )));
     };
+    if header.nscount == 1 {
+        let ixfr_soa = query.query_type() == RecordType::IXFR
+            // (hickory compares names as DNS does: ignoring case)
+            && matches!(msg.authorities.as_slice(), [soa]
+                if soa.record_type() == RecordType::SOA && soa.name == *query.name());
+        if !ixfr_soa {
+            return Err(records_in_query());
+        }
+    }
     let question_wire = bytes
         .get(span)
         .map(<[u8]>::to_vec)

@@ -159,15 +159,15 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
             facts.rrtypes.push(t);
         }
     }
-    // Learn nothing from: a truncated answer (the client retries over TCP); an
-    // error answer (an NXDOMAIN's or SERVFAIL's records are not the name's
-    // addresses); an answer whose question differs from the query's in case
-    // (the resolver did not keep the 0x20 case the client sent, which is what
-    // a spoofed answer looks like; the client decides whether to accept it).
-    let exact_question = bytes
-        .get(HEADER_LEN..)
-        .is_some_and(|b| b.starts_with(&query.question_wire));
-    if h.tc || rc != rcode::NOERROR || (!msg.queries.is_empty() && !exact_question) {
+    // Learn nothing from an error answer (an NXDOMAIN's or SERVFAIL's records are
+    // not the name's addresses). Everything else a client may use is learned, so
+    // that it is gated: a truncated answer whose records decoded (some clients use
+    // them rather than retry over TCP), and an answer whose question came back in
+    // another case (it matched this query — ID, and the question compared as DNS
+    // compares names — on the flow's own resolver socket; a client that compares
+    // names the same way uses it). Both used to be released unlearned: their
+    // addresses were then dropped by the datapath (found by review).
+    if rc != rcode::NOERROR {
         facts.ignored_records = msg.answers.len();
         return Ok(facts);
     }

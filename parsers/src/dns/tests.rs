@@ -508,17 +508,17 @@ fn id_question_and_qr_mismatches() {
 }
 
 /// An answer whose question differs from the query's only in case is the
-/// query's answer (forwarded: the client judges its 0x20 check), but weir
-/// learns nothing from it: a resolver that drops the case the client sent is
-/// what a spoofed answer looks like.
+/// query's answer, and a client comparing names as DNS does uses it: its
+/// addresses are learned (and so gated), as for the exact case. Review finding:
+/// they were released unlearned, and the datapath then dropped the connection.
 #[test]
-fn answer_question_case_may_differ_but_then_nothing_is_learned() {
+fn answer_question_case_may_differ_and_is_learned() {
     let q = query_msg(12, "WwW.Example.", RecordType::A);
     let mut r = response_to(&query_msg(12, "www.example.", RecordType::A));
     r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
     let ans = inspect_answer(&bytes(&r), &facts(&q)).expect("case-insensitive");
-    assert!(ans.addresses.is_empty());
-    assert_eq!(ans.ignored_records, 1);
+    assert_eq!(ans.addresses.len(), 1);
+    assert_eq!(ans.ignored_records, 0);
     // The same case as sent: learned.
     let mut r = response_to(&q);
     r.add_answer(a("www.example.", 60, [192, 0, 2, 7]));
@@ -597,7 +597,7 @@ fn question_bytes_match_case_insensitively_type_and_class_exactly() {
 }
 
 #[test]
-fn truncated_answer_reports_tc_and_learns_nothing() {
+fn truncated_answer_reports_tc() {
     let q = query_msg(13, "big.example.", RecordType::TXT);
     let f = facts(&q);
     let mut r = response_to(&q);
@@ -1008,12 +1008,11 @@ fn hickory_leniencies_we_guard_against() {
 // ---- dns-review reproducers (branch `dns-review`): each asserts what an
 // attacker / a real client gets TODAY; a fix flips the marked assertion. ----
 
-/// REVIEW REPRO (functional): an RFC 1995 IXFR query carries the client's SOA
-/// in the authority section (NSCOUNT = 1). `inspect_query` rejects any
-/// authority record, so every conformant IXFR gets FORMERR and never reaches
-/// the resolver, although issue 9 says an allowed zone transfer streams through.
+/// An RFC 1995 IXFR query carries the client's SOA in the authority section
+/// (NSCOUNT = 1). Review finding: every authority record was refused, so every
+/// conformant IXFR got FORMERR.
 #[test]
-fn review_repro_rfc1995_ixfr_query_is_answered_formerr() {
+fn an_ixfr_query_carries_one_soa_of_its_zone() {
     use hickory_proto::rr::rdata::SOA;
     let mut q = query_msg(0x1f, "example.", RecordType::IXFR);
     q.metadata.recursion_desired = false;
@@ -1031,17 +1030,18 @@ fn review_repro_rfc1995_ixfr_query_is_answered_formerr() {
         )),
     ));
     let wire = bytes(&q);
-    let r = inspect_query(&wire);
-    // TODAY: rejected as malformed (records_in_query), answered FORMERR.
-    assert!(
-        matches!(
-            r,
-            Err(QueryReject::Malformed {
-                reason: MalformedReason::RecordsInQuery { answers: 0, authorities: 1 },
-                ..
-            })
-        ),
-        "{r:?}"
-    );
-    assert_eq!(r.unwrap_err().response_rcode(), Some(rcode::FORMERR));
+    let f = inspect_query(&wire).expect("RFC 1995 IXFR");
+    assert_eq!(f.qtype, u16::from(RecordType::IXFR));
+    assert_eq!(f.name, "example.");
+    // Not for another type, nor another zone's SOA, nor two of them.
+    let mut axfr = q.clone();
+    axfr.queries[0].set_query_type(RecordType::A);
+    assert!(inspect_query(&bytes(&axfr)).is_err());
+    let mut other = q.clone();
+    other.authorities[0].name = name("other.");
+    assert!(inspect_query(&bytes(&other)).is_err());
+    let mut two = q.clone();
+    let again = two.authorities[0].clone();
+    two.add_authority(again);
+    assert!(inspect_query(&bytes(&two)).is_err());
 }

@@ -170,8 +170,8 @@ fn an_answer_is_decoded_once_whatever_shares_its_id() {
     match o.take_answer(&answer(9, "N99.Example", &[[192, 0, 2, 99]])) {
         AnswerMatch::Matched(p, Ok(a)) => {
             assert_eq!(p.facts.name, "n99.example.");
-            // Matched case-insensitively; nothing learned from a case mismatch.
-            assert!(a.addresses.is_empty());
+            // Matched case-insensitively, and learned like any other answer.
+            assert_eq!(a.addresses.len(), 1);
         }
         _ => panic!("not matched"),
     }
@@ -1009,7 +1009,7 @@ fn every_zone_transfer_message_can_be_answered_servfail() {
 
 // ---- dns-review reproducers (branch `dns-review`): each asserts what an
 // attacker / a real client gets TODAY; a fix flips the marked assertions. ----
-mod review_repro {
+mod review_findings {
     use tokio::sync::oneshot;
 
     use super::*;
@@ -1090,7 +1090,7 @@ spec:
             .collect()
     }
 
-    /// REVIEW REPRO F1: the client asks `SELECTED.example` (an application or
+    /// Review finding F1 (fixed; it was released unlearned): the client asks `SELECTED.example` (an application or
     /// stub that keeps the name's case; no 0x20 check of its own), the resolver
     /// answers with the question lower-cased (as some resolvers/forwarders do).
     /// The answer matches the query (ID, question case-insensitively), weir
@@ -1100,7 +1100,7 @@ spec:
     /// SYN to 192.0.2.1 is dropped. Issue 9: "Never release an answer whose
     /// connection the datapath would drop".
     #[test]
-    fn review_repro_case_changed_answer_released_without_learning() {
+    fn a_case_changed_answer_is_gated() {
         let (ctx, learner) = setup();
         let q = query(7, "SELECTED.example");
         let mut out = Outstanding::new(10);
@@ -1114,20 +1114,20 @@ spec:
             client_addresses(&a, "SELECTED.example."),
             vec!["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]
         );
-        // TODAY: nothing learned, gate open, learner never asked.
-        assert!(facts.addresses.is_empty());
-        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
-        assert_eq!(*learner.calls.lock().unwrap(), 0);
+        // Learned, so gated: this learner refuses, the client gets SERVFAIL.
+        assert_eq!(facts.addresses.len(), 1);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        assert_eq!(*learner.calls.lock().unwrap(), 1);
     }
 
-    /// REVIEW REPRO F2: a UDP answer with TC set that still decodes completely
+    /// Review finding F2 (fixed; it was released unlearned): a UDP answer with TC set that still decodes completely
     /// (a resolver that sets TC but keeps the records that fit) is released as
     /// it is, with its A record, and learns nothing. A client that uses a
     /// truncated answer's records instead of retrying over TCP (musl before
     /// 1.2.4 never retried over TCP) connects to an address the datapath
     /// does not hold.
     #[test]
-    fn review_repro_tc_answer_with_addresses_released_without_learning() {
+    fn a_truncated_answer_with_addresses_is_gated() {
         let (ctx, learner) = setup();
         let q = query(8, "selected.example");
         let mut out = Outstanding::new(10);
@@ -1139,16 +1139,16 @@ spec:
         };
         assert!(facts.truncated);
         assert_eq!(client_addresses(&a, "selected.example.").len(), 1);
-        // TODAY: released at once, the learner never asked.
-        assert!(facts.addresses.is_empty());
-        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
-        assert_eq!(*learner.calls.lock().unwrap(), 0);
+        // Learned, so gated: this learner refuses, the client gets SERVFAIL.
+        assert_eq!(facts.addresses.len(), 1);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        assert_eq!(*learner.calls.lock().unwrap(), 1);
     }
 
     /// Control: the same answer with the exact question case and no TC goes
     /// to the learner (and with this refusing learner is not released).
     #[test]
-    fn review_control_exact_answer_is_gated() {
+    fn an_exact_answer_is_gated() {
         let (ctx, learner) = setup();
         let q = query(9, "selected.example");
         let mut out = Outstanding::new(10);
