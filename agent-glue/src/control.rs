@@ -144,9 +144,19 @@ pub fn spawn(
                     }
                     Some(ControlMsg::PeerDrained { pid }) => {
                         info!(pid, "the weir taken over has drained and stopped");
-                        // What it learned while draining joins this cache.
+                        // What it learned while draining joins this cache. It could
+                        // add addresses to these maps until it stopped, and remove
+                        // none: one whose TTL ended meanwhile is in no cache (review
+                        // F5). Read the maps back, so the next sync removes what no
+                        // cache entry asks for.
+                        if let Some(dp) = steering.datapath.as_mut()
+                            && let Err(e) = dp.readopt()
+                        {
+                            warn!(error = %e, "re-reading the eBPF maps after the handover failed; addresses the old weir learned may stay until the next restart");
+                        }
                         let policy = shared.policy.load_full();
                         fqdn.merge_handed_over(&policy, steering.fqdn_datapath());
+                        fqdn.datapath_unsure();
                     }
                     Some(ControlMsg::Reload) => {
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
