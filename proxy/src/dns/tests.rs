@@ -1024,7 +1024,11 @@ mod review_findings {
     }
 
     impl FqdnLearner for Refusing {
-        fn learn(&self, _req: LearnRequest, _wait: bool) -> oneshot::Receiver<Result<(), LearnError>> {
+        fn learn(
+            &self,
+            _req: LearnRequest,
+            _wait: bool,
+        ) -> oneshot::Receiver<Result<(), LearnError>> {
             *self.calls.lock().unwrap() += 1;
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(LearnError::Datapath("refused (review learner)".into())));
