@@ -159,6 +159,7 @@ pub fn spawn(
                         fqdn.datapath_unsure();
                     }
                     Some(ControlMsg::Reload) => {
+                        let _changing = shared.policy_change();
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
                         record_reload(&mut reloads, &shared, r.as_ref().copied());
                     }
@@ -178,6 +179,9 @@ pub fn spawn(
                         let _ = reply.send(Ok(fqdn.list(&policy, fqdn::now_ms())));
                     }
                     Some(ControlMsg::Api(cmd)) => {
+                        // A command may install a policy: the datapath holds it
+                        // before the proxy does (see `Shared::policy_change`).
+                        let _changing = shared.policy_change();
                         let mode = steering.mode;
                         let changed =
                             api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {

@@ -59,6 +59,19 @@ pub struct Shared {
     pub(crate) udp_sessions: AtomicUsize,
     /// Kafka topic ids → names, learned from the Metadata responses relayed.
     pub kafka_topic_ids: kafka::topic_ids::TopicIds,
+    /// Policy changes under way (see [`Shared::policy_change`]).
+    policy_changes_under_way: AtomicUsize,
+}
+
+/// While alive, a policy change is under way (see [`Shared::policy_change`]).
+pub struct PolicyChange<'a>(&'a Shared);
+
+impl Drop for PolicyChange<'_> {
+    fn drop(&mut self) {
+        self.0
+            .policy_changes_under_way
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -78,7 +91,27 @@ impl Shared {
             draining: watch::channel(false).0,
             udp_sessions: AtomicUsize::new(0),
             kafka_topic_ids: Default::default(),
+            policy_changes_under_way: AtomicUsize::new(0),
         })
+    }
+
+    /// Marks a policy change under way until the guard drops: the agent takes it
+    /// before the datapath may hold a policy the proxy has not seen yet, and drops
+    /// it once [`Shared::set_policy`] ran (or the change failed). Meanwhile every DNS
+    /// answer with addresses waits for the FQDN learner, which runs after the change:
+    /// an answer for a name only the incoming policy selects is not released before
+    /// the datapath holds its addresses (found by review).
+    pub fn policy_change(&self) -> PolicyChange<'_> {
+        self.policy_changes_under_way
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        PolicyChange(self)
+    }
+
+    /// Whether a policy change is under way.
+    pub fn policy_changing(&self) -> bool {
+        self.policy_changes_under_way
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
     }
 
     /// Installs a new policy: the next request on every connection is decided by

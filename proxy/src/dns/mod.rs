@@ -356,7 +356,7 @@ pub(crate) fn gate(shared: &Shared, p: &Pending, a: &AnswerFacts) -> Gate {
 /// force now: a policy installed while the query was out may add the selector,
 /// and the answer must not reach the client before the datapath allows it.
 pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Gate {
-    let wait = req.selected() || req.selected_by(&shared.policy.load());
+    let wait = req.selected() || shared.policy_changing() || req.selected_by(&shared.policy.load());
     let mut reply = shared.fqdn_learner().learn(req, wait);
     if !wait {
         return Gate::Open;

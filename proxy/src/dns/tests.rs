@@ -1151,6 +1151,28 @@ spec:
 
     /// Control: the same answer with the exact question case and no TC goes
     /// to the learner (and with this refusing learner is not released).
+    /// While a policy change is under way the datapath may already hold a policy
+    /// that selects a name the proxy's does not: every answer with addresses waits
+    /// for the learner (review finding: it was released at once).
+    #[test]
+    fn during_a_policy_change_every_answer_waits_for_the_learner() {
+        let (ctx, _learner) = setup();
+        let q = query(10, "other.example");
+        let mut out = Outstanding::new(10);
+        out.add(pending(&ctx, &q));
+        let a = answer(10, "other.example", &[[192, 0, 2, 4]]);
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
+            panic!("the answer matches the query");
+        };
+        // Selected by no policy the proxy knows: released at once.
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        let changing = ctx.shared.policy_change();
+        // The learner decides (this one refuses: SERVFAIL).
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        drop(changing);
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+    }
+
     #[test]
     fn an_exact_answer_is_gated() {
         let (ctx, learner) = setup();
