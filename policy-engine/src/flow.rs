@@ -490,19 +490,8 @@ pub fn rfc3339_now() -> String {
 /// such times compare as text).
 pub fn rfc3339(t: SystemTime) -> String {
     let now = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (h, min, sec, nanos) = (rem / 3600, rem % 3600 / 60, rem % 60, now.subsec_nanos());
+    let [y, m, d, h, min, sec] = civil(now.as_secs() as i64);
+    let nanos = now.subsec_nanos();
     // Every flow record takes one: written digit by digit, not through
     // `format!`'s padding machinery (the same text; years past 9999 or before
     // 0 are left to `format!`).
@@ -524,6 +513,22 @@ pub fn rfc3339(t: SystemTime) -> String {
         out.push_str(sep);
     }
     out
+}
+
+/// Seconds since the Unix epoch as UTC [year, month, day, hour, minute, second]
+/// (civil-from-days, H. Hinnant).
+fn civil(secs: i64) -> [i64; 6] {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    [y, m, d, rem / 3600, rem % 3600 / 60, rem % 60]
 }
 
 /// `v` (non-negative, below `10^width`) as exactly `width` decimal digits.
@@ -583,25 +588,10 @@ mod tests {
             (253_402_300_800, 5),         // 10000-01-01: format!'s own
         ] {
             let t = UNIX_EPOCH + Duration::new(secs, nanos);
-            let d = t.duration_since(UNIX_EPOCH).unwrap();
-            let s = d.as_secs() as i64;
-            let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
-            let z = days + 719_468;
-            let era = z.div_euclid(146_097);
-            let doe = z - era * 146_097;
-            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-            let mp = (5 * doy + 2) / 153;
-            let dd = doy - (153 * mp + 2) / 5 + 1;
-            let m = if mp < 10 { mp + 3 } else { mp - 9 };
-            let y = yoe + era * 400 + i64::from(m <= 2);
-            let want = format!(
-                "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
-                rem / 3600,
-                rem % 3600 / 60,
-                rem % 60,
-                d.subsec_nanos()
-            );
+            // The same fields through `format!`'s padding: the text the digit
+            // writer must reproduce.
+            let [y, m, dd, h, min, sec] = super::civil(secs as i64);
+            let want = format!("{y:04}-{m:02}-{dd:02}T{h:02}:{min:02}:{sec:02}.{nanos:09}Z");
             assert_eq!(super::rfc3339(t), want);
         }
         assert_eq!(
