@@ -1066,6 +1066,16 @@ spec:
         (ctx, learner)
     }
 
+    /// The facts of answer `a` to query `q`, outstanding on a fresh flow.
+    fn matched(ctx: &ConnContext, q: &[u8], a: &[u8]) -> (Box<Pending>, AnswerFacts) {
+        let mut out = Outstanding::new(10);
+        out.add(pending(ctx, q));
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(a) else {
+            panic!("the answer matches the query");
+        };
+        (p, facts)
+    }
+
     fn pending(ctx: &ConnContext, q: &[u8]) -> Pending {
         let d = ctx.decide();
         Pending {
@@ -1106,13 +1116,8 @@ spec:
     #[test]
     fn a_case_changed_answer_is_gated() {
         let (ctx, learner) = setup();
-        let q = query(7, "SELECTED.example");
-        let mut out = Outstanding::new(10);
-        out.add(pending(&ctx, &q));
         let a = answer(7, "selected.example", &[[192, 0, 2, 1]]);
-        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
-            panic!("the answer matches the query");
-        };
+        let (p, facts) = matched(&ctx, &query(7, "SELECTED.example"), &a);
         // What the client takes from the bytes weir forwards unchanged:
         assert_eq!(
             client_addresses(&a, "SELECTED.example."),
@@ -1124,23 +1129,18 @@ spec:
         assert_eq!(*learner.calls.lock().unwrap(), 1);
     }
 
-    /// Review finding F2 (fixed; it was released unlearned): a UDP answer with TC set that still decodes completely
-    /// (a resolver that sets TC but keeps the records that fit) is released as
-    /// it is, with its A record, and learns nothing. A client that uses a
+    /// Review finding F2 (fixed): a UDP answer with TC set that still decodes
+    /// completely (a resolver that sets TC but keeps the records that fit) was
+    /// released with its A record and nothing learned. A client that uses a
     /// truncated answer's records instead of retrying over TCP (musl before
     /// 1.2.4 never retried over TCP) connects to an address the datapath
     /// does not hold.
     #[test]
     fn a_truncated_answer_with_addresses_is_gated() {
         let (ctx, learner) = setup();
-        let q = query(8, "selected.example");
-        let mut out = Outstanding::new(10);
-        out.add(pending(&ctx, &q));
         let mut a = answer(8, "selected.example", &[[192, 0, 2, 2]]);
         a[2] |= 0x02; // TC
-        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
-            panic!("the answer matches the query");
-        };
+        let (p, facts) = matched(&ctx, &query(8, "selected.example"), &a);
         assert!(facts.truncated);
         assert_eq!(client_addresses(&a, "selected.example.").len(), 1);
         // Learned, so gated: this learner refuses, the client gets SERVFAIL.
@@ -1149,21 +1149,14 @@ spec:
         assert_eq!(*learner.calls.lock().unwrap(), 1);
     }
 
-    /// Control: the same answer with the exact question case and no TC goes
-    /// to the learner (and with this refusing learner is not released).
     /// While a policy change is under way the datapath may already hold a policy
     /// that selects a name the proxy's does not: every answer with addresses waits
     /// for the learner (review finding: it was released at once).
     #[test]
     fn during_a_policy_change_every_answer_waits_for_the_learner() {
         let (ctx, _learner) = setup();
-        let q = query(10, "other.example");
-        let mut out = Outstanding::new(10);
-        out.add(pending(&ctx, &q));
         let a = answer(10, "other.example", &[[192, 0, 2, 4]]);
-        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
-            panic!("the answer matches the query");
-        };
+        let (p, facts) = matched(&ctx, &query(10, "other.example"), &a);
         // Selected by no policy the proxy knows: released at once.
         assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
         let changing = ctx.shared.policy_change();
@@ -1173,16 +1166,13 @@ spec:
         assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
     }
 
+    /// Control: the same answer with the exact question case and no TC goes
+    /// to the learner (and with this refusing learner is not released).
     #[test]
     fn an_exact_answer_is_gated() {
         let (ctx, learner) = setup();
-        let q = query(9, "selected.example");
-        let mut out = Outstanding::new(10);
-        out.add(pending(&ctx, &q));
         let a = answer(9, "selected.example", &[[192, 0, 2, 3]]);
-        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&a) else {
-            panic!("the answer matches the query");
-        };
+        let (p, facts) = matched(&ctx, &query(9, "selected.example"), &a);
         assert_eq!(facts.addresses.len(), 1);
         assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
         assert_eq!(*learner.calls.lock().unwrap(), 1);
