@@ -72,20 +72,32 @@ async fn broker(listener: TcpListener, seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>) {
     }
 }
 
+/// The whole frames one read from `s` completes; `None` once the peer is gone.
+async fn read_frames(
+    s: &mut TcpStream,
+    split: &mut FrameSplitter,
+) -> Option<Vec<weir_parsers::kafka::Frame>> {
+    let mut buf = vec![0u8; 4096];
+    let n = match s.read(&mut buf).await {
+        Ok(0) | Err(_) => return None,
+        Ok(n) => n,
+    };
+    split.push(&buf[..n]);
+    let mut frames = Vec::new();
+    while let Ok(Some(f)) = split.next_frame() {
+        frames.push(f);
+    }
+    Some(frames)
+}
+
 async fn broker_connection(
     mut s: TcpStream,
     seen: Arc<Mutex<(Vec<i32>, Vec<u8>)>>,
     mut first: bool,
 ) {
     let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let n = match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        split.push(&buf[..n]);
-        while let Ok(Some(f)) = split.next_frame() {
+    while let Some(frames) = read_frames(&mut s, &mut split).await {
+        for f in frames {
             let mut p = f.payload();
             let key = p.get_i16();
             let ver = p.get_i16();
@@ -787,14 +799,8 @@ async fn a_correlation_id_reused_while_owed_closes_the_connection() {
 async fn lying_broker(listener: TcpListener, name: &'static str, id: u8) {
     while let Ok((mut s, _)) = listener.accept().await {
         let mut split = FrameSplitter::new(DEFAULT_MAX_FRAME);
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            split.push(&buf[..n]);
-            while let Ok(Some(f)) = split.next_frame() {
+        while let Some(frames) = read_frames(&mut s, &mut split).await {
+            for f in frames {
                 let mut p = f.payload();
                 let _key = p.get_i16();
                 let ver = p.get_i16();
