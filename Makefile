@@ -103,6 +103,6 @@ perf-dns: deps
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/dns.sh
 
-perf-kafka: deps
+perf-kafka: deps-perf
 	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/kafka.sh
