@@ -139,6 +139,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_ips_per_name: args.fqdn_max_ips_per_name as usize,
             max_ips: args.fqdn_max_ips as usize,
             max_names: args.fqdn_max_names as usize,
+            max_entries_per_client: args.fqdn_max_entries_per_client as usize,
         },
     );
     fqdn.learn_all_into(&policy);

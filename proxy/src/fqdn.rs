@@ -17,6 +17,36 @@ use tokio::sync::oneshot;
 use weir_parsers::dns::AnswerFacts;
 use weir_policy::CompiledPolicy;
 
+/// Who asked: what a client's share of the FQDN cache is counted by
+/// (`--fqdn-max-entries-per-client`), so that one client cannot fill the cache
+/// every other client's `toFQDNs` rules need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DnsClient {
+    /// A local endpoint, by its ID: all its addresses share one count.
+    Endpoint(u32),
+    /// A client that is no local endpoint, by its address.
+    Address(IpAddr),
+}
+
+impl DnsClient {
+    /// The client of a query from `addr`, a local endpoint's when `endpoint_id` is one.
+    pub fn new(endpoint_id: Option<u32>, addr: IpAddr) -> Self {
+        match endpoint_id {
+            Some(id) => DnsClient::Endpoint(id),
+            None => DnsClient::Address(weir_policy::canonical_ip(addr)),
+        }
+    }
+}
+
+impl std::fmt::Display for DnsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DnsClient::Endpoint(id) => write!(f, "endpoint {id}"),
+            DnsClient::Address(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
 /// An allowed answer's names and addresses.
 #[derive(Debug, Clone)]
 pub struct LearnRequest {
@@ -27,6 +57,9 @@ pub struct LearnRequest {
     /// The policy the proxy decided the query under (the learner computes the
     /// selectors from the policy it has installed, which may be newer).
     pub policy: Arc<CompiledPolicy>,
+    /// The client whose query it answers (the entries it adds count against
+    /// that client's share).
+    pub client: DnsClient,
 }
 
 impl LearnRequest {

@@ -17,7 +17,12 @@
 # - latency: p50/p99 at a fixed rate every candidate sustains, minus direct;
 # - max throughput is secondary (flagged when CPU 0 was saturated);
 # - RUNS interleaved runs of DURATION seconds; median and spread reported.
-# PROFILE=1 records weir's throughput run with perf into tests/perf/results/.
+# PROFILE=1 records weir's throughput run with perf into tests/perf/results/;
+# PROFILE=fixed records its fixed-rate run instead (where per-request wake-ups show;
+# PROFILE_EVENTS="-e EVENT" samples other events than cpu-clock);
+# COUNT=1 prints weir's system calls (by name), context switches and wake-ups per request
+# at the fixed rate (counts, which a busy machine changes far less than CPU times);
+# COUNT_EVENTS="-e EVENT,..." counts those perf events instead (e.g. a uprobe on the allocator).
 # BPF_STATS=1 prints the kernel time of weir's eBPF programs per request (fixed rate).
 # CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags;
 # CANDIDATES="direct weir weir-base" WEIR_BASE=/path/to/older/weir compares two builds in one run.
@@ -254,8 +259,33 @@ measure() {   # prints: reqs rps cpu_us_per_req p50_us p99_us rss_kb cpu0_pct fi
   # Latency at a fixed rate: 10 clients, RATE/10 requests per second each.
   rm -f "$WORK/lat.log"
   local lt0; lt0=$(cpu_ticks); bpf_snapshot "$WORK/bpf0.json"
+  if [ "${PROFILE:-0}" = fixed ] && [ "$c" = weir ]; then
+    mkdir -p "$RESULTS"
+    perf record -q ${PROFILE_EVENTS:--e cpu-clock -F 1999} -g -p "$(tree_pids "$SUT_PID" | tail -1)" -o "$RESULTS/weir-fixed.perf.data" >/dev/null 2>&1 & prof=$!
+  fi
+  local counter=
+  if [ "${COUNT:-0}" = 1 ] && [ -n "$SUT_PID" ]; then
+    if [ -n "${COUNT_EVENTS:-}" ]; then
+      # shellcheck disable=SC2086
+      perf stat -x, $COUNT_EVENTS -p "$(tree_pids "$SUT_PID" | tail -1)" -o "$WORK/count.txt" >/dev/null 2>&1 & counter=$!
+    else
+      perf trace -s -p "$(tree_pids "$SUT_PID" | tail -1)" -o "$WORK/count.txt" >/dev/null 2>&1 & counter=$!
+    fi
+  fi
   in_ns $CLI taskset -c 0 h2load "${LOAD[@]}" -c 10 -t 1 --rps $((RATE/10)) -D "$DURATION" \
     --log-file "$WORK/lat.log" "$URL" >/dev/null 2>&1
+  if [ -n "$counter" ]; then
+    kill -INT "$counter"; wait "$counter" || true
+    # perf stat -x,: "count,unit,event,..."; perf trace -s: per thread,
+    # "syscall calls errors total min avg max stddev".
+    awk -F, -v n="$(wc -l < "$WORK/lat.log")" -v c="$c" '$3 != "" && $1 ~ /^[0-9.]+$/ {
+        printf "count %s: %s %.2f per request\n", c, $3, $1 / n }' "$WORK/count.txt" >&2
+    [ -z "${COUNT_EVENTS:-}" ] && awk -v n="$(wc -l < "$WORK/lat.log")" -v c="$c" '
+      / \(([0-9]+)\), [0-9]+ events/ { thread = $1 }
+      $2 ~ /^[0-9]+$/ && $1 ~ /^[a-z_0-9]+$/ { printf "count %s: %s %s %.2f per request\n", c, thread, $1, $2 / n }' \
+      "$WORK/count.txt" >&2
+  fi
+  if [ -n "$prof" ]; then kill -INT "$prof"; wait "$prof" || true; prof=; fi
   local lt1; lt1=$(cpu_ticks); bpf_snapshot "$WORK/bpf1.json"
   bpf_report "$c" "$WORK/bpf0.json" "$WORK/bpf1.json" "$(wc -l < "$WORK/lat.log")"
   local fixed_cpu=0

@@ -60,6 +60,11 @@ const WITH_OTHER: &str = "    - matchName: other.example.com";
 /// (`web`, 10.201.2.0/24 plus 10.201.4.0/22 answered on every address), weir on
 /// the eBPF datapath.
 fn fqdn_lab(test: &str, extra_policy: &str) -> Option<Scenario> {
+    fqdn_lab_with(test, &policy(extra_policy), &[])
+}
+
+/// [`fqdn_lab`] with its own policy and more weir flags.
+fn fqdn_lab_with(test: &str, policy: &str, weir_args: &[&str]) -> Option<Scenario> {
     let mut s = Scenario::star_wars(test)?;
     s.lab.add_outside("dns", 1).expect("add the resolver");
     s.lab.add_outside("web", 2).expect("add the web servers");
@@ -98,10 +103,9 @@ fn fqdn_lab(test: &str, extra_policy: &str) -> Option<Scenario> {
     echo.args(["TCP6-LISTEN:7000,fork,reuseaddr,ipv6only=0", "EXEC:cat"]);
     s.lab.spawn("echo", echo).expect("start the echo server");
     start_resolver(&mut s);
-    s.start_weir(
-        &policy(extra_policy),
-        &["--steering", "ebpf", "--fqdn-min-ttl", "0"],
-    );
+    let mut args = vec!["--steering", "ebpf", "--fqdn-min-ttl", "0"];
+    args.extend_from_slice(weir_args);
+    s.start_weir(policy, &args);
     Some(s)
 }
 
@@ -532,6 +536,59 @@ fn resolve_and_connect_at_once_succeeds_1000_times_out_of_1000() {
         t.contains("ok=1000"),
         "not every resolve-and-connect succeeded:\n{t}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One client cannot fill the FQDN cache for everyone: the tiefighter, at its
+/// share (`--fqdn-max-entries-per-client 3`), gets SERVFAIL for a fourth
+/// selected name and cannot connect to its address, while the xwing (same
+/// rules, its own share) resolves that same name — after which the
+/// tiefighter's same connect succeeds: the address was only missing, the
+/// probe can pass.
+#[test]
+fn one_client_at_its_fqdn_share_cannot_crowd_out_another() {
+    let both = policy("").replace(
+        "endpointSelector: {matchLabels: {class: tiefighter}}",
+        "endpointSelector: {matchExpressions: [{key: class, operator: In, values: [tiefighter, xwing]}]}",
+    );
+    let Some(s) = fqdn_lab_with("fqdn-share", &both, &["--fqdn-max-entries-per-client", "3"])
+    else {
+        return;
+    };
+    let race = |i: u8| {
+        (
+            format!("10-201-4-{i}.race.example.com"),
+            format!("10.201.4.{i}"),
+        )
+    };
+    for i in 1..=3 {
+        let (name, addr) = race(i);
+        assert_eq!(dig(&s, "tiefighter", RESOLVER4, &name, "A"), addr);
+    }
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.1/"), "200");
+    // Its share is used up: a fourth selected name is refused ...
+    let (fourth, fourth_addr) = race(4);
+    assert_eq!(dig(&s, "tiefighter", RESOLVER4, &fourth, "A"), "SERVFAIL");
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.4/"), "000");
+    // ... but what it has already is answered again.
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, &race(2).0, "A"),
+        "10.201.4.2"
+    );
+    // The xwing is not crowded out, for that very name.
+    assert_eq!(dig(&s, "xwing", RESOLVER4, &fourth, "A"), fourth_addr);
+    assert_eq!(curl_ip(&s, "xwing", "http://10.201.4.4/"), "200");
+    // The address is learned now (the xwing's share): the tiefighter's same
+    // connect passes.
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.4/"), "200");
+    // The refusal is on record, with its reason.
+    let flows = s.flows();
+    assert!(
+        flows.iter().any(|f| {
+            let t = f.to_string();
+            t.contains(&fourth) && t.contains("fqdn-max-entries-per-client")
+        }),
+        "no record of the refused answer naming the share: {flows:#?}"
     );
 }
 

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use weir_policy::{CompiledPolicy, FqdnSelectorId, canonical_ip};
+use weir_proxy::fqdn::DnsClient;
 
 /// One address of one name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +23,11 @@ pub struct Entry {
     /// Expired, but kept while a connection to it is alive.
     #[serde(default)]
     pub kept: bool,
+    /// The client whose answer first brought it (its share counts it while
+    /// the name is selected). Not saved: entries read back after a crash or
+    /// handed over count against no client.
+    #[serde(skip)]
+    pub owner: Option<DnsClient>,
 }
 
 /// However short the TTL (0 included), an address stays this long after its
@@ -31,7 +37,7 @@ pub struct Entry {
 pub const CONNECT_GRACE_MS: u64 = 2_000;
 
 /// Cache limits (`--fqdn-min-ttl`, `--fqdn-max-ttl`, `--fqdn-max-ips-per-name`,
-/// `--fqdn-max-ips`, `--fqdn-max-names`).
+/// `--fqdn-max-ips`, `--fqdn-max-names`, `--fqdn-max-entries-per-client`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub min_ttl_secs: u32,
@@ -42,6 +48,12 @@ pub struct Limits {
     /// entries; the kernel's ipcache holds 65 536 with the CIDR and host ones).
     pub max_ips: usize,
     pub max_names: usize,
+    /// (name, address) entries of selected names one client may have brought
+    /// into the cache. Selected names are never evicted to make room, so
+    /// without a share one client could fill the cache (with lookups of
+    /// `*.example.com` names, say) and every other client's new selected
+    /// answers would get SERVFAIL; with it, only its own do.
+    pub max_entries_per_client: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +64,7 @@ impl Default for Limits {
             max_ips_per_name: 1000,
             max_ips: 32_768,
             max_names: 65_536,
+            max_entries_per_client: 8_192,
         }
     }
 }
@@ -77,6 +90,8 @@ pub enum Full {
     Names,
     #[error("the FQDN cache holds --fqdn-max-ips addresses, all of selected names")]
     Ips,
+    #[error("the client holds --fqdn-max-entries-per-client entries of selected names")]
+    Client,
 }
 
 /// Per name: when it entered the cache and whether a selector of the installed
@@ -126,6 +141,8 @@ pub struct Cache {
     meta: HashMap<String, NameMeta>,
     /// Names no selector selects, oldest first: what a full cache evicts.
     evictable: BTreeSet<(u64, String)>,
+    /// Per client: its entries (`Entry::owner`) in selected names.
+    shares: HashMap<DnsClient, usize>,
     pub limits: Limits,
 }
 
@@ -153,7 +170,31 @@ impl Cache {
         now_ms: u64,
         out: &mut Inserted,
     ) -> Result<(), Full> {
+        self.insert_for(None, name, ip, ttl, selected, now_ms, out)
+    }
+
+    /// [`Cache::insert`] for `client`'s answer: a new entry of a selected name
+    /// counts against its share, and beyond it is refused (before anything
+    /// changes) — the client's own new selected answers fail, nobody else's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_for(
+        &mut self,
+        client: Option<DnsClient>,
+        name: &str,
+        ip: IpAddr,
+        ttl: u32,
+        selected: bool,
+        now_ms: u64,
+        out: &mut Inserted,
+    ) -> Result<(), Full> {
         let ip = canonical_ip(ip);
+        if let Some(c) = client
+            && selected
+            && self.get(name, ip).is_none()
+            && self.share(c) >= self.limits.max_entries_per_client.max(1)
+        {
+            return Err(Full::Client);
+        }
         if !self.names.contains_key(name) {
             while self.names.len() >= self.limits.max_names.max(1) {
                 if !self.evict_one(name, out) {
@@ -177,17 +218,25 @@ impl Cache {
                 expires_ms: e.expires_ms.max(expires_ms),
                 learned_ms: e.learned_ms,
                 kept: e.kept && e.expires_ms >= expires_ms,
+                owner: e.owner,
             },
             None => Entry {
                 expires_ms,
                 learned_ms: now_ms,
                 kept: false,
+                owner: client,
             },
         };
         if before == Some(entry) {
             return Ok(());
         }
         ips.insert(ip, entry);
+        if before.is_none() && selected {
+            self.charge(client, 1);
+        }
+        let Some(ips) = self.names.get_mut(name) else {
+            return Ok(());
+        };
         out.journal.push((name.to_string(), ip, before));
         let max = self.limits.max_ips_per_name.max(1);
         // A name over its limit pushes out its oldest learned addresses (the new
@@ -245,10 +294,14 @@ impl Cache {
             created_ms: now_ms,
             selected: true,
         });
+        let was = m.selected;
         if let Some(sel) = selected {
             m.selected = sel;
         }
         let m = *m;
+        if was != m.selected {
+            self.recharge_name(name, m.selected);
+        }
         let key = (m.created_ms, name.to_string());
         if m.selected {
             self.evictable.remove(&key);
@@ -277,6 +330,9 @@ impl Cache {
             }
             if let Some(cur) = self.meta.insert(name.clone(), m) {
                 self.evictable.remove(&(cur.created_ms, name.clone()));
+                if cur.selected != m.selected {
+                    self.recharge_name(&name, m.selected);
+                }
             }
             if !m.selected {
                 self.evictable.insert((m.created_ms, name));
@@ -284,16 +340,73 @@ impl Cache {
         }
     }
 
+    /// How many entries of selected names `client` brought.
+    pub fn share(&self, client: DnsClient) -> usize {
+        self.shares.get(&client).copied().unwrap_or(0)
+    }
+
+    /// Adds `delta` (±1) to `client`'s share.
+    fn charge(&mut self, client: Option<DnsClient>, delta: isize) {
+        let Some(c) = client else { return };
+        let n = self.shares.entry(c).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.shares.remove(&c);
+        }
+    }
+
+    /// `name` became selected (or stopped being): its entries count against
+    /// their owners' shares (or stop counting).
+    fn recharge_name(&mut self, name: &str, selected: bool) {
+        let owners: Vec<Option<DnsClient>> = self
+            .names
+            .get(name)
+            .into_iter()
+            .flat_map(|ips| ips.values().map(|e| e.owner))
+            .collect();
+        for o in owners {
+            self.charge(o, if selected { 1 } else { -1 });
+        }
+    }
+
+    /// Whether `name`'s entries count against their owners' shares.
+    fn counts(&self, name: &str) -> bool {
+        self.meta.get(name).is_some_and(|m| m.selected)
+    }
+
+    /// The shares counted from scratch (a test compares them with the kept ones).
+    #[cfg(test)]
+    fn recounted_shares(&self) -> HashMap<DnsClient, usize> {
+        let mut out = HashMap::new();
+        for (name, ips) in &self.names {
+            if self.counts(name) {
+                for e in ips.values() {
+                    if let Some(o) = e.owner {
+                        *out.entry(o).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Sets or removes one entry.
     pub fn set(&mut self, name: &str, ip: IpAddr, entry: Option<Entry>) {
         match entry {
             Some(e) => {
-                self.names
+                // The name's metadata first: whether it is selected decides
+                // what the entry counts against its owner's share.
+                self.set_meta(name, e.learned_ms, None);
+                let before = self
+                    .names
                     .entry(name.to_string())
                     .or_default()
                     .insert(ip, e);
                 self.by_ip.entry(ip).or_default().insert(name.to_string());
-                self.set_meta(name, e.learned_ms, None);
+                if self.counts(name) {
+                    self.charge(before.and_then(|b| b.owner), -1);
+                    self.charge(e.owner, 1);
+                }
             }
             None => self.remove(name, ip),
         }
@@ -301,9 +414,14 @@ impl Cache {
 
     /// Removes one entry.
     pub fn remove(&mut self, name: &str, ip: IpAddr) {
+        let counts = self.counts(name);
         if let Some(ips) = self.names.get_mut(name) {
-            ips.remove(&ip);
-            if ips.is_empty() {
+            let gone = ips.remove(&ip);
+            let empty = ips.is_empty();
+            if counts {
+                self.charge(gone.and_then(|e| e.owner), -1);
+            }
+            if empty {
                 self.names.remove(name);
                 if let Some(m) = self.meta.remove(name) {
                     self.evictable.remove(&(m.created_ms, name.to_string()));
@@ -613,5 +731,147 @@ mod tests {
         c.undo(out);
         assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
         assert_eq!(c.evictable, before.evictable);
+    }
+
+    const POD_A: DnsClient = DnsClient::Endpoint(1);
+    const POD_B: DnsClient = DnsClient::Endpoint(2);
+
+    /// A client at its share is refused new selected entries, before anything
+    /// changes; other clients, unselected names and entries it already has are
+    /// not; a removal gives the share back.
+    #[test]
+    fn one_client_at_its_share_is_refused_and_nobody_else_is() {
+        let mut c = Cache::new(Limits {
+            max_entries_per_client: 2,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        let a = Some(POD_A);
+        c.insert_for(a, "x1.", ip("192.0.2.1"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert_for(a, "x2.", ip("192.0.2.2"), 60, true, 0, &mut out)
+            .unwrap();
+        assert_eq!(c.share(POD_A), 2);
+        let before = format!("{:?}", c.names);
+        assert_eq!(
+            c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 0, &mut out),
+            Err(Full::Client)
+        );
+        assert_eq!(
+            c.insert_for(a, "x1.", ip("192.0.2.9"), 60, true, 0, &mut out),
+            Err(Full::Client)
+        );
+        assert_eq!(
+            format!("{:?}", c.names),
+            before,
+            "a refusal changes nothing"
+        );
+        // What it has already: learned again (a later expiry), not refused.
+        c.insert_for(a, "x1.", ip("192.0.2.1"), 600, true, 1, &mut out)
+            .unwrap();
+        // Unselected names do not count (a full cache evicts them anyway).
+        c.insert_for(a, "free.", ip("192.0.2.4"), 60, false, 1, &mut out)
+            .unwrap();
+        // Another client is untouched by A's share; an entry A brought stays A's.
+        c.insert_for(Some(POD_B), "x3.", ip("192.0.2.3"), 60, true, 1, &mut out)
+            .unwrap();
+        c.insert_for(Some(POD_B), "x1.", ip("192.0.2.1"), 60, true, 1, &mut out)
+            .unwrap();
+        assert_eq!((c.share(POD_A), c.share(POD_B)), (2, 1));
+        // A removal (expiry) frees the share.
+        c.remove("x2.", ip("192.0.2.2"));
+        assert_eq!(c.share(POD_A), 1);
+        c.insert_for(a, "x5.", ip("192.0.2.5"), 60, true, 2, &mut out)
+            .unwrap();
+        assert_eq!(c.recounted_shares(), c.shares);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert {
+            client: u8,
+            name: u8,
+            ip: u8,
+            selected: bool,
+        },
+        InsertThenUndo {
+            client: u8,
+            name: u8,
+            ip: u8,
+            selected: bool,
+        },
+        Remove {
+            name: u8,
+            ip: u8,
+        },
+        Select {
+            mask: u8,
+        },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let ins = (0u8..3, 0u8..6, 0u8..6, any::<bool>());
+        prop_oneof![
+            ins.clone()
+                .prop_map(|(client, name, ip, selected)| Op::Insert {
+                    client,
+                    name,
+                    ip,
+                    selected
+                }),
+            ins.prop_map(|(client, name, ip, selected)| Op::InsertThenUndo {
+                client,
+                name,
+                ip,
+                selected
+            }),
+            (0u8..6, 0u8..6).prop_map(|(name, ip)| Op::Remove { name, ip }),
+            any::<u8>().prop_map(|mask| Op::Select { mask }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever happens to the cache (inserts by several clients with
+        /// evictions at the limits, refused inserts undone, expiries, policy
+        /// changes that select other names), each client's share is exactly
+        /// its entries in selected names.
+        #[test]
+        fn shares_always_equal_a_recount(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut c = Cache::new(Limits {
+                max_names: 4,
+                max_ips: 4,
+                max_ips_per_name: 2,
+                max_entries_per_client: 3,
+                ..Limits::default()
+            });
+            let name = |n: u8| format!("n{n}.");
+            let addr = |i: u8| IpAddr::from([192, 0, 2, i]);
+            let client = |k: u8| (k > 0).then_some(DnsClient::Endpoint(u32::from(k)));
+            for (t, op) in ops.into_iter().enumerate() {
+                let now = t as u64 * 1000;
+                match op {
+                    Op::Insert { client: k, name: n, ip: i, selected } => {
+                        let mut out = Inserted::default();
+                        let _ = c.insert_for(client(k), &name(n), addr(i), 60, selected, now, &mut out);
+                    }
+                    Op::InsertThenUndo { client: k, name: n, ip: i, selected } => {
+                        let mut out = Inserted::default();
+                        let _ = c.insert_for(client(k), &name(n), addr(i), 60, selected, now, &mut out);
+                        c.undo(out);
+                    }
+                    Op::Remove { name: n, ip: i } => c.remove(&name(n), addr(i)),
+                    Op::Select { mask } => c.mark_selected(|s| {
+                        s.strip_prefix('n')
+                            .and_then(|r| r.trim_end_matches('.').parse::<u8>().ok())
+                            .is_some_and(|n| mask & (1 << n) != 0)
+                    }),
+                }
+                proptest::prop_assert_eq!(c.recounted_shares(), c.shares.clone());
+                for (k, n) in &c.shares {
+                    proptest::prop_assert!(*n > 0, "{:?} kept at 0", k);
+                }
+            }
+        }
     }
 }

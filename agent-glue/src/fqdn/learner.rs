@@ -14,13 +14,17 @@ use weir_parsers::dns::AnswerFacts;
 use weir_policy::{CompiledPolicy, LearnedIdentity, canonical_ip};
 use weir_proxy::fqdn::{FqdnLearner, LearnError, LearnRequest};
 
-use super::cache::Inserted;
+use super::cache::{Full, Inserted};
 use super::{CommittedView, FqdnDatapath, FqdnState};
 use crate::control::ControlMsg;
 
 /// The error of an answer refused because the cache is full (logged here, at
 /// most once a second, rather than by the caller for every answer).
 pub const CACHE_FULL: &str = "the FQDN cache is full";
+/// The error of an answer refused because its client's share of the cache is
+/// used up (`--fqdn-max-entries-per-client`); logged here like [`CACHE_FULL`].
+pub const CLIENT_FULL: &str =
+    "this DNS client holds --fqdn-max-entries-per-client addresses of selected names";
 
 /// Requests nobody waits for that may be queued; beyond, they are dropped (they
 /// only feed the cache).
@@ -148,7 +152,16 @@ impl FqdnState {
             .collect();
         for (ip, ttl) in &req.addresses {
             for (name, sel) in req.names.iter().zip(&selected) {
-                if let Err(full) = self.cache.insert(name, *ip, *ttl, *sel, now_ms, &mut done) {
+                let inserted = self.cache.insert_for(
+                    Some(req.client),
+                    name,
+                    *ip,
+                    *ttl,
+                    *sel,
+                    now_ms,
+                    &mut done,
+                );
+                if let Err(full) = inserted {
                     // The whole answer or nothing: a waited answer gets
                     // SERVFAIL, one nobody waits for is dropped.
                     self.cache.undo(done);
@@ -157,9 +170,12 @@ impl FqdnState {
                         .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
                     {
                         self.last_full_log = Some(std::time::Instant::now());
-                        warn!(names = ?req.names, error = %full, "refusing a DNS answer's new addresses");
+                        warn!(names = ?req.names, client = %req.client, error = %full, "refusing a DNS answer's new addresses");
                     }
-                    return Err(LearnError::Unavailable(CACHE_FULL));
+                    return Err(LearnError::Unavailable(match full {
+                        Full::Client => CLIENT_FULL,
+                        Full::Names | Full::Ips => CACHE_FULL,
+                    }));
                 }
             }
         }
@@ -260,6 +276,7 @@ mod tests {
             names: names.iter().map(ToString::to_string).collect(),
             addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
             policy: policy.clone(),
+            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
         }
     }
 

@@ -126,6 +126,9 @@ fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, Persi
                 expires_ms: e.expires_ms.min(max_expiry),
                 learned_ms: e.learned_ms.min(now_ms),
                 kept: e.kept,
+                // Whose answer brought it is not saved: after a restart it
+                // counts against no client's share.
+                owner: None,
             };
             if e.expires_ms <= now_ms && !e.kept {
                 continue;

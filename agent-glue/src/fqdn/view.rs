@@ -363,6 +363,7 @@ mod tests {
             names: vec![name.to_string()],
             addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
             policy: p.clone(),
+            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
         }
     }
 

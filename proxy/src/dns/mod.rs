@@ -22,7 +22,7 @@ use weir_policy::flow::{Flow, FlowVerdict, L7Type};
 
 use crate::Shared;
 use crate::context::{ConnContext, Decision};
-use crate::fqdn::LearnRequest;
+use crate::fqdn::{DnsClient, LearnRequest};
 
 /// What to do with one client message.
 pub(crate) enum QueryAction {
@@ -55,6 +55,8 @@ pub(crate) struct Pending {
     /// A zone transfer that has had at least one answer message (it stays until
     /// its deadline: more messages may follow).
     pub answered: bool,
+    /// Who asked (the FQDN cache's share it counts against).
+    pub client: DnsClient,
 }
 
 impl Pending {
@@ -126,6 +128,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     flow.policy = reason.clone();
     ctx.shared.flows.emit(flow);
     let now = Instant::now();
+    let client = DnsClient::new(d.peers.source.endpoint.id, ctx.client.ip());
     QueryAction::Forward(Pending {
         facts,
         decision: d,
@@ -135,6 +138,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
         deadline: now + cfg.dns_upstream_timeout,
         timeout: cfg.dns_upstream_timeout,
         answered: false,
+        client,
     })
 }
 
@@ -268,6 +272,7 @@ impl Outstanding {
                 deadline: p.deadline,
                 timeout: p.timeout,
                 answered: true,
+                client: p.client,
             };
             return AnswerMatch::Matched(Box::new(copy), r);
         }
@@ -322,6 +327,7 @@ pub(crate) fn learn_request(p: &Pending, a: &AnswerFacts) -> Option<LearnRequest
         names: a.names().map(str::to_string).collect(),
         addresses: a.addresses.iter().map(|x| (x.ip, x.ttl)).collect(),
         policy: p.decision.policy.clone(),
+        client: p.client,
     })
 }
 
