@@ -304,7 +304,10 @@ pub struct RunArgs {
     /// needs access to it (e.g. `setfacl -m u:UID:rw` on the socket).
     #[arg(long = "api-allow-uid", value_name = "UID")]
     pub api_allow_uid: Vec<u32>,
-    /// Write flow records (JSON lines) here instead of stdout.
+    /// Write flow records (JSON lines) here instead of stdout. `none`: write
+    /// none — records still reach `weir observe` (the --flow-buffer ring, live
+    /// readers) and the metrics, and are rendered only when read (a file
+    /// named "none" is `./none`).
     #[arg(long)]
     pub flow_log: Option<PathBuf>,
     /// Rotate the --flow-log file when the next record would take it past this

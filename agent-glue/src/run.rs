@@ -50,6 +50,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
 fn flow_sink(args: &RunArgs) -> anyhow::Result<FlowSink> {
     let out: Box<dyn weir_proxy::flows::FlowOutput> = match args.flow_log.as_deref() {
         None => Box::new(weir_proxy::flows::Stdout),
+        Some(p) if p.as_os_str() == "none" => Box::new(weir_proxy::flows::Discard),
         Some(p) => Box::new(
             weir_proxy::flows::rotate::RotatingFile::open(
                 p,

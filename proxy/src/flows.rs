@@ -36,6 +36,31 @@ pub trait FlowOutput: Write + Send {
     fn reopen(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Whether lines written here go nowhere (`--flow-log none`): then records
+    /// are not rendered unless a reader of the bus asks.
+    fn discards(&self) -> bool {
+        false
+    }
+}
+
+/// No flow log (`--flow-log none`): records only reach the bus (the ring that
+/// `weir observe` reads, live readers) and the metrics.
+pub struct Discard;
+
+impl Write for Discard {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl FlowOutput for Discard {
+    fn discards(&self) -> bool {
+        true
+    }
 }
 
 /// Any writer (stdout, a test's buffer): nothing to reopen.
@@ -222,20 +247,29 @@ impl Drop for FlowSink {
     }
 }
 
-/// Renders a record once for the file and every reader of the bus.
-fn record(flow: &Flow) -> Arc<Record> {
-    let mut json = flow.to_json_line();
-    json.pop(); // the newline
-    Arc::new(Record {
-        key: bus::FlowKey::new(flow),
-        json: json.into_boxed_str(),
-    })
+/// A record for the bus, written to the flow log unless that discards it
+/// (rendered once for the file and every reader of the bus; not rendered at
+/// all when nothing reads it).
+fn record(
+    out: &mut dyn FlowOutput,
+    flow: Box<Flow>,
+    result: &mut std::io::Result<()>,
+) -> Arc<Record> {
+    if out.discards() {
+        return Arc::new(Record::lazy(flow));
+    }
+    let r = Record::rendered(&flow);
+    if result.is_ok() {
+        *result = write_record(out, &r);
+    }
+    Arc::new(r)
 }
 
 fn write_record(out: &mut dyn Write, r: &Record) -> std::io::Result<()> {
     // One write per line: the rotating file never splits a line.
-    let mut line = Vec::with_capacity(r.json.len() + 1);
-    line.extend_from_slice(r.json.as_bytes());
+    let json = r.json();
+    let mut line = Vec::with_capacity(json.len() + 1);
+    line.extend_from_slice(json.as_bytes());
     line.push(b'\n');
     out.write_all(&line)
 }
@@ -260,17 +294,13 @@ fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, re
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Flow(flow) => {
-                    let r = record(&flow);
-                    result = result.and_then(|()| write_record(&mut *out, &r));
-                    batch.push(r);
+                    batch.push(record(&mut *out, flow, &mut result));
                     written += 1;
                 }
                 Msg::Flows(flows) => {
                     written += flows.len();
                     for flow in flows {
-                        let r = record(&flow);
-                        result = result.and_then(|()| write_record(&mut *out, &r));
-                        batch.push(r);
+                        batch.push(record(&mut *out, Box::new(flow), &mut result));
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),
@@ -431,12 +461,43 @@ mod tests {
         let mut n = 0;
         while let Some(Event::Flow(r)) = sub.try_next() {
             n += 1;
-            let v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+            let v: serde_json::Value = serde_json::from_str(r.json()).unwrap();
             assert_eq!(
                 v["l4"]["TCP"]["source_port"],
                 r.key.ports.map_or(0, |p| p.0)
             );
         }
         assert_eq!(n, 5);
+    }
+
+    /// `--flow-log none`: nothing is written, the records still reach the bus,
+    /// and a reader gets the very JSON the flow log would have had.
+    #[test]
+    fn a_discarding_log_still_publishes_every_record_rendered_when_read() {
+        let bus = FlowBus::new(8);
+        let sink = FlowSink::with_output(Box::new(Discard), 16, bus.clone());
+        let (_, sub) = bus.query(FlowFilter::default(), 0, true, 16);
+        let mut sub = sub.unwrap();
+        sink.emit(flow(1));
+        sink.emit_all((2..4).map(flow));
+        assert!(sink.flush(Duration::from_secs(5)));
+        let mut seen = Vec::new();
+        while let Some(Event::Flow(r)) = sub.try_next() {
+            seen.push(r);
+        }
+        assert_eq!(seen.len(), 3);
+        for (r, port) in seen.iter().zip(1..) {
+            let mut line = flow(port).to_json_line();
+            line.pop();
+            // The time differs (the record's own); everything else is the same.
+            let mut want: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let mut got: serde_json::Value = serde_json::from_str(r.json()).unwrap();
+            want["time"] = serde_json::Value::Null;
+            got["time"] = serde_json::Value::Null;
+            assert_eq!(got, want);
+            assert!(std::ptr::eq(r.json(), r.json()), "rendered once");
+        }
+        assert_eq!(bus.len(), 3);
+        assert_eq!(sink.lost(), 0);
     }
 }

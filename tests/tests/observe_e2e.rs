@@ -304,6 +304,46 @@ fn observe_shows_recent_and_live_flows_and_filters_them() {
 
 /// `--flow-log-max-size`/`--flow-log-max-files`: the flow log rotates at record
 /// boundaries, keeps the files it is told to, and loses no record while they fit.
+/// `--flow-log none`: no flow log at all, yet `weir observe` shows the
+/// requests from the ring, rendered when read, with the same fields.
+#[test]
+fn without_a_flow_log_observe_still_shows_every_record() {
+    let Some(mut s) = Scenario::star_wars("observe-nolog") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    s.flow_log = "none".into();
+    s.start_weir(POLICY, &["--steering", "nft"]);
+    let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
+    assert_eq!(s.status("tiefighter", "POST", &landing), "200");
+    let exhaust = format!("http://{DEATHSTAR4}/v1/exhaust-port");
+    assert_eq!(s.status("tiefighter", "PUT", &exhaust), "403");
+    let mut recent = Vec::new();
+    let both = lab::wait_until(Duration::from_secs(5), || {
+        recent = json_lines(&observe(
+            &s,
+            &["--last", "10", "-o", "json", "--type", "http"],
+        ));
+        recent.iter().any(|f| is_http(f, "POST")) && recent.iter().any(|f| is_http(f, "PUT"))
+    });
+    assert!(
+        both.is_ok(),
+        "observe never showed both requests: {recent:?}\n{}",
+        s.weir_log_text()
+    );
+    let put = recent.iter().find(|f| is_http(f, "PUT")).unwrap();
+    assert_eq!(put["verdict"], "DROPPED", "{put}");
+    assert_eq!(put["l7"]["http"]["url"], exhaust, "{put}");
+    assert!(
+        put["source"]["labels"].to_string().contains("tiefighter"),
+        "{put}"
+    );
+    let post = recent.iter().find(|f| is_http(f, "POST")).unwrap();
+    assert_eq!(post["verdict"], "FORWARDED", "{post}");
+    // Nothing was written anywhere: no file named "none" beside weir.
+    assert!(!s.path("none").exists() && !std::path::Path::new("none").exists());
+}
+
 #[test]
 fn the_flow_log_rotates_by_size() {
     let Some(mut s) = Scenario::star_wars("flowlog-rotate") else {

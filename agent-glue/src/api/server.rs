@@ -330,7 +330,9 @@ impl pb::observer_server::Observer for ObserverApi {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(async move {
             let flow = |r: &weir_proxy::flows::Record| pb::GetFlowsResponse {
-                event: Some(pb::get_flows_response::Event::FlowJson(r.json.to_string())),
+                event: Some(pb::get_flows_response::Event::FlowJson(
+                    r.json().to_string(),
+                )),
             };
             for r in &history {
                 if tx.send(Ok(flow(r))).await.is_err() {

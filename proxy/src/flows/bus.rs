@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
 use weir_policy::flow::{Flow, FlowVerdict, L4, RenderedEndpoint};
@@ -21,13 +21,53 @@ pub const DEFAULT_CAPACITY: usize = 4095;
 pub const SUBSCRIBER_QUEUE: usize = 8192;
 
 /// A published record: its JSON (rendered once for every reader) and the few
-/// facts filters and counters need. The `Flow` itself is not kept: the ring
-/// holds `--flow-buffer` of these.
+/// facts filters and counters need.
 #[derive(Debug)]
 pub struct Record {
     pub key: FlowKey,
+    body: Body,
+}
+
+#[derive(Debug)]
+enum Body {
+    /// Rendered when published (the flow log wanted the line): the `Flow`
+    /// itself is not kept, as the ring holds `--flow-buffer` of these.
+    Json(Box<str>),
+    /// Kept as it came, rendered the first time a reader asks (`--flow-log
+    /// none`: most records are never read, and rendering was most of their cost).
+    Lazy(Box<Flow>, OnceLock<Box<str>>),
+}
+
+impl Record {
+    /// A record rendered now.
+    pub fn rendered(flow: &Flow) -> Self {
+        Record {
+            key: FlowKey::new(flow),
+            body: Body::Json(render(flow)),
+        }
+    }
+
+    /// A record rendered when first read.
+    pub fn lazy(flow: Box<Flow>) -> Self {
+        Record {
+            key: FlowKey::new(&flow),
+            body: Body::Lazy(flow, OnceLock::new()),
+        }
+    }
+
     /// One JSON object, no trailing newline.
-    pub json: Box<str>,
+    pub fn json(&self) -> &str {
+        match &self.body {
+            Body::Json(j) => j,
+            Body::Lazy(flow, j) => j.get_or_init(|| render(flow)),
+        }
+    }
+}
+
+fn render(flow: &Flow) -> Box<str> {
+    let mut json = flow.to_json_line();
+    json.pop(); // the newline
+    json.into_boxed_str()
 }
 
 /// What filters and metrics read of a flow.
@@ -543,7 +583,7 @@ mod tests {
     }
 
     fn rec(f: Flow) -> Arc<Record> {
-        super::super::record(&f)
+        Arc::new(Record::rendered(&f))
     }
 
     fn ports_of(rs: &[Arc<Record>]) -> Vec<u16> {
