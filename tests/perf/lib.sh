@@ -134,7 +134,7 @@ start_weir_sut() {
   local bin=${1:-$WEIR}
   rm -rf "$WORK/state"
   in_ns $NODE taskset -c 1 "$bin" run --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" \
-    --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log /dev/null ${WEIR_ARGS:-} \
+    --workers "${WEIR_WORKERS:-1}" --state-dir "$WORK/state" --bpf-root "$BPF_ROOT" --api-socket "$WORK/weir.sock" --flow-log "${FLOW_LOG:-/dev/null}" ${WEIR_ARGS:-} \
     2>"$WORK/weir.log" & SUT_PID=$!
   for _ in $(seq 100); do [ -e "$WORK/state/ready" ] && break; sleep 0.1; done
   [ -e "$WORK/state/ready" ] || { echo "weir did not start:"; tail -5 "$WORK/weir.log"; exit 1; } >&2

@@ -8,8 +8,10 @@
 //! Names served (see [`start_resolver`]): `api.example.com` (A + AAAA, TTL 60),
 //! `www.example.com` (CNAME to `edge.cdnprovider.net`), `short.example.com`
 //! (TTL 2), `other.example.com` (answered, but selected by no toFQDNs rule unless
-//! the test adds it) and `<a-b-c-d>.race.example.com` (dnsmasq's synth-domain:
-//! one distinct address per name in 10.201.4.0/22, TTL 0).
+//! the test adds it), `<a-b-c-d>.race.example.com` (dnsmasq's synth-domain:
+//! one distinct address per name in 10.201.4.0/22, TTL 0), and
+//! `keep.orphan.example.com` (IPv4 only, TTL 60) and `gone.orphan.example.com`
+//! (IPv4 only, TTL 1), which only the takeover orphan test selects.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -132,6 +134,8 @@ fn start_resolver(s: &mut Scenario) {
         "--host-record=short.example.com,10.201.2.3,fd00:201:2::3,2",
         "--host-record=mid.example.com,10.201.2.3,fd00:201:2::3,4",
         "--host-record=other.example.com,10.201.2.4,fd00:201:2::4,60",
+        "--host-record=keep.orphan.example.com,10.201.2.5,60",
+        "--host-record=gone.orphan.example.com,10.201.2.6,1",
         "--synth-domain=race.example.com,10.201.4.0/22",
     ])
     .arg(format!("--log-facility={}", log.display()))
@@ -763,4 +767,271 @@ fn a_planned_restart_loses_no_dns_query_and_no_request() {
         "{completed} queries, 0 lost, all NOERROR; {} requests by name, all 200",
         codes.lines().count()
     );
+}
+
+const KEEP4: &str = "10.201.2.5";
+const GONE4: &str = "10.201.2.6";
+/// A second resolver address in the `dns` namespace: [`start_slow_resolver`]'s.
+const SLOW_RESOLVER4: &str = "10.201.1.2";
+
+/// [`policy`] with `*.orphan.example.com` selected, DNS allowed to the slow
+/// resolver too, and HTTP to the deathstar with an L7 rule, so it goes through
+/// the proxy and keeps a draining weir busy (the toFQDNs ports are L3/L4 only:
+/// the kernel alone passes them).
+fn orphan_policy() -> String {
+    policy(r#"    - matchPattern: "*.orphan.example.com""#)
+        + &format!(
+            r#"  - toCIDR: [{SLOW_RESOLVER4}/32]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*"}}]
+  - toEndpoints: [{{matchLabels: {{class: deathstar}}}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+      rules:
+        http: [{{method: GET}}]
+"#
+        )
+}
+
+/// A resolver at [`SLOW_RESOLVER4`]:53 that relays each query to dnsmasq
+/// `delay` after it arrives (this kernel has no netem to delay packets with).
+fn start_slow_resolver(s: &mut Scenario, delay: Duration) {
+    let dns = &s.lab.workload("dns").ns;
+    dns.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{SLOW_RESOLVER4}/24"),
+        "dev",
+        "eth0",
+    ])
+    .expect("slow resolver address");
+    let ready = s.path("slow-resolver.ready");
+    let script = format!(
+        "import socket, sys, threading, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{SLOW_RESOLVER4}', 53))\n\
+         open(sys.argv[1], 'w').close()\n\
+         def relay(q, client):\n\
+         \x20   time.sleep({})\n\
+         \x20   u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   u.settimeout(3)\n\
+         \x20   u.sendto(q, ('{RESOLVER4}', 53))\n\
+         \x20   s.sendto(u.recvfrom(4096)[0], client)\n\
+         while True:\n\
+         \x20   q, client = s.recvfrom(4096)\n\
+         \x20   threading.Thread(target=relay, args=(q, client), daemon=True).start()\n",
+        delay.as_secs_f64()
+    );
+    let mut cmd = s.lab.workload("dns").ns.command("python3");
+    cmd.args(["-c", &script])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.path("slow-resolver.log")).unwrap());
+    s.lab
+        .spawn("slow-resolver", cmd)
+        .expect("start the slow resolver");
+    let ok = lab::wait_until(Duration::from_secs(10), || ready.exists());
+    assert!(ok.is_ok(), "the slow resolver did not start");
+}
+
+/// The kernel's ipcache entry for exactly `ip` (a /32 or /128) in the
+/// scenario's pinned maps: its identity.
+fn ipcache_entry(s: &Scenario, ip: std::net::IpAddr) -> Option<u32> {
+    use aya::maps::lpm_trie::LpmTrie;
+    use aya::maps::{Map, MapData};
+    use weir_agent::datapath::maps::{IpcacheValue, ip_words};
+    let pin = weir_agent::datapath::pins::maps_dir(&s.bpf_root).join("weir_ipcache");
+    let data = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let trie: LpmTrie<MapData, [u32; 5], IpcacheValue> =
+        LpmTrie::try_from(Map::LpmTrie(data)).expect("weir_ipcache is an LPM trie");
+    let (w, fam) = ip_words(ip);
+    let bits = if fam == 4 { 32 } else { 128 };
+    trie.iter().filter_map(Result::ok).find_map(|(k, v)| {
+        (k.prefix_len() == 32 + bits && k.data() == [fam, w[0], w[1], w[2], w[3]])
+            .then_some(v.identity)
+    })
+}
+
+/// Review F5: an address the old weir learns while it drains after a takeover,
+/// and whose TTL runs out before it has drained, is in no cache — the old
+/// weir's expiry stopped at the handover, the new weir never saw the answer,
+/// and reading the cache the old one hands over drops entries already expired
+/// — yet it is in the shared ipcache. The new weir must read the maps back when
+/// the old one has drained and remove it (without that, this test fails at the
+/// ipcache check after the drain, and the connect there gets 200).
+///
+/// `keep.orphan.example.com` (TTL 60) and `gone.orphan.example.com` (TTL 1)
+/// are selected by one selector, so their addresses share one learned identity:
+/// the new weir's policy entries keep it (for `keep`), which is what lets the
+/// old weir write `gone`'s ipcache entry after the handover at all (a handed-over
+/// weir may only add entries for identities the maps know) and what would keep
+/// an orphaned `gone` reachable. A slow download through the old weir's proxy
+/// keeps it draining ~10 s; `gone`'s query goes to a resolver that answers
+/// 3 s late, sent just before the new weir takes over. IPv4 only.
+#[test]
+fn an_address_the_old_weir_learns_while_draining_goes_when_it_expires() {
+    let Some(mut s) = fqdn_lab_with("fqdn-orphan", &orphan_policy(), &[]) else {
+        return;
+    };
+    let web = &s.lab.workload("web").ns;
+    for ip in [KEEP4, GONE4] {
+        web.run(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+            .expect("web address");
+    }
+    let answer_delay = Duration::from_secs(3);
+    start_slow_resolver(&mut s, answer_delay);
+    // The deathstar serves a 1 MB file at 100 kB/s: about 10 s.
+    s.start_deathstar_with(&[], |c| {
+        c.replace("/static/; }", "/static/; limit_rate 100k; }")
+    });
+    let statics = s.path("nginx/static");
+    std::fs::create_dir_all(&statics).unwrap();
+    std::fs::write(statics.join("big"), vec![b'x'; 1_000_000]).unwrap();
+
+    // Nothing learned yet: both addresses are dropped.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{GONE4}/")),
+        "000"
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{KEEP4}/")),
+        "000"
+    );
+    // `keep` is learned by the old weir, before the takeover.
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "keep.orphan.example.com", "A"),
+        KEEP4
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{KEEP4}/")),
+        "200"
+    );
+
+    // The slow download: the old weir drains until it ends.
+    let download = s.path("download.txt");
+    let mut get = s.lab.workload("tiefighter").ns.command("sh");
+    get.args([
+        "-c",
+        &format!(
+            "exec curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}' --max-time 40 \
+             http://{}/v1/static/big > {}",
+            weir_tests::DEATHSTAR4,
+            download.display()
+        ),
+    ]);
+    s.lab.spawn("download", get).expect("start the download");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // `gone`'s query, in flight at the handover.
+    let mut query = s.lab.workload("tiefighter").ns.command("dig");
+    query.args([
+        &format!("@{SLOW_RESOLVER4}"),
+        "+time=8",
+        "+tries=1",
+        "+short",
+        "gone.orphan.example.com",
+        "A",
+    ]);
+    let asked = Instant::now();
+    let query = std::thread::spawn(move || (query.output().expect("run dig"), Instant::now()));
+    let old_pid = s.weir().pid();
+    let args = ["--steering", "ebpf", "--fqdn-min-ttl", "0"];
+    if s.start_next_weir(&args, "weir-new.log").is_none() {
+        panic!(
+            "the new weir did not take over:\n{}\n--- old:\n{}",
+            std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default(),
+            s.weir_log_text()
+        );
+    }
+    let taken_over = Instant::now();
+    let (out, answered) = query.join().expect("the dig thread");
+    assert_eq!(text(&out).trim(), GONE4, "gone.orphan.example.com's answer");
+    assert!(
+        answered > taken_over,
+        "the answer came {:?} after the query, before the new weir served ({:?}): \
+         the resolver's delay is too short for this test",
+        answered - asked,
+        taken_over - asked
+    );
+    // Within its 2 s (TTL 1, at least the connect grace): allowed, by an
+    // ipcache entry only the old weir knows of.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{GONE4}/")),
+        "200",
+        "the address the old weir learned while draining is not allowed"
+    );
+    let gone4: std::net::IpAddr = GONE4.parse().unwrap();
+    let identity = ipcache_entry(&s, gone4);
+    assert!(identity.is_some(), "{GONE4} is not in the ipcache");
+    assert_eq!(
+        identity,
+        ipcache_entry(&s, KEEP4.parse().unwrap()),
+        "keep and gone do not share their learned identity"
+    );
+    assert!(
+        listed_ips(&fqdn_list(&s), "gone.orphan.example.com.").is_empty(),
+        "the new weir saw gone.orphan.example.com's answer: {}",
+        fqdn_list(&s)
+    );
+
+    // The old weir drains past the address's expiry, then exits.
+    let limit = Duration::from_secs(30);
+    let ok = lab::wait_until(limit, || {
+        !s.weir_with_pid(old_pid).is_some_and(|p| p.alive())
+    });
+    assert!(ok.is_ok(), "the old weir did not exit within {limit:?}");
+    let exited = Instant::now();
+    assert!(
+        exited > answered + Duration::from_secs(3),
+        "the old weir exited {:?} after the answer, before the address expired: \
+         the download is too short for this test",
+        exited - answered
+    );
+    eprintln!(
+        "new weir serving {:?} after the query, answer at {:?}, old weir gone at {:?}",
+        taken_over - asked,
+        answered - asked,
+        exited - asked
+    );
+    let got = std::fs::read_to_string(&download).unwrap_or_default();
+    assert_eq!(got, "200 1000000", "the download through the old weir");
+    let new_log = s.path("weir-new.log");
+    let drained = lab::wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&new_log).is_ok_and(|l| l.contains("the old weir has drained"))
+    });
+    assert!(
+        drained.is_ok(),
+        "the new weir did not log the old one's drain"
+    );
+
+    // The new weir removes the orphan (at its next tick, within a second or two).
+    let removed = lab::wait_until(Duration::from_secs(5), || {
+        ipcache_entry(&s, gone4).is_none()
+    });
+    if removed.is_err() {
+        panic!(
+            "{GONE4} stays in the ipcache (identity {:?}) {:?} after the old weir exited, \
+             {:?} after its TTL ran out; a connect to it now gets {}; fqdn list: {}",
+            ipcache_entry(&s, gone4),
+            exited.elapsed(),
+            answered.elapsed().saturating_sub(Duration::from_secs(2)),
+            curl_ip(&s, "tiefighter", &format!("http://{GONE4}/")),
+            fqdn_list(&s)
+        );
+    }
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{GONE4}/")),
+        "000",
+        "the expired address is still allowed"
+    );
+    assert!(listed_ips(&fqdn_list(&s), "gone.orphan.example.com.").is_empty());
+    // `keep` (same identity, TTL 60) is untouched.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{KEEP4}/")),
+        "200"
+    );
+    assert!(listed_ips(&fqdn_list(&s), "keep.orphan.example.com.").contains(&KEEP4.to_string()));
 }
