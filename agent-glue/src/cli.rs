@@ -449,12 +449,14 @@ pub struct RunArgs {
     /// Most names in the FQDN cache; beyond, as for `--fqdn-max-ips`.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub fqdn_max_names: u32,
-    /// Most (name, address) entries of names a toFQDNs selector selects that
-    /// one DNS client (a local endpoint, else an address) may bring into the
-    /// FQDN cache. Selected names are never evicted to make room, so this is
-    /// what keeps one client from filling the cache for all: beyond it, that
-    /// client's answers with new selected addresses get SERVFAIL, nobody
-    /// else's. Entries read back after a restart count against no client.
+    /// (name, address) entries of names a toFQDNs selector selects that one
+    /// DNS client (a local endpoint, else an address) may bring into the FQDN
+    /// cache however full it is; beyond, only while this many addresses and
+    /// names stay free (of --fqdn-max-ips, --fqdn-max-names) for the other
+    /// clients, then that client's answers with new selected addresses get
+    /// SERVFAIL, nobody else's. Selected names are never evicted to make room,
+    /// so this keeps one client from filling the cache for all. Entries read
+    /// back after a restart count against no client.
     #[arg(long, default_value_t = 8_192, value_parser = clap::value_parser!(u32).range(1..))]
     pub fqdn_max_entries_per_client: u32,
 }

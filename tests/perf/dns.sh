@@ -17,7 +17,9 @@
 # weir gets 1 000 DNS rules (the benchmark names match the last one) and 100
 # toFQDNs selectors (every answer selected: each one goes through the learner and
 # its address into the kernel's ipcache); dnsdist forwards without rules or cache.
-# CANDIDATES="direct weir" picks candidates; WEIR_ARGS adds weir flags; PROFILE=1 records
+# CANDIDATES="direct weir" picks candidates (CANDIDATES="direct weir weir-base"
+# WEIR_BASE=/path/to/older/weir compares two builds in one run); WEIR_ARGS adds weir
+# flags, FLOW_LOG=none runs weir without a flow log (default /dev/null); PROFILE=1 records
 # weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data (PROFILE_EVENTS: other
 # events than cpu-clock); COUNT=1
 # prints, per SUT and fixed-rate run, syscalls, context switches and wake-ups per query
@@ -57,6 +59,9 @@ make_topology
 # --- the resolver: dnsmasq on CPU 0, 100 zones, every name answered -----------------
 # name hNNN.zoneZ.bench. -> 10.202.Z.(NNN % 250 + 1): 250 distinct addresses per zone.
 ZONES=100
+# One client (dnsperf) resolves all ZONES x 250 selected names: its share of the FQDN
+# cache must hold them (the default lets one client fill all but 8 192 of 32 768).
+WEIR_ARGS="--fqdn-max-entries-per-client 32768 ${WEIR_ARGS:-}"
 {
   echo "no-resolv"; echo "no-hosts"; echo "user=root"; echo "pid-file="
   echo "listen-address=10.200.0.10"; echo "bind-interfaces"; echo "cache-size=10000"
@@ -112,8 +117,8 @@ EOF
 start_sut() {
   case $1 in
     direct) SUT_PID=; SERVER=10.200.0.10 ;;
-    weir)
-      start_weir_sut
+    weir|weir-base)
+      if [ "$1" = weir-base ]; then start_weir_sut "${WEIR_BASE:?WEIR_BASE=path/to/an/older/weir for the weir-base candidate}"; else start_weir_sut; fi
       SERVER=10.200.0.10 ;;
     dnsdist)
       in_ns $NODE taskset -c 1 dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" \
@@ -229,6 +234,11 @@ if [ -n "${MED[weir,fcpu]:-}" ] && [ -n "${MED[dnsdist,fcpu]:-}" ]; then
       -v wq="${MED[weir,qps]}" -v dq="${MED[dnsdist,qps]}" -v rate="$RATE" 'BEGIN{
     printf "CPU per query at %d q/s: weir/dnsdist = %.2f (target <= 1)\n", rate, w/d
     printf "CPU per query at max: weir/dnsdist = %.2f; max q/s: weir/dnsdist = %.2f (target >= 1)\n", wm/dm, wq/dq }'
+fi
+if [ -n "${MED[weir-base,fcpu]:-}" ]; then
+  awk -v w="${MED[weir,fcpu]}" -v b="${MED[weir-base,fcpu]}" -v wm="${MED[weir,cpu]}" -v bm="${MED[weir-base,cpu]}" \
+      -v rate="$RATE" -v base="$WEIR_BASE" 'BEGIN{
+    printf "CPU per query, weir/weir-base (%s): %.2f at %d q/s, %.2f at max\n", base, w/b, rate, wm/bm }'
 fi
 [ -n "${R[direct,1]:-}" ] && [ -n "${R[weir,1]:-}" ] && \
   echo "latency added by weir at ${RATE} q/s: p50 +$(( $(col weir 3 | median) - d50 )) us (target <= 50)"

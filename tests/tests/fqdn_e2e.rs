@@ -543,20 +543,24 @@ fn resolve_and_connect_at_once_succeeds_1000_times_out_of_1000() {
     );
 }
 
-/// One client cannot fill the FQDN cache for everyone: the tiefighter, at its
-/// share (`--fqdn-max-entries-per-client 3`), gets SERVFAIL for a fourth
-/// selected name and cannot connect to its address, while the xwing (same
-/// rules, its own share) resolves that same name — after which the
-/// tiefighter's same connect succeeds: the address was only missing, the
-/// probe can pass.
+/// One client cannot fill the FQDN cache for everyone
+/// (`--fqdn-max-entries-per-client 3`, `--fqdn-max-ips 8`): the tiefighter
+/// brings five selected names — two beyond its share, while the cache has room
+/// to spare — then, with only a share's worth of room left, gets SERVFAIL for a
+/// sixth and cannot connect to its address, while the xwing (same rules, its
+/// own share) resolves that same name — after which the tiefighter's same
+/// connect succeeds: the address was only missing, the probe can pass.
 #[test]
 fn one_client_at_its_fqdn_share_cannot_crowd_out_another() {
     let both = policy("").replace(
         "endpointSelector: {matchLabels: {class: tiefighter}}",
         "endpointSelector: {matchExpressions: [{key: class, operator: In, values: [tiefighter, xwing]}]}",
     );
-    let Some(s) = fqdn_lab_with("fqdn-share", &both, &["--fqdn-max-entries-per-client", "3"])
-    else {
+    let Some(s) = fqdn_lab_with(
+        "fqdn-share",
+        &both,
+        &["--fqdn-max-entries-per-client", "3", "--fqdn-max-ips", "8"],
+    ) else {
         return;
     };
     let race = |i: u8| {
@@ -565,32 +569,32 @@ fn one_client_at_its_fqdn_share_cannot_crowd_out_another() {
             format!("10.201.4.{i}"),
         )
     };
-    for i in 1..=3 {
+    for i in 1..=5 {
         let (name, addr) = race(i);
         assert_eq!(dig(&s, "tiefighter", RESOLVER4, &name, "A"), addr);
     }
-    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.1/"), "200");
-    // Its share is used up: a fourth selected name is refused ...
-    let (fourth, fourth_addr) = race(4);
-    assert_eq!(dig(&s, "tiefighter", RESOLVER4, &fourth, "A"), "SERVFAIL");
-    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.4/"), "000");
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.5/"), "200");
+    // Beyond its share and 3 of 8 addresses left: a sixth is refused ...
+    let (sixth, sixth_addr) = race(6);
+    assert_eq!(dig(&s, "tiefighter", RESOLVER4, &sixth, "A"), "SERVFAIL");
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.6/"), "000");
     // ... but what it has already is answered again.
     assert_eq!(
         dig(&s, "tiefighter", RESOLVER4, &race(2).0, "A"),
         "10.201.4.2"
     );
     // The xwing is not crowded out, for that very name.
-    assert_eq!(dig(&s, "xwing", RESOLVER4, &fourth, "A"), fourth_addr);
-    assert_eq!(curl_ip(&s, "xwing", "http://10.201.4.4/"), "200");
+    assert_eq!(dig(&s, "xwing", RESOLVER4, &sixth, "A"), sixth_addr);
+    assert_eq!(curl_ip(&s, "xwing", "http://10.201.4.6/"), "200");
     // The address is learned now (the xwing's share): the tiefighter's same
     // connect passes.
-    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.4/"), "200");
+    assert_eq!(curl_ip(&s, "tiefighter", "http://10.201.4.6/"), "200");
     // The refusal is on record, with its reason.
     let flows = s.flows();
     assert!(
         flows.iter().any(|f| {
             let t = f.to_string();
-            t.contains(&fourth) && t.contains("fqdn-max-entries-per-client")
+            t.contains(&sixth) && t.contains("fqdn-max-entries-per-client")
         }),
         "no record of the refused answer naming the share: {flows:#?}"
     );

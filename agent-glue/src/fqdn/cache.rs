@@ -48,11 +48,12 @@ pub struct Limits {
     /// entries; the kernel's ipcache holds 65 536 with the CIDR and host ones).
     pub max_ips: usize,
     pub max_names: usize,
-    /// (name, address) entries of selected names one client may have brought
-    /// into the cache. Selected names are never evicted to make room, so
-    /// without a share one client could fill the cache (with lookups of
-    /// `*.example.com` names, say) and every other client's new selected
-    /// answers would get SERVFAIL; with it, only its own do.
+    /// (name, address) entries of selected names one client may bring into
+    /// the cache however full it is; beyond, only while this many addresses
+    /// and names stay free for the others. Selected names are never evicted to
+    /// make room, so without shares one client could fill the cache (with
+    /// lookups of `*.example.com` names, say) and every other client's new
+    /// selected answers would get SERVFAIL; with them, only its own do.
     pub max_entries_per_client: usize,
 }
 
@@ -90,7 +91,9 @@ pub enum Full {
     Names,
     #[error("the FQDN cache holds --fqdn-max-ips addresses, all of selected names")]
     Ips,
-    #[error("the client holds --fqdn-max-entries-per-client entries of selected names")]
+    #[error(
+        "the client holds --fqdn-max-entries-per-client entries of selected names and the cache is nearly full"
+    )]
     Client,
 }
 
@@ -174,8 +177,10 @@ impl Cache {
     }
 
     /// [`Cache::insert`] for `client`'s answer: a new entry of a selected name
-    /// counts against its share, and beyond it is refused (before anything
-    /// changes) — the client's own new selected answers fail, nobody else's.
+    /// counts against its share; beyond its share, while fewer than a share's
+    /// worth of addresses or names are left free for the others, it is refused
+    /// (before anything changes) — the client's own new selected answers fail,
+    /// nobody else's.
     #[allow(clippy::too_many_arguments)]
     pub fn insert_for(
         &mut self,
@@ -188,10 +193,13 @@ impl Cache {
         out: &mut Inserted,
     ) -> Result<(), Full> {
         let ip = canonical_ip(ip);
+        let share = self.limits.max_entries_per_client.max(1);
         if let Some(c) = client
             && selected
             && self.get(name, ip).is_none()
-            && self.share(c) >= self.limits.max_entries_per_client.max(1)
+            && self.share(c) >= share
+            && (self.by_ip.len().saturating_add(share) >= self.limits.max_ips
+                || self.names.len().saturating_add(share) >= self.limits.max_names)
         {
             return Err(Full::Client);
         }
@@ -736,13 +744,15 @@ mod tests {
     const POD_A: DnsClient = DnsClient::Endpoint(1);
     const POD_B: DnsClient = DnsClient::Endpoint(2);
 
-    /// A client at its share is refused new selected entries, before anything
-    /// changes; other clients, unselected names and entries it already has are
-    /// not; a removal gives the share back.
+    /// A client beyond its share may fill the cache only up to a share's
+    /// worth of room left for the others; then it is refused new selected
+    /// entries, before anything changes; other clients, unselected names and
+    /// entries it already has are not; a removal gives the share back.
     #[test]
     fn one_client_at_its_share_is_refused_and_nobody_else_is() {
         let mut c = Cache::new(Limits {
             max_entries_per_client: 2,
+            max_ips: 6,
             ..Limits::default()
         });
         let mut out = Inserted::default();
@@ -751,7 +761,13 @@ mod tests {
             .unwrap();
         c.insert_for(a, "x2.", ip("192.0.2.2"), 60, true, 0, &mut out)
             .unwrap();
-        assert_eq!(c.share(POD_A), 2);
+        // Beyond its share while the cache has room to spare ...
+        c.insert_for(a, "x0.", ip("192.0.2.10"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert_for(a, "x0.", ip("192.0.2.11"), 60, true, 0, &mut out)
+            .unwrap();
+        assert_eq!(c.share(POD_A), 4);
+        // ... but no further once only a share's worth (2 of 6) is left.
         let before = format!("{:?}", c.names);
         assert_eq!(
             c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 0, &mut out),
@@ -777,8 +793,10 @@ mod tests {
             .unwrap();
         c.insert_for(Some(POD_B), "x1.", ip("192.0.2.1"), 60, true, 1, &mut out)
             .unwrap();
-        assert_eq!((c.share(POD_A), c.share(POD_B)), (2, 1));
-        // A removal (expiry) frees the share.
+        assert_eq!((c.share(POD_A), c.share(POD_B)), (4, 1));
+        // Removals (expiry) give the room back.
+        c.remove("x0.", ip("192.0.2.10"));
+        c.remove("x0.", ip("192.0.2.11"));
         c.remove("x2.", ip("192.0.2.2"));
         assert_eq!(c.share(POD_A), 1);
         c.insert_for(a, "x5.", ip("192.0.2.5"), 60, true, 2, &mut out)

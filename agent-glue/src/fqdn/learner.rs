@@ -23,8 +23,7 @@ use crate::control::ControlMsg;
 pub const CACHE_FULL: &str = "the FQDN cache is full";
 /// The error of an answer refused because its client's share of the cache is
 /// used up (`--fqdn-max-entries-per-client`); logged here like [`CACHE_FULL`].
-pub const CLIENT_FULL: &str =
-    "this DNS client holds --fqdn-max-entries-per-client addresses of selected names";
+pub const CLIENT_FULL: &str = "this DNS client holds more than --fqdn-max-entries-per-client addresses of selected names and the FQDN cache is nearly full";
 
 /// Requests nobody waits for that may be queued; beyond, they are dropped (they
 /// only feed the cache).
