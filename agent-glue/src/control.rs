@@ -206,8 +206,7 @@ pub fn spawn(
                             dp => fqdn.learn(&job.req, &policy, dp, fqdn::now_ms()),
                         };
                         if let Err(e) = &r
-                            && !matches!(e, weir_proxy::fqdn::LearnError::Unavailable(m)
-                                if *m == fqdn::learner::CACHE_FULL || *m == fqdn::learner::CLIENT_FULL)
+                            && !matches!(e, weir_proxy::fqdn::LearnError::Full(_))
                         {
                             warn!(names = ?job.req.names, error = %e, "could not learn a DNS answer's addresses");
                         }
@@ -414,7 +413,7 @@ mod tests {
             names: vec!["api.example.com.".into()],
             addresses: vec![(ip, 300)],
             policy: shared.policy.load_full(),
-            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+            client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         };
         assert!(req.selected());
         assert_eq!(learner.learn(req, true).blocking_recv().unwrap(), Ok(()));

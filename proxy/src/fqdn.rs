@@ -17,33 +17,28 @@ use tokio::sync::oneshot;
 use weir_parsers::dns::AnswerFacts;
 use weir_policy::CompiledPolicy;
 
-/// Who asked: what a client's share of the FQDN cache is counted by
-/// (`--fqdn-max-entries-per-client`), so that one client cannot fill the cache
-/// every other client's `toFQDNs` rules need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DnsClient {
-    /// A local endpoint, by its ID: all its addresses share one count.
-    Endpoint(u32),
-    /// A client that is no local endpoint, by its address.
-    Address(IpAddr),
-}
+/// Who asked, by the query's source address: what a client's share of the
+/// FQDN cache is counted by (`--fqdn-max-entries-per-client`), so that one
+/// client cannot fill the cache every other client's `toFQDNs` rules need.
+///
+/// The address, not the endpoint's identity: every replica of a Deployment
+/// shares one identity (its labels), and one replica must not use up its
+/// siblings' share. A pod with an IPv4 and an IPv6 address has two shares.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct DnsClient(pub IpAddr);
 
 impl DnsClient {
-    /// The client of a query from `addr`, a local endpoint's when `endpoint_id` is one.
-    pub fn new(endpoint_id: Option<u32>, addr: IpAddr) -> Self {
-        match endpoint_id {
-            Some(id) => DnsClient::Endpoint(id),
-            None => DnsClient::Address(weir_policy::canonical_ip(addr)),
-        }
+    /// The client of a query from `addr` (IPv4-mapped IPv6 counts as IPv4).
+    pub fn new(addr: IpAddr) -> Self {
+        DnsClient(weir_policy::canonical_ip(addr))
     }
 }
 
 impl std::fmt::Display for DnsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DnsClient::Endpoint(id) => write!(f, "endpoint {id}"),
-            DnsClient::Address(ip) => write!(f, "{ip}"),
-        }
+        self.0.fmt(f)
     }
 }
 
@@ -85,6 +80,10 @@ pub enum LearnError {
     /// The learner is gone or its queue is full.
     #[error("the FQDN learner is not available: {0}")]
     Unavailable(&'static str),
+    /// The FQDN cache has no room for the answer's new addresses (the node's
+    /// limits, or the client's share).
+    #[error("{0}")]
+    Full(&'static str),
 }
 
 /// Learns answers' addresses into the allowlist.

@@ -200,7 +200,7 @@ fn scenario(root: &Path, state_dir: &Path) {
         names: vec!["api.example.com.".into()],
         addresses: vec![(v4, 30), (v6, 30)],
         policy: policy.clone(),
-        client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+        client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
     };
     fqdn.learn(&req, &policy, Some(&mut dp), now_ms())
         .expect("learn");
@@ -276,7 +276,7 @@ fn expiry_restores_a_cidr_entry_without_a_full_sync() {
             names: vec!["api.example.com.".into()],
             addresses: vec![(ip, 30)],
             policy: policy.clone(),
-            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+            client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         };
         fqdn.learn(&req, &policy, Some(&mut dp), now_ms())
             .expect("learn");

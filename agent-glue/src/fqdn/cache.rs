@@ -23,10 +23,9 @@ pub struct Entry {
     /// Expired, but kept while a connection to it is alive.
     #[serde(default)]
     pub kept: bool,
-    /// The client whose answer first brought it (its share counts it while
-    /// the name is selected). Not saved: entries read back after a crash or
-    /// handed over count against no client.
-    #[serde(skip)]
+    /// The client whose answer brought it (its share counts it while the name
+    /// is selected); saved, so a restart hands no client a fresh share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<DnsClient>,
 }
 
@@ -221,12 +220,20 @@ impl Cache {
         let expires_ms = self.limits.expiry_ms(ttl, now_ms);
         let ips = self.names.entry(name.to_string()).or_default();
         let before = ips.get(&ip).copied();
+        // An entry another client's answer keeps alive becomes that client's
+        // when it has room in its share: the first client's share is not held
+        // by what others use.
+        let owner = match (before.and_then(|e| e.owner), client) {
+            (o, Some(c)) if o != Some(c) && selected && self.share(c) < share => Some(c),
+            (o, _) => o,
+        };
+        let ips = self.names.entry(name.to_string()).or_default();
         let entry = match before {
             Some(e) => Entry {
                 expires_ms: e.expires_ms.max(expires_ms),
                 learned_ms: e.learned_ms,
                 kept: e.kept && e.expires_ms >= expires_ms,
-                owner: e.owner,
+                owner,
             },
             None => Entry {
                 expires_ms,
@@ -239,8 +246,15 @@ impl Cache {
             return Ok(());
         }
         ips.insert(ip, entry);
-        if before.is_none() && selected {
-            self.charge(client, 1);
+        if selected {
+            match before {
+                None => self.charge(client, 1),
+                Some(b) if b.owner != owner => {
+                    self.charge(b.owner, -1);
+                    self.charge(owner, 1);
+                }
+                Some(_) => {}
+            }
         }
         let Some(ips) = self.names.get_mut(name) else {
             return Ok(());
@@ -741,8 +755,8 @@ mod tests {
         assert_eq!(c.evictable, before.evictable);
     }
 
-    const POD_A: DnsClient = DnsClient::Endpoint(1);
-    const POD_B: DnsClient = DnsClient::Endpoint(2);
+    const POD_A: DnsClient = DnsClient(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)));
+    const POD_B: DnsClient = DnsClient(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)));
 
     /// A client beyond its share may fill the cache only up to a share's
     /// worth of room left for the others; then it is refused new selected
@@ -788,19 +802,53 @@ mod tests {
         // Unselected names do not count (a full cache evicts them anyway).
         c.insert_for(a, "free.", ip("192.0.2.4"), 60, false, 1, &mut out)
             .unwrap();
-        // Another client is untouched by A's share; an entry A brought stays A's.
+        // Another client is untouched by A's share.
         c.insert_for(Some(POD_B), "x3.", ip("192.0.2.3"), 60, true, 1, &mut out)
             .unwrap();
         c.insert_for(Some(POD_B), "x1.", ip("192.0.2.1"), 60, true, 1, &mut out)
             .unwrap();
-        assert_eq!((c.share(POD_A), c.share(POD_B)), (4, 1));
+        // (x1 is B's now: B asked for it and had room.)
+        assert_eq!((c.share(POD_A), c.share(POD_B)), (3, 2));
         // Removals (expiry) give the room back.
         c.remove("x0.", ip("192.0.2.10"));
         c.remove("x0.", ip("192.0.2.11"));
-        c.remove("x2.", ip("192.0.2.2"));
         assert_eq!(c.share(POD_A), 1);
         c.insert_for(a, "x5.", ip("192.0.2.5"), 60, true, 2, &mut out)
             .unwrap();
+        assert_eq!(c.recounted_shares(), c.shares);
+    }
+
+    /// An entry another client keeps asking for becomes that client's when it
+    /// has room: the first client's share is not held by what others use.
+    #[test]
+    fn an_entry_others_keep_alive_moves_to_their_share() {
+        let mut c = Cache::new(Limits {
+            max_entries_per_client: 2,
+            max_ips: 4,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        let (a, b) = (Some(POD_A), Some(POD_B));
+        c.insert_for(a, "x1.", ip("192.0.2.1"), 60, true, 0, &mut out)
+            .unwrap();
+        c.insert_for(a, "x2.", ip("192.0.2.2"), 60, true, 0, &mut out)
+            .unwrap();
+        assert_eq!(
+            c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 0, &mut out),
+            Err(Full::Client)
+        );
+        // B asks for x1 and x2 (A no longer does): they become B's.
+        c.insert_for(b, "x1.", ip("192.0.2.1"), 60, true, 100_000, &mut out)
+            .unwrap();
+        c.insert_for(b, "x2.", ip("192.0.2.2"), 60, true, 100_000, &mut out)
+            .unwrap();
+        assert_eq!((c.share(POD_A), c.share(POD_B)), (0, 2));
+        c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 100_000, &mut out)
+            .unwrap();
+        // A full share keeps nothing from another: B at its share leaves x3 A's.
+        c.insert_for(b, "x3.", ip("192.0.2.3"), 60, true, 100_000, &mut out)
+            .unwrap();
+        assert_eq!((c.share(POD_A), c.share(POD_B)), (1, 2));
         assert_eq!(c.recounted_shares(), c.shares);
     }
 
@@ -865,7 +913,7 @@ mod tests {
             });
             let name = |n: u8| format!("n{n}.");
             let addr = |i: u8| IpAddr::from([192, 0, 2, i]);
-            let client = |k: u8| (k > 0).then_some(DnsClient::Endpoint(u32::from(k)));
+            let client = |k: u8| (k > 0).then_some(DnsClient(IpAddr::from([10, 0, 0, k])));
             for (t, op) in ops.into_iter().enumerate() {
                 let now = t as u64 * 1000;
                 match op {

@@ -151,7 +151,7 @@ mod tests {
             names: vec![name.into()],
             addresses: vec![(ip.parse().unwrap(), ttl)],
             policy: p.clone(),
-            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+            client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         };
         st.learn(&req, p, Some(dp), now).unwrap();
     }

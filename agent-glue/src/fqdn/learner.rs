@@ -23,7 +23,7 @@ use crate::control::ControlMsg;
 pub const CACHE_FULL: &str = "the FQDN cache is full";
 /// The error of an answer refused because its client's share of the cache is
 /// used up (`--fqdn-max-entries-per-client`); logged here like [`CACHE_FULL`].
-pub const CLIENT_FULL: &str = "this DNS client holds more than --fqdn-max-entries-per-client addresses of selected names and the FQDN cache is nearly full";
+pub const CLIENT_FULL: &str = "this DNS client holds more than --fqdn-max-entries-per-client entries of selected names and the FQDN cache is nearly full";
 
 /// Requests nobody waits for that may be queued; beyond, they are dropped (they
 /// only feed the cache).
@@ -171,7 +171,7 @@ impl FqdnState {
                         self.last_full_log = Some(std::time::Instant::now());
                         warn!(names = ?req.names, client = %req.client, error = %full, "refusing a DNS answer's new addresses");
                     }
-                    return Err(LearnError::Unavailable(match full {
+                    return Err(LearnError::Full(match full {
                         Full::Client => CLIENT_FULL,
                         Full::Names | Full::Ips => CACHE_FULL,
                     }));
@@ -275,7 +275,7 @@ mod tests {
             names: names.iter().map(ToString::to_string).collect(),
             addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
             policy: policy.clone(),
-            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+            client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         }
     }
 
@@ -455,7 +455,7 @@ mod tests {
                 0,
             )
             .unwrap_err();
-        assert!(matches!(e, LearnError::Unavailable(m) if m == CACHE_FULL));
+        assert!(matches!(e, LearnError::Full(m) if m == CACHE_FULL));
         assert!(st.cache.get("api.example.com.", ip("192.0.2.1")).is_none());
         assert!(!st.cache.has_ip(ip("192.0.2.2")));
         assert!(p.learned_fqdn_ip(ip("192.0.2.2")).is_none());

@@ -126,9 +126,7 @@ fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, Persi
                 expires_ms: e.expires_ms.min(max_expiry),
                 learned_ms: e.learned_ms.min(now_ms),
                 kept: e.kept,
-                // Whose answer brought it is not saved: after a restart it
-                // counts against no client's share.
-                owner: None,
+                owner: e.owner,
             };
             if e.expires_ms <= now_ms && !e.kept {
                 continue;
@@ -337,5 +335,55 @@ mod tests {
         .unwrap();
         assert_eq!(one.ips().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whose answer brought an entry is saved: a pod at its share before a
+    /// restart (a crash, an upgrade) is at it after, not handed a fresh one
+    /// while the selected entries it brought stay (review of the shares).
+    #[test]
+    fn a_restart_does_not_hand_a_client_a_fresh_share() {
+        use crate::fqdn::cache::{Full, Inserted};
+        use weir_proxy::fqdn::DnsClient;
+        let dir = std::env::temp_dir().join(format!("weir-share-restart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Limits {
+            max_entries_per_client: 2,
+            max_ips: 4,
+            ..Limits::default()
+        };
+        let pod = DnsClient(IpAddr::from([10, 0, 0, 7]));
+        let mut c = Cache::new(limits);
+        let mut out = Inserted::default();
+        for i in 1..=2u8 {
+            let name = format!("n{i}.example.");
+            c.insert_for(
+                Some(pod),
+                &name,
+                IpAddr::from([192, 0, 2, i]),
+                3600,
+                true,
+                1_000,
+                &mut out,
+            )
+            .unwrap();
+        }
+        save(&dir, &c).unwrap();
+        let mut back = load_at(&dir, limits, 2_000).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        back.mark_selected(|_| true);
+        assert_eq!(back.share(pod), 2);
+        let mut out = Inserted::default();
+        assert_eq!(
+            back.insert_for(
+                Some(pod),
+                "n3.example.",
+                IpAddr::from([192, 0, 2, 3]),
+                3600,
+                true,
+                2_000,
+                &mut out
+            ),
+            Err(Full::Client)
+        );
     }
 }

@@ -363,7 +363,7 @@ mod tests {
             names: vec![name.to_string()],
             addresses: ips.iter().map(|(i, t)| (i.parse().unwrap(), *t)).collect(),
             policy: p.clone(),
-            client: weir_proxy::fqdn::DnsClient::Endpoint(1),
+            client: weir_proxy::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         }
     }
 

@@ -128,7 +128,7 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
     flow.policy = reason.clone();
     ctx.shared.flows.emit(flow);
     let now = Instant::now();
-    let client = DnsClient::new(d.peers.source.endpoint.id, ctx.client.ip());
+    let client = DnsClient::new(ctx.client.ip());
     QueryAction::Forward(Pending {
         facts,
         decision: d,

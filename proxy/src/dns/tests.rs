@@ -307,7 +307,7 @@ async fn unselected_answers_do_not_wait_for_the_learner() {
         names: vec!["a.example.".into()],
         addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
         policy: ctx.shared.policy.load_full(),
-        client: crate::fqdn::DnsClient::Endpoint(1),
+        client: crate::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
     };
     // Not selected by any policy: released without waiting.
     assert_eq!(learn_gate(&ctx.shared, req).await, Ok(()));
@@ -761,7 +761,7 @@ spec:
             names: vec![name.into(), "cname.example.".into()],
             addresses: vec![("192.0.2.1".parse().unwrap(), 30)],
             policy: shared.policy.load_full(),
-            client: crate::fqdn::DnsClient::Endpoint(1),
+            client: crate::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         }
     }
 
@@ -888,7 +888,7 @@ spec:
             deadline: Instant::now(),
             timeout: Duration::from_secs(1),
             answered: false,
-            client: crate::fqdn::DnsClient::Endpoint(1),
+            client: crate::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         };
         let a = answer(1, "selected.example", &[[192, 0, 2, 1]]);
         let facts = weir_parsers::dns::inspect_answer(&a, &p.facts).unwrap();
@@ -1090,7 +1090,7 @@ spec:
             deadline: Instant::now() + Duration::from_secs(5),
             timeout: Duration::from_secs(5),
             answered: false,
-            client: crate::fqdn::DnsClient::Endpoint(1),
+            client: crate::fqdn::DnsClient::new(std::net::IpAddr::from([10, 0, 0, 1])),
         }
     }
 
