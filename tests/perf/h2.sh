@@ -25,6 +25,7 @@
 # COUNT_EVENTS="-e EVENT,..." counts those perf events instead (e.g. a uprobe on the allocator).
 # BPF_STATS=1 prints the kernel time of weir's eBPF programs per request (fixed rate).
 # CANDIDATES="direct weir" picks candidates; WEIR_ARGS="--steering nft" adds weir flags;
+# FLOW_LOG=none runs weir without a flow log (default /dev/null: records rendered, discarded);
 # CANDIDATES="direct weir weir-base" WEIR_BASE=/path/to/older/weir compares two builds in one run.
 # weir gets 100 HTTP rules (the benchmark request matches the last one); Envoy gets
 # the same 100 rules as RBAC policies; nginx proxies with no rules.
