@@ -362,6 +362,56 @@ impl Cache {
         }
     }
 
+    /// After a policy change that selects names clients brought while nobody
+    /// selected them: while fewer than a share's worth of addresses or names
+    /// are free, the entries of each client beyond its share expire now, its
+    /// newest first, down to its share (the expiry tick removes them, or keeps
+    /// one a live connection uses). How many expired.
+    pub fn shed_beyond_shares(&mut self, now_ms: u64) -> usize {
+        let share = self.limits.max_entries_per_client.max(1);
+        let nearly_full = self.by_ip.len().saturating_add(share) >= self.limits.max_ips
+            || self.names.len().saturating_add(share) >= self.limits.max_names;
+        let over: HashMap<DnsClient, usize> = self
+            .shares
+            .iter()
+            .filter(|(_, n)| **n > share)
+            .map(|(c, n)| (*c, n - share))
+            .collect();
+        if !nearly_full || over.is_empty() {
+            return 0;
+        }
+        let mut current: HashMap<DnsClient, Vec<(u64, String, IpAddr)>> = HashMap::new();
+        for (name, ips) in &self.names {
+            if !self.counts(name) {
+                continue;
+            }
+            for (ip, e) in ips {
+                if let Some(o) = e.owner
+                    && over.contains_key(&o)
+                    && e.expires_ms > now_ms
+                {
+                    current
+                        .entry(o)
+                        .or_default()
+                        .push((e.learned_ms, name.clone(), *ip));
+                }
+            }
+        }
+        let mut shed = 0;
+        for (client, mut entries) in current {
+            entries.sort_unstable_by(|a, b| b.cmp(a));
+            let excess = over.get(&client).copied().unwrap_or(0);
+            for (_, name, ip) in entries.into_iter().take(excess) {
+                if let Some(e) = self.get_mut(&name, ip) {
+                    e.expires_ms = now_ms;
+                    e.kept = false;
+                    shed += 1;
+                }
+            }
+        }
+        shed
+    }
+
     /// How many entries of selected names `client` brought.
     pub fn share(&self, client: DnsClient) -> usize {
         self.shares.get(&client).copied().unwrap_or(0)
@@ -815,6 +865,51 @@ mod tests {
         assert_eq!(c.share(POD_A), 1);
         c.insert_for(a, "x5.", ip("192.0.2.5"), 60, true, 2, &mut out)
             .unwrap();
+        assert_eq!(c.recounted_shares(), c.shares);
+    }
+
+    /// A policy change that selects names a client brought while unselected
+    /// charges them all; on a nearly full cache the excess expires at once
+    /// (newest first) and the other client gets room again.
+    #[test]
+    fn a_policy_change_does_not_lift_a_client_past_its_share_for_long() {
+        let mut c = Cache::new(Limits {
+            max_entries_per_client: 2,
+            max_ips: 5,
+            ..Limits::default()
+        });
+        let mut out = Inserted::default();
+        for i in 1..=5u8 {
+            let name = format!("u{i}.");
+            c.insert_for(
+                Some(POD_A),
+                &name,
+                IpAddr::from([192, 0, 2, i]),
+                600,
+                false,
+                u64::from(i),
+                &mut out,
+            )
+            .unwrap();
+        }
+        assert_eq!(c.share(POD_A), 0, "unselected names do not count");
+        c.mark_selected(|_| true);
+        assert_eq!(c.share(POD_A), 5);
+        assert_eq!(
+            c.insert_for(Some(POD_B), "b.", ip("192.0.2.9"), 600, true, 10, &mut out),
+            Err(Full::Ips)
+        );
+        assert_eq!(c.shed_beyond_shares(10), 3);
+        // The expiry tick removes them; the oldest two stay.
+        for (n, a) in c.expired(10) {
+            c.remove(&n, a);
+        }
+        assert_eq!(c.share(POD_A), 2);
+        assert!(c.get("u1.", ip("192.0.2.1")).is_some() && c.get("u5.", ip("192.0.2.5")).is_none());
+        c.insert_for(Some(POD_B), "b.", ip("192.0.2.9"), 600, true, 11, &mut out)
+            .unwrap();
+        // With room to spare, nothing is shed.
+        assert_eq!(c.shed_beyond_shares(12), 0);
         assert_eq!(c.recounted_shares(), c.shares);
     }
 

@@ -164,11 +164,12 @@ impl FqdnState {
                     // The whole answer or nothing: a waited answer gets
                     // SERVFAIL, one nobody waits for is dropped.
                     self.cache.undo(done);
-                    if self
-                        .last_full_log
-                        .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
-                    {
-                        self.last_full_log = Some(std::time::Instant::now());
+                    let last = match full {
+                        Full::Client => &mut self.last_client_full_log,
+                        Full::Names | Full::Ips => &mut self.last_full_log,
+                    };
+                    if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                        *last = Some(std::time::Instant::now());
                         warn!(names = ?req.names, client = %req.client, error = %full, "refusing a DNS answer's new addresses");
                     }
                     return Err(LearnError::Full(match full {

@@ -107,8 +107,11 @@ pub struct FqdnState {
     last_ct_check_ms: Option<u64>,
     /// A new weir has taken over (see `handover.rs`).
     handed_over: bool,
-    /// When a refusal of a full cache was last logged.
+    /// When a refusal of a full cache, and of a client beyond its share, was
+    /// last logged (apart: a client hammering its share must not hide the
+    /// node's cache filling up).
     last_full_log: Option<Instant>,
+    last_client_full_log: Option<Instant>,
     /// What the proxy may answer from without asking (see `view.rs`).
     view: std::sync::Arc<CommittedView>,
 }
@@ -133,6 +136,7 @@ impl FqdnState {
             last_ct_check_ms: None,
             handed_over: false,
             last_full_log: None,
+            last_client_full_log: None,
             view: std::sync::Arc::new(CommittedView::new(limits)),
         }
     }
@@ -151,6 +155,7 @@ impl FqdnState {
             last_ct_check_ms: None,
             handed_over: false,
             last_full_log: None,
+            last_client_full_log: None,
             view: std::sync::Arc::new(CommittedView::new(limits)),
         }
     }
@@ -200,6 +205,17 @@ impl FqdnState {
         // What a full cache may evict depends on the policy.
         self.cache
             .mark_selected(|n| !policy.fqdn_selectors_matching(n).is_empty());
+        // Names a client brought while nobody selected them count against its
+        // share now: beyond it, on a nearly full cache, they expire (a live
+        // connection still keeps its address).
+        let shed = self.cache.shed_beyond_shares(now_ms());
+        if shed > 0 {
+            self.dirty = true;
+            warn!(
+                entries = shed,
+                "the new policy selects names clients brought beyond their --fqdn-max-entries-per-client share while the FQDN cache is nearly full; those entries expire now"
+            );
+        }
         let ips: Vec<IpAddr> = self.cache.ips().collect();
         for ip in ips {
             let sels = self.cache.selectors_for(ip, policy);
