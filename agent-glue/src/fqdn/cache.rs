@@ -333,12 +333,19 @@ impl Cache {
     }
 
     /// Re-reads which names the installed policy selects (after a policy change).
-    pub fn mark_selected(&mut self, mut selected: impl FnMut(&str) -> bool) {
+    /// Returns the names that were not selected before and are now (their
+    /// entries count against their owners' shares from now on).
+    pub fn mark_selected(&mut self, mut selected: impl FnMut(&str) -> bool) -> Vec<String> {
         let names: Vec<String> = self.names.keys().cloned().collect();
+        let mut newly = Vec::new();
         for n in names {
             let sel = selected(&n);
+            if sel && !self.counts(&n) {
+                newly.push(n.clone());
+            }
             self.set_meta(&n, 0, Some(sel));
         }
+        newly
     }
 
     /// Puts back what `insert`s did (in reverse).
@@ -362,12 +369,15 @@ impl Cache {
         }
     }
 
-    /// After a policy change that selects names clients brought while nobody
-    /// selected them: while fewer than a share's worth of addresses or names
-    /// are free, the entries of each client beyond its share expire now, its
-    /// newest first, down to its share (the expiry tick removes them, or keeps
-    /// one a live connection uses). How many expired.
-    pub fn shed_beyond_shares(&mut self, now_ms: u64) -> usize {
+    /// After a policy change selected `newly` (names clients brought while
+    /// nobody selected them, now counting against their shares): while fewer
+    /// than a share's worth of addresses or names are free, the entries of
+    /// those names whose clients are now beyond their share expire, newest
+    /// first, until each is back at its share or has none of them left (the
+    /// expiry tick removes them, or keeps one a live connection uses). Only
+    /// what the change charged: what a client brought while it had room stays.
+    /// How many expired.
+    pub fn shed_beyond_shares(&mut self, newly: &[String], now_ms: u64) -> usize {
         let share = self.limits.max_entries_per_client.max(1);
         let nearly_full = self.by_ip.len().saturating_add(share) >= self.limits.max_ips
             || self.names.len().saturating_add(share) >= self.limits.max_names;
@@ -377,11 +387,14 @@ impl Cache {
             .filter(|(_, n)| **n > share)
             .map(|(c, n)| (*c, n - share))
             .collect();
-        if !nearly_full || over.is_empty() {
+        if !nearly_full || over.is_empty() || newly.is_empty() {
             return 0;
         }
         let mut current: HashMap<DnsClient, Vec<(u64, String, IpAddr)>> = HashMap::new();
-        for (name, ips) in &self.names {
+        for name in newly {
+            let Some(ips) = self.names.get(name) else {
+                continue;
+            };
             if !self.counts(name) {
                 continue;
             }
@@ -748,7 +761,7 @@ mod tests {
         assert_eq!(format!("{:?}", c.names), format!("{:?}", before.names));
         assert_eq!(c.evictable, before.evictable);
         // A policy that no longer selects a name makes it evictable.
-        c.mark_selected(|n| n != "sel.");
+        let _ = c.mark_selected(|n| n != "sel.");
         let mut out = Inserted::default();
         c.insert("sel3.", ip("192.0.2.6"), 60, true, 7, &mut out)
             .unwrap();
@@ -893,13 +906,14 @@ mod tests {
             .unwrap();
         }
         assert_eq!(c.share(POD_A), 0, "unselected names do not count");
-        c.mark_selected(|_| true);
+        let newly = c.mark_selected(|_| true);
+        assert_eq!(newly.len(), 5);
         assert_eq!(c.share(POD_A), 5);
         assert_eq!(
             c.insert_for(Some(POD_B), "b.", ip("192.0.2.9"), 600, true, 10, &mut out),
             Err(Full::Ips)
         );
-        assert_eq!(c.shed_beyond_shares(10), 3);
+        assert_eq!(c.shed_beyond_shares(&newly, 10), 3);
         // The expiry tick removes them; the oldest two stay.
         for (n, a) in c.expired(10) {
             c.remove(&n, a);
@@ -908,8 +922,10 @@ mod tests {
         assert!(c.get("u1.", ip("192.0.2.1")).is_some() && c.get("u5.", ip("192.0.2.5")).is_none());
         c.insert_for(Some(POD_B), "b.", ip("192.0.2.9"), 600, true, 11, &mut out)
             .unwrap();
-        // With room to spare, nothing is shed.
-        assert_eq!(c.shed_beyond_shares(12), 0);
+        // A policy change that selects nothing new sheds nothing, however far
+        // beyond its share a client went while it had room.
+        assert!(c.mark_selected(|_| true).is_empty());
+        assert_eq!(c.shed_beyond_shares(&[], 12), 0);
         assert_eq!(c.recounted_shares(), c.shares);
     }
 
@@ -1022,11 +1038,18 @@ mod tests {
                         c.undo(out);
                     }
                     Op::Remove { name: n, ip: i } => c.remove(&name(n), addr(i)),
-                    Op::Select { mask } => c.mark_selected(|s| {
-                        s.strip_prefix('n')
-                            .and_then(|r| r.trim_end_matches('.').parse::<u8>().ok())
-                            .is_some_and(|n| mask & (1 << n) != 0)
-                    }),
+                    Op::Select { mask } => {
+                        let newly = c.mark_selected(|s| {
+                            s.strip_prefix('n')
+                                .and_then(|r| r.trim_end_matches('.').parse::<u8>().ok())
+                                .is_some_and(|n| mask & (1 << n) != 0)
+                        });
+                        c.shed_beyond_shares(&newly, now);
+                        // The expiry tick.
+                        for (n, a) in c.expired(now) {
+                            c.remove(&n, a);
+                        }
+                    }
                 }
                 proptest::prop_assert_eq!(c.recounted_shares(), c.shares.clone());
                 for (k, n) in &c.shares {

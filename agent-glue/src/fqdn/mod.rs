@@ -203,12 +203,13 @@ impl FqdnState {
         }
         let before = self.ids.assignments().count();
         // What a full cache may evict depends on the policy.
-        self.cache
+        let newly = self
+            .cache
             .mark_selected(|n| !policy.fqdn_selectors_matching(n).is_empty());
         // Names a client brought while nobody selected them count against its
         // share now: beyond it, on a nearly full cache, they expire (a live
         // connection still keeps its address).
-        let shed = self.cache.shed_beyond_shares(now_ms());
+        let shed = self.cache.shed_beyond_shares(&newly, now_ms());
         if shed > 0 {
             self.dirty = true;
             warn!(

@@ -370,7 +370,7 @@ mod tests {
         save(&dir, &c).unwrap();
         let mut back = load_at(&dir, limits, 2_000).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        back.mark_selected(|_| true);
+        let _ = back.mark_selected(|_| true);
         assert_eq!(back.share(pod), 2);
         let mut out = Inserted::default();
         assert_eq!(
