@@ -818,6 +818,25 @@ mod tests {
         assert_eq!(c.evictable, before.evictable);
     }
 
+    /// `client` learns `addr` for the selected `name` (TTL 60 s) at `now`.
+    fn learn(
+        c: &mut Cache,
+        client: DnsClient,
+        name: &str,
+        addr: &str,
+        now: u64,
+    ) -> Result<(), Full> {
+        c.insert_for(
+            Some(client),
+            name,
+            ip(addr),
+            60,
+            true,
+            now,
+            &mut Inserted::default(),
+        )
+    }
+
     const POD_A: DnsClient = DnsClient(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)));
     const POD_B: DnsClient = DnsClient(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)));
 
@@ -834,24 +853,20 @@ mod tests {
         });
         let mut out = Inserted::default();
         let a = Some(POD_A);
-        c.insert_for(a, "x1.", ip("192.0.2.1"), 60, true, 0, &mut out)
-            .unwrap();
-        c.insert_for(a, "x2.", ip("192.0.2.2"), 60, true, 0, &mut out)
-            .unwrap();
+        learn(&mut c, POD_A, "x1.", "192.0.2.1", 0).unwrap();
+        learn(&mut c, POD_A, "x2.", "192.0.2.2", 0).unwrap();
         // Beyond its share while the cache has room to spare ...
-        c.insert_for(a, "x0.", ip("192.0.2.10"), 60, true, 0, &mut out)
-            .unwrap();
-        c.insert_for(a, "x0.", ip("192.0.2.11"), 60, true, 0, &mut out)
-            .unwrap();
+        learn(&mut c, POD_A, "x0.", "192.0.2.10", 0).unwrap();
+        learn(&mut c, POD_A, "x0.", "192.0.2.11", 0).unwrap();
         assert_eq!(c.share(POD_A), 4);
         // ... but no further once only a share's worth (2 of 6) is left.
         let before = format!("{:?}", c.names);
         assert_eq!(
-            c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 0, &mut out),
+            learn(&mut c, POD_A, "x3.", "192.0.2.3", 0),
             Err(Full::Client)
         );
         assert_eq!(
-            c.insert_for(a, "x1.", ip("192.0.2.9"), 60, true, 0, &mut out),
+            learn(&mut c, POD_A, "x1.", "192.0.2.9", 0),
             Err(Full::Client)
         );
         assert_eq!(
@@ -866,18 +881,15 @@ mod tests {
         c.insert_for(a, "free.", ip("192.0.2.4"), 60, false, 1, &mut out)
             .unwrap();
         // Another client is untouched by A's share.
-        c.insert_for(Some(POD_B), "x3.", ip("192.0.2.3"), 60, true, 1, &mut out)
-            .unwrap();
-        c.insert_for(Some(POD_B), "x1.", ip("192.0.2.1"), 60, true, 1, &mut out)
-            .unwrap();
+        learn(&mut c, POD_B, "x3.", "192.0.2.3", 1).unwrap();
+        learn(&mut c, POD_B, "x1.", "192.0.2.1", 1).unwrap();
         // (x1 is B's now: B asked for it and had room.)
         assert_eq!((c.share(POD_A), c.share(POD_B)), (3, 2));
         // Removals (expiry) give the room back.
         c.remove("x0.", ip("192.0.2.10"));
         c.remove("x0.", ip("192.0.2.11"));
         assert_eq!(c.share(POD_A), 1);
-        c.insert_for(a, "x5.", ip("192.0.2.5"), 60, true, 2, &mut out)
-            .unwrap();
+        learn(&mut c, POD_A, "x5.", "192.0.2.5", 2).unwrap();
         assert_eq!(c.recounted_shares(), c.shares);
     }
 
@@ -938,27 +950,19 @@ mod tests {
             max_ips: 4,
             ..Limits::default()
         });
-        let mut out = Inserted::default();
-        let (a, b) = (Some(POD_A), Some(POD_B));
-        c.insert_for(a, "x1.", ip("192.0.2.1"), 60, true, 0, &mut out)
-            .unwrap();
-        c.insert_for(a, "x2.", ip("192.0.2.2"), 60, true, 0, &mut out)
-            .unwrap();
+        learn(&mut c, POD_A, "x1.", "192.0.2.1", 0).unwrap();
+        learn(&mut c, POD_A, "x2.", "192.0.2.2", 0).unwrap();
         assert_eq!(
-            c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 0, &mut out),
+            learn(&mut c, POD_A, "x3.", "192.0.2.3", 0),
             Err(Full::Client)
         );
         // B asks for x1 and x2 (A no longer does): they become B's.
-        c.insert_for(b, "x1.", ip("192.0.2.1"), 60, true, 100_000, &mut out)
-            .unwrap();
-        c.insert_for(b, "x2.", ip("192.0.2.2"), 60, true, 100_000, &mut out)
-            .unwrap();
+        learn(&mut c, POD_B, "x1.", "192.0.2.1", 100_000).unwrap();
+        learn(&mut c, POD_B, "x2.", "192.0.2.2", 100_000).unwrap();
         assert_eq!((c.share(POD_A), c.share(POD_B)), (0, 2));
-        c.insert_for(a, "x3.", ip("192.0.2.3"), 60, true, 100_000, &mut out)
-            .unwrap();
+        learn(&mut c, POD_A, "x3.", "192.0.2.3", 100_000).unwrap();
         // A full share keeps nothing from another: B at its share leaves x3 A's.
-        c.insert_for(b, "x3.", ip("192.0.2.3"), 60, true, 100_000, &mut out)
-            .unwrap();
+        learn(&mut c, POD_B, "x3.", "192.0.2.3", 100_000).unwrap();
         assert_eq!((c.share(POD_A), c.share(POD_B)), (1, 2));
         assert_eq!(c.recounted_shares(), c.shares);
     }
