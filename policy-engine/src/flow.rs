@@ -2,6 +2,7 @@
 //! from Hubble's flow schema so `jq` filters written for `hubble observe -o json`
 //! mostly carry over. Later protocols fill in their part of `l7`.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -132,9 +133,10 @@ pub struct HttpHeader {
 pub struct Http {
     /// Response status; 0 when no response was produced.
     pub code: u16,
-    pub method: String,
+    /// Borrowed for the standard methods and every protocol name: no string per record.
+    pub method: Cow<'static, str>,
     pub url: String,
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HttpHeader>,
     /// `headerMatches` entries whose header did not have the required value, and
@@ -199,7 +201,7 @@ pub struct KafkaFlow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Flow {
-    pub time: String,
+    pub time: FlowTime,
     pub verdict: FlowVerdict,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_reason_desc: Option<String>,
@@ -327,7 +329,7 @@ impl Flow {
         verdict: &Verdict,
     ) -> Flow {
         Flow {
-            time: rfc3339_now(),
+            time: FlowTime::now(),
             verdict: if verdict.allowed {
                 FlowVerdict::Forwarded
             } else {
@@ -373,7 +375,7 @@ impl Flow {
         // HTTP record has one).
         let mut summary =
             String::with_capacity(http.protocol.len() + http.method.len() + http.url.len() + 10);
-        for (i, part) in [&http.protocol, &http.method, &http.url]
+        for (i, part) in [&*http.protocol, &*http.method, http.url.as_str()]
             .into_iter()
             .enumerate()
         {
@@ -489,30 +491,107 @@ pub fn rfc3339_now() -> String {
 /// `t` as flow records write it: UTC, nanoseconds, one fixed width (so two
 /// such times compare as text).
 pub fn rfc3339(t: SystemTime) -> String {
-    let now = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let [y, m, d, h, min, sec] = civil(now.as_secs() as i64);
-    let nanos = now.subsec_nanos();
-    // Every flow record takes one: written digit by digit, not through
-    // `format!`'s padding machinery (the same text; years past 9999 or before
-    // 0 are left to `format!`).
-    let fields = [
-        (y, 4),
-        (m, 2),
-        (d, 2),
-        (h, 2),
-        (min, 2),
-        (sec, 2),
-        (i64::from(nanos), 9),
-    ];
-    if !(0..=9999).contains(&y) {
-        return format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{nanos:09}Z");
+    FlowTime::at(t).as_str().to_string()
+}
+
+/// A flow record's time, [`rfc3339`]'s text held inline: every record has one,
+/// and it costs no allocation (nor one per copy, for the bus's filter key).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowTime {
+    text: [u8; FlowTime::CAPACITY],
+    len: u8,
+}
+
+impl FlowTime {
+    /// 30 bytes for years 0–9999; room for the rare wider year.
+    const CAPACITY: usize = 40;
+
+    pub fn now() -> Self {
+        Self::at(SystemTime::now())
     }
-    let mut out = String::with_capacity(30);
-    for ((v, width), sep) in fields.into_iter().zip(["-", "-", "T", ":", ":", ".", "Z"]) {
-        push_digits(&mut out, v, width);
-        out.push_str(sep);
+
+    pub fn at(t: SystemTime) -> Self {
+        let now = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let [y, m, d, h, min, sec] = civil(now.as_secs() as i64);
+        let nanos = now.subsec_nanos();
+        if !(0..=9999).contains(&y) {
+            // Years past 9999 or before 0 are left to `format!`.
+            return Self::from_ascii(&format!(
+                "{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{nanos:09}Z"
+            ));
+        }
+        // Written digit by digit, not through `format!`'s padding machinery.
+        let fields = [
+            (y, 4),
+            (m, 2),
+            (d, 2),
+            (h, 2),
+            (min, 2),
+            (sec, 2),
+            (i64::from(nanos), 9),
+        ];
+        let mut out = FlowTime {
+            text: [0; Self::CAPACITY],
+            len: 0,
+        };
+        for ((v, width), sep) in fields.into_iter().zip(*b"--T::.Z") {
+            for k in (0..width).rev() {
+                // `v` is non-negative and below `10^width`.
+                let digit = (v / 10_i64.pow(k)).rem_euclid(10) as u8;
+                out.push(b'0' + digit);
+            }
+            out.push(sep);
+        }
+        out
     }
-    out
+
+    /// `s` (ASCII: what [`FlowTime::at`] writes), cut at the capacity.
+    fn from_ascii(s: &str) -> Self {
+        let mut out = FlowTime {
+            text: [0; Self::CAPACITY],
+            len: 0,
+        };
+        s.bytes().filter(u8::is_ascii).for_each(|b| out.push(b));
+        out
+    }
+
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.text.get_mut(usize::from(self.len)) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let bytes = self.text.get(..usize::from(self.len)).unwrap_or_default();
+        // Only ASCII is ever pushed.
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for FlowTime {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for FlowTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for FlowTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for FlowTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Seconds since the Unix epoch as UTC [year, month, day, hour, minute, second]
@@ -529,14 +608,6 @@ fn civil(secs: i64) -> [i64; 6] {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     [y, m, d, rem / 3600, rem % 3600 / 60, rem % 60]
-}
-
-/// `v` (non-negative, below `10^width`) as exactly `width` decimal digits.
-fn push_digits(out: &mut String, v: i64, width: u32) {
-    for k in (0..width).rev() {
-        let digit = (v / 10_i64.pow(k)).rem_euclid(10);
-        out.push(char::from_digit(u32::try_from(digit).unwrap_or(0), 10).unwrap_or('0'));
-    }
 }
 
 /// An RFC 3339 UTC time (`2026-11-22T20:01:02Z`, with or without a fraction)
@@ -598,6 +669,19 @@ mod tests {
             super::rfc3339(UNIX_EPOCH + Duration::new(951_782_400, 7)),
             "2000-02-29T00:00:00.000000007Z"
         );
+    }
+
+    #[test]
+    fn flow_time_serialises_and_orders_as_its_text() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let a = super::FlowTime::at(UNIX_EPOCH + Duration::new(1_795_398_583, 9));
+        let b = super::FlowTime::at(UNIX_EPOCH + Duration::new(1_795_398_583, 10));
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            "\"2026-11-23T01:49:43.000000009Z\""
+        );
+        assert!(a < b && a.as_str() < b.as_str());
+        assert_eq!(a.as_str().len(), 30);
     }
 
     #[test]

@@ -362,6 +362,17 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
+/// A method's name for its record; the standard ones without an allocation.
+fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|s| **s == m.as_str()) {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
+    }
+}
+
 fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCode) -> flow::Http {
     let path = req_parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // A CONNECT's target is an authority, not a URL.
@@ -389,9 +400,9 @@ fn flow_http(req_parts: &http::request::Parts, ctx: &ConnContext, code: StatusCo
     };
     flow::Http {
         code: code.as_u16(),
-        method: req_parts.method.as_str().to_string(),
+        method: method_name(&req_parts.method),
         url,
-        protocol: protocol_name(req_parts.version).to_string(),
+        protocol: protocol_name(req_parts.version).into(),
         headers: Vec::new(),
         header_mismatches: Vec::new(),
         grpc: None,

@@ -86,7 +86,7 @@ pub struct FlowKey {
     pub source_ip: IpAddr,
     pub destination_ip: IpAddr,
     /// As in the record: RFC 3339, nanoseconds, fixed width.
-    pub time: Box<str>,
+    pub time: weir_policy::flow::FlowTime,
     /// The drop reason as a metrics label (DROPPED and ERROR only).
     pub drop_reason: Option<String>,
     /// An L7 record's facts for the metrics.
@@ -167,7 +167,7 @@ impl FlowKey {
             destination: f.destination.clone(),
             source_ip: f.ip.source,
             destination_ip: f.ip.destination,
-            time: f.time.as_str().into(),
+            time: f.time,
             drop_reason: (f.verdict != FlowVerdict::Forwarded)
                 .then(|| super::metrics::reason_label(f.drop_reason_desc.as_deref())),
             l7_facts: f.l7.as_ref().map(L7Facts::new),
@@ -481,7 +481,7 @@ impl FlowFilter {
             && (self.ports.is_empty()
                 || f.ports
                     .is_some_and(|(s, d)| self.ports.iter().any(|p| *p == s || *p == d)))
-            && self.since.as_deref().is_none_or(|t| &*f.time >= t)
+            && self.since.as_deref().is_none_or(|t| f.time.as_str() >= t)
     }
 }
 

@@ -503,7 +503,7 @@ mod tests {
             };
             let http = Http {
                 code,
-                method: method.into(),
+                method: method.to_string().into(),
                 url: "http://x/a?b=c".into(),
                 protocol: "HTTP/1.1".into(),
                 ..Http::default()
