@@ -6,9 +6,17 @@ fn demo_runs_twice_and_cleans_up() {
     if !weir_tests::require_root("demo_runs_twice_and_cleans_up") {
         return;
     }
+    let mut demo_pids = Vec::new();
     for run in 0..2 {
         let python = weir_tests::repo_root().join(".venv/bin/python");
-        let out = weir_tests::weir_cli(&["demo", "--python", python.to_str().unwrap()]);
+        let child = std::process::Command::new(weir_tests::weir_bin())
+            .args(["demo", "--python", python.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run weir demo");
+        demo_pids.push(child.id());
+        let out = child.wait_with_output().expect("wait for weir demo");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -94,12 +102,31 @@ fn demo_runs_twice_and_cleans_up() {
             "{stdout}"
         );
     }
+    // The demo names its namespaces `weirdemo-<pid>-<n>-*` and its pinned maps
+    // `/sys/fs/bpf/weir-demo-<pid>-<n>`: look for exactly what these two runs made,
+    // so a leftover of some other (killed) run on the machine cannot fail this test.
     let netns = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&netns.stdout).contains("weirdemo"),
-        "demo left namespaces behind"
-    );
+        .expect("ip netns list");
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    let pinned: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for pid in demo_pids {
+        let ns_prefix = format!("weirdemo-{pid}-");
+        assert!(
+            !netns.lines().any(|l| l.starts_with(&ns_prefix)),
+            "demo {pid} left namespaces behind:\n{netns}"
+        );
+        let bpf_prefix = format!("weir-demo-{pid}-");
+        assert!(
+            !pinned.iter().any(|name| name.starts_with(&bpf_prefix)),
+            "demo {pid} left pinned BPF objects behind: {pinned:?}"
+        );
+    }
 }
