@@ -11,6 +11,8 @@ use serde::Serialize;
 
 use crate::compile::{CompiledPolicy, PeerInfo, Verdict};
 
+mod json;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FlowVerdict {
@@ -240,6 +242,11 @@ impl RenderedEndpoint {
         });
         RenderedEndpoint { endpoint, json }
     }
+
+    /// The endpoint's JSON object, as rendered once.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
 }
 
 impl Serialize for RenderedEndpoint {
@@ -468,17 +475,22 @@ impl Flow {
         self
     }
 
+    /// Appends the record's JSON object (no newline) to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        json::write_flow(out, self);
+    }
+
     pub fn to_json_line(&self) -> String {
         // A record is 0.5–1.5 KB: one allocation up front instead of the
         // doublings `to_string` goes through.
         let mut buf = Vec::with_capacity(1536);
-        match serde_json::to_writer(&mut buf, self) {
-            Ok(()) => {
-                buf.push(b'\n');
-                // serde_json writes UTF-8 only.
-                String::from_utf8(buf).unwrap_or_default()
-            }
-            Err(e) => format!("{{\"error\":\"flow record could not be serialised: {e}\"}}\n"),
+        json::write_flow(&mut buf, self);
+        buf.push(b'\n');
+        // Only whole `str`s and ASCII are written: the line is UTF-8. A
+        // lossy conversion rather than a panic if that ever changed.
+        match String::from_utf8(buf) {
+            Ok(line) => line,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         }
     }
 }

@@ -65,9 +65,18 @@ impl Record {
 }
 
 fn render(flow: &Flow) -> Box<str> {
-    let mut json = flow.to_json_line();
-    json.pop(); // the newline
-    json.into_boxed_str()
+    thread_local! {
+        /// Where records are rendered before being copied out at their size:
+        /// one allocation per record, not a large one then a shrinking one.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(2048));
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        flow.write_json(&mut scratch);
+        // The writer appends whole `str`s and ASCII only.
+        String::from_utf8_lossy(&scratch).into()
+    })
 }
 
 /// What filters and metrics read of a flow.
