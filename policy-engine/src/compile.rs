@@ -77,8 +77,9 @@ impl fmt::Display for Direction {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RuleRef {
     pub policy: Arc<str>,
-    /// e.g. `specs[0].ingress[1].toPorts[0].rules.http[2]`
-    pub rule: String,
+    /// e.g. `specs[0].ingress[1].toPorts[0].rules.http[2]`; shared, as every
+    /// verdict (so every request's) carries its deciding rules.
+    pub rule: Arc<str>,
 }
 
 impl fmt::Display for RuleRef {
@@ -1699,7 +1700,7 @@ fn build_table(
                 } else if default_allow_origin.is_none() {
                     default_allow_origin = Some(RuleRef {
                         policy: pname.clone(),
-                        rule: format!("{}.enableDefaultDeny.{dd_field}", rule.label),
+                        rule: format!("{}.enableDefaultDeny.{dd_field}", rule.label).into(),
                     });
                 }
                 for (pi, pr) in peer_rules.iter().enumerate() {
@@ -1722,7 +1723,7 @@ fn build_table(
                                     entries.push(L4Entry {
                                         origin: RuleRef {
                                             policy: pname.clone(),
-                                            rule: format!("{base}.icmps[{}]", t.entry),
+                                            rule: format!("{base}.icmps[{}]", t.entry).into(),
                                         },
                                         peers: peer_set(pr, universe),
                                         deny,
@@ -1750,7 +1751,7 @@ fn build_table(
                         entries.push(L4Entry {
                             origin: RuleRef {
                                 policy: pname.clone(),
-                                rule: base,
+                                rule: base.into(),
                             },
                             peers: peer_set(pr, universe),
                             deny,
@@ -1767,7 +1768,7 @@ fn build_table(
                     for (ti, tp) in pr.to_ports.iter().enumerate() {
                         let origin = RuleRef {
                             policy: pname.clone(),
-                            rule: format!("{base}.toPorts[{ti}]"),
+                            rule: format!("{base}.toPorts[{ti}]").into(),
                         };
                         let http_rules = tp.http.as_ref().filter(|h| !h.is_empty());
                         let id = entries.len() as u32;
@@ -1777,7 +1778,7 @@ fn build_table(
                                 .enumerate()
                                 .map(|(hi, _)| RuleRef {
                                     policy: pname.clone(),
-                                    rule: format!("{}.rules.http[{hi}]", origin.rule),
+                                    rule: format!("{}.rules.http[{hi}]", origin.rule).into(),
                                 })
                                 .collect::<Vec<_>>()
                         });
@@ -1800,7 +1801,7 @@ fn build_table(
                                 .enumerate()
                                 .map(|(di, _)| RuleRef {
                                     policy: pname.clone(),
-                                    rule: format!("{}.rules.dns[{di}]", origin.rule),
+                                    rule: format!("{}.rules.dns[{di}]", origin.rule).into(),
                                 })
                                 .collect::<Vec<_>>()
                         });
@@ -1813,7 +1814,7 @@ fn build_table(
                             (0..rules.len())
                                 .map(|ki| RuleRef {
                                     policy: pname.clone(),
-                                    rule: format!("{}.rules.kafka[{ki}]", origin.rule),
+                                    rule: format!("{}.rules.kafka[{ki}]", origin.rule).into(),
                                 })
                                 .collect::<Vec<_>>()
                         });

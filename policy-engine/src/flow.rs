@@ -50,14 +50,17 @@ impl TrafficDirection {
         if let Some(d) = verdict.denied_in {
             return from(d);
         }
-        let dirs: Vec<Direction> = verdict
-            .rules
-            .iter()
-            .filter_map(|r| rule_direction(&r.rule))
-            .collect();
-        if dirs.contains(&Direction::Ingress) {
+        // Every record asks: no list of the rules' directions, one pass.
+        let (mut ingress, mut egress) = (false, false);
+        for dir in verdict.rules.iter().filter_map(|r| rule_direction(&r.rule)) {
+            match dir {
+                Direction::Ingress => ingress = true,
+                Direction::Egress => egress = true,
+            }
+        }
+        if ingress {
             TrafficDirection::Ingress
-        } else if dirs.contains(&Direction::Egress) {
+        } else if egress {
             TrafficDirection::Egress
         } else if dst_local {
             TrafficDirection::Ingress
@@ -731,7 +734,7 @@ mod tests {
                 .iter()
                 .map(|r| RuleRef {
                     policy: "default/p".into(),
-                    rule: r.to_string(),
+                    rule: (*r).into(),
                 })
                 .collect(),
             denied_in,

@@ -202,7 +202,7 @@ fn to_fqdns_allows_nothing_until_an_address_is_learned() {
     let rules = cp.l4_rules();
     let r = rules
         .iter()
-        .find(|r| r.rule.rule == "spec.egress[1].toPorts[0]")
+        .find(|r| &*r.rule.rule == "spec.egress[1].toPorts[0]")
         .unwrap();
     assert_eq!(r.peers.as_deref(), Some(&[id][..]));
     // Forgetting (TTL expiry) closes it again.
@@ -326,7 +326,7 @@ fn kernel_rules_list_learned_identities_under_their_base() {
     let peers = |name: &str, deny: bool| {
         rules
             .iter()
-            .find(|r| r.rule.rule == name && r.deny == deny)
+            .find(|r| &*r.rule.rule == name && r.deny == deny)
             .unwrap_or_else(|| panic!("{name}: {rules:#?}"))
             .peers
             .clone()

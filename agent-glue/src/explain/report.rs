@@ -76,7 +76,7 @@ pub struct PeerJson {
 fn rule_json(r: &RuleRef) -> RuleJson {
     RuleJson {
         policy: r.policy.to_string(),
-        rule: r.rule.clone(),
+        rule: r.rule.to_string(),
     }
 }
 
@@ -92,7 +92,7 @@ fn l7_rules_json<D: std::fmt::Display>(
             direction: dir.to_string(),
             matches: describe(&r),
             policy: r.policy.to_string(),
-            rule: r.rule,
+            rule: r.rule.to_string(),
         })
         .collect()
 }
