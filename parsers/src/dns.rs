@@ -136,7 +136,7 @@ impl QueryFacts {
     }
 
     /// The qtype as a mnemonic (`A`, `AAAA`, `TYPE65280` for unknown ones).
-    pub fn qtype_name(&self) -> String {
+    pub fn qtype_name(&self) -> std::borrow::Cow<'static, str> {
         rr_type_name(self.qtype)
     }
 
@@ -306,10 +306,10 @@ pub fn rcode_name(rcode: u16) -> String {
 }
 
 /// `A`, `AAAA`, ... or RFC 3597's `TYPEnnn` for types hickory does not name.
-pub fn rr_type_name(t: u16) -> String {
+pub fn rr_type_name(t: u16) -> std::borrow::Cow<'static, str> {
     match RecordType::from(t) {
-        RecordType::Unknown(_) => format!("TYPE{t}"),
-        known => known.to_string(),
+        RecordType::Unknown(_) => std::borrow::Cow::Owned(format!("TYPE{t}")),
+        known => std::borrow::Cow::Borrowed(known.into()),
     }
 }
 

@@ -293,13 +293,20 @@ impl Verdict {
     /// The rules, `; `-separated, written into one string (every flow record
     /// has a reason: no string per rule, no list to join).
     fn rules_joined(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
+        let len: usize = self
+            .rules
+            .iter()
+            .map(|r| r.policy.len() + 1 + r.rule.len() + 2)
+            .sum();
+        let mut out = String::with_capacity(len);
         for (i, r) in self.rules.iter().enumerate() {
             if i > 0 {
                 out.push_str("; ");
             }
-            let _ = write!(out, "{r}");
+            // RuleRef's Display, without the formatter: one allocation, sized.
+            out.push_str(&r.policy);
+            out.push(' ');
+            out.push_str(&r.rule);
         }
         out
     }

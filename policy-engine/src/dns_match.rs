@@ -208,8 +208,22 @@ fn label_matches(pattern: &[u8], label: &[u8]) -> bool {
     pattern[p..].iter().all(|b| *b == b'*')
 }
 
-fn split_labels(name: &str) -> Vec<&[u8]> {
+/// A name's labels; on the stack for names of up to 16 labels (every query
+/// is matched: no allocation for the usual ones).
+type Labels<'a> = smallvec::SmallVec<[&'a [u8]; 16]>;
+
+fn split_labels(name: &str) -> Labels<'_> {
     name.as_bytes().split(|b| *b == b'.').collect()
+}
+
+/// `name` normalised ([`normalize_name`]), borrowed when it already is (the
+/// DNS proxy hands over question names lower-cased, with their dot).
+fn normalized(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.ends_with('.') && !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Borrowed(name)
+    } else {
+        std::borrow::Cow::Owned(normalize_name(name))
+    }
 }
 
 #[derive(Debug)]
@@ -411,7 +425,7 @@ impl DnsMatcher {
 
     /// The lowest rule matching `name` for which `accept` holds.
     pub fn first_match(&self, name: &str, accept: impl Fn(u32) -> bool) -> Option<u32> {
-        let name = normalize_name(name);
+        let name = normalized(name);
         let labels = split_labels(&name);
         let mut best: Option<u32> = None;
         self.candidates(&name, &labels, |ids, check| {
@@ -430,7 +444,7 @@ impl DnsMatcher {
 
     /// Every rule matching `name`, ascending.
     pub fn matching(&self, name: &str) -> Vec<u32> {
-        let name = normalize_name(name);
+        let name = normalized(name);
         let labels = split_labels(&name);
         let mut out = Vec::new();
         self.candidates(&name, &labels, |ids, check| {

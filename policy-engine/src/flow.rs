@@ -318,6 +318,49 @@ impl FlowPeers {
     }
 }
 
+/// Hubble's DNS summary (`DNS Query q. A`, `DNS Answer RCode: ...`, `DNS Answer
+/// "ips" TTL: n (Proxy q. A)`), written into one string sized up front: two
+/// records per query have one.
+fn dns_summary(kind: &L7Type, dns: &weir_parsers::dns::DnsFlow) -> String {
+    use std::fmt::Write;
+    fn joined_len<S: AsRef<str>>(v: &[S]) -> usize {
+        v.iter().map(|s| s.as_ref().len() + 1).sum()
+    }
+    fn push_joined<S: AsRef<str>>(out: &mut String, v: &[S]) {
+        for (i, s) in v.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(s.as_ref());
+        }
+    }
+    let mut out = String::with_capacity(
+        48 + dns.query.len() + joined_len(&dns.qtypes) + joined_len(&dns.ips),
+    );
+    match kind {
+        L7Type::Request => out.push_str("DNS Query "),
+        L7Type::Response if dns.rcode != 0 => {
+            out.push_str("DNS Answer RCode: ");
+            out.push_str(&weir_parsers::dns::rcode_name(
+                u16::try_from(dns.rcode).unwrap_or(u16::MAX),
+            ));
+            out.push_str(" (Proxy ");
+        }
+        L7Type::Response => {
+            out.push_str("DNS Answer \"");
+            push_joined(&mut out, &dns.ips);
+            let _ = write!(out, "\" TTL: {} (Proxy ", dns.ttl);
+        }
+    }
+    out.push_str(&dns.query);
+    out.push(' ');
+    push_joined(&mut out, &dns.qtypes);
+    if matches!(kind, L7Type::Response) {
+        out.push(')');
+    }
+    out
+}
+
 impl Flow {
     /// A flow for a verdict on a TCP connection or request between two peers.
     pub fn new(
@@ -429,21 +472,7 @@ impl Flow {
         latency_ns: u64,
         dns: weir_parsers::dns::DnsFlow,
     ) -> Flow {
-        let qtypes = dns.qtypes.join(",");
-        self.summary = match kind {
-            L7Type::Request => format!("DNS Query {} {qtypes}", dns.query),
-            L7Type::Response if dns.rcode != 0 => format!(
-                "DNS Answer RCode: {} (Proxy {} {qtypes})",
-                weir_parsers::dns::rcode_name(dns.rcode as u16),
-                dns.query
-            ),
-            L7Type::Response => format!(
-                "DNS Answer \"{}\" TTL: {} (Proxy {} {qtypes})",
-                dns.ips.join(","),
-                dns.ttl,
-                dns.query
-            ),
-        };
+        self.summary = dns_summary(&kind, &dns);
         self.kind = "L7";
         self.is_reply = matches!(kind, L7Type::Response);
         self.l7 = Some(L7 {
@@ -769,6 +798,38 @@ mod tests {
         assert_eq!(T::of(&v(&[], None), false, true), T::Ingress);
         assert_eq!(T::of(&v(&[], None), true, false), T::Egress);
         assert_eq!(T::of(&v(&[], None), false, false), T::Unknown);
+    }
+
+    #[test]
+    fn dns_summaries_read_like_hubbles() {
+        use super::{L7Type, dns_summary};
+        use weir_parsers::dns::DnsFlow;
+        let query = DnsFlow {
+            query: "api.example.com.".into(),
+            qtypes: vec!["A".into(), "AAAA".into()],
+            ..DnsFlow::default()
+        };
+        assert_eq!(
+            dns_summary(&L7Type::Request, &query),
+            "DNS Query api.example.com. A,AAAA"
+        );
+        let refused = DnsFlow {
+            rcode: 5,
+            ..query.clone()
+        };
+        assert_eq!(
+            dns_summary(&L7Type::Response, &refused),
+            "DNS Answer RCode: Refused (Proxy api.example.com. A,AAAA)"
+        );
+        let answer = DnsFlow {
+            ips: vec!["192.0.2.1".into(), "2001:db8::1".into()],
+            ttl: 30,
+            ..query
+        };
+        assert_eq!(
+            dns_summary(&L7Type::Response, &answer),
+            "DNS Answer \"192.0.2.1,2001:db8::1\" TTL: 30 (Proxy api.example.com. A,AAAA)"
+        );
     }
 
     #[test]

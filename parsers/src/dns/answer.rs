@@ -66,7 +66,7 @@ impl AnswerFacts {
         std::iter::once(self.name.as_str()).chain(self.cnames.iter().map(String::as_str))
     }
 
-    pub fn rrtype_names(&self) -> Vec<String> {
+    pub fn rrtype_names(&self) -> Vec<std::borrow::Cow<'static, str>> {
         self.rrtypes.iter().map(|t| rr_type_name(*t)).collect()
     }
 }

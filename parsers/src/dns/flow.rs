@@ -3,6 +3,8 @@
 //! `query`, `ips`, `ttl`, `cnames`, `observation_source`, `rcode`, `qtypes`,
 //! `rrtypes`). Empty fields are left out, as Hubble's JSON output does.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::{AnswerFacts, QueryFacts, rr_type_name};
@@ -28,14 +30,18 @@ pub struct DnsFlow {
     pub ttl: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cnames: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub observation_source: String,
+    /// Always [`OBSERVATION_SOURCE_PROXY`] from weir: borrowed, not a string
+    /// per record.
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub observation_source: Cow<'static, str>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rcode: u32,
+    /// Type names (`A`, `AAAA`; `TYPE65534` for one without a name): borrowed
+    /// for the named ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub qtypes: Vec<String>,
+    pub qtypes: Vec<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rrtypes: Vec<String>,
+    pub rrtypes: Vec<Cow<'static, str>>,
 }
 
 impl DnsFlow {
@@ -43,7 +49,7 @@ impl DnsFlow {
     pub fn from_query(q: &QueryFacts) -> Self {
         Self {
             query: q.name.clone(),
-            observation_source: OBSERVATION_SOURCE_PROXY.to_string(),
+            observation_source: Cow::Borrowed(OBSERVATION_SOURCE_PROXY),
             qtypes: vec![q.qtype_name()],
             ..Self::default()
         }

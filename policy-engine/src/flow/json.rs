@@ -256,7 +256,7 @@ fn key(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(b"\":");
 }
 
-fn list<T>(out: &mut Vec<u8>, items: &[T], each: impl Fn(&mut Vec<u8>, &T)) {
+fn list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -531,7 +531,7 @@ mod tests {
                 ips: vec!["192.0.2.1".into(), "2001:db8::1".into()],
                 ttl: 30,
                 cnames: vec!["a.example.".into(), AWKWARD.into()],
-                observation_source: String::new(),
+                observation_source: "".into(),
                 rcode: 3,
                 qtypes: vec!["A".into(), "AAAA".into()],
                 rrtypes: vec!["CNAME".into(), "A".into()],
