@@ -121,11 +121,13 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
             None => QueryAction::Drop,
         };
     }
-    let reason = verdict.reason_for("DNS");
-    let mut flow = ctx
+    // The record's reason is the verdict's: an allowed verdict's reason names
+    // its rules whatever the layer, so `ctx.flow`'s is the one to keep.
+    let flow = ctx
         .flow(&d, &verdict)
         .with_dns(L7Type::Request, 0, DnsFlow::from_query(&facts));
-    flow.policy = reason.clone();
+    debug_assert_eq!(flow.policy, verdict.reason_for("DNS"));
+    let reason = flow.policy.clone();
     ctx.shared.flows.emit(flow);
     let now = Instant::now();
     let client = DnsClient::new(ctx.client.ip());
