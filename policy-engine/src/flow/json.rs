@@ -30,10 +30,12 @@ pub(super) fn write_flow(out: &mut Vec<u8>, f: &Flow) {
         FlowVerdict::Error => b"ERROR",
     });
     out.push(b'"');
-    if let Some(reason) = &f.drop_reason_desc {
-        key(out, "drop_reason_desc");
-        string(out, reason);
-    }
+    optional(
+        out,
+        "drop_reason_desc",
+        f.drop_reason_desc.as_deref(),
+        string,
+    );
     out.extend_from_slice(b",\"IP\":{\"source\":");
     ip(out, f.ip.source);
     out.extend_from_slice(b",\"destination\":");
@@ -58,10 +60,7 @@ pub(super) fn write_flow(out: &mut Vec<u8>, f: &Flow) {
     out.extend_from_slice(if f.is_reply { b"true" } else { b"false" });
     key(out, "node_name");
     string(out, &f.node_name);
-    if let Some(l7) = &f.l7 {
-        key(out, "l7");
-        l7_object(out, l7);
-    }
+    optional(out, "l7", f.l7.as_ref(), l7_object);
     key(out, "policy");
     string(out, &f.policy);
     key(out, "Summary");
@@ -113,19 +112,10 @@ fn l7_object(out: &mut Vec<u8>, l7: &L7) {
     });
     out.extend_from_slice(b"\",\"latency_ns\":");
     number(out, l7.latency_ns);
-    if let Some(h) = &l7.http {
-        key(out, "http");
-        http(out, h);
-    }
-    if let Some(d) = &l7.dns {
-        key(out, "dns");
-        dns(out, d);
-    }
+    optional(out, "http", l7.http.as_ref(), http);
+    optional(out, "dns", l7.dns.as_ref(), dns);
     // `upstream_ns` is not part of the record (`#[serde(skip)]`).
-    if let Some(k) = &l7.kafka {
-        key(out, "kafka");
-        kafka(out, k);
-    }
+    optional(out, "kafka", l7.kafka.as_ref(), kafka);
     out.push(b'}');
 }
 
@@ -146,10 +136,7 @@ fn http(out: &mut Vec<u8>, h: &Http) {
         key(out, "header_mismatches");
         list(out, &h.header_mismatches, mismatch);
     }
-    if let Some(g) = &h.grpc {
-        key(out, "grpc");
-        grpc(out, g);
-    }
+    optional(out, "grpc", h.grpc.as_ref(), grpc);
     out.push(b'}');
 }
 
@@ -164,14 +151,8 @@ fn header(out: &mut Vec<u8>, h: &HttpHeader) {
 fn mismatch(out: &mut Vec<u8>, m: &HeaderMismatch) {
     out.extend_from_slice(b"{\"key\":");
     string(out, &m.key);
-    if let Some(r) = &m.required {
-        key(out, "required");
-        string(out, r);
-    }
-    if let Some(f) = &m.found {
-        key(out, "found");
-        string(out, f);
-    }
+    optional(out, "required", m.required.as_deref(), string);
+    optional(out, "found", m.found.as_deref(), string);
     key(out, "action");
     string(
         out,
@@ -194,28 +175,19 @@ fn grpc(out: &mut Vec<u8>, g: &Grpc) {
         key(out, "status");
         number(out, u64::from(s));
     }
-    if let Some(m) = &g.message {
-        key(out, "message");
-        string(out, m);
-    }
+    optional(out, "message", g.message.as_deref(), string);
     out.push(b'}');
 }
 
 fn dns(out: &mut Vec<u8>, d: &DnsFlow) {
     out.extend_from_slice(b"{\"query\":");
     string(out, &d.query);
-    if !d.ips.is_empty() {
-        key(out, "ips");
-        list(out, &d.ips, |o, s| string(o, s));
-    }
+    string_list(out, "ips", &d.ips);
     if d.ttl != 0 {
         key(out, "ttl");
         number(out, u64::from(d.ttl));
     }
-    if !d.cnames.is_empty() {
-        key(out, "cnames");
-        list(out, &d.cnames, |o, s| string(o, s));
-    }
+    string_list(out, "cnames", &d.cnames);
     if !d.observation_source.is_empty() {
         key(out, "observation_source");
         string(out, &d.observation_source);
@@ -224,14 +196,8 @@ fn dns(out: &mut Vec<u8>, d: &DnsFlow) {
         key(out, "rcode");
         number(out, u64::from(d.rcode));
     }
-    if !d.qtypes.is_empty() {
-        key(out, "qtypes");
-        list(out, &d.qtypes, |o, s| string(o, s));
-    }
-    if !d.rrtypes.is_empty() {
-        key(out, "rrtypes");
-        list(out, &d.rrtypes, |o, s| string(o, s));
-    }
+    string_list(out, "qtypes", &d.qtypes);
+    string_list(out, "rrtypes", &d.rrtypes);
     out.push(b'}');
 }
 
@@ -247,6 +213,27 @@ fn kafka(out: &mut Vec<u8>, k: &KafkaFlow) {
     key(out, "topic");
     string(out, &k.topic);
     out.push(b'}');
+}
+
+/// `,"name":value` when there is a value (serde's `skip_serializing_if = "Option::is_none"`).
+fn optional<T: ?Sized>(
+    out: &mut Vec<u8>,
+    name: &str,
+    value: Option<&T>,
+    write: impl FnOnce(&mut Vec<u8>, &T),
+) {
+    if let Some(v) = value {
+        key(out, name);
+        write(out, v);
+    }
+}
+
+/// `,"name":["a","b"]` unless the list is empty (`skip_serializing_if = "Vec::is_empty"`).
+fn string_list<S: AsRef<str>>(out: &mut Vec<u8>, name: &str, items: &[S]) {
+    if !items.is_empty() {
+        key(out, name);
+        list(out, items, |o, s| string(o, s.as_ref()));
+    }
 }
 
 /// `,"name":` (every key here follows another member).
