@@ -508,22 +508,17 @@ impl Flow {
     }
 
     /// Appends the record's JSON object (no newline) to `out`.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
+    pub fn write_json(&self, out: &mut String) {
         json::write_flow(out, self);
     }
 
     pub fn to_json_line(&self) -> String {
         // A record is 0.5–1.5 KB: one allocation up front instead of the
         // doublings `to_string` goes through.
-        let mut buf = Vec::with_capacity(1536);
-        json::write_flow(&mut buf, self);
-        buf.push(b'\n');
-        // Only whole `str`s and ASCII are written: the line is UTF-8. A
-        // lossy conversion rather than a panic if that ever changed.
-        match String::from_utf8(buf) {
-            Ok(line) => line,
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        }
+        let mut line = String::with_capacity(1536);
+        json::write_flow(&mut line, self);
+        line.push('\n');
+        line
     }
 }
 

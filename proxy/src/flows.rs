@@ -2,9 +2,14 @@
 //! (the ring of recent records and live `weir observe` readers), all done by a
 //! dedicated thread so that no connection ever waits for I/O or for a reader.
 //!
-//! `emit`/`emit_all` hand the record to a bounded queue; the writer thread
-//! drains whatever is queued, serialises it once, writes it, flushes once per
-//! batch and publishes the batch on the [`FlowBus`]. When the queue is full
+//! `emit`/`emit_all` render the record where it was made (its JSON, once for
+//! the file and every reader) and hand it to a bounded queue; the writer thread
+//! drains whatever is queued, writes it, flushes once per batch and publishes
+//! the batch on the [`FlowBus`]. Rendering where the record is made spreads it
+//! over the workers rather than one thread, and frees a record's many small
+//! allocations on the thread that made them, where the allocator reuses them
+//! while they are still in cache (freed on the writer, each came back to the
+//! worker as a cache miss: `tests/perf/README.md`). When the queue is full
 //! (the disk or the reader of stdout cannot keep up), records are dropped and
 //! counted ([`FlowSink::lost`]) with a warning at most once a second: the data
 //! path never blocks on the flow log.
@@ -92,9 +97,9 @@ impl Write for Stdout {
 impl FlowOutput for Stdout {}
 
 enum Msg {
-    // Boxed: the queue's slots are allocated up front, so they stay small.
-    Flow(Box<Flow>),
-    Flows(Vec<Flow>),
+    // A pointer: the queue's slots are allocated up front, so they stay small.
+    Record(Arc<Record>),
+    Records(Vec<Arc<Record>>),
     /// Answered once everything queued before it is written and flushed.
     Flush(SyncSender<()>),
     /// Wakes the writer to see `reopen` (set before sending).
@@ -111,6 +116,9 @@ pub struct FlowSink {
     bus: Arc<FlowBus>,
     /// Set by [`FlowSink::reopen`], taken by the writer before its next write.
     reopen: Arc<AtomicBool>,
+    /// Records are rendered as they are made (else when a reader asks: the
+    /// output discards them).
+    render_now: bool,
 }
 
 impl FlowSink {
@@ -130,6 +138,7 @@ impl FlowSink {
 
     /// A sink writing to an output that can be reopened ([`FlowSink::reopen`]).
     pub fn with_output(out: Box<dyn FlowOutput>, capacity: usize, bus: Arc<FlowBus>) -> Self {
+        let render_now = !out.discards();
         let (tx, rx) = sync_channel(capacity.max(1));
         let writer_bus = bus.clone();
         let reopen = Arc::new(AtomicBool::new(false));
@@ -145,6 +154,7 @@ impl FlowSink {
             epoch: Instant::now(),
             bus,
             reopen,
+            render_now,
         }
     }
 
@@ -175,17 +185,26 @@ impl FlowSink {
 
     /// Queues many records as one batch (the kernel's events come in batches).
     pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
-        let flows: Vec<Flow> = flows.collect();
-        if !flows.is_empty() {
-            let n = flows.len() as u64;
-            self.send(Msg::Flows(flows), n);
+        let records: Vec<Arc<Record>> = flows.map(|f| self.record(f)).collect();
+        if !records.is_empty() {
+            let n = records.len() as u64;
+            self.send(Msg::Records(records), n);
         }
     }
 
-    /// Queues one record, moved (never cloned: the caller is done with it). It is
-    /// serialised on the writer thread.
+    /// Queues one record, moved (never cloned: the caller is done with it),
+    /// rendered here unless the output discards it.
     pub fn emit(&self, flow: Flow) {
-        self.send(Msg::Flow(Box::new(flow)), 1);
+        let record = self.record(flow);
+        self.send(Msg::Record(record), 1);
+    }
+
+    fn record(&self, flow: Flow) -> Arc<Record> {
+        Arc::new(if self.render_now {
+            Record::rendered(&flow)
+        } else {
+            Record::lazy(Box::new(flow))
+        })
     }
 
     /// Waits (at most `timeout`) until every record queued so far is written and
@@ -247,37 +266,14 @@ impl Drop for FlowSink {
     }
 }
 
-/// A record for the bus, written to the flow log unless that discards it
-/// (rendered once for the file and every reader of the bus; not rendered at
-/// all when nothing reads it).
-fn record(
-    out: &mut dyn FlowOutput,
-    flow: Box<Flow>,
-    result: &mut std::io::Result<()>,
-) -> Arc<Record> {
-    if out.discards() {
-        return Arc::new(Record::lazy(flow));
+/// Writes `r`'s line to the flow log unless that discards it (then the
+/// record was not rendered, and is not now). One write per line: the
+/// rotating file never splits a line. After a failed write the batch's other
+/// lines are not tried.
+fn write_record(out: &mut dyn FlowOutput, r: &Record, result: &mut std::io::Result<()>) {
+    if result.is_ok() && !out.discards() {
+        *result = out.write_all(r.line().as_bytes());
     }
-    let r = Record::rendered(&flow);
-    if result.is_ok() {
-        *result = write_record(out, &r);
-    }
-    Arc::new(r)
-}
-
-fn write_record(out: &mut dyn Write, r: &Record) -> std::io::Result<()> {
-    thread_local! {
-        /// The line being written (reused: the writer thread writes them all).
-        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    // One write per line: the rotating file never splits a line.
-    LINE.with(|line| {
-        let mut line = line.borrow_mut();
-        line.clear();
-        line.extend_from_slice(r.json().as_bytes());
-        line.push(b'\n');
-        out.write_all(&line)
-    })
 }
 
 fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, reopen: &AtomicBool) {
@@ -299,14 +295,16 @@ fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, re
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Flow(flow) => {
-                    batch.push(record(&mut *out, flow, &mut result));
+                Msg::Record(r) => {
+                    write_record(&mut *out, &r, &mut result);
+                    batch.push(r);
                     written += 1;
                 }
-                Msg::Flows(flows) => {
-                    written += flows.len();
-                    for flow in flows {
-                        batch.push(record(&mut *out, Box::new(flow), &mut result));
+                Msg::Records(records) => {
+                    written += records.len();
+                    for r in records {
+                        write_record(&mut *out, &r, &mut result);
+                        batch.push(r);
                     }
                 }
                 Msg::Flush(ack) => acks.push(ack),

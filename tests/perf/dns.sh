@@ -20,8 +20,8 @@
 # CANDIDATES="direct weir" picks candidates (CANDIDATES="direct weir weir-base"
 # WEIR_BASE=/path/to/older/weir compares two builds in one run); WEIR_ARGS adds weir
 # flags, FLOW_LOG=none runs weir without a flow log (default /dev/null); PROFILE=1 records
-# weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data (PROFILE_EVENTS: other
-# events than cpu-clock); COUNT=1
+# weir's fixed-rate run with perf into tests/perf/results/weir-dns.perf.data (PROFILE_CANDIDATE:
+# another candidate's, into <candidate>-dns.perf.data; PROFILE_EVENTS: other events than cpu-clock); COUNT=1
 # prints, per SUT and fixed-rate run, syscalls, context switches and wake-ups per query
 # (perf stat over the SUT's threads) and each thread's voluntary switches per query:
 # counts that a busy machine changes far less than CPU times (COUNT_EVENTS: other perf
@@ -159,10 +159,10 @@ measure() {   # prints: max_qps cpu_us_per_q@max p50_us p99_us cpu_us_per_q@rate
   local cpu0; cpu0=$(awk -v b=$((b1-b0)) -v t=$((t1-t0)) 'BEGIN{printf "%.0f", 100*b/t}')
   # Fixed rate, every query's latency.
   local prof=
-  if [ "${PROFILE:-0}" = 1 ] && [ "$c" = weir ]; then
+  if [ "${PROFILE:-0}" = 1 ] && [ "$c" = "${PROFILE_CANDIDATE:-weir}" ]; then
     mkdir -p "$ROOT/tests/perf/results"
     perf record -q ${PROFILE_EVENTS:--e cpu-clock -F 1999} -g -p "$(tree_pids "$SUT_PID" | tail -1)" \
-      -o "$ROOT/tests/perf/results/weir-dns.perf.data" >/dev/null 2>&1 & prof=$!
+      -o "$ROOT/tests/perf/results/$c-dns.perf.data" >/dev/null 2>&1 & prof=$!
   fi
   local counter= sut=
   if [ "${COUNT:-0}" = 1 ] && [ -n "$SUT_PID" ]; then

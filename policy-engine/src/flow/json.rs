@@ -19,45 +19,45 @@ use crate::http_match::HeaderMismatch;
 use crate::model::MismatchAction;
 
 /// Appends `flow` as one JSON object (no newline).
-pub(super) fn write_flow(out: &mut Vec<u8>, f: &Flow) {
-    out.extend_from_slice(b"{\"time\":\"");
+pub(super) fn write_flow(out: &mut String, f: &Flow) {
+    out.push_str("{\"time\":\"");
     // A FlowTime is digits and `-T:.Z`: nothing to escape.
-    out.extend_from_slice(f.time.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"verdict\":\"");
-    out.extend_from_slice(match f.verdict {
-        FlowVerdict::Forwarded => b"FORWARDED",
-        FlowVerdict::Dropped => b"DROPPED",
-        FlowVerdict::Error => b"ERROR",
+    out.push_str(f.time.as_str());
+    out.push_str("\",\"verdict\":\"");
+    out.push_str(match f.verdict {
+        FlowVerdict::Forwarded => "FORWARDED",
+        FlowVerdict::Dropped => "DROPPED",
+        FlowVerdict::Error => "ERROR",
     });
-    out.push(b'"');
+    out.push('"');
     optional(
         out,
         "drop_reason_desc",
         f.drop_reason_desc.as_deref(),
         string,
     );
-    out.extend_from_slice(b",\"IP\":{\"source\":");
+    out.push_str(",\"IP\":{\"source\":");
     ip(out, f.ip.source);
-    out.extend_from_slice(b",\"destination\":");
+    out.push_str(",\"destination\":");
     ip(out, f.ip.destination);
     key(out, "ipVersion");
     string(out, f.ip.ip_version);
-    out.extend_from_slice(b"},\"l4\":");
+    out.push_str("},\"l4\":");
     l4(out, &f.l4);
     key(out, "source");
-    out.extend_from_slice(f.source.json().as_bytes());
+    out.push_str(f.source.json());
     key(out, "destination");
-    out.extend_from_slice(f.destination.json().as_bytes());
+    out.push_str(f.destination.json());
     key(out, "Type");
     string(out, f.kind);
-    out.extend_from_slice(b",\"traffic_direction\":\"");
-    out.extend_from_slice(match f.traffic_direction {
-        TrafficDirection::Ingress => b"INGRESS".as_slice(),
-        TrafficDirection::Egress => b"EGRESS",
-        TrafficDirection::Unknown => b"TRAFFIC_DIRECTION_UNKNOWN",
+    out.push_str(",\"traffic_direction\":\"");
+    out.push_str(match f.traffic_direction {
+        TrafficDirection::Ingress => "INGRESS",
+        TrafficDirection::Egress => "EGRESS",
+        TrafficDirection::Unknown => "TRAFFIC_DIRECTION_UNKNOWN",
     });
-    out.extend_from_slice(b"\",\"is_reply\":");
-    out.extend_from_slice(if f.is_reply { b"true" } else { b"false" });
+    out.push_str("\",\"is_reply\":");
+    out.push_str(if f.is_reply { "true" } else { "false" });
     key(out, "node_name");
     string(out, &f.node_name);
     optional(out, "l7", f.l7.as_ref(), l7_object);
@@ -65,62 +65,62 @@ pub(super) fn write_flow(out: &mut Vec<u8>, f: &Flow) {
     string(out, &f.policy);
     key(out, "Summary");
     string(out, &f.summary);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn l4(out: &mut Vec<u8>, l4: &L4) {
-    let ports = |out: &mut Vec<u8>, p: &Ports| {
-        out.extend_from_slice(b"{\"source_port\":");
+fn l4(out: &mut String, l4: &L4) {
+    let ports = |out: &mut String, p: &Ports| {
+        out.push_str("{\"source_port\":");
         number(out, u64::from(p.source_port));
-        out.extend_from_slice(b",\"destination_port\":");
+        out.push_str(",\"destination_port\":");
         number(out, u64::from(p.destination_port));
-        out.push(b'}');
+        out.push('}');
     };
-    let icmp = |out: &mut Vec<u8>, i: &Icmp| {
-        out.extend_from_slice(b"{\"type\":");
+    let icmp = |out: &mut String, i: &Icmp| {
+        out.push_str("{\"type\":");
         number(out, u64::from(i.kind));
-        out.extend_from_slice(b",\"code\":");
+        out.push_str(",\"code\":");
         number(out, u64::from(i.code));
-        out.push(b'}');
+        out.push('}');
     };
     match l4 {
         L4::Tcp(p) => {
-            out.extend_from_slice(b"{\"TCP\":");
+            out.push_str("{\"TCP\":");
             ports(out, p);
         }
         L4::Udp(p) => {
-            out.extend_from_slice(b"{\"UDP\":");
+            out.push_str("{\"UDP\":");
             ports(out, p);
         }
         L4::Icmpv4(i) => {
-            out.extend_from_slice(b"{\"ICMPv4\":");
+            out.push_str("{\"ICMPv4\":");
             icmp(out, i);
         }
         L4::Icmpv6(i) => {
-            out.extend_from_slice(b"{\"ICMPv6\":");
+            out.push_str("{\"ICMPv6\":");
             icmp(out, i);
         }
     }
-    out.push(b'}');
+    out.push('}');
 }
 
-fn l7_object(out: &mut Vec<u8>, l7: &L7) {
-    out.extend_from_slice(b"{\"type\":\"");
-    out.extend_from_slice(match l7.kind {
-        L7Type::Request => b"REQUEST".as_slice(),
-        L7Type::Response => b"RESPONSE",
+fn l7_object(out: &mut String, l7: &L7) {
+    out.push_str("{\"type\":\"");
+    out.push_str(match l7.kind {
+        L7Type::Request => "REQUEST",
+        L7Type::Response => "RESPONSE",
     });
-    out.extend_from_slice(b"\",\"latency_ns\":");
+    out.push_str("\",\"latency_ns\":");
     number(out, l7.latency_ns);
     optional(out, "http", l7.http.as_ref(), http);
     optional(out, "dns", l7.dns.as_ref(), dns);
     // `upstream_ns` is not part of the record (`#[serde(skip)]`).
     optional(out, "kafka", l7.kafka.as_ref(), kafka);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn http(out: &mut Vec<u8>, h: &Http) {
-    out.extend_from_slice(b"{\"code\":");
+fn http(out: &mut String, h: &Http) {
+    out.push_str("{\"code\":");
     number(out, u64::from(h.code));
     key(out, "method");
     string(out, &h.method);
@@ -137,19 +137,19 @@ fn http(out: &mut Vec<u8>, h: &Http) {
         list(out, &h.header_mismatches, mismatch);
     }
     optional(out, "grpc", h.grpc.as_ref(), grpc);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn header(out: &mut Vec<u8>, h: &HttpHeader) {
-    out.extend_from_slice(b"{\"key\":");
+fn header(out: &mut String, h: &HttpHeader) {
+    out.push_str("{\"key\":");
     string(out, &h.key);
     key(out, "value");
     string(out, &h.value);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn mismatch(out: &mut Vec<u8>, m: &HeaderMismatch) {
-    out.extend_from_slice(b"{\"key\":");
+fn mismatch(out: &mut String, m: &HeaderMismatch) {
+    out.push_str("{\"key\":");
     string(out, &m.key);
     optional(out, "required", m.required.as_deref(), string);
     optional(out, "found", m.found.as_deref(), string);
@@ -163,11 +163,11 @@ fn mismatch(out: &mut Vec<u8>, m: &HeaderMismatch) {
             MismatchAction::Replace => "REPLACE",
         },
     );
-    out.push(b'}');
+    out.push('}');
 }
 
-fn grpc(out: &mut Vec<u8>, g: &Grpc) {
-    out.extend_from_slice(b"{\"service\":");
+fn grpc(out: &mut String, g: &Grpc) {
+    out.push_str("{\"service\":");
     string(out, &g.service);
     key(out, "method");
     string(out, &g.method);
@@ -176,11 +176,11 @@ fn grpc(out: &mut Vec<u8>, g: &Grpc) {
         number(out, u64::from(s));
     }
     optional(out, "message", g.message.as_deref(), string);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn dns(out: &mut Vec<u8>, d: &DnsFlow) {
-    out.extend_from_slice(b"{\"query\":");
+fn dns(out: &mut String, d: &DnsFlow) {
+    out.push_str("{\"query\":");
     string(out, &d.query);
     string_list(out, "ips", &d.ips);
     if d.ttl != 0 {
@@ -198,29 +198,29 @@ fn dns(out: &mut Vec<u8>, d: &DnsFlow) {
     }
     string_list(out, "qtypes", &d.qtypes);
     string_list(out, "rrtypes", &d.rrtypes);
-    out.push(b'}');
+    out.push('}');
 }
 
-fn kafka(out: &mut Vec<u8>, k: &KafkaFlow) {
-    out.extend_from_slice(b"{\"error_code\":");
+fn kafka(out: &mut String, k: &KafkaFlow) {
+    out.push_str("{\"error_code\":");
     signed(out, i64::from(k.error_code));
-    out.extend_from_slice(b",\"api_version\":");
+    out.push_str(",\"api_version\":");
     signed(out, i64::from(k.api_version));
     key(out, "api_key");
     string(out, &k.api_key);
-    out.extend_from_slice(b",\"correlation_id\":");
+    out.push_str(",\"correlation_id\":");
     signed(out, i64::from(k.correlation_id));
     key(out, "topic");
     string(out, &k.topic);
-    out.push(b'}');
+    out.push('}');
 }
 
 /// `,"name":value` when there is a value (serde's `skip_serializing_if = "Option::is_none"`).
 fn optional<T: ?Sized>(
-    out: &mut Vec<u8>,
+    out: &mut String,
     name: &str,
     value: Option<&T>,
-    write: impl FnOnce(&mut Vec<u8>, &T),
+    write: impl FnOnce(&mut String, &T),
 ) {
     if let Some(v) = value {
         key(out, name);
@@ -229,7 +229,7 @@ fn optional<T: ?Sized>(
 }
 
 /// `,"name":["a","b"]` unless the list is empty (`skip_serializing_if = "Vec::is_empty"`).
-fn string_list<S: AsRef<str>>(out: &mut Vec<u8>, name: &str, items: &[S]) {
+fn string_list<S: AsRef<str>>(out: &mut String, name: &str, items: &[S]) {
     if !items.is_empty() {
         key(out, name);
         list(out, items, |o, s| string(o, s.as_ref()));
@@ -237,25 +237,25 @@ fn string_list<S: AsRef<str>>(out: &mut Vec<u8>, name: &str, items: &[S]) {
 }
 
 /// `,"name":` (every key here follows another member).
-fn key(out: &mut Vec<u8>, name: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
+fn key(out: &mut String, name: &str) {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":");
 }
 
-fn list<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
-    out.push(b'[');
+fn list<T>(out: &mut String, items: &[T], mut each: impl FnMut(&mut String, &T)) {
+    out.push('[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
-            out.push(b',');
+            out.push(',');
         }
         each(out, item);
     }
-    out.push(b']');
+    out.push(']');
 }
 
-fn number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+fn number(out: &mut String, mut n: u64) {
+    let mut digits = [b'0'; 20];
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -265,74 +265,79 @@ fn number(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
-fn signed(out: &mut Vec<u8>, n: i64) {
+fn signed(out: &mut String, n: i64) {
     if n < 0 {
-        out.push(b'-');
+        out.push('-');
     }
     number(out, n.unsigned_abs());
 }
 
 /// An address as a JSON string (as serde writes it: its `Display`).
-fn ip(out: &mut Vec<u8>, addr: IpAddr) {
-    out.push(b'"');
+fn ip(out: &mut String, addr: IpAddr) {
+    out.push('"');
     match addr {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    out.push('.');
                 }
                 number(out, u64::from(octet));
             }
         }
         IpAddr::V6(v6) => {
-            use std::io::Write;
+            use std::fmt::Write;
             // The text form's rules (longest zero run, embedded IPv4) are std's.
             let _ = write!(out, "{v6}");
         }
     }
-    out.push(b'"');
+    out.push('"');
 }
 
 /// A JSON string with serde_json's escapes: `"` and `\` backslashed, the
 /// control characters below 0x20 as `\b \t \n \f \r` or `\u00XX`; everything
 /// else (DEL and all non-ASCII included) as it is.
-fn string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
+fn string(out: &mut String, s: &str) {
+    out.push('"');
     let bytes = s.as_bytes();
-    // Most strings need no escape at all: find the first byte that might,
-    // eight at a time, and copy everything before it in one go.
-    let clean = clean_prefix(bytes);
-    out.extend_from_slice(&bytes[..clean]);
-    let mut start = clean;
-    for (i, &b) in bytes.iter().enumerate().skip(clean) {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0c => b"\\f",
-            b'\r' => b"\\r",
+    // Pieces of `s` are copied between escaped bytes. Every cut is next to
+    // an ASCII byte (one that is escaped), so each piece is whole characters
+    // and `get` never returns `None`.
+    let piece = |out: &mut String, from: usize, to: usize| {
+        debug_assert!(s.is_char_boundary(from) && s.is_char_boundary(to));
+        out.push_str(s.get(from..to).unwrap_or_default());
+    };
+    let mut start = 0;
+    // Most strings need no escape at all: skip to the first byte that might,
+    // eight at a time (the skipped part goes out with the first piece).
+    for (i, &b) in bytes.iter().enumerate().skip(clean_prefix(bytes)) {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            0x0c => "\\f",
+            b'\r' => "\\r",
             0x00..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
+                piece(out, start, i);
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
                 start = i + 1;
                 continue;
             }
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
+        piece(out, start, i);
+        out.push_str(escape);
         start = i + 1;
     }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    piece(out, start, bytes.len());
+    out.push('"');
 }
 
 /// How many leading bytes of `bytes` need no escape (a lower bound: the
@@ -369,9 +374,9 @@ mod tests {
     use std::sync::Arc;
 
     fn hand(f: &Flow) -> String {
-        let mut out = Vec::new();
+        let mut out = String::new();
         write_flow(&mut out, f);
-        String::from_utf8(out).expect("UTF-8")
+        out
     }
 
     fn reference(f: &Flow) -> String {
@@ -560,26 +565,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn characters_across_the_fast_scans_words_stay_whole() {
+        // The clean-prefix scan stops at 8-byte words; a character split by
+        // such a boundary, before and after an escape, must come out whole.
+        for pad in 0..9 {
+            for tail in ["\"", "\n", "é\\", "😀\u{1}", ""] {
+                let s = format!("{}é€😀{tail}x", "a".repeat(pad));
+                let mut out = String::new();
+                string(&mut out, &s);
+                assert_eq!(out, serde_json::to_string(&s).unwrap(), "{s:?}");
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn strings_escape_as_serde_escapes_them(s in any::<String>()) {
-            let mut out = Vec::new();
+            let mut out = String::new();
             string(&mut out, &s);
-            prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            prop_assert_eq!(out, serde_json::to_string(&s).unwrap());
         }
 
         #[test]
         fn numbers_and_addresses_print_as_serde_prints_them(n in any::<u64>(), i in any::<i64>(), a in any::<std::net::Ipv4Addr>(), b in any::<std::net::Ipv6Addr>()) {
-            let mut out = Vec::new();
+            let mut out = String::new();
             number(&mut out, n);
-            prop_assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
-            let mut out = Vec::new();
+            prop_assert_eq!(out, n.to_string());
+            let mut out = String::new();
             signed(&mut out, i);
-            prop_assert_eq!(String::from_utf8(out).unwrap(), i.to_string());
+            prop_assert_eq!(out, i.to_string());
             for addr in [IpAddr::V4(a), IpAddr::V6(b)] {
-                let mut out = Vec::new();
+                let mut out = String::new();
                 ip(&mut out, addr);
-                prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&addr).unwrap());
+                prop_assert_eq!(out, serde_json::to_string(&addr).unwrap());
             }
         }
     }

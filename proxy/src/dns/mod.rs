@@ -25,14 +25,18 @@ use crate::context::{ConnContext, Decision};
 use crate::fqdn::{DnsClient, LearnRequest};
 
 /// What to do with one client message.
+// Made and taken apart once per message: boxing the large variant would cost an
+// allocation per query to save a copy.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum QueryAction {
     /// Send these bytes back to the client (a denial, FORMERR, REFUSED for an
     /// opcode weir does not match); nothing goes upstream.
     Reply(Vec<u8>),
     /// Nothing to answer (unreadable header, a response sent as a query).
     Drop,
-    /// Allowed: forward the message unchanged and remember it.
-    Forward(Pending),
+    /// Allowed: forward the message unchanged and remember it, then emit the
+    /// query's record (after the send: rendering it does not delay the query).
+    Forward(Pending, Flow),
 }
 
 /// A query forwarded to the resolver and not yet (fully) answered.
@@ -128,20 +132,22 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
         .with_dns(L7Type::Request, 0, DnsFlow::from_query(&facts));
     debug_assert_eq!(flow.policy, verdict.reason_for("DNS"));
     let reason = flow.policy.clone();
-    ctx.shared.flows.emit(flow);
     let now = Instant::now();
     let client = DnsClient::new(ctx.client.ip());
-    QueryAction::Forward(Pending {
-        facts,
-        decision: d,
-        verdict,
-        reason,
-        sent: now,
-        deadline: now + cfg.dns_upstream_timeout,
-        timeout: cfg.dns_upstream_timeout,
-        answered: false,
-        client,
-    })
+    QueryAction::Forward(
+        Pending {
+            facts,
+            decision: d,
+            verdict,
+            reason,
+            sent: now,
+            deadline: now + cfg.dns_upstream_timeout,
+            timeout: cfg.dns_upstream_timeout,
+            answered: false,
+            client,
+        },
+        flow,
+    )
 }
 
 /// What an upstream message turned out to be.

@@ -304,7 +304,12 @@ impl Conn {
             ) {
                 QueryAction::Reply(r) => self.send_client(&r).await,
                 QueryAction::Drop => {}
-                QueryAction::Forward(p) => self.forward(p, &msg).await,
+                // The record first: forwarding may connect, fail and answer
+                // SERVFAIL, whose record must come after the query's.
+                QueryAction::Forward(p, record) => {
+                    self.ctx.shared.flows.emit(record);
+                    self.forward(p, &msg).await;
+                }
             }
         }
         Ok(())
@@ -414,11 +419,11 @@ impl Conn {
         if prev.is_none() {
             match gate {
                 super::Gate::Open => {
+                    self.send_client(&msg).await;
                     self.ctx
                         .shared
                         .flows
                         .emit(super::answer_flow(&self.ctx, &p, &facts));
-                    self.send_client(&msg).await;
                     return;
                 }
                 super::Gate::Closed(why) => {

@@ -80,7 +80,10 @@ fn answer(id: u16, name: &str, ips: &[[u8; 4]]) -> Vec<u8> {
 
 fn forward(ctx: &ConnContext, msg: &[u8]) -> Pending {
     match decide_query(ctx, msg, true) {
-        QueryAction::Forward(p) => p,
+        QueryAction::Forward(p, record) => {
+            ctx.shared.flows.emit(record);
+            p
+        }
         _ => panic!("not forwarded"),
     }
 }

@@ -213,11 +213,12 @@ async fn on_query(
             let _ = downstream.send(&r).await;
         }
         QueryAction::Drop => {}
-        QueryAction::Forward(p) => {
+        QueryAction::Forward(p, record) => {
             outstanding.add(p);
             if let Err(e) = upstream.send(msg).await {
                 debug!(error = %e, "sending a DNS query upstream failed");
             }
+            ctx.shared.flows.emit(record);
         }
     }
 }
@@ -247,8 +248,8 @@ async fn on_answer(
     };
     let reply = match super::gate(&ctx.shared, &p, &facts) {
         super::Gate::Open => {
-            ctx.shared.flows.emit(super::answer_flow(ctx, &p, &facts));
             let _ = downstream.send(msg).await;
+            ctx.shared.flows.emit(super::answer_flow(ctx, &p, &facts));
             return;
         }
         super::Gate::Closed(why) => {

@@ -28,10 +28,11 @@ pub struct Record {
     body: Body,
 }
 
+/// The JSON is kept with its line's newline (the flow log writes it as it is).
 #[derive(Debug)]
 enum Body {
-    /// Rendered when published (the flow log wanted the line): the `Flow`
-    /// itself is not kept, as the ring holds `--flow-buffer` of these.
+    /// Rendered when made (the flow log wants the line): the `Flow` itself is
+    /// not kept, as the ring holds `--flow-buffer` of these.
     Json(Box<str>),
     /// Kept as it came, rendered the first time a reader asks (`--flow-log
     /// none`: most records are never read, and rendering was most of their cost).
@@ -57,6 +58,12 @@ impl Record {
 
     /// One JSON object, no trailing newline.
     pub fn json(&self) -> &str {
+        let line = self.line();
+        line.strip_suffix('\n').unwrap_or(line)
+    }
+
+    /// The JSON object and a newline: the flow log's line.
+    pub fn line(&self) -> &str {
         match &self.body {
             Body::Json(j) => j,
             Body::Lazy(flow, j) => j.get_or_init(|| render(flow)),
@@ -68,14 +75,14 @@ fn render(flow: &Flow) -> Box<str> {
     thread_local! {
         /// Where records are rendered before being copied out at their size:
         /// one allocation per record, not a large one then a shrinking one.
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(2048));
+        static SCRATCH: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(2048));
     }
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         scratch.clear();
         flow.write_json(&mut scratch);
-        // The writer appends whole `str`s and ASCII only.
-        String::from_utf8_lossy(&scratch).into()
+        scratch.push('\n');
+        Box::from(scratch.as_str())
     })
 }
 
