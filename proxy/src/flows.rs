@@ -119,6 +119,10 @@ pub struct FlowSink {
     /// Records are rendered as they are made (else when a reader asks: the
     /// output discards them).
     render_now: bool,
+    /// The queue was full at the last send and the writer has not emptied it
+    /// since: records are not rendered here (most would be dropped, and a
+    /// record still queued is rendered by the writer).
+    saturated: Arc<AtomicBool>,
 }
 
 impl FlowSink {
@@ -143,9 +147,11 @@ impl FlowSink {
         let writer_bus = bus.clone();
         let reopen = Arc::new(AtomicBool::new(false));
         let writer_reopen = reopen.clone();
+        let saturated = Arc::new(AtomicBool::new(false));
+        let writer_saturated = saturated.clone();
         std::thread::Builder::new()
             .name("weir-flows".into())
-            .spawn(move || write_loop(out, rx, &writer_bus, &writer_reopen))
+            .spawn(move || write_loop(out, rx, &writer_bus, &writer_reopen, &writer_saturated))
             .expect("spawn the flow-record writer thread");
         FlowSink {
             tx: Some(tx),
@@ -155,6 +161,7 @@ impl FlowSink {
             bus,
             reopen,
             render_now,
+            saturated,
         }
     }
 
@@ -183,9 +190,13 @@ impl FlowSink {
         self.lost.load(Ordering::Relaxed)
     }
 
-    /// Queues many records as one batch (the kernel's events come in batches).
+    /// Queues many records as one batch (the kernel's events come in batches,
+    /// up to thousands at once). These are rendered by the writer thread: a
+    /// batch rendered here would hold up its caller's other work for
+    /// milliseconds.
     pub fn emit_all(&self, flows: impl Iterator<Item = Flow>) {
-        let records: Vec<Arc<Record>> = flows.map(|f| self.record(f)).collect();
+        let records: Vec<Arc<Record>> =
+            flows.map(|f| Arc::new(Record::lazy(Box::new(f)))).collect();
         if !records.is_empty() {
             let n = records.len() as u64;
             self.send(Msg::Records(records), n);
@@ -200,11 +211,13 @@ impl FlowSink {
     }
 
     fn record(&self, flow: Flow) -> Arc<Record> {
-        Arc::new(if self.render_now {
-            Record::rendered(&flow)
-        } else {
-            Record::lazy(Box::new(flow))
-        })
+        Arc::new(
+            if self.render_now && !self.saturated.load(Ordering::Relaxed) {
+                Record::rendered(&flow)
+            } else {
+                Record::lazy(Box::new(flow))
+            },
+        )
     }
 
     /// Waits (at most `timeout`) until every record queued so far is written and
@@ -234,6 +247,7 @@ impl FlowSink {
     fn send(&self, msg: Msg, records: u64) {
         let sent = self.tx.as_ref().is_some_and(|tx| tx.try_send(msg).is_ok());
         if !sent {
+            self.saturated.store(true, Ordering::Relaxed);
             let total = self.lost.fetch_add(records, Ordering::Relaxed) + records;
             self.bus.metrics().lost.inc_by(records);
             self.warn_lost(total);
@@ -276,7 +290,13 @@ fn write_record(out: &mut dyn FlowOutput, r: &Record, result: &mut std::io::Resu
     }
 }
 
-fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, reopen: &AtomicBool) {
+fn write_loop(
+    mut out: Box<dyn FlowOutput>,
+    rx: Receiver<Msg>,
+    bus: &FlowBus,
+    reopen: &AtomicBool,
+    saturated: &AtomicBool,
+) {
     let mut failing = false;
     let mut acks = Vec::new();
     let mut batch: Vec<Arc<Record>> = Vec::new();
@@ -313,6 +333,10 @@ fn write_loop(mut out: Box<dyn FlowOutput>, rx: Receiver<Msg>, bus: &FlowBus, re
             if written < BATCH {
                 next = rx.try_recv().ok();
             }
+        }
+        if written < BATCH {
+            // The queue is empty: senders render their records again.
+            saturated.store(false, Ordering::Relaxed);
         }
         result = result.and_then(|()| out.flush());
         // Readers see a batch once it is in the file.
@@ -479,6 +503,55 @@ mod tests {
             );
         }
         assert_eq!(n, 5);
+    }
+
+    /// Records are rendered where they are made, except while the queue is
+    /// full (most would be dropped): those that still get in are rendered by
+    /// the writer, and rendering at emit resumes once the writer caught up.
+    #[test]
+    fn a_full_queue_leaves_rendering_to_the_writer_until_it_caught_up() {
+        let gate = Gate::default();
+        let bus = FlowBus::new(64);
+        let sink = FlowSink::with_bus(Box::new(gate.clone()), 4, bus.clone());
+        let (_, sub) = bus.query(FlowFilter::default(), 0, true, 64);
+        let mut sub = sub.unwrap();
+        for i in 0..20 {
+            sink.emit(flow(i));
+        }
+        let lost = sink.lost();
+        assert!(lost > 0);
+        assert!(sink.saturated.load(Ordering::Relaxed), "found full");
+        gate.open();
+        assert!(sink.flush(Duration::from_secs(5)));
+        assert!(
+            !sink.saturated.load(Ordering::Relaxed),
+            "the writer caught up"
+        );
+        // A record that gets in while the flag is up (the writer took some off
+        // but has not found the queue empty yet) is the writer's to render.
+        sink.saturated.store(true, Ordering::Relaxed);
+        sink.emit(flow(100));
+        assert!(sink.flush(Duration::from_secs(5)));
+        assert!(!sink.saturated.load(Ordering::Relaxed));
+        sink.emit(flow(101));
+        assert!(sink.flush(Duration::from_secs(5)));
+        let mut seen = Vec::new();
+        while let Some(Event::Flow(r)) = sub.try_next() {
+            seen.push(r);
+        }
+        assert_eq!(seen.len() as u64, 22 - lost);
+        assert_eq!(gate.lines(), seen.len());
+        let made: Vec<bool> = seen.iter().map(|r| r.rendered_when_made()).collect();
+        assert!(made[..made.len() - 2].iter().all(|m| *m));
+        assert_eq!(made[made.len() - 2..], [false, true]);
+        for r in &seen {
+            let v: serde_json::Value = serde_json::from_str(r.json()).unwrap();
+            assert_eq!(
+                v["l4"]["TCP"]["source_port"],
+                r.key.ports.map_or(0, |p| p.0)
+            );
+            assert!(r.line().ends_with('\n') && !r.json().ends_with('\n'));
+        }
     }
 
     /// `--flow-log none`: nothing is written, the records still reach the bus,

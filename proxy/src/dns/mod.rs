@@ -34,8 +34,9 @@ pub(crate) enum QueryAction {
     Reply(Vec<u8>),
     /// Nothing to answer (unreadable header, a response sent as a query).
     Drop,
-    /// Allowed: forward the message unchanged and remember it, then emit the
-    /// query's record (after the send: rendering it does not delay the query).
+    /// Allowed: forward the message unchanged and remember it, and emit the
+    /// query's record (UDP after the send, so that rendering it does not delay
+    /// the query; TCP before, as forwarding may answer SERVFAIL itself).
     Forward(Pending, Flow),
 }
 

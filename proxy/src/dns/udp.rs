@@ -266,8 +266,8 @@ async fn on_answer(
         async move {
             match super::wait_for(&ctx.shared, reply).await {
                 Ok(()) => {
-                    ctx.shared.flows.emit(super::answer_flow(&ctx, &p, &facts));
                     let _ = downstream.send(&msg).await;
+                    ctx.shared.flows.emit(super::answer_flow(&ctx, &p, &facts));
                 }
                 Err(why) => {
                     if let Some(r) = super::servfail(&ctx, &p, &why) {

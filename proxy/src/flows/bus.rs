@@ -62,6 +62,12 @@ impl Record {
         line.strip_suffix('\n').unwrap_or(line)
     }
 
+    /// Whether the JSON was rendered when the record was made (else on first read).
+    #[cfg(test)]
+    pub fn rendered_when_made(&self) -> bool {
+        matches!(self.body, Body::Json(_))
+    }
+
     /// The JSON object and a newline: the flow log's line.
     pub fn line(&self) -> &str {
         match &self.body {
@@ -77,13 +83,27 @@ fn render(flow: &Flow) -> Box<str> {
         /// one allocation per record, not a large one then a shrinking one.
         static SCRATCH: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(2048));
     }
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
+    let into = |scratch: &mut String| -> Box<str> {
         scratch.clear();
-        flow.write_json(&mut scratch);
+        flow.write_json(scratch);
         scratch.push('\n');
         Box::from(scratch.as_str())
-    })
+    };
+    // Every thread that emits records has one; a rare huge record (many
+    // headers) does not leave its size behind.
+    const KEEP: usize = 64 * 1024;
+    SCRATCH
+        .try_with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let line = into(&mut scratch);
+            if scratch.capacity() > KEEP {
+                *scratch = String::with_capacity(2048);
+            }
+            line
+        })
+        // The thread's locals are being torn down (a record emitted from a
+        // destructor at thread exit).
+        .unwrap_or_else(|_| into(&mut String::new()))
 }
 
 /// What filters and metrics read of a flow.
