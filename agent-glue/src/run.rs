@@ -216,8 +216,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let (takeover_tx, takeover_rx) = tokio::sync::mpsc::channel(4);
     let takeover_thread = start_takeover_listener(&takeover_path, dups, &args, takeover_tx);
-    std::fs::write(&ready, std::process::id().to_string())
-        .with_context(|| format!("writing {}", ready.display()))?;
+    state::write_ready(&ready).with_context(|| format!("writing {}", ready.display()))?;
     Readiness::set(&readiness.listeners, true);
     info!(port = args.proxy_port, steering = ?mode, "weir ready");
     let mut running = Running {

@@ -28,3 +28,67 @@ pub fn save_identities(state_dir: &Path, ids: &IdentityAllocator) -> std::io::Re
 pub fn ready_file(state_dir: &Path) -> PathBuf {
     state_dir.join("ready")
 }
+
+/// Holds `<ready>.lock` while the ready file is written or checked and removed.
+/// A weir that took over writes its pid there while the weir it replaced may be
+/// exiting and removing its own: without the lock, the old one could read its
+/// own pid, the new one write, and the old one remove the new one's file.
+fn lock_ready(ready: &Path) -> std::io::Result<std::fs::File> {
+    let mut name = ready.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(name))?;
+    // Held for a write or a read-and-remove: never long.
+    file.lock()?;
+    Ok(file)
+}
+
+/// Writes this process's pid into the ready file.
+pub fn write_ready(ready: &Path) -> std::io::Result<()> {
+    let _lock = lock_ready(ready)?;
+    std::fs::write(ready, std::process::id().to_string())
+}
+
+/// Removes the ready file unless a successor has written its own pid there.
+pub fn remove_ready_if_ours(ready: &Path) {
+    let mine = std::process::id().to_string();
+    // Without the lock (the state dir went read-only?) the check still stands;
+    // only the race it closes is open again.
+    let _lock = lock_ready(ready);
+    if std::fs::read_to_string(ready).is_ok_and(|s| s.trim() == mine) {
+        let _ = std::fs::remove_file(ready);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ready file's pid is only ever removed by the process it names.
+    #[test]
+    fn only_the_named_process_removes_the_ready_file() {
+        let dir = std::env::temp_dir().join(format!("weir-ready-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = ready_file(&dir);
+        write_ready(&ready).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&ready).unwrap(),
+            std::process::id().to_string()
+        );
+        // A successor's pid stays.
+        std::fs::write(&ready, "1").unwrap();
+        remove_ready_if_ours(&ready);
+        assert_eq!(std::fs::read_to_string(&ready).unwrap(), "1");
+        // Our own goes.
+        write_ready(&ready).unwrap();
+        remove_ready_if_ours(&ready);
+        assert!(!ready.exists());
+        // The lock is not held after either call.
+        let lock = lock_ready(&ready).unwrap();
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -236,10 +236,7 @@ pub(super) async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usi
 
 /// Removes the ready file unless a successor has written its own pid there.
 pub(super) fn remove_if_ours(ready: &Path) {
-    let mine = std::process::id().to_string();
-    if std::fs::read_to_string(ready).is_ok_and(|s| s.trim() == mine) {
-        let _ = std::fs::remove_file(ready);
-    }
+    crate::state::remove_ready_if_ours(ready);
 }
 
 /// One step of being taken over (see `takeover`); `Some` once handed over.
