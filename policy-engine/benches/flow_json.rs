@@ -71,7 +71,7 @@ fn records() -> [(&'static str, Flow); 2] {
         91_000,
         DnsFlow {
             query: "h042.zone7.bench.".into(),
-            ips: vec!["10.202.7.43".into()],
+            ips: vec![std::net::IpAddr::from([10, 202, 7, 43])],
             ttl: 300,
             observation_source: "proxy".into(),
             qtypes: vec!["A".into()],

@@ -334,9 +334,8 @@ fn dns_summary(kind: &L7Type, dns: &weir_parsers::dns::DnsFlow) -> String {
             out.push_str(s.as_ref());
         }
     }
-    let mut out = String::with_capacity(
-        48 + dns.query.len() + joined_len(&dns.qtypes) + joined_len(&dns.ips),
-    );
+    let mut out =
+        String::with_capacity(48 + dns.query.len() + joined_len(&dns.qtypes) + 16 * dns.ips.len());
     match kind {
         L7Type::Request => out.push_str("DNS Query "),
         L7Type::Response if dns.rcode != 0 => {
@@ -348,7 +347,12 @@ fn dns_summary(kind: &L7Type, dns: &weir_parsers::dns::DnsFlow) -> String {
         }
         L7Type::Response => {
             out.push_str("DNS Answer \"");
-            push_joined(&mut out, &dns.ips);
+            for (i, ip) in dns.ips.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                json::ip_text(&mut out, *ip);
+            }
             let _ = write!(out, "\" TTL: {} (Proxy ", dns.ttl);
         }
     }
@@ -573,12 +577,15 @@ impl FlowTime {
             text: [0; Self::CAPACITY],
             len: 0,
         };
-        for ((v, width), sep) in fields.into_iter().zip(*b"--T::.Z") {
-            for k in (0..width).rev() {
-                // `v` is non-negative and below `10^width`.
-                let digit = (v / 10_i64.pow(k)).rem_euclid(10) as u8;
-                out.push(b'0' + digit);
+        for ((mut v, width), sep) in fields.into_iter().zip(*b"--T::.Z") {
+            // `v` is non-negative and below `10^width`; digits from the last
+            // one, by a constant divisor (no `pow`, no division by a variable).
+            let mut digits = [b'0'; 9];
+            for slot in digits[..width].iter_mut().rev() {
+                *slot = b'0' + v.rem_euclid(10) as u8;
+                v /= 10;
             }
+            digits[..width].iter().for_each(|&b| out.push(b));
             out.push(sep);
         }
         out
@@ -817,7 +824,10 @@ mod tests {
             "DNS Answer RCode: Refused (Proxy api.example.com. A,AAAA)"
         );
         let answer = DnsFlow {
-            ips: vec!["192.0.2.1".into(), "2001:db8::1".into()],
+            ips: vec![
+                "192.0.2.1".parse().expect("ip"),
+                "2001:db8::1".parse().expect("ip"),
+            ],
             ttl: 30,
             ..query
         };
@@ -833,5 +843,17 @@ mod tests {
         assert_eq!(t.len(), "2026-11-22T00:00:00.000000000Z".len());
         assert!(t.starts_with("20"));
         assert!(t.ends_with('Z'));
+    }
+
+    proptest::proptest! {
+        /// The digit-by-digit text is `format!`'s (the path years past 9999 take).
+        #[test]
+        fn flow_time_digits_are_formats(secs in 0u64..253_402_300_800, nanos in 0u32..1_000_000_000) {
+            use std::time::{Duration, UNIX_EPOCH};
+            let t = super::FlowTime::at(UNIX_EPOCH + Duration::new(secs, nanos));
+            let [y, m, d, h, min, sec] = super::civil(secs as i64);
+            let expected = format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{sec:02}.{nanos:09}Z");
+            proptest::prop_assert_eq!(t.as_str(), expected.as_str());
+        }
     }
 }

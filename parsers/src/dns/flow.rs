@@ -4,6 +4,7 @@
 //! `rrtypes`). Empty fields are left out, as Hubble's JSON output does.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +23,11 @@ pub struct DnsFlow {
     /// The question name, lower-cased with a trailing dot.
     #[serde(default)]
     pub query: String,
-    /// Addresses learned from the answer (A/AAAA of the name or its chain).
+    /// Addresses learned from the answer (A/AAAA of the name or its chain):
+    /// kept as addresses and written as text only in the record's JSON (a
+    /// string per address cost an allocation and `Display` per answer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ips: Vec<String>,
+    pub ips: Vec<IpAddr>,
     /// The answer's smallest TTL.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ttl: u32,
@@ -67,7 +70,7 @@ impl DnsFlow {
     /// The record for an upstream answer (a RESPONSE flow).
     pub fn from_answer(q: &QueryFacts, a: &AnswerFacts) -> Self {
         Self {
-            ips: a.addresses.iter().map(|x| x.ip.to_string()).collect(),
+            ips: a.addresses.iter().map(|x| x.ip).collect(),
             ttl: a.min_ttl.unwrap_or(0),
             cnames: a.cnames.clone(),
             rcode: u32::from(a.rcode),

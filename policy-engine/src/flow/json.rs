@@ -182,7 +182,10 @@ fn grpc(out: &mut String, g: &Grpc) {
 fn dns(out: &mut String, d: &DnsFlow) {
     out.push_str("{\"query\":");
     string(out, &d.query);
-    string_list(out, "ips", &d.ips);
+    if !d.ips.is_empty() {
+        key(out, "ips");
+        list(out, &d.ips, |o, a| ip(o, *a));
+    }
     if d.ttl != 0 {
         key(out, "ttl");
         number(out, u64::from(d.ttl));
@@ -278,6 +281,12 @@ fn signed(out: &mut String, n: i64) {
 /// An address as a JSON string (as serde writes it: its `Display`).
 fn ip(out: &mut String, addr: IpAddr) {
     out.push('"');
+    ip_text(out, addr);
+    out.push('"');
+}
+
+/// An address's text (its `Display`), IPv4 without the formatting machinery.
+pub(crate) fn ip_text(out: &mut String, addr: IpAddr) {
     match addr {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -293,7 +302,6 @@ fn ip(out: &mut String, addr: IpAddr) {
             let _ = write!(out, "{v6}");
         }
     }
-    out.push('"');
 }
 
 /// A JSON string with serde_json's escapes: `"` and `\` backslashed, the
@@ -520,7 +528,10 @@ mod tests {
             );
             let answer = DnsFlow {
                 query: AWKWARD.into(),
-                ips: vec!["192.0.2.1".into(), "2001:db8::1".into()],
+                ips: vec![
+                    "192.0.2.1".parse().expect("ip"),
+                    "2001:db8::1".parse().expect("ip"),
+                ],
                 ttl: 30,
                 cnames: vec!["a.example.".into(), AWKWARD.into()],
                 observation_source: "".into(),

@@ -123,8 +123,19 @@ pub(crate) async fn run(
     let mut releases: JoinSet<()> = JoinSet::new();
     let mut quiet_since = Instant::now();
     let mut draining = ctx.shared.draining();
+    // One timer for the session, moved only to an earlier deadline: a later one
+    // (every query and answer moves the linger) is taken up when the timer
+    // fires early. Registering a fresh timer per loop cost two timer-wheel
+    // insertions and removals per query.
+    let mut armed_at = quiet_since + LINGER;
+    let sleep = tokio::time::sleep_until(armed_at.into());
+    tokio::pin!(sleep);
     loop {
         let wake = outstanding.next_deadline().unwrap_or(quiet_since + LINGER);
+        if wake < armed_at || sleep.is_elapsed() {
+            armed_at = wake;
+            sleep.as_mut().reset(wake.into());
+        }
         let mut timer = false;
         tokio::select! {
             Some(d) = queued.recv() => {
@@ -166,7 +177,7 @@ pub(crate) async fn run(
             },
             Some(_) = releases.join_next(), if !releases.is_empty() => {}
             Ok(()) = draining.changed(), if !*draining.borrow() => {}
-            _ = tokio::time::sleep_until(wake.into()) => {
+            () = &mut sleep => {
                 timer = true;
                 let now = Instant::now();
                 let why = super::upstream_timeout_reason(ctx.shared.config.dns_upstream_timeout);
