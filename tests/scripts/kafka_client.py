@@ -119,12 +119,26 @@ def confluent_offsets(a):
 
 
 def confluent_metadata(a):
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
 
     conf = {"bootstrap.servers": a.bootstrap, "client.id": a.client_id}
     conf.update(conf_dict(a.conf))
-    admin = AdminClient(conf)
-    md = admin.list_topics(topic=a.topic[0] if a.topic else None, timeout=a.timeout)
+    # A connection that dropped under the request ("Local: Broker transport
+    # failure", seen once in CI with weir logging both sides closed cleanly and no
+    # denial) is retried with a new client, as an application would, and the
+    # retry is reported (stderr and an `op: retry` line). Policy outcomes are
+    # per-topic errors, never this.
+    for attempt in range(3):
+        admin = AdminClient(conf)
+        try:
+            md = admin.list_topics(topic=a.topic[0] if a.topic else None, timeout=a.timeout)
+            break
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError._TRANSPORT or attempt == 2:
+                raise
+            print(f"metadata attempt {attempt + 1}: {e}; retrying with a new client", file=sys.stderr)
+            out(op="retry", error=str(e))
     for name, t in sorted(md.topics.items()):
         out(op="topic", topic=name, error=t.error.name() if t.error else None)
     out(op="done", count=len(md.topics))

@@ -256,6 +256,14 @@ impl Kafka {
             tail(&self.s.weir_log_text(), 40),
             tail(&tansu_log(&self.s), 20)
         );
+        // A transport failure the client script retried (metadata only): not a
+        // policy outcome, but left visible in the test's output.
+        for r in lines.iter().filter(|l| l["op"] == "retry") {
+            eprintln!(
+                "{args:?} from {from}: the client retried after {}",
+                r["error"]
+            );
+        }
         lines
     }
 
