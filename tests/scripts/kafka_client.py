@@ -125,8 +125,8 @@ def confluent_metadata(a):
     conf = {"bootstrap.servers": a.bootstrap, "client.id": a.client_id}
     conf.update(conf_dict(a.conf))
     # A connection that dropped under the request ("Local: Broker transport
-    # failure", seen once in CI with weir logging both sides closed cleanly and no
-    # denial) is retried with a new client, as an application would, and the
+    # failure", seen once in CI; weir's log showed only relays that ended cleanly,
+    # none it closed) is retried with a new client, as an application would, and the
     # retry is reported (stderr and an `op: retry` line). Policy outcomes are
     # per-topic errors, never this.
     for attempt in range(3):
