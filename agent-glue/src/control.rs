@@ -34,8 +34,9 @@ pub enum ControlMsg {
     Learn(fqdn::learner::LearnJob),
     /// A new weir is taking over (see `takeover`): from now on change nothing
     /// (reloads and API changes are dropped); answered once every earlier
-    /// message is done.
-    HandOver(tokio::sync::oneshot::Sender<()>),
+    /// message is done and the FQDN cache file is written, or with the reason
+    /// the takeover must be refused.
+    HandOver(tokio::sync::oneshot::Sender<Result<(), String>>),
     /// The takeover did not complete: apply changes again.
     Resume,
     /// The weir this one took over has drained and stopped its control thread;
@@ -132,11 +133,16 @@ pub fn spawn(
                         // caller sees its request dropped ("shutting down").
                         info!("handed over to a new weir; change ignored");
                     }
-                    Some(ControlMsg::HandOver(done)) => {
-                        handed_over = true;
-                        fqdn.hand_over(true);
-                        let _ = done.send(());
-                    }
+                    Some(ControlMsg::HandOver(done)) => match fqdn.hand_over_with_cache() {
+                        Ok(()) => {
+                            handed_over = true;
+                            let _ = done.send(Ok(()));
+                        }
+                        Err(reason) => {
+                            warn!(%reason, "refusing the takeover");
+                            let _ = done.send(Err(reason));
+                        }
+                    },
                     Some(ControlMsg::Resume) => {
                         handed_over = false;
                         fqdn.hand_over(false);

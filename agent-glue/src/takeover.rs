@@ -433,7 +433,8 @@ pub fn describe(proto: Proto, addr: std::net::SocketAddr) -> SocketDesc {
 pub enum OldEvent {
     /// A new weir wants the listeners: stop the API and the control thread's
     /// changes, then answer.
-    Quiesce(tokio::sync::oneshot::Sender<()>),
+    /// `Err` carries why this weir cannot hand over (the new one is refused).
+    Quiesce(tokio::sync::oneshot::Sender<Result<(), String>>),
     /// The takeover did not complete: serve the API and apply changes again.
     Resume,
     /// The new weir serves: stop reading the listeners, answer on `stopped`,
@@ -532,8 +533,14 @@ fn hand_over(
     events
         .blocking_send(OldEvent::Quiesce(tx))
         .map_err(|_| TakeoverError::Protocol("the run loop is gone".into()))?;
-    rx.blocking_recv()
+    let quiesced = rx
+        .blocking_recv()
         .map_err(|_| TakeoverError::Protocol("the run loop is gone".into()))?;
+    if let Err(reason) = quiesced {
+        tracing::warn!(%reason, "takeover refused");
+        conn.send(&Msg::Refused { reason }, &[])?;
+        return Ok(None);
+    }
     let fds: Vec<RawFd> = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     conn.send(
         &Msg::Sockets {
@@ -641,9 +648,15 @@ mod tests {
             let mut seen = Vec::new();
             while let Some(ev) = rx.blocking_recv() {
                 match ev {
+                    // The first takeover is refused (say the FQDN cache could
+                    // not be written): the new weir gets the reason.
+                    OldEvent::Quiesce(done) if seen.is_empty() => {
+                        seen.push("refused");
+                        let _ = done.send(Err("the disk is full".into()));
+                    }
                     OldEvent::Quiesce(done) => {
                         seen.push("quiesce");
-                        let _ = done.send(());
+                        let _ = done.send(Ok(()));
                     }
                     OldEvent::Resume => seen.push("resume"),
                     OldEvent::HandedOver { stopped, drained } => {
@@ -662,6 +675,12 @@ mod tests {
             query(&connect(&path).unwrap().unwrap(), port + 1),
             Err(TakeoverError::Refused(_))
         ));
+        // Refused by the run loop: no sockets, the reason.
+        match request(connect(&path).unwrap().unwrap(), port) {
+            Err(TakeoverError::Refused(reason)) => assert_eq!(reason, "the disk is full"),
+            Err(e) => panic!("refused with another error: {e}"),
+            Ok(_) => panic!("the sockets were handed over although the run loop refused"),
+        }
         // Takes the sockets, then goes away.
         let c = connect(&path).unwrap().unwrap();
         let taken = request(c, port).unwrap();
@@ -683,7 +702,7 @@ mod tests {
         assert!(!path.exists(), "the takeover socket's path is released");
         assert_eq!(
             run_loop.join().unwrap(),
-            ["quiesce", "resume", "quiesce", "handed over"]
+            ["refused", "quiesce", "resume", "quiesce", "handed over"]
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

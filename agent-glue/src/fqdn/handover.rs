@@ -1,8 +1,10 @@
 //! The FQDN cache across a planned restart (`weir run` taking over a running
 //! weir, see `takeover.rs`).
 //!
-//! The new weir starts from the cache file the old one last wrote (at most a
-//! second old). From the handover on, the old weir changes nothing that is the
+//! The new weir starts from the cache file the old one writes when it hands
+//! over ([`FqdnState::hand_over_with_cache`]; the once-a-second write lags,
+//! and the new weir's first sync removes from the maps what its cache lacks).
+//! From the handover on, the old weir changes nothing that is the
 //! new one's: it writes no identities and no cache file, its expiry stops, and a
 //! DNS answer it still has to release (a query in flight at the handover) is
 //! learned into the kernel only when that needs no more than ipcache entries for
@@ -30,6 +32,33 @@ impl FqdnState {
         // committed any more (and after a resume, the next learn recommits).
         let merged = self.view.clear(&mut self.cache);
         self.extended |= merged;
+    }
+
+    /// The old weir, when a new one asks for the listeners: stops answering
+    /// from the view and writes the cache file the new weir starts from, so it
+    /// holds every answer learned until now (the once-a-second write may lag
+    /// up to two seconds, and the new weir's first sync would remove from the
+    /// maps what its cache lacks). If the file cannot be written, nothing is
+    /// handed over and the takeover is refused with the reason.
+    pub fn hand_over_with_cache(&mut self) -> Result<(), String> {
+        self.hand_over(true);
+        let Some(dir) = &self.state_dir else {
+            return Ok(());
+        };
+        match persist::save(dir, &self.cache) {
+            Ok(()) => {
+                self.dirty = false;
+                self.extended = false;
+                self.last_saved = Some(std::time::Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                self.hand_over(false);
+                Err(format!(
+                    "could not write the FQDN cache for the new weir: {e}"
+                ))
+            }
+        }
     }
 
     pub fn is_handed_over(&self) -> bool {

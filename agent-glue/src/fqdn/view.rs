@@ -589,4 +589,52 @@ mod tests {
         assert_eq!(on_disk("www.example.com."), Some(now + 110_000));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A handover writes at once what was learned and extended since the last
+    /// write (the new weir starts from that file), and stops the view; if the
+    /// file cannot be written, nothing is handed over.
+    #[test]
+    fn a_handover_writes_the_cache_at_once_or_is_refused() {
+        use super::super::{now_ms, persist};
+        let dir = std::env::temp_dir().join(format!("weir-fqdn-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Arc::new(compile(POLICY));
+        let mut st = FqdnState::load(&dir, Limits::default());
+        let mut dp = FakeDatapath::default();
+        let now = now_ms();
+        let on_disk = |name: &str| {
+            persist::load(&dir, Limits::default())
+                .unwrap()
+                .get(name, ip("192.0.2.1"))
+                .map(|e| e.expires_ms)
+        };
+        let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&r, &p, Some(&mut dp), now).unwrap();
+        st.persist_if_due(false);
+        // Learned and extended within the second after that write: the tick
+        // would not write them yet; the handover does.
+        let api = req(&p, "api.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&api, &p, Some(&mut dp), now).unwrap();
+        assert!(hit(&st, &r, now + 30_000));
+        st.persist_if_due(false);
+        assert_eq!(on_disk("api.example.com."), None);
+        st.hand_over_with_cache().unwrap();
+        assert!(st.is_handed_over());
+        assert_eq!(on_disk("api.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        assert!(
+            !hit(&st, &r, now + 40_000),
+            "the view answers after the handover"
+        );
+
+        // The state dir is gone (a file in its place): refused, not handed over.
+        st.hand_over(false);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"").unwrap();
+        let err = st.hand_over_with_cache().unwrap_err();
+        assert!(err.contains("could not write the FQDN cache"), "{err}");
+        assert!(!st.is_handed_over());
+        let _ = std::fs::remove_file(&dir);
+    }
 }

@@ -256,28 +256,25 @@ pub(super) async fn on_takeover_event(
             }
             let _ = std::fs::remove_file(&args.api_socket);
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if control.send(ControlMsg::HandOver(tx)).is_ok() {
-                let _ = rx.await;
+            // A control thread that is gone changes nothing any more either.
+            let handed = if control.send(ControlMsg::HandOver(tx)).is_ok() {
+                rx.await.unwrap_or(Ok(()))
+            } else {
+                Ok(())
+            };
+            match handed {
+                Ok(()) => running.quiesced = true,
+                // Refused: the control thread is back to applying changes.
+                Err(_) => serve_api_again(running, args),
             }
-            running.quiesced = true;
-            let _ = done.send(());
+            let _ = done.send(handed);
             None
         }
         takeover::OldEvent::Resume => {
             if running.quiesced {
                 running.quiesced = false;
                 let _ = control.send(ControlMsg::Resume);
-                match api::server::bind(&args.api_socket) {
-                    Ok(l) => {
-                        running.api = Some(tokio::spawn(api::server::serve(
-                            l,
-                            running.api_tx.clone(),
-                            running.shared.flows.bus().clone(),
-                            api::access::Allowed::new(&args.api_allow_uid),
-                        )))
-                    }
-                    Err(e) => error!(error = %e, "cannot serve the API again"),
-                }
+                serve_api_again(running, args);
                 info!("takeover abandoned; serving as before");
             }
             None
@@ -297,5 +294,20 @@ pub(super) async fn on_takeover_event(
             info!("a new weir serves the listeners now");
             Some(drained)
         }
+    }
+}
+
+/// Binds the API socket again after an abandoned or refused takeover.
+fn serve_api_again(running: &mut Running, args: &RunArgs) {
+    match api::server::bind(&args.api_socket) {
+        Ok(l) => {
+            running.api = Some(tokio::spawn(api::server::serve(
+                l,
+                running.api_tx.clone(),
+                running.shared.flows.bus().clone(),
+                api::access::Allowed::new(&args.api_allow_uid),
+            )))
+        }
+        Err(e) => error!(error = %e, "cannot serve the API again"),
     }
 }
