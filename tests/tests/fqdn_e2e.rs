@@ -608,6 +608,18 @@ fn learned_names_survive_a_crash() {
     let Some(mut s) = fqdn_lab("fqdn-crash", "") else {
         return;
     };
+    // `api` is learned right after a cache file write, and weir killed at once:
+    // only the journal has it (without the journal, the next weir's first sync
+    // removed its addresses from the maps).
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
+        EDGE4
+    );
+    let cache_file = s.state_dir.join("fqdn-cache.json");
+    let saved = lab::wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&cache_file).is_ok_and(|c| c.contains("www.example.com"))
+    });
+    assert!(saved.is_ok(), "weir did not write its cache file");
     for family in ["-4", "-6"] {
         assert_eq!(
             curl_by_name(&s, "tiefighter", family, "http://api.example.com/"),
@@ -617,6 +629,11 @@ fn learned_names_survive_a_crash() {
     let pid = s.weir().pid() as i32;
     lab::send_signal(pid, libc::SIGKILL);
     let _ = s.weir().stop_with(libc::SIGKILL, Duration::from_secs(2));
+    let in_file = std::fs::read_to_string(&cache_file).unwrap_or_default();
+    eprintln!(
+        "api.example.com in the cache file at the crash: {} (else in the journal only)",
+        in_file.contains("api.example.com")
+    );
     // While down: the learned address still works, DNS is dropped.
     assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
     assert_eq!(
@@ -636,6 +653,17 @@ fn learned_names_survive_a_crash() {
     s.lab.processes.retain(|p| p.name != "weir");
     s.start_weir(&policy(""), &["--steering", "ebpf", "--fqdn-min-ttl", "0"]);
     let ready = Instant::now();
+    // Restored from the state dir, before any new lookup.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{API4}/")),
+        "200",
+        "the restarted weir dropped an address learned just before the crash"
+    );
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://[{API6}]/")),
+        "200",
+        "the restarted weir dropped an address learned just before the crash"
+    );
     let answered = lab::wait_until(Duration::from_secs(5), || {
         dig(&s, "tiefighter", RESOLVER4, "api.example.com", "A") == API4
     });

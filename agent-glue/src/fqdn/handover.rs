@@ -42,16 +42,8 @@ impl FqdnState {
     /// handed over and the takeover is refused with the reason.
     pub fn hand_over_with_cache(&mut self) -> Result<(), String> {
         self.hand_over(true);
-        let Some(dir) = &self.state_dir else {
-            return Ok(());
-        };
-        match persist::save(dir, &self.cache) {
-            Ok(()) => {
-                self.dirty = false;
-                self.extended = false;
-                self.last_saved = Some(std::time::Instant::now());
-                Ok(())
-            }
+        match self.save_cache() {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.hand_over(false);
                 Err(format!(

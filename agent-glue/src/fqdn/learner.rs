@@ -238,15 +238,17 @@ impl FqdnState {
     }
 
     /// The datapath holds `req`'s pairs under `policy` (the installed one):
-    /// the proxy may answer them from the view from now on. Not after a
-    /// handover (the datapath is the new weir's), nor while a sync is owed.
+    /// what changed goes to the journal, and the proxy may answer the pairs
+    /// from the view from now on. Not after a handover (the datapath is the
+    /// new weir's), nor while a sync is owed.
     fn commit_answer(
-        &self,
+        &mut self,
         req: &LearnRequest,
         policy: &CompiledPolicy,
         done: &Inserted,
         now_ms: u64,
     ) {
+        self.journal_changes(done);
         // Names a full cache evicted for this answer leave the view too.
         self.view.drop_missing(
             &self.cache,

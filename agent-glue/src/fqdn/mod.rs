@@ -92,6 +92,10 @@ pub struct FqdnState {
     ids: IdentityAllocator,
     /// `None`: nothing is written (tests).
     state_dir: Option<PathBuf>,
+    /// What learned answers changed since the cache file was last written
+    /// (`None` with no state dir; see `persist.rs`).
+    journal: Option<persist::Journal>,
+    last_journal_log: Option<Instant>,
     /// The cache changed beyond expiries moving later: written within a second.
     dirty: bool,
     /// Only expiries moved later (hits the proxy answered from the view): written
@@ -128,6 +132,8 @@ impl FqdnState {
             cache,
             ids: state::load_identities(state_dir),
             state_dir: Some(state_dir.to_path_buf()),
+            journal: Some(persist::Journal::new(state_dir)),
+            last_journal_log: None,
             dirty: false,
             extended: false,
             last_saved: None,
@@ -147,6 +153,8 @@ impl FqdnState {
             cache: Cache::new(limits),
             ids: IdentityAllocator::default(),
             state_dir: None,
+            journal: None,
+            last_journal_log: None,
             dirty: false,
             extended: false,
             last_saved: None,
@@ -288,9 +296,6 @@ impl FqdnState {
             return;
         }
         self.merge_view();
-        let Some(dir) = &self.state_dir else {
-            return;
-        };
         if self.handed_over {
             // The cache file is the new weir's now; ours goes beside it at the end.
             if force {
@@ -301,13 +306,53 @@ impl FqdnState {
         if !self.dirty && !self.extended {
             return;
         }
-        match persist::save(dir, &self.cache) {
-            Ok(()) => {
-                self.dirty = false;
-                self.extended = false;
-                self.last_saved = Some(Instant::now());
-            }
-            Err(e) => warn!(error = %e, "could not write the FQDN cache"),
+        if let Err(e) = self.save_cache() {
+            warn!(error = %e, "could not write the FQDN cache");
+        }
+    }
+
+    /// Writes the cache file, then empties the journal it now covers.
+    fn save_cache(&mut self) -> Result<(), persist::PersistError> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(());
+        };
+        persist::save(dir, &self.cache)?;
+        self.dirty = false;
+        self.extended = false;
+        self.last_saved = Some(Instant::now());
+        if let Some(j) = &mut self.journal
+            && let Err(e) = j.clear()
+        {
+            // Replayed at the next start over the newer file: expiries the file
+            // moved later may come back earlier.
+            warn!(error = %e, "could not empty the FQDN journal");
+        }
+        Ok(())
+    }
+
+    /// Appends what one learned answer changed to the journal, before the
+    /// answer is released (not after a handover: the state files are the new
+    /// weir's). A failure is logged: the maps hold the addresses either way,
+    /// only a crash before the next cache write would forget them.
+    fn journal_changes(&mut self, done: &cache::Inserted) {
+        if self.handed_over || done.is_empty() {
+            return;
+        }
+        let Some(j) = &mut self.journal else {
+            return;
+        };
+        let cache = &self.cache;
+        let changes = done
+            .journal
+            .iter()
+            .map(|(name, ip, _)| (name.as_str(), *ip, cache.get(name, *ip).copied()));
+        if let Err(e) = j.append(changes)
+            && self
+                .last_journal_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_journal_log = Some(Instant::now());
+            warn!(error = %e, "could not append to the FQDN journal; a crash before the next cache write forgets these addresses");
         }
     }
 

@@ -618,8 +618,13 @@ mod tests {
         st.learn(&api, &p, Some(&mut dp), now).unwrap();
         assert!(hit(&st, &r, now + 30_000));
         st.persist_if_due(false);
-        assert_eq!(on_disk("api.example.com."), None);
+        let in_file = || std::fs::read_to_string(persist::path(&dir)).unwrap();
+        assert!(
+            !in_file().contains("api.example.com."),
+            "in the journal only"
+        );
         st.hand_over_with_cache().unwrap();
+        assert!(in_file().contains("api.example.com."));
         assert!(st.is_handed_over());
         assert_eq!(on_disk("api.example.com."), Some(now + 60_000));
         assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
@@ -636,5 +641,56 @@ mod tests {
         assert!(err.contains("could not write the FQDN cache"), "{err}");
         assert!(!st.is_handed_over());
         let _ = std::fs::remove_file(&dir);
+    }
+
+    /// A `kill -9` within the second after a cache write forgets nothing: what
+    /// each answer changed is in the journal, which loading replays, and the
+    /// next cache write empties.
+    #[test]
+    fn answers_learned_since_the_last_cache_write_survive_a_crash() {
+        use super::super::{now_ms, persist};
+        let dir = std::env::temp_dir().join(format!("weir-fqdn-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Arc::new(compile(POLICY));
+        let mut dp = FakeDatapath::default();
+        let now = now_ms();
+        let mut st = FqdnState::load(&dir, Limits::default());
+        let www = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
+        st.learn(&www, &p, Some(&mut dp), now).unwrap();
+        st.persist_if_due(false);
+        let api = req(&p, "api.example.com.", &[("192.0.2.2", 120)]);
+        st.learn(&api, &p, Some(&mut dp), now).unwrap();
+        st.persist_if_due(false);
+        let file_only = |name: &str, ip: &str| {
+            let saved = std::fs::read_to_string(persist::path(&dir)).unwrap();
+            saved.contains(name) && saved.contains(ip)
+        };
+        assert!(
+            !file_only("api.example.com.", "192.0.2.2"),
+            "written within the second"
+        );
+        // The crash: nothing more is written.
+        drop(st);
+        let back = FqdnState::load(&dir, Limits::default());
+        assert_eq!(
+            back.cache
+                .get("api.example.com.", ip("192.0.2.2"))
+                .map(|e| e.expires_ms),
+            Some(now + 120_000)
+        );
+        assert!(
+            back.cache
+                .get("www.example.com.", ip("192.0.2.1"))
+                .is_some()
+        );
+        // The next write covers the journal and empties it.
+        let mut back = back;
+        back.dirty = true;
+        back.persist_if_due(true);
+        assert!(file_only("api.example.com.", "192.0.2.2"));
+        let journal = persist::journal_path(&dir);
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
