@@ -141,11 +141,16 @@ pub fn spawn(
                         Err(reason) => {
                             warn!(%reason, "refusing the takeover");
                             let _ = done.send(Err(reason));
+                            // The new weir's datapath load rewrote the shared
+                            // config before it asked: ours goes back.
+                            resume(&mut steering, &shared);
                         }
                     },
                     Some(ControlMsg::Resume) => {
                         handed_over = false;
                         fqdn.hand_over(false);
+                        // Answers learned meanwhile are in no journal.
+                        fqdn.persist_if_due(true);
                         resume(&mut steering, &shared);
                     }
                     Some(ControlMsg::PeerDrained { pid }) => {

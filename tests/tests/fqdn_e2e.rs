@@ -520,11 +520,29 @@ fn resolve_and_connect_at_once_succeeds_1000_times_out_of_1000() {
                 continue;
             };
             eprintln!("--- {line}");
+            // The client's ports for that name: every record and log line of
+            // them (a kernel drop of an answer, a failed send, a session's end).
+            let mut ports = std::collections::BTreeSet::new();
             for f in flows.iter().filter(|f| f.to_string().contains(label)) {
                 eprintln!("flow: {f}");
+                if let Some(p) = f.pointer("/l4/UDP/source_port").and_then(|p| p.as_u64()) {
+                    ports.insert(p);
+                }
             }
             for l in log.lines().filter(|l| l.contains(label)) {
                 eprintln!("log: {l}");
+            }
+            for p in &ports {
+                let tag = format!(":{p}");
+                let port_field = format!("_port\":{p}");
+                for f in flows.iter().map(|f| f.to_string()) {
+                    if f.contains(&port_field) && !f.contains(label) {
+                        eprintln!("flow of port {p}: {f}");
+                    }
+                }
+                for l in log.lines().filter(|l| l.contains(&tag)) {
+                    eprintln!("log of port {p}: {l}");
+                }
             }
         }
         let learn_errors: Vec<&str> = log

@@ -453,6 +453,56 @@ fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
             s.path("weir.sock").to_str().expect("utf-8"),
         ]);
         assert!(api.contains("deathstar"), "{api}");
+
+        // The old weir cannot write its FQDN cache for the new one (a directory
+        // where its temporary file goes): refused with the reason, and the old
+        // weir goes on serving, its API back, its steering re-applied (the new
+        // weir's datapath load rewrote the shared config before it asked).
+        let reapplied = |s: &Scenario| {
+            s.weir_log_text()
+                .matches("steering re-applied after an abandoned takeover")
+                .count()
+        };
+        let before = reapplied(&s);
+        let tmp = s.state_dir.join("fqdn-cache.json.tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let log_name = format!("cache-unwritable-{steering}.log");
+        assert!(
+            s.start_next_weir(&["--steering", steering, "--takeover"], &log_name)
+                .is_none(),
+            "a new weir took over although the FQDN cache could not be written"
+        );
+        let log = std::fs::read_to_string(s.path(&log_name)).unwrap_or_default();
+        assert!(
+            log.contains("could not write the FQDN cache for the new weir"),
+            "{log}"
+        );
+        assert!(s.weir_with_pid(old).is_some_and(|p| p.alive()));
+        let resumed = lab::wait_until(Duration::from_secs(10), || {
+            reapplied(&s) > before && s.path("weir.sock").exists()
+        });
+        assert!(resumed.is_ok(), "{}", s.weir_log_text());
+        for ip in [DEATHSTAR4, DEATHSTAR6] {
+            assert_eq!(
+                s.status("tiefighter", "POST", &url(ip, "/v1/request-landing")),
+                "200",
+                "{}",
+                s.weir_log_text()
+            );
+            assert_eq!(
+                s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
+                "403"
+            );
+        }
+        let api = s.run_in_node(&[
+            weir_tests::weir_bin().to_str().expect("utf-8"),
+            "endpoint",
+            "list",
+            "--api-socket",
+            s.path("weir.sock").to_str().expect("utf-8"),
+        ]);
+        assert!(api.contains("deathstar"), "{api}");
+        std::fs::remove_dir(&tmp).unwrap();
         if let Some(p) = s.weir_with_pid(old) {
             p.stop_with(libc::SIGTERM, Duration::from_secs(10));
         }

@@ -61,6 +61,7 @@ impl FqdnState {
             Some(_) => HashSet::new(),
         };
         let mut affected = BTreeSet::new();
+        let mut newly_kept = Vec::new();
         for (name, ip) in expired {
             if live.contains(&ip) && policy.learned_fqdn_ip(ip).is_some() {
                 if let Some(e) = self.cache.get_mut(&name, ip)
@@ -68,6 +69,7 @@ impl FqdnState {
                 {
                     e.kept = true;
                     self.dirty = true;
+                    newly_kept.push((name, ip));
                 }
                 continue;
             }
@@ -76,6 +78,9 @@ impl FqdnState {
             self.dirty = true;
             affected.insert(ip);
         }
+        // Expired but kept: a crash now must not drop it at load (and with
+        // it the live connection's address from the maps).
+        self.journal_pairs(newly_kept.iter().map(|(n, ip)| (n.as_str(), *ip)));
         let before = self.ids.assignments().count();
         for ip in affected {
             let sels = self.cache.selectors_for(ip, policy);

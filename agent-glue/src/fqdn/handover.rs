@@ -68,7 +68,11 @@ impl FqdnState {
         };
         let written = std::fs::create_dir_all(&dir)
             .map_err(|e| e.to_string())
-            .and_then(|()| persist::save(&dir, &self.cache).map_err(|e| e.to_string()));
+            .and_then(|()| {
+                persist::save(&dir, &self.cache)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
         match written {
             Ok(()) => {
                 self.dirty = false;
@@ -102,21 +106,23 @@ impl FqdnState {
                 return;
             }
         };
-        let mut merged = 0usize;
+        let mut merged = Vec::new();
         for (name, ips) in theirs.iter() {
             for (ip, entry) in ips {
                 let ours = self.cache.get(name, *ip).copied();
                 if ours.is_none_or(|o| o.expires_ms < entry.expires_ms) {
                     self.cache.set(name, *ip, Some(*entry));
-                    merged += 1;
+                    merged.push((name.to_string(), *ip));
                 }
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-        if merged == 0 {
+        if merged.is_empty() {
             return;
         }
         self.dirty = true;
+        // Into the maps below: into the journal first (see `journal.rs`).
+        self.journal_pairs(merged.iter().map(|(n, ip)| (n.as_str(), *ip)));
         self.learn_all_into(policy);
         if let Some(dp) = dp
             && let Err(e) = dp.sync(policy)
@@ -126,7 +132,10 @@ impl FqdnState {
             warn!(error = %e, "could not write the addresses the old weir learned while draining; retrying every second");
             return;
         }
-        info!(entries = merged, "merged the FQDN cache the old weir left");
+        info!(
+            entries = merged.len(),
+            "merged the FQDN cache the old weir left"
+        );
     }
 }
 

@@ -248,7 +248,7 @@ impl FqdnState {
         done: &Inserted,
         now_ms: u64,
     ) {
-        self.journal_changes(done);
+        self.journal_pairs(done.journal.iter().map(|(n, ip, _)| (n.as_str(), *ip)));
         // Names a full cache evicted for this answer leave the view too.
         self.view.drop_missing(
             &self.cache,

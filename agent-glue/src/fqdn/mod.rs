@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod expiry;
 pub mod handover;
+pub mod journal;
 pub mod learner;
 pub mod persist;
 pub mod view;
@@ -94,7 +95,7 @@ pub struct FqdnState {
     state_dir: Option<PathBuf>,
     /// What learned answers changed since the cache file was last written
     /// (`None` with no state dir; see `persist.rs`).
-    journal: Option<persist::Journal>,
+    journal: Option<journal::Journal>,
     last_journal_log: Option<Instant>,
     /// The cache changed beyond expiries moving later: written within a second.
     dirty: bool,
@@ -124,15 +125,16 @@ impl FqdnState {
     /// The cache of the previous run (after a crash too) and the identity
     /// assignments. An unreadable cache file is logged and starts empty.
     pub fn load(state_dir: &Path, limits: Limits) -> Self {
-        let cache = persist::load(state_dir, limits).unwrap_or_else(|e| {
+        let (cache, epoch) = persist::load_with_epoch(state_dir, limits).unwrap_or_else(|e| {
             warn!(error = %e, "could not read the FQDN cache; starting with an empty one");
-            Cache::new(limits)
+            // Lines of no file: only what this run writes under its own.
+            (Cache::new(limits), persist::fresh_epoch())
         });
         FqdnState {
             cache,
             ids: state::load_identities(state_dir),
             state_dir: Some(state_dir.to_path_buf()),
-            journal: Some(persist::Journal::new(state_dir)),
+            journal: Some(journal::Journal::new(state_dir, epoch)),
             last_journal_log: None,
             dirty: false,
             extended: false,
@@ -316,36 +318,33 @@ impl FqdnState {
         let Some(dir) = &self.state_dir else {
             return Ok(());
         };
-        persist::save(dir, &self.cache)?;
+        let epoch = persist::save(dir, &self.cache)?;
         self.dirty = false;
         self.extended = false;
         self.last_saved = Some(Instant::now());
         if let Some(j) = &mut self.journal
-            && let Err(e) = j.clear()
+            && let Err(e) = j.restart(epoch)
         {
-            // Replayed at the next start over the newer file: expiries the file
-            // moved later may come back earlier.
+            // Its lines carry the older epoch: they no longer replay.
             warn!(error = %e, "could not empty the FQDN journal");
         }
         Ok(())
     }
 
-    /// Appends what one learned answer changed to the journal, before the
-    /// answer is released (not after a handover: the state files are the new
-    /// weir's). A failure is logged: the maps hold the addresses either way,
-    /// only a crash before the next cache write would forget them.
-    fn journal_changes(&mut self, done: &cache::Inserted) {
-        if self.handed_over || done.is_empty() {
+    /// Appends the cache's entries for `pairs` (just changed) to the journal:
+    /// a learned answer's before it is released. Not after a handover (the
+    /// state files are the new weir's). A failure is logged: the maps hold the
+    /// addresses either way, only a crash before the next cache write would
+    /// forget them.
+    fn journal_pairs<'a>(&mut self, pairs: impl Iterator<Item = (&'a str, IpAddr)>) {
+        if self.handed_over {
             return;
         }
         let Some(j) = &mut self.journal else {
             return;
         };
         let cache = &self.cache;
-        let changes = done
-            .journal
-            .iter()
-            .map(|(name, ip, _)| (name.as_str(), *ip, cache.get(name, *ip).copied()));
+        let changes = pairs.map(|(name, ip)| (name, ip, cache.get(name, ip).copied()));
         if let Err(e) = j.append(changes)
             && self
                 .last_journal_log

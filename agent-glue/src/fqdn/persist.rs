@@ -2,11 +2,9 @@
 //! included), so the first sync of the next weir keeps the learned addresses the
 //! pinned maps still hold instead of deleting them. Expiries are wall-clock.
 //!
-//! The file is rewritten at most once a second; what each learned answer
-//! changed since goes to `<state-dir>/fqdn-journal` (one line per change,
-//! appended before the answer is released, emptied after each rewrite), and
-//! loading replays it. Without it a `kill -9` forgot the last second's answers,
-//! and the next weir's first sync removed their addresses from the maps.
+//! The file is rewritten at most once a second; what changed since is in the
+//! journal (`journal.rs`), which loading replays: only its lines of the file's
+//! `epoch`, a number each write draws afresh.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,20 +13,37 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::cache::{Cache, Entry, Limits};
+use super::journal;
 
 const VERSION: u32 = 1;
 
 #[derive(Deserialize)]
 struct File {
     version: u32,
+    /// Which journal lines follow this file ([`NO_EPOCH`] in files written
+    /// before the journal existed).
+    #[serde(default = "no_epoch")]
+    epoch: u64,
     names: BTreeMap<String, BTreeMap<IpAddr, Entry>>,
 }
+
+/// The epoch of a file written before the journal existed: no line has it.
+pub const NO_EPOCH: u64 = u64::MAX;
+
+fn no_epoch() -> u64 {
+    NO_EPOCH
+}
+
+/// The epoch while no cache file exists: lines written then replay when
+/// there is still none.
+pub const NO_FILE_EPOCH: u64 = 0;
 
 /// [`File`] as written: borrowed from the cache (a copy of a large cache every
 /// second cost more than writing it).
 #[derive(Serialize)]
 struct FileRef<'a> {
     version: u32,
+    epoch: u64,
     names: BTreeMap<&'a str, &'a BTreeMap<IpAddr, Entry>>,
 }
 
@@ -47,129 +62,17 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("fqdn-cache.json")
 }
 
-pub fn journal_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("fqdn-journal")
-}
-
-/// One change to one (name, address): its entry after the change, or `None`
-/// when it left the cache.
-#[derive(Serialize, Deserialize)]
-struct JournalLine<'a> {
-    #[serde(borrow)]
-    name: std::borrow::Cow<'a, str>,
-    ip: IpAddr,
-    entry: Option<Entry>,
-}
-
-/// The journal, opened for appending on the first change.
-pub struct Journal {
-    path: PathBuf,
-    file: Option<std::fs::File>,
-}
-
-impl Journal {
-    pub fn new(state_dir: &Path) -> Self {
-        Journal {
-            path: journal_path(state_dir),
-            file: None,
-        }
-    }
-
-    fn file(&mut self) -> std::io::Result<&mut std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if self.file.is_none() {
-            self.file = Some(
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&self.path)?,
-            );
-        }
-        self.file
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("the journal is not open"))
-    }
-
-    /// Appends `changes` in one write (a process killed mid-way leaves all or
-    /// nothing of it; the page cache keeps it without an fsync).
-    pub fn append<'a>(
-        &mut self,
-        changes: impl Iterator<Item = (&'a str, IpAddr, Option<Entry>)>,
-    ) -> Result<(), PersistError> {
-        use std::io::Write;
-        let mut bytes = Vec::new();
-        for (name, ip, entry) in changes {
-            let line = JournalLine {
-                name: name.into(),
-                ip,
-                entry,
-            };
-            serde_json::to_writer(&mut bytes, &line)
-                .map_err(|e| self.io(std::io::Error::other(e)))?;
-            bytes.push(b'\n');
-        }
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let written = self.file().and_then(|f| f.write_all(&bytes));
-        written.map_err(|e| self.io(e))
-    }
-
-    /// Empties the journal: the cache file just written holds all of it.
-    pub fn clear(&mut self) -> Result<(), PersistError> {
-        let cleared = self.file().and_then(|f| f.set_len(0));
-        cleared.map_err(|e| self.io(e))
-    }
-
-    fn io(&self, source: std::io::Error) -> PersistError {
-        PersistError::Io {
-            path: self.path.clone(),
-            source,
-        }
-    }
-}
-
-/// Replays the journal over the cache file's names; a line that does not
-/// parse (a torn last line after a power cut) ends the replay.
-fn replay_journal(
-    state_dir: &Path,
-    names: &mut BTreeMap<String, BTreeMap<IpAddr, Entry>>,
-) -> Result<usize, PersistError> {
-    let path = journal_path(state_dir);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(source) => return Err(PersistError::Io { path, source }),
-    };
-    let mut replayed = 0;
-    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let Ok(l) = serde_json::from_slice::<JournalLine>(line) else {
-            tracing::warn!(path = %path.display(), replayed, "the FQDN journal ends in a line that does not parse; replayed up to it");
-            break;
-        };
-        let ips = names.entry(l.name.into_owned()).or_default();
-        match l.entry {
-            Some(e) => {
-                ips.insert(l.ip, e);
-            }
-            None => {
-                ips.remove(&l.ip);
-            }
-        }
-        replayed += 1;
-    }
-    Ok(replayed)
-}
-
 /// Writes the cache atomically (a temporary file renamed over the old one),
-/// readable by its owner only (it tells which names the workloads resolve).
-pub fn save(state_dir: &Path, cache: &Cache) -> Result<(), PersistError> {
+/// readable by its owner only (it tells which names the workloads resolve),
+/// under a fresh epoch, which it returns: journal lines written before it no
+/// longer replay over it, even if emptying the journal fails.
+pub fn save(state_dir: &Path, cache: &Cache) -> Result<u64, PersistError> {
     let path = path(state_dir);
     let tmp = state_dir.join("fqdn-cache.json.tmp");
+    let epoch = fresh_epoch();
     let file = FileRef {
         version: VERSION,
+        epoch,
         names: cache.iter().collect(),
     };
     let io = |source| PersistError::Io {
@@ -184,7 +87,20 @@ pub fn save(state_dir: &Path, cache: &Cache) -> Result<(), PersistError> {
     if let Ok(d) = std::fs::File::open(state_dir) {
         let _ = d.sync_all();
     }
-    Ok(())
+    Ok(epoch)
+}
+
+/// A number no earlier write drew: wall-clock nanoseconds, made unique within
+/// this process by a counter; never [`NO_FILE_EPOCH`] nor [`NO_EPOCH`].
+pub fn fresh_epoch() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    nanos
+        .wrapping_add(DRAWN.fetch_add(1, Ordering::Relaxed))
+        .clamp(1, NO_EPOCH - 1)
 }
 
 /// Creates `tmp` afresh (mode 0600; never through a symlink or into a file
@@ -219,9 +135,19 @@ pub fn load(state_dir: &Path, limits: Limits) -> Result<Cache, PersistError> {
     load_at(state_dir, limits, super::now_ms())
 }
 
+/// [`load`], and the epoch the journal's next lines must carry to replay over
+/// the file read.
+pub fn load_with_epoch(state_dir: &Path, limits: Limits) -> Result<(Cache, u64), PersistError> {
+    load_parts(state_dir, limits, super::now_ms())
+}
+
 fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, PersistError> {
+    load_parts(state_dir, limits, now_ms).map(|(c, _)| c)
+}
+
+fn load_parts(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<(Cache, u64), PersistError> {
     let path = path(state_dir);
-    let mut file_names = match std::fs::read(&path) {
+    let (epoch, mut file_names) = match std::fs::read(&path) {
         Ok(bytes) => {
             let file: File = serde_json::from_slice(&bytes).map_err(|e| PersistError::Format {
                 path: path.clone(),
@@ -233,12 +159,12 @@ fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, Persi
                     detail: format!("version {} (this weir writes {VERSION})", file.version),
                 });
             }
-            file.names
+            (file.epoch, file.names)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (NO_FILE_EPOCH, BTreeMap::new()),
         Err(source) => return Err(PersistError::Io { path, source }),
     };
-    replay_journal(state_dir, &mut file_names)?;
+    journal::replay(state_dir, epoch, &mut file_names);
     let max_expiry = now_ms.saturating_add(u64::from(limits.max_ttl_secs) * 1000);
     // Canonical names first: two spellings of one name become one.
     let mut names: BTreeMap<String, BTreeMap<IpAddr, Entry>> = BTreeMap::new();
@@ -281,7 +207,7 @@ fn load_at(state_dir: &Path, limits: Limits, now_ms: u64) -> Result<Cache, Persi
             cache.set(&name, ip, Some(e));
         }
     }
-    Ok(cache)
+    Ok((cache, epoch))
 }
 
 #[cfg(test)]
@@ -510,59 +436,5 @@ mod tests {
             ),
             Err(Full::Client)
         );
-    }
-
-    /// The journal replays in order over the file: a later line wins, a
-    /// removal removes, and a torn last line (a power cut mid-write) ends the
-    /// replay without losing what came before it.
-    #[test]
-    fn the_journal_replays_in_order_and_stops_at_a_torn_line() {
-        let dir = std::env::temp_dir().join(format!("weir-fqdn-replay-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let limits = Limits::default();
-        let now = super::super::now_ms();
-        let e = |secs: u64| Entry {
-            expires_ms: now + secs * 1000,
-            learned_ms: now,
-            kept: false,
-            owner: None,
-        };
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let mut c = Cache::new(limits);
-        c.set("a.example.", a, Some(e(30)));
-        c.set("b.example.", b, Some(e(30)));
-        save(&dir, &c).unwrap();
-        let mut j = Journal::new(&dir);
-        j.append([("a.example.", a, Some(e(90)))].into_iter())
-            .unwrap();
-        j.append([("b.example.", b, None), ("c.example.", b, Some(e(60)))].into_iter())
-            .unwrap();
-        // A torn line, then one that must not be replayed past it.
-        let mut torn = std::fs::OpenOptions::new()
-            .append(true)
-            .open(journal_path(&dir))
-            .unwrap();
-        std::io::Write::write_all(&mut torn, b"{\"name\":\"d.exa").unwrap();
-        let back = load(&dir, limits).unwrap();
-        assert_eq!(
-            back.get("a.example.", a).map(|e| e.expires_ms),
-            Some(now + 90_000)
-        );
-        assert_eq!(back.get("b.example.", b), None);
-        assert_eq!(
-            back.get("c.example.", b).map(|e| e.expires_ms),
-            Some(now + 60_000)
-        );
-        // Cleared: the file alone again.
-        j.clear().unwrap();
-        let back = load(&dir, limits).unwrap();
-        assert_eq!(
-            back.get("a.example.", a).map(|e| e.expires_ms),
-            Some(now + 30_000)
-        );
-        assert!(back.get("b.example.", b).is_some());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -617,7 +617,6 @@ mod tests {
         let api = req(&p, "api.example.com.", &[("192.0.2.1", 60)]);
         st.learn(&api, &p, Some(&mut dp), now).unwrap();
         assert!(hit(&st, &r, now + 30_000));
-        st.persist_if_due(false);
         let in_file = || std::fs::read_to_string(persist::path(&dir)).unwrap();
         assert!(
             !in_file().contains("api.example.com."),
@@ -630,7 +629,7 @@ mod tests {
         assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
         assert!(
             !hit(&st, &r, now + 40_000),
-            "the view answers after the handover"
+            "the view still answers after the handover"
         );
 
         // The state dir is gone (a file in its place): refused, not handed over.
@@ -640,6 +639,10 @@ mod tests {
         let err = st.hand_over_with_cache().unwrap_err();
         assert!(err.contains("could not write the FQDN cache"), "{err}");
         assert!(!st.is_handed_over());
+        // Serving as before: the next answer is committed to the view again.
+        let other = req(&p, "other.example.com.", &[("192.0.2.3", 60)]);
+        st.learn(&other, &p, Some(&mut dp), now).unwrap();
+        assert!(hit(&st, &other, now + 1_000), "no view after a refusal");
         let _ = std::fs::remove_file(&dir);
     }
 
@@ -661,14 +664,13 @@ mod tests {
         st.persist_if_due(false);
         let api = req(&p, "api.example.com.", &[("192.0.2.2", 120)]);
         st.learn(&api, &p, Some(&mut dp), now).unwrap();
-        st.persist_if_due(false);
         let file_only = |name: &str, ip: &str| {
             let saved = std::fs::read_to_string(persist::path(&dir)).unwrap();
             saved.contains(name) && saved.contains(ip)
         };
         assert!(
             !file_only("api.example.com.", "192.0.2.2"),
-            "written within the second"
+            "in the journal only"
         );
         // The crash: nothing more is written.
         drop(st);
@@ -689,7 +691,7 @@ mod tests {
         back.dirty = true;
         back.persist_if_due(true);
         assert!(file_only("api.example.com.", "192.0.2.2"));
-        let journal = persist::journal_path(&dir);
+        let journal = super::super::journal::path(&dir);
         assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -169,7 +169,7 @@ pub(crate) async fn run(
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     for p in outstanding.drain() {
                         if let Some(r) = super::servfail(&ctx, &p, "the resolver refused (ICMP unreachable)") {
-                            let _ = downstream.send(&r).await;
+                            to_client(&downstream, &r).await;
                         }
                     }
                 }
@@ -186,7 +186,7 @@ pub(crate) async fn run(
                         continue;
                     }
                     if let Some(r) = super::servfail(&ctx, &p, &why) {
-                        let _ = downstream.send(&r).await;
+                        to_client(&downstream, &r).await;
                     }
                 }
             }
@@ -211,6 +211,14 @@ pub(crate) async fn run(
     }
 }
 
+/// Sends an answer (or weir's own reply) to the client; a failure is logged
+/// with the session's span (the client's address), not dropped unseen.
+async fn to_client(downstream: &UdpSocket, bytes: &[u8]) {
+    if let Err(e) = downstream.send(bytes).await {
+        debug!(error = %e, len = bytes.len(), "sending to the DNS client failed");
+    }
+}
+
 async fn on_query(
     ctx: &ConnContext,
     downstream: &UdpSocket,
@@ -221,7 +229,7 @@ async fn on_query(
 ) {
     match super::decide_query(ctx, msg, outstanding.has_room(parked)) {
         QueryAction::Reply(r) => {
-            let _ = downstream.send(&r).await;
+            to_client(downstream, &r).await;
         }
         QueryAction::Drop => {}
         QueryAction::Forward(p, record) => {
@@ -251,7 +259,7 @@ async fn on_answer(
         }
         AnswerMatch::Matched(p, Err(e)) => {
             if let Some(r) = super::servfail(ctx, &p, &format!("unusable answer: {e}")) {
-                let _ = downstream.send(&r).await;
+                to_client(downstream, &r).await;
             }
             return;
         }
@@ -259,13 +267,13 @@ async fn on_answer(
     };
     let reply = match super::gate(&ctx.shared, &p, &facts) {
         super::Gate::Open => {
-            let _ = downstream.send(msg).await;
+            to_client(downstream, msg).await;
             ctx.shared.flows.emit(super::answer_flow(ctx, &p, &facts));
             return;
         }
         super::Gate::Closed(why) => {
             if let Some(r) = super::servfail(ctx, &p, &why) {
-                let _ = downstream.send(&r).await;
+                to_client(downstream, &r).await;
             }
             return;
         }
@@ -277,12 +285,12 @@ async fn on_answer(
         async move {
             match super::wait_for(&ctx.shared, reply).await {
                 Ok(()) => {
-                    let _ = downstream.send(&msg).await;
+                    to_client(&downstream, &msg).await;
                     ctx.shared.flows.emit(super::answer_flow(&ctx, &p, &facts));
                 }
                 Err(why) => {
                     if let Some(r) = super::servfail(&ctx, &p, &why) {
-                        let _ = downstream.send(&r).await;
+                        to_client(&downstream, &r).await;
                     }
                 }
             }
