@@ -360,6 +360,37 @@ fn udp_flows_keep_answering_across_a_takeover() {
     }
 }
 
+/// The old weir's policy holds on both families: landing allowed, the
+/// exhaust port denied by its L7 rule.
+fn old_weir_enforces(s: &Scenario) {
+    for ip in [DEATHSTAR4, DEATHSTAR6] {
+        assert_eq!(
+            s.status("tiefighter", "POST", &url(ip, "/v1/request-landing")),
+            "200",
+            "{}",
+            s.weir_log_text()
+        );
+        assert_eq!(
+            s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
+            "403",
+            "{}",
+            s.weir_log_text()
+        );
+    }
+}
+
+/// The old weir's API is bound and answers.
+fn old_weir_api_answers(s: &Scenario) {
+    let api = s.run_in_node(&[
+        weir_tests::weir_bin().to_str().expect("utf-8"),
+        "endpoint",
+        "list",
+        "--api-socket",
+        s.path("weir.sock").to_str().expect("utf-8"),
+    ]);
+    assert!(api.contains("deathstar"), "{api}");
+}
+
 #[test]
 fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
     let Some(mut s) = Scenario::star_wars("takeover-refused") else {
@@ -398,18 +429,7 @@ fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
         assert!(log.contains("cannot be taken over"), "{log}");
         assert!(log.contains("15002"), "{log}");
         assert!(s.weir_with_pid(old).is_some_and(|p| p.alive()));
-        for ip in [DEATHSTAR4, DEATHSTAR6] {
-            assert_eq!(
-                s.status("tiefighter", "POST", &url(ip, "/v1/request-landing")),
-                "200",
-                "{}",
-                s.weir_log_text()
-            );
-            assert_eq!(
-                s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
-                "403"
-            );
-        }
+        old_weir_enforces(&s);
         // A new weir that takes the sockets and goes away before it serves (a
         // client of the protocol here, holding them for a moment): the old one
         // stops its API meanwhile, then resumes, and re-applies its steering
@@ -437,22 +457,8 @@ fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
             s.weir_log_text()
                 .contains("takeover abandoned; serving as before")
         );
-        for ip in [DEATHSTAR4, DEATHSTAR6] {
-            assert_eq!(
-                s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
-                "403",
-                "{}",
-                s.weir_log_text()
-            );
-        }
-        let api = s.run_in_node(&[
-            weir_tests::weir_bin().to_str().expect("utf-8"),
-            "endpoint",
-            "list",
-            "--api-socket",
-            s.path("weir.sock").to_str().expect("utf-8"),
-        ]);
-        assert!(api.contains("deathstar"), "{api}");
+        old_weir_enforces(&s);
+        old_weir_api_answers(&s);
 
         // The old weir cannot write its FQDN cache for the new one (a directory
         // where its temporary file goes): refused with the reason, and the old
@@ -482,26 +488,8 @@ fn refused_and_abandoned_takeovers_leave_the_old_weir_serving() {
             reapplied(&s) > before && s.path("weir.sock").exists()
         });
         assert!(resumed.is_ok(), "{}", s.weir_log_text());
-        for ip in [DEATHSTAR4, DEATHSTAR6] {
-            assert_eq!(
-                s.status("tiefighter", "POST", &url(ip, "/v1/request-landing")),
-                "200",
-                "{}",
-                s.weir_log_text()
-            );
-            assert_eq!(
-                s.status("tiefighter", "PUT", &url(ip, "/v1/exhaust-port")),
-                "403"
-            );
-        }
-        let api = s.run_in_node(&[
-            weir_tests::weir_bin().to_str().expect("utf-8"),
-            "endpoint",
-            "list",
-            "--api-socket",
-            s.path("weir.sock").to_str().expect("utf-8"),
-        ]);
-        assert!(api.contains("deathstar"), "{api}");
+        old_weir_enforces(&s);
+        old_weir_api_answers(&s);
         std::fs::remove_dir(&tmp).unwrap();
         if let Some(p) = s.weir_with_pid(old) {
             p.stop_with(libc::SIGTERM, Duration::from_secs(10));

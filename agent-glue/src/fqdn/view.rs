@@ -540,53 +540,61 @@ mod tests {
         assert!(!hit(&st, &r, 2_000));
     }
 
+    /// An empty state dir of this test, and a fresh state in it.
+    fn state_in(tag: &str) -> (std::path::PathBuf, FqdnState) {
+        let dir = std::env::temp_dir().join(format!("weir-fqdn-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = FqdnState::load(&dir, Limits::default());
+        (dir, st)
+    }
+
+    /// When `name`'s 192.0.2.1 expires in what the next weir would load.
+    fn on_disk(dir: &std::path::Path, name: &str) -> Option<u64> {
+        super::super::persist::load(dir, Limits::default())
+            .unwrap()
+            .get(name, ip("192.0.2.1"))
+            .map(|e| e.expires_ms)
+    }
+
     /// Extensions alone reach the cache file within the extension interval,
     /// a new entry within a second, everything at shutdown.
     #[test]
     fn extensions_are_written_less_often_than_new_entries() {
         use std::time::{Duration, Instant};
 
-        use super::super::{EXTENSION_SAVE_INTERVAL, now_ms, persist};
-        let dir = std::env::temp_dir().join(format!("weir-fqdn-view-save-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        use super::super::{EXTENSION_SAVE_INTERVAL, now_ms};
+        let (dir, mut st) = state_in("view-save");
         let p = Arc::new(compile(POLICY));
-        let mut st = FqdnState::load(&dir, Limits::default());
         let mut dp = FakeDatapath::default();
         let now = now_ms();
-        let on_disk = |name: &str| {
-            persist::load(&dir, Limits::default())
-                .unwrap()
-                .get(name, ip("192.0.2.1"))
-                .map(|e| e.expires_ms)
-        };
         let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
         st.learn(&r, &p, Some(&mut dp), now).unwrap();
         st.persist_if_due(false);
-        assert_eq!(on_disk("www.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 60_000));
         // A hit 30 s later moves the expiry; two seconds after the last write
         // that alone is not written ...
         assert!(hit(&st, &r, now + 30_000));
         st.last_saved = Some(Instant::now() - Duration::from_secs(2));
         st.persist_if_due(false);
-        assert_eq!(on_disk("www.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 60_000));
         // ... but a new entry is, with the extension ...
         let api = req(&p, "api.example.com.", &[("192.0.2.1", 60)]);
         st.learn(&api, &p, Some(&mut dp), now).unwrap();
         st.persist_if_due(false);
-        assert_eq!(on_disk("api.example.com."), Some(now + 60_000));
-        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        assert_eq!(on_disk(&dir, "api.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 90_000));
         // ... and an extension alone once the interval has passed.
         assert!(hit(&st, &r, now + 40_000));
         st.persist_if_due(false);
-        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 90_000));
         st.last_saved = Some(Instant::now() - EXTENSION_SAVE_INTERVAL);
         st.persist_if_due(false);
-        assert_eq!(on_disk("www.example.com."), Some(now + 100_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 100_000));
         // At shutdown everything is written.
         assert!(hit(&st, &r, now + 50_000));
         st.stop();
-        assert_eq!(on_disk("www.example.com."), Some(now + 110_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 110_000));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -596,19 +604,10 @@ mod tests {
     #[test]
     fn a_handover_writes_the_cache_at_once_or_is_refused() {
         use super::super::{now_ms, persist};
-        let dir = std::env::temp_dir().join(format!("weir-fqdn-handover-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let (dir, mut st) = state_in("handover");
         let p = Arc::new(compile(POLICY));
-        let mut st = FqdnState::load(&dir, Limits::default());
         let mut dp = FakeDatapath::default();
         let now = now_ms();
-        let on_disk = |name: &str| {
-            persist::load(&dir, Limits::default())
-                .unwrap()
-                .get(name, ip("192.0.2.1"))
-                .map(|e| e.expires_ms)
-        };
         let r = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
         st.learn(&r, &p, Some(&mut dp), now).unwrap();
         st.persist_if_due(false);
@@ -625,8 +624,8 @@ mod tests {
         st.hand_over_with_cache().unwrap();
         assert!(in_file().contains("api.example.com."));
         assert!(st.is_handed_over());
-        assert_eq!(on_disk("api.example.com."), Some(now + 60_000));
-        assert_eq!(on_disk("www.example.com."), Some(now + 90_000));
+        assert_eq!(on_disk(&dir, "api.example.com."), Some(now + 60_000));
+        assert_eq!(on_disk(&dir, "www.example.com."), Some(now + 90_000));
         assert!(
             !hit(&st, &r, now + 40_000),
             "the view still answers after the handover"
@@ -652,13 +651,10 @@ mod tests {
     #[test]
     fn answers_learned_since_the_last_cache_write_survive_a_crash() {
         use super::super::{now_ms, persist};
-        let dir = std::env::temp_dir().join(format!("weir-fqdn-journal-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let (dir, mut st) = state_in("journal");
         let p = Arc::new(compile(POLICY));
         let mut dp = FakeDatapath::default();
         let now = now_ms();
-        let mut st = FqdnState::load(&dir, Limits::default());
         let www = req(&p, "www.example.com.", &[("192.0.2.1", 60)]);
         st.learn(&www, &p, Some(&mut dp), now).unwrap();
         st.persist_if_due(false);
