@@ -345,4 +345,63 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let _ = std::fs::remove_dir_all(&d);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever the journal holds — lines of this file's epoch or another,
+        /// names in any spelling, removals, expiries far out, torn bytes —
+        /// loading never fails and yields a cache within its limits: canonical
+        /// names, no expiry beyond now + the maximum TTL, nothing expired.
+        #[test]
+        fn any_journal_loads_into_a_cache_within_its_limits(
+            lines in proptest::collection::vec(
+                (
+                    proptest::bool::ANY,
+                    "[a-zA-Z0-9.*-]{0,12}",
+                    0u8..4,
+                    proptest::option::of((0u64..200_000_000, proptest::bool::ANY)),
+                ),
+                0..40,
+            ),
+            junk in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let d = dir("prop");
+            let limits = Limits { max_ips_per_name: 2, max_ips: 6, max_names: 5, max_ttl_secs: 3600, ..Limits::default() };
+            let now = super::super::now_ms();
+            let mut c = Cache::new(limits);
+            c.set("seed.example.", "192.0.2.9".parse().unwrap(), Some(entry(now, 60)));
+            let epoch = save(&d, &c).unwrap();
+            let mut bytes = Vec::new();
+            for (ours, name, host, e) in &lines {
+                let line = Line {
+                    epoch: if *ours { epoch } else { epoch ^ 1 },
+                    name: name.as_str().into(),
+                    ip: IpAddr::from([192, 0, 2, *host]),
+                    entry: e.map(|(ms, kept)| Entry {
+                        expires_ms: now.saturating_sub(100_000_000) + ms * 100,
+                        learned_ms: now.saturating_sub(ms),
+                        kept,
+                        owner: None,
+                    }),
+                };
+                bytes.extend(serde_json::to_vec(&line).unwrap());
+                bytes.push(b'\n');
+            }
+            bytes.extend(&junk);
+            std::fs::write(path(&d), &bytes).unwrap();
+            let back = load(&d, limits).unwrap();
+            proptest::prop_assert!(back.name_count() <= limits.max_names);
+            proptest::prop_assert!(back.ip_count() <= limits.max_ips);
+            for (name, ips) in back.iter() {
+                let canonical = weir_policy::dns_match::normalize_name(name);
+                proptest::prop_assert_eq!(name, canonical.as_str());
+                proptest::prop_assert!(ips.len() <= limits.max_ips_per_name);
+                for e in ips.values() {
+                    proptest::prop_assert!(e.expires_ms <= now + 3_600_000 + 1_000);
+                    proptest::prop_assert!(e.kept || e.expires_ms > now.saturating_sub(1_000));
+                }
+            }
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
 }
