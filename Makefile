@@ -26,7 +26,7 @@ PIP_TEST  := prometheus-client grpcio grpcio-health-checking h2 websockets confl
 # The Kafka-compatible broker of the Kafka tests (about 10 minutes to build, once).
 TANSU_VERSION := 0.6.0
 
-.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke perf perf-l4 perf-dns perf-h2 perf-kafka clean-tools
+.PHONY: help deps deps-perf build demo man test fmt-check clippy unit fuzz-smoke release pgo perf perf-l4 perf-dns perf-h2 perf-kafka clean-tools
 
 help:
 	@echo "make demo   # build weir, run the star-wars demo in network namespaces (root)"
@@ -80,29 +80,33 @@ fuzz-smoke: deps
 test: deps fmt-check clippy unit fuzz-smoke
 	@echo "make test: all phases passed"
 
+# The release binary (target/release/weir): fat LTO, optimised with the checked-in
+# profile of the load scripts' workloads (pgo/weir.profdata; `make pgo` retrains it).
+release:
+	@RUSTFLAGS="-Cprofile-use=$(ROOT)/pgo/weir.profdata" cargo build -q --release -p weir-agent --bin weir
+
+pgo: deps-perf
+	@./.ci/apt-ensure llvm-19 dnsperf dnsdist dnsmasq-base
+	@$(SUDO) ./tests/perf/pgo.sh
+
 # Benchmarks are not tests: see tests/perf/README.md.
-perf: deps-perf
-	@cargo build -q --release -p weir-agent --bin weir
+perf: deps-perf release
 	@$(SUDO) ./tests/perf/http.sh
 
 clean-tools:
 	rm -rf "$(TOOLS)" "$(VENV)"
 
-perf-l4: deps-perf
+perf-l4: deps-perf release
 	@./.ci/apt-ensure apache2-utils iperf3 iptables
-	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/l4.sh
 
-perf-h2: deps-perf
-	@cargo build -q --release -p weir-agent --bin weir
+perf-h2: deps-perf release
 	@$(SUDO) ./tests/perf/h2.sh
 	@$(SUDO) env MODE=grpc ./tests/perf/h2.sh
 
-perf-dns: deps
+perf-dns: deps release
 	@./.ci/apt-ensure dnsperf dnsdist dnsmasq-base
-	@cargo build -q --release -p weir-agent --bin weir
 	@$(SUDO) ./tests/perf/dns.sh
 
-perf-kafka: deps-perf
-	@cargo build -q --release -p weir-agent --bin weir
+perf-kafka: deps-perf release
 	@$(SUDO) ./tests/perf/kafka.sh

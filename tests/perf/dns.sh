@@ -245,7 +245,7 @@ fi
 for c in "${CANDIDATES[@]}"; do
   for run in $(seq "$RUNS"); do
     cpu0=$(echo "${R[$c,$run]}" | awk '{print $7}')
-    [ "$cpu0" -ge 90 ] && echo "note: CPU 0 was at ${cpu0}% in $c run $run: its max rate is load-generator bound"
+    if [ "$cpu0" -ge 90 ]; then echo "note: CPU 0 was at ${cpu0}% in $c run $run: its max rate is load-generator bound"; fi
   done
 done | sort -u
 exit 0

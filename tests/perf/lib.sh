@@ -188,7 +188,7 @@ http_rounds_and_summary() {
   for c in "${CANDIDATES[@]}"; do
     for run in $(seq "$RUNS"); do
       cpu0=$(echo "${R[$c,$run]}" | awk '{print $7}')
-      [ "$cpu0" -ge 90 ] && echo "note: CPU 0 was at ${cpu0}% in $c run $run: its max throughput is load-generator bound"
+      if [ "$cpu0" -ge 90 ]; then echo "note: CPU 0 was at ${cpu0}% in $c run $run: its max throughput is load-generator bound"; fi
     done
   done | sort -u
 }
