@@ -759,6 +759,32 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
 	return 0;
 }
 
+/* Whether a UDP socket is connected to exactly the packet's source. A lookup
+ * that races a session socket's connect() (or a re-connect after a release)
+ * can match on a peer address set before its port is: only a socket connected
+ * to this very address and port is the flow's session, or one client port's
+ * query would be answered on another's. */
+static __always_inline int connected_to_source(struct bpf_sock *sk, struct flow *f)
+{
+	/* Each field read on its own (volatile): the verifier refuses pointer
+	 * arithmetic on a socket, which a merged compare would need. */
+	__u32 port = *(volatile __u16 *)&sk->dst_port;
+	__u32 a0, a1, a2, a3;
+
+	if (port != f->key.sport)
+		return 0;
+	if (f->key.family == 4) {
+		a0 = *(volatile __u32 *)&sk->dst_ip4;
+		return a0 == f->key.saddr[0];
+	}
+	a0 = *(volatile __u32 *)&sk->dst_ip6[0];
+	a1 = *(volatile __u32 *)&sk->dst_ip6[1];
+	a2 = *(volatile __u32 *)&sk->dst_ip6[2];
+	a3 = *(volatile __u32 *)&sk->dst_ip6[3];
+	return a0 == f->key.saddr[0] && a1 == f->key.saddr[1] && a2 == f->key.saddr[2] &&
+	       a3 == f->key.saddr[3];
+}
+
 /* Steers the packet to the proxy's socket; 0 on success. */
 static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
 {
@@ -787,9 +813,10 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 		}
 	} else if (f->key.protocol == IPPROTO_UDP) {
 		/* The proxy's session for this flow (connected to the client); an
-		 * unconnected socket on the destination port is someone else's. */
+		 * unconnected socket on the destination port is someone else's, and
+		 * so is one connected to another client port. */
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-		if (sk && sk->dst_port == 0) {
+		if (sk && !connected_to_source(sk, f)) {
 			bpf_sk_release(sk);
 			sk = 0;
 		}
