@@ -759,11 +759,14 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
 	return 0;
 }
 
-/* Whether a UDP socket is connected to exactly the packet's source. A lookup
- * that races a session socket's connect() (or a re-connect after a release)
- * can match on a peer address set before its port is: only a socket connected
- * to this very address and port is the flow's session, or one client port's
- * query would be answered on another's. */
+/* Whether a UDP socket is connected to exactly the packet's source. The lookup
+ * and the reads of the socket's peer here are not atomic with a session
+ * socket's connect() running on another CPU (bound to the server's address
+ * first, connected to its client just after), so a socket the lookup found
+ * may by now belong to another client port: only one connected to this very
+ * address and port is the flow's session, or one client port's query would be
+ * answered on another's (seen, rarely, in the race test; the exact interleaving
+ * is inferred, not traced). */
 static __always_inline int connected_to_source(struct bpf_sock *sk, struct flow *f)
 {
 	/* Each field read on its own (volatile): the verifier refuses pointer
