@@ -5,7 +5,7 @@
 //! detection in one read, under the request-head deadline) → a protocol handler
 //! (`http`, `dns`; Kafka sits beside them) or `tcp` (plain splice for flows
 //! policy allows without L7 rules) → upstream. `udp` is the datagram side: its own
-//! transparent listener and per-flow sessions. `flows` writes flow records off the
+//! transparent listener and per-flow sessions (`udp_socket`: their sockets). `flows` writes flow records off the
 //! data path; `idle` keeps the time of a connection's last byte.
 
 pub mod config;
@@ -21,6 +21,7 @@ pub mod listener;
 pub mod socket;
 pub mod tcp;
 pub mod udp;
+pub mod udp_socket;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};

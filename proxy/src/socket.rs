@@ -199,7 +199,7 @@ pub fn udp_session_socket(
     local: SocketAddr,
     peer: SocketAddr,
     mark: Option<u32>,
-) -> io::Result<tokio::net::UdpSocket> {
+) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     if peer.is_ipv6() {
@@ -212,7 +212,7 @@ pub fn udp_session_socket(
     socket.set_nonblocking(true)?;
     socket.bind(&local.into())?;
     socket.connect(&peer.into())?;
-    tokio::net::UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// One received datagram.
@@ -336,7 +336,7 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// the client (`connect` with `AF_UNSPEC`; the eBPF datapath only hands a flow's
 /// datagrams to connected sockets). Its bound address and port stay. From now
 /// on the flow's datagrams go to the listener; see [`udp_reclaim`] to undo.
-pub fn udp_release(socket: &tokio::net::UdpSocket, ipv6: bool) -> io::Result<()> {
+pub fn udp_release(socket: &impl std::os::fd::AsFd, ipv6: bool) -> io::Result<()> {
     let s = socket2::SockRef::from(socket);
     if ipv6 {
         s.set_ip_transparent_v6(false)?;
@@ -349,7 +349,7 @@ pub fn udp_release(socket: &tokio::net::UdpSocket, ipv6: bool) -> io::Result<()>
         let mut unspec: libc::sockaddr = std::mem::zeroed();
         unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
         libc::connect(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
+            std::os::fd::AsRawFd::as_raw_fd(&socket.as_fd()),
             &unspec,
             std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
         )
@@ -362,7 +362,7 @@ pub fn udp_release(socket: &tokio::net::UdpSocket, ipv6: bool) -> io::Result<()>
 }
 
 /// Undoes [`udp_release`]: the socket is the flow's session again.
-pub fn udp_reclaim(socket: &tokio::net::UdpSocket, peer: SocketAddr) -> io::Result<()> {
+pub fn udp_reclaim(socket: &impl std::os::fd::AsFd, peer: SocketAddr) -> io::Result<()> {
     let s = socket2::SockRef::from(socket);
     if peer.is_ipv6() {
         s.set_ip_transparent_v6(true)?;

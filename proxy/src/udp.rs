@@ -30,6 +30,7 @@ use weir_policy::flow::{Flow, FlowVerdict};
 use weir_policy::{Protocol, canonical_ip};
 
 use crate::context::{ConnContext, Decision, is_unspecified_or_local};
+use crate::udp_socket::UdpSessionSocket;
 use crate::{Shared, socket};
 
 /// The largest UDP payload (IPv4 and IPv6 without jumbograms).
@@ -358,7 +359,7 @@ impl SessionSlot {
     pub(crate) fn close_if_quiet(
         &self,
         queued: &mut mpsc::Receiver<Vec<u8>>,
-        downstream: &UdpSocket,
+        downstream: &UdpSessionSocket,
     ) -> bool {
         // The table's lock is what `dispatch` holds while it queues.
         let mut map = self.flows.lock();
@@ -388,9 +389,11 @@ impl SessionSlot {
 }
 
 /// A datagram waits in `socket` (it is non-blocking: an empty queue is `WouldBlock`).
-fn socket_has_datagram(socket: &UdpSocket) -> bool {
+fn socket_has_datagram(socket: &UdpSessionSocket) -> bool {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    socket2::SockRef::from(socket).peek(&mut probe).is_ok()
+    socket2::SockRef::from(socket.get_ref())
+        .peek(&mut probe)
+        .is_ok()
 }
 
 impl Drop for SessionSlot {
@@ -401,10 +404,10 @@ impl Drop for SessionSlot {
 
 struct Session {
     /// Bound to the original destination, connected to the client.
-    downstream: UdpSocket,
+    downstream: UdpSessionSocket,
     /// Connected to the original destination (from the client's address when the
     /// steering returns replies to the proxy).
-    upstream: UdpSocket,
+    upstream: UdpSessionSocket,
     /// Counted in [`Shared::udp_sessions`] while the session lives (a draining
     /// weir waits for it).
     _counted: SessionCount,
@@ -429,7 +432,8 @@ impl Drop for SessionCount {
 
 impl Session {
     fn open(ctx: &ConnContext) -> io::Result<Session> {
-        let downstream = socket::udp_session_socket(ctx.orig_dst, ctx.client, None)?;
+        let downstream =
+            UdpSessionSocket::new(socket::udp_session_socket(ctx.orig_dst, ctx.client, None)?)?;
         let upstream = match ctx.upstream_source {
             socket::UpstreamSource::Client(_, mark) => {
                 socket::udp_session_socket(ctx.client, ctx.orig_dst, Some(mark))?
@@ -442,10 +446,10 @@ impl Session {
                 };
                 let s = std::net::UdpSocket::bind(any)?;
                 s.connect(ctx.orig_dst)?;
-                s.set_nonblocking(true)?;
-                UdpSocket::from_std(s)?
+                s
             }
         };
+        let upstream = UdpSessionSocket::new(upstream)?;
         Ok(Session {
             downstream,
             upstream,

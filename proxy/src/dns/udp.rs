@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{MsgFlags, MultiHeaders, recvmmsg};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug};
@@ -26,6 +24,7 @@ use tracing::{Instrument, debug};
 use super::{AnswerMatch, Outstanding, QueryAction};
 use crate::context::ConnContext;
 use crate::udp::SessionSlot;
+use crate::udp_socket::UdpSessionSocket;
 
 /// How long a session with nothing outstanding waits for another query from
 /// the same client port before it closes. A stub resolver sends its A and AAAA
@@ -43,8 +42,7 @@ thread_local! {
 }
 
 /// The next datagram on `sock`, and the one after it if it was there already,
-/// each copied out at its own size. Cancel-safe (the wait is `readable`; the
-/// read itself does not await).
+/// each copied out at its own size. Cancel-safe ([`UdpSessionSocket::read_with`]).
 ///
 /// One `recvmmsg` for up to two: when only one comes back the socket is
 /// empty, so its readiness is cleared as a read that would block clears it,
@@ -53,32 +51,17 @@ thread_local! {
 /// (`tests/perf/dns.sh` counted 1.1 such reads per query). A datagram that
 /// arrives after the read wakes the socket again (a new edge for epoll), so
 /// none is left waiting.
-async fn recv_datagrams(sock: &UdpSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
-    loop {
-        sock.readable().await?;
-        let mut got = None;
-        let read = sock.try_io(Interest::READABLE, || {
-            let (first, second) = recv_two(sock)?;
-            let drained = second.is_none();
-            got = Some((first, second));
-            if drained {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        if let Some(d) = got {
-            return Ok(d);
-        }
-        match read {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-            _ => {}
-        }
-    }
+async fn recv_datagrams(sock: &UdpSessionSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+    sock.read_with(|_| {
+        let (first, second) = recv_two(sock)?;
+        let drained = second.is_none();
+        Ok(((first, second), drained))
+    })
+    .await
 }
 
 /// Reads one or two datagrams without waiting (`WouldBlock` when there is none).
-fn recv_two(sock: &UdpSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+fn recv_two(sock: &UdpSessionSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
     RECV_BUFS.with(|bufs| {
         RECV_HEADERS.with(|headers| {
             let mut bufs = bufs.borrow_mut();
@@ -111,8 +94,8 @@ fn recv_two(sock: &UdpSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
 
 /// Runs one DNS session until it has been quiet for [`LINGER`].
 pub(crate) async fn run(
-    downstream: UdpSocket,
-    upstream: UdpSocket,
+    downstream: UdpSessionSocket,
+    upstream: UdpSessionSocket,
     ctx: ConnContext,
     mut queued: mpsc::Receiver<Vec<u8>>,
     slot: SessionSlot,
@@ -213,7 +196,7 @@ pub(crate) async fn run(
 
 /// Sends an answer (or weir's own reply) to the client; a failure is logged
 /// with the session's span (the client's address), not dropped unseen.
-async fn to_client(downstream: &UdpSocket, bytes: &[u8]) {
+async fn to_client(downstream: &UdpSessionSocket, bytes: &[u8]) {
     if let Err(e) = downstream.send(bytes).await {
         debug!(error = %e, len = bytes.len(), "sending to the DNS client failed");
     }
@@ -221,8 +204,8 @@ async fn to_client(downstream: &UdpSocket, bytes: &[u8]) {
 
 async fn on_query(
     ctx: &ConnContext,
-    downstream: &UdpSocket,
-    upstream: &UdpSocket,
+    downstream: &UdpSessionSocket,
+    upstream: &UdpSessionSocket,
     outstanding: &mut Outstanding,
     parked: usize,
     msg: &[u8],
@@ -244,7 +227,7 @@ async fn on_query(
 
 async fn on_answer(
     ctx: &Arc<ConnContext>,
-    downstream: &Arc<UdpSocket>,
+    downstream: &Arc<UdpSessionSocket>,
     outstanding: &mut Outstanding,
     releases: &mut JoinSet<()>,
     msg: &[u8],
