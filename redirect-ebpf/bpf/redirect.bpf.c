@@ -845,8 +845,19 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 	len = sock_tuple(f, &t);
 	if (f->key.protocol == IPPROTO_UDP) {
 		/* The proxy's UDP session socket: bound to the client's address and
-		 * port, connected to this server. */
+		 * port, connected to this server. Several sessions may share that
+		 * address and port (one client port talking to two servers, e.g. a
+		 * stub resolver retrying at its second nameserver with the same ID
+		 * and question); the lookup may return another server's socket
+		 * while it is not yet connected, and the kernel delivers an
+		 * assigned datagram without comparing its source to the socket's
+		 * peer. Only the socket connected to this very server is its
+		 * session. */
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		if (sk && !connected_to_source(sk, f)) {
+			bpf_sk_release(sk);
+			return -1;
+		}
 	} else if (f->key.protocol == IPPROTO_TCP) {
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		if (sk && sk->state == BPF_TCP_LISTEN) {
