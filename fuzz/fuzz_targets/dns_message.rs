@@ -1,14 +1,15 @@
 //! DNS inspection on arbitrary bytes: `inspect_query`, the responses built from a
 //! query, `inspect_answer` (against the query in the input and against a fixed
 //! `example.com. A` query carrying the answer's id, so answers get past the id
-//! check), and the TCP framer. Nothing panics, and what weir writes itself is
+//! check), the TC reply that replaces an undecodable truncated answer, and the
+//! TCP framer. Nothing panics, and what weir writes itself is
 //! always a well-formed answer to the query it came from.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use weir_parsers::dns::{
     DenyRcode, MAX_CNAME_CHAIN, TcpDnsFramer, formerr, inspect_answer, inspect_query,
-    question_matches, rcode, refused, servfail, servfail_for,
+    question_matches, rcode, refused, servfail, servfail_for, truncated_for,
 };
 
 fn fixed_query(id: u16) -> Vec<u8> {
@@ -42,6 +43,11 @@ fuzz_target!(|data: &[u8]| {
             // The proxy answers from the facts alone: the same bytes.
             assert_eq!(servfail_for(&facts), sf);
             assert!(question_matches(&sf, &facts.question_wire));
+            // What replaces an undecodable truncated answer: a complete,
+            // truncated answer to the query with nothing to learn.
+            let tc = truncated_for(&facts, rcode::NOERROR);
+            let back = inspect_answer(&tc, &facts).expect("own TC reply answers the query");
+            assert!(back.truncated && back.decoded && back.addresses.is_empty());
             check_answer(answer, &facts);
         }
         Err(rej) => {
@@ -75,6 +81,9 @@ fuzz_target!(|data: &[u8]| {
 fn check_answer(answer: &[u8], facts: &weir_parsers::dns::QueryFacts) {
     if let Ok(a) = inspect_answer(answer, facts) {
         assert_eq!(a.id, facts.id);
+        // Only a truncated answer is accepted without decoding, and then
+        // nothing is learned from it.
+        assert!(a.decoded || (a.truncated && a.addresses.is_empty()));
         assert!(a.cnames.len() <= MAX_CNAME_CHAIN);
         // Addresses only from a NOERROR answer to the question sent (its name
         // compared as DNS compares names; a truncated answer's decoded records

@@ -21,7 +21,9 @@ pub use answer::{
     AnswerAddress, AnswerFacts, AnswerReject, MAX_CNAME_CHAIN, inspect_answer, question_matches,
 };
 pub use flow::{DnsFlow, OBSERVATION_SOURCE_PROXY};
-pub use response::{DenyRcode, EDNS_UDP_PAYLOAD, formerr, refused, servfail, servfail_for};
+pub use response::{
+    DenyRcode, EDNS_UDP_PAYLOAD, formerr, refused, servfail, servfail_for, truncated_for,
+};
 pub use tcp::{FrameError, MAX_TCP_MESSAGE, TcpDnsFramer, tcp_frame};
 
 use hickory_proto::op::{Message, OpCode};

@@ -43,6 +43,15 @@ pub struct AnswerFacts {
     /// TC set. A truncated answer is inspected as far as it decodes but never
     /// yields addresses: the client will retry over TCP and weir learns then.
     pub truncated: bool,
+    /// The whole message decoded. False only for a truncated answer cut off
+    /// mid-record (or with bytes past its end): its header and question were
+    /// checked, its records were not read, so nothing was learned from them —
+    /// the client must not get them either (some stub resolvers use the
+    /// complete records before the cut rather than retry over TCP, and the
+    /// datapath would drop their connections). The proxy answers such a
+    /// message with [`crate::dns::truncated_for`] instead: TC set, the
+    /// question only.
+    pub decoded: bool,
     /// The question name (lower-cased, trailing dot), as in [`QueryFacts::name`].
     pub name: String,
     /// CNAME targets in chain order, starting from the question name.
@@ -146,6 +155,7 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
         id: h.id,
         rcode: rc,
         truncated: h.tc,
+        decoded: true,
         name: query.name.clone(),
         cnames: Vec::new(),
         addresses: Vec::new(),
@@ -216,6 +226,7 @@ fn truncated_answer(
         id: h.id,
         rcode: u16::from(h.rcode),
         truncated: true,
+        decoded: false,
         name: query.name.clone(),
         cnames: Vec::new(),
         addresses: Vec::new(),

@@ -69,13 +69,21 @@ pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
 /// TCP with EDNS padding or additional records).
 pub fn servfail_for(query: &QueryFacts) -> Vec<u8> {
     write_response(
-        Head {
-            id: query.id,
-            opcode: query.opcode,
-            rd: query.recursion_desired,
-            cd: query.checking_disabled,
-        },
+        Head::of(query, false),
         rcode::SERVFAIL,
+        &query.question_wire,
+        query.edns.map(|e| e.dnssec_ok),
+    )
+}
+
+/// What the client gets in place of a truncated answer that did not decode
+/// ([`super::AnswerFacts::decoded`]): TC set, the answer's rcode, the query's
+/// question and OPT, no records — a stub resolver then retries over TCP, where
+/// weir reads (and learns) the whole answer.
+pub fn truncated_for(query: &QueryFacts, rc: u16) -> Vec<u8> {
+    write_response(
+        Head::of(query, true),
+        rc,
         &query.question_wire,
         query.edns.map(|e| e.dnssec_ok),
     )
@@ -107,16 +115,30 @@ fn error_response(query: &[u8], rc: u16, with_question: bool) -> Option<Vec<u8>>
         opcode: h.opcode,
         rd: h.rd,
         cd: h.cd,
+        tc: false,
     };
     Some(write_response(head, rc, question, opt))
 }
 
-/// The query header bits a response copies.
+/// The query header bits a response copies, and whether it is truncated.
 struct Head {
     id: u16,
     opcode: u8,
     rd: bool,
     cd: bool,
+    tc: bool,
+}
+
+impl Head {
+    fn of(query: &QueryFacts, tc: bool) -> Head {
+        Head {
+            id: query.id,
+            opcode: query.opcode,
+            rd: query.recursion_desired,
+            cd: query.checking_disabled,
+            tc,
+        }
+    }
 }
 
 /// A response: `question` (empty for none) and an OPT record when `opt` is
@@ -125,7 +147,7 @@ fn write_response(h: Head, rc: u16, question: &[u8], opt: Option<bool>) -> Vec<u
     let mut out = Vec::with_capacity(HEADER_LEN + question.len() + 11);
     out.extend_from_slice(&h.id.to_be_bytes());
     let ra = h.rd && h.opcode == OPCODE_QUERY;
-    let b2 = 0x80 | ((h.opcode & 0x0f) << 3) | u8::from(h.rd);
+    let b2 = 0x80 | ((h.opcode & 0x0f) << 3) | (u8::from(h.tc) << 1) | u8::from(h.rd);
     let b3 = (if ra { 0x80 } else { 0 }) | (if h.cd { 0x10 } else { 0 }) | (rc & 0x0f) as u8;
     out.push(b2);
     out.push(b3);

@@ -610,11 +610,14 @@ fn truncated_answer_reports_tc() {
     let full = bytes(&r);
     let ans = inspect_answer(&full, &f).expect("tc answer");
     assert!(ans.truncated);
+    assert!(ans.decoded);
     assert!(ans.addresses.is_empty());
-    // cut in the middle of the record: still accepted as truncated
+    // cut in the middle of the record: still accepted as truncated, but not
+    // decoded (the proxy must not release it as it is)
     let cut = &full[..full.len() - 50];
     let ans = inspect_answer(cut, &f).expect("cut tc answer");
     assert!(ans.truncated);
+    assert!(!ans.decoded);
     assert_eq!(ans.rcode, rcode::NOERROR);
     // the same cut without TC is malformed
     let mut no_tc = cut.to_vec();
@@ -1044,4 +1047,28 @@ fn an_ixfr_query_carries_one_soa_of_its_zone() {
     let again = two.authorities[0].clone();
     two.add_authority(again);
     assert!(inspect_query(&bytes(&two)).is_err());
+}
+
+/// What replaces a truncated answer that did not decode: a response to the
+/// query (same ID, RD, CD, question and OPT) with TC set and no records, which
+/// hickory reads back as such.
+#[test]
+fn truncated_for_is_the_question_with_tc_and_no_records() {
+    let mut q = query_msg(31, "big.example.", RecordType::TXT);
+    q.set_edns(Edns::new());
+    q.metadata.checking_disabled = true;
+    let f = facts(&q);
+    let r = truncated_for(&f, rcode::NOERROR);
+    let m = Message::from_vec(&r).expect("decodes");
+    assert_eq!(m.metadata.id, 31);
+    assert!(m.metadata.truncation);
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    assert!(m.metadata.recursion_desired && m.metadata.checking_disabled);
+    assert_eq!(m.queries.len(), 1);
+    assert_eq!(m.queries[0].name(), &name("big.example."));
+    assert!(m.answers.is_empty() && m.authorities.is_empty());
+    assert!(m.edns.is_some());
+    // The answer's rcode is kept.
+    let r = truncated_for(&f, rcode::SERVFAIL);
+    assert_eq!(r[3] & 0x0f, 2);
 }

@@ -246,12 +246,21 @@ impl Outstanding {
                 .iter()
                 .position(|p| same_id(&p) && dns::question_matches(msg, &p.facts.question_wire)),
             // No question: a zone transfer's continuation, or an error answer
-            // (header only) to any query with this ID; `inspect_answer` decides.
+            // (header only) to the one query with this ID; `inspect_answer`
+            // decides. With several queries of that ID outstanding it could be
+            // any one's: ambiguous, so nobody's (each gets its own answer or
+            // times out into SERVFAIL).
             0 => self
                 .items
                 .iter()
                 .position(|p| same_id(&p) && p.facts.is_zone_transfer())
-                .or_else(|| self.items.iter().position(|p| same_id(&p))),
+                .or_else(|| {
+                    let mut with_id = self.items.iter().enumerate().filter(|(_, p)| same_id(p));
+                    match (with_id.next(), with_id.next()) {
+                        (Some((i, _)), None) => Some(i),
+                        _ => None,
+                    }
+                }),
             _ => None,
         };
         let Some(i) = pick else {
@@ -348,6 +357,15 @@ pub(crate) enum Gate {
     Wait(LearnReply),
     /// Never: the client gets SERVFAIL, for this reason.
     Closed(String),
+}
+
+/// What the client gets in place of the resolver's answer, if not the answer
+/// itself: a truncated answer that did not decode is never released as it
+/// came (its records were not read, so not learned: see
+/// [`AnswerFacts::decoded`]); the client gets TC and the question, and retries
+/// over TCP.
+pub(crate) fn replacement(p: &Pending, a: &AnswerFacts) -> Option<Vec<u8>> {
+    (!a.decoded).then(|| dns::truncated_for(&p.facts, a.rcode))
 }
 
 /// The gate for an answer: none without addresses or when the datapath holds

@@ -413,6 +413,7 @@ impl Conn {
             }
             AnswerMatch::Matched(p, Ok(a)) => (p, a),
         };
+        let msg = super::replacement(&p, &facts).unwrap_or(msg);
         let id = p.facts.id;
         let gate = super::gate(&self.ctx.shared, &p, &facts);
         let prev = self.chains.remove(&id);

@@ -1156,6 +1156,81 @@ spec:
         assert_eq!(*learner.calls.lock().unwrap(), 1);
     }
 
+    /// Second review, finding 1 (fixed): a truncated answer that does not
+    /// decode — cut mid-record (the answer count says two, one A record is
+    /// there), or a complete one with a byte past its end — was released as it
+    /// came, its complete A record unlearned; a stub that uses the records
+    /// before the cut (musl before 1.2.4) then connects to an address the
+    /// datapath drops. Now the client gets TC and the question only, and
+    /// retries over TCP.
+    #[test]
+    fn a_truncated_answer_that_does_not_decode_is_replaced_by_tc_and_the_question() {
+        let (ctx, learner) = setup();
+        let q = query(21, "selected.example");
+        let mut cut = answer(21, "selected.example", &[[192, 0, 2, 21]]);
+        cut[2] |= 0x02; // TC
+        cut[7] = 2; // two answers announced, one there
+        let mut trailing = answer(22, "selected.example", &[[192, 0, 2, 22]]);
+        trailing[2] |= 0x02;
+        trailing.push(0);
+        for (id, a) in [(21u16, cut), (22, trailing)] {
+            let mut q = q.clone();
+            q[..2].copy_from_slice(&id.to_be_bytes());
+            let (p, facts) = matched(&ctx, &q, &a);
+            assert!(facts.truncated && !facts.decoded);
+            assert!(facts.addresses.is_empty());
+            // The resolver's bytes would have given the client an address...
+            assert!(a.windows(4).any(|w| w == [192, 0, 2, id as u8]));
+            // ...what it gets instead: same ID, QR and TC set, the question, no records.
+            let r = replacement(&p, &facts).expect("replaced");
+            assert_eq!(&r[..2], &id.to_be_bytes());
+            assert_eq!(r[2] & 0x82, 0x82, "QR and TC");
+            assert_eq!(&r[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+            assert!(client_addresses(&r, "selected.example.").is_empty());
+            let asked = weir_parsers::dns::inspect_query(&q).unwrap();
+            assert_eq!(&r[12..], &asked.question_wire[..]);
+        }
+        assert_eq!(*learner.calls.lock().unwrap(), 0);
+        // Control: the same answer, TC set, complete: not replaced, and gated.
+        let mut whole = answer(23, "selected.example", &[[192, 0, 2, 23]]);
+        whole[2] |= 0x02;
+        let (p, facts) = matched(&ctx, &query(23, "selected.example"), &whole);
+        assert!(facts.decoded);
+        assert!(replacement(&p, &facts).is_none());
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+    }
+
+    /// Second review, finding 3 (fixed): an error answer without a question
+    /// (header only) was given to the first outstanding query with its ID,
+    /// though it may have been another's; that query's real answer was then
+    /// dropped. With two queries of that ID outstanding it now matches
+    /// neither; with one, it is that one's.
+    #[test]
+    fn a_header_only_error_answer_matches_only_an_unambiguous_query() {
+        let (ctx, _learner) = setup();
+        let mut err = 26u16.to_be_bytes().to_vec();
+        err.extend_from_slice(&[0x81, 0x82, 0, 0, 0, 0, 0, 0, 0, 0]); // SERVFAIL, no question
+        let mut out = Outstanding::new(10);
+        out.add(pending(&ctx, &query(26, "a.example")));
+        out.add(pending(&ctx, &query(26, "b.example")));
+        assert!(matches!(out.take_answer(&err), AnswerMatch::Unmatched));
+        // Each still gets its own answer.
+        for name in ["a.example", "b.example"] {
+            let real = answer(26, name, &[[192, 0, 2, 26]]);
+            let AnswerMatch::Matched(p, Ok(_)) = out.take_answer(&real) else {
+                panic!("{name}'s answer matches it");
+            };
+            assert_eq!(p.facts.name, format!("{name}."));
+        }
+        // Control: with one query of that ID, the error answer is its.
+        out.add(pending(&ctx, &query(26, "c.example")));
+        let AnswerMatch::Matched(p, Ok(facts)) = out.take_answer(&err) else {
+            panic!("the only query with the ID takes the error answer");
+        };
+        assert_eq!(p.facts.name, "c.example.");
+        assert_eq!(facts.rcode, 2);
+    }
+
     /// While a policy change is under way the datapath may already hold a policy
     /// that selects a name the proxy's does not: every answer with addresses waits
     /// for the learner (review finding: it was released at once).

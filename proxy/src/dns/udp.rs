@@ -248,6 +248,8 @@ async fn on_answer(
         }
         AnswerMatch::Matched(p, Ok(a)) => (p, a),
     };
+    let replaced = super::replacement(&p, &facts);
+    let msg = replaced.as_deref().unwrap_or(msg);
     let reply = match super::gate(&ctx.shared, &p, &facts) {
         super::Gate::Open => {
             to_client(downstream, msg).await;
