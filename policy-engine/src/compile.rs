@@ -211,9 +211,17 @@ impl DirTable {
             .into_iter()
             .filter(|i| !self.entries[*i as usize].deny)
             .collect();
+        let has_dns = |i: &&u32| self.entries[**i as usize].dns_refs.is_some();
         if let Some(id) = ids.iter().find(|i| !self.entries[**i as usize].has_l7()) {
-            // An L3/L4 allow without L7 rules wins over L7 rules for the same peer and port.
-            return DirDecision::AllowAll(self.entries[*id as usize].origin.clone());
+            // An L3/L4 allow without L7 rules wins over L7 rules for the same
+            // peer and port: everything passes. Over DNS rules it still passes
+            // everything, but through the DNS proxy, as a match-all DNS rule
+            // (Cilium adds one and keeps the redirect): a toFQDNs selector
+            // learns only from answers the proxy sees, so an L3/L4 allow to
+            // the resolver must not take DNS past it.
+            if !ids.iter().any(|i| has_dns(&i)) {
+                return DirDecision::AllowAll(self.entries[*id as usize].origin.clone());
+            }
         }
         if ids.is_empty() {
             DirDecision::Denied
@@ -386,7 +394,7 @@ impl ConnectionVerdict {
                 DirDecision::NotSelected => {}
                 DirDecision::Http(_) | DirDecision::Kafka(_) => return deny(vec![], true),
                 DirDecision::Dns(owners) => {
-                    let hit = table.and_then(|t| {
+                    let matched = table.and_then(|t| {
                         let rule = t.dns.first_match(name, |i| {
                             t.dns_owner
                                 .get(i as usize)
@@ -398,6 +406,16 @@ impl ConnectionVerdict {
                             .as_ref()
                             .and_then(|refs| refs.get(pos as usize))
                             .cloned()
+                    });
+                    // An L3/L4 allow among the owners allows every name.
+                    let hit = matched.or_else(|| {
+                        table.and_then(|t| {
+                            owners
+                                .iter()
+                                .map(|o| &t.entries[*o as usize])
+                                .find(|e| !e.has_l7())
+                                .map(|e| e.origin.clone())
+                        })
                     });
                     match hit {
                         Some(r) => rules.push(r),
@@ -712,6 +730,9 @@ pub struct L4Rule {
     pub port_lo: u16,
     pub port_hi: u16,
     pub l7: bool,
+    /// The L7 rules are DNS rules: for the peers and ports it shares with an
+    /// L3/L4 allow, this redirect still wins (see `decide`).
+    pub dns: bool,
     pub deny: bool,
     pub rule: RuleRef,
 }
@@ -942,6 +963,7 @@ impl CompiledPolicy {
                         port_lo: lo,
                         port_hi: hi,
                         l7: e.has_l7(),
+                        dns: e.dns_refs.is_some(),
                         deny: e.deny,
                         rule: e.origin.clone(),
                     });

@@ -127,25 +127,37 @@ fn match_all_dns_rule_allows_every_valid_name() {
     assert!(!dns(&cp, Protocol::Udp, "bad name.com").0);
 }
 
+/// Cilium's "L3/L4 allow wins" over DNS rules: every query passes — but
+/// still through the DNS proxy, as if the allow were a match-all DNS rule
+/// (Cilium adds one for the L3/L4 selector and keeps the redirect), so that
+/// toFQDNs selectors learn from the answers. Before, the allow took DNS past
+/// the proxy and a toFQDNs selector never learned an address.
 #[test]
-fn l3_l4_allow_wins_over_dns_rules() {
+fn l3_l4_allow_wins_over_dns_rules_but_dns_stays_in_the_proxy() {
     let p = format!(
         "{POLICY}  - toEndpoints: [{{matchLabels: {{'k8s:io.kubernetes.pod.namespace': kube-system}}}}]
     toPorts: [{{ports: [{{port: '53', protocol: UDP}}]}}]
 "
     );
     let cp = compile(&p).unwrap();
+    // Every name passes over UDP, the ones no DNS rule names by the L3/L4 allow...
+    assert_eq!(
+        dns(&cp, Protocol::Udp, "anything.at.all"),
+        (true, "dns spec.egress[3].toPorts[0]".into())
+    );
+    // ...the others by their DNS rule.
+    assert_eq!(
+        dns(&cp, Protocol::Udp, "api.github.com"),
+        (true, "dns spec.egress[0].toPorts[0].rules.dns[0]".into())
+    );
+    // TCP/53 has only the DNS rules.
+    assert!(!dns(&cp, Protocol::Tcp, "anything.at.all").0);
+    // Without DNS rules on the port, the L3/L4 allow passes it unproxied.
+    let plain = p.replace("      rules:\n        dns:\n        - matchName: api.github.com\n        - matchPattern: '*.example.com'\n        - matchPattern: '**.corp.internal'\n", "");
+    assert_ne!(plain, p);
+    let cp = compile(&plain).unwrap();
     let cv = cp.connection(ip(APP), ip(DNS), Protocol::Udp, 53);
-    assert!(
-        !cv.needs_l7(),
-        "an L3/L4 allow on the port passes all queries"
-    );
-    assert_eq!(cv.l4_verdict().reason(), "dns spec.egress[3].toPorts[0]");
-    // TCP/53 still has only the DNS rules.
-    assert!(
-        cp.connection(ip(APP), ip(DNS), Protocol::Tcp, 53)
-            .needs_dns()
-    );
+    assert!(cv.l4_allowed() && !cv.needs_l7());
 }
 
 #[test]

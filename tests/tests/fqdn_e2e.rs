@@ -1109,3 +1109,70 @@ fn an_address_the_old_weir_learns_while_draining_goes_when_it_expires() {
     );
     assert!(listed_ips(&fqdn_list(&s), "keep.orphan.example.com.").contains(&KEEP4.to_string()));
 }
+
+/// An L3/L4 allow to the resolver on port 53 beside DNS rules for the same
+/// port (a namespace-wide "allow DNS" policy next to an FQDN policy) passes
+/// every query, as Cilium's "L3/L4 allow wins" says — but through the DNS
+/// proxy, as Cilium does, so toFQDNs selectors still learn. Before, the allow
+/// took DNS past the proxy: the lookup worked and the connection to the
+/// selected name's address was dropped.
+#[test]
+fn an_l3_l4_allow_to_the_resolver_keeps_dns_in_the_proxy() {
+    let policy = format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: fqdn}}
+spec:
+  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
+  egress:
+  - toCIDR: [{RESOLVER4}/32, "{RESOLVER6}/128"]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchName: api.example.com}}]
+  - toFQDNs:
+    - matchName: api.example.com
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: allow-dns}}
+spec:
+  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
+  egress:
+  - toCIDR: [{RESOLVER4}/32, "{RESOLVER6}/128"]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+"#
+    );
+    let Some(s) = fqdn_lab_with("fqdn-l4-allow", &policy, &[]) else {
+        return;
+    };
+    // Nothing learned yet: the address is dropped in the kernel.
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "000");
+    // The L3/L4 allow passes a name no DNS rule names (the DNS rule alone
+    // would refuse it)...
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "other.example.com", "A"),
+        OTHER4
+    );
+    // ...but no toFQDNs selector selects it: its address stays dropped.
+    assert_eq!(
+        curl_ip(&s, "tiefighter", &format!("http://{OTHER4}/")),
+        "000"
+    );
+    // The selected name, looked up through the proxy, is learned: by name
+    // and by address, over IPv4 and IPv6.
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-4", "http://api.example.com/"),
+        "200"
+    );
+    assert_eq!(
+        curl_by_name(&s, "tiefighter", "-6", "http://api.example.com/"),
+        "200"
+    );
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
+    assert!(listed_ips(&fqdn_list(&s), "api.example.com.").contains(&API4.to_string()));
+}

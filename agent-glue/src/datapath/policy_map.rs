@@ -2,7 +2,9 @@
 //!
 //! For every (endpoint, direction, protocol, remote identity) the rules become
 //! disjoint port intervals, each with the winning verdict (deny beats an L3/L4
-//! allow, which beats an L7 redirect — Cilium's "L3/L4 allow wins" rule), and each
+//! allow, which beats an L7 redirect — Cilium's "L3/L4 allow wins" rule — except
+//! a redirect for DNS rules, which beats the allow: the proxy then passes every
+//! query, and learns the answers for toFQDNs), and each
 //! interval becomes a handful of port prefixes for the LPM trie. Rules for "any
 //! peer" are stored under identity 0 and also folded into every specific
 //! identity's intervals, so the kernel's first hit is always the whole answer.
@@ -18,6 +20,8 @@ use super::rule_ids::RuleIds;
 pub enum Verdict {
     Redirect,
     Allow,
+    /// To the proxy, for DNS rules: over an L3/L4 allow too.
+    RedirectDns,
     Deny,
 }
 
@@ -27,7 +31,7 @@ impl Verdict {
         match self {
             Verdict::Deny => super::maps::kernel_enum::WEIR_DROP,
             Verdict::Allow => super::maps::kernel_enum::WEIR_ALLOW,
-            Verdict::Redirect => super::maps::kernel_enum::WEIR_REDIRECT,
+            Verdict::Redirect | Verdict::RedirectDns => super::maps::kernel_enum::WEIR_REDIRECT,
         }
     }
 }
@@ -50,7 +54,7 @@ pub fn intervals(rules: &[(u16, u16, Verdict, u32)]) -> Vec<Interval> {
         events.push((u32::from(*hi) + 1, false, i));
     }
     events.sort_unstable_by_key(|e| (e.0, e.1));
-    let mut active: [BTreeSet<(u32, usize)>; 3] = Default::default();
+    let mut active: [BTreeSet<(u32, usize)>; 4] = Default::default();
     let mut out: Vec<Interval> = Vec::new();
     let mut idx = 0;
     while idx < events.len() {
@@ -70,9 +74,14 @@ pub fn intervals(rules: &[(u16, u16, Verdict, u32)]) -> Vec<Interval> {
         if at > u32::from(u16::MAX) {
             break;
         }
-        let winner = [Verdict::Deny, Verdict::Allow, Verdict::Redirect]
-            .into_iter()
-            .find_map(|v| active[v as usize].first().map(|(id, _)| (v, *id)));
+        let winner = [
+            Verdict::Deny,
+            Verdict::RedirectDns,
+            Verdict::Allow,
+            Verdict::Redirect,
+        ]
+        .into_iter()
+        .find_map(|v| active[v as usize].first().map(|(id, _)| (v, *id)));
         if let Some((verdict, rule_id)) = winner {
             let (lo, hi) = (at as u16, (next - 1).min(u32::from(u16::MAX)) as u16);
             match out.last_mut() {
@@ -163,6 +172,8 @@ pub fn policy_entries(
         let id = rule_ids.id(&r.rule);
         let verdict = if r.deny {
             Verdict::Deny
+        } else if r.dns {
+            Verdict::RedirectDns
         } else if r.l7 {
             Verdict::Redirect
         } else {
@@ -307,10 +318,10 @@ mod tests {
         /// exactly the highest-precedence verdict among the rules covering it.
         #[test]
         fn lpm_over_prefixes_is_exact(
-            rules in proptest::collection::vec((0u16..200, 0u16..60, 0usize..3), 1..8),
+            rules in proptest::collection::vec((0u16..200, 0u16..60, 0usize..4), 1..8),
             probe in 0u16..300,
         ) {
-            let verdicts = [Verdict::Redirect, Verdict::Allow, Verdict::Deny];
+            let verdicts = [Verdict::Redirect, Verdict::Allow, Verdict::RedirectDns, Verdict::Deny];
             let rules: Vec<(u16, u16, Verdict, u32)> = rules
                 .iter()
                 .enumerate()
@@ -381,6 +392,50 @@ spec:
             .collect();
         assert!(tcp.contains(&(8005, 16, Verdict::Deny)), "{tcp:?}");
         assert!(tcp.contains(&(8004, 16, Verdict::Allow)), "{tcp:?}");
+    }
+
+    /// An L3/L4 allow beats an HTTP redirect on the same port (the connection
+    /// is not proxied), but not a DNS redirect: DNS still goes to the proxy,
+    /// which passes every query and learns the answers for toFQDNs.
+    #[test]
+    fn a_dns_redirect_beats_an_l3_l4_allow_and_an_http_redirect_does_not() {
+        let cp = compile(
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: overlap}
+spec:
+  endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts:
+    - ports: [{port: '53', protocol: UDP}]
+      rules: {dns: [{matchName: api.example.com}]}
+    - ports: [{port: '80', protocol: TCP}]
+      rules: {http: [{method: GET}]}
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts: [{ports: [{port: '53', protocol: UDP}, {port: '80', protocol: TCP}]}]
+",
+            "endpoints:\n  - {name: d, ips: [10.0.0.1], labels: {class: deathstar}}\n  - {name: t, ips: [10.0.0.2], labels: {class: tiefighter}}\n",
+        );
+        let deathstar = cp.endpoints()[0].identity;
+        let entries = policy_entries(
+            &cp,
+            &super::super::sync::endpoint_ids(&cp),
+            &mut RuleIds::default(),
+        );
+        let verdict = |proto: u8, port: u16| -> Vec<Verdict> {
+            entries
+                .iter()
+                .filter(|e| e.protocol == proto && e.identity == deathstar && e.port == port)
+                .map(|e| e.verdict)
+                .collect()
+        };
+        assert_eq!(verdict(IPPROTO_UDP, 53), [Verdict::RedirectDns]);
+        assert_eq!(
+            Verdict::RedirectDns.kernel_value(),
+            super::super::maps::kernel_enum::WEIR_REDIRECT
+        );
+        assert_eq!(verdict(IPPROTO_TCP, 80), [Verdict::Allow]);
     }
 
     #[test]
