@@ -10,7 +10,8 @@
 //! block, so it is registered for reading only; the rare send that finds the
 //! buffer full waits in short sleeps ([`SEND_RETRY`]) instead of on
 //! writability, and gives up after [`SEND_PATIENCE`] (a datagram, like any
-//! other UDP loss).
+//! other UDP loss). `tests/tests/udp_session_socket.rs` fills a send buffer
+//! behind a slow qdisc for both cases.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
