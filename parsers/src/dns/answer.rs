@@ -40,8 +40,9 @@ pub struct AnswerFacts {
     pub id: u16,
     /// The full rcode, EDNS extended bits merged.
     pub rcode: u16,
-    /// TC set. A truncated answer is inspected as far as it decodes but never
-    /// yields addresses: the client will retry over TCP and weir learns then.
+    /// TC set. A truncated answer that decodes is learned like any other
+    /// (some clients use its records instead of retrying over TCP); one that
+    /// does not decode yields nothing (see `decoded`).
     pub truncated: bool,
     /// The whole message decoded. False only for a truncated answer cut off
     /// mid-record (or with bytes past its end): its header and question were
