@@ -147,8 +147,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dups = duplicate_listeners(&listeners, &udp_listeners)?;
     let mut events_task = None;
     if let Some(dp) = datapath.as_mut() {
-        let refs: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
-        dp.attach_sk_lookup(&refs)
+        let tcp: Vec<&tokio::net::TcpListener> = listeners.iter().collect();
+        let udp: Vec<&tokio::net::UdpSocket> = udp_listeners.iter().collect();
+        dp.attach_sk_lookup(&tcp, &udp)
             .context("attaching the socket-lookup program")?;
         events_task = start_flow_events(dp, &shared);
     }

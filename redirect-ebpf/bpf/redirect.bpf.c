@@ -22,7 +22,10 @@
  * weir_sk_lookup (the node namespace's socket lookup): a listener lookup for a
  *   flow that goes to the proxy finds the proxy's listener. The kernel asks when
  *   a new SYN meets the TIME_WAIT socket of an earlier connection on the same
- *   tuple (the proxy closed first): without an answer that SYN is lost.
+ *   tuple (the proxy closed first): without an answer that SYN is lost. And
+ *   for a UDP datagram that arrived in fragments: reassembly drops the first
+ *   fragment's socket assignment, and a flow's first datagram has no session
+ *   socket yet that the ports would find.
  *
  * Conntrack entries carry the policy generation they were decided under and are
  * decided again when it changes, on every path (new packets, replies, the proxy
@@ -113,10 +116,11 @@ struct {
 	__uint(max_entries, 1 << 20);
 } weir_events SEC(".maps");
 
-/* The proxy's TCP listeners (index 0 IPv4, 1 IPv6), for weir_sk_lookup. */
+/* The proxy's listeners for weir_sk_lookup: TCP (index 0 IPv4, 1 IPv6) and UDP
+ * (2 IPv4, 3 IPv6). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 2);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u32); /* a socket fd, on update */
 } weir_listeners SEC(".maps");
@@ -745,10 +749,13 @@ static __always_inline void to_proxy_port(struct flow *f, struct bpf_sock_tuple 
 		t->ipv6.dport = bpf_htons(cfg->proxy_port);
 }
 
+static __always_inline void first_fragment(struct flow *f, int allowed, __u32 mark, __u8 leg);
+
 /* Hands the packet to `sk` (releasing it) and marks it for local delivery; 0 on
- * success. */
-static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
-				  struct weir_config *cfg)
+ * success. The rest of a fragmented datagram is marked the same way; `leg` says
+ * whose socket it is (the client's flow, or the proxy's upstream leg). */
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk, struct flow *f,
+				  struct weir_config *cfg, __u8 leg)
 {
 	long err = bpf_sk_assign(skb, sk, 0);
 
@@ -756,6 +763,7 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
 	if (err)
 		return -1;
 	skb->mark = cfg->mark;
+	first_fragment(f, 1, cfg->mark, leg);
 	return 0;
 }
 
@@ -788,8 +796,11 @@ static __always_inline int connected_to_source(struct bpf_sock *sk, struct flow 
 	       a3 == f->key.saddr[3];
 }
 
-/* Steers the packet to the proxy's socket; 0 on success. */
-static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
+/* The proxy's socket for a client's packet: the flow's own (an accepted TCP
+ * connection, a UDP session connected to the client) or the listener.
+ * Acquired (the caller releases it), or 0. */
+static __always_inline struct bpf_sock *proxy_socket(struct __sk_buff *skb, struct flow *f,
+						     struct weir_config *cfg)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk = 0;
@@ -811,7 +822,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 			sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 			if (sk && sk->state != BPF_TCP_LISTEN) {
 				bpf_sk_release(sk);
-				return -1;
+				return 0;
 			}
 		}
 	} else if (f->key.protocol == IPPROTO_UDP) {
@@ -828,15 +839,22 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struc
 			sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		}
 	}
-	if (!sk)
-		return -1;
-	return assign(skb, sk, cfg);
+	return sk;
 }
 
-/* Delivers a server's reply to the proxy's transparent upstream socket (its local
- * address is the client's); 0 on success. */
-static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow *f,
-					      struct weir_config *cfg)
+/* Steers the packet to the proxy's socket; 0 on success. */
+static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, struct weir_config *cfg)
+{
+	struct bpf_sock *sk = proxy_socket(skb, f, cfg);
+
+	if (!sk)
+		return -1;
+	return assign(skb, sk, f, cfg, WEIR_LEG_CLIENT);
+}
+
+/* The proxy's transparent upstream socket a server's reply is for (its local
+ * address is the client's). Acquired (the caller releases it), or 0. */
+static __always_inline struct bpf_sock *upstream_socket(struct __sk_buff *skb, struct flow *f)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk = 0;
@@ -856,18 +874,27 @@ static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow
 		sk = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		if (sk && !connected_to_source(sk, f)) {
 			bpf_sk_release(sk);
-			return -1;
+			return 0;
 		}
 	} else if (f->key.protocol == IPPROTO_TCP) {
 		sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		if (sk && sk->state == BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
-			return -1;
+			return 0;
 		}
 	}
+	return sk;
+}
+
+/* Delivers a server's reply to the proxy's upstream socket; 0 on success. */
+static __always_inline int to_upstream_socket(struct __sk_buff *skb, struct flow *f,
+					      struct weir_config *cfg)
+{
+	struct bpf_sock *sk = upstream_socket(skb, f);
+
 	if (!sk)
 		return -1;
-	return assign(skb, sk, cfg);
+	return assign(skb, sk, f, cfg, WEIR_LEG_PROXY);
 }
 
 static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *f,
@@ -877,6 +904,7 @@ static __always_inline int redirect_or_drop(struct __sk_buff *skb, struct flow *
 		count(WEIR_COUNTER_REDIRECTED, skb);
 		return TC_ACT_OK;
 	}
+	first_fragment(f, 0, 0, 0);
 	return drop(skb, f, WEIR_REASON_NO_PROXY, src_id, dst_id, WEIR_NO_RULE);
 }
 
@@ -905,25 +933,70 @@ static __always_inline void frag_key(struct flow *f, struct weir_frag_key *k)
 	k->pad = 0;
 }
 
-/* A non-first fragment passes only behind an allowed first fragment. */
+/* A non-first fragment passes only behind an allowed first fragment, and goes
+ * where it went: a redirected datagram's rest is delivered on the node, where
+ * the kernel reassembles it (dropping the head's socket assignment) and looks
+ * the socket up by the datagram's ports — the proxy's session socket bound to
+ * this very address pair, or the listener (weir_sk_lookup). Passed unmarked, it
+ * would be routed on to the datagram's destination without its head, and the
+ * node would wait in vain for it: a DNS answer larger than the MTU was lost
+ * that way. The reassembled datagram is looked up like any other: with the
+ * proxy's socket gone, or a client's flow no longer redirected, a node socket
+ * bound to the port on every address would take it — so the rest is delivered
+ * only while that socket is there (and weir_sk_lookup refuses a UDP datagram
+ * for a pod's address that no proxied flow claims). */
 static __always_inline int fragment(struct __sk_buff *skb, struct flow *f,
-				    struct weir_endpoint_info *src_ep)
+				    struct weir_endpoint_info *src_ep, struct weir_config *cfg)
 {
 	struct weir_frag_key k = {};
 	struct weir_frag_value *v;
+	struct weir_ct_value *ct;
+	struct bpf_sock *sk;
 	__u64 now = bpf_ktime_get_ns();
 
 	frag_key(f, &k);
 	v = bpf_map_lookup_elem(&weir_frags, &k);
-	if (v && now - v->last_seen_ns <= WEIR_FRAG_LIFETIME * NSEC) {
-		v->last_seen_ns = now;
+	if (!v || now - v->last_seen_ns > WEIR_FRAG_LIFETIME * NSEC)
+		return unsupported(skb, f, src_ep, WEIR_REASON_FRAGMENT_WITHOUT_HEAD);
+	v->last_seen_ns = now;
+	if (!v->mark) {
+		/* The proxy's own datagram: only the node sends its rest (a client
+		 * could otherwise splice fragments of its own into it). */
+		if (v->leg == WEIR_LEG_PROXY && skb->ingress_ifindex)
+			return unsupported(skb, f, src_ep, WEIR_REASON_FRAGMENT_WITHOUT_HEAD);
 		return pass(skb);
 	}
-	return unsupported(skb, f, src_ep, WEIR_REASON_FRAGMENT_WITHOUT_HEAD);
+	/* Delivered on the node only while the socket its first fragment went to
+	 * is there (weir may have stopped since: its programs stay, its sockets
+	 * and weir_sk_lookup do not), and a client's flow still goes to the proxy
+	 * under the current policy (decided under another: not revalidated here). */
+	f->key.sport = v->sport;
+	f->key.dport = v->dport;
+	if (v->leg == WEIR_LEG_CLIENT) {
+		ct = ct_lookup(&f->key, WEIR_LEG_CLIENT, now);
+		sk = 0;
+		if (ct && ct->verdict == WEIR_REDIRECT &&
+		    ct->policy_generation == cfg->policy_generation)
+			sk = proxy_socket(skb, f, cfg);
+	} else {
+		sk = upstream_socket(skb, f);
+	}
+	if (!sk)
+		return drop(skb, f, WEIR_REASON_NO_PROXY,
+			    identity_of(src_ep, f->key.saddr, f->key.family),
+			    identity_of(endpoint(f->key.daddr, f->key.family), f->key.daddr,
+					f->key.family),
+			    WEIR_NO_RULE);
+	bpf_sk_release(sk);
+	skb->mark = v->mark;
+	count(WEIR_COUNTER_REDIRECTED, skb);
+	return TC_ACT_OK;
 }
 
-/* Remembers (or forgets) a first fragment's datagram once its flow is decided. */
-static __always_inline void first_fragment(struct flow *f, int allowed)
+/* Remembers (or forgets) a first fragment's datagram once its flow is decided;
+ * `mark` is what the rest gets, `leg` whose socket took the first (see
+ * fragment()). */
+static __always_inline void first_fragment(struct flow *f, int allowed, __u32 mark, __u8 leg)
 {
 	struct weir_frag_key k = {};
 	struct weir_frag_value v = {};
@@ -933,6 +1006,10 @@ static __always_inline void first_fragment(struct flow *f, int allowed)
 	frag_key(f, &k);
 	if (allowed) {
 		v.last_seen_ns = bpf_ktime_get_ns();
+		v.mark = mark;
+		v.sport = f->key.sport;
+		v.dport = f->key.dport;
+		v.leg = leg;
 		bpf_map_update_elem(&weir_frags, &k, &v, BPF_ANY);
 	} else {
 		bpf_map_delete_elem(&weir_frags, &k);
@@ -987,7 +1064,7 @@ static __always_inline __u32 tracked(struct __sk_buff *skb, struct weir_ct_value
 	}
 	ct_touch(ct, pkt, reply, now);
 	/* Every datagram of a tracked flow may be fragmented, not only its first. */
-	first_fragment(pkt, 1);
+	first_fragment(pkt, 1, 0, 0);
 	return ct->verdict;
 }
 
@@ -1045,7 +1122,7 @@ static __always_inline int entering(struct __sk_buff *skb, struct flow *f,
 new_flow:
 	decide(f, src_ep, origin, cfg, &d);
 	ct_create(&f->key, WEIR_LEG_CLIENT, &d, origin, cfg, now);
-	first_fragment(f, d.verdict != WEIR_DROP);
+	first_fragment(f, d.verdict != WEIR_DROP, 0, 0);
 	if (d.verdict == WEIR_DROP)
 		return drop(skb, f, d.reason, d.src_id, d.dst_id, d.rule_id);
 	event(f, d.verdict == WEIR_REDIRECT ? WEIR_EVENT_REDIRECTED : WEIR_EVENT_ALLOWED,
@@ -1064,6 +1141,9 @@ static __always_inline int proxy_leg(struct __sk_buff *skb, struct flow *f, stru
 	struct decision d = {};
 	__u64 now = bpf_ktime_get_ns();
 
+	/* The rest of a fragmented datagram follows (to a local endpoint, whose
+	 * hook passes a non-first fragment only behind its first), from the node. */
+	first_fragment(f, 1, 0, WEIR_LEG_PROXY);
 	ct = ct_lookup(&f->key, WEIR_LEG_PROXY, now);
 	if (ct && !((f->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN)) {
 		ct_touch(ct, f, 0, now);
@@ -1102,7 +1182,7 @@ static __always_inline int by_kind(struct __sk_buff *skb, struct flow *f, int pa
 	if (parsed == PARSED_UNSUPPORTED)
 		return unsupported(skb, f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
 	if (parsed == PARSED_FRAGMENT)
-		return fragment(skb, f, src_ep);
+		return fragment(skb, f, src_ep, cfg);
 	if (parsed == PARSED_ICMP_ERROR)
 		return icmp_error(skb, f, src_ep);
 	return entering(skb, f, src_ep, origin, cfg);
@@ -1204,7 +1284,7 @@ int weir_to_endpoint(struct __sk_buff *skb)
 	if (parsed == PARSED_UNSUPPORTED)
 		return unsupported(skb, &f, src_ep, WEIR_REASON_UNSUPPORTED_PROTOCOL);
 	if (parsed == PARSED_FRAGMENT)
-		return fragment(skb, &f, src_ep);
+		return fragment(skb, &f, src_ep, cfg);
 	if (parsed == PARSED_ICMP_ERROR)
 		return icmp_error(skb, &f, src_ep);
 	if (origin == WEIR_ORIGIN_HOST && is_proxy_leg(skb, cfg))
@@ -1236,7 +1316,7 @@ int weir_to_endpoint(struct __sk_buff *skb)
 		d.reason = WEIR_REASON_NO_PROXY;
 	}
 	ct_create(&f.key, WEIR_LEG_CLIENT, &d, origin, cfg, now);
-	first_fragment(&f, d.verdict != WEIR_DROP);
+	first_fragment(&f, d.verdict != WEIR_DROP, 0, 0);
 	if (d.verdict == WEIR_DROP)
 		return drop(skb, &f, d.reason, d.src_id, d.dst_id, d.rule_id);
 	event(&f, WEIR_EVENT_ALLOWED, WEIR_REASON_NONE, d.src_id, d.dst_id, d.rule_id,
@@ -1262,6 +1342,27 @@ int weir_to_netdev(struct __sk_buff *skb)
 #define AF_INET 2
 #define AF_INET6 10
 
+/* A UDP datagram for a local endpoint's address reaches the node's socket
+ * lookup only because weir delivered it here: the rest of a datagram whose
+ * first fragment went to the proxy's upstream socket (bound to the client's
+ * address), reassembled. Whose socket is gone (the session ended between the
+ * fragments) has nowhere to go: a node socket bound to that port on every
+ * address must not get a datagram meant for a pod. Connected sockets are
+ * matched before this program runs; the proxy's own port is not refused (the
+ * tc programs' helper lookups look for the listener there). */
+static __always_inline int udp_to_endpoint(struct bpf_sk_lookup *ctx, struct weir_ct_key *key)
+{
+	struct weir_config *cfg;
+	__u32 zero = 0;
+
+	if (ctx->protocol != IPPROTO_UDP)
+		return 0;
+	cfg = bpf_map_lookup_elem(&weir_config, &zero);
+	if (!cfg || ctx->local_port == cfg->proxy_port)
+		return 0;
+	return endpoint(key->daddr, key->family) != 0;
+}
+
 SEC("sk_lookup")
 int weir_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -1270,7 +1371,7 @@ int weir_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk;
 	__u32 idx;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return SK_PASS;
 	if (ctx->family == AF_INET) {
 		key.family = 4;
@@ -1291,16 +1392,19 @@ int weir_sk_lookup(struct bpf_sk_lookup *ctx)
 	} else {
 		return SK_PASS;
 	}
+	if (ctx->protocol == IPPROTO_UDP)
+		idx += 2;
 	key.sport = ctx->remote_port;
 	key.dport = bpf_htons(ctx->local_port);
-	key.protocol = IPPROTO_TCP;
+	key.protocol = ctx->protocol;
 	key.leg = WEIR_LEG_CLIENT;
 	ct = bpf_map_lookup_elem(&weir_ct, &key);
 	if (!ct || ct->verdict != WEIR_REDIRECT)
-		return SK_PASS;
+		return udp_to_endpoint(ctx, &key) ? SK_DROP : SK_PASS;
 	sk = bpf_map_lookup_elem(&weir_listeners, &idx);
 	if (!sk)
-		return SK_PASS;
+		/* (a UDP datagram of a proxied flow: nobody else's either) */
+		return ctx->protocol == IPPROTO_UDP ? SK_DROP : SK_PASS;
 	bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return SK_PASS;

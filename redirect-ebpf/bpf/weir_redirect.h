@@ -157,7 +157,9 @@ struct weir_ct_value {
 };
 
 /* weir_frags: first fragments that were allowed, so the rest of the datagram may
- * follow (non-first fragments carry no ports). */
+ * follow (non-first fragments carry no ports), and where: a datagram whose first
+ * fragment went to a proxy socket has the rest marked for local delivery too,
+ * where the kernel reassembles it and finds the socket by its ports. */
 struct weir_frag_key {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -169,6 +171,12 @@ struct weir_frag_key {
 
 struct weir_frag_value {
 	__u64 last_seen_ns;
+	__u32 mark;  /* set on the rest (0: they pass as they are) */
+	__u16 sport; /* the datagram's ports (network order), */
+	__u16 dport;
+	__u8 leg;    /* and the conntrack leg of the socket its first fragment went to
+		      * (with no mark: WEIR_LEG_PROXY is the proxy's own datagram) */
+	__u8 pad[7];
 };
 
 #define WEIR_FRAG_LIFETIME 30

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,6 +110,11 @@ pub struct FragKey {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FragValue {
     pub last_seen_ns: u64,
+    pub mark: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub leg: u8,
+    pub pad: [u8; 7],
 }
 
 #[repr(C)]
@@ -476,7 +481,12 @@ mod tests {
             FragKey,
             [saddr, daddr, id, protocol, family, pad]
         );
-        check!(btf, "weir_frag_value", FragValue, [last_seen_ns]);
+        check!(
+            btf,
+            "weir_frag_value",
+            FragValue,
+            [last_seen_ns, mark, sport, dport, leg, pad]
+        );
         check!(
             btf,
             "weir_ct_value",

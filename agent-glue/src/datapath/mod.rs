@@ -587,13 +587,17 @@ impl Datapath {
             })
     }
 
-    /// Gives the proxy's TCP listeners to the namespace's socket lookup: a new
-    /// SYN that meets the TIME_WAIT socket of an earlier proxied connection on
-    /// the same tuple is handed to the listener by the kernel (instead of being
-    /// lost). The program stays attached while this process runs.
+    /// Gives the proxy's listeners to the namespace's socket lookup, for
+    /// packets of proxied flows that reach the socket lookup without a socket
+    /// assigned: a new SYN that meets the TIME_WAIT socket of an earlier
+    /// proxied connection on the same tuple, and a UDP datagram reassembled
+    /// from fragments (reassembly drops the assignment; the first datagram of
+    /// a flow has no session socket the ports would find). Without it both
+    /// are lost. The program stays attached while this process runs.
     pub fn attach_sk_lookup(
         &mut self,
-        listeners: &[&tokio::net::TcpListener],
+        tcp: &[&tokio::net::TcpListener],
+        udp: &[&tokio::net::UdpSocket],
     ) -> Result<(), DatapathError> {
         let mut map: aya::maps::SockMap<&mut MapData> =
             aya::maps::SockMap::try_from(self.ebpf.map_mut("weir_listeners").ok_or_else(|| {
@@ -603,13 +607,19 @@ impl Datapath {
                 }
             })?)
             .map_err(map_err("weir_listeners"))?;
-        for l in listeners {
-            let index = match l.local_addr() {
-                Ok(a) if a.is_ipv4() => 0,
-                Ok(_) => 1,
-                Err(_) => continue,
-            };
-            map.set(index, *l, 0).map_err(map_err("weir_listeners"))?;
+        // Indexes as in redirect.bpf.c: TCP 0/1, UDP 2/3 (IPv4/IPv6).
+        let index = |a: std::io::Result<std::net::SocketAddr>, base: u32| {
+            a.ok().map(|a| base + u32::from(a.is_ipv6()))
+        };
+        for l in tcp {
+            if let Some(i) = index(l.local_addr(), 0) {
+                map.set(i, *l, 0).map_err(map_err("weir_listeners"))?;
+            }
+        }
+        for u in udp {
+            if let Some(i) = index(u.local_addr(), 2) {
+                map.set(i, *u, 0).map_err(map_err("weir_listeners"))?;
+            }
         }
         let netns =
             std::fs::File::open("/proc/self/ns/net").map_err(|e| DatapathError::Attach {
