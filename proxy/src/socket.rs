@@ -64,15 +64,15 @@ pub fn transparent_upstream_socket(
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 
-/// setsockopt with an int value (options socket2 does not wrap).
+/// setsockopt with an int value (options socket2 and nix do not wrap).
 fn set_int_option(
-    socket: &Socket,
+    socket: &impl std::os::fd::AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: the fd is a valid socket owned by `socket`; the option value points at
-    // a live c_int and the length passed is its size.
+    // SAFETY: the fd is a valid socket borrowed from `socket`; the option value
+    // points at a live c_int and the length passed is its size.
     let rc = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(socket),
@@ -213,6 +213,113 @@ pub fn udp_session_socket(
     socket.bind(&local.into())?;
     socket.connect(&peer.into())?;
     Ok(socket.into())
+}
+
+/// Asks the kernel to say, with each datagram it reassembled from IP fragments,
+/// how large the largest fragment was (`IP_RECVFRAGSIZE`, `IPV6_RECVFRAGSIZE`):
+/// [`is_reassembly_note`] recognises the note.
+pub fn report_reassembly(socket: &impl std::os::fd::AsRawFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int_option(socket, libc::SOL_IPV6, libc::IPV6_RECVFRAGSIZE, 1)
+    } else {
+        set_int_option(socket, libc::SOL_IP, libc::IP_RECVFRAGSIZE, 1)
+    }
+}
+
+/// Whether a control message (level, type) is the kernel's note that a datagram
+/// was reassembled (see [`report_reassembly`]).
+fn is_reassembly_note(level: libc::c_int, kind: libc::c_int) -> bool {
+    (level, kind) == (libc::SOL_IP, libc::IP_RECVFRAGSIZE)
+        || (level, kind) == (libc::SOL_IPV6, libc::IPV6_RECVFRAGSIZE)
+}
+
+/// One datagram read by [`recv_two`]: its length, and whether the kernel
+/// reassembled it from IP fragments (on a socket that asked to be told:
+/// [`report_reassembly`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    pub len: usize,
+    pub reassembled: bool,
+}
+
+/// Reads up to two queued datagrams in one `recvmmsg` without waiting
+/// (`WouldBlock` when none is queued): the first into `first`, the next, if
+/// it is there already, into `second`. Written on libc rather than nix: nix's
+/// reusable headers keep the control length the kernel wrote back, so after
+/// one datagram without a note the next note would be cut off.
+pub fn recv_two(
+    socket: &impl std::os::fd::AsRawFd,
+    first: &mut [u8],
+    second: &mut [u8],
+) -> io::Result<[Option<Datagram>; 2]> {
+    const CONTROL_WORDS: usize = 8; // 64 bytes: room for a note, and a spare
+    let mut control = [[0u64; CONTROL_WORDS]; 2];
+    let mut iovs = [
+        libc::iovec {
+            iov_base: first.as_mut_ptr().cast(),
+            iov_len: first.len(),
+        },
+        libc::iovec {
+            iov_base: second.as_mut_ptr().cast(),
+            iov_len: second.len(),
+        },
+    ];
+    // SAFETY: an all-zero mmsghdr is a valid empty header (null pointers, zero
+    // lengths); the fields that matter are set below.
+    let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
+    for ((m, iov), ctl) in msgs.iter_mut().zip(iovs.iter_mut()).zip(control.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+        m.msg_hdr.msg_control = ctl.as_mut_ptr().cast();
+        m.msg_hdr.msg_controllen = std::mem::size_of_val(ctl) as _;
+    }
+    // SAFETY: `msgs` holds two initialised headers whose iovecs point at the two
+    // caller buffers and whose control pointers at `control`, all of which
+    // outlive the call; the kernel writes at most the lengths given.
+    let n = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            2,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = usize::try_from(n).unwrap_or(0).min(2);
+    let mut out = [None, None];
+    for (slot, m) in out.iter_mut().zip(msgs.iter()).take(got) {
+        *slot = Some(Datagram {
+            len: m.msg_len as usize,
+            reassembled: has_reassembly_note(&m.msg_hdr),
+        });
+    }
+    Ok(out)
+}
+
+/// Whether the kernel noted a reassembly — or cut the notes short (`MSG_CTRUNC`:
+/// one could be among those lost; counted as one, so that an answer is never
+/// trusted for want of room).
+fn has_reassembly_note(msg: &libc::msghdr) -> bool {
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return true;
+    }
+    // SAFETY: `msg` was filled by recvmmsg: its control pointer and length
+    // describe the control messages the kernel wrote, inside the buffer.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null pointer from CMSG_FIRSTHDR/CMSG_NXTHDR points at a
+        // complete header inside the control buffer.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        if is_reassembly_note(level, kind) {
+            return true;
+        }
+        // SAFETY: as above; CMSG_NXTHDR returns null past the last header.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    false
 }
 
 /// One received datagram.

@@ -286,14 +286,14 @@ fn dispatch(
     if d.verdict.dst.endpoint.is_none() && socket::is_local_address(scoped_dst) {
         ctx.upstream_source = socket::UpstreamSource::Node;
     }
-    let session = match Session::open(&ctx) {
+    let dns = d.verdict.needs_dns();
+    let session = match Session::open(&ctx, dns) {
         Ok(s) => s,
         Err(e) => {
             warn!(%client, dst = %orig_dst, error = %e, "cannot open UDP session; datagram dropped");
             return;
         }
     };
-    let dns = d.verdict.needs_dns();
     // A DNS flow's records are per query (the DNS session writes them).
     if !dns {
         shared.flows.emit(ctx.flow(&d, &d.verdict.l4_verdict()));
@@ -431,7 +431,10 @@ impl Drop for SessionCount {
 }
 
 impl Session {
-    fn open(ctx: &ConnContext) -> io::Result<Session> {
+    /// The two sockets of a session; a DNS session's upstream socket reports
+    /// reassembled datagrams (answers in IP fragments are not trusted: see
+    /// `dns::distrust_reassembled`).
+    fn open(ctx: &ConnContext, dns: bool) -> io::Result<Session> {
         let downstream =
             UdpSessionSocket::new(socket::udp_session_socket(ctx.orig_dst, ctx.client, None)?)?;
         let upstream = match ctx.upstream_source {
@@ -449,6 +452,9 @@ impl Session {
                 s
             }
         };
+        if dns {
+            socket::report_reassembly(&upstream, ctx.orig_dst.is_ipv6())?;
+        }
         let upstream = UdpSessionSocket::new(upstream)?;
         Ok(Session {
             downstream,

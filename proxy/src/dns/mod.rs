@@ -368,6 +368,23 @@ pub(crate) fn replacement(p: &Pending, a: &AnswerFacts) -> Option<Vec<u8>> {
     (!a.decoded).then(|| dns::truncated_for(&p.facts, a.rcode))
 }
 
+/// An answer that reached the proxy in IP fragments is neither learned nor
+/// released: whoever can guess the resolver's IP ID can splice a fragment of
+/// their own into it (the UDP checksum kept, the addresses theirs), and
+/// nothing in the reassembled message tells. Its records are dropped and the
+/// client gets TC and the question ([`replacement`]), then asks again over
+/// TCP, whose answer weir reads and learns. Resolvers that keep to the 1 232
+/// bytes of the 2020 DNS flag day never fragment.
+pub(crate) fn distrust_reassembled(facts: &mut AnswerFacts) {
+    tracing::debug!(name = %facts.name, "DNS answer came in IP fragments; the client gets TC");
+    facts.decoded = false;
+    facts.truncated = true;
+    facts.ignored_records += facts.addresses.len() + facts.cnames.len();
+    facts.addresses.clear();
+    facts.cnames.clear();
+    facts.min_ttl = None;
+}
+
 /// The gate for an answer: none without addresses or when the datapath holds
 /// every pair already (as [`learn`] would find), else [`learn`]'s.
 pub(crate) fn gate(shared: &Shared, p: &Pending, a: &AnswerFacts) -> Gate {
@@ -389,8 +406,15 @@ pub(crate) fn gate(shared: &Shared, p: &Pending, a: &AnswerFacts) -> Gate {
 /// force now: a policy installed while the query was out may add the selector,
 /// and the answer must not reach the client before the datapath allows it.
 pub(crate) fn learn(shared: &Shared, req: LearnRequest) -> Gate {
+    let revision = shared.policy_revision();
     let wait = req.selected() || shared.policy_changing() || req.selected_by(&shared.policy.load());
     let mut reply = shared.fqdn_learner().learn(req, wait);
+    // A policy change that began between the check above and queueing the
+    // request runs before it on the control thread: the incoming policy may
+    // select a name, and its datapath cannot hold these addresses until the
+    // request is learned. Wait for it then as well (an answer released at
+    // once had its connection dropped until then; found by review).
+    let wait = wait || shared.policy_changing() || shared.policy_revision() != revision;
     if !wait {
         return Gate::Open;
     }

@@ -1051,7 +1051,8 @@ spec:
   - toFQDNs: [{matchName: selected.example}]
 ";
 
-    fn setup() -> (ConnContext, Arc<Refusing>) {
+    /// Shared state with [`POLICY`] installed and `learner` as the FQDN learner.
+    fn shared_with(learner: Arc<dyn FqdnLearner>) -> Arc<Shared> {
         let policies = weir_policy::parse_policies(POLICY, "p.yaml").unwrap();
         let policy = Arc::new(
             CompiledPolicy::compile(&policies, &[], &mut IdentityAllocator::default()).unwrap(),
@@ -1061,8 +1062,13 @@ spec:
             FlowSink::new(Box::new(std::io::sink())),
             ProxyConfig::default(),
         );
+        assert!(shared.set_fqdn_learner(learner));
+        shared
+    }
+
+    fn setup() -> (ConnContext, Arc<Refusing>) {
         let learner = Arc::new(Refusing::default());
-        assert!(shared.set_fqdn_learner(learner.clone()));
+        let shared = shared_with(learner.clone());
         let ctx = ConnContext::with_protocol(
             shared,
             "10.0.0.2:5353".parse().unwrap(),
@@ -1246,6 +1252,64 @@ spec:
         assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
         drop(changing);
         assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+    }
+
+    /// Second review, finding 4 (fixed): a policy change that began after
+    /// `learn` decided not to wait, and before it queued the request, runs
+    /// first on the control thread; the answer went out at once while the
+    /// incoming policy's datapath did not hold its addresses yet. This
+    /// learner installs a policy just as the request is queued (and refuses
+    /// it): the answer waits for it now, and is not released.
+    #[test]
+    fn a_policy_installed_while_an_answer_is_queued_makes_it_wait() {
+        #[derive(Default)]
+        struct InstallsPolicy {
+            shared: std::sync::OnceLock<Arc<Shared>>,
+        }
+        impl FqdnLearner for InstallsPolicy {
+            fn learn(
+                &self,
+                _req: LearnRequest,
+                _wait: bool,
+            ) -> oneshot::Receiver<Result<(), LearnError>> {
+                if let Some(shared) = self.shared.get() {
+                    shared.set_policy(shared.policy.load_full());
+                }
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(LearnError::Datapath("refused (review learner)".into())));
+                rx
+            }
+        }
+        let (ctx, _refusing) = setup();
+        let a = answer(11, "other.example", &[[192, 0, 2, 5]]);
+        let (p, facts) = matched(&ctx, &query(11, "other.example"), &a);
+        // Control: no policy change, a name no policy selects: at once.
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        let learner = Arc::new(InstallsPolicy::default());
+        let shared = shared_with(learner.clone());
+        assert!(learner.shared.set(shared.clone()).is_ok());
+        assert!(matches!(gate(&shared, &p, &facts), Gate::Closed(_)));
+    }
+
+    /// Review of the fragment path: an answer the kernel reassembled from IP
+    /// fragments may carry a fragment an off-path attacker spliced in (an
+    /// address of theirs, the checksum kept). It is not learned, and the
+    /// client gets TC and the question instead.
+    #[test]
+    fn a_reassembled_answer_is_not_learned_and_becomes_tc() {
+        let (ctx, learner) = setup();
+        let a = answer(12, "selected.example", &[[192, 0, 2, 6]]);
+        let (p, mut facts) = matched(&ctx, &query(12, "selected.example"), &a);
+        // Control: as it came, it goes to the (refusing) learner, unreplaced.
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Closed(_)));
+        assert!(replacement(&p, &facts).is_none());
+        distrust_reassembled(&mut facts);
+        assert!(facts.addresses.is_empty());
+        assert!(matches!(gate(&ctx.shared, &p, &facts), Gate::Open));
+        assert_eq!(*learner.calls.lock().unwrap(), 1, "not learned");
+        let tc = replacement(&p, &facts).expect("replaced by TC");
+        let back = weir_parsers::dns::inspect_answer(&tc, &p.facts).expect("answers the query");
+        assert!(back.truncated && back.decoded && back.addresses.is_empty());
     }
 
     /// Control: the same answer with the exact question case and no TC goes

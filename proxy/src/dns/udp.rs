@@ -11,12 +11,10 @@
 //! 1 s linger, as expected; 2.5 s after the burst all were closed.
 
 use std::cell::RefCell;
-use std::io::{self, IoSliceMut};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, recvmmsg};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug};
@@ -38,7 +36,14 @@ thread_local! {
     /// Two receive buffers per worker thread rather than two 64 KiB buffers per
     /// session: a thousand short sessions would otherwise hold 128 MB.
     static RECV_BUFS: RefCell<[Vec<u8>; 2]> = RefCell::new([vec![0; MAX_DATAGRAM], vec![0; MAX_DATAGRAM]]);
-    static RECV_HEADERS: RefCell<MultiHeaders<()>> = RefCell::new(MultiHeaders::preallocate(2, None));
+}
+
+/// One datagram as read.
+pub(crate) struct Datagram {
+    pub bytes: Vec<u8>,
+    /// The kernel reassembled it from IP fragments (it says so on sockets that
+    /// asked: [`crate::socket::report_reassembly`]).
+    pub reassembled: bool,
 }
 
 /// The next datagram on `sock`, and the one after it if it was there already,
@@ -51,7 +56,7 @@ thread_local! {
 /// (`tests/perf/dns.sh` counted 1.1 such reads per query). A datagram that
 /// arrives after the read wakes the socket again (a new edge for epoll), so
 /// none is left waiting.
-async fn recv_datagrams(sock: &UdpSessionSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+async fn recv_datagrams(sock: &UdpSessionSocket) -> io::Result<(Datagram, Option<Datagram>)> {
     sock.read_with(|_| {
         let (first, second) = recv_two(sock)?;
         let drained = second.is_none();
@@ -61,34 +66,21 @@ async fn recv_datagrams(sock: &UdpSessionSocket) -> io::Result<(Vec<u8>, Option<
 }
 
 /// Reads one or two datagrams without waiting (`WouldBlock` when there is none).
-fn recv_two(sock: &UdpSessionSocket) -> io::Result<(Vec<u8>, Option<Vec<u8>>)> {
+fn recv_two(sock: &UdpSessionSocket) -> io::Result<(Datagram, Option<Datagram>)> {
     RECV_BUFS.with(|bufs| {
-        RECV_HEADERS.with(|headers| {
-            let mut bufs = bufs.borrow_mut();
-            let mut headers = headers.borrow_mut();
-            let [a, b] = &mut *bufs;
-            let mut lens = [None, None];
-            {
-                let mut iovs = [[IoSliceMut::new(a)], [IoSliceMut::new(b)]];
-                let got = recvmmsg(
-                    sock.as_raw_fd(),
-                    &mut headers,
-                    iovs.iter_mut(),
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map_err(io::Error::from)?;
-                for (slot, m) in lens.iter_mut().zip(got) {
-                    *slot = Some(m.bytes);
-                }
-            }
-            let first = lens[0]
-                .and_then(|n| a.get(..n))
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
-            let second = lens[1].and_then(|n| b.get(..n)).map(<[u8]>::to_vec);
-            Ok((first, second))
-        })
+        let mut bufs = bufs.borrow_mut();
+        let [a, b] = &mut *bufs;
+        let [first, second] = crate::socket::recv_two(sock, a, b)?;
+        let copy = |d: Option<crate::socket::Datagram>, buf: &[u8]| {
+            d.and_then(|d| {
+                buf.get(..d.len).map(|bytes| Datagram {
+                    bytes: bytes.to_vec(),
+                    reassembled: d.reassembled,
+                })
+            })
+        };
+        let first = copy(first, a).ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+        Ok((first, copy(second, b)))
     })
 }
 
@@ -125,10 +117,12 @@ pub(crate) async fn run(
                 on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
             }
             r = recv_datagrams(&downstream) => match r {
+                // (A client's query in fragments is its own to send: it is
+                // decided whole, like any other.)
                 Ok((d, next)) => {
-                    on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
+                    on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d.bytes).await;
                     if let Some(d) = next {
-                        on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d).await;
+                        on_query(&ctx, &downstream, &upstream, &mut outstanding, releases.len(), &d.bytes).await;
                     }
                 }
                 // The client's port is closed (ICMP for an answer sent there).
@@ -230,9 +224,10 @@ async fn on_answer(
     downstream: &Arc<UdpSessionSocket>,
     outstanding: &mut Outstanding,
     releases: &mut JoinSet<()>,
-    msg: &[u8],
+    datagram: &Datagram,
 ) {
-    let (p, facts) = match outstanding.take_answer(msg) {
+    let msg = &datagram.bytes[..];
+    let (p, mut facts) = match outstanding.take_answer(msg) {
         AnswerMatch::Unmatched => {
             debug!(
                 len = msg.len(),
@@ -248,6 +243,9 @@ async fn on_answer(
         }
         AnswerMatch::Matched(p, Ok(a)) => (p, a),
     };
+    if datagram.reassembled {
+        super::distrust_reassembled(&mut facts);
+    }
     let replaced = super::replacement(&p, &facts);
     let msg = replaced.as_deref().unwrap_or(msg);
     let reply = match super::gate(&ctx.shared, &p, &facts) {
