@@ -19,6 +19,60 @@ fn fixed_query(id: u16) -> Vec<u8> {
     q
 }
 
+/// The labels of a question's uncompressed wire name, lower-cased.
+fn wire_labels(question: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(&len) = question.get(i) {
+        if len == 0 {
+            break;
+        }
+        let label = question.get(i + 1..i + 1 + usize::from(len)).unwrap_or(&[]);
+        out.push(label.to_ascii_lowercase());
+        i += 1 + usize::from(len);
+    }
+    out
+}
+
+/// The labels a presentation-form name stands for: `\DDD` and `\X` escapes,
+/// unescaped dots between labels, `.` alone for the root.
+fn labels_of_presentation(name: &str) -> Vec<Vec<u8>> {
+    let b = name.as_bytes();
+    let (mut out, mut label, mut i) = (Vec::new(), Vec::new(), 0);
+    if name == "." {
+        return out;
+    }
+    while i < b.len() {
+        match b[i] {
+            b'\\'
+                if b.get(i + 1..i + 4)
+                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit)) =>
+            {
+                let d = &b[i + 1..i + 4];
+                let v = u32::from(d[0] - b'0') * 100
+                    + u32::from(d[1] - b'0') * 10
+                    + u32::from(d[2] - b'0');
+                label.push(u8::try_from(v).expect("escape over 255"));
+                i += 4;
+            }
+            b'\\' => {
+                label.push(*b.get(i + 1).expect("dangling escape"));
+                i += 2;
+            }
+            b'.' => {
+                out.push(std::mem::take(&mut label));
+                i += 1;
+            }
+            c => {
+                label.push(c);
+                i += 1;
+            }
+        }
+    }
+    assert!(label.is_empty(), "no trailing dot: {name}");
+    out
+}
+
 fuzz_target!(|data: &[u8]| {
     // [split: u16][query bytes][answer bytes]
     let split = data
@@ -31,6 +85,14 @@ fuzz_target!(|data: &[u8]| {
         Ok(facts) => {
             assert!(facts.name.ends_with('.'));
             assert_eq!(facts.name, facts.name.to_ascii_lowercase());
+            // The name policy compares reads back as exactly the question's
+            // labels (case folded): no two names look alike to policy.
+            assert_eq!(
+                labels_of_presentation(&facts.name),
+                wire_labels(&facts.question_wire),
+                "{}",
+                facts.name
+            );
             for deny in [DenyRcode::Refused, DenyRcode::NxDomain] {
                 let resp = refused(query, deny).expect("query has a header");
                 let back = inspect_answer(&resp, &facts).expect("own refusal answers the query");

@@ -573,6 +573,11 @@ mod tests {
         // A star matches DNS characters only.
         ("*.io", "a b.io", false),
         ("*.io", "a_b-c.io", true),
+        // A leading dash is a DNS character too (the proxy reads such a name
+        // bare, as Cilium does: `-foo.io.`, not hickory's `\-foo.io.`).
+        ("*.io", "-foo.io", true),
+        ("=-foo.io", "-foo.io", true),
+        ("*.io", "\\-foo.io", false),
         // Leading `**.`: one or more whole labels, never none.
         ("**.example.com", "a.example.com", true),
         ("**.example.com", "a.b.c.example.com", true),

@@ -83,8 +83,57 @@ fn odd_bytes_in_names_are_escaped_not_confusable() {
         0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 5, 0x00, b' ', 0xff, b'*', b'A', 0, 0, 1, 0, 1,
     ];
     let f = inspect_query(&raw).expect("valid");
-    // presentation escapes: a literal `*` is `\*`, never a wildcard to a pattern
-    assert_eq!(f.name, r"\000\040\377\*a.");
+    // presentation escapes: a literal `*` is `\*`, never a wildcard to a
+    // pattern; other bytes are `\DDD`, decimal (RFC 1035; hickory writes octal)
+    assert_eq!(f.name, r"\000\032\255\*a.");
+}
+
+#[test]
+fn names_read_as_cilium_writes_them() {
+    // hickory writes `\-foo`; policy compares `-foo`, as Cilium does
+    let q = |labels: &[&[u8]]| {
+        let mut raw = vec![0u8, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in labels {
+            raw.push(l.len() as u8);
+            raw.extend_from_slice(l);
+        }
+        raw.extend_from_slice(&[0, 0, 1, 0, 1]);
+        inspect_query(&raw).expect("valid").name
+    };
+    assert_eq!(q(&[b"-Foo", b"example", b"com"]), "-foo.example.com.");
+    assert_eq!(q(&[b"a-", b"-", b"b"]), "a-.-.b.");
+    // other escapes stay: a literal backslash before a dash, a dot, a star
+    assert_eq!(q(&[b"\\-x", b"com"]), r"\\-x.com.");
+    assert_eq!(q(&[b"a\\", b"-b"]), r"a\\.-b.");
+    assert_eq!(q(&[b"-.", b"a*"]), r"-\..a\*.");
+    assert_eq!(q(&[b"\x10\\123", b"\x7f-"]), r"\016\\123.\127-.");
+    // the answer's names read the same way (CNAME target with a leading dash;
+    // hickory's parser refuses such names, its wire decoder does not)
+    let raw = |first: &str| {
+        let labels: [&[u8]; 3] = [first.as_bytes(), b"example", b"com"];
+        let mut n = Name::from_labels(labels).expect("raw labels");
+        n.set_fqdn(true);
+        n
+    };
+    let mut query = Message::new(7, MessageType::Query, OpCode::Query);
+    query.add_query(Query::query(raw("-a"), RecordType::A));
+    let mut r = response_to(&query);
+    r.add_answer(Record::from_rdata(
+        raw("-a"),
+        60,
+        RData::CNAME(CNAME(raw("-b"))),
+    ));
+    r.add_answer(Record::from_rdata(
+        raw("-b"),
+        60,
+        RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+    ));
+    let f = inspect_answer(&bytes(&r), &facts(&query)).expect("accepted");
+    assert_eq!(
+        f.names().collect::<Vec<_>>(),
+        ["-a.example.com.", "-b.example.com."]
+    );
+    assert_eq!(f.addresses.len(), 1);
 }
 
 #[test]
