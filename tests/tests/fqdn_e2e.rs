@@ -65,7 +65,8 @@ fn fqdn_lab(test: &str, extra_policy: &str) -> Option<Scenario> {
     fqdn_lab_with(test, &policy(extra_policy), &[])
 }
 
-/// [`fqdn_lab`] with its own policy and more weir flags.
+/// [`fqdn_lab`] with its own policy and more weir flags (`--steering` among
+/// them replaces the eBPF datapath).
 fn fqdn_lab_with(test: &str, policy: &str, weir_args: &[&str]) -> Option<Scenario> {
     let mut s = Scenario::star_wars(test)?;
     s.lab.add_outside("dns", 1).expect("add the resolver");
@@ -105,7 +106,10 @@ fn fqdn_lab_with(test: &str, policy: &str, weir_args: &[&str]) -> Option<Scenari
     echo.args(["TCP6-LISTEN:7000,fork,reuseaddr,ipv6only=0", "EXEC:cat"]);
     s.lab.spawn("echo", echo).expect("start the echo server");
     start_resolver(&mut s);
-    let mut args = vec!["--steering", "ebpf", "--fqdn-min-ttl", "0"];
+    let mut args = vec!["--fqdn-min-ttl", "0"];
+    if !weir_args.contains(&"--steering") {
+        args.extend(["--steering", "ebpf"]);
+    }
     args.extend_from_slice(weir_args);
     s.start_weir(policy, &args);
     Some(s)
@@ -271,68 +275,78 @@ fn listed_ips(list: &serde_json::Value, name: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn fqdn_rules_allow_only_the_addresses_of_allowed_answers() {
-    let Some(mut s) = fqdn_lab("fqdn-matrix", WITH_OTHER) else {
-        return;
-    };
-    // Nothing learned yet: the web servers' addresses are dropped in the kernel.
-    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "000");
+/// The matrix both steering modes share, on a lab started with
+/// `policy(WITH_OTHER)`: an address is allowed once an allowed answer for a
+/// selected name taught it (by name and by address, IPv4 and IPv6, through a
+/// CNAME chain), and refused (`denied`: how the mode refuses) before, and
+/// again once no selector selects its name — each refusal the same probe that
+/// gets 200 when a selector selects it.
+fn learned_addresses_only(s: &mut Scenario, denied: &str) {
+    // Nothing learned yet: the web servers' addresses are refused.
+    assert_eq!(curl_ip(s, "tiefighter", &format!("http://{API4}/")), denied);
 
     // A selected name, by name, over IPv4 and IPv6 (DNS over v4 and over v6).
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-4", "http://api.example.com/"),
+        curl_by_name(s, "tiefighter", "-4", "http://api.example.com/"),
         "200"
     );
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-6", "http://api.example.com/"),
+        curl_by_name(s, "tiefighter", "-6", "http://api.example.com/"),
         "200"
     );
     // The learned addresses are allowed by address too, for the toFQDNs ports only.
-    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
+    assert_eq!(curl_ip(s, "tiefighter", &format!("http://{API4}/")), "200");
     assert_eq!(
-        curl_ip(&s, "tiefighter", &format!("http://[{API6}]/")),
+        curl_ip(s, "tiefighter", &format!("http://[{API6}]/")),
         "200"
     );
 
     // A CNAME chain: the alias is selected, the target's addresses are learned.
     assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
+        dig(s, "tiefighter", RESOLVER4, "www.example.com", "A"),
         EDGE4
     );
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-4", "http://www.example.com/"),
+        curl_by_name(s, "tiefighter", "-4", "http://www.example.com/"),
         "200"
     );
 
     // `other.example.com` is allowed while a selector names it ...
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-4", "http://other.example.com/"),
+        curl_by_name(s, "tiefighter", "-4", "http://other.example.com/"),
         "200"
     );
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-6", "http://other.example.com/"),
+        curl_by_name(s, "tiefighter", "-6", "http://other.example.com/"),
         "200"
     );
-    // ... and dropped in the kernel once the policy no longer selects it, although
+    // ... and refused once the policy no longer selects it, although
     // the lookup still succeeds.
     s.reload(&policy(""));
     assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "other.example.com", "A"),
+        dig(s, "tiefighter", RESOLVER4, "other.example.com", "A"),
         OTHER4
     );
     assert_eq!(
-        curl_ip(&s, "tiefighter", &format!("http://{OTHER4}/")),
-        "000"
+        curl_ip(s, "tiefighter", &format!("http://{OTHER4}/")),
+        denied
     );
     assert_eq!(
-        curl_ip(&s, "tiefighter", &format!("http://[{OTHER6}]/")),
-        "000"
+        curl_ip(s, "tiefighter", &format!("http://[{OTHER6}]/")),
+        denied
     );
     assert_eq!(
-        curl_by_name(&s, "tiefighter", "-4", "http://other.example.com/"),
-        "000"
+        curl_by_name(s, "tiefighter", "-4", "http://other.example.com/"),
+        denied
     );
+}
+
+#[test]
+fn fqdn_rules_allow_only_the_addresses_of_allowed_answers() {
+    let Some(mut s) = fqdn_lab("fqdn-matrix", WITH_OTHER) else {
+        return;
+    };
+    learned_addresses_only(&mut s, "000");
     // A policy that selects it again allows the address already learned, at once,
     // without a new lookup.
     s.reload(&policy(WITH_OTHER));
@@ -363,6 +377,22 @@ fn fqdn_rules_allow_only_the_addresses_of_allowed_answers() {
                 .is_some_and(|ips| ips.iter().any(|i| i == API4))
     });
     assert!(answered, "no DNS flow record with api.example.com's answer");
+}
+
+/// The same through the nft fallback, which has no allowlist in the kernel:
+/// the proxy decides every connection of the enforced tiefighter, with the
+/// addresses learned from the answers it relayed. Each refusal is the same
+/// probe that gets 200 once a selector selects the name.
+#[test]
+fn fqdn_rules_allow_only_the_addresses_of_allowed_answers_through_nft() {
+    let Some(mut s) = fqdn_lab_with("fqdn-nft", &policy(WITH_OTHER), &["--steering", "nft"]) else {
+        return;
+    };
+    // The proxy answers a connection it refuses (HTTP: 403), where the
+    // kernel would drop it.
+    const DENIED: &str = "403";
+    learned_addresses_only(&mut s, DENIED);
+    assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
 }
 
 #[test]
