@@ -122,8 +122,22 @@ pub async fn connect_upstream_tcp(
 /// plain socket may bind only those. Where `ip_nonlocal_bind` lets any address
 /// bind, the routing decides instead: towards a local address the kernel picks
 /// the address itself as the source (a UDP connect sends nothing). IPv6
-/// link-local addresses need `addr`'s scope.
+/// link-local addresses are looked up on `addr`'s scope; without one (a
+/// connection from a global source to `fe80::1` keeps none), on every
+/// interface: the address is the node's if any of them holds it.
 pub fn is_local_address(addr: SocketAddr) -> bool {
+    if let SocketAddr::V6(a) = addr
+        && a.scope_id() == 0
+        && a.ip().is_unicast_link_local()
+    {
+        let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+            return false;
+        };
+        return interfaces.iter().any(|i| {
+            let scoped = std::net::SocketAddrV6::new(*a.ip(), a.port(), 0, i.index());
+            is_local_address(SocketAddr::V6(scoped))
+        });
+    }
     let ip = addr.ip();
     if ip.is_unspecified() || ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
         return false;
@@ -515,6 +529,21 @@ mod tests {
         }
     }
 
+    /// This machine's link-local addresses that are usable (not tentative:
+    /// flags in /proc/net/if_inet6's fifth column).
+    fn node_link_local_addresses() -> Vec<std::net::Ipv6Addr> {
+        let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        table
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+                let ip = std::net::Ipv6Addr::from(u128::from_str_radix(f.first()?, 16).ok()?);
+                (ip.is_unicast_link_local() && flags & 0x40 == 0).then_some(ip)
+            })
+            .collect()
+    }
+
     #[test]
     fn local_addresses_are_told_from_others() {
         let local = |s: &str| is_local_address(s.parse().unwrap());
@@ -523,6 +552,12 @@ mod tests {
         assert!(!local("0.0.0.0:15001"));
         assert!(!local("192.0.2.1:15001"));
         assert!(!local("[2001:db8::1]:15001"));
+        // A link-local address without its interface: on loopback's (fe80::1
+        // is on no interface here), then on any interface holding it.
+        assert!(!local("[fe80::1]:15001"));
+        for held in node_link_local_addresses() {
+            assert!(local(&format!("[{held}]:15001")), "{held}");
+        }
         // Whatever the kernel picks as the source towards a remote address is local.
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         if s.connect("192.0.2.1:9").is_ok() {

@@ -144,6 +144,8 @@ dst, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.settimeout(5)
+if len(sys.argv) > 4:
+    s.bind((sys.argv[4], 0))
 # getaddrinfo keeps a link-local address's scope (fe80::1%eth0).
 s.connect(socket.getaddrinfo(dst, port, fam, socket.SOCK_STREAM)[0][4])
 print("ready", flush=True)
@@ -305,8 +307,23 @@ struct Held {
 
 impl Held {
     fn open(s: &Scenario, from: &str, dst: &str, port: u16, limit: &str) -> Held {
+        Held::open_from(s, from, None, dst, port, limit)
+    }
+
+    /// As [`Held::open`], from the source address `src` when given.
+    fn open_from(
+        s: &Scenario,
+        from: &str,
+        src: Option<&str>,
+        dst: &str,
+        port: u16,
+        limit: &str,
+    ) -> Held {
         let script = write_script(s, "hold.py", HOLD_PY);
-        let mut child = python(s, from, &script, &[dst, &port.to_string(), limit])
+        let port = port.to_string();
+        let mut args = vec![dst, &port, limit];
+        args.extend(src);
+        let mut child = python(s, from, &script, &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -476,8 +493,9 @@ fn connections_beyond_max_connections_are_closed_at_once() {
 }
 
 /// (b) A connection addressed to the proxy port on a node address (here the
-/// link-local gateway) is closed at once, not forwarded to the proxy itself; weir
-/// stays healthy.
+/// gateway: IPv4, IPv6 link-local from the client's link-local address, and from
+/// its global one — that connection carries no interface) is closed at once, not
+/// forwarded to the proxy itself; weir stays healthy.
 #[test]
 fn connections_to_the_proxy_port_on_a_node_address_are_refused() {
     refuses_loops(NFT);
@@ -499,11 +517,16 @@ fn refuses_loops(steering: &str) {
     // sent its request yet waits for the 10 s request-head deadline).
     let mut control = Held::open(&s, "tiefighter", DEATHSTAR4, 80, "1.5");
     assert_eq!(control.ask("wait"), "open");
-    for dst in ["169.254.1.1", "fe80::1%eth0"] {
-        let mut h = Held::open(&s, "tiefighter", dst, 15001, "8");
+    let probes = [
+        ("169.254.1.1", None),
+        ("fe80::1%eth0", None),
+        ("fe80::1%eth0", Some("fd00:200::20")),
+    ];
+    for (dst, src) in probes {
+        let mut h = Held::open_from(&s, "tiefighter", src, dst, 15001, "8");
         let answer = h.ask("wait");
         let t = closed_after(&answer, &s.weir_log_text());
-        assert!(t < 1.0, "{dst}: closed after {t} s");
+        assert!(t < 1.0, "{dst} from {src:?}: closed after {t} s");
         assert_eq!(landing_code(&s), "200");
     }
     assert!(s.weir().alive());
@@ -511,7 +534,7 @@ fn refuses_loops(steering: &str) {
     assert_eq!(
         log.matches("addressed to the proxy port on a node address")
             .count(),
-        2,
+        probes.len(),
         "{log}"
     );
     let flows = s.flows();
