@@ -9,7 +9,6 @@
 //! pattern (Kaminsky-style out-of-bailiwick data), and it is ignored here; the
 //! records are counted in [`AnswerFacts::ignored_records`].
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use hickory_proto::op::Message;
@@ -281,26 +280,26 @@ fn check_question(msg: &Message, h: &RawHeader, query: &QueryFacts) -> Result<()
 /// last name.
 fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result<(), AnswerReject> {
     let class = DNSClass::from(query.qclass);
-    let mut current: Name = match msg.queries.first() {
-        Some(q) => q.name().to_lowercase(),
+    // The chain's names, the question's first. It holds at most
+    // MAX_CNAME_CHAIN + 1 names: a linear search is cheaper than hashing, and
+    // the records used are counted from it at the end (no per-record flags).
+    let mut chain: Vec<Name> = match msg.queries.first() {
+        Some(q) => vec![q.name().to_lowercase()],
         // No question (error or zone-transfer continuation): nothing to follow.
         None => {
             facts.ignored_records = msg.answers.len();
             return Ok(());
         }
     };
-    let mut visited: HashSet<Name> = HashSet::new();
-    visited.insert(current.clone());
-    let mut used = vec![false; msg.answers.len()];
     let mut min_ttl: Option<u32> = None;
     let lower = |t: u32, m: Option<u32>| Some(m.map_or(t, |m| m.min(t)));
-    loop {
+    while let Some(current) = chain.last() {
         let mut next: Option<(Name, u32)> = None;
-        for (i, r) in msg.answers.iter().enumerate() {
+        for r in &msg.answers {
             let RData::CNAME(target) = &r.data else {
                 continue;
             };
-            if r.dns_class != class || r.name != current {
+            if r.dns_class != class || r.name != *current {
                 continue;
             }
             let target = target.0.to_lowercase();
@@ -309,15 +308,12 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
                     // The same CNAME twice: harmless, keep the smaller TTL.
                     next = Some((target, (*ttl).min(r.ttl)));
                 }
-                Some(_) => return Err(AnswerReject::AmbiguousCname(policy_name(&current))),
+                Some(_) => return Err(AnswerReject::AmbiguousCname(policy_name(current))),
                 None => next = Some((target, r.ttl)),
-            }
-            if let Some(u) = used.get_mut(i) {
-                *u = true;
             }
         }
         let Some((target, ttl)) = next else { break };
-        if visited.contains(&target) {
+        if chain.contains(&target) {
             return Err(AnswerReject::CnameLoop(policy_name(&target)));
         }
         if facts.cnames.len() >= MAX_CNAME_CHAIN {
@@ -325,17 +321,30 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
         }
         facts.cnames.push(policy_name(&target));
         min_ttl = lower(ttl, min_ttl);
-        visited.insert(target.clone());
-        current = target;
+        chain.push(target);
     }
+    // The name the addresses belong to, and the owners of the CNAMEs followed.
+    let Some((current, followed)) = chain.split_last() else {
+        return Ok(());
+    };
     let chain_ttl = min_ttl;
     // Only the address type asked for (both for ANY): an A record in a AAAA
     // answer is not what the client will use, and need not be allowed.
     let qtype = RecordType::from(query.qtype);
     let want_a = matches!(qtype, RecordType::A | RecordType::ANY);
     let want_aaaa = matches!(qtype, RecordType::AAAA | RecordType::ANY);
-    for (i, r) in msg.answers.iter().enumerate() {
-        if r.dns_class != class || r.name != current {
+    let mut used = 0;
+    for r in &msg.answers {
+        if r.dns_class != class {
+            continue;
+        }
+        // (The chain ended where no CNAME's owner is `current`: a CNAME is
+        // used exactly when its owner is one of the names followed.)
+        if matches!(r.data, RData::CNAME(_)) && followed.contains(&r.name) {
+            used += 1;
+            continue;
+        }
+        if r.name != *current {
             continue;
         }
         let ip = match &r.data {
@@ -343,9 +352,7 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
             RData::AAAA(a) if want_aaaa => IpAddr::V6(a.0),
             _ => continue,
         };
-        if let Some(u) = used.get_mut(i) {
-            *u = true;
-        }
+        used += 1;
         let ttl = chain_ttl.map_or(r.ttl, |c| c.min(r.ttl));
         min_ttl = lower(r.ttl, min_ttl);
         match facts.addresses.iter_mut().find(|a| a.ip == ip) {
@@ -354,6 +361,6 @@ fn collect(msg: &Message, query: &QueryFacts, facts: &mut AnswerFacts) -> Result
         }
     }
     facts.min_ttl = min_ttl;
-    facts.ignored_records = used.iter().filter(|u| !**u).count();
+    facts.ignored_records = msg.answers.len().saturating_sub(used);
     Ok(())
 }
