@@ -155,5 +155,11 @@ fn check_answer(answer: &[u8], facts: &weir_parsers::dns::QueryFacts) {
         if let Some(min) = a.min_ttl {
             assert!(a.addresses.iter().all(|x| x.ttl >= min));
         }
+        // Every answer record is used (an address, a CNAME followed) or
+        // counted as ignored, never both (duplicates are used, not listed).
+        let ancount = answer
+            .get(6..8)
+            .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+        assert!(a.addresses.len() + a.cnames.len() + a.ignored_records <= ancount);
     }
 }

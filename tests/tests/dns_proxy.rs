@@ -909,6 +909,131 @@ fn a_client_fragment_whose_flow_is_gone_reaches_no_node_socket() {
     );
 }
 
+/// Review of the fragment path: the proxy's own datagram to a local resolver
+/// (its upstream leg, from the client's address) is remembered at its first
+/// fragment, unmarked; its rest passes to the resolver only from the node. A
+/// pod sending a fragment with that datagram's addresses and IP ID (guessed)
+/// would splice its own bytes into what the resolver reassembles, past the
+/// proxy: it is dropped. Control: the same fragment, behind the same
+/// remembered head, sent by the node reaches the resolver's interface. (The
+/// head is put in `weir_frags` as `proxy_leg` writes it: racing the proxy's
+/// real fragments is not deterministic.)
+#[test]
+fn a_pods_fragment_cannot_join_the_proxys_own_datagram() {
+    let Some(mut s) = Scenario::star_wars("dns-frag-splice") else {
+        return;
+    };
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns}
+spec:
+  endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.allowed.test"}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: resolver}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+"#;
+    s.start_weir(policy, &["--steering", "ebpf"]);
+    const PORT: u16 = 40056;
+    let (pod, resolver) = ("10.200.0.20", weir_tests::DEATHSTAR4);
+    // Every UDP fragment (not the first) that reaches the resolver's interface.
+    let mut capture = s
+        .lab
+        .workload("deathstar")
+        .ns
+        .command("python3")
+        .args([
+            "-c",
+            r#"
+import socket, struct, sys
+c = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+c.settimeout(float(sys.argv[1]))
+print('ready', flush=True)
+try:
+    while True:
+        p = c.recv(65535)
+        ident, flags_offset, proto = struct.unpack('>HHxB', p[4:10])
+        if proto == 17 and flags_offset & 0x1fff:
+            print('fragment', ident, flush=True)
+except socket.timeout:
+    pass
+"#,
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the capture");
+    let mut out = std::io::BufReader::new(capture.stdout.take().expect("capture's output"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("capture ready");
+    assert_eq!(line.trim(), "ready");
+    let frags = s.bpf_root.join("v6/maps/weir_frags");
+    let remember_proxy_head = |ident: u16| {
+        let mut key: Vec<u8> = vec![10, 200, 0, 20];
+        key.extend([0; 12]);
+        key.extend([10, 200, 0, 10]);
+        key.extend([0; 12]);
+        key.extend(ident.to_be_bytes()); // the IP header's bytes, as read
+        key.extend([0, 0, 17, 4, 0, 0]);
+        let now =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+        let now_ns = u64::try_from(now.tv_sec()).unwrap() * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap();
+        let mut value: Vec<u8> = now_ns.to_le_bytes().to_vec();
+        value.extend(0u32.to_le_bytes()); // no mark: the proxy's own datagram
+        value.extend(PORT.to_be_bytes());
+        value.extend(53u16.to_be_bytes());
+        value.push(1); // WEIR_LEG_PROXY
+        value.extend([0; 7]);
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+        let out = Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(&frags)
+            .arg("key")
+            .arg("hex")
+            .args(hex(&key))
+            .arg("value")
+            .arg("hex")
+            .args(hex(&value))
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "remembering a head: {out:?}");
+    };
+    remember_proxy_head(5151);
+    send_fragment(&s.lab.node, (pod, PORT), (resolver, 53), 5151, "node", 1);
+    remember_proxy_head(5252);
+    let pod_ns = &s.lab.workload("tiefighter").ns;
+    send_fragment(pod_ns, (pod, PORT), (resolver, 53), 5252, "pod-", 1);
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut out, &mut seen).expect("capture's output");
+    capture.wait().expect("capture ends after 3 s of silence");
+    assert!(seen.contains("fragment 5151"), "control: {seen}");
+    assert!(
+        !seen.contains("fragment 5252"),
+        "a pod's fragment joined the proxy's datagram: {seen}"
+    );
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["drop_reason_desc"] == "FRAGMENT_WITHOUT_HEAD" && f["IP"]["source"] == pod),
+        "{flows:#?}"
+    );
+}
+
 #[test]
 fn denials_can_answer_nxdomain_any_port_works_and_silent_resolvers_get_servfail() {
     let Some(mut s) = world("dns-proxy-5353") else {
