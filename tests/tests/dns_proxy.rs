@@ -550,23 +550,9 @@ fn dns_messages_in_ip_fragments_go_through_the_proxy() {
     assert_eq!(big_answers(0, "UDP"), 4, "{flows:#?}");
 }
 
-/// The same with a resolver that is a local endpoint enforcing ingress
-/// policy: the proxy's upstream leg to it sends the padded query in
-/// fragments, whose rest the endpoint's hook passes only behind a first
-/// fragment it saw; its large answer comes back in fragments to the proxy
-/// (and gets TC, as from outside).
-#[test]
-fn dns_messages_in_ip_fragments_go_through_the_proxy_to_a_local_resolver() {
-    let Some(mut s) = Scenario::star_wars("dns-fragments-local") else {
-        return;
-    };
-    start_dnsmasq_on(
-        &mut s,
-        "deathstar",
-        [weir_tests::DEATHSTAR4, weir_tests::DEATHSTAR6],
-        53,
-    );
-    let policy = r#"
+/// DNS rules for the tiefighter towards a resolver on the deathstar, which
+/// enforces ingress (port 53 from the tiefighter only).
+const LOCAL_RESOLVER_POLICY: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: dns}
@@ -589,7 +575,24 @@ spec:
     toPorts:
     - ports: [{port: "53", protocol: ANY}]
 "#;
-    s.start_weir(policy, &["--steering", "ebpf"]);
+
+/// The same with a resolver that is a local endpoint enforcing ingress
+/// policy: the proxy's upstream leg to it sends the padded query in
+/// fragments, whose rest the endpoint's hook passes only behind a first
+/// fragment it saw; its large answer comes back in fragments to the proxy
+/// (and gets TC, as from outside).
+#[test]
+fn dns_messages_in_ip_fragments_go_through_the_proxy_to_a_local_resolver() {
+    let Some(mut s) = Scenario::star_wars("dns-fragments-local") else {
+        return;
+    };
+    start_dnsmasq_on(
+        &mut s,
+        "deathstar",
+        [weir_tests::DEATHSTAR4, weir_tests::DEATHSTAR6],
+        53,
+    );
+    s.start_weir(LOCAL_RESOLVER_POLICY, &["--steering", "ebpf"]);
     for server in [weir_tests::DEATHSTAR4, weir_tests::DEATHSTAR6] {
         a_fragmented_answer_gets_tc_and_tcp_brings_it(&s, server);
         a_padded_query_is_answered(&s, server);
@@ -923,30 +926,7 @@ fn a_pods_fragment_cannot_join_the_proxys_own_datagram() {
     let Some(mut s) = Scenario::star_wars("dns-frag-splice") else {
         return;
     };
-    let policy = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: dns}
-spec:
-  endpointSelector: {matchLabels: {class: tiefighter}}
-  egress:
-  - toEndpoints: [{matchLabels: {class: deathstar}}]
-    toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}]
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: resolver}
-spec:
-  endpointSelector: {matchLabels: {class: deathstar}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
-    toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-"#;
-    s.start_weir(policy, &["--steering", "ebpf"]);
+    s.start_weir(LOCAL_RESOLVER_POLICY, &["--steering", "ebpf"]);
     const PORT: u16 = 40056;
     let (pod, resolver) = ("10.200.0.20", weir_tests::DEATHSTAR4);
     // Every UDP fragment (not the first) that reaches the resolver's interface.
