@@ -46,10 +46,18 @@ fn lock_ready(ready: &Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Writes this process's pid into the ready file.
+/// Writes this process's pid into the ready file. Written beside it and
+/// renamed over it: whoever sees the file sees a whole pid, never the empty
+/// file a plain write leaves between its create and its write.
 pub fn write_ready(ready: &Path) -> std::io::Result<()> {
     let _lock = lock_ready(ready)?;
-    std::fs::write(ready, std::process::id().to_string())
+    let mut tmp = ready.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, std::process::id().to_string())?;
+    std::fs::rename(&tmp, ready).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Removes the ready file unless a successor has written its own pid there.
@@ -89,6 +97,39 @@ mod tests {
         // The lock is not held after either call.
         let lock = lock_ready(&ready).unwrap();
         drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A reader polling the ready file (as scripts and tests do) sees it
+    /// missing or holding the whole pid, never empty: a plain create-and-write
+    /// fails this within a few thousand rewrites.
+    #[test]
+    fn the_ready_file_is_never_seen_half_written() {
+        let dir = std::env::temp_dir().join(format!("weir-ready-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = ready_file(&dir);
+        let pid = std::process::id().to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (ready, stop, pid) = (ready.clone(), stop.clone(), pid.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(s) = std::fs::read_to_string(&ready) {
+                        assert_eq!(s, pid, "after {seen} whole reads");
+                        seen += 1;
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..20_000 {
+            let _ = std::fs::remove_file(&ready);
+            write_ready(&ready).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = reader.join().expect("the reader saw only whole pids");
+        assert!(seen > 0, "the reader never saw the file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
