@@ -46,9 +46,12 @@ fn is_topic_name(n: &str) -> bool {
 impl TopicIds {
     /// Remember what a Metadata response from the broker at `scope` said.
     pub fn learn(&self, scope: Scope, pairs: Vec<([u8; 16], String)>) {
-        let pairs: Vec<_> = pairs
+        // One answer teaches at most one broker's share (the rest of it is
+        // unknown, so denied when used).
+        let mut pairs: Vec<_> = pairs
             .into_iter()
             .filter(|(_, n)| is_topic_name(n))
+            .take(MAX_IDS_PER_BROKER)
             .collect();
         if pairs.is_empty() {
             return;
@@ -70,6 +73,10 @@ impl TopicIds {
                 *total -= by_broker.remove(&big).map_or(0, |m| m.len());
             }
         }
+        // Whatever the above freed, the whole stays bounded: what does not fit
+        // is not learned (others keep theirs; it happened with several brokers
+        // near their share and one answer larger than what its broker forgot).
+        pairs.truncate(MAX_IDS.saturating_sub(*total));
         let map = by_broker.entry(scope).or_default();
         let before = map.len();
         map.extend(pairs);
@@ -149,5 +156,41 @@ mod tests {
         }
         assert!(ids.ids.lock().unwrap().total <= MAX_IDS);
         assert_eq!(ids.resolve(good, &[1; 16]).as_deref(), Some("orders"));
+    }
+
+    fn sizes(ids: &TopicIds) -> (usize, usize, usize) {
+        let ids = ids.ids.lock().unwrap();
+        let largest = ids.by_broker.values().map(HashMap::len).max().unwrap_or(0);
+        let counted: usize = ids.by_broker.values().map(HashMap::len).sum();
+        (largest, ids.total, counted)
+    }
+
+    /// The bounds hold for any one answer, however large: one Metadata
+    /// response (up to `kafka_max_frame`) could carry millions of ids.
+    #[test]
+    fn no_answer_takes_the_map_past_its_bounds() {
+        let bad: Scope = "10.0.0.3:9092".parse().unwrap();
+        let ids = TopicIds::default();
+        ids.learn(bad, invented(MAX_IDS * 2, 2));
+        let (largest, total, counted) = sizes(&ids);
+        assert!(largest <= MAX_IDS_PER_BROKER, "one broker holds {largest}");
+        assert!(total <= MAX_IDS && total == counted, "{total} / {counted}");
+        // Three brokers near the whole; the largest learns an answer bigger
+        // than what it forgets: the others keep theirs, the total holds.
+        let ids = TopicIds::default();
+        let (a, b, c): (Scope, Scope, Scope) = (
+            "10.0.1.1:9092".parse().unwrap(),
+            "10.0.1.2:9092".parse().unwrap(),
+            "10.0.1.3:9092".parse().unwrap(),
+        );
+        ids.learn(a, invented(33_000, 10));
+        ids.learn(b, invented(33_000, 11));
+        ids.learn(c, invented(34_000, 12));
+        ids.learn(c, invented(MAX_IDS_PER_BROKER, 13));
+        let (largest, total, counted) = sizes(&ids);
+        assert!(largest <= MAX_IDS_PER_BROKER, "one broker holds {largest}");
+        assert!(total <= MAX_IDS && total == counted, "{total} / {counted}");
+        assert_eq!(ids.resolve(a, &invented(1, 10)[0].0).as_deref(), Some("t0"));
+        assert_eq!(ids.resolve(b, &invented(1, 11)[0].0).as_deref(), Some("t0"));
     }
 }
