@@ -27,7 +27,7 @@ use handover::{
 };
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing();
+    let _log = init_tracing();
     raise_open_files_limit(&args);
     // One worker: a current-thread runtime, with no cross-thread wake-ups at all.
     let mut rt = match args.workers {

@@ -114,3 +114,53 @@ fn log_format_json_and_log_level() {
         );
     }
 }
+
+/// weir's stderr is a pipe whose reader never reads (a stalled log
+/// collector): the proxy goes on serving, allowed and denied alike, while its
+/// log lines (400 KiB of denials, far beyond the pipe's 64 KiB)
+/// can no longer be written. Its workers never write the log themselves.
+#[test]
+fn a_stalled_stderr_does_not_stop_the_proxy() {
+    let Some(mut s) = Scenario::star_wars("logstall") else {
+        return;
+    };
+    s.start_deathstar(&[]);
+    // The reader opens the FIFO and sleeps; weir's stderr is the FIFO. Both
+    // stay in weir's process group, so the lab stops the reader with weir.
+    let fifo = s.path("stderr.fifo");
+    let fifo = fifo.to_str().expect("utf-8 path");
+    let script = format!(r#"mkfifo {fifo} && {{ sleep 3600 < {fifo} & exec "$@" 2> {fifo}; }}"#);
+    s.start_weir_wrapped(POLICY, &["--steering", "nft"], &["sh", "-c", &script, "sh"]);
+    let landing = format!("http://{DEATHSTAR4}/v1/request-landing");
+    // Each denial is logged with its path: 4 KiB a line.
+    let exhaust = format!("http://{DEATHSTAR4}/v1/exhaust-port/{}", "x".repeat(4096));
+    for i in 0..100 {
+        assert_eq!(
+            s.status("tiefighter", "POST", &landing),
+            "200",
+            "request {i}"
+        );
+        assert_eq!(
+            s.status("tiefighter", "PUT", &exhaust),
+            "403",
+            "request {i}"
+        );
+    }
+    // The stall was real: weir's log writer waits in the kernel for the pipe.
+    let pid = s.weir().pid();
+    let writer_waits_in = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("weir's threads")
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "weir-log")
+        })
+        .and_then(|t| std::fs::read_to_string(t.path().join("wchan")).ok());
+    // (`anon_pipe_write` on kernels since 6.15.)
+    assert!(
+        writer_waits_in
+            .as_deref()
+            .is_some_and(|w| w.ends_with("pipe_write")),
+        "{writer_waits_in:?}"
+    );
+    assert!(s.weir().alive());
+}
