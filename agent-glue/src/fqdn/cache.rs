@@ -564,11 +564,14 @@ impl Cache {
         sels
     }
 
-    /// (name, address) pairs whose expiry has passed.
+    /// (name, address) pairs whose expiry has passed (the tick's scan, once a
+    /// second: it offers the CPU as it goes, [`super::offer_cpu`]).
     pub fn expired(&self, now_ms: u64) -> Vec<(String, IpAddr)> {
         self.names
             .iter()
-            .flat_map(|(n, ips)| {
+            .enumerate()
+            .flat_map(|(i, (n, ips))| {
+                super::offer_cpu(i);
                 ips.iter()
                     .filter(move |(_, e)| e.expires_ms <= now_ms)
                     .map(move |(ip, _)| (n.clone(), *ip))
