@@ -48,7 +48,7 @@ impl TopicIds {
     pub fn learn(&self, scope: Scope, pairs: Vec<([u8; 16], String)>) {
         // One answer teaches at most one broker's share (the rest of it is
         // unknown, so denied when used).
-        let mut pairs: Vec<_> = pairs
+        let pairs: Vec<_> = pairs
             .into_iter()
             .filter(|(_, n)| is_topic_name(n))
             .take(MAX_IDS_PER_BROKER)
@@ -58,28 +58,42 @@ impl TopicIds {
         }
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         let Ids { by_broker, total } = &mut *ids;
+        // Only ids this broker has not taught yet count against the bounds: a
+        // full Metadata answer repeats every id it knows (counting those wiped
+        // a broker of more than half its share on every full answer, and cut
+        // new ids for room the known ones did not need; found by review).
+        let held = |id: &[u8; 16]| by_broker.get(&scope).is_some_and(|m| m.contains_key(id));
+        let new = pairs.iter().filter(|(id, _)| !held(id)).count();
         let mine = by_broker.get(&scope).map_or(0, HashMap::len);
         // Over its share, or over the whole with this broker the largest: this
         // broker starts over, and nobody else loses anything.
         let largest = by_broker.values().map(HashMap::len).max().unwrap_or(0);
-        if mine + pairs.len() > MAX_IDS_PER_BROKER
-            || (*total + pairs.len() > MAX_IDS && mine >= largest)
-        {
+        if mine + new > MAX_IDS_PER_BROKER || (*total + new > MAX_IDS && mine >= largest) {
             *total -= mine;
             by_broker.remove(&scope);
-        } else if *total + pairs.len() > MAX_IDS {
+        } else if *total + new > MAX_IDS {
             // Another broker holds more: it starts over.
             if let Some((&big, _)) = by_broker.iter().max_by_key(|(_, m)| m.len()) {
                 *total -= by_broker.remove(&big).map_or(0, |m| m.len());
             }
         }
-        // Whatever the above freed, the whole stays bounded: what does not fit
-        // is not learned (others keep theirs; it happened with several brokers
-        // near their share and one answer larger than what its broker forgot).
-        pairs.truncate(MAX_IDS.saturating_sub(*total));
+        // Whatever the above freed, the whole stays bounded: new ids that do not
+        // fit are not learned (others keep theirs; it happened with several
+        // brokers near their share and one answer larger than what its broker
+        // forgot). Known ids take no room: they are renamed in place.
+        let mut room = MAX_IDS.saturating_sub(*total);
         let map = by_broker.entry(scope).or_default();
         let before = map.len();
-        map.extend(pairs);
+        for (id, name) in pairs {
+            match map.get_mut(&id) {
+                Some(known) => *known = name,
+                None if room > 0 => {
+                    room -= 1;
+                    map.insert(id, name);
+                }
+                None => {}
+            }
+        }
         *total += map.len() - before;
     }
 
@@ -156,6 +170,36 @@ mod tests {
         }
         assert!(ids.ids.lock().unwrap().total <= MAX_IDS);
         assert_eq!(ids.resolve(good, &[1; 16]).as_deref(), Some("orders"));
+    }
+
+    /// Ids a broker taught already take no room again: a full Metadata answer
+    /// repeats them all.
+    #[test]
+    fn known_ids_count_against_no_bound() {
+        // A broker of 40 000 topics (over half its share) answers in full twice:
+        // it keeps them all, and a partial answer after (20 000 of them) takes nothing away.
+        let big: Scope = "10.9.0.9:9092".parse().unwrap();
+        let ids = TopicIds::default();
+        ids.learn(big, invented(40_000, 5));
+        ids.learn(big, invented(40_000, 5));
+        ids.learn(big, invented(20_000, 5));
+        assert_eq!(ids.ids.lock().unwrap().by_broker[&big].len(), 40_000);
+        // The whole is full; a broker's answer repeats its 10 000 ids and brings
+        // 30 000 new: one other broker starts over, and all 30 000 fit.
+        let x: Scope = "10.9.0.1:9092".parse().unwrap();
+        let ids = TopicIds::default();
+        for (k, s) in ["10.9.0.2:9092", "10.9.0.3:9092", "10.9.0.4:9092"]
+            .iter()
+            .enumerate()
+        {
+            ids.learn(s.parse().unwrap(), invented(30_000, 20 + k as u8));
+        }
+        ids.learn(x, invented(10_000, 1));
+        assert_eq!(ids.ids.lock().unwrap().total, MAX_IDS);
+        ids.learn(x, invented(40_000, 1));
+        let (largest, total, counted) = sizes(&ids);
+        assert_eq!(ids.ids.lock().unwrap().by_broker[&x].len(), 40_000);
+        assert!(largest <= MAX_IDS_PER_BROKER && total <= MAX_IDS && total == counted);
     }
 
     fn sizes(ids: &TopicIds) -> (usize, usize, usize) {
