@@ -592,20 +592,11 @@ fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     }
 }
 
-/// Log lines waiting for stderr; beyond them, lines are dropped (see
-/// [`init_tracing`]).
-const LOG_QUEUE_LINES: usize = 128_000;
-
 /// Logs to stderr as `--log-level`/`WEIR_LOG` and `--log-format` say; colour
 /// codes only when stderr is a terminal (a file or journald gets plain text).
-///
-/// Lines are written by a thread of their own (`weir-log`), never by the
-/// thread that logs: a proxy worker logs per connection (a denial, a loop
-/// refused), and a stderr whose reader stalls (a pipe to a busy log
-/// collector) would otherwise stop the data path in `write(2)`. Up to
-/// [`LOG_QUEUE_LINES`] lines wait; beyond that, lines are dropped rather than
-/// block. Keep the guard until exit: dropping it writes what is queued.
-pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// Lines are written by a thread of their own ([`crate::log_writer`]); keep
+/// the returned flush until exit.
+pub fn init_tracing() -> Option<crate::log_writer::ExitFlush> {
     use std::io::IsTerminal;
     let args = LOG_ARGS.get();
     let filter = match args.and_then(|a| a.log_level) {
@@ -613,21 +604,34 @@ pub fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
         None => tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(true)
-        .thread_name("weir-log")
-        .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let _ = match args.map_or(LogFormat::Text, |a| a.log_format) {
-        LogFormat::Json => builder.json().with_ansi(false).try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-    };
-    guard
+    let ansi = std::io::stderr().is_terminal();
+    let json = matches!(
+        args.map_or(LogFormat::Text, |a| a.log_format),
+        LogFormat::Json
+    );
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match crate::log_writer::start(std::io::stderr(), crate::log_writer::QUEUE_LINES) {
+        Ok((queue, flush)) => {
+            let builder = builder.with_writer(queue);
+            let _ = if json {
+                builder.json().with_ansi(false).try_init()
+            } else {
+                builder.with_ansi(ansi).try_init()
+            };
+            Some(flush)
+        }
+        // No thread to spare: write in place, as before there was one.
+        Err(e) => {
+            eprintln!("weir: logging from the calling thread (no log thread: {e})");
+            let builder = builder.with_writer(std::io::stderr);
+            let _ = if json {
+                builder.json().with_ansi(false).try_init()
+            } else {
+                builder.with_ansi(ansi).try_init()
+            };
+            None
+        }
+    }
 }
 
 fn level_name(level: LogLevel) -> &'static str {

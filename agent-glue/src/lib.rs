@@ -13,6 +13,7 @@ pub mod endpoints;
 pub mod explain;
 pub mod fqdn;
 pub mod lab;
+pub mod log_writer;
 pub mod registry;
 pub mod run;
 pub mod state;
