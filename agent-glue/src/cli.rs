@@ -502,8 +502,11 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Cleanup(args) => {
-            let _log = init_tracing();
-            exit_from(cleanup(&args))
+            let log = init_tracing();
+            let done = cleanup(&args);
+            // What cleanup logged comes out before the error that ends it.
+            drop(log);
+            exit_from(done)
         }
     }
 }
