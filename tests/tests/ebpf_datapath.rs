@@ -634,8 +634,14 @@ spec:
     toPorts: [{ports: [{port: "9000", endPort: 9001, protocol: TCP}]}]
 "#;
     // A server that answers every connection, to probe with while weir is down.
+    // It reads what the client sends: with a bare `echo`, socat's write of the
+    // probe's bytes into the exited echo can fail (EPIPE) and end the
+    // connection before the greeting is relayed (1 in 60 under load).
     let mut greeter = s.lab.workload("deathstar").ns.command("socat");
-    greeter.args(["TCP-LISTEN:9001,fork,reuseaddr", "SYSTEM:echo greetings"]);
+    greeter.args([
+        "TCP-LISTEN:9001,fork,reuseaddr",
+        "SYSTEM:'echo greetings; cat >/dev/null'",
+    ]);
     s.lab.spawn("greeter", greeter).unwrap();
     // 240 MB at 20 MB/s: about 12 s on the wire.
     let src = s.path("bulk.bin");
