@@ -5,6 +5,8 @@
 //! allows, and one `HttpMatcher` holding every HTTP rule of that table. Lookups
 //! cost a hash probe plus the entries on that port, whatever the policy size.
 
+mod table;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -16,12 +18,13 @@ use weir_parsers::http::RequestFacts;
 
 use crate::dns_match::{DnsMatcher, DnsPatternError, DnsSelector};
 use crate::endpoints::{Endpoint, Service};
-use crate::http_match::{HttpCompileError, HttpMatcher, HttpRuleSpec};
+use crate::http_match::{HttpCompileError, HttpMatcher};
 use crate::identity::{
     IDENTITY_HEALTH, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_KUBE_APISERVER, IDENTITY_REMOTE_NODE,
     IDENTITY_WORLD, IdentityAllocator, Labels,
 };
-use crate::kafka_match::{KafkaDenial, KafkaMatcher, KafkaRequest, KafkaRuleSpec};
+use crate::kafka_match::{KafkaDenial, KafkaMatcher, KafkaRequest};
+
 use crate::model::{
     Cidr, ClusterConfig, Entity, PeerRule, Policy, PortSpec, Protocol, Selector, ServiceRef,
 };
@@ -860,13 +863,13 @@ impl CompiledPolicy {
         let mut ingress = Vec::with_capacity(endpoints.len());
         let mut egress = Vec::with_capacity(endpoints.len());
         for subject in &compiled_eps {
-            ingress.push(build_table(
+            ingress.push(table::build_table(
                 policies,
                 &universe,
                 subject,
                 Direction::Ingress,
             )?);
-            egress.push(build_table(
+            egress.push(table::build_table(
                 policies,
                 &universe,
                 subject,
@@ -1682,246 +1685,6 @@ fn peer_set(pr: &PeerRule, u: &PeerUniverse<'_>) -> PeerSet {
         }
     }
     PeerSet::Identities(ids)
-}
-
-fn build_table(
-    policies: &[Policy],
-    universe: &PeerUniverse<'_>,
-    subject: &CompiledEndpoint,
-    dir: Direction,
-) -> Result<Option<DirTable>, CompileError> {
-    let endpoints = universe.endpoints;
-    let mut selected = false;
-    // Cilium: the endpoint is default-deny in this direction when any rule
-    // selecting it there enables it (the default); otherwise everything is
-    // allowed but what deny rules deny, and the rules' allows still apply (L7).
-    let mut default_deny = false;
-    let mut default_allow_origin: Option<RuleRef> = None;
-    let mut entries: Vec<L4Entry> = Vec::new();
-    let mut exact: HashMap<(Protocol, u16), Vec<u32>> = HashMap::new();
-    let mut ranges = Vec::new();
-    let mut http_specs = Vec::new();
-    let mut http_owner = Vec::new();
-    let mut dns_specs: Vec<DnsSelector> = Vec::new();
-    let mut dns_owner = Vec::new();
-    let mut kafka_specs: Vec<KafkaRuleSpec> = Vec::new();
-    let mut kafka_owner = Vec::new();
-    for policy in policies {
-        let pname: Arc<str> = Arc::from(policy.qualified_name());
-        for rule in &policy.rules {
-            for (peer_rules, deny, field) in all_peer_rules(rule, dir) {
-                // Cilium enables a direction for rules with at least one entry
-                // there (`len(r.Ingress) > 0`): `ingress:` left empty or `[]`
-                // selects nothing, while `[{}]` selects and allows nothing.
-                let Some(peer_rules) = peer_rules.filter(|p| !p.is_empty()) else {
-                    continue;
-                };
-                if !rule.subject.matches(&subject.labels) {
-                    continue;
-                }
-                selected = true;
-                let (dd, dd_field) = match dir {
-                    Direction::Ingress => (rule.default_deny.ingress, "ingress"),
-                    Direction::Egress => (rule.default_deny.egress, "egress"),
-                };
-                if dd.unwrap_or(true) {
-                    default_deny = true;
-                } else if default_allow_origin.is_none() {
-                    default_allow_origin = Some(RuleRef {
-                        policy: pname.clone(),
-                        rule: format!("{}.enableDefaultDeny.{dd_field}", rule.label).into(),
-                    });
-                }
-                for (pi, pr) in peer_rules.iter().enumerate() {
-                    let peers = pr.peers.clone();
-                    let base = format!("{}.{field}[{pi}]", rule.label);
-                    let no_l3 = pr.peers.is_none()
-                        && pr.cidrs.is_none()
-                        && pr.entities.is_none()
-                        && pr.services.is_none()
-                        && pr.fqdns.is_none();
-                    if !pr.icmps.is_empty() {
-                        // `icmps`: these types (the "port") of ICMP or ICMPv6 only;
-                        // one entry per `icmps` item, for the deciding rule's name.
-                        let mut ids: Vec<(usize, u32)> = Vec::new();
-                        for t in &pr.icmps {
-                            let id = match ids.iter().find(|(e, _)| *e == t.entry) {
-                                Some((_, id)) => *id,
-                                None => {
-                                    let id = entries.len() as u32;
-                                    entries.push(L4Entry {
-                                        origin: RuleRef {
-                                            policy: pname.clone(),
-                                            rule: format!("{base}.icmps[{}]", t.entry).into(),
-                                        },
-                                        peers: peer_set(pr, universe),
-                                        deny,
-                                        http_refs: None,
-                                        dns_refs: None,
-                                        kafka_refs: None,
-                                    });
-                                    ids.push((t.entry, id));
-                                    id
-                                }
-                            };
-                            exact
-                                .entry((t.family, u16::from(t.icmp_type)))
-                                .or_default()
-                                .push(id);
-                        }
-                        continue;
-                    }
-                    if pr.to_ports.is_empty() {
-                        if no_l3 {
-                            // `{}`: selects the endpoint (default deny) but allows nothing.
-                            continue;
-                        }
-                        let id = entries.len() as u32;
-                        entries.push(L4Entry {
-                            origin: RuleRef {
-                                policy: pname.clone(),
-                                rule: base.into(),
-                            },
-                            peers: peer_set(pr, universe),
-                            deny,
-                            http_refs: None,
-                            dns_refs: None,
-                            kafka_refs: None,
-                        });
-                        // No toPorts: every protocol, ICMP echo included.
-                        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
-                            ranges.push((proto, 0, u16::MAX, id));
-                        }
-                        continue;
-                    }
-                    for (ti, tp) in pr.to_ports.iter().enumerate() {
-                        let origin = RuleRef {
-                            policy: pname.clone(),
-                            rule: format!("{base}.toPorts[{ti}]").into(),
-                        };
-                        let http_rules = tp.http.as_ref().filter(|h| !h.is_empty());
-                        let id = entries.len() as u32;
-                        let http_refs = http_rules.map(|rules| {
-                            rules
-                                .iter()
-                                .enumerate()
-                                .map(|(hi, _)| RuleRef {
-                                    policy: pname.clone(),
-                                    rule: format!("{}.rules.http[{hi}]", origin.rule).into(),
-                                })
-                                .collect::<Vec<_>>()
-                        });
-                        if let Some(rules) = http_rules {
-                            for (hi, h) in rules.iter().enumerate() {
-                                http_owner.push((id, hi as u32));
-                                http_specs.push(HttpRuleSpec {
-                                    owner: id,
-                                    method: h.method.as_ref().map(|m| m.value.clone()),
-                                    path: h.path.as_ref().map(|m| m.value.clone()),
-                                    host: h.host.as_ref().map(|m| m.value.clone()),
-                                    headers: h.headers.iter().map(|l| l.value.clone()).collect(),
-                                });
-                            }
-                        }
-                        let dns_rules = tp.dns.as_ref().filter(|h| !h.is_empty());
-                        let dns_refs = dns_rules.map(|rules| {
-                            rules
-                                .iter()
-                                .enumerate()
-                                .map(|(di, _)| RuleRef {
-                                    policy: pname.clone(),
-                                    rule: format!("{}.rules.dns[{di}]", origin.rule).into(),
-                                })
-                                .collect::<Vec<_>>()
-                        });
-                        for (di, r) in dns_rules.into_iter().flatten().enumerate() {
-                            dns_owner.push((id, di as u32));
-                            dns_specs.push(r.value.clone());
-                        }
-                        let kafka_rules = tp.kafka.as_ref().filter(|k| !k.is_empty());
-                        let kafka_refs = kafka_rules.map(|rules| {
-                            (0..rules.len())
-                                .map(|ki| RuleRef {
-                                    policy: pname.clone(),
-                                    rule: format!("{}.rules.kafka[{ki}]", origin.rule).into(),
-                                })
-                                .collect::<Vec<_>>()
-                        });
-                        for (ki, k) in kafka_rules.into_iter().flatten().enumerate() {
-                            kafka_owner.push((id, ki as u32));
-                            kafka_specs.push(KafkaRuleSpec {
-                                owner: id,
-                                api_keys: k.api_keys.clone(),
-                                api_version: k.api_version,
-                                client_id: k.client_id.clone(),
-                                topic: k.topic.clone(),
-                            });
-                        }
-                        entries.push(L4Entry {
-                            origin,
-                            peers: peer_set(pr, universe),
-                            deny,
-                            http_refs,
-                            dns_refs,
-                            kafka_refs,
-                        });
-                        for pp in &tp.ports {
-                            let protos: &[Protocol] = match pp.protocol {
-                                Protocol::Any => &[Protocol::Tcp, Protocol::Udp],
-                                Protocol::Tcp => &[Protocol::Tcp],
-                                Protocol::Udp => &[Protocol::Udp],
-                                Protocol::Icmp => &[Protocol::Icmp],
-                                Protocol::Icmp4 => &[Protocol::Icmp4],
-                                Protocol::Icmp6 => &[Protocol::Icmp6],
-                            };
-                            for port in resolve_port(&pp.port, subject, endpoints, &peers, dir) {
-                                for proto in protos {
-                                    match (port, pp.end_port) {
-                                        (0, _) => ranges.push((*proto, 0, u16::MAX, id)),
-                                        (p, Some(end)) if end > p => {
-                                            ranges.push((*proto, p, end, id))
-                                        }
-                                        (p, _) => exact.entry((*proto, p)).or_default().push(id),
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if !selected {
-        return Ok(None);
-    }
-    if !default_deny && let Some(origin) = default_allow_origin {
-        // What Cilium inserts for an endpoint that only default-allow rules
-        // select: `{from,to}Entities: [all]` on every port and protocol.
-        let id = entries.len() as u32;
-        entries.push(L4Entry {
-            origin,
-            peers: PeerSet::Any,
-            deny: false,
-            http_refs: None,
-            dns_refs: None,
-            kafka_refs: None,
-        });
-        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
-            ranges.push((proto, 0, u16::MAX, id));
-        }
-    }
-    check_l7_conflicts(&entries, &exact, &ranges)?;
-    Ok(Some(DirTable {
-        entries,
-        exact,
-        ranges,
-        http: HttpMatcher::new(http_specs)?,
-        http_owner,
-        dns: DnsMatcher::new(&dns_specs)?,
-        dns_owner,
-        kafka: KafkaMatcher::new(kafka_specs),
-        kafka_owner,
-    }))
 }
 
 /// One port has one L7 protocol: HTTP, DNS and Kafka rules on the same protocol
