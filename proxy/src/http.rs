@@ -457,15 +457,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         Ok(f) => f,
         Err(reject) => {
             info!(%reject, "malformed or ambiguous request; answering 400 and closing");
-            let (response, http) =
-                refused_before_policy(&parts, &ctx, is_grpc, &reject.to_string());
-            let v = cv.l4_verdict();
-            let f = ctx
-                .flow(&d, &v)
-                .with_error(format!("MALFORMED_REQUEST: {reject}"))
-                .with_http(L7Type::Request, elapsed_ns(start), http);
-            ctx.shared.flows.emit(f);
-            return Ok(response);
+            return refuse_before_policy(&ctx, &d, &parts, is_grpc, start, &reject.to_string());
         }
     };
     let mut parts = parts;
@@ -491,13 +483,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         .and_then(|()| use_checked_path(&mut parts.uri, &facts.path))
     {
         info!(error = %e, "request refused before policy; answering 400");
-        let (response, http) = refused_before_policy(&parts, &ctx, is_grpc, &e);
-        let f = ctx
-            .flow(&d, &cv.l4_verdict())
-            .with_error(format!("MALFORMED_REQUEST: {e}"))
-            .with_http(L7Type::Request, elapsed_ns(start), http);
-        ctx.shared.flows.emit(f);
-        return Ok(response);
+        return refuse_before_policy(&ctx, &d, &parts, is_grpc, start, &e);
     }
     if http2 && !checked_headers.is_empty() {
         // Request trailers come after this decision: the pump drops these names.
@@ -513,29 +499,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
     let grpc_call = is_grpc.then(|| grpc_facts(&facts.path));
     if !verdict.allowed {
         info!(method = %facts.method, path = %facts.path, reason = %verdict.reason(), "request denied");
-        let (response, code) = match grpc_call.clone() {
-            // A gRPC client reports PERMISSION_DENIED with weir's message (a
-            // 403 would read as UNKNOWN / INTERNAL).
-            Some(mut g) => {
-                let msg = format!("denied by weir policy: {}", verdict.reason());
-                g.status = Some(grpc::Code::PermissionDenied as u32);
-                g.message = Some(msg.clone());
-                let r = grpc::status_response(grpc::Code::PermissionDenied, &msg);
-                (r, (StatusCode::OK, Some(g)))
-            }
-            // Denied at L3/L4: nothing on this connection will ever pass, so close it.
-            None => (
-                deny_response(!cv.l4_allowed()),
-                (StatusCode::FORBIDDEN, None),
-            ),
-        };
-        let mut http = flow_http(&parts, &ctx, code.0);
-        http.grpc = code.1;
-        let f = ctx
-            .flow(&d, &verdict)
-            .with_http(L7Type::Request, elapsed_ns(start), http);
-        ctx.shared.flows.emit(f);
-        return Ok(response);
+        return deny(&ctx, &d, &parts, &verdict, grpc_call, start);
     }
     // A tunnel is decided again at each policy change, on what was decided now.
     let decided_headers = switch.as_ref().map(|_| parts.headers.clone());
@@ -601,15 +565,30 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         }
     };
     let upstream_ns = elapsed_ns(upstream_start);
-    let Some(InFlightFacts {
+    let Some(facts) = in_flight.facts.take() else {
+        return Err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+    };
+    answer(&ctx, &d, start, upstream_ns, http2, facts, result)
+}
+
+/// The client's answer to a forwarded request (the response, or the error
+/// in the protocol's terms) and its record; a gRPC call's record waits for
+/// its trailers.
+fn answer(
+    ctx: &Arc<ConnContext>,
+    d: &crate::context::Decision,
+    start: Instant,
+    upstream_ns: u64,
+    http2: bool,
+    facts: InFlightFacts,
+    result: Result<Response<ProxyBody>, UpstreamError>,
+) -> Reply {
+    let InFlightFacts {
         mut http,
         verdict,
         mismatches,
         grpc: grpc_call,
-    }) = in_flight.facts.take()
-    else {
-        return Err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
-    };
+    } = facts;
     let (response, code, error) = match result {
         Ok(resp) => {
             let code = resp.status();
@@ -641,7 +620,7 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
         http.grpc = Some(g);
     }
     let mut f = ctx
-        .flow(&d, &verdict)
+        .flow(d, &verdict)
         .with_http(L7Type::Response, elapsed_ns(start), http)
         .with_upstream_ns(upstream_ns);
     if let Some(e) = &error {
@@ -673,26 +652,70 @@ async fn handle(ctx: Arc<ConnContext>, h1: Option<Http1Conn>, req: Request<Incom
     response
 }
 
+/// The answer to a request policy denies, and its record: a gRPC client gets
+/// PERMISSION_DENIED with weir's message (a 403 would read as UNKNOWN /
+/// INTERNAL), others 403 — closing the connection when it is denied at L3/L4,
+/// as nothing on it will ever pass.
+fn deny(
+    ctx: &ConnContext,
+    d: &crate::context::Decision,
+    parts: &http::request::Parts,
+    verdict: &weir_policy::Verdict,
+    grpc_call: Option<flow::Grpc>,
+    start: Instant,
+) -> Reply {
+    let (response, code, grpc_record) = match grpc_call {
+        Some(mut g) => {
+            let msg = format!("denied by weir policy: {}", verdict.reason());
+            g.status = Some(grpc::Code::PermissionDenied as u32);
+            g.message = Some(msg.clone());
+            let r = grpc::status_response(grpc::Code::PermissionDenied, &msg);
+            (r, StatusCode::OK, Some(g))
+        }
+        None => (
+            deny_response(!d.verdict.l4_allowed()),
+            StatusCode::FORBIDDEN,
+            None,
+        ),
+    };
+    let mut http = flow_http(parts, ctx, code);
+    http.grpc = grpc_record;
+    let f = ctx
+        .flow(d, verdict)
+        .with_http(L7Type::Request, elapsed_ns(start), http);
+    ctx.shared.flows.emit(f);
+    Ok(response)
+}
+
 /// The answer to a request refused before policy (malformed or ambiguous):
 /// 400 and close, or for a gRPC call a trailers-only INTERNAL (gRPC's own
 /// mapping of HTTP 400; PERMISSION_DENIED is only for policy), and its record.
-fn refused_before_policy(
-    parts: &http::request::Parts,
+fn refuse_before_policy(
     ctx: &ConnContext,
+    d: &crate::context::Decision,
+    parts: &http::request::Parts,
     is_grpc: bool,
+    start: Instant,
     detail: &str,
-) -> (Response<ProxyBody>, flow::Http) {
-    if !is_grpc {
+) -> Reply {
+    let (response, http) = if is_grpc {
+        let message = format!("weir: request refused before policy: {detail}");
+        let mut http = flow_http(parts, ctx, StatusCode::OK);
+        let mut g = grpc_facts(parts.uri.path());
+        g.status = Some(grpc::Code::Internal as u32);
+        g.message = Some(message.clone());
+        http.grpc = Some(g);
+        (grpc::status_response(grpc::Code::Internal, &message), http)
+    } else {
         let http = flow_http(parts, ctx, StatusCode::BAD_REQUEST);
-        return (error_response(StatusCode::BAD_REQUEST, detail, true), http);
-    }
-    let message = format!("weir: request refused before policy: {detail}");
-    let mut http = flow_http(parts, ctx, StatusCode::OK);
-    let mut g = grpc_facts(parts.uri.path());
-    g.status = Some(grpc::Code::Internal as u32);
-    g.message = Some(message.clone());
-    http.grpc = Some(g);
-    (grpc::status_response(grpc::Code::Internal, &message), http)
+        (error_response(StatusCode::BAD_REQUEST, detail, true), http)
+    };
+    let f = ctx
+        .flow(d, &d.verdict.l4_verdict())
+        .with_error(format!("MALFORMED_REQUEST: {detail}"))
+        .with_http(L7Type::Request, elapsed_ns(start), http);
+    ctx.shared.flows.emit(f);
+    Ok(response)
 }
 
 /// The verdict on a request: its connection's at L3/L4 when that denies it or
