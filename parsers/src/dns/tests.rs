@@ -1121,3 +1121,89 @@ fn truncated_for_is_the_question_with_tc_and_no_records() {
     let r = truncated_for(&f, rcode::SERVFAIL);
     assert_eq!(r[3] & 0x0f, 2);
 }
+
+/// What `policy_name` was before it wrote the wire labels itself (hickory's
+/// lower-cased text, its escapes rewritten): the reference it must equal.
+fn policy_name_via_hickory(name: &Name) -> String {
+    let mut s = name.to_lowercase().to_ascii();
+    if s.contains('\\') {
+        s = as_zone_files_write_it(&s);
+    }
+    if !s.ends_with('.') {
+        s.push('.');
+    }
+    s
+}
+
+/// hickory's presentation form, made the one zone files and Cilium (miekg/dns)
+/// use. hickory escapes a label's leading `-` (`\-foo`), which they write bare
+/// — and Cilium's patterns' `*` (`[-a-zA-Z0-9_]*`) matches it, so
+/// `*.example.com` selects `-foo.example.com.`; and hickory writes `\DDD` in
+/// octal (byte 16 as `\020`, which RFC 1035 reads as byte 20), they in
+/// decimal. `-` is no special character of the form, so writing it bare
+/// confuses no two names; every other escape (`\\`, `\.`, `\*`) stays.
+fn as_zone_files_write_it(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escaped = &rest[at + 1..];
+        let octal = escaped
+            .get(..3)
+            .filter(|d| d.bytes().all(|c| (b'0'..=b'7').contains(&c)))
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        if let Some(byte) = octal {
+            let _ = write!(out, "\\{byte:03}");
+            rest = &escaped[3..];
+        } else if let Some(c) = escaped.chars().next() {
+            if c != '-' {
+                out.push('\\');
+            }
+            out.push(c);
+            rest = &escaped[c.len_utf8()..];
+        } else {
+            out.push('\\');
+            rest = "";
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20000))]
+    /// Any labels (every byte value, empty name included): the direct form is
+    /// hickory's text with zone-file escapes, byte for byte.
+    #[test]
+    fn policy_name_equals_hickorys_text_rewritten(
+        labels in proptest::collection::vec(
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(b"aZ09-_*.\\ ".to_vec()),
+                    1 => any::<u8>(),
+                ],
+                1..8,
+            ),
+            0..5,
+        )
+    ) {
+        let name = Name::from_labels(labels).expect("labels fit");
+        prop_assert_eq!(policy_name(&name), policy_name_via_hickory(&name));
+    }
+}
+
+#[test]
+fn policy_name_of_escapes_and_the_root() {
+    for (labels, want) in [
+        (vec![b"-Foo".to_vec(), b"Example".to_vec()], "-foo.example."),
+        (vec![b"*".to_vec(), b"a*b".to_vec()], "*.a\\*b."),
+        (vec![b"a.b".to_vec(), b"c\\d".to_vec()], "a\\.b.c\\\\d."),
+        (vec![vec![16, b' ', 0xff]], "\\016\\032\\255."),
+        (vec![], "."),
+    ] {
+        let name = Name::from_labels(labels).expect("labels fit");
+        assert_eq!(policy_name(&name), want);
+        assert_eq!(policy_name_via_hickory(&name), want);
+    }
+}
