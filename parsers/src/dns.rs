@@ -294,7 +294,8 @@ pub(crate) fn first_question_span(bytes: &[u8]) -> Result<std::ops::Range<usize>
 /// in decimal (RFC 1035; hickory writes octal). Written straight from the
 /// wire labels: hickory's lower-cased copy of the name and its text (a string
 /// per escape) were 3.2 % of weir's samples under `tests/perf/dns.sh`'s
-/// `PROFILE=1`.
+/// `PROFILE=1`. Names here come off the wire, so they are fully qualified:
+/// the text always ends in the root's `.`.
 pub(crate) fn policy_name(name: &Name) -> String {
     let mut out = String::with_capacity(name.len() + 1);
     for label in name.iter() {
