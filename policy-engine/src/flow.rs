@@ -385,6 +385,18 @@ impl Flow {
         dst: (IpAddr, u16),
         verdict: &Verdict,
     ) -> Flow {
+        Self::with_peers_and_policy(peers, src, dst, verdict, verdict.reason())
+    }
+
+    /// [`Flow::with_peers`] with the `policy` text given (a caller that
+    /// rendered the verdict's reason already does not render it again).
+    pub fn with_peers_and_policy(
+        peers: &FlowPeers,
+        src: (IpAddr, u16),
+        dst: (IpAddr, u16),
+        verdict: &Verdict,
+        policy: String,
+    ) -> Flow {
         Flow {
             time: FlowTime::now(),
             verdict: if verdict.allowed {
@@ -413,7 +425,7 @@ impl Flow {
             is_reply: false,
             node_name: peers.node_name.clone(),
             l7: None,
-            policy: verdict.reason(),
+            policy,
             summary: String::new(),
         }
     }

@@ -92,11 +92,23 @@ impl ConnContext {
     }
 
     pub fn flow(&self, d: &Decision, verdict: &weir_policy::Verdict) -> Flow {
-        let flow = Flow::with_peers(
+        self.flow_with_policy(d, verdict, verdict.reason())
+    }
+
+    /// [`ConnContext::flow`] with the record's `policy` text given (rendered
+    /// once per DNS query and kept for its records).
+    pub fn flow_with_policy(
+        &self,
+        d: &Decision,
+        verdict: &weir_policy::Verdict,
+        policy: String,
+    ) -> Flow {
+        let flow = Flow::with_peers_and_policy(
             &d.peers,
             (d.verdict.src.ip, self.client.port()),
             (d.verdict.dst.ip, self.orig_dst.port()),
             verdict,
+            policy,
         );
         match self.protocol {
             Protocol::Udp => flow.over_udp(),

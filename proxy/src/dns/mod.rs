@@ -35,9 +35,10 @@ pub(crate) enum QueryAction {
     /// Nothing to answer (unreadable header, a response sent as a query).
     Drop,
     /// Allowed: forward the message unchanged and remember it, and emit the
-    /// query's record (UDP after the send, so that rendering it does not delay
-    /// the query; TCP before, as forwarding may answer SERVFAIL itself).
-    Forward(Pending, Flow),
+    /// query's record ([`query_record`]: UDP builds it after the send, so that
+    /// neither building nor rendering it delays the query; TCP before, as
+    /// forwarding may answer SERVFAIL itself).
+    Forward(Pending),
 }
 
 /// A query forwarded to the resolver and not yet (fully) answered.
@@ -126,29 +127,29 @@ pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAc
             None => QueryAction::Drop,
         };
     }
-    // The record's reason is the verdict's: an allowed verdict's reason names
-    // its rules whatever the layer, so `ctx.flow`'s is the one to keep.
-    let flow = ctx
-        .flow(&d, &verdict)
-        .with_dns(L7Type::Request, 0, DnsFlow::from_query(&facts));
-    debug_assert_eq!(flow.policy, verdict.reason_for("DNS"));
-    let reason = flow.policy.clone();
+    // The records' reason is the verdict's: an allowed verdict's reason names
+    // its rules whatever the layer (what `ctx.flow` would write).
+    let reason = verdict.reason();
+    debug_assert_eq!(reason, verdict.reason_for("DNS"));
     let now = Instant::now();
     let client = DnsClient::new(ctx.client.ip());
-    QueryAction::Forward(
-        Pending {
-            facts,
-            decision: d,
-            verdict,
-            reason,
-            sent: now,
-            deadline: now + cfg.dns_upstream_timeout,
-            timeout: cfg.dns_upstream_timeout,
-            answered: false,
-            client,
-        },
-        flow,
-    )
+    QueryAction::Forward(Pending {
+        facts,
+        decision: d,
+        verdict,
+        reason,
+        sent: now,
+        deadline: now + cfg.dns_upstream_timeout,
+        timeout: cfg.dns_upstream_timeout,
+        answered: false,
+        client,
+    })
+}
+
+/// The REQUEST record of a forwarded query.
+pub(crate) fn query_record(ctx: &ConnContext, p: &Pending) -> Flow {
+    ctx.flow_with_policy(&p.decision, &p.verdict, p.reason.clone())
+        .with_dns(L7Type::Request, 0, DnsFlow::from_query(&p.facts))
 }
 
 /// What an upstream message turned out to be.
@@ -492,27 +493,23 @@ fn latency_ns(p: &Pending) -> u64 {
 
 /// A RESPONSE record for an answer released to the client.
 pub(crate) fn answer_flow(ctx: &ConnContext, p: &Pending, a: &AnswerFacts) -> Flow {
-    let mut f = ctx.flow(&p.decision, &p.verdict).with_dns(
-        L7Type::Response,
-        latency_ns(p),
-        DnsFlow::from_answer(&p.facts, a),
-    );
-    f.policy = p.reason.clone();
-    f
+    ctx.flow_with_policy(&p.decision, &p.verdict, p.reason.clone())
+        .with_dns(
+            L7Type::Response,
+            latency_ns(p),
+            DnsFlow::from_answer(&p.facts, a),
+        )
 }
 
 /// A RESPONSE record for a SERVFAIL weir answered in the resolver's place.
 pub(crate) fn servfail_flow(ctx: &ConnContext, p: &Pending, why: &str) -> Flow {
-    let mut f = ctx
-        .flow(&p.decision, &p.verdict)
+    ctx.flow_with_policy(&p.decision, &p.verdict, format!("{} ({why})", p.reason))
         .with_dns(
             L7Type::Response,
             latency_ns(p),
             DnsFlow::from_rcode(&p.facts, dns::rcode::SERVFAIL),
         )
-        .with_error("DNS_SERVFAIL");
-    f.policy = format!("{} ({why})", p.reason);
-    f
+        .with_error("DNS_SERVFAIL")
 }
 
 /// SERVFAIL for `p`, with its flow record.

@@ -306,8 +306,11 @@ impl Conn {
                 QueryAction::Drop => {}
                 // The record first: forwarding may connect, fail and answer
                 // SERVFAIL, whose record must come after the query's.
-                QueryAction::Forward(p, record) => {
-                    self.ctx.shared.flows.emit(record);
+                QueryAction::Forward(p) => {
+                    self.ctx
+                        .shared
+                        .flows
+                        .emit(super::query_record(&self.ctx, &p));
                     self.forward(p, &msg).await;
                 }
             }

@@ -80,8 +80,8 @@ fn answer(id: u16, name: &str, ips: &[[u8; 4]]) -> Vec<u8> {
 
 fn forward(ctx: &ConnContext, msg: &[u8]) -> Pending {
     match decide_query(ctx, msg, true) {
-        QueryAction::Forward(p, record) => {
-            ctx.shared.flows.emit(record);
+        QueryAction::Forward(p) => {
+            ctx.shared.flows.emit(query_record(ctx, &p));
             p
         }
         _ => panic!("not forwarded"),
@@ -186,6 +186,41 @@ fn an_answer_is_decoded_once_whatever_shares_its_id() {
     ));
     assert_eq!(ANSWER_DECODES.with(|c| c.get()) - before, 1);
     assert_eq!(o.len(), 99);
+}
+
+/// A forwarded query's records (REQUEST, then RESPONSE or weir's SERVFAIL)
+/// carry the verdict's reason as `ConnContext::flow` writes it, rendered once
+/// per query and kept in `Pending::reason`.
+#[test]
+fn a_querys_records_carry_the_verdicts_reason() {
+    let (ctx, lines) = ctx(ProxyConfig::default());
+    let d = ctx.decide();
+    let expected = ctx
+        .flow(&d, &d.verdict.dns_verdict(&d.policy, "a.example."))
+        .policy;
+    assert!(!expected.is_empty());
+    let mut o = Outstanding::new(10);
+    o.add(forward(&ctx, &query(5, "a.example")));
+    o.add(forward(&ctx, &query(6, "a.example")));
+    match o.take_answer(&answer(5, "a.example", &[[192, 0, 2, 1]])) {
+        AnswerMatch::Matched(p, Ok(a)) => ctx.shared.flows.emit(answer_flow(&ctx, &p, &a)),
+        _ => panic!("answer not matched"),
+    }
+    let Some(p) = o.drain().pop() else {
+        panic!("query 6 not outstanding");
+    };
+    servfail(&ctx, &p, "timed out").unwrap();
+    let flows = records(&ctx, &lines);
+    let kinds: Vec<_> = flows.iter().map(|f| f["l7"]["type"].clone()).collect();
+    assert_eq!(
+        kinds,
+        ["REQUEST", "REQUEST", "RESPONSE", "RESPONSE"],
+        "{flows:?}"
+    );
+    for f in &flows[..3] {
+        assert_eq!(f["policy"], expected.as_str(), "{f}");
+    }
+    assert_eq!(flows[3]["policy"], format!("{expected} (timed out)"));
 }
 
 #[test]

@@ -209,11 +209,14 @@ async fn on_query(
             to_client(downstream, &r).await;
         }
         QueryAction::Drop => {}
-        QueryAction::Forward(p, record) => {
-            outstanding.add(p);
+        QueryAction::Forward(p) => {
             if let Err(e) = upstream.send(msg).await {
                 debug!(error = %e, "sending a DNS query upstream failed");
             }
+            // The record is built once the query is on its way (its answer is
+            // read by this same task, so it cannot be matched before `add`).
+            let record = super::query_record(ctx, &p);
+            outstanding.add(p);
             ctx.shared.flows.emit(record);
         }
     }
