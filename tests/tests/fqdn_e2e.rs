@@ -395,6 +395,72 @@ fn fqdn_rules_allow_only_the_addresses_of_allowed_answers_through_nft() {
     assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
 }
 
+/// A policy whose DNS rules allow `dns_names` and whose only `toFQDNs`
+/// selector is the CNAME target `edge.cdnprovider.net` (`www.example.com`'s).
+fn cname_target_policy(dns_names: &str) -> String {
+    format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: fqdn}}
+spec:
+  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
+  egress:
+  - toCIDR: [{RESOLVER4}/32]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: {dns_names}
+  - toFQDNs: [{{matchName: edge.cdnprovider.net}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+"#
+    )
+}
+
+/// An answer's CNAME chain teaches a selector only the names its client may
+/// ask for: allowed `*.example.com` only, the answer for `www.example.com`
+/// (CNAME `edge.cdnprovider.net`) reaches the client but does not open
+/// `edge.cdnprovider.net`'s address; allowed that name too, the same lookup
+/// opens it (the same probe, the same server: 200).
+#[test]
+fn a_cname_target_the_client_may_not_ask_for_opens_nothing() {
+    let strict = cname_target_policy(r#"[{matchPattern: "*.example.com"}]"#);
+    let Some(mut s) = fqdn_lab_with("fqdn-cname-unasked", &strict, &[]) else {
+        return;
+    };
+    let edge = format!("http://{EDGE4}/");
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
+        EDGE4
+    );
+    // The target itself is a name the client may not ask for.
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "edge.cdnprovider.net", "A"),
+        "REFUSED"
+    );
+    assert_eq!(curl_ip(&s, "tiefighter", &edge), "000");
+    let flows = s.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["l7"]["dns"]["query"] == "www.example.com."
+                && f["l7"]["dns"]["cnames"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|n| n == "edge.cdnprovider.net."))),
+        "the answer's record keeps its CNAME"
+    );
+
+    s.reload(&cname_target_policy(
+        r#"[{matchPattern: "*.example.com"}, {matchName: edge.cdnprovider.net}]"#,
+    ));
+    assert_eq!(
+        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
+        EDGE4
+    );
+    assert_eq!(curl_ip(&s, "tiefighter", &edge), "200");
+}
+
 #[test]
 fn an_expired_address_stays_while_its_connection_lives_and_goes_after() {
     let Some(s) = fqdn_lab("fqdn-expiry", "") else {

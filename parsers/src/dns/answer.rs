@@ -66,13 +66,34 @@ pub struct AnswerFacts {
     /// Answer-section records that are neither part of the chain nor its
     /// addresses (unrelated names, RRSIGs, ...).
     pub ignored_records: usize,
+    /// Bit `i` set: `cnames[i]` teaches no selector ([`AnswerFacts::withhold_cname`]).
+    withheld_cnames: u32,
 }
+
+// Every chain name has a bit in `withheld_cnames`.
+const _: () = assert!(MAX_CNAME_CHAIN <= u32::BITS as usize);
 
 impl AnswerFacts {
     /// Every name a toFQDNs selector may match for this answer: the question name
-    /// and then each name of its CNAME chain.
+    /// and then each name of its CNAME chain that is not withheld.
     pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
-        std::iter::once(self.name.as_str()).chain(self.cnames.iter().map(String::as_str))
+        let withheld = self.withheld_cnames;
+        std::iter::once(self.name.as_str()).chain(
+            self.cnames
+                .iter()
+                .enumerate()
+                .filter(move |(i, _)| withheld & (1 << i) == 0)
+                .map(|(_, n)| n.as_str()),
+        )
+    }
+
+    /// Keeps `cnames[i]` out of [`AnswerFacts::names`]: the answer's addresses
+    /// are not learned under it (the proxy withholds a chain name its client
+    /// could not have asked for). It stays in `cnames`, for the flow record.
+    pub fn withhold_cname(&mut self, i: usize) {
+        if i < self.cnames.len() {
+            self.withheld_cnames |= 1 << i;
+        }
     }
 
     pub fn rrtype_names(&self) -> Vec<std::borrow::Cow<'static, str>> {
@@ -158,6 +179,7 @@ pub fn inspect_answer(bytes: &[u8], query: &QueryFacts) -> Result<AnswerFacts, A
         decoded: true,
         name: query.name.clone(),
         cnames: Vec::new(),
+        withheld_cnames: 0,
         addresses: Vec::new(),
         min_ttl: None,
         rrtypes: Vec::new(),
@@ -229,6 +251,7 @@ fn truncated_answer(
         decoded: false,
         name: query.name.clone(),
         cnames: Vec::new(),
+        withheld_cnames: 0,
         addresses: Vec::new(),
         min_ttl: None,
         rrtypes: Vec::new(),

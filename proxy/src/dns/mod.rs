@@ -267,7 +267,10 @@ impl Outstanding {
         let Some(i) = pick else {
             return AnswerMatch::Unmatched;
         };
-        let r = inspect_answer(msg, &self.items[i].facts);
+        let mut r = inspect_answer(msg, &self.items[i].facts);
+        if let Ok(a) = &mut r {
+            withhold_unaskable_names(&self.items[i], a);
+        }
         if matches!(
             r,
             Err(AnswerReject::IdMismatch { .. }
@@ -335,6 +338,23 @@ fn inspect_answer(msg: &[u8], facts: &QueryFacts) -> Result<AnswerFacts, AnswerR
     #[cfg(test)]
     ANSWER_DECODES.with(|c| c.set(c.get() + 1));
     dns::inspect_answer(msg, facts)
+}
+
+/// Keeps out of learning each name of the answer's CNAME chain that the
+/// client's DNS rules would not have let it ask for (under the decision its
+/// query was allowed by). The chain is the resolver's word: a client allowed
+/// only `*.attacker.example`, whose resolver answers `x.attacker.example CNAME
+/// bank.example` and an address of its choosing, must not teach the node's
+/// `toFQDNs: bank.example` selectors that address. The names stay in the
+/// answer's record. (Cilium learns under the question name alone.)
+fn withhold_unaskable_names(p: &Pending, a: &mut AnswerFacts) {
+    let (verdict, policy) = (&p.decision.verdict, &p.decision.policy);
+    for i in 0..a.cnames.len() {
+        if !verdict.dns_verdict(policy, &a.cnames[i]).allowed {
+            tracing::debug!(question = %a.name, name = %a.cnames[i], "CNAME target not allowed by the client's DNS rules; not learned");
+            a.withhold_cname(i);
+        }
+    }
 }
 
 /// The request to learn an answer's addresses, or `None` when it has none.
@@ -466,9 +486,8 @@ pub(crate) async fn learn_gate(shared: &Shared, req: LearnRequest) -> Result<(),
 
 /// A REQUEST record for a decided query (the deciding rules in `policy`).
 fn query_flow(ctx: &ConnContext, d: &Decision, verdict: &Verdict, dns: DnsFlow) -> Flow {
-    let mut f = ctx.flow(d, verdict).with_dns(L7Type::Request, 0, dns);
-    f.policy = verdict.reason_for("DNS");
-    f
+    ctx.flow_with_policy(d, verdict, verdict.reason_for("DNS"))
+        .with_dns(L7Type::Request, 0, dns)
 }
 
 /// The record for a message that was not matched against policy.

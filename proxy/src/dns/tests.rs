@@ -379,6 +379,111 @@ fn typed_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q
 }
 
+/// An answer to [`query`] for `chain[0]`: a CNAME from each name of `chain`
+/// to the next, then `ip` owned by the last (owner names uncompressed).
+fn cname_answer(id: u16, chain: &[&str], ip: [u8; 4]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x81, 0x80, 0, 1]);
+    m.extend_from_slice(&(chain.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&qname(chain[0]));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    for pair in chain.windows(2) {
+        let target = qname(pair[1]);
+        m.extend_from_slice(&qname(pair[0]));
+        m.extend_from_slice(&[0, 5, 0, 1, 0, 0, 0, 60]);
+        m.extend_from_slice(&(target.len() as u16).to_be_bytes());
+        m.extend_from_slice(&target);
+    }
+    m.extend_from_slice(&qname(chain[chain.len() - 1]));
+    m.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    m.extend_from_slice(&ip);
+    m
+}
+
+/// A CNAME chain is the resolver's word: a client whose DNS rules allow only
+/// `*.attacker.example` gets an answer `x.attacker.example CNAME
+/// bank.example`, `bank.example A 6.6.6.6` from a resolver that does not
+/// scrub (or its own), released as it came, but it must not teach the
+/// node's `toFQDNs: bank.example` selector that address. A chain name the
+/// client could have asked for still teaches; with a DNS rule that allows
+/// every name the same answer teaches `bank.example` (so the check can fail).
+#[test]
+fn a_cname_target_the_client_may_not_ask_for_teaches_no_selector() {
+    let policy_for = |dns_rules: &str| {
+        let endpoints = "endpoints:\n  - {name: app, ips: [10.0.0.2], labels: {app: x}}\n";
+        let policy = format!(
+            "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: dns}}
+spec:
+  endpointSelector: {{matchLabels: {{app: x}}}}
+  egress:
+  - toCIDR: [10.0.0.1/32]
+    toPorts:
+    - ports: [{{port: '53', protocol: UDP}}]
+      rules:
+        dns: {dns_rules}
+  - toFQDNs: [{{matchName: bank.example}}, {{matchPattern: '*.attacker.example'}}]
+"
+        );
+        let p = weir_policy::parse_policies(&policy, "p.yaml").unwrap();
+        let e = weir_policy::parse_endpoints(endpoints, "e.yaml").unwrap();
+        Arc::new(CompiledPolicy::compile(&p, &e, &mut IdentityAllocator::default()).unwrap())
+    };
+    let learned = |policy: Arc<CompiledPolicy>, chain: &[&str]| {
+        let shared = Shared::new(
+            policy,
+            FlowSink::new(Box::new(std::io::sink())),
+            ProxyConfig::default(),
+        );
+        let ctx = ConnContext::with_protocol(
+            shared,
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:53".parse().unwrap(),
+            Protocol::Udp,
+        );
+        let mut out = Outstanding::new(10);
+        out.add(forward(&ctx, &query(9, chain[0])));
+        let AnswerMatch::Matched(p, Ok(facts)) =
+            out.take_answer(&cname_answer(9, chain, [6, 6, 6, 6]))
+        else {
+            panic!("the answer matches its query");
+        };
+        // The record keeps the whole chain.
+        assert_eq!(facts.cnames.len(), chain.len() - 1);
+        let req = learn_request(&p, &facts).expect("an address");
+        let names: Vec<String> = facts.names().map(str::to_string).collect();
+        assert_eq!(req.names, names);
+        (names, req.selected_by(&p.decision.policy), req)
+    };
+    let strict = policy_for("[{matchPattern: '*.attacker.example'}]");
+    let (names, _, req) = learned(strict.clone(), &["x.attacker.example", "bank.example"]);
+    assert_eq!(names, ["x.attacker.example."]);
+    // Selected by `*.attacker.example` only: `bank.example`'s selector never sees 6.6.6.6.
+    assert!(
+        req.names
+            .iter()
+            .all(|n| strict.fqdn_selectors_matching(n).len() == 1)
+    );
+    // A name in the middle is withheld on its own; the rest of the chain teaches.
+    let (names, selected, _) = learned(
+        strict,
+        &["x.attacker.example", "bank.example", "y.attacker.example"],
+    );
+    assert_eq!(names, ["x.attacker.example.", "y.attacker.example."]);
+    assert!(selected);
+    // Allowed to ask for every name: the chain teaches `bank.example` too.
+    let open = policy_for("[{matchPattern: '*'}]");
+    let (names, _, req) = learned(open.clone(), &["x.attacker.example", "bank.example"]);
+    assert_eq!(names, ["x.attacker.example.", "bank.example."]);
+    assert!(
+        req.names
+            .iter()
+            .any(|n| n == "bank.example." && !open.fqdn_selectors_matching(n).is_empty())
+    );
+}
+
 mod over_tcp {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
