@@ -379,6 +379,45 @@ impl Sources {
     }
 }
 
+/// Where a policy is compiled from, on disk: the `--policy` files and
+/// directories, the `--endpoints` file and the API's files in the state dir.
+#[derive(Debug, Clone)]
+pub struct SourceFiles {
+    pub policy: Vec<PathBuf>,
+    pub endpoints: Option<PathBuf>,
+    pub state_dir: PathBuf,
+}
+
+impl SourceFiles {
+    /// A digest of what the files hold now (each policy directory's `*.yaml` /
+    /// `*.yml` files, as a reload reads them; a file that cannot be read counts
+    /// as its error). Equal digests from one process: the same bytes, so a
+    /// reload would compile the same policy. Blocking (file reads).
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut add = |path: &Path| {
+            path.hash(&mut h);
+            match std::fs::read(path) {
+                Ok(bytes) => bytes.hash(&mut h),
+                Err(e) => e.kind().hash(&mut h),
+            }
+        };
+        for path in &self.policy {
+            match weir_policy::policy_files(path) {
+                Ok(files) => files.iter().for_each(|f| add(f)),
+                Err(_) => add(path),
+            }
+        }
+        if let Some(e) = &self.endpoints {
+            add(e);
+        }
+        add(&api_endpoints_file(&self.state_dir));
+        add(&api_policies_file(&self.state_dir));
+        h.finish()
+    }
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -462,6 +501,49 @@ mod tests {
             interface: None,
             ports: BTreeMap::new(),
         }
+    }
+
+    /// The digest a drain compares changes with what a reload would read,
+    /// and only with that.
+    #[test]
+    fn the_sources_digest_follows_what_a_reload_reads() {
+        let dir = std::env::temp_dir().join(format!("weir-digest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (policies, state) = (dir.join("policies"), dir.join("state"));
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(policies.join("a.yaml"), "a: 1\n").unwrap();
+        let endpoints = dir.join("endpoints.yaml");
+        std::fs::write(&endpoints, "endpoints: []\n").unwrap();
+        let files = SourceFiles {
+            policy: vec![policies.clone()],
+            endpoints: Some(endpoints.clone()),
+            state_dir: state.clone(),
+        };
+        let first = files.digest();
+        // Rewritten with the same bytes, or a file a reload does not read.
+        std::fs::write(policies.join("a.yaml"), "a: 1\n").unwrap();
+        std::fs::write(policies.join("notes.txt"), "x").unwrap();
+        assert_eq!(files.digest(), first);
+        let mut seen = vec![first];
+        let mut changed = |what: &str| {
+            let d = files.digest();
+            assert!(!seen.contains(&d), "{what}: the digest did not change");
+            seen.push(d);
+        };
+        std::fs::write(policies.join("a.yaml"), "a: 2\n").unwrap();
+        changed("a policy file edited");
+        std::fs::write(policies.join("b.yml"), "b: 1\n").unwrap();
+        changed("a policy file added");
+        std::fs::write(&endpoints, "endpoints: [x]\n").unwrap();
+        changed("the endpoints file edited");
+        std::fs::write(api_policies_file(&state), "[]").unwrap();
+        changed("a policy applied through the API");
+        std::fs::write(api_endpoints_file(&state), "[]").unwrap();
+        changed("an endpoint registered through the API");
+        std::fs::remove_file(policies.join("b.yml")).unwrap();
+        changed("a policy file removed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::cli::{RunArgs, SteeringMode, init_tracing};
 use crate::control::{self, ControlMsg, Files, Steering};
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::fqdn::{FqdnState, LearnerHandle, Limits};
-use crate::registry::Sources;
+use crate::registry::{SourceFiles, Sources};
 use crate::state;
 use crate::steering::{self, SteeringConfig};
 use crate::takeover;
@@ -235,7 +235,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Readiness::set(&readiness.listeners, false);
     match stopped {
         Ok(Stopped::HandedOver(drained)) => {
-            let left = drain(&shared, args.drain_timeout).await;
+            let sources = SourceFiles {
+                policy: args.policy.clone(),
+                endpoints: args.endpoints.clone(),
+                state_dir: args.state_dir.clone(),
+            };
+            let left = drain(&shared, args.drain_timeout, sources).await;
             shut_down(&control, mode, &args, &steer_cfg, true).await;
             let _ = drained.send(left);
             if let Some(t) = takeover_thread {

@@ -983,6 +983,190 @@ fn start_slow_resolver(s: &mut Scenario, delay: Duration) {
     assert!(ok.is_ok(), "the slow resolver did not start");
 }
 
+/// [`start_slow_resolver`] that delays only queries for names starting with
+/// the label `hold` (others are relayed at once).
+fn start_holding_resolver(s: &mut Scenario, delay: Duration) {
+    let dns = &s.lab.workload("dns").ns;
+    dns.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{SLOW_RESOLVER4}/24"),
+        "dev",
+        "eth0",
+    ])
+    .expect("slow resolver address");
+    let ready = s.path("slow-resolver.ready");
+    let script = format!(
+        "import socket, sys, threading, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{SLOW_RESOLVER4}', 53))\n\
+         open(sys.argv[1], 'w').close()\n\
+         def relay(q, client):\n\
+         \x20   if q[12:17].lower() == b'\\x04hold':\n\
+         \x20       time.sleep({})\n\
+         \x20   u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   u.settimeout(3)\n\
+         \x20   u.sendto(q, ('{RESOLVER4}', 53))\n\
+         \x20   s.sendto(u.recvfrom(4096)[0], client)\n\
+         while True:\n\
+         \x20   q, client = s.recvfrom(4096)\n\
+         \x20   threading.Thread(target=relay, args=(q, client), daemon=True).start()\n",
+        delay.as_secs_f64()
+    );
+    let mut cmd = s.lab.workload("dns").ns.command("python3");
+    cmd.args(["-c", &script])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.path("slow-resolver.log")).unwrap());
+    s.lab
+        .spawn("slow-resolver", cmd)
+        .expect("start the slow resolver");
+    let ok = lab::wait_until(Duration::from_secs(10), || ready.exists());
+    assert!(ok.is_ok(), "the slow resolver did not start");
+}
+
+/// [`policy`] with DNS to the slow resolver, every name allowed (`None`) or
+/// only `only`.
+fn holding_policy(only: Option<&str>) -> String {
+    let rules = only.map_or(r#"[{matchPattern: "*"}]"#.to_string(), |n| {
+        format!("[{{matchName: {n}}}, {{matchPattern: \"hold.*\"}}]")
+    });
+    policy("")
+        + &format!(
+            r#"  - toCIDR: [{SLOW_RESOLVER4}/32]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: {rules}
+"#
+        )
+}
+
+/// `dig` from the tiefighter's fixed source port 40053 to the slow resolver:
+/// every query of this test is the same UDP flow, so one that reaches weir
+/// while that flow's session is open is decided by that session.
+fn dig_from_port(s: &Scenario, name: &str, seconds: u32) -> String {
+    let out = s
+        .lab
+        .workload("tiefighter")
+        .ns
+        .command("dig")
+        .args([
+            "-b",
+            "10.200.0.20#40053",
+            &format!("@{SLOW_RESOLVER4}"),
+            &format!("+time={seconds}"),
+            "+tries=1",
+            "+noall",
+            "+answer",
+            "+comments",
+            name,
+            "A",
+        ])
+        .output()
+        .expect("run dig");
+    let t = text(&out);
+    let status = t
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|r| r.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| "NO ANSWER".into());
+    if status != "NOERROR" {
+        return status;
+    }
+    t.lines()
+        .rfind(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Review finding: after a takeover the old weir decides what it still
+/// carries under the policy it had at the handover. A DNS flow that always has
+/// a query outstanding keeps its session there, and the session decides the
+/// flow's new queries. A policy change while the old weir drains makes that
+/// policy stale: the drain ends at once, and the flow's next query reaches
+/// the new weir, which refuses what the new policy denies. Without the cut,
+/// the old session forwards it (the probe below gets the address: the same
+/// probe does before the takeover).
+#[test]
+fn a_policy_change_while_the_old_weir_drains_ends_the_drain() {
+    let args = [
+        "--steering",
+        "ebpf",
+        "--fqdn-min-ttl",
+        "0",
+        "--dns-upstream-timeout",
+        "30s",
+    ];
+    let Some(mut s) = fqdn_lab_with("fqdn-drain-policy", &holding_policy(None), &args[4..]) else {
+        return;
+    };
+    start_holding_resolver(&mut s, Duration::from_secs(12));
+    // The probe, allowed: answered through the slow resolver without delay.
+    assert_eq!(dig_from_port(&s, "api.example.com", 3), API4);
+    // The held query: dig gives up after a second, weir keeps it outstanding
+    // (and the flow's session open) until the resolver answers, 12 s on.
+    assert_eq!(dig_from_port(&s, "hold.example.com", 1), "NO ANSWER");
+    let held = Instant::now();
+
+    let mut next = args.to_vec();
+    next.extend(["--drain-timeout", "60s"]);
+    let Some(new_pid) = s.start_next_weir(&next, "weir-new.log") else {
+        panic!(
+            "the new weir did not take over:\n{}\n--- old:\n{}",
+            std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default(),
+            s.weir_log_text()
+        );
+    };
+    let new_log = || std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default();
+    let drained = lab::wait_until(Duration::from_secs(5), || {
+        s.weir_log_text().contains("handed over; draining")
+    });
+    assert!(
+        drained.is_ok(),
+        "the old weir is not draining:\n{}",
+        s.weir_log_text()
+    );
+
+    // The new policy: the probe's name is no longer allowed.
+    std::fs::write(
+        s.path("policy.yaml"),
+        holding_policy(Some("other.example.com")),
+    )
+    .unwrap();
+    weir_agent::lab::send_signal(new_pid as i32, libc::SIGHUP);
+    let reloaded = lab::wait_until(Duration::from_secs(10), || {
+        new_log().contains("policy reloaded")
+    });
+    assert!(
+        reloaded.is_ok(),
+        "the new weir did not reload:\n{}",
+        new_log()
+    );
+    let cut = lab::wait_until(Duration::from_secs(5), || {
+        s.weir_log_text()
+            .contains("the policy's files changed while draining")
+    });
+    assert!(
+        cut.is_ok(),
+        "the old weir did not end its drain:\n{}",
+        s.weir_log_text()
+    );
+    let got = dig_from_port(&s, "api.example.com", 3);
+    assert!(
+        held.elapsed() < Duration::from_secs(11),
+        "too slow: the held query was answered before the probe ({:?}), so its session \
+         had closed anyway",
+        held.elapsed()
+    );
+    assert_eq!(
+        got, "REFUSED",
+        "a query the new policy denies was answered through the old weir's session"
+    );
+}
+
 /// The kernel's ipcache entry for exactly `ip` (a /32 or /128) in the
 /// scenario's pinned maps: its identity.
 fn ipcache_entry(s: &Scenario, ip: std::net::IpAddr) -> Option<u32> {

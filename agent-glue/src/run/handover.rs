@@ -14,6 +14,7 @@ use super::Running;
 use crate::api;
 use crate::cli::RunArgs;
 use crate::control::ControlMsg;
+use crate::registry::SourceFiles;
 use crate::takeover;
 
 /// Whether this start takes over a running weir: with `--takeover` one must
@@ -195,10 +196,33 @@ pub(super) fn start_takeover_listener(
     }
 }
 
+/// How often the drain looks at the policy's files for a change.
+const SOURCES_CHECK: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Waits until the open connections and UDP sessions are done, or `timeout`;
 /// returns how many were left.
-pub(super) async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usize, usize) {
+///
+/// What is left runs under the policy this weir had at the handover (it takes
+/// no reloads any more). When the policy's files change meanwhile (a file
+/// edited, `weir policy apply` or `weir endpoint` on the new weir, which
+/// writes the state dir), that policy is stale: the drain ends at once, as at
+/// its timeout, and the clients of what was left reconnect or retry through
+/// the new weir, which decides them under the new policy (a DNS session that
+/// always has a query outstanding would otherwise keep deciding new queries
+/// under the old one until the timeout).
+pub(super) async fn drain(
+    shared: &Shared,
+    timeout: std::time::Duration,
+    sources: SourceFiles,
+) -> (usize, usize) {
     let deadline = tokio::time::Instant::now() + timeout;
+    let sources = std::sync::Arc::new(sources);
+    let digest = || {
+        let sources = sources.clone();
+        tokio::task::spawn_blocking(move || sources.digest())
+    };
+    let baseline = digest().await.ok();
+    let mut next_check = tokio::time::Instant::now() + SOURCES_CHECK;
     // SIGTERM or SIGINT cut the drain short.
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -225,6 +249,17 @@ pub(super) async fn drain(shared: &Shared, timeout: std::time::Duration) -> (usi
                 "drain timeout; closing what is left"
             );
             return left;
+        }
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + SOURCES_CHECK;
+            if baseline.is_some() && digest().await.ok() != baseline {
+                warn!(
+                    connections = left.0,
+                    udp_sessions = left.1,
+                    "the policy's files changed while draining: what is left runs under the old policy; closing it now (its clients reconnect to the new weir)"
+                );
+                return left;
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
