@@ -185,7 +185,14 @@ fn dig(s: &Scenario, from: &str, server: &str, name: &str, qtype: &str) -> Strin
         ])
         .output()
         .expect("run dig");
-    let t = text(&out);
+    dig_outcome(&out)
+}
+
+/// What `dig +noall +answer +comments` printed: the answer's last line's
+/// address (after any CNAMEs) when the status is NOERROR, else the status
+/// (`NO ANSWER` when there was none).
+fn dig_outcome(out: &Output) -> String {
+    let t = text(out);
     let status = t
         .lines()
         .find_map(|l| l.split("status: ").nth(1))
@@ -944,48 +951,16 @@ fn orphan_policy() -> String {
 /// A resolver at [`SLOW_RESOLVER4`]:53 that relays each query to dnsmasq
 /// `delay` after it arrives (this kernel has no netem to delay packets with).
 fn start_slow_resolver(s: &mut Scenario, delay: Duration) {
-    let dns = &s.lab.workload("dns").ns;
-    dns.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{SLOW_RESOLVER4}/24"),
-        "dev",
-        "eth0",
-    ])
-    .expect("slow resolver address");
-    let ready = s.path("slow-resolver.ready");
-    let script = format!(
-        "import socket, sys, threading, time\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         s.bind(('{SLOW_RESOLVER4}', 53))\n\
-         open(sys.argv[1], 'w').close()\n\
-         def relay(q, client):\n\
-         \x20   time.sleep({})\n\
-         \x20   u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         \x20   u.settimeout(3)\n\
-         \x20   u.sendto(q, ('{RESOLVER4}', 53))\n\
-         \x20   s.sendto(u.recvfrom(4096)[0], client)\n\
-         while True:\n\
-         \x20   q, client = s.recvfrom(4096)\n\
-         \x20   threading.Thread(target=relay, args=(q, client), daemon=True).start()\n",
-        delay.as_secs_f64()
-    );
-    let mut cmd = s.lab.workload("dns").ns.command("python3");
-    cmd.args(["-c", &script])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(s.path("slow-resolver.log")).unwrap());
-    s.lab
-        .spawn("slow-resolver", cmd)
-        .expect("start the slow resolver");
-    let ok = lab::wait_until(Duration::from_secs(10), || ready.exists());
-    assert!(ok.is_ok(), "the slow resolver did not start");
+    start_delaying_resolver(s, delay, false);
 }
 
-/// [`start_slow_resolver`] that delays only queries for names starting with
-/// the label `hold` (others are relayed at once).
+/// [`start_slow_resolver`] that delays only queries for names whose first
+/// label is `hold` (others are relayed at once).
 fn start_holding_resolver(s: &mut Scenario, delay: Duration) {
+    start_delaying_resolver(s, delay, true);
+}
+
+fn start_delaying_resolver(s: &mut Scenario, delay: Duration, only_hold: bool) {
     let dns = &s.lab.workload("dns").ns;
     dns.run(&[
         "ip",
@@ -1003,7 +978,7 @@ fn start_holding_resolver(s: &mut Scenario, delay: Duration) {
          s.bind(('{SLOW_RESOLVER4}', 53))\n\
          open(sys.argv[1], 'w').close()\n\
          def relay(q, client):\n\
-         \x20   if q[12:17].lower() == b'\\x04hold':\n\
+         \x20   if {} or q[12:17].lower() == b'\\x04hold':\n\
          \x20       time.sleep({})\n\
          \x20   u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          \x20   u.settimeout(3)\n\
@@ -1012,6 +987,7 @@ fn start_holding_resolver(s: &mut Scenario, delay: Duration) {
          while True:\n\
          \x20   q, client = s.recvfrom(4096)\n\
          \x20   threading.Thread(target=relay, args=(q, client), daemon=True).start()\n",
+        if only_hold { "False" } else { "True" },
         delay.as_secs_f64()
     );
     let mut cmd = s.lab.workload("dns").ns.command("python3");
@@ -1066,20 +1042,7 @@ fn dig_from_port(s: &Scenario, name: &str, seconds: u32) -> String {
         ])
         .output()
         .expect("run dig");
-    let t = text(&out);
-    let status = t
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|r| r.split(',').next().unwrap_or("").to_string())
-        .unwrap_or_else(|| "NO ANSWER".into());
-    if status != "NOERROR" {
-        return status;
-    }
-    t.lines()
-        .rfind(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap_or("")
-        .to_string()
+    dig_outcome(&out)
 }
 
 /// Review finding: after a takeover the old weir decides what it still
