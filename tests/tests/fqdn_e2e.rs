@@ -31,6 +31,21 @@ const OTHER6: &str = "fd00:201:2::4";
 /// rules decide what may be connected to); HTTP and the echo port only to the
 /// addresses of the selected names. `{extra}` adds toFQDNs selectors.
 fn policy(extra: &str) -> String {
+    policy_with(
+        r#"[{matchPattern: "*"}]"#,
+        &format!(
+            r#"    - matchName: api.example.com
+    - matchName: www.example.com
+    - matchName: short.example.com
+    - matchPattern: "*.race.example.com"
+{extra}"#
+        ),
+    )
+}
+
+/// DNS to the resolver only, with these DNS rules; HTTP and the echo port only
+/// to the addresses of these `toFQDNs` selectors (YAML list items, one per line).
+fn policy_with(dns_rules: &str, selectors: &str) -> String {
     format!(
         r#"
 apiVersion: cilium.io/v2
@@ -43,13 +58,9 @@ spec:
     toPorts:
     - ports: [{{port: "53", protocol: ANY}}]
       rules:
-        dns: [{{matchPattern: "*"}}]
+        dns: {dns_rules}
   - toFQDNs:
-    - matchName: api.example.com
-    - matchName: www.example.com
-    - matchName: short.example.com
-    - matchPattern: "*.race.example.com"
-{extra}
+{selectors}
     toPorts:
     - ports: [{{port: "80", protocol: TCP}}, {{port: "7000", protocol: TCP}}]
 "#
@@ -402,27 +413,10 @@ fn fqdn_rules_allow_only_the_addresses_of_allowed_answers_through_nft() {
     assert_eq!(curl_ip(&s, "tiefighter", &format!("http://{API4}/")), "200");
 }
 
-/// A policy whose DNS rules allow `dns_names` and whose only `toFQDNs`
+/// A policy whose DNS rules are `dns_rules` and whose only `toFQDNs`
 /// selector is the CNAME target `edge.cdnprovider.net` (`www.example.com`'s).
-fn cname_target_policy(dns_names: &str) -> String {
-    format!(
-        r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: fqdn}}
-spec:
-  endpointSelector: {{matchLabels: {{class: tiefighter}}}}
-  egress:
-  - toCIDR: [{RESOLVER4}/32]
-    toPorts:
-    - ports: [{{port: "53", protocol: ANY}}]
-      rules:
-        dns: {dns_names}
-  - toFQDNs: [{{matchName: edge.cdnprovider.net}}]
-    toPorts:
-    - ports: [{{port: "80", protocol: TCP}}]
-"#
-    )
+fn cname_target_policy(dns_rules: &str) -> String {
+    policy_with(dns_rules, "    - matchName: edge.cdnprovider.net")
 }
 
 /// An answer's CNAME chain teaches a selector only the names its client may
