@@ -434,8 +434,8 @@ pub struct RunArgs {
     pub takeover: bool,
     /// After handing its sockets to a new weir, this weir lets its open
     /// connections and UDP sessions finish for at most this long, then exits
-    /// (at once when the policy's files change meanwhile: what it carries is
-    /// decided under its policy, stale then).
+    /// (once the policy's sources change, it forwards no new DNS query or UDP
+    /// datagram meanwhile: its policy is stale).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
     /// Longest time (seconds) an address stays after its answer: longer TTLs

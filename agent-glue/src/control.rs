@@ -5,7 +5,6 @@
 //! The run loop hands it SIGHUPs and API commands, and the policy watcher
 //! (`watch.rs`) its reloads, over a channel.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
@@ -19,13 +18,16 @@ use crate::api;
 use crate::cli::SteeringMode;
 use crate::datapath::Datapath;
 use crate::fqdn::{self, FqdnDatapath, FqdnState};
-use crate::registry::Sources;
+use crate::registry::{LoadedDigest, SourceFiles, Sources};
 use crate::steering::{self, SteeringConfig, SteeringSets};
 
 /// What the control thread is asked to do.
 pub enum ControlMsg {
     /// SIGHUP or a watched file changed: re-read the policy and endpoints files.
     Reload,
+    /// The watcher has started: reload if the files changed since they were
+    /// read at start (a change in between had no watcher to see it).
+    ReloadIfChanged,
     /// A local API request.
     Api(api::server::Command),
     /// Shut down; the answer says whether enforcement outlives the process.
@@ -85,10 +87,12 @@ impl Steering {
     }
 }
 
-/// Where policies and endpoints files are (for SIGHUP and the watcher).
+/// Where the policy is read from (for SIGHUP, the watcher and a weir that
+/// drains after a handover), and the digests of what was read: updated here
+/// as reloads and API commands read and write them.
 pub struct Files {
-    pub policy: Vec<PathBuf>,
-    pub endpoints: Option<PathBuf>,
+    pub sources: SourceFiles,
+    pub loaded: LoadedDigest,
 }
 
 /// Starts the control thread; it owns the sources, the steering and the FQDN
@@ -128,7 +132,9 @@ pub fn spawn(
                 };
                 match msg {
                     None => {}
-                    Some(ControlMsg::Reload | ControlMsg::Api(_)) if handed_over => {
+                    Some(ControlMsg::Reload | ControlMsg::ReloadIfChanged | ControlMsg::Api(_))
+                        if handed_over =>
+                    {
                         // Another weir owns the maps and files now; an API
                         // caller sees its request dropped ("shutting down").
                         info!("handed over to a new weir; change ignored");
@@ -169,9 +175,17 @@ pub fn spawn(
                         fqdn.merge_handed_over(&policy, steering.fqdn_datapath());
                         fqdn.datapath_unsure();
                     }
-                    Some(ControlMsg::Reload) => {
+                    Some(ControlMsg::ReloadIfChanged)
+                        if files.sources.files_digest() == files.loaded.get().files => {}
+                    Some(ControlMsg::Reload | ControlMsg::ReloadIfChanged) => {
                         let _changing = shared.policy_change();
+                        // Before the files are read: a change racing the read
+                        // leaves the digest behind them (stale, never current).
+                        let digest = files.sources.files_digest();
                         let r = reload(&mut sources, &mut steering, &files, &shared, &mut fqdn);
+                        if r.is_ok() {
+                            files.loaded.set_files(digest);
+                        }
                         record_reload(&mut reloads, &shared, r.as_ref().copied());
                     }
                     Some(ControlMsg::Api(api::server::Command::Status(reply))) => {
@@ -199,6 +213,9 @@ pub fn spawn(
                                 fqdn.learn_all_into(p);
                                 steering.apply(p)
                             });
+                        // What the command left in the state dir (written, or
+                        // put back after a failure) is what this policy is from.
+                        files.loaded.set_api(files.sources.api_digest());
                         // `weir policy apply|delete` is a reload like SIGHUP's.
                         if let Some(r) = changed {
                             record_reload(&mut reloads, &shared, r.as_ref().copied());
@@ -312,7 +329,7 @@ fn reload(
     let mut next = sources.clone();
     let mut steered = false;
     let applied = next
-        .reload_files(&files.policy, files.endpoints.as_deref())
+        .reload_files(&files.sources.policy, files.sources.endpoints.as_deref())
         .and_then(|()| {
             api::commands::apply(next, &mut |p| {
                 steered = true;
@@ -405,9 +422,14 @@ mod tests {
                 route_table: 119,
             },
         };
-        let files = Files {
+        let sources_on_disk = SourceFiles {
             policy: vec![policy_file.clone()],
             endpoints: Some(eps),
+            state_dir: dir.clone(),
+        };
+        let files = Files {
+            loaded: LoadedDigest::new(sources_on_disk.digest()),
+            sources: sources_on_disk,
         };
         let tx = spawn(
             sources,

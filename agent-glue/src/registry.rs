@@ -388,33 +388,98 @@ pub struct SourceFiles {
     pub state_dir: PathBuf,
 }
 
+/// Digests of what the sources held (see [`SourceFiles::digest`]): equal
+/// digests from one process mean the same bytes, so the same policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcesDigest {
+    /// The policy files (each policy directory's `*.yaml` / `*.yml`, as a
+    /// reload reads them) and the endpoints file.
+    pub files: u64,
+    /// The API's policies and endpoints in the state dir.
+    pub api: u64,
+}
+
 impl SourceFiles {
-    /// A digest of what the files hold now (each policy directory's `*.yaml` /
-    /// `*.yml` files, as a reload reads them; a file that cannot be read counts
-    /// as its error). Equal digests from one process: the same bytes, so a
-    /// reload would compile the same policy. Blocking (file reads).
-    pub fn digest(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        let mut add = |path: &Path| {
-            path.hash(&mut h);
-            match std::fs::read(path) {
-                Ok(bytes) => bytes.hash(&mut h),
-                Err(e) => e.kind().hash(&mut h),
-            }
-        };
+    /// What the files hold now (a file that cannot be read counts as its
+    /// error). Blocking (file reads).
+    pub fn digest(&self) -> SourcesDigest {
+        SourcesDigest {
+            files: self.files_digest(),
+            api: self.api_digest(),
+        }
+    }
+
+    pub fn files_digest(&self) -> u64 {
+        let mut paths = Vec::new();
         for path in &self.policy {
             match weir_policy::policy_files(path) {
-                Ok(files) => files.iter().for_each(|f| add(f)),
-                Err(_) => add(path),
+                Ok(files) => paths.extend(files),
+                Err(_) => paths.push(path.clone()),
             }
         }
-        if let Some(e) = &self.endpoints {
-            add(e);
+        paths.extend(self.endpoints.iter().cloned());
+        digest_of(&paths)
+    }
+
+    pub fn api_digest(&self) -> u64 {
+        digest_of(&[
+            api_endpoints_file(&self.state_dir),
+            api_policies_file(&self.state_dir),
+        ])
+    }
+}
+
+fn digest_of(paths: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        path.hash(&mut h);
+        match std::fs::read(path) {
+            Ok(bytes) => bytes.hash(&mut h),
+            Err(e) => e.kind().hash(&mut h),
         }
-        add(&api_endpoints_file(&self.state_dir));
-        add(&api_policies_file(&self.state_dir));
-        h.finish()
+    }
+    h.finish()
+}
+
+/// The digests of what this weir's policy was compiled from, kept as it
+/// reads its sources: the files' taken *before* a load or reload reads them
+/// (a change racing the read then counts as a change), the API's files' after
+/// a command wrote them. A weir that has handed over compares them with the
+/// files now ([`LoadedDigest::stale`]).
+#[derive(Debug, Clone)]
+pub struct LoadedDigest(std::sync::Arc<std::sync::Mutex<SourcesDigest>>);
+
+impl LoadedDigest {
+    pub fn new(at_load: SourcesDigest) -> Self {
+        LoadedDigest(std::sync::Arc::new(std::sync::Mutex::new(at_load)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SourcesDigest> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self) -> SourcesDigest {
+        *self.lock()
+    }
+
+    pub fn set(&self, d: SourcesDigest) {
+        *self.lock() = d;
+    }
+
+    pub fn set_files(&self, files: u64) {
+        self.lock().files = files;
+    }
+
+    pub fn set_api(&self, api: u64) {
+        self.lock().api = api;
+    }
+
+    /// Whether `now` (the sources as they are) differs from what was loaded.
+    pub fn stale(&self, now: SourcesDigest) -> bool {
+        self.get() != now
     }
 }
 
@@ -503,8 +568,8 @@ mod tests {
         }
     }
 
-    /// The digest a drain compares changes with what a reload would read,
-    /// and only with that.
+    /// The digests a drain compares change with what a reload (or the API)
+    /// would read, and only with that.
     #[test]
     fn the_sources_digest_follows_what_a_reload_reads() {
         let dir = std::env::temp_dir().join(format!("weir-digest-{}", std::process::id()));
@@ -520,29 +585,41 @@ mod tests {
             endpoints: Some(endpoints.clone()),
             state_dir: state.clone(),
         };
-        let first = files.digest();
+        let loaded = LoadedDigest::new(files.digest());
         // Rewritten with the same bytes, or a file a reload does not read.
         std::fs::write(policies.join("a.yaml"), "a: 1\n").unwrap();
         std::fs::write(policies.join("notes.txt"), "x").unwrap();
-        assert_eq!(files.digest(), first);
-        let mut seen = vec![first];
-        let mut changed = |what: &str| {
+        assert!(!loaded.stale(files.digest()));
+        let mut seen = vec![files.digest()];
+        let mut changed = |what: &str, api: bool| {
             let d = files.digest();
+            assert!(loaded.stale(d), "{what}: not stale");
             assert!(!seen.contains(&d), "{what}: the digest did not change");
+            let before = *seen.last().unwrap();
+            assert_eq!(
+                (d.files != before.files, d.api != before.api),
+                (!api, api),
+                "{what}"
+            );
             seen.push(d);
         };
         std::fs::write(policies.join("a.yaml"), "a: 2\n").unwrap();
-        changed("a policy file edited");
+        changed("a policy file edited", false);
         std::fs::write(policies.join("b.yml"), "b: 1\n").unwrap();
-        changed("a policy file added");
+        changed("a policy file added", false);
         std::fs::write(&endpoints, "endpoints: [x]\n").unwrap();
-        changed("the endpoints file edited");
+        changed("the endpoints file edited", false);
         std::fs::write(api_policies_file(&state), "[]").unwrap();
-        changed("a policy applied through the API");
+        changed("a policy applied through the API", true);
         std::fs::write(api_endpoints_file(&state), "[]").unwrap();
-        changed("an endpoint registered through the API");
+        changed("an endpoint registered through the API", true);
         std::fs::remove_file(policies.join("b.yml")).unwrap();
-        changed("a policy file removed");
+        changed("a policy file removed", false);
+        // What a reload and an API command record makes it current again.
+        loaded.set_files(files.files_digest());
+        assert!(loaded.stale(files.digest()));
+        loaded.set_api(files.api_digest());
+        assert!(!loaded.stale(files.digest()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

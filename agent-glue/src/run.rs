@@ -15,7 +15,7 @@ use crate::cli::{RunArgs, SteeringMode, init_tracing};
 use crate::control::{self, ControlMsg, Files, Steering};
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::fqdn::{FqdnState, LearnerHandle, Limits};
-use crate::registry::{SourceFiles, Sources};
+use crate::registry::{LoadedDigest, SourceFiles, Sources};
 use crate::state;
 use crate::steering::{self, SteeringConfig};
 use crate::takeover;
@@ -77,6 +77,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !taking_over {
         let _ = std::fs::remove_file(&ready);
     }
+    let source_files = SourceFiles {
+        policy: args.policy.clone(),
+        endpoints: args.endpoints.clone(),
+        state_dir: args.state_dir.clone(),
+    };
+    // Taken before each read (see `LoadedDigest`).
+    let loaded = LoadedDigest::new(source_files.digest());
     let load_sources = || {
         Sources::load(
             &args.policy,
@@ -117,6 +124,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let taken = take_over(&takeover_path, args.proxy_port).await?;
             // The running weir changed nothing since it answered; what it
             // changed before (API endpoints) is in the state dir.
+            loaded.set(source_files.digest());
             sources = load_sources()?;
             policy = Arc::new(sources.compile()?);
             shared.set_policy(policy.clone());
@@ -172,8 +180,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sources,
         steering,
         Files {
-            policy: args.policy.clone(),
-            endpoints: args.endpoints.clone(),
+            sources: source_files.clone(),
+            loaded: loaded.clone(),
         },
         shared.clone(),
         fqdn,
@@ -193,8 +201,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
         );
         // Enforcement does not depend on it: say so and go on.
-        if let Err(e) = watching {
-            warn!(error = %e, "cannot watch the policy files (inotify); they reload on SIGHUP only");
+        match watching {
+            // A change since the files were read had no watcher to see it.
+            Ok(_) => {
+                let _ = control.send(ControlMsg::ReloadIfChanged);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot watch the policy files (inotify); they reload on SIGHUP only")
+            }
         }
     }
     let mut serving = Serving {
@@ -235,12 +249,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Readiness::set(&readiness.listeners, false);
     match stopped {
         Ok(Stopped::HandedOver(drained)) => {
-            let sources = SourceFiles {
-                policy: args.policy.clone(),
-                endpoints: args.endpoints.clone(),
-                state_dir: args.state_dir.clone(),
-            };
-            let left = drain(&shared, args.drain_timeout, sources).await;
+            let left = drain(&shared, args.drain_timeout, (source_files, loaded)).await;
             shut_down(&control, mode, &args, &steer_cfg, true).await;
             let _ = drained.send(left);
             if let Some(t) = takeover_thread {

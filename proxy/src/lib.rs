@@ -62,6 +62,8 @@ pub struct Shared {
     pub kafka_topic_ids: kafka::topic_ids::TopicIds,
     /// Policy changes under way (see [`Shared::policy_change`]).
     policy_changes_under_way: AtomicUsize,
+    /// Set by [`Shared::supersede`].
+    superseded: std::sync::atomic::AtomicBool,
 }
 
 /// While alive, a policy change is under way (see [`Shared::policy_change`]).
@@ -93,6 +95,7 @@ impl Shared {
             udp_sessions: AtomicUsize::new(0),
             kafka_topic_ids: Default::default(),
             policy_changes_under_way: AtomicUsize::new(0),
+            superseded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -167,5 +170,20 @@ impl Shared {
     /// Becomes true when [`Shared::start_draining`] is called.
     pub fn draining(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// This weir has handed over and its policy is stale (the sources changed
+    /// since it was compiled): from now on nothing is decided under it — DNS
+    /// queries and UDP datagrams that still reach this weir's sessions are
+    /// dropped (their clients retry, and reach the new weir once this one has
+    /// closed them), until the process ends.
+    pub fn supersede(&self) {
+        self.superseded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Shared::supersede`] was called.
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(std::sync::atomic::Ordering::Acquire)
     }
 }

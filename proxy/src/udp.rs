@@ -544,6 +544,11 @@ impl Session {
 
     /// Sends a client datagram on, if the policy in force still allows the flow.
     async fn forward_to_server(&self, ctx: &ConnContext, datagram: &[u8]) -> io::Result<usize> {
+        if ctx.shared.superseded() {
+            return Err(io::Error::other(
+                "this weir has handed over and its policy is stale; datagram dropped",
+            ));
+        }
         let d = ctx.decide();
         if let Some(flow) = refusal(ctx, &d) {
             ctx.shared.flows.emit(flow);

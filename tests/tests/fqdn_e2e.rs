@@ -1039,89 +1039,123 @@ fn dig_from_port(s: &Scenario, name: &str, seconds: u32) -> String {
     dig_outcome(&out)
 }
 
-/// Review finding: after a takeover the old weir decides what it still
-/// carries under the policy it had at the handover. A DNS flow that always has
-/// a query outstanding keeps its session there, and the session decides the
-/// flow's new queries. A policy change while the old weir drains makes that
-/// policy stale: the drain ends at once, and the flow's next query reaches
-/// the new weir, which refuses what the new policy denies. Without the cut,
-/// the old session forwards it (the probe below gets the address: the same
-/// probe does before the takeover).
-#[test]
-fn a_policy_change_while_the_old_weir_drains_ends_the_drain() {
+/// When the new policy is written, relative to the takeover.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Change {
+    /// Before the new weir starts (the old one, without a watcher, never read it).
+    BeforeTheTakeover,
+    /// While the old weir drains (the new weir reloads it on SIGHUP).
+    WhileDraining,
+}
+
+/// How many queries for `name` dnsmasq has logged.
+fn resolver_saw(s: &Scenario, name: &str) -> usize {
+    let log = std::fs::read_to_string(s.path("dnsmasq.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("query[A]") && l.contains(name))
+        .count()
+}
+
+/// Review finding: after a takeover the old weir decided what it still
+/// carried under the policy it had at the handover. A DNS flow that always has
+/// a query outstanding keeps its session there, and the session forwarded the
+/// flow's new queries under that policy, whatever the new weir had loaded,
+/// until the drain timeout. Now the old weir, seeing the policy's sources
+/// changed since it read them, decides nothing more: the probe from the held
+/// flow is dropped (the resolver never sees it), and the same name from
+/// another flow reaches the new weir and is refused. Without the check the
+/// held flow's probe was answered (the same probe is, before the takeover).
+fn a_stale_old_weir_decides_nothing(test: &str, change: Change) {
     let args = [
         "--steering",
         "ebpf",
         "--fqdn-min-ttl",
         "0",
         "--dns-upstream-timeout",
-        "30s",
+        "60s",
     ];
-    let Some(mut s) = fqdn_lab_with("fqdn-drain-policy", &holding_policy(None), &args[4..]) else {
+    let Some(mut s) = fqdn_lab_with(test, &holding_policy(None), &args[4..]) else {
         return;
     };
-    start_holding_resolver(&mut s, Duration::from_secs(12));
+    start_holding_resolver(&mut s, Duration::from_secs(25));
     // The probe, allowed: answered through the slow resolver without delay.
     assert_eq!(dig_from_port(&s, "api.example.com", 3), API4);
     // The held query: dig gives up after a second, weir keeps it outstanding
-    // (and the flow's session open) until the resolver answers, 12 s on.
+    // (and the flow's session open) until the resolver answers, 25 s on.
     assert_eq!(dig_from_port(&s, "hold.example.com", 1), "NO ANSWER");
     let held = Instant::now();
-
-    let mut next = args.to_vec();
-    next.extend(["--drain-timeout", "60s"]);
-    let Some(new_pid) = s.start_next_weir(&next, "weir-new.log") else {
+    let denying = holding_policy(Some("other.example.com"));
+    if change == Change::BeforeTheTakeover {
+        std::fs::write(s.path("policy.yaml"), &denying).unwrap();
+    }
+    let Some(new_pid) = s.start_next_weir(&args, "weir-new.log") else {
         panic!(
             "the new weir did not take over:\n{}\n--- old:\n{}",
             std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default(),
             s.weir_log_text()
         );
     };
-    let new_log = || std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default();
-    let drained = lab::wait_until(Duration::from_secs(5), || {
-        s.weir_log_text().contains("handed over; draining")
+    if change == Change::WhileDraining {
+        let drained = lab::wait_until(Duration::from_secs(5), || {
+            s.weir_log_text().contains("handed over; draining")
+        });
+        assert!(
+            drained.is_ok(),
+            "the old weir is not draining:\n{}",
+            s.weir_log_text()
+        );
+        std::fs::write(s.path("policy.yaml"), &denying).unwrap();
+        let new_log = || std::fs::read_to_string(s.path("weir-new.log")).unwrap_or_default();
+        weir_agent::lab::send_signal(new_pid as i32, libc::SIGHUP);
+        let reloaded = lab::wait_until(Duration::from_secs(10), || {
+            new_log().contains("policy reloaded")
+        });
+        assert!(
+            reloaded.is_ok(),
+            "the new weir did not reload:\n{}",
+            new_log()
+        );
+    }
+    let stale = lab::wait_until(Duration::from_secs(5), || {
+        s.weir_log_text().contains("it decides nothing more")
     });
     assert!(
-        drained.is_ok(),
-        "the old weir is not draining:\n{}",
+        stale.is_ok(),
+        "the old weir did not see its policy go stale:\n{}",
         s.weir_log_text()
     );
-
-    // The new policy: the probe's name is no longer allowed.
-    std::fs::write(
-        s.path("policy.yaml"),
-        holding_policy(Some("other.example.com")),
-    )
-    .unwrap();
-    weir_agent::lab::send_signal(new_pid as i32, libc::SIGHUP);
-    let reloaded = lab::wait_until(Duration::from_secs(10), || {
-        new_log().contains("policy reloaded")
-    });
+    let seen = resolver_saw(&s, "api.example.com");
+    let got = dig_from_port(&s, "api.example.com", 2);
     assert!(
-        reloaded.is_ok(),
-        "the new weir did not reload:\n{}",
-        new_log()
-    );
-    let cut = lab::wait_until(Duration::from_secs(5), || {
-        s.weir_log_text()
-            .contains("the policy's files changed while draining")
-    });
-    assert!(
-        cut.is_ok(),
-        "the old weir did not end its drain:\n{}",
-        s.weir_log_text()
-    );
-    let got = dig_from_port(&s, "api.example.com", 3);
-    assert!(
-        held.elapsed() < Duration::from_secs(11),
+        held.elapsed() < Duration::from_secs(22),
         "too slow: the held query was answered before the probe ({:?}), so its session \
          had closed anyway",
         held.elapsed()
     );
     assert_eq!(
-        got, "REFUSED",
-        "a query the new policy denies was answered through the old weir's session"
+        got, "NO ANSWER",
+        "the held flow's query was answered by the old weir under its stale policy"
     );
+    assert_eq!(
+        resolver_saw(&s, "api.example.com"),
+        seen,
+        "the old weir forwarded a query under its stale policy"
+    );
+    // Another flow reaches the new weir: refused by the new policy.
+    assert_eq!(
+        dig(&s, "tiefighter", SLOW_RESOLVER4, "api.example.com", "A"),
+        "REFUSED"
+    );
+}
+
+#[test]
+fn a_policy_changed_before_a_takeover_is_not_undercut_by_the_old_weir() {
+    a_stale_old_weir_decides_nothing("fqdn-stale-before", Change::BeforeTheTakeover);
+}
+
+#[test]
+fn a_policy_changed_while_the_old_weir_drains_is_not_undercut_by_it() {
+    a_stale_old_weir_decides_nothing("fqdn-stale-during", Change::WhileDraining);
 }
 
 /// The kernel's ipcache entry for exactly `ip` (a /32 or /128) in the

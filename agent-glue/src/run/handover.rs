@@ -14,7 +14,7 @@ use super::Running;
 use crate::api;
 use crate::cli::RunArgs;
 use crate::control::ControlMsg;
-use crate::registry::SourceFiles;
+use crate::registry::{LoadedDigest, SourceFiles};
 use crate::takeover;
 
 /// Whether this start takes over a running weir: with `--takeover` one must
@@ -198,31 +198,41 @@ pub(super) fn start_takeover_listener(
 
 /// How often the drain looks at the policy's files for a change.
 const SOURCES_CHECK: std::time::Duration = std::time::Duration::from_millis(300);
+/// A look that takes longer (a hung network file system) counts as a change:
+/// the policy cannot be known to be current.
+const SOURCES_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Waits until the open connections and UDP sessions are done, or `timeout`;
 /// returns how many were left.
 ///
 /// What is left runs under the policy this weir had at the handover (it takes
-/// no reloads any more). When the policy's files change meanwhile (a file
-/// edited, `weir policy apply` or `weir endpoint` on the new weir, which
-/// writes the state dir), that policy is stale: the drain ends at once, as at
-/// its timeout, and the clients of what was left reconnect or retry through
-/// the new weir, which decides them under the new policy (a DNS session that
-/// always has a query outstanding would otherwise keep deciding new queries
-/// under the old one until the timeout).
+/// no reloads any more). When the policy's sources no longer hold what that
+/// policy was compiled from (a file edited, before or after the handover;
+/// `weir policy apply` or `weir endpoint` on the new weir, which write the
+/// state dir), that policy is stale, and this weir stops deciding
+/// ([`Shared::supersede`]): DNS queries and UDP datagrams that still reach its
+/// sessions are dropped, and the clients' retries reach the new weir once the
+/// sessions have closed. What was decided before goes on (a request in
+/// progress, an outstanding query's answer). Without that, a DNS session that
+/// always has a query outstanding kept forwarding the flow's new queries under
+/// the old policy until the timeout.
 pub(super) async fn drain(
     shared: &Shared,
     timeout: std::time::Duration,
-    sources: SourceFiles,
+    (sources, loaded): (SourceFiles, LoadedDigest),
 ) -> (usize, usize) {
     let deadline = tokio::time::Instant::now() + timeout;
     let sources = std::sync::Arc::new(sources);
-    let digest = || {
-        let sources = sources.clone();
-        tokio::task::spawn_blocking(move || sources.digest())
+    let stale = || {
+        let (sources, loaded) = (sources.clone(), loaded.clone());
+        async move {
+            let read = tokio::task::spawn_blocking(move || loaded.stale(sources.digest()));
+            !matches!(
+                tokio::time::timeout(SOURCES_READ_LIMIT, read).await,
+                Ok(Ok(false))
+            )
+        }
     };
-    let baseline = digest().await.ok();
-    let mut next_check = tokio::time::Instant::now() + SOURCES_CHECK;
     // SIGTERM or SIGINT cut the drain short.
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -237,6 +247,7 @@ pub(super) async fn drain(
         ?timeout,
         "handed over; draining"
     );
+    let mut next_check = Some(tokio::time::Instant::now());
     loop {
         let left = (shared.client_connections(), shared.udp_sessions());
         if left == (0, 0) {
@@ -250,15 +261,16 @@ pub(super) async fn drain(
             );
             return left;
         }
-        if tokio::time::Instant::now() >= next_check {
-            next_check = tokio::time::Instant::now() + SOURCES_CHECK;
-            if baseline.is_some() && digest().await.ok() != baseline {
+        if next_check.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            next_check = Some(tokio::time::Instant::now() + SOURCES_CHECK);
+            if stale().await {
+                shared.supersede();
+                next_check = None;
                 warn!(
                     connections = left.0,
                     udp_sessions = left.1,
-                    "the policy's files changed while draining: what is left runs under the old policy; closing it now (its clients reconnect to the new weir)"
+                    "the policy's sources changed since this weir read them: it decides nothing more (DNS queries and UDP datagrams still reaching it are dropped; their clients retry through the new weir)"
                 );
-                return left;
             }
         }
         tokio::select! {

@@ -77,6 +77,12 @@ impl Pending {
 /// records the decision. `room` says whether the flow may have another query
 /// outstanding; an allowed query beyond that is answered SERVFAIL.
 pub(crate) fn decide_query(ctx: &ConnContext, msg: &[u8], room: bool) -> QueryAction {
+    if ctx.shared.superseded() {
+        tracing::debug!(
+            "DNS query dropped: this weir has handed over and its policy is stale (the client's retry reaches the new weir)"
+        );
+        return QueryAction::Drop;
+    }
     let d = ctx.decide();
     let cfg = &ctx.shared.config;
     let facts = match dns::inspect_query(msg) {

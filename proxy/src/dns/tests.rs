@@ -379,6 +379,23 @@ fn typed_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q
 }
 
+/// A weir whose policy went stale after it handed over decides nothing: the
+/// same query it forwarded before is dropped (the client's retry reaches the
+/// new weir).
+#[test]
+fn a_superseded_weir_forwards_no_query() {
+    let (ctx, _lines) = ctx(ProxyConfig::default());
+    assert!(matches!(
+        decide_query(&ctx, &query(1, "a.example"), true),
+        QueryAction::Forward(_)
+    ));
+    ctx.shared.supersede();
+    assert!(matches!(
+        decide_query(&ctx, &query(2, "a.example"), true),
+        QueryAction::Drop
+    ));
+}
+
 /// An answer to [`query`] for `chain[0]`: a CNAME from each name of `chain`
 /// to the next, then `ip` owned by the last (owner names uncompressed).
 fn cname_answer(id: u16, chain: &[&str], ip: [u8; 4]) -> Vec<u8> {
