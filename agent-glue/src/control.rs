@@ -440,6 +440,14 @@ mod tests {
             api::status::RunInfo::new(Vec::new()),
         )
         .unwrap();
+        // The watcher's start: nothing changed since the files were read, so
+        // no reload.
+        tx.send(ControlMsg::ReloadIfChanged).unwrap();
+        let (qtx, qrx) = tokio::sync::oneshot::channel();
+        tx.send(ControlMsg::Api(api::server::Command::Status(qtx)))
+            .unwrap();
+        let p = qrx.blocking_recv().unwrap().unwrap().policy.unwrap();
+        assert_eq!((p.revision, p.reloads), (1, 0));
         let learner = LearnerHandle::new(tx.clone(), view);
         let ip: std::net::IpAddr = "203.0.113.5".parse().unwrap();
         let req = LearnRequest {
@@ -462,7 +470,8 @@ mod tests {
             ),
         )
         .unwrap();
-        tx.send(ControlMsg::Reload).unwrap();
+        // (As the watcher's start would find it: changed since read.)
+        tx.send(ControlMsg::ReloadIfChanged).unwrap();
         let (ltx, lrx) = tokio::sync::oneshot::channel();
         tx.send(ControlMsg::Api(api::server::Command::ListFqdn(ltx)))
             .unwrap();
