@@ -207,6 +207,7 @@ pub fn spawn(
                         // A command may install a policy: the datapath holds it
                         // before the proxy does (see `Shared::policy_change`).
                         let _changing = shared.policy_change();
+                        let writes = cmd.writes_state();
                         let mode = steering.mode;
                         let changed =
                             api::commands::handle(cmd, &mut sources, &shared, mode, &mut |p| {
@@ -215,7 +216,11 @@ pub fn spawn(
                             });
                         // What the command left in the state dir (written, or
                         // put back after a failure) is what this policy is from.
-                        files.loaded.set_api(files.sources.api_digest());
+                        // (Only after a command that writes there: a read-only
+                        // one must not make a hand edit current.)
+                        if writes {
+                            files.loaded.set_api(files.sources.api_digest());
+                        }
                         // `weir policy apply|delete` is a reload like SIGHUP's.
                         if let Some(r) = changed {
                             record_reload(&mut reloads, &shared, r.as_ref().copied());

@@ -325,6 +325,12 @@ fn udp_flows_keep_answering_across_a_takeover() {
         "the old weir is still running:\n{}",
         s.weir_log_text()
     );
+    // The policy did not change: the old weir did not stop deciding.
+    assert!(
+        !s.weir_log_text().contains("decides nothing more"),
+        "{}",
+        s.weir_log_text()
+    );
     // Its sessions ended between a reply and the next datagram, each flow's
     // next datagram going to the new weir.
     assert!(

@@ -40,6 +40,21 @@ pub enum Command {
     Explain(crate::explain::Query, Reply<pb::ExplainResponse>),
 }
 
+impl Command {
+    /// Whether handling it may write the state dir's API files (a commit, or
+    /// its restore after a failure).
+    pub fn writes_state(&self) -> bool {
+        matches!(
+            self,
+            Command::AddEndpoint(..)
+                | Command::RemoveEndpoint(..)
+                | Command::RefreshEndpoint(..)
+                | Command::ApplyPolicies(..)
+                | Command::DeletePolicy(..)
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     #[error("another weir already serves the API at {0} (use a different --api-socket)")]

@@ -548,6 +548,13 @@ fn decide(
     facts: RequestFacts,
     sessions: &Mutex<FetchSessions>,
 ) -> Action {
+    // Handed over, with a stale policy: decide nothing; the client reconnects
+    // (to the new weir) and sends the request again.
+    if ctx.shared.superseded() {
+        return Action::Close(
+            "this weir has handed over and its policy is stale; the client reconnects to the new weir".into(),
+        );
+    }
     if let Err(e @ BodyError::Malformed { .. }) = &facts.body {
         return Action::Close(e.to_string());
     }

@@ -422,6 +422,21 @@ async fn denials_keep_request_order_and_allowed_requests_pass_unchanged() {
     );
 }
 
+/// A weir that has handed over with a stale policy forwards no further
+/// request: the connection closes (the client reconnects to the new weir).
+#[tokio::test]
+async fn a_superseded_weir_forwards_no_kafka_request() {
+    let (mut client, seen, shared, _) = start(ProxyConfig::default()).await;
+    allowed_round_trip(&mut client).await;
+    shared.supersede();
+    client
+        .write_all(&produce(2, "allowed", 1))
+        .await
+        .expect("write");
+    assert_closed(&mut client).await;
+    assert_eq!(seen.lock().expect("lock").0, vec![1]);
+}
+
 #[tokio::test]
 async fn a_frame_longer_than_the_limit_closes_the_connection() {
     let config = ProxyConfig {
