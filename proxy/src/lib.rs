@@ -173,10 +173,12 @@ impl Shared {
     }
 
     /// This weir has handed over and its policy is stale (the sources changed
-    /// since it was compiled): from now on nothing is decided under it — DNS
-    /// queries and UDP datagrams that still reach this weir's sessions are
+    /// since it was compiled): from now on nothing new is decided under it —
+    /// DNS queries and UDP datagrams that still reach this weir's sessions are
     /// dropped (their clients retry, and reach the new weir once this one has
-    /// closed them), until the process ends.
+    /// closed them) and a Kafka request closes its connection, until the
+    /// process ends. (HTTP requests a draining connection still carries are
+    /// not covered: see the README's takeover section.)
     pub fn supersede(&self) {
         self.superseded
             .store(true, std::sync::atomic::Ordering::Release);

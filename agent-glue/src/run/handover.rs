@@ -212,7 +212,7 @@ const SOURCES_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(2
 /// state dir), that policy is stale, and this weir stops deciding
 /// ([`Shared::supersede`]): DNS queries and UDP datagrams that still reach its
 /// sessions are dropped, and the clients' retries reach the new weir once the
-/// sessions have closed. What was decided before goes on (a request in
+/// sessions have closed; a Kafka request closes its connection. What was decided before goes on (a request in
 /// progress, an outstanding query's answer). Without that, a DNS session that
 /// always has a query outstanding kept forwarding the flow's new queries under
 /// the old policy until the timeout.
@@ -269,7 +269,7 @@ pub(super) async fn drain(
                 warn!(
                     connections = left.0,
                     udp_sessions = left.1,
-                    "the policy's sources changed since this weir read them: it decides nothing more (DNS queries and UDP datagrams still reaching it are dropped; their clients retry through the new weir)"
+                    "the policy's sources changed since this weir read them: it decides nothing more (DNS queries and UDP datagrams still reaching it are dropped, Kafka requests close their connection; their clients retry through the new weir)"
                 );
             }
         }
