@@ -23,6 +23,7 @@ const RESOLVER6: &str = "fd00:201:1::1";
 const API4: &str = "10.201.2.1";
 const API6: &str = "fd00:201:2::1";
 const EDGE4: &str = "10.201.2.2";
+const EDGE6: &str = "fd00:201:2::2";
 const SHORT4: &str = "10.201.2.3";
 const OTHER4: &str = "10.201.2.4";
 const OTHER6: &str = "fd00:201:2::4";
@@ -430,17 +431,23 @@ fn a_cname_target_the_client_may_not_ask_for_opens_nothing() {
     let Some(mut s) = fqdn_lab_with("fqdn-cname-unasked", &strict, &[]) else {
         return;
     };
-    let edge = format!("http://{EDGE4}/");
-    assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
-        EDGE4
-    );
-    // The target itself is a name the client may not ask for.
-    assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "edge.cdnprovider.net", "A"),
-        "REFUSED"
-    );
-    assert_eq!(curl_ip(&s, "tiefighter", &edge), "000");
+    // An A answer asked over IPv4, an AAAA answer asked over IPv6.
+    let families = [
+        (RESOLVER4, "A", EDGE4, format!("http://{EDGE4}/")),
+        (RESOLVER6, "AAAA", EDGE6, format!("http://[{EDGE6}]/")),
+    ];
+    for (resolver, qtype, edge, url) in &families {
+        assert_eq!(
+            dig(&s, "tiefighter", resolver, "www.example.com", qtype),
+            *edge
+        );
+        // The target itself is a name the client may not ask for.
+        assert_eq!(
+            dig(&s, "tiefighter", resolver, "edge.cdnprovider.net", qtype),
+            "REFUSED"
+        );
+        assert_eq!(curl_ip(&s, "tiefighter", url), "000", "{url}");
+    }
     let flows = s.flows();
     assert!(
         flows
@@ -455,11 +462,13 @@ fn a_cname_target_the_client_may_not_ask_for_opens_nothing() {
     s.reload(&cname_target_policy(
         r#"[{matchPattern: "*.example.com"}, {matchName: edge.cdnprovider.net}]"#,
     ));
-    assert_eq!(
-        dig(&s, "tiefighter", RESOLVER4, "www.example.com", "A"),
-        EDGE4
-    );
-    assert_eq!(curl_ip(&s, "tiefighter", &edge), "200");
+    for (resolver, qtype, edge, url) in &families {
+        assert_eq!(
+            dig(&s, "tiefighter", resolver, "www.example.com", qtype),
+            *edge
+        );
+        assert_eq!(curl_ip(&s, "tiefighter", url), "200", "{url}");
+    }
 }
 
 #[test]
